@@ -1,0 +1,36 @@
+"""relcache: training-free feature caching for diffusion transformers.
+
+One line turns it on::
+
+    import relcache
+    relcache.enable(pipe, relcache.RFC(target_nfc=14))
+    image = pipe(...)
+    print(relcache.stats(pipe))
+
+A method is a predictor (Reuse, Taylor, Relational, Linear) times a schedule (Interval, InputError);
+FORA, TaylorSeer and RFC are presets naming such pairs.
+"""
+
+from . import models  # noqa: F401  (registers the model adapters)
+from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
+from .methods import (
+    FORA,
+    RFC,
+    CacheConfig,
+    InputError,
+    Interval,
+    Linear,
+    Relational,
+    Reuse,
+    Taylor,
+    TaylorSeer,
+)
+from .runtime import CacheStats, ContextStats, begin_generation, cached, disable, enable, is_enabled, stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "ConfigError", "ContextStats",
+    "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
+    "UnsupportedModelError", "begin_generation", "cached", "disable", "enable", "is_enabled", "stats",
+]

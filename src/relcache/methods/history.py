@@ -1,0 +1,81 @@
+"""Shared numerics of the predictors and schedules: per-sample norms and divided differences.
+
+Symbols follow ``shared/design/algorithms.md``: the two latest full steps are ``a`` (latest) and ``b``,
+``N = a - b`` and ``k = i - a`` for a cached step ``i``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Per-sample p-norm over all non-batch dimensions, in float32: shape ``(batch,)``.
+
+    (choice) Norms are per sample so that samples of one batch, and the two CFG halves, never mix.
+    """
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1, dtype=torch.float32)
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a ``(batch,)`` vector so it broadcasts over ``like`` sample by sample."""
+    return v.reshape(v.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class DiffHistory:
+    """Divided differences ``D_0 .. D_m`` of one tensor sequence, taken at full steps.
+
+    ``D_0 = X(a)`` and ``D_j(a) = (D_{j-1}(a) - D_{j-1}(b)) / N``; order ``j`` exists only once order
+    ``j-1`` existed at ``b``, so the order grows as full steps accumulate. ``dtype`` optionally stores the
+    differences in lower precision (memory), arithmetic is done in the incoming tensor's dtype.
+    """
+
+    __slots__ = ("max_order", "dtype", "diffs", "step", "gap")
+
+    def __init__(self, max_order: int, dtype: torch.dtype | None = None) -> None:
+        self.max_order = max_order
+        self.dtype = dtype
+        self.diffs: list[torch.Tensor] = []
+        self.step: int | None = None
+        self.gap: int | None = None  # N = a - b
+
+    def update(self, step: int, value: torch.Tensor) -> None:
+        """Record ``value`` observed at full step ``step``."""
+        new = [value]
+        if self.step is not None and self.diffs and self.diffs[0].shape == value.shape:
+            gap = step - self.step
+            for j in range(1, self.max_order + 1):
+                if j - 1 >= len(self.diffs):
+                    break
+                new.append((new[j - 1] - self.diffs[j - 1].to(value.dtype)) / gap)
+            self.gap = gap
+        else:  # first record, or the shape changed: start over
+            self.gap = None
+        self.diffs = [d.to(self.dtype) for d in new] if self.dtype is not None else new
+        self.step = step
+
+    @property
+    def order(self) -> int:
+        """The highest order available now (0 after one full step)."""
+        return len(self.diffs) - 1
+
+    def base(self, like: torch.dtype) -> torch.Tensor:
+        """``D_0 = X(a)`` in dtype ``like``."""
+        return self.diffs[0].to(like)
+
+    def increment(self, k: int, like: torch.dtype) -> torch.Tensor | None:
+        """The Taylor increment ``sum_{j>=1} D_j k^j / j!``, or None while only ``D_0`` exists."""
+        if len(self.diffs) < 2:
+            return None
+        out = self.diffs[1].to(like) * k
+        for j in range(2, len(self.diffs)):
+            out = out + self.diffs[j].to(like) * (k**j / math.factorial(j))
+        return out
+
+    def taylor(self, k: int, like: torch.dtype) -> torch.Tensor:
+        """The Taylor forecast ``sum_{j>=0} D_j k^j / j!`` (reuse while only ``D_0`` exists)."""
+        inc = self.increment(k, like)
+        base = self.base(like)
+        return base if inc is None else base + inc

@@ -1,0 +1,196 @@
+"""Schedules: when a step is computed fully.
+
+A schedule decides once per step, when the first cached module of that step is reached and before any
+expensive module has run, so a full step costs nothing extra. ``Interval`` ignores the input;
+``InputError`` (RCS, the RFC paper) watches the error of a Taylor prediction of that first module's input.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError, check_int
+from .history import DiffHistory, sample_norm
+from .predictors import MAX_ORDER
+
+
+class Schedule(ABC):
+    """Decides, once per step, whether the step is full."""
+
+    warmup: int
+    #: whether ``decide`` needs the first cached module's input
+    uses_input: ClassVar[bool] = False
+
+    def new_state(self, num_steps: int | None) -> object:
+        """Fresh per-generation state; ``num_steps`` is None when the loop did not announce it."""
+        return None
+
+    @abstractmethod
+    def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
+        """True when step ``step`` is full. ``probe`` is the first cached module's actual input."""
+
+
+def _check_warmup(warmup: int) -> int:
+    # The first step must be full: nothing exists to predict from before it.
+    return check_int("warmup", warmup, 1)
+
+
+@dataclass(frozen=True)
+class Interval(Schedule):
+    """The first ``warmup`` steps are full; after the last of them, one full step every ``interval``.
+
+    Full steps are ``i < warmup`` and ``i = warmup - 1 + j * interval``. With 50 steps and warmup 2 this
+    gives NFC 14, 11, 10, 8, 7 for intervals 4, 5, 6, 7, 9: the paper's table.
+    """
+
+    interval: int = 4
+    warmup: int = 2
+
+    def __post_init__(self) -> None:
+        check_int("interval", self.interval, 1)
+        _check_warmup(self.warmup)
+
+    def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
+        return step < self.warmup or (step - self.warmup + 1) % self.interval == 0
+
+    def full_steps(self, num_steps: int) -> list[int]:
+        """The full steps of a ``num_steps`` generation (for planning and tests)."""
+        return [i for i in range(num_steps) if self.decide(None, i, None)]
+
+
+@dataclass
+class InputErrorState:
+    """Per-generation memory of RCS: the probe's input history and the accumulated error ``E``."""
+
+    history: DiffHistory
+    num_steps: int | None
+    accumulated: float = 0.0
+    used: int = 0  # full steps so far
+    last_full: int | None = None
+    tau: float | None = None  # target-NFC mode: the threshold found so far
+    first_gap: float | None = None  # target-NFC mode: the even gap that calibrates tau
+    errors: dict[int, float] = field(default_factory=dict)  # e(i) at every step after warm-up
+
+
+@dataclass(frozen=True)
+class InputError(Schedule):
+    """RCS: a step is full when the accumulated relative L1 error of the input prediction exceeds ``threshold``.
+
+    At every step after warm-up, at the first cached module: ``Î(i)`` is the order-``order`` Taylor forecast
+    of its input from the recorded full steps; ``e(i) = ‖I(i) - Î(i)‖₁ / ‖I(i)‖₁`` per sample, then
+    (choice) the mean over the batch; ``E += e(i)``; the step is full when ``E > threshold``, which resets ``E``.
+
+    ``target_nfc`` instead names the budget (ours, not the paper's). The threshold is then found during the
+    generation: the first gap after warm-up is spaced evenly over the remaining budget and ``tau`` is set to
+    the error accumulated over it; after each later full step ``tau`` is scaled by the square root of the
+    ratio between the mean gap the rest of the budget needs and the mean gap realised so far. Two hard rules
+    keep the count: no full step once ``target_nfc`` are spent, and every step is full once the steps left
+    equal the budget left. The realized NFC is exactly ``target_nfc`` unless ``max_skip`` asks for more
+    (the budget cap wins). ``max_skip`` bounds the number of consecutive cached steps.
+    """
+
+    threshold: float | None = None
+    target_nfc: int | None = None
+    order: int = 2
+    warmup: int = 2
+    max_skip: int | None = None
+    uses_input: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if (self.threshold is None) == (self.target_nfc is None):
+            raise ConfigError(
+                "exactly one of threshold and target_nfc must be given, got "
+                f"threshold={self.threshold!r}, target_nfc={self.target_nfc!r}"
+            )
+        if self.threshold is not None:
+            t = self.threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+                raise ConfigError(f"threshold must be a finite number >= 0, got {t!r}")
+        if self.target_nfc is not None:
+            check_int("target_nfc", self.target_nfc, 1)
+            if self.target_nfc < self.warmup:
+                raise ConfigError(
+                    f"target_nfc must be >= warmup ({self.warmup}): warm-up steps are full, got {self.target_nfc}"
+                )
+        check_int("order", self.order, 0, MAX_ORDER)
+        _check_warmup(self.warmup)
+        if self.max_skip is not None:
+            check_int("max_skip", self.max_skip, 1)
+
+    def new_state(self, num_steps: int | None) -> InputErrorState:
+        if self.target_nfc is not None:
+            if num_steps is None:
+                raise ConfigError(
+                    "target_nfc needs the number of steps: enable caching on the pipeline (not the bare "
+                    "transformer), or call relcache.begin_generation(model, num_steps) before the loop"
+                )
+            if self.target_nfc > num_steps:
+                raise ConfigError(
+                    f"target_nfc must be <= the number of steps ({num_steps}), got {self.target_nfc}"
+                )
+        return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps)
+
+    def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor) -> float:
+        """``e(i)``: mean over the batch of the per-sample relative L1 error of the input forecast."""
+        hist = state.history
+        pred = hist.taylor(step - hist.step, probe.dtype)
+        num = sample_norm(probe - pred, 1)
+        den = sample_norm(probe, 1).clamp_min(torch.finfo(torch.float32).tiny)
+        return float((num / den).mean())
+
+    def decide(self, state: InputErrorState, step: int, probe: torch.Tensor | None) -> bool:
+        if probe is None:
+            raise ValueError("InputError needs the first cached module's input")
+        if step < self.warmup or state.history.step is None:
+            full = True
+        else:
+            e = self.input_error(state, step, probe)
+            state.errors[step] = e
+            state.accumulated += e
+            k = step - state.history.step
+            if self.target_nfc is None:
+                full = state.accumulated > self.threshold
+            else:
+                full = self._budget_decision(state, step, k)
+            if self.max_skip is not None and k > self.max_skip:  # k - 1 cached steps in a row so far
+                full = self.target_nfc is None or self._budget_left(state, step)[0] > 0
+        if full:
+            self._record_full(state, step, probe)
+        return full
+
+    def _budget_left(self, state: InputErrorState, step: int) -> tuple[int, int]:
+        """(full steps left in the budget, steps left including this one)."""
+        return self.target_nfc - state.used, state.num_steps - step
+
+    def _budget_decision(self, state: InputErrorState, step: int, k: int) -> bool:
+        budget, left = self._budget_left(state, step)
+        if budget <= 0:
+            return False
+        if budget >= left:
+            return True
+        if state.tau is None:
+            if state.first_gap is None:  # the even gap for the rest, measured from the last full step
+                state.first_gap = (state.num_steps - state.last_full - 1) / budget
+            if k + 1e-9 >= state.first_gap:
+                state.tau = state.accumulated
+                return True
+            return False
+        return state.accumulated > state.tau
+
+    def _record_full(self, state: InputErrorState, step: int, probe: torch.Tensor) -> None:
+        state.accumulated = 0.0
+        state.history.update(step, probe)
+        state.used += 1
+        state.last_full = step
+        if self.target_nfc is not None and state.tau is not None and step >= self.warmup:
+            budget_after = self.target_nfc - state.used
+            after_warmup = state.used - self.warmup
+            if budget_after > 0 and after_warmup > 0:
+                need = (state.num_steps - step - 1) / budget_after
+                realised = (step - self.warmup + 1) / after_warmup
+                state.tau *= math.sqrt(need / realised)

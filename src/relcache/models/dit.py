@@ -1,0 +1,32 @@
+"""Adapter for diffusers' DiT (``DiTTransformer2DModel``, the DiT-XL/2 design with adaLN-zero blocks).
+
+Each ``BasicTransformerBlock`` calls ``attn1`` on the modulated norm of the residual stream, optionally
+``attn2`` (cross-attention), then ``ff`` on the modulated norm, and applies gates and residuals itself.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import ConfigError
+from .base import Adapter, CachedModule, modules_of_blocks, register_adapter
+
+BASIC_BLOCK_MODULES = (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "mlp"))
+
+
+class DiTAdapter(Adapter):
+    """Caches every block's self-attention, cross-attention (if any) and feed-forward."""
+
+    model_classes = ("DiTTransformer2DModel",)
+
+    def cached_modules(self, model: nn.Module) -> list[CachedModule]:
+        for block in model.transformer_blocks:
+            if getattr(block, "_chunk_size", None) is not None:
+                raise ConfigError(
+                    "feed-forward chunking (set_chunk_feed_forward) calls ff several times per step; "
+                    "disable it (chunk_size=None) before enabling relcache"
+                )
+        return modules_of_blocks(model.transformer_blocks, "transformer_blocks", BASIC_BLOCK_MODULES)
+
+
+register_adapter(DiTAdapter())
