@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
+from .flops import flop_counter
 from .methods.config import CacheConfig
 from .methods.history import sample_norm
 from .methods.predictors import PredictorState
@@ -93,7 +93,7 @@ class _Context:
         self.full = True
         self.full_steps: list[int] = []
         self.states: dict[int, list[PredictorState]] = {}
-        self.shapes: dict[int, torch.Size] = {}
+        self.shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
         self.tuple_out: dict[int, bool] = {}  # whether each module returns a tuple of tensors
         self.executed_flops = 0.0
         self.full_flops = 0.0
@@ -124,6 +124,11 @@ def _as_float(t: Any) -> float | None:
     if isinstance(t, (int, float)):
         return float(t)
     return None
+
+
+def _paired(inps: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
+    """The input that output ``j`` relates to: its own stream's when inputs and outputs pair up."""
+    return inps[j] if len(inps) == n_out else inps[0]
 
 
 def _rel_l1(pred: torch.Tensor, true: torch.Tensor) -> float:
@@ -179,20 +184,22 @@ class _Controller:
         ctx = self.current
         if ctx is None:  # called outside a transformer forward: behave as the plain module
             return original(*args, **kwargs)
-        spec = self.modules[idx]
-        inp = spec.input_of(args, kwargs)
+        got = self.modules[idx].input_of(args, kwargs)
+        inps = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
         if not ctx.decided:
             ctx.decided = True
             schedule = self.config.schedule
-            ctx.full = schedule.decide(ctx.schedule_state, ctx.step, inp if schedule.uses_input else None)
+            ctx.full = schedule.decide(ctx.schedule_state, ctx.step, inps[0] if schedule.uses_input else None)
             if ctx.full:
                 ctx.full_steps.append(ctx.step)
-        key = (idx, tuple(inp.shape))
+        shapes = tuple(tuple(x.shape) for x in inps)
+        key = (idx, shapes)
         states = ctx.states.get(idx)
-        if ctx.full or states is None or ctx.shapes.get(idx) != inp.shape:
-            return self._compute(ctx, idx, key, original, args, kwargs, inp)
+        if ctx.full or states is None or ctx.shapes.get(idx) != shapes:
+            return self._compute(ctx, idx, key, original, args, kwargs, inps)
         predictor = self.config.predictor
-        preds = [predictor.predict(st, ctx.step, self.num_steps, inp) for st in states]
+        preds = [predictor.predict(st, ctx.step, self.num_steps, _paired(inps, j, len(states)))
+                 for j, st in enumerate(states)]
         ctx.full_flops += self.flops.get(key, 0.0)
         if self.record_errors:
             true = original(*args, **kwargs)
@@ -201,13 +208,13 @@ class _Controller:
         return tuple(preds) if ctx.tuple_out.get(idx, False) else preds[0]
 
     def _compute(
-        self, ctx: _Context, idx: int, key: tuple[int, tuple[int, ...]], original: Any,
-        args: tuple[Any, ...], kwargs: dict[str, Any], inp: torch.Tensor,
+        self, ctx: _Context, idx: int, key: tuple[int, Any], original: Any,
+        args: tuple[Any, ...], kwargs: dict[str, Any], inps: tuple[torch.Tensor, ...],
     ) -> Any:
         if key in self.flops or torch.compiler.is_compiling():
             out = original(*args, **kwargs)
         else:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = original(*args, **kwargs)
             self.flops[key] = float(counter.get_total_flops())
         outs = out if isinstance(out, tuple) else (out,)
@@ -216,9 +223,9 @@ class _Controller:
             states = [self.config.predictor.new_state(self.config.cache_dtype) for _ in outs]
             ctx.states[idx] = states
             ctx.tuple_out[idx] = isinstance(out, tuple)
-        for state, o in zip(states, outs, strict=True):
-            self.config.predictor.update(state, ctx.step, inp, o)
-        ctx.shapes[idx] = inp.shape
+        for j, (state, o) in enumerate(zip(states, outs, strict=True)):
+            self.config.predictor.update(state, ctx.step, _paired(inps, j, len(outs)), o)
+        ctx.shapes[idx] = key[1]
         flops = self.flops.get(key, 0.0)
         ctx.executed_flops += flops
         ctx.full_flops += flops

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-InputFn = Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor]
+# returns the module's input, or a tuple of inputs paired element-wise with a tuple output (dual-stream)
+InputFn = Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 def first_tensor_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:

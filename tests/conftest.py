@@ -1,0 +1,57 @@
+"""Tiny models built from configs (random weights): nothing is downloaded."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead (and contend under xdist)
+
+
+def tiny_dit(seed: int = 0, num_classes: int = 1000, layers: int = 3) -> DiTTransformer2DModel:
+    """A DiT-XL/2-shaped transformer, small: 3 blocks, width 32, 4x8x8 latents (16 tokens)."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=layers,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=4,
+    ).eval()
+    # adaLN-zero starts with zero gates, which would make every block an identity: randomise them
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            block.norm1.linear.weight.normal_(0, 0.2)
+            block.norm1.linear.bias.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture
+def dit() -> DiTTransformer2DModel:
+    return tiny_dit()
+
+
+@pytest.fixture
+def pipe() -> DiTPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
+        sample_size=8,
+    ).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    pipeline = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run_loop(model, x, labels, steps=12, begin=True, timesteps=None):
+    """A hand-written DDIM-like loop calling the bare transformer once per step (CFG batched by the caller)."""
+    import relcache
+
+    if begin:
+        relcache.begin_generation(model, steps)
+    outs = []
+    ts = timesteps if timesteps is not None else [999 - i * (999 // steps) for i in range(steps)]
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            out = model(x, timestep=torch.full((x.shape[0],), t), class_labels=labels).sample
+            outs.append(out)
+            x = x - 0.05 * out + 0.01 * i
+    return outs

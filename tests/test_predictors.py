@@ -1,0 +1,166 @@
+"""Predictors against hand-computed values (algorithms.md, 'Predictors')."""
+
+import math
+
+import pytest
+import torch
+
+from relcache import ConfigError, Linear, Relational, Reuse, Taylor
+from relcache.methods.history import DiffHistory
+
+
+def _feed(pred, steps, outs, ins=None):
+    state = pred.new_state()
+    for j, (s, o) in enumerate(zip(steps, outs, strict=True)):
+        pred.update(state, s, ins[j] if ins is not None else o, o)
+    return state
+
+
+def test_reuse_returns_last_full_output():
+    pred = Reuse()
+    outs = [torch.randn(2, 3, 4) for _ in range(3)]
+    state = _feed(pred, [0, 1, 4], outs)
+    assert torch.equal(pred.predict(state, 7, 10, torch.zeros(2, 3, 4)), outs[2])
+
+
+def test_divided_differences_hand_computed_with_irregular_gaps():
+    h = DiffHistory(3)
+    vals = {0: 1.0, 2: 5.0, 7: 2.0, 8: 4.0}
+    for s, v in vals.items():
+        h.update(s, torch.tensor([[v]]))
+    # D1 at 2: (5-1)/2 = 2; at 7: (2-5)/5 = -0.6; at 8: (4-2)/1 = 2
+    # D2 at 7: (-0.6-2)/5 = -0.52; at 8: (2-(-0.6))/1 = 2.6; D3 at 8: (2.6-(-0.52))/1 = 3.12
+    assert [float(d) for d in h.diffs] == pytest.approx([4.0, 2.0, 2.6, 3.12])
+    assert h.gap == 1 and h.order == 3
+    k = 3
+    expect = 4.0 + 2.0 * k + 2.6 * k**2 / 2 + 3.12 * k**3 / 6
+    assert float(h.taylor(k, torch.float32)) == pytest.approx(expect)
+
+
+def test_order_grows_as_full_steps_accumulate():
+    h = DiffHistory(2)
+    h.update(0, torch.ones(1, 1))
+    assert h.order == 0 and h.increment(1, torch.float32) is None
+    h.update(3, torch.ones(1, 1))
+    assert h.order == 1
+    h.update(6, torch.ones(1, 1))
+    assert h.order == 2
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_taylor_exact_on_linear_outputs_with_irregular_steps(order):
+    a, b = torch.randn(2, 5), torch.randn(2, 5)
+    steps = [0, 1, 3, 7]
+    state = _feed(Taylor(order), steps, [a + b * s for s in steps])
+    for i in (8, 9, 12):
+        torch.testing.assert_close(Taylor(order).predict(state, i, 20, a), a + b * i)
+
+
+def test_taylor_order2_on_quadratic_matches_the_spec_formula():
+    """O(i) = A + B i + C i^2 with full steps every N. The spec's backward differences give D1 = B + C(2a - N),
+    D2 = 2C, so the order-2 forecast is O(a+k) - C N k: exact in curvature, biased by half a gap in slope."""
+    A, B, C, N = 1.5, -2.0, 0.25, 4
+    steps = [2, 6, 10, 14]
+    state = _feed(Taylor(2), steps, [torch.tensor([[A + B * s + C * s * s]]) for s in steps])
+    a = steps[-1]
+    for k in (1, 2, 3):
+        true = A + B * (a + k) + C * (a + k) ** 2
+        got = float(Taylor(2).predict(state, a + k, 50, torch.zeros(1, 1)))
+        assert got == pytest.approx(true - C * N * k)
+        # and order 2 beats order 1 on a quadratic
+        got1 = float(Taylor(1).predict(_feed(Taylor(1), steps, [torch.tensor([[A + B * s + C * s * s]])
+                                                                for s in steps]), a + k, 50, torch.zeros(1, 1)))
+        assert abs(got - true) < abs(got1 - true)
+
+
+def _linear_module_along_direction(order):
+    """O = W I + c with I(i) = I0 + t(i) u, t irregular and increasing: Proposition 1's setting."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, generator=g)
+    c = torch.randn(6, generator=g)
+    I0, u = torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g)
+    t = {i: 0.3 * i + 0.08 * i * i + (0.2 if i % 3 == 0 else 0.0) for i in range(30)}
+
+    def inp(i):
+        return I0 + t[i] * u
+
+    def out(i):
+        return inp(i) @ W.T + c
+
+    steps = [0, 1, 5, 9]
+    pred = Relational(order)
+    state = _feed(pred, steps, [out(s) for s in steps], [inp(s) for s in steps])
+    return pred, state, inp, out
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_relational_exact_on_linear_module_where_taylor_is_not(order):
+    pred, state, inp, out = _linear_module_along_direction(order)
+    steps = [0, 1, 5, 9]
+    taylor_state = _feed(Taylor(order), steps, [out(s) for s in steps])
+    for i in (10, 11, 13):
+        torch.testing.assert_close(pred.predict(state, i, 30, inp(i)), out(i), rtol=1e-4, atol=1e-4)
+        taylor_err = (Taylor(order).predict(taylor_state, i, 30, inp(i)) - out(i)).abs().max()
+        assert taylor_err > 1e-2
+
+
+def test_relational_ratio_is_hand_computed():
+    pred = Relational(1)
+    state = pred.new_state()
+    pred.update(state, 0, torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
+    pred.update(state, 2, torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 3.0]]))
+    assert float(state.ratio) == pytest.approx(2.0 / 5.0)  # ||O(a)-O(b)|| / ||I(a)-I(b)||
+    # magnitude s * ||I(i) - I(a)|| = 0.4 * 10 along d/||d|| = (0, 1)
+    got = pred.predict(state, 3, 10, torch.tensor([[9.0, 12.0]]))
+    torch.testing.assert_close(got, torch.tensor([[1.0, 3.0 + 4.0]]))
+
+
+def test_relational_fallbacks_per_sample():
+    pred = Relational(1)
+    state = pred.new_state()
+    x0 = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    pred.update(state, 0, x0, torch.tensor([[0.0, 0.0], [0.0, 0.0]]))
+    # before the second full step: reuse
+    torch.testing.assert_close(pred.predict(state, 1, 10, x0 + 5), torch.zeros(2, 2))
+    # sample 1's input did not move between full steps: ratio is inf, so it falls back to Taylor
+    x1 = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    pred.update(state, 1, x1, torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
+    got = pred.predict(state, 3, 10, torch.tensor([[6.0, 8.0], [7.0, 7.0]]))
+    # sample 0: s = 1/5, ||I(i)-I(a)|| = 5, direction (1,0) -> (1+1, 0); sample 1: Taylor 2 + 2*2 = 6
+    torch.testing.assert_close(got, torch.tensor([[2.0, 0.0], [6.0, 0.0]]))
+
+
+def test_relational_samples_never_share_norms():
+    """Each sample (and so each CFG half) predicts exactly as it would alone in a batch of one."""
+    g = torch.Generator().manual_seed(1)
+    ins = [torch.randn(2, 4, 3, generator=g) * torch.tensor([1.0, 100.0]).view(2, 1, 1) for _ in range(3)]
+    outs = [torch.randn(2, 4, 3, generator=g) for _ in range(3)]
+    pred = Relational(2)
+    both = _feed(pred, [0, 1, 3], outs, ins)
+    probe = torch.randn(2, 4, 3, generator=g)
+    joint = pred.predict(both, 5, 10, probe)
+    for j in range(2):
+        alone = _feed(pred, [0, 1, 3], [o[j : j + 1] for o in outs], [x[j : j + 1] for x in ins])
+        torch.testing.assert_close(joint[j : j + 1], pred.predict(alone, 5, 10, probe[j : j + 1]))
+
+
+def test_linear_weight_schedule():
+    pred = Linear(0.5)
+    state = _feed(pred, [0, 4], [torch.full((1, 2), 1.0), torch.full((1, 2), 3.0)])
+    torch.testing.assert_close(pred.predict(state, 6, 50, torch.zeros(1, 2)), torch.full((1, 2), 4.0))
+    rising = Linear("rising")
+    assert rising.weight_at(0, 50) == 0.0 and rising.weight_at(49, 50) == 1.0
+    assert rising.weight_at(25, 51) == pytest.approx(0.5)
+    torch.testing.assert_close(rising.predict(state, 49, 50, torch.zeros(1, 2)), torch.full((1, 2), 5.0))
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 2.5, True])
+def test_order_out_of_range_names_the_parameter(bad):
+    for cls in (Taylor, Relational):
+        with pytest.raises(ConfigError, match=r"order must be an integer in 0\.\.4"):
+            cls(bad)
+    with pytest.raises(ConfigError, match="order"):
+        Relational(0)
+    with pytest.raises(ConfigError, match="weight"):
+        Linear("sometimes")
+    assert math.isfinite(Taylor(0).order)

@@ -1,0 +1,230 @@
+"""relcache.enable/disable/stats on diffusers' DiT, through DiTPipeline and through hand-written loops."""
+
+import pytest
+import torch
+from conftest import run_loop, tiny_dit
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+import relcache
+from relcache import (
+    FORA,
+    RFC,
+    AlreadyEnabledError,
+    CacheConfig,
+    ConfigError,
+    Interval,
+    Linear,
+    NotEnabledError,
+    Relational,
+    Taylor,
+    TaylorSeer,
+    UnsupportedModelError,
+)
+
+EXACT_PRESETS = [
+    FORA(1, 1), TaylorSeer(1, 2, 1), RFC(threshold=0.0), RFC(target_nfc=12), CacheConfig(Relational(2), Interval(1, 1)),
+    CacheConfig(Linear(0.5), Interval(1, 2)), CacheConfig(Taylor(3), Interval(1, 3)),
+]
+
+
+def _inputs(batch=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, size, size, generator=g), torch.arange(batch) % 10
+
+
+@pytest.mark.parametrize("config", EXACT_PRESETS, ids=lambda c: c.label)
+def test_every_step_full_equals_uncached(dit, config):
+    x, y = _inputs()
+    ref = run_loop(dit, x, y)
+    with relcache.cached(dit, config):
+        out = run_loop(dit, x, y)
+        assert relcache.stats(dit).nfc == 12
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_end_to_end_exact_and_counted(pipe):
+    labels = [1, 7]
+    ref = pipe(labels, num_inference_steps=20, guidance_scale=1.5, generator=torch.manual_seed(0), output_type="np")
+    relcache.enable(pipe, FORA(interval=1))
+    out = pipe(labels, num_inference_steps=20, guidance_scale=1.5, generator=torch.manual_seed(0), output_type="np")
+    relcache.disable(pipe)
+    assert (out.images == ref.images).all()
+
+    relcache.enable(pipe, TaylorSeer(interval=4))
+    cached = pipe(labels, num_inference_steps=20, guidance_scale=1.5, generator=torch.manual_seed(0), output_type="np")
+    st = relcache.stats(pipe)
+    assert st.num_steps == 20 and st.full_steps == [0, 1, 5, 9, 13, 17] and st.nfc == 6
+    assert st.flops_fraction == pytest.approx(6 / 20)
+    assert list(st.contexts) == ["default"]
+    assert abs(cached.images - ref.images).max() > 0 and (cached.images >= 0).all()  # predicted, finite
+    relcache.disable(pipe)
+
+
+def test_pipeline_target_nfc_and_state_reset(pipe):
+    relcache.enable(pipe, RFC(target_nfc=7))
+    kw = dict(num_inference_steps=25, guidance_scale=1.5, output_type="np")
+    a = pipe([3, 4], generator=torch.manual_seed(1), **kw).images
+    assert relcache.stats(pipe).nfc == 7
+    b = pipe([3, 4], generator=torch.manual_seed(1), **kw).images
+    assert (a == b).all()  # identical calls: state was reset
+    c = pipe([3, 4, 5], generator=torch.manual_seed(1), **kw).images  # batch change between calls
+    assert c.shape[0] == 3 and relcache.stats(pipe).nfc == 7
+    with pytest.raises(ConfigError, match=r"target_nfc must be <= the number of steps \(5\)"):
+        pipe([3], num_inference_steps=5, guidance_scale=1.5, output_type="np")
+    relcache.disable(pipe)
+    after = pipe([3, 4], generator=torch.manual_seed(1), **kw).images  # usable and uncached after the error
+    relcache.enable(pipe, FORA(1))
+    full = pipe([3, 4], generator=torch.manual_seed(1), **kw).images
+    relcache.disable(pipe)
+    assert (after == full).all()
+
+
+def test_bare_loop_new_generation_detected_from_timesteps(dit):
+    x, y = _inputs()
+    relcache.enable(dit, RFC(threshold=0.2))
+    first = run_loop(dit, x, y, begin=False)
+    second = run_loop(dit, x, y, begin=False)
+    st = relcache.stats(dit)
+    relcache.disable(dit)
+    assert st.num_steps == 12 and 2 <= st.nfc < 12
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resolution_and_batch_change_between_calls(dit):
+    relcache.enable(dit, TaylorSeer(3))
+    small = run_loop(dit, *_inputs(batch=2, size=8))
+    large = run_loop(dit, *_inputs(batch=3, size=12))
+    relcache.disable(dit)
+    ref = run_loop(dit, *_inputs(batch=3, size=12))
+    assert small[-1].shape == (2, 4, 8, 8) and large[-1].shape == (3, 4, 12, 12)
+    torch.testing.assert_close(large[0], ref[0])  # first steps are full
+    assert torch.isfinite(large[-1]).all()
+
+
+def test_split_cfg_contexts_keep_separate_state(dit):
+    """cond and uncond as separate calls, each in its own diffusers cache context."""
+    x, y = _inputs()
+    null = torch.full_like(y, 999)
+
+    def loop():
+        relcache.begin_generation(dit, 10)
+        outs = []
+        with torch.no_grad():
+            for i in range(10):
+                t = torch.full((2,), 900 - 90 * i)
+                for name, lab in (("cond", y), ("uncond", null)):
+                    _set_cache_context(dit, CacheContext(name))
+                    outs.append(dit(x + 0.1 * i, timestep=t, class_labels=lab).sample)
+                _set_cache_context(dit, None)
+        return outs
+
+    ref = loop()
+    relcache.enable(dit, FORA(1))
+    exact = loop()
+    relcache.disable(dit)
+    for a, b in zip(exact, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    relcache.enable(dit, FORA(3))
+    loop()
+    st = relcache.stats(dit)
+    relcache.disable(dit)
+    assert set(st.contexts) == {"cond", "uncond"}
+    assert st.contexts["cond"].full_steps == st.contexts["uncond"].full_steps == [0, 1, 4, 7]
+    assert st.nfc == 4 and st.full_steps == [0, 1, 4, 7]
+
+
+def test_cfg_halves_never_share_norms(dit):
+    """With CFG batched, each half of the batch is predicted exactly as if it ran alone."""
+    x, y = _inputs(batch=2)
+    with relcache.cached(dit, RFC(threshold=10.0, max_skip=3)):  # fixed schedule: full every 4th step
+        both = run_loop(dit, torch.cat([x, x]), torch.cat([y, torch.full_like(y, 999)]))
+        alone = run_loop(dit, x, y)
+    # the schedule's error is a batch mean, but with max_skip the full steps are the same
+    torch.testing.assert_close(both[-1][:2], alone[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_flops_are_measured_per_module(dit):
+    x, y = _inputs(batch=2)
+    relcache.enable(dit, FORA(4))
+    run_loop(dit, x, y)
+    ctrl = vars(dit)["_relcache"]
+    B, L, d = 2, 16, 32
+    ff = [f for (i, _), f in ctrl.flops.items() if ctrl.modules[i].kind == "mlp"]
+    attn = [f for (i, _), f in ctrl.flops.items() if ctrl.modules[i].kind == "attn"]
+    relcache.disable(dit)
+    assert ff == [2 * B * L * d * 4 * d * 2] * 3  # two matmuls d->4d->d
+    # q, k, v, out projections (4 * 2BLd^2) plus QK^T and AV (2 * 2 B L^2 d)
+    assert attn == [4 * 2 * B * L * d * d + 2 * 2 * B * L * L * d] * 3
+
+
+def test_record_errors_only_at_cached_steps(dit):
+    x, y = _inputs()
+    relcache.enable(dit, TaylorSeer(4), record_errors=True)
+    run_loop(dit, x, y)
+    st = relcache.stats(dit)
+    relcache.disable(dit)
+    errs = st.contexts["default"].module_errors
+    assert len(errs) == 6  # 3 blocks x (attn1, ff)
+    cached_steps = sorted(set(range(12)) - set(st.full_steps))
+    assert sorted(errs["transformer_blocks.0.attn1"]) == cached_steps
+    assert all(e > 0 for per in errs.values() for e in per.values())
+
+
+def test_bad_input_errors_and_model_left_usable(dit):
+    x, y = _inputs()
+    ref = run_loop(dit, x, y)
+    attrs = {name: set(vars(m)) for name, m in dit.named_modules()}
+    relcache.enable(dit, FORA(2))
+    with pytest.raises(AlreadyEnabledError, match="already enabled"):
+        relcache.enable(dit, FORA(2))
+    run_loop(dit, x, y)
+    assert relcache.stats(dit).nfc == 7  # still cached as configured
+    relcache.disable(dit)
+    with pytest.raises(NotEnabledError, match="not enabled"):
+        relcache.disable(dit)
+    with pytest.raises(NotEnabledError):
+        relcache.stats(dit)
+    with pytest.raises(UnsupportedModelError, match="DiTTransformer2DModel"):
+        relcache.enable(torch.nn.Linear(2, 2), FORA())
+    with pytest.raises(ConfigError, match="config must be a relcache.CacheConfig"):
+        relcache.enable(dit, "fora")
+    with pytest.raises(TypeError, match="pipeline"):
+        relcache.enable(object(), FORA())
+    relcache.enable(dit, RFC(target_nfc=10))
+    with pytest.raises(ConfigError, match="target_nfc must be <= the number of steps"):
+        run_loop(dit, x, y, steps=6)
+    relcache.disable(dit)
+    assert {name: set(vars(m)) for name, m in dit.named_modules()} == attrs
+    for a, b in zip(run_loop(dit, x, y), ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_enable_failure_rolls_back(dit, monkeypatch):
+    attrs = {name: set(vars(m)) for name, m in dit.named_modules()}
+    from relcache import runtime
+
+    calls = {"n": 0}
+    original = runtime._Controller._register
+
+    def flaky(self, module, hook, name):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("boom")
+        return original(self, module, hook, name)
+
+    monkeypatch.setattr(runtime._Controller, "_register", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        relcache.enable(dit, FORA())
+    assert not relcache.is_enabled(dit)
+    assert {name: set(vars(m)) for name, m in dit.named_modules()} == attrs
+
+
+def test_module_kinds_restrict_caching():
+    model = tiny_dit()
+    relcache.enable(model, CacheConfig(Taylor(1), Interval(3), modules=("attn",)))
+    assert [m.kind for m in vars(model)["_relcache"].modules] == ["attn"] * 3
+    relcache.disable(model)
+    with pytest.raises(ConfigError, match="modules must be a non-empty subset"):
+        CacheConfig(Taylor(1), Interval(3), modules=("conv",))

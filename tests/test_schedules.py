@@ -1,0 +1,101 @@
+"""Schedules against hand-counted full steps and hand-computed accumulated errors."""
+
+import pytest
+import torch
+
+from relcache import RFC, ConfigError, InputError, Interval
+
+
+@pytest.mark.parametrize("interval,nfc", [(4, 14), (5, 11), (6, 10), (7, 8), (9, 7)])
+def test_interval_nfc_matches_the_papers_table(interval, nfc):
+    steps = Interval(interval, 2).full_steps(50)
+    assert len(steps) == nfc
+    assert steps[:3] == [0, 1, 1 + interval]
+    assert all(b - a == interval for a, b in zip(steps[1:], steps[2:], strict=False))
+
+
+def test_interval_hand_counted():
+    assert Interval(3, 1).full_steps(10) == [0, 3, 6, 9]
+    assert Interval(4, 3).full_steps(12) == [0, 1, 2, 6, 10]
+    assert Interval(1, 2).full_steps(5) == [0, 1, 2, 3, 4]
+
+
+def _run(schedule, probes):
+    state = schedule.new_state(len(probes))
+    return [i for i, p in enumerate(probes) if schedule.decide(state, i, p)], state
+
+
+def test_rcs_fires_where_the_hand_computed_accumulated_error_crosses_tau():
+    # order 0: the input forecast is the last full step's input, so e(i) = c_i / (1 + c_i) on a ones tensor
+    c = [0.0, 0.1, 0.1, 0.3, 0.35, 0.4, 0.9]
+    base = torch.ones(2, 4, 3)
+    probes = [base * (1 + ci) for ci in c]
+    # step 1: e = .1/1.1 = .0909; step 2: E = .1818; step 3: + .3/1.3 = .4126 > .3 -> full, reference 1.3
+    # step 4: |1.35-1.3|/1.35 = .0370; step 5: + .1/1.4 = .1085; step 6: + .6/1.9 = .4243 > .3 -> full
+    full, state = _run(InputError(threshold=0.3, order=0, warmup=1), probes)
+    assert full == [0, 3, 6]
+    assert state.errors[3] == pytest.approx(0.3 / 1.3, rel=1e-5)
+    assert state.errors[5] == pytest.approx(0.1 / 1.4, rel=1e-5)
+    # tau just above E(3) = .4126: step 4 adds .35/1.35 = .2593 -> E = .6719 > tau; then from reference 1.35
+    # step 5: .05/1.4 = .0357, step 6: + .55/1.9 = .2895 -> E = .3252 < tau: no further full step
+    full_hi, _ = _run(InputError(threshold=0.4127, order=0, warmup=1), probes)
+    assert full_hi == [0, 4]
+
+
+def test_rcs_error_is_the_batch_mean_of_per_sample_errors():
+    probes = [torch.ones(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])]
+    schedule = InputError(threshold=10.0, order=0, warmup=1)
+    state = schedule.new_state(2)
+    schedule.decide(state, 0, probes[0])
+    schedule.decide(state, 1, probes[1])
+    assert state.errors[1] == pytest.approx((0.0 + 0.5) / 2)
+
+
+def test_rcs_never_fires_on_exactly_predictable_inputs_but_max_skip_bounds():
+    probes = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(12)]  # linear in i: order-1 forecast exact
+    full, _ = _run(InputError(threshold=1e-6, order=1, warmup=2), probes)
+    assert full == [0, 1]
+    full, _ = _run(InputError(threshold=1e-6, order=1, warmup=2, max_skip=3), probes)
+    assert full == [0, 1, 5, 9]
+
+
+@pytest.mark.parametrize("target", [7, 8, 10, 11, 14])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_target_nfc_is_met(target, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, generator=g)
+    probes = []
+    for i in range(50):  # a drifting input with phases of fast and slow change
+        speed = 0.05 + (0.5 if i < 8 or i > 42 else 0.0)
+        x = x + speed * torch.randn(2, 16, generator=g) + 0.01 * i
+        probes.append(x.clone())
+    full, _ = _run(InputError(target_nfc=target), probes)
+    assert abs(len(full) - target) <= 1 and len(full) <= target + 1
+    assert full[:2] == [0, 1]
+
+
+def test_target_nfc_with_max_skip_still_capped():
+    probes = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(50)]
+    full, _ = _run(InputError(target_nfc=7, max_skip=2), probes)
+    assert len(full) == 7
+
+
+def test_schedule_bad_input_names_parameter_and_allowed_values():
+    with pytest.raises(ConfigError, match="exactly one of threshold and target_nfc"):
+        RFC()
+    with pytest.raises(ConfigError, match="exactly one of threshold and target_nfc"):
+        RFC(threshold=0.1, target_nfc=10)
+    with pytest.raises(ConfigError, match=r"threshold must be a finite number >= 0"):
+        RFC(threshold=-0.1)
+    with pytest.raises(ConfigError, match=r"interval must be an integer >= 1"):
+        Interval(0)
+    with pytest.raises(ConfigError, match=r"warmup must be an integer >= 1"):
+        Interval(4, 0)
+    with pytest.raises(ConfigError, match=r"max_skip must be an integer >= 1"):
+        RFC(threshold=0.1, max_skip=0)
+    with pytest.raises(ConfigError, match=r"target_nfc must be <= the number of steps \(50\)"):
+        InputError(target_nfc=51).new_state(50)
+    with pytest.raises(ConfigError, match=r"target_nfc must be >= warmup"):
+        RFC(target_nfc=1)
+    with pytest.raises(ConfigError, match="begin_generation"):
+        InputError(target_nfc=10).new_state(None)
