@@ -1,6 +1,16 @@
-"""Models: adapters that say which modules of a transformer to cache, and the shipped reference model."""
+"""Models: adapters that say which modules of a transformer to cache, and the shipped reference model.
 
-from . import dit  # noqa: F401  (registers the DiT adapter)
+Every module in this folder (except ``base`` and the ``reference`` package) is imported here, and each
+registers its adapter on import, so adding a model is adding one file.
+"""
+
+import importlib
+import pkgutil
+
 from .base import Adapter, CachedModule, find_adapter, register_adapter, supported_models
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.ispkg and _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["Adapter", "CachedModule", "find_adapter", "register_adapter", "supported_models"]
