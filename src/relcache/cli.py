@@ -1,0 +1,213 @@
+"""The ``relcache`` command: ``demo``, ``bench`` and ``analyze``.
+
+All three run offline on the shipped reference model by default. ``bench`` and ``analyze`` also take a
+local diffusers ``DiTPipeline`` directory (``--model PATH``) for users who have real checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, BenchResult, default_methods, run_bench
+from .methods import FORA, RFC, TaylorSeer
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return n
+
+
+def _budget(value: str) -> int:
+    n = int(value)
+    if n not in INTERVAL_FOR_NFC:
+        raise argparse.ArgumentTypeError(f"must be one of {sorted(INTERVAL_FOR_NFC)} (NFC of 50 steps), got {value}")
+    return n
+
+
+def _reference() -> tuple[torch.nn.Module, Any, torch.nn.Module, torch.Tensor]:
+    """(transformer, sampler, evaluator, real images) of the shipped reference model."""
+    from .evaluation.digits import load_digits_dataset
+    from .models.reference import load_evaluator, load_reference_transformer, sample_digits
+
+    real, _ = load_digits_dataset("all")
+    return load_reference_transformer(), sample_digits, load_evaluator(), real
+
+
+def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Any]:
+    """(transformer, sampler) of a local DiTPipeline directory; samples are mapped to [-1, 1]."""
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(transformer: torch.nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance_scale: float = 1.5,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        out = pipe(labels.tolist(), num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                   generator=generator, output_type="pt")
+        return out.images * 2 - 1 if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images) * 2 - 1
+
+    return pipe.transformer, sample
+
+
+def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
+    """A PNG with one labelled row of samples per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result.samples)
+    rows = {r.method: r for r in result.rows}
+    fig, axes = plt.subplots(len(labels), 1, figsize=(per_row * 0.8 + 2.6, 0.9 * len(labels) + 0.3), squeeze=False)
+    for ax, label in zip(axes[:, 0], labels, strict=True):
+        imgs = result.samples[label][:per_row, 0].clamp(-1, 1)
+        strip = torch.cat([torch.nn.functional.pad(im, (1, 1, 1, 1), value=1.0) for im in imgs], dim=1)
+        ax.imshow(strip.numpy(), cmap="gray_r", vmin=-1, vmax=1)
+        row = rows[label]
+        ax.set_ylabel(f"{label}\nNFC {row.nfc:.0f}", rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Full computation, FORA, TaylorSeer and RFC at each budget on the reference model: grid and table."""
+    torch.manual_seed(args.seed)
+    model, sampler, evaluator, real = _reference()
+    methods = []
+    for nfc in args.budgets:
+        n = INTERVAL_FOR_NFC[nfc]
+        methods += [BenchMethod(f"FORA NFC={nfc}", FORA(n), budget=nfc),
+                    BenchMethod(f"TaylorSeer NFC={nfc}", TaylorSeer(n, 2), budget=nfc),
+                    BenchMethod(f"RFC NFC={nfc}", RFC(order=2, target_nfc=nfc), budget=nfc)]
+    start = time.perf_counter()
+    result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.samples, seed=args.seed,
+                       num_steps=50, guidance_scale=1.5, evaluator=evaluator, real_images=real, count_flops=False)
+    grid = save_grid(result, args.out)
+    print(f"\nrelcache demo: reference DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params), "
+          f"DDIM 50 steps, CFG 1.5, {args.samples} samples, seed {args.seed}\n")
+    print("| method | NFC | time s | speed-up | rel L1 vs full | digits-FID vs full | class acc % |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result.rows:
+        print(f"| {r.method} | {r.nfc:.0f} | {r.time_s:.2f} | {r.speedup:.2f}x | {r.rel_l1:.4f} | {r.fid2fc:.3f} | "
+              f"{100 * r.accuracy:.1f} |")
+    print(f"\nimage grid: {grid}   (total {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    """The evaluation table: methods x budgets against full computation, on the reference model or a DiT."""
+    if args.model:
+        model, sampler = _pipeline_sampler(args.model)
+        evaluator = real = None
+    else:
+        model, sampler, evaluator, real = _reference()
+    methods = default_methods(args.budgets, order=args.order)
+    if args.peers:
+        from .evaluation.peers import peer_methods
+
+        methods += peer_methods(args.budgets)
+    result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.batch_size,
+                       seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance, evaluator=evaluator,
+                       real_images=real, count_flops=not args.no_flops)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0
+    paths = result.save(args.out)
+    print(result.to_markdown())
+    print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def analyze(args: argparse.Namespace) -> int:
+    """The paper's Figures 1 and 2 (PNG plus CSV) from one traced full-computation generation."""
+    from .evaluation.analyze import analyze_trace, record_trace, save_analysis
+
+    if args.model:
+        model, sampler = _pipeline_sampler(args.model)
+    else:
+        model, sampler, _, _ = _reference()
+    labels = torch.arange(args.samples) % 10
+    run = partial(sampler, model, labels, num_steps=args.steps, guidance_scale=args.guidance,
+                  generator=torch.Generator().manual_seed(args.seed))
+    trace = record_trace(model, run)
+    result = analyze_trace(trace, interval=args.interval, order=args.order, modules=args.modules)
+    for path in save_analysis(result, args.out):
+        print(path)
+    print(f"input/output prediction error correlation ({result.io_module}): {result.io_correlation:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``relcache`` command."""
+    parser = argparse.ArgumentParser(prog="relcache", description="Feature caching for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="compare full computation, FORA, TaylorSeer and RFC on the shipped model",
+                       description="Samples every digit class with full computation, FORA, TaylorSeer and RFC at "
+                       "each budget (NFC of 50 DDIM steps) on the shipped reference DiT, writes a labelled PNG grid "
+                       "and prints a table. Offline; about a minute on 2 CPU cores.")
+    p.add_argument("--out", default="relcache-demo.png", help="path of the PNG grid (default: %(default)s)")
+    p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 7],
+                   help="NFC budgets of 50 steps, among 14 11 10 8 7 (default: 14 7)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--samples", type=_positive, default=20,
+                   help="number of samples, classes cycling 0..9 (default: %(default)s)")
+    p.set_defaults(func=demo)
+
+    p = sub.add_parser("bench", help="quality against compute for every method and budget",
+                       description="Generates the same seeds with full computation and each method (FORA, "
+                       "TaylorSeer, RFE alone, RCS alone, RFC; optionally diffusers' own caches) and writes "
+                       "bench.csv, bench.json and bench.md. Shards seeds across processes under torchrun.")
+    p.add_argument("--model", help="a local diffusers DiTPipeline directory (default: the shipped model)")
+    p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7], help="NFC budgets of 50 steps")
+    p.add_argument("--samples", type=_positive, default=100, help="number of samples (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
+    p.add_argument("--steps", type=_positive, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale (default: %(default)s)")
+    p.add_argument("--order", type=int, default=2, choices=range(0, 5), help="Taylor/RFE order (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
+    p.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
+    p.set_defaults(func=bench)
+
+    p = sub.add_parser("analyze", help="the RFC paper's Figures 1 and 2 as PNG and CSV",
+                       description="Traces one full-computation generation and plots step-to-step distances of "
+                       "module inputs and outputs, per-module prediction errors of FORA/TaylorSeer/RFE, the "
+                       "stability of the ratio s, and the correlation of input and output prediction errors.")
+    p.add_argument("--model", help="a local diffusers DiTPipeline directory (default: the shipped model)")
+    p.add_argument("--samples", type=_positive, default=10, help="samples traced (default: %(default)s)")
+    p.add_argument("--steps", type=_positive, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale (default: %(default)s)")
+    p.add_argument("--interval", type=_positive, default=4, help="full step every N (default: %(default)s)")
+    p.add_argument("--order", type=int, default=2, choices=range(0, 5), help="Taylor/RFE order (default: 2)")
+    p.add_argument("--modules", type=int, nargs="+", help="module indices for the distance plot")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--out", default="runs/analyze", help="output directory (default: %(default)s)")
+    p.set_defaults(func=analyze)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``relcache`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

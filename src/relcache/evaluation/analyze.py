@@ -1,0 +1,214 @@
+"""``relcache analyze``: the RFC paper's Figures 1 and 2 on any supported model.
+
+One full-computation generation is traced: the input and output of every cached module at every step.
+The analyses then replay the predictors on that trace (teacher-forced: every prediction starts from the
+true full-computation features, with full steps on an ``Interval(interval, 2)`` schedule):
+
+* ``distances``: min-max-normalised L2 distance between consecutive steps, of inputs and of outputs;
+* ``module_errors``: per-module relative L1 prediction error of FORA, TaylorSeer and RFE, mean over cached steps;
+* ``ratio_rsd``: relative standard deviation over full steps of ``s = ‖O(a)-O(b)‖ / ‖I(a)-I(b)‖``;
+* ``io_errors``: Taylor prediction errors of a module's input and output over steps, and their correlation.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..methods import Interval, Predictor, Relational, Reuse, Taylor
+from ..methods.history import sample_norm
+from ..models.base import find_adapter
+from .metrics import relative_l1
+
+
+@dataclass
+class Trace:
+    """Per cached module (in execution order): its name and its inputs/outputs at every step."""
+
+    names: list[str]
+    inputs: list[list[torch.Tensor]]
+    outputs: list[list[torch.Tensor]]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.inputs[0])
+
+
+def record_trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
+    """Run ``run()`` (one generation with full computation) and record every cached module's I/O."""
+    modules = find_adapter(model).cached_modules(model)
+    inputs: list[list[torch.Tensor]] = [[] for _ in modules]
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = []
+    for j, spec in enumerate(modules):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, j: int = j, spec: Any = spec) -> None:
+            inp = spec.input_of(args, kwargs)
+            inputs[j].append((inp[0] if isinstance(inp, tuple) else inp).detach().float().cpu())
+            outputs[j].append((out[0] if isinstance(out, tuple) else out).detach().float().cpu())
+        handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return Trace([m.name for m in modules], inputs, outputs)
+
+
+def _minmax(v: np.ndarray) -> np.ndarray:
+    span = v.max() - v.min()
+    return (v - v.min()) / span if span > 0 else np.zeros_like(v)
+
+
+def step_distances(seq: Sequence[torch.Tensor]) -> np.ndarray:
+    """Min-max-normalised ``‖X(i) - X(i-1)‖₂`` (mean over samples) for i = 1 .. T-1."""
+    d = np.array([float(sample_norm(seq[i] - seq[i - 1]).mean()) for i in range(1, len(seq))])
+    return _minmax(d)
+
+
+def replay(predictor: Predictor, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+           full_steps: Sequence[int]) -> dict[int, float]:
+    """Relative L1 error of ``predictor`` at every cached step, teacher-forced on a full trace."""
+    state = predictor.new_state()
+    fulls = set(full_steps)
+    errors = {}
+    for i, (inp, out) in enumerate(zip(inputs, outputs, strict=True)):
+        if i in fulls:
+            predictor.update(state, i, inp, out)
+        elif state.ready:
+            errors[i] = relative_l1(predictor.predict(state, i, len(inputs), inp), out)
+    return errors
+
+
+def ratio_rsd(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], full_steps: Sequence[int]) -> float:
+    """Relative std over full steps of ``s`` (mean over samples), as measured at each full step."""
+    s = []
+    for b, a in zip(full_steps, full_steps[1:], strict=False):
+        den = sample_norm(inputs[a] - inputs[b])
+        s.append(float((sample_norm(outputs[a] - outputs[b]) / den).mean()))
+    arr = np.array(s)
+    return float(arr.std() / arr.mean()) if len(arr) > 1 and arr.mean() != 0 else float("nan")
+
+
+@dataclass
+class Analysis:
+    """Numbers behind the figures."""
+
+    names: list[str]
+    distances: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # module -> {"input","output"}
+    module_errors: dict[str, list[float]] = field(default_factory=dict)  # method -> per module
+    ratio_rsd: list[float] = field(default_factory=list)  # per module
+    io_errors: dict[str, dict[int, float]] = field(default_factory=dict)  # {"input","output"} -> step -> err
+    io_module: str = ""
+    io_correlation: float = float("nan")
+
+
+def analyze_trace(trace: Trace, interval: int = 4, order: int = 2, modules: Sequence[int] | None = None,
+                  io_module: int = 0) -> Analysis:
+    """All four analyses on a trace; ``modules`` picks the modules for the distance curves."""
+    n = len(trace.names)
+    bad = [j for j in [*(modules or []), io_module] if not 0 <= j < n]
+    if bad:
+        raise ValueError(f"modules must be indices in 0..{n - 1} (the model has {n} cached modules), got {bad}")
+    fulls = Interval(interval, 2).full_steps(trace.num_steps)
+    result = Analysis(names=trace.names, io_module=trace.names[io_module])
+    chosen = modules if modules is not None else sorted({0, len(trace.names) // 2, len(trace.names) - 1})
+    for j in chosen:
+        result.distances[trace.names[j]] = {
+            "input": step_distances(trace.inputs[j]), "output": step_distances(trace.outputs[j])}
+    methods = {"FORA": Reuse(), f"TaylorSeer m={order}": Taylor(order), f"RFE m={order}": Relational(order)}
+    for label, pred in methods.items():
+        result.module_errors[label] = [
+            float(np.mean(list(replay(pred, trace.inputs[j], trace.outputs[j], fulls).values())))
+            for j in range(len(trace.names))
+        ]
+    result.ratio_rsd = [ratio_rsd(trace.inputs[j], trace.outputs[j], fulls) for j in range(len(trace.names))]
+    ins = trace.inputs[io_module]
+    result.io_errors = {
+        "input": replay(Taylor(order), ins, ins, fulls),
+        "output": replay(Taylor(order), ins, trace.outputs[io_module], fulls),
+    }
+    steps = sorted(result.io_errors["input"])
+    if len(steps) > 2:
+        a = [result.io_errors["input"][s] for s in steps]
+        b = [result.io_errors["output"][s] for s in steps]
+        result.io_correlation = float(np.corrcoef(a, b)[0, 1])
+    return result
+
+
+def save_analysis(result: Analysis, out_dir: str | Path) -> list[Path]:
+    """Write one PNG per analysis and the CSVs behind them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+
+    def table(name: str, header: list[str], rows: list[list[Any]]) -> None:
+        with (out / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        written.append(out / name)
+
+    fig, axes = plt.subplots(1, len(result.distances), figsize=(4 * len(result.distances), 3.2), squeeze=False)
+    rows = []
+    for ax, (name, curves) in zip(axes[0], result.distances.items(), strict=True):
+        steps = np.arange(1, len(curves["input"]) + 1)
+        ax.plot(steps, curves["input"], "--", label="input")
+        ax.plot(steps, curves["output"], label="output")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("normalised L2 distance to previous step")
+        ax.legend(fontsize=8)
+        rows += [[name, int(s), float(i), float(o)] for s, i, o in zip(steps, curves["input"], curves["output"],
+                                                                        strict=True)]
+    save(fig, "fig1_step_distances.png")
+    table("fig1_step_distances.csv", ["module", "step", "input", "output"], rows)
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for label, errs in result.module_errors.items():
+        ax.plot(range(len(errs)), errs, marker="o", ms=3, label=label)
+    ax.set_xticks(range(len(result.names)), result.names, rotation=90, fontsize=6)
+    ax.set_ylabel("relative L1 error vs full (mean over cached steps)")
+    ax.legend(fontsize=8)
+    save(fig, "fig2a_module_errors.png")
+    table("fig2a_module_errors.csv", ["module", *result.module_errors],
+          [[n, *[result.module_errors[m][j] for m in result.module_errors]] for j, n in enumerate(result.names)])
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(range(len(result.names)), [100 * v for v in result.ratio_rsd])
+    ax.set_xticks(range(len(result.names)), result.names, rotation=90, fontsize=6)
+    ax.set_ylabel("RSD of s over steps (%)")
+    save(fig, "fig2b_ratio_rsd.png")
+    table("fig2b_ratio_rsd.csv", ["module", "ratio_rsd"], [[n, v] for n, v in zip(result.names, result.ratio_rsd,
+                                                                                  strict=True)])
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    steps = sorted(result.io_errors["input"])
+    ax.plot(steps, [result.io_errors["input"][s] for s in steps], "--o", ms=3, label="input error")
+    ax.plot(steps, [result.io_errors["output"][s] for s in steps], "-o", ms=3, label="output error")
+    ax.set_title(f"{result.io_module}: Pearson r = {result.io_correlation:.3f}", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("relative L1 prediction error")
+    ax.legend(fontsize=8)
+    save(fig, "fig2c_io_errors.png")
+    table("fig2c_io_errors.csv", ["step", "input_error", "output_error"],
+          [[s, result.io_errors["input"][s], result.io_errors["output"][s]] for s in steps])
+    return written

@@ -1,0 +1,276 @@
+"""``relcache bench``: quality against compute for caching methods, measured in one run.
+
+For every batch of seeds the full computation and each method generate the same samples, one after the
+other (interleaved, so drifts in machine speed hit all methods alike). Per method it reports NFC, realized
+FLOPs (``torch.utils.flop_counter``, in a separate untimed pass so the counter's overhead never enters the
+timings), wall time and speed-up against full computation, quality against full computation (relative L1,
+PSNR, SSIM, digits-FID2FC) and against the data (digits-FID, class accuracy).
+
+Launched with ``torchrun --nproc-per-node P``, batches are sharded across ranks (gloo on CPU) and gathered
+on rank 0, so the table equals the single-process one except for wall times.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import runtime
+from ..flops import flop_counter
+from ..methods import FORA, RFC, CacheConfig, InputError, Interval, Relational, Taylor, TaylorSeer
+from .metrics import psnr, relative_l1, ssim
+
+#: NFC of 50 DDIM steps with warm-up 2 -> the interval that gives it (the paper's table)
+INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}
+DEFAULT_BUDGETS = (14, 11, 10, 8, 7)
+
+Sampler = Callable[..., torch.Tensor]
+
+
+class Peer(Protocol):
+    """Another library's cache applied to the same model (see ``evaluation/peers.py``)."""
+
+    label: str
+
+    def attach(self, model: nn.Module) -> None: ...
+
+    def before_generation(self, model: nn.Module) -> None: ...
+
+    def detach(self, model: nn.Module) -> None: ...
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One row of the table: full computation (no config, no peer), a relcache config, or a peer."""
+
+    label: str
+    config: CacheConfig | None = None
+    peer: Peer | None = None
+    budget: int | None = None  # the NFC it aims at, for grouping
+    unavailable: str | None = None  # why a peer cannot run: the row says so
+
+    @property
+    def is_full(self) -> bool:
+        return self.config is None and self.peer is None and self.unavailable is None
+
+
+FULL = BenchMethod("full computation")
+
+
+def default_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, order: int = 2) -> list[BenchMethod]:
+    """FORA, TaylorSeer, RFE alone, RCS alone and RFC at each budget (NFC of 50 steps)."""
+    rows = []
+    for nfc in budgets:
+        if nfc not in INTERVAL_FOR_NFC:
+            raise ValueError(f"budgets must be among {sorted(INTERVAL_FOR_NFC)} (NFC of 50 steps), got {nfc}")
+        n = INTERVAL_FOR_NFC[nfc]
+        rows += [
+            BenchMethod(f"FORA N={n}", FORA(n), budget=nfc),
+            BenchMethod(f"TaylorSeer N={n} m={order}", TaylorSeer(n, order), budget=nfc),
+            BenchMethod(f"RFE alone N={n} m={order}", CacheConfig(Relational(order), Interval(n, 2)), budget=nfc),
+            BenchMethod(f"RCS alone NFC={nfc} m={order}", CacheConfig(Taylor(order), InputError(target_nfc=nfc)),
+                        budget=nfc),
+            BenchMethod(f"RFC NFC={nfc} m={order}", RFC(order=order, target_nfc=nfc), budget=nfc),
+        ]
+    return rows
+
+
+@dataclass
+class BenchRow:
+    """The measured line of one method."""
+
+    method: str
+    budget: int | None
+    nfc: float
+    flops: float  # mean realized FLOPs of one generation (nan if not counted)
+    flops_ratio: float  # against full computation
+    time_s: float  # mean wall time of one generation
+    speedup: float
+    rel_l1: float
+    psnr: float
+    ssim: float
+    fid2fc: float
+    fid: float
+    accuracy: float
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    """All rows, the settings, and the samples of every method (for grids)."""
+
+    rows: list[BenchRow]
+    settings: dict[str, Any]
+    samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def to_markdown(self) -> str:
+        cols = ["method", "NFC", "FLOPs ratio", "time s", "speed-up", "rel L1", "PSNR", "SSIM", "FID2FC", "FID",
+                "acc %", "note"]
+        head = "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|"
+        lines = [head]
+        for r in self.rows:
+            lines.append(
+                f"| {r.method} | {_fmt(r.nfc, 2)} | {_fmt(r.flops_ratio, 3)} | {_fmt(r.time_s, 3)} | "
+                f"{_fmt(r.speedup, 2)}x | {_fmt(r.rel_l1, 4)} | {_fmt(r.psnr, 2)} | {_fmt(r.ssim, 4)} | "
+                f"{_fmt(r.fid2fc, 3)} | {_fmt(r.fid, 3)} | {_fmt(100 * r.accuracy, 1)} | {r.note} |"
+            )
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``bench.csv``, ``bench.json`` and ``bench.md`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [dataclasses.asdict(r) for r in self.rows]
+        paths = {"csv": out / "bench.csv", "json": out / "bench.json", "md": out / "bench.md"}
+        with paths["csv"].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        paths["json"].write_text(json.dumps({"settings": self.settings, "rows": rows}, indent=2, default=str))
+        paths["md"].write_text(self.to_markdown() + "\n")
+        return paths
+
+
+def _fmt(v: float, digits: int) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises gloo when launched by torchrun and not yet initialised."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: torch.Tensor, seed: int,
+              sampler_kwargs: dict[str, Any], count_flops: bool) -> tuple[torch.Tensor, float, float, float]:
+    """(samples, seconds, NFC, FLOPs) of one generation with ``method`` attached to ``model``."""
+    if method.config is not None:
+        runtime.enable(model, method.config)
+    elif method.peer is not None:
+        method.peer.attach(model)
+    try:
+        def once() -> torch.Tensor:
+            if method.peer is not None:
+                method.peer.before_generation(model)
+            return sampler(model, labels, generator=torch.Generator().manual_seed(seed), **sampler_kwargs)
+
+        start = time.perf_counter()
+        samples = once()
+        seconds = time.perf_counter() - start
+        steps = sampler_kwargs.get("num_steps", 50)
+        nfc = float(runtime.stats(model).nfc) if method.config is not None else (
+            float(steps) if method.is_full else math.nan)
+        flops = math.nan
+        if count_flops:
+            with flop_counter() as counter:
+                once()
+            flops = float(counter.get_total_flops())
+    finally:
+        if method.config is not None:
+            runtime.disable(model)
+        elif method.peer is not None:
+            method.peer.detach(model)
+    return samples, seconds, nfc, flops
+
+
+def run_bench(
+    model: nn.Module,
+    sampler: Sampler,
+    methods: Sequence[BenchMethod],
+    *,
+    num_samples: int = 100,
+    batch_size: int = 10,
+    num_classes: int = 10,
+    seed: int = 0,
+    num_steps: int = 50,
+    guidance_scale: float = 1.5,
+    evaluator: nn.Module | None = None,
+    real_images: torch.Tensor | None = None,
+    count_flops: bool = True,
+    progress: bool = True,
+) -> BenchResult:
+    """Generate ``num_samples`` (classes cycling, batches of ``batch_size`` seeded ``seed + b``) with full
+    computation and every method, and measure each against full computation and the data."""
+    from .digits import class_accuracy, digits_fid
+
+    rank, world = _dist()
+    methods = [FULL, *[m for m in methods if not m.is_full]]
+    runnable = [m for m in methods if m.unavailable is None]
+    labels = torch.arange(num_samples) % num_classes
+    batches = [labels[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    mine = [b for b in range(len(batches)) if b % world == rank]
+    kwargs = {"num_steps": num_steps, "guidance_scale": guidance_scale}
+
+    # one untimed warm-up generation so first-call costs do not land on the first method
+    sampler(model, batches[0][:2], generator=torch.Generator().manual_seed(seed), **{**kwargs, "num_steps": 2})
+    local: dict[str, dict[int, tuple[torch.Tensor, float, float, float]]] = {m.label: {} for m in runnable}
+    bar = tqdm(total=len(mine) * len(runnable), desc="bench", disable=not progress or rank != 0)
+    for b in mine:
+        for method in runnable:  # interleaved: every method on this batch before the next batch
+            bar.set_postfix_str(method.label)
+            local[method.label][b] = _generate(model, method, sampler, batches[b], seed + b, kwargs, count_flops)
+            bar.update()
+    bar.close()
+
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, local)
+        merged: dict[str, dict[int, Any]] = {m.label: {} for m in runnable}
+        for part in gathered:
+            for label, per_batch in part.items():
+                merged[label].update(per_batch)
+        local = merged
+
+    order = range(len(batches))
+    results: dict[str, tuple[torch.Tensor, list[float], list[float], list[float]]] = {}
+    for method in runnable:
+        per = local[method.label]
+        results[method.label] = (
+            torch.cat([per[b][0] for b in order]),
+            [per[b][1] for b in order], [per[b][2] for b in order], [per[b][3] for b in order],
+        )
+    full_samples, full_times, _, full_flops = results[FULL.label]
+    full_time = sum(full_times) / len(full_times)
+    full_flop = sum(full_flops) / len(full_flops)
+    rows = []
+    for method in methods:
+        if method.unavailable is not None:
+            nan = math.nan
+            rows.append(BenchRow(method.label, method.budget, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan,
+                                 note=method.unavailable))
+            continue
+        samples, times, nfcs, flops = results[method.label]
+        t = sum(times) / len(times)
+        f = sum(flops) / len(flops)
+        rows.append(BenchRow(
+            method=method.label, budget=method.budget, nfc=sum(nfcs) / len(nfcs), flops=f,
+            flops_ratio=f / full_flop if count_flops else math.nan, time_s=t, speedup=full_time / t,
+            rel_l1=relative_l1(samples, full_samples), psnr=psnr(samples, full_samples),
+            ssim=ssim(samples, full_samples),
+            fid2fc=digits_fid(evaluator, samples, full_samples) if evaluator is not None else math.nan,
+            fid=digits_fid(evaluator, samples, real_images) if evaluator is not None and real_images is not None
+            else math.nan,
+            accuracy=class_accuracy(evaluator, samples, labels) if evaluator is not None else math.nan,
+        ))
+    settings = {
+        "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "num_steps": num_steps,
+        "guidance_scale": guidance_scale, "world_size": world, "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    samples = {m.label: results[m.label][0] for m in runnable}
+    return BenchResult(rows, settings, samples)
