@@ -8,7 +8,8 @@ One line turns it on::
     print(relcache.stats(pipe))
 
 A method is a predictor (Reuse, Taylor, Relational, Linear) times a schedule (Interval, InputError);
-FORA, TaylorSeer and RFC are presets naming such pairs.
+FORA, TaylorSeer, RFC and FasterCache are presets naming such pairs; ``CFGCache`` adds skipping of the
+unconditional half of classifier-free guidance to any of them.
 """
 
 from . import models  # noqa: F401  (registers the model adapters)
@@ -17,6 +18,8 @@ from .methods import (
     FORA,
     RFC,
     CacheConfig,
+    CFGCache,
+    FasterCache,
     InputError,
     Interval,
     Linear,
@@ -30,7 +33,7 @@ from .runtime import CacheStats, ContextStats, begin_generation, cached, disable
 __version__ = "0.1.0"
 
 __all__ = [
-    "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "ConfigError", "ContextStats",
-    "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
+    "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "CFGCache", "ConfigError", "ContextStats",
+    "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
     "UnsupportedModelError", "begin_generation", "cached", "disable", "enable", "is_enabled", "stats",
 ]

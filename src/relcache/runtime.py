@@ -15,15 +15,40 @@ Generations and steps:
   diffusers ``cache_context`` when the pipeline passes one.
 * Each call context keeps its own state. The context is diffusers' ``cache_context`` name (pipelines that
   run CFG as separate cond and uncond calls set it) or ``"default"``.
+
+CFG-Cache (``CacheConfig.cfg_cache``), the unconditional half of classifier-free guidance skipped and rebuilt:
+
+* CFG batched (one call whose batch is ``[cond; uncond]`` or ``[uncond; cond]``, any context name other than
+  "cond"/"uncond"): a call is a CFG batch when its batch is even and the two halves of its ``hidden_states`` are
+  equal, as every diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a context's
+  first call of a generation. Anything else (guidance scale 1, or a batch of different latents) leaves CFG-Cache
+  inert, exactly the config without it. At a step that skips the unconditional half, every tensor argument whose
+  first dimension is the batch (top-level, or one level down in a dict argument; never tuples, ``img_ids`` or
+  ``txt_ids``) is sliced to the conditional half, the transformer runs on it, and the full-batch output is
+  reassembled in the original order with the rebuilt unconditional half.
+* CFG split (contexts named "cond" and "uncond"): a skipped "uncond" call does not run the transformer; it returns
+  the rebuild from the same step's "cond" output, so the "cond" call must come first (diffusers' pipelines do;
+  otherwise the "uncond" call runs). The "uncond" context's module schedule is not consulted at a skipped call: the
+  step is neither full nor cached there, and its module caches forecast from its own latest full step.
+* Module caches stay per sample on a CFG batch: each cached module's predictor state is kept per half (the
+  module's leading dimension is batch-major, so a half of the model batch is a half of its rows), a full-batch step
+  records and predicts both halves, a half-batch step only the conditional one. (choice) ``InputError`` (RCS)
+  measures its input error on the conditional half only, the half that runs at every step.
+* FLOPs: ``flops_fraction`` is over the cached modules as before; a half-batch step counts what ran against the
+  full batch, so a step computing every module on half the batch counts half. ``model_flops_fraction`` is over the
+  whole transformer: the FLOPs outside the cached modules are measured once per input shape (the first call that
+  runs with it) and counted at every call in proportion to the rows that ran; a skipped split "uncond" call counts
+  nothing against a full call. The FFT rebuild is not counted (a few FLOPs per output element).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
@@ -31,15 +56,19 @@ from torch import nn
 
 from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
 from .flops import flop_counter
+from .methods.cfg_cache import CFGCache
 from .methods.config import CacheConfig
 from .methods.history import sample_norm
 from .methods.predictors import PredictorState
-from .models.base import Adapter, CachedModule, find_adapter
+from .models.base import Adapter, CachedModule, find_adapter, first_tensor_input
 
 _ATTR = "_relcache"
 _STEP_HOOK = "relcache_step"
 _MODULE_HOOK = "relcache_module"
 DEFAULT_CONTEXT = "default"
+SPLIT_CONTEXTS = ("cond", "uncond")  # CFG as separate calls, named by diffusers' cache_context
+_UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})  # position ids whose first dim is not the batch
+_NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -55,6 +84,15 @@ class ContextStats:
     full_flops: float  # FLOPs those modules would have run with full computation
     input_errors: dict[int, float] = field(default_factory=dict)  # RCS e(i), InputError schedules only
     module_errors: dict[str, dict[int, float]] = field(default_factory=dict)  # record_errors=True only
+    uncond_skipped_steps: list[int] = field(default_factory=list)  # CFG-Cache: steps without the uncond half
+    model_flops_fraction: float = _NAN  # whole transformer: executed / full computation
+    model_executed_flops: float = 0.0
+    model_full_flops: float = 0.0
+
+    @property
+    def uncond_skipped(self) -> int:
+        """How many unconditional halves (or "uncond" calls) CFG-Cache skipped."""
+        return len(self.uncond_skipped_steps)
 
 
 @dataclass(frozen=True)
@@ -64,6 +102,10 @@ class CacheStats:
     With one context (CFG batched, or no CFG) the top-level fields are that context's. With several
     (CFG split into calls), ``full_steps`` is the union of their full steps, ``nfc`` its length,
     ``num_steps`` the largest, and ``flops_fraction`` pools the FLOPs of all contexts.
+
+    ``flops_fraction`` covers the cached modules, ``model_flops_fraction`` the whole transformer (the modules that
+    are never cached, embeddings and final layer included); a step that ran half the batch counts half.
+    ``uncond_skipped`` counts the unconditional halves CFG-Cache skipped, over all contexts.
     """
 
     method: str
@@ -72,6 +114,8 @@ class CacheStats:
     full_steps: list[int]
     flops_fraction: float
     contexts: dict[str, ContextStats]
+    model_flops_fraction: float = _NAN
+    uncond_skipped: int = 0
 
 
 class _NoState:
@@ -92,12 +136,37 @@ class _Context:
         self.decided = False
         self.full = True
         self.full_steps: list[int] = []
-        self.states: dict[int, list[PredictorState]] = {}
-        self.shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
+        # predictor states and input shapes per (module, part): part "all" is the whole batch; on a CFG batch
+        # with CFG-Cache the parts are the "cond" and "uncond" halves, kept apart so a half-batch step can run
+        self.states: dict[tuple[int, str], list[PredictorState]] = {}
+        self.shapes: dict[tuple[int, str], tuple[tuple[int, ...], ...]] = {}
+        self.call_shapes: dict[int, tuple[tuple[int, ...], ...]] = {}  # each module's last whole-call input shapes
         self.tuple_out: dict[int, bool] = {}  # whether each module returns a tuple of tensors
         self.executed_flops = 0.0
         self.full_flops = 0.0
+        self.model_executed_flops = 0.0
+        self.model_full_flops = 0.0
         self.module_errors: dict[int, dict[int, float]] = {}
+        self.cfg_batch: bool | None = None  # CFG-Cache on a CFG batch (decided at the first call)
+        self.cond_first = False
+        self.half = False  # this step runs only the conditional half of a CFG batch
+        self.uncond_skipped: list[int] = []
+
+    @property
+    def batch_scale(self) -> int:
+        """Full-batch rows per row that runs now: 2 at a half-batch step."""
+        return 2 if self.half else 1
+
+    def parts(self, rows: int) -> list[tuple[str, slice | None]]:
+        """The row groups of a cached module's ``rows``-row batch that keep separate predictor states."""
+        if not self.cfg_batch:
+            return [("all", None)]
+        if self.half:
+            return [("cond", None)]
+        if rows % 2:
+            raise RuntimeError(f"CFG-Cache: a cached module's batch of {rows} rows does not split in two halves")
+        first, second = slice(0, rows // 2), slice(rows // 2, rows)
+        return [("cond", first), ("uncond", second)] if self.cond_first else [("uncond", first), ("cond", second)]
 
     def stats(self, modules: list[CachedModule]) -> ContextStats:
         errors = getattr(self.schedule_state, "errors", None) or {}
@@ -111,7 +180,99 @@ class _Context:
             full_flops=self.full_flops,
             input_errors=dict(errors),
             module_errors={modules[i].name: dict(e) for i, e in self.module_errors.items()},
+            uncond_skipped_steps=list(self.uncond_skipped),
+            model_flops_fraction=_fraction(self.model_executed_flops, self.model_full_flops),
+            model_executed_flops=self.model_executed_flops,
+            model_full_flops=self.model_full_flops,
         )
+
+
+class _CFGState:
+    """CFG-Cache memory of one generation, shared by the contexts (split CFG pairs "cond" with "uncond")."""
+
+    def __init__(self) -> None:
+        self.delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (ΔLF, ΔHF) of the latest step with both
+        self.delta_shape: tuple[int, ...] | None = None  # input shape of the conditional half it belongs to
+        self.scale = (1.0, 1.0)  # compound mode: the weights multiplied up since the delta was stored
+        self.cond: tuple[int, Any, tuple[int, ...]] | None = None  # split: (step, output, input shape) of "cond"
+
+    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.delta = cfg.deltas(uncond, cond)
+        self.delta_shape = shape
+        self.scale = (1.0, 1.0)
+
+    def usable(self, shape: tuple[int, ...]) -> bool:
+        return self.delta is not None and self.delta_shape == shape
+
+    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, step: int, num_steps: int) -> torch.Tensor:
+        """The unconditional output rebuilt from ``cond``; (choice) weights apply afresh unless ``compound``."""
+        w1, w2 = cfg.weights(step, num_steps)
+        if cfg.compound:
+            w1, w2 = self.scale = (self.scale[0] * w1, self.scale[1] * w2)
+        return cfg.rebuild(cond, *self.delta, w1, w2)
+
+
+def _take(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return x if rows is None else x[rows]
+
+
+class _Part(NamedTuple):
+    """One row group of a cached module's call: its name, rows (None = all), inputs and their shapes."""
+
+    name: str
+    rows: slice | None
+    inps: tuple[torch.Tensor, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def cut(cls, name: str, rows: slice, inps: tuple[torch.Tensor, ...]) -> _Part:
+        xs = tuple(x[rows] for x in inps)
+        return cls(name, rows, xs, tuple(tuple(x.shape) for x in xs))
+
+
+def _sample_of(out: Any) -> torch.Tensor:
+    """The sample tensor of a transformer output (a tensor, a tuple, or a diffusers output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    if dataclasses.is_dataclass(out):
+        return getattr(out, dataclasses.fields(out)[0].name)
+    raise TypeError(f"CFG-Cache cannot find the sample in a transformer output of type {type(out).__name__}")
+
+
+def _with_sample(out: Any, sample: torch.Tensor) -> Any:
+    """``out`` with its sample replaced, same container type."""
+    if isinstance(out, torch.Tensor):
+        return sample
+    if isinstance(out, tuple):
+        return (sample, *out[1:])
+    return dataclasses.replace(out, **{dataclasses.fields(out)[0].name: sample})
+
+
+def _slice_batch(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, rows: slice
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The transformer's arguments cut to ``rows`` of its ``batch``: every tensor whose first dim is the batch."""
+
+    def cut(v: Any) -> Any:
+        return v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+
+    def cut_kw(k: str, v: Any) -> Any:
+        if k in _UNBATCHED_KWARGS:
+            return v
+        if isinstance(v, dict):
+            return {kk: cut(vv) for kk, vv in v.items()}
+        return cut(v)
+
+    return tuple(cut(a) for a in args), {k: cut_kw(k, v) for k, v in kwargs.items()}
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The shapes of the transformer's tensor arguments: what its FLOPs depend on."""
+    shapes: list[Any] = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    shapes += sorted((k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return tuple(shapes)
 
 
 def _fraction(num: float, den: float) -> float:
@@ -152,6 +313,9 @@ class _Controller:
         self.contexts: dict[str, _Context] = {}
         self.current: _Context | None = None
         self.flops: dict[tuple[int, tuple[int, ...]], float] = {}
+        self.other_flops: dict[tuple[Any, ...], float] = {}  # whole transformer minus cached modules, per signature
+        self.cfg_state = _CFGState()
+        self._counter: Any = None  # a FlopCounterMode around the whole transformer call, while one measures
         self._attached: list[tuple[nn.Module, str, bool]] = []  # (module, hook name, registry existed before)
         self._scheduler: Any = None
         self._scheduler_had_attr = False
@@ -162,6 +326,7 @@ class _Controller:
             self.num_steps = int(num_steps)
         self.contexts = {}
         self.current = None
+        self.cfg_state = _CFGState()
 
     def start_step(self, name: str, step_index: int | None, timestep: float | None) -> None:
         ctx = self.contexts.get(name)
@@ -177,7 +342,92 @@ class _Controller:
         ctx.step = step_index if step_index is not None else ctx.step + 1
         ctx.last_timestep = timestep
         ctx.decided = False
+        ctx.half = False
         self.current = ctx
+
+    # -- one transformer call -------------------------------------------------------------------
+    def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
+        ctx = self.current
+        cfg = self.config.cfg_cache
+        if cfg is None:
+            return self._run(ctx, forward, args, kwargs)
+        if ctx.name in SPLIT_CONTEXTS:
+            return self._run_split(ctx, cfg, forward, args, kwargs)
+        return self._run_batched(ctx, cfg, forward, args, kwargs)
+
+    def _run(self, ctx: _Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Call the transformer and account its FLOPs (the part outside the cached modules measured once)."""
+        sig = _signature(args, kwargs)
+        executed, full = ctx.executed_flops, ctx.full_flops
+        if sig in self.other_flops or torch.compiler.is_compiling():
+            out = forward(*args, **kwargs)
+        else:
+            with flop_counter() as counter:
+                self._counter = counter
+                try:
+                    out = forward(*args, **kwargs)
+                finally:
+                    self._counter = None
+            self.other_flops[sig] = max(float(counter.get_total_flops()) - (ctx.executed_flops - executed), 0.0)
+        other = self.other_flops.get(sig, 0.0)
+        ctx.model_executed_flops += other + ctx.executed_flops - executed
+        ctx.model_full_flops += other * ctx.batch_scale + ctx.full_flops - full
+        return out
+
+    def _run_batched(
+        self, ctx: _Context, cfg: CFGCache, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        hidden = first_tensor_input(args, kwargs)
+        batch = hidden.shape[0]
+        if ctx.cfg_batch is None:
+            half = batch // 2
+            ctx.cfg_batch = batch % 2 == 0 and batch > 0 and torch.equal(hidden[:half], hidden[half:])
+            ctx.cond_first = cfg.cond_first if cfg.cond_first is not None else self.adapter.cfg_cond_first
+            if ctx.cfg_batch:
+                cfg.window_range(self.num_steps)  # validate the window against the number of steps now
+        if not ctx.cfg_batch:
+            return self._run(ctx, forward, args, kwargs)
+        half = batch // 2
+        cond_rows, uncond_rows = (slice(0, half), slice(half, batch))
+        if not ctx.cond_first:
+            cond_rows, uncond_rows = uncond_rows, cond_rows
+        half_shape = (half, *hidden.shape[1:])
+        state = self.cfg_state
+        if cfg.skips(ctx.step, self.num_steps) and state.usable(half_shape):
+            ctx.half = True
+            out = self._run(ctx, forward, *_slice_batch(args, kwargs, batch, cond_rows))
+            cond = _sample_of(out)
+            uncond = state.rebuild(cfg, cond, ctx.step, self.num_steps)
+            ctx.uncond_skipped.append(ctx.step)
+            return _with_sample(out, torch.cat([cond, uncond] if ctx.cond_first else [uncond, cond]))
+        out = self._run(ctx, forward, args, kwargs)
+        if ctx.step in cfg.window_range(self.num_steps):  # only a step inside the window can use the delta
+            sample = _sample_of(out)
+            state.store(cfg, sample[uncond_rows], sample[cond_rows], half_shape)
+        return out
+
+    def _run_split(
+        self, ctx: _Context, cfg: CFGCache, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        shape = tuple(first_tensor_input(args, kwargs).shape)
+        state = self.cfg_state
+        if ctx.name == "cond":
+            out = self._run(ctx, forward, args, kwargs)
+            state.cond = (ctx.step, out, shape)
+            return out
+        cond = state.cond if state.cond is not None and state.cond[0] == ctx.step and state.cond[2] == shape else None
+        if cond is not None and cfg.skips(ctx.step, self.num_steps) and state.usable(shape):
+            uncond = state.rebuild(cfg, _sample_of(cond[1]), ctx.step, self.num_steps)
+            ctx.uncond_skipped.append(ctx.step)
+            modules = sum(self._module_flops(i, sh) for i, sh in ctx.call_shapes.items())
+            ctx.full_flops += modules
+            ctx.model_full_flops += self.other_flops.get(_signature(args, kwargs), 0.0) + modules
+            return _with_sample(cond[1], uncond)
+        out = self._run(ctx, forward, args, kwargs)
+        if cond is not None and ctx.step in cfg.window_range(self.num_steps):
+            state.store(cfg, _sample_of(out), _sample_of(cond[1]), shape)
+        return out
 
     # -- the cached modules ---------------------------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -186,21 +436,31 @@ class _Controller:
             return original(*args, **kwargs)
         got = self.modules[idx].input_of(args, kwargs)
         inps = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
+        rows = ctx.parts(inps[0].shape[0])
         if not ctx.decided:
             ctx.decided = True
             schedule = self.config.schedule
-            ctx.full = schedule.decide(ctx.schedule_state, ctx.step, inps[0] if schedule.uses_input else None)
+            probe = None
+            if schedule.uses_input:  # on a CFG batch, the conditional half (it runs at every step)
+                probe = _take(inps[0], next(sl for part, sl in rows if part != "uncond"))
+            ctx.full = schedule.decide(ctx.schedule_state, ctx.step, probe)
             if ctx.full:
                 ctx.full_steps.append(ctx.step)
         shapes = tuple(tuple(x.shape) for x in inps)
-        key = (idx, shapes)
-        states = ctx.states.get(idx)
-        if ctx.full or states is None or ctx.shapes.get(idx) != shapes:
-            return self._compute(ctx, idx, key, original, args, kwargs, inps)
+        ctx.call_shapes[idx] = shapes
+        parts = [_Part(part, sl, inps, shapes) if sl is None else _Part.cut(part, sl, inps) for part, sl in rows]
+        if ctx.full or any(
+            ctx.states.get((idx, p.name)) is None or ctx.shapes.get((idx, p.name)) != p.shapes for p in parts
+        ):
+            return self._compute(ctx, idx, shapes, original, args, kwargs, parts)
         predictor = self.config.predictor
-        preds = [predictor.predict(st, ctx.step, self.num_steps, _paired(inps, j, len(states)))
-                 for j, st in enumerate(states)]
-        ctx.full_flops += self.flops.get(key, 0.0)
+        per_part = []
+        for part, _, xs, _ in parts:
+            states = ctx.states[(idx, part)]
+            per_part.append([predictor.predict(st, ctx.step, self.num_steps, _paired(xs, j, len(states)))
+                             for j, st in enumerate(states)])
+        preds = per_part[0] if len(per_part) == 1 else [torch.cat(outs) for outs in zip(*per_part, strict=True)]
+        ctx.full_flops += self._module_flops(idx, shapes) * ctx.batch_scale
         if self.record_errors:
             true = original(*args, **kwargs)
             trues = true if isinstance(true, tuple) else (true,)
@@ -208,28 +468,46 @@ class _Controller:
         return tuple(preds) if ctx.tuple_out.get(idx, False) else preds[0]
 
     def _compute(
-        self, ctx: _Context, idx: int, key: tuple[int, Any], original: Any,
-        args: tuple[Any, ...], kwargs: dict[str, Any], inps: tuple[torch.Tensor, ...],
+        self, ctx: _Context, idx: int, shapes: tuple[tuple[int, ...], ...], original: Any,
+        args: tuple[Any, ...], kwargs: dict[str, Any], parts: list[_Part],
     ) -> Any:
+        key = (idx, shapes)
         if key in self.flops or torch.compiler.is_compiling():
             out = original(*args, **kwargs)
+        elif self._counter is not None:  # the whole transformer is being measured: take the difference
+            before = self._counter.get_total_flops()
+            out = original(*args, **kwargs)
+            self.flops[key] = float(self._counter.get_total_flops() - before)
         else:
             with flop_counter() as counter:
                 out = original(*args, **kwargs)
             self.flops[key] = float(counter.get_total_flops())
         outs = out if isinstance(out, tuple) else (out,)
-        states = ctx.states.get(idx)
-        if states is None or len(states) != len(outs):
-            states = [self.config.predictor.new_state(self.config.cache_dtype) for _ in outs]
-            ctx.states[idx] = states
-            ctx.tuple_out[idx] = isinstance(out, tuple)
-        for j, (state, o) in enumerate(zip(states, outs, strict=True)):
-            self.config.predictor.update(state, ctx.step, _paired(inps, j, len(outs)), o)
-        ctx.shapes[idx] = key[1]
+        ctx.tuple_out[idx] = isinstance(out, tuple)
+        for part, sl, xs, part_shapes in parts:
+            states = ctx.states.get((idx, part))
+            if states is None or len(states) != len(outs):
+                states = [self.config.predictor.new_state(self.config.cache_dtype) for _ in outs]
+                ctx.states[(idx, part)] = states
+            for j, (state, o) in enumerate(zip(states, outs, strict=True)):
+                self.config.predictor.update(state, ctx.step, _paired(xs, j, len(outs)), _take(o, sl))
+            ctx.shapes[(idx, part)] = part_shapes
         flops = self.flops.get(key, 0.0)
         ctx.executed_flops += flops
-        ctx.full_flops += flops
+        ctx.full_flops += flops * ctx.batch_scale
         return out
+
+    def _module_flops(self, idx: int, shapes: tuple[tuple[int, ...], ...]) -> float:
+        """FLOPs of module ``idx`` on inputs of ``shapes``: measured, else scaled from another batch size (linear)."""
+        got = self.flops.get((idx, shapes))
+        if got is not None:
+            return got
+        for (j, other), flops in self.flops.items():
+            if j == idx and len(other) == len(shapes) and other[0][0] and all(
+                a[1:] == b[1:] for a, b in zip(other, shapes, strict=True)
+            ):
+                return flops * shapes[0][0] / other[0][0]
+        return 0.0
 
     # -- attach / detach ------------------------------------------------------------------------
     def attach(self, scheduler: Any) -> None:
@@ -292,16 +570,19 @@ class _Controller:
         if len(per) == 1:
             only = next(iter(per.values()))
             return CacheStats(self.config.label, only.nfc, only.num_steps, only.full_steps,
-                              only.flops_fraction, per)
+                              only.flops_fraction, per, only.model_flops_fraction, only.uncond_skipped)
         steps = sorted({s for c in per.values() for s in c.full_steps})
-        executed = sum(c.executed_flops for c in per.values())
-        full = sum(c.full_flops for c in per.values())
+        flops = _fraction(sum(c.executed_flops for c in per.values()), sum(c.full_flops for c in per.values()))
+        model = _fraction(
+            sum(c.model_executed_flops for c in per.values()), sum(c.model_full_flops for c in per.values())
+        )
         num_steps = max((c.num_steps for c in per.values()), default=0)
-        return CacheStats(self.config.label, len(steps), num_steps, steps, _fraction(executed, full), per)
+        skipped = sum(c.uncond_skipped for c in per.values())
+        return CacheStats(self.config.label, len(steps), num_steps, steps, flops, per, model, skipped)
 
 
 class _StepHook(ModelHook):
-    """On the transformer: marks the start of a step in the current call context."""
+    """On the transformer: marks the start of a step in the current call context and runs the call."""
 
     _is_stateful = True
 
@@ -310,16 +591,15 @@ class _StepHook(ModelHook):
         self.ctrl = ctrl
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
 
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         context = self.cache_context._context
         name = context.name if context is not None else DEFAULT_CONTEXT
         step_index = getattr(context, "step_index", None) if context is not None else None
         self.ctrl.start_step(name, step_index, _as_float(self.ctrl.adapter.timestep_of(args, kwargs)))
-        return args, kwargs
-
-    def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.ctrl.current = None
-        return output
+        try:
+            return self.ctrl.run_call(self.fn_ref.original_forward, args, kwargs)
+        finally:
+            self.ctrl.current = None
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.ctrl.begin_generation()

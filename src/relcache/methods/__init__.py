@@ -1,10 +1,11 @@
-"""Methods: four predictors, two schedules, and the presets that name their pairs."""
+"""Methods: four predictors, two schedules, CFG-Cache, and the presets that name their pairs."""
 
-from .config import FORA, RFC, CacheConfig, TaylorSeer
+from .cfg_cache import CFGCache
+from .config import FORA, RFC, CacheConfig, FasterCache, TaylorSeer
 from .predictors import Linear, Predictor, Relational, Reuse, Taylor
 from .schedules import InputError, Interval, Schedule
 
 __all__ = [
-    "FORA", "RFC", "CacheConfig", "InputError", "Interval", "Linear", "Predictor", "Relational", "Reuse",
-    "Schedule", "Taylor", "TaylorSeer",
+    "FORA", "RFC", "CFGCache", "CacheConfig", "FasterCache", "InputError", "Interval", "Linear", "Predictor",
+    "Relational", "Reuse", "Schedule", "Taylor", "TaylorSeer",
 ]

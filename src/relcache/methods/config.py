@@ -12,6 +12,10 @@ RFE alone (abl.)    Relational(m)         Interval
 RCS alone (abl.)    Taylor(m)             InputError
 FasterCache         Linear(w), attention  Interval (+ CFG-Cache)
 ==================  ====================  ======================
+
+CFG-Cache (``relcache.CFGCache``) is its own piece: set ``cfg_cache`` on any config to also skip the
+unconditional half of classifier-free guidance, e.g.
+``dataclasses.replace(relcache.RFC(target_nfc=14), cfg_cache=relcache.CFGCache())``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .predictors import Predictor, Relational, Reuse, Taylor
+from .cfg_cache import CFGCache
+from .predictors import Linear, Predictor, Relational, Reuse, Taylor, WeightFn
 from .schedules import InputError, Interval, Schedule
 
 #: kinds of cached module an adapter can report
@@ -34,7 +39,9 @@ class CacheConfig:
 
     ``modules`` restricts caching to some kinds of module (``"attn"``, ``"cross_attn"``, ``"mlp"``; None = all).
     ``cache_dtype`` stores cached tensors in lower precision (e.g. ``torch.bfloat16``) to save memory.
-    ``name`` is only a label for tables and stats.
+    ``name`` is only a label for tables and stats (``label`` appends CFG-Cache when set).
+    ``cfg_cache`` also skips the unconditional half of classifier-free guidance (``relcache.CFGCache``); it
+    combines with any predictor x schedule and is inert when the model is not run with CFG.
     """
 
     predictor: Predictor
@@ -42,6 +49,7 @@ class CacheConfig:
     modules: tuple[str, ...] | None = None
     cache_dtype: torch.dtype | None = None
     name: str | None = None
+    cfg_cache: CFGCache | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.predictor, Predictor):
@@ -61,13 +69,14 @@ class CacheConfig:
             isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
         ):
             raise ConfigError(f"cache_dtype must be a floating torch.dtype or None, got {self.cache_dtype!r}")
+        if self.cfg_cache is not None and not isinstance(self.cfg_cache, CFGCache):
+            raise ConfigError(f"cfg_cache must be a relcache.CFGCache(...) or None, got {self.cfg_cache!r}")
 
     @property
     def label(self) -> str:
         """A short human-readable name."""
-        if self.name:
-            return self.name
-        return f"{type(self.predictor).__name__} x {type(self.schedule).__name__}"
+        base = self.name or f"{type(self.predictor).__name__} x {type(self.schedule).__name__}"
+        return base if self.cfg_cache is None else f"{base} + CFG-Cache(n={self.cfg_cache.interval})"
 
 
 def FORA(interval: int = 4, warmup: int = 2) -> CacheConfig:  # noqa: N802 (public preset names)
@@ -95,3 +104,40 @@ def RFC(  # noqa: N802
     schedule = InputError(threshold=threshold, target_nfc=target_nfc, order=order, warmup=warmup, max_skip=max_skip)
     budget = f"NFC={target_nfc}" if target_nfc is not None else f"tau={threshold}"
     return CacheConfig(Relational(order), schedule, name=f"RFC({budget}, m={order})")
+
+
+def FasterCache(  # noqa: N802
+    interval: int = 2,
+    warmup: int = 16,
+    weight: float | str | WeightFn = "rising",
+    alpha1: float = 0.1,
+    alpha2: float = 0.1,
+    cfg_interval: int = 5,
+    cfg_window: tuple[float, float] = (0.36, 1.0),
+    early: float = 0.9,
+    late: float = 0.7,
+    cfg: bool = True,
+) -> CacheConfig:
+    """FasterCache: dynamic feature reuse of the attention modules plus CFG-Cache.
+
+    Attention outputs are forecast by ``Linear(weight)`` (``O(a) + w(i) · (O(a) - O(b))``, ``w`` rising from 0 to
+    1 by default, the paper's schedule; diffusers defaults to a constant 0.5) with ``Interval(interval, warmup)``;
+    feed-forwards and cross-attention always run. Every self-attention the adapter lists is cached, temporal ones
+    included (diffusers leaves temporal attention uncached unless asked). ``cfg=False`` leaves out CFG-Cache
+    (guidance-distilled models).
+
+    Defaults are diffusers' ``FasterCacheConfig`` (diffusers 0.42), whose ranges are timesteps out of 1000:
+    ``spatial_attention_block_skip_range=2`` -> ``interval=2``; ``spatial_attention_timestep_skip_range=(-1, 681)``
+    (attention always computed while ``t >= 681``, the first 32 % of the steps) -> ``warmup=16`` at 50 steps (use
+    about ``0.32 · num_steps``); CFG-Cache: ``unconditional_batch_skip_range=5`` -> ``cfg_interval=5``,
+    ``(-1, 641)`` -> ``cfg_window=(0.36, 1.0)``, alphas ``1.1`` -> ``alpha1 = alpha2 = 0.1``, low-frequency
+    range ``(99, 901)`` -> ``early=0.9``, high-frequency range ``(-1, 301)`` -> ``late=0.7``. See ``CFGCache``.
+    """
+    cfg_cache = (
+        CFGCache(interval=cfg_interval, window=cfg_window, alpha1=alpha1, alpha2=alpha2, early=early, late=late)
+        if cfg else None
+    )
+    return CacheConfig(
+        Linear(weight), Interval(interval, warmup), modules=("attn",), cfg_cache=cfg_cache,
+        name=f"FasterCache(N={interval})",
+    )

@@ -44,6 +44,9 @@ class Adapter:
 
     #: class names served (matched against the model's class and its bases)
     model_classes: tuple[str, ...] = ()
+    #: whether the model's pipeline batches classifier-free guidance conditional half first (DiT) rather than
+    #: unconditional half first (PixArt, Latte, CogVideoX, ...); CFG-Cache reads it when ``cond_first`` is None
+    cfg_cond_first: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         """True if this adapter serves ``model``."""

@@ -18,6 +18,7 @@ class DiTAdapter(Adapter):
     """Caches every block's self-attention, cross-attention (if any) and feed-forward."""
 
     model_classes = ("DiTTransformer2DModel",)
+    cfg_cond_first = True  # DiTPipeline: torch.cat([latents] * 2) with labels cat([class_labels, class_null])
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
         for block in model.transformer_blocks:

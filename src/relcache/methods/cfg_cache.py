@@ -1,0 +1,189 @@
+"""CFG-Cache (FasterCache): skip the unconditional half of classifier-free guidance and rebuild it.
+
+Classifier-free guidance computes ``ε_c`` (conditional) and ``ε_u`` (unconditional) every step. The two differ
+less than one step differs from the next, and their difference moves from low to high frequencies as sampling
+proceeds. At a step where both halves run, the difference is stored split into a low and a high frequency band;
+at a step where the unconditional half is skipped it is rebuilt from the conditional output::
+
+    ε̂_u = IFFT( LF(ε_c) + w1 · ΔLF + HF(ε_c) + w2 · ΔHF ).real,  ΔLF = LF(ε_u) - LF(ε_c),  ΔHF = HF(ε_u) - HF(ε_c)
+
+This module is the method only (band split, rebuild, skip schedule, validation); ``relcache.runtime`` slices the
+batch and keeps the stored deltas. Symbols follow ``shared/design/algorithms.md``.
+
+Defaults follow diffusers' ``FasterCacheConfig`` (diffusers 0.42, ``hooks/faster_cache.py``), whose ranges are in
+timesteps of a 1000-step training schedule; with evenly spaced timesteps, timestep ``t`` is about step fraction
+``1 - t / 1000``:
+
+* ``unconditional_batch_skip_range=5``                    -> ``interval=5``
+* ``unconditional_batch_timestep_skip_range=(-1, 641)``   -> ``window=(0.36, 1.0)``
+* ``alpha_low_frequency = alpha_high_frequency = 1.1``    -> ``alpha1 = alpha2 = 0.1`` (``w = 1 + alpha``)
+* ``low_frequency_weight_update_timestep_range=(99, 901)``  -> ``early=0.9`` (LF boosted while ``i < 0.9 T``)
+* ``high_frequency_weight_update_timestep_range=(-1, 301)`` -> ``late=0.7`` (HF boosted once ``i >= 0.7 T``)
+* band radius ``min(H, W) // 5`` (the official scripts' and diffusers' ``_split_low_high_freq``)
+
+The window makes diffusers' lower LF bound (``t < 901``) moot with the default window; it is not modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, check_int
+
+#: the default band radius is ``min(H, W) // RADIUS_DIVISOR``
+RADIUS_DIVISOR = 5
+
+
+def _check_fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_alpha(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0 (0.1 to 0.15 is typical), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CFGCache:
+    """Skip the unconditional CFG half at most steps inside a window and rebuild it from the conditional half.
+
+    Schedule: inside the window the unconditional half runs at the window's first step and every ``interval``
+    steps after it, and is skipped at the others; outside the window both halves always run. (choice) The count
+    starts at the window's first step (diffusers counts from step 0), so the window always opens with a fresh delta.
+
+    * ``window``: the window as step fractions ``(start, end)``: step ``i`` of ``T`` is inside when
+      ``start · T <= i < end · T``. ``window_steps``: the same as step indices ``[start, end)`` (overrides
+      ``window``; must lie inside ``0..T``, checked when ``T`` is known). An empty window never skips.
+    * ``alpha1``: low-band boost, ``w1 = 1 + alpha1`` in the early phase ``i < early · T``, else 1.
+      ``alpha2``: high-band boost, ``w2 = 1 + alpha2`` in the late phase ``i >= late · T``, else 1.
+    * ``radius``: radius of the centred low-band disk, in frequency bins; None = ``min(H, W) // 5``.
+    * ``compound``: (choice) False (default): the weights scale the stored deltas afresh at each skipped step.
+      True reproduces the official scripts and diffusers, which multiply the deltas in place, so the weights
+      compound over consecutive skipped steps (``w^k`` at the k-th skip after a full step).
+    * ``cond_first``: whether a batched CFG call puts the conditional half first; None asks the model adapter
+      (DiT: True; PixArt, Latte, CogVideoX: False).
+
+    Without CFG it is inert: a batched call counts as CFG when its batch is even and the two halves of its
+    ``hidden_states`` are equal (``relcache.runtime`` documents the rule); split calls when named "cond"/"uncond".
+
+    The band split acts on the last two axes, which are ``(H, W)`` in every diffusers transformer output
+    (``(B, C, H, W)``; video ``(B, C, F, H, W)`` for Latte and ``(B, F, C, H, W)`` for CogVideoX), so it is per
+    image and per frame whatever the layout.
+    """
+
+    interval: int = 5
+    window: tuple[float, float] = (0.36, 1.0)
+    window_steps: tuple[int, int] | None = None
+    alpha1: float = 0.1
+    alpha2: float = 0.1
+    early: float = 0.9
+    late: float = 0.7
+    radius: int | None = None
+    compound: bool = False
+    cond_first: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_int("interval", self.interval, 1)
+        if not (isinstance(self.window, (tuple, list)) and len(self.window) == 2):
+            raise ConfigError(f"window must be a pair (start, end) of step fractions in [0, 1], got {self.window!r}")
+        start, end = (_check_fraction("window", v) for v in self.window)
+        if start > end:
+            raise ConfigError(f"window must be (start, end) with 0 <= start <= end <= 1, got {self.window!r}")
+        if self.window_steps is not None:
+            ws = self.window_steps
+            ok = isinstance(ws, (tuple, list)) and len(ws) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in ws
+            )
+            if not ok or ws[0] < 0 or ws[0] > ws[1]:
+                raise ConfigError(
+                    f"window_steps must be (start, end) step indices with 0 <= start <= end <= num_steps, got {ws!r}"
+                )
+        _check_alpha("alpha1", self.alpha1)
+        _check_alpha("alpha2", self.alpha2)
+        _check_fraction("early", self.early)
+        _check_fraction("late", self.late)
+        if self.radius is not None:
+            check_int("radius", self.radius, 1)
+        if not isinstance(self.compound, bool):
+            raise ConfigError(f"compound must be True or False, got {self.compound!r}")
+        if self.cond_first is not None and not isinstance(self.cond_first, bool):
+            raise ConfigError(
+                f"cond_first must be True, False or None (ask the model adapter), got {self.cond_first!r}"
+            )
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def window_range(self, num_steps: int | None) -> range:
+        """The steps inside the window of a ``num_steps`` generation; raises if it does not fit."""
+        if num_steps is None:
+            raise ConfigError(
+                "CFGCache needs the number of steps: enable caching on the pipeline (not the bare transformer), "
+                "or call relcache.begin_generation(model, num_steps) before the loop"
+            )
+        if self.window_steps is not None:
+            start, end = self.window_steps
+            if end > num_steps:
+                raise ConfigError(
+                    f"window_steps must lie inside 0..num_steps ({num_steps}), got {tuple(self.window_steps)}"
+                )
+            return range(start, end)
+        eps = 1e-9  # fractions such as 0.36 * 50 must give 18, not 19
+        start = math.ceil(self.window[0] * num_steps - eps)
+        end = math.ceil(self.window[1] * num_steps - eps)
+        return range(start, end)
+
+    def skips(self, step: int, num_steps: int | None) -> bool:
+        """Whether step ``step`` skips the unconditional half (given a stored delta)."""
+        window = self.window_range(num_steps)
+        return step in window and (step - window.start) % self.interval != 0
+
+    def skipped_steps(self, num_steps: int) -> list[int]:
+        """The steps of a ``num_steps`` generation that skip the unconditional half (for planning and tests)."""
+        return [i for i in range(num_steps) if self.skips(i, num_steps)]
+
+    def weights(self, step: int, num_steps: int) -> tuple[float, float]:
+        """``(w1, w2)`` at step ``step``: ``1 + alpha1`` in the early phase, ``1 + alpha2`` in the late phase."""
+        w1 = 1.0 + self.alpha1 if step < self.early * num_steps else 1.0
+        w2 = 1.0 + self.alpha2 if step >= self.late * num_steps else 1.0
+        return w1, w2
+
+    # -- band split and rebuild -------------------------------------------------------------------
+    def low_mask(self, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+        """Boolean ``(H, W)`` mask of the centred low-frequency disk (after ``fftshift``)."""
+        radius = self.radius if self.radius is not None else min(height, width) // RADIUS_DIVISOR
+        y = torch.arange(height, device=device).view(-1, 1) - height // 2
+        x = torch.arange(width, device=device).view(1, -1) - width // 2
+        return y * y + x * x <= radius * radius
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(LF, HF)``: the centred 2-D spectrum of ``x`` over its last two axes, split by the low-band disk.
+
+        Computed in float32 (float64 stays float64); ``LF + HF`` is the whole spectrum.
+        """
+        if x.ndim < 2:
+            raise ValueError(f"CFG-Cache needs outputs with two spatial axes last, got shape {tuple(x.shape)}")
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+        mask = self.low_mask(x.shape[-2], x.shape[-1], x.device)
+        zero = torch.zeros((), dtype=spec.dtype, device=spec.device)
+        return torch.where(mask, spec, zero), torch.where(mask, zero, spec)
+
+    def deltas(self, uncond: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ΔLF, ΔHF)`` between the unconditional and conditional outputs of one step."""
+        lf_u, hf_u = self.split(uncond)
+        lf_c, hf_c = self.split(cond)
+        return lf_u - lf_c, hf_u - hf_c
+
+    def rebuild(
+        self, cond: torch.Tensor, delta_lf: torch.Tensor, delta_hf: torch.Tensor, w1: float, w2: float
+    ) -> torch.Tensor:
+        """``ε̂_u = IFFT(LF(ε_c) + w1 · ΔLF + HF(ε_c) + w2 · ΔHF).real``, in ``cond``'s dtype."""
+        lf_c, hf_c = self.split(cond)
+        spec = lf_c + w1 * delta_lf + hf_c + w2 * delta_hf
+        out = torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1))).real
+        return out.to(cond.dtype)

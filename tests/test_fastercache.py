@@ -1,0 +1,312 @@
+"""FasterCache and CFG-Cache (algorithms.md, 'CFG-Cache (FasterCache)') against hand-computed values.
+
+CFG batched through DiTPipeline (conditional half first) and hand-written loops, CFG split into "cond"/"uncond"
+calls with diffusers' cache contexts, and CFG-Cache combined with module caches (FasterCache's Linear, RFC).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+import relcache
+from relcache import FORA, RFC, CacheConfig, CFGCache, ConfigError, FasterCache, Interval, Linear, TaylorSeer
+from relcache.flops import flop_counter
+
+STEPS = 20
+NULL = 1000  # DiTPipeline's null class
+
+
+# -- the method: band split, rebuild, schedule, validation -----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (1, 4, 3, 10, 7), (1, 3, 4, 6, 6)], ids=["image", "BCFHW", "BFCHW"])
+def test_band_split_reconstructs_its_input(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    cfg = CFGCache()
+    lf, hf = cfg.split(x)
+    back = torch.fft.ifft2(torch.fft.ifftshift(lf + hf, dim=(-2, -1))).real
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-5)
+    zero = torch.zeros_like(lf)
+    torch.testing.assert_close(cfg.rebuild(x, zero, zero, 1.0, 1.0), x, rtol=0, atol=1e-5)
+    # per image and per frame: splitting one frame alone gives that frame's bands
+    lf0, _ = cfg.split(x[(0,) * (x.ndim - 2)])
+    torch.testing.assert_close(lf[(0,) * (x.ndim - 2)], lf0)
+
+
+def test_low_band_is_the_centred_disk():
+    # 10x10: radius 10 // 5 = 2; points with dy^2 + dx^2 <= 4 around (5, 5): 1 + 4 (dist 1) + 4 (diagonal) + 4 (dist 2)
+    mask = CFGCache().low_mask(10, 10)
+    assert int(mask.sum()) == 13 and mask[5, 5] and mask[3, 5] and mask[5, 7] and mask[6, 6] and not mask[3, 4]
+    assert int(CFGCache(radius=1).low_mask(10, 10).sum()) == 5
+    assert int(CFGCache().low_mask(4, 4).sum()) == 1  # radius 4 // 5 = 0: the DC bin only
+    # a constant image is all DC (low band); a checkerboard is all Nyquist (high band)
+    lf, hf = CFGCache().split(torch.full((1, 1, 8, 8), 3.0))
+    assert hf.abs().max() < 1e-5 and abs(float(lf.abs().sum()) - 3.0 * 64) < 1e-3
+    checker = (torch.arange(8).view(-1, 1) + torch.arange(8)).remainder(2).float().mul(2).sub(1).view(1, 1, 8, 8)
+    lf, hf = CFGCache().split(checker)
+    assert lf.abs().max() < 1e-5
+
+
+def test_rebuild_hand_computed():
+    g = torch.Generator().manual_seed(1)
+    cond = torch.randn(2, 4, 8, 8, generator=g)
+    cfg = CFGCache(alpha1=0.0, alpha2=0.0)
+    torch.testing.assert_close(cfg.rebuild(cond, *cfg.deltas(cond, cond), 1.0, 1.0), cond, rtol=0, atol=1e-5)
+    uncond = torch.randn(2, 4, 8, 8, generator=g)
+    torch.testing.assert_close(cfg.rebuild(cond, *cfg.deltas(uncond, cond), 1.0, 1.0), uncond, rtol=0, atol=1e-5)
+    # the difference is a constant (low band only) plus a checkerboard (high band only): each band gets its weight
+    checker = (torch.arange(8).view(-1, 1) + torch.arange(8)).remainder(2).float().mul(2).sub(1)
+    other = cond - 0.5 + 0.25 * checker
+    got = cfg.rebuild(cond, *cfg.deltas(other, cond), 1.1, 1.3)
+    torch.testing.assert_close(got, cond - 0.5 * 1.1 + 0.25 * 1.3 * checker, rtol=0, atol=1e-5)
+
+
+def test_skip_schedule_matches_hand_count():
+    # window (0.5, 1.0) of 20 steps = 10..19; uncond runs at 10 and 15
+    assert CFGCache(interval=5, window=(0.5, 1.0)).skipped_steps(20) == [11, 12, 13, 14, 16, 17, 18, 19]
+    # window_steps [2, 9) with interval 3: uncond runs at 2, 5, 8
+    assert CFGCache(interval=3, window_steps=(2, 9)).skipped_steps(10) == [3, 4, 6, 7]
+    # the defaults over 50 steps: window 18..49 (0.36 * 50 = 18), uncond at 18, 23, ..., 48 (7 of 32 steps)
+    skipped = CFGCache().skipped_steps(50)
+    assert len(skipped) == 25 and skipped[:5] == [19, 20, 21, 22, 24] and 48 not in skipped and 49 in skipped
+    assert CFGCache(window=(0.0, 0.0)).skipped_steps(20) == [] == CFGCache(interval=1).skipped_steps(20)
+    # weights over 10 steps: LF boosted while i < 9, HF once i >= 7
+    cfg = CFGCache(alpha1=0.1, alpha2=0.15)
+    assert cfg.weights(0, 10) == (1.1, 1.0) and cfg.weights(7, 10) == (1.1, 1.15) and cfg.weights(9, 10) == (1.0, 1.15)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(alpha1=-0.1), r"alpha1 must be a finite number >= 0 .*got -0.1"),
+        (dict(alpha2=float("nan")), r"alpha2 must be a finite number >= 0"),
+        (dict(radius=0), r"radius must be an integer >= 1, got 0"),
+        (dict(window=(0.5, 1.5)), r"window must be a fraction of the steps in \[0, 1\], got 1.5"),
+        (dict(window=(0.8, 0.2)), r"window must be \(start, end\) with 0 <= start <= end <= 1"),
+        (dict(window_steps=(-1, 5)), r"window_steps must be \(start, end\) step indices with 0 <= start <= end"),
+        (dict(window_steps=(0.1, 0.5)), r"window_steps must be \(start, end\) step indices"),
+        (dict(interval=0), r"interval must be an integer >= 1, got 0"),
+        (dict(interval=2.5), r"interval must be an integer >= 1, got 2.5"),
+        (dict(early=1.5), r"early must be a fraction of the steps in \[0, 1\], got 1.5"),
+        (dict(cond_first="yes"), r"cond_first must be True, False or None"),
+    ],
+)
+def test_bad_settings_name_parameter_and_allowed_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        CFGCache(**kwargs)
+
+
+def test_window_outside_the_steps_and_bad_field(pipe):
+    with pytest.raises(ConfigError, match=r"cfg_cache must be a relcache.CFGCache"):
+        CacheConfig(Linear(), Interval(2), cfg_cache=0.1)
+    with pytest.raises(ConfigError, match=r"window_steps must lie inside 0..num_steps \(8\), got \(2, 30\)"):
+        CFGCache(window_steps=(2, 30)).window_range(8)
+    relcache.enable(pipe, dataclasses.replace(FORA(2), cfg_cache=CFGCache(window_steps=(2, 30))))
+    with pytest.raises(ConfigError, match=r"window_steps must lie inside 0..num_steps \(8\)"):
+        pipe([1], num_inference_steps=8, guidance_scale=2.0, output_type="np")
+    relcache.disable(pipe)
+
+
+def test_fastercache_preset_defaults():
+    cfg = FasterCache()
+    assert cfg.predictor == Linear("rising") and cfg.schedule == Interval(2, 16) and cfg.modules == ("attn",)
+    assert cfg.cfg_cache == CFGCache(interval=5, window=(0.36, 1.0), alpha1=0.1, alpha2=0.1, early=0.9, late=0.7)
+    assert FasterCache(cfg=False).cfg_cache is None and FasterCache(cfg=False).label == "FasterCache(N=2)"
+    assert cfg.label == "FasterCache(N=2) + CFG-Cache(n=5)"
+    assert dataclasses.replace(RFC(target_nfc=14), cfg_cache=CFGCache()).label == "RFC(NFC=14, m=2) + CFG-Cache(n=5)"
+    assert CacheConfig(Linear(), Interval(2), cfg_cache=CFGCache(interval=3)).label == (
+        "Linear x Interval + CFG-Cache(n=3)"
+    )
+
+
+# -- through DiTPipeline (CFG batched, conditional half first) ------------------------------------------------------
+def _run(pipe, config=None, labels=(1, 7), guidance=1.5, steps=STEPS):
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=torch.manual_seed(0), output_type="np")
+    if config is None:
+        return pipe(list(labels), **kw).images, None
+    with relcache.cached(pipe, config):
+        images = pipe(list(labels), **kw).images
+        return images, relcache.stats(pipe)
+
+
+def test_never_skipping_equals_the_plain_run(pipe):
+    ref, _ = _run(pipe)
+    for cfg in (CFGCache(window=(0.0, 0.0)), CFGCache(window_steps=(5, 5)), CFGCache(interval=1)):
+        out, st = _run(pipe, dataclasses.replace(FORA(1, 1), cfg_cache=cfg))
+        assert (out == ref).all() and st.uncond_skipped == 0 and st.nfc == STEPS
+        assert st.flops_fraction == 1.0 and st.model_flops_fraction == 1.0
+    # with a module cache: the per-half predictor states give the same result as whole-batch states
+    plain, _ = _run(pipe, TaylorSeer(3))
+    out, st = _run(pipe, dataclasses.replace(TaylorSeer(3), cfg_cache=CFGCache(window=(0.0, 0.0))))
+    assert (out == plain).all() and st.full_steps == Interval(3, 2).full_steps(STEPS)
+
+
+def test_guidance_scale_one_leaves_cfg_cache_inert(pipe):
+    """No CFG: the batch is two different latents, not a doubled one, so nothing is skipped."""
+    plain, plain_st = _run(pipe, TaylorSeer(3), guidance=1.0)
+    out, st = _run(pipe, dataclasses.replace(TaylorSeer(3), cfg_cache=CFGCache(window=(0.0, 1.0))), guidance=1.0)
+    assert (out == plain).all() and st.uncond_skipped == 0 and st.flops_fraction == plain_st.flops_fraction
+
+
+def test_fastercache_pipeline_nfc_and_flops_hand_counted(pipe):
+    config = FasterCache(interval=2, warmup=4)
+    _, st = _run(pipe, config)
+    full = [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19]  # Interval(2, warmup 4)
+    skipped = [9, 10, 11, 12, 14, 15, 16, 17, 19]  # window ceil(0.36 * 20) = 8..19, uncond at 8, 13, 18
+    assert st.full_steps == full and st.nfc == 12
+    assert st.uncond_skipped == 9 and st.contexts["default"].uncond_skipped_steps == skipped
+    # attention FLOPs: a full step counts 1, a full step on half the batch (9, 11, 15, 17, 19) counts 1/2
+    assert st.flops_fraction == pytest.approx((12 - 5 / 2) / STEPS)
+    # every module computed: the whole transformer runs on half the batch at the 9 skipped steps
+    _, st = _run(pipe, dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache()))
+    assert st.nfc == STEPS and st.uncond_skipped == 9
+    assert st.flops_fraction == pytest.approx((STEPS - 9 / 2) / STEPS)
+    assert st.model_flops_fraction == pytest.approx((STEPS - 9 / 2) / STEPS)
+    # FasterCache: the feed-forwards and the rest of the transformer always run, so the model saves less
+    _, st = _run(pipe, config)
+    assert (12 - 5 / 2) / STEPS < st.model_flops_fraction < (STEPS - 9 / 2) / STEPS
+
+
+def test_model_flops_match_an_outer_flop_counter(dit):
+    """The whole-transformer FLOPs the stats report are what torch's counter sees around the generation."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 7])
+    with flop_counter() as plain:
+        _cfg_loop(dit, x, y, steps=12)
+    with relcache.cached(dit, FasterCache(interval=2, warmup=2)):
+        with flop_counter() as counter:
+            _cfg_loop(dit, x, y, steps=12)
+        st = relcache.stats(dit).contexts["default"]
+    assert st.uncond_skipped_steps == [6, 7, 8, 9, 11]  # window ceil(0.36 * 12) = 5..11, uncond at 5 and 10
+    assert st.model_executed_flops == counter.get_total_flops()
+    assert st.model_full_flops == plain.get_total_flops()
+    assert st.model_flops_fraction == pytest.approx(counter.get_total_flops() / plain.get_total_flops())
+
+
+def test_rfc_with_cfg_cache_end_to_end(pipe):
+    ref, _ = _run(pipe)
+    out, st = _run(pipe, dataclasses.replace(RFC(target_nfc=8), cfg_cache=CFGCache()))
+    assert st.nfc == 8 and st.uncond_skipped == 9 and st.full_steps[:2] == [0, 1]
+    assert out.shape == ref.shape and (out >= 0).all() and (out <= 1).all() and not (out == ref).all()
+    errors = st.contexts["default"].input_errors  # RCS measured on the conditional half at every step after warm-up
+    assert sorted(errors) == list(range(2, STEPS)) and all(e >= 0 for e in errors.values())
+
+
+# -- hand-written loops: the rebuilt half, the order, split CFG ----------------------------------------------------
+def _cfg_loop(model, x, y, order="cond_first", steps=10, g=2.0):
+    """A DDIM-like CFG loop with the batch ``[cond; uncond]`` or ``[uncond; cond]``; returns each step's output."""
+    relcache.begin_generation(model, steps)
+    null = torch.full_like(y, NULL)
+    labels = torch.cat([y, null] if order == "cond_first" else [null, y])
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((2 * len(y),), 900 - 90 * i)
+            out = model(torch.cat([x, x]), timestep=t, class_labels=labels).sample
+            outs.append(out)
+            c, u = out.chunk(2) if order == "cond_first" else out.chunk(2)[::-1]
+            x = x - 0.05 * (u + g * (c - u))
+    return outs
+
+
+def test_batched_skip_rebuilds_uncond_and_keeps_order(dit):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 7])
+    cfg = CFGCache(interval=3, window_steps=(4, 10), alpha1=0.0, alpha2=0.0)  # uncond at 4, 7; skipped 5, 6, 8, 9
+    config = dataclasses.replace(FORA(1, 1), cfg_cache=cfg)
+    with relcache.cached(dit, config):
+        outs = _cfg_loop(dit, x, y)
+        st = relcache.stats(dit)
+    assert st.contexts["default"].uncond_skipped_steps == [5, 6, 8, 9]
+    for i, last in ((5, 4), (6, 4), (8, 7), (9, 7)):  # alpha 0: uncond_i = cond_i + (uncond_a - cond_a)
+        c, u = outs[i].chunk(2)
+        ca, ua = outs[last].chunk(2)
+        torch.testing.assert_close(u, c + (ua - ca), rtol=0, atol=1e-5)
+    # the conditional half is the model's output on the conditional inputs alone
+    ref = _cfg_loop(dit, x, y, steps=5)
+    torch.testing.assert_close(outs[4], ref[4])
+    x5 = x
+    for o in outs[:5]:
+        c, u = o.chunk(2)
+        x5 = x5 - 0.05 * (u + 2.0 * (c - u))
+    with torch.no_grad():
+        alone = dit(x5, timestep=torch.full((2,), 450), class_labels=y).sample
+    torch.testing.assert_close(outs[5][:2], alone, rtol=1e-4, atol=1e-5)
+    # the unconditional half first, declared: the same generation with its halves swapped
+    with relcache.cached(dit, dataclasses.replace(config, cfg_cache=dataclasses.replace(cfg, cond_first=False))):
+        swapped = _cfg_loop(dit, x, y, order="uncond_first")
+        assert relcache.stats(dit).uncond_skipped == 4
+    for a, b in zip(outs, swapped, strict=True):
+        torch.testing.assert_close(torch.cat(b.chunk(2)[::-1]), a, rtol=1e-4, atol=1e-5)
+
+
+def test_module_cache_on_half_batch_steps_stays_per_sample(dit):
+    """With a module cache, the conditional half of a CFG-Cache run equals a run of the conditional batch alone
+    as long as both see the same inputs: every step before the first skip."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 7])
+    cfg = CFGCache(interval=4, window_steps=(6, 10))  # uncond at 6; skipped 7, 8, 9
+    with relcache.cached(dit, dataclasses.replace(TaylorSeer(2), cfg_cache=cfg)):
+        outs = _cfg_loop(dit, x, y)
+        st = relcache.stats(dit)
+    with relcache.cached(dit, TaylorSeer(2)):
+        ref = _cfg_loop(dit, x, y)
+    assert st.full_steps == [0, 1, 3, 5, 7, 9] and st.uncond_skipped == 3
+    for a, b in zip(outs[:7], ref[:7], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(torch.isfinite(o).all() for o in outs)
+    # 6 full steps, of which 7 and 9 ran on half the batch
+    assert st.flops_fraction == pytest.approx((6 - 2 / 2) / 10)
+
+
+def _split_loop(model, x, y, steps=10):
+    """CFG as separate calls, "cond" then "uncond", inputs independent of the outputs; returns (cond, uncond)."""
+    relcache.begin_generation(model, steps)
+    conds, unconds = [], []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((2,), 900 - 90 * i)
+            for name, lab, store in (("cond", y, conds), ("uncond", torch.full_like(y, NULL), unconds)):
+                _set_cache_context(model, CacheContext(name))
+                store.append(model(x + 0.1 * i, timestep=t, class_labels=lab).sample)
+            _set_cache_context(model, None)
+    return conds, unconds
+
+
+def test_split_cfg_skips_the_uncond_call(dit):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 7])
+    ref_c, ref_u = _split_loop(dit, x, y)
+    cfg = CFGCache(interval=4, window_steps=(2, 10), alpha1=0.0, alpha2=0.0)  # uncond at 0, 1, 2, 6
+    calls = []
+    handle = dit.transformer_blocks[0].attn1.register_forward_pre_hook(lambda *_: calls.append(1))
+    with relcache.cached(dit, dataclasses.replace(FORA(1, 1), cfg_cache=cfg)):
+        conds, unconds = _split_loop(dit, x, y)
+        st = relcache.stats(dit)
+    handle.remove()
+    assert len(calls) == 10 + 4  # a skipped uncond call does not run the transformer
+    assert st.contexts["uncond"].uncond_skipped_steps == [3, 4, 5, 7, 8, 9] and st.uncond_skipped == 6
+    assert st.contexts["cond"].uncond_skipped == 0
+    for i in range(10):
+        torch.testing.assert_close(conds[i], ref_c[i], rtol=0, atol=0)
+        if i in (0, 1, 2, 6):
+            torch.testing.assert_close(unconds[i], ref_u[i], rtol=0, atol=0)
+        else:
+            a = 2 if i < 6 else 6
+            torch.testing.assert_close(unconds[i], ref_c[i] + (ref_u[a] - ref_c[a]), rtol=0, atol=1e-5)
+    assert st.contexts["uncond"].flops_fraction == pytest.approx(4 / 10)
+    assert st.flops_fraction == pytest.approx(14 / 20) and st.model_flops_fraction == pytest.approx(14 / 20)
+
+
+@pytest.mark.parametrize("compound", [False, True])
+def test_weights_fresh_or_compounded(dit, compound):
+    """w1 = w2 = 1.5 at every step: the k-th skip after the last full uncond gets 1.5 (fresh) or 1.5^k (compound)."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 7])
+    ref_c, ref_u = _split_loop(dit, x, y)
+    cfg = CFGCache(interval=4, window_steps=(2, 10), alpha1=0.5, alpha2=0.5, early=1.0, late=0.0, compound=compound)
+    with relcache.cached(dit, dataclasses.replace(FORA(1, 1), cfg_cache=cfg)):
+        _, unconds = _split_loop(dit, x, y)
+    for i, a in ((3, 2), (4, 2), (5, 2), (7, 6), (8, 6), (9, 6)):
+        w = 1.5 ** (i - a) if compound else 1.5
+        torch.testing.assert_close(unconds[i], ref_c[i] + w * (ref_u[a] - ref_c[a]), rtol=0, atol=1e-5)
