@@ -310,11 +310,13 @@ class _Controller:
         self.adapter = adapter
         self.record_errors = record_errors
         self.num_steps: int | None = None
+        self._ended = False  # the last generation ended: the next step starts a new one
         self.contexts: dict[str, _Context] = {}
         self.current: _Context | None = None
         self.flops: dict[tuple[int, tuple[int, ...]], float] = {}
         self.other_flops: dict[tuple[Any, ...], float] = {}  # whole transformer minus cached modules, per signature
         self.cfg_state = _CFGState()
+        self._pending: dict[int, Any] = {}  # module -> (context, shapes, parts) while _plan let it run
         self._counter: Any = None  # a FlopCounterMode around the whole transformer call, while one measures
         self._attached: list[tuple[nn.Module, str, bool]] = []  # (module, hook name, registry existed before)
         self._scheduler: Any = None
@@ -322,13 +324,24 @@ class _Controller:
 
     # -- generations and steps -------------------------------------------------------------------
     def begin_generation(self, num_steps: int | None = None) -> None:
+        self._ended = False
         if num_steps is not None:
             self.num_steps = int(num_steps)
         self.contexts = {}
         self.current = None
         self.cfg_state = _CFGState()
 
+    def end_generation(self) -> None:
+        """A pipeline call ended (it resets diffusers' stateful hooks): free the cached tensors, keep the stats
+        readable, and start a new generation at the next step."""
+        for ctx in self.contexts.values():
+            ctx.states.clear()
+        self.cfg_state = _CFGState()
+        self._ended = True
+
     def start_step(self, name: str, step_index: int | None, timestep: float | None) -> None:
+        if self._ended:
+            self.begin_generation()
         ctx = self.contexts.get(name)
         if ctx is not None and (
             (step_index is not None and step_index <= ctx.step)
@@ -358,6 +371,8 @@ class _Controller:
 
     def _run(self, ctx: _Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call the transformer and account its FLOPs (the part outside the cached modules measured once)."""
+        if torch.compiler.is_compiling():
+            return forward(*args, **kwargs)  # no FLOP counting in compiled code
         sig = _signature(args, kwargs)
         executed, full = ctx.executed_flops, ctx.full_flops
         if sig in self.other_flops or torch.compiler.is_compiling():
@@ -431,9 +446,22 @@ class _Controller:
 
     # -- the cached modules ---------------------------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # _plan and _record run eagerly under torch.compile (graph breaks): compiled graphs must not read the
+        # per-step Python state (step numbers, schedule decisions), or dynamo recompiles them at every step.
+        pred = self._plan(idx, original, args, kwargs)
+        if pred is not None:
+            return pred
+        out = self._measured(idx, original, args, kwargs)
+        self._record(idx, out)
+        return out
+
+    @torch.compiler.disable
+    def _plan(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The prediction at a cached step, or None when the module must run (``_record`` then takes its output)."""
+        self._pending.pop(idx, None)
         ctx = self.current
         if ctx is None:  # called outside a transformer forward: behave as the plain module
-            return original(*args, **kwargs)
+            return None
         got = self.modules[idx].input_of(args, kwargs)
         inps = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
         rows = ctx.parts(inps[0].shape[0])
@@ -452,7 +480,8 @@ class _Controller:
         if ctx.full or any(
             ctx.states.get((idx, p.name)) is None or ctx.shapes.get((idx, p.name)) != p.shapes for p in parts
         ):
-            return self._compute(ctx, idx, shapes, original, args, kwargs, parts)
+            self._pending[idx] = (ctx, shapes, parts)
+            return None
         predictor = self.config.predictor
         per_part = []
         for part, _, xs, _ in parts:
@@ -467,21 +496,30 @@ class _Controller:
             ctx.module_errors.setdefault(idx, {})[ctx.step] = _rel_l1(preds[0], trues[0])
         return tuple(preds) if ctx.tuple_out.get(idx, False) else preds[0]
 
-    def _compute(
-        self, ctx: _Context, idx: int, shapes: tuple[tuple[int, ...], ...], original: Any,
-        args: tuple[Any, ...], kwargs: dict[str, Any], parts: list[_Part],
-    ) -> Any:
-        key = (idx, shapes)
-        if key in self.flops or torch.compiler.is_compiling():
-            out = original(*args, **kwargs)
-        elif self._counter is not None:  # the whole transformer is being measured: take the difference
+    def _measured(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the module; in eager mode, count its FLOPs the first time it runs on these input shapes."""
+        if torch.compiler.is_compiling() or idx not in self._pending:  # no FLOP counting in compiled code
+            return original(*args, **kwargs)
+        key = (idx, self._pending[idx][1])
+        if key in self.flops:
+            return original(*args, **kwargs)
+        if self._counter is not None:  # the whole transformer is being measured: take the difference
             before = self._counter.get_total_flops()
             out = original(*args, **kwargs)
             self.flops[key] = float(self._counter.get_total_flops() - before)
-        else:
-            with flop_counter() as counter:
-                out = original(*args, **kwargs)
-            self.flops[key] = float(counter.get_total_flops())
+            return out
+        with flop_counter() as counter:
+            out = original(*args, **kwargs)
+        self.flops[key] = float(counter.get_total_flops())
+        return out
+
+    @torch.compiler.disable
+    def _record(self, idx: int, out: Any) -> None:
+        """Update module ``idx``'s predictor states with the output it just computed (if ``_plan`` let it run)."""
+        if idx not in self._pending:
+            return
+        ctx, shapes, parts = self._pending.pop(idx)
+        key = (idx, shapes)
         outs = out if isinstance(out, tuple) else (out,)
         ctx.tuple_out[idx] = isinstance(out, tuple)
         for part, sl, xs, part_shapes in parts:
@@ -495,7 +533,6 @@ class _Controller:
         flops = self.flops.get(key, 0.0)
         ctx.executed_flops += flops
         ctx.full_flops += flops * ctx.batch_scale
-        return out
 
     def _module_flops(self, idx: int, shapes: tuple[tuple[int, ...], ...]) -> float:
         """FLOPs of module ``idx`` on inputs of ``shapes``: measured, else scaled from another batch size (linear)."""
@@ -511,7 +548,16 @@ class _Controller:
 
     # -- attach / detach ------------------------------------------------------------------------
     def attach(self, scheduler: Any) -> None:
+        # accelerate's model offload hook must stay outermost: pipelines re-apply it after every call by restoring
+        # the forward it wrapped (``_old_forward``), which would drop a wrapper registered over it
+        hf_hook = getattr(self.model, "_hf_hook", None)
+        if hf_hook is not None:
+            from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+            remove_hook_from_module(self.model)
         self._register(self.model, _StepHook(self), _STEP_HOOK)
+        if hf_hook is not None:
+            add_hook_to_module(self.model, hf_hook)
         for idx, spec in enumerate(self.modules):
             self._register(spec.module, _ModuleHook(self, idx), _MODULE_HOOK)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
@@ -544,6 +590,13 @@ class _Controller:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is None:
                 continue
+            # an accelerate hook added after ours (enable_model_cpu_offload) wraps our forward, and remove_hook
+            # would overwrite it: take it off first and put it back after
+            hf_hook = getattr(module, "_hf_hook", None)
+            if hf_hook is not None:
+                from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+                remove_hook_from_module(module)
             registry.remove_hook(name, recurse=False)
             if not registry.hooks:
                 # remove_hook leaves the original bound method as an instance attribute: drop it.
@@ -554,6 +607,8 @@ class _Controller:
                     del module.forward
                 if not existed:
                     del module._diffusers_hook
+            if hf_hook is not None:
+                add_hook_to_module(module, hf_hook)
         self._attached = []
         if self._scheduler is not None:
             if self._scheduler_had_attr:
@@ -592,17 +647,25 @@ class _StepHook(ModelHook):
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self._start(args, kwargs)
+        try:
+            return self.ctrl.run_call(self.fn_ref.original_forward, args, kwargs)
+        finally:
+            self._end()
+
+    @torch.compiler.disable
+    def _start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         context = self.cache_context._context
         name = context.name if context is not None else DEFAULT_CONTEXT
         step_index = getattr(context, "step_index", None) if context is not None else None
         self.ctrl.start_step(name, step_index, _as_float(self.ctrl.adapter.timestep_of(args, kwargs)))
-        try:
-            return self.ctrl.run_call(self.fn_ref.original_forward, args, kwargs)
-        finally:
-            self.ctrl.current = None
+
+    @torch.compiler.disable
+    def _end(self) -> None:
+        self.ctrl.current = None
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        self.ctrl.begin_generation()
+        self.ctrl.end_generation()
         return module
 
 

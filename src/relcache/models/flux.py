@@ -1,0 +1,56 @@
+"""Adapter for diffusers' FLUX.1 (``FluxTransformer2DModel``): dual-stream blocks, then single-stream blocks.
+
+Dual-stream ``FluxTransformerBlock``: ``attn`` is the joint attention, called on the modulated norms of the image
+and text streams and returning ``(image_out, text_out)`` before the gates; ``ff`` (image MLP) and ``ff_context``
+(text MLP) are called on their modulated norms. All three are cached; the joint attention's two outputs are each
+paired with their own stream's input.
+
+Single-stream ``FluxSingleTransformerBlock`` runs ``proj_mlp`` and ``attn`` side by side on one modulated norm of the
+concatenated text+image sequence, then ``proj_out`` on the concatenation ``[attn_out, act_mlp(proj_mlp(x))]`` and
+the gate. ``attn`` (the attention without output projection) and ``proj_mlp`` (the MLP's first, larger matmul) are
+cached: they are the only separately called modules whose input is the modulated norm. **Not cached**: ``act_mlp``
+(elementwise, cheap) and ``proj_out``, the output projection shared by both branches (not separable per branch),
+which runs at every step: ``5d^2`` of the single block's ``12d^2`` multiply-adds per token in linear layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Adapter, CachedModule, modules_of_blocks, register_adapter
+
+
+def hidden_and_encoder_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of a joint (two-stream) attention: ``(hidden_states, encoder_hidden_states)``, by keyword or position."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if "encoder_hidden_states" in kwargs:
+        return hidden, kwargs["encoder_hidden_states"]
+    return hidden, args[0 if "hidden_states" in kwargs else 1]
+
+
+def with_joint_inputs(modules: list[CachedModule], attrs: tuple[str, ...] = ("attn",)) -> list[CachedModule]:
+    """``modules`` with the joint attentions named ``attrs`` taking both streams as inputs (paired with outputs)."""
+    return [replace(m, input_of=hidden_and_encoder_states) if m.name.rsplit(".", 1)[-1] in attrs else m
+            for m in modules]
+
+
+DUAL_BLOCK_MODULES = (("attn", "attn"), ("ff", "mlp"), ("ff_context", "mlp"))
+SINGLE_BLOCK_MODULES = (("proj_mlp", "mlp"), ("attn", "attn"))  # proj_mlp runs before attn
+
+
+class FluxAdapter(Adapter):
+    """Caches FLUX's joint attention, image and text MLPs, and the single blocks' attention and MLP input matmul."""
+
+    model_classes = ("FluxTransformer2DModel",)
+
+    def cached_modules(self, model: nn.Module) -> list[CachedModule]:
+        dual = modules_of_blocks(model.transformer_blocks, "transformer_blocks", DUAL_BLOCK_MODULES)
+        single = modules_of_blocks(model.single_transformer_blocks, "single_transformer_blocks", SINGLE_BLOCK_MODULES)
+        return with_joint_inputs(dual) + single
+
+
+register_adapter(FluxAdapter())

@@ -1,0 +1,325 @@
+"""Every method through each supported model's own diffusers pipeline, built tiny and offline.
+
+Text encoders are tiny transformers models built from configs; their embeddings are computed here and passed to the
+pipelines as ``prompt_embeds`` so no tokenizer (which would need the hub) is involved.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLWan,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
+
+import relcache  # noqa: E402
+from relcache import FORA, RFC, TaylorSeer  # noqa: E402
+
+STEPS = 8
+
+
+# -- tiny text encoders: embeddings of fixed token ids -------------------------------------------------------------
+@functools.cache
+def t5_embeds(dim: int, seq: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, negative prompt) embeddings of a tiny T5 encoder, each (1, seq, dim)."""
+    torch.manual_seed(seed)
+    enc = T5EncoderModel(T5Config(vocab_size=64, d_model=dim, d_ff=2 * dim, d_kv=8, num_layers=1, num_heads=2)).eval()
+    ids = torch.randint(1, 64, (2, seq), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = enc(ids).last_hidden_state
+    return out[:1].clone(), out[1:].clone()
+
+
+@functools.cache
+def clip_pooled(dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, negative prompt) pooled embeddings of a tiny CLIP text encoder with projection, each (1, dim)."""
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, projection_dim=dim, bos_token_id=0,
+                         eos_token_id=2, pad_token_id=1)
+    enc = CLIPTextModelWithProjection(cfg).eval()
+    ids = torch.randint(1, 63, (2, 8), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = enc(ids).text_embeds
+    return out[:1].clone(), out[1:].clone()
+
+
+def _vae2d(latent_channels: int, **kw: Any) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(4, 4), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=2, sample_size=16, **kw,
+    ).eval()
+
+
+# -- the pipelines ---------------------------------------------------------------------------------------------------
+def flux_pipe() -> FluxPipeline:
+    """FLUX.1-dev-like: guidance-distilled (guidance embedding, no CFG); 16x16 image -> 8x8 latents -> 16 tokens."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    vae = _vae2d(2, shift_factor=0.1, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_kwargs(size: int = 16) -> dict[str, Any]:
+    return dict(prompt_embeds=t5_embeds(16)[0], pooled_prompt_embeds=clip_pooled(16)[0], guidance_scale=3.5,
+                height=size, width=size, max_sequence_length=6)
+
+
+def sd3_pipe() -> StableDiffusion3Pipeline:
+    """SD3-like MMDiT with CFG batched (one transformer call per step); 16x16 image -> 8x8 latents -> 16 tokens."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=(0,),  # SD3.5's extra attention in block 0
+    ).eval()
+    vae = _vae2d(4, shift_factor=0.1, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_kwargs() -> dict[str, Any]:
+    (emb, neg), (pool, npool) = t5_embeds(16), clip_pooled(16)
+    return dict(prompt_embeds=emb, negative_prompt_embeds=neg, pooled_prompt_embeds=pool,
+                negative_pooled_prompt_embeds=npool, guidance_scale=4.0, height=16, width=16)
+
+
+def pixart_pipe() -> PixArtSigmaPipeline:
+    """PixArt-sigma-like with CFG batched; 16x16 image -> 8x8 latents -> 16 tokens, learned sigma (8 channels out)."""
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+    vae = _vae2d(4)
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                               scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_kwargs() -> dict[str, Any]:
+    emb, neg = t5_embeds(16)
+    mask = torch.ones(1, emb.shape[1], dtype=torch.long)
+    return dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                negative_prompt_attention_mask=mask, negative_prompt=None, guidance_scale=4.5, height=16, width=16,
+                use_resolution_binning=False)
+
+
+def hunyuan_pipe() -> HunyuanVideoPipeline:
+    """HunyuanVideo-like with true CFG as separate "cond"/"uncond" calls; 1 frame of 16x16 -> 2x2 latents."""
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=16, rope_axes_dim=(2, 2, 4),
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        norm_num_groups=2, scaling_factor=0.5, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=False,
+    ).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def hunyuan_kwargs() -> dict[str, Any]:
+    (emb, neg), (pool, npool) = t5_embeds(16), clip_pooled(16)
+    mask = torch.ones(1, emb.shape[1], dtype=torch.long)
+    return dict(prompt_embeds=emb, pooled_prompt_embeds=pool, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                negative_pooled_prompt_embeds=npool, negative_prompt_attention_mask=mask, true_cfg_scale=3.0,
+                guidance_scale=6.0, height=16, width=16, num_frames=1)
+
+
+def wan_pipe() -> WanPipeline:
+    """Wan 2.1-like with CFG as separate "cond"/"uncond" calls; 1 frame of 32x32 -> 4x4 latents -> 4 tokens."""
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_kwargs() -> dict[str, Any]:
+    emb, neg = t5_embeds(16)
+    return dict(prompt_embeds=emb, negative_prompt_embeds=neg, guidance_scale=5.0, height=32, width=32, num_frames=1)
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], Any]
+    kwargs: Callable[[], dict[str, Any]]
+    contexts: tuple[str, ...]  # the call contexts the pipeline's transformer calls run in
+
+
+CASES = {
+    "flux": Case(flux_pipe, flux_kwargs, ("cond",)),  # FluxPipeline names its (only) call "cond"
+    "sd3": Case(sd3_pipe, sd3_kwargs, ("default",)),
+    "pixart": Case(pixart_pipe, pixart_kwargs, ("default",)),
+    "hunyuan_video": Case(hunyuan_pipe, hunyuan_kwargs, ("cond", "uncond")),
+    "wan": Case(wan_pipe, wan_kwargs, ("cond", "uncond")),
+}
+
+
+def generate(pipe: Any, case: Case, steps: int = STEPS, seed: int = 0) -> np.ndarray:
+    out = pipe(**case.kwargs(), num_inference_steps=steps, generator=torch.manual_seed(seed), output_type="np")
+    return np.asarray(out.frames if hasattr(out, "frames") else out.images)
+
+
+def generate_with_stats(pipe: Any, case: Case, steps: int = STEPS) -> tuple[np.ndarray, relcache.CacheStats]:
+    """Output and the stats as they stand after the last transformer call of the generation.
+
+    Read from a forward hook: pipelines whose transformer has diffusers' CacheMixin (FLUX, HunyuanVideo, Wan) reset
+    stateful hooks when the call ends, which currently also clears relcache's stats (see test_stats_after_the_call).
+    """
+    seen: list[relcache.CacheStats] = []
+    handle = pipe.transformer.register_forward_hook(lambda *_: seen.append(relcache.stats(pipe)))
+    try:
+        out = generate(pipe, case, steps)
+    finally:
+        handle.remove()
+    return out, seen[-1]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def built(request: pytest.FixtureRequest) -> tuple[Case, Any, np.ndarray]:
+    """(case, pipeline, uncached output) for each model, built once."""
+    case = CASES[request.param]
+    pipe = case.build()
+    return case, pipe, generate(pipe, case)
+
+
+EXPECTED_MODULES = {
+    "flux": ["transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context"]
+    + [f"single_transformer_blocks.{i}.{a}" for i in range(2) for a in ("proj_mlp", "attn")],
+    "sd3": ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.0.ff",
+            "transformer_blocks.0.ff_context", "transformer_blocks.1.attn", "transformer_blocks.1.ff"],
+    "pixart": [f"transformer_blocks.{i}.{a}" for i in range(2) for a in ("attn1", "attn2", "ff")],
+    "hunyuan_video": ["transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context"]
+    + [f"single_transformer_blocks.{i}.{a}" for i in range(2) for a in ("proj_mlp", "attn")],
+    "wan": [f"blocks.{i}.{a}" for i in range(2) for a in ("attn1", "attn2", "ffn")],
+}
+
+
+def test_adapters_list_modules_in_execution_order_with_matching_inputs(built):
+    """Each cached module runs once per call, in the listed order, and its input pairs with its output."""
+    case, pipe, _ = built
+    name = next(k for k, v in CASES.items() if v is case)
+    relcache.enable(pipe, FORA(1, 1))
+    specs = list(vars(pipe.transformer)["_relcache"].modules)
+    relcache.disable(pipe)
+    assert [s.name for s in specs] == EXPECTED_MODULES[name]
+    calls: list[str] = []
+    handles = []
+    for spec in specs:
+        def check(module, args, kwargs, out, spec=spec):
+            inps = spec.input_of(args, kwargs)
+            inps, outs = (inps, out) if isinstance(inps, tuple) else ((inps,), (out,))
+            assert len(inps) == len(outs), spec.name
+            for i, o in zip(inps, outs, strict=True):  # same batch and tokens: the stream's own input
+                assert i.shape[:-1] == o.shape[:-1], spec.name
+            calls.append(spec.name)
+        handles.append(spec.module.register_forward_hook(check, with_kwargs=True))
+    try:
+        generate(pipe, case, steps=1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [s.name for s in specs] * len(case.contexts)
+
+
+EXACT = [FORA(1, 1), TaylorSeer(1, 2, 1), RFC(threshold=0.0), RFC(target_nfc=STEPS)]
+
+
+@pytest.mark.parametrize("config", EXACT, ids=lambda c: c.label)
+def test_every_step_full_equals_uncached(built, config):
+    case, pipe, ref = built
+    with relcache.cached(pipe, config):
+        out, st = generate_with_stats(pipe, case)
+    assert (out == ref).all()
+    assert st.nfc == STEPS and st.num_steps == STEPS and st.flops_fraction == 1.0
+    assert tuple(st.contexts) == case.contexts
+    assert all(c.full_steps == list(range(STEPS)) for c in st.contexts.values())
+
+
+@pytest.mark.parametrize(
+    "config", [FORA(3), TaylorSeer(3), RFC(threshold=0.3), RFC(target_nfc=4)], ids=lambda c: c.label
+)
+def test_cached_generation_counts_and_is_finite(built, config):
+    case, pipe, ref = built
+    with relcache.cached(pipe, config):
+        out, st = generate_with_stats(pipe, case)
+    assert tuple(st.contexts) == case.contexts
+    assert out.shape == ref.shape and np.isfinite(out).all() and not (out == ref).all()
+    for ctx in st.contexts.values():
+        assert ctx.num_steps == STEPS and ctx.full_steps[:2] == [0, 1]  # warm-up
+        if config.label.startswith(("FORA", "TaylorSeer")):  # Interval(3, warmup=2) over 8 steps, hand-counted
+            assert ctx.full_steps == [0, 1, 4, 7] and ctx.flops_fraction == pytest.approx(4 / STEPS)
+        elif "NFC" in config.label:
+            assert abs(ctx.nfc - 4) <= 1
+        else:
+            assert 2 < ctx.nfc < STEPS
+        assert ctx.flops_fraction == pytest.approx(ctx.executed_flops / ctx.full_flops) and ctx.flops_fraction < 1
+
+
+def test_stats_after_the_call():
+    """``relcache.stats(pipe)`` after a FluxPipeline call reports that call (the pipeline ends by resetting hooks)."""
+    case = CASES["flux"]
+    pipe = case.build()
+    with relcache.cached(pipe, FORA(3)):
+        generate(pipe, case)
+        assert relcache.stats(pipe).full_steps == [0, 1, 4, 7]
+
+
+def test_unsupported_model_lists_these_models():
+    with pytest.raises(relcache.UnsupportedModelError) as err:
+        relcache.enable(torch.nn.Linear(2, 2), FORA())
+    for cls in ("FluxTransformer2DModel", "HunyuanVideoTransformer3DModel", "PixArtTransformer2DModel",
+                "SD3Transformer2DModel", "WanTransformer3DModel"):
+        assert cls in str(err.value)
+    assert "docs/custom-models.md" in str(err.value)
