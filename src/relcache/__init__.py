@@ -28,12 +28,14 @@ from .methods import (
     Taylor,
     TaylorSeer,
 )
+from .models import CustomAdapter
 from .runtime import CacheStats, ContextStats, begin_generation, cached, disable, enable, is_enabled, stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "CFGCache", "ConfigError", "ContextStats",
+    "CustomAdapter",
     "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
     "UnsupportedModelError", "begin_generation", "cached", "disable", "enable", "is_enabled", "stats",
 ]

@@ -121,7 +121,8 @@ def bench(args: argparse.Namespace) -> int:
     if args.peers:
         from .evaluation.peers import peer_methods
 
-        methods += peer_methods(args.budgets)
+        methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=args.guidance,
+                                sampler=None if args.model is None else sampler)
     result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.batch_size,
                        seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance, evaluator=evaluator,
                        real_images=real, count_flops=not args.no_flops)

@@ -173,8 +173,12 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
         samples = once()
         seconds = time.perf_counter() - start
         steps = sampler_kwargs.get("num_steps", 50)
-        nfc = float(runtime.stats(model).nfc) if method.config is not None else (
-            float(steps) if method.is_full else math.nan)
+        if method.config is not None:
+            nfc = float(runtime.stats(model).nfc)
+        elif method.peer is not None:  # measured by the peer where it can be (e.g. block executions)
+            nfc = float(method.peer.nfc(model)) if hasattr(method.peer, "nfc") else math.nan
+        else:
+            nfc = float(steps)
         flops = math.nan
         if count_flops:
             with flop_counter() as counter:

@@ -124,9 +124,9 @@ class Relational(Predictor):
         if d is None or state.ratio is None:
             return base if d is None else base + d
         coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(d)
-        ok = torch.isfinite(coef)
-        rel = base + per_sample(torch.where(ok, coef, torch.zeros_like(coef)), d) * d
-        return torch.where(per_sample(ok, d).bool(), rel, base + d)
+        # Fallback folded into the coefficient: 1 gives the Taylor forecast base + d. One fused pass, no sync.
+        coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+        return torch.addcmul(base, per_sample(coef, d), d)
 
 
 WeightFn = Callable[[int, int | None], float]

@@ -8,9 +8,10 @@ import importlib
 import pkgutil
 
 from .base import Adapter, CachedModule, find_adapter, register_adapter, supported_models
+from .custom import CustomAdapter
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if not _info.ispkg and _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["Adapter", "CachedModule", "find_adapter", "register_adapter", "supported_models"]
+__all__ = ["Adapter", "CachedModule", "CustomAdapter", "find_adapter", "register_adapter", "supported_models"]
