@@ -71,7 +71,7 @@ def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
     fig, axes = plt.subplots(len(labels), 1, figsize=(per_row * 0.8 + 2.6, 0.9 * len(labels) + 0.3), squeeze=False)
     for ax, label in zip(axes[:, 0], labels, strict=True):
         imgs = result.samples[label][:per_row, 0].clamp(-1, 1)
-        strip = torch.cat([torch.nn.functional.pad(im, (1, 1, 1, 1), value=1.0) for im in imgs], dim=1)
+        strip = torch.cat([torch.nn.functional.pad(im, (1, 1, 1, 1), value=-1.0) for im in imgs], dim=1)
         ax.imshow(strip.numpy(), cmap="gray_r", vmin=-1, vmax=1)
         row = rows[label]
         ax.set_ylabel(f"{label}\nNFC {row.nfc:.0f}", rotation=0, ha="right", va="center", fontsize=8)
