@@ -53,12 +53,7 @@ def sample_digits(
     seed gives the same samples whatever the model's device. With ``guidance_scale <= 1`` each
     step is a single, un-doubled conditional call.
     """
-    try:
-        from relcache.runtime import begin_generation
-    except ImportError:  # the caching runtime is optional for plain sampling
-
-        def begin_generation(transformer: torch.nn.Module, num_steps: int) -> None:
-            return None
+    from ...runtime import begin_generation  # a no-op when caching is off; tells target-NFC mode the steps
 
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
