@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, BenchResult, default_methods, run_bench
+from .evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, BenchResult, default_methods, run_bench, select
 from .methods import FORA, RFC, TaylorSeer
 
 
@@ -123,6 +123,7 @@ def bench(args: argparse.Namespace) -> int:
 
         methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=args.guidance,
                                 sampler=None if args.model is None else sampler)
+    methods = select(methods, args.only)
     result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.batch_size,
                        seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance, evaluator=evaluator,
                        real_images=real, count_flops=not args.no_flops)
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
+    p.add_argument("--only", nargs="+", help="run only methods whose label contains one of these strings")
     p.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
     p.set_defaults(func=bench)
 

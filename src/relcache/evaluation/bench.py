@@ -29,7 +29,18 @@ from tqdm.auto import tqdm
 
 from .. import runtime
 from ..flops import flop_counter
-from ..methods import FORA, RFC, CacheConfig, InputError, Interval, Relational, Taylor, TaylorSeer
+from ..methods import (
+    FORA,
+    RFC,
+    CacheConfig,
+    CFGCache,
+    FasterCache,
+    InputError,
+    Interval,
+    Relational,
+    Taylor,
+    TaylorSeer,
+)
 from .metrics import psnr, relative_l1, ssim
 
 #: NFC of 50 DDIM steps with warm-up 2 -> the interval that gives it (the paper's table)
@@ -70,7 +81,8 @@ FULL = BenchMethod("full computation")
 
 
 def default_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, order: int = 2) -> list[BenchMethod]:
-    """FORA, TaylorSeer, RFE alone, RCS alone and RFC at each budget (NFC of 50 steps)."""
+    """FORA, TaylorSeer, RFE alone, RCS alone, RFC and RFC + CFG-Cache at each budget (NFC of 50 steps), and
+    FasterCache once (its NFC follows from its own schedule)."""
     rows = []
     for nfc in budgets:
         if nfc not in INTERVAL_FOR_NFC:
@@ -83,8 +95,16 @@ def default_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, order: int = 2) ->
             BenchMethod(f"RCS alone NFC={nfc} m={order}", CacheConfig(Taylor(order), InputError(target_nfc=nfc)),
                         budget=nfc),
             BenchMethod(f"RFC NFC={nfc} m={order}", RFC(order=order, target_nfc=nfc), budget=nfc),
+            BenchMethod(f"RFC NFC={nfc} m={order} + CFG-Cache",
+                        dataclasses.replace(RFC(order=order, target_nfc=nfc), cfg_cache=CFGCache()), budget=nfc),
         ]
+    rows.append(BenchMethod("FasterCache (paper defaults)", FasterCache()))
     return rows
+
+
+def select(methods: Sequence[BenchMethod], only: Sequence[str] | None) -> list[BenchMethod]:
+    """The methods whose label contains one of the ``only`` substrings (all when ``only`` is empty)."""
+    return [m for m in methods if not only or any(o in m.label for o in only)]
 
 
 @dataclass

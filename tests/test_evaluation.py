@@ -1,0 +1,104 @@
+"""bench, analyze and demo on tiny settings: the tables must be consistent with what they measure."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import tiny_dit
+
+from relcache.cli import main
+from relcache.evaluation.analyze import analyze_trace, record_trace, save_analysis
+from relcache.evaluation.bench import FULL, BenchMethod, default_methods, run_bench
+from relcache.methods import FORA, TaylorSeer
+from relcache.models.reference import sample_digits
+
+STEPS = 10
+
+
+def _bench(methods, **kw):
+    model = tiny_dit(num_classes=10)
+    return run_bench(model, sample_digits, methods, num_samples=4, batch_size=2, num_steps=STEPS, progress=False, **kw)
+
+
+def _deterministic(rows):
+    return [(r.method, r.nfc, r.flops, r.rel_l1, r.psnr, r.ssim) for r in rows]
+
+
+def test_bench_table_is_consistent():
+    methods = [BenchMethod("FORA N=2", FORA(2), budget=6), BenchMethod("TaylorSeer N=4", TaylorSeer(4), budget=4),
+               BenchMethod("unavailable peer", unavailable="needs a GPU")]
+    result = _bench(methods)
+    full, fora, taylor, missing = result.rows
+    assert full.method == FULL.label and full.nfc == STEPS
+    assert full.rel_l1 == 0.0 and full.flops_ratio == 1.0 and full.ssim == pytest.approx(1.0)
+    # Interval(2, 2) over 10 steps: 0, 1, 3, 5, 7, 9; Interval(4, 2): 0, 1, 5, 9
+    assert fora.nfc == 6 and taylor.nfc == 4
+    assert 1.0 > fora.flops_ratio > taylor.flops_ratio > 0  # FLOPs fall with NFC
+    assert fora.rel_l1 > 0 and taylor.rel_l1 > 0
+    assert math.isnan(missing.nfc) and missing.note == "needs a GPU"
+    assert set(result.samples) == {FULL.label, "FORA N=2", "TaylorSeer N=4"}
+
+
+def test_default_methods_cover_the_ablations():
+    labels = [m.label for m in default_methods((14, 7))]
+    assert len(labels) == 13 and labels[-1] == "FasterCache (paper defaults)"
+    assert {"FORA N=9", "RFE alone N=4 m=2", "RCS alone NFC=7 m=2", "RFC NFC=14 m=2"} <= set(labels)
+    with pytest.raises(ValueError, match="budgets must be among"):
+        default_methods((13,))
+
+
+def _rank(rank, world, path, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{path}")
+    result = _bench([BenchMethod("FORA N=3", FORA(3))], count_flops=True)
+    if rank == 0:
+        queue.put(_deterministic(result.rows))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_give_the_single_process_table(tmp_path):
+    single = _deterministic(_bench([BenchMethod("FORA N=3", FORA(3))]).rows)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, 2, tmp_path / "store", queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    table = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert table == single
+
+
+def test_analyze_numbers_and_files(tmp_path):
+    model = tiny_dit(num_classes=10)
+    trace = record_trace(model, lambda: sample_digits(model, torch.arange(2), num_steps=12))
+    assert trace.num_steps == 12 and len(trace.names) == 6
+    result = analyze_trace(trace, interval=3, order=1)
+    # distances are min-max normalised; errors are averaged over the 7 cached steps of Interval(3, 2)
+    for curves in result.distances.values():
+        assert min(curves["output"]) == 0.0 and max(curves["output"]) == 1.0
+    assert all(len(v) == 6 for v in result.module_errors.values())
+    # Interval(3, 2) on 12 steps: full at 0, 1, 4, 7, 10; the errors are measured at the other seven
+    assert sorted(result.io_errors["input"]) == [2, 3, 5, 6, 8, 9, 11]
+    assert -1.0 <= result.io_correlation <= 1.0
+    files = {p.name for p in save_analysis(result, tmp_path)}
+    assert {"fig1_step_distances.png", "fig2a_module_errors.csv", "fig2b_ratio_rsd.png", "fig2c_io_errors.csv"} <= files
+    with pytest.raises(ValueError, match=r"modules must be indices in 0\.\.5"):
+        analyze_trace(trace, modules=[6])
+
+
+def test_demo_end_to_end_at_reduced_size(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["demo", "--samples", "2", "--budgets", "7", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists() and out.stat().st_size > 1000
+    assert "| RFC NFC=7 | 7 |" in printed and "| full computation | 50 |" in printed
+
+
+def test_cli_rejects_bad_budgets(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--budgets", "13"])
+    assert "must be one of [7, 8, 10, 11, 14]" in capsys.readouterr().err
