@@ -1,0 +1,165 @@
+"""Speed of caching on DiT architectures (random weights): a benchmark, not a test.
+
+For each model size (DiT-S/2, DiT-B/2, DiT-XL/2 at 256x256, i.e. 32x32x4 latents; batch 2 = one image with
+CFG batched) it times full computation and every method at each budget in one run, interleaved per
+repeat, and reports:
+
+* speed-up against full computation and its ratio to the ideal T/NFC;
+* the cost of one cached step as a fraction of a full step, derived from the same run:
+  ``(t_method - NFC * t_full_step) / (T - NFC) / t_full_step``;
+* the memory held by the caches at the end of a generation (bytes of every tensor the predictors keep).
+
+Examples::
+
+    python benchmarks/speed.py                         # DiT-S/2 and DiT-B/2, NFC 14 and 7
+    python benchmarks/speed.py --models B --repeats 3  # quick subset
+    python benchmarks/speed.py --models XL --dtype bfloat16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+import relcache
+from relcache import FORA, RFC, CacheConfig, InputError, Interval, Relational, Taylor, TaylorSeer
+
+SIZES = {  # (depth, hidden, heads) of the DiT paper's configurations, patch 2
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "XL": (28, 1152, 16),
+}
+INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}
+
+
+def build(size: str, dtype: torch.dtype, device: str) -> DiTTransformer2DModel:
+    depth, hidden, heads = SIZES[size]
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
+                                  out_channels=8, num_layers=depth, sample_size=32, patch_size=2,
+                                  num_embeds_ada_norm=1000)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def methods(budget: int, cache_dtype: torch.dtype | None) -> dict[str, relcache.CacheConfig]:
+    n = INTERVAL_FOR_NFC[budget]
+    configs = {
+        "FORA": FORA(n),
+        "TaylorSeer m=2": TaylorSeer(n, 2),
+        "RFE alone m=2": CacheConfig(Relational(2), Interval(n, 2)),
+        "RCS alone m=2": CacheConfig(Taylor(2), InputError(target_nfc=budget)),
+        "RFC m=2": RFC(order=2, target_nfc=budget),
+    }
+    if cache_dtype is not None:
+        configs = {k: dataclasses.replace(c, cache_dtype=cache_dtype) for k, c in configs.items()}
+    return configs
+
+
+def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """One DDIM generation of one image with CFG batched (batch 2), like DiTPipeline's loop."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    scheduler.set_timesteps(steps)
+    relcache.begin_generation(model, steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+    labels = torch.tensor([207, 1000], device=device)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = model(torch.cat([x, x]), timestep=t.expand(2).to(device), class_labels=labels).sample[:, :4]
+            cond, uncond = eps.chunk(2)
+            x = scheduler.step(uncond + 1.5 * (cond - uncond), t, x).prev_sample
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return x
+
+
+def cache_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor the predictors hold (outputs' divided differences, stored inputs, ratios)."""
+    ctrl = vars(model)["_relcache"]
+    total = 0
+    for ctx in ctrl.contexts.values():
+        for states in ctx.states.values():
+            for st in states:
+                tensors = [*st.out.diffs, st.inp, st.ratio]
+                total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def timed(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype) -> float:
+    """Wall time of one generation."""
+    start = time.perf_counter()
+    generate(model, steps, device, dtype)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["S", "B"], choices=list(SIZES))
+    parser.add_argument("--budgets", nargs="+", type=int, default=[14, 7], choices=list(INTERVAL_FOR_NFC))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the median is reported")
+    parser.add_argument("--methods", nargs="+", help="subset of method names")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--cache-dtype", default=None, choices=["bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="runs/speed.json")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    cache_dtype = getattr(torch, args.cache_dtype) if args.cache_dtype else None
+
+    rows = []
+    for size in args.models:
+        model = build(size, dtype, args.device)
+        generate(model, 3, args.device, dtype)  # warm-up
+        configs = {(b, name): cfg for b in args.budgets for name, cfg in methods(b, cache_dtype).items()
+                   if not args.methods or name in args.methods}
+        times: dict[object, list[float]] = {"full": []}
+        memory: dict[object, int] = {}
+        nfc: dict[object, int] = {}
+        for _ in range(args.repeats):
+            times["full"].append(timed(model, args.steps, args.device, dtype))
+            for key, cfg in configs.items():
+                relcache.enable(model, cfg)
+                try:
+                    times.setdefault(key, []).append(timed(model, args.steps, args.device, dtype))
+                    memory[key] = cache_bytes(model)
+                    nfc[key] = relcache.stats(model).nfc
+                finally:
+                    relcache.disable(model)
+        t_full = statistics.median(times["full"])
+        step = t_full / args.steps
+        print(f"\nDiT-{size}/2 {args.dtype} on {args.device}: full generation {t_full:.2f} s "
+              f"({step * 1e3:.1f} ms/step)")
+        print("| method | NFC | time s | speed-up | ideal | % of ideal | cached step / full step | cache MiB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for (budget, name), _cfg in configs.items():
+            t = statistics.median(times[(budget, name)])
+            k = nfc[(budget, name)]
+            cached_frac = (t - k * step) / max(args.steps - k, 1) / step
+            row = {
+                "model": f"DiT-{size}/2", "method": name, "budget": budget, "nfc": k, "time_s": t,
+                "full_time_s": t_full, "speedup": t_full / t, "ideal": args.steps / k,
+                "pct_of_ideal": 100 * (t_full / t) / (args.steps / k), "cached_step_fraction": cached_frac,
+                "cache_mib": memory[(budget, name)] / 2**20,
+            }
+            rows.append(row)
+            print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
+                  f"{row['pct_of_ideal']:.1f} | {100 * cached_frac:.1f} % | {row['cache_mib']:.1f} |")
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+            "dtype": args.dtype, "cache_dtype": args.cache_dtype, "steps": args.steps, "repeats": args.repeats}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
