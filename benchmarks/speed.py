@@ -7,7 +7,8 @@ repeat, and reports:
 * speed-up against full computation and its ratio to the ideal T/NFC;
 * the cost of one cached step as a fraction of a full step, derived from the same run:
   ``(t_method - NFC * t_full_step) / (T - NFC) / t_full_step``;
-* the memory held by the caches at the end of a generation (bytes of every tensor the predictors keep).
+* the memory held by the caches at the end of a generation (``relcache.stats(...).cache_bytes``: every tensor
+  the predictors and the RCS schedule keep).
 
 Examples::
 
@@ -81,18 +82,6 @@ def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch
     return x
 
 
-def cache_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every tensor the predictors hold (outputs' divided differences, stored inputs, ratios)."""
-    ctrl = vars(model)["_relcache"]
-    total = 0
-    for ctx in ctrl.contexts.values():
-        for states in ctx.states.values():
-            for st in states:
-                tensors = [*st.out.diffs, st.inp, st.ratio]
-                total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    return total
-
-
 def timed(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype) -> float:
     """Wall time of one generation."""
     start = time.perf_counter()
@@ -130,8 +119,8 @@ def main() -> None:
                 relcache.enable(model, cfg)
                 try:
                     times.setdefault(key, []).append(timed(model, args.steps, args.device, dtype))
-                    memory[key] = cache_bytes(model)
-                    nfc[key] = relcache.stats(model).nfc
+                    st = relcache.stats(model)
+                    memory[key], nfc[key] = st.cache_bytes, st.nfc
                 finally:
                     relcache.disable(model)
         t_full = statistics.median(times["full"])

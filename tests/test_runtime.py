@@ -159,6 +159,32 @@ def test_flops_are_measured_per_module(dit):
     assert attn == [4 * 2 * B * L * d * d + 2 * 2 * B * L * L * d] * 3
 
 
+def test_cache_bytes_counted_by_hand(dit):
+    x, y = _inputs(batch=2)
+    tensor = 2 * 16 * 32 * 4  # one float32 (B, L, d) tensor: every cached module's input and output
+    modules = 6  # 3 blocks x (attn1, ff)
+    expected = {
+        # order 2 after 12 steps: D_0, D_1, D_2 of every module's output
+        "taylor": modules * 3 * tensor,
+        # Relational adds the input at the last full step and one ratio s per sample (float32)
+        "relational": modules * (4 * tensor + 2 * 4),
+        # RFC (every step full at tau = 0) adds RCS's D_0..D_2 of the first module's input
+        "rfc": modules * (4 * tensor + 2 * 4) + 3 * tensor,
+        # bfloat16 caches halve the stored outputs and inputs; the ratio stays float32
+        "taylor bf16": modules * 3 * tensor // 2,
+    }
+    configs = {
+        "taylor": TaylorSeer(2, 2), "relational": CacheConfig(Relational(2), Interval(2, 2)),
+        "rfc": RFC(threshold=0.0), "taylor bf16": CacheConfig(Taylor(2), Interval(2, 2), cache_dtype=torch.bfloat16),
+    }
+    for name, config in configs.items():
+        relcache.enable(dit, config)
+        run_loop(dit, x, y)
+        held = relcache.stats(dit).cache_bytes
+        relcache.disable(dit)
+        assert held == expected[name], name
+
+
 def test_record_errors_only_at_cached_steps(dit):
     x, y = _inputs()
     relcache.enable(dit, TaylorSeer(4), record_errors=True)

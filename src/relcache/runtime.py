@@ -88,6 +88,7 @@ class ContextStats:
     model_flops_fraction: float = _NAN  # whole transformer: executed / full computation
     model_executed_flops: float = 0.0
     model_full_flops: float = 0.0
+    cache_bytes: int = 0  # bytes the predictors and the schedule hold at the end of the generation
 
     @property
     def uncond_skipped(self) -> int:
@@ -106,6 +107,8 @@ class CacheStats:
     ``flops_fraction`` covers the cached modules, ``model_flops_fraction`` the whole transformer (the modules that
     are never cached, embeddings and final layer included); a step that ran half the batch counts half.
     ``uncond_skipped`` counts the unconditional halves CFG-Cache skipped, over all contexts.
+    ``cache_bytes`` is the memory the caches hold at the end of the generation (predictor states, RCS input
+    history and CFG-Cache deltas, over all contexts).
     """
 
     method: str
@@ -116,6 +119,7 @@ class CacheStats:
     contexts: dict[str, ContextStats]
     model_flops_fraction: float = _NAN
     uncond_skipped: int = 0
+    cache_bytes: int = 0
 
 
 class _NoState:
@@ -184,7 +188,14 @@ class _Context:
             model_flops_fraction=_fraction(self.model_executed_flops, self.model_full_flops),
             model_executed_flops=self.model_executed_flops,
             model_full_flops=self.model_full_flops,
+            cache_bytes=self.cache_bytes(),
         )
+
+    def cache_bytes(self) -> int:
+        """Bytes held by this context's predictor states and its schedule's input history."""
+        history = getattr(self.schedule_state, "history", None)
+        held = sum(st.nbytes for states in self.states.values() for st in states)
+        return held + (history.nbytes if history is not None else 0)
 
 
 class _CFGState:
@@ -200,6 +211,14 @@ class _CFGState:
         self.delta = cfg.deltas(uncond, cond)
         self.delta_shape = shape
         self.scale = (1.0, 1.0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored deltas and of a split-CFG conditional output waiting for its pair."""
+        held = list(self.delta or ())
+        if self.cond is not None and isinstance(self.cond[1], torch.Tensor):
+            held.append(self.cond[1])
+        return sum(t.numel() * t.element_size() for t in held)
 
     def usable(self, shape: tuple[int, ...]) -> bool:
         return self.delta is not None and self.delta_shape == shape
@@ -625,7 +644,8 @@ class _Controller:
         if len(per) == 1:
             only = next(iter(per.values()))
             return CacheStats(self.config.label, only.nfc, only.num_steps, only.full_steps,
-                              only.flops_fraction, per, only.model_flops_fraction, only.uncond_skipped)
+                              only.flops_fraction, per, only.model_flops_fraction, only.uncond_skipped,
+                              only.cache_bytes + self.cfg_state.nbytes)
         steps = sorted({s for c in per.values() for s in c.full_steps})
         flops = _fraction(sum(c.executed_flops for c in per.values()), sum(c.full_flops for c in per.values()))
         model = _fraction(
@@ -633,7 +653,8 @@ class _Controller:
         )
         num_steps = max((c.num_steps for c in per.values()), default=0)
         skipped = sum(c.uncond_skipped for c in per.values())
-        return CacheStats(self.config.label, len(steps), num_steps, steps, flops, per, model, skipped)
+        held = sum(c.cache_bytes for c in per.values()) + self.cfg_state.nbytes
+        return CacheStats(self.config.label, len(steps), num_steps, steps, flops, per, model, skipped, held)
 
 
 class _StepHook(ModelHook):

@@ -57,6 +57,11 @@ class DiffHistory:
         self.step = step
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the stored differences."""
+        return sum(d.numel() * d.element_size() for d in self.diffs)
+
+    @property
     def order(self) -> int:
         """The highest order available now (0 after one full step)."""
         return len(self.diffs) - 1

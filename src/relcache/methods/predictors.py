@@ -35,6 +35,12 @@ class PredictorState:
         """True once a full step was recorded, i.e. a prediction is possible."""
         return self.out.step is not None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor held: the output's differences, and the input and ratio where kept."""
+        extra = [t for t in (self.inp, self.ratio) if t is not None]
+        return self.out.nbytes + sum(t.numel() * t.element_size() for t in extra)
+
     def reset(self) -> None:
         """Forget everything recorded."""
         self.out = DiffHistory(self.out.max_order, self.out.dtype)
