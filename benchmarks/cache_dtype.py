@@ -10,7 +10,6 @@ float32-cache and the low-precision-cache samples, and the memory the caches hol
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -18,39 +17,18 @@ import time
 from pathlib import Path
 
 import torch
+from common import INTERVAL_FOR_NFC, generate, reference_parser
 from tqdm import tqdm
 
 import relcache
 from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
-from relcache.models.reference import load_evaluator, load_reference_transformer, sample_digits
-
-INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}
-
-
-def generate(model: torch.nn.Module, labels: torch.Tensor, seed: int, config: relcache.CacheConfig | None,
-             ) -> tuple[torch.Tensor, int]:
-    """(samples, cache bytes) of one generation per batch of 10 with ``config`` (None = full computation)."""
-    outs, mem = [], 0
-    for b, batch in enumerate(labels.split(10)):
-        if config is not None:
-            relcache.enable(model, config)
-        try:
-            outs.append(sample_digits(model, batch, generator=torch.Generator().manual_seed(seed + b)))
-            mem = max(mem, relcache.stats(model).cache_bytes) if config is not None else 0
-        finally:
-            if config is not None:
-                relcache.disable(model)
-    return torch.cat(outs), mem
+from relcache.models.reference import load_evaluator, load_reference_transformer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", nargs="+", type=int, default=[14, 7], choices=list(INTERVAL_FOR_NFC))
+    parser = reference_parser(__doc__, [14, 7], 50, "runs/cache_dtype.json")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"])
-    parser.add_argument("--samples", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/cache_dtype.json")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, evaluator = load_reference_transformer(), load_evaluator()
@@ -64,10 +42,11 @@ def main() -> None:
     jobs = [(k, name, cfg) for k in args.budgets for name, cfg in methods(k).items()]
     rows = []
     for k, name, cfg in tqdm(jobs, desc="cache dtypes"):
-        ref, ref_mem = generate(model, labels, args.seed, cfg)
+        ref, ref_stats = generate(model, labels, args.seed, cfg)
         for dt in [None, *args.dtypes]:
-            out, mem = (ref, ref_mem) if dt is None else generate(
+            out, stats = (ref, ref_stats) if dt is None else generate(
                 model, labels, args.seed, dataclasses.replace(cfg, cache_dtype=getattr(torch, dt)))
+            mem = max(st.cache_bytes for st in stats)
             rows.append({"budget": k, "method": name, "cache_dtype": dt or "float32",
                          "rel_l1": relative_l1(out, full), "fid2fc": digits_fid(evaluator, out, full),
                          "rel_l1_vs_float32_cache": relative_l1(out, ref), "cache_mib": mem / 2**20})

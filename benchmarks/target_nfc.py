@@ -9,33 +9,17 @@ computation (relative L1 of the final samples, digits-FID against full computati
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import generate, reference_parser
 
 import relcache
 from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
-from relcache.models.reference import load_evaluator, load_reference_transformer, sample_digits
-
-
-def generate(model: torch.nn.Module, labels: torch.Tensor, seed: int, config: relcache.CacheConfig | None,
-             ) -> tuple[torch.Tensor, int]:
-    """(samples, NFC) of one generation per batch of 10, with ``config`` (None = full computation)."""
-    outs, nfcs = [], []
-    for b, batch in enumerate(labels.split(10)):
-        if config is not None:
-            relcache.enable(model, config)
-        try:
-            outs.append(sample_digits(model, batch, generator=torch.Generator().manual_seed(seed + b)))
-            nfcs.append(relcache.stats(model).nfc if config is not None else 50)
-        finally:
-            if config is not None:
-                relcache.disable(model)
-    return torch.cat(outs), max(nfcs)
+from relcache.models.reference import load_evaluator, load_reference_transformer
 
 
 def tune_threshold(model: torch.nn.Module, labels: torch.Tensor, seed: int, budget: int, iters: int = 14) -> float:
@@ -45,7 +29,8 @@ def tune_threshold(model: torch.nn.Module, labels: torch.Tensor, seed: int, budg
     best = None
     for _ in range(iters):
         mid = (lo * hi) ** 0.5
-        _, nfc = generate(model, labels, seed, relcache.RFC(threshold=mid))
+        _, stats = generate(model, labels, seed, relcache.RFC(threshold=mid))
+        nfc = max(st.nfc for st in stats)
         if nfc > budget:
             lo = mid
         else:
@@ -56,12 +41,7 @@ def tune_threshold(model: torch.nn.Module, labels: torch.Tensor, seed: int, budg
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", nargs="+", type=int, default=[14, 11, 10, 8, 7])
-    parser.add_argument("--samples", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/target_nfc.json")
-    args = parser.parse_args()
+    args = reference_parser(__doc__, [14, 11, 10, 8, 7], 50, "runs/target_nfc.json").parse_args()
     torch.manual_seed(args.seed)
     model, evaluator = load_reference_transformer(), load_evaluator()
     labels = torch.arange(args.samples) % 10
@@ -71,8 +51,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for k in args.budgets:
         tau = tune_threshold(model, labels, args.seed, k)
-        tuned, nfc_tuned = generate(model, labels, args.seed, relcache.RFC(threshold=tau))
-        target, nfc_target = generate(model, labels, args.seed, relcache.RFC(target_nfc=k))
+        tuned, stats_tuned = generate(model, labels, args.seed, relcache.RFC(threshold=tau))
+        target, stats_target = generate(model, labels, args.seed, relcache.RFC(target_nfc=k))
+        nfc_tuned, nfc_target = max(st.nfc for st in stats_tuned), max(st.nfc for st in stats_target)
         row = {"budget": k, "tau": tau, "nfc_tuned": nfc_tuned, "nfc_target": nfc_target,
                "rel_l1_tuned": relative_l1(tuned, full), "rel_l1_target": relative_l1(target, full),
                "fid2fc_tuned": digits_fid(evaluator, tuned, full), "fid2fc_target": digits_fid(evaluator, target, full)}
