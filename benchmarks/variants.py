@@ -1,0 +1,71 @@
+"""Two checks behind docs/results.md, on the shipped reference model, same seeds as full computation.
+
+* Interval phase: FORA, TaylorSeer and RFE alone on the spec's schedule (full at ``i < warmup`` and every
+  ``N`` after the last warm-up step) and on diffusers' TaylorSeer schedule (full at ``i < warmup`` and at
+  ``(i - warmup - 1) % N == 0``: a short first gap, the last steps forecast).
+* FasterCache variants: the rising weight against diffusers' constant 0.5, with and without CFG-Cache.
+
+    python benchmarks/variants.py --budgets 14 7 --samples 30
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import INTERVAL_FOR_NFC, generate, reference_parser
+from tqdm import tqdm
+
+import relcache
+from relcache import CacheConfig, Interval, Relational, Reuse, Taylor
+from relcache.evaluation.digits import digits_fid
+from relcache.evaluation.metrics import relative_l1
+from relcache.models.reference import load_evaluator, load_reference_transformer
+
+
+@dataclass(frozen=True)
+class DiffusersPhase(Interval):
+    """diffusers' TaylorSeer schedule: full at ``i < warmup`` and at ``(i - warmup - 1) % interval == 0``."""
+
+    def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
+        return step < self.warmup or (step - self.warmup - 1) % self.interval == 0
+
+
+def main() -> None:
+    args = reference_parser(__doc__, [14, 7], 30, "runs/variants.json").parse_args()
+    torch.manual_seed(args.seed)
+    model, evaluator = load_reference_transformer(), load_evaluator()
+    labels = torch.arange(args.samples) % 10
+    full, _ = generate(model, labels, args.seed, None)
+    jobs: list[tuple[str, relcache.CacheConfig]] = []
+    for k in args.budgets:
+        n = INTERVAL_FOR_NFC[k]
+        for name, pred in [("FORA", Reuse()), ("TaylorSeer m=2", Taylor(2)), ("RFE alone m=2", Relational(2))]:
+            jobs.append((f"{name} N={n}, spec phase", CacheConfig(pred, Interval(n, 2))))
+            jobs.append((f"{name} N={n}, diffusers phase", CacheConfig(pred, DiffusersPhase(n, 2))))
+    jobs += [
+        ("FasterCache()", relcache.FasterCache()),
+        ("FasterCache(cfg=False)", relcache.FasterCache(cfg=False)),
+        ("FasterCache(weight=0.5)", relcache.FasterCache(weight=0.5)),
+        ("FasterCache(weight=0.5, cfg=False)", relcache.FasterCache(weight=0.5, cfg=False)),
+    ]
+    rows = []
+    for label, config in tqdm(jobs, desc="variants"):
+        out, stats = generate(model, labels, args.seed, config)
+        rows.append({"method": label, "nfc": max(st.nfc for st in stats),
+                     "flops_ratio": sum(st.model_flops_fraction for st in stats) / len(stats),
+                     "rel_l1": relative_l1(out, full), "fid2fc": digits_fid(evaluator, out, full)})
+    print("| method | NFC | FLOPs ratio | rel L1 vs full | digits-FID2FC |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['nfc']} | {r['flops_ratio']:.3f} | {r['rel_l1']:.4f} | {r['fid2fc']:.3f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "samples": args.samples,
+                                          "seed": args.seed, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
