@@ -13,6 +13,7 @@ true full-computation features, with full steps on an ``Interval(interval, 2)`` 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,11 +183,15 @@ def save_analysis(result: Analysis, out_dir: str | Path) -> list[Path]:
     save(fig, "fig1_step_distances.png")
     table("fig1_step_distances.csv", ["module", "step", "input", "output"], rows)
 
+    # tick labels: the module path without the common prefix ("transformer_blocks.3.ff" -> "3.ff")
+    prefix = os.path.commonprefix(result.names).rpartition(".")[0] if len(result.names) > 1 else ""
+    ticks = [n[len(prefix) + 1:] if prefix else n for n in result.names]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for label, errs in result.module_errors.items():
         ax.plot(range(len(errs)), errs, marker="o", ms=3, label=label)
-    ax.set_xticks(range(len(result.names)), result.names, rotation=90, fontsize=6)
-    ax.set_ylabel("relative L1 error vs full (mean over cached steps)")
+    ax.set_xticks(range(len(result.names)), ticks, rotation=90, fontsize=7)
+    ax.set_xlabel(f"module ({prefix}.*)" if prefix else "module")
+    ax.set_ylabel("relative L1 error vs full\n(mean over cached steps)")
     ax.legend(fontsize=8)
     save(fig, "fig2a_module_errors.png")
     table("fig2a_module_errors.csv", ["module", *result.module_errors],
@@ -194,7 +199,8 @@ def save_analysis(result: Analysis, out_dir: str | Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.bar(range(len(result.names)), [100 * v for v in result.ratio_rsd])
-    ax.set_xticks(range(len(result.names)), result.names, rotation=90, fontsize=6)
+    ax.set_xticks(range(len(result.names)), ticks, rotation=90, fontsize=7)
+    ax.set_xlabel(f"module ({prefix}.*)" if prefix else "module")
     ax.set_ylabel("RSD of s over steps (%)")
     save(fig, "fig2b_ratio_rsd.png")
     table("fig2b_ratio_rsd.csv", ["module", "ratio_rsd"], [[n, v] for n, v in zip(result.names, result.ratio_rsd,
