@@ -130,9 +130,11 @@ class Relational(Predictor):
         if d is None or state.ratio is None:
             return base if d is None else base + d
         coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(d)
-        # Fallback folded into the coefficient: 1 gives the Taylor forecast base + d. One fused pass, no sync.
+        # Fallback folded into the coefficient: 1 gives the Taylor forecast base + d. No host sync.
         coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-        return torch.addcmul(base, per_sample(coef, d), d)
+        # In place on the fresh increment: a second large allocation here (e.g. torch.addcmul) made a cached
+        # step several times slower on CPU, where freshly allocated large buffers page-fault.
+        return d.mul_(per_sample(coef, d)).add_(base)
 
 
 WeightFn = Callable[[int, int | None], float]

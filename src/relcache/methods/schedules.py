@@ -138,8 +138,10 @@ class InputError(Schedule):
     def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor) -> float:
         """``e(i)``: mean over the batch of the per-sample relative L1 error of the input forecast."""
         hist = state.history
-        pred = hist.taylor(step - hist.step, probe.dtype)
-        num = sample_norm(probe - pred, 1)
+        inc = hist.increment(step - hist.step, probe.dtype)
+        base = hist.base(probe.dtype)
+        # Î(i) - I(i), in place on the fresh increment where there is one (never on the stored D_0)
+        num = sample_norm(probe - base if inc is None else inc.add_(base).sub_(probe), 1)
         den = sample_norm(probe, 1).clamp_min(torch.finfo(torch.float32).tiny)
         return float((num / den).mean())
 
