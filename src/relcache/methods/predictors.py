@@ -131,10 +131,12 @@ class Relational(Predictor):
             return base if d is None else base + d
         coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(d)
         # Fallback folded into the coefficient: 1 gives the Taylor forecast base + d. No host sync.
-        coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-        # In place on the fresh increment: a second large allocation here (e.g. torch.addcmul) made a cached
-        # step several times slower on CPU, where freshly allocated large buffers page-fault.
-        return d.mul_(per_sample(coef, d)).add_(base)
+        coef = torch.nan_to_num(coef, nan=1.0, posinf=1.0, neginf=1.0)
+        # One fused pass, written over the fresh increment: a second large allocation here made a cached step
+        # several times slower on CPU, where freshly allocated large buffers page-fault.
+        if d.requires_grad:  # autograd: d is saved by its norm, so no writing over it
+            return torch.addcmul(base, per_sample(coef, d), d)
+        return torch.addcmul(base, per_sample(coef, d), d, out=d)
 
 
 WeightFn = Callable[[int, int | None], float]

@@ -1,0 +1,88 @@
+"""What one cached step costs, measured directly: the less noisy companion of speed.py's derived column.
+
+On a DiT architecture with random weights (batch 2, CFG batched), each method computes the first 4 steps
+fully and then caches every step (an interval longer than the run, or RFC with an infinite threshold);
+the mean time of the next 12 steps is one cached step. Full steps are timed the same way with caching off.
+Methods are interleaved in each repeat; medians are reported.
+
+    python benchmarks/cached_step.py --models B --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from speed import SIZES, build
+
+import relcache
+from relcache import CacheConfig, Interval, Linear, Relational, Reuse, Taylor
+
+METHODS: dict[str, CacheConfig | None] = {
+    "full step": None,
+    "Reuse (FORA)": CacheConfig(Reuse(), Interval(1000, 4)),
+    "Linear (FasterCache's predictor)": CacheConfig(Linear(0.5), Interval(1000, 4)),
+    "Taylor m=2 (TaylorSeer)": CacheConfig(Taylor(2), Interval(1000, 4)),
+    "Relational m=2 (RFE alone)": CacheConfig(Relational(2), Interval(1000, 4)),
+    "Relational m=2 + RCS check (RFC)": relcache.RFC(threshold=1e30, warmup=4),
+}
+
+
+def step_ms(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype) -> float:
+    """Mean milliseconds of steps 4..15 of a generation with ``config`` (None: caching off)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+    labels = torch.tensor([207, 1000], device=device)
+
+    def step(i: int) -> None:
+        t = torch.full((2,), 999 - 20 * i, device=device)
+        model(x + 0.01 * i, timestep=t, class_labels=labels)
+
+    if config is not None:
+        relcache.enable(model, config)
+        relcache.begin_generation(model, 50)
+    try:
+        with torch.no_grad():
+            for i in range(4):
+                step(i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(4, 16):
+                step(i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) / 12 * 1e3
+    finally:
+        if config is not None:
+            relcache.disable(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["B"], choices=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    for size in args.models:
+        model = build(size, dtype, args.device)
+        times: dict[str, list[float]] = {name: [] for name in METHODS}
+        for _ in range(args.repeats):
+            for name, config in METHODS.items():
+                times[name].append(step_ms(model, config, args.device, dtype))
+        full = statistics.median(times["full step"])
+        taylor = statistics.median(times["Taylor m=2 (TaylorSeer)"])
+        print(f"\nDiT-{size}/2 {args.dtype} on {args.device}, {args.repeats} repeats")
+        print("| step | ms (median) | / full step | - Taylor step, ms |")
+        print("|---|---|---|---|")
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {ms - taylor:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()
