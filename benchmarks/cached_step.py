@@ -6,11 +6,13 @@ the mean time of the next 12 steps is one cached step. Full steps are timed the 
 Methods are interleaved in each repeat; medians are reported.
 
     python benchmarks/cached_step.py --models B --repeats 5
+    python benchmarks/cached_step.py --models B --repeats 1 --profile   # where a FORA cached step's time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -30,8 +32,10 @@ METHODS: dict[str, CacheConfig | None] = {
 }
 
 
-def step_ms(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype) -> float:
-    """Mean milliseconds of steps 4..15 of a generation with ``config`` (None: caching off)."""
+def step_ms(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype,
+            profile: bool = False) -> float:
+    """Mean milliseconds of steps 4..15 of a generation with ``config`` (None: caching off); ``profile`` prints
+    torch.profiler's table of those steps."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
     labels = torch.tensor([207, 1000], device=device)
@@ -50,11 +54,15 @@ def step_ms(model: torch.nn.Module, config: CacheConfig | None, device: str, dty
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            for i in range(4, 16):
-                step(i)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - start) / 12 * 1e3
+            with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
+                for i in range(4, 16):
+                    step(i)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            elapsed = (time.perf_counter() - start) / 12 * 1e3
+            if prof is not None:
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            return elapsed
     finally:
         if config is not None:
             relcache.disable(model)
@@ -65,6 +73,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["B"], choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--profile", action="store_true", help="profile FORA's cached steps (after the timings)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -82,6 +91,9 @@ def main() -> None:
         for name, ts in times.items():
             ms = statistics.median(ts)
             print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {ms - taylor:+.1f} |")
+        if args.profile:
+            print(f"\nFORA cached steps of DiT-{size}/2, profiled:")
+            step_ms(model, METHODS["Reuse (FORA)"], args.device, dtype, profile=True)
 
 
 if __name__ == "__main__":
