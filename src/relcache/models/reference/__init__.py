@@ -44,7 +44,11 @@ def load_reference_transformer(dtype: torch.dtype = torch.float32) -> DiTTransfo
     """Load the shipped DiT (stored in float16) as ``dtype``, in eval mode, from local files only."""
     from diffusers import DiTTransformer2DModel
 
-    model = DiTTransformer2DModel.from_pretrained(TRANSFORMER_DIR, torch_dtype=dtype, local_files_only=True)
+    # low_cpu_mem_usage=False: the model is 2.8 M parameters, and without it diffusers warns on every
+    # install that lacks accelerate (a plain ``pip install relcache`` does).
+    model = DiTTransformer2DModel.from_pretrained(
+        TRANSFORMER_DIR, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
+    )
     return model.eval()
 
 
