@@ -74,6 +74,18 @@ def test_target_nfc_is_met(target, seed):
     assert full[:2] == [0, 1]
 
 
+def test_target_nfc_gap_cap_on_exactly_predictable_inputs():
+    # Linear inputs: the forecast is exact after warm-up, so E stays 0 and tau is calibrated to 0; only the
+    # gap cap (1.5 even gaps, the even gap being (T - last_full - 1) / budget left) and the hard rules fire.
+    probes = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(50)]
+    full, state = _run(InputError(target_nfc=7), probes)
+    # 0, 1 warm-up; even gap 48/5 = 9.6 -> first full at k = 10 (step 11), tau = 0;
+    # 38/4 = 9.5 -> cap 14.25 -> k = 15 (26); 23/3 -> cap 11.5 -> k = 12 (38); 11/2 -> cap 8.25 -> k = 9 (47);
+    # then 2/1 -> cap 3 is past the end, and the last step is full once the steps left equal the budget left.
+    assert full == [0, 1, 11, 26, 38, 47, 49]
+    assert state.tau == 0.0
+
+
 def test_target_nfc_with_max_skip_still_capped():
     probes = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(50)]
     full, _ = _run(InputError(target_nfc=7, max_skip=2), probes)

@@ -18,6 +18,9 @@ from ..errors import ConfigError, check_int
 from .history import DiffHistory, sample_norm
 from .predictors import MAX_ORDER
 
+#: target-NFC mode: the longest gap between full steps, in multiples of the even gap the rest of the budget allows
+GAP_CAP = 1.5
+
 
 class Schedule(ABC):
     """Decides, once per step, whether the step is full."""
@@ -73,7 +76,6 @@ class InputErrorState:
     used: int = 0  # full steps so far
     last_full: int | None = None
     tau: float | None = None  # target-NFC mode: the threshold found so far
-    first_gap: float | None = None  # target-NFC mode: the even gap that calibrates tau
     errors: dict[int, float] = field(default_factory=dict)  # e(i) at every step after warm-up
 
 
@@ -88,10 +90,11 @@ class InputError(Schedule):
     ``target_nfc`` instead names the budget (ours, not the paper's). The threshold is then found during the
     generation: the first gap after warm-up is spaced evenly over the remaining budget and ``tau`` is set to
     the error accumulated over it; after each later full step ``tau`` is scaled by the square root of the
-    ratio between the mean gap the rest of the budget needs and the mean gap realised so far. Two hard rules
-    keep the count: no full step once ``target_nfc`` are spent, and every step is full once the steps left
-    equal the budget left. The realized NFC is exactly ``target_nfc`` unless ``max_skip`` asks for more
-    (the budget cap wins). ``max_skip`` bounds the number of consecutive cached steps.
+    ratio between the mean gap the rest of the budget needs and the mean gap realised so far, and (choice) no
+    gap may exceed ``GAP_CAP`` (1.5) times that even gap. Two hard rules keep the count: no full step once
+    ``target_nfc`` are spent, and every step is full once the steps left equal the budget left. The realized
+    NFC is exactly ``target_nfc`` unless ``max_skip`` asks for more (the budget cap wins). ``max_skip``
+    bounds the number of consecutive cached steps.
     """
 
     threshold: float | None = None
@@ -175,14 +178,16 @@ class InputError(Schedule):
             return False
         if budget >= left:
             return True
+        # the even gap the rest of the budget allows, measured from the last full step
+        need = (state.num_steps - state.last_full - 1) / budget
         if state.tau is None:
-            if state.first_gap is None:  # the even gap for the rest, measured from the last full step
-                state.first_gap = (state.num_steps - state.last_full - 1) / budget
-            if k + 1e-9 >= state.first_gap:
+            if k + 1e-9 >= need:
                 state.tau = state.accumulated
                 return True
             return False
-        return state.accumulated > state.tau
+        # (choice) no gap longer than GAP_CAP even gaps: tau was calibrated early in sampling, and a gap far
+        # past what the budget allows means it no longer fits; without the bound the spending piles up at the end
+        return state.accumulated > state.tau or k + 1e-9 >= GAP_CAP * need
 
     def _record_full(self, state: InputErrorState, step: int, probe: torch.Tensor) -> None:
         state.accumulated = 0.0
