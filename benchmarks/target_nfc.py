@@ -54,12 +54,25 @@ def main() -> None:
         tuned, stats_tuned = generate(model, labels, args.seed, relcache.RFC(threshold=tau))
         target, stats_target = generate(model, labels, args.seed, relcache.RFC(target_nfc=k))
         nfc_tuned, nfc_target = max(st.nfc for st in stats_tuned), max(st.nfc for st in stats_target)
+        batches = [slice(b, b + 10) for b in range(0, len(labels), 10)]
         row = {"budget": k, "tau": tau, "nfc_tuned": nfc_tuned, "nfc_target": nfc_target,
                "rel_l1_tuned": relative_l1(tuned, full), "rel_l1_target": relative_l1(target, full),
-               "fid2fc_tuned": digits_fid(evaluator, tuned, full), "fid2fc_target": digits_fid(evaluator, target, full)}
+               "fid2fc_tuned": digits_fid(evaluator, tuned, full), "fid2fc_target": digits_fid(evaluator, target, full),
+               # per batch of 10 (one schedule each): where the schedules fall and which wins
+               "batch_rel_l1_tuned": [relative_l1(tuned[b], full[b]) for b in batches],
+               "batch_rel_l1_target": [relative_l1(target[b], full[b]) for b in batches],
+               "full_steps_tuned": [st.full_steps for st in stats_tuned],
+               "full_steps_target": [st.full_steps for st in stats_target]}
         rows.append(row)
         print(f"| {k} | {tau:.4g} | {nfc_tuned} | {row['rel_l1_tuned']:.4f} | {row['fid2fc_tuned']:.3f} | "
               f"{nfc_target} | {row['rel_l1_target']:.4f} | {row['fid2fc_target']:.3f} |")
+    print("\nPer batch of 10: full steps of the first batch, how many batches share them, target wins on rel L1")
+    for row in rows:
+        wins = sum(t < u for t, u in zip(row["batch_rel_l1_target"], row["batch_rel_l1_tuned"], strict=True))
+        for mode in ("tuned", "target"):
+            steps = row[f"full_steps_{mode}"]
+            print(f"K={row['budget']} {mode:6s} {steps[0]} (same in {steps.count(steps[0])} of {len(steps)})")
+        print(f"K={row['budget']} target wins {wins} of {len(row['batch_rel_l1_target'])} batches")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "samples": args.samples,
                                           "seed": args.seed, "rows": rows}, indent=2))
