@@ -182,3 +182,25 @@ def test_docs_example_runs():
     doc = (Path(__file__).parents[1] / "docs" / "custom-models.md").read_text()
     code = re.search(r"```python\n(.*?)```", doc.split("## A complete example")[1], re.S).group(1)
     exec(compile(code, "custom-models.md", "exec"), {"__name__": "docs_example"})
+
+
+class _DeviceTimestepAdapter(CustomAdapter):
+    """Reports the timestep as a meta tensor: it stands for a GPU tensor, and reading its value raises."""
+
+    def timestep_of(self, args, kwargs):
+        t = super().timestep_of(args, kwargs)
+        return torch.empty_like(t, device="meta")
+
+
+def test_device_timestep_never_read_once_generations_are_marked(model):
+    """A timestep on an accelerator costs a host sync to read; after begin_generation it is not read at all."""
+    adapter = _DeviceTimestepAdapter(**ADAPTER)
+    ref = sample(model)
+    with relcache.cached(model, RFC(target_nfc=5), adapter=adapter):
+        marked = sample(model)  # would raise on reading the meta timestep
+        assert relcache.stats(model).num_steps == 10
+    with relcache.cached(model, RFC(target_nfc=5), adapter=CustomAdapter(**ADAPTER)):
+        assert all(torch.equal(a, b) for a, b in zip(marked, sample(model), strict=True))
+    assert not torch.equal(marked[-1], ref[-1])
+    with relcache.cached(model, FORA(3), adapter=adapter), pytest.raises(RuntimeError, match="meta"):
+        sample(model, begin=False)  # unmarked: the timestep is the only way to see a new generation

@@ -10,7 +10,9 @@ Generations and steps:
 * Enabled on a pipeline, the scheduler's ``set_timesteps`` (which every diffusers pipeline calls first)
   starts a new generation and announces its number of steps.
 * In a hand-written loop, call :func:`begin_generation` before the loop. Failing that, a timestep larger
-  than the previous one in the same context also starts a new generation.
+  than the previous one in the same context also starts a new generation. A timestep on a GPU is read for
+  this (a host sync per step) only while no generation has been marked, by the scheduler or by
+  :func:`begin_generation`; after a mark it is left unread, so marked loops never wait for the GPU here.
 * The step index is the number of transformer calls in the current context, or the ``step_index`` of a
   diffusers ``cache_context`` when the pipeline passes one.
 * Each call context keeps its own state. The context is diffusers' ``cache_context`` name (pipelines that
@@ -298,8 +300,12 @@ def _fraction(num: float, den: float) -> float:
     return num / den if den > 0 else float("nan")
 
 
-def _as_float(t: Any) -> float | None:
+def _as_float(t: Any, marked: bool = False) -> float | None:
+    """The timestep as a number, or None. A tensor on an accelerator is read (a host sync) only while no
+    generation was ``marked``: the reading only serves to notice an unmarked new generation."""
     if isinstance(t, torch.Tensor):
+        if marked and t.device.type != "cpu":
+            return None
         return float(t.reshape(-1)[0]) if t.numel() else None
     if isinstance(t, (int, float)):
         return float(t)
@@ -330,6 +336,7 @@ class _Controller:
         self.record_errors = record_errors
         self.num_steps: int | None = None
         self._ended = False  # the last generation ended: the next step starts a new one
+        self.marked = False  # a generation was marked (scheduler or begin_generation): device timesteps stay unread
         self.contexts: dict[str, _Context] = {}
         self.current: _Context | None = None
         self.flops: dict[tuple[int, tuple[int, ...]], float] = {}
@@ -599,6 +606,7 @@ class _Controller:
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             self.begin_generation(len(scheduler.timesteps))
+            self.marked = True
             return result
 
         scheduler.set_timesteps = set_timesteps
@@ -679,7 +687,8 @@ class _StepHook(ModelHook):
         context = self.cache_context._context
         name = context.name if context is not None else DEFAULT_CONTEXT
         step_index = getattr(context, "step_index", None) if context is not None else None
-        self.ctrl.start_step(name, step_index, _as_float(self.ctrl.adapter.timestep_of(args, kwargs)))
+        timestep = _as_float(self.ctrl.adapter.timestep_of(args, kwargs), self.ctrl.marked)
+        self.ctrl.start_step(name, step_index, timestep)
 
     @torch.compiler.disable
     def _end(self) -> None:
@@ -785,6 +794,7 @@ def begin_generation(obj: Any, num_steps: int | None = None) -> None:
     ctrl = _controller(obj)
     if ctrl is not None:
         ctrl.begin_generation(num_steps)
+        ctrl.marked = True
 
 
 def stats(obj: Any) -> CacheStats:
