@@ -64,17 +64,19 @@ def methods(budget: int, cache_dtype: torch.dtype | None) -> dict[str, relcache.
     return configs
 
 
-def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """One DDIM generation of one image with CFG batched (batch 2), like DiTPipeline's loop."""
+def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype, images: int = 1,
+             ) -> torch.Tensor:
+    """One DDIM generation of ``images`` images with CFG batched (batch ``2 * images``), like DiTPipeline's loop."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     scheduler.set_timesteps(steps)
     relcache.begin_generation(model, steps)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
-    labels = torch.tensor([207, 1000], device=device)
+    x = torch.randn(images, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+    labels = torch.tensor([207] * images + [1000] * images, device=device)
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps = model(torch.cat([x, x]), timestep=t.expand(2).to(device), class_labels=labels).sample[:, :4]
+            eps = model(torch.cat([x, x]), timestep=t.expand(2 * images).to(device),
+                        class_labels=labels).sample[:, :4]
             cond, uncond = eps.chunk(2)
             x = scheduler.step(uncond + 1.5 * (cond - uncond), t, x).prev_sample
     if device == "cuda":
@@ -82,10 +84,10 @@ def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch
     return x
 
 
-def timed(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype) -> float:
+def timed(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype, images: int = 1) -> float:
     """Wall time of one generation."""
     start = time.perf_counter()
-    generate(model, steps, device, dtype)
+    generate(model, steps, device, dtype, images)
     return time.perf_counter() - start
 
 
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--cache-dtype", default=None, choices=["bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=1, help="images per generation (batch 2 x images with CFG)")
     parser.add_argument("--out", default="runs/speed.json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -107,25 +110,25 @@ def main() -> None:
     rows = []
     for size in args.models:
         model = build(size, dtype, args.device)
-        generate(model, 3, args.device, dtype)  # warm-up
+        generate(model, 3, args.device, dtype, args.images)  # warm-up
         configs = {(b, name): cfg for b in args.budgets for name, cfg in methods(b, cache_dtype).items()
                    if not args.methods or name in args.methods}
         times: dict[object, list[float]] = {"full": []}
         memory: dict[object, int] = {}
         nfc: dict[object, int] = {}
         for _ in range(args.repeats):
-            times["full"].append(timed(model, args.steps, args.device, dtype))
+            times["full"].append(timed(model, args.steps, args.device, dtype, args.images))
             for key, cfg in configs.items():
                 relcache.enable(model, cfg)
                 try:
-                    times.setdefault(key, []).append(timed(model, args.steps, args.device, dtype))
+                    times.setdefault(key, []).append(timed(model, args.steps, args.device, dtype, args.images))
                     st = relcache.stats(model)
                     memory[key], nfc[key] = st.cache_bytes, st.nfc
                 finally:
                     relcache.disable(model)
         t_full = statistics.median(times["full"])
         step = t_full / args.steps
-        print(f"\nDiT-{size}/2 {args.dtype} on {args.device}: full generation {t_full:.2f} s "
+        print(f"\nDiT-{size}/2 {args.dtype} on {args.device}, batch {2 * args.images}: full generation {t_full:.2f} s "
               f"({step * 1e3:.1f} ms/step)")
         print("| method | NFC | time s | speed-up | ideal | % of ideal | cached step / full step | cache MiB |")
         print("|---|---|---|---|---|---|---|---|")
@@ -134,7 +137,8 @@ def main() -> None:
             k = nfc[(budget, name)]
             cached_frac = (t - k * step) / max(args.steps - k, 1) / step
             row = {
-                "model": f"DiT-{size}/2", "method": name, "budget": budget, "nfc": k, "time_s": t,
+                "model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
+                "time_s": t,
                 "full_time_s": t_full, "speedup": t_full / t, "ideal": args.steps / k,
                 "pct_of_ideal": 100 * (t_full / t) / (args.steps / k), "cached_step_fraction": cached_frac,
                 "cache_mib": memory[(budget, name)] / 2**20,
@@ -142,7 +146,8 @@ def main() -> None:
             rows.append(row)
             print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
                   f"{row['pct_of_ideal']:.1f} | {100 * cached_frac:.1f} % | {row['cache_mib']:.1f} |")
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "gpu": gpu,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
             "dtype": args.dtype, "cache_dtype": args.cache_dtype, "steps": args.steps, "repeats": args.repeats}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
