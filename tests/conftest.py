@@ -14,6 +14,10 @@ def tiny_dit(seed: int = 0, num_classes: int = 1000, layers: int = 3) -> DiTTran
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=layers,
         sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=4,
     ).eval()
+    # like the converted DiT checkpoints: every block's timestep-and-class embedding holds the same weights
+    first = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
     # adaLN-zero starts with zero gates, which would make every block an identity: randomise them
     with torch.no_grad():
         for block in model.transformer_blocks:

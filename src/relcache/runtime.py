@@ -63,10 +63,12 @@ from .methods.config import CacheConfig
 from .methods.history import sample_norm
 from .methods.predictors import PredictorState
 from .models.base import Adapter, CachedModule, find_adapter, first_tensor_input
+from .shared import SharedGroup, SharedHook
 
 _ATTR = "_relcache"
 _STEP_HOOK = "relcache_step"
 _MODULE_HOOK = "relcache_module"
+_SHARED_HOOK = "relcache_shared"
 DEFAULT_CONTEXT = "default"
 SPLIT_CONTEXTS = ("cond", "uncond")  # CFG as separate calls, named by diffusers' cache_context
 _UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})  # position ids whose first dim is not the batch
@@ -347,10 +349,14 @@ class _Controller:
         self._attached: list[tuple[nn.Module, str, bool]] = []  # (module, hook name, registry existed before)
         self._scheduler: Any = None
         self._scheduler_had_attr = False
+        self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
+        self._shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
 
     # -- generations and steps -------------------------------------------------------------------
     def begin_generation(self, num_steps: int | None = None) -> None:
         self._ended = False
+        for group in self.shared:
+            group.new_generation()
         if num_steps is not None:
             self.num_steps = int(num_steps)
         self.contexts = {}
@@ -401,6 +407,7 @@ class _Controller:
             return forward(*args, **kwargs)  # no FLOP counting in compiled code
         sig = _signature(args, kwargs)
         executed, full = ctx.executed_flops, ctx.full_flops
+        self._shared_saved = 0.0
         if sig in self.other_flops or torch.compiler.is_compiling():
             out = forward(*args, **kwargs)
         else:
@@ -412,7 +419,7 @@ class _Controller:
                     self._counter = None
             self.other_flops[sig] = max(float(counter.get_total_flops()) - (ctx.executed_flops - executed), 0.0)
         other = self.other_flops.get(sig, 0.0)
-        ctx.model_executed_flops += other + ctx.executed_flops - executed
+        ctx.model_executed_flops += other - self._shared_saved + ctx.executed_flops - executed
         ctx.model_full_flops += other * ctx.batch_scale + ctx.full_flops - full
         return out
 
@@ -586,9 +593,22 @@ class _Controller:
             add_hook_to_module(self.model, hf_hook)
         for idx, spec in enumerate(self.modules):
             self._register(spec.module, _ModuleHook(self, idx), _MODULE_HOOK)
+        for group in self.shared:
+            for i, module in enumerate(group.modules):
+                self._register(module, SharedHook(group, i, self), _SHARED_HOOK)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             self._patch_scheduler(scheduler)
+
+    # -- shared copies (relcache.shared.SharingHost) ------------------------------------------------
+    def sharing(self) -> bool:
+        return self.current is not None
+
+    def flop_counter_now(self) -> Any:
+        return self._counter
+
+    def add_saved_flops(self, flops: float) -> None:
+        self._shared_saved += flops
 
     def _register(self, module: nn.Module, hook: ModelHook, name: str) -> None:
         existed = hasattr(module, "_diffusers_hook")
@@ -693,6 +713,8 @@ class _StepHook(ModelHook):
     @torch.compiler.disable
     def _end(self) -> None:
         self.ctrl.current = None
+        for group in self.ctrl.shared:
+            group.end_call()
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.ctrl.end_generation()

@@ -61,6 +61,12 @@ class Adapter:
         """The timestep the transformer was called with (used to notice a new generation), or None."""
         return kwargs.get("timestep")
 
+    def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:
+        """Groups of copies of one module that a transformer call calls with the same arguments (DiT's per-block
+        timestep-and-class embedding). relcache computes a group once per call where the copies' weights are
+        equal (``relcache.shared``). The default: none."""
+        return []
+
 
 _ADAPTERS: list[Adapter] = []
 

@@ -29,5 +29,11 @@ class DiTAdapter(Adapter):
                 )
         return modules_of_blocks(model.transformer_blocks, "transformer_blocks", BASIC_BLOCK_MODULES)
 
+    def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:
+        """Every block's adaLN-zero embedding of timestep and class (``norm1.emb``): the converted DiT
+        checkpoints copy the original DiT's one embedder into each block, and the final layer calls block 0's."""
+        embs = [b.norm1.emb for b in model.transformer_blocks if getattr(getattr(b, "norm1", None), "emb", None)]
+        return [embs] if len(embs) > 1 else []
+
 
 register_adapter(DiTAdapter())

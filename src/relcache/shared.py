@@ -1,0 +1,182 @@
+"""Computed once per transformer call: copies of one module that every block calls with the same arguments.
+
+diffusers' DiT gives every block its own copy of the timestep-and-class embedding, and the converted DiT
+checkpoints hold the same weights in each copy, so a step computes the same embedding once per block and
+once more for the final layer. A cached step skips the attention and feed-forward but still runs those
+copies: on a launch-bound GPU they are a large share of a cached step's kernel launches.
+
+An adapter names such copies (``Adapter.shared_modules``). Within one transformer call, a copy called with
+the same argument objects as the previous call of its group returns that call's output instead of
+recomputing it. This is exact, not a prediction, and it only applies where it cannot change a result:
+
+* only copies whose parameters and buffers are equal to the group's first module's. Equality is checked at
+  the first call of each generation, and checked again whenever a parameter is replaced or changed in place
+  (its identity, version or storage moved);
+* only with autograd off and the module in eval mode (each copy keeps its own gradients and its dropout);
+* never for modules on the meta device or with accelerate hooks (offloading), and never under torch.compile;
+* the call whose FLOPs relcache measures computes every copy, so that full FLOPs are those of the model as
+  diffusers runs it; a shared copy's FLOPs are then left out of the executed FLOPs;
+* arguments are compared by identity and version (the same tensor, not modified in place), and the memo is
+  dropped at the end of every transformer call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from diffusers.hooks.hooks import ModelHook
+from torch import nn
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def _same_function(first: nn.Module, other: nn.Module) -> bool:
+    """Whether ``other`` computes what ``first`` computes: same structure and equal parameters and buffers."""
+    if type(other) is not type(first) or repr(other) != repr(first):
+        return False
+    a, b = _tensors(first), _tensors(other)
+    if [n for n, _ in a] != [n for n, _ in b]:
+        return False
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        if x.is_meta or y.is_meta or x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+            return False
+        if x is not y and not torch.equal(x, y):
+            return False
+    return True
+
+
+def _offloaded(module: nn.Module) -> bool:
+    return any(hasattr(m, "_hf_hook") for m in module.modules())
+
+
+class SharedGroup:
+    """One group of copies: which of them equal the first, and the output of the latest call."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.members: frozenset[int] = frozenset()  # indexes that compute what modules[0] computes
+        self._signature: tuple[tuple[int, int, int], ...] | None = None  # params when members was computed
+        self._verified = False  # signature compared in the current transformer call
+        self._memo: tuple[Key, Any, int] | None = None  # (argument key, output, the output's version)
+        self.flops: dict[tuple[Any, ...], float] = {}  # FLOPs of one copy, by argument shapes
+
+    def _current_signature(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((id(t), t._version, t.data_ptr()) for m in self.modules for _, t in _tensors(m))
+
+    def _verify(self) -> None:
+        """Recompute the members if this is a new generation or a parameter changed since they were computed."""
+        signature = self._current_signature()
+        if signature != self._signature:
+            first = self.modules[0]
+            if _offloaded(first):
+                self.members = frozenset()
+            else:
+                self.members = frozenset(
+                    i for i, m in enumerate(self.modules) if not _offloaded(m) and _same_function(first, m)
+                )
+            self._signature = signature
+        self._verified = True
+
+    def new_generation(self) -> None:
+        """Compare the copies' parameters again at the next call."""
+        self._signature = None
+        self.end_call()
+
+    def end_call(self) -> None:
+        """Drop the memo: arguments of the next transformer call are new tensors."""
+        self._memo = None
+        self._verified = False
+
+    def call(self, index: int, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             ) -> tuple[Any, bool]:
+        """Module ``index``'s output, and whether it is the memo (a member repeating the previous arguments)."""
+        if not self._verified:
+            self._verify()
+        key = _key(args, kwargs) if index in self.members else None
+        if key is None:
+            return forward(*args, **kwargs), False
+        memo = self._memo
+        if memo is not None and _same_key(memo[0], key) and _version(memo[1]) == memo[2]:
+            return memo[1], True
+        out = forward(*args, **kwargs)
+        self._memo = (key, out, _version(out))
+        return out, False
+
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+Key = list[tuple[Any, Any, int]]
+
+
+def _version(out: Any) -> int:
+    return out._version if isinstance(out, torch.Tensor) else -1
+
+
+def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Key | None:
+    """(position or name, value, version) of every argument; None if one is neither a tensor nor a plain value."""
+    items = [*enumerate(args), *sorted(kwargs.items(), key=lambda kv: kv[0])]
+    if not all(isinstance(v, (torch.Tensor, *_PLAIN)) for _, v in items):
+        return None
+    return [(k, v, _version(v)) for k, v in items]
+
+
+def _same_key(a: Key, b: Key) -> bool:
+    """Same arguments: the same tensor objects at the same versions, and equal plain values."""
+    if len(a) != len(b):
+        return False
+    for (ka, x, vx), (kb, y, vy) in zip(a, b, strict=True):
+        if ka != kb:
+            return False
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if x is not y or vx != vy:
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+class SharingHost(Protocol):
+    """What a shared copy asks of the runtime."""
+
+    def sharing(self) -> bool:
+        """Whether a transformer call is running, so that the memo may be used."""
+
+    def flop_counter_now(self) -> Any:
+        """The FlopCounterMode measuring this call, or None."""
+
+    def add_saved_flops(self, flops: float) -> None:
+        """A copy was not computed: its FLOPs were not executed."""
+
+
+def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in (*args, *sorted(kwargs.items())))
+
+
+class SharedHook(ModelHook):
+    """On one copy of a shared group: the group's memo while a transformer call is running."""
+
+    def __init__(self, group: SharedGroup, index: int, host: SharingHost) -> None:
+        super().__init__()
+        self.group = group
+        self.index = index
+        self.host = host
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or module.training:
+            return forward(*args, **kwargs)
+        counter = self.host.flop_counter_now()
+        if counter is not None:  # the measured call computes every copy, and notes what one costs
+            before = counter.get_total_flops()
+            out = forward(*args, **kwargs)
+            self.group.flops[_shapes(args, kwargs)] = float(counter.get_total_flops() - before)
+            return out
+        if not self.host.sharing():
+            return forward(*args, **kwargs)
+        out, shared = self.group.call(self.index, forward, args, kwargs)
+        if shared:
+            self.host.add_saved_flops(self.group.flops.get(_shapes(args, kwargs), 0.0))
+        return out
