@@ -7,17 +7,22 @@ Methods are interleaved in each repeat; medians are reported.
 
     python benchmarks/cached_step.py --models B --repeats 5
     python benchmarks/cached_step.py --models B --repeats 1 --profile   # where a FORA cached step's time goes
+    python benchmarks/cached_step.py --models XL --dtype bfloat16 --profile "Relational m=2 (RFE alone)"
+
+The last column counts the kernel-launching operators of one step (views excluded), the same on any device.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import statistics
 import time
 
 import torch
 from speed import SIZES, build
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import relcache
 from relcache import CacheConfig, Interval, Linear, Relational, Reuse, Taylor
@@ -32,10 +37,53 @@ METHODS: dict[str, CacheConfig | None] = {
 }
 
 
+# ops that launch no kernel (views and metadata); everything else counts as one launch on a GPU
+_VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "slice", "select", "unsqueeze", "squeeze",
+          "t", "transpose", "permute", "detach", "alias", "as_strided", "split", "split_with_sizes", "chunk", "unbind",
+          "lift_fresh"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators that run a kernel: on a GPU, each is one launch the host has to issue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        if name not in _VIEWS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype) -> int:
+    """Kernel-launching operators in step 4 of a generation with ``config`` (a cached step; None: a full step).
+
+    Independent of the device and of the model's width: where a GPU is launch-bound (small batches), a step's
+    host time is about this count times the cost of one launch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+    labels = torch.tensor([207, 1000], device=device)
+    if config is not None:
+        relcache.enable(model, config)
+        relcache.begin_generation(model, 50)
+    try:
+        with torch.no_grad():
+            for i in range(5):
+                counter = _OpCounter()
+                with counter if i == 4 else contextlib.nullcontext():
+                    model(x + 0.01 * i, timestep=torch.full((2,), 999 - 20 * i, device=device), class_labels=labels)
+        return sum(counter.counts.values())
+    finally:
+        if config is not None:
+            relcache.disable(model)
+
+
 def step_ms(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype,
             profile: bool = False) -> float:
     """Mean milliseconds of steps 4..15 of a generation with ``config`` (None: caching off); ``profile`` prints
-    torch.profiler's table of those steps."""
+    torch.profiler's tables of those steps."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
     labels = torch.tensor([207, 1000], device=device)
@@ -76,7 +124,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["B"], choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--profile", action="store_true", help="profile FORA's cached steps (after the timings)")
+    parser.add_argument("--profile", nargs="?", const="Reuse (FORA)", choices=list(METHODS), metavar="METHOD",
+                        help="profile the steps of METHOD (default: FORA's cached steps) after the timings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -88,15 +137,16 @@ def main() -> None:
                 times[name].append(step_ms(model, config, args.device, dtype))
         full = statistics.median(times["full step"])
         taylor = statistics.median(times["Taylor m=2 (TaylorSeer)"])
+        ops = {name: step_ops(model, config, args.device, dtype) for name, config in METHODS.items()}
         print(f"\nDiT-{size}/2 {args.dtype} on {args.device}, {args.repeats} repeats")
-        print("| step | ms (median) | / full step | - Taylor step, ms |")
-        print("|---|---|---|---|")
+        print("| step | ms (median) | / full step | - Taylor step, ms | kernel launches |")
+        print("|---|---|---|---|---|")
         for name, ts in times.items():
             ms = statistics.median(ts)
-            print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {ms - taylor:+.1f} |")
+            print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {ms - taylor:+.1f} | {ops[name]} |")
         if args.profile:
-            print(f"\nFORA cached steps of DiT-{size}/2, profiled:")
-            step_ms(model, METHODS["Reuse (FORA)"], args.device, dtype, profile=True)
+            print(f"\n{args.profile}, steps 4-15 of DiT-{size}/2, profiled:")
+            step_ms(model, METHODS[args.profile], args.device, dtype, profile=True)
 
 
 if __name__ == "__main__":
