@@ -11,6 +11,8 @@ export PYTHONUNBUFFERED=1
   date -u; } 2>&1 | tee "$out/gpu.txt"
 python3 syncs.py --models XL --dtype bfloat16 2>&1 | tee "$out/syncs.txt"
 python3 cached_step.py --models XL --dtype bfloat16 --repeats 5 --profile 2>&1 | tee "$out/cached_step.txt"
+python3 cached_step.py --models XL --dtype bfloat16 --repeats 1 --profile "Relational m=2 (RFE alone)" 2>&1 \
+  | tee "$out/cached_step_rfe.txt"
 python3 speed.py --models XL --dtype bfloat16 --repeats 3 --out "$out/speed_b2.json" 2>&1 | tee "$out/speed_b2.txt"
 python3 speed.py --models XL --dtype bfloat16 --repeats 3 --images 16 --out "$out/speed_b32.json" 2>&1 \
   | tee "$out/speed_b32.txt"
