@@ -29,6 +29,7 @@ from relcache import CacheConfig, Interval, Linear, Relational, Reuse, Taylor
 
 METHODS: dict[str, CacheConfig | None] = {
     "full step": None,
+    "full step, relcache on (FORA(1, 1))": relcache.FORA(1, 1),
     "Reuse (FORA)": CacheConfig(Reuse(), Interval(1000, 4)),
     "Linear (FasterCache's predictor)": CacheConfig(Linear(0.5), Interval(1000, 4)),
     "Taylor m=2 (TaylorSeer)": CacheConfig(Taylor(2), Interval(1000, 4)),
