@@ -19,6 +19,7 @@ import collections
 import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 from speed import SIZES, build
@@ -58,66 +59,64 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_ops(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype) -> int:
-    """Kernel-launching operators in step 4 of a generation with ``config`` (a cached step; None: a full step).
-
-    Independent of the device and of the model's width: where a GPU is launch-bound (small batches), a step's
-    host time is about this count times the cost of one launch."""
+@contextlib.contextmanager
+def _generation(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype,
+                ) -> Iterator[Callable[[int], None]]:
+    """``step(i)`` of a 50-step generation with ``config`` enabled (None: caching off), under no_grad."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
     labels = torch.tensor([207, 1000], device=device)
+
+    def step(i: int) -> None:
+        model(x + 0.01 * i, timestep=torch.full((2,), 999 - 20 * i, device=device), class_labels=labels)
+
     if config is not None:
         relcache.enable(model, config)
         relcache.begin_generation(model, 50)
     try:
         with torch.no_grad():
-            for i in range(5):
-                counter = _OpCounter()
-                with counter if i == 4 else contextlib.nullcontext():
-                    model(x + 0.01 * i, timestep=torch.full((2,), 999 - 20 * i, device=device), class_labels=labels)
-        return sum(counter.counts.values())
+            yield step
     finally:
         if config is not None:
             relcache.disable(model)
+
+
+def step_ops(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype) -> int:
+    """Kernel-launching operators in step 4 of a generation with ``config`` (a cached step; None: a full step).
+
+    Independent of the device and of the model's width: where a GPU is launch-bound (small batches), a step's
+    host time is about this count times the cost of one launch."""
+    counter = _OpCounter()
+    with _generation(model, config, device, dtype) as step:
+        for i in range(4):
+            step(i)
+        with counter:
+            step(4)
+    return sum(counter.counts.values())
 
 
 def step_ms(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype,
             profile: bool = False) -> float:
     """Mean milliseconds of steps 4..15 of a generation with ``config`` (None: caching off); ``profile`` prints
     torch.profiler's tables of those steps."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
-    labels = torch.tensor([207, 1000], device=device)
-
-    def step(i: int) -> None:
-        t = torch.full((2,), 999 - 20 * i, device=device)
-        model(x + 0.01 * i, timestep=t, class_labels=labels)
-
-    if config is not None:
-        relcache.enable(model, config)
-        relcache.begin_generation(model, 50)
-    try:
-        with torch.no_grad():
-            for i in range(4):
+    with _generation(model, config, device, dtype) as step:
+        for i in range(4):
+            step(i)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
+            for i in range(4, 16):
                 step(i)
             if device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
-                for i in range(4, 16):
-                    step(i)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-            elapsed = (time.perf_counter() - start) / 12 * 1e3
-            if prof is not None:
-                table = prof.key_averages()
-                print(table.table(sort_by="self_cpu_time_total", row_limit=12))
-                if device == "cuda":  # on a GPU the host's launches and the device's kernels are separate budgets
-                    print(table.table(sort_by="self_device_time_total", row_limit=12))
-            return elapsed
-    finally:
-        if config is not None:
-            relcache.disable(model)
+        elapsed = (time.perf_counter() - start) / 12 * 1e3
+    if prof is not None:
+        table = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=12))
+        if device == "cuda":  # on a GPU the host's launches and the device's kernels are separate budgets
+            print(table.table(sort_by="self_device_time_total", row_limit=12))
+    return elapsed
 
 
 def main() -> None:

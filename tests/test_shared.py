@@ -77,11 +77,16 @@ def test_untied_copies_are_each_computed():
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
 
 
-def test_a_copy_changed_after_enable_is_computed_again():
+@pytest.fixture
+def tied() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[int]]:
+    """A tiny DiT with tied embedding copies, its inputs, and the list of copies computed."""
     model = tiny_dit(layers=LAYERS)
     tie_embeddings(model)
-    x, labels = inputs()
-    calls = embedding_runs(model)
+    return model, *inputs(), embedding_runs(model)
+
+
+def test_a_copy_changed_after_enable_is_computed_again(tied):
+    model, x, labels, calls = tied
     with relcache.cached(model, FORA(1, 1)):
         run_loop(model, x, labels, steps=3)
         assert calls == [*range(LAYERS), 0, 0, 0]
@@ -94,11 +99,8 @@ def test_a_copy_changed_after_enable_is_computed_again():
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
 
 
-def test_no_sharing_with_autograd_on():
-    model = tiny_dit(layers=LAYERS)
-    tie_embeddings(model)
-    x, labels = inputs()
-    calls = embedding_runs(model)
+def test_no_sharing_with_autograd_on(tied):
+    model, x, labels, calls = tied
     with relcache.cached(model, FORA(1, 1)):
         relcache.begin_generation(model, 1)
         model(x, timestep=torch.full((2,), 999), class_labels=labels).sample.sum().backward()
