@@ -135,3 +135,16 @@ def test_executed_flops_leave_out_the_shared_copies(config):
             model.transformer_blocks[0].norm1.emb(torch.full((2,), 999), labels, hidden_dtype=torch.float32)
         assert one.get_total_flops() > 0
         assert st.model_executed_flops == plain.get_total_flops() - 11 * LAYERS * one.get_total_flops()
+
+
+def test_shared_under_inference_mode(tied):
+    """Inference tensors keep no version counter: the copies are matched by identity, and shared all the same."""
+    model, x, labels, calls = tied
+    ref = run_loop(model, x, labels, steps=3)
+    calls.clear()
+    with relcache.cached(model, FORA(1, 1)), torch.inference_mode():
+        relcache.begin_generation(model, 3)
+        out = [model(x, timestep=torch.full((2,), t), class_labels=labels).sample for t in (999, 666, 333)]
+    assert calls == [*range(LAYERS), 0, 0, 0]
+    # run_loop feeds each step's output back; compare the first step, which sees the same input
+    assert torch.equal(out[0], ref[0])

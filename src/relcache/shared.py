@@ -16,7 +16,8 @@ recomputing it. This is exact, not a prediction, and it only applies where it ca
 * never for modules on the meta device or with accelerate hooks (offloading), and never under torch.compile;
 * the call whose FLOPs relcache measures computes every copy, so that full FLOPs are those of the model as
   diffusers runs it; a shared copy's FLOPs are then left out of the executed FLOPs;
-* arguments are compared by identity and version (the same tensor, not modified in place), and the memo is
+* arguments are compared by identity and version (the same tensor, not modified in place; under
+  ``torch.inference_mode`` by identity alone, as inference tensors keep no version), and the memo is
   dropped at the end of every transformer call.
 """
 
@@ -65,7 +66,7 @@ class SharedGroup:
         self.flops: dict[tuple[Any, ...], float] = {}  # FLOPs of one copy, by argument shapes
 
     def _current_signature(self) -> tuple[tuple[int, int, int], ...]:
-        return tuple((id(t), t._version, t.data_ptr()) for m in self.modules for _, t in _tensors(m))
+        return tuple((id(t), _version(t), t.data_ptr()) for m in self.modules for _, t in _tensors(m))
 
     def _verify(self) -> None:
         """Recompute the members if this is a new generation or a parameter changed since they were computed."""
@@ -112,7 +113,9 @@ Key = list[tuple[Any, Any, int]]
 
 
 def _version(out: Any) -> int:
-    return out._version if isinstance(out, torch.Tensor) else -1
+    """A tensor's version counter; -1 for non-tensors and for inference tensors, which keep none (under
+    ``torch.inference_mode`` a tensor is matched by identity alone)."""
+    return out._version if isinstance(out, torch.Tensor) and not out.is_inference() else -1
 
 
 def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Key | None:
