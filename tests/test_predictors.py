@@ -40,7 +40,7 @@ def test_divided_differences_hand_computed_with_irregular_gaps():
 def test_order_grows_as_full_steps_accumulate():
     h = DiffHistory(2)
     h.update(0, torch.ones(1, 1))
-    assert h.order == 0 and h.increment(1, torch.float32) is None
+    assert h.order == 0 and h.direction(1, torch.float32) is None
     h.update(3, torch.ones(1, 1))
     assert h.order == 1
     h.update(6, torch.ones(1, 1))
@@ -115,25 +115,30 @@ def test_relational_ratio_is_hand_computed():
     torch.testing.assert_close(got, torch.tensor([[1.0, 3.0 + 4.0]]))
 
 
-@pytest.mark.parametrize("predictor", [Taylor(2), Relational(2), Linear(0.5)], ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("predictor", [Taylor(1), Taylor(2), Taylor(3), Relational(1), Relational(2), Relational(3),
+                                       Linear(0.5)], ids=lambda p: f"{type(p).__name__}{p.order}")
 def test_predictions_leave_the_cache_intact_and_support_autograd(predictor):
-    # the predictors write over their fresh Taylor increment: neither the stored state nor autograd may notice
-    weight = torch.randn(4, 4, requires_grad=True)
-    state = predictor.new_state()
-    for s in (1, 3, 6):
-        x = torch.randn(2, 3, 4) * s
-        predictor.update(state, s, x, x @ weight)
-    stored = [d.detach().clone() for d in state.out.diffs]
-    inp = torch.randn(2, 3, 4)
-    with torch.no_grad():
-        first = predictor.predict(state, 8, 10, inp)
-        second = predictor.predict(state, 8, 10, inp)
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    assert all(torch.equal(a, b.detach()) for a, b in zip(stored, state.out.diffs, strict=True))
-    with_grad = predictor.predict(state, 8, 10, inp)
-    with_grad.sum().backward()
-    assert weight.grad is not None and torch.isfinite(weight.grad).all()
-    torch.testing.assert_close(with_grad.detach(), first)
+    # the predictors write over their fresh Taylor direction (at order 1: D_1 itself, never written into):
+    # neither the stored state nor autograd may notice, whether the stored outputs carry gradients or not
+    torch.manual_seed(0)
+    for grad in (False, True):
+        weight = torch.randn(4, 4, requires_grad=grad)
+        state = predictor.new_state()
+        for s in (1, 3, 6):
+            x = torch.randn(2, 3, 4) * s
+            predictor.update(state, s, x, x @ weight)
+        stored = [d.detach().clone() for d in state.out.diffs]
+        inp = torch.randn(2, 3, 4)
+        with torch.no_grad():
+            first = predictor.predict(state, 8, 10, inp)
+            second = predictor.predict(state, 8, 10, inp)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        assert all(torch.equal(a, b.detach()) for a, b in zip(stored, state.out.diffs, strict=True))
+        if grad:
+            with_grad = predictor.predict(state, 8, 10, inp)
+            with_grad.sum().backward()
+            assert weight.grad is not None and torch.isfinite(weight.grad).all()
+            torch.testing.assert_close(with_grad.detach(), first)
 
 
 def test_relational_fallbacks_per_sample():

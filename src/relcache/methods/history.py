@@ -6,8 +6,6 @@ Symbols follow ``shared/design/algorithms.md``: the two latest full steps are ``
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -70,17 +68,26 @@ class DiffHistory:
         """``D_0 = X(a)`` in dtype ``like``."""
         return self.diffs[0].to(like)
 
-    def increment(self, k: int, like: torch.dtype) -> torch.Tensor | None:
-        """The Taylor increment ``sum_{j>=1} D_j k^j / j!``, or None while only ``D_0`` exists."""
+    def direction(self, k: int, like: torch.dtype) -> torch.Tensor | None:
+        """``u`` with ``k · u`` the Taylor increment ``sum_{j>=1} D_j k^j / j!``, or None while only ``D_0`` exists.
+
+        Horner form, ``u = D_1 + k/2 (D_2 + k/3 (D_3 + ...))``: one fused add per order above 1, so an order-2
+        forecast is two kernels (this and ``base + k · u``) instead of three. At order 1 ``u`` may be ``D_1``
+        itself: check ``is_stored`` before writing into it.
+        """
         if len(self.diffs) < 2:
             return None
-        out = self.diffs[1].to(like) * k
-        for j in range(2, len(self.diffs)):
-            out.add_(self.diffs[j].to(like), alpha=k**j / math.factorial(j))  # in place: fewer allocations
-        return out
+        u = self.diffs[-1].to(like)
+        for j in range(len(self.diffs) - 2, 0, -1):  # u <- D_j + k/(j+1) · u
+            u = torch.add(self.diffs[j].to(like), u, alpha=k / (j + 1))
+        return u
+
+    def is_stored(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is one of the stored differences (so must not be written into)."""
+        return any(t is d for d in self.diffs)
 
     def taylor(self, k: int, like: torch.dtype) -> torch.Tensor:
         """The Taylor forecast ``sum_{j>=0} D_j k^j / j!`` (reuse while only ``D_0`` exists)."""
-        inc = self.increment(k, like)
+        u = self.direction(k, like)
         base = self.base(like)
-        return base if inc is None else inc.add_(base)
+        return base if u is None else torch.add(base, u, alpha=k)

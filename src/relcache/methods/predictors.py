@@ -125,18 +125,19 @@ class Relational(Predictor):
 
     def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
         hist = state.out
+        k = step - hist.step
         base = hist.base(inp.dtype)
-        d = hist.increment(step - hist.step, inp.dtype)
-        if d is None or state.ratio is None:
-            return base if d is None else base + d
-        coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(d)
-        # Fallback folded into the coefficient: 1 gives the Taylor forecast base + d. No host sync.
-        coef = torch.nan_to_num(coef, nan=1.0, posinf=1.0, neginf=1.0)
-        # One fused pass, written over the fresh increment: a second large allocation here made a cached step
+        u = hist.direction(k, inp.dtype)  # the increment is d = k · u, so d / ‖d‖ = u / ‖u‖
+        if u is None or state.ratio is None:
+            return base if u is None else torch.add(base, u, alpha=k)
+        coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(u)
+        # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
+        coef = torch.nan_to_num(coef, nan=float(k), posinf=float(k), neginf=float(k))
+        # One fused pass, written over the fresh direction: a second large allocation here made a cached step
         # several times slower on CPU, where freshly allocated large buffers page-fault.
-        if d.requires_grad:  # autograd: d is saved by its norm, so no writing over it
-            return torch.addcmul(base, per_sample(coef, d), d)
-        return torch.addcmul(base, per_sample(coef, d), d, out=d)
+        if u.requires_grad or hist.is_stored(u):  # autograd saves u for its norm; D_1 itself at order 1
+            return torch.addcmul(base, per_sample(coef, u), u)
+        return torch.addcmul(base, per_sample(coef, u), u, out=u)
 
 
 WeightFn = Callable[[int, int | None], float]

@@ -141,10 +141,11 @@ class InputError(Schedule):
     def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor) -> float:
         """``e(i)``: mean over the batch of the per-sample relative L1 error of the input forecast."""
         hist = state.history
-        inc = hist.increment(step - hist.step, probe.dtype)
+        k = step - hist.step
+        u = hist.direction(k, probe.dtype)
         base = hist.base(probe.dtype)
-        # Î(i) - I(i), in place on the fresh increment where there is one (never on the stored D_0)
-        num = sample_norm(probe - base if inc is None else inc.add_(base).sub_(probe), 1)
+        # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast
+        num = sample_norm(probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe), 1)
         den = sample_norm(probe, 1).clamp_min(torch.finfo(torch.float32).tiny)
         return float((num / den).mean())
 
