@@ -10,8 +10,8 @@ the same argument objects as the previous call of its group returns that call's 
 recomputing it. This is exact, not a prediction, and it only applies where it cannot change a result:
 
 * only copies whose parameters and buffers are equal to the group's first module's. Equality is checked at
-  the first call of each generation, and checked again whenever a parameter is replaced or changed in place
-  (its identity, version or storage moved);
+  the first call of each generation (one host sync for all copies), and checked again whenever a parameter
+  is replaced or changed in place (its identity, version or storage moved);
 * only with autograd off and the module in eval mode (each copy keeps its own gradients and its dropout);
 * never for modules on the meta device or with accelerate hooks (offloading), and never under torch.compile;
 * the call whose FLOPs relcache measures computes every copy, so that full FLOPs are those of the model as
@@ -35,19 +35,35 @@ def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*module.named_parameters(), *module.named_buffers()]
 
 
-def _same_function(first: nn.Module, other: nn.Module) -> bool:
-    """Whether ``other`` computes what ``first`` computes: same structure and equal parameters and buffers."""
+def _equal_flag(first: nn.Module, other: nn.Module) -> torch.Tensor | bool:
+    """Whether ``other`` computes what ``first`` computes: False if the structure differs, else a 0-dim bool
+    tensor on the parameters' device saying whether every parameter and buffer is equal (not read here, so
+    that checking many copies costs one host sync, not one per tensor)."""
     if type(other) is not type(first) or repr(other) != repr(first):
         return False
     a, b = _tensors(first), _tensors(other)
     if [n for n, _ in a] != [n for n, _ in b]:
         return False
+    flags = []
     for (_, x), (_, y) in zip(a, b, strict=True):
         if x.is_meta or y.is_meta or x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
             return False
-        if x is not y and not torch.equal(x, y):
-            return False
-    return True
+        if x is not y:
+            flags.append((x == y).all())
+    if not flags:
+        return True
+    if any(f.device != flags[0].device for f in flags):
+        return all(bool(f) for f in flags)
+    return torch.stack(flags).all()
+
+
+def _read_flags(flags: list[torch.Tensor | bool]) -> list[bool]:
+    """The flags as Python bools, with one host sync for all the tensors on one device."""
+    tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+    if tensors and all(t.device == tensors[0].device for t in tensors):
+        values = iter(torch.stack(tensors).tolist())
+        return [next(values) if isinstance(f, torch.Tensor) else f for f in flags]
+    return [bool(f) for f in flags]
 
 
 def _offloaded(module: nn.Module) -> bool:
@@ -76,9 +92,8 @@ class SharedGroup:
             if _offloaded(first):
                 self.members = frozenset()
             else:
-                self.members = frozenset(
-                    i for i, m in enumerate(self.modules) if not _offloaded(m) and _same_function(first, m)
-                )
+                flags = [not _offloaded(m) and _equal_flag(first, m) for m in self.modules]
+                self.members = frozenset(i for i, ok in enumerate(_read_flags(flags)) if ok)
             self._signature = signature
         self._verified = True
 
