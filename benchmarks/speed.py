@@ -73,6 +73,11 @@ def methods(budget: int, cache_dtype: torch.dtype | None) -> dict[str, relcache.
     return configs
 
 
+def class_labels(images: int, device: str) -> torch.Tensor:
+    """Class 207 for each image, then the null class 1000 for its unconditional half (CFG batched)."""
+    return torch.tensor([207] * images + [1000] * images, device=device)
+
+
 def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype, images: int = 1,
              ) -> torch.Tensor:
     """One DDIM generation of ``images`` images with CFG batched (batch ``2 * images``), like DiTPipeline's loop."""
@@ -81,7 +86,7 @@ def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch
     relcache.begin_generation(model, steps)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(images, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
-    labels = torch.tensor([207] * images + [1000] * images, device=device)
+    labels = class_labels(images, device)
     with torch.no_grad():
         for t in scheduler.timesteps:
             eps = model(torch.cat([x, x]), timestep=t.expand(2 * images).to(device),
@@ -99,7 +104,7 @@ def prime(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dt
     pays once; it would otherwise land in every timed generation here."""
     relcache.begin_generation(model, steps)
     x = torch.zeros(2 * images, 4, 32, 32, device=device, dtype=dtype)
-    labels = torch.tensor([207] * images + [1000] * images, device=device)
+    labels = class_labels(images, device)
     with torch.no_grad():
         model(x, timestep=torch.full((2 * images,), 999, device=device), class_labels=labels)
 

@@ -7,17 +7,22 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and contend under xdist)
 
 
+def tie_embeddings(model: DiTTransformer2DModel) -> None:
+    """What diffusers' DiT conversion does: every block's norm1.emb holds the original DiT's one embedder."""
+    first = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+
+
 def tiny_dit(seed: int = 0, num_classes: int = 1000, layers: int = 3) -> DiTTransformer2DModel:
-    """A DiT-XL/2-shaped transformer, small: 3 blocks, width 32, 4x8x8 latents (16 tokens)."""
+    """A DiT-XL/2-shaped transformer, small: 3 blocks, width 32, 4x8x8 latents (16 tokens), embedding copies
+    tied like a converted checkpoint's."""
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=layers,
         sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=4,
     ).eval()
-    # like the converted DiT checkpoints: every block's timestep-and-class embedding holds the same weights
-    first = model.transformer_blocks[0].norm1.emb.state_dict()
-    for block in model.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(first)
+    tie_embeddings(model)
     # adaLN-zero starts with zero gates, which would make every block an identity: randomise them
     with torch.no_grad():
         for block in model.transformer_blocks:

@@ -19,13 +19,6 @@ class _NoSharing(DiTAdapter):
         return []
 
 
-def tie_embeddings(model: torch.nn.Module) -> None:
-    """What diffusers' DiT conversion does: every block's norm1.emb holds the original DiT's one embedder."""
-    first = model.transformer_blocks[0].norm1.emb.state_dict()
-    for block in model.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(first)
-
-
 def embedding_runs(model: torch.nn.Module) -> list[int]:
     """Counts each computed embedding (the sinusoidal projection runs inside every computed copy)."""
     calls: list[int] = []
@@ -42,8 +35,7 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("config", [FORA(1, 1), TaylorSeer(3), RFC(target_nfc=6)], ids=lambda c: c.label)
 def test_tied_embeddings_computed_once_per_call_and_outputs_bit_identical(config):
-    model = tiny_dit(layers=LAYERS)
-    tie_embeddings(model)
+    model = tiny_dit(layers=LAYERS)  # copies tied, like a converted checkpoint
     x, labels = inputs()
     calls = embedding_runs(model)
     ref = run_loop(model, x, labels)
@@ -80,22 +72,31 @@ def test_untied_copies_are_each_computed():
 @pytest.fixture
 def tied() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[int]]:
     """A tiny DiT with tied embedding copies, its inputs, and the list of copies computed."""
-    model = tiny_dit(layers=LAYERS)
-    tie_embeddings(model)
+    model = tiny_dit(layers=LAYERS)  # copies tied, like a converted checkpoint
     return model, *inputs(), embedding_runs(model)
 
 
-def test_a_copy_changed_after_enable_is_computed_again(tied):
+@pytest.mark.parametrize("new_generation", [True, False], ids=["between generations", "within a generation"])
+def test_a_copy_changed_after_enable_is_computed_again(tied, new_generation):
     model, x, labels, calls = tied
+
+    def step(t: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x, timestep=torch.full((2,), t), class_labels=labels).sample
+
     with relcache.cached(model, FORA(1, 1)):
-        run_loop(model, x, labels, steps=3)
+        relcache.begin_generation(model, 5)
+        for t in (999, 800, 600):
+            step(t)
         assert calls == [*range(LAYERS), 0, 0, 0]
         calls.clear()
         with torch.no_grad():  # in place, as an optimizer step or load_state_dict would
             model.transformer_blocks[2].norm1.emb.timestep_embedder.linear_1.bias.add_(0.5)
-        out = run_loop(model, x, labels, steps=2)
+        if new_generation:
+            relcache.begin_generation(model, 5)
+        out = [step(t) for t in (400, 200)]
         assert calls == [0, 2, 0, 2]
-    ref = run_loop(model, x, labels, steps=2)
+    ref = [step(t) for t in (400, 200)]
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
 
 
@@ -109,8 +110,7 @@ def test_no_sharing_with_autograd_on(tied):
 
 
 def test_hooks_removed_on_disable():
-    model = tiny_dit(layers=LAYERS)
-    tie_embeddings(model)
+    model = tiny_dit(layers=LAYERS)  # copies tied, like a converted checkpoint
     relcache.enable(model, FORA(2))
     relcache.disable(model)
     assert all(not hasattr(b.norm1.emb, "_diffusers_hook") and "forward" not in vars(b.norm1.emb)

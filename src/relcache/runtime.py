@@ -353,8 +353,11 @@ class _Controller:
         self._shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
 
     # -- generations and steps -------------------------------------------------------------------
-    def begin_generation(self, num_steps: int | None = None) -> None:
+    def begin_generation(self, num_steps: int | None = None, *, marked: bool = False) -> None:
+        """Start a new generation; ``marked`` when the caller announced it (scheduler or public API), not when
+        the runtime noticed it."""
         self._ended = False
+        self.marked = self.marked or marked
         for group in self.shared:
             group.new_generation()
         if num_steps is not None:
@@ -625,8 +628,7 @@ class _Controller:
         @functools.wraps(original)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
-            self.begin_generation(len(scheduler.timesteps))
-            self.marked = True
+            self.begin_generation(len(scheduler.timesteps), marked=True)
             return result
 
         scheduler.set_timesteps = set_timesteps
@@ -815,8 +817,7 @@ def begin_generation(obj: Any, num_steps: int | None = None) -> None:
     """
     ctrl = _controller(obj)
     if ctrl is not None:
-        ctrl.begin_generation(num_steps)
-        ctrl.marked = True
+        ctrl.begin_generation(num_steps, marked=True)
 
 
 def stats(obj: Any) -> CacheStats:

@@ -10,8 +10,9 @@ the same argument objects as the previous call of its group returns that call's 
 recomputing it. This is exact, not a prediction, and it only applies where it cannot change a result:
 
 * only copies whose parameters and buffers are equal to the group's first module's. Equality is checked at
-  the first call of each generation (one host sync for all copies), and checked again whenever a parameter
-  is replaced or changed in place (its identity, version or storage moved);
+  the first call of each generation (one host sync for all copies), and again whenever a parameter or
+  buffer is changed in place or given new storage (its version or data pointer moved); a parameter object
+  replaced by another is noticed at the next generation, when the copies' tensors are listed again;
 * only with autograd off and the module in eval mode (each copy keeps its own gradients and its dropout);
 * never for modules on the meta device or with accelerate hooks (offloading), and never under torch.compile;
 * the call whose FLOPs relcache measures computes every copy, so that full FLOPs are those of the model as
@@ -76,30 +77,32 @@ class SharedGroup:
     def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
         self.members: frozenset[int] = frozenset()  # indexes that compute what modules[0] computes
-        self._signature: tuple[tuple[int, int, int], ...] | None = None  # params when members was computed
+        self._watched: list[torch.Tensor] | None = None  # every parameter and buffer of the copies, per generation
+        self._state: list[tuple[int, int]] | None = None  # their (version, data pointer) when members was computed
         self._verified = False  # signature compared in the current transformer call
         self._memo: tuple[Key, Any, int] | None = None  # (argument key, output, the output's version)
         self.flops: dict[tuple[Any, ...], float] = {}  # FLOPs of one copy, by argument shapes
 
-    def _current_signature(self) -> tuple[tuple[int, int, int], ...]:
-        return tuple((id(t), _version(t), t.data_ptr()) for m in self.modules for _, t in _tensors(m))
-
     def _verify(self) -> None:
-        """Recompute the members if this is a new generation or a parameter changed since they were computed."""
-        signature = self._current_signature()
-        if signature != self._signature:
+        """Recompute the members if this is a new generation or a parameter changed since they were computed.
+        Runs once per transformer call: the module tree is walked once per generation, not here."""
+        if self._watched is None:
+            self._watched = [t for m in self.modules for _, t in _tensors(m)]
+            self._state = None
+        state = [(_version(t), t.data_ptr()) for t in self._watched]
+        if state != self._state:
             first = self.modules[0]
             if _offloaded(first):
                 self.members = frozenset()
             else:
                 flags = [not _offloaded(m) and _equal_flag(first, m) for m in self.modules]
                 self.members = frozenset(i for i, ok in enumerate(_read_flags(flags)) if ok)
-            self._signature = signature
+            self._state = state
         self._verified = True
 
     def new_generation(self) -> None:
-        """Compare the copies' parameters again at the next call."""
-        self._signature = None
+        """List the copies' tensors and compare them again at the next call."""
+        self._watched = None
         self.end_call()
 
     def end_call(self) -> None:
@@ -108,19 +111,20 @@ class SharedGroup:
         self._verified = False
 
     def call(self, index: int, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             ) -> tuple[Any, bool]:
-        """Module ``index``'s output, and whether it is the memo (a member repeating the previous arguments)."""
+             ) -> tuple[Any, float]:
+        """Module ``index``'s output, and the FLOPs not executed: one copy's when the output is the memo (a
+        member repeating the previous arguments), else 0."""
         if not self._verified:
             self._verify()
         key = _key(args, kwargs) if index in self.members else None
         if key is None:
-            return forward(*args, **kwargs), False
+            return forward(*args, **kwargs), 0.0
         memo = self._memo
         if memo is not None and _same_key(memo[0], key) and _version(memo[1]) == memo[2]:
-            return memo[1], True
+            return memo[1], self.flops.get(_shapes(key), 0.0)
         out = forward(*args, **kwargs)
         self._memo = (key, out, _version(out))
-        return out, False
+        return out, 0.0
 
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -133,12 +137,22 @@ def _version(out: Any) -> int:
     return out._version if isinstance(out, torch.Tensor) and not out.is_inference() else -1
 
 
+def _items(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[int | str, Any]]:
+    """Every argument with its position or keyword name, keywords sorted by name."""
+    return [*enumerate(args), *sorted(kwargs.items(), key=lambda kv: kv[0])]
+
+
 def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Key | None:
     """(position or name, value, version) of every argument; None if one is neither a tensor nor a plain value."""
-    items = [*enumerate(args), *sorted(kwargs.items(), key=lambda kv: kv[0])]
+    items = _items(args, kwargs)
     if not all(isinstance(v, (torch.Tensor, *_PLAIN)) for _, v in items):
         return None
     return [(k, v, _version(v)) for k, v in items]
+
+
+def _shapes(key: Key) -> tuple[Any, ...]:
+    """What a copy's FLOPs depend on: the arguments' shapes, and the plain values."""
+    return tuple((k, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v, _ in key)
 
 
 def _same_key(a: Key, b: Key) -> bool:
@@ -169,10 +183,6 @@ class SharingHost(Protocol):
         """A copy was not computed: its FLOPs were not executed."""
 
 
-def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in (*args, *sorted(kwargs.items())))
-
-
 class SharedHook(ModelHook):
     """On one copy of a shared group: the group's memo while a transformer call is running."""
 
@@ -190,11 +200,13 @@ class SharedHook(ModelHook):
         if counter is not None:  # the measured call computes every copy, and notes what one costs
             before = counter.get_total_flops()
             out = forward(*args, **kwargs)
-            self.group.flops[_shapes(args, kwargs)] = float(counter.get_total_flops() - before)
+            key = _key(args, kwargs)
+            if key is not None:
+                self.group.flops[_shapes(key)] = float(counter.get_total_flops() - before)
             return out
         if not self.host.sharing():
             return forward(*args, **kwargs)
-        out, shared = self.group.call(self.index, forward, args, kwargs)
-        if shared:
-            self.host.add_saved_flops(self.group.flops.get(_shapes(args, kwargs), 0.0))
+        out, saved = self.group.call(self.index, forward, args, kwargs)
+        if saved:
+            self.host.add_saved_flops(saved)
         return out
