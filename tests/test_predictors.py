@@ -141,6 +141,26 @@ def test_predictions_leave_the_cache_intact_and_support_autograd(predictor):
             torch.testing.assert_close(with_grad.detach(), first)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_relational_gradient_through_the_input_alone(order):
+    """Full steps recorded without autograd, then a cached step whose input needs a gradient (guidance applied on
+    late steps only): the coefficient then needs one, so the prediction must not be written into a buffer."""
+    pred = Relational(order)
+    state = pred.new_state()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for s in (0, 2, 4):
+            x = torch.randn(2, 3, 4)
+            pred.update(state, s, x, 2 * x + s)
+    inp = torch.randn(2, 3, 4, requires_grad=True)
+    with torch.no_grad():
+        expected = pred.predict(state, 6, 10, inp)
+    got = pred.predict(state, 6, 10, inp)
+    got.sum().backward()
+    assert inp.grad is not None and torch.isfinite(inp.grad).all() and inp.grad.abs().sum() > 0
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=0)
+
+
 def test_relational_fallbacks_per_sample():
     pred = Relational(1)
     state = pred.new_state()

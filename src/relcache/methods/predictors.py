@@ -135,7 +135,10 @@ class Relational(Predictor):
         coef = torch.nan_to_num(coef, nan=float(k), posinf=float(k), neginf=float(k))
         # One fused pass, written over the fresh direction: a second large allocation here made a cached step
         # several times slower on CPU, where freshly allocated large buffers page-fault.
-        if u.requires_grad or hist.is_stored(u):  # autograd saves u for its norm; D_1 itself at order 1
+        # Out of place where autograd records the product (it saves u; out= refuses arguments that need grad,
+        # and the coefficient does once the input does) and at order 1, where u is the stored D_1 itself.
+        if (torch.is_grad_enabled() and (u.requires_grad or coef.requires_grad or base.requires_grad)
+                or hist.is_stored(u)):
             return torch.addcmul(base, per_sample(coef, u), u)
         return torch.addcmul(base, per_sample(coef, u), u, out=u)
 
