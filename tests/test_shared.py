@@ -148,3 +148,20 @@ def test_shared_under_inference_mode(tied):
     assert calls == [*range(LAYERS), 0, 0, 0]
     # run_loop feeds each step's output back; compare the first step, which sees the same input
     assert torch.equal(out[0], ref[0])
+
+
+def test_one_module_object_for_every_copy():
+    """Copies tied as one module object (a memory saving) are one copy called several times: enable accepts it,
+    and the object computes once per call."""
+    model = tiny_dit(layers=LAYERS)
+    emb = model.transformer_blocks[0].norm1.emb
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = emb
+    x, labels = inputs()
+    ref = run_loop(model, x, labels)
+    calls: list[int] = []
+    emb.time_proj.register_forward_hook(lambda *_: calls.append(0))
+    with relcache.cached(model, FORA(1, 1)):
+        out = run_loop(model, x, labels)
+    assert len(calls) == (LAYERS + 1) + 11  # all at the measured first call, then once per call
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))

@@ -12,7 +12,10 @@ recomputing it. This is exact, not a prediction, and it only applies where it ca
 * only copies whose parameters and buffers are equal to the group's first module's. Equality is checked at
   the first call of each generation (one host sync for all copies), and again whenever a parameter or
   buffer is changed in place or given new storage (its version or data pointer moved); a parameter object
-  replaced by another is noticed at the next generation, when the copies' tensors are listed again;
+  replaced by another is noticed at the next generation, when the copies' tensors are listed again. Changes
+  that move neither the version nor the storage are also noticed only at the next generation: writes through
+  ``param.data``, and any in-place write to parameters created under ``torch.inference_mode``, which keep no
+  version;
 * only with autograd off and the module in eval mode (each copy keeps its own gradients and its dropout);
 * never for modules on the meta device or with accelerate hooks (offloading), and never under torch.compile;
 * the call whose FLOPs relcache measures computes every copy, so that full FLOPs are those of the model as
@@ -75,7 +78,7 @@ class SharedGroup:
     """One group of copies: which of them equal the first, and the output of the latest call."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
-        self.modules = modules
+        self.modules = list({id(m): m for m in modules}.values())  # one module object may stand for several copies
         self.members: frozenset[int] = frozenset()  # indexes that compute what modules[0] computes
         self._watched: list[torch.Tensor] | None = None  # every parameter and buffer of the copies, per generation
         self._state: list[tuple[int, int]] | None = None  # their (version, data pointer) when members was computed
