@@ -80,6 +80,21 @@ def test_compile_does_not_recompile_every_step(compiled_runs):
     assert compiled_runs["graphs_after"] == per_step[-1]  # nothing new in a second generation
 
 
+def test_the_compiled_object_stands_for_the_model():
+    """enable, begin_generation, stats and disable on ``torch.compile(model)`` act on the model: target_nfc needs
+    the number of steps, so the loop below only runs if begin_generation on the wrapper reached it."""
+    torch.manual_seed(0)
+    model = TinyDiT(depth=1).eval()
+    compiled = torch.compile(model, backend="eager")  # compiles lazily: never called here
+    relcache.enable(compiled, RFC(target_nfc=3), adapter=CustomAdapter(**ADAPTER))
+    assert relcache.is_enabled(model)
+    relcache.begin_generation(compiled, 8)
+    sample(model, steps=8, begin=False)
+    assert relcache.stats(compiled).nfc == 3
+    relcache.disable(compiled)
+    assert not relcache.is_enabled(model)
+
+
 # -- the pipelines of test_models -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tm():

@@ -204,3 +204,18 @@ def test_device_timestep_never_read_once_generations_are_marked(model):
     assert not torch.equal(marked[-1], ref[-1])
     with relcache.cached(model, FORA(3), adapter=adapter), pytest.raises(RuntimeError, match="meta"):
         sample(model, begin=False)  # unmarked: the timestep is the only way to see a new generation
+
+
+def test_a_marked_loop_with_rising_timesteps_is_one_generation(model):
+    """DDIM inversion runs its timesteps upwards. Once marked, timesteps start no generation on any device: on CPU a
+    rising timestep used to restart the generation at every step (nothing cached), while a GPU one was left unread."""
+    config = FORA(3)
+    with relcache.cached(model, config, adapter=CustomAdapter(**ADAPTER)):
+        relcache.begin_generation(model, 10)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for i in range(10):
+                x = x + 0.01 * model(x, torch.full((2,), 100 * i), torch.tensor([1, 10]))
+        stats = relcache.stats(model)
+    assert stats.num_steps == 10
+    assert stats.full_steps == config.schedule.full_steps(10) == [0, 1, 4, 7]

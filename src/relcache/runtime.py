@@ -10,9 +10,11 @@ Generations and steps:
 * Enabled on a pipeline, the scheduler's ``set_timesteps`` (which every diffusers pipeline calls first)
   starts a new generation and announces its number of steps.
 * In a hand-written loop, call :func:`begin_generation` before the loop. Failing that, a timestep larger
-  than the previous one in the same context also starts a new generation. A timestep on a GPU is read for
-  this (a host sync per step) only while no generation has been marked, by the scheduler or by
-  :func:`begin_generation`; after a mark it is left unread, so marked loops never wait for the GPU here.
+  than the previous one in the same context also starts a new generation. This rule holds only while no
+  generation has been marked, by the scheduler or by :func:`begin_generation`: after a mark, on every device,
+  only marks (and the end of a pipeline call) start generations. So marked loops never wait for a GPU
+  timestep (reading one is a host sync per step), and a marked loop whose timesteps rise (DDIM inversion)
+  is one generation.
 * The step index is the number of transformer calls in the current context, or the ``step_index`` of a
   diffusers ``cache_context`` when the pipeline passes one.
 * Each call context keeps its own state. The context is diffusers' ``cache_context`` name (pipelines that
@@ -303,11 +305,12 @@ def _fraction(num: float, den: float) -> float:
 
 
 def _as_float(t: Any, marked: bool = False) -> float | None:
-    """The timestep as a number, or None. A tensor on an accelerator is read (a host sync) only while no
-    generation was ``marked``: the reading only serves to notice an unmarked new generation."""
+    """The timestep as a number, or None. Once a generation was ``marked`` it is None on every device: the
+    value only serves to notice unmarked new generations, and reading a tensor on an accelerator is a host sync
+    (device-dependent rules would also make a marked loop behave differently on CPU and GPU)."""
+    if marked:
+        return None
     if isinstance(t, torch.Tensor):
-        if marked and t.device.type != "cpu":
-            return None
         return float(t.reshape(-1)[0]) if t.numel() else None
     if isinstance(t, (int, float)):
         return float(t)
@@ -736,13 +739,21 @@ class _ModuleHook(ModelHook):
 
 
 # -- public API -------------------------------------------------------------------------------------
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs: relcache's state lives there, so
+    ``begin_generation``, ``stats`` and ``disable`` work on the compiled object as on the model."""
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def _resolve(obj: Any) -> tuple[nn.Module, Any]:
-    """(transformer, scheduler or None) of a pipeline or a bare model."""
+    """(transformer, scheduler or None) of a pipeline or a bare model, either possibly compiled."""
     if isinstance(obj, nn.Module):
-        return obj, None
+        return _unwrap(obj), None
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
-        return transformer, getattr(obj, "scheduler", None)
+        return _unwrap(transformer), getattr(obj, "scheduler", None)
     raise TypeError(
         f"expected a diffusers pipeline with a .transformer or a transformer nn.Module, got {type(obj).__name__}"
     )
