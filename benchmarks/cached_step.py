@@ -10,6 +10,11 @@ Methods are interleaved in each repeat; medians are reported.
     python benchmarks/cached_step.py --models XL --dtype bfloat16 --profile "Relational m=2 (RFE alone)"
 
 The last column counts the kernel-launching operators of one step (views excluded), the same on any device.
+The two floor rows bound what caching can reach under the spec, which recomputes every block's gate, shift and
+scale from the current timestep: the adaLN projections alone (timestep-and-class embedding, each block's adaLN
+projection, the final layer's), and the least a reuse step must do (those, each block's two gated residual adds
+and the final layer, written by hand). Below the table, each is turned into the most of the ideal speed-up
+T / NFC that a method whose cached steps cost that much could reach.
 """
 
 from __future__ import annotations
@@ -81,13 +86,73 @@ def _generation(model: torch.nn.Module, config: CacheConfig | None, device: str,
             relcache.disable(model)
 
 
-def step_ops(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype) -> int:
-    """Kernel-launching operators in step 4 of a generation with ``config`` (a cached step; None: a full step).
+ADALN = "floor: the adaLN projections alone"
+REUSE_MIN = "floor: the least a reuse step must do"
+
+
+def _adaln_floor(model: torch.nn.Module, device: str, dtype: torch.dtype) -> Callable[[int], None]:
+    """``step(i)`` of what the spec recomputes at every step and no method can skip or share: the embedding of the
+    timestep and class (once, as with shared copies) and, from it, every block's adaLN projection and the final
+    layer's. On DiT these matrix-vector products read most of the weights a cached step reads."""
+    labels = torch.tensor([207, 1000], device=device)
+    blocks = model.transformer_blocks
+
+    def step(i: int) -> None:
+        emb = blocks[0].norm1.emb(torch.full((2,), 999 - 20 * i, device=device), labels, hidden_dtype=dtype)
+        for block in blocks:
+            block.norm1.linear(block.norm1.silu(emb))
+        model.proj_out_1(torch.nn.functional.silu(emb))
+
+    return step
+
+
+def _reuse_floor(model: torch.nn.Module, device: str, dtype: torch.dtype) -> Callable[[int], None]:
+    """``step(i)`` of the least a cached step returning stored outputs must do under the spec, written by hand:
+    the adaLN projections, each block's two gated residual adds (one fused ``addcmul`` each) and the final layer.
+    It skips the block norms and modulations that only feed cached modules, which relcache's FORA still runs."""
+    labels = torch.tensor([207, 1000], device=device)
+    blocks = model.transformer_blocks
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 256, blocks[0].norm1.linear.in_features)
+    stored = [(torch.randn(shape, generator=g).to(device, dtype), torch.randn(shape, generator=g).to(device, dtype))
+              for _ in blocks]
+    h0 = torch.randn(shape, generator=g).to(device, dtype)
+
+    def step(i: int) -> None:
+        emb = blocks[0].norm1.emb(torch.full((2,), 999 - 20 * i, device=device), labels, hidden_dtype=dtype)
+        h = h0
+        for block, (attn, ff) in zip(blocks, stored, strict=True):
+            _, _, gate_msa, _, _, gate_mlp = block.norm1.linear(block.norm1.silu(emb)).chunk(6, dim=1)
+            h = torch.addcmul(h, gate_msa[:, None], attn)
+            h = torch.addcmul(h, gate_mlp[:, None], ff)
+        shift, scale = model.proj_out_1(torch.nn.functional.silu(emb)).chunk(2, dim=1)
+        model.proj_out_2(model.norm_out(h) * (1 + scale[:, None]) + shift[:, None])
+
+    return step
+
+
+FLOORS = {ADALN: _adaln_floor, REUSE_MIN: _reuse_floor}
+
+
+@contextlib.contextmanager
+def _steps(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype) -> Iterator[Callable[[int], None]]:
+    """``step(i)`` of method ``name`` (a generation with ``METHODS[name]``) or of floor ``name``."""
+    if name in FLOORS:
+        with torch.no_grad():
+            yield FLOORS[name](model, device, dtype)
+    else:
+        with _generation(model, METHODS[name], device, dtype) as step:
+            yield step
+
+
+def step_ops(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype) -> int:
+    """Kernel-launching operators in step 4 of a generation with ``METHODS[name]`` (a cached step; None: a full
+    step), or of a floor.
 
     Independent of the device and of the model's width: where a GPU is launch-bound (small batches), a step's
     host time is about this count times the cost of one launch."""
     counter = _OpCounter()
-    with _generation(model, config, device, dtype) as step:
+    with _steps(model, name, device, dtype) as step:
         for i in range(4):
             step(i)
         with counter:
@@ -95,11 +160,10 @@ def step_ops(model: torch.nn.Module, config: CacheConfig | None, device: str, dt
     return sum(counter.counts.values())
 
 
-def step_ms(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype,
-            profile: bool = False) -> float:
-    """Mean milliseconds of steps 4..15 of a generation with ``config`` (None: caching off); ``profile`` prints
-    torch.profiler's tables of those steps."""
-    with _generation(model, config, device, dtype) as step:
+def step_ms(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype, profile: bool = False) -> float:
+    """Mean milliseconds of steps 4..15 of a generation with ``METHODS[name]`` (None: caching off), or of the
+    a floor; ``profile`` prints torch.profiler's tables of those steps."""
+    with _steps(model, name, device, dtype) as step:
         for i in range(4):
             step(i)
         if device == "cuda":
@@ -131,22 +195,27 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     for size in args.models:
         model = build(size, dtype, args.device)
-        times: dict[str, list[float]] = {name: [] for name in METHODS}
+        names = [*METHODS, *FLOORS]
+        times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.repeats):
-            for name, config in METHODS.items():
-                times[name].append(step_ms(model, config, args.device, dtype))
+            for name in names:
+                times[name].append(step_ms(model, name, args.device, dtype))
         full = statistics.median(times["full step"])
         taylor = statistics.median(times["Taylor m=2 (TaylorSeer)"])
-        ops = {name: step_ops(model, config, args.device, dtype) for name, config in METHODS.items()}
+        ops = {name: step_ops(model, name, args.device, dtype) for name in names}
         print(f"\nDiT-{size}/2 {args.dtype} on {args.device}, {args.repeats} repeats")
         print("| step | ms (median) | / full step | - Taylor step, ms | kernel launches |")
         print("|---|---|---|---|---|")
         for name, ts in times.items():
             ms = statistics.median(ts)
             print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {ms - taylor:+.1f} | {ops[name]} |")
+        for name in FLOORS:
+            floor = statistics.median(times[name]) / full
+            bounds = ", ".join(f"{100 * nfc / (nfc + (50 - nfc) * floor):.1f} % at NFC {nfc}" for nfc in (14, 7))
+            print(f"- {name} ({100 * floor:.1f} % of a full step): at most {bounds} of the ideal speed-up")
         if args.profile:
             print(f"\n{args.profile}, steps 4-15 of DiT-{size}/2, profiled:")
-            step_ms(model, METHODS[args.profile], args.device, dtype, profile=True)
+            step_ms(model, args.profile, args.device, dtype, profile=True)
 
 
 if __name__ == "__main__":
