@@ -59,6 +59,16 @@ def test_rcs_never_fires_on_exactly_predictable_inputs_but_max_skip_bounds():
     assert full == [0, 1, 5, 9]
 
 
+def test_rcs_probe_of_another_shape_is_a_full_step():
+    """A batch or resolution change within a generation leaves nothing to forecast the probe from."""
+    probes = [torch.full((2, 4), 1.0 + 0.5 * i) for i in range(4)] + [torch.full((1, 4), 3.0 + 0.5 * i)
+                                                                        for i in range(3)]
+    full, state = _run(InputError(threshold=1e-6, order=1, warmup=2), probes)
+    # exact order-1 forecasts, except at the change (history starts over) and the step after it (order 0 only)
+    assert full == [0, 1, 4, 5]
+    assert state.history.diffs[0].shape == (1, 4) and state.history.step == 5
+
+
 @pytest.mark.parametrize("target", [7, 8, 10, 11, 14])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_target_nfc_is_met(target, seed):

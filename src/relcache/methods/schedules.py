@@ -152,8 +152,9 @@ class InputError(Schedule):
     def decide(self, state: InputErrorState, step: int, probe: torch.Tensor | None) -> bool:
         if probe is None:
             raise ValueError("InputError needs the first cached module's input")
-        if step < self.warmup or state.history.step is None:
-            full = True
+        hist = state.history
+        if step < self.warmup or hist.step is None or hist.diffs[0].shape != probe.shape:
+            full = True  # (choice) a probe of another shape (batch or resolution changed) has nothing to forecast from
         else:
             e = self.input_error(state, step, probe)
             state.errors[step] = e
