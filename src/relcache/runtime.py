@@ -8,7 +8,11 @@ first cached module is reached.
 Generations and steps:
 
 * Enabled on a pipeline, the scheduler's ``set_timesteps`` (which every diffusers pipeline calls first)
-  starts a new generation and announces its number of steps.
+  starts a new generation and announces its number of steps; ``set_begin_index`` (img2img pipelines skip the
+  first timesteps with it) announces the steps that will actually run. A scheduler swapped into the pipeline
+  after ``enable`` is noticed at the next transformer call, which then starts a generation. The pipeline's
+  ``maybe_free_model_hooks``, which every pipeline calls at the end of ``__call__``, ends the generation and
+  frees the caches.
 * In a hand-written loop, call :func:`begin_generation` before the loop. Failing that, a timestep larger
   than the previous one in the same context also starts a new generation. This rule holds only while no
   generation has been marked, by the scheduler or by :func:`begin_generation`: after a mark, on every device,
@@ -350,8 +354,9 @@ class _Controller:
         self._pending: dict[int, Any] = {}  # module -> (context, shapes, parts) while _plan let it run
         self._counter: Any = None  # a FlopCounterMode around the whole transformer call, while one measures
         self._attached: list[tuple[nn.Module, str, bool]] = []  # (module, hook name, registry existed before)
-        self._scheduler: Any = None
-        self._scheduler_had_attr = False
+        self._pipeline: Any = None  # enabled on a pipeline: its scheduler is watched for a swap
+        self._scheduler: Any = None  # the scheduler whose methods are patched
+        self._patches: list[tuple[Any, str, bool, Any]] = []  # (object, attribute, was an instance attr, original)
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self._shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
 
@@ -586,7 +591,7 @@ class _Controller:
         return 0.0
 
     # -- attach / detach ------------------------------------------------------------------------
-    def attach(self, scheduler: Any) -> None:
+    def attach(self, pipeline: Any) -> None:
         # accelerate's model offload hook must stay outermost: pipelines re-apply it after every call by restoring
         # the forward it wrapped (``_old_forward``), which would drop a wrapper registered over it
         hf_hook = getattr(self.model, "_hf_hook", None)
@@ -603,8 +608,10 @@ class _Controller:
             for i, module in enumerate(group.modules):
                 self._register(module, SharedHook(group, i, self), _SHARED_HOOK)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
-        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
-            self._patch_scheduler(scheduler)
+        if pipeline is not None:
+            self._pipeline = pipeline
+            self._patch(pipeline, "maybe_free_model_hooks", self._after_call)
+            self._patch_scheduler(getattr(pipeline, "scheduler", None))
 
     # -- shared copies (relcache.shared.SharingHost) ------------------------------------------------
     def sharing(self) -> bool:
@@ -622,19 +629,59 @@ class _Controller:
         self._attached.append((module, name, existed))
         registry.register_hook(hook, name)
 
-    def _patch_scheduler(self, scheduler: Any) -> None:
-        original = scheduler.set_timesteps
-        self._scheduler = scheduler
-        self._scheduler_had_attr = "set_timesteps" in vars(scheduler)
-        self._scheduler_original = original
+    def _patch(self, obj: Any, name: str, after: Callable[[Any], None]) -> None:
+        """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``detach`` restores it."""
+        original = getattr(obj, name, None)
+        if not callable(original):
+            return
+        self._patches.append((obj, name, name in vars(obj), original))
 
         @functools.wraps(original)
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
-            self.begin_generation(len(scheduler.timesteps), marked=True)
+            after(obj)
             return result
 
-        scheduler.set_timesteps = set_timesteps
+        setattr(obj, name, wrapped)
+
+    def _unpatch(self, obj: Any) -> None:
+        """Restore every method of ``obj`` that ``_patch`` wrapped."""
+        for entry in reversed([e for e in self._patches if e[0] is obj]):
+            _, name, had_attr, original = entry
+            if had_attr:
+                setattr(obj, name, original)
+            else:
+                vars(obj).pop(name, None)
+            self._patches.remove(entry)
+
+    def _patch_scheduler(self, scheduler: Any) -> None:
+        """``set_timesteps`` (every pipeline calls it first) and ``set_begin_index`` (img2img pipelines skip the
+        first timesteps with it, after ``set_timesteps``) start a generation of the steps that will run."""
+        self._scheduler = scheduler
+        if scheduler is None:
+            return
+        self._patch(scheduler, "set_timesteps", self._new_schedule)
+        self._patch(scheduler, "set_begin_index", self._new_schedule)
+
+    def _new_schedule(self, scheduler: Any) -> None:
+        self.begin_generation(_steps_to_run(scheduler), marked=True)
+
+    def _after_call(self, pipeline: Any) -> None:
+        # every diffusers pipeline calls maybe_free_model_hooks at the end of __call__; transformers without
+        # diffusers' CacheMixin (DiT, PixArt, SD3) are otherwise never told that the call ended
+        self.end_generation()
+
+    def check_scheduler(self) -> None:
+        """At each transformer call: a scheduler swapped into the pipeline since enable (``pipe.scheduler =
+        ...from_config(...)``) set its timesteps unpatched, so this call starts its generation."""
+        if self._pipeline is None:
+            return
+        scheduler = getattr(self._pipeline, "scheduler", None)
+        if scheduler is not self._scheduler:
+            if self._scheduler is not None:
+                self._unpatch(self._scheduler)
+            self._patch_scheduler(scheduler)
+            self.begin_generation(_steps_to_run(scheduler), marked=True)
 
     def detach(self) -> None:
         """Remove every hook and patch, leaving modules exactly as they were."""
@@ -662,12 +709,10 @@ class _Controller:
             if hf_hook is not None:
                 add_hook_to_module(module, hf_hook)
         self._attached = []
-        if self._scheduler is not None:
-            if self._scheduler_had_attr:
-                self._scheduler.set_timesteps = self._scheduler_original
-            else:
-                vars(self._scheduler).pop("set_timesteps", None)
-            self._scheduler = None
+        for obj in list(dict.fromkeys(id(e[0]) for e in self._patches)):
+            self._unpatch(next(e[0] for e in self._patches if id(e[0]) == obj))
+        self._scheduler = None
+        self._pipeline = None
         root = getattr(self.model, "_diffusers_hook", None)
         if root is not None:
             root.invalidate_child_registries_cache()
@@ -712,6 +757,7 @@ class _StepHook(ModelHook):
         context = self.cache_context._context
         name = context.name if context is not None else DEFAULT_CONTEXT
         step_index = getattr(context, "step_index", None) if context is not None else None
+        self.ctrl.check_scheduler()
         timestep = _as_float(self.ctrl.adapter.timestep_of(args, kwargs), self.ctrl.marked)
         self.ctrl.start_step(name, step_index, timestep)
 
@@ -747,13 +793,22 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def _steps_to_run(scheduler: Any) -> int | None:
+    """Transformer calls per context the scheduler's timesteps will take: those from its begin index on."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    begin = getattr(scheduler, "begin_index", None) or 0
+    return max(len(timesteps) - int(begin), 0)
+
+
 def _resolve(obj: Any) -> tuple[nn.Module, Any]:
-    """(transformer, scheduler or None) of a pipeline or a bare model, either possibly compiled."""
+    """(transformer, the pipeline or None) of a pipeline or a bare model, either possibly compiled."""
     if isinstance(obj, nn.Module):
         return _unwrap(obj), None
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
-        return _unwrap(transformer), getattr(obj, "scheduler", None)
+        return _unwrap(transformer), obj
     raise TypeError(
         f"expected a diffusers pipeline with a .transformer or a transformer nn.Module, got {type(obj).__name__}"
     )
@@ -775,7 +830,7 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         raise ConfigError(
             f"config must be a relcache.CacheConfig (e.g. relcache.RFC(target_nfc=14)), got {type(config).__name__}"
         )
-    model, scheduler = _resolve(obj)
+    model, pipeline = _resolve(obj)
     if _controller(model) is not None:
         raise AlreadyEnabledError(
             f"relcache is already enabled on this {type(model).__name__}; call relcache.disable first"
@@ -788,7 +843,7 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         raise ConfigError(f"no module of the kinds {config.modules} in {type(model).__name__}")
     ctrl = _Controller(model, config, modules, chosen, record_errors)
     try:
-        ctrl.attach(scheduler)
+        ctrl.attach(pipeline)
     except BaseException:
         ctrl.detach()
         raise

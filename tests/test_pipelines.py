@@ -1,0 +1,84 @@
+"""A pipeline's lifecycle around caching: a scheduler swapped after enable, img2img's shortened schedule, and the
+end of each call (tiny pipelines built offline, as in test_models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import run_loop, tiny_dit  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DPMSolverMultistepScheduler,
+    FluxImg2ImgPipeline,
+)
+from test_models import flux_kwargs, flux_pipe  # noqa: E402
+
+import relcache  # noqa: E402
+from relcache import RFC, TaylorSeer  # noqa: E402
+
+
+def dit_pipe() -> DiTPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, sample_size=8).eval()
+    pipe = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def held_states(pipe) -> int:
+    """Bytes the predictor states of every context hold now."""
+    ctrl = vars(pipe.transformer)["_relcache"]
+    return sum(st.nbytes for ctx in ctrl.contexts.values() for sts in ctx.states.values() for st in sts)
+
+
+def test_a_scheduler_swapped_after_enable_starts_its_own_generations():
+    """pipe.scheduler = X.from_config(...) after enable: the new scheduler's set_timesteps is not patched, so the
+    second call used to continue the first generation (16 more steps, all forecast from the first image)."""
+    pipe = dit_pipe()
+    old = pipe.scheduler
+    relcache.enable(pipe, RFC(target_nfc=4))
+    try:
+        pipe([1, 7], num_inference_steps=8, output_type="np")
+        assert relcache.stats(pipe).num_steps == 8
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config)
+        for _ in range(2):  # the first call notices the swap, the second goes through the patched set_timesteps
+            pipe([1, 7], num_inference_steps=16, output_type="np")
+            stats = relcache.stats(pipe)
+            assert stats.num_steps == 16 and stats.nfc == 4 and stats.full_steps[-1] == 15
+    finally:
+        relcache.disable(pipe)
+    for scheduler in (old, pipe.scheduler):  # both restored
+        assert "set_timesteps" not in vars(scheduler) and "set_begin_index" not in vars(scheduler)
+    assert "maybe_free_model_hooks" not in vars(pipe)
+
+
+def test_img2img_budget_counts_the_steps_that_run():
+    """strength 0.5 of 30 steps runs 15: set_begin_index announces them, so the budget is met exactly."""
+    pipe = FluxImg2ImgPipeline(**flux_pipe().components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with relcache.cached(pipe, RFC(target_nfc=10)):
+        pipe(image=image, strength=0.5, num_inference_steps=30, output_type="latent", **flux_kwargs())
+        stats = relcache.stats(pipe)
+    assert stats.num_steps == 15 and stats.nfc == 10
+
+
+def test_the_end_of_a_call_frees_the_caches_and_ends_the_generation():
+    """DiT has no diffusers CacheMixin, so nothing reset it: caches stayed held after the call, and a hand-written
+    loop afterwards (without begin_generation) continued the pipeline's generation."""
+    pipe = dit_pipe()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with relcache.cached(pipe, TaylorSeer(3)):
+        pipe([1, 7], num_inference_steps=8, output_type="np")
+        assert relcache.stats(pipe).full_steps == [0, 1, 4, 7]  # still readable
+        assert held_states(pipe) == 0
+        run_loop(pipe.transformer, x, torch.tensor([1, 7]), steps=8, begin=False)
+        assert relcache.stats(pipe).num_steps == 8 and relcache.stats(pipe).full_steps == [0, 1, 4, 7]
+        assert held_states(pipe) > 0  # a bare loop has no end to notice
