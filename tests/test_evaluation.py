@@ -10,7 +10,7 @@ from conftest import tiny_dit
 
 from relcache.cli import main
 from relcache.evaluation.analyze import analyze_trace, record_trace, save_analysis
-from relcache.evaluation.bench import FULL, BenchMethod, default_methods, run_bench
+from relcache.evaluation.bench import FULL, BenchMethod, default_methods, interval_for, run_bench
 from relcache.methods import FORA, TaylorSeer
 from relcache.models.reference import sample_digits
 
@@ -47,6 +47,18 @@ def test_default_methods_cover_the_ablations():
     assert {"FORA N=9", "RFE alone N=4 m=2", "RCS alone NFC=7 m=2", "RFC NFC=14 m=2"} <= set(labels)
     with pytest.raises(ValueError, match="budgets must be among"):
         default_methods((13,))
+
+
+def test_default_methods_over_other_step_counts_give_each_budget_one_nfc():
+    """Over 20 steps the paper's intervals stay: N = 4 is full at 0, 1, 5, 9, 13, 17 (NFC 6), N = 5 and N = 6 both
+    give NFC 5 (0, 1, 6, 11, 16 and 0, 1, 7, 13, 19); RFC aims at the interval's NFC, and a taken NFC adds no rows."""
+    assert [interval_for(k) for k in (14, 11, 10, 8, 7)] == [(4, 14), (5, 11), (6, 10), (7, 8), (9, 7)]
+    assert [interval_for(k, 20) for k in (14, 11, 10)] == [(4, 6), (5, 5), (6, 5)]
+    labels = [m.label for m in default_methods((14, 11, 10, 14), num_steps=20)]
+    assert labels == ["FORA N=4", "TaylorSeer N=4 m=2", "RFE alone N=4 m=2", "RCS alone NFC=6 m=2", "RFC NFC=6 m=2",
+                      "RFC NFC=6 m=2 + CFG-Cache", "FORA N=5", "TaylorSeer N=5 m=2", "RFE alone N=5 m=2",
+                      "RCS alone NFC=5 m=2", "RFC NFC=5 m=2", "RFC NFC=5 m=2 + CFG-Cache",
+                      "FasterCache (paper defaults)"]
 
 
 def _rank(rank, world, path, queue):
@@ -102,3 +114,31 @@ def test_cli_rejects_bad_budgets(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--budgets", "13"])
     assert "must be one of [7, 8, 10, 11, 14]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--order", "0"], "--order: invalid choice: 0 (choose from 1, 2, 3, 4)"),
+    (["bench", "--steps", "1"], "--steps: must be an integer >= 2, got 1"),
+    (["bench", "--guidance", "nan"], "--guidance: must be a finite number, got nan"),
+    (["bench", "--peers", "--steps", "20"], "--peers needs --steps 50"),
+    (["analyze", "--order", "0"], "--order: invalid choice: 0"),
+])
+def test_cli_names_the_bad_option(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_bench_on_a_local_pipeline_directory(tmp_path, capsys):
+    """``--model DIR``: caching is enabled on the bare transformer, so the sampler announces the steps (RFC's target
+    NFC needs them; every RFC row used to fail with 'target_nfc needs the number of steps')."""
+    from test_pipelines import dit_pipe
+
+    dit_pipe().save_pretrained(tmp_path / "dit")
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(tmp_path / "dit"), "--samples", "2", "--batch-size", "2", "--steps", "8",
+            "--budgets", "7", "--no-flops", "--only", "RFC NFC", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    # budget 7 is N = 9: over 8 steps full at 0 and 1 only, so RFC aims at NFC 2
+    assert "| RFC NFC=2 m=2 | 2.00 |" in printed and (out / "bench.md").exists()

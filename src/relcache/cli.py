@@ -7,6 +7,7 @@ local diffusers ``DiTPipeline`` directory (``--model PATH``) for users who have 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
 from .evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, BenchResult, default_methods, run_bench, select
 from .methods import FORA, RFC, TaylorSeer
 
@@ -25,6 +27,20 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return n
+
+
+def _at_least_2(value: str) -> int:
+    n = int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {value}")
+    return n
+
+
+def _finite(value: str) -> float:
+    x = float(value)
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return x
 
 
 def _budget(value: str) -> int:
@@ -47,11 +63,16 @@ def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Any]:
     """(transformer, sampler) of a local DiTPipeline directory; samples are mapped to [-1, 1]."""
     from diffusers import DiTPipeline
 
+    from .runtime import begin_generation
+
     pipe = DiTPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
 
     def sample(transformer: torch.nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance_scale: float = 1.5,
                generator: torch.Generator | None = None) -> torch.Tensor:
+        # caching is enabled on the bare transformer, so the pipeline's scheduler is not watched: announce the steps
+        # (RFC(target_nfc=...) needs them; a no-op when caching is off)
+        begin_generation(transformer, num_steps)
         out = pipe(labels.tolist(), num_inference_steps=num_steps, guidance_scale=guidance_scale,
                    generator=generator, output_type="pt")
         return out.images * 2 - 1 if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images) * 2 - 1
@@ -114,12 +135,15 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """The evaluation table: methods x budgets against full computation, on the reference model or a DiT."""
+    if args.peers and args.steps != 50:
+        raise ConfigError(f"--peers needs --steps 50 (the peers' thresholds are calibrated for 50 steps), "
+                          f"got --steps {args.steps}")
     if args.model:
         model, sampler = _pipeline_sampler(args.model)
         evaluator = real = None
     else:
         model, sampler, evaluator, real = _reference()
-    methods = default_methods(args.budgets, order=args.order)
+    methods = default_methods(args.budgets, order=args.order, num_steps=args.steps)
     if args.peers:
         from .evaluation.peers import peer_methods
 
@@ -181,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7], help="NFC budgets of 50 steps")
     p.add_argument("--samples", type=_positive, default=100, help="number of samples (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
-    p.add_argument("--steps", type=_positive, default=50, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale (default: %(default)s)")
-    p.add_argument("--order", type=int, default=2, choices=range(0, 5), help="Taylor/RFE order (default: 2)")
+    p.add_argument("--steps", type=_at_least_2, default=50,
+                   help="DDIM steps; with other than 50, each budget takes the interval whose NFC over these steps "
+                   "is closest, and RFC aims at that NFC (default: %(default)s)")
+    p.add_argument("--guidance", type=_finite, default=1.5, help="CFG scale (default: %(default)s)")
+    p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
@@ -197,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "stability of the ratio s, and the correlation of input and output prediction errors.")
     p.add_argument("--model", help="a local diffusers DiTPipeline directory (default: the shipped model)")
     p.add_argument("--samples", type=_positive, default=10, help="samples traced (default: %(default)s)")
-    p.add_argument("--steps", type=_positive, default=50, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale (default: %(default)s)")
+    p.add_argument("--steps", type=_at_least_2, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=_finite, default=1.5, help="CFG scale (default: %(default)s)")
     p.add_argument("--interval", type=_positive, default=4, help="full step every N (default: %(default)s)")
-    p.add_argument("--order", type=int, default=2, choices=range(0, 5), help="Taylor/RFE order (default: 2)")
+    p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
     p.add_argument("--modules", type=int, nargs="+", help="module indices for the distance plot")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", default="runs/analyze", help="output directory (default: %(default)s)")
@@ -210,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relcache`` console script."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:  # a bad combination of options: usage and the reason, not a traceback
+        parser.error(str(err))
 
 
 if __name__ == "__main__":
