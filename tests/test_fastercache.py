@@ -318,3 +318,33 @@ def test_weights_fresh_or_compounded(dit, compound):
     for i, a in ((3, 2), (4, 2), (5, 2), (7, 6), (8, 6), (9, 6)):
         w = 1.5 ** (i - a) if compound else 1.5
         torch.testing.assert_close(unconds[i], ref_c[i] + w * (ref_u[a] - ref_c[a]), rtol=0, atol=1e-5)
+
+
+def test_guidance_stopping_within_a_generation(dit):
+    """A loop that drops CFG after some step (a guidance interval) calls with half the batch: with CFG-Cache such a
+    call used to raise; it is now a plain call, exactly the model on that batch under FORA(1, 1)."""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loop() -> list[torch.Tensor]:
+        relcache.begin_generation(dit, 10)
+        outs = []
+        with torch.no_grad():
+            for i in range(10):
+                t = torch.full((2 if i < 6 else 1,), 900 - 80 * i)
+                if i < 6:  # CFG batched, cond first
+                    out = dit(torch.cat([x, x]), timestep=t, class_labels=torch.tensor([3, 1000])).sample
+                else:
+                    out = dit(x, timestep=t, class_labels=torch.tensor([3])).sample
+                outs.append(out)
+        return outs
+
+    cfg = CFGCache(interval=3, window_steps=(2, 10), alpha1=0.0, alpha2=0.0)
+    ref = loop()
+    with relcache.cached(dit, dataclasses.replace(FORA(1, 1), cfg_cache=cfg)):
+        outs = loop()
+        stats = relcache.stats(dit)
+    assert stats.contexts["default"].uncond_skipped_steps == [3, 4]  # refreshed at 2 and 5; none once CFG stops
+    assert all(torch.equal(a, b) for a, b in zip(outs[6:], ref[6:], strict=True))
+    with relcache.cached(dit, dataclasses.replace(RFC(target_nfc=5), cfg_cache=cfg)):
+        loop()
+        assert relcache.stats(dit).nfc == 5

@@ -29,11 +29,13 @@ CFG-Cache (``CacheConfig.cfg_cache``), the unconditional half of classifier-free
 * CFG batched (one call whose batch is ``[cond; uncond]`` or ``[uncond; cond]``, any context name other than
   "cond"/"uncond"): a call is a CFG batch when its batch is even and the two halves of its ``hidden_states`` are
   equal, as every diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a context's
-  first call of a generation. Anything else (guidance scale 1, or a batch of different latents) leaves CFG-Cache
-  inert, exactly the config without it. At a step that skips the unconditional half, every tensor argument whose
-  first dimension is the batch (top-level, or one level down in a dict argument; never tuples, ``img_ids`` or
-  ``txt_ids``) is sliced to the conditional half, the transformer runs on it, and the full-batch output is
-  reassembled in the original order with the rebuilt unconditional half.
+  first call of a generation. (choice) A later call with another batch size (guidance stopped within the
+  generation) is a plain call: no half is skipped and its modules keep one state for the whole batch. Anything
+  else (guidance scale 1, or a batch of different latents) leaves CFG-Cache inert, exactly the config without it.
+  At a step that skips the unconditional half, every tensor argument whose first dimension is the batch
+  (top-level, or one level down in a dict argument; never tuples, ``img_ids`` or ``txt_ids``) is sliced to the
+  conditional half, the transformer runs on it, and the full-batch output is reassembled in the original order
+  with the rebuilt unconditional half.
 * CFG split (contexts named "cond" and "uncond"): a skipped "uncond" call does not run the transformer; it returns
   the rebuild from the same step's "cond" output, so the "cond" call must come first (diffusers' pipelines do;
   otherwise the "uncond" call runs). The "uncond" context's module schedule is not consulted at a skipped call: the
@@ -162,6 +164,8 @@ class _Context:
         self.model_full_flops = 0.0
         self.module_errors: dict[int, dict[int, float]] = {}
         self.cfg_batch: bool | None = None  # CFG-Cache on a CFG batch (decided at the first call)
+        self.cfg_rows = 0  # the batch size of that first call
+        self.plain = False  # this call's batch is not the CFG batch (guidance stopped): one part, no CFG-Cache
         self.cond_first = False
         self.half = False  # this step runs only the conditional half of a CFG batch
         self.uncond_skipped: list[int] = []
@@ -173,7 +177,7 @@ class _Context:
 
     def parts(self, rows: int) -> list[tuple[str, slice | None]]:
         """The row groups of a cached module's ``rows``-row batch that keep separate predictor states."""
-        if not self.cfg_batch:
+        if not self.cfg_batch or self.plain:
             return [("all", None)]
         if self.half:
             return [("cond", None)]
@@ -399,6 +403,7 @@ class _Controller:
         ctx.last_timestep = timestep
         ctx.decided = False
         ctx.half = False
+        ctx.plain = False
         self.current = ctx
 
     # -- one transformer call -------------------------------------------------------------------
@@ -442,10 +447,14 @@ class _Controller:
         if ctx.cfg_batch is None:
             half = batch // 2
             ctx.cfg_batch = batch % 2 == 0 and batch > 0 and torch.equal(hidden[:half], hidden[half:])
+            ctx.cfg_rows = batch
             ctx.cond_first = cfg.cond_first if cfg.cond_first is not None else self.adapter.cfg_cond_first
             if ctx.cfg_batch:
                 cfg.window_range(self.num_steps)  # validate the window against the number of steps now
         if not ctx.cfg_batch:
+            return self._run(ctx, forward, args, kwargs)
+        if batch != ctx.cfg_rows:  # (choice) guidance stopped or changed within the generation: a plain call
+            ctx.plain = True
             return self._run(ctx, forward, args, kwargs)
         half = batch // 2
         cond_rows, uncond_rows = (slice(0, half), slice(half, batch))
