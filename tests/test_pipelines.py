@@ -82,3 +82,53 @@ def test_the_end_of_a_call_frees_the_caches_and_ends_the_generation():
         run_loop(pipe.transformer, x, torch.tensor([1, 7]), steps=8, begin=False)
         assert relcache.stats(pipe).num_steps == 8 and relcache.stats(pipe).full_steps == [0, 1, 4, 7]
         assert held_states(pipe) > 0  # a bare loop has no end to notice
+
+
+def test_flux_tokens_take_their_image_layout_for_cfg_cache():
+    """FLUX packs 2x2 latent patches into row-major tokens: the grid view puts channel c*4 + 2*dy + dx of grid cell
+    (i, j) at latent (c, 2i + dy, 2j + dx), on a non-square latent, and turns back exactly."""
+    from diffusers import FluxPipeline
+
+    from relcache.models.flux import FluxAdapter
+
+    latents = torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
+    tokens = FluxPipeline._pack_latents(latents, 2, 3, 4, 6)  # (2, 2·3 cells, 12)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 2, 3, "cpu", torch.float32)
+    to_grid, to_tokens = FluxAdapter().spatial_grid((), {"img_ids": ids})
+    grid = to_grid(tokens)
+    assert grid.shape == (2, 12, 2, 3)
+    for c, dy, dx, i, j in ((0, 0, 0, 0, 0), (1, 1, 0, 1, 2), (2, 1, 1, 0, 1)):
+        assert torch.equal(grid[:, c * 4 + 2 * dy + dx, i, j], latents[:, c, 2 * i + dy, 2 * j + dx])
+    assert torch.equal(to_tokens(grid), tokens)
+    assert FluxAdapter().spatial_grid((), {"img_ids": ids[:5]}) is None  # ids not covering a grid: last two axes
+
+
+def test_flux_true_cfg_cache_splits_bands_over_the_image():
+    """With true CFG (split cond/uncond calls), CFG-Cache's band split sees FLUX's output as (B, C, h, w), not as
+    (tokens, channels)."""
+    import dataclasses
+
+    from test_models import clip_pooled, t5_embeds
+
+    from relcache.methods.cfg_cache import CFGCache
+
+    pipe = flux_pipe()
+    kwargs = flux_kwargs(size=32)
+    kwargs.update(negative_prompt_embeds=t5_embeds(16)[1], negative_pooled_prompt_embeds=clip_pooled(16)[1],
+                  true_cfg_scale=3.0)
+    seen = []
+    split = CFGCache.split
+
+    def spy(self, x):
+        seen.append(tuple(x.shape))
+        return split(self, x)
+
+    cfg = CFGCache(window=(0.0, 1.0), interval=3)  # uncond at 0, 3, 6; skipped at 1, 2, 4, 5, 7
+    with pytest.MonkeyPatch.context() as mp, relcache.cached(
+        pipe, dataclasses.replace(relcache.FORA(1, 1), cfg_cache=cfg)
+    ):
+        mp.setattr(CFGCache, "split", spy)
+        pipe(num_inference_steps=8, output_type="latent", **kwargs)
+        stats = relcache.stats(pipe)
+    assert stats.contexts["uncond"].uncond_skipped_steps == [1, 2, 4, 5, 7]
+    assert seen and set(seen) == {(1, 8, 8, 8)}  # 32x32 image -> 16x16 latents -> 8x8 cells of 2x2 patches

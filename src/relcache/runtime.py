@@ -70,7 +70,7 @@ from .methods.cfg_cache import CFGCache
 from .methods.config import CacheConfig
 from .methods.history import sample_norm
 from .methods.predictors import PredictorState
-from .models.base import Adapter, CachedModule, find_adapter, first_tensor_input
+from .models.base import Adapter, CachedModule, SpatialGrid, find_adapter, first_tensor_input
 from .shared import SharedGroup, SharedHook
 
 _ATTR = "_relcache"
@@ -221,7 +221,11 @@ class _CFGState:
         self.scale = (1.0, 1.0)  # compound mode: the weights multiplied up since the delta was stored
         self.cond: tuple[int, Any, tuple[int, ...]] | None = None  # split: (step, output, input shape) of "cond"
 
-    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...]) -> None:
+    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...],
+              grid: SpatialGrid | None = None) -> None:
+        """Keep ``(ΔLF, ΔHF)``; ``grid`` puts token outputs in image layout first (``Adapter.spatial_grid``)."""
+        if grid is not None:
+            uncond, cond = grid[0](uncond), grid[0](cond)
         self.delta = cfg.deltas(uncond, cond)
         self.delta_shape = shape
         self.scale = (1.0, 1.0)
@@ -237,12 +241,15 @@ class _CFGState:
     def usable(self, shape: tuple[int, ...]) -> bool:
         return self.delta is not None and self.delta_shape == shape
 
-    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, step: int, num_steps: int) -> torch.Tensor:
+    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, step: int, num_steps: int,
+                grid: SpatialGrid | None = None) -> torch.Tensor:
         """The unconditional output rebuilt from ``cond``; (choice) weights apply afresh unless ``compound``."""
         w1, w2 = cfg.weights(step, num_steps)
         if cfg.compound:
             w1, w2 = self.scale = (self.scale[0] * w1, self.scale[1] * w2)
-        return cfg.rebuild(cond, *self.delta, w1, w2)
+        if grid is None:
+            return cfg.rebuild(cond, *self.delta, w1, w2)
+        return grid[1](cfg.rebuild(grid[0](cond), *self.delta, w1, w2))
 
 
 def _take(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
@@ -466,13 +473,14 @@ class _Controller:
             ctx.half = True
             out = self._run(ctx, forward, *_slice_batch(args, kwargs, batch, cond_rows))
             cond = _sample_of(out)
-            uncond = state.rebuild(cfg, cond, ctx.step, self.num_steps)
+            uncond = state.rebuild(cfg, cond, ctx.step, self.num_steps, self.adapter.spatial_grid(args, kwargs))
             ctx.uncond_skipped.append(ctx.step)
             return _with_sample(out, torch.cat([cond, uncond] if ctx.cond_first else [uncond, cond]))
         out = self._run(ctx, forward, args, kwargs)
         if ctx.step in cfg.window_range(self.num_steps):  # only a step inside the window can use the delta
             sample = _sample_of(out)
-            state.store(cfg, sample[uncond_rows], sample[cond_rows], half_shape)
+            state.store(cfg, sample[uncond_rows], sample[cond_rows], half_shape,
+                        self.adapter.spatial_grid(args, kwargs))
         return out
 
     def _run_split(
@@ -486,7 +494,8 @@ class _Controller:
             return out
         cond = state.cond if state.cond is not None and state.cond[0] == ctx.step and state.cond[2] == shape else None
         if cond is not None and cfg.skips(ctx.step, self.num_steps) and state.usable(shape):
-            uncond = state.rebuild(cfg, _sample_of(cond[1]), ctx.step, self.num_steps)
+            uncond = state.rebuild(cfg, _sample_of(cond[1]), ctx.step, self.num_steps,
+                                   self.adapter.spatial_grid(args, kwargs))
             ctx.uncond_skipped.append(ctx.step)
             modules = sum(self._module_flops(i, sh) for i, sh in ctx.call_shapes.items())
             ctx.full_flops += modules
@@ -494,7 +503,7 @@ class _Controller:
             return _with_sample(cond[1], uncond)
         out = self._run(ctx, forward, args, kwargs)
         if cond is not None and ctx.step in cfg.window_range(self.num_steps):
-            state.store(cfg, _sample_of(out), _sample_of(cond[1]), shape)
+            state.store(cfg, _sample_of(out), _sample_of(cond[1]), shape, self.adapter.spatial_grid(args, kwargs))
         return out
 
     # -- the cached modules ---------------------------------------------------------------------

@@ -67,6 +67,16 @@ class Adapter:
         equal (``relcache.shared``). The default: none."""
         return []
 
+    def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
+        """For CFG-Cache's 2-D FFT over image space: a pair of functions turning the transformer's output into a
+        ``(..., H, W)`` layout and back, for models whose output is a token sequence (FLUX). None (the default):
+        the output already ends with its two spatial axes."""
+        return None
+
+
+#: (to the ``(..., H, W)`` layout, back to the model's layout)
+SpatialGrid = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
 
 _ADAPTERS: list[Adapter] = []
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, CachedModule, modules_of_blocks, register_adapter
+from .base import Adapter, CachedModule, SpatialGrid, modules_of_blocks, register_adapter
 
 
 def hidden_and_encoder_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +51,31 @@ class FluxAdapter(Adapter):
         dual = modules_of_blocks(model.transformer_blocks, "transformer_blocks", DUAL_BLOCK_MODULES)
         single = modules_of_blocks(model.single_transformer_blocks, "single_transformer_blocks", SINGLE_BLOCK_MODULES)
         return with_joint_inputs(dual) + single
+
+    def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
+        """FLUX outputs packed tokens ``(B, h·w, C)`` in row-major order of the latent grid, whose row and column
+        are columns 1 and 2 of ``img_ids``: CFG-Cache's FFT runs over ``(h, w)``. None where ``img_ids`` does not
+        describe exactly the output's tokens (e.g. reference-image tokens appended by Kontext): the FFT then
+        runs over the output's last two axes. Reads two numbers from ``img_ids`` (a host sync on a GPU), only at
+        CFG-Cache's store and rebuild steps."""
+        ids = kwargs.get("img_ids")
+        if not isinstance(ids, torch.Tensor) or ids.ndim not in (2, 3) or ids.shape[-1] < 3:
+            return None
+        ids = ids[0] if ids.ndim == 3 else ids  # older diffusers gave img_ids a batch dimension
+        h, w = (int(v) + 1 for v in ids[:, 1:3].amax(dim=0).tolist())
+        tokens = ids.shape[0]
+        if h * w != tokens:
+            return None
+
+        def to_grid(x: torch.Tensor) -> torch.Tensor:
+            if x.ndim != 3 or x.shape[1] != tokens:
+                raise ValueError(f"expected FLUX tokens of shape (B, {tokens}, C), got {tuple(x.shape)}")
+            return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+        def to_tokens(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape[0], x.shape[1], h * w).transpose(1, 2)
+
+        return to_grid, to_tokens
 
 
 register_adapter(FluxAdapter())
