@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -64,7 +65,7 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from torch import nn
 
-from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
+from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, check_int
 from .flops import flop_counter
 from .methods.cfg_cache import CFGCache
 from .methods.config import CacheConfig
@@ -899,9 +900,12 @@ def begin_generation(obj: Any, num_steps: int | None = None) -> None:
     ``num_steps`` is the number of transformer calls per context in the generation; ``RFC(target_nfc=...)``
     needs it.
     """
+    if num_steps is not None:  # numpy and other integral types pass; floats, bools and values below 1 do not
+        integral = isinstance(num_steps, numbers.Integral) and not isinstance(num_steps, bool)
+        check_int("num_steps", int(num_steps) if integral else num_steps, 1)
     ctrl = _controller(obj)
     if ctrl is not None:
-        ctrl.begin_generation(num_steps, marked=True)
+        ctrl.begin_generation(int(num_steps) if num_steps is not None else None, marked=True)
 
 
 def stats(obj: Any) -> CacheStats:
