@@ -122,6 +122,7 @@ def test_cli_rejects_bad_budgets(capsys):
     (["bench", "--guidance", "nan"], "--guidance: must be a finite number, got nan"),
     (["bench", "--peers", "--steps", "20"], "--peers needs --steps 50"),
     (["analyze", "--order", "0"], "--order: invalid choice: 0"),
+    (["bench", "--only", "NoSuchMethod"], "--only NoSuchMethod matches no method; the labels are: FORA N=4,"),
 ])
 def test_cli_names_the_bad_option(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

@@ -149,7 +149,11 @@ def bench(args: argparse.Namespace) -> int:
 
         methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=args.guidance,
                                 sampler=None if args.model is None else sampler)
-    methods = select(methods, args.only)
+    chosen = select(methods, args.only)
+    if args.only and not chosen:
+        raise ConfigError(f"--only {' '.join(args.only)} matches no method; the labels are: "
+                          + ", ".join(m.label for m in methods))
+    methods = chosen
     result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.batch_size,
                        seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance, evaluator=evaluator,
                        real_images=real, count_flops=not args.no_flops)
