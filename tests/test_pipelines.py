@@ -132,3 +132,27 @@ def test_flux_true_cfg_cache_splits_bands_over_the_image():
         stats = relcache.stats(pipe)
     assert stats.contexts["uncond"].uncond_skipped_steps == [1, 2, 4, 5, 7]
     assert seen and set(seen) == {(1, 8, 8, 8)}  # 32x32 image -> 16x16 latents -> 8x8 cells of 2x2 patches
+
+
+def test_sd3_skip_layer_guidance_calls_are_left_alone():
+    """SD3.5's skip-layer guidance calls the transformer a second time at some steps (with ``skip_layers``): that
+    call is the plain model and counts no step, so the budget holds and every-step-full stays exact."""
+    from test_models import sd3_kwargs, sd3_pipe
+
+    pipe = sd3_pipe()
+    kwargs = dict(num_inference_steps=10, output_type="latent", skip_guidance_layers=[1],
+                  skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.6, **sd3_kwargs())
+    calls: list[int] = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(0))
+
+    def run() -> torch.Tensor:
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    ref = run()
+    assert len(calls) == 15  # 10 steps, 5 of them with the extra pass
+    with relcache.cached(pipe, RFC(target_nfc=5)):
+        run()
+        stats = relcache.stats(pipe)
+        assert stats.num_steps == 10 and stats.nfc == 5
+    with relcache.cached(pipe, relcache.FORA(1, 1)):
+        assert torch.equal(run(), ref)

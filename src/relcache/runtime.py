@@ -765,6 +765,8 @@ class _StepHook(ModelHook):
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.ctrl.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
+            return self.fn_ref.original_forward(*args, **kwargs)
         self._start(args, kwargs)
         try:
             return self.ctrl.run_call(self.fn_ref.original_forward, args, kwargs)

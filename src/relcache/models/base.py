@@ -67,6 +67,11 @@ class Adapter:
         equal (``relcache.shared``). The default: none."""
         return []
 
+    def extra_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this transformer call is an extra call within a step that caching must leave alone (SD3's
+        skip-layer guidance pass): it runs as the plain model, counts no step and touches no cache."""
+        return False
+
     def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
         """For CFG-Cache's 2-D FFT over image space: a pair of functions turning the transformer's output into a
         ``(..., H, W)`` layout and back, for models whose output is a token sequence (FLUX). None (the default):

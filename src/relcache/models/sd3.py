@@ -9,6 +9,8 @@ is discarded by the block: it is still returned by ``attn``, so it is cached too
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..errors import ConfigError
@@ -31,6 +33,10 @@ class SD3Adapter(Adapter):
                 "disable it before enabling relcache"
             )
         return with_joint_inputs(modules_of_blocks(model.transformer_blocks, "transformer_blocks", SD3_BLOCK_MODULES))
+
+    def extra_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """SD3.5's skip-layer guidance calls the transformer a second time at some steps, with ``skip_layers``."""
+        return kwargs.get("skip_layers") is not None
 
 
 register_adapter(SD3Adapter())
