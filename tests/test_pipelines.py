@@ -3,6 +3,8 @@ end of each call (tiny pipelines built offline, as in test_models)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -22,12 +24,12 @@ import relcache  # noqa: E402
 from relcache import RFC, TaylorSeer  # noqa: E402
 
 
-def dit_pipe() -> DiTPipeline:
+def dit_pipe(scheduler: DDIMScheduler | None = None) -> DiTPipeline:
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
                         norm_num_groups=4, sample_size=8).eval()
-    pipe = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=DDIMScheduler())
+    pipe = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=scheduler or DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -57,6 +59,26 @@ def test_a_scheduler_swapped_after_enable_starts_its_own_generations():
     for scheduler in (old, pipe.scheduler):  # both restored
         assert "set_timesteps" not in vars(scheduler) and "set_begin_index" not in vars(scheduler)
     assert "maybe_free_model_hooks" not in vars(pipe)
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_a_scheduler_shared_by_two_enabled_pipelines_is_restored_in_any_order(first):
+    """Each controller unlinks its own wrapper wherever it sits in the chain: disabling one pipeline keeps the other
+    told of its schedules, and after both the scheduler is as before. A deep copy of a patched scheduler is its own."""
+    scheduler = DDIMScheduler()
+    pipes = {"a": dit_pipe(scheduler), "b": dit_pipe(scheduler)}
+    for pipe in pipes.values():
+        relcache.enable(pipe, TaylorSeer(3))
+    before = len(scheduler.timesteps)
+    twin = copy.deepcopy(scheduler)
+    twin.set_timesteps(20)
+    assert len(twin.timesteps) == 20 and len(scheduler.timesteps) == before
+    relcache.disable(pipes[first])
+    other = pipes["b" if first == "a" else "a"]
+    other([1, 7], num_inference_steps=6, output_type="np")
+    assert relcache.stats(other).num_steps == 6 and relcache.stats(other).full_steps == [0, 1, 4]
+    relcache.disable(other)
+    assert not {"set_timesteps", "set_begin_index"} & set(vars(scheduler))
 
 
 def test_img2img_budget_counts_the_steps_that_run():

@@ -54,6 +54,7 @@ CFG-Cache (``CacheConfig.cfg_cache``), the unconditional half of classifier-free
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import numbers
@@ -343,6 +344,44 @@ def _rel_l1(pred: torch.Tensor, true: torch.Tensor) -> float:
     return float((sample_norm(pred - true, 1) / den).mean())
 
 
+class _Patch:
+    """A method wrapper set on one object (a scheduler or pipeline): calls the method, then ``after(obj)``.
+
+    Wrappers of several controllers sharing one object chain, and each unlinks itself wherever it sits
+    (``unlink``), so any order of ``disable`` restores the object. A deep copy of the object (some pipelines copy
+    their scheduler) gets the unwrapped method, bound to the copy, not a wrapper acting on the original.
+    """
+
+    def __init__(self, obj: Any, name: str, after: Callable[[Any], None], owner: object) -> None:
+        self.obj, self.name, self.after, self.owner = obj, name, after, owner
+        self.had_attr = name in vars(obj)  # whether ``next`` is an instance attribute (else the class's method)
+        self.next = getattr(obj, name)
+        functools.update_wrapper(self, self.next, updated=())  # name and docstring; not another _Patch's fields
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.next(*args, **kwargs)
+        self.after(self.obj)
+        return result
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self.next, memo)
+
+    @staticmethod
+    def unlink(obj: Any, name: str, owner: object) -> None:
+        """Remove ``owner``'s wrapper from ``obj.name``'s chain; the method is as before once no wrapper is left."""
+        prev, cur = None, vars(obj).get(name)
+        while isinstance(cur, _Patch):
+            if cur.owner is owner:
+                if prev is not None:
+                    prev.next, prev.had_attr = cur.next, cur.had_attr
+                elif cur.had_attr:
+                    setattr(obj, name, cur.next)
+                else:
+                    vars(obj).pop(name, None)
+                return
+            prev, cur = cur, cur.next
+
+
 class _Controller:
     """Everything relcache attaches to one model: config, modules, hooks and per-context state."""
 
@@ -368,7 +407,7 @@ class _Controller:
         self._attached: list[tuple[nn.Module, str, bool]] = []  # (module, hook name, registry existed before)
         self._pipeline: Any = None  # enabled on a pipeline: its scheduler is watched for a swap
         self._scheduler: Any = None  # the scheduler whose methods are patched
-        self._patches: list[tuple[Any, str, bool, Any]] = []  # (object, attribute, was an instance attr, original)
+        self._patches: list[tuple[Any, str]] = []  # (object, method name) wrapped by a _Patch of this controller
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self._shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
 
@@ -649,28 +688,17 @@ class _Controller:
         registry.register_hook(hook, name)
 
     def _patch(self, obj: Any, name: str, after: Callable[[Any], None]) -> None:
-        """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``detach`` restores it."""
-        original = getattr(obj, name, None)
-        if not callable(original):
+        """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``detach`` unlinks the wrapper."""
+        if not callable(getattr(obj, name, None)):
             return
-        self._patches.append((obj, name, name in vars(obj), original))
-
-        @functools.wraps(original)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            after(obj)
-            return result
-
-        setattr(obj, name, wrapped)
+        patch = _Patch(obj, name, after, self)
+        setattr(obj, name, patch)
+        self._patches.append((obj, name))
 
     def _unpatch(self, obj: Any) -> None:
-        """Restore every method of ``obj`` that ``_patch`` wrapped."""
-        for entry in reversed([e for e in self._patches if e[0] is obj]):
-            _, name, had_attr, original = entry
-            if had_attr:
-                setattr(obj, name, original)
-            else:
-                vars(obj).pop(name, None)
+        """Unlink this controller's wrappers of ``obj``'s methods, wherever they sit in a chain of wrappers."""
+        for entry in [e for e in self._patches if e[0] is obj]:
+            _Patch.unlink(obj, entry[1], self)
             self._patches.remove(entry)
 
     def _patch_scheduler(self, scheduler: Any) -> None:
@@ -728,8 +756,8 @@ class _Controller:
             if hf_hook is not None:
                 add_hook_to_module(module, hf_hook)
         self._attached = []
-        for obj in list(dict.fromkeys(id(e[0]) for e in self._patches)):
-            self._unpatch(next(e[0] for e in self._patches if id(e[0]) == obj))
+        while self._patches:
+            self._unpatch(self._patches[0][0])
         self._scheduler = None
         self._pipeline = None
         root = getattr(self.model, "_diffusers_hook", None)
