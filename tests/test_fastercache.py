@@ -348,3 +348,14 @@ def test_guidance_stopping_within_a_generation(dit):
     with relcache.cached(dit, dataclasses.replace(RFC(target_nfc=5), cfg_cache=cfg)):
         loop()
         assert relcache.stats(dit).nfc == 5
+    # half the batch is the conditional half: its module states continue, so after the change a module runs only
+    # at the schedule's full steps (FORA(3): 0, 1, 4, 7), not at 6 as well for want of a state
+    runs: list[int] = []
+    inner = dit.transformer_blocks[0].ff.net[0]  # runs only when the feed-forward is computed, not predicted
+    inner.register_forward_hook(lambda *_: runs.append(len(outs_seen)))
+    outs_seen: list[int] = []
+    dit.register_forward_hook(lambda *_: outs_seen.append(0))
+    with relcache.cached(dit, dataclasses.replace(FORA(3), cfg_cache=cfg)):
+        loop()
+        assert relcache.stats(dit).full_steps == [0, 1, 4, 7]
+    assert runs == [0, 1, 4, 7]

@@ -122,7 +122,13 @@ def test_flux_tokens_take_their_image_layout_for_cfg_cache():
     for c, dy, dx, i, j in ((0, 0, 0, 0, 0), (1, 1, 0, 1, 2), (2, 1, 1, 0, 1)):
         assert torch.equal(grid[:, c * 4 + 2 * dy + dx, i, j], latents[:, c, 2 * i + dy, 2 * j + dx])
     assert torch.equal(to_tokens(grid), tokens)
-    assert FluxAdapter().spatial_grid((), {"img_ids": ids[:5]}) is None  # ids not covering a grid: last two axes
+    # ids that are not one row-major grid of the output's tokens: the FFT stays on the last two axes
+    assert FluxAdapter().spatial_grid((), {"img_ids": ids[:5]}) is None
+    square = FluxPipeline._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32)
+    reference = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)[4:]
+    reference[:, 0] = 1  # Kontext-style: a target grid of 2x2 and reference tokens, 16 tokens as if 4x4
+    assert FluxAdapter().spatial_grid((), {"img_ids": torch.cat([square, reference])}) is None
+    assert FluxAdapter().spatial_grid((), {"img_ids": ids.to("meta")}) is None
 
 
 def test_flux_true_cfg_cache_splits_bands_over_the_image():

@@ -221,9 +221,12 @@ def test_bad_input_errors_and_model_left_usable(dit):
     relcache.enable(dit, RFC(target_nfc=10))
     with pytest.raises(ConfigError, match="target_nfc must be <= the number of steps"):
         run_loop(dit, x, y, steps=6)
-    for bad in (0, 2.5, True, "12"):
+    for bad in (0, 2.5, True, "12", torch.tensor(2.0)):
         with pytest.raises(ConfigError, match=r"num_steps must be an integer >= 1, got "):
             relcache.begin_generation(dit, bad)
+    relcache.begin_generation(dit, torch.tensor(12))  # an integer tensor, e.g. from len(timesteps) arithmetic
+    run_loop(dit, x, y, begin=False)
+    assert relcache.stats(dit).nfc == 10
     relcache.disable(dit)
     assert {name: set(vars(m)) for name, m in dit.named_modules()} == attrs
     for a, b in zip(run_loop(dit, x, y), ref, strict=True):

@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive, default=100, help="number of samples (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
     p.add_argument("--steps", type=_at_least_2, default=50,
-                   help="DDIM steps; with other than 50, each budget takes the interval whose NFC over these steps "
-                   "is closest, and RFC aims at that NFC (default: %(default)s)")
+                   help="DDIM steps; with other than 50 each budget keeps the paper's interval, and RFC aims at "
+                   "that interval's NFC over these steps (default: %(default)s)")
     p.add_argument("--guidance", type=_finite, default=1.5, help="CFG scale (default: %(default)s)")
     p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

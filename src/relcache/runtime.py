@@ -30,7 +30,8 @@ CFG-Cache (``CacheConfig.cfg_cache``), the unconditional half of classifier-free
   "cond"/"uncond"): a call is a CFG batch when its batch is even and the two halves of its ``hidden_states`` are
   equal, as every diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a context's
   first call of a generation. (choice) A later call with another batch size (guidance stopped within the
-  generation) is a plain call: no half is skipped and its modules keep one state for the whole batch. Anything
+  generation) is a plain call: no half is skipped; a call of half the batch (guidance dropped) continues the
+  conditional half's module states, any other batch keeps one state for the whole batch. Anything
   else (guidance scale 1, or a batch of different latents) leaves CFG-Cache inert, exactly the config without it.
   At a step that skips the unconditional half, every tensor argument whose first dimension is the batch
   (top-level, or one level down in a dict argument; never tuples, ``img_ids`` or ``txt_ids``) is sliced to the
@@ -167,7 +168,7 @@ class _Context:
         self.module_errors: dict[int, dict[int, float]] = {}
         self.cfg_batch: bool | None = None  # CFG-Cache on a CFG batch (decided at the first call)
         self.cfg_rows = 0  # the batch size of that first call
-        self.plain = False  # this call's batch is not the CFG batch (guidance stopped): one part, no CFG-Cache
+        self.plain: str | None = None  # a call whose batch is not the CFG batch: its one part ("cond" or "all")
         self.cond_first = False
         self.half = False  # this step runs only the conditional half of a CFG batch
         self.uncond_skipped: list[int] = []
@@ -179,8 +180,10 @@ class _Context:
 
     def parts(self, rows: int) -> list[tuple[str, slice | None]]:
         """The row groups of a cached module's ``rows``-row batch that keep separate predictor states."""
-        if not self.cfg_batch or self.plain:
+        if not self.cfg_batch:
             return [("all", None)]
+        if self.plain is not None:
+            return [(self.plain, None)]
         if self.half:
             return [("cond", None)]
         if rows % 2:
@@ -450,7 +453,7 @@ class _Controller:
         ctx.last_timestep = timestep
         ctx.decided = False
         ctx.half = False
-        ctx.plain = False
+        ctx.plain = None
         self.current = ctx
 
     # -- one transformer call -------------------------------------------------------------------
@@ -501,7 +504,8 @@ class _Controller:
         if not ctx.cfg_batch:
             return self._run(ctx, forward, args, kwargs)
         if batch != ctx.cfg_rows:  # (choice) guidance stopped or changed within the generation: a plain call
-            ctx.plain = True
+            # half the batch: guidance dropped the unconditional half, so the conditional half's states continue
+            ctx.plain = "cond" if 2 * batch == ctx.cfg_rows else "all"
             return self._run(ctx, forward, args, kwargs)
         half = batch // 2
         cond_rows, uncond_rows = (slice(0, half), slice(half, batch))
@@ -930,7 +934,9 @@ def begin_generation(obj: Any, num_steps: int | None = None) -> None:
     ``num_steps`` is the number of transformer calls per context in the generation; ``RFC(target_nfc=...)``
     needs it.
     """
-    if num_steps is not None:  # numpy and other integral types pass; floats, bools and values below 1 do not
+    if num_steps is not None:  # numpy, 0-d integer tensors and other integral types pass; floats and bools do not
+        if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
+            num_steps = num_steps.item()
         integral = isinstance(num_steps, numbers.Integral) and not isinstance(num_steps, bool)
         check_int("num_steps", int(num_steps) if integral else num_steps, 1)
     ctrl = _controller(obj)

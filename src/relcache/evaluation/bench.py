@@ -69,7 +69,7 @@ class BenchMethod:
     label: str
     config: CacheConfig | None = None
     peer: Peer | None = None
-    budget: int | None = None  # the NFC it aims at, for grouping
+    budget: int | None = None  # the budget it belongs to (NFC of 50 steps), for grouping
     unavailable: str | None = None  # why a peer cannot run: the row says so
 
     @property

@@ -55,17 +55,20 @@ class FluxAdapter(Adapter):
     def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
         """FLUX outputs packed tokens ``(B, h·w, C)`` in row-major order of the latent grid, whose row and column
         are columns 1 and 2 of ``img_ids``: CFG-Cache's FFT runs over ``(h, w)``. None where ``img_ids`` does not
-        describe exactly the output's tokens (e.g. reference-image tokens appended by Kontext): the FFT then
-        runs over the output's last two axes. Reads two numbers from ``img_ids`` (a host sync on a GPU), only at
-        CFG-Cache's store and rebuild steps."""
+        describe exactly one row-major grid of the output's tokens (e.g. reference-image tokens appended by
+        Kontext): the FFT then runs over the output's last two axes. Copies ``img_ids`` to the host (a sync on a
+        GPU), only at CFG-Cache's store and rebuild steps."""
         ids = kwargs.get("img_ids")
-        if not isinstance(ids, torch.Tensor) or ids.ndim not in (2, 3) or ids.shape[-1] < 3:
+        if not isinstance(ids, torch.Tensor) or ids.ndim not in (2, 3) or ids.shape[-1] < 3 or ids.is_meta:
             return None
-        ids = ids[0] if ids.ndim == 3 else ids  # older diffusers gave img_ids a batch dimension
-        h, w = (int(v) + 1 for v in ids[:, 1:3].amax(dim=0).tolist())
+        ids = (ids[0] if ids.ndim == 3 else ids).detach().to("cpu")  # older diffusers gave img_ids a batch dim
         tokens = ids.shape[0]
+        h, w = (int(v) + 1 for v in ids[:, 1:3].amax(dim=0).tolist()) if tokens else (0, 0)
         if h * w != tokens:
             return None
+        grid = torch.stack([torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)], dim=1)
+        if not torch.equal(ids[:, 1:3].long(), grid) or not (ids[:, 0] == ids[0, 0]).all():
+            return None  # not one row-major grid (e.g. Kontext's reference-image tokens appended)
 
         def to_grid(x: torch.Tensor) -> torch.Tensor:
             if x.ndim != 3 or x.shape[1] != tokens:

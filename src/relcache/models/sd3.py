@@ -36,7 +36,7 @@ class SD3Adapter(Adapter):
 
     def extra_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """SD3.5's skip-layer guidance calls the transformer a second time at some steps, with ``skip_layers``."""
-        return kwargs.get("skip_layers") is not None
+        return bool(kwargs.get("skip_layers"))
 
 
 register_adapter(SD3Adapter())
