@@ -324,12 +324,8 @@ def _fraction(num: float, den: float) -> float:
     return num / den if den > 0 else float("nan")
 
 
-def _as_float(t: Any, marked: bool = False) -> float | None:
-    """The timestep as a number, or None. Once a generation was ``marked`` it is None on every device: the
-    value only serves to notice unmarked new generations, and reading a tensor on an accelerator is a host sync
-    (device-dependent rules would also make a marked loop behave differently on CPU and GPU)."""
-    if marked:
-        return None
+def _as_float(t: Any) -> float | None:
+    """The timestep as a number, or None."""
     if isinstance(t, torch.Tensor):
         return float(t.reshape(-1)[0]) if t.numel() else None
     if isinstance(t, (int, float)):
@@ -356,7 +352,7 @@ class _Patch:
     """
 
     def __init__(self, obj: Any, name: str, after: Callable[[Any], None], owner: object) -> None:
-        self.obj, self.name, self.after, self.owner = obj, name, after, owner
+        self.obj, self.after, self.owner = obj, after, owner
         self.had_attr = name in vars(obj)  # whether ``next`` is an instance attribute (else the class's method)
         self.next = getattr(obj, name)
         functools.update_wrapper(self, self.next, updated=())  # name and docstring; not another _Patch's fields
@@ -399,7 +395,7 @@ class _Controller:
         self.record_errors = record_errors
         self.num_steps: int | None = None
         self._ended = False  # the last generation ended: the next step starts a new one
-        self.marked = False  # a generation was marked (scheduler or begin_generation): device timesteps stay unread
+        self.marked = False  # a generation was marked (scheduler or begin_generation): timesteps stay unread
         self.contexts: dict[str, _Context] = {}
         self.current: _Context | None = None
         self.flops: dict[tuple[int, tuple[int, ...]], float] = {}
@@ -732,7 +728,7 @@ class _Controller:
             if self._scheduler is not None:
                 self._unpatch(self._scheduler)
             self._patch_scheduler(scheduler)
-            self.begin_generation(_steps_to_run(scheduler), marked=True)
+            self._new_schedule(scheduler)
 
     def detach(self) -> None:
         """Remove every hook and patch, leaving modules exactly as they were."""
@@ -811,7 +807,10 @@ class _StepHook(ModelHook):
         name = context.name if context is not None else DEFAULT_CONTEXT
         step_index = getattr(context, "step_index", None) if context is not None else None
         self.ctrl.check_scheduler()
-        timestep = _as_float(self.ctrl.adapter.timestep_of(args, kwargs), self.ctrl.marked)
+        # The timestep only serves to notice unmarked new generations: once one was marked it is not read on any
+        # device (on an accelerator reading it is a host sync; a device-dependent rule would make a marked loop
+        # behave differently on CPU and GPU).
+        timestep = None if self.ctrl.marked else _as_float(self.ctrl.adapter.timestep_of(args, kwargs))
         self.ctrl.start_step(name, step_index, timestep)
 
     @torch.compiler.disable
@@ -937,11 +936,12 @@ def begin_generation(obj: Any, num_steps: int | None = None) -> None:
     if num_steps is not None:  # numpy, 0-d integer tensors and other integral types pass; floats and bools do not
         if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
             num_steps = num_steps.item()
-        integral = isinstance(num_steps, numbers.Integral) and not isinstance(num_steps, bool)
-        check_int("num_steps", int(num_steps) if integral else num_steps, 1)
+        if isinstance(num_steps, numbers.Integral) and not isinstance(num_steps, bool):
+            num_steps = int(num_steps)
+        check_int("num_steps", num_steps, 1)
     ctrl = _controller(obj)
     if ctrl is not None:
-        ctrl.begin_generation(int(num_steps) if num_steps is not None else None, marked=True)
+        ctrl.begin_generation(num_steps, marked=True)
 
 
 def stats(obj: Any) -> CacheStats:
