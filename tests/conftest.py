@@ -36,18 +36,23 @@ def dit() -> DiTTransformer2DModel:
     return tiny_dit()
 
 
-@pytest.fixture
-def pipe() -> DiTPipeline:
+def dit_pipe(scheduler: DDIMScheduler | None = None) -> DiTPipeline:
+    """A DiTPipeline around ``tiny_dit`` with a tiny VAE; DDIM unless ``scheduler`` is given."""
     torch.manual_seed(0)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
         sample_size=8,
     ).eval()
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     pipeline = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture
+def pipe() -> DiTPipeline:
+    return dit_pipe()
 
 
 def run_loop(model, x, labels, steps=12, begin=True, timesteps=None):

@@ -133,7 +133,7 @@ def test_cli_names_the_bad_option(capsys, argv, message):
 def test_cli_bench_on_a_local_pipeline_directory(tmp_path, capsys):
     """``--model DIR``: caching is enabled on the bare transformer, so the sampler announces the steps (RFC's target
     NFC needs them; every RFC row used to fail with 'target_nfc needs the number of steps')."""
-    from test_pipelines import dit_pipe
+    from conftest import dit_pipe
 
     dit_pipe().save_pretrained(tmp_path / "dit")
     out = tmp_path / "bench"

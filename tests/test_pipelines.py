@@ -10,11 +10,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import run_loop, tiny_dit  # noqa: E402
+from conftest import dit_pipe, run_loop  # noqa: E402
 from diffusers import (  # noqa: E402
-    AutoencoderKL,
     DDIMScheduler,
-    DiTPipeline,
     DPMSolverMultistepScheduler,
     FluxImg2ImgPipeline,
 )
@@ -22,16 +20,6 @@ from test_models import flux_kwargs, flux_pipe  # noqa: E402
 
 import relcache  # noqa: E402
 from relcache import RFC, TaylorSeer  # noqa: E402
-
-
-def dit_pipe(scheduler: DDIMScheduler | None = None) -> DiTPipeline:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
-                        norm_num_groups=4, sample_size=8).eval()
-    pipe = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=scheduler or DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def held_states(pipe) -> int:
