@@ -13,6 +13,7 @@ unconditional half of classifier-free guidance to any of them.
 """
 
 from . import models  # noqa: F401  (registers the model adapters)
+from .api import begin_generation, cached, disable, enable, is_enabled, stats
 from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
 from .methods import (
     FORA,
@@ -29,7 +30,7 @@ from .methods import (
     TaylorSeer,
 )
 from .models import CustomAdapter
-from .runtime import CacheStats, ContextStats, begin_generation, cached, disable, enable, is_enabled, stats
+from .runtime import CacheStats, ContextStats
 
 __version__ = "0.1.0"
 

@@ -63,7 +63,7 @@ def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Any]:
     """(transformer, sampler) of a local DiTPipeline directory; samples are mapped to [-1, 1]."""
     from diffusers import DiTPipeline
 
-    from .runtime import begin_generation
+    from .api import begin_generation
 
     pipe = DiTPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)

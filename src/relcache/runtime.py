@@ -54,12 +54,10 @@ CFG-Cache (``CacheConfig.cfg_cache``), the unconditional half of classifier-free
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
-import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -67,13 +65,12 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from torch import nn
 
-from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, check_int
 from .flops import flop_counter
 from .methods.cfg_cache import CFGCache
 from .methods.config import CacheConfig
-from .methods.history import sample_norm
+from .methods.history import relative_l1
 from .methods.predictors import PredictorState
-from .models.base import Adapter, CachedModule, SpatialGrid, find_adapter, first_tensor_input
+from .models.base import Adapter, CachedModule, SpatialGrid, first_tensor_input
 from .shared import SharedGroup, SharedHook
 
 _ATTR = "_relcache"
@@ -338,11 +335,6 @@ def _paired(inps: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
     return inps[j] if len(inps) == n_out else inps[0]
 
 
-def _rel_l1(pred: torch.Tensor, true: torch.Tensor) -> float:
-    den = sample_norm(true, 1).clamp_min(torch.finfo(torch.float32).tiny)
-    return float((sample_norm(pred - true, 1) / den).mean())
-
-
 class _Patch:
     """A method wrapper set on one object (a scheduler or pipeline): calls the method, then ``after(obj)``.
 
@@ -595,7 +587,7 @@ class _Controller:
         if self.record_errors:
             true = original(*args, **kwargs)
             trues = true if isinstance(true, tuple) else (true,)
-            ctx.module_errors.setdefault(idx, {})[ctx.step] = _rel_l1(preds[0], trues[0])
+            ctx.module_errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0])
         return tuple(preds) if ctx.tuple_out.get(idx, False) else preds[0]
 
     def _measured(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -836,15 +828,6 @@ class _ModuleHook(ModelHook):
         return self.ctrl.module_forward(self.idx, self.fn_ref.original_forward, args, kwargs)
 
 
-# -- public API -------------------------------------------------------------------------------------
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs: relcache's state lives there, so
-    ``begin_generation``, ``stats`` and ``disable`` work on the compiled object as on the model."""
-    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
-        module = module._orig_mod
-    return module
-
-
 def _steps_to_run(scheduler: Any) -> int | None:
     """Transformer calls per context the scheduler's timesteps will take: those from its begin index on."""
     timesteps = getattr(scheduler, "timesteps", None)
@@ -852,101 +835,3 @@ def _steps_to_run(scheduler: Any) -> int | None:
         return None
     begin = getattr(scheduler, "begin_index", None) or 0
     return max(len(timesteps) - int(begin), 0)
-
-
-def _resolve(obj: Any) -> tuple[nn.Module, Any]:
-    """(transformer, the pipeline or None) of a pipeline or a bare model, either possibly compiled."""
-    if isinstance(obj, nn.Module):
-        return _unwrap(obj), None
-    transformer = getattr(obj, "transformer", None)
-    if isinstance(transformer, nn.Module):
-        return _unwrap(transformer), obj
-    raise TypeError(
-        f"expected a diffusers pipeline with a .transformer or a transformer nn.Module, got {type(obj).__name__}"
-    )
-
-
-def _controller(obj: Any) -> _Controller | None:
-    model, _ = _resolve(obj)
-    return vars(model).get(_ATTR)
-
-
-def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False) -> None:
-    """Turn caching on for a diffusers pipeline or transformer.
-
-    ``adapter`` overrides the automatic choice (for your own models). ``record_errors`` (analysis only)
-    also runs every cached module at cached steps and records the relative L1 error of each prediction
-    against it, so it saves no time.
-    """
-    if not isinstance(config, CacheConfig):
-        raise ConfigError(
-            f"config must be a relcache.CacheConfig (e.g. relcache.RFC(target_nfc=14)), got {type(config).__name__}"
-        )
-    model, pipeline = _resolve(obj)
-    if _controller(model) is not None:
-        raise AlreadyEnabledError(
-            f"relcache is already enabled on this {type(model).__name__}; call relcache.disable first"
-        )
-    chosen = find_adapter(model, adapter)
-    modules = chosen.cached_modules(model)
-    if config.modules is not None:
-        modules = [m for m in modules if m.kind in config.modules]
-    if not modules:
-        raise ConfigError(f"no module of the kinds {config.modules} in {type(model).__name__}")
-    ctrl = _Controller(model, config, modules, chosen, record_errors)
-    try:
-        ctrl.attach(pipeline)
-    except BaseException:
-        ctrl.detach()
-        raise
-    vars(model)[_ATTR] = ctrl
-
-
-def disable(obj: Any) -> None:
-    """Turn caching off; the model is exactly as before ``enable``."""
-    model, _ = _resolve(obj)
-    ctrl = _controller(model)
-    if ctrl is None:
-        raise NotEnabledError(f"relcache is not enabled on this {type(model).__name__}")
-    ctrl.detach()
-    del vars(model)[_ATTR]
-
-
-def is_enabled(obj: Any) -> bool:
-    """Whether relcache is enabled on ``obj``."""
-    return _controller(obj) is not None
-
-
-@contextlib.contextmanager
-def cached(obj: Any, config: CacheConfig, **kwargs: Any) -> Iterator[None]:
-    """``with relcache.cached(pipe, config): pipe(...)`` enables caching for the block only."""
-    enable(obj, config, **kwargs)
-    try:
-        yield
-    finally:
-        disable(obj)
-
-
-def begin_generation(obj: Any, num_steps: int | None = None) -> None:
-    """Mark the start of a new generation in a hand-written sampling loop (no-op when caching is off).
-
-    ``num_steps`` is the number of transformer calls per context in the generation; ``RFC(target_nfc=...)``
-    needs it.
-    """
-    if num_steps is not None:  # numpy, 0-d integer tensors and other integral types pass; floats and bools do not
-        if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
-            num_steps = num_steps.item()
-        if isinstance(num_steps, numbers.Integral) and not isinstance(num_steps, bool):
-            num_steps = int(num_steps)
-        check_int("num_steps", num_steps, 1)
-    ctrl = _controller(obj)
-    if ctrl is not None:
-        ctrl.begin_generation(num_steps, marked=True)
-
-
-def stats(obj: Any) -> CacheStats:
-    """What caching did in the last (or current) generation."""
-    ctrl = _controller(obj)
-    if ctrl is None:
-        raise NotEnabledError("relcache is not enabled on this object; nothing to report")
-    return ctrl.stats()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import runtime
+from .. import api
 from ..flops import flop_counter
 from ..methods import (
     FORA,
@@ -200,7 +200,7 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
               sampler_kwargs: dict[str, Any], count_flops: bool) -> tuple[torch.Tensor, float, float, float]:
     """(samples, seconds, NFC, FLOPs) of one generation with ``method`` attached to ``model``."""
     if method.config is not None:
-        runtime.enable(model, method.config)
+        api.enable(model, method.config)
     elif method.peer is not None:
         method.peer.attach(model)
     try:
@@ -214,7 +214,7 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
         seconds = time.perf_counter() - start
         steps = sampler_kwargs.get("num_steps", 50)
         if method.config is not None:
-            nfc = float(runtime.stats(model).nfc)
+            nfc = float(api.stats(model).nfc)
         elif method.peer is not None:  # measured by the peer where it can be (e.g. block executions)
             nfc = float(method.peer.nfc(model)) if hasattr(method.peer, "nfc") else math.nan
         else:
@@ -226,7 +226,7 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
             flops = float(counter.get_total_flops())
     finally:
         if method.config is not None:
-            runtime.disable(model)
+            api.disable(model)
         elif method.peer is not None:
             method.peer.detach(model)
     return samples, seconds, nfc, flops

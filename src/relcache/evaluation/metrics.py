@@ -8,13 +8,9 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from ..methods.history import sample_norm
+from ..methods.history import relative_l1
 
-
-def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over samples of ``‖x - ref‖₁ / ‖ref‖₁``."""
-    den = sample_norm(ref, 1).clamp_min(torch.finfo(torch.float32).tiny)
-    return float((sample_norm(x - ref, 1) / den).mean())
+__all__ = ["psnr", "relative_l1", "ssim"]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,17 @@ def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1, dtype=torch.float32)
 
 
+def sample_relative_l1(error: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample relative L1 ``‖error‖₁ / ‖ref‖₁`` in float32, shape ``(batch,)``; ``error`` is the difference
+    already formed (callers may build it in place). A zero ``ref`` divides by the smallest float32."""
+    return sample_norm(error, 1) / sample_norm(ref, 1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over samples of ``‖x - ref‖₁ / ‖ref‖₁``: the error measure of RCS, ``record_errors`` and the bench."""
+    return float(sample_relative_l1(x - ref, ref).mean())
+
+
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a ``(batch,)`` vector so it broadcasts over ``like`` sample by sample."""
     return v.reshape(v.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)

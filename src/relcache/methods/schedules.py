@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_int
-from .history import DiffHistory, sample_norm
+from .history import DiffHistory, sample_relative_l1
 from .predictors import MAX_ORDER
 
 #: target-NFC mode: the longest gap between full steps, in multiples of the even gap the rest of the budget allows
@@ -145,9 +145,8 @@ class InputError(Schedule):
         u = hist.direction(k, probe.dtype)
         base = hist.base(probe.dtype)
         # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast
-        num = sample_norm(probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe), 1)
-        den = sample_norm(probe, 1).clamp_min(torch.finfo(torch.float32).tiny)
-        return float((num / den).mean())
+        error = probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe)
+        return float(sample_relative_l1(error, probe).mean())
 
     def decide(self, state: InputErrorState, step: int, probe: torch.Tensor | None) -> bool:
         if probe is None:

@@ -53,7 +53,7 @@ def sample_digits(
     seed gives the same samples whatever the model's device. With ``guidance_scale <= 1`` each
     step is a single, un-doubled conditional call.
     """
-    from ...runtime import begin_generation  # a no-op when caching is off; tells target-NFC mode the steps
+    from ...api import begin_generation  # a no-op when caching is off; tells target-NFC mode the steps
 
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype

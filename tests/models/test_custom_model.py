@@ -179,7 +179,7 @@ def test_errors(model):
 
 def test_docs_example_runs():
     """The complete example in docs/custom-models.md runs as written."""
-    doc = (Path(__file__).parents[1] / "docs" / "custom-models.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "custom-models.md").read_text()
     code = re.search(r"```python\n(.*?)```", doc.split("## A complete example")[1], re.S).group(1)
     exec(compile(code, "custom-models.md", "exec"), {"__name__": "docs_example"})
 

@@ -95,14 +95,14 @@ def test_the_compiled_object_stands_for_the_model():
     assert not relcache.is_enabled(model)
 
 
-# -- the pipelines of test_models -------------------------------------------------------------------------------------
+# -- the pipelines of families.py -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tm():
-    """tests/test_models.py (its tiny pipelines), which needs transformers."""
+    """tests/families.py (the tiny pipelines), which needs transformers."""
     pytest.importorskip("transformers")
-    import test_models
+    import families
 
-    return test_models
+    return families
 
 
 def _cached(tm, case, config, prepare=None, enable_first=True):

@@ -1,5 +1,5 @@
 """A pipeline's lifecycle around caching: a scheduler swapped after enable, img2img's shortened schedule, and the
-end of each call (tiny pipelines built offline, as in test_models)."""
+end of each call (tiny pipelines built offline, as in families.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     FluxImg2ImgPipeline,
 )
-from test_models import flux_kwargs, flux_pipe  # noqa: E402
+from families import flux_kwargs, flux_pipe  # noqa: E402
 
 import relcache  # noqa: E402
 from relcache import RFC, TaylorSeer  # noqa: E402
@@ -124,7 +124,7 @@ def test_flux_true_cfg_cache_splits_bands_over_the_image():
     (tokens, channels)."""
     import dataclasses
 
-    from test_models import clip_pooled, t5_embeds
+    from families import clip_pooled, t5_embeds
 
     from relcache.methods.cfg_cache import CFGCache
 
@@ -153,7 +153,7 @@ def test_flux_true_cfg_cache_splits_bands_over_the_image():
 def test_sd3_skip_layer_guidance_calls_are_left_alone():
     """SD3.5's skip-layer guidance calls the transformer a second time at some steps (with ``skip_layers``): that
     call is the plain model and counts no step, so the budget holds and every-step-full stays exact."""
-    from test_models import sd3_kwargs, sd3_pipe
+    from families import sd3_kwargs, sd3_pipe
 
     pipe = sd3_pipe()
     kwargs = dict(num_inference_steps=10, output_type="latent", skip_guidance_layers=[1],
