@@ -23,7 +23,7 @@ from tqdm import tqdm
 import relcache
 from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
-from relcache.models.reference import load_evaluator, load_reference_transformer
+from relcache.evaluation.reference import load_evaluator, load_reference_transformer
 
 
 def main() -> None:

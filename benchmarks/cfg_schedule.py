@@ -19,7 +19,7 @@ from common import generate, reference_parser
 
 import relcache
 from relcache.evaluation.metrics import relative_l1
-from relcache.models.reference import load_reference_transformer
+from relcache.evaluation.reference import load_reference_transformer
 
 
 def main() -> None:

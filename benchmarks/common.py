@@ -7,7 +7,7 @@ import argparse
 import torch
 
 import relcache
-from relcache.models.reference import sample_digits
+from relcache.evaluation.reference import sample_digits
 
 INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}  # Interval(N, 2) on 50 steps has NFC 14, 11, 10, 8, 7
 

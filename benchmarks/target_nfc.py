@@ -19,7 +19,7 @@ from common import generate, reference_parser
 import relcache
 from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
-from relcache.models.reference import load_evaluator, load_reference_transformer
+from relcache.evaluation.reference import load_evaluator, load_reference_transformer
 
 
 def tune_threshold(model: torch.nn.Module, labels: torch.Tensor, seed: int, budget: int, iters: int = 14) -> float:

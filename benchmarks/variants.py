@@ -23,7 +23,7 @@ import relcache
 from relcache import CacheConfig, Interval, Relational, Reuse, Taylor
 from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
-from relcache.models.reference import load_evaluator, load_reference_transformer
+from relcache.evaluation.reference import load_evaluator, load_reference_transformer
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from relcache.evaluation.digits import class_accuracy, digits_features, frechet_distance, load_digits_dataset
-from relcache.models.reference import WEIGHTS_DIR, load_evaluator, load_reference_transformer, sample_digits
+from relcache.evaluation.reference import WEIGHTS_DIR, load_evaluator, load_reference_transformer, sample_digits
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_row: int = 10) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from relcache.evaluation.digits import DigitsClassifier, class_accuracy, load_digits_dataset, random_shift
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/relcache/models/reference/weights"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/relcache/evaluation/reference/weights"
 
 
 def main() -> None:

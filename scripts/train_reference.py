@@ -49,7 +49,7 @@ from torch import nn
 
 from relcache.evaluation.digits import load_digits_dataset, random_shift
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "src/relcache/models/reference/weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "src/relcache/evaluation/reference/weights"
 NUM_CLASSES = 10
 
 

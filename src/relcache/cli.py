@@ -53,7 +53,7 @@ def _budget(value: str) -> int:
 def _reference() -> tuple[torch.nn.Module, Any, torch.nn.Module, torch.Tensor]:
     """(transformer, sampler, evaluator, real images) of the shipped reference model."""
     from .evaluation.digits import load_digits_dataset
-    from .models.reference import load_evaluator, load_reference_transformer, sample_digits
+    from .evaluation.reference import load_evaluator, load_reference_transformer, sample_digits
 
     real, _ = load_digits_dataset("all")
     return load_reference_transformer(), sample_digits, load_evaluator(), real

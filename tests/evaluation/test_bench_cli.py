@@ -11,8 +11,8 @@ from conftest import tiny_dit
 from relcache.cli import main
 from relcache.evaluation.analyze import analyze_trace, record_trace, save_analysis
 from relcache.evaluation.bench import FULL, BenchMethod, default_methods, interval_for, run_bench
+from relcache.evaluation.reference import sample_digits
 from relcache.methods import FORA, TaylorSeer
-from relcache.models.reference import sample_digits
 
 STEPS = 10
 

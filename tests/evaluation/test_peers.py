@@ -11,7 +11,7 @@ from torch import nn
 
 from relcache.evaluation import peers
 from relcache.evaluation.bench import BenchMethod, run_bench
-from relcache.models.reference import sample_digits
+from relcache.evaluation.reference import sample_digits
 
 STEPS = 10
 

@@ -17,7 +17,7 @@ from relcache.evaluation.digits import (
     load_digits_dataset,
     random_shift,
 )
-from relcache.models.reference import load_evaluator, load_reference_transformer, sample_digits
+from relcache.evaluation.reference import load_evaluator, load_reference_transformer, sample_digits
 
 PER_CLASS = 2  # 20 samples: the card's 500-sample accuracy leaves ample margin over the 90 % bar
 SEED = 0

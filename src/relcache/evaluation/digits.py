@@ -1,6 +1,6 @@
 """Offline evaluation on scikit-learn's bundled digits: a small CNN classifier and a digits-FID.
 
-The reference DiT (``relcache.models.reference``) generates 16x16 digits. To measure how much a
+The reference DiT (``relcache.evaluation.reference``) generates 16x16 digits. To measure how much a
 caching method degrades its samples without any network access we use:
 
 * ``class_accuracy``: the fraction of class-conditional samples the classifier assigns to the

@@ -295,7 +295,7 @@ def calibrate_mag_ratios(model: nn.Module, num_steps: int = 50, sampler: Sampler
     model's ``sample_digits`` (it works for any class-conditional DiT).
     """
     if sampler is None:
-        from ..models.reference import sample_digits as sampler
+        from .reference import sample_digits as sampler
     # one step more than the run: diffusers clears (and prints) the ratios after its last step
     config = MagCacheConfig(calibrate=True, num_inference_steps=num_steps + 1)
     peer = DiffusersCachePeer("MagCache calibration", lambda m: apply_mag_cache(m, config))
@@ -594,7 +594,7 @@ def calibrate_thresholds(model: nn.Module, make_peer: Callable[[float], Peer], t
 def _main() -> None:
     """Print the thresholds of ``REFERENCE_THRESHOLDS`` for the shipped reference model (one thread: several
     minutes on a busy 2-core CPU)."""
-    from ..models.reference import load_reference_transformer, sample_digits
+    from .reference import load_reference_transformer, sample_digits
 
     torch.set_num_threads(1)
     model = load_reference_transformer()

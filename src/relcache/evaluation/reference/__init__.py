@@ -19,7 +19,7 @@ from .sampler import make_ddim_scheduler, sample_digits
 if TYPE_CHECKING:
     from diffusers import DiTTransformer2DModel
 
-    from relcache.evaluation.digits import DigitsClassifier
+    from ..digits import DigitsClassifier
 
 REFERENCE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = REFERENCE_DIR / "weights"
@@ -56,7 +56,7 @@ def load_evaluator() -> DigitsClassifier:
     """Load the shipped digits classifier (float32, eval mode) used for class accuracy and digits-FID."""
     from safetensors.torch import load_file
 
-    from relcache.evaluation.digits import DigitsClassifier
+    from ..digits import DigitsClassifier
 
     config = json.loads(EVALUATOR_CONFIG.read_text())["config"]
     model = DigitsClassifier(**config)
