@@ -51,7 +51,7 @@ Sampler = Callable[..., torch.Tensor]
 
 
 class Peer(Protocol):
-    """Another library's cache applied to the same model (see ``evaluation/peers.py``)."""
+    """Another library's cache applied to the same model (see ``evaluation/peers``)."""
 
     label: str
 
