@@ -1,7 +1,7 @@
-"""Models: adapters that say which modules of a transformer to cache, and the shipped reference model.
+"""Models: adapters that say which modules of a transformer to cache, one file per model family.
 
-Every module in this folder (except ``base`` and the ``reference`` package) is imported here, and each
-registers its adapter on import, so adding a model is adding one file.
+Every module in this folder except ``base`` is imported here (packages are not), and each registers its adapter
+on import, so adding a model family is adding one file (docs/custom-models.md).
 """
 
 import importlib

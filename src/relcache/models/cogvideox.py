@@ -11,22 +11,11 @@ joint sequence. The transformer returns ``(B, F, C, H, W)``.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import nn
 
-from .base import Adapter, CachedModule, register_adapter
+from .base import Adapter, CachedModule, modules_of_blocks, register_adapter, with_joint_inputs
 
-
-def video_and_text_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs of the joint attention, ``(norm_video, norm_text)``, paired with its ``(video_out, text_out)``."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if "encoder_hidden_states" in kwargs:
-        text = kwargs["encoder_hidden_states"]
-    else:
-        text = args[0 if "hidden_states" in kwargs else 1]
-    return hidden, text
+COGVIDEOX_BLOCK_MODULES = (("attn1", "attn"), ("ff", "mlp"))
 
 
 class CogVideoXAdapter(Adapter):
@@ -36,11 +25,8 @@ class CogVideoXAdapter(Adapter):
     cfg_cond_first = False  # CogVideoXPipeline: prompt_embeds = cat([negative_prompt_embeds, prompt_embeds])
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        out = []
-        for i, block in enumerate(model.transformer_blocks):
-            out.append(CachedModule(f"transformer_blocks.{i}.attn1", block.attn1, "attn", video_and_text_inputs))
-            out.append(CachedModule(f"transformer_blocks.{i}.ff", block.ff, "mlp"))
-        return out
+        modules = modules_of_blocks(model.transformer_blocks, "transformer_blocks", COGVIDEOX_BLOCK_MODULES)
+        return with_joint_inputs(modules, ("attn1",))  # attn1: (norm_video, norm_text), paired with its two outputs
 
 
 register_adapter(CogVideoXAdapter())

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ConfigError
-from .base import Adapter, CachedModule, modules_of_blocks, register_adapter
-
-BASIC_BLOCK_MODULES = (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "mlp"))
+from .base import BASIC_BLOCK_MODULES, Adapter, CachedModule, modules_of_blocks, refuse_ff_chunking, register_adapter
 
 
 class DiTAdapter(Adapter):
@@ -21,12 +18,7 @@ class DiTAdapter(Adapter):
     cfg_cond_first = True  # DiTPipeline: torch.cat([latents] * 2) with labels cat([class_labels, class_null])
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        for block in model.transformer_blocks:
-            if getattr(block, "_chunk_size", None) is not None:
-                raise ConfigError(
-                    "feed-forward chunking (set_chunk_feed_forward) calls ff several times per step; "
-                    "disable it (chunk_size=None) before enabling relcache"
-                )
+        refuse_ff_chunking(model.transformer_blocks)
         return modules_of_blocks(model.transformer_blocks, "transformer_blocks", BASIC_BLOCK_MODULES)
 
     def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:

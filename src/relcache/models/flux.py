@@ -15,31 +15,12 @@ which runs at every step: ``5d^2`` of the single block's ``12d^2`` multiply-adds
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Adapter, CachedModule, SpatialGrid, modules_of_blocks, register_adapter
-
-
-def hidden_and_encoder_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs of a joint (two-stream) attention: ``(hidden_states, encoder_hidden_states)``, by keyword or position."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if "encoder_hidden_states" in kwargs:
-        return hidden, kwargs["encoder_hidden_states"]
-    return hidden, args[0 if "hidden_states" in kwargs else 1]
-
-
-def with_joint_inputs(modules: list[CachedModule], attrs: tuple[str, ...] = ("attn",)) -> list[CachedModule]:
-    """``modules`` with the joint attentions named ``attrs`` taking both streams as inputs (paired with outputs)."""
-    return [replace(m, input_of=hidden_and_encoder_states) if m.name.rsplit(".", 1)[-1] in attrs else m
-            for m in modules]
-
-
-DUAL_BLOCK_MODULES = (("attn", "attn"), ("ff", "mlp"), ("ff_context", "mlp"))
-SINGLE_BLOCK_MODULES = (("proj_mlp", "mlp"), ("attn", "attn"))  # proj_mlp runs before attn
+from .base import Adapter, CachedModule, SpatialGrid, dual_then_single_stream_modules, register_adapter
 
 
 class FluxAdapter(Adapter):
@@ -48,9 +29,7 @@ class FluxAdapter(Adapter):
     model_classes = ("FluxTransformer2DModel",)
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        dual = modules_of_blocks(model.transformer_blocks, "transformer_blocks", DUAL_BLOCK_MODULES)
-        single = modules_of_blocks(model.single_transformer_blocks, "single_transformer_blocks", SINGLE_BLOCK_MODULES)
-        return with_joint_inputs(dual) + single
+        return dual_then_single_stream_modules(model, joint_single=False)  # single blocks' attn: one joint sequence
 
     def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
         """FLUX outputs packed tokens ``(B, h·w, C)`` in row-major order of the latent grid, whose row and column

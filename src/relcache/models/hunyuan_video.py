@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, CachedModule, modules_of_blocks, register_adapter
-from .flux import DUAL_BLOCK_MODULES, SINGLE_BLOCK_MODULES, with_joint_inputs
+from .base import Adapter, CachedModule, dual_then_single_stream_modules, register_adapter
 
 
 class HunyuanVideoAdapter(Adapter):
@@ -25,9 +24,7 @@ class HunyuanVideoAdapter(Adapter):
     model_classes = ("HunyuanVideoTransformer3DModel",)
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        dual = modules_of_blocks(model.transformer_blocks, "transformer_blocks", DUAL_BLOCK_MODULES)
-        single = modules_of_blocks(model.single_transformer_blocks, "single_transformer_blocks", SINGLE_BLOCK_MODULES)
-        return with_joint_inputs(dual) + with_joint_inputs(single)
+        return dual_then_single_stream_modules(model, joint_single=True)  # single blocks' attn: both streams
 
 
 register_adapter(HunyuanVideoAdapter())

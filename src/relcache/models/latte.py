@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ConfigError
-from .base import Adapter, CachedModule, register_adapter
+from .base import BASIC_BLOCK_MODULES, Adapter, CachedModule, modules_of_layers, refuse_ff_chunking, register_adapter
 
-SPATIAL_MODULES = (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "mlp"))
-TEMPORAL_MODULES = (("attn1", "attn"), ("ff", "mlp"))
-PREFIXES = ("transformer_blocks", "temporal_transformer_blocks")
+TEMPORAL_MODULES = (("attn1", "attn"), ("ff", "mlp"))  # temporal blocks have no cross-attention
 
 
 class LatteAdapter(Adapter):
@@ -30,20 +27,11 @@ class LatteAdapter(Adapter):
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
         spatial, temporal = model.transformer_blocks, model.temporal_transformer_blocks
-        for block in (*spatial, *temporal):
-            if getattr(block, "_chunk_size", None) is not None:
-                raise ConfigError(
-                    "feed-forward chunking (set_chunk_feed_forward) calls ff several times per step; "
-                    "disable it (chunk_size=None) before enabling relcache"
-                )
-        out = []
-        for i, pair in enumerate(zip(spatial, temporal, strict=True)):
-            for block, prefix, attrs in zip(pair, PREFIXES, (SPATIAL_MODULES, TEMPORAL_MODULES), strict=True):
-                for attr, kind in attrs:
-                    module = getattr(block, attr, None)
-                    if module is not None:
-                        out.append(CachedModule(f"{prefix}.{i}.{attr}", module, kind))
-        return out
+        refuse_ff_chunking((*spatial, *temporal))
+        return modules_of_layers(
+            (spatial, "transformer_blocks", BASIC_BLOCK_MODULES),
+            (temporal, "temporal_transformer_blocks", TEMPORAL_MODULES),
+        )
 
 
 register_adapter(LatteAdapter())

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ConfigError
-from .base import Adapter, CachedModule, modules_of_blocks, register_adapter
-from .dit import BASIC_BLOCK_MODULES
+from .base import BASIC_BLOCK_MODULES, Adapter, CachedModule, modules_of_blocks, refuse_ff_chunking, register_adapter
 
 
 class PixArtAdapter(Adapter):
@@ -22,11 +20,7 @@ class PixArtAdapter(Adapter):
     cfg_cond_first = False  # PixArt pipelines: prompt_embeds = cat([negative_prompt_embeds, prompt_embeds])
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        if any(getattr(block, "_chunk_size", None) is not None for block in model.transformer_blocks):
-            raise ConfigError(
-                "feed-forward chunking (set_chunk_feed_forward) calls ff several times per step; "
-                "disable it (chunk_size=None) before enabling relcache"
-            )
+        refuse_ff_chunking(model.transformer_blocks)
         return modules_of_blocks(model.transformer_blocks, "transformer_blocks", BASIC_BLOCK_MODULES)
 
 

@@ -13,9 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
-from .base import Adapter, CachedModule, modules_of_blocks, register_adapter
-from .flux import with_joint_inputs
+from .base import Adapter, CachedModule, modules_of_blocks, refuse_ff_chunking, register_adapter, with_joint_inputs
 
 SD3_BLOCK_MODULES = (("attn", "attn"), ("attn2", "attn"), ("ff", "mlp"), ("ff_context", "mlp"))
 
@@ -27,11 +25,7 @@ class SD3Adapter(Adapter):
     cfg_cond_first = False  # the pipeline batches torch.cat([negative_prompt_embeds, prompt_embeds])
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        if any(getattr(block, "_chunk_size", None) is not None for block in model.transformer_blocks):
-            raise ConfigError(
-                "feed-forward chunking (enable_forward_chunking) calls ff several times per step; "
-                "disable it before enabling relcache"
-            )
+        refuse_ff_chunking(model.transformer_blocks)
         return with_joint_inputs(modules_of_blocks(model.transformer_blocks, "transformer_blocks", SD3_BLOCK_MODULES))
 
     def extra_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
