@@ -8,7 +8,7 @@ at a step where the unconditional half is skipped it is rebuilt from the conditi
     ε̂_u = IFFT( LF(ε_c) + w1 · ΔLF + HF(ε_c) + w2 · ΔHF ).real,  ΔLF = LF(ε_u) - LF(ε_c),  ΔHF = HF(ε_u) - HF(ε_c)
 
 This module is the method only (band split, rebuild, skip schedule, validation); ``relcache.runtime`` slices the
-batch and keeps the stored deltas. Symbols follow ``shared/design/algorithms.md``.
+batch and keeps the stored deltas. Specification: ``docs/spec.md``, §CFG-Cache.
 
 Defaults follow diffusers' ``FasterCacheConfig`` (diffusers 0.42, ``hooks/faster_cache.py``), whose ranges are in
 timesteps of a 1000-step training schedule; with evenly spaced timesteps, timestep ``t`` is about step fraction

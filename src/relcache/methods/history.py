@@ -1,7 +1,7 @@
 """Shared numerics of the predictors and schedules: per-sample norms and divided differences.
 
-Symbols follow ``shared/design/algorithms.md``: the two latest full steps are ``a`` (latest) and ``b``,
-``N = a - b`` and ``k = i - a`` for a cached step ``i``.
+Symbols and formulas: ``docs/spec.md``, §Notation and §Taylor forecast. The two latest full steps are ``a``
+(latest) and ``b``, ``N = a - b`` and ``k = i - a`` for a cached step ``i``.
 """
 
 from __future__ import annotations

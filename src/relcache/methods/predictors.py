@@ -2,7 +2,7 @@
 
 Each predictor is a small frozen config with three methods acting on a per-module state:
 ``new_state`` (empty), ``update`` (at a full step, with the module's actual input and output) and
-``predict`` (at a cached step, with the module's actual input). Formulas: ``algorithms.md``.
+``predict`` (at a cached step, with the module's actual input). Formulas: ``docs/spec.md``, §Predictors.
 """
 
 from __future__ import annotations
