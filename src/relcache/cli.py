@@ -184,6 +184,16 @@ def analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generation_options(p: argparse.ArgumentParser, *, samples: int, samples_help: str, steps_help: str) -> None:
+    """The options ``bench`` and ``analyze`` share: model, samples, DDIM steps, CFG scale, order and seed."""
+    p.add_argument("--model", help="a local diffusers DiTPipeline directory (default: the shipped model)")
+    p.add_argument("--samples", type=_positive, default=samples, help=f"{samples_help} (default: %(default)s)")
+    p.add_argument("--steps", type=_at_least_2, default=50, help=f"{steps_help} (default: %(default)s)")
+    p.add_argument("--guidance", type=_finite, default=1.5, help="CFG scale (default: %(default)s)")
+    p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``relcache`` command."""
     parser = argparse.ArgumentParser(prog="relcache", description="Feature caching for diffusion transformers.")
@@ -205,16 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generates the same seeds with full computation and each method (FORA, "
                        "TaylorSeer, RFE alone, RCS alone, RFC; optionally diffusers' own caches) and writes "
                        "bench.csv, bench.json and bench.md. Shards seeds across processes under torchrun.")
-    p.add_argument("--model", help="a local diffusers DiTPipeline directory (default: the shipped model)")
+    _add_generation_options(p, samples=100, samples_help="number of samples",
+                            steps_help="DDIM steps; with other than 50 each budget keeps the paper's interval, and "
+                            "RFC aims at that interval's NFC over these steps")
     p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7], help="NFC budgets of 50 steps")
-    p.add_argument("--samples", type=_positive, default=100, help="number of samples (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
-    p.add_argument("--steps", type=_at_least_2, default=50,
-                   help="DDIM steps; with other than 50 each budget keeps the paper's interval, and RFC aims at "
-                   "that interval's NFC over these steps (default: %(default)s)")
-    p.add_argument("--guidance", type=_finite, default=1.5, help="CFG scale (default: %(default)s)")
-    p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
     p.add_argument("--only", nargs="+", help="run only methods whose label contains one of these strings")
@@ -225,14 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Traces one full-computation generation and plots step-to-step distances of "
                        "module inputs and outputs, per-module prediction errors of FORA/TaylorSeer/RFE, the "
                        "stability of the ratio s, and the correlation of input and output prediction errors.")
-    p.add_argument("--model", help="a local diffusers DiTPipeline directory (default: the shipped model)")
-    p.add_argument("--samples", type=_positive, default=10, help="samples traced (default: %(default)s)")
-    p.add_argument("--steps", type=_at_least_2, default=50, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=_finite, default=1.5, help="CFG scale (default: %(default)s)")
+    _add_generation_options(p, samples=10, samples_help="samples traced", steps_help="DDIM steps")
     p.add_argument("--interval", type=_positive, default=4, help="full step every N (default: %(default)s)")
-    p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
     p.add_argument("--modules", type=int, nargs="+", help="module indices for the distance plot")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", default="runs/analyze", help="output directory (default: %(default)s)")
     p.set_defaults(func=analyze)
     return parser
