@@ -51,7 +51,7 @@ def build(size: str, dtype: torch.dtype, device: str) -> DiTTransformer2DModel:
                                   out_channels=8, num_layers=depth, sample_size=32, patch_size=2,
                                   num_embeds_ada_norm=1000)
     # like diffusers' converted DiT checkpoints: every block holds a copy of the original DiT's one
-    # timestep-and-class embedder (relcache computes the copies once per call; see relcache.shared)
+    # timestep-and-class embedder (relcache computes the copies once per call; see relcache.runtime.shared)
     first = model.transformer_blocks[0].norm1.emb.state_dict()
     for block in model.transformer_blocks[1:]:
         block.norm1.emb.load_state_dict(first)

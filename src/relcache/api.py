@@ -1,19 +1,23 @@
-"""The public API: turn caching on and off, mark generations, read what caching did."""
+"""The public API: turn caching on and off, mark generations, read what caching did.
+
+The runtime's ``Session`` for a model is kept on the model itself (the unwrapped module when it is compiled), so
+a pipeline, its transformer and ``torch.compile(transformer)`` all reach the same session.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
-from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, check_int
+from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
 from .methods.config import CacheConfig
 from .models.base import Adapter, find_adapter
-from .runtime import _ATTR, CacheStats, _Controller
+from .runtime import CacheStats, Session, checked_num_steps
+
+_ATTR = "_relcache"  # the model attribute holding its Session
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -36,24 +40,39 @@ def _resolve(obj: Any) -> tuple[nn.Module, Any]:
     )
 
 
-def _controller(obj: Any) -> _Controller | None:
+def _session(obj: Any) -> Session | None:
     model, _ = _resolve(obj)
     return vars(model).get(_ATTR)
 
 
 def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False) -> None:
-    """Turn caching on for a diffusers pipeline or transformer.
+    """Turn caching on for a diffusers pipeline or transformer (compiled or not).
 
     ``adapter`` overrides the automatic choice (for your own models). ``record_errors`` (analysis only)
     also runs every cached module at cached steps and records the relative L1 error of each prediction
     against it, so it saves no time.
+
+    Example (runs offline on a tiny random DiT)::
+
+        >>> import relcache, torch
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...                               num_layers=2, sample_size=8, num_embeds_ada_norm=10).eval()
+        >>> relcache.enable(model, relcache.FORA(interval=3, warmup=1))
+        >>> x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([999]), torch.tensor([1])
+        >>> with torch.no_grad():
+        ...     for step in range(7):
+        ...         _ = model(x, timestep=t - step, class_labels=y)
+        >>> relcache.stats(model).full_steps
+        [0, 3, 6]
+        >>> relcache.disable(model)
     """
     if not isinstance(config, CacheConfig):
         raise ConfigError(
             f"config must be a relcache.CacheConfig (e.g. relcache.RFC(target_nfc=14)), got {type(config).__name__}"
         )
     model, pipeline = _resolve(obj)
-    if _controller(model) is not None:
+    if _session(model) is not None:
         raise AlreadyEnabledError(
             f"relcache is already enabled on this {type(model).__name__}; call relcache.disable first"
         )
@@ -63,28 +82,28 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         modules = [m for m in modules if m.kind in config.modules]
     if not modules:
         raise ConfigError(f"no module of the kinds {config.modules} in {type(model).__name__}")
-    ctrl = _Controller(model, config, modules, chosen, record_errors)
+    session = Session(model, config, modules, chosen, record_errors)
     try:
-        ctrl.attach(pipeline)
+        session.attach(pipeline)
     except BaseException:
-        ctrl.detach()
+        session.detach()
         raise
-    vars(model)[_ATTR] = ctrl
+    vars(model)[_ATTR] = session
 
 
 def disable(obj: Any) -> None:
     """Turn caching off; the model is exactly as before ``enable``."""
     model, _ = _resolve(obj)
-    ctrl = _controller(model)
-    if ctrl is None:
+    session = _session(model)
+    if session is None:
         raise NotEnabledError(f"relcache is not enabled on this {type(model).__name__}")
-    ctrl.detach()
+    session.detach()
     del vars(model)[_ATTR]
 
 
 def is_enabled(obj: Any) -> bool:
     """Whether relcache is enabled on ``obj``."""
-    return _controller(obj) is not None
+    return _session(obj) is not None
 
 
 @contextlib.contextmanager
@@ -103,20 +122,15 @@ def begin_generation(obj: Any, num_steps: int | None = None) -> None:
     ``num_steps`` is the number of transformer calls per context in the generation; ``RFC(target_nfc=...)``
     needs it.
     """
-    if num_steps is not None:  # numpy, 0-d integer tensors and other integral types pass; floats and bools do not
-        if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
-            num_steps = num_steps.item()
-        if isinstance(num_steps, numbers.Integral) and not isinstance(num_steps, bool):
-            num_steps = int(num_steps)
-        check_int("num_steps", num_steps, 1)
-    ctrl = _controller(obj)
-    if ctrl is not None:
-        ctrl.begin_generation(num_steps, marked=True)
+    num_steps = checked_num_steps(num_steps)
+    session = _session(obj)
+    if session is not None:
+        session.generations.begin(num_steps, marked=True)
 
 
 def stats(obj: Any) -> CacheStats:
     """What caching did in the last (or current) generation."""
-    ctrl = _controller(obj)
-    if ctrl is None:
+    session = _session(obj)
+    if session is None:
         raise NotEnabledError("relcache is not enabled on this object; nothing to report")
-    return ctrl.stats()
+    return session.stats()

@@ -12,14 +12,14 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 import relcache
 from relcache import FORA, RFC, CacheConfig, CFGCache, ConfigError, FasterCache, Interval, Linear, TaylorSeer
-from relcache.flops import flop_counter
 from relcache.models.dit import DiTAdapter
+from relcache.runtime import flop_counter
 
 
 @pytest.fixture(autouse=True)
 def _every_embedding_copy_computed(monkeypatch):
     """The FLOP counts here are hand-counted with every block's embedding computed: no shared copies
-    (relcache.shared; their FLOP accounting is tested in test_shared.py)."""
+    (relcache.runtime.shared; their FLOP accounting is tested in test_shared.py)."""
     monkeypatch.setattr(DiTAdapter, "shared_modules", lambda self, model: [])
 
 STEPS = 20

@@ -8,8 +8,8 @@ from conftest import run_loop, tiny_dit
 
 import relcache
 from relcache import FORA, RFC, TaylorSeer
-from relcache.flops import flop_counter
 from relcache.models.dit import DiTAdapter
+from relcache.runtime import flop_counter
 
 LAYERS = 4
 

@@ -28,7 +28,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import api
-from ..flops import flop_counter
 from ..methods import (
     FORA,
     RFC,
@@ -41,6 +40,7 @@ from ..methods import (
     Taylor,
     TaylorSeer,
 )
+from ..runtime.accounting import flop_counter
 from .metrics import psnr, relative_l1, ssim
 
 #: NFC of 50 DDIM steps with warm-up 2 -> the interval that gives it (the paper's table)

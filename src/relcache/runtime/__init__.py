@@ -1,0 +1,19 @@
+"""The runtime: attaches a ``CacheConfig`` (a predictor times a schedule) to a model and runs it.
+
+One job per file:
+
+* ``controller``: one ``Session`` per enabled model: its contexts, the start of a step, the step's single
+  decision, and per cached module "forecast, or compute and record";
+* ``context``: per-context state as small named records;
+* ``generations``: every rule of when a generation starts and ends;
+* ``cfg``: CFG-Cache at call level, batched and split;
+* ``accounting``: FLOP measurement and the stats (``CacheStats``, ``ContextStats``);
+* ``hooks``: the hooks on diffusers' registry, attached and detached next to accelerate's;
+* ``shared``: copies of one module computed once per call (DiT's per-block embeddings).
+"""
+
+from .accounting import CacheStats, ContextStats, flop_counter
+from .controller import Session
+from .generations import checked_num_steps
+
+__all__ = ["CacheStats", "ContextStats", "Session", "checked_num_steps", "flop_counter"]

@@ -1,0 +1,211 @@
+"""FLOP accounting and the stats caching reports.
+
+FLOPs are measured with ``torch.utils.flop_counter`` once per input shape, never under ``torch.compile``:
+
+* each cached module's FLOPs, the first time it runs on given input shapes (inside the whole-call
+  measurement when one is running, as a difference);
+* the rest of the transformer (embeddings, norms, gates, final layer: everything outside the cached modules),
+  at the first call with a given signature (the shapes of its tensor arguments).
+
+A step adds what ran to the ``executed`` counters and what full computation would have run to the ``full``
+counters; a step that runs half of a CFG batch counts against the full batch (``scale`` 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+#: the input shapes of one module call, one tuple per input tensor
+Shapes = tuple[tuple[int, ...], ...]
+_NAN = float("nan")
+
+
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# On CPU, scaled_dot_product_attention lowers to aten._scaled_dot_product_flash_attention_for_cpu, which torch's
+# FLOP registry lacks (attention's QK^T and AV would count as zero): counted with torch's own SDPA formula.
+_EXTRA: dict[Any, Any] = {}
+_cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _cpu_sdpa is not None:
+    _EXTRA[_cpu_sdpa] = _cpu_sdpa_flops
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that also counts CPU attention; use as a context manager."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA)
+
+
+def fraction(num: float, den: float) -> float:
+    """``num / den``, NaN when nothing was counted."""
+    return num / den if den > 0 else _NAN
+
+
+def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The shapes of the transformer's tensor arguments: what its FLOPs depend on."""
+    shapes: list[Any] = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    shapes += sorted((k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return tuple(shapes)
+
+
+@dataclass
+class Counters:
+    """FLOPs of one context in one generation: of the cached modules, and of the whole transformer."""
+
+    executed: float = 0.0  # cached modules that actually ran
+    full: float = 0.0  # what those modules would have run with full computation
+    model_executed: float = 0.0
+    model_full: float = 0.0
+
+
+class FlopMeter:
+    """FLOPs measured once per input shape, and added to a context's counters at every call."""
+
+    def __init__(self) -> None:
+        self.module: dict[tuple[int, Shapes], float] = {}  # (module index, input shapes) -> FLOPs
+        self.other: dict[tuple[Any, ...], float] = {}  # call signature -> FLOPs outside the cached modules
+        self.counter: FlopCounterMode | None = None  # around the whole transformer call, while one measures
+        self.shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
+
+    def run_call(
+        self, counters: Counters, scale: int, forward: Callable[..., Any], args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Call the transformer and count the whole call; ``scale`` full-batch rows per row that runs."""
+        if torch.compiler.is_compiling():
+            return forward(*args, **kwargs)  # no FLOP counting in compiled code
+        sig = signature(args, kwargs)
+        executed, full = counters.executed, counters.full
+        self.shared_saved = 0.0
+        if sig in self.other:
+            out = forward(*args, **kwargs)
+        else:
+            with flop_counter() as counter:
+                self.counter = counter
+                try:
+                    out = forward(*args, **kwargs)
+                finally:
+                    self.counter = None
+            self.other[sig] = max(float(counter.get_total_flops()) - (counters.executed - executed), 0.0)
+        other = self.other.get(sig, 0.0)
+        counters.model_executed += other - self.shared_saved + counters.executed - executed
+        counters.model_full += other * scale + counters.full - full
+        return out
+
+    def run_module(self, key: tuple[int, Shapes] | None, forward: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """Run a cached module; measure its FLOPs the first time it runs under ``key`` (None: do not measure)."""
+        if key is None or key in self.module:
+            return forward(*args, **kwargs)
+        if self.counter is not None:  # the whole transformer is being measured: take the difference
+            before = self.counter.get_total_flops()
+            out = forward(*args, **kwargs)
+            self.module[key] = float(self.counter.get_total_flops() - before)
+            return out
+        with flop_counter() as counter:
+            out = forward(*args, **kwargs)
+        self.module[key] = float(counter.get_total_flops())
+        return out
+
+    def module_flops(self, idx: int, shapes: Shapes) -> float:
+        """FLOPs of module ``idx`` on inputs of ``shapes``: measured, else scaled from another batch size (linear)."""
+        got = self.module.get((idx, shapes))
+        if got is not None:
+            return got
+        for (j, other), flops in self.module.items():
+            if j == idx and len(other) == len(shapes) and other[0][0] and all(
+                a[1:] == b[1:] for a, b in zip(other, shapes, strict=True)
+            ):
+                return flops * shapes[0][0] / other[0][0]
+        return 0.0
+
+    def count_computed(self, counters: Counters, idx: int, shapes: Shapes, scale: int) -> None:
+        """Module ``idx`` ran on ``shapes``."""
+        flops = self.module.get((idx, shapes), 0.0)
+        counters.executed += flops
+        counters.full += flops * scale
+
+    def count_forecast(self, counters: Counters, idx: int, shapes: Shapes, scale: int) -> None:
+        """Module ``idx`` was forecast instead of running on ``shapes``."""
+        counters.full += self.module_flops(idx, shapes) * scale
+
+    def count_skipped_call(self, counters: Counters, call_shapes: dict[int, Shapes], args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> None:
+        """A whole transformer call was skipped (split CFG's "uncond" call rebuilt by CFG-Cache)."""
+        modules = sum(self.module_flops(i, sh) for i, sh in call_shapes.items())
+        counters.full += modules
+        counters.model_full += self.other.get(signature(args, kwargs), 0.0) + modules
+
+
+@dataclass(frozen=True)
+class ContextStats:
+    """What one call context (e.g. "cond" or "uncond") did in the last generation."""
+
+    name: str
+    num_steps: int
+    full_steps: list[int]
+    nfc: int
+    flops_fraction: float
+    executed_flops: float  # FLOPs of the cached modules that actually ran
+    full_flops: float  # FLOPs those modules would have run with full computation
+    input_errors: dict[int, float] = field(default_factory=dict)  # RCS e(i), InputError schedules only
+    module_errors: dict[str, dict[int, float]] = field(default_factory=dict)  # record_errors=True only
+    uncond_skipped_steps: list[int] = field(default_factory=list)  # CFG-Cache: steps without the uncond half
+    model_flops_fraction: float = _NAN  # whole transformer: executed / full computation
+    model_executed_flops: float = 0.0
+    model_full_flops: float = 0.0
+    cache_bytes: int = 0  # bytes the predictors and the schedule hold at the end of the generation
+
+    @property
+    def uncond_skipped(self) -> int:
+        """How many unconditional halves (or "uncond" calls) CFG-Cache skipped."""
+        return len(self.uncond_skipped_steps)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What caching did in the last generation.
+
+    With one context (CFG batched, or no CFG) the top-level fields are that context's. With several
+    (CFG split into calls), ``full_steps`` is the union of their full steps, ``nfc`` its length,
+    ``num_steps`` the largest, and ``flops_fraction`` pools the FLOPs of all contexts.
+
+    ``flops_fraction`` covers the cached modules, ``model_flops_fraction`` the whole transformer (the modules that
+    are never cached, embeddings and final layer included); a step that ran half the batch counts half.
+    ``uncond_skipped`` counts the unconditional halves CFG-Cache skipped, over all contexts.
+    ``cache_bytes`` is the memory the caches hold at the end of the generation (predictor states, RCS input
+    history and CFG-Cache deltas, over all contexts). ``modules`` maps each cached module's name to its kind
+    (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order.
+    """
+
+    method: str
+    nfc: int
+    num_steps: int
+    full_steps: list[int]
+    flops_fraction: float
+    contexts: dict[str, ContextStats]
+    model_flops_fraction: float = _NAN
+    uncond_skipped: int = 0
+    cache_bytes: int = 0
+    modules: dict[str, str] = field(default_factory=dict)
+
+
+def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str]) -> CacheStats:
+    """The generation's stats from its contexts'; ``shared_bytes`` is what the contexts hold together."""
+    if len(per) == 1:
+        only = next(iter(per.values()))
+        return CacheStats(method, only.nfc, only.num_steps, only.full_steps, only.flops_fraction, per,
+                          only.model_flops_fraction, only.uncond_skipped, only.cache_bytes + shared_bytes, modules)
+    steps = sorted({s for c in per.values() for s in c.full_steps})
+    flops = fraction(sum(c.executed_flops for c in per.values()), sum(c.full_flops for c in per.values()))
+    model = fraction(sum(c.model_executed_flops for c in per.values()), sum(c.model_full_flops for c in per.values()))
+    num_steps = max((c.num_steps for c in per.values()), default=0)
+    skipped = sum(c.uncond_skipped for c in per.values())
+    held = sum(c.cache_bytes for c in per.values()) + shared_bytes
+    return CacheStats(method, len(steps), num_steps, steps, flops, per, model, skipped, held, modules)

@@ -1,0 +1,247 @@
+"""CFG-Cache at call level: the unconditional half of classifier-free guidance skipped and rebuilt.
+
+The method itself (band split, rebuild, skip schedule) is ``relcache.methods.cfg_cache``; this file routes the
+transformer calls (docs/spec.md, §CFG-Cache):
+
+* CFG batched (one call whose batch is ``[cond; uncond]`` or ``[uncond; cond]``, any context name other than
+  "cond"/"uncond"): a call is a CFG batch when its batch is even and the two halves of its ``hidden_states`` are
+  equal, as every diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a
+  context's first call of a generation. (choice) A later call with another batch size (guidance stopped within the
+  generation) is a plain call: no half is skipped; a call of half the batch (guidance dropped) continues the
+  conditional half's module states, any other batch keeps one state for the whole batch. Anything else (guidance
+  scale 1, or a batch of different latents) leaves CFG-Cache inert, exactly the config without it. At a step that
+  skips the unconditional half, every tensor argument whose first dimension is the batch (top-level, or one level
+  down in a dict argument; never tuples, ``img_ids`` or ``txt_ids``) is sliced to the conditional half, the
+  transformer runs on it, and the full-batch output is reassembled in the original order with the rebuilt
+  unconditional half.
+* CFG split (contexts named "cond" and "uncond"): a skipped "uncond" call does not run the transformer; it returns
+  the rebuild from the same step's "cond" output, so the "cond" call must come first (diffusers' pipelines do;
+  otherwise the "uncond" call runs). The "uncond" context's module schedule is not consulted at a skipped call: the
+  step is neither full nor cached there, and its module caches forecast from its own latest full step.
+* Module caches stay per sample on a CFG batch: each cached module's predictor state is kept per half (the module's
+  leading dimension is batch-major, so a half of the model batch is a half of its rows); a full-batch step records
+  and predicts both halves, a half-batch step only the conditional one (``CFGRouting.row_groups``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from ..methods.cfg_cache import CFGCache
+from ..models.base import Adapter, SpatialGrid, first_tensor_input
+from .accounting import FlopMeter
+
+if TYPE_CHECKING:
+    from .context import Context
+
+SPLIT_CONTEXTS = ("cond", "uncond")  # CFG as separate calls, named by diffusers' cache_context
+_UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})  # position ids whose first dim is not the batch
+Rows = slice | None  # rows of a batch; None = all of them
+#: runs the transformer for a context and counts its FLOPs
+RunFn = Callable[["Context", Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+@dataclass
+class CFGRouting:
+    """How one context's calls relate to a CFG batch, decided at its first call of a generation."""
+
+    is_cfg_batch: bool | None = None  # None until the first call
+    rows: int = 0  # the batch size of that first call
+    cond_first: bool = False
+    row_group: str | None = None  # this call is not the CFG batch: its one row group ("cond" or "all")
+    half_batch: bool = False  # this call runs only the conditional half of the CFG batch
+    uncond_skipped: list[int] = field(default_factory=list)  # steps whose unconditional half was rebuilt
+
+    def new_call(self) -> None:
+        self.row_group = None
+        self.half_batch = False
+
+    @property
+    def batch_scale(self) -> int:
+        """Full-batch rows per row that runs now: 2 at a half-batch step."""
+        return 2 if self.half_batch else 1
+
+    def row_groups(self, rows: int) -> list[tuple[str, Rows]]:
+        """The row groups of a cached module's ``rows``-row batch that keep separate predictor states."""
+        if not self.is_cfg_batch:
+            return [("all", None)]
+        if self.row_group is not None:
+            return [(self.row_group, None)]
+        if self.half_batch:
+            return [("cond", None)]
+        if rows % 2:
+            raise RuntimeError(f"CFG-Cache: a cached module's batch of {rows} rows does not split in two halves")
+        first, second = slice(0, rows // 2), slice(rows // 2, rows)
+        return [("cond", first), ("uncond", second)] if self.cond_first else [("uncond", first), ("cond", second)]
+
+
+class SplitCond(NamedTuple):
+    """Split CFG: the "cond" call of a step, waiting for its "uncond" pair."""
+
+    step: int
+    output: Any
+    shape: tuple[int, ...]  # its hidden_states' shape
+
+
+class CFGState:
+    """CFG-Cache memory of one generation, shared by the contexts (split CFG pairs "cond" with "uncond")."""
+
+    def __init__(self) -> None:
+        self.delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (ΔLF, ΔHF) of the latest step with both
+        self.delta_shape: tuple[int, ...] | None = None  # input shape of the conditional half it belongs to
+        self.scale = (1.0, 1.0)  # compound mode: the weights multiplied up since the delta was stored
+        self.cond: SplitCond | None = None
+
+    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...],
+              grid: SpatialGrid | None = None) -> None:
+        """Keep ``(ΔLF, ΔHF)``; ``grid`` puts token outputs in image layout first (``Adapter.spatial_grid``)."""
+        if grid is not None:
+            uncond, cond = grid[0](uncond), grid[0](cond)
+        self.delta = cfg.deltas(uncond, cond)
+        self.delta_shape = shape
+        self.scale = (1.0, 1.0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored deltas and of a split-CFG conditional output waiting for its pair."""
+        held = list(self.delta or ())
+        if self.cond is not None and isinstance(self.cond.output, torch.Tensor):
+            held.append(self.cond.output)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def usable(self, shape: tuple[int, ...]) -> bool:
+        return self.delta is not None and self.delta_shape == shape
+
+    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, step: int, num_steps: int,
+                grid: SpatialGrid | None = None) -> torch.Tensor:
+        """The unconditional output rebuilt from ``cond``; (choice) weights apply afresh unless ``compound``."""
+        w1, w2 = cfg.weights(step, num_steps)
+        if cfg.compound:
+            w1, w2 = self.scale = (self.scale[0] * w1, self.scale[1] * w2)
+        if grid is None:
+            return cfg.rebuild(cond, *self.delta, w1, w2)
+        return grid[1](cfg.rebuild(grid[0](cond), *self.delta, w1, w2))
+
+
+def sample_of(out: Any) -> torch.Tensor:
+    """The sample tensor of a transformer output (a tensor, a tuple, or a diffusers output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    if dataclasses.is_dataclass(out):
+        return getattr(out, dataclasses.fields(out)[0].name)
+    raise TypeError(f"CFG-Cache cannot find the sample in a transformer output of type {type(out).__name__}")
+
+
+def with_sample(out: Any, sample: torch.Tensor) -> Any:
+    """``out`` with its sample replaced, same container type."""
+    if isinstance(out, torch.Tensor):
+        return sample
+    if isinstance(out, tuple):
+        return (sample, *out[1:])
+    return dataclasses.replace(out, **{dataclasses.fields(out)[0].name: sample})
+
+
+def slice_batch(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, rows: slice
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The transformer's arguments cut to ``rows`` of its ``batch``: every tensor whose first dim is the batch."""
+
+    def cut(v: Any) -> Any:
+        return v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+
+    def cut_kw(k: str, v: Any) -> Any:
+        if k in _UNBATCHED_KWARGS:
+            return v
+        if isinstance(v, dict):
+            return {kk: cut(vv) for kk, vv in v.items()}
+        return cut(v)
+
+    return tuple(cut(a) for a in args), {k: cut_kw(k, v) for k, v in kwargs.items()}
+
+
+class CFGRunner:
+    """Runs the transformer calls of a generation under CFG-Cache, batched or split."""
+
+    def __init__(self, cfg: CFGCache, adapter: Adapter, run: RunFn, meter: FlopMeter) -> None:
+        self.cfg = cfg
+        self.adapter = adapter
+        self.run = run
+        self.meter = meter
+        self.state = CFGState()
+
+    def reset(self) -> None:
+        """Forget the stored deltas (a new generation, or the end of one)."""
+        self.state = CFGState()
+
+    def call(self, ctx: Context, num_steps: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        if ctx.name in SPLIT_CONTEXTS:
+            return self._split(ctx, num_steps, forward, args, kwargs)
+        return self._batched(ctx, num_steps, forward, args, kwargs)
+
+    def _batched(self, ctx: Context, num_steps: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        cfg, routing = self.cfg, ctx.cfg
+        hidden = first_tensor_input(args, kwargs)
+        batch = hidden.shape[0]
+        if routing.is_cfg_batch is None:
+            half = batch // 2
+            routing.is_cfg_batch = batch % 2 == 0 and batch > 0 and torch.equal(hidden[:half], hidden[half:])
+            routing.rows = batch
+            routing.cond_first = cfg.cond_first if cfg.cond_first is not None else self.adapter.cfg_cond_first
+            if routing.is_cfg_batch:
+                cfg.window_range(num_steps)  # validate the window against the number of steps now
+        if not routing.is_cfg_batch:
+            return self.run(ctx, forward, args, kwargs)
+        if batch != routing.rows:  # (choice) guidance stopped or changed within the generation: a plain call
+            # half the batch: guidance dropped the unconditional half, so the conditional half's states continue
+            routing.row_group = "cond" if 2 * batch == routing.rows else "all"
+            return self.run(ctx, forward, args, kwargs)
+        half = batch // 2
+        cond_rows, uncond_rows = (slice(0, half), slice(half, batch))
+        if not routing.cond_first:
+            cond_rows, uncond_rows = uncond_rows, cond_rows
+        half_shape = (half, *hidden.shape[1:])
+        state = self.state
+        if cfg.skips(ctx.step, num_steps) and state.usable(half_shape):
+            routing.half_batch = True
+            out = self.run(ctx, forward, *slice_batch(args, kwargs, batch, cond_rows))
+            cond = sample_of(out)
+            uncond = state.rebuild(cfg, cond, ctx.step, num_steps, self.adapter.spatial_grid(args, kwargs))
+            routing.uncond_skipped.append(ctx.step)
+            return with_sample(out, torch.cat([cond, uncond] if routing.cond_first else [uncond, cond]))
+        out = self.run(ctx, forward, args, kwargs)
+        if ctx.step in cfg.window_range(num_steps):  # only a step inside the window can use the delta
+            sample = sample_of(out)
+            state.store(cfg, sample[uncond_rows], sample[cond_rows], half_shape,
+                        self.adapter.spatial_grid(args, kwargs))
+        return out
+
+    def _split(self, ctx: Context, num_steps: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+        cfg, state = self.cfg, self.state
+        shape = tuple(first_tensor_input(args, kwargs).shape)
+        if ctx.name == "cond":
+            out = self.run(ctx, forward, args, kwargs)
+            state.cond = SplitCond(ctx.step, out, shape)
+            return out
+        cond = state.cond
+        if cond is not None and (cond.step, cond.shape) != (ctx.step, shape):
+            cond = None  # not this step's pair
+        if cond is not None and cfg.skips(ctx.step, num_steps) and state.usable(shape):
+            uncond = state.rebuild(cfg, sample_of(cond.output), ctx.step, num_steps,
+                                   self.adapter.spatial_grid(args, kwargs))
+            ctx.cfg.uncond_skipped.append(ctx.step)
+            self.meter.count_skipped_call(ctx.counters, ctx.caches.call_shapes, args, kwargs)
+            return with_sample(cond.output, uncond)
+        out = self.run(ctx, forward, args, kwargs)
+        if cond is not None and ctx.step in cfg.window_range(num_steps):
+            state.store(cfg, sample_of(out), sample_of(cond.output), shape, self.adapter.spatial_grid(args, kwargs))
+        return out

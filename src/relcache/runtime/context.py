@@ -1,0 +1,106 @@
+"""Per-context state: what one call context (``"default"``, or ``"cond"``/``"uncond"`` of split CFG) holds during a
+generation, as small named records: where its schedule stands, its module caches, its FLOP counters and how its
+calls relate to a CFG batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ..methods.predictors import PredictorState
+from .accounting import ContextStats, Counters, Shapes, fraction
+from .cfg import CFGRouting, Rows
+
+
+@dataclass
+class ScheduleProgress:
+    """The schedule's side of a context: its per-generation memory, this step's decision, the full steps so far."""
+
+    memory: object  # ``Schedule.new_state(num_steps)``
+    decided: bool = False  # this step's decision was taken (at its first cached module)
+    full: bool = True  # this step is full
+    full_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ModuleCaches:
+    """The predictors' side: per (module index, row group) the predictor states (one per output tensor) and the
+    input shapes they were recorded on."""
+
+    states: dict[tuple[int, str], list[PredictorState]] = field(default_factory=dict)
+    shapes: dict[tuple[int, str], Shapes] = field(default_factory=dict)
+    call_shapes: dict[int, Shapes] = field(default_factory=dict)  # each module's last whole-call input shapes
+    tuple_out: dict[int, bool] = field(default_factory=dict)  # whether each module returns a tuple of tensors
+    errors: dict[int, dict[int, float]] = field(default_factory=dict)  # record_errors: step -> rel. L1 per module
+
+    @property
+    def nbytes(self) -> int:
+        return sum(st.nbytes for states in self.states.values() for st in states)
+
+    def ready(self, idx: int, group: str, shapes: Shapes) -> bool:
+        """Whether module ``idx``'s row group has states recorded on inputs of ``shapes`` (it can be forecast)."""
+        return self.states.get((idx, group)) is not None and self.shapes.get((idx, group)) == shapes
+
+
+class RowGroup(NamedTuple):
+    """One row group of a cached module's call: its name, rows, inputs (cut to those rows) and their shapes."""
+
+    name: str
+    rows: Rows
+    inputs: tuple[torch.Tensor, ...]
+    shapes: Shapes
+
+    @classmethod
+    def of(cls, name: str, rows: Rows, inputs: tuple[torch.Tensor, ...], shapes: Shapes) -> RowGroup:
+        """The group of ``rows`` (None: all, whose ``shapes`` are given) of the call's ``inputs``."""
+        if rows is None:
+            return cls(name, None, inputs, shapes)
+        xs = tuple(x[rows] for x in inputs)
+        return cls(name, rows, xs, tuple(tuple(x.shape) for x in xs))
+
+
+class Context:
+    """One call context's state in the current generation."""
+
+    def __init__(self, name: str, schedule_memory: object) -> None:
+        self.name = name
+        self.step = -1
+        self.last_timestep: float | None = None
+        self.schedule = ScheduleProgress(schedule_memory)
+        self.caches = ModuleCaches()
+        self.counters = Counters()
+        self.cfg = CFGRouting()
+
+    def advance(self, step_index: int | None, timestep: float | None) -> None:
+        """Start this context's next step (``step_index`` from diffusers' cache context, else one more)."""
+        self.step = step_index if step_index is not None else self.step + 1
+        self.last_timestep = timestep
+        self.schedule.decided = False
+        self.cfg.new_call()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by this context's predictor states and its schedule's input history."""
+        history = getattr(self.schedule.memory, "history", None)
+        return self.caches.nbytes + (history.nbytes if history is not None else 0)
+
+    def stats(self, module_names: list[str]) -> ContextStats:
+        c = self.counters
+        return ContextStats(
+            name=self.name,
+            num_steps=self.step + 1,
+            full_steps=list(self.schedule.full_steps),
+            nfc=len(self.schedule.full_steps),
+            flops_fraction=fraction(c.executed, c.full),
+            executed_flops=c.executed,
+            full_flops=c.full,
+            input_errors=dict(getattr(self.schedule.memory, "errors", None) or {}),
+            module_errors={module_names[i]: dict(e) for i, e in self.caches.errors.items()},
+            uncond_skipped_steps=list(self.cfg.uncond_skipped),
+            model_flops_fraction=fraction(c.model_executed, c.model_full),
+            model_executed_flops=c.model_executed,
+            model_full_flops=c.model_full,
+            cache_bytes=self.cache_bytes,
+        )

@@ -1,0 +1,235 @@
+"""One session per enabled model: its contexts, the start of each step, the step's single decision, and per cached
+module "forecast or compute and record".
+
+The schedule decides once per step, at the first cached module (RCS needs that module's input), before any
+expensive module has run; every later module of the step follows the decision. A module runs anyway when its
+row group has no state recorded on inputs of this shape (its first step, or the batch or resolution changed).
+(choice) On a CFG batch, ``InputError`` (RCS) measures its input error on the conditional half only, the half that
+runs at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..methods.config import CacheConfig
+from ..methods.history import relative_l1
+from ..models.base import Adapter, CachedModule
+from .accounting import CacheStats, FlopMeter, Shapes, combine
+from .cfg import CFGRunner
+from .context import Context, RowGroup
+from .generations import Generations
+from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
+from .shared import SharedGroup, SharedHook
+
+
+class _Computing(NamedTuple):
+    """A module the step let run: what its output must be recorded into (``Session._record``)."""
+
+    ctx: Context
+    shapes: Shapes  # the whole call's input shapes
+    groups: list[RowGroup]
+
+
+def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
+    """The input that output ``j`` relates to: its own stream's when inputs and outputs pair up."""
+    return inputs[j] if len(inputs) == n_out else inputs[0]
+
+
+def _rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return x if rows is None else x[rows]
+
+
+class Session:
+    """Everything relcache attaches to one model: config, modules, hooks and per-context state."""
+
+    def __init__(
+        self, model: nn.Module, config: CacheConfig, modules: list[CachedModule], adapter: Adapter,
+        record_errors: bool,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.modules = modules
+        self.adapter = adapter
+        self.record_errors = record_errors
+        self.meter = FlopMeter()
+        self.generations = Generations(self, adapter)
+        self.contexts: dict[str, Context] = {}
+        self.current: Context | None = None  # the context of the transformer call running now
+        self.cfg = CFGRunner(config.cfg_cache, adapter, self._run, self.meter) if config.cfg_cache else None
+        self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
+        self.hooks = Attachment(model)
+        self._computing: dict[int, _Computing] = {}
+
+    # -- attach / detach ---------------------------------------------------------------------------------------
+    def attach(self, pipeline: Any) -> None:
+        """Register the hooks; on a pipeline, also let its scheduler and the end of its calls mark generations."""
+        self.hooks.register(self.model, StepHook(self), STEP_HOOK)
+        for idx, spec in enumerate(self.modules):
+            self.hooks.register(spec.module, ModuleHook(self, idx), MODULE_HOOK)
+        for group in self.shared:
+            for i, module in enumerate(group.modules):
+                self.hooks.register(module, SharedHook(group, i, self), SHARED_HOOK)
+        self.hooks.done()
+        if pipeline is not None:
+            self.generations.watch(pipeline)
+
+    def detach(self) -> None:
+        """Remove every hook and patch, leaving modules exactly as they were."""
+        self.hooks.detach()
+        self.generations.unwatch()
+
+    # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
+    def reset_generation(self) -> None:
+        for group in self.shared:
+            group.new_generation()
+        self.contexts = {}
+        self.current = None
+        if self.cfg is not None:
+            self.cfg.reset()
+
+    def free_caches(self) -> None:
+        for ctx in self.contexts.values():
+            ctx.caches.states.clear()
+        if self.cfg is not None:
+            self.cfg.reset()
+
+    def end_generation(self) -> None:
+        self.generations.end()
+
+    # -- one transformer call (relcache.runtime.hooks.StepHost) --------------------------------------------------
+    def start_call(self, name: str, step_index: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Start the next step of context ``name``, and a new generation where the rules say so."""
+        gens = self.generations
+        gens.check_scheduler()
+        timestep = gens.timestep_of(args, kwargs)
+        ctx = self.contexts.get(name)
+        if gens.starts_new(None if ctx is None else (ctx.step, ctx.last_timestep), step_index, timestep):
+            gens.begin()
+            ctx = None
+        if ctx is None:
+            # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
+            ctx = Context(name, self.config.schedule.new_state(gens.num_steps))
+            self.contexts[name] = ctx
+        ctx.advance(step_index, timestep)
+        self.current = ctx
+
+    def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
+        if self.cfg is None:
+            return self._run(self.current, forward, args, kwargs)
+        return self.cfg.call(self.current, self.generations.num_steps, forward, args, kwargs)
+
+    def end_call(self) -> None:
+        self.current = None
+        for group in self.shared:
+            group.end_call()
+
+    def _run(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.meter.run_call(ctx.counters, ctx.cfg.batch_scale, forward, args, kwargs)
+
+    # -- the cached modules (relcache.runtime.hooks.ModuleHost) --------------------------------------------------
+    def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # _forecast and _record run eagerly under torch.compile (graph breaks): compiled graphs must not read the
+        # per-step Python state (step numbers, schedule decisions), or dynamo recompiles them at every step.
+        forecast = self._forecast(idx, original, args, kwargs)
+        if forecast is not None:
+            return forecast
+        if torch.compiler.is_compiling():  # no FLOP counting in compiled code
+            out = original(*args, **kwargs)
+        else:
+            computing = self._computing.get(idx)
+            key = None if computing is None else (idx, computing.shapes)
+            out = self.meter.run_module(key, original, args, kwargs)
+        self._record(idx, out)
+        return out
+
+    @torch.compiler.disable
+    def _forecast(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The forecast at a cached step, or None when the module must run (``_record`` then takes its output)."""
+        self._computing.pop(idx, None)
+        ctx = self.current
+        if ctx is None:  # called outside a transformer forward: behave as the plain module
+            return None
+        got = self.modules[idx].input_of(args, kwargs)
+        inputs = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
+        rows = ctx.cfg.row_groups(inputs[0].shape[0])
+        if not ctx.schedule.decided:
+            self._decide(ctx, inputs[0], rows)
+        shapes = tuple(tuple(x.shape) for x in inputs)
+        ctx.caches.call_shapes[idx] = shapes
+        groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
+        if ctx.schedule.full or not all(ctx.caches.ready(idx, g.name, g.shapes) for g in groups):
+            self._computing[idx] = _Computing(ctx, shapes, groups)
+            return None
+        preds = self._predict(ctx, idx, groups)
+        self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
+        if self.record_errors:
+            true = original(*args, **kwargs)
+            trues = true if isinstance(true, tuple) else (true,)
+            ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0])
+        return tuple(preds) if ctx.caches.tuple_out.get(idx, False) else preds[0]
+
+    def _decide(self, ctx: Context, probe_input: torch.Tensor, rows: list[tuple[str, slice | None]]) -> None:
+        """The step's single decision, at its first cached module."""
+        schedule = self.config.schedule
+        probe = None
+        if schedule.uses_input:  # on a CFG batch, the conditional half (it runs at every step)
+            probe = _rows(probe_input, next(sl for name, sl in rows if name != "uncond"))
+        progress = ctx.schedule
+        progress.decided = True
+        progress.full = schedule.decide(progress.memory, ctx.step, probe)
+        if progress.full:
+            progress.full_steps.append(ctx.step)
+
+    def _predict(self, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
+        """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
+        predictor, num_steps = self.config.predictor, self.generations.num_steps
+        per_group = []
+        for group in groups:
+            states = ctx.caches.states[(idx, group.name)]
+            per_group.append([predictor.predict(st, ctx.step, num_steps,
+                                                _input_for_output(group.inputs, j, len(states)))
+                              for j, st in enumerate(states)])
+        return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
+
+    @torch.compiler.disable
+    def _record(self, idx: int, out: Any) -> None:
+        """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
+        computing = self._computing.pop(idx, None)
+        if computing is None:
+            return
+        ctx, caches = computing.ctx, computing.ctx.caches
+        outs = out if isinstance(out, tuple) else (out,)
+        caches.tuple_out[idx] = isinstance(out, tuple)
+        predictor = self.config.predictor
+        for group in computing.groups:
+            states = caches.states.get((idx, group.name))
+            if states is None or len(states) != len(outs):
+                states = [predictor.new_state(self.config.cache_dtype) for _ in outs]
+                caches.states[(idx, group.name)] = states
+            for j, (state, o) in enumerate(zip(states, outs, strict=True)):
+                predictor.update(state, ctx.step, _input_for_output(group.inputs, j, len(outs)), _rows(o, group.rows))
+            caches.shapes[(idx, group.name)] = group.shapes
+        self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
+
+    # -- shared copies (relcache.runtime.shared.SharingHost) -----------------------------------------------------
+    def sharing(self) -> bool:
+        return self.current is not None
+
+    def flop_counter_now(self) -> Any:
+        return self.meter.counter
+
+    def add_saved_flops(self, flops: float) -> None:
+        self.meter.shared_saved += flops
+
+    # -- stats --------------------------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        names = [m.name for m in self.modules]
+        per = {name: ctx.stats(names) for name, ctx in self.contexts.items()}
+        cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
+        return combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.modules})

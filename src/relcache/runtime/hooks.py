@@ -1,0 +1,171 @@
+"""The hooks on diffusers' hook registry, and attaching and detaching them next to accelerate's.
+
+One hook on the transformer marks the start and end of each call (a step of one call context) and reads the call
+context diffusers' ``cache_context`` sets; one hook per cached module hands the call to the runtime, which returns
+the module's real output or its forecast. The hooks know the runtime only through the protocols below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
+from torch import nn
+
+from ..models.base import Adapter
+
+STEP_HOOK = "relcache_step"
+MODULE_HOOK = "relcache_module"
+SHARED_HOOK = "relcache_shared"
+DEFAULT_CONTEXT = "default"  # the call context when the pipeline sets none
+
+
+class StepHost(Protocol):
+    """What the transformer's hook asks of the runtime."""
+
+    adapter: Adapter
+
+    def start_call(self, name: str, step_index: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A transformer call starts in context ``name`` (diffusers' cache context step, if it gives one)."""
+
+    def run_call(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the transformer for the current step."""
+
+    def end_call(self) -> None:
+        """The transformer call returned or raised."""
+
+    def end_generation(self) -> None:
+        """diffusers reset the stateful hooks: the pipeline call ended."""
+
+
+class ModuleHost(Protocol):
+    """What a cached module's hook asks of the runtime."""
+
+    def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Module ``idx``'s output at this step: computed (``original``) or forecast."""
+
+
+class _NoState:
+    """Placeholder state so diffusers' ``cache_context`` can set a context on our hook."""
+
+    def reset(self) -> None:
+        pass
+
+
+class StepHook(ModelHook):
+    """On the transformer: marks the start of a step in the current call context and runs the call."""
+
+    _is_stateful = True
+
+    def __init__(self, host: StepHost) -> None:
+        super().__init__()
+        self.host = host
+        self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
+            return self.fn_ref.original_forward(*args, **kwargs)
+        self._start(args, kwargs)
+        try:
+            return self.host.run_call(self.fn_ref.original_forward, args, kwargs)
+        finally:
+            self._end()
+
+    @torch.compiler.disable
+    def _start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        context = self.cache_context._context
+        name = context.name if context is not None else DEFAULT_CONTEXT
+        step_index = getattr(context, "step_index", None) if context is not None else None
+        self.host.start_call(name, step_index, args, kwargs)
+
+    @torch.compiler.disable
+    def _end(self) -> None:
+        self.host.end_call()
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.host.end_generation()
+        return module
+
+
+class ModuleHook(ModelHook):
+    """On a cached module: full computation or prediction, as the runtime decides."""
+
+    def __init__(self, host: ModuleHost, idx: int) -> None:
+        super().__init__()
+        self.host = host
+        self.idx = idx
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.host.module_forward(self.idx, self.fn_ref.original_forward, args, kwargs)
+
+
+def _without_accelerate_hook(module: nn.Module) -> Any:
+    """Take accelerate's hook off ``module`` (returned, or None) so a registry change can go under it."""
+    hf_hook = getattr(module, "_hf_hook", None)
+    if hf_hook is not None:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(module)
+    return hf_hook
+
+
+def _restore_accelerate_hook(module: nn.Module, hf_hook: Any) -> None:
+    if hf_hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(module, hf_hook)
+
+
+class Attachment:
+    """The hooks registered on one model's modules, and how to take them off leaving the modules as they were."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._attached: list[tuple[nn.Module, str, bool]] = []  # (module, hook name, registry existed before)
+
+    def register(self, module: nn.Module, hook: ModelHook, name: str) -> None:
+        """Register ``hook`` on ``module``. On the model itself it goes under accelerate's model offload hook, which
+        must stay outermost: pipelines re-apply it after every call by restoring the forward it wrapped
+        (``_old_forward``), which would drop a wrapper registered over it."""
+        hf_hook = _without_accelerate_hook(module) if module is self.model else None
+        existed = hasattr(module, "_diffusers_hook")
+        try:
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(hook, name)  # raises if the name is taken: then nothing of ours is there
+            self._attached.append((module, name, existed))
+        except BaseException:
+            if not existed and hasattr(module, "_diffusers_hook") and not module._diffusers_hook.hooks:
+                del module._diffusers_hook
+            raise
+        finally:
+            _restore_accelerate_hook(module, hf_hook)
+
+    def done(self) -> None:
+        """All hooks are registered: the model's registry must see its children's new hooks."""
+        HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
+
+    def detach(self) -> None:
+        """Remove every hook registered here, in reverse order."""
+        for module, name, existed in reversed(self._attached):
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            # an accelerate hook added after ours (enable_model_cpu_offload) wraps our forward, and remove_hook
+            # would overwrite it: take it off first and put it back after
+            hf_hook = _without_accelerate_hook(module)
+            registry.remove_hook(name, recurse=False)
+            if not registry.hooks:
+                # remove_hook leaves the original bound method as an instance attribute: drop it.
+                fwd = vars(module).get("forward")
+                if getattr(fwd, "__self__", None) is module and getattr(fwd, "__func__", None) is type(
+                    module
+                ).forward:
+                    del module.forward
+                if not existed:
+                    del module._diffusers_hook
+            _restore_accelerate_hook(module, hf_hook)
+        self._attached = []
+        root = getattr(self.model, "_diffusers_hook", None)
+        if root is not None:
+            root.invalidate_child_registries_cache()
