@@ -1,4 +1,4 @@
-"""Predictors against hand-computed values (algorithms.md, 'Predictors')."""
+"""Predictors against hand-computed values (docs/spec.md, §Predictors and §Taylor forecast)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""FasterCache and CFG-Cache (algorithms.md, 'CFG-Cache (FasterCache)') against hand-computed values.
+"""FasterCache and CFG-Cache (docs/spec.md, §CFG-Cache) against hand-computed values.
 
 CFG batched through DiTPipeline (conditional half first) and hand-written loops, CFG split into "cond"/"uncond"
 calls with diffusers' cache contexts, and CFG-Cache combined with module caches (FasterCache's Linear, RFC).
