@@ -13,12 +13,19 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .errors import ConfigError
-from .evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, BenchResult, default_methods, run_bench, select
+from .evaluation.bench import (
+    INTERVAL_FOR_NFC,
+    BenchMethod,
+    BenchResult,
+    Sampler,
+    default_methods,
+    run_bench,
+    select,
+)
 from .methods import FORA, RFC, TaylorSeer
 
 
@@ -50,7 +57,7 @@ def _budget(value: str) -> int:
     return n
 
 
-def _reference() -> tuple[torch.nn.Module, Any, torch.nn.Module, torch.Tensor]:
+def _reference() -> tuple[torch.nn.Module, Sampler, torch.nn.Module, torch.Tensor]:
     """(transformer, sampler, evaluator, real images) of the shipped reference model."""
     from .evaluation.digits import load_digits_dataset
     from .evaluation.reference import load_evaluator, load_reference_transformer, sample_digits
@@ -59,7 +66,7 @@ def _reference() -> tuple[torch.nn.Module, Any, torch.nn.Module, torch.Tensor]:
     return load_reference_transformer(), sample_digits, load_evaluator(), real
 
 
-def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Any]:
+def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Sampler]:
     """(transformer, sampler) of a local DiTPipeline directory; samples are mapped to [-1, 1]."""
     from diffusers import DiTPipeline
 
