@@ -1,7 +1,9 @@
-"""Tiny offline pipelines of the image and video-as-image model families (FLUX, SD3, PixArt, HunyuanVideo, Wan).
+"""Tiny offline pipelines of every supported model family: DiT (conftest's ``dit_pipe``), PixArt, SD3, FLUX,
+HunyuanVideo, Wan, CogVideoX and Latte, built from configs with random weights (nothing is downloaded).
 
 Text encoders are tiny transformers models built from configs; their embeddings are computed here and passed to the
-pipelines as ``prompt_embeds`` so no tokenizer (which would need the hub) is involved.
+pipelines as ``prompt_embeds`` so no tokenizer (which would need the hub) is involved. ``CASES`` names each family's
+pipeline builder, its call arguments and the call contexts its transformer calls run in.
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from conftest import dit_pipe
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLCogVideoX,
     AutoencoderKLHunyuanVideo,
     AutoencoderKLWan,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
+    LattePipeline,
+    LatteTransformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
@@ -72,6 +81,17 @@ def _vae2d(latent_channels: int, **kw: Any) -> AutoencoderKL:
 
 
 # -- the pipelines ---------------------------------------------------------------------------------------------------
+def quiet(pipe: Any) -> Any:
+    """``pipe`` without its progress bar."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def dit_kwargs() -> dict[str, Any]:
+    """DiTPipeline (conftest's ``dit_pipe``): class-conditional, CFG batched conditional half first."""
+    return dict(class_labels=[1, 7], guidance_scale=1.5)
+
+
 def flux_pipe() -> FluxPipeline:
     """FLUX.1-dev-like: guidance-distilled (guidance embedding, no CFG); 16x16 image -> 8x8 latents -> 16 tokens."""
     torch.manual_seed(0)
@@ -80,10 +100,8 @@ def flux_pipe() -> FluxPipeline:
         joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
     ).eval()
     vae = _vae2d(2, shift_factor=0.1, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                              text_encoder_2=None, tokenizer_2=None, transformer=transformer))
 
 
 def flux_kwargs(size: int = 16) -> dict[str, Any]:
@@ -100,12 +118,10 @@ def sd3_pipe() -> StableDiffusion3Pipeline:
         pos_embed_max_size=8, dual_attention_layers=(0,),  # SD3.5's extra attention in block 0
     ).eval()
     vae = _vae2d(4, shift_factor=0.1, scaling_factor=1.5)
-    pipe = StableDiffusion3Pipeline(
+    return quiet(StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
         tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))
 
 
 def sd3_kwargs() -> dict[str, Any]:
@@ -123,10 +139,8 @@ def pixart_pipe() -> PixArtSigmaPipeline:
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     ).eval()
     vae = _vae2d(4)
-    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                               scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                     scheduler=DDIMScheduler()))
 
 
 def pixart_kwargs() -> dict[str, Any]:
@@ -151,10 +165,9 @@ def hunyuan_pipe() -> HunyuanVideoPipeline:
         norm_num_groups=2, scaling_factor=0.5, spatial_compression_ratio=8, temporal_compression_ratio=4,
         mid_block_add_attention=False,
     ).eval()
-    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                      scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None,
+                                      tokenizer_2=None))
 
 
 def hunyuan_kwargs() -> dict[str, Any]:
@@ -174,15 +187,57 @@ def wan_pipe() -> WanPipeline:
     ).eval()
     vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
-                       transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(),
+                             scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer))
 
 
 def wan_kwargs() -> dict[str, Any]:
     emb, neg = t5_embeds(16)
     return dict(prompt_embeds=emb, negative_prompt_embeds=neg, guidance_scale=5.0, height=32, width=32, num_frames=1)
+
+
+def latte_pipe() -> LattePipeline:
+    """Latte-like, 2 layers (spatial + temporal), CFG batched unconditional half first; 4 frames of 16x16 -> 8x8
+    latents -> 16 patches per frame."""
+    torch.manual_seed(0)
+    transformer = LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=8, patch_size=2, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=16, video_length=4,
+        attention_bias=True,
+    ).eval()
+    return quiet(LattePipeline(tokenizer=None, text_encoder=None, vae=_vae2d(4), transformer=transformer,
+                               scheduler=DDIMScheduler()))
+
+
+def latte_kwargs() -> dict[str, Any]:
+    emb, neg = t5_embeds(16)
+    return dict(prompt_embeds=emb, negative_prompt_embeds=neg, negative_prompt=None, guidance_scale=4.0,
+                height=16, width=16, video_length=4)
+
+
+def cogvideox_pipe() -> CogVideoXPipeline:
+    """CogVideoX-like, 2 expert blocks, CFG batched unconditional half first; 5 frames of 8x8 -> 2 latent frames of
+    4x4 -> 8 video + 6 text tokens."""
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=16,
+        num_layers=2, sample_width=4, sample_height=4, sample_frames=5, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=6,
+    ).eval()
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(4, 4), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()
+    return quiet(CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                   scheduler=CogVideoXDDIMScheduler()))
+
+
+def cogvideox_kwargs() -> dict[str, Any]:
+    emb, neg = t5_embeds(16)
+    return dict(prompt_embeds=emb, negative_prompt_embeds=neg, guidance_scale=6.0, height=8, width=8, num_frames=5,
+                max_sequence_length=6)
 
 
 @dataclass(frozen=True)
@@ -193,11 +248,14 @@ class Case:
 
 
 CASES = {
+    "dit": Case(dit_pipe, dit_kwargs, ("default",)),
     "flux": Case(flux_pipe, flux_kwargs, ("cond",)),  # FluxPipeline names its (only) call "cond"
     "sd3": Case(sd3_pipe, sd3_kwargs, ("default",)),
     "pixart": Case(pixart_pipe, pixart_kwargs, ("default",)),
     "hunyuan_video": Case(hunyuan_pipe, hunyuan_kwargs, ("cond", "uncond")),
     "wan": Case(wan_pipe, wan_kwargs, ("cond", "uncond")),
+    "cogvideox": Case(cogvideox_pipe, cogvideox_kwargs, ("cond_uncond",)),
+    "latte": Case(latte_pipe, latte_kwargs, ("default",)),
 }
 
 
@@ -209,8 +267,9 @@ def generate(pipe: Any, case: Case, steps: int = STEPS, seed: int = 0) -> np.nda
 def generate_with_stats(pipe: Any, case: Case, steps: int = STEPS) -> tuple[np.ndarray, relcache.CacheStats]:
     """Output and the stats as they stand after the last transformer call of the generation.
 
-    Read from a forward hook: pipelines whose transformer has diffusers' CacheMixin (FLUX, HunyuanVideo, Wan) reset
-    stateful hooks when the call ends, which currently also clears relcache's stats (see test_stats_after_the_call).
+    Read from a forward hook: every pipeline ends its call by freeing the caches (``maybe_free_model_hooks``), so
+    ``relcache.stats(pipe)`` read after the call reports the same steps but ``cache_bytes`` 0 (test_contract.py
+    compares the two).
     """
     seen: list[relcache.CacheStats] = []
     handle = pipe.transformer.register_forward_hook(lambda *_: seen.append(relcache.stats(pipe)))

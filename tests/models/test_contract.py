@@ -1,0 +1,238 @@
+"""The contract every supported model family keeps, checked through the public API on its own diffusers pipeline
+(tiny and offline, ``families.CASES``): DiT, PixArt, SD3, FLUX, HunyuanVideo, Wan, CogVideoX, Latte.
+
+1. The adapter's listed modules (``find_adapter(model).cached_modules(model)``) run once per transformer call, in the
+   listed order, each on the argument the adapter names as its input and returning an output paired with it.
+2. Computing every step fully equals the uncached output bit for bit, whatever the method.
+3. ``RFC(target_nfc=K)`` runs exactly K full steps in every call context, close to full computation.
+4. ``disable`` leaves the pipeline as it was: same attributes, same weights, the uncached output bit for bit.
+
+Family-specific behaviour is tested beside this file (CFG-Cache on video in test_video_models.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from families import CASES, STEPS, Case, generate, generate_with_stats  # noqa: E402
+
+import relcache  # noqa: E402
+from relcache import FORA, RFC, CFGCache, TaylorSeer  # noqa: E402
+from relcache.models import Adapter, CustomAdapter, find_adapter, supported_models  # noqa: E402
+
+J = "joint"  # a joint attention: its input is (hidden_states, encoder_hidden_states), its output (image, text)
+
+
+def blocks(n: int, *groups: tuple[str, tuple[tuple[str, ...], ...]]) -> list[tuple[str, str, bool]]:
+    """Expected ``(name, kind, joint)`` of ``n`` layers, each running the ``(prefix, ((attr, kind[, J]), ...))`` groups
+    in turn."""
+    return [(f"{prefix}.{i}.{attr}", kind, J in rest) for i in range(n) for prefix, mods in groups
+            for attr, kind, *rest in mods]
+
+
+BASIC = (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "mlp"))
+DUAL = blocks(1, ("transformer_blocks", (("attn", "attn", J), ("ff", "mlp"), ("ff_context", "mlp"))))  # FLUX, Hunyuan
+
+#: each family's cached modules in execution order: (name, kind, joint); the tiny pipelines' sizes are in families.py
+EXPECTED = {
+    "dit": blocks(3, ("transformer_blocks", (("attn1", "attn"), ("ff", "mlp")))),  # DiT's blocks have no attn2
+    "pixart": blocks(2, ("transformer_blocks", BASIC)),
+    "sd3": blocks(1, ("transformer_blocks", (("attn", "attn", J), ("attn2", "attn"), ("ff", "mlp"),
+                                             ("ff_context", "mlp"))))
+    + [("transformer_blocks.1.attn", "attn", True), ("transformer_blocks.1.ff", "mlp", False)],  # context_pre_only
+    "flux": DUAL + blocks(2, ("single_transformer_blocks", (("proj_mlp", "mlp"), ("attn", "attn")))),
+    "hunyuan_video": DUAL + blocks(2, ("single_transformer_blocks", (("proj_mlp", "mlp"), ("attn", "attn", J)))),
+    "wan": blocks(2, ("blocks", (("attn1", "attn"), ("attn2", "cross_attn"), ("ffn", "mlp")))),
+    "cogvideox": blocks(2, ("transformer_blocks", (("attn1", "attn", J), ("ff", "mlp")))),
+    "latte": blocks(2, ("transformer_blocks", BASIC),  # spatial block i, then temporal block i (no cross-attention)
+                    ("temporal_transformer_blocks", (("attn1", "attn"), ("ff", "mlp")))),
+}
+
+#: RFC(target_nfc=4) of 8 steps: bound on the relative L1 distance of the output (decoded, in [0, 1]) from full
+#: computation. Measured (diffusers 0.42.1, torch 2.13 CPU): DiT 0.21, PixArt 0.13, Latte 0.031, CogVideoX 0.0034,
+#: SD3 0.0008, FLUX 0.0006, HunyuanVideo 0.0004, Wan 0.0002. The tiny DiT and PixArt have random weights whose
+#: features change by 15-30 % from one step to the next, so their bounds are loose; the test also asserts that the
+#: output is nearer the full one than another seed's (0.04-0.86 away) and than a generation that computes only its
+#: first step and reuses it (FORA(8, 1): 1.3x RFC's distance on DiT and PixArt, 3.7x to 14x on the others).
+RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008}
+RFC_TOLERANCE_DEFAULT = 0.003
+K = 4
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family(request: pytest.FixtureRequest) -> tuple[str, Case, Any, np.ndarray]:
+    """(name, case, pipeline, uncached output) of each family, built once for this file."""
+    case = CASES[request.param]
+    pipe = case.build()
+    return request.param, case, pipe, generate(pipe, case)
+
+
+def test_every_family_has_a_contract_case():
+    """Each adapter shipped in relcache.models serves exactly the families checked here, and the registry lists them."""
+    built_in = {cls for adapter in Adapter.__subclasses__() if adapter is not CustomAdapter
+                and adapter.__module__.startswith("relcache.models.") for cls in adapter.model_classes}
+    assert EXPECTED.keys() == CASES.keys()
+    tested = {type(case.build().transformer).__name__ for case in CASES.values()}
+    assert built_in == tested and len(tested) == 8
+    assert built_in <= set(supported_models())
+    with pytest.raises(relcache.UnsupportedModelError) as err:
+        relcache.enable(torch.nn.Linear(2, 2), FORA())
+    assert all(cls in str(err.value) for cls in built_in) and "docs/custom-models.md" in str(err.value)
+
+
+# -- 1. the listed modules: order, calls, inputs, outputs -----------------------------------------------------------
+def test_listed_modules_run_once_per_call_in_order_on_their_inputs(family):
+    """With caching off: every transformer call runs each listed module once, in the listed order; the module's input
+    per the adapter is the very tensor bound to its ``forward``'s first parameter (both streams' for a joint
+    attention), and its output is a tensor (a same-length tuple for a joint attention) with the input's rows and
+    tokens."""
+    name, case, pipe, _ = family
+    model = pipe.transformer
+    specs = find_adapter(model).cached_modules(model)
+    assert [(s.name, s.kind) for s in specs] == [(n, k) for n, k, _ in EXPECTED[name]]
+    calls: list[list[str]] = []
+    inputs: dict[str, tuple[torch.Tensor, ...]] = {}
+    handles = [model.register_forward_pre_hook(lambda *_: calls.append([]))]
+    for spec, (_, _, joint) in zip(specs, EXPECTED[name], strict=True):
+        params = list(inspect.signature(spec.module.forward).parameters)
+        expected_params = ("hidden_states", "encoder_hidden_states") if joint else params[:1]
+
+        def pre(module, args, kwargs, spec=spec, expected_params=expected_params):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            got = spec.input_of(args, kwargs)
+            assert isinstance(got, tuple) == (len(expected_params) == 2), spec.name
+            got = got if isinstance(got, tuple) else (got,)
+            assert len(got) == len(expected_params), spec.name
+            assert all(g is bound[p] for g, p in zip(got, expected_params, strict=True)), spec.name
+            inputs[spec.name] = got
+            calls[-1].append(spec.name)
+
+        def post(module, args, kwargs, out, spec=spec):
+            inp = inputs.pop(spec.name)
+            outs = out if isinstance(out, tuple) else (out,)
+            assert isinstance(out, tuple) == (len(inp) == 2) and len(outs) == len(inp), spec.name
+            for i, o in zip(inp, outs, strict=True):  # same batch rows and tokens: the stream's own input
+                assert isinstance(o, torch.Tensor) and i.shape[:-1] == o.shape[:-1], spec.name
+
+        handles.append(spec.module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(spec.module.register_forward_hook(post, with_kwargs=True))
+    try:
+        generate(pipe, case, steps=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 2 * len(case.contexts)  # one call per step, or one per context where CFG is split
+    assert all(c == [s.name for s in specs] for c in calls) and not inputs
+
+
+# -- 2. every step full is exact ---------------------------------------------------------------------------------------
+EXACT = [FORA(1, 1), TaylorSeer(1, 2, 1), RFC(threshold=0.0), RFC(target_nfc=STEPS),
+         dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache(window=(0.0, 0.0)))]
+
+
+@pytest.mark.parametrize("config", EXACT, ids=lambda c: c.label + ("+CFG-Cache" if c.cfg_cache else ""))
+def test_every_step_full_equals_uncached(family, config):
+    _, case, pipe, ref = family
+    with relcache.cached(pipe, config):
+        out, st = generate_with_stats(pipe, case)
+    assert (out == ref).all()
+    assert st.nfc == STEPS and st.num_steps == STEPS and st.flops_fraction == 1.0 and st.uncond_skipped == 0
+    assert tuple(st.contexts) == case.contexts
+    assert all(c.full_steps == list(range(STEPS)) for c in st.contexts.values())
+
+
+# -- 3. RFC's budget and the cached generations' accounting ------------------------------------------------------------
+def _rel_l1(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).sum() / np.abs(b.astype(np.float64)).sum())
+
+
+def test_rfc_target_nfc_runs_exactly_k_full_steps_close_to_full(family):
+    name, case, pipe, ref = family
+    with relcache.cached(pipe, RFC(target_nfc=K)):
+        out, st = generate_with_stats(pipe, case)
+        after = relcache.stats(pipe)  # after the call: the same generation (its caches freed)
+    assert tuple(st.contexts) == case.contexts
+    for ctx in st.contexts.values():  # CFG split into "cond"/"uncond" calls: each context keeps the budget
+        assert ctx.nfc == len(ctx.full_steps) == K and ctx.num_steps == STEPS and ctx.full_steps[:2] == [0, 1]
+        assert ctx.flops_fraction == pytest.approx(K / STEPS)
+    assert st.uncond_skipped == 0
+    assert after.full_steps == st.full_steps and after.nfc == st.nfc
+    assert {c: x.full_steps for c, x in after.contexts.items()} == {c: x.full_steps for c, x in st.contexts.items()}
+    assert out.shape == ref.shape and np.isfinite(out).all() and not (out == ref).all()
+    error = _rel_l1(out, ref)
+    assert error < RFC_TOLERANCE.get(name, RFC_TOLERANCE_DEFAULT)
+    assert error < _rel_l1(generate(pipe, case, seed=1), ref)  # nearer the full output than another sample
+    with relcache.cached(pipe, FORA(STEPS, 1)):  # full at step 0 only: every later step reuses it
+        assert error < _rel_l1(generate(pipe, case), ref)
+
+
+@pytest.mark.parametrize("config", [FORA(3), TaylorSeer(3), RFC(threshold=0.3)], ids=lambda c: c.label)
+def test_cached_generation_counts_and_is_finite(family, config):
+    _, case, pipe, ref = family
+    with relcache.cached(pipe, config):
+        out, st = generate_with_stats(pipe, case)
+    assert tuple(st.contexts) == case.contexts
+    assert out.shape == ref.shape and np.isfinite(out).all() and not (out == ref).all()
+    for ctx in st.contexts.values():
+        assert ctx.num_steps == STEPS and ctx.full_steps[:2] == [0, 1]  # warm-up
+        if config.label.startswith(("FORA", "TaylorSeer")):  # Interval(3, warmup=2) over 8 steps, hand-counted
+            assert ctx.full_steps == [0, 1, 4, 7] and ctx.flops_fraction == pytest.approx(4 / STEPS)
+        else:
+            assert 2 < ctx.nfc < STEPS
+        assert ctx.flops_fraction == pytest.approx(ctx.executed_flops / ctx.full_flops) and ctx.flops_fraction < 1
+
+
+# -- 4. disable -----------------------------------------------------------------------------------------------------
+def _snapshot(pipe: Any) -> dict[str, Any]:
+    """Instance attributes (names) of the pipeline, its scheduler and every module of the transformer, and which
+    function each module's ``forward`` runs: where enabling patches or wraps anything."""
+    snap: dict[str, Any] = {"pipeline": sorted(vars(pipe)), "scheduler": sorted(vars(pipe.scheduler))}
+    for name, module in pipe.transformer.named_modules():
+        snap[f"transformer.{name}"] = (sorted(vars(module)), getattr(module.forward, "__func__", module.forward))
+    return snap
+
+
+def test_disable_restores_the_pipeline_bit_for_bit(family):
+    _, case, pipe, ref = family
+    before = _snapshot(pipe)
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    relcache.enable(pipe, dataclasses.replace(RFC(target_nfc=K), cfg_cache=CFGCache()))
+    assert relcache.is_enabled(pipe) and _snapshot(pipe) != before
+    cached = generate(pipe, case)
+    relcache.disable(pipe)
+    assert not relcache.is_enabled(pipe)
+    with pytest.raises(relcache.NotEnabledError):
+        relcache.stats(pipe)
+    assert _snapshot(pipe) == before
+    after = pipe.transformer.state_dict()
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items())
+    assert not (cached == ref).all() and (generate(pipe, case) == ref).all()
+
+
+# -- feed-forward chunking ------------------------------------------------------------------------------------------
+CHUNKABLE = {"dit", "pixart", "sd3", "latte"}  # families whose blocks offer diffusers' set_chunk_feed_forward
+
+
+def test_feed_forward_chunking_is_refused(family):
+    """A chunked feed-forward runs several times per call: enabling refuses it. The other families' blocks cannot
+    chunk (if diffusers adds it to them, their adapters need the guard too)."""
+    name, _, pipe, _ = family
+    chunkable = [m for m in pipe.transformer.modules() if hasattr(m, "set_chunk_feed_forward")]
+    assert bool(chunkable) == (name in CHUNKABLE)
+    if not chunkable:
+        return
+    chunkable[-1].set_chunk_feed_forward(2, 1)
+    try:
+        with pytest.raises(relcache.ConfigError, match="feed-forward chunking"):
+            relcache.enable(pipe, FORA())
+    finally:
+        chunkable[-1].set_chunk_feed_forward(None, 0)
+    assert not relcache.is_enabled(pipe)
