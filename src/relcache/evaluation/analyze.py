@@ -144,31 +144,36 @@ def analyze_trace(trace: Trace, interval: int = 4, order: int = 2, modules: Sequ
     return result
 
 
-def save_analysis(result: Analysis, out_dir: str | Path) -> list[Path]:
-    """Write one PNG per analysis and the CSVs behind them."""
-    import matplotlib
+class _Writer:
+    """Writes figures and CSVs into one folder and lists what it wrote."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, out_dir: str | Path) -> None:
+        import matplotlib
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-    def save(fig: Any, name: str) -> None:
+        self.plt = plt
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.written: list[Path] = []
+
+    def figure(self, fig: Any, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(out / name)
+        fig.savefig(self.out / name, dpi=120)
+        self.plt.close(fig)
+        self.written.append(self.out / name)
 
-    def table(name: str, header: list[str], rows: list[list[Any]]) -> None:
-        with (out / name).open("w", newline="") as f:
+    def table(self, name: str, header: list[str], rows: list[list[Any]]) -> None:
+        with (self.out / name).open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(rows)
-        written.append(out / name)
+        self.written.append(self.out / name)
 
-    fig, axes = plt.subplots(1, len(result.distances), figsize=(4 * len(result.distances), 3.2), squeeze=False)
+
+def _step_distances(w: _Writer, result: Analysis) -> None:
+    fig, axes = w.plt.subplots(1, len(result.distances), figsize=(4 * len(result.distances), 3.2), squeeze=False)
     rows = []
     for ax, (name, curves) in zip(axes[0], result.distances.items(), strict=True):
         steps = np.arange(1, len(curves["input"]) + 1)
@@ -180,33 +185,38 @@ def save_analysis(result: Analysis, out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=8)
         rows += [[name, int(s), float(i), float(o)] for s, i, o in zip(steps, curves["input"], curves["output"],
                                                                         strict=True)]
-    save(fig, "fig1_step_distances.png")
-    table("fig1_step_distances.csv", ["module", "step", "input", "output"], rows)
+    w.figure(fig, "fig1_step_distances.png")
+    w.table("fig1_step_distances.csv", ["module", "step", "input", "output"], rows)
 
+
+def _per_module(w: _Writer, result: Analysis) -> None:
     # tick labels: the module path without the common prefix ("transformer_blocks.3.ff" -> "3.ff")
     prefix = os.path.commonprefix(result.names).rpartition(".")[0] if len(result.names) > 1 else ""
     ticks = [n[len(prefix) + 1:] if prefix else n for n in result.names]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    xlabel = f"module ({prefix}.*)" if prefix else "module"
+    fig, ax = w.plt.subplots(figsize=(8, 3.5))
     for label, errs in result.module_errors.items():
         ax.plot(range(len(errs)), errs, marker="o", ms=3, label=label)
     ax.set_xticks(range(len(result.names)), ticks, rotation=90, fontsize=7)
-    ax.set_xlabel(f"module ({prefix}.*)" if prefix else "module")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("relative L1 error vs full\n(mean over cached steps)")
     ax.legend(fontsize=8)
-    save(fig, "fig2a_module_errors.png")
-    table("fig2a_module_errors.csv", ["module", *result.module_errors],
-          [[n, *[result.module_errors[m][j] for m in result.module_errors]] for j, n in enumerate(result.names)])
+    w.figure(fig, "fig2a_module_errors.png")
+    w.table("fig2a_module_errors.csv", ["module", *result.module_errors],
+            [[n, *[result.module_errors[m][j] for m in result.module_errors]] for j, n in enumerate(result.names)])
 
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = w.plt.subplots(figsize=(8, 3.2))
     ax.bar(range(len(result.names)), [100 * v for v in result.ratio_rsd])
     ax.set_xticks(range(len(result.names)), ticks, rotation=90, fontsize=7)
-    ax.set_xlabel(f"module ({prefix}.*)" if prefix else "module")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("RSD of s over steps (%)")
-    save(fig, "fig2b_ratio_rsd.png")
-    table("fig2b_ratio_rsd.csv", ["module", "ratio_rsd"], [[n, v] for n, v in zip(result.names, result.ratio_rsd,
-                                                                                  strict=True)])
+    w.figure(fig, "fig2b_ratio_rsd.png")
+    w.table("fig2b_ratio_rsd.csv", ["module", "ratio_rsd"], [[n, v] for n, v in zip(result.names, result.ratio_rsd,
+                                                                                    strict=True)])
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+
+def _io_errors(w: _Writer, result: Analysis) -> None:
+    fig, ax = w.plt.subplots(figsize=(6, 3.2))
     steps = sorted(result.io_errors["input"])
     ax.plot(steps, [result.io_errors["input"][s] for s in steps], "--o", ms=3, label="input error")
     ax.plot(steps, [result.io_errors["output"][s] for s in steps], "-o", ms=3, label="output error")
@@ -214,7 +224,15 @@ def save_analysis(result: Analysis, out_dir: str | Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("relative L1 prediction error")
     ax.legend(fontsize=8)
-    save(fig, "fig2c_io_errors.png")
-    table("fig2c_io_errors.csv", ["step", "input_error", "output_error"],
-          [[s, result.io_errors["input"][s], result.io_errors["output"][s]] for s in steps])
-    return written
+    w.figure(fig, "fig2c_io_errors.png")
+    w.table("fig2c_io_errors.csv", ["step", "input_error", "output_error"],
+            [[s, result.io_errors["input"][s], result.io_errors["output"][s]] for s in steps])
+
+
+def save_analysis(result: Analysis, out_dir: str | Path) -> list[Path]:
+    """Write one PNG per analysis and the CSVs behind them."""
+    w = _Writer(out_dir)
+    _step_distances(w, result)
+    _per_module(w, result)
+    _io_errors(w, result)
+    return w.written

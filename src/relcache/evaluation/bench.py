@@ -232,6 +232,49 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
     return samples, seconds, nfc, flops
 
 
+#: one generation's (samples, seconds, NFC, FLOPs), per method label and batch index
+PerBatch = dict[str, dict[int, tuple[torch.Tensor, float, float, float]]]
+
+
+def _gather(local: PerBatch, world: int) -> PerBatch:
+    """Every rank's batches, merged (data-parallel bench under torchrun)."""
+    if world == 1:
+        return local
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, local)
+    merged: PerBatch = {label: {} for label in local}
+    for part in gathered:
+        for label, per_batch in part.items():
+            merged[label].update(per_batch)
+    return merged
+
+
+def _row(method: BenchMethod, per: dict[int, tuple[torch.Tensor, float, float, float]],
+         full: tuple[torch.Tensor, float, float], labels: torch.Tensor, evaluator: nn.Module | None,
+         real_images: torch.Tensor | None, count_flops: bool) -> BenchRow:
+    """One table row: ``method``'s batches (in batch order) against full computation's (samples, time, FLOPs)."""
+    from .digits import class_accuracy, digits_fid
+
+    if method.unavailable is not None:
+        nan = math.nan
+        return BenchRow(method.label, method.budget, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan,
+                        note=method.unavailable)
+    order = sorted(per)
+    samples = torch.cat([per[b][0] for b in order])
+    t, nfc, f = (sum(per[b][i] for b in order) / len(order) for i in (1, 2, 3))
+    full_samples, full_time, full_flops = full
+    return BenchRow(
+        method=method.label, budget=method.budget, nfc=nfc, flops=f,
+        flops_ratio=f / full_flops if count_flops else math.nan, time_s=t, speedup=full_time / t,
+        rel_l1=relative_l1(samples, full_samples), psnr=psnr(samples, full_samples),
+        ssim=ssim(samples, full_samples),
+        fid2fc=digits_fid(evaluator, samples, full_samples) if evaluator is not None else math.nan,
+        fid=digits_fid(evaluator, samples, real_images) if evaluator is not None and real_images is not None
+        else math.nan,
+        accuracy=class_accuracy(evaluator, samples, labels) if evaluator is not None else math.nan,
+    )
+
+
 def run_bench(
     model: nn.Module,
     sampler: Sampler,
@@ -250,8 +293,6 @@ def run_bench(
 ) -> BenchResult:
     """Generate ``num_samples`` (classes cycling, batches of ``batch_size`` seeded ``seed + b``) with full
     computation and every method, and measure each against full computation and the data."""
-    from .digits import class_accuracy, digits_fid
-
     rank, world = _dist()
     methods = [FULL, *[m for m in methods if not m.is_full]]
     runnable = [m for m in methods if m.unavailable is None]
@@ -263,7 +304,7 @@ def run_bench(
     # one untimed warm-up generation, on the real batch shape, so first-call costs (kernel selection and memory
     # for those shapes) do not land on the first method, full computation, and inflate every speed-up
     sampler(model, batches[0], generator=torch.Generator().manual_seed(seed), **{**kwargs, "num_steps": 2})
-    local: dict[str, dict[int, tuple[torch.Tensor, float, float, float]]] = {m.label: {} for m in runnable}
+    local: PerBatch = {m.label: {} for m in runnable}
     bar = tqdm(total=len(mine) * len(runnable), desc="bench", disable=not progress or rank != 0)
     for b in mine:
         for method in runnable:  # interleaved: every method on this batch before the next batch
@@ -271,51 +312,17 @@ def run_bench(
             local[method.label][b] = _generate(model, method, sampler, batches[b], seed + b, kwargs, count_flops)
             bar.update()
     bar.close()
+    per_method = _gather(local, world)
 
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, local)
-        merged: dict[str, dict[int, Any]] = {m.label: {} for m in runnable}
-        for part in gathered:
-            for label, per_batch in part.items():
-                merged[label].update(per_batch)
-        local = merged
-
-    order = range(len(batches))
-    results: dict[str, tuple[torch.Tensor, list[float], list[float], list[float]]] = {}
-    for method in runnable:
-        per = local[method.label]
-        results[method.label] = (
-            torch.cat([per[b][0] for b in order]),
-            [per[b][1] for b in order], [per[b][2] for b in order], [per[b][3] for b in order],
-        )
-    full_samples, full_times, _, full_flops = results[FULL.label]
-    full_time = sum(full_times) / len(full_times)
-    full_flop = sum(full_flops) / len(full_flops)
-    rows = []
-    for method in methods:
-        if method.unavailable is not None:
-            nan = math.nan
-            rows.append(BenchRow(method.label, method.budget, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan,
-                                 note=method.unavailable))
-            continue
-        samples, times, nfcs, flops = results[method.label]
-        t = sum(times) / len(times)
-        f = sum(flops) / len(flops)
-        rows.append(BenchRow(
-            method=method.label, budget=method.budget, nfc=sum(nfcs) / len(nfcs), flops=f,
-            flops_ratio=f / full_flop if count_flops else math.nan, time_s=t, speedup=full_time / t,
-            rel_l1=relative_l1(samples, full_samples), psnr=psnr(samples, full_samples),
-            ssim=ssim(samples, full_samples),
-            fid2fc=digits_fid(evaluator, samples, full_samples) if evaluator is not None else math.nan,
-            fid=digits_fid(evaluator, samples, real_images) if evaluator is not None and real_images is not None
-            else math.nan,
-            accuracy=class_accuracy(evaluator, samples, labels) if evaluator is not None else math.nan,
-        ))
+    full_per = per_method[FULL.label]
+    order = sorted(full_per)
+    full = (torch.cat([full_per[b][0] for b in order]), sum(full_per[b][1] for b in order) / len(order),
+            sum(full_per[b][3] for b in order) / len(order))
+    rows = [_row(m, per_method.get(m.label, {}), full, labels, evaluator, real_images, count_flops) for m in methods]
     settings = {
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "num_steps": num_steps,
         "guidance_scale": guidance_scale, "world_size": world, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    samples = {m.label: results[m.label][0] for m in runnable}
+    samples = {m.label: torch.cat([per_method[m.label][b][0] for b in order]) for m in runnable}
     return BenchResult(rows, settings, samples)
