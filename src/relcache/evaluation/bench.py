@@ -28,18 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import api
-from ..methods import (
-    FORA,
-    RFC,
-    CacheConfig,
-    CFGCache,
-    FasterCache,
-    InputError,
-    Interval,
-    Relational,
-    Taylor,
-    TaylorSeer,
-)
+from ..methods.config import FORA, RFC, CacheConfig, CFGCache, FasterCache, TaylorSeer
+from ..methods.predictors import Relational, Taylor
+from ..methods.schedules import InputError, Interval
 from ..runtime.accounting import flop_counter
 from .metrics import psnr, relative_l1, ssim
 
