@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from test_custom_model import ADAPTER, TinyDiT, sample
+from custom_dit import ADAPTER, TinyDiT, sample
 
 import relcache
 from relcache import FORA, RFC, TaylorSeer
