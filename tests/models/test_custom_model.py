@@ -35,7 +35,7 @@ def test_cached_steps_counted_and_predicted(model):
     ref = sample(model)
     adapter = CustomAdapter(**ADAPTER)
     relcache.enable(model, TaylorSeer(4), adapter=adapter)
-    assert [m.name for m in vars(model)["_relcache"].modules] == [
+    assert list(relcache.stats(model).modules) == [
         f"blocks.{i}.{a}" for i in range(3) for a in ("attn", "mlp")
     ]
     first = sample(model, begin=False)
@@ -63,7 +63,7 @@ def test_blocks_as_modules_dotted_attrs_and_inputs(model):
     adapter = CustomAdapter(list(model.blocks)[:2], [("attn.proj", "attn"), ("mlp", "mlp")],
                             input_of={"attn.proj": input_of}, timestep=1)
     with relcache.cached(model, FORA(2), adapter=adapter):
-        assert [m.name for m in vars(model)["_relcache"].modules] == [
+        assert list(relcache.stats(model).modules) == [
             "blocks.0.attn.proj", "blocks.0.mlp", "blocks.1.attn.proj", "blocks.1.mlp"
         ]
         sample(model, steps=4)

@@ -41,12 +41,6 @@ class PredictorState:
         extra = [t for t in (self.inp, self.ratio) if t is not None]
         return self.out.nbytes + sum(t.numel() * t.element_size() for t in extra)
 
-    def reset(self) -> None:
-        """Forget everything recorded."""
-        self.out = DiffHistory(self.out.max_order, self.out.dtype)
-        self.inp = None
-        self.ratio = None
-
 
 class Predictor(ABC):
     """What a cached step returns for a module, from what its full steps recorded."""

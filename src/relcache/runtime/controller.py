@@ -53,7 +53,7 @@ class Session:
     ) -> None:
         self.model = model
         self.config = config
-        self.modules = modules
+        self.cached_modules = modules
         self.adapter = adapter
         self.record_errors = record_errors
         self.meter = FlopMeter()
@@ -69,7 +69,7 @@ class Session:
     def attach(self, pipeline: Any) -> None:
         """Register the hooks; on a pipeline, also let its scheduler and the end of its calls mark generations."""
         self.hooks.register(self.model, StepHook(self), STEP_HOOK)
-        for idx, spec in enumerate(self.modules):
+        for idx, spec in enumerate(self.cached_modules):
             self.hooks.register(spec.module, ModuleHook(self, idx), MODULE_HOOK)
         for group in self.shared:
             for i, module in enumerate(group.modules):
@@ -155,7 +155,7 @@ class Session:
         ctx = self.current
         if ctx is None:  # called outside a transformer forward: behave as the plain module
             return None
-        got = self.modules[idx].input_of(args, kwargs)
+        got = self.cached_modules[idx].input_of(args, kwargs)
         inputs = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
         rows = ctx.cfg.row_groups(inputs[0].shape[0])
         if not ctx.schedule.decided:
@@ -229,7 +229,7 @@ class Session:
 
     # -- stats --------------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
-        names = [m.name for m in self.modules]
+        names = [m.name for m in self.cached_modules]
         per = {name: ctx.stats(names) for name, ctx in self.contexts.items()}
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
-        return combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.modules})
+        return combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules})
