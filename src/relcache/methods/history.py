@@ -10,11 +10,13 @@ import torch
 
 
 def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Per-sample p-norm over all non-batch dimensions, in float32: shape ``(batch,)``.
+    """Per-sample p-norm over all non-batch dimensions, shape ``(batch,)``: in float32, or in float64 for a float64
+    ``x`` (which float32 cannot hold without narrowing).
 
     (choice) Norms are per sample so that samples of one batch, and the two CFG halves, never mix.
     """
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1, dtype=torch.float32)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1, dtype=dtype)
 
 
 def sample_relative_l1(error: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
