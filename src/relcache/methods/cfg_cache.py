@@ -31,22 +31,37 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, as_int, check_float, check_int
 
 #: the default band radius is ``min(H, W) // RADIUS_DIVISOR``
 RADIUS_DIVISOR = 5
 
 
 def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
-    return float(value)
+    return check_float(name, value, allowed="a fraction of the steps in [0, 1]", low=0, high=1)
 
 
 def _check_alpha(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0 (0.1 to 0.15 is typical), got {value!r}")
-    return float(value)
+    return check_float(name, value, allowed="a finite number >= 0 (0.1 to 0.15 is typical)", low=0)
+
+
+def check_window(name: str, value: object) -> tuple[float, float]:
+    """``value`` as a ``(start, end)`` pair of step fractions with ``0 <= start <= end <= 1``."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ConfigError(f"{name} must be a pair (start, end) of step fractions in [0, 1], got {value!r}")
+    start, end = (_check_fraction(name, v) for v in value)
+    if start > end:
+        raise ConfigError(f"{name} must be (start, end) with 0 <= start <= end <= 1, got {value!r}")
+    return start, end
+
+
+def _check_window_steps(value: object) -> tuple[int, int]:
+    pair = [as_int(v) for v in value] if isinstance(value, (tuple, list)) and len(value) == 2 else [None]
+    if None in pair or pair[0] < 0 or pair[0] > pair[1]:
+        raise ConfigError(
+            f"window_steps must be (start, end) step indices with 0 <= start <= end <= num_steps, got {value!r}"
+        )
+    return pair[0], pair[1]
 
 
 @dataclass(frozen=True)
@@ -89,33 +104,24 @@ class CFGCache:
     cond_first: bool | None = None
 
     def __post_init__(self) -> None:
-        check_int("interval", self.interval, 1)
-        if not (isinstance(self.window, (tuple, list)) and len(self.window) == 2):
-            raise ConfigError(f"window must be a pair (start, end) of step fractions in [0, 1], got {self.window!r}")
-        start, end = (_check_fraction("window", v) for v in self.window)
-        if start > end:
-            raise ConfigError(f"window must be (start, end) with 0 <= start <= end <= 1, got {self.window!r}")
-        if self.window_steps is not None:
-            ws = self.window_steps
-            ok = isinstance(ws, (tuple, list)) and len(ws) == 2 and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in ws
-            )
-            if not ok or ws[0] < 0 or ws[0] > ws[1]:
-                raise ConfigError(
-                    f"window_steps must be (start, end) step indices with 0 <= start <= end <= num_steps, got {ws!r}"
-                )
-        _check_alpha("alpha1", self.alpha1)
-        _check_alpha("alpha2", self.alpha2)
-        _check_fraction("early", self.early)
-        _check_fraction("late", self.late)
-        if self.radius is not None:
-            check_int("radius", self.radius, 1)
+        checked = {
+            "interval": check_int("interval", self.interval, 1),
+            "window": check_window("window", self.window),
+            "window_steps": None if self.window_steps is None else _check_window_steps(self.window_steps),
+            "alpha1": _check_alpha("alpha1", self.alpha1),
+            "alpha2": _check_alpha("alpha2", self.alpha2),
+            "early": _check_fraction("early", self.early),
+            "late": _check_fraction("late", self.late),
+            "radius": None if self.radius is None else check_int("radius", self.radius, 1),
+        }
         if not isinstance(self.compound, bool):
             raise ConfigError(f"compound must be True or False, got {self.compound!r}")
         if self.cond_first is not None and not isinstance(self.cond_first, bool):
             raise ConfigError(
                 f"cond_first must be True, False or None (ask the model adapter), got {self.cond_first!r}"
             )
+        for name, value in checked.items():  # pairs as tuples (hashable), numbers as int or float
+            object.__setattr__(self, name, value)
 
     # -- schedule ---------------------------------------------------------------------------------
     def window_range(self, num_steps: int | None) -> range:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from .cfg_cache import CFGCache
+from ..errors import ConfigError, check_int
+from .cfg_cache import CFGCache, check_window
 from .predictors import Linear, Predictor, Relational, Reuse, Taylor, WeightFn
 from .schedules import InputError, Interval, Schedule
 
@@ -62,13 +62,20 @@ class CacheConfig:
                 f"schedule must be relcache.Interval(...) or relcache.InputError(...); got {self.schedule!r}"
             )
         if self.modules is not None:
-            bad = [m for m in self.modules if m not in MODULE_KINDS]
-            if bad or not self.modules:
-                raise ConfigError(f"modules must be a non-empty subset of {MODULE_KINDS}, got {self.modules!r}")
+            # a tuple or list of kinds, stored as a tuple in MODULE_KINDS order (hashable; equal configs compare equal)
+            given = self.modules
+            if not isinstance(given, (tuple, list)) or not given or any(m not in MODULE_KINDS for m in given):
+                raise ConfigError(
+                    f"modules must be a non-empty subset of {MODULE_KINDS} as a tuple or list, e.g. ('attn',), "
+                    f"or None (all); got {given!r}"
+                )
+            object.__setattr__(self, "modules", tuple(k for k in MODULE_KINDS if k in given))
         if self.cache_dtype is not None and not (
             isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
         ):
             raise ConfigError(f"cache_dtype must be a floating torch.dtype or None, got {self.cache_dtype!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ConfigError(f"name must be a str (a label for tables and stats) or None, got {self.name!r}")
         if self.cfg_cache is not None and not isinstance(self.cfg_cache, CFGCache):
             raise ConfigError(f"cfg_cache must be a relcache.CFGCache(...) or None, got {self.cfg_cache!r}")
 
@@ -133,11 +140,14 @@ def FasterCache(  # noqa: N802
     ``(-1, 641)`` -> ``cfg_window=(0.36, 1.0)``, alphas ``1.1`` -> ``alpha1 = alpha2 = 0.1``, low-frequency
     range ``(99, 901)`` -> ``early=0.9``, high-frequency range ``(-1, 301)`` -> ``late=0.7``. See ``CFGCache``.
     """
-    cfg_cache = (
-        CFGCache(interval=cfg_interval, window=cfg_window, alpha1=alpha1, alpha2=alpha2, early=early, late=late)
-        if cfg else None
-    )
+    predictor, schedule = Linear(weight), Interval(interval, warmup)
+    if not isinstance(cfg, bool):
+        raise ConfigError(f"cfg must be True (with CFG-Cache) or False (without), got {cfg!r}")
+    # checked whether or not CFG-Cache is on, under this preset's names (CFGCache calls them interval and window)
+    cfg_cache = CFGCache(interval=check_int("cfg_interval", cfg_interval, 1),
+                         window=check_window("cfg_window", cfg_window),
+                         alpha1=alpha1, alpha2=alpha2, early=early, late=late)
     return CacheConfig(
-        Linear(weight), Interval(interval, warmup), modules=("attn",), cfg_cache=cfg_cache,
-        name=f"FasterCache(N={interval})",
+        predictor, schedule, modules=("attn",), cfg_cache=cfg_cache if cfg else None,
+        name=f"FasterCache(N={schedule.interval})",
     )

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_float, check_int
 from .history import DiffHistory, per_sample, sample_norm
 
 MAX_ORDER = 4
@@ -160,10 +160,11 @@ class Linear(Predictor):
 
     def __post_init__(self) -> None:
         w = self.weight
-        if isinstance(w, str) and w != "rising":
-            raise ConfigError(f"weight must be a number, 'rising' or a callable, got {w!r}")
-        if not (isinstance(w, (int, float, str)) or callable(w)):
-            raise ConfigError(f"weight must be a number, 'rising' or a callable, got {w!r}")
+        if isinstance(w, str) and w == "rising" or callable(w):
+            return
+        # a constant: a finite real number (a NaN or infinite weight turns every cached output into NaN)
+        allowed = "a finite number, 'rising' or a callable (step, num_steps) -> float"
+        object.__setattr__(self, "weight", check_float("weight", w, allowed=allowed))
 
     def weight_at(self, step: int, num_steps: int | None) -> float:
         """``w(i)`` for step ``step`` of ``num_steps``."""

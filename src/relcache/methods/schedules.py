@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_float, check_int
 from .history import DiffHistory, sample_relative_l1
 from .predictors import MAX_ORDER
 
@@ -55,8 +55,8 @@ class Interval(Schedule):
     warmup: int = 2
 
     def __post_init__(self) -> None:
-        check_int("interval", self.interval, 1)
-        _check_warmup(self.warmup)
+        object.__setattr__(self, "interval", check_int("interval", self.interval, 1))
+        object.__setattr__(self, "warmup", _check_warmup(self.warmup))
 
     def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
         return step < self.warmup or (step - self.warmup + 1) % self.interval == 0
@@ -110,20 +110,19 @@ class InputError(Schedule):
                 "exactly one of threshold and target_nfc must be given, got "
                 f"threshold={self.threshold!r}, target_nfc={self.target_nfc!r}"
             )
+        checked = {"warmup": _check_warmup(self.warmup), "order": check_int("order", self.order, 0, MAX_ORDER)}
         if self.threshold is not None:
-            t = self.threshold
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-                raise ConfigError(f"threshold must be a finite number >= 0, got {t!r}")
+            checked["threshold"] = check_float("threshold", self.threshold, low=0)
         if self.target_nfc is not None:
-            check_int("target_nfc", self.target_nfc, 1)
-            if self.target_nfc < self.warmup:
+            checked["target_nfc"] = nfc = check_int("target_nfc", self.target_nfc, 1)
+            if nfc < checked["warmup"]:
                 raise ConfigError(
-                    f"target_nfc must be >= warmup ({self.warmup}): warm-up steps are full, got {self.target_nfc}"
+                    f"target_nfc must be >= warmup ({checked['warmup']}): warm-up steps are full, got {nfc}"
                 )
-        check_int("order", self.order, 0, MAX_ORDER)
-        _check_warmup(self.warmup)
         if self.max_skip is not None:
-            check_int("max_skip", self.max_skip, 1)
+            checked["max_skip"] = check_int("max_skip", self.max_skip, 1)
+        for name, value in checked.items():  # numpy and other integral types stored as int, thresholds as float
+            object.__setattr__(self, name, value)
 
     def new_state(self, num_steps: int | None) -> InputErrorState:
         if self.target_nfc is not None:
