@@ -71,6 +71,13 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         raise ConfigError(
             f"config must be a relcache.CacheConfig (e.g. relcache.RFC(target_nfc=14)), got {type(config).__name__}"
         )
+    if adapter is not None and not isinstance(adapter, Adapter):
+        raise ConfigError(
+            "adapter must be None (chosen from the model) or a relcache.models.Adapter instance, e.g. "
+            f"relcache.CustomAdapter(...); got {adapter!r}"
+        )
+    if not isinstance(record_errors, bool):
+        raise ConfigError(f"record_errors must be True or False, got {record_errors!r}")
     model, pipeline = _resolve(obj)
     if _session(model) is not None:
         raise AlreadyEnabledError(
@@ -102,8 +109,11 @@ def disable(obj: Any) -> None:
 
 
 def is_enabled(obj: Any) -> bool:
-    """Whether relcache is enabled on ``obj``."""
-    return _session(obj) is not None
+    """Whether relcache is enabled on ``obj``; False for anything relcache cannot serve (a UNet pipeline, None)."""
+    try:
+        return _session(obj) is not None
+    except TypeError:  # neither a transformer nor a pipeline with one
+        return False
 
 
 @contextlib.contextmanager
