@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConfigError, check_int
 from .cfg_cache import CFGCache, check_window
-from .predictors import Linear, Predictor, Relational, Reuse, Taylor, WeightFn
+from .predictors import MAX_ORDER, Linear, Predictor, Relational, Reuse, Taylor, WeightFn
 from .schedules import InputError, Interval, Schedule
 
 #: kinds of cached module an adapter can report
@@ -88,12 +88,14 @@ class CacheConfig:
 
 def FORA(interval: int = 4, warmup: int = 2) -> CacheConfig:  # noqa: N802 (public preset names)
     """FORA: reuse the last full step's outputs, one full step every ``interval``."""
-    return CacheConfig(Reuse(), Interval(interval, warmup), name=f"FORA(N={interval})")
+    schedule = Interval(interval, warmup)
+    return CacheConfig(Reuse(), schedule, name=f"FORA(N={schedule.interval})")
 
 
 def TaylorSeer(interval: int = 4, order: int = 2, warmup: int = 2) -> CacheConfig:  # noqa: N802
     """TaylorSeer: Taylor forecasting of order ``order``, one full step every ``interval``."""
-    return CacheConfig(Taylor(order), Interval(interval, warmup), name=f"TaylorSeer(N={interval}, m={order})")
+    schedule, order = Interval(interval, warmup), check_int("order", order, 0, MAX_ORDER)
+    return CacheConfig(Taylor(order), schedule, name=f"TaylorSeer(N={schedule.interval}, m={order})")
 
 
 def RFC(  # noqa: N802
@@ -108,8 +110,10 @@ def RFC(  # noqa: N802
     Give exactly one of ``threshold`` (the paper's hand-tuned ``tau``) and ``target_nfc`` (a budget of full
     computations per generation, found automatically).
     """
+    # checked here for RFC's own range: Relational needs a direction, so order 0 (allowed in InputError) is not RFC
+    order = check_int("order", order, 1, MAX_ORDER)
     schedule = InputError(threshold=threshold, target_nfc=target_nfc, order=order, warmup=warmup, max_skip=max_skip)
-    budget = f"NFC={target_nfc}" if target_nfc is not None else f"tau={threshold}"
+    budget = f"NFC={schedule.target_nfc}" if target_nfc is not None else f"tau={schedule.threshold:g}"
     return CacheConfig(Relational(order), schedule, name=f"RFC({budget}, m={order})")
 
 
