@@ -7,8 +7,11 @@ local diffusers ``DiTPipeline`` directory (``--model PATH``) for users who have 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -27,6 +30,10 @@ from .evaluation.bench import (
     select,
 )
 from .methods import FORA, RFC, TaylorSeer
+from .models.base import find_adapter
+
+#: the demo grid's file name, also used inside a directory given as ``demo --out``
+DEMO_GRID = "relcache-demo.png"
 
 
 def _positive(value: str) -> int:
@@ -43,11 +50,81 @@ def _at_least_2(value: str) -> int:
     return n
 
 
-def _finite(value: str) -> float:
+def _index(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return n
+
+
+def _guidance(value: str) -> float:
     x = float(value)
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1 or less: no guidance), got {value}")
     return x
+
+
+def _pipeline_dir(value: str) -> str:
+    """A local diffusers DiTPipeline directory: checked here, so a wrong path fails at once (and never reaches the
+    Hub, which ``from_pretrained`` would ask about a name such as ``nosuch/model``)."""
+    path = Path(value).expanduser()
+    need = "must be a local diffusers DiTPipeline directory (with a model_index.json)"
+    if not path.is_dir():
+        reason = "is not a directory" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{need}; {value} {reason}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise argparse.ArgumentTypeError(f"{need}; {value} has no model_index.json")
+    try:
+        pipeline_class = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise argparse.ArgumentTypeError(f"{need}; cannot read {index}: {err}") from None
+    if pipeline_class != "DiTPipeline":
+        raise argparse.ArgumentTypeError(f"{need}; {value} holds a {pipeline_class}")
+    return str(path)
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why files cannot be written in ``directory`` (created with its parents if missing), or None if they can.
+
+    Checked before any work, so a bad output location does not lose a finished run. Nothing is created: the nearest
+    existing ancestor must be a directory a file can be created in (tried with a temporary file, which also tells
+    root the truth about read-only file systems)."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"cannot write in {existing}: {err.strerror or err}"
+    return None
+
+
+def _output_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    reason = _unwritable(path)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"cannot write the results in {value}: {reason}")
+    return path
+
+
+def _output_png(value: str) -> Path:
+    """The grid's file: ``value`` itself if it ends in .png, ``value`` + .png without a suffix, or
+    ``relcache-demo.png`` inside ``value`` when it is a directory (or ends with a slash)."""
+    path = Path(value).expanduser()
+    if value.endswith(("/", os.sep)) or path.is_dir():
+        path = path / DEMO_GRID
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"the grid is a PNG: name a .png file or a directory, got {value}")
+    reason = _unwritable(path.parent)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"cannot write the grid {path}: {reason}")
+    return path
 
 
 def _budget(value: str) -> int:
@@ -72,7 +149,7 @@ def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Sampler]:
 
     from .api import begin_generation
 
-    pipe = DiTPipeline.from_pretrained(path)
+    pipe = DiTPipeline.from_pretrained(path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
 
     def sample(transformer: torch.nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance_scale: float = 1.5,
@@ -88,7 +165,7 @@ def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Sampler]:
 
 
 def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
-    """A PNG with one labelled row of samples per method."""
+    """A PNG with one labelled row of samples per method, written at ``path`` exactly (no suffix is added)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +185,7 @@ def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -180,6 +257,11 @@ def analyze(args: argparse.Namespace) -> int:
         model, sampler = _pipeline_sampler(args.model)
     else:
         model, sampler, _, _ = _reference()
+    count = len(find_adapter(model).cached_modules(model))  # checked before the trace, which is the long part
+    bad = [j for j in args.modules or [] if j >= count]
+    if bad:
+        raise ConfigError(f"argument --modules: must be indices in 0..{count - 1} (the model has {count} cached "
+                          f"modules), got {' '.join(map(str, bad))}")
     labels = torch.arange(args.samples) % 10
     run = partial(sampler, model, labels, num_steps=args.steps, guidance_scale=args.guidance,
                   generator=torch.Generator().manual_seed(args.seed))
@@ -193,10 +275,11 @@ def analyze(args: argparse.Namespace) -> int:
 
 def _add_generation_options(p: argparse.ArgumentParser, *, samples: int, samples_help: str, steps_help: str) -> None:
     """The options ``bench`` and ``analyze`` share: model, samples, DDIM steps, CFG scale, order and seed."""
-    p.add_argument("--model", help="a local diffusers DiTPipeline directory (default: the shipped model)")
+    p.add_argument("--model", type=_pipeline_dir,
+                   help="a local diffusers DiTPipeline directory (default: the shipped model)")
     p.add_argument("--samples", type=_positive, default=samples, help=f"{samples_help} (default: %(default)s)")
     p.add_argument("--steps", type=_at_least_2, default=50, help=f"{steps_help} (default: %(default)s)")
-    p.add_argument("--guidance", type=_finite, default=1.5, help="CFG scale (default: %(default)s)")
+    p.add_argument("--guidance", type=_guidance, default=1.5, help="CFG scale, >= 0 (default: %(default)s)")
     p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
@@ -210,13 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Samples every digit class with full computation, FORA, TaylorSeer and RFC at "
                        "each budget (NFC of 50 DDIM steps) on the shipped reference DiT, writes a labelled PNG grid "
                        "and prints a table. Offline; about a minute on 2 CPU cores.")
-    p.add_argument("--out", default="relcache-demo.png", help="path of the PNG grid (default: %(default)s)")
+    p.add_argument("--out", type=_output_png, default=DEMO_GRID,
+                   help="path of the PNG grid, or a directory to write it in (default: %(default)s)")
     p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 7],
                    help="NFC budgets of 50 steps, among 14 11 10 8 7 (default: 14 7)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--samples", type=_positive, default=20,
                    help="number of samples, classes cycling 0..9 (default: %(default)s)")
-    p.set_defaults(func=demo)
+    p.set_defaults(func=demo, parser=p)
 
     p = sub.add_parser("bench", help="quality against compute for every method and budget",
                        description="Generates the same seeds with full computation and each method (FORA, "
@@ -230,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
     p.add_argument("--only", nargs="+", help="run only methods whose label contains one of these strings")
-    p.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
-    p.set_defaults(func=bench)
+    p.add_argument("--out", type=_output_dir, default="runs/bench", help="output directory (default: %(default)s)")
+    p.set_defaults(func=bench, parser=p)
 
     p = sub.add_parser("analyze", help="the RFC paper's Figures 1 and 2 as PNG and CSV",
                        description="Traces one full-computation generation and plots step-to-step distances of "
@@ -239,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "stability of the ratio s, and the correlation of input and output prediction errors.")
     _add_generation_options(p, samples=10, samples_help="samples traced", steps_help="DDIM steps")
     p.add_argument("--interval", type=_positive, default=4, help="full step every N (default: %(default)s)")
-    p.add_argument("--modules", type=int, nargs="+", help="module indices for the distance plot")
-    p.add_argument("--out", default="runs/analyze", help="output directory (default: %(default)s)")
-    p.set_defaults(func=analyze)
+    p.add_argument("--modules", type=_index, nargs="+", help="module indices for the distance plot")
+    p.add_argument("--out", type=_output_dir, default="runs/analyze", help="output directory (default: %(default)s)")
+    p.set_defaults(func=analyze, parser=p)
     return parser
 
 
@@ -251,8 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:  # a bad combination of options: usage and the reason, not a traceback
-        parser.error(str(err))
+    except ConfigError as err:  # a bad combination of options: the command's usage and the reason, not a traceback
+        args.parser.error(str(err))
 
 
 if __name__ == "__main__":

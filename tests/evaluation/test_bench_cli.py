@@ -103,10 +103,13 @@ def test_analyze_numbers_and_files(tmp_path):
 
 
 def test_demo_end_to_end_at_reduced_size(tmp_path, capsys):
-    out = tmp_path / "grid.png"
-    assert main(["demo", "--samples", "2", "--budgets", "7", "--out", str(out)]) == 0
+    """``--out DIR/`` writes the grid inside DIR and prints the file it wrote (``demo_out/`` used to write
+    ``demo_out.png`` and print ``demo_out``)."""
+    out = tmp_path / "demo_out" / "relcache-demo.png"
+    assert main(["demo", "--samples", "2", "--budgets", "7", "--out", f"{tmp_path / 'demo_out'}/"]) == 0
     printed = capsys.readouterr().out
-    assert out.exists() and out.stat().st_size > 1000
+    assert out.exists() and out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"image grid: {out}  " in printed
     assert "| RFC NFC=7 | 7 |" in printed and "| full computation | 50 |" in printed
 
 
@@ -119,7 +122,9 @@ def test_cli_rejects_bad_budgets(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--order", "0"], "--order: invalid choice: 0 (choose from 1, 2, 3, 4)"),
     (["bench", "--steps", "1"], "--steps: must be an integer >= 2, got 1"),
-    (["bench", "--guidance", "nan"], "--guidance: must be a finite number, got nan"),
+    (["bench", "--guidance", "nan"], "--guidance: must be a finite number >= 0 (1 or less: no guidance), got nan"),
+    (["bench", "--guidance", "-0.5"], "--guidance: must be a finite number >= 0 (1 or less: no guidance), got -0.5"),
+    (["analyze", "--guidance", "-1"], "--guidance: must be a finite number >= 0"),
     (["bench", "--peers", "--steps", "20"], "--peers needs --steps 50"),
     (["analyze", "--order", "0"], "--order: invalid choice: 0"),
     (["bench", "--only", "NoSuchMethod"], "--only NoSuchMethod matches no method; the labels are: FORA N=4,"),

@@ -1,0 +1,135 @@
+"""The command line checks its paths and indices before any long work: a usage error naming the option, exit code 2,
+no traceback, nothing run and nothing written. (Tests run as root, where chmod stops nothing: an unwritable location
+here is a path under a regular file.)"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import relcache.cli as cli
+from relcache.cli import DEMO_GRID, build_parser, main
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a model, sampling or tracing fails the test: a bad option must be refused before any of them."""
+    def started(*args, **kwargs):
+        raise AssertionError("the command started working before refusing a bad option")
+
+    import relcache.evaluation.analyze as analyze
+
+    for name in ("_reference", "_pipeline_sampler", "run_bench"):
+        monkeypatch.setattr(cli, name, started)
+    monkeypatch.setattr(analyze, "record_trace", started)
+
+
+def _usage_error(capsys, argv) -> str:
+    """Run ``relcache argv``; it must exit 2 with a one-line error (after argparse's usage). Returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err and err.startswith("usage: relcache ")
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def under_a_file(tmp_path) -> Path:
+    (tmp_path / "file").write_text("not a directory")
+    return tmp_path / "file" / "sub"
+
+
+@pytest.mark.parametrize("argv,out", [
+    (["bench", "--samples", "2", "--no-flops"], "{}"),
+    (["analyze", "--samples", "1"], "{}"),
+    (["demo", "--samples", "2", "--budgets", "7"], "{}/grid.png"),
+    (["demo", "--samples", "2", "--budgets", "7"], "{}/"),
+])
+def test_an_unwritable_out_fails_before_any_work(capsys, no_work, under_a_file, argv, out):
+    """``bench``/``demo --out <unwritable>`` used to run the whole job, then fail with a traceback, losing every
+    result."""
+    line = _usage_error(capsys, [*argv, "--out", out.format(under_a_file)])
+    assert line.startswith(f"relcache {argv[0]}: error: argument --out: cannot write")
+    assert f"{under_a_file.parent} is not a directory" in line
+    assert not any(p.name != "file" for p in under_a_file.parent.parent.iterdir())  # nothing created
+
+
+def test_the_default_outputs_are_checked_without_creating_anything(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    assert parser.parse_args(["bench"]).out == Path("runs/bench")
+    assert parser.parse_args(["analyze"]).out == Path("runs/analyze")
+    assert parser.parse_args(["demo"]).out == Path(DEMO_GRID)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value,written", [
+    ("grid.png", "grid.png"), ("grid.PNG", "grid.PNG"), ("grid", "grid.png"),
+    ("runs/demo_out/", f"runs/demo_out/{DEMO_GRID}"), (".", DEMO_GRID), ("new/deeper/grid", "new/deeper/grid.png"),
+])
+def test_demo_out_names_the_file_written(tmp_path, monkeypatch, value, written):
+    """``demo --out ./demo_out/`` used to write ``demo_out.png`` and print ``demo_out``: the parsed path is now the
+    file written (``save_grid`` adds no suffix), a directory gets ``relcache-demo.png`` inside."""
+    monkeypatch.chdir(tmp_path)
+    assert build_parser().parse_args(["demo", "--out", value]).out == Path(written)
+
+
+def test_demo_out_must_be_a_png(capsys, no_work):
+    line = _usage_error(capsys, ["demo", "--out", "grid.pdf"])
+    assert line == ("relcache demo: error: argument --out: the grid is a PNG: name a .png file or a directory, "
+                    "got grid.pdf")
+
+
+def _pipeline_index(path: Path, content: str) -> Path:
+    path.mkdir()
+    (path / "model_index.json").write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("command", ["bench", "analyze"])
+@pytest.mark.parametrize("make,reason", [
+    (lambda tmp: "nosuch/model", "nosuch/model does not exist"),  # a Hub name: never sent to the Hub
+    (lambda tmp: str(tmp), "has no model_index.json"),
+    (lambda tmp: str(_pipeline_index(tmp / "notes.txt", "")) + "/model_index.json", "is not a directory"),
+    (lambda tmp: str(_pipeline_index(tmp / "broken", "{not json")), "cannot read"),
+    (lambda tmp: str(_pipeline_index(tmp / "pixart", json.dumps({"_class_name": "PixArtAlphaPipeline"}))),
+     "holds a PixArtAlphaPipeline"),
+])
+def test_model_must_be_a_local_dit_pipeline_directory(capsys, no_work, tmp_path, monkeypatch, command, make, reason):
+    """``--model`` used to reach ``DiTPipeline.from_pretrained``: a diffusers traceback, and a Hub request for a
+    name like ``nosuch/model`` although the flag is documented as a local directory."""
+    monkeypatch.chdir(tmp_path)
+    line = _usage_error(capsys, [command, "--model", make(tmp_path)])
+    assert line.startswith(f"relcache {command}: error: argument --model: must be a local diffusers DiTPipeline "
+                           "directory (with a model_index.json); ")
+    assert reason in line
+
+
+def test_model_accepts_a_pipeline_directory(tmp_path):
+    path = _pipeline_index(tmp_path / "dit", json.dumps({"_class_name": "DiTPipeline"}))
+    assert build_parser().parse_args(["bench", "--model", str(path)]).model == str(path)
+
+
+def test_analyze_modules_out_of_range_fails_before_tracing(capsys, monkeypatch, tmp_path):
+    """``analyze --modules 999`` used to fail only after tracing a whole generation."""
+    import relcache.evaluation.analyze as analyze
+
+    traced = []
+
+    def record_trace(model, run):
+        traced.append(model)
+        raise RuntimeError("tracing")
+
+    monkeypatch.setattr(analyze, "record_trace", record_trace)
+    out = str(tmp_path / "analysis")
+    line = _usage_error(capsys, ["analyze", "--modules", "0", "999", "--samples", "1", "--out", out])
+    # the shipped reference DiT: 8 blocks, attention and MLP each
+    assert line == ("relcache analyze: error: argument --modules: must be indices in 0..15 (the model has 16 cached "
+                    "modules), got 999")
+    assert not traced
+    assert _usage_error(capsys, ["analyze", "--modules", "-1"]).endswith("argument --modules: must be an integer >= 0, "
+                                                                         "got -1")
+    with pytest.raises(RuntimeError, match="tracing"):  # indices in range go on to the trace
+        main(["analyze", "--modules", "0", "15", "--samples", "1", "--out", out])
+    assert len(traced) == 1
