@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from relcache import ConfigError, Linear, Relational, Reuse, Taylor
-from relcache.methods.history import DiffHistory
+from relcache.methods.history import DiffHistory, step_row
 
 
 def _feed(pred, steps, outs, ins=None):
@@ -26,24 +26,26 @@ def test_reuse_returns_last_full_output():
 def test_divided_differences_hand_computed_with_irregular_gaps():
     h = DiffHistory(3)
     vals = {0: 1.0, 2: 5.0, 7: 2.0, 8: 4.0}
+    last = None
     for s, v in vals.items():
-        h.update(s, torch.tensor([[v]]))
+        h.update(torch.tensor([[v]]), None if last is None else torch.tensor(float(s - last)))
+        last = s
     # D1 at 2: (5-1)/2 = 2; at 7: (2-5)/5 = -0.6; at 8: (4-2)/1 = 2
     # D2 at 7: (-0.6-2)/5 = -0.52; at 8: (2-(-0.6))/1 = 2.6; D3 at 8: (2.6-(-0.52))/1 = 3.12
     assert [float(d) for d in h.diffs] == pytest.approx([4.0, 2.0, 2.6, 3.12])
     assert h.gap == 1 and h.order == 3
     k = 3
     expect = 4.0 + 2.0 * k + 2.6 * k**2 / 2 + 3.12 * k**3 / 6
-    assert float(h.taylor(k, torch.float32)) == pytest.approx(expect)
+    assert float(h.taylor(torch.tensor(step_row(k)), torch.float32)) == pytest.approx(expect)
 
 
 def test_order_grows_as_full_steps_accumulate():
     h = DiffHistory(2)
-    h.update(0, torch.ones(1, 1))
-    assert h.order == 0 and h.direction(1, torch.float32) is None
-    h.update(3, torch.ones(1, 1))
+    h.update(torch.ones(1, 1), None)
+    assert h.order == 0 and h.direction(torch.tensor(step_row(1)), torch.float32) is None
+    h.update(torch.ones(1, 1), torch.tensor(3.0))
     assert h.order == 1
-    h.update(6, torch.ones(1, 1))
+    h.update(torch.ones(1, 1), torch.tensor(3.0))
     assert h.order == 2
 
 

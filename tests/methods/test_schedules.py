@@ -66,7 +66,7 @@ def test_rcs_probe_of_another_shape_is_a_full_step():
     full, state = _run(InputError(threshold=1e-6, order=1, warmup=2), probes)
     # exact order-1 forecasts, except at the change (history starts over) and the step after it (order 0 only)
     assert full == [0, 1, 4, 5]
-    assert state.history.diffs[0].shape == (1, 4) and state.history.step == 5
+    assert state.history.diffs[0].shape == (1, 4) and state.last_full == 5
 
 
 @pytest.mark.parametrize("target", [7, 8, 10, 11, 14])

@@ -35,28 +35,41 @@ def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)
 
 
+#: the highest order of divided differences a predictor or schedule may keep
+MAX_ORDER = 4
+#: where a step row keeps the step's weight (``Linear``); before it, the Horner multipliers ``k/1 .. k/MAX_ORDER``
+ROW_WEIGHT = MAX_ORDER
+
+
+def step_row(k: int, weight: float = 0.0) -> list[float]:
+    """The numbers a forecast ``k`` steps after the latest full step needs, in the order a step row holds them:
+    ``[k, k/2, ..., k/MAX_ORDER, weight]``. The runtime turns each step's rows into one tensor, so compiled code
+    reads them as data and never specialises on ``k``."""
+    return [k / (j + 1) for j in range(MAX_ORDER)] + [weight]
+
+
 class DiffHistory:
     """Divided differences ``D_0 .. D_m`` of one tensor sequence, taken at full steps.
 
     ``D_0 = X(a)`` and ``D_j(a) = (D_{j-1}(a) - D_{j-1}(b)) / N``; order ``j`` exists only once order
     ``j-1`` existed at ``b``, so the order grows as full steps accumulate. ``dtype`` optionally stores the
-    differences in lower precision (memory), arithmetic is done in the incoming tensor's dtype.
+    differences in lower precision (memory), arithmetic is done in the incoming tensor's dtype. Step numbers
+    are not kept here: the caller passes the gap ``N`` (a 0-d tensor) to ``update`` and a step row
+    (``step_row``) to the forecasts.
     """
 
-    __slots__ = ("max_order", "dtype", "diffs", "step", "gap")
+    __slots__ = ("max_order", "dtype", "diffs", "gap")
 
     def __init__(self, max_order: int, dtype: torch.dtype | None = None) -> None:
         self.max_order = max_order
         self.dtype = dtype
         self.diffs: list[torch.Tensor] = []
-        self.step: int | None = None
-        self.gap: int | None = None  # N = a - b
+        self.gap: torch.Tensor | None = None  # N = a - b, 0-d
 
-    def update(self, step: int, value: torch.Tensor) -> None:
-        """Record ``value`` observed at full step ``step``."""
+    def update(self, value: torch.Tensor, gap: torch.Tensor | None) -> None:
+        """Record ``value`` observed at a full step ``gap`` steps after the previous record (None: the first)."""
         new = [value]
-        if self.step is not None and self.diffs and self.diffs[0].shape == value.shape:
-            gap = step - self.step
+        if gap is not None and self.diffs and self.diffs[0].shape == value.shape:
             for j in range(1, self.max_order + 1):
                 if j - 1 >= len(self.diffs):
                     break
@@ -65,7 +78,11 @@ class DiffHistory:
         else:  # first record, or the shape changed: start over
             self.gap = None
         self.diffs = [d.to(self.dtype) for d in new] if self.dtype is not None else new
-        self.step = step
+
+    @property
+    def ready(self) -> bool:
+        """True once a value was recorded, i.e. a forecast is possible."""
+        return bool(self.diffs)
 
     @property
     def nbytes(self) -> int:
@@ -81,26 +98,26 @@ class DiffHistory:
         """``D_0 = X(a)`` in dtype ``like``."""
         return self.diffs[0].to(like)
 
-    def direction(self, k: int, like: torch.dtype) -> torch.Tensor | None:
+    def direction(self, row: torch.Tensor, like: torch.dtype) -> torch.Tensor | None:
         """``u`` with ``k · u`` the Taylor increment ``sum_{j>=1} D_j k^j / j!``, or None while only ``D_0`` exists.
 
-        Horner form, ``u = D_1 + k/2 (D_2 + k/3 (D_3 + ...))``: one fused add per order above 1, so an order-2
-        forecast is two kernels (this and ``base + k · u``) instead of three. At order 1 ``u`` may be ``D_1``
-        itself: check ``is_stored`` before writing into it.
+        Horner form, ``u = D_1 + k/2 (D_2 + k/3 (D_3 + ...))``, with the multipliers ``k/(j+1) = row[j]``: one fused
+        multiply-add per order above 1. At order 1 ``u`` may be ``D_1`` itself: check ``is_stored`` before writing
+        into it.
         """
         if len(self.diffs) < 2:
             return None
         u = self.diffs[-1].to(like)
         for j in range(len(self.diffs) - 2, 0, -1):  # u <- D_j + k/(j+1) · u
-            u = torch.add(self.diffs[j].to(like), u, alpha=k / (j + 1))
+            u = torch.addcmul(self.diffs[j].to(like), row[j], u)
         return u
 
     def is_stored(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is one of the stored differences (so must not be written into)."""
         return any(t is d for d in self.diffs)
 
-    def taylor(self, k: int, like: torch.dtype) -> torch.Tensor:
+    def taylor(self, row: torch.Tensor, like: torch.dtype) -> torch.Tensor:
         """The Taylor forecast ``sum_{j>=0} D_j k^j / j!`` (reuse while only ``D_0`` exists)."""
-        u = self.direction(k, like)
+        u = self.direction(row, like)
         base = self.base(like)
-        return base if u is None else torch.add(base, u, alpha=k)
+        return base if u is None else torch.addcmul(base, row[0], u)

@@ -1,8 +1,10 @@
 """The four predictors: what a cached step returns for one cached module.
 
-Each predictor is a small frozen config with three methods acting on a per-module state:
-``new_state`` (empty), ``update`` (at a full step, with the module's actual input and output) and
-``predict`` (at a cached step, with the module's actual input). Formulas: ``docs/spec.md``, §Predictors.
+Each predictor is a small frozen config acting on a per-module state: ``new_state`` (empty), ``record`` (at a full
+step, with the module's actual input and output and the gap since the previous record) and ``forecast`` (at a cached
+step, with the module's actual input and the step's row of numbers, ``history.step_row``). Steps enter only as data
+(0-d tensors and rows), so the same code runs eagerly and compiled. ``update`` and ``predict`` are the same by step
+number, for analyses and tests. Formulas: ``docs/spec.md``, §Predictors.
 """
 
 from __future__ import annotations
@@ -15,25 +17,24 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_float, check_int
-from .history import DiffHistory, per_sample, sample_norm
-
-MAX_ORDER = 4
+from .history import MAX_ORDER, ROW_WEIGHT, DiffHistory, per_sample, sample_norm, step_row
 
 
 class PredictorState:
     """Per-module memory of a predictor: divided differences of the output, plus what the predictor adds."""
 
-    __slots__ = ("out", "inp", "ratio")
+    __slots__ = ("out", "inp", "ratio", "step")
 
     def __init__(self, order: int, dtype: torch.dtype | None) -> None:
         self.out = DiffHistory(order, dtype)
         self.inp: torch.Tensor | None = None  # I(a), Relational only
         self.ratio: torch.Tensor | None = None  # s per sample, Relational only
+        self.step: int | None = None  # the latest full step, kept by ``update`` (by-step-number use only)
 
     @property
     def ready(self) -> bool:
         """True once a full step was recorded, i.e. a prediction is possible."""
-        return self.out.step is not None
+        return self.out.ready
 
     @property
     def nbytes(self) -> int:
@@ -54,13 +55,28 @@ class Predictor(ABC):
         """An empty per-module state; ``dtype`` optionally stores the cache in lower precision."""
         return PredictorState(self.order, dtype)
 
-    def update(self, state: PredictorState, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
-        """Record the output (and input, where used) of full step ``step``."""
-        state.out.update(step, out)
+    def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
+        """The numbers a forecast at step ``step``, ``k`` steps after the latest full step, needs (``step_row``)."""
+        return step_row(k)
+
+    def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
+        """Record the output (and input, where used) of a full step ``gap`` steps after the previous record."""
+        state.out.update(out, gap)
 
     @abstractmethod
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The output at a cached step given the module's actual input ``inp`` and the step's ``row``."""
+
+    def update(self, state: PredictorState, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+        """``record`` by step number: the output (and input) of full step ``step``."""
+        gap = None if state.step is None else torch.tensor(float(step - state.step), device=out.device)
+        self.record(state, inp, out, gap)
+        state.step = step
+
     def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
-        """The predicted output at cached step ``step`` given the module's actual input ``inp``."""
+        """``forecast`` by step number: the output at cached step ``step`` of ``num_steps``."""
+        row = torch.tensor(self.row(step - state.step, step, num_steps), device=inp.device)
+        return self.forecast(state, inp, row)
 
 
 def _check_order(order: int) -> int:
@@ -71,7 +87,7 @@ def _check_order(order: int) -> int:
 class Reuse(Predictor):
     """FORA: ``Ô(i) = O(a)``, the output of the latest full step."""
 
-    def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return state.out.base(inp.dtype)
 
 
@@ -84,8 +100,8 @@ class Taylor(Predictor):
     def __post_init__(self) -> None:
         _check_order(self.order)
 
-    def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
-        return state.out.taylor(step - state.out.step, inp.dtype)
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        return state.out.taylor(row, inp.dtype)
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,7 @@ class Relational(Predictor):
         if self.order == 0:
             raise ConfigError("order must be an integer in 1..4 for Relational (it needs a direction), got 0")
 
-    def update(self, state: PredictorState, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+    def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
         prev_in = state.inp
         if prev_in is not None and state.ready and prev_in.shape == inp.shape:
             num = sample_norm(out - state.out.base(out.dtype))
@@ -114,19 +130,18 @@ class Relational(Predictor):
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
         else:
             state.ratio = None
-        state.out.update(step, out)
+        state.out.update(out, gap)
         state.inp = inp if state.out.dtype is None else inp.to(state.out.dtype)
 
-    def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         hist = state.out
-        k = step - hist.step
         base = hist.base(inp.dtype)
-        u = hist.direction(k, inp.dtype)  # the increment is d = k · u, so d / ‖d‖ = u / ‖u‖
+        u = hist.direction(row, inp.dtype)  # the increment is d = k · u, so d / ‖d‖ = u / ‖u‖
         if u is None or state.ratio is None:
-            return base if u is None else torch.add(base, u, alpha=k)
+            return base if u is None else torch.addcmul(base, row[0], u)
         coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(u)
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
-        coef = torch.nan_to_num(coef, nan=float(k), posinf=float(k), neginf=float(k))
+        coef = torch.where(coef.isfinite(), coef, row[0])
         # One fused pass, written over the fresh direction: a second large allocation here made a cached step
         # several times slower on CPU, where freshly allocated large buffers page-fault.
         # Out of place where autograd records the product (it saves u; out= refuses arguments that need grad,
@@ -175,10 +190,13 @@ class Linear(Predictor):
             return float(w(step, num_steps))
         return float(w)
 
-    def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
+    def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
+        return step_row(k, self.weight_at(step, num_steps))
+
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         hist = state.out
         base = hist.base(inp.dtype)
         if hist.order < 1:
             return base
         delta = hist.diffs[1].to(inp.dtype) * hist.gap  # O(a) - O(b)
-        return base + self.weight_at(step, num_steps) * delta
+        return base + row[ROW_WEIGHT] * delta

@@ -15,8 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_float, check_int
-from .history import DiffHistory, sample_relative_l1
-from .predictors import MAX_ORDER
+from .history import MAX_ORDER, DiffHistory, sample_relative_l1, step_row
 
 #: target-NFC mode: the longest gap between full steps, in multiples of the even gap the rest of the budget allows
 GAP_CAP = 1.5
@@ -140,8 +139,8 @@ class InputError(Schedule):
     def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor) -> float:
         """``e(i)``: mean over the batch of the per-sample relative L1 error of the input forecast."""
         hist = state.history
-        k = step - hist.step
-        u = hist.direction(k, probe.dtype)
+        k = step - state.last_full
+        u = hist.direction(torch.tensor(step_row(k), device=probe.device), probe.dtype)
         base = hist.base(probe.dtype)
         # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast
         error = probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe)
@@ -151,13 +150,13 @@ class InputError(Schedule):
         if probe is None:
             raise ValueError("InputError needs the first cached module's input")
         hist = state.history
-        if step < self.warmup or hist.step is None or hist.diffs[0].shape != probe.shape:
+        if step < self.warmup or not hist.ready or hist.diffs[0].shape != probe.shape:
             full = True  # (choice) a probe of another shape (batch or resolution changed) has nothing to forecast from
         else:
             e = self.input_error(state, step, probe)
             state.errors[step] = e
             state.accumulated += e
-            k = step - state.history.step
+            k = step - state.last_full
             if self.target_nfc is None:
                 full = state.accumulated > self.threshold
             else:
@@ -191,7 +190,8 @@ class InputError(Schedule):
 
     def _record_full(self, state: InputErrorState, step: int, probe: torch.Tensor) -> None:
         state.accumulated = 0.0
-        state.history.update(step, probe)
+        gap = None if state.last_full is None else torch.tensor(float(step - state.last_full), device=probe.device)
+        state.history.update(probe, gap)
         state.used += 1
         state.last_full = step
         if self.target_nfc is not None and state.tau is not None and step >= self.warmup:

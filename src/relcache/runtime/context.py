@@ -34,6 +34,8 @@ class ModuleCaches:
     call_shapes: dict[int, Shapes] = field(default_factory=dict)  # each module's last whole-call input shapes
     tuple_out: dict[int, bool] = field(default_factory=dict)  # whether each module returns a tuple of tensors
     errors: dict[int, dict[int, float]] = field(default_factory=dict)  # record_errors: step -> rel. L1 per module
+    last_record: dict[tuple[int, str], int] = field(default_factory=dict)  # (module, group) -> its latest record step
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # this step's rows per group: (modules, row length)
 
     @property
     def nbytes(self) -> int:
@@ -72,6 +74,7 @@ class Context:
         self.caches = ModuleCaches()
         self.counters = Counters()
         self.cfg = CFGRouting()
+        self.signatures: set[tuple] = set()  # the call shapes seen in this generation
 
     def advance(self, step_index: int | None, timestep: float | None) -> None:
         """Start this context's next step (``step_index`` from diffusers' cache context, else one more)."""

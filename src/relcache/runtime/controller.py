@@ -18,8 +18,8 @@ from torch import nn
 
 from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
-from ..models.base import Adapter, CachedModule
-from .accounting import CacheStats, FlopMeter, Shapes, combine
+from ..models.base import Adapter, CachedModule, first_tensor_input
+from .accounting import CacheStats, FlopMeter, Shapes, combine, signature
 from .cfg import CFGRunner
 from .context import Context, RowGroup
 from .generations import Generations
@@ -33,6 +33,14 @@ class _Computing(NamedTuple):
     ctx: Context
     shapes: Shapes  # the whole call's input shapes
     groups: list[RowGroup]
+
+
+class _Probed(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by the first cached module during a pre-pass, carrying its input."""
+
+    def __init__(self, input: torch.Tensor) -> None:
+        super().__init__()
+        self.input = input
 
 
 def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
@@ -64,6 +72,7 @@ class Session:
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self.hooks = Attachment(model)
         self._computing: dict[int, _Computing] = {}
+        self._probing = False
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -102,8 +111,12 @@ class Session:
         self.generations.end()
 
     # -- one transformer call (relcache.runtime.hooks.StepHost) --------------------------------------------------
-    def start_call(self, name: str, step_index: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Start the next step of context ``name``, and a new generation where the rules say so."""
+    def start_call(self, name: str, step_index: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any], compiled: bool) -> bool:
+        """Start the next step of context ``name``, and a new generation where the rules say so. A schedule that
+        needs no input decides here, before the forward; so does RCS when the forward will be compiled, from a
+        pre-pass (``_probe``). True when the step must run eagerly: its context has no cache yet, or the call's shapes
+        are new in this generation (caches are allocated outside compiled code)."""
         gens = self.generations
         gens.check_scheduler()
         timestep = gens.timestep_of(args, kwargs)
@@ -117,6 +130,28 @@ class Session:
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
         self.current = ctx
+        sig = signature(args, kwargs)
+        eager = sig not in ctx.signatures or not ctx.caches.states
+        ctx.signatures.add(sig)
+        if self.cfg is None:  # one row group, "all": the step can be decided before the forward
+            if not self.config.schedule.uses_input:
+                self._decide(ctx, first_tensor_input(args, kwargs), [("all", None)])
+            elif compiled and not eager:
+                self._decide(ctx, self._probe(forward, args, kwargs), [("all", None)])
+        return eager
+
+    def _probe(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The first cached module's input, from an eager pre-pass of the forward that stops there: what RCS reads,
+        settled before the compiled forward so that the step's one host read sits outside its graphs. It repeats the
+        forward's cheap prefix (embeddings, the first block's norm)."""
+        self._probing = True
+        try:
+            forward(*args, **kwargs)
+        except _Probed as probed:
+            return probed.input
+        finally:
+            self._probing = False
+        raise RuntimeError("the transformer returned without calling its first cached module")
 
     def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
@@ -134,8 +169,11 @@ class Session:
 
     # -- the cached modules (relcache.runtime.hooks.ModuleHost) --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # _forecast and _record run eagerly under torch.compile (graph breaks): compiled graphs must not read the
-        # per-step Python state (step numbers, schedule decisions), or dynamo recompiles them at every step.
+        if self._probing:  # the pre-pass of a compiled RCS step stops at the first cached module
+            got = self.cached_modules[idx].input_of(args, kwargs)
+            raise _Probed(got[0] if isinstance(got, tuple) else got)
+        # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
+        # step number, so each kind of step compiles once. Only an undecided step (RCS) calls out to the host.
         forecast = self._forecast(idx, original, args, kwargs)
         if forecast is not None:
             return forecast
@@ -148,7 +186,6 @@ class Session:
         self._record(idx, out)
         return out
 
-    @torch.compiler.disable
     def _forecast(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The forecast at a cached step, or None when the module must run (``_record`` then takes its output)."""
         self._computing.pop(idx, None)
@@ -167,15 +204,18 @@ class Session:
             self._computing[idx] = _Computing(ctx, shapes, groups)
             return None
         preds = self._predict(ctx, idx, groups)
-        self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
+        if not torch.compiler.is_compiling():
+            self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
         if self.record_errors:
             true = original(*args, **kwargs)
             trues = true if isinstance(true, tuple) else (true,)
             ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0])
         return tuple(preds) if ctx.caches.tuple_out.get(idx, False) else preds[0]
 
+    @torch.compiler.disable
     def _decide(self, ctx: Context, probe_input: torch.Tensor, rows: list[tuple[str, slice | None]]) -> None:
-        """The step's single decision, at its first cached module."""
+        """The step's single decision: at the step's start for a schedule that needs no input, else at its first
+        cached module (RCS reads the module's input; a host read, so a graph break under torch.compile)."""
         schedule = self.config.schedule
         probe = None
         if schedule.uses_input:  # on a CFG batch, the conditional half (it runs at every step)
@@ -183,21 +223,35 @@ class Session:
         progress = ctx.schedule
         progress.decided = True
         progress.full = schedule.decide(progress.memory, ctx.step, probe)
+        groups = [name for name, _ in rows]
+        self._prepare_rows(ctx, groups, probe_input.device)
         if progress.full:
             progress.full_steps.append(ctx.step)
+            for group in groups:  # every module records in these groups at this step
+                ctx.caches.last_record.update(((i, group), ctx.step) for i in range(len(self.cached_modules)))
+
+    def _prepare_rows(self, ctx: Context, groups: list[str], device: torch.device) -> None:
+        """Everything the step's forecasts and records need, as one tensor per row group: row ``i`` holds
+        ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest record in that group."""
+        predictor, step, num_steps = self.config.predictor, ctx.step, self.generations.num_steps
+        last, by_k = ctx.caches.last_record, {}
+        ctx.caches.rows = {}
+        for group in groups:
+            ks = [step - last.get((i, group), step) for i in range(len(self.cached_modules))]
+            table = [by_k.setdefault(k, predictor.row(k, step, num_steps)) for k in ks]
+            ctx.caches.rows[group] = torch.tensor(table, dtype=torch.float32, device=device)
 
     def _predict(self, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
         """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
-        predictor, num_steps = self.config.predictor, self.generations.num_steps
+        predictor = self.config.predictor
         per_group = []
         for group in groups:
             states = ctx.caches.states[(idx, group.name)]
-            per_group.append([predictor.predict(st, ctx.step, num_steps,
-                                                _input_for_output(group.inputs, j, len(states)))
+            row = ctx.caches.rows[group.name][idx]
+            per_group.append([predictor.forecast(st, _input_for_output(group.inputs, j, len(states)), row)
                               for j, st in enumerate(states)])
         return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
 
-    @torch.compiler.disable
     def _record(self, idx: int, out: Any) -> None:
         """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
         computing = self._computing.pop(idx, None)
@@ -208,14 +262,19 @@ class Session:
         caches.tuple_out[idx] = isinstance(out, tuple)
         predictor = self.config.predictor
         for group in computing.groups:
-            states = caches.states.get((idx, group.name))
+            slot = (idx, group.name)
+            states = caches.states.get(slot)
             if states is None or len(states) != len(outs):
                 states = [predictor.new_state(self.config.cache_dtype) for _ in outs]
-                caches.states[(idx, group.name)] = states
+                caches.states[slot] = states
+            gap = caches.rows[group.name][idx, 0] if slot in caches.last_record else None  # k = steps since then
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
-                predictor.update(state, ctx.step, _input_for_output(group.inputs, j, len(outs)), _rows(o, group.rows))
-            caches.shapes[(idx, group.name)] = group.shapes
-        self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
+                predictor.record(state, _input_for_output(group.inputs, j, len(outs)), _rows(o, group.rows), gap)
+            caches.shapes[slot] = group.shapes
+            if not ctx.schedule.full:  # a module computed at a cached step (no state for these shapes yet)
+                caches.last_record[slot] = ctx.step
+        if not torch.compiler.is_compiling():
+            self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
 
     # -- shared copies (relcache.runtime.shared.SharingHost) -----------------------------------------------------
     def sharing(self) -> bool:

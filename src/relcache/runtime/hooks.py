@@ -26,8 +26,10 @@ class StepHost(Protocol):
 
     adapter: Adapter
 
-    def start_call(self, name: str, step_index: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """A transformer call starts in context ``name`` (diffusers' cache context step, if it gives one)."""
+    def start_call(self, name: str, step_index: int | None, forward: Any, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], compiled: bool) -> bool:
+        """A transformer call starts in context ``name`` (diffusers' cache context step, if it gives one), its forward
+        about to be compiled when ``compiled``; True when the step must run eagerly (it allocates caches)."""
 
     def run_call(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step."""
@@ -53,8 +55,30 @@ class _NoState:
         pass
 
 
+def _under_compile() -> bool:
+    """Whether dynamo will compile what this (skipped) frame calls: torch.compile is active around it. Reads dynamo's
+    frame callback (a private API; where it is missing, relcache behaves as if not compiled)."""
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # pragma: no cover - other torch versions
+        return False
+    return get_eval_frame_callback() not in (None, False)
+
+
+@torch.compiler.disable
+def _eagerly(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn`` run without compiling anything it calls (a step that allocates caches)."""
+    return fn(*args, **kwargs)
+
+
 class StepHook(ModelHook):
-    """On the transformer: marks the start of a step in the current call context and runs the call."""
+    """On the transformer: marks the start of a step in the current call context and runs the call.
+
+    Under ``torch.compile`` this hook's own frame is skipped (``torch._dynamo.disable(recursive=False)``) and its
+    bookkeeping runs in compiler-disabled calls, so the step's schedule decision and per-step numbers are settled on
+    the host before the transformer's forward, which dynamo then compiles as a frame of its own: one graph per kind of
+    step, read from a Python bool and tensors, never from step numbers.
+    """
 
     _is_stateful = True
 
@@ -62,22 +86,26 @@ class StepHook(ModelHook):
         super().__init__()
         self.host = host
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
+        self.new_forward = torch._dynamo.disable(self._step, recursive=False)  # the registry calls new_forward
 
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def _step(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
         if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
-            return self.fn_ref.original_forward(*args, **kwargs)
-        self._start(args, kwargs)
+            return forward(*args, **kwargs)
+        eager = self._start(forward, args, kwargs, _under_compile())
         try:
-            return self.host.run_call(self.fn_ref.original_forward, args, kwargs)
+            if eager:
+                return _eagerly(self.host.run_call, forward, args, kwargs)
+            return self.host.run_call(forward, args, kwargs)
         finally:
             self._end()
 
     @torch.compiler.disable
-    def _start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _start(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool) -> bool:
         context = self.cache_context._context
         name = context.name if context is not None else DEFAULT_CONTEXT
         step_index = getattr(context, "step_index", None) if context is not None else None
-        self.host.start_call(name, step_index, args, kwargs)
+        return self.host.start_call(name, step_index, forward, args, kwargs, compiled)
 
     @torch.compiler.disable
     def _end(self) -> None:
