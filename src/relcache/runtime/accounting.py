@@ -135,6 +135,18 @@ class FlopMeter:
         """Module ``idx`` was forecast instead of running on ``shapes``."""
         counters.full += self.module_flops(idx, shapes) * scale
 
+    def count_compiled_call(self, counters: Counters, full: bool, call_shapes: dict[int, Shapes],
+                            sig: tuple[Any, ...], scale: int) -> None:
+        """A call whose forward ran compiled (no FLOP counting inside graphs): every cached module computed (a full
+        step) or forecast, and the rest of the transformer as measured at this signature's eager call."""
+        modules = sum(self.module_flops(i, sh) for i, sh in call_shapes.items())
+        other = self.other.get(sig, 0.0)
+        counters.full += modules * scale
+        counters.model_full += (other + modules) * scale
+        counters.model_executed += other + (modules if full else 0.0)
+        if full:
+            counters.executed += modules
+
     def count_skipped_call(self, counters: Counters, call_shapes: dict[int, Shapes], args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> None:
         """A whole transformer call was skipped (split CFG's "uncond" call rebuilt by CFG-Cache)."""

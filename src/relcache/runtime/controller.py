@@ -73,6 +73,7 @@ class Session:
         self.hooks = Attachment(model)
         self._computing: dict[int, _Computing] = {}
         self._probing = False
+        self._compiled_call: tuple[Any, ...] | None = None  # the signature of a call whose forward runs compiled
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -133,6 +134,7 @@ class Session:
         sig = signature(args, kwargs)
         eager = sig not in ctx.signatures or not ctx.caches.states
         ctx.signatures.add(sig)
+        self._compiled_call = sig if compiled and not eager else None  # counted at its end: graphs count nothing
         if self.cfg is None:  # one row group, "all": the step can be decided before the forward
             if not self.config.schedule.uses_input:
                 self._decide(ctx, first_tensor_input(args, kwargs), [("all", None)])
@@ -160,6 +162,11 @@ class Session:
         return self.cfg.call(self.current, self.generations.num_steps, forward, args, kwargs)
 
     def end_call(self) -> None:
+        ctx = self.current
+        if self._compiled_call is not None and ctx is not None:
+            self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
+                                           self._compiled_call, ctx.cfg.batch_scale)
+            self._compiled_call = None
         self.current = None
         for group in self.shared:
             group.end_call()

@@ -1,0 +1,99 @@
+"""A cached step compiles into whole graphs: counted with dynamo's own counters on a tiny diffusers DiT.
+
+What is counted (torch._dynamo's graph-break counter and a backend that records each graph it is given):
+* the only graph break is relcache's step hook, whose own frame is skipped so that the step's bookkeeping and
+  decision run on the host before the transformer's forward; the forward is then one frame, traced whole;
+* every kind of step (full, cached, each order of the forecast while it grows) compiles once, in the first
+  generation: a second generation compiles nothing;
+* outputs, full steps and FLOP counts equal the eager run's.
+The backend only records: dynamo's tracing, guards and recompilations are what interact with relcache, and code
+generation (inductor) would take minutes on this CPU without telling more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import run_loop, tiny_dit
+from torch._dynamo.utils import counters
+
+import relcache
+from relcache import FORA, RFC, CacheConfig, FasterCache, InputError, Interval, Relational, Taylor, TaylorSeer
+from relcache.models.dit import DiTAdapter
+
+STEPS = 10
+CONFIGS = {
+    "FORA": FORA(3),
+    "TaylorSeer": TaylorSeer(3),
+    "RFE alone": CacheConfig(Relational(2), Interval(3, 2)),
+    "RCS alone": CacheConfig(Taylor(2), InputError(threshold=0.3)),
+    "RFC threshold": RFC(threshold=0.3),
+    "RFC target NFC": RFC(target_nfc=5),
+    "FasterCache, no CFG-Cache": dataclasses.replace(FasterCache(warmup=2, interval=3), cfg_cache=None),
+}
+
+
+class _NoSharing(DiTAdapter):
+    """Eager relcache computes DiT's shared embedding copies once per call (runtime/shared.py), compiled code
+    computes each: both count what ran, so the model FLOPs compare like with like only without sharing."""
+
+    def shared_modules(self, model: torch.nn.Module) -> list[list[torch.nn.Module]]:
+        return []
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+
+
+def _compiled_runs(config: CacheConfig, enable_first: bool) -> dict[str, object]:
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_dit()
+    x, y = _inputs()
+    relcache.enable(model, config, adapter=_NoSharing())
+    eager = run_loop(model, x, y, steps=STEPS)
+    eager_stats = relcache.stats(model)
+    if not enable_first:  # enable on the compiled wrapper instead
+        relcache.disable(model)
+    compiled = torch.compile(model, backend=recording_backend)
+    if not enable_first:
+        relcache.enable(compiled, config, adapter=_NoSharing())
+    try:
+        first = run_loop(compiled, x, y, steps=STEPS)
+        after_first = len(graphs)
+        second = run_loop(compiled, x, y, steps=STEPS)
+        stats = relcache.stats(compiled)
+    finally:
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    return dict(eager=eager, first=first, second=second, eager_stats=eager_stats, stats=stats,
+                after_first=after_first, after_second=len(graphs), breaks=dict(counters["graph_break"]))
+
+
+CASES = [(name, True) for name in CONFIGS] + [("FORA", False), ("RFC target NFC", False)]
+
+
+@pytest.mark.parametrize(("name", "enable_first"), CASES,
+                         ids=[f"{n}-{'enable-then-compile' if e else 'compile-then-enable'}" for n, e in CASES])
+def test_a_cached_step_compiles_whole(name, enable_first):
+    r = _compiled_runs(CONFIGS[name], enable_first)
+    # one graph break, at the step hook's skipped frame: nothing inside the step breaks
+    assert len(r["breaks"]) == 1 and "StepHook._step" in next(iter(r["breaks"])), r["breaks"]
+    # each kind of step compiles once: a few graphs in the first generation, none in the second
+    assert 2 <= r["after_first"] <= 6 and r["after_second"] == r["after_first"], (r["after_first"], r["after_second"])
+    for a, b, c in zip(r["eager"], r["first"], r["second"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+    eager, compiled = r["eager_stats"], r["stats"]
+    assert compiled.full_steps == eager.full_steps and 2 < eager.nfc < STEPS
+    assert compiled.flops_fraction == pytest.approx(eager.flops_fraction)
+    assert compiled.model_flops_fraction == pytest.approx(eager.model_flops_fraction)
