@@ -20,8 +20,8 @@ def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 
 def sample_relative_l1(error: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample relative L1 ``‖error‖₁ / ‖ref‖₁`` in float32, shape ``(batch,)``; ``error`` is the difference
-    already formed (callers may build it in place). A zero ``ref`` divides by the smallest float32."""
+    """Per-sample relative L1 ``‖error‖₁ / ‖ref‖₁`` in ``sample_norm``'s precision, shape ``(batch,)``; ``error`` is the
+    difference already formed (callers may build it in place). A zero ``ref`` divides by the smallest float32."""
     return sample_norm(error, 1) / sample_norm(ref, 1).clamp_min(torch.finfo(torch.float32).tiny)
 
 

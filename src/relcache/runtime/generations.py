@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import numbers
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -43,13 +42,7 @@ class GenerationHost(Protocol):
 
 def checked_num_steps(num_steps: Any) -> int | None:
     """``num_steps`` as an int >= 1 (numpy and 0-d integer tensors too), or None; floats and bools are refused."""
-    if num_steps is None:
-        return None
-    if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
-        num_steps = num_steps.item()
-    if isinstance(num_steps, numbers.Integral) and not isinstance(num_steps, bool):
-        num_steps = int(num_steps)
-    return check_int("num_steps", num_steps, 1)
+    return None if num_steps is None else check_int("num_steps", num_steps, 1)
 
 
 def steps_to_run(scheduler: Any) -> int | None:
