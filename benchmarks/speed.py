@@ -18,6 +18,12 @@ Examples::
     python benchmarks/speed.py                         # DiT-S/2 and DiT-B/2, NFC 14 and 7
     python benchmarks/speed.py --models B --repeats 3  # quick subset
     python benchmarks/speed.py --models XL --dtype bfloat16 --device cuda
+    python benchmarks/speed.py --models S --budgets 14 --compile default   # adds torch.compile (inductor) rows
+
+With ``--compile MODE`` the same run also times, after the eager rows, the plain model and every method under
+``torch.compile(model, mode=MODE)``: each is compiled afresh (``torch._dynamo.reset()``), warmed with one untimed
+generation (which compiles every kind of step), then timed ``--repeats`` times; compiled speed-ups are against the
+compiled plain model.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel
 import relcache
 from relcache import FORA, RFC, CacheConfig, InputError, Interval, Relational, Taylor, TaylorSeer
 
-SIZES = {  # (depth, hidden, heads) of the DiT paper's configurations, patch 2
+SIZES = {  # (depth, hidden, heads) of the DiT paper's configurations, patch 2; "T" is a smoke-test size
+    "T": (2, 64, 2),
     "S": (12, 384, 6),
     "B": (12, 768, 12),
     "XL": (28, 1152, 16),
@@ -116,6 +123,51 @@ def timed(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dt
     return time.perf_counter() - start
 
 
+def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.CacheConfig], mode: str,
+                   args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[object, list[float]], dict[object, int]]:
+    """Times of the compiled plain model (key "full") and of each config under ``torch.compile(model, mode=mode)``."""
+    times: dict[object, list[float]] = {}
+    nfc: dict[object, int] = {}
+    for key, cfg in [("full", None), *configs.items()]:
+        torch._dynamo.reset()
+        if cfg is not None:
+            relcache.enable(model, cfg)
+        try:
+            compiled = torch.compile(model, mode=mode)
+            generate(compiled, args.steps, args.device, dtype, args.images)  # compiles every kind of step
+            times[key] = [timed(compiled, args.steps, args.device, dtype, args.images) for _ in range(args.repeats)]
+            if cfg is not None:
+                nfc[key] = relcache.stats(model).nfc
+        finally:
+            if cfg is not None:
+                relcache.disable(model)
+    torch._dynamo.reset()
+    return times, nfc
+
+
+def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object, relcache.CacheConfig],
+                  args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, object]]:
+    """The compiled table: every method against the compiled plain model, printed and returned as rows."""
+    times, nfc = compiled_times(model, configs, args.compile, args, dtype)
+    t_full = statistics.median(times["full"])
+    step = t_full / args.steps
+    print(f"\nDiT-{size}/2 compiled (mode={args.compile}): full generation {t_full:.2f} s ({step * 1e3:.1f} ms/step)")
+    print("| method | NFC | time s | speed-up | ideal | % of ideal | cached step / full step |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for (budget, name) in configs:
+        t, k = statistics.median(times[(budget, name)]), nfc[(budget, name)]
+        cached_frac = (t - k * step) / (args.steps - k) / step if k < args.steps else float("nan")
+        row = {"model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
+               "compile": args.compile, "time_s": t, "full_time_s": t_full, "speedup": t_full / t,
+               "ideal": args.steps / k, "pct_of_ideal": 100 * (t_full / t) / (args.steps / k),
+               "cached_step_fraction": cached_frac}
+        rows.append(row)
+        print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | {row['pct_of_ideal']:.1f} | "
+              f"{'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["S", "B"], choices=list(SIZES))
@@ -127,6 +179,9 @@ def main() -> None:
     parser.add_argument("--cache-dtype", default=None, choices=["bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=1, help="images per generation (batch 2 x images with CFG)")
+    parser.add_argument("--compile", metavar="MODE",
+                        choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+                        help="also time every method under torch.compile(model, mode=MODE), in the same run")
     parser.add_argument("--out", default="runs/speed.json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -174,10 +229,13 @@ def main() -> None:
             print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
                   f"{row['pct_of_ideal']:.1f} | {'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} | "
                   f"{row['cache_mib']:.1f} |")
+        if args.compile:
+            rows += compiled_rows(model, size, configs, args, dtype)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "gpu": gpu,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
-            "dtype": args.dtype, "cache_dtype": args.cache_dtype, "steps": args.steps, "repeats": args.repeats}
+            "dtype": args.dtype, "cache_dtype": args.cache_dtype, "steps": args.steps, "repeats": args.repeats,
+            "compile": args.compile}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwritten {args.out}")
