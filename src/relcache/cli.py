@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -36,25 +36,20 @@ from .models.base import find_adapter
 DEMO_GRID = "relcache-demo.png"
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return n
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= low``."""
+
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return n
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in its error for a non-integer
+    return parse
 
 
-def _at_least_2(value: str) -> int:
-    n = int(value)
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {value}")
-    return n
-
-
-def _index(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return n
+_positive, _at_least_2, _index = _int_at_least(1), _int_at_least(2), _int_at_least(0)
 
 
 def _guidance(value: str) -> float:
