@@ -1,11 +1,11 @@
-"""One session per enabled model: its contexts, the start of each step, the step's single decision, and per cached
-module "forecast or compute and record".
+"""One session per enabled model: its contexts, the start of each step, and per cached module "forecast, or compute
+and record".
 
-The schedule decides once per step, at the first cached module (RCS needs that module's input), before any
-expensive module has run; every later module of the step follows the decision. A module runs anyway when its
-row group has no state recorded on inputs of this shape (its first step, or the batch or resolution changed).
-(choice) On a CFG batch, ``InputError`` (RCS) measures its input error on the conditional half only, the half that
-runs at every step.
+The schedule decides once per step (``steps.py``: at the step's start, or at the first cached module where RCS needs
+that module's input), before any expensive module has run; every later module of the step follows the decision. A
+module runs anyway when its row group has no state recorded on inputs of this shape (its first step, or the batch
+or resolution changed). (choice) On a CFG batch, ``InputError`` (RCS) measures its input error on the conditional
+half only, the half that runs at every step.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .context import Context, RowGroup
 from .generations import Generations
 from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .shared import SharedGroup, SharedHook
+from .steps import Prober, RowGroups, decide, take_rows
 
 
 class _Computing(NamedTuple):
@@ -35,21 +36,21 @@ class _Computing(NamedTuple):
     groups: list[RowGroup]
 
 
-class _Probed(Exception):  # noqa: N818 (a control-flow signal, not an error)
-    """Raised by the first cached module during a pre-pass, carrying its input."""
-
-    def __init__(self, input: torch.Tensor) -> None:
-        super().__init__()
-        self.input = input
-
-
 def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
     """The input that output ``j`` relates to: its own stream's when inputs and outputs pair up."""
     return inputs[j] if len(inputs) == n_out else inputs[0]
 
 
-def _rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
-    return x if rows is None else x[rows]
+def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
+    """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
+    predictor = config.predictor
+    per_group = []
+    for group in groups:
+        states = ctx.caches.states[(idx, group.name)]
+        row = ctx.caches.rows[group.name][idx]
+        per_group.append([predictor.forecast(st, _input_for_output(group.inputs, j, len(states)), row)
+                          for j, st in enumerate(states)])
+    return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
 
 
 class Session:
@@ -72,7 +73,7 @@ class Session:
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self.hooks = Attachment(model)
         self._computing: dict[int, _Computing] = {}
-        self._probing = False
+        self.prober = Prober()
         self._compiled_call: tuple[Any, ...] | None = None  # the signature of a call whose forward runs compiled
 
     # -- attach / detach ---------------------------------------------------------------------------------------
@@ -116,8 +117,8 @@ class Session:
                    kwargs: dict[str, Any], compiled: bool) -> bool:
         """Start the next step of context ``name``, and a new generation where the rules say so. A schedule that
         needs no input decides here, before the forward; so does RCS when the forward will be compiled, from a
-        pre-pass (``_probe``). True when the step must run eagerly: its context has no cache yet, or the call's shapes
-        are new in this generation (caches are allocated outside compiled code)."""
+        pre-pass (``steps.Prober``). True when the step must run eagerly: its context has no cache yet, or the call's
+        shapes are new in this generation (caches are allocated outside compiled code)."""
         gens = self.generations
         gens.check_scheduler()
         timestep = gens.timestep_of(args, kwargs)
@@ -139,21 +140,11 @@ class Session:
             if not self.config.schedule.uses_input:
                 self._decide(ctx, first_tensor_input(args, kwargs), [("all", None)])
             elif compiled and not eager:
-                self._decide(ctx, self._probe(forward, args, kwargs), [("all", None)])
+                self._decide(ctx, self.prober.run(forward, args, kwargs), [("all", None)])
         return eager
 
-    def _probe(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-        """The first cached module's input, from an eager pre-pass of the forward that stops there: what RCS reads,
-        settled before the compiled forward so that the step's one host read sits outside its graphs. It repeats the
-        forward's cheap prefix (embeddings, the first block's norm)."""
-        self._probing = True
-        try:
-            forward(*args, **kwargs)
-        except _Probed as probed:
-            return probed.input
-        finally:
-            self._probing = False
-        raise RuntimeError("the transformer returned without calling its first cached module")
+    def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
+        decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups)
 
     def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
@@ -176,9 +167,8 @@ class Session:
 
     # -- the cached modules (relcache.runtime.hooks.ModuleHost) --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._probing:  # the pre-pass of a compiled RCS step stops at the first cached module
-            got = self.cached_modules[idx].input_of(args, kwargs)
-            raise _Probed(got[0] if isinstance(got, tuple) else got)
+        if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
+            self.prober.stop(self.cached_modules[idx].input_of(args, kwargs))
         # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
         # step number, so each kind of step compiles once. Only an undecided step (RCS) calls out to the host.
         forecast = self._forecast(idx, original, args, kwargs)
@@ -210,7 +200,7 @@ class Session:
         if ctx.schedule.full or not all(ctx.caches.ready(idx, g.name, g.shapes) for g in groups):
             self._computing[idx] = _Computing(ctx, shapes, groups)
             return None
-        preds = self._predict(ctx, idx, groups)
+        preds = _predict(self.config, ctx, idx, groups)
         if not torch.compiler.is_compiling():
             self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
         if self.record_errors:
@@ -218,46 +208,6 @@ class Session:
             trues = true if isinstance(true, tuple) else (true,)
             ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0])
         return tuple(preds) if ctx.caches.tuple_out.get(idx, False) else preds[0]
-
-    @torch.compiler.disable
-    def _decide(self, ctx: Context, probe_input: torch.Tensor, rows: list[tuple[str, slice | None]]) -> None:
-        """The step's single decision: at the step's start for a schedule that needs no input, else at its first
-        cached module (RCS reads the module's input; a host read, so a graph break under torch.compile)."""
-        schedule = self.config.schedule
-        probe = None
-        if schedule.uses_input:  # on a CFG batch, the conditional half (it runs at every step)
-            probe = _rows(probe_input, next(sl for name, sl in rows if name != "uncond"))
-        progress = ctx.schedule
-        progress.decided = True
-        progress.full = schedule.decide(progress.memory, ctx.step, probe)
-        groups = [name for name, _ in rows]
-        self._prepare_rows(ctx, groups, probe_input.device)
-        if progress.full:
-            progress.full_steps.append(ctx.step)
-            for group in groups:  # every module records in these groups at this step
-                ctx.caches.last_record.update(((i, group), ctx.step) for i in range(len(self.cached_modules)))
-
-    def _prepare_rows(self, ctx: Context, groups: list[str], device: torch.device) -> None:
-        """Everything the step's forecasts and records need, as one tensor per row group: row ``i`` holds
-        ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest record in that group."""
-        predictor, step, num_steps = self.config.predictor, ctx.step, self.generations.num_steps
-        last, by_k = ctx.caches.last_record, {}
-        ctx.caches.rows = {}
-        for group in groups:
-            ks = [step - last.get((i, group), step) for i in range(len(self.cached_modules))]
-            table = [by_k.setdefault(k, predictor.row(k, step, num_steps)) for k in ks]
-            ctx.caches.rows[group] = torch.tensor(table, dtype=torch.float32, device=device)
-
-    def _predict(self, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
-        """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
-        predictor = self.config.predictor
-        per_group = []
-        for group in groups:
-            states = ctx.caches.states[(idx, group.name)]
-            row = ctx.caches.rows[group.name][idx]
-            per_group.append([predictor.forecast(st, _input_for_output(group.inputs, j, len(states)), row)
-                              for j, st in enumerate(states)])
-        return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
 
     def _record(self, idx: int, out: Any) -> None:
         """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
@@ -276,7 +226,8 @@ class Session:
                 caches.states[slot] = states
             gap = caches.rows[group.name][idx, 0] if slot in caches.last_record else None  # k = steps since then
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
-                predictor.record(state, _input_for_output(group.inputs, j, len(outs)), _rows(o, group.rows), gap)
+                inp = _input_for_output(group.inputs, j, len(outs))
+                predictor.record(state, inp, take_rows(o, group.rows), gap)
             caches.shapes[slot] = group.shapes
             if not ctx.schedule.full:  # a module computed at a cached step (no state for these shapes yet)
                 caches.last_record[slot] = ctx.step

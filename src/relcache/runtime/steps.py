@@ -1,0 +1,92 @@
+"""The step's single decision and what its modules need from it, settled on the host (docs/spec.md, §Decision).
+
+A step is decided once per context: a schedule that reads no input at the step's start, RCS at the first cached
+module, or, when the forward is compiled, from an eager pre-pass that stops at that module (``Prober``). Once
+decided, the step hands its modules one tensor of rows per row group (``history.step_row``), so that forecasts
+and records read steps as data and compiled code never specialises on a step number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..methods.config import CacheConfig
+from .context import Context
+
+#: a call's row groups: (name, rows of the batch or None for all)
+RowGroups = list[tuple[str, slice | None]]
+
+
+def take_rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return x if rows is None else x[rows]
+
+
+@torch.compiler.disable
+def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, probe_input: torch.Tensor,
+           groups: RowGroups) -> None:
+    """Take ``ctx``'s decision for its current step, and prepare the step's rows. ``probe_input`` is the first cached
+    module's input (RCS reads the conditional half of a CFG batch: the half that runs at every step) or, for a
+    schedule that reads none, any tensor of the call (its device is where the rows go)."""
+    schedule = config.schedule
+    probe = None
+    if schedule.uses_input:
+        probe = take_rows(probe_input, next(sl for name, sl in groups if name != "uncond"))
+    progress = ctx.schedule
+    progress.decided = True
+    progress.full = schedule.decide(progress.memory, ctx.step, probe)
+    names = [name for name, _ in groups]
+    _prepare_rows(config, num_steps, n_modules, ctx, names, probe_input.device)
+    if progress.full:
+        progress.full_steps.append(ctx.step)
+        for name in names:  # every module records in these groups at this step
+            ctx.caches.last_record.update(((i, name), ctx.step) for i in range(n_modules))
+
+
+def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, names: list[str],
+                  device: torch.device) -> None:
+    """One tensor per row group: row ``i`` is ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest
+    record in that group (its gap ``N`` when it records at this step)."""
+    step, last, by_k = ctx.step, ctx.caches.last_record, {}
+    ctx.caches.rows = {}
+    for name in names:
+        table = []
+        for i in range(n_modules):
+            k = step - last.get((i, name), step)
+            if k not in by_k:
+                by_k[k] = config.predictor.row(k, step, num_steps)
+            table.append(by_k[k])
+        ctx.caches.rows[name] = torch.tensor(table, dtype=torch.float32, device=device)
+
+
+class _Probed(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by the first cached module during a pre-pass, carrying its input."""
+
+    def __init__(self, input: torch.Tensor) -> None:
+        super().__init__()
+        self.input = input
+
+
+class Prober:
+    """An eager pre-pass of the forward that stops at its first cached module, for that module's input: what RCS
+    reads, settled before a compiled forward so that the step's one host read sits outside its graphs. It repeats
+    the forward's cheap prefix (embeddings, the first block's norm)."""
+
+    def __init__(self) -> None:
+        self.active = False  # a pre-pass is running: the first cached module calls ``stop``
+
+    def run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        self.active = True
+        try:
+            forward(*args, **kwargs)
+        except _Probed as probed:
+            return probed.input
+        finally:
+            self.active = False
+        raise RuntimeError("the transformer returned without calling its first cached module")
+
+    @staticmethod
+    def stop(got: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        raise _Probed(got[0] if isinstance(got, tuple) else got)
