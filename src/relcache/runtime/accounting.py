@@ -72,6 +72,7 @@ class FlopMeter:
         self.other: dict[tuple[Any, ...], float] = {}  # call signature -> FLOPs outside the cached modules
         self.counter: FlopCounterMode | None = None  # around the whole transformer call, while one measures
         self.shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
+        self.counted = False  # the current call ran eagerly and was counted by ``run_call``
 
     def run_call(
         self, counters: Counters, scale: int, forward: Callable[..., Any], args: tuple[Any, ...],
@@ -80,6 +81,7 @@ class FlopMeter:
         """Call the transformer and count the whole call; ``scale`` full-batch rows per row that runs."""
         if torch.compiler.is_compiling():
             return forward(*args, **kwargs)  # no FLOP counting in compiled code
+        self.counted = True
         sig = signature(args, kwargs)
         executed, full = counters.executed, counters.full
         self.shared_saved = 0.0
@@ -147,12 +149,11 @@ class FlopMeter:
         if full:
             counters.executed += modules
 
-    def count_skipped_call(self, counters: Counters, call_shapes: dict[int, Shapes], args: tuple[Any, ...],
-                           kwargs: dict[str, Any]) -> None:
+    def count_skipped_call(self, counters: Counters, call_shapes: dict[int, Shapes], sig: tuple[Any, ...]) -> None:
         """A whole transformer call was skipped (split CFG's "uncond" call rebuilt by CFG-Cache)."""
         modules = sum(self.module_flops(i, sh) for i, sh in call_shapes.items())
         counters.full += modules
-        counters.model_full += self.other.get(signature(args, kwargs), 0.0) + modules
+        counters.model_full += self.other.get(sig, 0.0) + modules
 
 
 @dataclass(frozen=True)

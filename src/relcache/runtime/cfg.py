@@ -34,7 +34,6 @@ import torch
 
 from ..methods.cfg_cache import CFGCache
 from ..models.base import Adapter, SpatialGrid, first_tensor_input
-from .accounting import FlopMeter
 
 if TYPE_CHECKING:
     from .context import Context
@@ -56,15 +55,31 @@ class CFGRouting:
     row_group: str | None = None  # this call is not the CFG batch: its one row group ("cond" or "all")
     half_batch: bool = False  # this call runs only the conditional half of the CFG batch
     uncond_skipped: list[int] = field(default_factory=list)  # steps whose unconditional half was rebuilt
+    # the rest of this call's plan, settled at its start (``CFGRunner.plan``) so that a compiled forward reads no step
+    skip_call: bool = False  # a split "uncond" call answered from the same step's "cond" output
+    store: bool = False  # store the delta after this call
+    weights: tuple[float, float] = (1.0, 1.0)  # the rebuild's (w1, w2)
+    grid: SpatialGrid | None = None  # token outputs to image layout and back (``Adapter.spatial_grid``)
 
     def new_call(self) -> None:
         self.row_group = None
-        self.half_batch = False
+        self.half_batch = self.skip_call = self.store = False
+        self.grid = None
 
     @property
     def batch_scale(self) -> int:
         """Full-batch rows per row that runs now: 2 at a half-batch step."""
         return 2 if self.half_batch else 1
+
+    def group_names(self) -> list[str]:
+        """The row groups of this call, in row order (``row_groups`` without the rows)."""
+        if not self.is_cfg_batch:
+            return ["all"]
+        if self.row_group is not None:
+            return [self.row_group]
+        if self.half_batch:
+            return ["cond"]
+        return ["cond", "uncond"] if self.cond_first else ["uncond", "cond"]
 
     def row_groups(self, rows: int) -> list[tuple[str, Rows]]:
         """The row groups of a cached module's ``rows``-row batch that keep separate predictor states."""
@@ -84,7 +99,6 @@ class SplitCond(NamedTuple):
     """Split CFG: the "cond" call of a step, waiting for its "uncond" pair."""
 
     step: int
-    output: Any
     shape: tuple[int, ...]  # its hidden_states' shape
 
 
@@ -95,7 +109,8 @@ class CFGState:
         self.delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (ΔLF, ΔHF) of the latest step with both
         self.delta_shape: tuple[int, ...] | None = None  # input shape of the conditional half it belongs to
         self.scale = (1.0, 1.0)  # compound mode: the weights multiplied up since the delta was stored
-        self.cond: SplitCond | None = None
+        self.cond: SplitCond | None = None  # the latest "cond" call (step and shape), set at its start
+        self.cond_output: Any = None  # its output, set when it returns
 
     def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...],
               grid: SpatialGrid | None = None) -> None:
@@ -110,22 +125,26 @@ class CFGState:
     def nbytes(self) -> int:
         """Bytes of the stored deltas and of a split-CFG conditional output waiting for its pair."""
         held = list(self.delta or ())
-        if self.cond is not None and isinstance(self.cond.output, torch.Tensor):
-            held.append(self.cond.output)
+        if isinstance(self.cond_output, torch.Tensor):
+            held.append(self.cond_output)
         return sum(t.numel() * t.element_size() for t in held)
 
     def usable(self, shape: tuple[int, ...]) -> bool:
         return self.delta is not None and self.delta_shape == shape
 
-    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, step: int, num_steps: int,
-                grid: SpatialGrid | None = None) -> torch.Tensor:
-        """The unconditional output rebuilt from ``cond``; (choice) weights apply afresh unless ``compound``."""
+    def weights(self, cfg: CFGCache, step: int, num_steps: int) -> tuple[float, float]:
+        """The rebuild's ``(w1, w2)`` at ``step``; (choice) they apply afresh unless ``compound``."""
         w1, w2 = cfg.weights(step, num_steps)
         if cfg.compound:
             w1, w2 = self.scale = (self.scale[0] * w1, self.scale[1] * w2)
+        return w1, w2
+
+    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, weights: tuple[float, float],
+                grid: SpatialGrid | None = None) -> torch.Tensor:
+        """The unconditional output rebuilt from ``cond``."""
         if grid is None:
-            return cfg.rebuild(cond, *self.delta, w1, w2)
-        return grid[1](cfg.rebuild(grid[0](cond), *self.delta, w1, w2))
+            return cfg.rebuild(cond, *self.delta, *weights)
+        return grid[1](cfg.rebuild(grid[0](cond), *self.delta, *weights))
 
 
 def sample_of(out: Any) -> torch.Tensor:
@@ -166,82 +185,110 @@ def slice_batch(
     return tuple(cut(a) for a in args), {k: cut_kw(k, v) for k, v in kwargs.items()}
 
 
+def _halves(batch: int, cond_first: bool) -> tuple[slice, slice]:
+    """(conditional rows, unconditional rows) of a CFG batch."""
+    first, second = slice(0, batch // 2), slice(batch // 2, batch)
+    return (first, second) if cond_first else (second, first)
+
+
 class CFGRunner:
     """Runs the transformer calls of a generation under CFG-Cache, batched or split."""
 
-    def __init__(self, cfg: CFGCache, adapter: Adapter, run: RunFn, meter: FlopMeter) -> None:
+    def __init__(self, cfg: CFGCache, adapter: Adapter, run: RunFn) -> None:
         self.cfg = cfg
         self.adapter = adapter
         self.run = run
-        self.meter = meter
         self.state = CFGState()
 
     def reset(self) -> None:
         """Forget the stored deltas (a new generation, or the end of one)."""
         self.state = CFGState()
 
-    def call(self, ctx: Context, num_steps: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def plan(self, ctx: Context, num_steps: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Settle this call's routing at its start, on the host: whether it is the CFG batch, which half runs, whether
+        it stores a delta, the rebuild's weights. Steps are read here only, never in the (possibly compiled) call."""
+        cfg, routing, state, step = self.cfg, ctx.cfg, self.state, ctx.step
+        shape = tuple(first_tensor_input(args, kwargs).shape)
         if ctx.name in SPLIT_CONTEXTS:
-            return self._split(ctx, num_steps, forward, args, kwargs)
-        return self._batched(ctx, num_steps, forward, args, kwargs)
+            if ctx.name == "cond":
+                state.cond, state.cond_output = SplitCond(step, shape), None
+                return
+            paired = state.cond is not None and state.cond == (step, shape) and state.cond_output is not None
+            routing.skip_call = paired and cfg.skips(step, num_steps) and state.usable(shape)
+            routing.store = paired and not routing.skip_call and step in cfg.window_range(num_steps)
+        else:
+            if not self._is_cfg_batch(ctx, num_steps, args, kwargs):
+                return
+            batch = shape[0]
+            if batch != routing.rows:  # (choice) guidance stopped or changed within the generation: a plain call
+                # half the batch: guidance dropped the unconditional half, so the conditional half's states continue
+                routing.row_group = "cond" if 2 * batch == routing.rows else "all"
+                return
+            half_shape = (batch // 2, *shape[1:])
+            routing.half_batch = cfg.skips(step, num_steps) and state.usable(half_shape)
+            routing.store = not routing.half_batch and step in cfg.window_range(num_steps)
+        if routing.half_batch or routing.skip_call:
+            routing.weights = state.weights(cfg, step, num_steps)
+            routing.uncond_skipped.append(step)
+        if routing.half_batch or routing.skip_call or routing.store:
+            routing.grid = self.adapter.spatial_grid(args, kwargs)
 
-    def _batched(self, ctx: Context, num_steps: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
-        cfg, routing = self.cfg, ctx.cfg
-        hidden = first_tensor_input(args, kwargs)
-        batch = hidden.shape[0]
+    def _is_cfg_batch(self, ctx: Context, num_steps: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether the context's calls are a CFG batch: decided at its first call (equal halves of the latents)."""
+        routing = ctx.cfg
         if routing.is_cfg_batch is None:
-            half = batch // 2
+            hidden = first_tensor_input(args, kwargs)
+            batch, half = hidden.shape[0], hidden.shape[0] // 2
             routing.is_cfg_batch = batch % 2 == 0 and batch > 0 and torch.equal(hidden[:half], hidden[half:])
             routing.rows = batch
-            routing.cond_first = cfg.cond_first if cfg.cond_first is not None else self.adapter.cfg_cond_first
+            routing.cond_first = self.cfg.cond_first if self.cfg.cond_first is not None else self.adapter.cfg_cond_first
             if routing.is_cfg_batch:
-                cfg.window_range(num_steps)  # validate the window against the number of steps now
-        if not routing.is_cfg_batch:
+                self.cfg.window_range(num_steps)  # validate the window against the number of steps now
+        return routing.is_cfg_batch
+
+    def forward_args(self, ctx: Context, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments this call's forward gets: the conditional half's at a half-batch step, else all."""
+        if not ctx.cfg.half_batch:
+            return args, kwargs
+        batch = first_tensor_input(args, kwargs).shape[0]
+        return slice_batch(args, kwargs, batch, _halves(batch, ctx.cfg.cond_first)[0])
+
+    def call(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run this call as ``plan`` settled it."""
+        if ctx.name in SPLIT_CONTEXTS:
+            return self._split(ctx, forward, args, kwargs)
+        return self._batched(ctx, forward, args, kwargs)
+
+    def _batched(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        routing = ctx.cfg
+        if not routing.is_cfg_batch or routing.row_group is not None:
             return self.run(ctx, forward, args, kwargs)
-        if batch != routing.rows:  # (choice) guidance stopped or changed within the generation: a plain call
-            # half the batch: guidance dropped the unconditional half, so the conditional half's states continue
-            routing.row_group = "cond" if 2 * batch == routing.rows else "all"
-            return self.run(ctx, forward, args, kwargs)
-        half = batch // 2
-        cond_rows, uncond_rows = (slice(0, half), slice(half, batch))
-        if not routing.cond_first:
-            cond_rows, uncond_rows = uncond_rows, cond_rows
-        half_shape = (half, *hidden.shape[1:])
-        state = self.state
-        if cfg.skips(ctx.step, num_steps) and state.usable(half_shape):
-            routing.half_batch = True
-            out = self.run(ctx, forward, *slice_batch(args, kwargs, batch, cond_rows))
+        batch = first_tensor_input(args, kwargs).shape[0]
+        cond_rows, uncond_rows = _halves(batch, routing.cond_first)
+        if routing.half_batch:
+            out = self.run(ctx, forward, *self.forward_args(ctx, args, kwargs))
             cond = sample_of(out)
-            uncond = state.rebuild(cfg, cond, ctx.step, num_steps, self.adapter.spatial_grid(args, kwargs))
-            routing.uncond_skipped.append(ctx.step)
+            uncond = self.state.rebuild(self.cfg, cond, routing.weights, routing.grid)
             return with_sample(out, torch.cat([cond, uncond] if routing.cond_first else [uncond, cond]))
         out = self.run(ctx, forward, args, kwargs)
-        if ctx.step in cfg.window_range(num_steps):  # only a step inside the window can use the delta
+        if routing.store:  # only a step inside the window can use the delta
             sample = sample_of(out)
-            state.store(cfg, sample[uncond_rows], sample[cond_rows], half_shape,
-                        self.adapter.spatial_grid(args, kwargs))
+            half_shape = (batch // 2, *first_tensor_input(args, kwargs).shape[1:])
+            self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, routing.grid)
         return out
 
-    def _split(self, ctx: Context, num_steps: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> Any:
-        cfg, state = self.cfg, self.state
-        shape = tuple(first_tensor_input(args, kwargs).shape)
+    def _split(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        routing, state = ctx.cfg, self.state
         if ctx.name == "cond":
             out = self.run(ctx, forward, args, kwargs)
-            state.cond = SplitCond(ctx.step, out, shape)
+            state.cond_output = out
             return out
-        cond = state.cond
-        if cond is not None and (cond.step, cond.shape) != (ctx.step, shape):
-            cond = None  # not this step's pair
-        if cond is not None and cfg.skips(ctx.step, num_steps) and state.usable(shape):
-            uncond = state.rebuild(cfg, sample_of(cond.output), ctx.step, num_steps,
-                                   self.adapter.spatial_grid(args, kwargs))
-            ctx.cfg.uncond_skipped.append(ctx.step)
-            self.meter.count_skipped_call(ctx.counters, ctx.caches.call_shapes, args, kwargs)
-            return with_sample(cond.output, uncond)
+        if routing.skip_call:  # its FLOPs are counted at the call's end (Session.end_call)
+            return with_sample(state.cond_output, state.rebuild(self.cfg, sample_of(state.cond_output),
+                                                                routing.weights, routing.grid))
         out = self.run(ctx, forward, args, kwargs)
-        if cond is not None and ctx.step in cfg.window_range(num_steps):
-            state.store(cfg, sample_of(out), sample_of(cond.output), shape, self.adapter.spatial_grid(args, kwargs))
+        if routing.store:
+            shape = tuple(first_tensor_input(args, kwargs).shape)
+            state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, routing.grid)
         return out

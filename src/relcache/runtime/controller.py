@@ -69,12 +69,13 @@ class Session:
         self.generations = Generations(self, adapter)
         self.contexts: dict[str, Context] = {}
         self.current: Context | None = None  # the context of the transformer call running now
-        self.cfg = CFGRunner(config.cfg_cache, adapter, self._run, self.meter) if config.cfg_cache else None
+        self.cfg = CFGRunner(config.cfg_cache, adapter, self._run) if config.cfg_cache else None
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self.hooks = Attachment(model)
         self._computing: dict[int, _Computing] = {}
         self.prober = Prober()
-        self._compiled_call: tuple[Any, ...] | None = None  # the signature of a call whose forward runs compiled
+        self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
+        self._compiled_call = False  # the running call's forward is compiled
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -135,12 +136,18 @@ class Session:
         sig = signature(args, kwargs)
         eager = sig not in ctx.signatures or not ctx.caches.states
         ctx.signatures.add(sig)
-        self._compiled_call = sig if compiled and not eager else None  # counted at its end: graphs count nothing
-        if self.cfg is None:  # one row group, "all": the step can be decided before the forward
-            if not self.config.schedule.uses_input:
-                self._decide(ctx, first_tensor_input(args, kwargs), [("all", None)])
-            elif compiled and not eager:
-                self._decide(ctx, self.prober.run(forward, args, kwargs), [("all", None)])
+        self._call_sig = sig
+        self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
+        if self.cfg is not None:
+            self.cfg.plan(ctx, gens.num_steps, args, kwargs)
+            self._call_sig = signature(*self.cfg.forward_args(ctx, args, kwargs))  # half a CFG batch: its shapes
+        if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
+            return eager
+        groups = [(name, None) for name in ctx.cfg.group_names()]
+        if not self.config.schedule.uses_input:  # decided before the forward
+            self._decide(ctx, first_tensor_input(args, kwargs), groups)
+        elif compiled and not eager and self.cfg is None:  # RCS from a pre-pass (one row group: the whole batch)
+            self._decide(ctx, self.prober.run(forward, args, kwargs), groups)
         return eager
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
@@ -150,14 +157,16 @@ class Session:
         """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
         if self.cfg is None:
             return self._run(self.current, forward, args, kwargs)
-        return self.cfg.call(self.current, self.generations.num_steps, forward, args, kwargs)
+        return self.cfg.call(self.current, forward, args, kwargs)
 
     def end_call(self) -> None:
         ctx = self.current
-        if self._compiled_call is not None and ctx is not None:
+        if ctx is not None and ctx.cfg.skip_call:
+            self.meter.count_skipped_call(ctx.counters, ctx.caches.call_shapes, self._call_sig)
+        elif ctx is not None and self._compiled_call and not self.meter.counted:  # (not a call dynamo ran eagerly)
             self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
-                                           self._compiled_call, ctx.cfg.batch_scale)
-            self._compiled_call = None
+                                           self._call_sig, ctx.cfg.batch_scale)
+        self._compiled_call = self.meter.counted = False
         self.current = None
         for group in self.shared:
             group.end_call()
