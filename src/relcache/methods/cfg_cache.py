@@ -186,7 +186,8 @@ class CFGCache:
         return lf_u - lf_c, hf_u - hf_c
 
     def rebuild(
-        self, cond: torch.Tensor, delta_lf: torch.Tensor, delta_hf: torch.Tensor, w1: float, w2: float
+        self, cond: torch.Tensor, delta_lf: torch.Tensor, delta_hf: torch.Tensor, w1: float | torch.Tensor,
+        w2: float | torch.Tensor,
     ) -> torch.Tensor:
         """``ε̂_u = IFFT(LF(ε_c) + w1 · ΔLF + HF(ε_c) + w2 · ΔHF).real``, in ``cond``'s dtype."""
         lf_c, hf_c = self.split(cond)

@@ -48,6 +48,21 @@ def step_row(k: int, weight: float = 0.0) -> list[float]:
     return [k / (j + 1) for j in range(MAX_ORDER)] + [weight]
 
 
+def numbers_on(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Host numbers as a tensor on ``device`` without making the host wait for the device: on a GPU through pinned
+    memory and an asynchronous copy (a copy from ordinary memory synchronises). ``dtype`` float64 for float64 work,
+    so that no multiplier is rounded to float32."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def row_dtype(like: torch.dtype) -> torch.dtype:
+    """The dtype of step rows for work in ``like``: float64 for float64, else float32."""
+    return torch.float64 if like == torch.float64 else torch.float32
+
+
 class DiffHistory:
     """Divided differences ``D_0 .. D_m`` of one tensor sequence, taken at full steps.
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_float, check_int
-from .history import MAX_ORDER, ROW_WEIGHT, DiffHistory, per_sample, sample_norm, step_row
+from .history import MAX_ORDER, ROW_WEIGHT, DiffHistory, numbers_on, per_sample, row_dtype, sample_norm, step_row
 
 
 class PredictorState:
@@ -69,13 +69,13 @@ class Predictor(ABC):
 
     def update(self, state: PredictorState, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
         """``record`` by step number: the output (and input) of full step ``step``."""
-        gap = None if state.step is None else torch.tensor(float(step - state.step), device=out.device)
+        gap = None if state.step is None else numbers_on(float(step - state.step), out.device, row_dtype(out.dtype))
         self.record(state, inp, out, gap)
         state.step = step
 
     def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
         """``forecast`` by step number: the output at cached step ``step`` of ``num_steps``."""
-        row = torch.tensor(self.row(step - state.step, step, num_steps), device=inp.device)
+        row = numbers_on(self.row(step - state.step, step, num_steps), inp.device, row_dtype(inp.dtype))
         return self.forecast(state, inp, row)
 
 
@@ -199,4 +199,6 @@ class Linear(Predictor):
         if hist.order < 1:
             return base
         delta = hist.diffs[1].to(inp.dtype) * hist.gap  # O(a) - O(b)
-        return base + row[ROW_WEIGHT] * delta
+        w = row[ROW_WEIGHT]
+        # the weight times the difference in the row's precision (as a Python scalar would be), then rounded
+        return base + (delta.to(torch.promote_types(delta.dtype, w.dtype)) * w).to(delta.dtype)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_float, check_int
-from .history import MAX_ORDER, DiffHistory, sample_relative_l1, step_row
+from .history import MAX_ORDER, DiffHistory, numbers_on, row_dtype, sample_relative_l1, step_row
 
 #: target-NFC mode: the longest gap between full steps, in multiples of the even gap the rest of the budget allows
 GAP_CAP = 1.5
@@ -140,7 +140,7 @@ class InputError(Schedule):
         """``e(i)``: mean over the batch of the per-sample relative L1 error of the input forecast."""
         hist = state.history
         k = step - state.last_full
-        u = hist.direction(torch.tensor(step_row(k), device=probe.device), probe.dtype)
+        u = hist.direction(numbers_on(step_row(k), probe.device, row_dtype(probe.dtype)), probe.dtype)
         base = hist.base(probe.dtype)
         # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast
         error = probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe)
@@ -190,7 +190,8 @@ class InputError(Schedule):
 
     def _record_full(self, state: InputErrorState, step: int, probe: torch.Tensor) -> None:
         state.accumulated = 0.0
-        gap = None if state.last_full is None else torch.tensor(float(step - state.last_full), device=probe.device)
+        gap = None if state.last_full is None else numbers_on(float(step - state.last_full), probe.device,
+                                                               row_dtype(probe.dtype))
         state.history.update(probe, gap)
         state.used += 1
         state.last_full = step

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from ..methods.cfg_cache import CFGCache
+from ..methods.history import numbers_on, row_dtype
 from ..models.base import Adapter, SpatialGrid, first_tensor_input
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class CFGRouting:
     # the rest of this call's plan, settled at its start (``CFGRunner.plan``) so that a compiled forward reads no step
     skip_call: bool = False  # a split "uncond" call answered from the same step's "cond" output
     store: bool = False  # store the delta after this call
-    weights: tuple[float, float] = (1.0, 1.0)  # the rebuild's (w1, w2)
+    weights: torch.Tensor | None = None  # the rebuild's (w1, w2), a tensor: compiled code never sees their values
     grid: SpatialGrid | None = None  # token outputs to image layout and back (``Adapter.spatial_grid``)
 
     def new_call(self) -> None:
@@ -139,12 +140,13 @@ class CFGState:
             w1, w2 = self.scale = (self.scale[0] * w1, self.scale[1] * w2)
         return w1, w2
 
-    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, weights: tuple[float, float],
+    def rebuild(self, cfg: CFGCache, cond: torch.Tensor, weights: torch.Tensor,
                 grid: SpatialGrid | None = None) -> torch.Tensor:
-        """The unconditional output rebuilt from ``cond``."""
+        """The unconditional output rebuilt from ``cond``; ``weights`` holds ``(w1, w2)``."""
+        w1, w2 = weights[0], weights[1]
         if grid is None:
-            return cfg.rebuild(cond, *self.delta, *weights)
-        return grid[1](cfg.rebuild(grid[0](cond), *self.delta, *weights))
+            return cfg.rebuild(cond, *self.delta, w1, w2)
+        return grid[1](cfg.rebuild(grid[0](cond), *self.delta, w1, w2))
 
 
 def sample_of(out: Any) -> torch.Tensor:
@@ -228,7 +230,8 @@ class CFGRunner:
             routing.half_batch = cfg.skips(step, num_steps) and state.usable(half_shape)
             routing.store = not routing.half_batch and step in cfg.window_range(num_steps)
         if routing.half_batch or routing.skip_call:
-            routing.weights = state.weights(cfg, step, num_steps)
+            like = first_tensor_input(args, kwargs)
+            routing.weights = numbers_on(list(state.weights(cfg, step, num_steps)), like.device, row_dtype(like.dtype))
             routing.uncond_skipped.append(step)
         if routing.half_batch or routing.skip_call or routing.store:
             routing.grid = self.adapter.spatial_grid(args, kwargs)

@@ -47,7 +47,7 @@ def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]
     per_group = []
     for group in groups:
         states = ctx.caches.states[(idx, group.name)]
-        row = ctx.caches.rows[group.name][idx]
+        row = ctx.caches.rows[group.name][idx].to(group.inputs[0].device)  # a model split over devices
         per_group.append([predictor.forecast(st, _input_for_output(group.inputs, j, len(states)), row)
                           for j, st in enumerate(states)])
     return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
@@ -133,14 +133,13 @@ class Session:
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
         self.current = ctx
-        sig = signature(args, kwargs)
-        eager = sig not in ctx.signatures or not ctx.caches.states
-        ctx.signatures.add(sig)
-        self._call_sig = sig
-        self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
         if self.cfg is not None:
             self.cfg.plan(ctx, gens.num_steps, args, kwargs)
-            self._call_sig = signature(*self.cfg.forward_args(ctx, args, kwargs))  # half a CFG batch: its shapes
+        # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
+        sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
+        eager = sig not in ctx.signatures or not ctx.caches.states
+        ctx.signatures.add(sig)
+        self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
         if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
             return eager
         groups = [(name, None) for name in ctx.cfg.group_names()]
@@ -233,7 +232,7 @@ class Session:
             if states is None or len(states) != len(outs):
                 states = [predictor.new_state(self.config.cache_dtype) for _ in outs]
                 caches.states[slot] = states
-            gap = caches.rows[group.name][idx, 0] if slot in caches.last_record else None  # k = steps since then
+            gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
                 inp = _input_for_output(group.inputs, j, len(outs))
                 predictor.record(state, inp, take_rows(o, group.rows), gap)

@@ -92,8 +92,8 @@ class StepHook(ModelHook):
         forward = self.fn_ref.original_forward
         if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
             return forward(*args, **kwargs)
-        eager = self._start(forward, args, kwargs, _under_compile())
-        try:
+        try:  # a start that raises ends the call too: nothing of it stays current
+            eager = self._start(forward, args, kwargs, _under_compile())
             if eager:
                 return _eagerly(self.host.run_call, forward, args, kwargs)
             return self.host.run_call(forward, args, kwargs)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..methods.config import CacheConfig
+from ..methods.history import numbers_on, row_dtype
 from .context import Context
 
 #: a call's row groups: (name, rows of the batch or None for all)
@@ -38,7 +39,7 @@ def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Cont
     progress.decided = True
     progress.full = schedule.decide(progress.memory, ctx.step, probe)
     names = [name for name, _ in groups]
-    _prepare_rows(config, num_steps, n_modules, ctx, names, probe_input.device)
+    _prepare_rows(config, num_steps, n_modules, ctx, names, probe_input)
     if progress.full:
         progress.full_steps.append(ctx.step)
         for name in names:  # every module records in these groups at this step
@@ -46,7 +47,7 @@ def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Cont
 
 
 def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, names: list[str],
-                  device: torch.device) -> None:
+                  like: torch.Tensor) -> None:
     """One tensor per row group: row ``i`` is ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest
     record in that group (its gap ``N`` when it records at this step)."""
     step, last, by_k = ctx.step, ctx.caches.last_record, {}
@@ -58,7 +59,7 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
             if k not in by_k:
                 by_k[k] = config.predictor.row(k, step, num_steps)
             table.append(by_k[k])
-        ctx.caches.rows[name] = torch.tensor(table, dtype=torch.float32, device=device)
+        ctx.caches.rows[name] = numbers_on(table, like.device, row_dtype(like.dtype))
 
 
 class _Probed(Exception):  # noqa: N818 (a control-flow signal, not an error)
