@@ -55,7 +55,7 @@ def _inputs(cfg_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
 
 
-def _compiled_runs(config: CacheConfig, enable_first: bool) -> dict[str, object]:
+def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS) -> dict[str, object]:
     torch._dynamo.reset()
     counters.clear()
     graphs: list[torch.fx.GraphModule] = []
@@ -67,7 +67,7 @@ def _compiled_runs(config: CacheConfig, enable_first: bool) -> dict[str, object]
     model = tiny_dit()
     x, y = _inputs(config.cfg_cache is not None)
     relcache.enable(model, config, adapter=_NoSharing())
-    eager = run_loop(model, x, y, steps=STEPS)
+    eager = run_loop(model, x, y, steps=steps)
     eager_stats = relcache.stats(model)
     if not enable_first:  # enable on the compiled wrapper instead
         relcache.disable(model)
@@ -75,9 +75,9 @@ def _compiled_runs(config: CacheConfig, enable_first: bool) -> dict[str, object]
     if not enable_first:
         relcache.enable(compiled, config, adapter=_NoSharing())
     try:
-        first = run_loop(compiled, x, y, steps=STEPS)
+        first = run_loop(compiled, x, y, steps=steps)
         after_first = len(graphs)
-        second = run_loop(compiled, x, y, steps=STEPS)
+        second = run_loop(compiled, x, y, steps=steps)
         stats = relcache.stats(compiled)
     finally:
         relcache.disable(compiled)
@@ -105,3 +105,15 @@ def test_a_cached_step_compiles_whole(name, enable_first):
     assert compiled.uncond_skipped == eager.uncond_skipped == (4 if CONFIGS[name].cfg_cache else 0)
     assert compiled.flops_fraction == pytest.approx(eager.flops_fraction)
     assert compiled.model_flops_fraction == pytest.approx(eager.model_flops_fraction)
+
+
+def test_fastercache_over_fifty_steps_stays_within_the_recompile_limit():
+    """50 steps of FasterCache on a CFG batch: 25 half-batch steps whose rebuild weights change with the phase (and
+    compound): the weights are tensors, so the kinds of step stay few and nothing falls back to eager."""
+    config = dataclasses.replace(FasterCache(), cfg_cache=CFGCache(compound=True))
+    r = _compiled_runs(config, True, steps=50)
+    assert r["after_first"] <= 8 and r["after_second"] == r["after_first"]
+    assert r["stats"].uncond_skipped == r["eager_stats"].uncond_skipped == 25
+    for a, c in zip(r["eager"], r["second"], strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+    assert r["stats"].model_flops_fraction == pytest.approx(r["eager_stats"].model_flops_fraction)

@@ -2,8 +2,8 @@
 
 One job per file:
 
-* ``controller``: one ``Session`` per enabled model: its contexts, the start of a step, the step's single
-  decision, and per cached module "forecast, or compute and record";
+* ``controller``: one ``Session`` per enabled model: its contexts, the start of a step, and per cached module
+  "forecast, or compute and record";
 * ``steps``: the step's single decision and the rows of numbers its modules read (and RCS's pre-pass under compile);
 * ``context``: per-context state as small named records;
 * ``generations``: every rule of when a generation starts and ends;

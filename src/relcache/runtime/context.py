@@ -19,7 +19,7 @@ class ScheduleProgress:
     """The schedule's side of a context: its per-generation memory, this step's decision, the full steps so far."""
 
     memory: object  # ``Schedule.new_state(num_steps)``
-    decided: bool = False  # this step's decision was taken (at its first cached module)
+    decided: bool = False  # this step's decision was taken (``steps.decide``)
     full: bool = True  # this step is full
     full_steps: list[int] = field(default_factory=list)
 
