@@ -84,16 +84,13 @@ class CFGRouting:
 
     def row_groups(self, rows: int) -> list[tuple[str, Rows]]:
         """The row groups of a cached module's ``rows``-row batch that keep separate predictor states."""
-        if not self.is_cfg_batch:
-            return [("all", None)]
-        if self.row_group is not None:
-            return [(self.row_group, None)]
-        if self.half_batch:
-            return [("cond", None)]
+        names = self.group_names()
+        if len(names) == 1:
+            return [(names[0], None)]
         if rows % 2:
             raise RuntimeError(f"CFG-Cache: a cached module's batch of {rows} rows does not split in two halves")
-        first, second = slice(0, rows // 2), slice(rows // 2, rows)
-        return [("cond", first), ("uncond", second)] if self.cond_first else [("uncond", first), ("cond", second)]
+        cond, uncond = _halves(rows, self.cond_first)
+        return [(name, cond if name == "cond" else uncond) for name in names]
 
 
 class SplitCond(NamedTuple):
