@@ -34,6 +34,7 @@ CONFIGS = {
     "FasterCache, no CFG-Cache": dataclasses.replace(FasterCache(warmup=2, interval=3), cfg_cache=None),
     "FasterCache on a CFG batch": FasterCache(warmup=2, interval=3),
     "TaylorSeer + CFG-Cache on a CFG batch": dataclasses.replace(TaylorSeer(3), cfg_cache=CFGCache(interval=3)),
+    "RFC + CFG-Cache on a CFG batch": dataclasses.replace(RFC(threshold=0.3), cfg_cache=CFGCache(interval=3)),
 }
 
 
@@ -117,3 +118,31 @@ def test_fastercache_over_fifty_steps_stays_within_the_recompile_limit():
     for a, c in zip(r["eager"], r["second"], strict=True):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
     assert r["stats"].model_flops_fraction == pytest.approx(r["eager_stats"].model_flops_fraction)
+
+
+def test_record_errors_under_compile_runs_eagerly_and_records_the_same_errors():
+    """``record_errors`` reads every forecast's error on the host: under torch.compile such steps run eagerly (no
+    graph, no break inside a step) and record what the eager run records."""
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_dit()
+    x, y = _inputs(False)
+    relcache.enable(model, RFC(threshold=0.3), adapter=_NoSharing(), record_errors=True)
+    try:
+        eager = run_loop(model, x, y, steps=STEPS)
+        eager_errors = relcache.stats(model).contexts["default"].module_errors
+        compiled = run_loop(torch.compile(model, backend=recording_backend), x, y, steps=STEPS)
+        stats = relcache.stats(model)
+    finally:
+        relcache.disable(model)
+        torch._dynamo.reset()
+    assert not graphs and set(counters["graph_break"]) <= {b for b in counters["graph_break"] if "StepHook" in b}
+    assert stats.contexts["default"].module_errors == eager_errors and any(eager_errors.values())
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -141,7 +141,8 @@ class Relational(Predictor):
             return base if u is None else torch.addcmul(base, row[0], u)
         coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(u)
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
-        coef = torch.where(coef.isfinite(), coef, row[0])
+        # ``coef * 0 == 0`` is ``isfinite`` in two kernels where ``isfinite`` takes four (abs, ne, eq, mul).
+        coef = torch.where(coef * 0 == 0, coef, row[0])
         # One fused pass, written over the fresh direction: a second large allocation here made a cached step
         # several times slower on CPU, where freshly allocated large buffers page-fault.
         # Out of place where autograd records the product (it saves u; out= refuses arguments that need grad,

@@ -118,8 +118,8 @@ class Session:
                    kwargs: dict[str, Any], compiled: bool) -> bool:
         """Start the next step of context ``name``, and a new generation where the rules say so. A schedule that
         needs no input decides here, before the forward; so does RCS when the forward will be compiled, from a
-        pre-pass (``steps.Prober``). True when the step must run eagerly: its context has no cache yet, or the call's
-        shapes are new in this generation (caches are allocated outside compiled code)."""
+        pre-pass (``steps.Prober``). True when the step must run eagerly: its context has no cache yet, the call's
+        shapes are new in this generation (caches are allocated outside compiled code), or errors are recorded."""
         gens = self.generations
         gens.check_scheduler()
         timestep = gens.timestep_of(args, kwargs)
@@ -137,7 +137,8 @@ class Session:
             self.cfg.plan(ctx, gens.num_steps, args, kwargs)
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
         sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
-        eager = sig not in ctx.signatures or not ctx.caches.states
+        # record_errors reads each forecast's error on the host, per module: such runs stay eager (an analysis mode)
+        eager = sig not in ctx.signatures or not ctx.caches.states or self.record_errors
         ctx.signatures.add(sig)
         self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
         if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
@@ -145,8 +146,10 @@ class Session:
         groups = [(name, None) for name in ctx.cfg.group_names()]
         if not self.config.schedule.uses_input:  # decided before the forward
             self._decide(ctx, first_tensor_input(args, kwargs), groups)
-        elif compiled and not eager and self.cfg is None:  # RCS from a pre-pass (one row group: the whole batch)
-            self._decide(ctx, self.prober.run(forward, args, kwargs), groups)
+        elif compiled and not eager:  # RCS from a pre-pass of the forward as this call runs it (half a CFG batch)
+            runs = self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)
+            probe = self.prober.run(forward, *runs)
+            self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
         return eager
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
