@@ -147,7 +147,17 @@ def test_count_flops_must_be_a_bool():
         relcache.enable(tiny_dit(layers=1), relcache.FORA(), count_flops="no")
 
 
-def test_flex_attention_on_flux_runs_and_leaves_the_process_usable():
+@pytest.fixture
+def flex():
+    """diffusers' ``set_attention_backend`` also sets a process-wide active backend: put it back after the test."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(before)
+
+
+def test_flex_attention_on_flux_runs_and_leaves_the_process_usable(flex):
     """With flex attention (diffusers' "flex" backend), torch's FlopCounterMode raises inside flex's compiled eager
     path and left dynamo unable to run flex again: every later flex call in the process failed, relcache or not."""
     from families import flux_kwargs, flux_pipe
