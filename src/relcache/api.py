@@ -45,12 +45,15 @@ def _session(obj: Any) -> Session | None:
     return vars(model).get(_ATTR)
 
 
-def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False) -> None:
+def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False,
+           count_flops: bool = True) -> None:
     """Turn caching on for a diffusers pipeline or transformer (compiled or not).
 
     ``adapter`` overrides the automatic choice (for your own models). ``record_errors`` (analysis only)
     also runs every cached module at cached steps and records the relative L1 error of each prediction
-    against it, so it saves no time.
+    against it, so it saves no time. ``count_flops=False`` skips FLOP measurement (``stats`` then gives the FLOP
+    fields as NaN, with ``flops_unknown`` saying why); with it on, a model whose operators cannot be counted (flex
+    attention) is counted as unknown the same way, and the generation runs as without counting.
 
     Example (runs offline on a tiny random DiT)::
 
@@ -78,6 +81,8 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         )
     if not isinstance(record_errors, bool):
         raise ConfigError(f"record_errors must be True or False, got {record_errors!r}")
+    if not isinstance(count_flops, bool):
+        raise ConfigError(f"count_flops must be True or False, got {count_flops!r}")
     model, pipeline = _resolve(obj)
     if _session(model) is not None:
         raise AlreadyEnabledError(
@@ -89,7 +94,7 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         modules = [m for m in modules if m.kind in config.modules]
     if not modules:
         raise ConfigError(f"no module of the kinds {config.modules} in {type(model).__name__}")
-    session = Session(model, config, modules, chosen, record_errors)
+    session = Session(model, config, modules, chosen, record_errors, count_flops)
     try:
         session.attach(pipeline)
     except BaseException:

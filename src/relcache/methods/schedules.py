@@ -65,6 +65,16 @@ class Interval(Schedule):
         return [i for i in range(num_steps) if self.decide(None, i, None)]
 
 
+def finite_mean(errors: torch.Tensor) -> tuple[float, int]:
+    """(mean of the finite entries of the per-sample ``errors``, or NaN when none is; how many are not finite), read
+    in one host transfer. When every entry is finite the mean is ``errors.mean()`` itself (bit for bit)."""
+    finite = errors.isfinite()
+    partial = torch.where(finite, errors, 0).sum() / finite.sum()
+    mean = torch.where(finite.all(), errors.mean(), partial)
+    value, bad = torch.stack([mean, (~finite).sum().to(mean.dtype)]).tolist()
+    return value, int(bad)
+
+
 @dataclass
 class InputErrorState:
     """Per-generation memory of RCS: the probe's input history and the accumulated error ``E``."""
@@ -76,6 +86,7 @@ class InputErrorState:
     last_full: int | None = None
     tau: float | None = None  # target-NFC mode: the threshold found so far
     errors: dict[int, float] = field(default_factory=dict)  # e(i) at every step after warm-up
+    nonfinite: dict[int, int] = field(default_factory=dict)  # steps where samples' errors were not finite: how many
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class InputError(Schedule):
     At every step after warm-up, at the first cached module: ``Î(i)`` is the order-``order`` Taylor forecast
     of its input from the recorded full steps; ``e(i) = ‖I(i) - Î(i)‖₁ / ‖I(i)‖₁`` per sample, then
     (choice) the mean over the batch; ``E += e(i)``; the step is full when ``E > threshold``, which resets ``E``.
+    (choice) The mean is over the samples whose error is finite, so that a sample gone NaN or infinite changes
+    nothing for the others (the state's ``nonfinite`` counts such samples per step); when no sample's error is
+    finite there is nothing to judge by and the step is full (in target-NFC mode: while the budget lasts).
 
     ``target_nfc`` instead names the budget (ours, not the paper's). The threshold is then found during the
     generation: the first gap after warm-up is spaced evenly over the remaining budget and ``tau`` is set to
@@ -137,14 +151,18 @@ class InputError(Schedule):
         return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps)
 
     def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor) -> float:
-        """``e(i)``: mean over the batch of the per-sample relative L1 error of the input forecast."""
+        """``e(i)``: mean over the samples whose error is finite of the per-sample relative L1 error of the input
+        forecast (NaN when none is); how many were not finite goes to ``state.nonfinite``. One host read."""
         hist = state.history
         k = step - state.last_full
         u = hist.direction(numbers_on(step_row(k), probe.device, row_dtype(probe.dtype)), probe.dtype)
         base = hist.base(probe.dtype)
         # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast
         error = probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe)
-        return float(sample_relative_l1(error, probe).mean())
+        e, bad = finite_mean(sample_relative_l1(error, probe))
+        if bad:
+            state.nonfinite[step] = bad
+        return e
 
     def decide(self, state: InputErrorState, step: int, probe: torch.Tensor | None) -> bool:
         if probe is None:
@@ -155,11 +173,14 @@ class InputError(Schedule):
         else:
             e = self.input_error(state, step, probe)
             state.errors[step] = e
-            state.accumulated += e
             k = step - state.last_full
-            if self.target_nfc is None:
+            if math.isnan(e):  # no sample's error is finite: nothing to judge by
+                full = self.target_nfc is None or self._budget_left(state, step)[0] > 0
+            elif self.target_nfc is None:
+                state.accumulated += e
                 full = state.accumulated > self.threshold
             else:
+                state.accumulated += e
                 full = self._budget_decision(state, step, k)
             if self.max_skip is not None and k > self.max_skip:  # k - 1 cached steps in a row so far
                 full = self.target_nfc is None or self._budget_left(state, step)[0] > 0

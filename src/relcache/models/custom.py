@@ -12,9 +12,71 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, as_int
 from ..methods.config import MODULE_KINDS
 from .base import Adapter, CachedModule, InputFn, first_tensor_input
+
+
+def _check_blocks(blocks: object) -> str | Sequence[nn.Module]:
+    if isinstance(blocks, str) and blocks:
+        return blocks
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) or (
+        isinstance(blocks, (list, tuple)) and blocks and all(isinstance(b, nn.Module) for b in blocks)
+    ):
+        return blocks
+    raise ConfigError(
+        "CustomAdapter blocks must be an attribute name (e.g. 'blocks') or a non-empty sequence of blocks (not one "
+        f"module), got {blocks!r}"
+    )
+
+
+def _check_modules(modules: object) -> list[tuple[str, str]]:
+    allowed = (f"CustomAdapter modules must map attribute names to kinds in {MODULE_KINDS}, as a dict or a sequence "
+               "of (attribute, kind) pairs, at least one")
+    if isinstance(modules, Mapping):
+        pairs = list(modules.items())
+    elif isinstance(modules, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in modules):
+        pairs = [tuple(p) for p in modules]
+    else:
+        raise ConfigError(f"{allowed}; got {modules!r}")
+    if not pairs:
+        raise ConfigError(f"{allowed}; got none")
+    bad = [kind for _, kind in pairs if not isinstance(kind, str) or kind not in MODULE_KINDS]
+    if bad:
+        raise ConfigError(f"{allowed}; got the kinds {bad}")
+    names = [attr for attr, _ in pairs if not isinstance(attr, str) or not attr]
+    if names:
+        raise ConfigError(f"{allowed}; got the attribute names {names}")
+    return pairs
+
+
+def _check_input_of(input_of: object) -> Any:
+    if callable(input_of) or (isinstance(input_of, Mapping) and all(
+        isinstance(k, str) and callable(v) for k, v in input_of.items()
+    )):
+        return input_of
+    raise ConfigError(
+        "CustomAdapter input_of must be a function (args, kwargs) -> input, or a dict from attribute name to such a "
+        f"function, got {input_of!r}"
+    )
+
+
+def _check_timestep(timestep: object) -> str | int:
+    if isinstance(timestep, str) and timestep:
+        return timestep
+    index = as_int(timestep)
+    if index is None or index < 0:
+        raise ConfigError(
+            "CustomAdapter timestep must be the forward's keyword name (a str) or positional index (an integer >= 0) "
+            f"of the timestep, got {timestep!r}"
+        )
+    return index
+
+
+def _check_model_classes(model_classes: object) -> tuple[str, ...]:
+    if isinstance(model_classes, (list, tuple)) and all(isinstance(c, str) and c for c in model_classes):
+        return tuple(model_classes)
+    raise ConfigError(f"CustomAdapter model_classes must be a tuple of class names, got {model_classes!r}")
 
 
 class CustomAdapter(Adapter):
@@ -37,19 +99,11 @@ class CustomAdapter(Adapter):
         timestep: str | int = "timestep",
         model_classes: tuple[str, ...] = (),
     ) -> None:
-        pairs = list(modules.items()) if isinstance(modules, Mapping) else [tuple(p) for p in modules]
-        if not pairs:
-            raise ConfigError("CustomAdapter needs at least one (attribute, kind) pair in modules")
-        bad = [kind for _, kind in pairs if kind not in MODULE_KINDS]
-        if bad:
-            raise ConfigError(f"CustomAdapter module kinds must be in {MODULE_KINDS}, got {bad}")
-        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            raise ConfigError("CustomAdapter blocks must be an attribute name or a sequence of blocks, not one module")
-        self.blocks = blocks
-        self.modules = pairs
-        self.input_of = input_of
-        self.timestep = timestep
-        self.model_classes = tuple(model_classes)
+        self.blocks = _check_blocks(blocks)
+        self.modules = _check_modules(modules)
+        self.input_of = _check_input_of(input_of)
+        self.timestep = _check_timestep(timestep)
+        self.model_classes = _check_model_classes(model_classes)
 
     def _blocks(self, model: nn.Module) -> tuple[str, Sequence[nn.Module]]:
         if not isinstance(self.blocks, str):

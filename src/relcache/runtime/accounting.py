@@ -9,10 +9,19 @@ FLOPs are measured with ``torch.utils.flop_counter`` once per input shape, never
 
 A step adds what ran to the ``executed`` counters and what full computation would have run to the ``full``
 counters; a step that runs half of a CFG batch counts against the full batch (``scale`` 2).
+
+(choice) Counting never breaks a generation. ``torch.utils.flop_counter`` is a dispatch mode, and some operators do
+not run under it (flex attention, in torch 2.13: a ``TypeError`` from its compiled eager path, which also leaves
+dynamo's caches for torch's own functions unusable). When a measured call raises, the meter forgets what dynamo
+compiled of torch's own code, undoes what the call recorded (``run_call``'s ``snapshot``) and runs it again without
+counting: if that succeeds, counting was at fault and stops for the session, and the stats give every FLOP field
+as NaN with the reason (``unknown``); if it fails too, the model's own error propagates. ``enable(...,
+count_flops=False)`` never counts.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +51,37 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_EXTRA)
 
 
+#: ``stats``' reason when ``enable(..., count_flops=False)``
+COUNTING_OFF = "FLOP counting is turned off (enable(..., count_flops=False))"
+#: the FLOP fields of ``ContextStats`` when FLOPs are unknown
+UNKNOWN_FLOPS = {name: _NAN for name in ("flops_fraction", "executed_flops", "full_flops", "model_flops_fraction",
+                                         "model_executed_flops", "model_full_flops")}
+
+
+def _forget_torch_code() -> None:
+    """Reset dynamo's per-code state (compiled entries, skip marks) of torch's own functions it has seen: what a
+    dispatch mode that failed inside torch-compiled code (flex attention's eager path) leaves behind makes every later
+    call of that code fail. The user's compiled code (outside torch) is left alone. Private dynamo API: skipped where
+    it is missing."""
+    try:
+        from torch._dynamo import convert_frame
+        from torch._dynamo.eval_frame import reset_code
+        seen = list(convert_frame.input_codes.seen) + list(convert_frame.output_codes.seen)
+    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+        return
+    root = os.path.dirname(torch.__file__) + os.sep
+    with convert_frame.compile_lock:
+        for ref in seen:
+            code = ref()
+            if code is not None and code.co_filename.startswith(root):
+                reset_code(code)
+
+
+def _reason(err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"FLOP counting failed on this model and is off for this session ({type(err).__name__}: {first[:200]})"
+
+
 def fraction(num: float, den: float) -> float:
     """``num / den``, NaN when nothing was counted."""
     return num / den if den > 0 else _NAN
@@ -65,35 +105,48 @@ class Counters:
 
 
 class FlopMeter:
-    """FLOPs measured once per input shape, and added to a context's counters at every call."""
+    """FLOPs measured once per input shape, and added to a context's counters at every call. ``enabled`` False:
+    nothing is measured (``unknown`` says why)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.module: dict[tuple[int, Shapes], float] = {}  # (module index, input shapes) -> FLOPs
         self.other: dict[tuple[Any, ...], float] = {}  # call signature -> FLOPs outside the cached modules
         self.counter: FlopCounterMode | None = None  # around the whole transformer call, while one measures
         self.shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
         self.counted = False  # the current call ran eagerly and was counted by ``run_call``
+        self.unknown: str | None = None if enabled else COUNTING_OFF  # why FLOPs are not counted
 
     def run_call(
         self, counters: Counters, scale: int, forward: Callable[..., Any], args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        kwargs: dict[str, Any], snapshot: Callable[[], Callable[[], None]] | None = None,
     ) -> Any:
-        """Call the transformer and count the whole call; ``scale`` full-batch rows per row that runs."""
+        """Call the transformer and count the whole call; ``scale`` full-batch rows per row that runs. ``snapshot``
+        saves what the call's modules change and returns how to restore it: a measured call that fails runs again
+        from there, uncounted."""
         if torch.compiler.is_compiling():
             return forward(*args, **kwargs)  # no FLOP counting in compiled code
         self.counted = True
+        if self.unknown is not None:
+            return forward(*args, **kwargs)
         sig = signature(args, kwargs)
         executed, full = counters.executed, counters.full
         self.shared_saved = 0.0
         if sig in self.other:
             out = forward(*args, **kwargs)
         else:
-            with flop_counter() as counter:
-                self.counter = counter
-                try:
-                    out = forward(*args, **kwargs)
-                finally:
-                    self.counter = None
+            restore = snapshot() if snapshot is not None else None
+            try:
+                with flop_counter() as counter:
+                    self.counter = counter
+                    try:
+                        out = forward(*args, **kwargs)
+                    finally:
+                        self.counter = None
+            except Exception as err:  # counting or the model failed: run again uncounted to tell which
+                _forget_torch_code()
+                if restore is not None:
+                    restore()
+                return self._uncounted(err, forward, args, kwargs)
             self.other[sig] = max(float(counter.get_total_flops()) - (counters.executed - executed), 0.0)
         other = self.other.get(sig, 0.0)
         counters.model_executed += other - self.shared_saved + counters.executed - executed
@@ -103,17 +156,32 @@ class FlopMeter:
     def run_module(self, key: tuple[int, Shapes] | None, forward: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
         """Run a cached module; measure its FLOPs the first time it runs under ``key`` (None: do not measure)."""
-        if key is None or key in self.module:
+        if key is None or key in self.module or self.unknown is not None:
             return forward(*args, **kwargs)
         if self.counter is not None:  # the whole transformer is being measured: take the difference
             before = self.counter.get_total_flops()
             out = forward(*args, **kwargs)
             self.module[key] = float(self.counter.get_total_flops() - before)
             return out
-        with flop_counter() as counter:
-            out = forward(*args, **kwargs)
+        try:
+            with flop_counter() as counter:
+                out = forward(*args, **kwargs)
+        except Exception as err:  # as in run_call; the module's own forward changes no relcache state
+            _forget_torch_code()
+            return self._uncounted(err, forward, args, kwargs)
         self.module[key] = float(counter.get_total_flops())
         return out
+
+    def _uncounted(self, err: Exception, forward: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """Run again without counting after a measured run raised ``err``: counting is off from now on if that
+        succeeds; if it raises too, the model itself failed, and counting stays on."""
+        self.unknown = _reason(err)
+        try:
+            return forward(*args, **kwargs)
+        except BaseException:
+            self.unknown = None
+            raise
 
     def module_flops(self, idx: int, shapes: Shapes) -> float:
         """FLOPs of module ``idx`` on inputs of ``shapes``: measured, else scaled from another batch size (linear)."""
@@ -174,6 +242,8 @@ class ContextStats:
     model_executed_flops: float = 0.0
     model_full_flops: float = 0.0
     cache_bytes: int = 0  # bytes the predictors and the schedule hold at the end of the generation
+    nonfinite_samples: dict[int, int] = field(default_factory=dict)  # RCS: step -> samples whose error was not finite
+    flops_unknown: str | None = None  # why the FLOP fields are NaN (counting off or failed); None when counted
 
     @property
     def uncond_skipped(self) -> int:
@@ -195,6 +265,11 @@ class CacheStats:
     ``cache_bytes`` is the memory the caches hold at the end of the generation (predictor states, RCS input
     history and CFG-Cache deltas, over all contexts). ``modules`` maps each cached module's name to its kind
     (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order.
+
+    ``nonfinite_samples`` is the most samples whose RCS input error was NaN or infinite at one step (0: none; those
+    samples are left out of the step's decision, see ``InputError``); each context's ``nonfinite_samples`` says at
+    which steps. ``flops_unknown`` says why the FLOP fields are NaN: counting was turned off
+    (``enable(..., count_flops=False)``) or failed on this model (the reason); None when FLOPs were counted.
     """
 
     method: str
@@ -207,18 +282,24 @@ class CacheStats:
     uncond_skipped: int = 0
     cache_bytes: int = 0
     modules: dict[str, str] = field(default_factory=dict)
+    nonfinite_samples: int = 0
+    flops_unknown: str | None = None
 
 
-def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str]) -> CacheStats:
+def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str],
+            flops_unknown: str | None = None) -> CacheStats:
     """The generation's stats from its contexts'; ``shared_bytes`` is what the contexts hold together."""
+    nonfinite = max((n for c in per.values() for n in c.nonfinite_samples.values()), default=0)
     if len(per) == 1:
         only = next(iter(per.values()))
         return CacheStats(method, only.nfc, only.num_steps, only.full_steps, only.flops_fraction, per,
-                          only.model_flops_fraction, only.uncond_skipped, only.cache_bytes + shared_bytes, modules)
+                          only.model_flops_fraction, only.uncond_skipped, only.cache_bytes + shared_bytes, modules,
+                          nonfinite, flops_unknown)
     steps = sorted({s for c in per.values() for s in c.full_steps})
     flops = fraction(sum(c.executed_flops for c in per.values()), sum(c.full_flops for c in per.values()))
     model = fraction(sum(c.model_executed_flops for c in per.values()), sum(c.model_full_flops for c in per.values()))
     num_steps = max((c.num_steps for c in per.values()), default=0)
     skipped = sum(c.uncond_skipped for c in per.values())
     held = sum(c.cache_bytes for c in per.values()) + shared_bytes
-    return CacheStats(method, len(steps), num_steps, steps, flops, per, model, skipped, held, modules)
+    return CacheStats(method, len(steps), num_steps, steps, flops, per, model, skipped, held, modules, nonfinite,
+                      flops_unknown)

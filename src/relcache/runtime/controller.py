@@ -10,7 +10,9 @@ half only, the half that runs at every step.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -19,13 +21,20 @@ from torch import nn
 from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
 from ..models.base import Adapter, CachedModule, first_tensor_input
-from .accounting import CacheStats, FlopMeter, Shapes, combine, signature
+from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, Shapes, combine, signature
 from .cfg import CFGRunner
 from .context import Context, RowGroup
 from .generations import Generations
 from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .shared import SharedGroup, SharedHook
 from .steps import Prober, RowGroups, decide, take_rows
+
+
+def _copy_state(state: Any) -> Any:
+    """A copy of a predictor state that a later record does not change (it replaces tensors and lists)."""
+    new = copy.copy(state)
+    new.out = copy.copy(state.out)  # the output's divided differences (a record replaces their list)
+    return new
 
 
 class _Computing(NamedTuple):
@@ -58,14 +67,14 @@ class Session:
 
     def __init__(
         self, model: nn.Module, config: CacheConfig, modules: list[CachedModule], adapter: Adapter,
-        record_errors: bool,
+        record_errors: bool, count_flops: bool = True,
     ) -> None:
         self.model = model
         self.config = config
-        self.cached_modules = modules
+        self.cached_modules = list(modules)  # a replaced module is followed (``_follow_replaced_modules``)
         self.adapter = adapter
         self.record_errors = record_errors
-        self.meter = FlopMeter()
+        self.meter = FlopMeter(count_flops)
         self.generations = Generations(self, adapter)
         self.contexts: dict[str, Context] = {}
         self.current: Context | None = None  # the context of the transformer call running now
@@ -76,13 +85,19 @@ class Session:
         self.prober = Prober()
         self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
         self._compiled_call = False  # the running call's forward is compiled
+        self._paths: dict[int, str] = {}  # cached module index -> where it sits in the model (set by ``attach``)
+        self._n_modules = 0  # how many modules the model had when its FLOPs were last measured
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
         """Register the hooks; on a pipeline, also let its scheduler and the end of its calls mark generations."""
         self.hooks.register(self.model, StepHook(self), STEP_HOOK)
+        paths = {id(module): path for path, module in self.model.named_modules()}
         for idx, spec in enumerate(self.cached_modules):
             self.hooks.register(spec.module, ModuleHook(self, idx), MODULE_HOOK)
+            if id(spec.module) in paths:
+                self._paths[idx] = paths[id(spec.module)]
+        self._n_modules = len(paths)
         for group in self.shared:
             for i, module in enumerate(group.modules):
                 self.hooks.register(module, SharedHook(group, i, self), SHARED_HOOK)
@@ -128,6 +143,7 @@ class Session:
             gens.begin()
             ctx = None
         if ctx is None:
+            self._follow_replaced_modules()
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps))
             self.contexts[name] = ctx
@@ -152,6 +168,33 @@ class Session:
             self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
         return eager
 
+    def _follow_replaced_modules(self) -> None:
+        """(choice) At each context's first call of a generation: a cached module replaced in the model since
+        ``enable`` (a LoRA loaded after it wraps the module, unloading one puts the wrapped module back) has its hook
+        moved to the module now in its place, so that what is cached is what the model runs; a cached module's place
+        gone from the model is an error. When the model's modules changed at all, FLOPs are measured again."""
+        moved = False
+        for idx, path in self._paths.items():
+            try:
+                now = self.model.get_submodule(path)
+            except AttributeError:
+                raise RuntimeError(
+                    f"the cached module {path!r} was removed from the {type(self.model).__name__} after "
+                    "relcache.enable; call relcache.disable and relcache.enable again"
+                ) from None
+            spec = self.cached_modules[idx]
+            if now is not spec.module:
+                self.hooks.move(spec.module, now, ModuleHook(self, idx), MODULE_HOOK)
+                self.cached_modules[idx] = replace(spec, module=now)
+                moved = True
+        if moved:
+            self.hooks.done()
+        n_modules = sum(1 for _ in self.model.modules())
+        if moved or n_modules != self._n_modules:  # e.g. a LoRA on modules that are not cached: other FLOPs
+            self.meter.module.clear()
+            self.meter.other.clear()
+            self._n_modules = n_modules
+
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
         decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups)
 
@@ -174,7 +217,30 @@ class Session:
             group.end_call()
 
     def _run(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self.meter.run_call(ctx.counters, ctx.cfg.batch_scale, forward, args, kwargs)
+        return self.meter.run_call(ctx.counters, ctx.cfg.batch_scale, forward, args, kwargs, self._snapshot)
+
+    def _snapshot(self) -> Callable[[], None]:
+        """Save what the running call's modules change (their predictor states, record steps, counters), and return
+        how to put it back: a call whose FLOP measurement failed runs again from there (``FlopMeter.run_call``).
+        Predictor states are copied shallowly: a record replaces their tensors, it never writes into them."""
+        ctx = self.current
+        caches = ctx.caches
+        saved = {
+            "states": {slot: [_copy_state(st) for st in states] for slot, states in caches.states.items()},
+            "shapes": dict(caches.shapes), "tuple_out": dict(caches.tuple_out), "last_record": dict(caches.last_record),
+            "errors": {i: dict(e) for i, e in caches.errors.items()}, "call_shapes": dict(caches.call_shapes),
+        }
+        counters = copy.copy(ctx.counters)
+
+        def restore() -> None:
+            for name, value in saved.items():
+                held = getattr(caches, name)
+                held.clear()
+                held.update(value)
+            ctx.counters.__dict__.update(vars(counters))
+            self._computing.clear()
+
+        return restore
 
     # -- the cached modules (relcache.runtime.hooks.ModuleHost) --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -258,6 +324,14 @@ class Session:
     # -- stats --------------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
         names = [m.name for m in self.cached_modules]
-        per = {name: ctx.stats(names) for name, ctx in self.contexts.items()}
+        per = {name: self._context_stats(ctx, names) for name, ctx in self.contexts.items()}
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
-        return combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules})
+        return combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules},
+                       self.meter.unknown)
+
+    def _context_stats(self, ctx: Context, names: list[str]) -> ContextStats:
+        st = ctx.stats(names)
+        nonfinite = dict(getattr(ctx.schedule.memory, "nonfinite", None) or {})
+        if self.meter.unknown is None:
+            return replace(st, nonfinite_samples=nonfinite)
+        return replace(st, nonfinite_samples=nonfinite, flops_unknown=self.meter.unknown, **UNKNOWN_FLOPS)

@@ -173,27 +173,39 @@ class Attachment:
         """All hooks are registered: the model's registry must see its children's new hooks."""
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
 
+    def move(self, old: nn.Module, new: nn.Module, hook: ModelHook, name: str) -> None:
+        """Take hook ``name`` off ``old`` (a module replaced in the model) and register ``hook`` on ``new``, which took
+        its place; call ``done`` after the last move."""
+        for entry in [e for e in self._attached if e[0] is old and e[1] == name]:
+            self._remove(*entry)
+            self._attached.remove(entry)
+        self.register(new, hook, name)
+
     def detach(self) -> None:
         """Remove every hook registered here, in reverse order."""
         for module, name, existed in reversed(self._attached):
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is None:
-                continue
-            # an accelerate hook added after ours (enable_model_cpu_offload) wraps our forward, and remove_hook
-            # would overwrite it: take it off first and put it back after
-            hf_hook = _without_accelerate_hook(module)
-            registry.remove_hook(name, recurse=False)
-            if not registry.hooks:
-                # remove_hook leaves the original bound method as an instance attribute: drop it.
-                fwd = vars(module).get("forward")
-                if getattr(fwd, "__self__", None) is module and getattr(fwd, "__func__", None) is type(
-                    module
-                ).forward:
-                    del module.forward
-                if not existed:
-                    del module._diffusers_hook
-            _restore_accelerate_hook(module, hf_hook)
+            self._remove(module, name, existed)
         self._attached = []
         root = getattr(self.model, "_diffusers_hook", None)
         if root is not None:
             root.invalidate_child_registries_cache()
+
+    @staticmethod
+    def _remove(module: nn.Module, name: str, existed: bool) -> None:
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            return
+        # an accelerate hook added after ours (enable_model_cpu_offload) wraps our forward, and remove_hook
+        # would overwrite it: take it off first and put it back after
+        hf_hook = _without_accelerate_hook(module)
+        registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            # remove_hook leaves the original bound method as an instance attribute: drop it.
+            fwd = vars(module).get("forward")
+            if getattr(fwd, "__self__", None) is module and getattr(fwd, "__func__", None) is type(
+                module
+            ).forward:
+                del module.forward
+            if not existed:
+                del module._diffusers_hook
+        _restore_accelerate_hook(module, hf_hook)
