@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
 from .methods.config import CacheConfig
@@ -45,12 +46,15 @@ def _session(obj: Any) -> Session | None:
     return vars(model).get(_ATTR)
 
 
-def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False) -> None:
+def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False,
+           sequence_group: Any = None) -> None:
     """Turn caching on for a diffusers pipeline or transformer (compiled or not).
 
     ``adapter`` overrides the automatic choice (for your own models). ``record_errors`` (analysis only)
     also runs every cached module at cached steps and records the relative L1 error of each prediction
-    against it, so it saves no time.
+    against it, so it saves no time. ``sequence_group``: the ``torch.distributed`` process group whose processes
+    each hold a slice of the sequence (e.g. xDiT's sequence-parallel group); by default diffusers' context-parallel
+    group when ``enable_parallelism`` was called first (docs/distributed.md).
 
     Example (runs offline on a tiny random DiT)::
 
@@ -78,6 +82,8 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         )
     if not isinstance(record_errors, bool):
         raise ConfigError(f"record_errors must be True or False, got {record_errors!r}")
+    if sequence_group is not None and not isinstance(sequence_group, ProcessGroup):
+        raise ConfigError(f"sequence_group must be None or a torch.distributed ProcessGroup, got {sequence_group!r}")
     model, pipeline = _resolve(obj)
     if _session(model) is not None:
         raise AlreadyEnabledError(
@@ -89,7 +95,7 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         modules = [m for m in modules if m.kind in config.modules]
     if not modules:
         raise ConfigError(f"no module of the kinds {config.modules} in {type(model).__name__}")
-    session = Session(model, config, modules, chosen, record_errors)
+    session = Session(model, config, modules, chosen, record_errors, sequence_group)
     try:
         session.attach(pipeline)
     except BaseException:
