@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
 from .methods.config import CacheConfig
@@ -46,7 +47,7 @@ def _session(obj: Any) -> Session | None:
 
 
 def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False,
-           count_flops: bool = True) -> None:
+           count_flops: bool = True, sequence_group: Any = None) -> None:
     """Turn caching on for a diffusers pipeline or transformer (compiled or not).
 
     ``adapter`` overrides the automatic choice (for your own models). ``record_errors`` (analysis only)
@@ -54,6 +55,9 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
     against it, so it saves no time. ``count_flops=False`` skips FLOP measurement (``stats`` then gives the FLOP
     fields as NaN, with ``flops_unknown`` saying why); with it on, a model whose operators cannot be counted (flex
     attention) is counted as unknown the same way, and the generation runs as without counting.
+    ``sequence_group``: the ``torch.distributed`` process group whose processes each hold a slice of the sequence
+    (e.g. xDiT's sequence-parallel group); by default diffusers' context-parallel group when ``enable_parallelism``
+    was called first (docs/distributed.md). ``record_errors`` runs every step eagerly, even under ``torch.compile``.
 
     Example (runs offline on a tiny random DiT)::
 
@@ -83,6 +87,8 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         raise ConfigError(f"record_errors must be True or False, got {record_errors!r}")
     if not isinstance(count_flops, bool):
         raise ConfigError(f"count_flops must be True or False, got {count_flops!r}")
+    if sequence_group is not None and not isinstance(sequence_group, ProcessGroup):
+        raise ConfigError(f"sequence_group must be None or a torch.distributed ProcessGroup, got {sequence_group!r}")
     model, pipeline = _resolve(obj)
     if _session(model) is not None:
         raise AlreadyEnabledError(
@@ -94,7 +100,7 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         modules = [m for m in modules if m.kind in config.modules]
     if not modules:
         raise ConfigError(f"no module of the kinds {config.modules} in {type(model).__name__}")
-    session = Session(model, config, modules, chosen, record_errors, count_flops)
+    session = Session(model, config, modules, chosen, record_errors, count_flops, sequence_group)
     try:
         session.attach(pipeline)
     except BaseException:

@@ -6,28 +6,71 @@ Symbols and formulas: ``docs/spec.md``, §Notation and §Taylor forecast. The tw
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
 import torch
 
 
-def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+class Reducer(Protocol):
+    """Sums per-sample partial sums over the processes that each hold a slice of the sequence (context parallelism:
+    ``relcache.runtime.distributed.SequenceReducer``), so that a norm over tokens is the whole sequence's norm."""
+
+    def sum(self, partials: torch.Tensor) -> torch.Tensor:
+        """``partials`` ``(k, batch)`` of this process's slice -> their sums over every slice (one collective)."""
+
+    def later(self, partials: torch.Tensor, done: Callable[[torch.Tensor], None]) -> None:
+        """Sum ``partials`` in the next collective instead of one of their own, then hand the sums to ``done``."""
+
+
+def _norm_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def sample_norm(x: torch.Tensor, p: float = 2.0, reducer: Reducer | None = None) -> torch.Tensor:
     """Per-sample p-norm over all non-batch dimensions, shape ``(batch,)``: in float32, or in float64 for a float64
-    ``x`` (which float32 cannot hold without narrowing).
+    ``x`` (which float32 cannot hold without narrowing). With a ``reducer``, over the whole sequence (``sample_norms``).
 
     (choice) Norms are per sample so that samples of one batch, and the two CFG halves, never mix.
     """
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1, dtype=dtype)
+    if reducer is not None:
+        return sample_norms([x], p, reducer)[0]
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1, dtype=_norm_dtype(x))
 
 
-def sample_relative_l1(error: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def power_sums(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Per-sample ``sum |x|^p`` over all non-batch dimensions in ``sample_norm``'s precision, shape ``(batch,)``: the
+    partial sums that add up over the slices of a split sequence (``Reducer``)."""
+    n = sample_norm(x, p)
+    return n if p == 1 else n.pow(p)
+
+
+def roots(sums: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """The p-norms of the ``power_sums`` ``sums``."""
+    return sums if p == 1 else sums.pow(1 / p)
+
+
+def sample_norms(xs: Sequence[torch.Tensor], p: float = 2.0, reducer: Reducer | None = None) -> list[torch.Tensor]:
+    """``sample_norm`` of each of ``xs`` (equal batch sizes). With a ``reducer``, each over the whole sequence: every
+    ``power_sums`` goes into one sum over the slices, then the roots; without one, exactly ``sample_norm``'s."""
+    if reducer is None:
+        return [sample_norm(x, p) for x in xs]
+    dtype = torch.float64 if any(_norm_dtype(x) == torch.float64 for x in xs) else torch.float32
+    sums = reducer.sum(torch.stack([power_sums(x, p).to(dtype) for x in xs]))
+    return list(roots(sums, p).unbind(0))
+
+
+def sample_relative_l1(error: torch.Tensor, ref: torch.Tensor, reducer: Reducer | None = None) -> torch.Tensor:
     """Per-sample relative L1 ``‖error‖₁ / ‖ref‖₁`` in ``sample_norm``'s precision, shape ``(batch,)``; ``error`` is the
-    difference already formed (callers may build it in place). A zero ``ref`` divides by the smallest float32."""
-    return sample_norm(error, 1) / sample_norm(ref, 1).clamp_min(torch.finfo(torch.float32).tiny)
+    difference already formed (callers may build it in place). A zero ``ref`` divides by the smallest float32.
+    With a ``reducer``, both norms over the whole sequence, in one sum."""
+    num, den = sample_norms([error, ref], 1, reducer)
+    return num / den.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_l1(x: torch.Tensor, ref: torch.Tensor, reducer: Reducer | None = None) -> float:
     """Mean over samples of ``‖x - ref‖₁ / ‖ref‖₁``: the error measure of RCS, ``record_errors`` and the bench."""
-    return float(sample_relative_l1(x - ref, ref).mean())
+    return float(sample_relative_l1(x - ref, ref, reducer).mean())
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -10,26 +10,39 @@ number, for analyses and tests. Formulas: ``docs/spec.md``, §Predictors.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..errors import ConfigError, check_float, check_int
-from .history import MAX_ORDER, ROW_WEIGHT, DiffHistory, numbers_on, per_sample, row_dtype, sample_norm, step_row
+from .history import (
+    MAX_ORDER,
+    ROW_WEIGHT,
+    DiffHistory,
+    Reducer,
+    numbers_on,
+    per_sample,
+    power_sums,
+    roots,
+    row_dtype,
+    sample_norm,
+    step_row,
+)
 
 
 class PredictorState:
     """Per-module memory of a predictor: divided differences of the output, plus what the predictor adds."""
 
-    __slots__ = ("out", "inp", "ratio", "step")
+    __slots__ = ("out", "inp", "ratio", "step", "reducer")
 
-    def __init__(self, order: int, dtype: torch.dtype | None) -> None:
+    def __init__(self, order: int, dtype: torch.dtype | None, reducer: Reducer | None = None) -> None:
         self.out = DiffHistory(order, dtype)
         self.inp: torch.Tensor | None = None  # I(a), Relational only
         self.ratio: torch.Tensor | None = None  # s per sample, Relational only
         self.step: int | None = None  # the latest full step, kept by ``update`` (by-step-number use only)
+        self.reducer = reducer  # the sequence is split over processes: norms are summed over them
 
     @property
     def ready(self) -> bool:
@@ -51,9 +64,10 @@ class Predictor(ABC):
     #: whether ``update``/``predict`` use the module's input
     uses_input: bool = False
 
-    def new_state(self, dtype: torch.dtype | None = None) -> PredictorState:
-        """An empty per-module state; ``dtype`` optionally stores the cache in lower precision."""
-        return PredictorState(self.order, dtype)
+    def new_state(self, dtype: torch.dtype | None = None, reducer: Reducer | None = None) -> PredictorState:
+        """An empty per-module state; ``dtype`` optionally stores the cache in lower precision; ``reducer`` sums norms
+        over the slices of a sequence split across processes (context parallelism)."""
+        return PredictorState(self.order, dtype, reducer)
 
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
         """The numbers a forecast at step ``step``, ``k`` steps after the latest full step, needs (``step_row``)."""
@@ -66,6 +80,10 @@ class Predictor(ABC):
     @abstractmethod
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """The output at a cached step given the module's actual input ``inp`` and the step's ``row``."""
+
+    def forecast_many(self, items: Sequence[tuple[PredictorState, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """``forecast`` of each ``(state, input, row)``: every output of one module call, in order."""
+        return [self.forecast(state, inp, row) for state, inp, row in items]
 
     def update(self, state: PredictorState, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
         """``record`` by step number: the output (and input) of full step ``step``."""
@@ -124,7 +142,12 @@ class Relational(Predictor):
 
     def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
         prev_in = state.inp
-        if prev_in is not None and state.ready and prev_in.shape == inp.shape:
+        if prev_in is not None and state.ready and prev_in.shape == inp.shape and state.reducer is not None:
+            # split sequence: the partial sums join the next collective (the next step's decision), no one of theirs
+            parts = torch.stack([power_sums(out - state.out.base(out.dtype)), power_sums(inp - prev_in.to(inp.dtype))])
+            state.ratio = None
+            state.reducer.later(parts, lambda sums: setattr(state, "ratio", roots(sums[0]) / roots(sums[1])))
+        elif prev_in is not None and state.ready and prev_in.shape == inp.shape:
             num = sample_norm(out - state.out.base(out.dtype))
             den = sample_norm(inp - prev_in.to(inp.dtype))
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
@@ -134,12 +157,42 @@ class Relational(Predictor):
         state.inp = inp if state.out.dtype is None else inp.to(state.out.dtype)
 
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        if state.reducer is not None:
+            return self.forecast_many([(state, inp, row)])[0]
+        return self._finish(state, inp, row, state.out.direction(row, inp.dtype), None)
+
+    def forecast_many(self, items: Sequence[tuple[PredictorState, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """With a reducer (split sequence), the norms of every item, i.e. of one module call's outputs and row
+        groups, go into one collective; without one, ``forecast`` of each."""
+        reducer = items[0][0].reducer if items else None
+        if reducer is None:
+            return super().forecast_many(items)
+        us = [st.out.direction(row, inp.dtype) for st, inp, row in items]
+        # the input change and the direction of every item that has both (the others need no norm)
+        used = [j for j, (st, _, _) in enumerate(items) if us[j] is not None and st.inp is not None]
+        parts = [torch.stack([power_sums(inp - st.inp.to(inp.dtype)), power_sums(us[j])])
+                 for j, (st, inp, _) in ((j, items[j]) for j in used)]
+        norms: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
+        if parts:  # one collective; it also settles ratios deferred from the latest full step
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+            sums = reducer.sum(torch.cat([p.to(dtype).reshape(-1) for p in parts]))
+            for j, p, got in zip(used, parts, sums.split([p.numel() for p in parts]), strict=True):
+                moved, size = roots(got.reshape(p.shape).to(p.dtype)).unbind(0)
+                norms[j] = (moved, size)
+        return [self._finish(st, inp, row, u, n) for (st, inp, row), u, n in zip(items, us, norms, strict=True)]
+
+    def _finish(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, u: torch.Tensor | None,
+                norms: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The forecast from the direction ``u`` (the increment is ``d = k · u``, so ``d / ‖d‖ = u / ‖u‖``) and, on a
+        split sequence, the whole sequence's norms of the input change and of ``u``."""
         hist = state.out
         base = hist.base(inp.dtype)
-        u = hist.direction(row, inp.dtype)  # the increment is d = k · u, so d / ‖d‖ = u / ‖u‖
         if u is None or state.ratio is None:
             return base if u is None else torch.addcmul(base, row[0], u)
-        coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(u)
+        if norms is not None:
+            coef = state.ratio * norms[0] / norms[1]
+        else:
+            coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(u)
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
         # ``coef * 0 == 0`` is ``isfinite`` in two kernels where ``isfinite`` takes four (abs, ne, eq, mul).
         coef = torch.where(coef * 0 == 0, coef, row[0])

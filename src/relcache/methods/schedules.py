@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_float, check_int
-from .history import MAX_ORDER, DiffHistory, numbers_on, row_dtype, sample_relative_l1, step_row
+from .history import MAX_ORDER, DiffHistory, Reducer, numbers_on, row_dtype, sample_relative_l1, step_row
 
 #: target-NFC mode: the longest gap between full steps, in multiples of the even gap the rest of the budget allows
 GAP_CAP = 1.5
@@ -28,8 +28,9 @@ class Schedule(ABC):
     #: whether ``decide`` needs the first cached module's input
     uses_input: ClassVar[bool] = False
 
-    def new_state(self, num_steps: int | None) -> object:
-        """Fresh per-generation state; ``num_steps`` is None when the loop did not announce it."""
+    def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> object:
+        """Fresh per-generation state; ``num_steps`` is None when the loop did not announce it. ``reducer`` sums what
+        the schedule reduces over tokens across the slices of a split sequence (the runtime passes it only then)."""
         return None
 
     @abstractmethod
@@ -87,6 +88,7 @@ class InputErrorState:
     tau: float | None = None  # target-NFC mode: the threshold found so far
     errors: dict[int, float] = field(default_factory=dict)  # e(i) at every step after warm-up
     nonfinite: dict[int, int] = field(default_factory=dict)  # steps where samples' errors were not finite: how many
+    reducer: Reducer | None = None  # the sequence is split over processes: e(i)'s norms are summed over them
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class InputError(Schedule):
         for name, value in checked.items():  # numpy and other integral types stored as int, thresholds as float
             object.__setattr__(self, name, value)
 
-    def new_state(self, num_steps: int | None) -> InputErrorState:
+    def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> InputErrorState:
         if self.target_nfc is not None:
             if num_steps is None:
                 raise ConfigError(
@@ -148,7 +150,7 @@ class InputError(Schedule):
                 raise ConfigError(
                     f"target_nfc must be <= the number of steps ({num_steps}), got {self.target_nfc}"
                 )
-        return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps)
+        return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps, reducer=reducer)
 
     def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor) -> float:
         """``e(i)``: mean over the samples whose error is finite of the per-sample relative L1 error of the input
@@ -159,7 +161,7 @@ class InputError(Schedule):
         base = hist.base(probe.dtype)
         # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast
         error = probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe)
-        e, bad = finite_mean(sample_relative_l1(error, probe))
+        e, bad = finite_mean(sample_relative_l1(error, probe, state.reducer))
         if bad:
             state.nonfinite[step] = bad
         return e

@@ -10,7 +10,8 @@ One job per file:
 * ``cfg``: CFG-Cache at call level, batched and split;
 * ``accounting``: FLOP measurement and the stats (``CacheStats``, ``ContextStats``);
 * ``hooks``: the hooks on diffusers' registry, attached and detached next to accelerate's;
-* ``shared``: copies of one module computed once per call (DiT's per-block embeddings).
+* ``shared``: copies of one module computed once per call (DiT's per-block embeddings);
+* ``distributed``: under context parallelism, token reductions summed over the group, and the step's guard.
 """
 
 from .accounting import CacheStats, ContextStats, flop_counter

@@ -24,6 +24,7 @@ from ..models.base import Adapter, CachedModule, first_tensor_input
 from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, Shapes, combine, signature
 from .cfg import CFGRunner
 from .context import Context, RowGroup
+from .distributed import check_enable_order, reducer_for
 from .generations import Generations
 from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .shared import SharedGroup, SharedHook
@@ -52,13 +53,14 @@ def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> t
 
 def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
     """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
-    predictor = config.predictor
-    per_group = []
+    items = []  # (state, input, row) of every output of every group, in call order
     for group in groups:
         states = ctx.caches.states[(idx, group.name)]
         row = ctx.caches.rows[group.name][idx].to(group.inputs[0].device)  # a model split over devices
-        per_group.append([predictor.forecast(st, _input_for_output(group.inputs, j, len(states)), row)
-                          for j, st in enumerate(states)])
+        items += [(st, _input_for_output(group.inputs, j, len(states)), row) for j, st in enumerate(states)]
+    outs = config.predictor.forecast_many(items)  # under context parallelism: one collective for all of them
+    n = len(outs) // len(groups)
+    per_group = [outs[g * n:(g + 1) * n] for g in range(len(groups))]
     return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
 
 
@@ -67,7 +69,7 @@ class Session:
 
     def __init__(
         self, model: nn.Module, config: CacheConfig, modules: list[CachedModule], adapter: Adapter,
-        record_errors: bool, count_flops: bool = True,
+        record_errors: bool, count_flops: bool = True, sequence_group: Any = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -87,6 +89,8 @@ class Session:
         self._compiled_call = False  # the running call's forward is compiled
         self._paths: dict[int, str] = {}  # cached module index -> where it sits in the model (set by ``attach``)
         self._n_modules = 0  # how many modules the model had when its FLOPs were last measured
+        # context parallelism: token reductions summed over the processes holding the sequence's slices
+        self.reducer = reducer_for(model, sequence_group, repr(config))
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -118,12 +122,16 @@ class Session:
         self.current = None
         if self.cfg is not None:
             self.cfg.reset()
+        if self.reducer is not None:
+            self.reducer.reset()
 
     def free_caches(self) -> None:
         for ctx in self.contexts.values():
             ctx.caches.states.clear()
         if self.cfg is not None:
             self.cfg.reset()
+        if self.reducer is not None:  # deferred sums hold their states
+            self.reducer.reset()
 
     def end_generation(self) -> None:
         self.generations.end()
@@ -135,6 +143,7 @@ class Session:
         needs no input decides here, before the forward; so does RCS when the forward will be compiled, from a
         pre-pass (``steps.Prober``). True when the step must run eagerly: its context has no cache yet, the call's
         shapes are new in this generation (caches are allocated outside compiled code), or errors are recorded."""
+        check_enable_order(self.model, self.reducer)
         gens = self.generations
         gens.check_scheduler()
         timestep = gens.timestep_of(args, kwargs)
@@ -145,7 +154,8 @@ class Session:
         if ctx is None:
             self._follow_replaced_modules()
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
-            ctx = Context(name, self.config.schedule.new_state(gens.num_steps))
+            reducer = {} if self.reducer is None else {"reducer": self.reducer}
+            ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
         self.current = ctx
@@ -196,7 +206,8 @@ class Session:
             self._n_modules = n_modules
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
-        decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups)
+        decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups,
+               self.reducer)
 
     def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
@@ -283,7 +294,7 @@ class Session:
         if self.record_errors:
             true = original(*args, **kwargs)
             trues = true if isinstance(true, tuple) else (true,)
-            ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0])
+            ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
         return tuple(preds) if ctx.caches.tuple_out.get(idx, False) else preds[0]
 
     def _record(self, idx: int, out: Any) -> None:
@@ -299,7 +310,8 @@ class Session:
             slot = (idx, group.name)
             states = caches.states.get(slot)
             if states is None or len(states) != len(outs):
-                states = [predictor.new_state(self.config.cache_dtype) for _ in outs]
+                reducer = {} if self.reducer is None else {"reducer": self.reducer}
+                states = [predictor.new_state(self.config.cache_dtype, **reducer) for _ in outs]
                 caches.states[slot] = states
             gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):

@@ -16,6 +16,7 @@ import torch
 from ..methods.config import CacheConfig
 from ..methods.history import numbers_on, row_dtype
 from .context import Context
+from .distributed import SequenceReducer
 
 #: a call's row groups: (name, rows of the batch or None for all)
 RowGroups = list[tuple[str, slice | None]]
@@ -27,17 +28,22 @@ def take_rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
 
 @torch.compiler.disable
 def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, probe_input: torch.Tensor,
-           groups: RowGroups) -> None:
+           groups: RowGroups, reducer: SequenceReducer | None = None) -> None:
     """Take ``ctx``'s decision for its current step, and prepare the step's rows. ``probe_input`` is the first cached
     module's input (RCS reads the conditional half of a CFG batch: the half that runs at every step) or, for a
-    schedule that reads none, any tensor of the call (its device is where the rows go)."""
+    schedule that reads none, any tensor of the call (its device is where the rows go). ``reducer``: the sequence
+    is split over processes (context parallelism), and the decision makes one guarded collective (distributed.py)."""
     schedule = config.schedule
     probe = None
     if schedule.uses_input:
         probe = take_rows(probe_input, next(sl for name, sl in groups if name != "uncond"))
     progress = ctx.schedule
     progress.decided = True
+    if reducer is not None:  # context parallelism: the next collective carries the guard
+        reducer.begin_step(ctx.name, ctx.step, progress.full_steps, probe_input)
     progress.full = schedule.decide(progress.memory, ctx.step, probe)
+    if reducer is not None:  # the guard's collective, if the decision made none
+        reducer.end_decision(progress.full)
     names = [name for name, _ in groups]
     _prepare_rows(config, num_steps, n_modules, ctx, names, probe_input)
     if progress.full:

@@ -1,0 +1,128 @@
+"""Every caching method on tiny FLUX and Wan, run the same way in one process and under context parallelism
+(tests/runtime/test_context_parallel.py, benchmarks/collectives.py).
+
+Each case runs a generation with relcache enabled and returns the final latents and the full steps of each call
+context. FLUX runs its pipeline (one "cond" call per step) and a hand-written loop on a CFG batch (conditional and
+unconditional halves in one call, for CFG-Cache); Wan runs its pipeline, CFG as separate "cond"/"uncond" calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import families
+import torch
+
+import relcache
+from relcache import CacheConfig, CFGCache, InputError, Interval, Relational, Reuse, Taylor
+
+STEPS = 8
+#: thresholds between the accumulated errors of consecutive steps (one process), so decisions are not borderline
+FLUX_TAU, WAN_TAU = 0.3, 0.3
+
+
+def configs(tau: float) -> dict[str, CacheConfig]:
+    """Every method, named."""
+    return {
+        "FORA": relcache.FORA(interval=2, warmup=2),
+        "TaylorSeer": relcache.TaylorSeer(interval=3, order=2, warmup=2),
+        "RFE": CacheConfig(Relational(2), Interval(3, 2)),
+        "RCS": CacheConfig(Reuse(), InputError(threshold=tau, order=1)),
+        "RFC-threshold": relcache.RFC(threshold=tau),
+        "RFC-target_nfc": relcache.RFC(target_nfc=4),
+        "FasterCache": relcache.FasterCache(interval=2, warmup=2, cfg_interval=2, cfg_window=(0.25, 1.0)),
+    }
+
+
+def cfg_batch_configs() -> dict[str, CacheConfig]:
+    """CFG-Cache on a CFG batch, with an elementwise and a relational predictor."""
+    cfg = CFGCache(interval=2, window=(0.25, 1.0))
+    return {
+        "TaylorSeer+CFG-Cache": CacheConfig(Taylor(2), Interval(2, 2), cfg_cache=cfg),
+        "RFC+CFG-Cache": CacheConfig(Relational(2), InputError(threshold=FLUX_TAU), cfg_cache=cfg),
+    }
+
+
+def latents(pipe: Any, case: families.Case, seed: int = 0) -> torch.Tensor:
+    out = pipe(**case.kwargs(), num_inference_steps=STEPS, generator=torch.manual_seed(seed), output_type="latent")
+    return (out.frames if hasattr(out, "frames") else out.images).float()
+
+
+def flux_cfg_loop(transformer: Any) -> torch.Tensor:
+    """Euler steps of FLUX's transformer on a CFG batch: equal latents, negative then positive prompt. (Under context
+    parallelism diffusers' split hook on the transformer accepts only tensor outputs: ``return_dict=False``.)"""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 8, generator=gen)
+    emb, neg = families.t5_embeds(16)
+    pool, npool = families.clip_pooled(16)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    img_ids = torch.stack([torch.zeros(16), rows.reshape(-1), cols.reshape(-1)], dim=1)
+    txt_ids = torch.zeros(emb.shape[1], 3)
+    relcache.begin_generation(transformer, STEPS)
+    with torch.no_grad():
+        for i in range(STEPS):
+            t = torch.full((2,), 1.0 - i / STEPS)
+            out = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.cat([neg, emb]),
+                              pooled_projections=torch.cat([npool, pool]), timestep=t, img_ids=img_ids,
+                              txt_ids=txt_ids, guidance=torch.full((2,), 3.5), return_dict=False)[0]
+            uncond, cond = out.chunk(2)
+            x = x - (uncond + 4.0 * (cond - uncond)) / STEPS
+    return x
+
+
+Run = Callable[[], torch.Tensor]
+
+
+def runs(flux_pipe: Any, wan_pipe: Any) -> dict[str, tuple[Any, Run]]:
+    """(what relcache is enabled on, how to run one generation) per family."""
+    flux, wan = families.CASES["flux"], families.CASES["wan"]
+    return {
+        "flux": (flux_pipe, lambda: latents(flux_pipe, flux)),
+        "wan": (wan_pipe, lambda: latents(wan_pipe, wan)),
+        "flux-cfg-batch": (flux_pipe.transformer, lambda: flux_cfg_loop(flux_pipe.transformer)),
+    }
+
+
+def cases() -> list[tuple[str, str, CacheConfig]]:
+    """(family, method, config) of every case."""
+    out = [("flux", name, c) for name, c in configs(FLUX_TAU).items()]
+    out += [("wan", name, c) for name, c in configs(WAN_TAU).items()]
+    out += [("flux-cfg-batch", name, c) for name, c in cfg_batch_configs().items()]
+    return out
+
+
+def run_all(flux_pipe: Any, wan_pipe: Any, only: list[str] | None = None,
+            ) -> dict[str, tuple[torch.Tensor, dict[str, list[int]], dict[str, dict[int, float]]]]:
+    """``family/method`` -> (final latents, full steps per context, input errors per context) of every case, plus
+    ``family/plain`` without caching."""
+    results = {}
+    families_runs = runs(flux_pipe, wan_pipe)
+    for family, (_, run) in families_runs.items():
+        if only is None or f"{family}/plain" in only:
+            results[f"{family}/plain"] = (run(), {}, {})
+    for family, name, config in cases():
+        key = f"{family}/{name}"
+        if only is None or key in only:
+            results[key] = run_one(*families_runs[family], config)
+    return results
+
+
+def run_one(target: Any, run: Run, config: CacheConfig,
+            ) -> tuple[torch.Tensor, dict[str, list[int]], dict[str, dict[int, float]]]:
+    """(final latents, full steps per context, input errors per context) of ``run`` with ``config`` on ``target``;
+    the stats as they stand after the last transformer call (the pipeline frees the caches at its end)."""
+    relcache.enable(target, config)
+    try:
+        seen: list[relcache.CacheStats] = []
+        model = target if isinstance(target, torch.nn.Module) else target.transformer
+        handle = model.register_forward_hook(lambda *_: seen.append(relcache.stats(target)))
+        try:
+            out = run()
+        finally:
+            handle.remove()
+    finally:
+        relcache.disable(target)
+    stats = seen[-1]
+    return (out, {n: c.full_steps for n, c in stats.contexts.items()},
+            {n: c.input_errors for n, c in stats.contexts.items()})

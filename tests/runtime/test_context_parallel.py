@@ -1,0 +1,232 @@
+"""Every method under diffusers' context parallelism (Ulysses degree 2, two gloo processes on the CPU) equals one
+process: the same full steps on every rank, final latents within 1e-5 relative (docs/distributed.md).
+
+The processes are forked from the test process (which has imported diffusers already: a spawned process spends
+most of a minute importing it on a busy machine); their collectives time out after 30 s, so a regression fails
+instead of hanging. All cases run in one forked job; its results come back through files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cp_cases
+import families
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import relcache
+from relcache.runtime.distributed import ContextParallelMismatch, SequenceReducer
+
+WORLD = 2
+TIMEOUT = datetime.timedelta(seconds=30)  # a hang fails in 30 s; a busy 2-core machine needs some slack
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parallel(pipe: Any) -> Any:
+    from diffusers import ContextParallelConfig
+
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    return pipe
+
+
+def _checks(rank: int) -> dict[str, Any]:
+    """What must hold beyond equal numbers: the group, the enable order, the guard."""
+    found: dict[str, Any] = {}
+    pipe = _parallel(families.flux_pipe())
+    relcache.enable(pipe, relcache.RFC(threshold=cp_cases.FLUX_TAU))
+    reducer = vars(pipe.transformer)["_relcache"].reducer
+    cp = pipe.transformer._parallel_config.context_parallel_config
+    # (here the group holds every process, and torch gives it as the world group: test_data_parallel covers a
+    # group smaller than the world)
+    found["group is the CP mesh's"] = isinstance(reducer, SequenceReducer) and (
+        reducer.group is cp._flattened_mesh.get_group())
+    relcache.disable(pipe)
+    # a group given explicitly (e.g. xDiT's sequence-parallel group) is the one used
+    relcache.enable(pipe, relcache.FORA(), sequence_group=cp._flattened_mesh.get_group())
+    found["given group used"] = vars(pipe.transformer)["_relcache"].reducer.group is cp._flattened_mesh.get_group()
+    relcache.disable(pipe)
+
+    # relcache enabled before enable_parallelism: refused at the first call, naming the right order
+    pipe = families.flux_pipe()
+    relcache.enable(pipe, relcache.FORA())
+    _parallel(pipe)
+    try:
+        cp_cases.latents(pipe, families.CASES["flux"])
+        found["wrong order"] = "no error"
+    except relcache.ConfigError as e:
+        found["wrong order"] = str(e)
+    relcache.disable(pipe)
+
+    # processes enabled with different settings: a clear error at the first step on every rank, not a hang
+    pipe = _parallel(families.flux_pipe())
+    relcache.enable(pipe, relcache.RFC(threshold=0.1 if rank == 0 else 0.2))
+    try:
+        cp_cases.latents(pipe, families.CASES["flux"])
+        found["mismatch"] = "no error"
+    except ContextParallelMismatch as e:
+        found["mismatch"] = str(e)
+    relcache.disable(pipe)
+    return found
+
+
+def _all_cases(rank: int) -> dict[str, Any]:
+    results = cp_cases.run_all(_parallel(families.flux_pipe()), _parallel(families.wan_pipe()))
+    return {"results": results, "checks": _checks(rank)}
+
+
+def _data_parallel(rank: int) -> dict[str, Any]:
+    """Processes {0, 1} and {2, 3} each split one sample's sequence (Ulysses 2) and generate different samples
+    (seeds 0 and 1): sums over the world group would mix the two samples."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "ring", "ulysses"))
+    pipe = families.flux_pipe()
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, mesh=mesh))
+    relcache.enable(pipe, relcache.RFC(threshold=cp_cases.FLUX_TAU))
+    out = cp_cases.latents(pipe, families.CASES["flux"], seed=rank // 2)
+    return {"out": out, "full": relcache.stats(pipe).full_steps}
+
+
+def _worker(rank: int, world: int, job: str, port: int, out_dir: str) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        # diffusers' parallel config computes rank % torch.accelerator.device_count(), which divides by zero on a
+        # CPU-only machine: a limitation of diffusers, not of relcache
+        torch.accelerator.device_count = lambda: 1
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+        try:
+            found = {"all": _all_cases, "dp": _data_parallel}[job](rank)
+        finally:
+            dist.destroy_process_group()
+        torch.save(found, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _launch(out_dir: Path, world: int, job: str) -> list[dict[str, Any]]:
+    """Run ``job`` on ``world`` forked processes; what each returned."""
+    try:
+        mp.start_processes(_worker, args=(world, job, _free_port(), str(out_dir)), nprocs=world, start_method="fork")
+    except Exception as e:
+        errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
+        raise AssertionError(f"a context-parallel process failed:\n{errors}") from e
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _launch(tmp_path_factory.mktemp("cp"), WORLD, "all")
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, Any]:
+    return cp_cases.run_all(families.flux_pipe(), families.wan_pipe())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+CASES = [f"{family}/{name}" for family, name, _ in cp_cases.cases()]
+
+
+@pytest.mark.parametrize("key", CASES)
+def test_method_equals_one_process(parallel: list[dict[str, Any]], single: dict[str, Any], key: str) -> None:
+    ref, ref_full, ref_errors = single[key]
+    family = key.split("/")[0]
+    for rank, got in enumerate(parallel):
+        out, full, errors = got["results"][key]
+        assert full == ref_full, f"rank {rank}: full steps {full}, one process {ref_full}"
+        assert _rel(out, ref) <= 1e-5, f"rank {rank}: {_rel(out, ref):.3g} relative to one process"
+        for name, per_step in ref_errors.items():  # RCS's e(i): the whole sequence's, not a slice's
+            assert errors[name].keys() == per_step.keys()
+            assert all(abs(errors[name][s] - e) <= 1e-5 * e for s, e in per_step.items())
+    # the plain model itself agrees: the tolerance above is not hiding a context-parallel difference
+    assert _rel(parallel[0]["results"][f"{family}/plain"][0], single[f"{family}/plain"][0]) <= 1e-6
+
+
+def test_caching_changed_something(single: dict[str, Any]) -> None:
+    """The cases are not vacuous: every method cached some step and moved the result off the plain model's."""
+    for key in CASES:
+        out, full, _ = single[key]
+        plain = single[f"{key.split('/')[0]}/plain"][0]
+        assert any(len(steps) < cp_cases.STEPS for steps in full.values()), key
+        assert _rel(out, plain) > 1e-4, key
+
+
+def test_reduces_over_the_context_parallel_group(parallel: list[dict[str, Any]]) -> None:
+    assert all(p["checks"]["group is the CP mesh's"] and p["checks"]["given group used"] for p in parallel)
+
+
+def test_sequence_group_must_be_a_process_group() -> None:
+    pipe = families.flux_pipe()
+    with pytest.raises(relcache.ConfigError, match="sequence_group must be None or a torch.distributed ProcessGroup"):
+        relcache.enable(pipe, relcache.FORA(), sequence_group="world")
+    assert not relcache.is_enabled(pipe)
+
+
+class _OneProcess:
+    """A reducer over a group of one process: sums are the partials themselves."""
+
+    def sum(self, partials: torch.Tensor) -> torch.Tensor:
+        return partials.clone()
+
+    def later(self, partials: torch.Tensor, done: Any) -> None:
+        done(partials)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norms_from_partial_sums_equal_the_direct_norms(dtype: torch.dtype) -> None:
+    """The reduced path's arithmetic (sums of |x|^p, then the root) against ``sample_norm``; without a reducer the
+    helpers are ``sample_norm`` itself, bit for bit."""
+    from relcache.methods.history import sample_norm, sample_norms, sample_relative_l1
+
+    x, y = torch.randn(3, 5, 7, dtype=dtype), torch.randn(3, 5, 7, dtype=dtype)
+    for p in (1, 2):
+        direct = [sample_norm(x, p), sample_norm(y, p)]
+        assert all(torch.equal(a, b) for a, b in zip(sample_norms([x, y], p), direct, strict=True))
+        reduced = sample_norms([x, y], p, _OneProcess())
+        assert all(r.dtype == d.dtype for r, d in zip(reduced, direct, strict=True))
+        torch.testing.assert_close(reduced, direct, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sample_relative_l1(x, y, _OneProcess()), sample_norm(x, 1) / sample_norm(y, 1),
+                               rtol=1e-6, atol=0)
+
+
+def test_data_parallel_sums_over_each_context_parallel_group_only(tmp_path: Path) -> None:
+    got = _launch(tmp_path, 4, "dp")
+    for seed in (0, 1):
+        pipe = families.flux_pipe()
+        relcache.enable(pipe, relcache.RFC(threshold=cp_cases.FLUX_TAU))
+        ref = cp_cases.latents(pipe, families.CASES["flux"], seed=seed)
+        for rank in (2 * seed, 2 * seed + 1):
+            assert got[rank]["full"] == relcache.stats(pipe).full_steps
+            assert _rel(got[rank]["out"], ref) <= 1e-5, (rank, _rel(got[rank]["out"], ref))
+
+
+def test_wrong_enable_order_is_refused(parallel: list[dict[str, Any]]) -> None:
+    for p in parallel:
+        message = p["checks"]["wrong order"]
+        assert "enable_parallelism" in message and "first, then relcache.enable" in message
+
+
+def test_disagreeing_processes_raise_instead_of_hanging(parallel: list[dict[str, Any]]) -> None:
+    for p in parallel:
+        message = p["checks"]["mismatch"]
+        assert message.startswith("relcache: the processes of the context-parallel group disagree"), message
+        assert "rank 0: config" in message and "rank 1: config" in message
