@@ -193,10 +193,12 @@ def _halves(batch: int, cond_first: bool) -> tuple[slice, slice]:
 class CFGRunner:
     """Runs the transformer calls of a generation under CFG-Cache, batched or split."""
 
-    def __init__(self, cfg: CFGCache, adapter: Adapter, run: RunFn) -> None:
+    def __init__(self, cfg: CFGCache, adapter: Adapter, run: RunFn,
+                 guidance: Callable[[], bool | None] | None = None) -> None:
         self.cfg = cfg
         self.adapter = adapter
         self.run = run
+        self.guidance = guidance  # whether the caller says this call runs CFG batched (None: it says nothing)
         self.state = CFGState()
 
     def reset(self) -> None:
@@ -234,12 +236,16 @@ class CFGRunner:
             routing.grid = self.adapter.spatial_grid(args, kwargs)
 
     def _is_cfg_batch(self, ctx: Context, num_steps: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Whether the context's calls are a CFG batch: decided at its first call (equal halves of the latents)."""
+        """Whether the context's calls are a CFG batch, decided at its first call: not when the caller says it runs
+        no CFG (the pipeline's ``do_classifier_free_guidance`` or guidance scale, ``begin_generation(...,
+        guidance=False)``), else when the batch is even and its halves' latents are equal."""
         routing = ctx.cfg
         if routing.is_cfg_batch is None:
             hidden = first_tensor_input(args, kwargs)
             batch, half = hidden.shape[0], hidden.shape[0] // 2
-            routing.is_cfg_batch = batch % 2 == 0 and batch > 0 and torch.equal(hidden[:half], hidden[half:])
+            said = self.guidance() if self.guidance is not None else None
+            routing.is_cfg_batch = (said is not False and batch % 2 == 0 and batch > 0
+                                    and torch.equal(hidden[:half], hidden[half:]))
             routing.rows = batch
             routing.cond_first = self.cfg.cond_first if self.cfg.cond_first is not None else self.adapter.cfg_cond_first
             if routing.is_cfg_batch:

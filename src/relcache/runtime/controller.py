@@ -69,7 +69,8 @@ class Session:
         self.generations = Generations(self, adapter)
         self.contexts: dict[str, Context] = {}
         self.current: Context | None = None  # the context of the transformer call running now
-        self.cfg = CFGRunner(config.cfg_cache, adapter, self._run) if config.cfg_cache else None
+        self.cfg = (CFGRunner(config.cfg_cache, adapter, self._run, lambda: self.generations.guidance)
+                    if config.cfg_cache else None)
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self.hooks = Attachment(model)
         self._computing: dict[int, _Computing] = {}
@@ -110,6 +111,10 @@ class Session:
         if self.cfg is not None:
             self.cfg.reset()
 
+    def steps_run(self) -> tuple[int, int]:
+        longest = max(self.contexts.values(), key=lambda ctx: ctx.step, default=None)
+        return (0, 0) if longest is None else (longest.step + 1, len(longest.schedule.full_steps))
+
     def end_generation(self) -> None:
         self.generations.end()
 
@@ -121,7 +126,7 @@ class Session:
         pre-pass (``steps.Prober``). True when the step must run eagerly: its context has no cache yet, or the call's
         shapes are new in this generation (caches are allocated outside compiled code)."""
         gens = self.generations
-        gens.check_scheduler()
+        gens.check_caller()
         timestep = gens.timestep_of(args, kwargs)
         ctx = self.contexts.get(name)
         if gens.starts_new(None if ctx is None else (ctx.step, ctx.last_timestep), step_index, timestep):
