@@ -4,9 +4,11 @@ The method itself (band split, rebuild, skip schedule) is ``relcache.methods.cfg
 transformer calls (docs/spec.md, §CFG-Cache):
 
 * CFG batched (one call whose batch is ``[cond; uncond]`` or ``[uncond; cond]``, any context name other than
-  "cond"/"uncond"): a call is a CFG batch when its batch is even and the two halves of its ``hidden_states`` are
-  equal, as every diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a
-  context's first call of a generation. (choice) A later call with another batch size (guidance stopped within the
+  "cond"/"uncond"): a call is a CFG batch when the caller does not say it runs without guidance (the calling
+  pipeline's ``do_classifier_free_guidance`` or guidance scale, ``begin_generation(..., guidance=False)``:
+  ``generations.says_cfg``), its batch is even and the two halves of its ``hidden_states`` are equal, as every
+  diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a context's first call of a
+  generation. (choice) A later call with another batch size (guidance stopped within the
   generation) is a plain call: no half is skipped; a call of half the batch (guidance dropped) continues the
   conditional half's module states, any other batch keeps one state for the whole batch. Anything else (guidance
   scale 1, or a batch of different latents) leaves CFG-Cache inert, exactly the config without it. At a step that

@@ -137,6 +137,7 @@ class Session:
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps))
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
+        gens.check_step(ctx.step)
         self.current = ctx
         if self.cfg is not None:
             self.cfg.plan(ctx, gens.num_steps, args, kwargs)

@@ -21,9 +21,9 @@ A generation is one sampling run: its steps share caches, a step count and a bud
   marked (by the scheduler or by ``begin_generation``): after a mark, on every device, only marks and the end of
   a pipeline call start generations. So marked loops never wait for a GPU timestep (reading one is a host sync
   per step), and a marked loop whose timesteps rise (DDIM inversion) is one generation.
-* A generation that ends (the pipeline call's end, the next generation's start, or ``disable``) having run another
-  number of steps than it announced warns once: its schedule (a ``target_nfc`` budget, CFG-Cache's window, the
-  rising weight) was planned for the announced count.
+* A generation that runs another number of steps than it announced warns once: at the step past the announced
+  count, or, when it ran fewer, at its end (the pipeline call's end, the next generation's start, or ``disable``).
+  Its schedule (a ``target_nfc`` budget, CFG-Cache's window, the rising weight) was planned for the announced count.
 """
 
 from __future__ import annotations
@@ -204,6 +204,20 @@ class Generations:
             f"{run} ({full} of them full); its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
             f"{announced}. Announce the number of transformer calls per context the loop makes "
             "(relcache.begin_generation(model, num_steps)), or ignore this for an interrupted generation.",
+            RuntimeWarning, stacklevel=2,
+        )
+
+    def check_step(self, step: int) -> None:
+        """A context starts ``step``: one past the announced count warns now (once per generation), as the schedule
+        (a target NFC's budget, CFG-Cache's window) runs outside what it planned."""
+        if self._checked or self._announced is None or step < self._announced:
+            return
+        self._checked = True
+        warnings.warn(
+            f"relcache: a generation announced {self._announced} steps (by the scheduler or begin_generation) but "
+            f"runs step {step + 1}; its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
+            f"{self._announced}. Announce the number of transformer calls per context the loop makes "
+            "(relcache.begin_generation(model, num_steps)).",
             RuntimeWarning, stacklevel=2,
         )
 
