@@ -244,6 +244,7 @@ class Generations:
         """Patch ``pipeline`` so that its scheduler starts generations and the end of its call ends them;
         ``explicit`` (``enable`` was given it) holds it strongly, else weakly (found driving the model)."""
         self._watched = [w for w in self._watched if w.pipeline is not None]
+        self._patches = [e for e in self._patches if e[0]() is not None]
         found = self._watch_of(pipeline)
         if found is not None:
             found.strong = found.strong if found.strong is not None or not explicit else pipeline
