@@ -90,10 +90,10 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
     if sequence_group is not None and not isinstance(sequence_group, ProcessGroup):
         raise ConfigError(f"sequence_group must be None or a torch.distributed ProcessGroup, got {sequence_group!r}")
     model, pipeline = _resolve(obj)
-    if _session(model) is not None:
-        raise AlreadyEnabledError(
-            f"relcache is already enabled on this {type(model).__name__}; call relcache.disable first"
-        )
+    existing = _session(model)
+    if existing is not None:
+        _attach_shared(existing, model, pipeline, config, adapter, record_errors)
+        return
     chosen = find_adapter(model, adapter)
     modules = chosen.cached_modules(model)
     if config.modules is not None:
@@ -109,8 +109,28 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
     vars(model)[_ATTR] = session
 
 
+def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: CacheConfig, adapter: Adapter | None,
+                   record_errors: bool) -> None:
+    """``enable`` on a pipeline whose transformer is already enabled through another pipeline: (choice) with the
+    same settings the pipeline is attached (its scheduler and the end of its calls mark its generations); with other
+    settings, or a second ``enable`` of the same object, it is refused, because one transformer has one cache."""
+    name = type(model).__name__
+    if pipeline is None or session.generations.watches(pipeline, explicit=True):
+        raise AlreadyEnabledError(f"relcache is already enabled on this {name}; call relcache.disable first")
+    same_adapter = adapter is None or type(adapter) is type(session.adapter)
+    if config != session.config or record_errors != session.record_errors or not same_adapter:
+        raise AlreadyEnabledError(
+            f"this pipeline's {name} is shared with another pipeline and already enabled with "
+            f"{session.config.label} (record_errors={session.record_errors}, adapter "
+            f"{type(session.adapter).__name__}); a shared transformer has one cache config: enable this pipeline "
+            "with the same settings to attach it, or call relcache.disable first"
+        )
+    session.generations.watch(pipeline)
+
+
 def disable(obj: Any) -> None:
-    """Turn caching off; the model is exactly as before ``enable``."""
+    """Turn caching off; the model is exactly as before ``enable``. On a transformer shared by several pipelines,
+    caching is off for all of them (the cache belongs to the transformer)."""
     model, _ = _resolve(obj)
     session = _session(model)
     if session is None:
@@ -137,15 +157,21 @@ def cached(obj: Any, config: CacheConfig, **kwargs: Any) -> Iterator[None]:
         disable(obj)
 
 
-def begin_generation(obj: Any, num_steps: int | None = None) -> None:
+def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool | None = None) -> None:
     """Mark the start of a new generation in a hand-written sampling loop (no-op when caching is off).
 
     ``num_steps`` is the number of transformer calls per context in the generation; ``RFC(target_nfc=...)``
-    needs it.
+    needs it, and a generation that runs another number of steps warns at its end. ``guidance`` says whether the
+    loop's batched calls carry classifier-free guidance: False keeps CFG-Cache off even when the two halves of a
+    batch are equal (two samples of one seed); True or None (default) take an even batch with equal halves for a
+    CFG batch.
     """
     num_steps = checked_num_steps(num_steps)
+    if guidance is not None and not isinstance(guidance, bool):
+        raise ConfigError(f"guidance must be True, False or None, got {guidance!r}")
     session = _session(obj)
     if session is not None:
+        session.generations.loop_guidance = guidance
         session.generations.begin(num_steps, marked=True)
 
 

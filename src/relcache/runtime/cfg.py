@@ -4,9 +4,11 @@ The method itself (band split, rebuild, skip schedule) is ``relcache.methods.cfg
 transformer calls (docs/spec.md, §CFG-Cache):
 
 * CFG batched (one call whose batch is ``[cond; uncond]`` or ``[uncond; cond]``, any context name other than
-  "cond"/"uncond"): a call is a CFG batch when its batch is even and the two halves of its ``hidden_states`` are
-  equal, as every diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a
-  context's first call of a generation. (choice) A later call with another batch size (guidance stopped within the
+  "cond"/"uncond"): a call is a CFG batch when the caller does not say it runs without guidance (the calling
+  pipeline's ``do_classifier_free_guidance`` or guidance scale, ``begin_generation(..., guidance=False)``:
+  ``generations.says_cfg``), its batch is even and the two halves of its ``hidden_states`` are equal, as every
+  diffusers pipeline makes them (``torch.cat([latents] * 2)``); this is checked once, at a context's first call of a
+  generation. (choice) A later call with another batch size (guidance stopped within the
   generation) is a plain call: no half is skipped; a call of half the batch (guidance dropped) continues the
   conditional half's module states, any other batch keeps one state for the whole batch. Anything else (guidance
   scale 1, or a batch of different latents) leaves CFG-Cache inert, exactly the config without it. At a step that
@@ -193,10 +195,12 @@ def _halves(batch: int, cond_first: bool) -> tuple[slice, slice]:
 class CFGRunner:
     """Runs the transformer calls of a generation under CFG-Cache, batched or split."""
 
-    def __init__(self, cfg: CFGCache, adapter: Adapter, run: RunFn) -> None:
+    def __init__(self, cfg: CFGCache, adapter: Adapter, run: RunFn,
+                 guidance: Callable[[], bool | None] | None = None) -> None:
         self.cfg = cfg
         self.adapter = adapter
         self.run = run
+        self.guidance = guidance  # whether the caller says this call runs CFG batched (None: it says nothing)
         self.state = CFGState()
 
     def reset(self) -> None:
@@ -234,12 +238,16 @@ class CFGRunner:
             routing.grid = self.adapter.spatial_grid(args, kwargs)
 
     def _is_cfg_batch(self, ctx: Context, num_steps: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Whether the context's calls are a CFG batch: decided at its first call (equal halves of the latents)."""
+        """Whether the context's calls are a CFG batch, decided at its first call: not when the caller says it runs
+        no CFG (the pipeline's ``do_classifier_free_guidance`` or guidance scale, ``begin_generation(...,
+        guidance=False)``), else when the batch is even and its halves' latents are equal."""
         routing = ctx.cfg
         if routing.is_cfg_batch is None:
             hidden = first_tensor_input(args, kwargs)
             batch, half = hidden.shape[0], hidden.shape[0] // 2
-            routing.is_cfg_batch = batch % 2 == 0 and batch > 0 and torch.equal(hidden[:half], hidden[half:])
+            said = self.guidance() if self.guidance is not None else None
+            routing.is_cfg_batch = (said is not False and batch % 2 == 0 and batch > 0
+                                    and torch.equal(hidden[:half], hidden[half:]))
             routing.rows = batch
             routing.cond_first = self.cfg.cond_first if self.cfg.cond_first is not None else self.adapter.cfg_cond_first
             if routing.is_cfg_batch:

@@ -80,7 +80,8 @@ class Session:
         self.generations = Generations(self, adapter)
         self.contexts: dict[str, Context] = {}
         self.current: Context | None = None  # the context of the transformer call running now
-        self.cfg = CFGRunner(config.cfg_cache, adapter, self._run) if config.cfg_cache else None
+        self.cfg = (CFGRunner(config.cfg_cache, adapter, self._run, lambda: self.generations.guidance)
+                    if config.cfg_cache else None)
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self.hooks = Attachment(model)
         self._computing: dict[int, _Computing] = {}
@@ -133,6 +134,10 @@ class Session:
         if self.reducer is not None:  # deferred sums hold their states
             self.reducer.reset()
 
+    def steps_run(self) -> tuple[int, int]:
+        longest = max(self.contexts.values(), key=lambda ctx: ctx.step, default=None)
+        return (0, 0) if longest is None else (longest.step + 1, len(longest.schedule.full_steps))
+
     def end_generation(self) -> None:
         self.generations.end()
 
@@ -145,7 +150,7 @@ class Session:
         shapes are new in this generation (caches are allocated outside compiled code), or errors are recorded."""
         check_enable_order(self.model, self.reducer)
         gens = self.generations
-        gens.check_scheduler()
+        gens.check_caller()
         timestep = gens.timestep_of(args, kwargs)
         ctx = self.contexts.get(name)
         if gens.starts_new(None if ctx is None else (ctx.step, ctx.last_timestep), step_index, timestep):
@@ -158,6 +163,7 @@ class Session:
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
+        gens.check_step(ctx.step)
         self.current = ctx
         if self.cfg is not None:
             self.cfg.plan(ctx, gens.num_steps, args, kwargs)

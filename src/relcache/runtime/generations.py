@@ -6,6 +6,12 @@ A generation is one sampling run: its steps share caches, a step count and a bud
   new generation and announces its number of steps; ``set_begin_index`` (img2img pipelines skip the first
   timesteps with it) announces the steps that will actually run. A scheduler swapped into the pipeline after
   ``enable`` is noticed at the next transformer call, which then starts a generation.
+* Every pipeline that drives the transformer is watched, not only the one ``enable`` was given: at each transformer
+  call the calling pipeline is looked up on the Python stack (the nearest frame whose ``self`` holds the model as
+  its ``transformer``); a pipeline not watched yet (built from another's components, ``from_pipe``, an img2img
+  pipeline sharing a text-to-image pipeline's transformer) is patched like the enabled one, held weakly, and its
+  first call starts a generation of the steps its scheduler will run. (``enable`` on a second pipeline of a shared
+  transformer with the same config attaches it the same way; another config is refused.)
 * The end of a pipeline call ends the generation and frees the caches (the stats stay readable): every pipeline
   calls ``maybe_free_model_hooks`` at the end of ``__call__``, and transformers with diffusers' ``CacheMixin``
   also reset their stateful hooks then (``hooks.StepHook.reset_state``). The next step starts a new generation.
@@ -15,29 +21,45 @@ A generation is one sampling run: its steps share caches, a step count and a bud
   marked (by the scheduler or by ``begin_generation``): after a mark, on every device, only marks and the end of
   a pipeline call start generations. So marked loops never wait for a GPU timestep (reading one is a host sync
   per step), and a marked loop whose timesteps rise (DDIM inversion) is one generation.
+* A generation that runs another number of steps than it announced warns once: at the step past the announced
+  count, or, when it ran fewer, at its end (the pipeline call's end, the next generation's start, or ``disable``).
+  Its schedule (a ``target_nfc`` budget, CFG-Cache's window, the rising weight) was planned for the announced count.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import sys
+import warnings
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from ..errors import check_int
 from ..models.base import Adapter
 
+_CALLER_DEPTH = 48  # frames searched above the transformer call for the pipeline driving it
+_TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # pipeline attributes that hold a denoiser relcache serves
+
 
 class GenerationHost(Protocol):
     """What the generation rules ask of the runtime."""
+
+    model: nn.Module
 
     def reset_generation(self) -> None:
         """Drop every context's state: a new generation starts."""
 
     def free_caches(self) -> None:
         """Free the cached tensors; keep what the stats read."""
+
+    def steps_run(self) -> tuple[int, int]:
+        """(steps run, full steps) of the generation so far, in its context with the most steps; (0, 0) if none."""
 
 
 def checked_num_steps(num_steps: Any) -> int | None:
@@ -63,6 +85,76 @@ def _as_float(t: Any) -> float | None:
     return None
 
 
+def _unwrap(module: Any) -> Any:
+    """The module a ``torch.compile`` wrapper runs."""
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
+
+
+def _drives(obj: Any, model: nn.Module) -> bool:
+    """Whether ``obj`` (a frame's ``self``) is a pipeline holding ``model`` as its denoiser; read from its instance
+    dict, so no property of an arbitrary object runs."""
+    if isinstance(obj, nn.Module):
+        return False
+    attrs = getattr(obj, "__dict__", None)
+    if not isinstance(attrs, dict):
+        return False
+    return any(_unwrap(attrs.get(name)) is model for name in _TRANSFORMER_ATTRS if attrs.get(name) is not None)
+
+
+def calling_pipeline(model: nn.Module, frame: Any = None) -> tuple[Any, dict[str, Any]] | None:
+    """(the pipeline whose method is calling ``model`` now, that frame's locals), or None (a hand-written loop).
+
+    The nearest frame above ``frame`` (default: the caller's) whose ``self`` holds ``model`` as its transformer,
+    searched up to ``_CALLER_DEPTH`` frames; only frames whose first argument is named ``self`` are read."""
+    frame = sys._getframe(1) if frame is None else frame
+    for _ in range(_CALLER_DEPTH):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            local = frame.f_locals
+            if _drives(local.get("self"), model):
+                return local["self"], local
+        frame = frame.f_back
+    return None
+
+
+def says_cfg(pipeline: Any, local: dict[str, Any]) -> bool | None:
+    """Whether the calling pipeline says its batched calls carry classifier-free guidance: its
+    ``do_classifier_free_guidance`` (a local of the call, else the pipeline's attribute), ``False`` when it runs
+    CFG as separate calls (FLUX, HunyuanVideo: ``do_true_cfg``; their ``guidance_scale`` is embedded guidance),
+    else its ``guidance_scale > 1`` (DiT). None when it says nothing."""
+    said = local.get("do_classifier_free_guidance")
+    if isinstance(said, bool):
+        return said
+    if "do_true_cfg" in local:
+        return False
+    if isinstance(getattr(type(pipeline), "do_classifier_free_guidance", None), property):
+        try:
+            return bool(pipeline.do_classifier_free_guidance)
+        except Exception:  # noqa: BLE001 - a property reading state the call has not set: no answer
+            pass
+    scale = local.get("guidance_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return scale > 1
+    return None
+
+
+@dataclass
+class _Watched:
+    """One watched pipeline: held strongly when ``enable`` was given it, weakly when found driving the model."""
+
+    ref: weakref.ref
+    strong: Any  # the pipeline itself when enabled explicitly, else None
+    scheduler: Any  # the scheduler whose methods are patched for it
+
+    @property
+    def pipeline(self) -> Any:
+        return self.ref()
+
+
 class Generations:
     """The generation lifecycle of one enabled model: marks, ends, the step count, and the pipeline patches."""
 
@@ -72,23 +164,62 @@ class Generations:
         self.num_steps: int | None = None
         self.marked = False  # a generation was marked (scheduler or begin_generation): timesteps stay unread
         self.ended = False  # the last generation ended: the next step starts a new one
-        self._pipeline: Any = None  # enabled on a pipeline: its scheduler is watched for a swap
-        self._scheduler: Any = None  # the scheduler whose methods are patched
-        self._patches: list[tuple[Any, str]] = []  # (object, method name) wrapped by a _Patch of ours
+        self.guidance: bool | None = None  # whether this call's pipeline says it runs CFG batched (None: unsaid)
+        self.loop_guidance: bool | None = None  # the same, said by begin_generation for a hand-written loop
+        self._announced: int | None = None  # the step count the current generation was planned for
+        self._checked = True  # the current generation's steps were compared with its announcement
+        self._watched: list[_Watched] = []
+        self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a _Patch of ours
 
     def begin(self, num_steps: int | None = None, *, marked: bool = False) -> None:
         """Start a new generation; ``marked`` when the caller announced it (scheduler or public API), not when
         the runtime noticed it."""
+        self._check_steps()
         self.ended = False
         self.marked = self.marked or marked
         if num_steps is not None:
             self.num_steps = int(num_steps)
         self.host.reset_generation()
+        self._announced, self._checked = self.num_steps, False
 
-    def end(self) -> None:
+    def end(self, pipeline: Any = None) -> None:
         """A pipeline call ended: free the cached tensors, keep the stats readable, start anew at the next step."""
+        if not getattr(pipeline, "_interrupt", False):  # a call stopped through ``pipe._interrupt`` ran fewer steps
+            self._check_steps()
+        self._checked = True
         self.host.free_caches()
         self.ended = True
+
+    def _check_steps(self) -> None:
+        """Warn once per generation when it ran another number of steps than announced (and ran any)."""
+        if self._checked:
+            return
+        self._checked = True
+        announced = self._announced
+        run, full = self.host.steps_run()
+        if announced is None or run == 0 or run == announced:
+            return
+        warnings.warn(
+            f"relcache: a generation announced {announced} steps (by the scheduler or begin_generation) but ran "
+            f"{run} ({full} of them full); its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
+            f"{announced}. Announce the number of transformer calls per context the loop makes "
+            "(relcache.begin_generation(model, num_steps)), or ignore this for an interrupted generation.",
+            RuntimeWarning, stacklevel=2,
+        )
+
+    def check_step(self, step: int) -> None:
+        """A context starts ``step``: one past the announced count warns now (once per generation), as the schedule
+        (a target NFC's budget, CFG-Cache's window) runs outside what it planned."""
+        if self._checked or self._announced is None or step < self._announced:
+            return
+        self._checked = True
+        warnings.warn(
+            f"relcache: a generation announced {self._announced} steps (by the scheduler or begin_generation) but "
+            f"runs step {step + 1}; its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
+            f"{self._announced}. Announce the number of transformer calls per context the loop makes "
+            "(relcache.begin_generation(model, num_steps)).",
+            RuntimeWarning, stacklevel=2,
+        )
 
     def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
         """The call's timestep while no generation was marked, else None: once marked it is not read on any device
@@ -108,37 +239,79 @@ class Generations:
             timestep is not None and last_timestep is not None and timestep > last_timestep
         )
 
-    # -- the pipeline's announcements --------------------------------------------------------------------------
-    def watch(self, pipeline: Any) -> None:
-        """Patch ``pipeline`` so that its scheduler starts generations and the end of its call ends them."""
-        self._pipeline = pipeline
-        self._patch(pipeline, "maybe_free_model_hooks", lambda _: self.end())
-        self._patch_scheduler(getattr(pipeline, "scheduler", None))
-
-    def check_scheduler(self) -> None:
-        """At each transformer call: a scheduler swapped into the pipeline since enable (``pipe.scheduler =
-        ...from_config(...)``) set its timesteps unpatched, so this call starts its generation."""
-        if self._pipeline is None:
+    # -- the pipelines' announcements --------------------------------------------------------------------------
+    def watch(self, pipeline: Any, *, explicit: bool = True) -> None:
+        """Patch ``pipeline`` so that its scheduler starts generations and the end of its call ends them;
+        ``explicit`` (``enable`` was given it) holds it strongly, else weakly (found driving the model)."""
+        self._watched = [w for w in self._watched if w.pipeline is not None]
+        self._patches = [e for e in self._patches if e[0]() is not None]
+        found = self._watch_of(pipeline)
+        if found is not None:
+            found.strong = found.strong if found.strong is not None or not explicit else pipeline
             return
-        scheduler = getattr(self._pipeline, "scheduler", None)
-        if scheduler is not self._scheduler:
-            if self._scheduler is not None:
-                self._unpatch(self._scheduler)
-            self._patch_scheduler(scheduler)
-            self._new_schedule(scheduler)
+        self._watched.append(_Watched(weakref.ref(pipeline), pipeline if explicit else None, None))
+        self._patch(pipeline, "maybe_free_model_hooks", self.end)
+        self._patch_scheduler(self._watched[-1], getattr(pipeline, "scheduler", None))
+
+    def watches(self, pipeline: Any, *, explicit: bool = False) -> bool:
+        """Whether ``pipeline`` is watched (``explicit``: because ``enable`` was given it)."""
+        found = self._watch_of(pipeline)
+        return found is not None and (not explicit or found.strong is not None)
+
+    def check_caller(self) -> None:
+        """At each transformer call: find the pipeline driving it; one not watched yet is watched from now on, and
+        this call starts its generation (its scheduler set its timesteps unpatched). A scheduler swapped into a
+        watched pipeline since (``pipe.scheduler = ...from_config(...)``) did the same, so this call starts its
+        generation too. Also reads whether the pipeline says it runs CFG (``guidance``)."""
+        found = calling_pipeline(self.host.model, sys._getframe(1))
+        if found is None:  # a hand-written loop, or a call from outside a pipeline method
+            self.guidance = self.loop_guidance
+            for watched in list(self._watched):
+                self._check_swap(watched)
+            return
+        pipeline, local = found
+        self.guidance = says_cfg(pipeline, local)
+        watched = self._watch_of(pipeline)
+        if watched is None:
+            self.watch(pipeline, explicit=False)
+            self._new_schedule(getattr(pipeline, "scheduler", None))
+        else:
+            self._check_swap(watched)
 
     def unwatch(self) -> None:
-        """Remove every patch, leaving the pipeline and its scheduler as they were."""
+        """Remove every patch, leaving the pipelines and their schedulers as they were; the generation running
+        now ends."""
+        self._check_steps()
         while self._patches:
-            self._unpatch(self._patches[0][0])
-        self._scheduler = None
-        self._pipeline = None
+            obj = self._patches[0][0]()
+            if obj is None:
+                self._patches.pop(0)
+            else:
+                self._unpatch(obj)
+        self._watched = []
 
-    def _patch_scheduler(self, scheduler: Any) -> None:
+    def _watch_of(self, pipeline: Any) -> _Watched | None:
+        return next((w for w in self._watched if w.pipeline is pipeline), None)
+
+    def _check_swap(self, watched: _Watched) -> None:
+        pipeline = watched.pipeline
+        if pipeline is None:
+            return
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is not watched.scheduler:
+            old, watched.scheduler = watched.scheduler, None
+            if old is not None and not any(w.scheduler is old for w in self._watched):
+                self._unpatch(old)
+            self._patch_scheduler(watched, scheduler)
+            self._new_schedule(scheduler)
+
+    def _patch_scheduler(self, watched: _Watched, scheduler: Any) -> None:
         """``set_timesteps`` (every pipeline calls it first) and ``set_begin_index`` (img2img pipelines skip the
-        first timesteps with it, after ``set_timesteps``) start a generation of the steps that will run."""
-        self._scheduler = scheduler
-        if scheduler is None:
+        first timesteps with it, after ``set_timesteps``) start a generation of the steps that will run. A scheduler
+        shared by two watched pipelines is patched once."""
+        shared = scheduler is not None and any(w.scheduler is scheduler for w in self._watched)
+        watched.scheduler = scheduler
+        if scheduler is None or shared:
             return
         self._patch(scheduler, "set_timesteps", self._new_schedule)
         self._patch(scheduler, "set_begin_index", self._new_schedule)
@@ -151,11 +324,11 @@ class Generations:
         if not callable(getattr(obj, name, None)):
             return
         setattr(obj, name, _Patch(obj, name, after, self))
-        self._patches.append((obj, name))
+        self._patches.append((weakref.ref(obj), name))
 
     def _unpatch(self, obj: Any) -> None:
         """Unlink our wrappers of ``obj``'s methods, wherever they sit in a chain of wrappers."""
-        for entry in [e for e in self._patches if e[0] is obj]:
+        for entry in [e for e in self._patches if e[0]() is obj]:
             _Patch.unlink(obj, entry[1], self)
             self._patches.remove(entry)
 
