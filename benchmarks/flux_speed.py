@@ -1,0 +1,232 @@
+"""Speed at FLUX.1-dev scale (random weights): relcache's methods against diffusers' own caches, one run.
+
+A FLUX.1-dev-shaped transformer (19 double and 38 single blocks, hidden 3072, 24 heads, guidance embedding), built
+directly on the device in bfloat16 with random weights, generates at 1024x1024 (4,096 image tokens, 512 text
+tokens) with 28 Euler steps, batch 1 (FLUX.1-dev is guidance-distilled: no CFG batch). For full computation,
+FORA, TaylorSeer and RFC at about 3.5x and 7x fewer full steps, and diffusers' TaylorSeer and First-Block caches
+on the same model, it reports wall time, speed-up, % of the ideal T/NFC, NFC (counted where the last double block's
+attention really ran), peak memory and relcache's cache bytes. Methods are interleaved per repeat; medians.
+
+    python benchmarks/flux_speed.py --out flux.json                         # on a GPU (estimated 1.5 min on an H200)
+    python benchmarks/flux_speed.py --compile default --methods "RFC 3.5x"   # compiled rows (minutes to compile)
+    python benchmarks/flux_speed.py --smoke                               # rehearsal on the CPU, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FirstBlockCacheConfig, FluxTransformer2DModel, TaylorSeerCacheConfig
+
+import relcache
+from relcache import FORA, RFC, TaylorSeer
+
+FULL = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+            joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+TINY = dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+
+
+def build(shape: dict[str, Any], device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """A FLUX transformer with random weights, created on ``device`` in ``dtype`` (no float32 copy of 12B)."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **shape)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def inputs(model: FluxTransformer2DModel, image_tokens: int, text_tokens: int, device: str, dtype: torch.dtype,
+           ) -> dict[str, torch.Tensor]:
+    """One prompt's fixed inputs (the latents are passed separately)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    side = int(image_tokens ** 0.5)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    return dict(
+        encoder_hidden_states=torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+        img_ids=img_ids.reshape(-1, 3).to(device, dtype), txt_ids=torch.zeros(text_tokens, 3, device=device,
+                                                                              dtype=dtype),
+        guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32))
+
+
+def generate(model: FluxTransformer2DModel, fixed: dict[str, torch.Tensor], image_tokens: int, steps: int,
+             device: str, dtype: torch.dtype) -> torch.Tensor:
+    """One Euler flow-matching generation of ``steps`` steps (sigmas from 1 to 0), like FluxPipeline's loop."""
+    plain = getattr(model, "_orig_mod", model)
+    if relcache.is_enabled(plain):
+        relcache.begin_generation(plain, steps)
+    else:  # diffusers' caches: a new generation (what FluxPipeline's end of call does)
+        plain._reset_stateful_cache()
+    x = torch.randn(1, image_tokens, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad(), plain.cache_context("cond"):  # as FluxPipeline calls it
+        for i in range(steps):
+            v = model(hidden_states=x, timestep=sigmas[i].expand(1).to(device, dtype), return_dict=False,
+                      **fixed)[0]
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return x
+
+
+class _AttentionRuns:
+    """Counts the steps at which the last double block's attention really computed (its ``to_q`` ran): the NFC of
+    relcache and of diffusers' caches alike. The count is a tensor incremented in place, so compiled code traces
+    the hook without guarding on a Python number that changes every step."""
+
+    def __init__(self, model: FluxTransformer2DModel) -> None:
+        layer = model.transformer_blocks[-1].attn.to_q
+        self.runs = torch.zeros((), dtype=torch.int64, device=layer.weight.device)
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.runs.add_(1)
+
+    @property
+    def count(self) -> int:
+        return int(self.runs)
+
+    def reset(self) -> None:
+        self.runs.zero_()
+
+
+def methods(steps: int) -> dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]]:
+    """name -> (attach, detach): relcache's at NFC about T/3.5 and T/7, and diffusers' peers."""
+    def rel(config: relcache.CacheConfig) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
+        return (lambda m: relcache.enable(m, config)), relcache.disable
+
+    def peer(config: Any) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
+        return (lambda m: m.enable_cache(config)), (lambda m: m.disable_cache())
+
+    out: dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]] = {"full": (lambda m: None, lambda m: None)}
+    for ratio in ("3.5", "7"):  # NFC 8 and 4 of 28 steps
+        budget = max(round(steps / float(ratio)), 2)
+        interval = max(round(steps / budget), 2)
+        out[f"FORA {ratio}x"] = rel(FORA(interval))
+        out[f"TaylorSeer {ratio}x"] = rel(TaylorSeer(interval, 2))
+        out[f"RFC {ratio}x"] = rel(RFC(order=2, target_nfc=budget))
+    out["diffusers TaylorSeer"] = peer(TaylorSeerCacheConfig(cache_interval=4, disable_cache_before_step=1,
+                                                             max_order=1))
+    out["diffusers First-Block 0.05"] = peer(FirstBlockCacheConfig(threshold=0.05))
+    out["diffusers First-Block 0.2"] = peer(FirstBlockCacheConfig(threshold=0.2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in float32: rehearse the run")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; smoke 8)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names")
+    parser.add_argument("--compile", nargs="*", default=[], metavar="MODE",
+                        help="also time each method under torch.compile(mode=MODE), e.g. default reduce-overhead")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    steps = args.steps or (8 if args.smoke else 28)
+    image_tokens, text_tokens = (16, 8) if args.smoke else (4096, 512)
+    if steps < 4 or args.repeats < 1:
+        parser.error("--steps must be >= 4 and --repeats >= 1")
+    table = methods(steps)
+    chosen = args.methods or list(table)
+    unknown = [m for m in chosen if m not in table]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; allowed: {list(table)}")
+    if "full" not in chosen:
+        chosen = ["full", *chosen]
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.touch()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("flux_speed.py needs a CUDA GPU (or --smoke)")
+
+    model = build(TINY if args.smoke else FULL, device, dtype)
+    fixed = inputs(model, image_tokens, text_tokens, device, dtype)
+    probe = _AttentionRuns(model)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} {platform.node()} torch {torch.__version__} "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; FLUX "
+          f"{model.config.num_layers}+{model.config.num_single_layers} blocks, {image_tokens}+{text_tokens} tokens, "
+          f"{steps} steps, {dtype}", flush=True)
+    rows = []
+    for mode in [None, *args.compile]:
+        times: dict[str, list[float]] = {m: [] for m in chosen}
+        info: dict[str, dict[str, Any]] = {}
+
+        def timed(name: str, run: Any, times: dict[str, list[float]] = times,
+                  info: dict[str, dict[str, Any]] = info) -> None:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            probe.reset()
+            start = time.perf_counter()
+            generate(run, fixed, image_tokens, steps, device, dtype)
+            times[name].append(time.perf_counter() - start)
+            stats = relcache.stats(model) if relcache.is_enabled(model) else None
+            info[name] = dict(nfc=probe.count,
+                              peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
+                              cache_gib=(stats.cache_bytes / 2**30) if stats else 0.0)
+
+        if mode is None:  # eager: one untimed generation each (FLOP measurement), then interleaved repeats
+            for name in chosen:
+                attach, detach = table[name]
+                attach(model)
+                try:
+                    generate(model, fixed, image_tokens, steps, device, dtype)
+                finally:
+                    detach(model)
+            for _ in range(args.repeats):
+                for name in chosen:
+                    attach, detach = table[name]
+                    attach(model)
+                    try:
+                        timed(name, model)
+                    finally:
+                        detach(model)
+        else:  # compiled: each method afresh (an enable makes new hooks, which compiled code guards on)
+            for name in chosen:
+                torch._dynamo.reset()
+                attach, detach = table[name]
+                attach(model)
+                try:
+                    run = torch.compile(model, mode=mode)
+                    generate(run, fixed, image_tokens, steps, device, dtype)  # compiles every kind of step
+                    for _ in range(args.repeats):
+                        timed(name, run)
+                finally:
+                    detach(model)
+            torch._dynamo.reset()
+        t_full = statistics.median(times["full"])
+        label = "eager" if mode is None else f"compiled ({mode})"
+        print(f"\n{label}: full generation {t_full:.2f} s")
+        print("| method | NFC | time s | speed-up | ideal | % of ideal | peak GiB |")
+        print("|---|---|---|---|---|---|---|")
+        for name in chosen:
+            t, nfc = statistics.median(times[name]), info[name]["nfc"]
+            ideal = steps / nfc if nfc else float("nan")
+            row = dict(method=name, compile=mode or "eager", time_s=t, speedup=t_full / t, ideal=ideal,
+                       pct_of_ideal=100 * (t_full / t) / ideal, steps=steps, **info[name])
+            rows.append(row)
+            print(f"| {name} | {nfc} | {t:.2f} | {row['speedup']:.2f}x | {ideal:.2f}x | {row['pct_of_ideal']:.1f} | "
+                  f"{row['peak_gib']:.1f} |", flush=True)
+        if args.out is not None:  # written after each mode: an interrupted run keeps what finished
+            args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
