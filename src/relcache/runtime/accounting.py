@@ -77,6 +77,19 @@ def _forget_torch_code() -> None:
                 reset_code(code)
 
 
+def _from_counting(err: BaseException) -> bool:
+    """Whether ``err`` came from FLOP counting rather than from the model: raised inside a dispatch mode (torch's
+    FLOP counter or one under it) or by torch's dispatcher finding no rule for an operator under such a mode (flex
+    attention's higher-order operator). An error of the model's own propagates as it would without relcache."""
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "__torch_dispatch__" or code.co_filename.endswith("flop_counter.py"):
+            return True
+        tb = tb.tb_next
+    return "no implementation found" in str(err) or "__torch_dispatch__" in str(err)
+
+
 def _reason(err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"FLOP counting failed on this model and is off for this session ({type(err).__name__}: {first[:200]})"
@@ -142,7 +155,9 @@ class FlopMeter:
                         out = forward(*args, **kwargs)
                     finally:
                         self.counter = None
-            except Exception as err:  # counting or the model failed: run again uncounted to tell which
+            except Exception as err:  # counting failed: run again uncounted (the model's own errors propagate)
+                if not _from_counting(err):
+                    raise
                 _forget_torch_code()
                 if restore is not None:
                     restore()
@@ -167,6 +182,8 @@ class FlopMeter:
             with flop_counter() as counter:
                 out = forward(*args, **kwargs)
         except Exception as err:  # as in run_call; the module's own forward changes no relcache state
+            if not _from_counting(err):
+                raise
             _forget_torch_code()
             return self._uncounted(err, forward, args, kwargs)
         self.module[key] = float(counter.get_total_flops())
