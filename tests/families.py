@@ -180,13 +180,14 @@ def hunyuan_kwargs() -> dict[str, Any]:
                 guidance_scale=6.0, height=16, width=16, num_frames=1)
 
 
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
 def wan_pipe() -> WanPipeline:
     """Wan 2.1-like with CFG as separate "cond"/"uncond" calls; 1 frame of 32x32 -> 4x4 latents -> 4 tokens."""
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
-    ).eval()
+    transformer = WanTransformer3DModel(**WAN_TINY, cross_attn_norm=True).eval()
     vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     return quiet(WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(),
@@ -374,10 +375,6 @@ def chroma_pipe() -> LoopPipeline:
     text, img_ids, txt_ids = randn(1, 6, 16), ids_2d(4, 4), torch.zeros(6, 3)
     return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000,
                                                      img_ids=img_ids, txt_ids=txt_ids), (1, 16, 4))
-
-
-WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
 
 
 def wan_like_pipe(cls: str, **extra: Any) -> LoopPipeline:

@@ -77,6 +77,12 @@ class Adapter:
         skip-layer guidance pass): it runs as the plain model, counts no step and touches no cache."""
         return False
 
+    def pipeline_transformers(self, pipeline: Any) -> list[tuple[str, nn.Module]]:
+        """The ``(attribute, transformer)`` pairs of ``pipeline`` that one generation runs, in the order the
+        generation first calls them (Wan 2.2's high-noise expert ``transformer``, then the low-noise expert
+        ``transformer_2``). The default: ``pipeline.transformer`` only."""
+        return [("transformer", pipeline.transformer)]
+
     def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
         """For CFG-Cache's 2-D FFT over image space: a pair of functions turning the transformer's output into a
         ``(..., H, W)`` layout and back, for models whose output is a token sequence (FLUX). None (the default):
@@ -233,6 +239,10 @@ class ModelRow:
     interleave: bool = False
     refuse_chunking: bool = False
     cfg_cond_first: bool = False
+    #: the pipeline attributes holding the transformers one generation runs, in the order it first calls them
+    #: (Wan 2.2: ``("transformer", "transformer_2")``, the high-noise then the low-noise expert); absent or None
+    #: attributes are skipped (Wan 2.1 pipelines hold ``transformer_2=None``)
+    experts: tuple[str, ...] = ("transformer",)
 
 
 def _resolve_blocks(model: nn.Module, attr: str) -> Sequence[nn.Module]:
@@ -278,6 +288,10 @@ class TableAdapter(Adapter):
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
         return modules_of_row(model, self.row)
+
+    def pipeline_transformers(self, pipeline: Any) -> list[tuple[str, nn.Module]]:
+        found = [(attr, getattr(pipeline, attr, None)) for attr in self.row.experts]
+        return [(attr, model) for attr, model in found if isinstance(model, nn.Module)]
 
 
 def register_row(row: ModelRow | None = None, adapter_class: type[TableAdapter] = TableAdapter) -> TableAdapter:

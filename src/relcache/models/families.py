@@ -32,9 +32,10 @@ ROWS = (
               Blocks("single_transformer_blocks", "single_stream_joint"))),
     # Wan 2.1 / 2.2: attn1 (self-attention with RoPE) on the modulated norm, attn2 (cross-attention to the text, and
     # to the image tokens for image-to-video) on the optionally normed residual stream, ffn on the modulated norm.
-    # Wan 2.2's two experts (transformer, transformer_2) are two models: see docs/custom-models.md.
-    ModelRow("Wan", "WanPipeline, WanImageToVideoPipeline", ("WanTransformer3DModel",),
-             (Blocks("blocks", "cross_attn_ffn"),)),
+    # Wan 2.2's A14B pipelines hold two experts, transformer (high noise, the first steps) and transformer_2 (low
+    # noise): both are listed; the runtime's support for spanning them is described in docs/custom-models.md.
+    ModelRow("Wan 2.1 / 2.2", "WanPipeline, WanImageToVideoPipeline", ("WanTransformer3DModel",),
+             (Blocks("blocks", "cross_attn_ffn"),), experts=("transformer", "transformer_2")),
     # CogVideoX: attn1 is the joint attention over the modulated norms of the video and text streams (returns
     # (video_out, text_out)); ff runs once on the concatenation [norm_text; norm_video]: one module, one input.
     ModelRow("CogVideoX", "CogVideoXPipeline, CogVideoXImageToVideoPipeline", ("CogVideoXTransformer3DModel",),
