@@ -46,3 +46,17 @@ def test_every_listed_pipeline_and_class_exists_in_diffusers():
     for row in registered_rows():
         for name in (*row.pipeline.split(", "), *row.model_classes):
             assert hasattr(diffusers, name), (row.family, name)
+
+
+def test_custom_models_doc_lists_every_shape_with_its_modules():
+    """docs/custom-models.md's shape table names every shape of base.SHAPES with its modules in call order."""
+    from relcache.models.base import SHAPES
+
+    doc = (ROOT / "docs" / "custom-models.md").read_text()
+    for name, slots in SHAPES.items():
+        line = next((ln for ln in doc.splitlines() if ln.startswith(f"| `{name}` |")), None)
+        assert line is not None, name
+        modules = line.split("|")[2]
+        positions = [modules.find(f"`{s.attr}`") for s in slots]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions), name
+        assert all(("(joint)" in modules.split(f"`{s.attr}`")[1][:9]) == s.joint for s in slots), name
