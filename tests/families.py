@@ -537,6 +537,56 @@ def cosmos_pipe() -> LoopPipeline:
                                                      ), (1, 4, 2, 8, 8))
 
 
+def flux_kontext_pipe() -> LoopPipeline:
+    """FLUX.1 Kontext-like editing: the reference image's 16 tokens (image index 1 in ``img_ids``) are appended to the
+    16 noisy latent tokens; the prediction is the output's first 16 tokens."""
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    text, pooled, ref = randn(1, 6, 16), randn(1, 16, seed=2), randn(1, 16, 4, seed=3)
+    img_ids, txt_ids = torch.cat([ids_2d(4, 4), ids_2d(4, 4, offset=1.0)]), torch.zeros(6, 3)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, ref], 1), encoder_hidden_states=text, pooled_projections=pooled,
+        timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=torch.full_like(t, 2.5)), (1, 16, 4),
+        output=lambda out: out[:, :16])
+
+
+def wan_i2v_pipe() -> LoopPipeline:
+    """Wan 2.1 image-to-video-like: the conditioning frame's latents and mask (5 channels) are concatenated to the
+    noisy latents' channels, and 4 CLIP image tokens join the text in the cross-attention (``image_dim``)."""
+    torch.manual_seed(0)
+    tiny = {**WAN_TINY, "in_channels": 9}
+    model = WanTransformer3DModel(**tiny, cross_attn_norm=True, image_dim=8, added_kv_proj_dim=16)
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    image, cond = randn(1, 4, 8, seed=3), randn(1, 5, 2, 4, 4, seed=4)
+    return LoopPipeline(model, lambda x, t, ctx: dict(
+        hidden_states=torch.cat([x, cond], 1), timestep=t, encoder_hidden_states=text[ctx],
+        encoder_hidden_states_image=image), (1, 4, 2, 4, 4), ("cond", "uncond"))
+
+
+def glm_image_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=4, prior_vq_quantizer_codebook_size=32)
+    text, size, crop = randn(1, 6, 16), torch.tensor([[16.0, 16.0]]), torch.tensor([[0.0, 0.0]])
+    prior = torch.randint(0, 32, (1, 16), generator=torch.Generator().manual_seed(5))
+    no_drop = torch.zeros(1, 16, dtype=torch.bool)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, prior_token_id=prior, prior_token_drop=no_drop, timestep=t,
+        target_size=size, crop_coords=crop), (1, 4, 8, 8))
+
+
+def helios_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    tiny = {k: v for k, v in WAN_TINY.items() if k != "rope_max_seq_len"}
+    model = diffusers.HeliosTransformer3DModel(**tiny, rope_dim=(4, 2, 2))
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t, encoder_hidden_states=text),
+                        (1, 4, 2, 4, 4))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -573,4 +623,8 @@ CASES = {
     "skyreels_v2": Case(skyreels_v2_pipe, no_kwargs, ("cond", "uncond")),
     "chronoedit": Case(chronoedit_pipe, no_kwargs, ("cond", "uncond")),
     "wan_vace": Case(wan_vace_pipe, no_kwargs, ("cond", "uncond")),
+    "flux_kontext": Case(flux_kontext_pipe, no_kwargs, ("cond",)),  # FLUX.1 with reference-image tokens
+    "wan_i2v": Case(wan_i2v_pipe, no_kwargs, ("cond", "uncond")),  # Wan with image tokens in the cross-attention
+    "glm_image": Case(glm_image_pipe, no_kwargs, ("cond",)),
+    "helios": Case(helios_pipe, no_kwargs, ("cond",)),
 }

@@ -81,6 +81,10 @@ EXPECTED = {
     "skyreels_v2": WAN,
     "chronoedit": WAN,
     "wan_vace": blocks(2, ("vace_blocks", WAN_BLOCK)) + WAN,  # every VACE block first, then the Wan blocks
+    "flux_kontext": FLUX_LIKE,  # the reference image's tokens are in the image stream the modules see
+    "wan_i2v": WAN,  # attn2 sees the text and the image tokens
+    "glm_image": blocks(2, ("transformer_blocks", (("attn1", "attn", J),))),  # ff runs once per stream: not cached
+    "helios": WAN,
 }
 
 #: RFC(target_nfc=4) of 8 steps: bound on the relative L1 distance of the output (decoded, in [0, 1]) from full
@@ -92,10 +96,12 @@ EXPECTED = {
 #: The LoopPipeline families' output is the final latents (no VAE), measured the same way (2026-12-01, shared CPU):
 #: Bria 0.0007, FLUX.2 0.0012, LongCat 0.0016, Qwen-Image-Edit 0.0017, Ovis 0.0018, LTX 0.0019, SkyReels-V2 and
 #: ChronoEdit 0.0020, Qwen-Image 0.0021, HunyuanImage 0.0025, CogView4 0.0028, HunyuanVideo 1.5 0.0040, Sana 0.0039,
-#: Wan VACE 0.0045, Allegro 0.0080, Lumina2 0.013, Chroma 0.014, Mochi 0.021, Cosmos 0.024; another seed is 1.0-1.5
-#: away, FORA(8, 1) 1.1x (Cosmos) to 38x (Bria) RFC's distance.
+#: Wan VACE 0.0045, Allegro 0.0080, Lumina2 0.013, Chroma 0.014, Mochi 0.021, Cosmos 0.024; (2026-12-02) GLM-Image
+#: 0.0019, FLUX.1 Kontext 0.0025, Wan i2v 0.0051, Helios 0.0065; another seed is 1.0-1.5 away, FORA(8, 1) 1.1x
+#: (Cosmos) to 38x (Bria) RFC's distance.
 RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008, "hunyuan_video15": 0.006, "sana": 0.006,
-                 "wan_vace": 0.007, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02, "mochi": 0.03, "cosmos": 0.035}
+                 "wan_vace": 0.007, "wan_i2v": 0.008, "helios": 0.01, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02,
+                 "mochi": 0.03, "cosmos": 0.035}
 RFC_TOLERANCE_DEFAULT = 0.003
 K = 4
 

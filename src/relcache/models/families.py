@@ -85,11 +85,15 @@ ROWS = (
     # Lumina2: the main layers only; the two refiners (text-only context refiner, image-only noise refiner) are
     # small and run at every step
     ModelRow("Lumina2", "Lumina2Pipeline", ("Lumina2Transformer2DModel",), (Blocks("layers", "attn_feed_forward"),)),
+    # GLM-Image: CogView4's block layout (ff called once per stream: the joint attention only)
+    ModelRow("GLM-Image", "GlmImagePipeline", ("GlmImageTransformer2DModel",),
+             (Blocks("transformer_blocks", "joint_attn"),)),
     # Wan-style blocks in other families
     ModelRow("SkyReels-V2", "SkyReelsV2Pipeline, SkyReelsV2DiffusionForcingPipeline",
              ("SkyReelsV2Transformer3DModel",), (Blocks("blocks", "cross_attn_ffn"),)),
     ModelRow("ChronoEdit", "ChronoEditPipeline", ("ChronoEditTransformer3DModel",),
              (Blocks("blocks", "cross_attn_ffn"),)),
+    ModelRow("Helios", "HeliosPipeline", ("HeliosTransformer3DModel",), (Blocks("blocks", "cross_attn_ffn"),)),
     # Wan VACE: every VACE block runs first (on the control latents, producing the hints), then the Wan blocks
     ModelRow("Wan VACE", "WanVACEPipeline", ("WanVACETransformer3DModel",),
              (Blocks("vace_blocks", "cross_attn_ffn"), Blocks("blocks", "cross_attn_ffn"))),
