@@ -587,6 +587,21 @@ def helios_pipe() -> LoopPipeline:
                         (1, 4, 2, 4, 4))
 
 
+def qwen_image21_pipe() -> LoopPipeline:
+    """Qwen-Image 2.1-like (one joint sequence, block-causal attention): 2x2 target latents (4 channels) after 4
+    text tokens and one vision slot; no KV cache (every step computes the whole sequence)."""
+    torch.manual_seed(0)
+    model = diffusers.QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=8, mlp_ratio=2, axes_dims_rope=(4, 6, 6))
+    text, mask = randn(1, 4, 8), torch.ones(1, 4, dtype=torch.long)
+    img_mask = torch.zeros(1, 5, dtype=torch.bool)
+    img_mask[:, 4:] = True
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t / 1000,
+        img_shapes=[[(1, 2, 2)]], img_mask=img_mask), (1, 4, 4), output=lambda out: out[:, -4:])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -627,4 +642,5 @@ CASES = {
     "wan_i2v": Case(wan_i2v_pipe, no_kwargs, ("cond", "uncond")),  # Wan with image tokens in the cross-attention
     "glm_image": Case(glm_image_pipe, no_kwargs, ("cond",)),
     "helios": Case(helios_pipe, no_kwargs, ("cond",)),
+    "qwen_image21": Case(qwen_image21_pipe, no_kwargs, ("cond",)),
 }

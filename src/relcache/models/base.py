@@ -201,6 +201,8 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "single_stream_fused": (Slot("attn", "attn"),),
     # joint attention only (CogView4: its block calls ``ff`` twice, once per stream, so the MLP is not cacheable)
     "joint_attn": (Slot("attn1", "attn", joint=True),),
+    # single-stream block over one text+image sequence with the MLP named ``img_mlp`` (Qwen-Image 2.1)
+    "single_stream_img_mlp": (Slot("attn", "attn"), Slot("img_mlp", "mlp")),
     # self-attention and feed-forward named ``attn`` and ``feed_forward`` (Lumina2)
     "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),
 }

@@ -50,6 +50,11 @@ ROWS = (
     # attention and img_mlp see them): joint attention over the modulated image and text norms, then per-stream MLPs.
     ModelRow("Qwen-Image", "QwenImagePipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline",
              ("QwenImageTransformer2DModel",), (Blocks("transformer_blocks", "double_stream_img_txt"),)),
+    # Qwen-Image 2.1: one text+image sequence per block (block-causal attention), attn and img_mlp on its modulated
+    # norm. With the pipeline's KV cache the first step sees prefix + target tokens and later steps the target
+    # only: the shape change makes the modules run and record at the next step (docs/spec.md, "Cached modules").
+    ModelRow("Qwen-Image 2.1", "QwenImage21Pipeline", ("QwenImage21Transformer2DModel",),
+             (Blocks("transformer_blocks", "single_stream_img_mlp"),)),
     # FLUX.1-style derivatives: the same double- then single-stream layout and module names as FLUX.1
     ModelRow("Chroma", "ChromaPipeline", ("ChromaTransformer2DModel",),
              (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream"))),
