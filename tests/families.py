@@ -8,11 +8,13 @@ pipeline builder, its call arguments and the call contexts its transformer calls
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from conftest import dit_pipe
@@ -178,13 +180,14 @@ def hunyuan_kwargs() -> dict[str, Any]:
                 guidance_scale=6.0, height=16, width=16, num_frames=1)
 
 
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
 def wan_pipe() -> WanPipeline:
     """Wan 2.1-like with CFG as separate "cond"/"uncond" calls; 1 frame of 32x32 -> 4x4 latents -> 4 tokens."""
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
-    ).eval()
+    transformer = WanTransformer3DModel(**WAN_TINY, cross_attn_norm=True).eval()
     vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     return quiet(WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(),
@@ -240,25 +243,6 @@ def cogvideox_kwargs() -> dict[str, Any]:
                 max_sequence_length=6)
 
 
-@dataclass(frozen=True)
-class Case:
-    build: Callable[[], Any]
-    kwargs: Callable[[], dict[str, Any]]
-    contexts: tuple[str, ...]  # the call contexts the pipeline's transformer calls run in
-
-
-CASES = {
-    "dit": Case(dit_pipe, dit_kwargs, ("default",)),
-    "flux": Case(flux_pipe, flux_kwargs, ("cond",)),  # FluxPipeline names its (only) call "cond"
-    "sd3": Case(sd3_pipe, sd3_kwargs, ("default",)),
-    "pixart": Case(pixart_pipe, pixart_kwargs, ("default",)),
-    "hunyuan_video": Case(hunyuan_pipe, hunyuan_kwargs, ("cond", "uncond")),
-    "wan": Case(wan_pipe, wan_kwargs, ("cond", "uncond")),
-    "cogvideox": Case(cogvideox_pipe, cogvideox_kwargs, ("cond_uncond",)),
-    "latte": Case(latte_pipe, latte_kwargs, ("default",)),
-}
-
-
 def generate(pipe: Any, case: Case, steps: int = STEPS, seed: int = 0) -> np.ndarray:
     out = pipe(**case.kwargs(), num_inference_steps=steps, generator=torch.manual_seed(seed), output_type="np")
     return np.asarray(out.frames if hasattr(out, "frames") else out.images)
@@ -278,3 +262,385 @@ def generate_with_stats(pipe: Any, case: Case, steps: int = STEPS) -> tuple[np.n
     finally:
         handle.remove()
     return out, seen[-1]
+
+
+# -- families without a tiny pipeline here: the bare transformer in a minimal sampling loop -------------------------
+class LoopOutput:
+    """What ``generate`` reads: the final latents as ``images``."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+
+class LoopPipeline:
+    """A minimal diffusers-like pipeline around a bare transformer: flow-matching Euler steps from seeded noise, the
+    conditioning fixed (random tensors, built once), no VAE and no text encoder, so a family costs only its tiny
+    transformer. Like diffusers' pipelines it calls the scheduler's ``set_timesteps`` first, runs each transformer
+    call in a ``cache_context`` (``contexts``: one name, or ``("cond", "uncond")`` for true CFG as separate calls)
+    and ends with ``maybe_free_model_hooks``; the output is the final latents.
+
+    ``inputs(latents, t, context)`` gives the transformer's keyword arguments at timestep ``t`` (in [0, 1000]);
+    ``output(out)`` turns the transformer's first output into the latents' layout (default: itself)."""
+
+    def __init__(self, transformer: Any, inputs: Callable[[torch.Tensor, torch.Tensor, str], dict[str, Any]],
+                 shape: tuple[int, ...], contexts: tuple[str, ...] = ("cond",),
+                 output: Callable[[Any], torch.Tensor] = lambda out: out) -> None:
+        self.transformer = transformer.eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler()
+        self.inputs, self.shape, self.contexts, self.output = inputs, shape, contexts, output
+
+    def set_progress_bar_config(self, **_: Any) -> None:
+        """Nothing to configure (no progress bar)."""
+
+    def maybe_free_model_hooks(self) -> None:
+        """The end of a pipeline call (relcache ends its generation here)."""
+
+    @torch.no_grad()
+    def __call__(self, num_inference_steps: int, generator: torch.Generator, output_type: str = "np",
+                 **_: Any) -> LoopOutput:
+        self.scheduler.set_timesteps(num_inference_steps)
+        latents = torch.randn(self.shape, generator=generator)
+        for t in self.scheduler.timesteps:
+            preds = []
+            for ctx in self.contexts:
+                scope = getattr(self.transformer, "cache_context", None)  # absent without diffusers' CacheMixin
+                with scope(ctx) if scope else contextlib.nullcontext():
+                    out = self.transformer(**self.inputs(latents, t.expand(latents.shape[0]), ctx), return_dict=False)
+                preds.append(self.output(out[0]))
+            pred = preds[0] if len(preds) == 1 else preds[1] + 3.0 * (preds[0] - preds[1])  # true CFG, scale 3
+            latents = self.scheduler.step(pred, t, latents).prev_sample
+        self.maybe_free_model_hooks()
+        return LoopOutput(latents.numpy())
+
+
+def randn(*shape: int, seed: int = 1) -> torch.Tensor:
+    """Fixed conditioning: a seeded normal tensor."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def no_kwargs() -> dict[str, Any]:
+    return {}
+
+
+def ids_2d(h: int, w: int, axes: int = 3, offset: float = 0.0) -> torch.Tensor:
+    """FLUX-style position ids ``(h·w, axes)``: axis 0 the image index (``offset``), then row and column."""
+    ids = torch.zeros(h, w, axes)
+    ids[..., 0] = offset
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, axes)
+
+
+def flux2_pipe() -> LoopPipeline:
+    """FLUX.2-like (guidance-distilled, fused single-stream blocks): 4x4 latent tokens of 4 channels, 8 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2))
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))[None]
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))[None]
+    text = randn(1, 8, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids,
+        guidance=torch.full_like(t, 3.5)), (1, 16, 4))
+
+
+def qwen_image_pipe(edit: bool = False) -> LoopPipeline:
+    """Qwen-Image-like, true CFG as separate "cond"/"uncond" calls: 4x4 latent tokens (8 channels), 6 text tokens.
+    ``edit`` (Qwen-Image-Edit): the reference image's 16 tokens are appended to the noisy latents' (``img_shapes``
+    names both grids) and the output's first 16 tokens are the prediction."""
+    torch.manual_seed(0)
+    model = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=8, out_channels=2, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 2, 2))
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    mask = torch.ones(1, 6, dtype=torch.long)
+    ref = randn(1, 16, 8, seed=3)
+    shapes = [[(1, 4, 4), (1, 4, 4)]] if edit else [[(1, 4, 4)]]
+
+    def inputs(x: torch.Tensor, t: torch.Tensor, ctx: str) -> dict[str, Any]:
+        return dict(hidden_states=torch.cat([x, ref], 1) if edit else x, encoder_hidden_states=text[ctx],
+                    encoder_hidden_states_mask=mask, timestep=t / 1000, img_shapes=shapes)
+
+    return LoopPipeline(model, inputs, (1, 16, 8), ("cond", "uncond"), output=lambda out: out[:, :16])
+
+
+def chroma_pipe() -> LoopPipeline:
+    """Chroma-like (FLUX.1-schnell derived, no guidance embedding, modulation from an approximator)."""
+    torch.manual_seed(0)
+    model = diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1)
+    text, img_ids, txt_ids = randn(1, 6, 16), ids_2d(4, 4), torch.zeros(6, 3)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000,
+                                                     img_ids=img_ids, txt_ids=txt_ids), (1, 16, 4))
+
+
+def wan_like_pipe(cls: str, **extra: Any) -> LoopPipeline:
+    """A Wan-style video transformer: 2 latent frames of 4x4 (4 channels) -> 8 tokens, 6 text tokens, true CFG."""
+    torch.manual_seed(0)
+    model = getattr(diffusers, cls)(**WAN_TINY, **extra)
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    control = randn(1, extra.get("vace_in_channels", 1), 2, 4, 4, seed=3)
+
+    def inputs(x: torch.Tensor, t: torch.Tensor, ctx: str) -> dict[str, Any]:
+        kw = dict(hidden_states=x, timestep=t, encoder_hidden_states=text[ctx])
+        if "vace_layers" in extra:
+            kw["control_hidden_states"] = control
+        return kw
+
+    return LoopPipeline(model, inputs, (1, 4, 2, 4, 4), ("cond", "uncond"))
+
+
+def skyreels_v2_pipe() -> LoopPipeline:
+    return wan_like_pipe("SkyReelsV2Transformer3DModel")
+
+
+def wan_vace_pipe() -> LoopPipeline:
+    """Wan VACE: control (reference/mask) latents enter through VACE blocks whose hints are added after blocks 0, 1."""
+    return wan_like_pipe("WanVACETransformer3DModel", vace_layers=[0, 1], vace_in_channels=4)
+
+
+def chronoedit_pipe() -> LoopPipeline:
+    return wan_like_pipe("ChronoEditTransformer3DModel")
+
+
+def ltx_pipe() -> LoopPipeline:
+    """LTX-Video-like: 2 latent frames of 4x4 (4 channels) as 32 tokens, 6 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16)
+    text, mask = randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask, num_frames=2, height=4,
+        width=4), (1, 32, 4))
+
+
+def mochi_pipe() -> LoopPipeline:
+    """Mochi-like: asymmetric joint attention (video 16, text 8 wide)."""
+    torch.manual_seed(0)
+    model = diffusers.MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu", max_sequence_length=6)
+    text, mask = randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t,
+                                                     encoder_attention_mask=mask), (1, 4, 2, 4, 4))
+
+
+def cogview4_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=4, sample_size=8, pos_embed_max_size=8,
+        rope_axes_dim=(4, 4))
+    text, size, crop = randn(1, 6, 16), torch.tensor([[16.0, 16.0]]), torch.tensor([[0.0, 0.0]])
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t,
+                                                     original_size=size, target_size=size, crop_coords=crop),
+                        (1, 4, 8, 8))
+
+
+def flux_like_pipe(cls: str, pooled: int | None = None, **extra: Any) -> LoopPipeline:
+    """A FLUX.1-style transformer (Bria, LongCat-Image, Ovis-Image): 4x4 tokens of 4 channels, 6 text tokens."""
+    torch.manual_seed(0)
+    model = getattr(diffusers, cls)(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, **extra)
+    text, img_ids, txt_ids = randn(1, 6, 16), ids_2d(4, 4), torch.zeros(6, 3)
+
+    def inputs(x: torch.Tensor, t: torch.Tensor, _: str) -> dict[str, Any]:
+        kw = dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids)
+        if pooled:
+            kw["pooled_projections"] = randn(1, pooled, seed=4)
+        return kw
+
+    return LoopPipeline(model, inputs, (1, 16, 4))
+
+
+def bria_pipe() -> LoopPipeline:
+    return flux_like_pipe("BriaTransformer2DModel", axes_dims_rope=[2, 2, 4])
+
+
+def longcat_image_pipe() -> LoopPipeline:
+    return flux_like_pipe("LongCatImageTransformer2DModel", pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+
+
+def ovis_image_pipe() -> LoopPipeline:
+    return flux_like_pipe("OvisImageTransformer2DModel", out_channels=4, axes_dims_rope=(2, 2, 4))
+
+
+def hunyuan_image_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4))
+    text, mask = randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                                                     encoder_attention_mask=mask), (1, 4, 4, 4))
+
+
+def hunyuan_video15_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
+        text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 2, 2), task_type="t2v")
+    text, mask = randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)
+    text2, mask2 = randn(1, 4, 8, seed=2), torch.ones(1, 4, dtype=torch.long)
+    cond = torch.zeros(1, 5, 2, 4, 4)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, cond], 1), timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
+        encoder_hidden_states_2=text2, encoder_attention_mask_2=mask2, image_embeds=torch.zeros(1, 3, 8)),
+        (1, 4, 2, 4, 4))
+
+
+def allegro_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=16, sample_height=8, sample_width=8, sample_frames=2, caption_channels=16)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t),
+                        (1, 4, 2, 8, 8))
+
+
+def sana_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t),
+                        (1, 4, 8, 8))
+
+
+def lumina2_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(16, 16, 16),
+        cap_feat_dim=16)
+    text, mask = randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t / 1000, encoder_hidden_states=text,
+                                                     encoder_attention_mask=mask), (1, 4, 8, 8))
+
+
+def cosmos_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, text_embed_dim=16,
+        adaln_lora_dim=4, max_size=(4, 8, 8), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False, extra_pos_embed_type="learnable")
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                                                     ), (1, 4, 2, 8, 8))
+
+
+def flux_kontext_pipe() -> LoopPipeline:
+    """FLUX.1 Kontext-like editing: the reference image's 16 tokens (image index 1 in ``img_ids``) are appended to the
+    16 noisy latent tokens; the prediction is the output's first 16 tokens."""
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    text, pooled, ref = randn(1, 6, 16), randn(1, 16, seed=2), randn(1, 16, 4, seed=3)
+    img_ids, txt_ids = torch.cat([ids_2d(4, 4), ids_2d(4, 4, offset=1.0)]), torch.zeros(6, 3)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, ref], 1), encoder_hidden_states=text, pooled_projections=pooled,
+        timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=torch.full_like(t, 2.5)), (1, 16, 4),
+        output=lambda out: out[:, :16])
+
+
+def wan_i2v_pipe() -> LoopPipeline:
+    """Wan 2.1 image-to-video-like: the conditioning frame's latents and mask (5 channels) are concatenated to the
+    noisy latents' channels, and 4 CLIP image tokens join the text in the cross-attention (``image_dim``)."""
+    torch.manual_seed(0)
+    tiny = {**WAN_TINY, "in_channels": 9}
+    model = WanTransformer3DModel(**tiny, cross_attn_norm=True, image_dim=8, added_kv_proj_dim=16)
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    image, cond = randn(1, 4, 8, seed=3), randn(1, 5, 2, 4, 4, seed=4)
+    return LoopPipeline(model, lambda x, t, ctx: dict(
+        hidden_states=torch.cat([x, cond], 1), timestep=t, encoder_hidden_states=text[ctx],
+        encoder_hidden_states_image=image), (1, 4, 2, 4, 4), ("cond", "uncond"))
+
+
+def glm_image_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=4, prior_vq_quantizer_codebook_size=32)
+    text, size, crop = randn(1, 6, 16), torch.tensor([[16.0, 16.0]]), torch.tensor([[0.0, 0.0]])
+    prior = torch.randint(0, 32, (1, 16), generator=torch.Generator().manual_seed(5))
+    no_drop = torch.zeros(1, 16, dtype=torch.bool)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, prior_token_id=prior, prior_token_drop=no_drop, timestep=t,
+        target_size=size, crop_coords=crop), (1, 4, 8, 8))
+
+
+def helios_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    tiny = {k: v for k, v in WAN_TINY.items() if k != "rope_max_seq_len"}
+    model = diffusers.HeliosTransformer3DModel(**tiny, rope_dim=(4, 2, 2))
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t, encoder_hidden_states=text),
+                        (1, 4, 2, 4, 4))
+
+
+def qwen_image21_pipe() -> LoopPipeline:
+    """Qwen-Image 2.1-like (one joint sequence, block-causal attention): 2x2 target latents (4 channels) after 4
+    text tokens and one vision slot; no KV cache (every step computes the whole sequence)."""
+    torch.manual_seed(0)
+    model = diffusers.QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=8, mlp_ratio=2, axes_dims_rope=(4, 6, 6))
+    text, mask = randn(1, 4, 8), torch.ones(1, 4, dtype=torch.long)
+    img_mask = torch.zeros(1, 5, dtype=torch.bool)
+    img_mask[:, 4:] = True
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t / 1000,
+        img_shapes=[[(1, 2, 2)]], img_mask=img_mask), (1, 4, 4), output=lambda out: out[:, -4:])
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], Any]
+    kwargs: Callable[[], dict[str, Any]]
+    contexts: tuple[str, ...]  # the call contexts the pipeline's transformer calls run in
+
+
+CASES = {
+    "dit": Case(dit_pipe, dit_kwargs, ("default",)),
+    "flux": Case(flux_pipe, flux_kwargs, ("cond",)),  # FluxPipeline names its (only) call "cond"
+    "sd3": Case(sd3_pipe, sd3_kwargs, ("default",)),
+    "pixart": Case(pixart_pipe, pixart_kwargs, ("default",)),
+    "hunyuan_video": Case(hunyuan_pipe, hunyuan_kwargs, ("cond", "uncond")),
+    "wan": Case(wan_pipe, wan_kwargs, ("cond", "uncond")),
+    "cogvideox": Case(cogvideox_pipe, cogvideox_kwargs, ("cond_uncond",)),
+    "latte": Case(latte_pipe, latte_kwargs, ("default",)),
+    # the bare transformer in LoopPipeline (no VAE, no text encoder): contexts as LoopPipeline names them
+    "flux2": Case(flux2_pipe, no_kwargs, ("cond",)),
+    "qwen_image": Case(qwen_image_pipe, no_kwargs, ("cond", "uncond")),
+    "qwen_image_edit": Case(functools.partial(qwen_image_pipe, edit=True), no_kwargs, ("cond", "uncond")),
+    "chroma": Case(chroma_pipe, no_kwargs, ("cond",)),
+    "bria": Case(bria_pipe, no_kwargs, ("cond",)),
+    "longcat_image": Case(longcat_image_pipe, no_kwargs, ("cond",)),
+    "ovis_image": Case(ovis_image_pipe, no_kwargs, ("cond",)),
+    "hunyuan_image": Case(hunyuan_image_pipe, no_kwargs, ("cond",)),
+    "hunyuan_video15": Case(hunyuan_video15_pipe, no_kwargs, ("cond",)),
+    "mochi": Case(mochi_pipe, no_kwargs, ("cond",)),
+    "cogview4": Case(cogview4_pipe, no_kwargs, ("cond",)),
+    "ltx": Case(ltx_pipe, no_kwargs, ("cond",)),
+    "allegro": Case(allegro_pipe, no_kwargs, ("cond",)),
+    "sana": Case(sana_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "cosmos": Case(cosmos_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "lumina2": Case(lumina2_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "skyreels_v2": Case(skyreels_v2_pipe, no_kwargs, ("cond", "uncond")),
+    "chronoedit": Case(chronoedit_pipe, no_kwargs, ("cond", "uncond")),
+    "wan_vace": Case(wan_vace_pipe, no_kwargs, ("cond", "uncond")),
+    "flux_kontext": Case(flux_kontext_pipe, no_kwargs, ("cond",)),  # FLUX.1 with reference-image tokens
+    "wan_i2v": Case(wan_i2v_pipe, no_kwargs, ("cond", "uncond")),  # Wan with image tokens in the cross-attention
+    "glm_image": Case(glm_image_pipe, no_kwargs, ("cond",)),
+    "helios": Case(helios_pipe, no_kwargs, ("cond",)),
+    "qwen_image21": Case(qwen_image21_pipe, no_kwargs, ("cond",)),
+}

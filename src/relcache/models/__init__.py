@@ -1,7 +1,9 @@
-"""Models: adapters that say which modules of a transformer to cache, one file per model family.
+"""Models: adapters that say which modules of a transformer to cache.
 
-Every module in this folder except ``base`` is imported here (packages are not), and each registers its adapter
-on import, so adding a model family is adding one file (docs/custom-models.md).
+Most families are one declarative ``ModelRow`` in ``families.py``, read by the generic ``TableAdapter`` through the
+shape table in ``base``; a family that needs code has its own file (dit.py, flux.py, sd3.py). Every module in this
+folder except ``base`` is imported here (packages are not), and each registers its adapters on import
+(docs/custom-models.md).
 """
 
 import importlib

@@ -4,9 +4,10 @@ A cached module's *input* is the tensor it receives (for DiT: the adaLN-modulate
 stream) and its *output* is what it returns, before the block applies its gate and residual add. The block's
 own code keeps running around the module, so gates, norms and residuals are always recomputed.
 
-Here too: the registry (``register_adapter``, ``find_adapter``, ``supported_models``) and what several adapters share
-(block tables, the joint two-stream input, ``modules_of_blocks``, the feed-forward-chunking guard). An adapter file
-imports only this module from the models package.
+Here too: the registry (``register_adapter``, ``find_adapter``, ``supported_models``), the table of block shapes
+(``SHAPES``) that one generic adapter (``TableAdapter``) reads from a declarative ``ModelRow`` per model family, and
+what several adapters share (the joint two-stream input, ``modules_of_blocks``, the feed-forward-chunking guard).
+An adapter file imports only this module from the models package.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class Adapter:
         skip-layer guidance pass): it runs as the plain model, counts no step and touches no cache."""
         return False
 
+    def pipeline_transformers(self, pipeline: Any) -> list[tuple[str, nn.Module]]:
+        """The ``(attribute, transformer)`` pairs of ``pipeline`` that one generation runs, in the order the
+        generation first calls them (Wan 2.2's high-noise expert ``transformer``, then the low-noise expert
+        ``transformer_2``). The default: ``pipeline.transformer`` only."""
+        return [("transformer", pipeline.transformer)]
+
     def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
         """For CFG-Cache's 2-D FFT over image space: a pair of functions turning the transformer's output into a
         ``(..., H, W)`` layout and back, for models whose output is a token sequence (FLUX). None (the default):
@@ -116,18 +123,6 @@ def find_adapter(model: nn.Module, adapter: Adapter | None = None) -> Adapter:
 
 # -- what adapters share: block tables, input functions, module lists ----------------------------------------------
 
-#: ``(attr, kind)`` pairs in execution order, per kind of block. diffusers' ``BasicTransformerBlock`` (DiT, PixArt,
-#: Latte's spatial blocks): self-attention, cross-attention (absent in DiT's blocks), feed-forward.
-BASIC_BLOCK_MODULES = (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "mlp"))
-#: dual-stream blocks (FLUX, HunyuanVideo): the joint attention, then the image (video) and text MLPs
-DUAL_BLOCK_MODULES = (("attn", "attn"), ("ff", "mlp"), ("ff_context", "mlp"))
-#: single-stream blocks (FLUX, HunyuanVideo): ``proj_mlp`` runs before ``attn``
-SINGLE_BLOCK_MODULES = (("proj_mlp", "mlp"), ("attn", "attn"))
-
-#: ``(blocks, prefix, (attr, kind) pairs)``: one kind of block of a model, its cached modules and their names' prefix
-BlockGroup = tuple[Sequence[nn.Module], str, Sequence[tuple[str, str]]]
-
-
 def joint_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs of a joint (two-stream) attention, ``(hidden_states, encoder_hidden_states)`` by keyword or position,
     paired element-wise with its ``(image_out, text_out)`` (FLUX, SD3, HunyuanVideo, CogVideoX)."""
@@ -142,33 +137,13 @@ def with_joint_inputs(modules: list[CachedModule], attrs: tuple[str, ...] = ("at
     return [replace(m, input_of=joint_inputs) if m.name.rsplit(".", 1)[-1] in attrs else m for m in modules]
 
 
-def modules_of_layers(*groups: BlockGroup) -> list[CachedModule]:
-    """Cached modules ``<prefix>.<i>.<attr>`` of several kinds of blocks that alternate layer by layer (Latte: spatial
-    block ``i``, then temporal block ``i``): layer ``i`` of each group in turn, its ``(attr, kind)`` pairs in order.
-    Attributes a block lacks (or holds as None) are skipped; groups of different lengths are a ``ValueError``."""
-    out = []
-    for i, layer in enumerate(zip(*(blocks for blocks, _, _ in groups), strict=True)):
-        for block, (_, prefix, attrs) in zip(layer, groups, strict=True):
-            for attr, kind in attrs:
-                module = getattr(block, attr, None)
-                if module is not None:
-                    out.append(CachedModule(f"{prefix}.{i}.{attr}", module, kind))
-    return out
-
-
 def modules_of_blocks(
     blocks: Sequence[nn.Module], prefix: str, attrs: Sequence[tuple[str, str]]
 ) -> list[CachedModule]:
-    """Cached modules ``block.<attr>`` of each block, for ``(attr, kind)`` pairs in execution order."""
-    return modules_of_layers((blocks, prefix, attrs))
-
-
-def dual_then_single_stream_modules(model: nn.Module, joint_single: bool) -> list[CachedModule]:
-    """FLUX's and HunyuanVideo's layout: ``transformer_blocks`` (dual-stream, the joint attention taking both streams)
-    then ``single_transformer_blocks``, whose ``attn`` also takes both streams where ``joint_single`` (HunyuanVideo)."""
-    dual = modules_of_blocks(model.transformer_blocks, "transformer_blocks", DUAL_BLOCK_MODULES)
-    single = modules_of_blocks(model.single_transformer_blocks, "single_transformer_blocks", SINGLE_BLOCK_MODULES)
-    return with_joint_inputs(dual) + (with_joint_inputs(single) if joint_single else single)
+    """Cached modules ``<prefix>.<i>.<attr>`` of each block, for ``(attr, kind)`` pairs in execution order (for
+    hand-written adapters; attributes a block lacks or holds as None are skipped)."""
+    return [CachedModule(f"{prefix}.{i}.{attr}", getattr(block, attr), kind) for i, block in enumerate(blocks)
+            for attr, kind in attrs if getattr(block, attr, None) is not None]
 
 
 def refuse_ff_chunking(blocks: Iterable[nn.Module]) -> None:
@@ -179,3 +154,155 @@ def refuse_ff_chunking(blocks: Iterable[nn.Module]) -> None:
             "feed-forward chunking (set_chunk_feed_forward / enable_forward_chunking) calls ff several times per "
             "step; disable it (disable_forward_chunking, or chunk_size=None) before enabling relcache"
         )
+
+
+# -- the shape table: one generic adapter reads a declarative row per model family ---------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One cached module of a block: its attribute (dotted for a sub-module), its kind and what its input is.
+
+    ``joint``: the module takes two streams, ``(hidden_states, encoder_hidden_states)`` by keyword or position, and
+    returns ``(image_out, text_out)``, each output paired with its own stream's input (docs/spec.md, "Input and
+    output"). Otherwise the input is the first positional argument or ``hidden_states=``."""
+
+    attr: str
+    kind: str
+    joint: bool = False
+
+
+#: the block shapes relcache knows, each the ``Slot`` s of one block in execution order. A slot a block lacks (or
+#: holds as None) is skipped, so optional modules (SD3.5's ``attn2``, DiT's missing ``attn2``) need no own shape.
+SHAPES: dict[str, tuple[Slot, ...]] = {
+    # diffusers' BasicTransformerBlock (DiT, PixArt, Latte's spatial blocks): self-attn, cross-attn, feed-forward
+    "basic": (Slot("attn1", "attn"), Slot("attn2", "cross_attn"), Slot("ff", "mlp")),
+    # a self-attention block without cross-attention (Latte's temporal blocks)
+    "self_attn_ff": (Slot("attn1", "attn"), Slot("ff", "mlp")),
+    # self-attention, cross-attention to the text, feed-forward named ``ffn`` (Wan, SkyReels-V2)
+    "cross_attn_ffn": (Slot("attn1", "attn"), Slot("attn2", "cross_attn"), Slot("ffn", "mlp")),
+    # double-stream block: joint attention over both streams, then the image and text MLPs (FLUX, HunyuanVideo)
+    "double_stream": (Slot("attn", "attn", joint=True), Slot("ff", "mlp"), Slot("ff_context", "mlp")),
+    # MMDiT block (SD3): the joint attention, SD3.5's image-only ``attn2``, the two MLPs
+    "mmdit": (Slot("attn", "attn", joint=True), Slot("attn2", "attn"), Slot("ff", "mlp"),
+              Slot("ff_context", "mlp")),
+    # single-stream block on one joint sequence: the MLP's input matmul, then the attention (FLUX)
+    "single_stream": (Slot("proj_mlp", "mlp"), Slot("attn", "attn")),
+    # the same, the attention taking the sequence split back into its two streams (HunyuanVideo)
+    "single_stream_joint": (Slot("proj_mlp", "mlp"), Slot("attn", "attn", joint=True)),
+    # expert block (CogVideoX): joint attention, then one feed-forward over the concatenated streams
+    "joint_attn_ff": (Slot("attn1", "attn", joint=True), Slot("ff", "mlp")),
+    # double-stream block with the MLPs named per stream (Qwen-Image)
+    "double_stream_img_txt": (Slot("attn", "attn", joint=True), Slot("img_mlp", "mlp"), Slot("txt_mlp", "mlp")),
+    # double-stream block with the joint attention named ``attn1`` (Mochi; its last block has no text MLP)
+    "double_stream_attn1": (Slot("attn1", "attn", joint=True), Slot("ff", "mlp"), Slot("ff_context", "mlp")),
+    # single-stream block whose one module fuses attention and MLP (FLUX.2's parallel block: QKV and MLP input in
+    # one matmul, one output projection over both branches)
+    "single_stream_fused": (Slot("attn", "attn"),),
+    # joint attention only (CogView4: its block calls ``ff`` twice, once per stream, so the MLP is not cacheable)
+    "joint_attn": (Slot("attn1", "attn", joint=True),),
+    # single-stream block over one text+image sequence with the MLP named ``img_mlp`` (Qwen-Image 2.1)
+    "single_stream_img_mlp": (Slot("attn", "attn"), Slot("img_mlp", "mlp")),
+    # self-attention and feed-forward named ``attn`` and ``feed_forward`` (Lumina2)
+    "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),
+}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One kind of block of a model: the attribute holding them (a dotted path) and their shape (a ``SHAPES`` key
+    or the slots themselves)."""
+
+    attr: str
+    shape: str | tuple[Slot, ...]
+
+    def slots(self) -> tuple[Slot, ...]:
+        """The shape's slots."""
+        if isinstance(self.shape, str):
+            if self.shape not in SHAPES:
+                raise ConfigError(f"unknown block shape {self.shape!r}; known shapes: {', '.join(SHAPES)}")
+            return SHAPES[self.shape]
+        return self.shape
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """A model family as data: which transformer classes, which blocks (in execution order) of which shape.
+
+    ``interleave``: the groups alternate layer by layer (Latte: spatial block ``i``, then temporal block ``i``)
+    instead of running one after the other. ``refuse_chunking``: the blocks offer diffusers' feed-forward chunking,
+    which calls ``ff`` several times per call, so enabling refuses it. ``family`` and ``pipeline`` are for the
+    README's table (scripts/supported_models.py)."""
+
+    family: str
+    pipeline: str
+    model_classes: tuple[str, ...]
+    groups: tuple[Blocks, ...]
+    interleave: bool = False
+    refuse_chunking: bool = False
+    cfg_cond_first: bool = False
+    #: the pipeline attributes holding the transformers one generation runs, in the order it first calls them
+    #: (Wan 2.2: ``("transformer", "transformer_2")``, the high-noise then the low-noise expert); absent or None
+    #: attributes are skipped (Wan 2.1 pipelines hold ``transformer_2=None``)
+    experts: tuple[str, ...] = ("transformer",)
+
+
+def _resolve_blocks(model: nn.Module, attr: str) -> Sequence[nn.Module]:
+    try:
+        return model.get_submodule(attr)
+    except AttributeError as err:
+        raise ConfigError(f"{type(model).__name__} has no block list {attr!r}") from err
+
+
+def modules_of_row(model: nn.Module, row: ModelRow) -> list[CachedModule]:
+    """The cached modules a row names on ``model``, in execution order."""
+    groups = [(_resolve_blocks(model, g.attr), g.attr, g.slots()) for g in row.groups]
+    if row.refuse_chunking:
+        refuse_ff_chunking(block for blocks, _, _ in groups for block in blocks)
+    out: list[CachedModule] = []
+    layered = [groups] if row.interleave else [[g] for g in groups]
+    for layer_groups in layered:
+        for i, layer in enumerate(zip(*(blocks for blocks, _, _ in layer_groups), strict=True)):
+            for block, (_, prefix, slots) in zip(layer, layer_groups, strict=True):
+                for slot in slots:
+                    try:
+                        module = block.get_submodule(slot.attr)
+                    except AttributeError:
+                        continue
+                    fn = joint_inputs if slot.joint else first_tensor_input
+                    out.append(CachedModule(f"{prefix}.{i}.{slot.attr}", module, slot.kind, fn))
+    return out
+
+
+class TableAdapter(Adapter):
+    """The generic adapter: caches what its ``ModelRow`` names. Subclass it for what a row cannot say (an extra
+    call, a spatial grid, shared modules); a subclass may set ``default_row`` so that it is built without one."""
+
+    default_row: ModelRow | None = None
+
+    def __init__(self, row: ModelRow | None = None) -> None:
+        row = row if row is not None else type(self).default_row
+        if row is None:
+            raise TypeError(f"{type(self).__name__} needs a ModelRow")
+        self.row = row
+        self.model_classes = row.model_classes
+        self.cfg_cond_first = row.cfg_cond_first
+
+    def cached_modules(self, model: nn.Module) -> list[CachedModule]:
+        return modules_of_row(model, self.row)
+
+    def pipeline_transformers(self, pipeline: Any) -> list[tuple[str, nn.Module]]:
+        found = [(attr, getattr(pipeline, attr, None)) for attr in self.row.experts]
+        return [(attr, model) for attr, model in found if isinstance(model, nn.Module)]
+
+
+def register_row(row: ModelRow | None = None, adapter_class: type[TableAdapter] = TableAdapter) -> TableAdapter:
+    """Register the generic adapter (or ``adapter_class``) for ``row`` (default: the class's ``default_row``)."""
+    adapter = adapter_class(row)
+    register_adapter(adapter)
+    return adapter
+
+
+def registered_rows() -> list[ModelRow]:
+    """The rows of every registered table adapter, in registration order (the README's table)."""
+    return [a.row for a in reversed(_ADAPTERS) if isinstance(a, TableAdapter)]

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import BASIC_BLOCK_MODULES, Adapter, CachedModule, modules_of_blocks, refuse_ff_chunking, register_adapter
+from .base import Blocks, ModelRow, TableAdapter, register_row
 
 
-class DiTAdapter(Adapter):
-    """Caches every block's self-attention, cross-attention (if any) and feed-forward."""
+class DiTAdapter(TableAdapter):
+    """Caches every block's self-attention, cross-attention (if any) and feed-forward; computes the per-block copies
+    of the timestep-and-class embedding once per call."""
 
-    model_classes = ("DiTTransformer2DModel",)
-    cfg_cond_first = True  # DiTPipeline: torch.cat([latents] * 2) with labels cat([class_labels, class_null])
-
-    def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        refuse_ff_chunking(model.transformer_blocks)
-        return modules_of_blocks(model.transformer_blocks, "transformer_blocks", BASIC_BLOCK_MODULES)
+    # DiTPipeline batches CFG conditional half first: cat([latents] * 2) with labels cat([class_labels, class_null])
+    default_row = ModelRow("DiT", "DiTPipeline", ("DiTTransformer2DModel",), (Blocks("transformer_blocks", "basic"),),
+                           refuse_chunking=True, cfg_cond_first=True)
 
     def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:
         """Every block's adaLN-zero embedding of timestep and class (``norm1.emb``): the converted DiT
@@ -28,4 +26,4 @@ class DiTAdapter(Adapter):
         return [embs] if len(embs) > 1 else []
 
 
-register_adapter(DiTAdapter())
+register_row(adapter_class=DiTAdapter)

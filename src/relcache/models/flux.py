@@ -18,18 +18,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from .base import Adapter, CachedModule, SpatialGrid, dual_then_single_stream_modules, register_adapter
+from .base import Blocks, ModelRow, SpatialGrid, TableAdapter, register_row
 
 
-class FluxAdapter(Adapter):
-    """Caches FLUX's joint attention, image and text MLPs, and the single blocks' attention and MLP input matmul."""
+class FluxAdapter(TableAdapter):
+    """Caches FLUX's joint attention, image and text MLPs, and the single blocks' attention and MLP input matmul;
+    gives CFG-Cache the latent grid of FLUX's packed tokens."""
 
-    model_classes = ("FluxTransformer2DModel",)
-
-    def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        return dual_then_single_stream_modules(model, joint_single=False)  # single blocks' attn: one joint sequence
+    default_row = ModelRow(
+        "FLUX.1 (dev, schnell, Kontext, Fill)", "FluxPipeline, FluxKontextPipeline, FluxFillPipeline",
+        ("FluxTransformer2DModel",),
+        (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream")),
+    )
 
     def spatial_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpatialGrid | None:
         """FLUX outputs packed tokens ``(B, h·w, C)`` in row-major order of the latent grid, whose row and column
@@ -60,4 +61,4 @@ class FluxAdapter(Adapter):
         return to_grid, to_tokens
 
 
-register_adapter(FluxAdapter())
+register_row(adapter_class=FluxAdapter)

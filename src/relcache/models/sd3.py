@@ -11,26 +11,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from .base import Adapter, CachedModule, modules_of_blocks, refuse_ff_chunking, register_adapter, with_joint_inputs
-
-SD3_BLOCK_MODULES = (("attn", "attn"), ("attn2", "attn"), ("ff", "mlp"), ("ff_context", "mlp"))
+from .base import Blocks, ModelRow, TableAdapter, register_row
 
 
-class SD3Adapter(Adapter):
-    """Caches every MMDiT block's joint attention, SD3.5's extra attention, and both MLPs."""
+class SD3Adapter(TableAdapter):
+    """Caches every MMDiT block's joint attention, SD3.5's extra attention, and both MLPs; leaves skip-layer
+    guidance's extra calls alone."""
 
-    model_classes = ("SD3Transformer2DModel",)
-    cfg_cond_first = False  # the pipeline batches torch.cat([negative_prompt_embeds, prompt_embeds])
-
-    def cached_modules(self, model: nn.Module) -> list[CachedModule]:
-        refuse_ff_chunking(model.transformer_blocks)
-        return with_joint_inputs(modules_of_blocks(model.transformer_blocks, "transformer_blocks", SD3_BLOCK_MODULES))
+    # the pipeline batches CFG unconditional half first: torch.cat([negative_prompt_embeds, prompt_embeds])
+    default_row = ModelRow("Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline", ("SD3Transformer2DModel",),
+                           (Blocks("transformer_blocks", "mmdit"),), refuse_chunking=True)
 
     def extra_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """SD3.5's skip-layer guidance calls the transformer a second time at some steps, with ``skip_layers``."""
         return bool(kwargs.get("skip_layers"))
 
 
-register_adapter(SD3Adapter())
+register_row(adapter_class=SD3Adapter)

@@ -1,0 +1,108 @@
+"""The model families served by the generic adapter alone: one declarative ``ModelRow`` each (base.py's shape table).
+
+Each row says which transformer classes it serves, which block lists the transformer runs (in execution order) and
+their shape; a family whose blocks fit no shape gets its own file with a ``TableAdapter`` subclass or an
+``Adapter`` (dit.py, flux.py, sd3.py). What each module's input is, per family, is noted beside its row; the shapes'
+inputs are in base.py and docs/spec.md ("Input and output").
+"""
+
+from __future__ import annotations
+
+from .base import Blocks, ModelRow, register_row
+
+ROWS = (
+    # PixArt-alpha/sigma: BasicTransformerBlock with ada_norm_single. attn1 and ff get the norm of the residual stream
+    # modulated by the shared adaLN-single table; attn2 (cross-attention to the T5 tokens) gets the residual stream
+    # itself (no norm, no gate). Outputs are taken before gates and residual adds.
+    ModelRow("PixArt", "PixArtAlphaPipeline, PixArtSigmaPipeline", ("PixArtTransformer2DModel",),
+             (Blocks("transformer_blocks", "basic"),), refuse_chunking=True),
+    # Latte: layer i runs the spatial block on every frame (batch B·F: attn1, attn2, ff), then the temporal block
+    # on every patch position (batch B·P: attn1, ff). attn1 and ff get the modulated norm, attn2 the residual
+    # stream. Both leading dimensions are batch-major, so per-sample norms never mix videos or CFG halves.
+    ModelRow("Latte", "LattePipeline", ("LatteTransformer3DModel",),
+             (Blocks("transformer_blocks", "basic"), Blocks("temporal_transformer_blocks", "self_attn_ff")),
+             interleave=True, refuse_chunking=True),
+    # HunyuanVideo: dual-stream blocks (joint attention, video and text MLPs on their modulated norms), then
+    # single-stream blocks running proj_mlp and attn on one modulated norm of the video+text sequence; attn gets it
+    # split back into the two streams. proj_out (shared by both branches, not separable) and act_mlp run at every
+    # step; so does the text refiner (small, text only). The token-replace (I2V) variant has the same layout.
+    ModelRow("HunyuanVideo", "HunyuanVideoPipeline, HunyuanVideoImageToVideoPipeline",
+             ("HunyuanVideoTransformer3DModel",),
+             (Blocks("transformer_blocks", "double_stream"),
+              Blocks("single_transformer_blocks", "single_stream_joint"))),
+    # Wan 2.1 / 2.2: attn1 (self-attention with RoPE) on the modulated norm, attn2 (cross-attention to the text, and
+    # to the image tokens for image-to-video) on the optionally normed residual stream, ffn on the modulated norm.
+    # Wan 2.2's A14B pipelines hold two experts, transformer (high noise, the first steps) and transformer_2 (low
+    # noise): both are listed; the runtime's support for spanning them is described in docs/custom-models.md.
+    ModelRow("Wan 2.1 / 2.2", "WanPipeline, WanImageToVideoPipeline", ("WanTransformer3DModel",),
+             (Blocks("blocks", "cross_attn_ffn"),), experts=("transformer", "transformer_2")),
+    # CogVideoX: attn1 is the joint attention over the modulated norms of the video and text streams (returns
+    # (video_out, text_out)); ff runs once on the concatenation [norm_text; norm_video]: one module, one input.
+    ModelRow("CogVideoX", "CogVideoXPipeline, CogVideoXImageToVideoPipeline", ("CogVideoXTransformer3DModel",),
+             (Blocks("transformer_blocks", "joint_attn_ff"),)),
+    # FLUX.2: FLUX-style double-stream blocks, then single-stream blocks whose attn fuses attention and MLP (one
+    # module on the modulated norm of the text+image sequence, returning the output before the gate). Reference
+    # images (FLUX.2 editing) are extra image tokens: part of the sequences the modules see.
+    ModelRow("FLUX.2", "Flux2Pipeline", ("Flux2Transformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"),
+              Blocks("single_transformer_blocks", "single_stream_fused"))),
+    # Qwen-Image (and Qwen-Image-Edit: the reference image's tokens are appended to the image stream, so the joint
+    # attention and img_mlp see them): joint attention over the modulated image and text norms, then per-stream MLPs.
+    ModelRow("Qwen-Image", "QwenImagePipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline",
+             ("QwenImageTransformer2DModel",), (Blocks("transformer_blocks", "double_stream_img_txt"),)),
+    # Qwen-Image 2.1: one text+image sequence per block (block-causal attention), attn and img_mlp on its modulated
+    # norm. With the pipeline's KV cache the first step sees prefix + target tokens and later steps the target
+    # only: the shape change makes the modules run and record at the next step (docs/spec.md, "Cached modules").
+    ModelRow("Qwen-Image 2.1", "QwenImage21Pipeline", ("QwenImage21Transformer2DModel",),
+             (Blocks("transformer_blocks", "single_stream_img_mlp"),)),
+    # FLUX.1-style derivatives: the same double- then single-stream layout and module names as FLUX.1
+    ModelRow("Chroma", "ChromaPipeline", ("ChromaTransformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream"))),
+    ModelRow("Bria", "BriaPipeline", ("BriaTransformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream"))),
+    ModelRow("LongCat-Image", "LongCatImagePipeline, LongCatImageEditPipeline", ("LongCatImageTransformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream"))),
+    ModelRow("Ovis-Image", "OvisImagePipeline", ("OvisImageTransformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream"))),
+    # HunyuanImage 2.1: HunyuanVideo's layout (single blocks' attn takes the two streams split back)
+    ModelRow("HunyuanImage", "HunyuanImagePipeline", ("HunyuanImageTransformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"),
+              Blocks("single_transformer_blocks", "single_stream_joint"))),
+    # HunyuanVideo 1.5: double-stream blocks only
+    ModelRow("HunyuanVideo 1.5", "HunyuanVideo15Pipeline, HunyuanVideo15ImageToVideoPipeline",
+             ("HunyuanVideo15Transformer3DModel",), (Blocks("transformer_blocks", "double_stream"),)),
+    # Mochi: asymmetric double-stream blocks (the text stream narrower); the last block has no text MLP
+    ModelRow("Mochi", "MochiPipeline", ("MochiTransformer3DModel",),
+             (Blocks("transformer_blocks", "double_stream_attn1"),)),
+    # CogView4: joint attention only; the block calls one ff on each stream in turn (two calls: not cacheable)
+    ModelRow("CogView4", "CogView4Pipeline, CogView4ControlPipeline", ("CogView4Transformer2DModel",),
+             (Blocks("transformer_blocks", "joint_attn"),)),
+    # BasicTransformerBlock-like blocks: attn1 on the modulated norm, attn2 to the text, ff on the modulated norm
+    ModelRow("LTX-Video", "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
+             ("LTXVideoTransformer3DModel",), (Blocks("transformer_blocks", "basic"),)),
+    ModelRow("Allegro", "AllegroPipeline", ("AllegroTransformer3DModel",), (Blocks("transformer_blocks", "basic"),)),
+    # Sana: linear self-attention, cross-attention, and a convolutional MLP (GLUMBConv) called on the modulated norm
+    # reshaped to (B, C, H, W)
+    ModelRow("Sana", "SanaPipeline, SanaSprintPipeline", ("SanaTransformer2DModel",),
+             (Blocks("transformer_blocks", "basic"),)),
+    ModelRow("Cosmos", "CosmosTextToWorldPipeline, Cosmos2TextToImagePipeline, Cosmos2VideoToWorldPipeline",
+             ("CosmosTransformer3DModel",), (Blocks("transformer_blocks", "basic"),)),
+    # Lumina2: the main layers only; the two refiners (text-only context refiner, image-only noise refiner) are
+    # small and run at every step
+    ModelRow("Lumina2", "Lumina2Pipeline", ("Lumina2Transformer2DModel",), (Blocks("layers", "attn_feed_forward"),)),
+    # GLM-Image: CogView4's block layout (ff called once per stream: the joint attention only)
+    ModelRow("GLM-Image", "GlmImagePipeline", ("GlmImageTransformer2DModel",),
+             (Blocks("transformer_blocks", "joint_attn"),)),
+    # Wan-style blocks in other families
+    ModelRow("SkyReels-V2", "SkyReelsV2Pipeline, SkyReelsV2DiffusionForcingPipeline",
+             ("SkyReelsV2Transformer3DModel",), (Blocks("blocks", "cross_attn_ffn"),)),
+    ModelRow("ChronoEdit", "ChronoEditPipeline", ("ChronoEditTransformer3DModel",),
+             (Blocks("blocks", "cross_attn_ffn"),)),
+    ModelRow("Helios", "HeliosPipeline", ("HeliosTransformer3DModel",), (Blocks("blocks", "cross_attn_ffn"),)),
+    # Wan VACE: every VACE block runs first (on the control latents, producing the hints), then the Wan blocks
+    ModelRow("Wan VACE", "WanVACEPipeline", ("WanVACETransformer3DModel",),
+             (Blocks("vace_blocks", "cross_attn_ffn"), Blocks("blocks", "cross_attn_ffn"))),
+)
+
+for _row in ROWS:
+    register_row(_row)
