@@ -17,6 +17,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 #: CLIP's context length in these pipelines (the tokenizer's model_max_length and the encoder's positions)
@@ -82,8 +84,10 @@ def save_pixart(path: Path) -> Path:
 
 
 def save_wan(path: Path) -> Path:
-    """Wan 2.1-like (CFG as separate calls) with a T5 encoder (16)."""
+    """Wan 2.1-like (CFG as separate calls) with a UMT5 encoder (16)."""
     pipe = wan_pipe()
-    pipe.register_modules(text_encoder=t5_encoder(), tokenizer=t5_tokenizer())
+    torch.manual_seed(4)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2))
+    pipe.register_modules(text_encoder=encoder.eval(), tokenizer=t5_tokenizer())
     pipe.save_pretrained(path)
     return path

@@ -181,12 +181,18 @@ def save_pareto(result: BenchResult, path: str | Path) -> Path:
     return path
 
 
-def _image(x: torch.Tensor) -> tuple[Any, str | None]:
-    """A (C, H, W) tensor in [-1, 1] as something ``imshow`` shows, and its colour map."""
-    x = x.detach().float().clamp(-1, 1).cpu()
-    if x.shape[0] == 1:  # the reference digits: dark ink on light paper, as in the demo
-        return x[0].numpy(), "gray_r"
-    return ((x[:3] + 1) / 2).permute(1, 2, 0).numpy(), None
+def _strip(images: Sequence[torch.Tensor]) -> tuple[Any, str | None]:
+    """(C, H, W) images in [-1, 1] side by side with a white gap, as something ``imshow`` shows, and its colour
+    map (one axes a row draws fast where one axes an image would not)."""
+    gap = max(1, images[0].shape[-1] // 16)
+    parts = []
+    for img in images:
+        x = ((img.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:3]
+        parts += [x, torch.ones(x.shape[0], x.shape[1], gap)]
+    strip = torch.cat(parts[:-1], dim=2)
+    if strip.shape[0] == 1:  # the reference digits: dark ink on light paper, as in the demo
+        return strip[0].numpy(), "gray_r"
+    return strip.permute(1, 2, 0).numpy(), None
 
 
 def save_samples(result: BenchResult, path: str | Path, columns: int = 8) -> Path:
@@ -196,34 +202,32 @@ def save_samples(result: BenchResult, path: str | Path, columns: int = 8) -> Pat
     rows = {r.method: r for r in result.rows}
     labels = [label for label in result.samples if label in rows]
     first = result.samples[labels[0]]
-    video = first.ndim == 5
-    if video:
+    if first.ndim == 5:  # video: a strip of the first sample's frames
         frames = first.shape[1]
         k = min(columns, frames)
         picks = sorted({round(i * (frames - 1) / max(k - 1, 1)) for i in range(k)})
         cells = lambda s: [s[0, f] for f in picks]  # noqa: E731
-        heads = [f"frame {f}" for f in picks]
+        head = "first sample, frames " + ", ".join(map(str, picks))
     else:
         n = min(columns, first.shape[0])
         cells = lambda s: [s[i] for i in range(n)]  # noqa: E731
-        heads = [f"sample {i}" for i in range(n)]
+        head = f"samples 0..{n - 1} (the same seeds in every row)"
+        picks = range(n)
     h, w = first.shape[-2:]
     cw, ch = 1.1 * w / max(h, w), 1.1 * h / max(h, w)  # inches per image
-    fig, axes = plt.subplots(len(labels), len(heads), squeeze=False,
-                             figsize=(2.8 + cw * len(heads), 0.35 + ch * len(labels)))
+    fig, axes = plt.subplots(len(labels), 1, squeeze=False, figsize=(2.9 + cw * len(picks), 0.5 + ch * len(labels)))
     for i, label in enumerate(labels):
         r = rows[label]
-        for j, img in enumerate(cells(result.samples[label])):
-            ax = axes[i, j]
-            data, cmap = _image(img)
-            ax.imshow(data, cmap=cmap, vmin=-1 if cmap else None, vmax=1 if cmap else None)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(heads[j], fontsize=7)
+        ax = axes[i, 0]
+        data, cmap = _strip(cells(result.samples[label]))
+        ax.imshow(data, cmap=cmap, vmin=0 if cmap else None, vmax=1 if cmap else None)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i == 0:
+            ax.set_title(head, fontsize=8)
         time = f"{r.time_s:.2f} s" if _finite(r.time_s) else "n/a"
-        axes[i, 0].set_ylabel(f"{label}\nNFC {r.nfc:.0f} · {time} · rel L1 {r.rel_l1:.4f}", rotation=0, ha="right",
-                              va="center", fontsize=7)
+        ax.set_ylabel(f"{label}\nNFC {r.nfc:.0f} · {time} · rel L1 {r.rel_l1:.4f}", rotation=0, ha="right",
+                      va="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     _footer(fig, result)
     path = Path(path)
