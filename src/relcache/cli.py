@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -97,11 +98,19 @@ def _pipeline_dir(value: str) -> str:
     return str(Path(value).expanduser())
 
 
-def _prompts_file(value: str) -> list[str]:
+@dataclass(frozen=True)
+class PromptFile:
+    """``--prompts FILE``: where the prompts came from (recorded with the run) and the prompts."""
+
+    path: str
+    prompts: list[str]
+
+
+def _prompts_file(value: str) -> PromptFile:
     from .evaluation.pipelines import read_prompts
 
     try:
-        return read_prompts(value)
+        return PromptFile(str(Path(value).expanduser().resolve()), read_prompts(value))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"must be a text file with one prompt a line; {err}") from None
 
@@ -259,19 +268,19 @@ def _bench_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str, A
         for option in ("height", "width", "frames"):
             if getattr(args, option) is not None:
                 raise ConfigError(f"--{option} is for --model pipelines; the reference model makes 16x16 digits")
-    try:
-        check_frames(family, args.frames) if family is not None else None
-    except ValueError as err:
-        raise ConfigError(f"argument --frames: {err}") from None
+    elif args.frames is not None:
+        try:
+            check_frames(family, args.frames)
+        except ValueError as err:
+            raise ConfigError(f"argument --frames: {err}") from None
     extra: dict[str, Any] = {"model": str(Path(args.model).resolve()) if args.model else "reference",
                              "family": family.name if family else "reference"}
     if family is not None and family.text:
         if args.labels is not None:
             raise ConfigError(f"--labels is for class-conditional models; {name} takes --prompts FILE")
-        prompts = args.prompts or list(DEFAULT_PROMPTS)
-        args.prompt_list = prompts
+        prompts = args.prompts.prompts if args.prompts else list(DEFAULT_PROMPTS)
         conditions = list(range(len(prompts)))
-        extra["prompts"] = {"source": args.prompts_path or "built-in", "count": len(prompts),
+        extra["prompts"] = {"source": args.prompts.path if args.prompts else "built-in", "count": len(prompts),
                             "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     else:
         if args.prompts is not None:
@@ -317,7 +326,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.model:
         from .evaluation.pipelines import load_sampler
 
-        model, sampler = load_sampler(args.model, family, prompts=getattr(args, "prompt_list", None),
+        model, sampler = load_sampler(args.model, family, prompts=args.prompts.prompts if args.prompts else None,
                                       frames=args.frames, height=args.height, width=args.width)
         evaluator = real = None
     else:
@@ -451,23 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prompts_path(argv: Sequence[str] | None) -> str | None:
-    """The file given as ``--prompts`` (recorded with the run; the option's value is the prompts it holds)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(args):
-        if a == "--prompts" and i + 1 < len(args):
-            return str(Path(args[i + 1]).expanduser().resolve())
-        if a.startswith("--prompts="):
-            return str(Path(a.split("=", 1)[1]).expanduser().resolve())
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relcache`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = command_line(None if argv is None else list(argv))
-    args.prompts_path = _prompts_path(argv)
     try:
         return args.func(args)
     except ConfigError as err:  # a bad combination of options: the command's usage and the reason, not a traceback

@@ -397,6 +397,8 @@ def run_bench(
                    "resumed": [*runlog.read_resumes(out_dir), this]}
         elif runlog.has_log(out_dir):
             raise runlog.ResumeError(f"{out_dir} holds an earlier run's {runlog.LOG}: resume it, or clear it first")
+        if world > 1:  # every rank has looked at the directory before any writes to it
+            torch.distributed.barrier()
         log = runlog.RunLog(out_dir, rank, [m.label for m in runnable])
         log.start(run if header is None else {"kind": "resume", **this, "machine": run["machine"]})
     todo = [(b, m) for b in mine for m in runnable if b not in local[m.label]]
