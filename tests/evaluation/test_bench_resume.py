@@ -171,3 +171,23 @@ def test_cli_resume_and_the_run_record_in_every_file(tmp_path, capsys):
     assert "pass one of them" in capsys.readouterr().err
 
 
+
+
+def test_resume_refuses_other_versions_but_not_other_machines(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        _run(out, Counting(stop=4))
+    log = out / runlog.LOG
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["machine"]["host"] = "elsewhere"
+    header["versions"]["python"] = "3.0"  # recorded, not compared
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    counting = Counting()
+    _run(out, counting, resume=True)
+    assert counting.calls == 1 + (6 - 1) * 2  # the warm-up and the 5 generations not recorded (timed + FLOPs)
+    header["versions"]["diffusers"] = "0.1.0"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(runlog.ResumeError, match=r"version diffusers: \"0.1.0\" -> "):
+        _run(out, Counting(), resume=True)

@@ -188,14 +188,15 @@ def _strip(images: Sequence[torch.Tensor]) -> tuple[Any, str | None]:
     parts = []
     for img in images:
         x = ((img.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:3]
-        parts += [x, torch.ones(x.shape[0], x.shape[1], gap)]
+        white = 0.0 if x.shape[0] == 1 else 1.0  # grey images are drawn with gray_r (0 is white)
+        parts += [x, torch.full((x.shape[0], x.shape[1], gap), white)]
     strip = torch.cat(parts[:-1], dim=2)
     if strip.shape[0] == 1:  # the reference digits: dark ink on light paper, as in the demo
         return strip[0].numpy(), "gray_r"
     return strip.permute(1, 2, 0).numpy(), None
 
 
-def save_samples(result: BenchResult, path: str | Path, columns: int = 8) -> Path:
+def save_samples(result: BenchResult, path: str | Path, columns: int = 10) -> Path:
     """``samples.png``: the same seeds under full computation and each method side by side (see the module
     docstring); images are the first ``columns`` samples, videos the first sample's frames, evenly spaced."""
     plt = _plt()

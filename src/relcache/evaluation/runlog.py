@@ -41,6 +41,10 @@ class ResumeError(ConfigError):
     """``--resume`` on a directory whose recorded run differs from the new one (or is unreadable)."""
 
 
+#: the versions ``--resume`` requires to be the ones recorded (the others are recorded only)
+COMPARED_VERSIONS = ("relcache", "torch", "diffusers")
+
+
 def versions() -> dict[str, str]:
     """The versions that can change a run's numbers."""
     import diffusers
@@ -145,7 +149,9 @@ def check_resumable(directory: str | Path, settings: dict[str, Any], vers: dict[
     recorded = {k: header.get("settings", {}).get(k, "(absent)") for k in settings}
     diff = differences(recorded, settings)
     if vers is not None:
-        diff += [f"version {d}" for d in differences(header.get("versions", {}), vers)]
+        old = header.get("versions", {})
+        diff += [f"version {d}" for d in differences({k: old.get(k, "(absent)") for k in COMPARED_VERSIONS},
+                                                     {k: vers.get(k, "(absent)") for k in COMPARED_VERSIONS})]
     if diff:
         raise ResumeError(
             f"cannot resume the run in {directory} (started {header.get('date')}, command: {header.get('command')}): "
