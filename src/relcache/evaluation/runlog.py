@@ -47,15 +47,39 @@ COMPARED_VERSIONS = ("relcache", "torch", "diffusers")
 
 def versions() -> dict[str, str]:
     """The versions that can change a run's numbers."""
+    import importlib.metadata
+
     import diffusers
 
-    from .. import __version__
-
-    out = {"relcache": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+    try:  # the installed distribution's version (importing the top-level package would point up the layers)
+        relcache_version = importlib.metadata.version("relcache")
+    except importlib.metadata.PackageNotFoundError:
+        relcache_version = "unknown (not installed)"
+    out = {"relcache": relcache_version, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "python": platform.python_version(), "numpy": np.__version__}
     if "transformers" in sys.modules:
         out["transformers"] = sys.modules["transformers"].__version__
+    commit = _git_commit()
+    if commit:
+        out["relcache commit"] = commit
     return out
+
+
+def _git_commit() -> str | None:
+    """The commit of the relcache source running, when it runs from a git checkout (a "+" when it has changes)."""
+    import subprocess
+
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", str(here.parent)],
+                               capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def machine() -> dict[str, Any]:
