@@ -393,14 +393,17 @@ def run_bench(
                 if label in local:
                     local[label][b] = gen
             this = {"date": run["date"], "command": run["command"]}
+            # the run record is the first session's (its versions and machine); each resumption is listed
             run = {**run, "date": header["date"], "command": header["command"],
+                   "versions": header.get("versions", run["versions"]), "machine": header.get("machine", {}),
                    "resumed": [*runlog.read_resumes(out_dir), this]}
+            this = {**this, "versions": runlog.versions(), "machine": {**runlog.machine(), "world_size": world}}
         elif runlog.has_log(out_dir):
             raise runlog.ResumeError(f"{out_dir} holds an earlier run's {runlog.LOG}: resume it, or clear it first")
         if world > 1:  # every rank has looked at the directory before any writes to it
             torch.distributed.barrier()
         log = runlog.RunLog(out_dir, rank, [m.label for m in runnable])
-        log.start(run if header is None else {"kind": "resume", **this, "machine": run["machine"]})
+        log.start(run if header is None else {"kind": "resume", **this})
     todo = [(b, m) for b in mine for m in runnable if b not in local[m.label]]
 
     if todo:

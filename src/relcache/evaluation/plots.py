@@ -117,13 +117,18 @@ def _finite(*values: float) -> bool:
 def save_pareto(result: BenchResult, path: str | Path) -> Path:
     """``pareto.png``: time and model FLOPs against rel L1 vs full computation (see the module docstring)."""
     plt = _plt()
+    from matplotlib import ticker
+
     rows = {r.method: r for r in result.rows}
     full = rows.get(FULL_LABEL)
     others = [r for r in result.rows if r.method != FULL_LABEL and _finite(r.rel_l1, r.time_s)]
     flops_counted = any(_finite(r.flops_ratio) for r in others)
     families = list(dict.fromkeys(family(r.method) for r in others))
-    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
-    style = {f: (cmap(i % cmap.N), _MARKERS[i % len(_MARKERS)]) for i, f in enumerate(families)}
+    if len(families) <= 10:
+        colors = [plt.get_cmap("tab10")(i) for i in range(10)]
+    else:  # tab20's dark shades first, then the light ones (neighbours in tab20 are two shades of one hue)
+        colors = [plt.get_cmap("tab20")(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
+    style = {f: (colors[i % len(colors)], _MARKERS[i % len(_MARKERS)]) for i, f in enumerate(families)}
     floor = min([r.rel_l1 for r in others if r.rel_l1 > 0] or [1e-4]) / 2  # a zero error still shows, at the bottom
 
     def cost(r: BenchRow, panel: int) -> float:
@@ -157,6 +162,10 @@ def save_pareto(result: BenchResult, path: str | Path) -> Path:
             ax.step(fx, fy, where="post", color="0.2", linewidth=1.2, alpha=0.7, zorder=2, label="Pareto front")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the major ticks only: minor labels ran into each other
+            axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(xlabels[panel])
         ax.set_ylabel("rel L1 against full computation (lower is better)")
         ax.set_title(titles[panel], fontsize=10)
@@ -173,6 +182,7 @@ def save_pareto(result: BenchResult, path: str | Path) -> Path:
     for panel, ax in enumerate(axes):
         pts = [(cost(r, panel), max(r.rel_l1, floor), r) for r in others if _finite(cost(r, panel))]
         pts.sort(key=lambda p: p[1])  # the most accurate first: they get the free places
+        pts = [p for p in pts if _finite(p[2].nfc)]  # a peer whose NFC is not measured gets no label
         place_labels(ax, [(x, y) for x, y, _ in pts], [f"{r.nfc:.0f}" for _, _, r in pts])
     _footer(fig, result)
     path = Path(path)
@@ -227,7 +237,8 @@ def save_samples(result: BenchResult, path: str | Path, columns: int = 10) -> Pa
         if i == 0:
             ax.set_title(head, fontsize=8)
         time = f"{r.time_s:.2f} s" if _finite(r.time_s) else "n/a"
-        ax.set_ylabel(f"{label}\nNFC {r.nfc:.0f} · {time} · rel L1 {r.rel_l1:.4f}", rotation=0, ha="right",
+        nfc = f"{r.nfc:.0f}" if _finite(r.nfc) else "n/a"
+        ax.set_ylabel(f"{label}\nNFC {nfc} · {time} · rel L1 {r.rel_l1:.4f}", rotation=0, ha="right",
                       va="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     _footer(fig, result)

@@ -84,9 +84,21 @@ def _git_commit() -> str | None:
 
 def machine() -> dict[str, Any]:
     """Where the run ran (recorded, never compared: a resumed run may run elsewhere)."""
-    return {"host": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
+    return {"host": platform.node(), "platform": platform.platform(), "processor": _cpu_name(),
+            "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def now() -> str:
