@@ -18,10 +18,12 @@ def no_work(monkeypatch):
         raise AssertionError("the command started working before refusing a bad option")
 
     import relcache.evaluation.analyze as analyze
+    import relcache.evaluation.pipelines as pipelines
 
     for name in ("_reference", "_pipeline_sampler", "run_bench"):
         monkeypatch.setattr(cli, name, started)
     monkeypatch.setattr(analyze, "record_trace", started)
+    monkeypatch.setattr(pipelines, "load_sampler", started)
 
 
 def _usage_error(capsys, argv) -> str:
@@ -93,22 +95,34 @@ def _pipeline_index(path: Path, content: str) -> Path:
     (lambda tmp: str(tmp), "has no model_index.json"),
     (lambda tmp: str(_pipeline_index(tmp / "notes.txt", "")) + "/model_index.json", "is not a directory"),
     (lambda tmp: str(_pipeline_index(tmp / "broken", "{not json")), "cannot read"),
-    (lambda tmp: str(_pipeline_index(tmp / "pixart", json.dumps({"_class_name": "PixArtAlphaPipeline"}))),
-     "holds a PixArtAlphaPipeline"),
+    (lambda tmp: str(_pipeline_index(tmp / "sd", json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))),
+     "holds a StableDiffusionPipeline"),
 ])
-def test_model_must_be_a_local_dit_pipeline_directory(capsys, no_work, tmp_path, monkeypatch, command, make, reason):
+def test_model_must_be_a_local_pipeline_directory(capsys, no_work, tmp_path, monkeypatch, command, make, reason):
     """``--model`` used to reach ``DiTPipeline.from_pretrained``: a diffusers traceback, and a Hub request for a
-    name like ``nosuch/model`` although the flag is documented as a local directory."""
+    name like ``nosuch/model`` although the flag is documented as a local directory. ``bench`` takes any supported
+    family (told by the transformer class in model_index.json), ``analyze`` DiT pipelines."""
     monkeypatch.chdir(tmp_path)
     line = _usage_error(capsys, [command, "--model", make(tmp_path)])
-    assert line.startswith(f"relcache {command}: error: argument --model: must be a local diffusers DiTPipeline "
-                           "directory (with a model_index.json); ")
+    need = ("must be a local diffusers pipeline directory of a supported family (dit, pixart, sd3, flux, wan, "
+            "cogvideox, hunyuan_video, latte) with a model_index.json; " if command == "bench" else
+            "must be a local diffusers DiTPipeline directory (with a model_index.json); ")
+    assert line.startswith(f"relcache {command}: error: argument --model: {need}")
     assert reason in line
 
 
+def test_analyze_model_must_be_a_dit_pipeline(capsys, no_work, tmp_path):
+    path = _pipeline_index(tmp_path / "pixart", json.dumps(
+        {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    assert _usage_error(capsys, ["analyze", "--model", str(path)]).endswith("holds a PixArtAlphaPipeline")
+
+
 def test_model_accepts_a_pipeline_directory(tmp_path):
-    path = _pipeline_index(tmp_path / "dit", json.dumps({"_class_name": "DiTPipeline"}))
+    path = _pipeline_index(tmp_path / "dit", json.dumps(
+        {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]}))
     assert build_parser().parse_args(["bench", "--model", str(path)]).model == str(path)
+    assert build_parser().parse_args(["analyze", "--model", str(path)]).model == str(path)
 
 
 def test_analyze_modules_out_of_range_fails_before_tracing(capsys, monkeypatch, tmp_path):

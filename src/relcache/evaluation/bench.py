@@ -32,7 +32,7 @@ from ..methods.config import FORA, RFC, CacheConfig, CFGCache, FasterCache, Tayl
 from ..methods.predictors import Relational, Taylor
 from ..methods.schedules import InputError, Interval
 from ..runtime.accounting import flop_counter
-from .metrics import psnr, relative_l1, ssim
+from .metrics import frame_metrics, psnr, relative_l1, ssim
 
 #: NFC of 50 DDIM steps with warm-up 2 -> the interval that gives it (the paper's table)
 INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}
@@ -140,11 +140,15 @@ class BenchRow:
 
 @dataclass
 class BenchResult:
-    """All rows, the settings, and the samples of every method (for grids)."""
+    """All rows, the settings, the samples of every method (for grids), the run record (settings, versions, date,
+    command line: written into every output file) and, for video, per-frame quality."""
 
     rows: list[BenchRow]
     settings: dict[str, Any]
     samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    run: dict[str, Any] = field(default_factory=dict)
+    #: per method label: {"rel_l1": [...], "psnr": [...], "ssim": [...]}, one value a frame (video only)
+    per_frame: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         cols = ["method", "NFC", "FLOPs ratio", "time s", "speed-up", "rel L1", "PSNR", "SSIM", "FID2FC", "FID",
@@ -159,19 +163,64 @@ class BenchResult:
             )
         return "\n".join(lines)
 
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``bench.csv``, ``bench.json`` and ``bench.md`` into ``out_dir``."""
+    def per_frame_markdown(self) -> str:
+        """Video: PSNR and SSIM of each frame against full computation, one row a method ("" for images)."""
+        if not self.per_frame:
+            return ""
+        frames = len(next(iter(self.per_frame.values()))["psnr"])
+        head = "| method | metric | " + " | ".join(f"frame {i}" for i in range(frames)) + " |\n" + \
+            "|---" * (frames + 2) + "|"
+        lines = [head]
+        for label, per in self.per_frame.items():
+            for metric, digits in (("rel_l1", 4), ("psnr", 2), ("ssim", 4)):
+                lines.append(f"| {label} | {metric} | " + " | ".join(_fmt(v, digits) for v in per[metric]) + " |")
+        return "\n".join(lines)
+
+    def run_summary(self) -> list[str]:
+        """The run record as lines of text (what, when, how, with which versions), for every output file."""
+        run = self.run
+        if not run:
+            return []
+        st = {k: v for k, v in run.get("settings", {}).items() if k != "methods"}
+        lines = [f"command: {run.get('command')}", f"date: {run.get('date')} (UTC)"]
+        lines += [f"resumed: {r['date']} ({r['command']})" for r in run.get("resumed", [])]
+        lines.append("settings: " + ", ".join(f"{k}={_short(v)}" for k, v in st.items()))
+        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items()))
+        m = run.get("machine", {})
+        lines.append("machine: " + ", ".join(f"{k} {v}" for k, v in m.items() if v not in (None, "")))
+        return lines
+
+    def save(self, out_dir: str | Path, pictures: bool = True) -> dict[str, Path]:
+        """Write ``bench.csv``, ``bench.json`` and ``bench.md`` into ``out_dir``, each opening with the run record, and
+        with ``pictures`` ``pareto.png`` and ``samples.png`` (``evaluation.plots``)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         rows = [dataclasses.asdict(r) for r in self.rows]
         paths = {"csv": out / "bench.csv", "json": out / "bench.json", "md": out / "bench.md"}
+        summary = self.run_summary()
         with paths["csv"].open("w", newline="") as f:
+            f.writelines(f"# {line}\n" for line in summary)
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        paths["json"].write_text(json.dumps({"settings": self.settings, "rows": rows}, indent=2, default=str))
-        paths["md"].write_text(self.to_markdown() + "\n")
+        paths["json"].write_text(json.dumps({"run": self.run, "settings": self.settings, "rows": rows,
+                                             "per_frame": self.per_frame}, indent=2, default=str))
+        md = ["# relcache bench", "", *(f"- {line}" for line in summary), "", self.to_markdown()]
+        if self.per_frame:
+            md += ["", "## Per frame (against full computation)", "", self.per_frame_markdown()]
+        paths["md"].write_text("\n".join(md) + "\n")
+        if pictures:
+            from .plots import save_pareto, save_samples
+
+            paths["pareto"] = save_pareto(self, out / "pareto.png")
+            if self.samples:
+                paths["samples"] = save_samples(self, out / "samples.png")
         return paths
+
+
+def _short(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def _fmt(v: float, digits: int) -> str:
@@ -266,6 +315,26 @@ def _row(method: BenchMethod, per: dict[int, tuple[torch.Tensor, float, float, f
     )
 
 
+def method_settings(methods: Sequence[BenchMethod]) -> list[dict[str, Any]]:
+    """How each method is configured, as recorded in a run's files (and compared by ``--resume``)."""
+    out = []
+    for m in methods:
+        what = repr(m.config) if m.config is not None else type(m.peer).__name__ if m.peer is not None else None
+        out.append({"label": m.label, "budget": m.budget, "config": what, "unavailable": m.unavailable})
+    return out
+
+
+def bench_settings(*, num_samples: int, batch_size: int, num_classes: int, seed: int, num_steps: int,
+                   guidance_scale: float | None, count_flops: bool, conditions: Sequence[int] | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings a run records and ``--resume`` compares (the methods are added by ``run_bench``)."""
+    return {**(extra or {}), "num_samples": num_samples, "batch_size": batch_size,
+            "conditions": list(conditions) if conditions is not None else f"classes 0..{num_classes - 1}",
+            "seed": seed, "num_steps": num_steps,
+            "guidance_scale": guidance_scale if guidance_scale is not None else "pipeline default",
+            "count_flops": count_flops}
+
+
 def run_bench(
     model: nn.Module,
     sampler: Sampler,
@@ -276,32 +345,80 @@ def run_bench(
     num_classes: int = 10,
     seed: int = 0,
     num_steps: int = 50,
-    guidance_scale: float = 1.5,
+    guidance_scale: float | None = 1.5,
     evaluator: nn.Module | None = None,
     real_images: torch.Tensor | None = None,
     count_flops: bool = True,
     progress: bool = True,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    extra_settings: dict[str, Any] | None = None,
+    command: str | None = None,
+    conditions: Sequence[int] | None = None,
 ) -> BenchResult:
     """Generate ``num_samples`` (classes cycling, batches of ``batch_size`` seeded ``seed + b``) with full
-    computation and every method, and measure each against full computation and the data."""
+    computation and every method, and measure each against full computation and the data.
+
+    With ``out_dir`` every finished generation is recorded there as it ends (``runlog``), and ``resume`` continues
+    the run recorded there: generations already recorded are read back instead of run, so the result equals an
+    uninterrupted run's (wall times included, as they were measured). A recorded run with other settings or
+    versions is refused (``ResumeError``) before any generation. ``extra_settings`` (the model, the prompts...)
+    and ``command`` are recorded with the settings. Sample ``i`` is conditioned on ``conditions[i % len(conditions)]``
+    (class labels, or indices of prompts for a text sampler), by default on class ``i % num_classes``."""
+    from . import runlog
+
     rank, world = _dist()
     methods = [FULL, *[m for m in methods if not m.is_full]]
     runnable = [m for m in methods if m.unavailable is None]
-    labels = torch.arange(num_samples) % num_classes
+    cycle = torch.as_tensor(list(conditions) if conditions is not None else range(num_classes), dtype=torch.long)
+    labels = cycle[torch.arange(num_samples) % len(cycle)]
     batches = [labels[i : i + batch_size] for i in range(0, num_samples, batch_size)]
     mine = [b for b in range(len(batches)) if b % world == rank]
     kwargs = {"num_steps": num_steps, "guidance_scale": guidance_scale}
+    settings = {**bench_settings(num_samples=num_samples, batch_size=batch_size, num_classes=num_classes, seed=seed,
+                                 num_steps=num_steps, guidance_scale=guidance_scale, count_flops=count_flops,
+                                 conditions=conditions, extra=extra_settings),
+                "methods": method_settings(methods)}
+    run = {"kind": "run", "settings": settings, "versions": runlog.versions(), "date": runlog.now(),
+           "command": command or runlog.command_line(), "machine": {**runlog.machine(), "world_size": world}}
 
-    # one untimed warm-up generation, on the real batch shape, so first-call costs (kernel selection and memory
-    # for those shapes) do not land on the first method, full computation, and inflate every speed-up
-    sampler(model, batches[0], generator=torch.Generator().manual_seed(seed), **{**kwargs, "num_steps": 2})
     local: PerBatch = {m.label: {} for m in runnable}
-    bar = tqdm(total=len(mine) * len(runnable), desc="bench", disable=not progress or rank != 0)
-    for b in mine:
-        for method in runnable:  # interleaved: every method on this batch before the next batch
-            bar.set_postfix_str(method.label)
-            local[method.label][b] = _generate(model, method, sampler, batches[b], seed + b, kwargs, count_flops)
-            bar.update()
+    log = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        header = runlog.read_header(out_dir) if resume else None
+        if header is not None:
+            runlog.check_resumable(out_dir, settings, run["versions"])
+            for (label, b), gen in runlog.load_results(out_dir, set(mine)).items():
+                if label in local:
+                    local[label][b] = gen
+            this = {"date": run["date"], "command": run["command"]}
+            # the run record is the first session's (its versions and machine); each resumption is listed
+            run = {**run, "date": header["date"], "command": header["command"],
+                   "versions": header.get("versions", run["versions"]), "machine": header.get("machine", {}),
+                   "resumed": [*runlog.read_resumes(out_dir), this]}
+            this = {**this, "versions": runlog.versions(), "machine": {**runlog.machine(), "world_size": world}}
+        elif runlog.has_log(out_dir):
+            raise runlog.ResumeError(f"{out_dir} holds an earlier run's {runlog.LOG}: resume it, or clear it first")
+        if world > 1:  # every rank has looked at the directory before any writes to it
+            torch.distributed.barrier()
+        log = runlog.RunLog(out_dir, rank, [m.label for m in runnable])
+        log.start(run if header is None else {"kind": "resume", **this})
+    todo = [(b, m) for b in mine for m in runnable if b not in local[m.label]]
+
+    if todo:
+        # one untimed warm-up generation, on the real batch shape, so first-call costs (kernel selection and memory
+        # for those shapes) do not land on the first method, full computation, and inflate every speed-up
+        sampler(model, batches[todo[0][0]], generator=torch.Generator().manual_seed(seed), **{**kwargs, "num_steps": 2})
+    bar = tqdm(total=len(mine) * len(runnable), initial=len(mine) * len(runnable) - len(todo), desc="bench",
+               disable=not progress or rank != 0)
+    for b, method in todo:  # interleaved: every method on a batch before the next batch
+        bar.set_postfix_str(method.label)
+        gen = _generate(model, method, sampler, batches[b], seed + b, kwargs, count_flops)
+        local[method.label][b] = gen
+        if log is not None:
+            log.append(method.label, method.budget, b, gen)
+        bar.update()
     bar.close()
     per_method = _gather(local, world)
 
@@ -310,10 +427,9 @@ def run_bench(
     full = (torch.cat([full_per[b][0] for b in order]), sum(full_per[b][1] for b in order) / len(order),
             sum(full_per[b][3] for b in order) / len(order))
     rows = [_row(m, per_method.get(m.label, {}), full, labels, evaluator, real_images, count_flops) for m in methods]
-    settings = {
-        "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "num_steps": num_steps,
-        "guidance_scale": guidance_scale, "world_size": world, "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
     samples = {m.label: torch.cat([per_method[m.label][b][0] for b in order]) for m in runnable}
-    return BenchResult(rows, settings, samples)
+    per_frame = {}
+    if full[0].ndim == 5:  # video (batch, frames, channels, height, width): quality frame by frame
+        per_frame = {label: frame_metrics(x, full[0]) for label, x in samples.items()}
+    return BenchResult(rows, {**settings, "world_size": world, "torch": torch.__version__,
+                              "threads": torch.get_num_threads()}, samples, run=run, per_frame=per_frame)

@@ -1,0 +1,187 @@
+"""A user's own local diffusers pipeline as a bench sampler: ``relcache bench --model DIR``.
+
+A directory is recognised by its ``model_index.json`` alone (checked before anything is loaded): its transformer
+class names the family. Class-conditional pipelines (DiT) sample class labels; text-conditioned ones (PixArt, SD3,
+FLUX, Wan, CogVideoX, HunyuanVideo, Latte) sample prompts, indexed like labels (sample ``i`` gets condition
+``i % len(conditions)``); video ones return ``(batch, frames, channels, height, width)``. Samples are in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the bench needs to know about a pipeline family."""
+
+    name: str
+    text: bool  # conditioned on prompts (else on class labels)
+    video: bool
+    frames_arg: str | None = None  # the pipeline's frame-count argument
+    frames_step: int = 1  # frame counts must be 1 + a multiple of this (the VAE's temporal compression)
+    default_guidance: float | None = None  # what the bench uses without --guidance (None: the pipeline's own)
+
+
+#: transformer class -> family
+FAMILIES = {
+    "DiTTransformer2DModel": Family("dit", text=False, video=False, default_guidance=1.5),
+    "PixArtTransformer2DModel": Family("pixart", text=True, video=False),
+    "SD3Transformer2DModel": Family("sd3", text=True, video=False),
+    "FluxTransformer2DModel": Family("flux", text=True, video=False),
+    "WanTransformer3DModel": Family("wan", text=True, video=True, frames_arg="num_frames", frames_step=4),
+    "CogVideoXTransformer3DModel": Family("cogvideox", text=True, video=True, frames_arg="num_frames",
+                                          frames_step=4),
+    "HunyuanVideoTransformer3DModel": Family("hunyuan_video", text=True, video=True, frames_arg="num_frames",
+                                             frames_step=4),
+    "LatteTransformer3DModel": Family("latte", text=True, video=True, frames_arg="video_length"),
+}
+
+FAMILY_NAMES = ", ".join(f.name for f in FAMILIES.values())
+
+#: prompts for text-conditioned pipelines without ``--prompts``: varied subjects, styles, scenes and compositions
+DEFAULT_PROMPTS = (
+    "a red fox sitting in fresh snow, morning light",
+    "a bowl of ramen with a soft-boiled egg, top view, studio photo",
+    "an astronaut riding a horse on the moon, digital art",
+    "a watercolor painting of a lighthouse on a cliff at sunset",
+    "a close-up portrait of an old fisherman with a grey beard",
+    "a futuristic city skyline at night with flying cars and neon signs",
+    "a cozy reading nook with a cat asleep on a stack of books",
+    "a macro photo of a dewdrop on a green leaf",
+    "a medieval castle on a hill surrounded by fog",
+    "a steaming cup of coffee on a wooden table next to a window in the rain",
+    "a pixel art treasure chest in a dungeon",
+    "a golden retriever puppy running through a field of sunflowers",
+    "an oil painting of a stormy sea with a small sailing boat",
+    "a minimalist logo of a mountain and the sun, flat vector",
+    "a street market in Marrakech, crowded, vivid colors",
+    "a glass teapot with blooming tea on a black background",
+    "a snowy mountain range reflected in a still lake",
+    "a robot chef cooking pancakes in a bright kitchen",
+    "a hand-drawn map of a fantasy island with a dragon",
+    "a black and white photo of a jazz trio on stage",
+    "three apples and a pear on a table, still life in the style of Cezanne",
+    "a hummingbird hovering next to a pink flower, high-speed photo",
+    "an isometric cutaway of a tiny apartment with furniture",
+    "a desert road with a vintage car under the milky way",
+    "a child's crayon drawing of a house, a tree and the family",
+    "a sign that says 'OPEN 24 HOURS' above a diner door",
+    "an underwater coral reef with a sea turtle and small fish",
+    "a paper origami crane on a white desk, soft shadows",
+    "a knight in ornate armor standing in a field of red poppies",
+    "a bustling train station in Tokyo during rush hour, motion blur",
+    "a bonsai tree in a ceramic pot, studio lighting",
+    "a thunderstorm over a wheat field, dramatic clouds",
+)
+
+
+def inspect_dir(path: str | Path) -> tuple[str, Family]:
+    """(pipeline class, family) of a local pipeline directory; ``ValueError`` with the reason otherwise.
+
+    Reads only ``model_index.json`` (nothing is loaded), so a wrong directory fails at once."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{path} has no model_index.json")
+    try:
+        data = json.loads(index.read_text())
+        pipeline_class = data.get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"cannot read {index}: {err}") from None
+    entry = data.get("transformer")
+    transformer_class = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if transformer_class not in FAMILIES:
+        what = f"a {transformer_class} transformer" if transformer_class else "no transformer"
+        raise ValueError(f"{path} holds a {pipeline_class} with {what}; supported families: {FAMILY_NAMES}")
+    return pipeline_class, FAMILIES[transformer_class]
+
+
+def num_classes(path: str | Path) -> int | None:
+    """The number of classes of a class-conditional pipeline's transformer (its ``num_embeds_ada_norm``), or None."""
+    config = Path(path) / "transformer" / "config.json"
+    try:
+        return int(json.loads(config.read_text())["num_embeds_ada_norm"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a file, one a line (blank lines skipped); ``ValueError`` if it is missing or has none."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one a line)")
+    return prompts
+
+
+def check_frames(family: Family, frames: int | None) -> None:
+    """``ValueError`` unless ``frames`` suits ``family`` (None: the pipeline's default)."""
+    if frames is None:
+        return
+    if not family.video:
+        raise ValueError(f"{family.name} makes images; --frames is for video families")
+    if frames < 1 or (frames - 1) % family.frames_step:
+        step = family.frames_step
+        examples = ", ".join(str(1 + step * k) for k in range(3))
+        rule = "an integer >= 1" if step == 1 else f"1 + a multiple of {step} ({examples}, ...)"
+        raise ValueError(f"{family.name} needs a frame count that is {rule}, got {frames}")
+
+
+def load_sampler(path: str | Path, family: Family, *, prompts: Sequence[str] | None = None,
+                 frames: int | None = None, height: int | None = None, width: int | None = None,
+                 device: str | torch.device | None = None) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+    """(transformer, sampler) of the pipeline in ``path``, on ``device`` (default: CUDA when there is one).
+
+    The sampler has the bench's signature ``(transformer, labels, num_steps, guidance_scale, generator)``: ``labels``
+    are class labels, or for text families indices into ``prompts``. ``guidance_scale`` None keeps the pipeline's
+    default. Caching is enabled on the bare transformer, so the sampler announces each generation's steps."""
+    from diffusers import DiffusionPipeline
+
+    from ..api import begin_generation
+
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    fixed: dict[str, Any] = {}
+    if height is not None:
+        fixed["height"] = height
+    if width is not None:
+        fixed["width"] = width
+    if frames is not None:
+        fixed[family.frames_arg] = frames
+    if family.name == "pixart":
+        # PixArt snaps sizes to its aspect-ratio table, which exists only for 256, 512, 1024 and 2048 pixels
+        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        fixed["use_resolution_binning"] = size in (256, 512, 1024, 2048)
+    prompt_list = list(prompts or DEFAULT_PROMPTS)
+
+    def sample(transformer: torch.nn.Module, labels: torch.Tensor, num_steps: int = 50,
+               guidance_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        begin_generation(transformer, num_steps)
+        kwargs = dict(fixed)
+        if family.text:
+            kwargs["prompt"] = [prompt_list[i] for i in labels.tolist()]
+        else:
+            kwargs["class_labels"] = labels.tolist()
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
+        with torch.no_grad():
+            out = pipe(**kwargs, num_inference_steps=num_steps, generator=generator, output_type="pt")
+        x = out.frames if family.video else out.images
+        return torch.as_tensor(x).float().cpu() * 2 - 1
+
+    return pipe.transformer, sample

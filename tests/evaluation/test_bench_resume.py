@@ -1,0 +1,193 @@
+"""Nothing lost: ``run_bench`` records every finished generation as it ends, and a run interrupted part-way resumes
+to the table of an uninterrupted run, rerunning only the generation in flight."""
+
+import json
+import math
+import shlex
+
+import pytest
+from conftest import tiny_dit
+
+from relcache.cli import main
+from relcache.evaluation import runlog
+from relcache.evaluation.bench import BenchMethod, run_bench
+from relcache.evaluation.reference import sample_digits
+from relcache.methods import FORA, TaylorSeer
+
+STEPS = 6
+METHODS = [BenchMethod("FORA N=3", FORA(3), budget=14), BenchMethod("TaylorSeer N=4", TaylorSeer(4), budget=7)]
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+class Counting:
+    """``sample_digits`` that counts its calls and raises ``Interrupted`` at call ``stop`` (1-based)."""
+
+    def __init__(self, stop: int | None = None):
+        self.calls, self.stop = 0, stop
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise Interrupted
+        return sample_digits(*args, **kwargs)
+
+
+def _run(out, sampler, methods=METHODS, **kw):
+    kw = {"num_samples": 4, "batch_size": 2, "num_steps": STEPS, "seed": 0, **kw}
+    return run_bench(tiny_dit(num_classes=10), sampler, methods, progress=False, out_dir=out, **kw)
+
+
+def _table(result):
+    """Every column measured from the samples (times are measured, so they are compared separately)."""
+    def value(v):
+        return "nan" if isinstance(v, float) and math.isnan(v) else v  # nan != nan
+
+    return [tuple(value(v) for v in (r.method, r.budget, r.nfc, r.flops, r.flops_ratio, r.rel_l1, r.psnr, r.ssim))
+            for r in result.rows]
+
+
+def _results(out):
+    return [json.loads(line) for line in (out / runlog.LOG).read_text().splitlines()]
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_table(tmp_path):
+    whole = _run(tmp_path / "whole", Counting())
+    # 3 methods x 2 batches = 6 generations of 2 sampler calls each (timed + FLOP count), after 1 warm-up call.
+    # Stop inside the 4th generation's FLOP pass: 3 generations are recorded, the 4th is lost.
+    first = Counting(stop=1 + 3 * 2 + 2)
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "cut", first)
+    records = _results(tmp_path / "cut")
+    assert records[0]["kind"] == "run" and [r["kind"] for r in records[1:]] == ["result"] * 3
+    assert [(r["method"], r["batch"]) for r in records[1:]] == [
+        ("full computation", 0), ("FORA N=3", 0), ("TaylorSeer N=4", 0)]
+
+    second = Counting()
+    resumed = _run(tmp_path / "cut", second, resume=True)
+    assert second.calls == 1 + 3 * 2  # the warm-up and the 3 generations not recorded: nothing finished is rerun
+    assert _table(resumed) == _table(whole)
+    for label, samples in whole.samples.items():
+        assert resumed.samples[label].equal(samples)
+    records = _results(tmp_path / "cut")
+    assert [r["kind"] for r in records].count("result") == 6 and records[4]["kind"] == "resume"
+    # the times of the 3 recorded generations are the ones measured before the interruption
+    first_times = {(r["method"], r["batch"]): r["seconds"] for r in records if r["kind"] == "result"}
+    fora = [first_times[("FORA N=3", b)] for b in range(2)]
+    assert next(r for r in resumed.rows if r.method == "FORA N=3").time_s == pytest.approx(sum(fora) / 2)
+    assert resumed.run["resumed"] and resumed.run["date"] == records[0]["date"]
+
+    third = Counting()  # resuming a finished run generates nothing
+    again = _run(tmp_path / "cut", third, resume=True)
+    assert third.calls == 0 and _table(again) == _table(whole)
+
+
+def test_a_line_cut_short_by_a_kill_is_rerun(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        _run(out, Counting(stop=1 + 2 + 1), count_flops=False)
+    log = out / runlog.LOG
+    lines = log.read_text().splitlines()
+    last = json.loads(lines[-1])
+    with (out / last["samples"]["file"]).open("ab") as f:  # a kill while writing the next batch's samples ...
+        f.write(b"\x00" * 100)
+    log.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # ... and a kill while writing the line itself
+    counting = Counting()
+    resumed = _run(out, counting, resume=True, count_flops=False)
+    assert counting.calls == 1 + (6 - 1)  # only the first generation survived whole
+    assert _table(resumed) == _table(_run(tmp_path / "whole", Counting(), count_flops=False))
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"seed": 1}, "seed: 0 -> 1"),
+    ({"num_samples": 6}, "num_samples: 4 -> 6"),
+    ({"methods": METHODS[:1]}, "methods: "),
+    ({"guidance_scale": 2.0}, "guidance_scale: 1.5 -> 2.0"),
+])
+def test_resume_refuses_other_settings(tmp_path, change, named):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        _run(out, Counting(stop=4))
+    counting = Counting()
+    with pytest.raises(runlog.ResumeError, match="cannot resume the run in .*its settings differ") as err:
+        _run(out, counting, resume=True, **change)
+    assert named in str(err.value) and counting.calls == 0
+
+
+def test_a_recorded_run_is_never_overwritten_by_a_new_one(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        _run(out, Counting(stop=4))
+    before = (out / runlog.LOG).read_text()
+    with pytest.raises(runlog.ResumeError, match="holds an earlier run's results.jsonl"):
+        _run(out, Counting())
+    assert (out / runlog.LOG).read_text() == before
+
+
+def _dit_dir(tmp_path):
+    from conftest import dit_pipe
+
+    dit_pipe().save_pretrained(tmp_path / "dit")
+    return str(tmp_path / "dit")
+
+
+def test_cli_resume_and_the_run_record_in_every_file(tmp_path, capsys):
+    from PIL import Image
+
+    model, out = _dit_dir(tmp_path), tmp_path / "bench"
+    argv = ["bench", "--model", model, "--samples", "2", "--batch-size", "2", "--steps", "4", "--budgets", "7",
+            "--no-flops", "--only", "RFC NFC", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out.split("\n\nwritten")[0]
+    command = "relcache " + shlex.join(argv)
+    md = (out / "bench.md").read_text()
+    assert f"- command: {command}\n" in md and "- versions: relcache 0.1.0, torch " in md and "seed=0" in md
+    assert (out / "bench.csv").read_text().startswith(f"# command: {command}\n")
+    run = json.loads((out / "bench.json").read_text())["run"]
+    assert run["command"] == command and run["settings"]["family"] == "dit" and run["settings"]["seed"] == 0
+    for png in ("pareto.png", "samples.png"):
+        assert f"command: {command}" in Image.open(out / png).text["Description"]
+
+    # a second run into the same directory: refused, the recorded run named
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "holds an earlier run (started " in capsys.readouterr().err
+    # resumed: nothing to generate, the same table, the resumption recorded
+    assert main([*argv, "--resume"]) == 0
+    assert capsys.readouterr().out.split("\n\nwritten")[0] == table
+    assert [r["kind"] for r in _results(out)] == ["run"] + ["result"] * 3 + ["resume"]
+    assert "- resumed: " in (out / "bench.md").read_text()
+    # other settings: refused before the model is loaded
+    with pytest.raises(SystemExit):
+        main([*argv, "--resume", "--seed", "3"])
+    assert "seed: 0 -> 3" in capsys.readouterr().err
+    # --overwrite starts over
+    assert main([*argv, "--overwrite", "--steps", "5"]) == 0
+    assert [r["kind"] for r in _results(out)] == ["run"] + ["result"] * 3
+    with pytest.raises(SystemExit):
+        main([*argv, "--resume", "--overwrite"])
+    assert "pass one of them" in capsys.readouterr().err
+
+
+
+
+def test_resume_refuses_other_versions_but_not_other_machines(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        _run(out, Counting(stop=4))
+    log = out / runlog.LOG
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["machine"]["host"] = "elsewhere"
+    header["versions"]["python"] = "3.0"  # recorded, not compared
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    counting = Counting()
+    _run(out, counting, resume=True)
+    assert counting.calls == 1 + (6 - 1) * 2  # the warm-up and the 5 generations not recorded (timed + FLOPs)
+    header["versions"]["diffusers"] = "0.1.0"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(runlog.ResumeError, match=r"version diffusers: \"0.1.0\" -> "):
+        _run(out, Counting(), resume=True)

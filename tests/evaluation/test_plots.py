@@ -1,0 +1,75 @@
+"""The bench's pictures: method families, the Pareto front, labels that never overlap, and both PNGs written with
+the run record."""
+
+import itertools
+import math
+
+import torch
+
+from relcache.evaluation.bench import BenchResult, BenchRow
+from relcache.evaluation.plots import family, pareto_front, place_labels, save_pareto, save_samples
+
+
+def test_family_drops_the_budget_from_a_label():
+    assert family("RFC NFC=14 m=2 + CFG-Cache") == "RFC + CFG-Cache"
+    assert family("FORA N=4") == "FORA" and family("RCS alone NFC=7 m=2") == "RCS alone"
+    assert family("diffusers MagCache NFC~14 t=0.0899 K=4") == "diffusers MagCache"
+    assert family("cache-dit DBCache F1B0+TS1 NFC~8 t=0.131") == "cache-dit DBCache F1B0+TS1"
+    assert family("FasterCache (paper defaults)") == "FasterCache (paper defaults)"
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    pts = [(1.0, 0.5), (2.0, 0.1), (1.5, 0.6), (3.0, 0.1), (0.5, 0.9), (2.5, 0.05)]
+    # (1.5, 0.6) is beaten by (1.0, 0.5); (3.0, 0.1) by (2.0, 0.1)
+    assert pareto_front(pts) == [4, 0, 1, 5]
+
+
+def _rows(n_budgets=5):
+    rows = [BenchRow("full computation", None, 50, 1e9, 1.0, 2.0, 1.0, 0.0, 100, 1.0, math.nan, math.nan, math.nan)]
+    for k, (name, err) in itertools.product(range(n_budgets), [("FORA", 0.06), ("TaylorSeer", 0.04),
+                                                               ("RFC", 0.01), ("diffusers MagCache", 0.1)]):
+        nfc = 14 - 2 * k
+        label = f"{name} NFC={nfc}" if name != "diffusers MagCache" else f"{name} NFC~{nfc} t=0.1"
+        rows.append(BenchRow(label, nfc, nfc, 1e9 * nfc / 50, nfc / 50, 0.5 + 0.05 * nfc + 0.01 * len(name),
+                             1.0, err * (1 + 0.2 * (14 - nfc)), 30, 0.9, math.nan, math.nan, math.nan))
+    return rows
+
+
+def test_labels_never_overlap_each_other_or_leave_the_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    pts = [(1 + 0.02 * i, 1 + 0.01 * (i % 7)) for i in range(40)]  # a dense cluster: most labels cannot fit
+    ax.scatter(*zip(*pts, strict=True))
+    ax.set_xlim(0.9, 2)
+    ax.set_ylim(0.95, 1.1)
+    placed = place_labels(ax, pts, [f"NFC {i}" for i in range(40)])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(renderer) for a in placed]
+    frame = ax.get_window_extent(renderer)
+    assert 3 <= len(placed) < 40
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    plt.close(fig)
+
+
+def test_both_pictures_are_written_with_the_run_record(tmp_path):
+    from PIL import Image
+
+    rows = _rows()
+    run = {"command": "relcache bench --samples 4", "date": "2026-12-01T00:00:00+00:00", "settings": {"seed": 0},
+           "versions": {"relcache": "0.1.0"}}
+    samples = {r.method: torch.rand(3, 3, 8, 12) * 2 - 1 for r in rows[:4]}
+    result = BenchResult(rows, {}, samples, run=run)
+    for save, name in ((save_pareto, "pareto.png"), (save_samples, "samples.png")):
+        path = save(result, tmp_path / name)
+        image = Image.open(path)
+        assert "command: relcache bench --samples 4" in image.text["Description"]
+        assert image.size[0] > 300 and image.size[1] > 200
+    video = BenchResult(rows[:2], {}, {r.method: torch.rand(1, 5, 3, 8, 8) for r in rows[:2]}, run=run)
+    assert Image.open(save_samples(video, tmp_path / "video.png")).size[0] > 300  # a strip of 5 frames per row
