@@ -56,7 +56,8 @@ def _inputs(cfg_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
 
 
-def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS) -> dict[str, object]:
+def _recording() -> tuple[list[torch.fx.GraphModule], object]:
+    """A fresh dynamo and a backend that only records the graphs it is given."""
     torch._dynamo.reset()
     counters.clear()
     graphs: list[torch.fx.GraphModule] = []
@@ -65,6 +66,11 @@ def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS) 
         graphs.append(gm)
         return gm.forward
 
+    return graphs, recording_backend
+
+
+def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS) -> dict[str, object]:
+    graphs, recording_backend = _recording()
     model = tiny_dit()
     x, y = _inputs(config.cfg_cache is not None)
     relcache.enable(model, config, adapter=_NoSharing())
@@ -123,14 +129,7 @@ def test_fastercache_over_fifty_steps_stays_within_the_recompile_limit():
 def test_record_errors_under_compile_runs_eagerly_and_records_the_same_errors():
     """``record_errors`` reads every forecast's error on the host: under torch.compile such steps run eagerly (no
     graph, no break inside a step) and record what the eager run records."""
-    torch._dynamo.reset()
-    counters.clear()
-    graphs: list[torch.fx.GraphModule] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, recording_backend = _recording()
     model = tiny_dit()
     x, y = _inputs(False)
     relcache.enable(model, RFC(threshold=0.3), adapter=_NoSharing(), record_errors=True)
