@@ -25,7 +25,7 @@ from .context import Context, RowGroup
 from .generations import Generations
 from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .shared import SharedGroup, SharedHook
-from .steps import Prober, RowGroups, decide, take_rows
+from .steps import Prober, RowGroups, decide, prepare_step, take_decision, take_rows
 
 
 class _Computing(NamedTuple):
@@ -134,7 +134,14 @@ class Session:
         ctx.advance(step_index, timestep)
         self.current = ctx
         if self.cfg is not None:
-            self.cfg.plan(ctx, gens.num_steps, args, kwargs)
+
+            def decide_now(cond_rows: slice) -> bool:  # asked by CFG-Cache's plan; RCS reads a pre-pass's probe
+                probe = None
+                if self.config.schedule.uses_input:
+                    probe = take_rows(self.prober.run(forward, args, kwargs), cond_rows)
+                return take_decision(self.config, ctx, probe)
+
+            self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
         sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
         eager = sig not in ctx.signatures or not ctx.caches.states
@@ -143,7 +150,10 @@ class Session:
         if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
             return eager
         groups = [(name, None) for name in ctx.cfg.group_names()]
-        if not self.config.schedule.uses_input:  # decided before the forward
+        if ctx.schedule.decided:  # CFG-Cache's plan took the decision: the rows for the groups it settled
+            prepare_step(self.config, gens.num_steps, len(self.cached_modules), ctx, [n for n, _ in groups],
+                         first_tensor_input(args, kwargs))
+        elif not self.config.schedule.uses_input:  # decided before the forward
             self._decide(ctx, first_tensor_input(args, kwargs), groups)
         elif compiled and not eager and self.cfg is None:  # RCS from a pre-pass (one row group: the whole batch)
             self._decide(ctx, self.prober.run(forward, args, kwargs), groups)

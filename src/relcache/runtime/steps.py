@@ -31,17 +31,29 @@ def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Cont
     """Take ``ctx``'s decision for its current step, and prepare the step's rows. ``probe_input`` is the first cached
     module's input (RCS reads the conditional half of a CFG batch: the half that runs at every step) or, for a
     schedule that reads none, any tensor of the call (its device is where the rows go)."""
-    schedule = config.schedule
     probe = None
-    if schedule.uses_input:
+    if config.schedule.uses_input:
         probe = take_rows(probe_input, next(sl for name, sl in groups if name != "uncond"))
+    take_decision(config, ctx, probe)
+    prepare_step(config, num_steps, n_modules, ctx, [name for name, _ in groups], probe_input)
+
+
+def take_decision(config: CacheConfig, ctx: Context, probe: torch.Tensor | None) -> bool:
+    """Only the decision of ``decide`` (``probe``: the conditional rows of the first cached module's input, for RCS):
+    CFG-Cache takes it before the call's row groups are known; ``prepare_step`` must follow."""
     progress = ctx.schedule
     progress.decided = True
-    progress.full = schedule.decide(progress.memory, ctx.step, probe)
-    names = [name for name, _ in groups]
-    _prepare_rows(config, num_steps, n_modules, ctx, names, probe_input)
+    progress.full = config.schedule.decide(progress.memory, ctx.step, probe)
     if progress.full:
         progress.full_steps.append(ctx.step)
+    return progress.full
+
+
+def prepare_step(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, names: list[str],
+                 like: torch.Tensor) -> None:
+    """The rest of ``decide`` once the decision is taken: the step's rows for the row groups ``names``."""
+    _prepare_rows(config, num_steps, n_modules, ctx, names, like)
+    if ctx.schedule.full:
         for name in names:  # every module records in these groups at this step
             ctx.caches.last_record.update(((i, name), ctx.step) for i in range(n_modules))
 
