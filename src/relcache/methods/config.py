@@ -150,6 +150,9 @@ def FasterCache(  # noqa: N802
     predictor, schedule = Linear(weight), Interval(interval, warmup)
     if not isinstance(cfg, bool):
         raise ConfigError(f"cfg must be True (with CFG-Cache) or False (without), got {cfg!r}")
+    if not isinstance(cfg_align, bool):
+        raise ConfigError(f"cfg_align must be True (skip only at full steps) or False (the paper's schedule), "
+                          f"got {cfg_align!r}")
     # checked whether or not CFG-Cache is on, under this preset's names (CFGCache calls them interval and window)
     cfg_cache = CFGCache(interval=check_int("cfg_interval", cfg_interval, 1),
                          window=check_window("cfg_window", cfg_window),

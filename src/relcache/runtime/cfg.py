@@ -213,10 +213,10 @@ class CFGRunner:
         self.state = CFGState()
 
     def plan(self, ctx: Context, num_steps: int | None, args: tuple[Any, ...], kwargs: dict[str, Any],
-             decide: Callable[[slice], bool] | None = None) -> None:
+             decide: Callable[[], bool] | None = None) -> None:
         """Settle this call's routing at its start, on the host: whether it is the CFG batch, which half runs, whether
         it stores a delta, the rebuild's weights. Steps are read here only, never in the (possibly compiled) call.
-        ``decide(cond_rows)`` takes the step's decision now (``align`` asks for it only where it matters: a step inside
+        ``decide()`` takes the step's decision now (``align`` asks for it only where it matters: a step inside
         the window, with a usable delta and no refresh due); None when the step was decided already."""
         cfg, routing, state, step = self.cfg, ctx.cfg, self.state, ctx.step
         shape = tuple(first_tensor_input(args, kwargs).shape)
@@ -247,8 +247,7 @@ class CFGRunner:
             inside = step in cfg.window_range(num_steps)
             if cfg.align:  # skip at a full step with no refresh due; a cached step forecasts both halves
                 if inside and usable and not cfg.refresh_due(step, state.refreshed, num_steps):
-                    full = ctx.schedule.full if ctx.schedule.decided or decide is None else decide(
-                        _halves(batch, routing.cond_first)[0])
+                    full = ctx.schedule.full if ctx.schedule.decided or decide is None else decide()
                     routing.half_batch = full
             else:
                 routing.half_batch = cfg.skips(step, num_steps) and usable

@@ -135,10 +135,11 @@ class Session:
         self.current = ctx
         if self.cfg is not None:
 
-            def decide_now(cond_rows: slice) -> bool:  # asked by CFG-Cache's plan; RCS reads a pre-pass's probe
+            def decide_now() -> bool:  # asked by CFG-Cache's plan; RCS reads a pre-pass's probe, conditional rows
                 probe = None
                 if self.config.schedule.uses_input:
-                    probe = take_rows(self.prober.run(forward, args, kwargs), cond_rows)
+                    probe = self.prober.run(forward, args, kwargs)  # the module's rows: batch-major, maybe x frames
+                    probe = take_rows(probe, next(sl for n, sl in ctx.cfg.row_groups(probe.shape[0]) if n != "uncond"))
                 return take_decision(self.config, ctx, probe)
 
             self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
