@@ -60,9 +60,9 @@ def test_fastercache_counts_and_is_finite(built):
     frames, _, st = generate_with_stats(pipe, case, FasterCache(interval=2, warmup=2))
     assert frames.shape == ref.shape and torch.isfinite(frames).all() and not torch.equal(frames, ref)
     assert st.full_steps == [0, 1, 3, 5, 7, 9] == Interval(2, 2).full_steps(STEPS)
-    # window ceil(0.36 * 10) = 4..9, refresh steps 4 and 9: both halves at the full steps 5 and 9, 7 skips
-    assert st.contexts[case.contexts[0]].uncond_skipped_steps == [7]
-    assert st.flops_fraction == pytest.approx((6 - 1 / 2) / STEPS)  # full step 7 ran half the batch
+    # window ceil(0.36 * 10) = 4..9, uncond at 4 and 9
+    assert st.contexts[case.contexts[0]].uncond_skipped_steps == [5, 6, 7, 8]
+    assert st.flops_fraction == pytest.approx((6 - 2 / 2) / STEPS)  # full steps 5 and 7 ran half the batch
     assert 0.5 < st.model_flops_fraction < 1
 
 

@@ -182,12 +182,11 @@ def test_fastercache_pipeline_nfc_and_flops_hand_counted(pipe):
     config = FasterCache(interval=2, warmup=4)
     _, st = _run(pipe, config)
     full = [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19]  # Interval(2, warmup 4)
-    # window ceil(0.36 * 20) = 8..19, refresh steps 8, 13, 18: both halves at the full steps 9, 13 and 19
-    skipped = [11, 15, 17]
+    skipped = [9, 10, 11, 12, 14, 15, 16, 17, 19]  # window ceil(0.36 * 20) = 8..19, uncond at 8, 13, 18
     assert st.full_steps == full and st.nfc == 12
-    assert st.uncond_skipped == 3 and st.contexts["default"].uncond_skipped_steps == skipped
-    # attention FLOPs: a full step counts 1, a full step on half the batch counts 1/2
-    assert st.flops_fraction == pytest.approx((12 - 3 / 2) / STEPS)
+    assert st.uncond_skipped == 9 and st.contexts["default"].uncond_skipped_steps == skipped
+    # attention FLOPs: a full step counts 1, a full step on half the batch (9, 11, 15, 17, 19) counts 1/2
+    assert st.flops_fraction == pytest.approx((12 - 5 / 2) / STEPS)
     # every module computed: the whole transformer runs on half the batch at the 9 skipped steps
     _, st = _run(pipe, dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache()))
     assert st.nfc == STEPS and st.uncond_skipped == 9
@@ -195,11 +194,11 @@ def test_fastercache_pipeline_nfc_and_flops_hand_counted(pipe):
     assert st.model_flops_fraction == pytest.approx((STEPS - 9 / 2) / STEPS)
     # FasterCache: the feed-forwards and the rest of the transformer always run, so the model saves less
     _, st = _run(pipe, config)
-    assert (12 - 3 / 2) / STEPS < st.model_flops_fraction < (STEPS - 3 / 2) / STEPS
-    # the paper's schedule (align=False): uncond at 8, 13, 18, full or not
-    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_align=False))
-    assert st.contexts["default"].uncond_skipped_steps == [9, 10, 11, 12, 14, 15, 16, 17, 19]
-    assert st.flops_fraction == pytest.approx((12 - 5 / 2) / STEPS)
+    assert (12 - 5 / 2) / STEPS < st.model_flops_fraction < (STEPS - 9 / 2) / STEPS
+    # aligned: refresh steps 8, 13, 18 move to the full steps 9, 13, 19; the full steps 11, 15, 17 skip
+    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_align=True))
+    assert st.contexts["default"].uncond_skipped_steps == [11, 15, 17]
+    assert st.flops_fraction == pytest.approx((12 - 3 / 2) / STEPS)
 
 
 def test_model_flops_match_an_outer_flop_counter(dit):
@@ -212,9 +211,7 @@ def test_model_flops_match_an_outer_flop_counter(dit):
         with flop_counter() as counter:
             _cfg_loop(dit, x, y, steps=12)
         st = relcache.stats(dit).contexts["default"]
-    # window ceil(0.36 * 12) = 5..11, refresh steps 5 and 10; full steps 0, 1, 3, 5, ..., 11: both halves at 5 and
-    # 11, the conditional half alone at 7 and 9
-    assert st.uncond_skipped_steps == [7, 9]
+    assert st.uncond_skipped_steps == [6, 7, 8, 9, 11]  # window ceil(0.36 * 12) = 5..11, uncond at 5 and 10
     assert st.model_executed_flops == counter.get_total_flops()
     assert st.model_full_flops == plain.get_total_flops()
     assert st.model_flops_fraction == pytest.approx(counter.get_total_flops() / plain.get_total_flops())
