@@ -140,7 +140,9 @@ def test_window_outside_the_steps_and_bad_field(pipe):
 def test_fastercache_preset_defaults():
     cfg = FasterCache()
     assert cfg.predictor == Linear("rising") and cfg.schedule == Interval(2, 16) and cfg.modules == ("attn",)
-    assert cfg.cfg_cache == CFGCache(interval=5, window=(0.36, 1.0), alpha1=0.1, alpha2=0.1, early=0.9, late=0.7)
+    assert cfg.cfg_cache == CFGCache(interval=5, window=(0.36, 1.0), alpha1=0.1, alpha2=0.1, early=0.9, late=0.7,
+                                     align=False)  # the paper's schedule: aligned is worse for FasterCache
+    assert FasterCache(cfg_align=True).cfg_cache.align and CFGCache().align
     assert FasterCache(cfg=False).cfg_cache is None and FasterCache(cfg=False).label == "FasterCache(N=2)"
     assert cfg.label == "FasterCache(N=2) + CFG-Cache(n=5)"
     assert dataclasses.replace(RFC(target_nfc=14), cfg_cache=CFGCache()).label == "RFC(NFC=14, m=2) + CFG-Cache(n=5)"
