@@ -1,46 +1,75 @@
-"""Where RFC's full steps fall against CFG-Cache's refresh steps, on the shipped reference model.
+"""RFC and TaylorSeer with CFG-Cache against themselves alone, on the shipped reference model (same seeds as full
+computation), with CFG-Cache aligned to the module schedule's full steps (``align=True``, the default; the paper's
+schedule, ``align=False``, is the bench's old "RFC + CFG-Cache" row).
 
-With CFG-Cache, the unconditional half runs only at refresh steps inside the window; its module caches are
-updated only at steps that are both module-full and refresh steps. For each budget this prints the error of
-RFC + CFG-Cache against full computation, RFC's full steps, the steps where the unconditional half ran, and
-the steps that are both (one batch of 10 samples).
+For each budget it prints model FLOPs ratio and rel L1 against full computation, the full steps and the steps
+where the unconditional half ran (first batch), and then the Pareto check docs/results.md states: a method with
+CFG-Cache must have an error at most that of the same method alone at the budget with the nearest model FLOPs not
+below its own.
 
-    python benchmarks/cfg_schedule.py --budgets 14 11 10 8 7
+    python benchmarks/cfg_schedule.py --budgets 14 11 10 8 7 --samples 30
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
-from common import generate, reference_parser
+from common import INTERVAL_FOR_NFC, generate, reference_parser
 
 import relcache
 from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import load_reference_transformer
 
+VARIANTS = {"alone": None, "+ CFG-Cache": relcache.CFGCache()}
+
+
+def pareto(rows: list[dict], base: str, variant: str) -> list[str]:
+    """For each ``base + variant`` row: the ``base alone`` row with the nearest FLOPs not below it, and the verdict."""
+    alone = sorted((r for r in rows if r["method"] == base and r["variant"] == "alone"), key=lambda r: r["flops_ratio"])
+    lines = []
+    for r in (r for r in rows if r["method"] == base and r["variant"] == variant):
+        ref = next((a for a in alone if a["flops_ratio"] >= r["flops_ratio"] - 1e-12), None)
+        if ref is None:
+            lines.append(f"{base} {r['budget']} {variant}: FLOPs {r['flops_ratio']:.3f} above every {base} alone")
+            continue
+        ok = r["rel_l1"] <= ref["rel_l1"]
+        lines.append(f"{base} NFC {r['budget']} {variant}: FLOPs {r['flops_ratio']:.3f}, rel L1 {r['rel_l1']:.4f}"
+                     f" | {base} alone NFC {ref['budget']}: FLOPs {ref['flops_ratio']:.3f}, rel L1 {ref['rel_l1']:.4f}"
+                     f" | {'holds' if ok else 'FAILS'}")
+    return lines
+
 
 def main() -> None:
-    args = reference_parser(__doc__, [14, 11, 10, 8, 7], 10, "runs/cfg_schedule.json").parse_args()
+    args = reference_parser(__doc__, [14, 11, 10, 8, 7], 30, "runs/cfg_schedule.json").parse_args()
     model = load_reference_transformer()
     labels = torch.arange(args.samples) % 10
     full, _ = generate(model, labels, args.seed, None)
     rows = []
     for k in args.budgets:
-        config = dataclasses.replace(relcache.RFC(target_nfc=k), cfg_cache=relcache.CFGCache())
-        out, stats = generate(model, labels, args.seed, config)
-        ctx = next(iter(stats[0].contexts.values()))
-        skipped = set(ctx.uncond_skipped_steps)
-        uncond_ran = [i for i in range(ctx.num_steps) if i not in skipped]
-        both = [i for i in ctx.full_steps if i not in skipped]
-        print(f"NFC {k}: rel L1 {relative_l1(out, full):.4f}\n  full steps        {ctx.full_steps}\n"
-              f"  uncond half ran   {uncond_ran}\n  both              {both}")
-        rows.append({"budget": k, "rel_l1": relative_l1(out, full), "full_steps": ctx.full_steps,
-                     "uncond_ran": uncond_ran, "both": both})
+        bases = (("RFC", relcache.RFC(target_nfc=k)), ("TaylorSeer", relcache.TaylorSeer(INTERVAL_FOR_NFC[k])))
+        for method, base in bases:
+            for variant, cfg in VARIANTS.items():
+                out, stats = generate(model, labels, args.seed, dataclasses.replace(base, cfg_cache=cfg))
+                ctx = next(iter(stats[0].contexts.values()))
+                skipped = set(ctx.uncond_skipped_steps)
+                row = {"method": method, "variant": variant, "budget": k, "nfc": max(st.nfc for st in stats),
+                       "flops_ratio": sum(st.model_flops_fraction for st in stats) / len(stats),
+                       "rel_l1": relative_l1(out, full), "full_steps": ctx.full_steps,
+                       "uncond_ran": [i for i in range(ctx.num_steps) if i not in skipped]}
+                rows.append(row)
+                print(f"{method} NFC {k} {variant}: FLOPs {row['flops_ratio']:.3f} rel L1 {row['rel_l1']:.4f}\n"
+                      f"  full steps      {row['full_steps']}\n  uncond half ran {row['uncond_ran']}", flush=True)
+    print()
+    for method in ("RFC", "TaylorSeer"):
+        for variant in list(VARIANTS)[1:]:
+            print("\n".join(pareto(rows, method, variant)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"samples": args.samples, "seed": args.seed, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "samples": args.samples,
+                                          "seed": args.seed, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

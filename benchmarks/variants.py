@@ -3,16 +3,16 @@
 * Interval phase: FORA, TaylorSeer and RFE alone on the spec's schedule (full at ``i < warmup`` and every
   ``N`` after the last warm-up step) and on diffusers' TaylorSeer schedule (full at ``i < warmup`` and at
   ``(i - warmup - 1) % N == 0``: a short first gap, the last steps forecast).
-* FasterCache variants: the rising weight against diffusers' constant 0.5, with and without CFG-Cache.
+* FasterCache variants: the rising weight against diffusers' constant 0.5, with and without CFG-Cache, and CFG-Cache
+  aligned with the attention schedule's full steps (the default) or on the paper's schedule (``cfg_align=False``).
 
-    python benchmarks/variants.py --budgets 14 7 --samples 30
+    python benchmarks/variants.py --budgets 14 11 10 8 7 --samples 30
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,33 +25,30 @@ from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import load_evaluator, load_reference_transformer
 
-
-@dataclass(frozen=True)
-class DiffusersPhase(Interval):
-    """diffusers' TaylorSeer schedule: full at ``i < warmup`` and at ``(i - warmup - 1) % interval == 0``."""
-
-    def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
-        return step < self.warmup or (step - self.warmup - 1) % self.interval == 0
+#: FasterCache variants, as keyword arguments of ``relcache.FasterCache``
+FASTERCACHE: list[dict[str, object]] = [
+    {}, {"cfg_align": False}, {"cfg": False}, {"weight": 0.5}, {"weight": 0.5, "cfg_align": False},
+    {"weight": 0.5, "cfg": False},
+]
 
 
 def main() -> None:
-    args = reference_parser(__doc__, [14, 7], 30, "runs/variants.json").parse_args()
+    parser = reference_parser(__doc__, [14, 7], 30, "runs/variants.json")
+    parser.add_argument("--fastercache-only", action="store_true", help="only the FasterCache variants")
+    args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, evaluator = load_reference_transformer(), load_evaluator()
     labels = torch.arange(args.samples) % 10
     full, _ = generate(model, labels, args.seed, None)
     jobs: list[tuple[str, relcache.CacheConfig]] = []
-    for k in args.budgets:
+    for k in [] if args.fastercache_only else args.budgets:
         n = INTERVAL_FOR_NFC[k]
         for name, pred in [("FORA", Reuse()), ("TaylorSeer m=2", Taylor(2)), ("RFE alone m=2", Relational(2))]:
             jobs.append((f"{name} N={n}, spec phase", CacheConfig(pred, Interval(n, 2))))
-            jobs.append((f"{name} N={n}, diffusers phase", CacheConfig(pred, DiffusersPhase(n, 2))))
-    jobs += [
-        ("FasterCache()", relcache.FasterCache()),
-        ("FasterCache(cfg=False)", relcache.FasterCache(cfg=False)),
-        ("FasterCache(weight=0.5)", relcache.FasterCache(weight=0.5)),
-        ("FasterCache(weight=0.5, cfg=False)", relcache.FasterCache(weight=0.5, cfg=False)),
-    ]
+            jobs.append((f"{name} N={n}, diffusers phase", CacheConfig(pred, Interval(n, 2, phase="diffusers"))))
+    for kw in FASTERCACHE:
+        label = ", ".join(f"{k}={v}" for k, v in kw.items())
+        jobs.append((f"FasterCache({label})", relcache.FasterCache(**kw)))
     rows = []
     for label, config in tqdm(jobs, desc="variants"):
         out, stats = generate(model, labels, args.seed, config)

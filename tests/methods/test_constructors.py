@@ -157,6 +157,7 @@ SPECS = {
         "radius": (st.one_of(st.none(), ints(1, 64)), bad_ints(1, optional=True)),
         "compound": (BOOLS, BAD_BOOLS),
         "cond_first": (st.one_of(st.none(), BOOLS), BAD_BOOLS),
+        "align": (BOOLS, BAD_BOOLS),
     }),
     "CacheConfig": (CacheConfig, {"predictor": Reuse(), "schedule": Interval()}, {
         "predictor": (PREDICTORS, NOT_A_PART),
@@ -192,6 +193,7 @@ SPECS = {
         "early": (FRACTIONS, BAD_FRACTIONS),
         "late": (FRACTIONS, BAD_FRACTIONS),
         "cfg": (BOOLS, BAD_BOOLS),
+        "cfg_align": (BOOLS, BAD_BOOLS),
     }),
 }
 PARAMETERS = [(ctor, param) for ctor, (_, _, params) in SPECS.items() for param in params]

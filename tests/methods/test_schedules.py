@@ -20,6 +20,23 @@ def test_interval_hand_counted():
     assert Interval(1, 2).full_steps(5) == [0, 1, 2, 3, 4]
 
 
+def test_interval_phases_hand_counted():
+    # spec: warm-up 0, 1, then 1 + 4j; diffusers: warm-up 0, 1, then (i - 3) % 4 == 0: 3, 7, ...
+    assert Interval(4, 2, phase="spec").full_steps(12) == [0, 1, 5, 9] == Interval(4, 2).full_steps(12)
+    assert Interval(4, 2, phase="diffusers").full_steps(12) == [0, 1, 3, 7, 11]
+    # diffusers' phase at N = 9 over 50 steps spends one more full step and forecasts the last step
+    assert Interval(9, 2, phase="diffusers").full_steps(50) == [0, 1, 3, 12, 21, 30, 39, 48]
+    assert Interval(9, 2).full_steps(50) == [0, 1, 10, 19, 28, 37, 46]
+    assert Interval(3, 1, phase="diffusers").full_steps(10) == [0, 2, 5, 8]
+    assert Interval(1, 2, phase="diffusers").full_steps(5) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("phase", ["Spec", "paper", None, 1])
+def test_interval_phase_names_the_parameter_and_allowed_values(phase):
+    with pytest.raises(ConfigError, match=r"phase must be one of 'spec', 'diffusers', got " + repr(phase)):
+        Interval(4, 2, phase=phase)
+
+
 def _run(schedule, probes):
     state = schedule.new_state(len(probes))
     return [i for i, p in enumerate(probes) if schedule.decide(state, i, p)], state

@@ -70,17 +70,38 @@ def test_rebuild_hand_computed():
 
 
 def test_skip_schedule_matches_hand_count():
-    # window (0.5, 1.0) of 20 steps = 10..19; uncond runs at 10 and 15
-    assert CFGCache(interval=5, window=(0.5, 1.0)).skipped_steps(20) == [11, 12, 13, 14, 16, 17, 18, 19]
+    # align=False, the paper's schedule: window (0.5, 1.0) of 20 steps = 10..19; uncond runs at 10 and 15
+    paper = dict(align=False)
+    assert CFGCache(interval=5, window=(0.5, 1.0), **paper).skipped_steps(20) == [11, 12, 13, 14, 16, 17, 18, 19]
     # window_steps [2, 9) with interval 3: uncond runs at 2, 5, 8
-    assert CFGCache(interval=3, window_steps=(2, 9)).skipped_steps(10) == [3, 4, 6, 7]
+    assert CFGCache(interval=3, window_steps=(2, 9), **paper).skipped_steps(10) == [3, 4, 6, 7]
     # the defaults over 50 steps: window 18..49 (0.36 * 50 = 18), uncond at 18, 23, ..., 48 (7 of 32 steps)
-    skipped = CFGCache().skipped_steps(50)
+    skipped = CFGCache(**paper).skipped_steps(50)
     assert len(skipped) == 25 and skipped[:5] == [19, 20, 21, 22, 24] and 48 not in skipped and 49 in skipped
-    assert CFGCache(window=(0.0, 0.0)).skipped_steps(20) == [] == CFGCache(interval=1).skipped_steps(20)
+    assert CFGCache(window=(0.0, 0.0), **paper).skipped_steps(20) == []
+    assert CFGCache(interval=1, **paper).skipped_steps(20) == []
     # weights over 10 steps: LF boosted while i < 9, HF once i >= 7
     cfg = CFGCache(alpha1=0.1, alpha2=0.15)
     assert cfg.weights(0, 10) == (1.1, 1.0) and cfg.weights(7, 10) == (1.1, 1.15) and cfg.weights(9, 10) == (1.0, 1.15)
+
+
+def test_aligned_refreshes_hand_counted():
+    """align (default): the uncond half is skipped only at full steps; the first full step at or after each refresh
+    step runs it and stores the delta."""
+    # window 10..19, refresh steps 10 and 15; full steps of Interval(2, 2) in it: 11 (first delta), 13 (skips: no
+    # refresh step since 11), 15 (refresh step 15), 17, 19 (skip)
+    cfg = CFGCache(interval=5, window=(0.5, 1.0))
+    assert cfg.skipped_steps(20, Interval(2, 2).full_steps(20)) == [13, 17, 19]
+    # every step full: the paper's schedule
+    paper = CFGCache(interval=5, window=(0.5, 1.0), align=False).skipped_steps(20)
+    assert cfg.skipped_steps(20, list(range(20))) == paper
+    # refresh steps 2, 5, 8 in [2, 9); full steps 0, 3, 4, 8: 3 stores, 4 skips, 8 stores (refresh step 8)
+    cfg = CFGCache(interval=3, window_steps=(2, 9))
+    assert cfg.skipped_steps(10, [0, 3, 4, 8]) == [4]
+    assert [cfg.refresh_due(i, 3, 10) for i in range(10)] == [False] * 5 + [True] * 4 + [False]
+    assert cfg.refresh_due(2, None, 10) and not cfg.refresh_due(1, None, 10)
+    with pytest.raises(ValueError, match="give full_steps"):
+        cfg.skipped_steps(10)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +118,7 @@ def test_skip_schedule_matches_hand_count():
         (dict(interval=2.5), r"interval must be an integer >= 1, got 2.5"),
         (dict(early=1.5), r"early must be a fraction of the steps in \[0, 1\], got 1.5"),
         (dict(cond_first="yes"), r"cond_first must be True, False or None"),
+        (dict(align=1), r"align must be True \(refresh at full steps\) or False \(at the refresh steps\), got 1"),
     ],
 )
 def test_bad_settings_name_parameter_and_allowed_values(kwargs, message):
@@ -118,7 +140,9 @@ def test_window_outside_the_steps_and_bad_field(pipe):
 def test_fastercache_preset_defaults():
     cfg = FasterCache()
     assert cfg.predictor == Linear("rising") and cfg.schedule == Interval(2, 16) and cfg.modules == ("attn",)
-    assert cfg.cfg_cache == CFGCache(interval=5, window=(0.36, 1.0), alpha1=0.1, alpha2=0.1, early=0.9, late=0.7)
+    assert cfg.cfg_cache == CFGCache(interval=5, window=(0.36, 1.0), alpha1=0.1, alpha2=0.1, early=0.9, late=0.7,
+                                     align=False)  # the paper's schedule: aligned is worse for FasterCache
+    assert FasterCache(cfg_align=True).cfg_cache.align and CFGCache().align
     assert FasterCache(cfg=False).cfg_cache is None and FasterCache(cfg=False).label == "FasterCache(N=2)"
     assert cfg.label == "FasterCache(N=2) + CFG-Cache(n=5)"
     assert dataclasses.replace(RFC(target_nfc=14), cfg_cache=CFGCache()).label == "RFC(NFC=14, m=2) + CFG-Cache(n=5)"
@@ -173,6 +197,10 @@ def test_fastercache_pipeline_nfc_and_flops_hand_counted(pipe):
     # FasterCache: the feed-forwards and the rest of the transformer always run, so the model saves less
     _, st = _run(pipe, config)
     assert (12 - 5 / 2) / STEPS < st.model_flops_fraction < (STEPS - 9 / 2) / STEPS
+    # aligned: refresh steps 8, 13, 18 move to the full steps 9, 13, 19; the full steps 11, 15, 17 skip
+    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_align=True))
+    assert st.contexts["default"].uncond_skipped_steps == [11, 15, 17]
+    assert st.flops_fraction == pytest.approx((12 - 3 / 2) / STEPS)
 
 
 def test_model_flops_match_an_outer_flop_counter(dit):
@@ -194,7 +222,10 @@ def test_model_flops_match_an_outer_flop_counter(dit):
 def test_rfc_with_cfg_cache_end_to_end(pipe):
     ref, _ = _run(pipe)
     out, st = _run(pipe, dataclasses.replace(RFC(target_nfc=8), cfg_cache=CFGCache()))
-    assert st.nfc == 8 and st.uncond_skipped == 9 and st.full_steps[:2] == [0, 1]
+    assert st.nfc == 8 and st.full_steps == [0, 1, 4, 8, 13, 16, 18, 19]
+    # RCS decides before the call (a pre-pass) where it matters: window 8..19, refresh steps 8, 13, 18; of the full
+    # steps in it, 8, 13 and 18 run both halves, 16 and 19 the conditional half alone; cached steps run both
+    assert st.contexts["default"].uncond_skipped_steps == [16, 19] == CFGCache().skipped_steps(STEPS, st.full_steps)
     assert out.shape == ref.shape and (out >= 0).all() and (out <= 1).all() and not (out == ref).all()
     errors = st.contexts["default"].input_errors  # RCS measured on the conditional half at every step after warm-up
     assert sorted(errors) == list(range(2, STEPS)) and all(e >= 0 for e in errors.values())
@@ -253,7 +284,8 @@ def test_module_cache_on_half_batch_steps_stays_per_sample(dit):
     as long as both see the same inputs: every step before the first skip."""
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 7])
-    cfg = CFGCache(interval=4, window_steps=(6, 10))  # uncond at 6; skipped 7, 8, 9
+    # refresh step 6; full steps 0, 1, 3, 5, 7, 9. align=False: uncond at 6 (cached, so forecast); skipped 7, 8, 9
+    cfg = CFGCache(interval=4, window_steps=(6, 10), align=False)
     with relcache.cached(dit, dataclasses.replace(TaylorSeer(2), cfg_cache=cfg)):
         outs = _cfg_loop(dit, x, y)
         st = relcache.stats(dit)
@@ -265,6 +297,18 @@ def test_module_cache_on_half_batch_steps_stays_per_sample(dit):
     assert all(torch.isfinite(o).all() for o in outs)
     # 6 full steps, of which 7 and 9 ran on half the batch
     assert st.flops_fraction == pytest.approx((6 - 2 / 2) / 10)
+    # aligned: 6 and 8 are cached (both halves forecast), 7 is full and stores the delta, 9 is full and skips
+    aligned_cfg = dataclasses.replace(cfg, align=True, alpha1=0.0, alpha2=0.0)
+    with relcache.cached(dit, dataclasses.replace(TaylorSeer(2), cfg_cache=aligned_cfg)):
+        aligned = _cfg_loop(dit, x, y)
+        st = relcache.stats(dit)
+    assert st.contexts["default"].uncond_skipped_steps == [9]
+    for a, b in zip(aligned[:9], ref[:9], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    c7, u7 = aligned[7].chunk(2)
+    c9, u9 = aligned[9].chunk(2)  # alpha 0: the rebuild is the conditional half plus step 7's true difference
+    torch.testing.assert_close(u9, c9 + (u7 - c7), rtol=0, atol=1e-5)
+    assert st.flops_fraction == pytest.approx((6 - 1 / 2) / 10)  # 9 ran on half the batch
 
 
 def _split_loop(model, x, y, steps=10):

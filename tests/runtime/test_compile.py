@@ -33,8 +33,12 @@ CONFIGS = {
     "RFC target NFC": RFC(target_nfc=5),
     "FasterCache, no CFG-Cache": dataclasses.replace(FasterCache(warmup=2, interval=3), cfg_cache=None),
     "FasterCache on a CFG batch": FasterCache(warmup=2, interval=3),
-    "TaylorSeer + CFG-Cache on a CFG batch": dataclasses.replace(TaylorSeer(3), cfg_cache=CFGCache(interval=3)),
+    "TaylorSeer + CFG-Cache on a CFG batch": dataclasses.replace(TaylorSeer(3), cfg_cache=CFGCache(interval=4)),
+    "TaylorSeer + CFG-Cache(align=False) on a CFG batch": dataclasses.replace(
+        TaylorSeer(3), cfg_cache=CFGCache(interval=3, align=False)),
     "RFC + CFG-Cache on a CFG batch": dataclasses.replace(RFC(threshold=0.3), cfg_cache=CFGCache(interval=3)),
+    "RFC + CFG-Cache(align=False) on a CFG batch": dataclasses.replace(
+        RFC(threshold=0.3), cfg_cache=CFGCache(interval=3, align=False)),
 }
 
 
@@ -109,18 +113,24 @@ def test_a_cached_step_compiles_whole(name, enable_first):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
     eager, compiled = r["eager_stats"], r["stats"]
     assert compiled.full_steps == eager.full_steps and 2 < eager.nfc < STEPS
-    assert compiled.uncond_skipped == eager.uncond_skipped == (4 if CONFIGS[name].cfg_cache else 0)
+    cfg = CONFIGS[name].cfg_cache  # aligned, full steps 0, 1, 4, 7 and window 4..9: 4 stores the delta, 7 skips
+    expected = 0 if cfg is None else len(cfg.skipped_steps(STEPS, eager.full_steps))
+    assert compiled.uncond_skipped == eager.uncond_skipped == expected
+    # aligned, RFC(threshold=0.3)'s full steps in the window are refreshes, so it skips none (the method alone)
+    aligned = 0 if name.startswith("RFC") else 1
+    assert expected == (0 if cfg is None else aligned if cfg.align else 4)
     assert compiled.flops_fraction == pytest.approx(eager.flops_fraction)
     assert compiled.model_flops_fraction == pytest.approx(eager.model_flops_fraction)
 
 
 def test_fastercache_over_fifty_steps_stays_within_the_recompile_limit():
-    """50 steps of FasterCache on a CFG batch: 25 half-batch steps whose rebuild weights change with the phase (and
+    """50 steps of FasterCache on a CFG batch: 9 half-batch steps whose rebuild weights change with the phase (and
     compound): the weights are tensors, so the kinds of step stay few and nothing falls back to eager."""
     config = dataclasses.replace(FasterCache(), cfg_cache=CFGCache(compound=True))
     r = _compiled_runs(config, True, steps=50)
     assert r["after_first"] <= 8 and r["after_second"] == r["after_first"]
-    assert r["stats"].uncond_skipped == r["eager_stats"].uncond_skipped == 25
+    # aligned: the full attention steps 21, 25, 27, ..., 47 that no refresh step reaches skip the unconditional half
+    assert r["stats"].uncond_skipped == r["eager_stats"].uncond_skipped == 9
     for a, c in zip(r["eager"], r["second"], strict=True):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
     assert r["stats"].model_flops_fraction == pytest.approx(r["eager_stats"].model_flops_fraction)

@@ -68,9 +68,20 @@ def _check_window_steps(value: object) -> tuple[int, int]:
 class CFGCache:
     """Skip the unconditional CFG half at most steps inside a window and rebuild it from the conditional half.
 
-    Schedule: inside the window the unconditional half runs at the window's first step and every ``interval``
-    steps after it, and is skipped at the others; outside the window both halves always run. (choice) The count
-    starts at the window's first step (diffusers counts from step 0), so the window always opens with a fresh delta.
+    Schedule: inside the window the refresh steps are the window's first step and every ``interval`` steps after
+    it; outside the window both halves always run. (choice) The count starts at the window's first step (diffusers
+    counts from step 0), so the window always opens with a fresh delta.
+
+    ``align`` (choice, default True): the unconditional half is skipped only at full steps of the module schedule,
+    and a delta is stored only at a full step. Each refresh step moves to the first full step at or after it (refresh
+    steps that land on one full step count once): that step runs both halves and stores the delta; any other full
+    step in the window runs the conditional half alone and rebuilds the unconditional one; a cached step runs both
+    halves, forecast by the module caches as without CFG-Cache. Until the first delta is stored the window's steps
+    run both halves. So the unconditional half's module caches are recorded at every refresh, and every stored
+    delta is a true one. A schedule that decides inside the forward (RCS) is asked at the call's start, from a
+    pre-pass of the forward up to its first cached module, wherever the answer matters. ``align=False`` is the
+    paper's schedule: the unconditional half runs at the refresh steps themselves, full or cached, and is skipped
+    at every other step of the window.
 
     * ``window``: the window as step fractions ``(start, end)``: step ``i`` of ``T`` is inside when
       ``start · T <= i < end · T``. ``window_steps``: the same as step indices ``[start, end)`` (overrides
@@ -102,6 +113,7 @@ class CFGCache:
     radius: int | None = None
     compound: bool = False
     cond_first: bool | None = None
+    align: bool = True
 
     def __post_init__(self) -> None:
         checked = {
@@ -116,6 +128,9 @@ class CFGCache:
         }
         if not isinstance(self.compound, bool):
             raise ConfigError(f"compound must be True or False, got {self.compound!r}")
+        if not isinstance(self.align, bool):
+            raise ConfigError(f"align must be True (refresh at full steps) or False (at the refresh steps), "
+                              f"got {self.align!r}")
         if self.cond_first is not None and not isinstance(self.cond_first, bool):
             raise ConfigError(
                 f"cond_first must be True, False or None (ask the model adapter), got {self.cond_first!r}"
@@ -144,13 +159,35 @@ class CFGCache:
         return range(start, end)
 
     def skips(self, step: int, num_steps: int | None) -> bool:
-        """Whether step ``step`` skips the unconditional half (given a stored delta)."""
+        """Whether step ``step`` is inside the window and not a refresh step (``align=False``: it skips the
+        unconditional half, given a stored delta)."""
         window = self.window_range(num_steps)
         return step in window and (step - window.start) % self.interval != 0
 
-    def skipped_steps(self, num_steps: int) -> list[int]:
-        """The steps of a ``num_steps`` generation that skip the unconditional half (for planning and tests)."""
-        return [i for i in range(num_steps) if self.skips(i, num_steps)]
+    def refresh_due(self, step: int, last_refresh: int | None, num_steps: int | None) -> bool:
+        """``align``: whether step ``step`` is inside the window with a refresh step in ``(last_refresh, step]``
+        (the latest delta stored at ``last_refresh``; None = none stored yet)."""
+        window = self.window_range(num_steps)
+        if step not in window:
+            return False
+        latest = window.start + (step - window.start) // self.interval * self.interval
+        return last_refresh is None or latest > last_refresh
+
+    def skipped_steps(self, num_steps: int, full_steps: list[int] | None = None) -> list[int]:
+        """The steps of a ``num_steps`` generation that skip the unconditional half (for planning and tests).
+
+        ``align`` needs ``full_steps``, the module schedule's full steps (e.g. ``Interval.full_steps``)."""
+        if not self.align:
+            return [i for i in range(num_steps) if self.skips(i, num_steps)]
+        if full_steps is None:
+            raise ValueError("with align=True the skipped steps depend on the module schedule: give full_steps")
+        last, skipped = None, []
+        for i in sorted(set(full_steps) & set(self.window_range(num_steps))):
+            if last is not None and not self.refresh_due(i, last, num_steps):
+                skipped.append(i)
+            else:
+                last = i
+        return skipped
 
     def weights(self, step: int, num_steps: int) -> tuple[float, float]:
         """``(w1, w2)`` at step ``step``: ``1 + alpha1`` in the early phase, ``1 + alpha2`` in the late phase."""

@@ -43,23 +43,39 @@ def _check_warmup(warmup: int) -> int:
     return check_int("warmup", warmup, 1)
 
 
+#: ``Interval``'s phases: where the full steps after warm-up fall
+PHASES = ("spec", "diffusers")
+
+
 @dataclass(frozen=True)
 class Interval(Schedule):
-    """The first ``warmup`` steps are full; after the last of them, one full step every ``interval``.
+    """The first ``warmup`` steps are full; after them, one full step every ``interval``.
 
-    Full steps are ``i < warmup`` and ``i = warmup - 1 + j * interval``. With 50 steps and warmup 2 this
-    gives NFC 14, 11, 10, 8, 7 for intervals 4, 5, 6, 7, 9: the paper's table.
+    ``phase`` places the full steps after warm-up:
+
+    * ``"spec"`` (default, docs/spec.md): ``i = warmup - 1 + j * interval``, one every ``interval`` counted from
+      the last warm-up step. With 50 steps and warmup 2 this gives NFC 14, 11, 10, 8, 7 for intervals 4, 5, 6, 7,
+      9: the paper's table.
+    * ``"diffusers"``: ``(i - warmup - 1) % interval == 0``, diffusers' TaylorSeer: the first full step after
+      warm-up comes one step after it, then every ``interval`` (warmup 2, interval 4: 0, 1, 3, 7, 11, ...).
     """
 
     interval: int = 4
     warmup: int = 2
+    phase: str = "spec"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "interval", check_int("interval", self.interval, 1))
         object.__setattr__(self, "warmup", _check_warmup(self.warmup))
+        if not (isinstance(self.phase, str) and self.phase in PHASES):
+            raise ConfigError(f"phase must be one of {', '.join(map(repr, PHASES))}, got {self.phase!r}")
 
     def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
-        return step < self.warmup or (step - self.warmup + 1) % self.interval == 0
+        if step < self.warmup:
+            return True
+        if self.phase == "spec":
+            return (step - self.warmup + 1) % self.interval == 0
+        return (step - self.warmup - 1) % self.interval == 0
 
     def full_steps(self, num_steps: int) -> list[int]:
         """The full steps of a ``num_steps`` generation (for planning and tests)."""

@@ -60,7 +60,7 @@ class CFGRouting:
     uncond_skipped: list[int] = field(default_factory=list)  # steps whose unconditional half was rebuilt
     # the rest of this call's plan, settled at its start (``CFGRunner.plan``) so that a compiled forward reads no step
     skip_call: bool = False  # a split "uncond" call answered from the same step's "cond" output
-    store: bool = False  # store the delta after this call
+    store: bool = False  # store the delta after this call (``align``: if the step turned out full)
     weights: torch.Tensor | None = None  # the rebuild's (w1, w2), a tensor: compiled code never sees their values
     grid: SpatialGrid | None = None  # token outputs to image layout and back (``Adapter.spatial_grid``)
 
@@ -111,15 +111,19 @@ class CFGState:
         self.scale = (1.0, 1.0)  # compound mode: the weights multiplied up since the delta was stored
         self.cond: SplitCond | None = None  # the latest "cond" call (step and shape), set at its start
         self.cond_output: Any = None  # its output, set when it returns
+        self.cond_progress: Any = None  # its context's ScheduleProgress: whether that step was full
+        self.refreshed: int | None = None  # the step the delta was stored at
 
-    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...],
+    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...], step: int,
               grid: SpatialGrid | None = None) -> None:
-        """Keep ``(ΔLF, ΔHF)``; ``grid`` puts token outputs in image layout first (``Adapter.spatial_grid``)."""
+        """Keep ``(ΔLF, ΔHF)`` of step ``step``; ``grid`` puts token outputs in image layout first
+        (``Adapter.spatial_grid``)."""
         if grid is not None:
             uncond, cond = grid[0](uncond), grid[0](cond)
         self.delta = cfg.deltas(uncond, cond)
         self.delta_shape = shape
         self.scale = (1.0, 1.0)
+        self.refreshed = step
 
     @property
     def nbytes(self) -> int:
@@ -186,6 +190,11 @@ def slice_batch(
     return tuple(cut(a) for a in args), {k: cut_kw(k, v) for k, v in kwargs.items()}
 
 
+def _step_full(ctx: Context) -> bool:
+    """Whether ``ctx``'s current step is full (a step no cached module reached counts as full)."""
+    return ctx.schedule.full or not ctx.schedule.decided
+
+
 def _halves(batch: int, cond_first: bool) -> tuple[slice, slice]:
     """(conditional rows, unconditional rows) of a CFG batch."""
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
@@ -207,18 +216,29 @@ class CFGRunner:
         """Forget the stored deltas (a new generation, or the end of one)."""
         self.state = CFGState()
 
-    def plan(self, ctx: Context, num_steps: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def plan(self, ctx: Context, num_steps: int | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+             decide: Callable[[], bool] | None = None) -> None:
         """Settle this call's routing at its start, on the host: whether it is the CFG batch, which half runs, whether
-        it stores a delta, the rebuild's weights. Steps are read here only, never in the (possibly compiled) call."""
+        it stores a delta, the rebuild's weights. Steps are read here only, never in the (possibly compiled) call.
+        ``decide()`` takes the step's decision now (``align`` asks for it only where it matters: a step inside
+        the window, with a usable delta and no refresh due); None when the step was decided already."""
         cfg, routing, state, step = self.cfg, ctx.cfg, self.state, ctx.step
         shape = tuple(first_tensor_input(args, kwargs).shape)
         if ctx.name in SPLIT_CONTEXTS:
             if ctx.name == "cond":
                 state.cond, state.cond_output = SplitCond(step, shape), None
+                state.cond_progress = ctx.schedule
                 return
             paired = state.cond is not None and state.cond == (step, shape) and state.cond_output is not None
-            routing.skip_call = paired and cfg.skips(step, num_steps) and state.usable(shape)
-            routing.store = paired and not routing.skip_call and step in cfg.window_range(num_steps)
+            inside = step in cfg.window_range(num_steps)
+            if cfg.align:  # the "cond" call of this step has run: its decision is known
+                cond = state.cond_progress
+                cond_full = cond is not None and (cond.full or not cond.decided)
+                routing.skip_call = (paired and inside and state.usable(shape) and cond_full
+                                     and not cfg.refresh_due(step, state.refreshed, num_steps))
+            else:
+                routing.skip_call = paired and cfg.skips(step, num_steps) and state.usable(shape)
+            routing.store = paired and not routing.skip_call and inside
         else:
             if not self._is_cfg_batch(ctx, num_steps, args, kwargs):
                 return
@@ -227,9 +247,15 @@ class CFGRunner:
                 # half the batch: guidance dropped the unconditional half, so the conditional half's states continue
                 routing.row_group = "cond" if 2 * batch == routing.rows else "all"
                 return
-            half_shape = (batch // 2, *shape[1:])
-            routing.half_batch = cfg.skips(step, num_steps) and state.usable(half_shape)
-            routing.store = not routing.half_batch and step in cfg.window_range(num_steps)
+            usable = state.usable((batch // 2, *shape[1:]))
+            inside = step in cfg.window_range(num_steps)
+            if cfg.align:  # skip at a full step with no refresh due; a cached step forecasts both halves
+                if inside and usable and not cfg.refresh_due(step, state.refreshed, num_steps):
+                    full = ctx.schedule.full if ctx.schedule.decided or decide is None else decide()
+                    routing.half_batch = full
+            else:
+                routing.half_batch = cfg.skips(step, num_steps) and usable
+            routing.store = not routing.half_batch and inside
         if routing.half_batch or routing.skip_call:
             like = first_tensor_input(args, kwargs)
             routing.weights = numbers_on(list(state.weights(cfg, step, num_steps)), like.device, row_dtype(like.dtype))
@@ -280,11 +306,15 @@ class CFGRunner:
             uncond = self.state.rebuild(self.cfg, cond, routing.weights, routing.grid)
             return with_sample(out, torch.cat([cond, uncond] if routing.cond_first else [uncond, cond]))
         out = self.run(ctx, forward, args, kwargs)
-        if routing.store:  # only a step inside the window can use the delta
+        if self._stores(ctx):  # only a step inside the window can use the delta
             sample = sample_of(out)
             half_shape = (batch // 2, *first_tensor_input(args, kwargs).shape[1:])
-            self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, routing.grid)
+            self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, ctx.step, routing.grid)
         return out
+
+    def _stores(self, ctx: Context) -> bool:
+        """After a call that may store: whether it does (``align``: only a full step's outputs, true ones)."""
+        return ctx.cfg.store and (not self.cfg.align or _step_full(ctx))
 
     def _split(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         routing, state = ctx.cfg, self.state
@@ -296,7 +326,7 @@ class CFGRunner:
             return with_sample(state.cond_output, state.rebuild(self.cfg, sample_of(state.cond_output),
                                                                 routing.weights, routing.grid))
         out = self.run(ctx, forward, args, kwargs)
-        if routing.store:
+        if self._stores(ctx):
             shape = tuple(first_tensor_input(args, kwargs).shape)
-            state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, routing.grid)
+            state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, ctx.step, routing.grid)
         return out

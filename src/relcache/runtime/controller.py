@@ -28,7 +28,7 @@ from .distributed import check_enable_order, reducer_for
 from .generations import Generations
 from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .shared import SharedGroup, SharedHook
-from .steps import Prober, RowGroups, decide, take_rows
+from .steps import Prober, RowGroups, decide, prepare_step, take_decision, take_rows
 
 
 def _copy_state(state: Any) -> Any:
@@ -166,7 +166,15 @@ class Session:
         gens.check_step(ctx.step)
         self.current = ctx
         if self.cfg is not None:
-            self.cfg.plan(ctx, gens.num_steps, args, kwargs)
+
+            def decide_now() -> bool:  # asked by CFG-Cache's plan; RCS reads a pre-pass's probe, conditional rows
+                probe = None
+                if self.config.schedule.uses_input:
+                    probe = self.prober.run(forward, args, kwargs)  # the module's rows: batch-major, maybe x frames
+                    probe = take_rows(probe, next(sl for n, sl in ctx.cfg.row_groups(probe.shape[0]) if n != "uncond"))
+                return take_decision(self.config, ctx, probe, first_tensor_input(args, kwargs), self.reducer)
+
+            self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
         sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
         # record_errors reads each forecast's error on the host, per module: such runs stay eager (an analysis mode)
@@ -176,7 +184,10 @@ class Session:
         if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
             return eager
         groups = [(name, None) for name in ctx.cfg.group_names()]
-        if not self.config.schedule.uses_input:  # decided before the forward
+        if ctx.schedule.decided:  # CFG-Cache's plan took the decision: the rows for the groups it settled
+            prepare_step(self.config, gens.num_steps, len(self.cached_modules), ctx, [n for n, _ in groups],
+                         first_tensor_input(args, kwargs))
+        elif not self.config.schedule.uses_input:  # decided before the forward
             self._decide(ctx, first_tensor_input(args, kwargs), groups)
         elif compiled and not eager:  # RCS from a pre-pass of the forward as this call runs it (half a CFG batch)
             runs = self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)

@@ -33,21 +33,35 @@ def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Cont
     module's input (RCS reads the conditional half of a CFG batch: the half that runs at every step) or, for a
     schedule that reads none, any tensor of the call (its device is where the rows go). ``reducer``: the sequence
     is split over processes (context parallelism), and the decision makes one guarded collective (distributed.py)."""
-    schedule = config.schedule
     probe = None
-    if schedule.uses_input:
+    if config.schedule.uses_input:
         probe = take_rows(probe_input, next(sl for name, sl in groups if name != "uncond"))
+    take_decision(config, ctx, probe, probe_input, reducer)
+    prepare_step(config, num_steps, n_modules, ctx, [name for name, _ in groups], probe_input)
+
+
+def take_decision(config: CacheConfig, ctx: Context, probe: torch.Tensor | None, like: torch.Tensor,
+                  reducer: SequenceReducer | None = None) -> bool:
+    """Only the decision of ``decide`` (``probe``: the conditional rows of the first cached module's input, for RCS;
+    ``like``: a tensor of the call, for the device): CFG-Cache takes it before the call's row groups are known;
+    ``prepare_step`` must follow."""
     progress = ctx.schedule
     progress.decided = True
     if reducer is not None:  # context parallelism: the next collective carries the guard
-        reducer.begin_step(ctx.name, ctx.step, progress.full_steps, probe_input)
-    progress.full = schedule.decide(progress.memory, ctx.step, probe)
+        reducer.begin_step(ctx.name, ctx.step, progress.full_steps, like)
+    progress.full = config.schedule.decide(progress.memory, ctx.step, probe)
     if reducer is not None:  # the guard's collective, if the decision made none
         reducer.end_decision(progress.full)
-    names = [name for name, _ in groups]
-    _prepare_rows(config, num_steps, n_modules, ctx, names, probe_input)
     if progress.full:
         progress.full_steps.append(ctx.step)
+    return progress.full
+
+
+def prepare_step(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, names: list[str],
+                 like: torch.Tensor) -> None:
+    """The rest of ``decide`` once the decision is taken: the step's rows for the row groups ``names``."""
+    _prepare_rows(config, num_steps, n_modules, ctx, names, like)
+    if ctx.schedule.full:
         for name in names:  # every module records in these groups at this step
             ctx.caches.last_record.update(((i, name), ctx.step) for i in range(n_modules))
 
