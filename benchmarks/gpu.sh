@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md in one go (DiT-XL/2, bfloat16, random weights), eager and compiled.
+# The GPU measurements of docs/performance.md in one go, at most 6 minutes on one H200: FLUX.1-dev-shaped (random
+# weights, bfloat16, 1024x1024, 28 steps) against diffusers' own caches, then DiT-XL/2 (bfloat16) launches, syncs and
+# speed, eager and compiled. Each command has its own time limit and writes its output as it goes, most important
+# first, so an over-long step costs only itself.
 # Usage: benchmarks/gpu.sh [--smoke] [OUTDIR]   (needs a CUDA GPU and relcache installed or on PYTHONPATH)
-# --smoke rehearses every command on the CPU at a tiny size (DiT "T", float32, 20 steps, one repeat), so that the
-# GPU run works the first time; it takes a few minutes on 2 cores.
+# --smoke rehearses every command on the CPU at tiny sizes (same code paths, float32), so that the GPU run works
+# the first time; on 2 cores it takes about 15 minutes, most of it compiling.
 set -uo pipefail
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
@@ -12,20 +15,35 @@ cd "$(dirname "$0")" || exit 1
 export PYTHONUNBUFFERED=1
 if [ $smoke = 1 ]; then
   size=(--models T); dt=(--dtype float32); speed=(--steps 20 --budgets 7 --repeats 1 --device cpu); rep=1
+  flux=(--smoke --repeats 1); scale=20  # the CPU compiles slowly: every limit times 20
 else
-  size=(--models XL); dt=(--dtype bfloat16); speed=(--repeats 3); rep=5
+  size=(--models XL); dt=(--dtype bfloat16); speed=(--budgets 14 --repeats 2 --device cuda); rep=3
+  flux=(--repeats 2); scale=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 fi
 { python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
   date -u; } 2>&1 | tee -a "$out/gpu.txt"
-# host syncs are counted by CUDA's sync debug mode: nothing to count on the CPU
-[ $smoke = 1 ] || python3 syncs.py "${size[@]}" "${dt[@]}" 2>&1 | tee "$out/syncs.txt"
-python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats $rep --profile 2>&1 | tee "$out/cached_step.txt"
-python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats 1 --profile "Relational m=2 (RFE alone)" 2>&1 \
-  | tee "$out/cached_step_rfe.txt"
-python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --out "$out/speed_b2.json" 2>&1 | tee "$out/speed_b2.txt"
-python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --out "$out/speed_b16.json" 2>&1 \
-  | tee "$out/speed_b16.txt"
-# compiled (inductor), the three methods that matter, at batch 16: not yet run on a GPU (see docs/performance.md)
-python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA "TaylorSeer m=2" "RFC m=2" \
-  --compile default --out "$out/speed_b16_compiled.json" 2>&1 | tee "$out/speed_b16_compiled.txt"
+
+# run NAME SECONDS CMD...: CMD under a time limit (times $scale), its output in $out/NAME.txt
+run() {
+  local name=$1 limit=$(($2 * scale)) start=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit} s)"
+  timeout "$limit" "$@" > >(tee "$out/$name.txt") 2>&1
+  echo "== $name: exit $?, $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
+}
+
+# 1. FLUX.1-dev-shaped, eager: relcache's FORA, TaylorSeer and RFC at NFC 8 and 4 of 28, diffusers' caches.
+run flux_eager 120 python3 flux_speed.py "${flux[@]}" --out "$out/flux_eager.json"
+# 2. DiT-XL/2: kernel launches and the cached step's cost (profiled), host syncs (CUDA only).
+run cached_step 35 python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats $rep --profile
+[ $smoke = 1 ] || run syncs 20 python3 syncs.py "${size[@]}" "${dt[@]}"
+# 3. DiT-XL/2 at batch 16 (8 images, CFG batched), eager then compiled (inductor), the methods that matter.
+run speed_b16 45 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA "TaylorSeer m=2" \
+  "RFC m=2" --out "$out/speed_b16.json"
+run speed_b16_compiled 90 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
+  "RFC m=2" --compile default --out "$out/speed_b16_compiled.json"
+# 4. FLUX-shaped, compiled: RFC at NFC 8 against the compiled plain model (compiling FLUX takes most of this).
+run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --compile default \
+  --out "$out/flux_compiled.json"
+echo "== done in $SECONDS s" | tee -a "$out/gpu.txt"
