@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConfigError, check_float, check_int
 from .history import MAX_ORDER, ROW_WEIGHT, DiffHistory, numbers_on, per_sample, row_dtype, sample_norm, step_row
+from .storage import CacheStorage, Held, held_bytes, load, store, stored_bytes
 
 
 class PredictorState:
@@ -25,9 +26,9 @@ class PredictorState:
 
     __slots__ = ("out", "inp", "ratio", "step")
 
-    def __init__(self, order: int, dtype: torch.dtype | None) -> None:
+    def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None) -> None:
         self.out = DiffHistory(order, dtype)
-        self.inp: torch.Tensor | None = None  # I(a), Relational only
+        self.inp: torch.Tensor | Held | None = None  # I(a) as stored (``storage.store``), Relational only
         self.ratio: torch.Tensor | None = None  # s per sample, Relational only
         self.step: int | None = None  # the latest full step, kept by ``update`` (by-step-number use only)
 
@@ -39,8 +40,16 @@ class PredictorState:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor held: the output's differences, and the input and ratio where kept."""
-        extra = [t for t in (self.inp, self.ratio) if t is not None]
-        return self.out.nbytes + sum(t.numel() * t.element_size() for t in extra)
+        return self.out.nbytes + held_bytes(self.inp) + held_bytes(self.ratio)
+
+    def input(self, like: torch.dtype) -> torch.Tensor:
+        """The stored input ``I(a)`` in dtype ``like``."""
+        return load(self.inp, like)
+
+    def store_input(self, inp: torch.Tensor) -> None:
+        """Keep ``inp`` as ``I(a)``, in the input format of the state's storage."""
+        st = self.out.storage
+        self.inp = inp if st is None else store(inp, st.input, st.scale)
 
 
 class Predictor(ABC):
@@ -51,9 +60,23 @@ class Predictor(ABC):
     #: whether ``update``/``predict`` use the module's input
     uses_input: bool = False
 
-    def new_state(self, dtype: torch.dtype | None = None) -> PredictorState:
-        """An empty per-module state; ``dtype`` optionally stores the cache in lower precision."""
+    def new_state(self, dtype: torch.dtype | CacheStorage | None = None) -> PredictorState:
+        """An empty per-module state; ``dtype`` optionally stores the cache in lower precision (a dtype for every
+        tensor, or a ``CacheStorage``)."""
         return PredictorState(self.order, dtype)
+
+    def state_bytes(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...], computed: torch.dtype,
+                    storage: CacheStorage | None) -> int:
+        """Bytes a state holds once its history is full (``order`` differences, and RFE's input and ratios), for an
+        output of ``out_shape`` and an input of ``in_shape`` computed in ``computed``: what a budget is checked on,
+        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps."""
+        st = storage or CacheStorage()
+        total = stored_bytes(out_shape, st.base, st.scale, computed)
+        total += self.order * stored_bytes(out_shape, st.diffs, st.scale, computed)
+        if self.uses_input:
+            ratio = 8 if computed == torch.float64 else 4  # per-sample norms, ``sample_norm``'s precision
+            total += stored_bytes(in_shape, st.input, st.scale, computed) + ratio * (out_shape[0] if out_shape else 1)
+        return total
 
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
         """The numbers a forecast at step ``step``, ``k`` steps after the latest full step, needs (``step_row``)."""
@@ -126,12 +149,12 @@ class Relational(Predictor):
         prev_in = state.inp
         if prev_in is not None and state.ready and prev_in.shape == inp.shape:
             num = sample_norm(out - state.out.base(out.dtype))
-            den = sample_norm(inp - prev_in.to(inp.dtype))
+            den = sample_norm(inp - state.input(inp.dtype))
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
         else:
             state.ratio = None
         state.out.update(out, gap)
-        state.inp = inp if state.out.dtype is None else inp.to(state.out.dtype)
+        state.store_input(inp)
 
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         hist = state.out
@@ -139,7 +162,7 @@ class Relational(Predictor):
         u = hist.direction(row, inp.dtype)  # the increment is d = k · u, so d / ‖d‖ = u / ‖u‖
         if u is None or state.ratio is None:
             return base if u is None else torch.addcmul(base, row[0], u)
-        coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(u)
+        coef = state.ratio * sample_norm(inp - state.input(inp.dtype)) / sample_norm(u)
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
         coef = torch.where(coef.isfinite(), coef, row[0])
         # One fused pass, written over the fresh direction: a second large allocation here made a cached step
@@ -198,7 +221,7 @@ class Linear(Predictor):
         base = hist.base(inp.dtype)
         if hist.order < 1:
             return base
-        delta = hist.diffs[1].to(inp.dtype) * hist.gap  # O(a) - O(b)
+        delta = hist.get(1, inp.dtype) * hist.gap  # O(a) - O(b)
         w = row[ROW_WEIGHT]
         # the weight times the difference in the row's precision (as a Python scalar would be), then rounded
         return base + (delta.to(torch.promote_types(delta.dtype, w.dtype)) * w).to(delta.dtype)

@@ -13,6 +13,7 @@ counters; a step that runs half of a CFG batch counts against the full batch (``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,6 +175,9 @@ class ContextStats:
     model_executed_flops: float = 0.0
     model_full_flops: float = 0.0
     cache_bytes: int = 0  # bytes the predictors and the schedule hold at the end of the generation
+    peak_cache_bytes: int = 0  # the most they held at the end of a call
+    peak_module_bytes: dict[str, int] = field(default_factory=dict)  # per cached module, at that peak
+    cache_storage: str = ""  # how the caches held tensors (``CacheStorage.label``)
 
     @property
     def uncond_skipped(self) -> int:
@@ -194,7 +198,9 @@ class CacheStats:
     ``uncond_skipped`` counts the unconditional halves CFG-Cache skipped, over all contexts.
     ``cache_bytes`` is the memory the caches hold at the end of the generation (predictor states, RCS input
     history and CFG-Cache deltas, over all contexts). ``modules`` maps each cached module's name to its kind
-    (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order.
+    (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order. ``peak_cache_bytes`` is the most the caches
+    held at the end of a call (a generation's caches are freed at its end, so ``cache_bytes`` then reads 0), the sum
+    of the contexts' peaks; ``peak_cache_bytes_by_kind`` splits the predictor states' part of it by module kind.
     """
 
     method: str
@@ -207,10 +213,22 @@ class CacheStats:
     uncond_skipped: int = 0
     cache_bytes: int = 0
     modules: dict[str, str] = field(default_factory=dict)
+    peak_cache_bytes: int = 0
+    peak_cache_bytes_by_kind: dict[str, int] = field(default_factory=dict)
 
 
 def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str]) -> CacheStats:
     """The generation's stats from its contexts'; ``shared_bytes`` is what the contexts hold together."""
+    peak = sum(c.peak_cache_bytes for c in per.values())
+    by_kind: dict[str, int] = {}
+    for c in per.values():
+        for name, n in c.peak_module_bytes.items():
+            by_kind[modules.get(name, "?")] = by_kind.get(modules.get(name, "?"), 0) + n
+    return dataclasses.replace(_combine(method, per, shared_bytes, modules), peak_cache_bytes=peak,
+                               peak_cache_bytes_by_kind=by_kind)
+
+
+def _combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str]) -> CacheStats:
     if len(per) == 1:
         only = next(iter(per.values()))
         return CacheStats(method, only.nfc, only.num_steps, only.full_steps, only.flops_fraction, per,

@@ -20,6 +20,7 @@ from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
 from ..models.base import Adapter, CachedModule, first_tensor_input
 from .accounting import CacheStats, FlopMeter, Shapes, combine, signature
+from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
 from .context import Context, RowGroup
 from .generations import Generations
@@ -76,6 +77,9 @@ class Session:
         self.prober = Prober()
         self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
         self._compiled_call = False  # the running call's forward is compiled
+        self.shape_probe: ShapeProbe | None = None  # set while the forward runs on fake tensors (``budget``)
+        self._probed: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
+        self._last_contexts: set[str] = set()  # the call contexts of the previous generation (``budget``)
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -97,6 +101,7 @@ class Session:
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
     def reset_generation(self) -> None:
+        self._last_contexts = set(self.contexts) or self._last_contexts
         for group in self.shared:
             group.new_generation()
         self.contexts = {}
@@ -130,6 +135,7 @@ class Session:
         if ctx is None:
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps))
+            self._storage(ctx, forward, args, kwargs)  # may raise ConfigError: nothing changed yet
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
         self.current = ctx
@@ -149,6 +155,23 @@ class Session:
             self._decide(ctx, self.prober.run(forward, args, kwargs), groups)
         return eager
 
+    def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> None:
+        """Set a new context's storage: the config's, or under ``max_cache_bytes`` the most precise that fits
+        (``budget``), from the cached modules' shapes on this call (a fake-tensor run, once per call signature)."""
+        if self.config.max_cache_bytes is None:
+            ctx.storage = self.config.storage
+            return
+        sig = signature(args, kwargs)
+        if sig not in self._probed:
+            self._probed[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
+        held = sum(c.planned_bytes for c in self.contexts.values())
+        pending = len(self._last_contexts - set(self.contexts) - {ctx.name})
+        ctx.storage, ctx.planned_bytes = choose_storage(self.config, self._probed[sig], held, pending)
+
+    def _set_probe(self, probe: ShapeProbe | None) -> None:
+        self.shape_probe = probe
+
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
         decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups)
 
@@ -166,6 +189,8 @@ class Session:
             self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
                                            self._call_sig, ctx.cfg.batch_scale)
         self._compiled_call = self.meter.counted = False
+        if ctx is not None:
+            ctx.note_peak()
         self.current = None
         for group in self.shared:
             group.end_call()
@@ -175,6 +200,8 @@ class Session:
 
     # -- the cached modules (relcache.runtime.hooks.ModuleHost) --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.shape_probe is not None:  # a fake-tensor run for the cache budget: shapes only
+            return self.shape_probe.run(idx, self.cached_modules[idx].input_of(args, kwargs), original, args, kwargs)
         if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
             self.prober.stop(self.cached_modules[idx].input_of(args, kwargs))
         # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
@@ -230,7 +257,7 @@ class Session:
             slot = (idx, group.name)
             states = caches.states.get(slot)
             if states is None or len(states) != len(outs):
-                states = [predictor.new_state(self.config.cache_dtype) for _ in outs]
+                states = [predictor.new_state(ctx.storage) for _ in outs]
                 caches.states[slot] = states
             gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
