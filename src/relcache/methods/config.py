@@ -106,11 +106,13 @@ class CacheConfig:
         return base if self.cfg_cache is None else f"{base} + CFG-Cache(n={self.cfg_cache.interval})"
 
 
-#: the storages ``max_cache_bytes`` chooses from, most precise first (docs/spec.md, §Cache storage)
+#: the storages ``max_cache_bytes`` chooses from, most precise first and fewest bytes last (docs/spec.md, §Cache
+#: storage; their quality cost on the reference model: docs/performance.md, "Cache memory")
 STORAGE_LADDER: tuple[CacheStorage | None, ...] = (
     None,
     CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16),
     CacheStorage(torch.bfloat16, torch.float8_e4m3fn, torch.bfloat16),
+    CacheStorage(torch.bfloat16, "int4", torch.bfloat16),
     CacheStorage(torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e4m3fn),
     CacheStorage(torch.float8_e4m3fn, "int4", torch.float8_e4m3fn),
 )
