@@ -69,6 +69,10 @@ def test_default_and_bfloat16_storage_hold_what_they_held_before():
     x = torch.randn(2, 3, 4)
     assert store(x, None, "token") is x
     assert torch.equal(store(x, torch.bfloat16, "token"), x.to(torch.bfloat16))
+    # float16 within its normal range: the power-of-two scale changes no value read back
+    y = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(0)) * 10
+    y = torch.where(y.abs() < 1e-3, torch.ones_like(y), y)
+    assert torch.equal(load(store(y, torch.float16, "token"), torch.float32), y.half().float())
 
 
 def test_storage_and_budget_arguments_are_checked():

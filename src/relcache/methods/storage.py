@@ -7,7 +7,7 @@ and RFE's stored input ``I(a)``. ``CacheStorage`` gives each role a storage form
 * a wide floating dtype (``torch.bfloat16``, ``torch.float32``): a plain cast;
 * a narrow floating dtype (``torch.float16``, ``torch.float8_e4m3fn``, ``torch.float8_e5m2``): a cast after dividing
   by a power-of-two scale per sample, per token or per channel, chosen so that the largest magnitude fits the
-  dtype; nothing overflows, and where no scale is needed the stored bits are a plain cast's;
+  dtype; nothing overflows, and a value within the dtype's normal range reads back as a plain cast would give it;
 * ``"int4"``: symmetric 4-bit integers, two per byte, with the same kind of scale (the last dimension must be even).
 
 (choice) Scales are powers of two: dividing and multiplying by them is exact in every float dtype, so a stored value
