@@ -40,6 +40,8 @@ STORAGES: dict[str, object] = {
     "float8 per-sample": CacheStorage(F8, F8, F8, "sample"),
     "float8, int4 diffs": CacheStorage(F8, "int4", F8),
     "bf16 base+input, int4 diffs": CacheStorage(BF16, "int4", BF16),
+    "float8 base only": CacheStorage(F8, BF16, BF16),
+    "float8 input only": CacheStorage(BF16, BF16, F8),
 }
 
 

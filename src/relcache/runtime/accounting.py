@@ -219,16 +219,6 @@ class CacheStats:
 
 def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str]) -> CacheStats:
     """The generation's stats from its contexts'; ``shared_bytes`` is what the contexts hold together."""
-    peak = sum(c.peak_cache_bytes for c in per.values())
-    by_kind: dict[str, int] = {}
-    for c in per.values():
-        for name, n in c.peak_module_bytes.items():
-            by_kind[modules.get(name, "?")] = by_kind.get(modules.get(name, "?"), 0) + n
-    return dataclasses.replace(_combine(method, per, shared_bytes, modules), peak_cache_bytes=peak,
-                               peak_cache_bytes_by_kind=by_kind)
-
-
-def _combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str]) -> CacheStats:
     if len(per) == 1:
         only = next(iter(per.values()))
         return CacheStats(method, only.nfc, only.num_steps, only.full_steps, only.flops_fraction, per,
@@ -240,3 +230,14 @@ def _combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modul
     skipped = sum(c.uncond_skipped for c in per.values())
     held = sum(c.cache_bytes for c in per.values()) + shared_bytes
     return CacheStats(method, len(steps), num_steps, steps, flops, per, model, skipped, held, modules)
+
+
+def with_peaks(stats: CacheStats) -> CacheStats:
+    """``stats`` with its cache-memory peaks: the sum of the contexts' peaks, and their modules' bytes by kind."""
+    by_kind: dict[str, int] = {}
+    for c in stats.contexts.values():
+        for name, n in c.peak_module_bytes.items():
+            kind = stats.modules.get(name, "?")
+            by_kind[kind] = by_kind.get(kind, 0) + n
+    peak = sum(c.peak_cache_bytes for c in stats.contexts.values())
+    return dataclasses.replace(stats, peak_cache_bytes=peak, peak_cache_bytes_by_kind=by_kind)

@@ -19,7 +19,7 @@ from torch import nn
 from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
 from ..models.base import Adapter, CachedModule, first_tensor_input
-from .accounting import CacheStats, FlopMeter, Shapes, combine, signature
+from .accounting import CacheStats, FlopMeter, Shapes, combine, signature, with_peaks
 from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
 from .context import Context, RowGroup
@@ -284,4 +284,4 @@ class Session:
         names = [m.name for m in self.cached_modules]
         per = {name: ctx.stats(names) for name, ctx in self.contexts.items()}
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
-        return combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules})
+        return with_peaks(combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules}))
