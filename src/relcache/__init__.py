@@ -19,6 +19,7 @@ from .methods import (
     FORA,
     RFC,
     CacheConfig,
+    CacheStorage,
     CFGCache,
     FasterCache,
     InputError,
@@ -35,8 +36,8 @@ from .runtime import CacheStats, ContextStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "CFGCache", "ConfigError", "ContextStats",
-    "CustomAdapter",
+    "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "CacheStorage", "CFGCache", "ConfigError",
+    "ContextStats", "CustomAdapter",
     "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
     "UnsupportedModelError", "begin_generation", "cached", "disable", "enable", "is_enabled", "stats",
 ]

@@ -4,8 +4,9 @@ from .cfg_cache import CFGCache
 from .config import FORA, RFC, CacheConfig, FasterCache, TaylorSeer
 from .predictors import Linear, Predictor, Relational, Reuse, Taylor
 from .schedules import InputError, Interval, Schedule
+from .storage import CacheStorage
 
 __all__ = [
-    "FORA", "RFC", "CFGCache", "CacheConfig", "FasterCache", "InputError", "Interval", "Linear", "Predictor",
-    "Relational", "Reuse", "Schedule", "Taylor", "TaylorSeer",
+    "FORA", "RFC", "CFGCache", "CacheConfig", "CacheStorage", "FasterCache", "InputError", "Interval", "Linear",
+    "Predictor",     "Relational", "Reuse", "Schedule", "Taylor", "TaylorSeer",
 ]

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, as_int, check_int
 from .cfg_cache import CFGCache, check_window
 from .predictors import MAX_ORDER, Linear, Predictor, Relational, Reuse, Taylor, WeightFn
 from .schedules import InputError, Interval, Schedule
+from .storage import CacheStorage, check_format
 
 #: kinds of cached module an adapter can report
 MODULE_KINDS = ("attn", "cross_attn", "mlp")
@@ -38,7 +39,13 @@ class CacheConfig:
     """One caching method: ``predictor`` x ``schedule``.
 
     ``modules`` restricts caching to some kinds of module (``"attn"``, ``"cross_attn"``, ``"mlp"``; None = all).
-    ``cache_dtype`` stores cached tensors in lower precision (e.g. ``torch.bfloat16``) to save memory.
+    ``cache_dtype`` stores cached tensors in lower precision to save memory: one format for every cached tensor
+    (``torch.bfloat16``; ``torch.float16`` or ``torch.float8_e4m3fn``, stored with a power-of-two scale per token
+    so that nothing overflows; ``"int4"``), or a ``relcache.CacheStorage`` giving outputs, differences and RFE's
+    input each their own format and the scale's granularity.
+    ``max_cache_bytes`` instead lets relcache pick the storage: at the first call of each generation, before any
+    module runs, the bytes each storage of ``STORAGE_LADDER`` would hold are computed from the modules' shapes, and
+    the first (most precise) that fits is used; a ``ConfigError`` says so when even the last does not fit.
     ``name`` is only a label for tables and stats (``label`` appends CFG-Cache when set).
     ``cfg_cache`` also skips the unconditional half of classifier-free guidance (``relcache.CFGCache``); it
     combines with any predictor x schedule and is inert when the model is not run with CFG.
@@ -47,9 +54,10 @@ class CacheConfig:
     predictor: Predictor
     schedule: Schedule
     modules: tuple[str, ...] | None = None
-    cache_dtype: torch.dtype | None = None
+    cache_dtype: torch.dtype | str | CacheStorage | None = None
     name: str | None = None
     cfg_cache: CFGCache | None = None
+    max_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.predictor, Predictor):
@@ -70,20 +78,44 @@ class CacheConfig:
                     f"or None (all); got {given!r}"
                 )
             object.__setattr__(self, "modules", tuple(k for k in MODULE_KINDS if k in given))
-        if self.cache_dtype is not None and not (
-            isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
-        ):
-            raise ConfigError(f"cache_dtype must be a floating torch.dtype or None, got {self.cache_dtype!r}")
+        if not isinstance(self.cache_dtype, CacheStorage):
+            check_format("cache_dtype", self.cache_dtype)
+        if self.max_cache_bytes is not None:
+            n = as_int(self.max_cache_bytes)
+            if n is None or n < 0:
+                raise ConfigError(
+                    f"max_cache_bytes must be an integer >= 0 (bytes) or None, got {self.max_cache_bytes!r}")
+            if self.cache_dtype is not None:
+                raise ConfigError("give cache_dtype or max_cache_bytes, not both: max_cache_bytes picks the storage; "
+                                  f"got cache_dtype={self.cache_dtype!r}")
+            object.__setattr__(self, "max_cache_bytes", n)
         if self.name is not None and not isinstance(self.name, str):
             raise ConfigError(f"name must be a str (a label for tables and stats) or None, got {self.name!r}")
         if self.cfg_cache is not None and not isinstance(self.cfg_cache, CFGCache):
             raise ConfigError(f"cfg_cache must be a relcache.CFGCache(...) or None, got {self.cfg_cache!r}")
 
     @property
+    def storage(self) -> CacheStorage | None:
+        """``cache_dtype`` as a ``CacheStorage`` (None: as computed)."""
+        return CacheStorage.of(self.cache_dtype)
+
+    @property
     def label(self) -> str:
         """A short human-readable name."""
         base = self.name or f"{type(self.predictor).__name__} x {type(self.schedule).__name__}"
         return base if self.cfg_cache is None else f"{base} + CFG-Cache(n={self.cfg_cache.interval})"
+
+
+#: the storages ``max_cache_bytes`` chooses from, most precise first and fewest bytes last (docs/spec.md, §Cache
+#: storage; their quality cost on the reference model: docs/performance.md, "Cache memory")
+STORAGE_LADDER: tuple[CacheStorage | None, ...] = (
+    None,
+    CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    CacheStorage(torch.bfloat16, torch.float8_e4m3fn, torch.bfloat16),
+    CacheStorage(torch.bfloat16, "int4", torch.bfloat16),
+    CacheStorage(torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e4m3fn),
+    CacheStorage(torch.float8_e4m3fn, "int4", torch.float8_e4m3fn),
+)
 
 
 def FORA(interval: int = 4, warmup: int = 2) -> CacheConfig:  # noqa: N802 (public preset names)

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from .storage import CacheStorage, Held, held_bytes, load, store
+
 
 class Reducer(Protocol):
     """Sums per-sample partial sums over the processes that each hold a slice of the sequence (context parallelism:
@@ -111,17 +113,19 @@ class DiffHistory:
 
     ``D_0 = X(a)`` and ``D_j(a) = (D_{j-1}(a) - D_{j-1}(b)) / N``; order ``j`` exists only once order
     ``j-1`` existed at ``b``, so the order grows as full steps accumulate. ``dtype`` optionally stores the
-    differences in lower precision (memory), arithmetic is done in the incoming tensor's dtype. Step numbers
-    are not kept here: the caller passes the gap ``N`` (a 0-d tensor) to ``update`` and a step row
-    (``step_row``) to the forecasts.
+    differences in lower precision (memory): a dtype for every order, or a ``storage.CacheStorage`` (its ``base``
+    format for ``D_0``, ``diffs`` for the others, narrow formats scaled); arithmetic is done in the incoming tensor's
+    dtype. Step numbers are not kept here: the caller passes the gap ``N`` (a 0-d tensor) to ``update`` and a step
+    row (``step_row``) to the forecasts.
     """
 
-    __slots__ = ("max_order", "dtype", "diffs", "gap")
+    __slots__ = ("max_order", "dtype", "storage", "diffs", "gap")
 
-    def __init__(self, max_order: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, max_order: int, dtype: torch.dtype | CacheStorage | None = None) -> None:
         self.max_order = max_order
         self.dtype = dtype
-        self.diffs: list[torch.Tensor] = []
+        self.storage = CacheStorage.of(dtype)
+        self.diffs: list[torch.Tensor | Held] = []  # as stored: tensors, or ``Held`` for scaled formats
         self.gap: torch.Tensor | None = None  # N = a - b, 0-d
 
     def update(self, value: torch.Tensor, gap: torch.Tensor | None) -> None:
@@ -131,11 +135,16 @@ class DiffHistory:
             for j in range(1, self.max_order + 1):
                 if j - 1 >= len(self.diffs):
                     break
-                new.append((new[j - 1] - self.diffs[j - 1].to(value.dtype)) / gap)
+                new.append((new[j - 1] - self.get(j - 1, value.dtype)) / gap)
             self.gap = gap
         else:  # first record, or the shape changed: start over
             self.gap = None
-        self.diffs = [d.to(self.dtype) for d in new] if self.dtype is not None else new
+        st = self.storage
+        self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale) for j, d in enumerate(new)]
+
+    def get(self, j: int, like: torch.dtype) -> torch.Tensor:
+        """``D_j`` in dtype ``like``."""
+        return load(self.diffs[j], like)
 
     @property
     def ready(self) -> bool:
@@ -144,8 +153,8 @@ class DiffHistory:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored differences."""
-        return sum(d.numel() * d.element_size() for d in self.diffs)
+        """Bytes of the stored differences (their scales included)."""
+        return sum(held_bytes(d) for d in self.diffs)
 
     @property
     def order(self) -> int:
@@ -154,7 +163,7 @@ class DiffHistory:
 
     def base(self, like: torch.dtype) -> torch.Tensor:
         """``D_0 = X(a)`` in dtype ``like``."""
-        return self.diffs[0].to(like)
+        return self.get(0, like)
 
     def direction(self, row: torch.Tensor, like: torch.dtype) -> torch.Tensor | None:
         """``u`` with ``k · u`` the Taylor increment ``sum_{j>=1} D_j k^j / j!``, or None while only ``D_0`` exists.
@@ -165,9 +174,9 @@ class DiffHistory:
         """
         if len(self.diffs) < 2:
             return None
-        u = self.diffs[-1].to(like)
+        u = self.get(len(self.diffs) - 1, like)
         for j in range(len(self.diffs) - 2, 0, -1):  # u <- D_j + k/(j+1) · u
-            u = torch.addcmul(self.diffs[j].to(like), row[j], u)
+            u = torch.addcmul(self.get(j, like), row[j], u)
         return u
 
     def is_stored(self, t: torch.Tensor) -> bool:

@@ -30,6 +30,7 @@ from .history import (
     sample_norm,
     step_row,
 )
+from .storage import CacheStorage, Held, held_bytes, load, store, stored_bytes
 
 
 class PredictorState:
@@ -37,9 +38,9 @@ class PredictorState:
 
     __slots__ = ("out", "inp", "ratio", "step", "reducer")
 
-    def __init__(self, order: int, dtype: torch.dtype | None, reducer: Reducer | None = None) -> None:
+    def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
         self.out = DiffHistory(order, dtype)
-        self.inp: torch.Tensor | None = None  # I(a), Relational only
+        self.inp: torch.Tensor | Held | None = None  # I(a) as stored (``storage.store``), Relational only
         self.ratio: torch.Tensor | None = None  # s per sample, Relational only
         self.step: int | None = None  # the latest full step, kept by ``update`` (by-step-number use only)
         self.reducer = reducer  # the sequence is split over processes: norms are summed over them
@@ -52,8 +53,16 @@ class PredictorState:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor held: the output's differences, and the input and ratio where kept."""
-        extra = [t for t in (self.inp, self.ratio) if t is not None]
-        return self.out.nbytes + sum(t.numel() * t.element_size() for t in extra)
+        return self.out.nbytes + held_bytes(self.inp) + held_bytes(self.ratio)
+
+    def input(self, like: torch.dtype) -> torch.Tensor:
+        """The stored input ``I(a)`` in dtype ``like``."""
+        return load(self.inp, like)
+
+    def store_input(self, inp: torch.Tensor) -> None:
+        """Keep ``inp`` as ``I(a)``, in the input format of the state's storage."""
+        st = self.out.storage
+        self.inp = inp if st is None else store(inp, st.input, st.scale)
 
 
 class Predictor(ABC):
@@ -64,10 +73,25 @@ class Predictor(ABC):
     #: whether ``update``/``predict`` use the module's input
     uses_input: bool = False
 
-    def new_state(self, dtype: torch.dtype | None = None, reducer: Reducer | None = None) -> PredictorState:
-        """An empty per-module state; ``dtype`` optionally stores the cache in lower precision; ``reducer`` sums norms
-        over the slices of a sequence split across processes (context parallelism)."""
+    def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
+                  ) -> PredictorState:
+        """An empty per-module state; ``dtype`` optionally stores the cache in lower precision (a dtype for every
+        tensor, or a ``CacheStorage``); ``reducer`` sums norms over the slices of a sequence split across processes
+        (context parallelism)."""
         return PredictorState(self.order, dtype, reducer)
+
+    def state_bytes(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...], computed: torch.dtype,
+                    storage: CacheStorage | None) -> int:
+        """Bytes a state holds once its history is full (``order`` differences, and RFE's input and ratios), for an
+        output of ``out_shape`` and an input of ``in_shape`` computed in ``computed``: what a budget is checked on,
+        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps."""
+        st = storage or CacheStorage()
+        total = stored_bytes(out_shape, st.base, st.scale, computed)
+        total += self.order * stored_bytes(out_shape, st.diffs, st.scale, computed)
+        if self.uses_input:
+            ratio = 8 if computed == torch.float64 else 4  # per-sample norms, ``sample_norm``'s precision
+            total += stored_bytes(in_shape, st.input, st.scale, computed) + ratio * (out_shape[0] if out_shape else 1)
+        return total
 
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
         """The numbers a forecast at step ``step``, ``k`` steps after the latest full step, needs (``step_row``)."""
@@ -144,17 +168,17 @@ class Relational(Predictor):
         prev_in = state.inp
         if prev_in is not None and state.ready and prev_in.shape == inp.shape and state.reducer is not None:
             # split sequence: the partial sums join the next collective (the next step's decision), no one of theirs
-            parts = torch.stack([power_sums(out - state.out.base(out.dtype)), power_sums(inp - prev_in.to(inp.dtype))])
+            parts = torch.stack([power_sums(out - state.out.base(out.dtype)), power_sums(inp - state.input(inp.dtype))])
             state.ratio = None
             state.reducer.later(parts, lambda sums: setattr(state, "ratio", roots(sums[0]) / roots(sums[1])))
         elif prev_in is not None and state.ready and prev_in.shape == inp.shape:
             num = sample_norm(out - state.out.base(out.dtype))
-            den = sample_norm(inp - prev_in.to(inp.dtype))
+            den = sample_norm(inp - state.input(inp.dtype))
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
         else:
             state.ratio = None
         state.out.update(out, gap)
-        state.inp = inp if state.out.dtype is None else inp.to(state.out.dtype)
+        state.store_input(inp)
 
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         if state.reducer is not None:
@@ -170,7 +194,7 @@ class Relational(Predictor):
         us = [st.out.direction(row, inp.dtype) for st, inp, row in items]
         # the input change and the direction of every item that has both (the others need no norm)
         used = [j for j, (st, _, _) in enumerate(items) if us[j] is not None and st.inp is not None]
-        parts = [torch.stack([power_sums(inp - st.inp.to(inp.dtype)), power_sums(us[j])])
+        parts = [torch.stack([power_sums(inp - st.input(inp.dtype)), power_sums(us[j])])
                  for j, (st, inp, _) in ((j, items[j]) for j in used)]
         norms: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
         if parts:  # one collective; it also settles ratios deferred from the latest full step
@@ -192,7 +216,7 @@ class Relational(Predictor):
         if norms is not None:
             coef = state.ratio * norms[0] / norms[1]
         else:
-            coef = state.ratio * sample_norm(inp - state.inp.to(inp.dtype)) / sample_norm(u)
+            coef = state.ratio * sample_norm(inp - state.input(inp.dtype)) / sample_norm(u)
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
         # ``coef * 0 == 0`` is ``isfinite`` in two kernels where ``isfinite`` takes four (abs, ne, eq, mul).
         coef = torch.where(coef * 0 == 0, coef, row[0])
@@ -252,7 +276,7 @@ class Linear(Predictor):
         base = hist.base(inp.dtype)
         if hist.order < 1:
             return base
-        delta = hist.diffs[1].to(inp.dtype) * hist.gap  # O(a) - O(b)
+        delta = hist.get(1, inp.dtype) * hist.gap  # O(a) - O(b)
         w = row[ROW_WEIGHT]
         # the weight times the difference in the row's precision (as a Python scalar would be), then rounded
         return base + (delta.to(torch.promote_types(delta.dtype, w.dtype)) * w).to(delta.dtype)

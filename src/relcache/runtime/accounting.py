@@ -21,6 +21,7 @@ count_flops=False)`` never counts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -261,6 +262,9 @@ class ContextStats:
     cache_bytes: int = 0  # bytes the predictors and the schedule hold at the end of the generation
     nonfinite_samples: dict[int, int] = field(default_factory=dict)  # RCS: step -> samples whose error was not finite
     flops_unknown: str | None = None  # why the FLOP fields are NaN (counting off or failed); None when counted
+    peak_cache_bytes: int = 0  # the most they held at the end of a call
+    peak_module_bytes: dict[str, int] = field(default_factory=dict)  # per cached module, at that peak
+    cache_storage: str = ""  # how the caches held tensors (``CacheStorage.label``)
 
     @property
     def uncond_skipped(self) -> int:
@@ -281,7 +285,9 @@ class CacheStats:
     ``uncond_skipped`` counts the unconditional halves CFG-Cache skipped, over all contexts.
     ``cache_bytes`` is the memory the caches hold at the end of the generation (predictor states, RCS input
     history and CFG-Cache deltas, over all contexts). ``modules`` maps each cached module's name to its kind
-    (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order.
+    (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order. ``peak_cache_bytes`` is the most the caches
+    held at the end of a call (a generation's caches are freed at its end, so ``cache_bytes`` then reads 0), the sum
+    of the contexts' peaks; ``peak_cache_bytes_by_kind`` splits the predictor states' part of it by module kind.
 
     ``nonfinite_samples`` is the most samples whose RCS input error was NaN or infinite at one step (0: none; those
     samples are left out of the step's decision, see ``InputError``); each context's ``nonfinite_samples`` says at
@@ -301,6 +307,8 @@ class CacheStats:
     modules: dict[str, str] = field(default_factory=dict)
     nonfinite_samples: int = 0
     flops_unknown: str | None = None
+    peak_cache_bytes: int = 0
+    peak_cache_bytes_by_kind: dict[str, int] = field(default_factory=dict)
 
 
 def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str],
@@ -320,3 +328,14 @@ def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, module
     held = sum(c.cache_bytes for c in per.values()) + shared_bytes
     return CacheStats(method, len(steps), num_steps, steps, flops, per, model, skipped, held, modules, nonfinite,
                       flops_unknown)
+
+
+def with_peaks(stats: CacheStats) -> CacheStats:
+    """``stats`` with its cache-memory peaks: the sum of the contexts' peaks, and their modules' bytes by kind."""
+    by_kind: dict[str, int] = {}
+    for c in stats.contexts.values():
+        for name, n in c.peak_module_bytes.items():
+            kind = stats.modules.get(name, "?")
+            by_kind[kind] = by_kind.get(kind, 0) + n
+    peak = sum(c.peak_cache_bytes for c in stats.contexts.values())
+    return dataclasses.replace(stats, peak_cache_bytes=peak, peak_cache_bytes_by_kind=by_kind)

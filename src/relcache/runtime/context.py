@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ..methods.predictors import PredictorState
+from ..methods.storage import CacheStorage
 from .accounting import ContextStats, Counters, Shapes, fraction
 from .cfg import CFGRouting, Rows
 
@@ -40,6 +41,13 @@ class ModuleCaches:
     @property
     def nbytes(self) -> int:
         return sum(st.nbytes for states in self.states.values() for st in states)
+
+    def nbytes_by_module(self) -> dict[int, int]:
+        """Bytes held per cached module (all its row groups and outputs)."""
+        held: dict[int, int] = {}
+        for (idx, _), states in self.states.items():
+            held[idx] = held.get(idx, 0) + sum(st.nbytes for st in states)
+        return held
 
     def ready(self, idx: int, group: str, shapes: Shapes) -> bool:
         """Whether module ``idx``'s row group has states recorded on inputs of ``shapes`` (it can be forecast)."""
@@ -75,6 +83,17 @@ class Context:
         self.counters = Counters()
         self.cfg = CFGRouting()
         self.signatures: set[tuple] = set()  # the call shapes seen in this generation
+        self.storage: CacheStorage | None = None  # how the predictor states hold tensors (``CacheConfig``/budget)
+        self.planned_bytes = 0  # what they will hold with full histories, where a budget was checked
+        self.peak_bytes = 0  # the most ``cache_bytes`` held at the end of a call, and per module then
+        self.peak_by_module: dict[int, int] = {}
+
+    def note_peak(self) -> None:
+        """Update the peak with what the caches hold now (at the end of a call)."""
+        held = self.cache_bytes
+        if held > self.peak_bytes:
+            self.peak_bytes = held
+            self.peak_by_module = self.caches.nbytes_by_module()
 
     def advance(self, step_index: int | None, timestep: float | None) -> None:
         """Start this context's next step (``step_index`` from diffusers' cache context, else one more)."""
@@ -106,4 +125,7 @@ class Context:
             model_executed_flops=c.model_executed,
             model_full_flops=c.model_full,
             cache_bytes=self.cache_bytes,
+            peak_cache_bytes=self.peak_bytes,
+            peak_module_bytes={module_names[i]: n for i, n in sorted(self.peak_by_module.items())},
+            cache_storage="as computed" if self.storage is None else self.storage.label,
         )

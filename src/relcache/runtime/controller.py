@@ -21,7 +21,8 @@ from torch import nn
 from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
 from ..models.base import Adapter, CachedModule, first_tensor_input
-from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, Shapes, combine, signature
+from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, Shapes, combine, signature, with_peaks
+from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
 from .context import Context, RowGroup
 from .distributed import check_enable_order, reducer_for
@@ -92,6 +93,9 @@ class Session:
         self._n_modules = 0  # how many modules the model had when its FLOPs were last measured
         # context parallelism: token reductions summed over the processes holding the sequence's slices
         self.reducer = reducer_for(model, sequence_group, repr(config))
+        self.shape_probe: ShapeProbe | None = None  # set while the forward runs on fake tensors (``budget``)
+        self._probed: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
+        self._last_contexts: set[str] = set()  # the call contexts of the previous generation (``budget``)
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -117,6 +121,7 @@ class Session:
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
     def reset_generation(self) -> None:
+        self._last_contexts = set(self.contexts) or self._last_contexts
         for group in self.shared:
             group.new_generation()
         self.contexts = {}
@@ -161,6 +166,7 @@ class Session:
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             reducer = {} if self.reducer is None else {"reducer": self.reducer}
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))
+            self._storage(ctx, forward, args, kwargs)  # may raise ConfigError: nothing changed yet
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
         gens.check_step(ctx.step)
@@ -221,6 +227,22 @@ class Session:
             self.meter.module.clear()
             self.meter.other.clear()
             self._n_modules = n_modules
+    def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> None:
+        """Set a new context's storage: the config's, or under ``max_cache_bytes`` the most precise that fits
+        (``budget``), from the cached modules' shapes on this call (a fake-tensor run, once per call signature)."""
+        if self.config.max_cache_bytes is None:
+            ctx.storage = self.config.storage
+            return
+        sig = signature(args, kwargs)
+        if sig not in self._probed:
+            self._probed[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
+        held = sum(c.planned_bytes for c in self.contexts.values())
+        pending = len(self._last_contexts - set(self.contexts) - {ctx.name})
+        ctx.storage, ctx.planned_bytes = choose_storage(self.config, self._probed[sig], held, pending)
+
+    def _set_probe(self, probe: ShapeProbe | None) -> None:
+        self.shape_probe = probe
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
         decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups,
@@ -240,6 +262,8 @@ class Session:
             self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
                                            self._call_sig, ctx.cfg.batch_scale)
         self._compiled_call = self.meter.counted = False
+        if ctx is not None:
+            ctx.note_peak()
         self.current = None
         for group in self.shared:
             group.end_call()
@@ -272,6 +296,8 @@ class Session:
 
     # -- the cached modules (relcache.runtime.hooks.ModuleHost) --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.shape_probe is not None:  # a fake-tensor run for the cache budget: shapes only
+            return self.shape_probe.run(idx, self.cached_modules[idx].input_of(args, kwargs), original, args, kwargs)
         if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
             self.prober.stop(self.cached_modules[idx].input_of(args, kwargs))
         # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
@@ -328,7 +354,7 @@ class Session:
             states = caches.states.get(slot)
             if states is None or len(states) != len(outs):
                 reducer = {} if self.reducer is None else {"reducer": self.reducer}
-                states = [predictor.new_state(self.config.cache_dtype, **reducer) for _ in outs]
+                states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
                 caches.states[slot] = states
             gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
@@ -355,8 +381,8 @@ class Session:
         names = [m.name for m in self.cached_modules]
         per = {name: self._context_stats(ctx, names) for name, ctx in self.contexts.items()}
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
-        return combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules},
-                       self.meter.unknown)
+        return with_peaks(combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules},
+                                  self.meter.unknown))
 
     def _context_stats(self, ctx: Context, names: list[str]) -> ContextStats:
         st = ctx.stats(names)

@@ -1,0 +1,176 @@
+"""How cached tensors are held: in which dtype, and with which scale (docs/spec.md, §Cache storage).
+
+A cache holds three roles of tensor: the base ``D_0`` (a module's latest output), the differences ``D_1 .. D_m``,
+and RFE's stored input ``I(a)``. ``CacheStorage`` gives each role a storage format:
+
+* ``None``: as computed (the module's dtype), exactly;
+* a wide floating dtype (``torch.bfloat16``, ``torch.float32``): a plain cast;
+* a narrow floating dtype (``torch.float16``, ``torch.float8_e4m3fn``, ``torch.float8_e5m2``): a cast after dividing
+  by a power-of-two scale per sample, per token or per channel, chosen so that the largest magnitude fits the
+  dtype; nothing overflows, and a value within the dtype's normal range reads back as a plain cast would give it;
+* ``"int4"``: symmetric 4-bit integers, two per byte, with the same kind of scale (the last dimension must be even).
+
+(choice) Scales are powers of two: dividing and multiplying by them is exact in every float dtype, so a stored value
+differs from the computed one by the storage dtype's rounding only, and reading it back costs one multiply. Every
+step is a tensor operation (no host read), so storing and reading compile into the step's graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+#: how a scale is shared: over everything but the batch, over all but the last dim (one per token), or over all but
+#: the batch and the last dim (one per channel)
+SCALE_AXES = ("sample", "token", "channel")
+INT4 = "int4"
+_INT4_MAX = 7.0
+
+
+def _is_scaled(fmt: torch.dtype | str | None) -> bool:
+    """Whether ``fmt`` needs a scale: 4-bit integers, and floats whose range is narrower than float32's."""
+    if fmt == INT4:
+        return True
+    return isinstance(fmt, torch.dtype) and torch.finfo(fmt).max < 1e30  # bfloat16 and wider: float32's exponent
+
+
+def format_bytes(fmt: torch.dtype | str | None, computed: torch.dtype) -> float:
+    """Bytes per stored element of format ``fmt`` for tensors computed in ``computed``."""
+    if fmt is None:
+        return computed.itemsize
+    return 0.5 if fmt == INT4 else fmt.itemsize
+
+
+def check_format(name: str, fmt: object) -> torch.dtype | str | None:
+    """``fmt`` if it is a storage format (None, a floating torch.dtype or ``"int4"``), else a ConfigError."""
+    if fmt is None or fmt == INT4 or isinstance(fmt, torch.dtype) and fmt.is_floating_point:
+        return fmt  # type: ignore[return-value]
+    raise ConfigError(f"{name} must be None, a floating torch.dtype (e.g. torch.float8_e4m3fn) or 'int4', got {fmt!r}")
+
+
+def _label(fmt: torch.dtype | str | None) -> str:
+    return "computed" if fmt is None else fmt if isinstance(fmt, str) else str(fmt).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class CacheStorage:
+    """The storage format of each role of cached tensor, and how narrow formats are scaled.
+
+    ``base``: ``D_0``, the latest output; ``diffs``: the divided differences ``D_1 ..``; ``input``: RFE's stored
+    input. Each is None (as computed), a floating ``torch.dtype`` or ``"int4"``. ``scale`` is ``"token"`` (one scale
+    per token, i.e. per all but the last dim), ``"sample"`` or ``"channel"`` (one per sample and last-dim index); it
+    is used only by narrow formats (float16, float8, int4).
+    """
+
+    base: torch.dtype | str | None = None
+    diffs: torch.dtype | str | None = None
+    input: torch.dtype | str | None = None
+    scale: str = "token"
+
+    def __post_init__(self) -> None:
+        for role in ("base", "diffs", "input"):
+            check_format(role, getattr(self, role))
+        if self.scale not in SCALE_AXES:
+            raise ConfigError(f"scale must be one of {SCALE_AXES}, got {self.scale!r}")
+
+    @classmethod
+    def of(cls, fmt: torch.dtype | str | CacheStorage | None) -> CacheStorage | None:
+        """A storage from ``cache_dtype``: one format for every role, or a ``CacheStorage`` as is; None stays None."""
+        if fmt is None or isinstance(fmt, CacheStorage):
+            return fmt
+        return cls(fmt, fmt, fmt)
+
+    @property
+    def label(self) -> str:
+        roles = {_label(f) for f in (self.base, self.diffs, self.input)}
+        text = roles.pop() if len(roles) == 1 else (
+            f"base {_label(self.base)}, diffs {_label(self.diffs)}, input {_label(self.input)}")
+        scaled = any(_is_scaled(f) for f in (self.base, self.diffs, self.input))
+        return f"{text} (per-{self.scale} scale)" if scaled else text
+
+
+class Held:
+    """One stored tensor: its data in the storage format and, for narrow formats, its power-of-two scale."""
+
+    __slots__ = ("data", "scale", "shape", "packed")
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor | None, shape: torch.Size, packed: bool) -> None:
+        self.data = data
+        self.scale = scale
+        self.shape = shape  # of the tensor as computed (int4 halves the last dim of ``data``)
+        self.packed = packed
+
+    @property
+    def nbytes(self) -> int:
+        scale = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        return self.data.numel() * self.data.element_size() + scale
+
+    def get(self, like: torch.dtype) -> torch.Tensor:
+        """The stored tensor in dtype ``like``."""
+        if self.packed:
+            lo = torch.bitwise_right_shift(torch.bitwise_left_shift(self.data, 4), 4)  # sign-extending shifts
+            hi = torch.bitwise_right_shift(self.data, 4)
+            x = torch.stack([lo, hi], dim=-1).reshape(self.shape).to(like)
+        else:
+            x = self.data.to(like)
+        return x if self.scale is None else x * self.scale.to(like)
+
+
+def _scale_dims(x: torch.Tensor, axes: str) -> tuple[int, ...]:
+    if axes == "sample":
+        return tuple(range(1, x.ndim))
+    if axes == "token":
+        return (x.ndim - 1,)
+    return tuple(range(1, x.ndim - 1))  # channel
+
+
+def store(x: torch.Tensor, fmt: torch.dtype | str | None, axes: str) -> Held | torch.Tensor:
+    """``x`` held in format ``fmt``: the tensor itself (None, or a plain cast for a wide dtype), else a ``Held`` with a
+    scale shared over ``axes`` such that the largest magnitude fits."""
+    if not _is_scaled(fmt):
+        return x if fmt is None else x.to(fmt)
+    top = _INT4_MAX if fmt == INT4 else torch.finfo(fmt).max
+    dims = _scale_dims(x, axes)
+    amax = x.detach().abs().amax(dim=dims, keepdim=True).float() if dims else x.detach().abs().float()
+    # the smallest power of two s with amax / s <= top (amax 0: s = the smallest normal float32, harmless)
+    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny) / top)))
+    y = x.float() / scale
+    if fmt != INT4:
+        return Held(y.to(fmt), scale, x.shape, False)
+    q = torch.round(y).clamp_(-_INT4_MAX, _INT4_MAX).to(torch.int8)
+    if x.shape[-1] % 2:  # an odd last dim: one int8 per value
+        return Held(q, scale, x.shape, False)
+    pairs = q.reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
+    packed = torch.bitwise_or(torch.bitwise_and(pairs[..., 0], 15), torch.bitwise_left_shift(pairs[..., 1], 4))
+    return Held(packed, scale, x.shape, True)
+
+
+def load(t: Held | torch.Tensor, like: torch.dtype) -> torch.Tensor:
+    """A stored tensor (``store``'s result) in dtype ``like``."""
+    return t.get(like) if isinstance(t, Held) else t.to(like)
+
+
+def held_bytes(t: Held | torch.Tensor | None) -> int:
+    """Bytes of a stored tensor, its scale included."""
+    if t is None:
+        return 0
+    return t.nbytes if isinstance(t, Held) else t.numel() * t.element_size()
+
+
+def stored_bytes(shape: tuple[int, ...], fmt: torch.dtype | str | None, axes: str, computed: torch.dtype) -> int:
+    """Bytes ``store`` would hold for a tensor of ``shape`` computed in ``computed``: what a budget is checked on."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    packed = fmt == INT4 and shape and shape[-1] % 2 == 0
+    data = numel // 2 if packed else numel if fmt == INT4 else int(numel * format_bytes(fmt, computed))
+    if not _is_scaled(fmt) or not shape:
+        return data
+    dims = set(_scale_dims(torch.empty((0,) * len(shape)), axes))
+    scales = 1
+    for i, n in enumerate(shape):
+        scales *= 1 if i in dims else n
+    return data + 4 * scales

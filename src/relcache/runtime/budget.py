@@ -1,0 +1,97 @@
+"""A cache-memory budget (``CacheConfig.max_cache_bytes``): which storage fits, known before any module runs.
+
+At the first call of a context in a generation the transformer's forward runs once on fake tensors (shapes only,
+no computation, no memory), and each cached module's input and output shapes are read there. The bytes every
+storage of ``STORAGE_LADDER`` would hold once the histories are full (``Predictor.state_bytes``, plus RCS's input
+history) follow, and the first storage within the budget is used for that context's generation.
+
+(choice) Split CFG runs two call contexts ("cond" and "uncond"), each with its own caches. A context's storage is
+chosen when it first runs, counting what the contexts already running will hold and, as much again, each context
+of the session's previous generation not yet running (in the first generation, none is known: "uncond" then
+gets what "cond" left). CFG-Cache's own deltas are not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map_only
+
+from ..errors import ConfigError
+from ..methods.config import STORAGE_LADDER, CacheConfig
+from ..methods.storage import CacheStorage
+
+#: per cached module: (its inputs' shapes, its outputs' shapes, the outputs' dtype)
+ModuleShapes = dict[int, tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], torch.dtype]]
+
+
+class ShapeProbe:
+    """Collects cached modules' shapes while the forward runs on fake tensors."""
+
+    def __init__(self) -> None:
+        self.shapes: ModuleShapes = {}
+
+    def run(self, idx: int, inputs: torch.Tensor | tuple[torch.Tensor, ...], original: Any, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> Any:
+        out = original(*args, **kwargs)
+        ins = inputs if isinstance(inputs, tuple) else (inputs,)
+        outs = out if isinstance(out, tuple) else (out,)
+        self.shapes[idx] = (tuple(tuple(x.shape) for x in ins), tuple(tuple(o.shape) for o in outs), outs[0].dtype)
+        return out
+
+
+def probe_shapes(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 set_probe: Callable[[ShapeProbe | None], None]) -> ModuleShapes:
+    """Run ``forward`` on fake copies of its tensor arguments with a ``ShapeProbe`` installed (``set_probe``)."""
+    probe = ShapeProbe()
+    set_probe(probe)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fargs, fkwargs = tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+            forward(*fargs, **fkwargs)
+    finally:
+        set_probe(None)
+    return probe.shapes
+
+
+def cache_bytes(config: CacheConfig, shapes: ModuleShapes, storage: CacheStorage | None) -> int:
+    """Bytes one context's caches hold with full histories under ``storage``: every cached module's predictor
+    states and, for RCS, the input history of the first cached module (stored as computed)."""
+    predictor, total = config.predictor, 0
+    for ins, outs, dtype in shapes.values():
+        for j, out in enumerate(outs):
+            inp = ins[j] if len(ins) == len(outs) else ins[0]
+            total += predictor.state_bytes(out, inp, dtype, storage)
+    history_order = getattr(config.schedule, "order", None)
+    if config.schedule.uses_input and history_order is not None and shapes:
+        ins, _, dtype = shapes[min(shapes)]
+        numel = 1
+        for n in ins[0]:
+            numel *= n
+        total += (history_order + 1) * numel * dtype.itemsize
+    return total
+
+
+def choose_storage(config: CacheConfig, shapes: ModuleShapes, held: int, pending: int) -> tuple[CacheStorage | None,
+                                                                                                 int]:
+    """The first storage of ``STORAGE_LADDER`` for a new context, and the bytes it will hold, such that ``held`` (what
+    the generation's other contexts will hold) plus this context's caches, counted ``1 + pending`` times (contexts
+    expected later in the generation), fit ``config.max_cache_bytes``; a ConfigError naming the smallest need when
+    none fits."""
+    budget = config.max_cache_bytes
+    needs = []
+    for storage in STORAGE_LADDER:
+        need = cache_bytes(config, shapes, storage)
+        if held + need * (1 + pending) <= budget:
+            return storage, need
+        needs.append(held + need * (1 + pending))
+    others = f" with {held} bytes held by the generation's other call contexts" if held else ""
+    others += f", counting {pending} more call context(s) like this one" if pending else ""
+    raise ConfigError(
+        f"max_cache_bytes={budget} is too small for {config.label} at these shapes{others}: the smallest storage "
+        f"({STORAGE_LADDER[-1].label}) needs {needs[-1]} bytes ({needs[-1] / 2**30:.2f} GiB), caches as computed "
+        f"{needs[0]} bytes; raise max_cache_bytes, cache fewer modules (CacheConfig.modules), or lower the order"
+    )

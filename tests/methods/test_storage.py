@@ -1,0 +1,90 @@
+"""Cache storage formats (docs/spec.md, §Cache storage): scaled narrow floats, 4-bit integers, their byte counts."""
+
+import pytest
+import torch
+
+from relcache import CacheConfig, CacheStorage, ConfigError, Interval, Linear, Relational, Reuse, Taylor
+from relcache.methods.storage import held_bytes, load, store, stored_bytes
+
+F8 = torch.float8_e4m3fn
+
+
+def test_float16_cache_keeps_values_past_float16_range():
+    """Issue 16 item 4: a float16 cache turned outputs past 65504 into inf (and the image into NaN). Stored with a
+    power-of-two scale, 2.3e5 comes back within float16's rounding, and the forecast stays finite."""
+    for pred in (Reuse(), Taylor(2), Relational(2)):
+        state = pred.new_state(torch.float16)
+        outs = [torch.full((1, 4, 8), 2.3e5) * (1 + 0.01 * s) for s in range(3)]
+        for s, o in enumerate(outs):
+            pred.update(state, 2 * s, o + torch.arange(8.0), o)
+        got = pred.predict(state, 5, 10, outs[-1] + 1.0)
+        assert torch.isfinite(got).all(), type(pred).__name__
+        assert torch.allclose(state.out.base(torch.float32), outs[-1], rtol=2**-11, atol=0)
+
+
+def test_scaled_float8_is_exact_where_the_values_fit_its_mantissa():
+    # amax 1792 -> scale 4 -> 448 (e4m3's largest); 3/4, -3/8 and 1/16 after the scale: all exact in e4m3
+    x = torch.tensor([[[3.0, -1.5, 1792.0, 0.25]]])
+    held = store(x, F8, "sample")
+    assert float(held.scale.reshape(())) == 4.0
+    assert torch.equal(load(held, torch.float32), x)
+    # a sample of zeros, and a NaN sample, leave the other sample alone (per-sample scales)
+    two = torch.stack([x[0], torch.zeros(1, 4)])
+    assert torch.equal(load(store(two, F8, "sample"), torch.float32), two)
+    bad = torch.stack([x[0], torch.full((1, 4), float("nan"))])
+    back = load(store(bad, F8, "sample"), torch.float32)
+    assert torch.equal(back[0], x[0]) and back[1].isnan().all()
+
+
+def test_int4_packs_two_values_per_byte_and_rounds_to_the_scale():
+    x = torch.tensor([[7.0, -7.0, 3.0, -1.0, 0.0, 2.0]])  # amax 7: scale 1
+    held = store(x, "int4", "token")
+    assert held.data.dtype == torch.int8 and held.data.shape == (1, 3)
+    assert torch.equal(load(held, torch.float32), x)
+    # amax 14 -> scale 2: 5 / 2 = 2.5 rounds (half to even) to 2 -> 4; an odd last dim is held one value a byte
+    y = torch.tensor([[14.0, 5.0, -3.0]])
+    assert torch.equal(load(store(y, "int4", "token"), torch.float32), torch.tensor([[14.0, 4.0, -4.0]]))
+
+
+@pytest.mark.parametrize("fmt", [None, torch.bfloat16, torch.float16, F8, torch.float8_e5m2, "int4"])
+@pytest.mark.parametrize("axes", ["sample", "token", "channel"])
+def test_stored_bytes_counts_what_store_holds(fmt, axes):
+    for shape in [(2, 6, 8), (3, 5), (1, 2, 3, 7)]:
+        x = torch.randn(shape)
+        assert held_bytes(store(x, fmt, axes)) == stored_bytes(shape, fmt, axes, x.dtype), shape
+
+
+@pytest.mark.parametrize("storage", [None, CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                     CacheStorage(F8, "int4", F8), CacheStorage(None, F8, torch.float16, "channel")])
+def test_state_bytes_equals_a_full_state(storage):
+    for pred in (Reuse(), Taylor(2), Relational(3), Linear(0.5)):
+        state = pred.new_state(storage)
+        for s in range(5):
+            pred.update(state, s, torch.randn(2, 6, 4), torch.randn(2, 6, 8))
+        assert state.nbytes == pred.state_bytes((2, 6, 8), (2, 6, 4), torch.float32, storage), type(pred)
+
+
+def test_default_and_bfloat16_storage_hold_what_they_held_before():
+    """``cache_dtype`` None keeps the computed tensors themselves; a wide dtype is a plain cast (no scale)."""
+    x = torch.randn(2, 3, 4)
+    assert store(x, None, "token") is x
+    assert torch.equal(store(x, torch.bfloat16, "token"), x.to(torch.bfloat16))
+    # float16 within its normal range: the power-of-two scale changes no value read back
+    y = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(0)) * 10
+    y = torch.where(y.abs() < 1e-3, torch.ones_like(y), y)
+    assert torch.equal(load(store(y, torch.float16, "token"), torch.float32), y.half().float())
+
+
+def test_storage_and_budget_arguments_are_checked():
+    with pytest.raises(ConfigError, match="cache_dtype"):
+        CacheConfig(Reuse(), Interval(), cache_dtype=torch.int8)
+    with pytest.raises(ConfigError, match="scale"):
+        CacheStorage(F8, F8, F8, scale="row")
+    with pytest.raises(ConfigError, match="diffs"):
+        CacheStorage(None, "int8")
+    with pytest.raises(ConfigError, match="max_cache_bytes"):
+        CacheConfig(Reuse(), Interval(), max_cache_bytes=-1)
+    with pytest.raises(ConfigError, match="not both"):
+        CacheConfig(Reuse(), Interval(), cache_dtype=F8, max_cache_bytes=10)
+    assert CacheConfig(Reuse(), Interval(), max_cache_bytes=10).max_cache_bytes == 10
+    assert CacheConfig(Reuse(), Interval(), cache_dtype=CacheStorage(F8, "int4", None)).storage.diffs == "int4"

@@ -1,0 +1,108 @@
+"""Cache memory: stored formats end to end, the peak and per-kind bytes in stats, and ``max_cache_bytes``."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import run_loop, tiny_dit
+from families import CASES, generate_with_stats
+from torch._subclasses.fake_tensor import FakeTensor
+
+import relcache
+from relcache import FORA, RFC, CacheStorage, ConfigError, TaylorSeer
+from relcache.methods.config import STORAGE_LADDER
+
+F8 = torch.float8_e4m3fn
+
+
+def _loop(config, model=None, steps=8):
+    model = model if model is not None else tiny_dit()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+    relcache.enable(model, config)
+    try:
+        outs = run_loop(model, x, y, steps=steps)
+        return outs, relcache.stats(model)
+    finally:
+        relcache.disable(model)
+
+
+def test_float16_cache_with_outputs_past_float16_range_stays_finite():
+    """Issue 16 item 4, end to end: module outputs past 65504 held in a float16 cache made every cached step inf/NaN.
+    Scaled, the float16-cache run matches the float32-cache run to float16's rounding."""
+    def loud() -> torch.nn.Module:
+        model = tiny_dit()
+        with torch.no_grad():
+            for block in model.transformer_blocks:
+                block.attn1.to_out[0].weight.mul_(1e5)  # attention outputs up to about 1.2e5
+        return model
+
+    ref, _ = _loop(FORA(2), loud())
+    got, st = _loop(dataclasses.replace(FORA(2), cache_dtype=torch.float16), loud())
+    assert st.nfc < 8
+    for a, b in zip(ref, got, strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2)
+
+
+def test_float8_and_int4_caches_run_and_hold_less():
+    base, st0 = _loop(RFC(threshold=0.3))
+    outs, st1 = _loop(dataclasses.replace(RFC(threshold=0.3), cache_dtype=CacheStorage(F8, "int4", F8)))
+    assert st1.full_steps == st0.full_steps  # the schedule's input history is held as computed
+    assert st1.peak_cache_bytes < st0.peak_cache_bytes / 3
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert st1.contexts["default"].cache_storage.startswith("base float8_e4m3fn, diffs int4")
+
+
+def test_stats_report_the_peak_and_bytes_per_kind():
+    _, st = _loop(TaylorSeer(2, 2))
+    states = sum(st.peak_cache_bytes_by_kind.values())
+    # DiT: 3 blocks x (attn1, ff), each output (2, 16, 32) float32 x 3 differences once the history is full
+    assert st.peak_cache_bytes_by_kind == {"attn": 3 * 3 * 2 * 16 * 32 * 4, "mlp": 3 * 3 * 2 * 16 * 32 * 4}
+    assert st.peak_cache_bytes == states == st.cache_bytes  # a bare loop: nothing freed yet
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_budget_estimate_is_exact_and_picks_the_most_precise_storage_that_fits(family):
+    """The bytes computed from a fake-tensor run before any module runs equal what the caches then hold: a budget of
+    exactly the measured peak keeps the computed dtype, one byte less moves to the next storage (within budget).
+    Wan splits CFG into two call contexts: from the second generation on, the first context counts the second (which
+    then takes what fits in the rest)."""
+    case = CASES[family]
+    cfg = RFC(threshold=0.0)  # every step full: the histories fill up
+    pipe = case.build()
+    relcache.enable(pipe, cfg)
+    _, plain = generate_with_stats(pipe, case, steps=5)
+    relcache.disable(pipe)
+    peak = plain.peak_cache_bytes
+    for budget, storage in [(peak, STORAGE_LADDER[0]), (peak - 1, STORAGE_LADDER[1])]:
+        relcache.enable(pipe, dataclasses.replace(cfg, max_cache_bytes=budget))
+        generate_with_stats(pipe, case, steps=5)
+        _, st = generate_with_stats(pipe, case, steps=5)
+        relcache.disable(pipe)
+        label = "as computed" if storage is None else storage.label
+        assert next(iter(st.contexts.values())).cache_storage == label, (budget, peak)
+        assert st.peak_cache_bytes <= budget
+
+
+def test_a_budget_nothing_fits_fails_before_any_module_runs():
+    model = tiny_dit()
+    ran = []  # real computations only: the budget's shape run is on fake tensors
+    model.transformer_blocks[0].attn1.register_forward_hook(
+        lambda m, i, out: ran.append(1) if not isinstance(out, FakeTensor) else None)
+    with pytest.raises(ConfigError, match="max_cache_bytes=1000 is too small"):
+        _loop(dataclasses.replace(RFC(threshold=0.3), max_cache_bytes=1000), model)
+    assert ran == []
+
+
+def test_scaled_and_packed_storage_compile_whole():
+    """Storing with scales and 4-bit packing adds no graph break and no recompilation (test_compile's counting)."""
+    from test_compile import _compiled_runs
+
+    r = _compiled_runs(dataclasses.replace(RFC(threshold=0.3), cache_dtype=CacheStorage(F8, "int4", F8)), True)
+    assert len(r["breaks"]) == 1 and "StepHook._step" in next(iter(r["breaks"])), r["breaks"]
+    assert 2 <= r["after_first"] <= 8 and r["after_second"] == r["after_first"]
+    for a, b, c in zip(r["eager"], r["first"], r["second"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+    assert r["stats"].full_steps == r["eager_stats"].full_steps
