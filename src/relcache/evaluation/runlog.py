@@ -107,12 +107,11 @@ def now() -> str:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed (``relcache bench ...`` for the console script)."""
+    """The command as ``relcache bench ...``: its arguments as given (``sys.argv`` when ``argv`` is None), under the
+    console script's name whatever launched it (``python -m``, a test runner)."""
     import shlex
 
-    args = sys.argv[1:] if argv is None else argv
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "relcache"
-    return shlex.join(["relcache" if prog in ("relcache", "__main__.py", "cli.py", "") else prog, *args])
+    return shlex.join(["relcache", *(sys.argv[1:] if argv is None else argv)])
 
 
 def log_paths(directory: Path) -> list[Path]:
