@@ -28,6 +28,7 @@ from .evaluation.bench import (
     INTERVAL_FOR_NFC,
     BenchMethod,
     BenchResult,
+    RankLostError,
     Sampler,
     default_methods,
     run_bench,
@@ -469,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:  # a bad combination of options: the command's usage and the reason, not a traceback
         args.parser.error(str(err))
+    except RankLostError as err:  # torchrun: another rank died; one line, not a traceback of the collective
+        print(err, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

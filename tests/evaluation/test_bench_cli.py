@@ -1,5 +1,6 @@
 """bench, analyze and demo on tiny settings: the tables must be consistent with what they measure."""
 
+import datetime
 import math
 import os
 
@@ -148,3 +149,30 @@ def test_cli_bench_on_a_local_pipeline_directory(tmp_path, capsys):
     printed = capsys.readouterr().out
     # budget 7 is N = 9: over 8 steps full at 0 and 1 only, so RFC aims at NFC 2
     assert "| RFC NFC=2 m=2 | 2.00 |" in printed and (out / "bench.md").exists()
+
+
+def _gather_or_die(rank, world, path, queue):
+    """Rank 1 dies before the bench's gather; rank 0 must stop with RankLostError instead of waiting."""
+    from relcache.evaluation.bench import RankLostError, _gather
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{path}",
+                                         timeout=datetime.timedelta(seconds=20))
+    if rank == 1:
+        os._exit(3)  # a rank killed mid-run (no clean shutdown)
+    try:
+        _gather({"FORA": {0: (torch.zeros(1), 0.0, 0.0, 0.0)}}, world)
+        queue.put("returned")
+    except RankLostError as err:
+        queue.put(str(err))
+
+
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gather_or_die, args=(r, 2, tmp_path / "store", queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    message = queue.get(timeout=120)  # before the fix rank 0 died on the raw backend error and put nothing
+    for p in procs:
+        p.join(timeout=60)
+    assert message.startswith("relcache bench: rank 0 stopped while gathering the results") and "--resume" in message
