@@ -253,3 +253,31 @@ def test_a_cached_module_removed_from_the_model_is_a_clear_error():
         with pytest.raises(RuntimeError, match=r"cached module 'transformer_blocks\.2\.attn1' was removed .* "
                                                r"relcache\.disable and relcache\.enable again"):
             run_loop(model, x, y, steps=3)
+
+
+def test_measure_flops_counts_reports_unknown_or_propagates():
+    """``relcache bench``'s FLOP pass: exact on a matmul (2·m·n·k), NaN where the counter fails inside a dispatch
+    mode (an operator it cannot count), and a model's own error propagates."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from relcache.runtime.accounting import measure_flops
+
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    assert measure_flops(lambda: a @ b) == 2 * 3 * 4 * 5
+
+    class _Uncountable(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            raise RuntimeError(f"cannot count {func} (injected)")
+
+    def uncountable() -> None:
+        with _Uncountable():
+            torch.matmul(a, b)
+
+    assert math.isnan(measure_flops(uncountable))
+    assert not _get_current_dispatch_mode_stack()
+
+    def broken() -> None:
+        raise ValueError("the model's own error")
+
+    with pytest.raises(ValueError, match="own error"):
+        measure_flops(broken)

@@ -91,6 +91,20 @@ def _from_counting(err: BaseException) -> bool:
     return "no implementation found" in str(err) or "__torch_dispatch__" in str(err)
 
 
+def measure_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of running ``fn`` under torch's FLOP counter, or NaN when counting fails on it (flex attention): the
+    process is left as it was; an error of ``fn``'s own propagates. For whole generations (``relcache bench``)."""
+    try:
+        with flop_counter() as counter:
+            fn()
+    except Exception as err:
+        if not _from_counting(err):
+            raise
+        _forget_torch_code()
+        return _NAN
+    return float(counter.get_total_flops())
+
+
 def _reason(err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"FLOP counting failed on this model and is off for this session ({type(err).__name__}: {first[:200]})"
