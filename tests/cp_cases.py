@@ -1,9 +1,11 @@
-"""Every caching method on tiny FLUX and Wan, run the same way in one process and under context parallelism
-(tests/runtime/test_context_parallel.py, benchmarks/collectives.py).
+"""Every caching method on tiny FLUX, Wan and the other families whose diffusers model declares a ``_cp_plan``,
+run the same way in one process and under context parallelism (tests/runtime/test_context_parallel.py,
+benchmarks/collectives.py).
 
 Each case runs a generation with relcache enabled and returns the final latents and the full steps of each call
 context. FLUX runs its pipeline (one "cond" call per step) and a hand-written loop on a CFG batch (conditional and
 unconditional halves in one call, for CFG-Cache); Wan runs its pipeline, CFG as separate "cond"/"uncond" calls.
+The families of ``LOOP_FAMILIES`` run their bare transformer in tests/families.py's ``LoopPipeline``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import diffusers
 import families
 import torch
 
@@ -20,6 +23,16 @@ from relcache import CacheConfig, CFGCache, InputError, Interval, Relational, Re
 STEPS = 8
 #: thresholds between the accumulated errors of consecutive steps (one process), so decisions are not borderline
 FLUX_TAU, WAN_TAU = 0.3, 0.3
+#: the other families with a ``_cp_plan`` (diffusers 0.42.1) relcache supports, by their tests/families.py name:
+#: (RCS threshold, the methods run; None: all). Every token count (image and text) of their tiny instances splits
+#: evenly over 2 processes. Helios (40 blocks, see ``helios_pipe``) costs 10x the others: three methods.
+#: LTX-Video as its pipeline calls it (with an encoder attention mask) fails under context parallelism in diffusers
+#: itself (``ltx_plain_error``); "ltx-nomask" is its transformer without the mask, which diffusers runs.
+LOOP_FAMILIES: dict[str, tuple[float, tuple[str, ...] | None]] = {
+    "flux2": (0.3, None), "qwen_image": (0.3, None), "chronoedit": (0.3, None),
+    "helios": (0.3, ("RFC-threshold", "RFC-target_nfc", "TaylorSeer")),
+    "ltx-nomask": (0.3, None),
+}
 
 
 def configs(tau: float) -> dict[str, CacheConfig]:
@@ -46,7 +59,7 @@ def cfg_batch_configs() -> dict[str, CacheConfig]:
 
 def latents(pipe: Any, case: families.Case, seed: int = 0) -> torch.Tensor:
     out = pipe(**case.kwargs(), num_inference_steps=STEPS, generator=torch.manual_seed(seed), output_type="latent")
-    return (out.frames if hasattr(out, "frames") else out.images).float()
+    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).float()
 
 
 def flux_cfg_loop(transformer: Any) -> torch.Tensor:
@@ -74,14 +87,45 @@ def flux_cfg_loop(transformer: Any) -> torch.Tensor:
 Run = Callable[[], torch.Tensor]
 
 
-def runs(flux_pipe: Any, wan_pipe: Any) -> dict[str, tuple[Any, Run]]:
-    """(what relcache is enabled on, how to run one generation) per family."""
+def helios_pipe() -> families.LoopPipeline:
+    """tests/families.py's tiny Helios with 40 blocks instead of 2: diffusers' ``HeliosTransformer3DModel._cp_plan``
+    names ``blocks.0`` to ``blocks.39`` (Helios' depth), and ``enable_parallelism`` refuses a model with fewer blocks
+    (``ValueError: '2' is not a submodule of 'ModuleList'``)."""
+    torch.manual_seed(0)
+    tiny = {k: v for k, v in families.WAN_TINY.items() if k != "rope_max_seq_len"} | {"num_layers": 40}
+    model = diffusers.HeliosTransformer3DModel(**tiny, rope_dim=(4, 2, 2))
+    text = families.randn(1, 6, 16)
+    return families.LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t, encoder_hidden_states=text),
+                                 (1, 4, 2, 4, 4))
+
+
+def ltx_nomask_pipe() -> families.LoopPipeline:
+    """tests/families.py's tiny LTX-Video called without ``encoder_attention_mask`` (its mask is all
+    ones: every text token valid): the mask is what diffusers' Ulysses attention fails on (``ltx_plain_error``)."""
+    pipe = families.CASES["ltx"].build()
+    inputs = pipe.inputs
+    pipe.inputs = lambda x, t, ctx: inputs(x, t, ctx) | {"encoder_attention_mask": None}
+    return pipe
+
+
+def loop_pipes() -> dict[str, Any]:
+    """The tiny pipeline of each of ``LOOP_FAMILIES``."""
+    special = {"helios": helios_pipe, "ltx-nomask": ltx_nomask_pipe}
+    return {name: special[name]() if name in special else families.CASES[name].build() for name in LOOP_FAMILIES}
+
+
+def runs(flux_pipe: Any, wan_pipe: Any, loops: dict[str, Any] | None = None) -> dict[str, tuple[Any, Run]]:
+    """(what relcache is enabled on, how to run one generation) per family; ``loops``: ``loop_pipes()`` or a part."""
     flux, wan = families.CASES["flux"], families.CASES["wan"]
-    return {
+    out: dict[str, tuple[Any, Run]] = {
         "flux": (flux_pipe, lambda: latents(flux_pipe, flux)),
         "wan": (wan_pipe, lambda: latents(wan_pipe, wan)),
         "flux-cfg-batch": (flux_pipe.transformer, lambda: flux_cfg_loop(flux_pipe.transformer)),
     }
+    for name, pipe in (loops or {}).items():
+        case = families.CASES[name.removesuffix("-nomask")]
+        out[name] = (pipe, lambda pipe=pipe, case=case: latents(pipe, case))
+    return out
 
 
 def cases() -> list[tuple[str, str, CacheConfig]]:
@@ -89,23 +133,41 @@ def cases() -> list[tuple[str, str, CacheConfig]]:
     out = [("flux", name, c) for name, c in configs(FLUX_TAU).items()]
     out += [("wan", name, c) for name, c in configs(WAN_TAU).items()]
     out += [("flux-cfg-batch", name, c) for name, c in cfg_batch_configs().items()]
+    out += [(family, name, c) for family, (tau, methods) in LOOP_FAMILIES.items()
+            for name, c in configs(tau).items() if methods is None or name in methods]
     return out
 
 
-def run_all(flux_pipe: Any, wan_pipe: Any, only: list[str] | None = None,
+def run_all(flux_pipe: Any, wan_pipe: Any, loops: dict[str, Any] | None = None, only: list[str] | None = None,
             ) -> dict[str, tuple[torch.Tensor, dict[str, list[int]], dict[str, dict[int, float]]]]:
-    """``family/method`` -> (final latents, full steps per context, input errors per context) of every case, plus
-    ``family/plain`` without caching."""
+    """``family/method`` -> (final latents, full steps per context, input errors per context) of every case of the
+    families given, plus ``family/plain`` without caching."""
     results = {}
-    families_runs = runs(flux_pipe, wan_pipe)
+    families_runs = runs(flux_pipe, wan_pipe, loops)
     for family, (_, run) in families_runs.items():
         if only is None or f"{family}/plain" in only:
             results[f"{family}/plain"] = (run(), {}, {})
     for family, name, config in cases():
         key = f"{family}/{name}"
-        if only is None or key in only:
+        if family in families_runs and (only is None or key in only):
             results[key] = run_one(*families_runs[family], config)
     return results
+
+
+def ltx_plain_error() -> str | None:
+    """The error of tests/families.py's tiny LTX-Video (no relcache, called with its encoder attention mask as
+    LTXPipeline calls it) under Ulysses degree 2, None if it runs. In diffusers 0.42.1 LTXVideoAttnProcessor expands
+    the mask per head (``prepare_attention_mask``: (batch, heads, 1, text tokens)); TemplatedUlyssesAttention gathers
+    it over the text tokens but keeps every head while each process holds heads / 2, and SDPA raises."""
+    from diffusers import ContextParallelConfig
+
+    pipe = families.CASES["ltx"].build()
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    try:
+        latents(pipe, families.CASES["ltx"])
+    except RuntimeError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def run_one(target: Any, run: Run, config: CacheConfig,

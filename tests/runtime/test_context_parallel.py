@@ -1,5 +1,6 @@
 """Every method under diffusers' context parallelism (Ulysses degree 2, two gloo processes on the CPU) equals one
-process: the same full steps on every rank, final latents within 1e-5 relative (docs/distributed.md).
+process: the same full steps on every rank, final latents within 1e-5 relative (docs/distributed.md); on FLUX,
+Wan, and the other families with a ``_cp_plan`` (``cp_cases.LOOP_FAMILIES``; LTX-Video fails in diffusers).
 
 The processes are forked from the test process (which has imported diffusers already: a spawned process spends
 most of a minute importing it on a busy machine); their collectives time out after 30 s, so a regression fails
@@ -83,8 +84,9 @@ def _checks(rank: int) -> dict[str, Any]:
 
 
 def _all_cases(rank: int) -> dict[str, Any]:
-    results = cp_cases.run_all(_parallel(families.flux_pipe()), _parallel(families.wan_pipe()))
-    return {"results": results, "checks": _checks(rank)}
+    loops = {name: _parallel(pipe) for name, pipe in cp_cases.loop_pipes().items()}
+    results = cp_cases.run_all(_parallel(families.flux_pipe()), _parallel(families.wan_pipe()), loops)
+    return {"results": results, "checks": _checks(rank), "ltx": cp_cases.ltx_plain_error()}
 
 
 def _data_parallel(rank: int) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def parallel(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def single() -> dict[str, Any]:
-    return cp_cases.run_all(families.flux_pipe(), families.wan_pipe())
+    return cp_cases.run_all(families.flux_pipe(), families.wan_pipe(), cp_cases.loop_pipes())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,6 +161,15 @@ def test_method_equals_one_process(parallel: list[dict[str, Any]], single: dict[
             assert all(abs(errors[name][s] - e) <= 1e-5 * e for s, e in per_step.items())
     # the plain model itself agrees: the tolerance above is not hiding a context-parallel difference
     assert _rel(parallel[0]["results"][f"{family}/plain"][0], single[f"{family}/plain"][0]) <= 1e-6
+
+
+def test_ltx_video(parallel: list[dict[str, Any]]) -> None:
+    """LTX-Video declares a ``_cp_plan`` but its plain model (no relcache) fails under Ulysses in diffusers 0.42.1:
+    skipped with the error; when diffusers runs it, this fails so that LTX joins ``cp_cases.LOOP_FAMILIES``."""
+    errors = {p["ltx"] for p in parallel}
+    if errors == {None}:
+        pytest.fail("tiny LTX-Video now runs under context parallelism: add it to cp_cases.LOOP_FAMILIES")
+    pytest.skip(f"LTX-Video under diffusers' context parallelism fails without relcache: {errors}")
 
 
 def test_caching_changed_something(single: dict[str, Any]) -> None:
