@@ -106,3 +106,19 @@ def test_scaled_and_packed_storage_compile_whole():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
     assert r["stats"].full_steps == r["eager_stats"].full_steps
+
+
+def test_the_end_of_a_pipeline_call_frees_rcs_input_history_too():
+    """After a pipeline call every cached tensor is freed, RCS's probe history included (it stayed held before), while
+    the stats keep the peak and the schedule's numbers."""
+    from conftest import dit_pipe
+
+    pipe = dit_pipe()
+    relcache.enable(pipe, RFC(target_nfc=4))
+    try:
+        pipe([1, 2], num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np")
+        st = relcache.stats(pipe)
+    finally:
+        relcache.disable(pipe)
+    assert st.cache_bytes == 0 and st.peak_cache_bytes > 0
+    assert st.nfc == 4 and st.contexts[next(iter(st.contexts))].input_errors

@@ -37,6 +37,11 @@ class Schedule(ABC):
     def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
         """True when step ``step`` is full. ``probe`` is the first cached module's actual input."""
 
+    def release(self, state: object) -> None:
+        """Free the tensors ``state`` holds once its generation ended (its numbers stay readable for the stats).
+        Schedules that hold no tensor keep nothing to free."""
+        return None
+
 
 def _check_warmup(warmup: int) -> int:
     # The first step must be full: nothing exists to predict from before it.
@@ -154,6 +159,9 @@ class InputError(Schedule):
             checked["max_skip"] = check_int("max_skip", self.max_skip, 1)
         for name, value in checked.items():  # numpy and other integral types stored as int, thresholds as float
             object.__setattr__(self, name, value)
+
+    def release(self, state: InputErrorState) -> None:
+        state.history = DiffHistory(self.order)  # the probe's history: tensors of the probe's size
 
     def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> InputErrorState:
         if self.target_nfc is not None:

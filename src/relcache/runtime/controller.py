@@ -134,6 +134,7 @@ class Session:
     def free_caches(self) -> None:
         for ctx in self.contexts.values():
             ctx.caches.states.clear()
+            self.config.schedule.release(ctx.schedule.memory)
         if self.cfg is not None:
             self.cfg.reset()
         if self.reducer is not None:  # deferred sums hold their states
