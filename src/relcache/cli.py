@@ -28,13 +28,13 @@ from .evaluation.bench import (
     INTERVAL_FOR_NFC,
     BenchMethod,
     BenchResult,
-    RankLostError,
     Sampler,
     default_methods,
     run_bench,
     select,
 )
 from .evaluation.pipelines import DEFAULT_PROMPTS, FAMILY_NAMES
+from .evaluation.ranks import RankLostError
 from .evaluation.runlog import command_line
 from .methods import FORA, RFC, TaylorSeer
 from .models.base import find_adapter

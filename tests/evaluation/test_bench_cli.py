@@ -153,14 +153,14 @@ def test_cli_bench_on_a_local_pipeline_directory(tmp_path, capsys):
 
 def _gather_or_die(rank, world, path, queue):
     """Rank 1 dies before the bench's gather; rank 0 must stop with RankLostError instead of waiting."""
-    from relcache.evaluation.bench import RankLostError, _gather
+    from relcache.evaluation.ranks import RankLostError, gather
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{path}",
                                          timeout=datetime.timedelta(seconds=20))
     if rank == 1:
         os._exit(3)  # a rank killed mid-run (no clean shutdown)
     try:
-        _gather({"FORA": {0: (torch.zeros(1), 0.0, 0.0, 0.0)}}, world)
+        gather({"FORA": {0: (torch.zeros(1), 0.0, 0.0, 0.0)}}, world)
         queue.put("returned")
     except RankLostError as err:
         queue.put(str(err))

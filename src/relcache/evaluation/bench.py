@@ -16,7 +16,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from ..methods.config import FORA, RFC, CacheConfig, CFGCache, FasterCache, Tayl
 from ..methods.predictors import Relational, Taylor
 from ..methods.schedules import InputError, Interval
 from ..runtime.accounting import measure_flops
+from . import ranks
 from .metrics import frame_metrics, psnr, relative_l1, ssim
+from .ranks import PerBatch
 
 #: NFC of 50 DDIM steps with warm-up 2 -> the interval that gives it (the paper's table)
 INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}
@@ -227,35 +228,6 @@ def _fmt(v: float, digits: int) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-#: how long a rank waits for the others at a collective before it stops (seconds; RELCACHE_DIST_TIMEOUT overrides)
-DIST_TIMEOUT_S = 600.0
-
-
-class RankLostError(RuntimeError):
-    """Another process of a torchrun bench stopped (or hung): this one stops instead of waiting forever."""
-
-
-def _dist_timeout() -> float:
-    raw = os.environ.get("RELCACHE_DIST_TIMEOUT", "")
-    try:
-        value = float(raw) if raw else DIST_TIMEOUT_S
-    except ValueError:
-        raise RankLostError(f"RELCACHE_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from None
-    return value if value > 0 else DIST_TIMEOUT_S
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size); initialises gloo when launched by torchrun and not yet initialised, with a collective
-    timeout (``RELCACHE_DIST_TIMEOUT``, default 600 s) so that a rank that died stops the others."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        import datetime
-
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=_dist_timeout()))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: torch.Tensor, seed: int,
               sampler_kwargs: dict[str, Any], count_flops: bool) -> tuple[torch.Tensor, float, float, float]:
     """(samples, seconds, NFC, FLOPs) of one generation with ``method`` attached to ``model``."""
@@ -287,38 +259,6 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
         elif method.peer is not None:
             method.peer.detach(model)
     return samples, seconds, nfc, flops
-
-
-#: one generation's (samples, seconds, NFC, FLOPs), per method label and batch index
-PerBatch = dict[str, dict[int, tuple[torch.Tensor, float, float, float]]]
-
-
-def _gather(local: PerBatch, world: int) -> PerBatch:
-    """Every rank's batches, merged (data-parallel bench under torchrun)."""
-    if world == 1:
-        return local
-    gathered: list[Any] = [None] * world
-    _together("gathering the results", torch.distributed.all_gather_object, gathered, local)
-    merged: PerBatch = {label: {} for label in local}
-    for part in gathered:
-        for label, per_batch in part.items():
-            merged[label].update(per_batch)
-    return merged
-
-
-def _together(what: str, collective: Callable[..., Any], *args: Any) -> Any:
-    """Run a collective of the data-parallel bench; a peer that died (a closed connection) or hung (the timeout)
-    becomes one clear error on this rank instead of a wait without end. Finished generations are in results.jsonl
-    already, so ``--resume`` continues the run."""
-    try:
-        return collective(*args)
-    except (RuntimeError, ConnectionError) as err:  # gloo raises RuntimeError (DistBackendError) for both
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RankLostError(
-            f"relcache bench: rank {rank} stopped while {what}: another rank died or stopped answering ({first}). "
-            "What finished is recorded in the output directory: rerun with --resume to continue."
-        ) from err
 
 
 def _row(method: BenchMethod, per: dict[int, tuple[torch.Tensor, float, float, float]],
@@ -399,7 +339,7 @@ def run_bench(
     (class labels, or indices of prompts for a text sampler), by default on class ``i % num_classes``."""
     from . import runlog
 
-    rank, world = _dist()
+    rank, world = ranks.start()
     methods = [FULL, *[m for m in methods if not m.is_full]]
     runnable = [m for m in methods if m.unavailable is None]
     cycle = torch.as_tensor(list(conditions) if conditions is not None else range(num_classes), dtype=torch.long)
@@ -433,7 +373,7 @@ def run_bench(
         elif runlog.has_log(out_dir):
             raise runlog.ResumeError(f"{out_dir} holds an earlier run's {runlog.LOG}: resume it, or clear it first")
         if world > 1:  # every rank has looked at the directory before any writes to it
-            _together("waiting for every rank to read the output directory", torch.distributed.barrier)
+            ranks.together("waiting for every rank to read the output directory", torch.distributed.barrier)
         log = runlog.RunLog(out_dir, rank, [m.label for m in runnable])
         log.start(run if header is None else {"kind": "resume", **this})
     todo = [(b, m) for b in mine for m in runnable if b not in local[m.label]]
@@ -452,7 +392,7 @@ def run_bench(
             log.append(method.label, method.budget, b, gen)
         bar.update()
     bar.close()
-    per_method = _gather(local, world)
+    per_method = ranks.gather(local, world)
 
     full_per = per_method[FULL.label]
     order = sorted(full_per)
