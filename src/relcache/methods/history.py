@@ -188,3 +188,115 @@ class DiffHistory:
         u = self.direction(row, like)
         base = self.base(like)
         return base if u is None else torch.addcmul(base, row[0], u)
+
+
+class StaticCaches:
+    """Persistent tensors at stable addresses, one per key, that caches are copied into in place: what CUDA graphs
+    (``torch.compile(mode="reduce-overhead")``) need of every tensor a cache holds from one step to the next
+    (docs/spec.md, §Capture).
+
+    ``put(key, value)`` copies ``value`` into the key's buffer and returns the buffer; the buffer is allocated (and
+    marked a static input for dynamo and cudagraph trees) when the key is new or ``value``'s shape, dtype or device
+    differ from it, so a cache of unchanged shape keeps its address step after step and generation after
+    generation. A buffer is allocated only outside compiled code: inside it, a missing buffer leaves ``value`` as is
+    (held out of place: correct, but that graph then outputs a tensor the cache keeps, which CUDA graphs cannot
+    replay safely). The runtime runs the first call of each shape eagerly, where every buffer is reserved.
+    """
+
+    __slots__ = ("buffers", "_reserved")
+
+    def __init__(self) -> None:
+        self.buffers: dict[object, torch.Tensor] = {}
+        self._reserved: dict[object, tuple] = {}  # history key -> the (shape, dtype, device) its buffers were made for
+
+    def _buffer(self, key: object, like: torch.Tensor) -> torch.Tensor | None:
+        return self._buffer_for(key, like.shape, like.dtype, like.device)
+
+    def _buffer_for(self, key: object, shape: torch.Size, dtype: torch.dtype, device: torch.device
+                    ) -> torch.Tensor | None:
+        buf = self.buffers.get(key)
+        if buf is not None and buf.shape == shape and buf.dtype == dtype and buf.device == device:
+            return buf
+        if torch.compiler.is_compiling():
+            return None
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        # unguarded: dynamo does not recompile on the address; cudagraph trees treat it as a static input, so
+        # writing into it inside a graph is allowed and replays read it without a copy
+        torch._dynamo.mark_static_address(buf, guard=False)
+        self.buffers[key] = buf
+        return buf
+
+    def put(self, key: object, value: torch.Tensor) -> torch.Tensor:
+        """``value`` copied into ``key``'s buffer (the buffer returned), or ``value`` itself where none can be made."""
+        buf = self._buffer(key, value)
+        if buf is None:
+            return value
+        if buf is not value:
+            buf.copy_(value)
+        return buf
+
+    def hold(self, key: object, t: torch.Tensor | Held | None) -> torch.Tensor | Held | None:
+        """``put`` for a stored tensor: a ``Held`` has its data and scale put (under ``key`` with a suffix)."""
+        if t is None:
+            return None
+        if not isinstance(t, Held):
+            return self.put(key, t)
+        scale = None if t.scale is None else self.put((key, "scale"), t.scale)
+        return Held(self.put((key, "data"), t.data), scale, t.shape, t.packed)
+
+    def reserve(self, key: object, like: torch.Tensor | Held) -> None:
+        """Allocate ``key``'s buffer for tensors like ``like`` now (outside compiled code), if it has none that fits:
+        the differences of higher order appear at later full steps, which may run compiled."""
+        if isinstance(like, Held):
+            self._buffer((key, "data"), like.data)
+            if like.scale is not None:
+                self._buffer((key, "scale"), like.scale)
+        else:
+            self._buffer(key, like)
+
+    def put_numbers(self, key: object, values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``numbers_on`` written into ``key``'s buffer (on a GPU: from pinned memory, without a host wait)."""
+        host = torch.tensor(values, dtype=dtype)
+        buf = self._buffer_for(key, host.shape, dtype, torch.device(device))
+        if buf is None:  # compiled code never prepares rows; kept for completeness
+            return numbers_on(values, device, dtype)
+        if device.type == "cuda":
+            buf.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            buf.copy_(host)
+        return buf
+
+    def hold_history(self, key: object, hist: DiffHistory, value: torch.Tensor, gap_like: torch.Tensor) -> None:
+        """Move ``hist``'s differences and gap into ``key``'s buffers, just after ``hist.update(value, ...)``. Outside
+        compiled code, buffers for every order up to ``max_order`` and for the gap are reserved at once."""
+        made_for = (value.shape, value.dtype, value.device, gap_like.dtype)
+        if not torch.compiler.is_compiling() and self._reserved.get(key) != made_for:
+            st = hist.storage
+            zero = torch.zeros_like(value)
+            for j in range(1, hist.max_order + 1):
+                self.reserve((key, j), zero if st is None else store(zero, st.diffs, st.scale))
+            self.reserve((key, "gap"), gap_like.new_zeros(()))
+            self._reserved[key] = made_for
+        hist.diffs = [self.hold((key, j), d) for j, d in enumerate(hist.diffs)]
+        if hist.gap is not None:
+            hist.gap = self.put((key, "gap"), hist.gap)
+
+    def snapshot(self) -> Callable[[], None]:
+        """Save every buffer's contents; the returned function puts them back (a call that runs again from its
+        start, ``FlopMeter.run_call``, must see the caches as they were)."""
+        saved = {key: buf.clone() for key, buf in self.buffers.items()}
+
+        def restore() -> None:
+            for key in list(self.buffers):
+                if key in saved and saved[key].shape == self.buffers[key].shape:
+                    self.buffers[key].copy_(saved[key])
+                else:  # allocated (or re-allocated) by the call: dropped, allocated again by the rerun
+                    del self.buffers[key]
+            self._reserved.clear()
+
+        return restore
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer held."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..methods.history import StaticCaches, row_dtype
 from ..methods.predictors import PredictorState
 from ..methods.storage import CacheStorage
 from .accounting import ContextStats, Counters, Shapes, fraction
@@ -37,6 +38,9 @@ class ModuleCaches:
     errors: dict[int, dict[int, float]] = field(default_factory=dict)  # record_errors: step -> rel. L1 per module
     last_record: dict[tuple[int, str], int] = field(default_factory=dict)  # (module, group) -> its latest record step
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # this step's rows per group: (modules, row length)
+    # at a full step, the slots that have not recorded yet and their record step before it (None: none): a call that
+    # raises puts these back, so that each slot's record step stays the step its state was recorded at
+    unrecorded: dict[tuple[int, str], int | None] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +91,7 @@ class Context:
         self.planned_bytes = 0  # what they will hold with full histories, where a budget was checked
         self.peak_bytes = 0  # the most ``cache_bytes`` held at the end of a call, and per module then
         self.peak_by_module: dict[int, int] = {}
+        self.static: StaticCaches | None = None  # where caches are held in place for capture (docs/spec.md, §Capture)
 
     def note_peak(self) -> None:
         """Update the peak with what the caches hold now (at the end of a call)."""
@@ -129,3 +134,18 @@ class Context:
             peak_module_bytes={module_names[i]: n for i, n in sorted(self.peak_by_module.items())},
             cache_storage="as computed" if self.storage is None else self.storage.label,
         )
+
+
+def hold_state(static: StaticCaches, key: tuple, state: PredictorState, value: torch.Tensor, gap_like: torch.Tensor
+               ) -> None:
+    """Move what a record just put in ``state`` (``value`` recorded, ``gap_like`` a 0-d tensor of the rows' dtype and
+    device) into ``static``'s buffers under ``key``: the output's differences and gap, and RFE's input and ratio.
+    Values are copied unchanged, so forecasts are bit-identical to the state held out of place."""
+    static.hold_history((key, "out"), state.out, value, gap_like)
+    if state.inp is None:
+        return
+    state.inp = static.hold((key, "inp"), state.inp)
+    if not torch.compiler.is_compiling():  # the ratio exists from the second record: reserved at the first
+        static.reserve((key, "ratio"), value.new_zeros(value.shape[0], dtype=row_dtype(value.dtype)))
+    if state.ratio is not None:
+        state.ratio = static.put((key, "ratio"), state.ratio)

@@ -19,17 +19,17 @@ import torch
 from torch import nn
 
 from ..methods.config import CacheConfig
-from ..methods.history import relative_l1
+from ..methods.history import StaticCaches, relative_l1
 from ..models.base import Adapter, CachedModule, first_tensor_input
 from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, Shapes, combine, signature, with_peaks
 from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
-from .context import Context, RowGroup
+from .context import Context, RowGroup, hold_state
 from .distributed import check_enable_order, reducer_for
 from .generations import Generations
 from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .shared import SharedGroup, SharedHook
-from .steps import Prober, RowGroups, decide, prepare_step, take_decision, take_rows
+from .steps import Prober, RowGroups, decide, end_step, prepare_step, take_decision, take_rows
 
 
 def _copy_state(state: Any) -> Any:
@@ -96,6 +96,11 @@ class Session:
         self.shape_probe: ShapeProbe | None = None  # set while the forward runs on fake tensors (``budget``)
         self._probed: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
         self._last_contexts: set[str] = set()  # the call contexts of the previous generation (``budget``)
+        # (choice) caches held in place at stable addresses (CUDA graphs, docs/spec.md §Capture): None = for the
+        # contexts whose calls run under torch.compile; True/False = always/never. The buffers outlive generations.
+        self.static_caches: bool | None = None
+        self.static = StaticCaches()
+        self._completed = False  # the running call returned (``end_call``: else its unrecorded slots go back)
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -167,6 +172,8 @@ class Session:
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             reducer = {} if self.reducer is None else {"reducer": self.reducer}
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))
+            if self.static_caches or self.static_caches is None and compiled:
+                ctx.static = self.static
             self._storage(ctx, forward, args, kwargs)  # may raise ConfigError: nothing changed yet
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
@@ -252,8 +259,11 @@ class Session:
     def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
         if self.cfg is None:
-            return self._run(self.current, forward, args, kwargs)
-        return self.cfg.call(self.current, forward, args, kwargs)
+            out = self._run(self.current, forward, args, kwargs)
+        else:
+            out = self.cfg.call(self.current, forward, args, kwargs)
+        self._completed = True
+        return out
 
     def end_call(self) -> None:
         ctx = self.current
@@ -264,7 +274,9 @@ class Session:
                                            self._call_sig, ctx.cfg.batch_scale)
         self._compiled_call = self.meter.counted = False
         if ctx is not None:
+            end_step(ctx, self._completed)
             ctx.note_peak()
+        self._completed = False
         self.current = None
         for group in self.shared:
             group.end_call()
@@ -275,17 +287,22 @@ class Session:
     def _snapshot(self) -> Callable[[], None]:
         """Save what the running call's modules change (their predictor states, record steps, counters), and return
         how to put it back: a call whose FLOP measurement failed runs again from there (``FlopMeter.run_call``).
-        Predictor states are copied shallowly: a record replaces their tensors, it never writes into them."""
+        Predictor states are copied shallowly: a record replaces their tensors, it never writes into them (held in
+        place for capture, the buffers' contents are saved too)."""
         ctx = self.current
         caches = ctx.caches
         saved = {
             "states": {slot: [_copy_state(st) for st in states] for slot, states in caches.states.items()},
             "shapes": dict(caches.shapes), "tuple_out": dict(caches.tuple_out), "last_record": dict(caches.last_record),
+            "unrecorded": dict(caches.unrecorded),
             "errors": {i: dict(e) for i, e in caches.errors.items()}, "call_shapes": dict(caches.call_shapes),
         }
         counters = copy.copy(ctx.counters)
+        restore_static = self.static.snapshot() if ctx.static is not None else None  # in-place caches: contents
 
         def restore() -> None:
+            if restore_static is not None:
+                restore_static()
             for name, value in saved.items():
                 held = getattr(caches, name)
                 held.clear()
@@ -360,10 +377,16 @@ class Session:
             gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
                 inp = _input_for_output(group.inputs, j, len(outs))
-                predictor.record(state, inp, take_rows(o, group.rows), gap)
+                value = take_rows(o, group.rows)
+                predictor.record(state, inp, value, gap)
+                if ctx.static is not None:  # copied into buffers at stable addresses (capture)
+                    like = caches.rows[group.name][idx, 0].to(group.inputs[0].device)
+                    hold_state(ctx.static, (ctx.name, idx, group.name, j), state, value, like)
             caches.shapes[slot] = group.shapes
             if not ctx.schedule.full:  # a module computed at a cached step (no state for these shapes yet)
                 caches.last_record[slot] = ctx.step
+            elif not torch.compiler.is_compiling():  # recorded: its record step is this step's (``end_step``)
+                caches.unrecorded.pop(slot, None)
         if not torch.compiler.is_compiling():
             self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
 

@@ -61,9 +61,29 @@ def prepare_step(config: CacheConfig, num_steps: int | None, n_modules: int, ctx
                  like: torch.Tensor) -> None:
     """The rest of ``decide`` once the decision is taken: the step's rows for the row groups ``names``."""
     _prepare_rows(config, num_steps, n_modules, ctx, names, like)
+    caches = ctx.caches
+    caches.unrecorded = {}
     if ctx.schedule.full:
-        for name in names:  # every module records in these groups at this step
-            ctx.caches.last_record.update(((i, name), ctx.step) for i in range(n_modules))
+        # every module records in these groups at this step: set here, on the host, because compiled code must not
+        # read the step number; ``end_step`` puts back the slots a raising call did not record
+        slots = [(i, name) for name in names for i in range(n_modules)]
+        caches.unrecorded = {slot: caches.last_record.get(slot) for slot in slots}
+        caches.last_record.update((slot, ctx.step) for slot in slots)
+
+
+def end_step(ctx: Context, completed: bool) -> None:
+    """The call of ``ctx``'s step returned (``completed``) or raised. After a full-step call that raised, each slot
+    that had not recorded gets its previous record step back: its state is still the one recorded then, and the next
+    forecast's ``k`` must count from there. (Eager calls tell which slots recorded; a compiled call that raised
+    applied none of its records, so all of them go back.)"""
+    caches = ctx.caches
+    if not completed:
+        for slot, step in caches.unrecorded.items():
+            if step is None:
+                caches.last_record.pop(slot, None)
+            else:
+                caches.last_record[slot] = step
+    caches.unrecorded = {}
 
 
 def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, names: list[str],
@@ -79,7 +99,11 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
             if k not in by_k:
                 by_k[k] = config.predictor.row(k, step, num_steps)
             table.append(by_k[k])
-        ctx.caches.rows[name] = numbers_on(table, like.device, row_dtype(like.dtype))
+        if ctx.static is None:
+            ctx.caches.rows[name] = numbers_on(table, like.device, row_dtype(like.dtype))
+        else:  # written into the same tensor at every step: a static input of the step's CUDA graph
+            ctx.caches.rows[name] = ctx.static.put_numbers((ctx.name, "rows", name), table, like.device,
+                                                            row_dtype(like.dtype))
 
 
 class _Probed(Exception):  # noqa: N818 (a control-flow signal, not an error)
