@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md in one go, at most 6 minutes on one H200: FLUX.1-dev-shaped (random
 # weights, bfloat16, 1024x1024, 28 steps) against diffusers' own caches, then DiT-XL/2 (bfloat16) launches, syncs and
-# speed, eager and compiled. Each command has its own time limit and writes its output as it goes, most important
-# first, so an over-long step costs only itself.
+# speed, eager, compiled and under CUDA graphs. Each command has its own time limit and writes its output as it goes,
+# most important first, so an over-long step costs only itself.
 # Usage: benchmarks/gpu.sh [--smoke] [OUTDIR]   (needs a CUDA GPU and relcache installed or on PYTHONPATH)
 # --smoke rehearses every command on the CPU at tiny sizes (same code paths, float32), so that the GPU run works
 # the first time; on 2 cores it takes about 15 minutes, most of it compiling.
@@ -43,6 +43,10 @@ run speed_b16 45 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images
   "RFC m=2" --out "$out/speed_b16.json"
 run speed_b16_compiled 90 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
   "RFC m=2" --compile default --out "$out/speed_b16_compiled.json"
+# 3b. The same under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs
+# and compiles as above): caches held in place at stable addresses (docs/spec.md, "Capture").
+run speed_b16_cudagraphs 75 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
+  "RFC m=2" --compile reduce-overhead --out "$out/speed_b16_cudagraphs.json"
 # 4. FLUX-shaped, compiled: RFC at NFC 8 against the compiled plain model (compiling FLUX takes most of this).
 run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --compile default \
   --out "$out/flux_compiled.json"
