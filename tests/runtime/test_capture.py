@@ -108,6 +108,7 @@ def test_static_caches_are_bit_identical_and_keep_their_addresses(name):
         relcache.enable(model, CONFIGS[name])
         try:
             results[static] = (*_generations(model, static), relcache.stats(model).full_steps)
+            buffers = {b.data_ptr() for b in _session(model).static.buffers.values()}
         finally:
             relcache.disable(model)
     (plain, plain_seen, plain_full), (held, held_seen, held_full) = results[False], results[True]
@@ -117,6 +118,7 @@ def test_static_caches_are_bit_identical_and_keep_their_addresses(name):
     n, moved = _stable(held_seen)
     # every difference up to the order reached, its gap, and (RFE) input and ratio: 3 blocks x 2 modules each
     assert n >= 6 and not moved, moved
+    assert {p for step in held_seen for p in step.values()} <= buffers  # each is one of the session's buffers
     assert _stable(plain_seen)[1]  # the check can fail: held out of place, the tensors move at each full step
 
 
