@@ -8,6 +8,7 @@ caches only, and the switch step is full.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -260,3 +261,15 @@ def test_an_expert_enabled_alone_is_refused_and_disable_covers_both(pipe, sessio
         relcache.enable(pipe.transformer_2, config)
     relcache.disable(pipe.transformer_2)  # the expert's session is the pipeline's: both are off
     assert not relcache.is_enabled(pipe.transformer) and not relcache.is_enabled(pipe.transformer_2)
+
+
+def test_cfg_cache_drops_the_previous_experts_delta_at_the_switch(pipe, session_of):
+    """CFG-Cache on the paper's schedule (window 2-8, refresh every 5: steps 2 and 7 run both halves, the others skip
+    the unconditional call while a delta is usable). The switch drops the high-noise expert's delta, so step 4 runs
+    its unconditional call and stores the low-noise expert's own delta, which steps 5 and 6 use."""
+    cfg = relcache.CFGCache(align=False, window_steps=(2, 8), interval=5)
+    session_of(dataclasses.replace(relcache.FORA(interval=3, warmup=1), cfg_cache=cfg))
+    _, st = run(pipe)
+    assert st.contexts["uncond"].uncond_skipped_steps == [3, 5, 6]
+    assert st.experts["transformer"].contexts["uncond"].uncond_skipped_steps == [3]
+    assert st.experts["transformer_2"].contexts["uncond"].uncond_skipped_steps == [5, 6]
