@@ -127,7 +127,10 @@ def _experts(adapter: Adapter, model: nn.Module, pipeline: Any) -> list[tuple[st
     refused: it would hold two caches."""
     if pipeline is None:
         return [("transformer", model)]
-    found = [(name, _unwrap(m)) for name, m in adapter.pipeline_transformers(pipeline)]
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in adapter.pipeline_transformers(pipeline):
+        if all(_unwrap(m) is not other for _, other in found):  # one module held twice is one transformer
+            found.append((name, _unwrap(m)))
     if len(found) < 2 or found[0][1] is not model:
         return [("transformer", model)]
     for name, expert in found:

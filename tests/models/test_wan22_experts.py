@@ -20,7 +20,17 @@ import torch
 pytest.importorskip("transformers")
 
 from diffusers import WanPipeline, WanTransformer3DModel  # noqa: E402
-from families import CASES, WAN_TINY, generate, wan_pipe  # noqa: E402
+from families import (  # noqa: E402
+    CASES,
+    WAN_TINY,
+    LoopOutput,
+    LoopPipeline,
+    generate,
+    wan_like_pipe,
+    wan_pipe,
+    wan_vace_pipe,
+)
+from torch import nn  # noqa: E402
 
 import relcache  # noqa: E402
 from relcache.models import find_adapter  # noqa: E402
@@ -273,3 +283,68 @@ def test_cfg_cache_drops_the_previous_experts_delta_at_the_switch(pipe, session_
     assert st.contexts["uncond"].uncond_skipped_steps == [3, 5, 6]
     assert st.experts["transformer"].contexts["uncond"].uncond_skipped_steps == [3]
     assert st.experts["transformer_2"].contexts["uncond"].uncond_skipped_steps == [5, 6]
+
+
+class TwoExpertLoop(LoopPipeline):
+    """``LoopPipeline`` with Wan 2.2's switch (``transformer`` while ``t >= 500``, then ``transformer_2``) and, like
+    ``WanImageToVideoPipeline``, no step index in its cache contexts: the step clock is the runtime's own count."""
+
+    def __init__(self, high: LoopPipeline, low: nn.Module) -> None:
+        super().__init__(high.transformer, high.inputs, high.shape, high.contexts)
+        self.transformer_2 = low.eval()
+
+    @torch.no_grad()
+    def __call__(self, num_inference_steps: int, generator: torch.Generator, output_type: str = "np",
+                 **_: Any) -> Any:
+        self.scheduler.set_timesteps(num_inference_steps)
+        latents = torch.randn(self.shape, generator=generator)
+        for t in self.scheduler.timesteps:
+            model = self.transformer if t >= 500 else self.transformer_2
+            preds = []
+            for ctx in self.contexts:
+                with model.cache_context(ctx):
+                    preds.append(model(**self.inputs(latents, t.expand(1), ctx), return_dict=False)[0])
+            latents = self.scheduler.step(preds[1] + 3.0 * (preds[0] - preds[1]), t, latents).prev_sample
+        self.maybe_free_model_hooks()
+        return LoopOutput(latents.numpy())
+
+
+@pytest.mark.parametrize("family", ["wan", "wan_vace"])
+def test_steps_keep_counting_where_the_pipeline_gives_no_step_index(family):
+    """Wan (as its image-to-video pipeline calls it) and Wan VACE, whose pipeline holds two experts too."""
+    high = wan_like_pipe("WanTransformer3DModel") if family == "wan" else wan_vace_pipe()
+    low = (wan_like_pipe("WanTransformer3DModel") if family == "wan" else wan_vace_pipe()).transformer
+    loop = TwoExpertLoop(high, low)
+    relcache.enable(loop, relcache.FORA(interval=3, warmup=1))
+    try:
+        _, st = run(loop)
+    finally:
+        relcache.disable(loop)
+    assert st.num_steps == STEPS and st.full_steps == [0, 3, SWITCH, 6]
+    assert [st.experts[n].num_steps for n in ("transformer", "transformer_2")] == [SWITCH, STEPS - SWITCH]
+
+
+def test_one_module_held_as_both_experts_is_one_transformer():
+    one = wan_pipe()
+    twice = WanPipeline(tokenizer=None, text_encoder=None, vae=one.vae, scheduler=one.scheduler,
+                        transformer=one.transformer, transformer_2=one.transformer, boundary_ratio=0.5)
+    twice.set_progress_bar_config(disable=True)
+    relcache.enable(twice, relcache.FORA(interval=3, warmup=1))
+    try:
+        _, st = run(twice)
+    finally:
+        relcache.disable(twice)
+    assert st.full_steps == [0, 3, 6] and st.experts == {} and not any(n.startswith("transformer") for n in st.modules)
+
+
+def test_an_expert_that_serves_no_step_reports_none():
+    """``boundary_ratio=None``: the pipeline runs ``transformer`` only; both are enabled, the second reports 0 steps."""
+    pipe = wan22_pipe()
+    pipe.register_to_config(boundary_ratio=None)
+    relcache.enable(pipe, relcache.FORA(interval=3, warmup=1))
+    try:
+        _, st = run(pipe)
+    finally:
+        relcache.disable(pipe)
+    assert st.full_steps == [0, 3, 6]
+    assert st.experts["transformer"].full_steps == [0, 3, 6] and st.experts["transformer_2"].num_steps == 0
