@@ -98,6 +98,12 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         return
     chosen = find_adapter(model, adapter)
     experts = _experts(chosen, model, pipeline)
+    for name, expert in experts[1:]:
+        if vars(expert).get(_ATTR) is not None:
+            raise AlreadyEnabledError(
+                f"relcache is already enabled on this pipeline's {name} ({type(expert).__name__}); "
+                "relcache.enable(pipe, ...) caches every expert of the pipeline: call relcache.disable on it first"
+            )
     modules, spans = [], []
     for name, expert in experts:
         own = chosen.cached_modules(expert)
@@ -123,23 +129,14 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
 def _experts(adapter: Adapter, model: nn.Module, pipeline: Any) -> list[tuple[str, nn.Module]]:
     """The transformers one ``enable`` serves: ``model``, and on a pipeline whose generation runs several in turn
     (Wan 2.2's ``transformer`` and ``transformer_2``) all of them, in the order a generation first calls them; (choice)
-    one session covers them all (docs/spec.md, §Several transformers). An expert already enabled on its own is
-    refused: it would hold two caches."""
+    one session covers them all (docs/spec.md, §Several transformers)."""
     if pipeline is None:
         return [("transformer", model)]
     found: list[tuple[str, nn.Module]] = []
     for name, m in adapter.pipeline_transformers(pipeline):
         if all(_unwrap(m) is not other for _, other in found):  # one module held twice is one transformer
             found.append((name, _unwrap(m)))
-    if len(found) < 2 or found[0][1] is not model:
-        return [("transformer", model)]
-    for name, expert in found:
-        if vars(expert).get(_ATTR) is not None:
-            raise AlreadyEnabledError(
-                f"relcache is already enabled on this pipeline's {name} ({type(expert).__name__}); "
-                "relcache.enable(pipe, ...) caches every expert of the pipeline: call relcache.disable on it first"
-            )
-    return found
+    return found if len(found) > 1 and found[0][1] is model else [("transformer", model)]
 
 
 def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: CacheConfig, adapter: Adapter | None,
@@ -150,6 +147,12 @@ def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: Ca
     name = type(model).__name__
     if pipeline is None or session.generations.watches(pipeline, explicit=True):
         raise AlreadyEnabledError(f"relcache is already enabled on this {name}; call relcache.disable first")
+    served = [session.model] if session.experts is None else [e.model for e in session.experts.experts]
+    if [m for _, m in _experts(session.adapter, model, pipeline)] != served:
+        raise AlreadyEnabledError(
+            f"this pipeline's {name} is already enabled, serving other transformers than this pipeline runs (e.g. "
+            "its transformer alone, without transformer_2); call relcache.disable first, then enable the pipeline"
+        )
     same_adapter = adapter is None or type(adapter) is type(session.adapter)
     if config != session.config or record_errors != session.record_errors or not same_adapter:
         raise AlreadyEnabledError(

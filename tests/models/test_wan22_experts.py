@@ -348,3 +348,13 @@ def test_an_expert_that_serves_no_step_reports_none():
         relcache.disable(pipe)
     assert st.full_steps == [0, 3, 6]
     assert st.experts["transformer"].full_steps == [0, 3, 6] and st.experts["transformer_2"].num_steps == 0
+
+
+def test_enabling_the_pipeline_after_its_first_expert_alone_is_refused(pipe, session_of):
+    """The shared-transformer rule attaches a second pipeline to an enabled transformer; here that would leave the
+    low-noise expert uncached, so it is refused."""
+    config = relcache.FORA(interval=3, warmup=1)
+    relcache.enable(pipe.transformer, config)
+    with pytest.raises(relcache.AlreadyEnabledError, match="transformer_2"):
+        relcache.enable(pipe, config)
+    assert not relcache.is_enabled(pipe.transformer_2)
