@@ -50,7 +50,9 @@ def _session(obj: Any) -> Session | None:
 
 def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False,
            count_flops: bool = True, sequence_group: Any = None) -> None:
-    """Turn caching on for a diffusers pipeline or transformer (compiled or not).
+    """Turn caching on for a diffusers pipeline or transformer (compiled or not). On a pipeline whose generation runs
+    several transformers in turn (Wan 2.2's ``transformer`` and ``transformer_2``) every one is cached, as one
+    generation with one step count and one budget (docs/spec.md, "Several transformers").
 
     ``adapter`` overrides the automatic choice (for your own models). ``record_errors`` (analysis only)
     also runs every cached module at cached steps and records the relative L1 error of each prediction
