@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -17,6 +18,7 @@ from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
 from .methods.config import CacheConfig
 from .models.base import Adapter, find_adapter
 from .runtime import CacheStats, Session, checked_num_steps
+from .runtime.experts import Expert, Experts
 
 _ATTR = "_relcache"  # the model attribute holding its Session
 
@@ -48,7 +50,9 @@ def _session(obj: Any) -> Session | None:
 
 def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False,
            count_flops: bool = True, sequence_group: Any = None) -> None:
-    """Turn caching on for a diffusers pipeline or transformer (compiled or not).
+    """Turn caching on for a diffusers pipeline or transformer (compiled or not). On a pipeline whose generation runs
+    several transformers in turn (Wan 2.2's ``transformer`` and ``transformer_2``) every one is cached, as one
+    generation with one step count and one budget (docs/spec.md, "Several transformers").
 
     ``adapter`` overrides the automatic choice (for your own models). ``record_errors`` (analysis only)
     also runs every cached module at cached steps and records the relative L1 error of each prediction
@@ -95,18 +99,46 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         _attach_shared(existing, model, pipeline, config, adapter, record_errors)
         return
     chosen = find_adapter(model, adapter)
-    modules = chosen.cached_modules(model)
-    if config.modules is not None:
-        modules = [m for m in modules if m.kind in config.modules]
-    if not modules:
-        raise ConfigError(f"no module of the kinds {config.modules} in {type(model).__name__}")
-    session = Session(model, config, modules, chosen, record_errors, count_flops, sequence_group)
+    experts = _experts(chosen, model, pipeline)
+    for name, expert in experts[1:]:
+        if vars(expert).get(_ATTR) is not None:
+            raise AlreadyEnabledError(
+                f"relcache is already enabled on this pipeline's {name} ({type(expert).__name__}); "
+                "relcache.enable(pipe, ...) caches every expert of the pipeline: call relcache.disable on it first"
+            )
+    modules, spans = [], []
+    for name, expert in experts:
+        own = chosen.cached_modules(expert)
+        if config.modules is not None:
+            own = [m for m in own if m.kind in config.modules]
+        if not own:
+            raise ConfigError(f"no module of the kinds {config.modules} in {type(expert).__name__}")
+        if len(experts) > 1:  # (choice) module names say which expert they belong to
+            own = [replace(m, name=f"{name}.{m.name}") for m in own]
+        spans.append(range(len(modules), len(modules) + len(own)))
+        modules += own
+    group = None if len(experts) == 1 else Experts([Expert(n, m, r) for (n, m), r in zip(experts, spans, strict=True)])
+    session = Session(model, config, modules, chosen, record_errors, count_flops, sequence_group, group)
     try:
         session.attach(pipeline)
     except BaseException:
         session.detach()
         raise
-    vars(model)[_ATTR] = session
+    for _, expert in experts:
+        vars(expert)[_ATTR] = session
+
+
+def _experts(adapter: Adapter, model: nn.Module, pipeline: Any) -> list[tuple[str, nn.Module]]:
+    """The transformers one ``enable`` serves: ``model``, and on a pipeline whose generation runs several in turn
+    (Wan 2.2's ``transformer`` and ``transformer_2``) all of them, in the order a generation first calls them; (choice)
+    one session covers them all (docs/spec.md, §Several transformers)."""
+    if pipeline is None:
+        return [("transformer", model)]
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in adapter.pipeline_transformers(pipeline):
+        if all(_unwrap(m) is not other for _, other in found):  # one module held twice is one transformer
+            found.append((name, _unwrap(m)))
+    return found if len(found) > 1 and found[0][1] is model else [("transformer", model)]
 
 
 def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: CacheConfig, adapter: Adapter | None,
@@ -117,6 +149,12 @@ def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: Ca
     name = type(model).__name__
     if pipeline is None or session.generations.watches(pipeline, explicit=True):
         raise AlreadyEnabledError(f"relcache is already enabled on this {name}; call relcache.disable first")
+    served = [session.model] if session.experts is None else [e.model for e in session.experts.experts]
+    if [m for _, m in _experts(session.adapter, model, pipeline)] != served:
+        raise AlreadyEnabledError(
+            f"this pipeline's {name} is already enabled, serving other transformers than this pipeline runs (e.g. "
+            "its transformer alone, without transformer_2); call relcache.disable first, then enable the pipeline"
+        )
     same_adapter = adapter is None or type(adapter) is type(session.adapter)
     if config != session.config or record_errors != session.record_errors or not same_adapter:
         raise AlreadyEnabledError(
@@ -136,7 +174,8 @@ def disable(obj: Any) -> None:
     if session is None:
         raise NotEnabledError(f"relcache is not enabled on this {type(model).__name__}")
     session.detach()
-    del vars(model)[_ATTR]
+    for expert in [session.model] if session.experts is None else [e.model for e in session.experts.experts]:
+        vars(expert).pop(_ATTR, None)
 
 
 def is_enabled(obj: Any) -> bool:

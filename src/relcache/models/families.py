@@ -33,7 +33,7 @@ ROWS = (
     # Wan 2.1 / 2.2: attn1 (self-attention with RoPE) on the modulated norm, attn2 (cross-attention to the text, and
     # to the image tokens for image-to-video) on the optionally normed residual stream, ffn on the modulated norm.
     # Wan 2.2's A14B pipelines hold two experts, transformer (high noise, the first steps) and transformer_2 (low
-    # noise): both are listed; the runtime's support for spanning them is described in docs/custom-models.md.
+    # noise): both are listed, and one enable serves both (docs/spec.md, "Several transformers").
     ModelRow("Wan 2.1 / 2.2", "WanPipeline, WanImageToVideoPipeline", ("WanTransformer3DModel",),
              (Blocks("blocks", "cross_attn_ffn"),), experts=("transformer", "transformer_2")),
     # CogVideoX: attn1 is the joint attention over the modulated norms of the video and text streams (returns
@@ -99,9 +99,11 @@ ROWS = (
     ModelRow("ChronoEdit", "ChronoEditPipeline", ("ChronoEditTransformer3DModel",),
              (Blocks("blocks", "cross_attn_ffn"),)),
     ModelRow("Helios", "HeliosPipeline", ("HeliosTransformer3DModel",), (Blocks("blocks", "cross_attn_ffn"),)),
-    # Wan VACE: every VACE block runs first (on the control latents, producing the hints), then the Wan blocks
+    # Wan VACE: every VACE block runs first (on the control latents, producing the hints), then the Wan blocks; its
+    # pipeline holds Wan 2.2's two experts too
     ModelRow("Wan VACE", "WanVACEPipeline", ("WanVACETransformer3DModel",),
-             (Blocks("vace_blocks", "cross_attn_ffn"), Blocks("blocks", "cross_attn_ffn"))),
+             (Blocks("vace_blocks", "cross_attn_ffn"), Blocks("blocks", "cross_attn_ffn")),
+             experts=("transformer", "transformer_2")),
 )
 
 for _row in ROWS:

@@ -7,6 +7,7 @@ One job per file:
 * ``steps``: the step's single decision and the rows of numbers its modules read (and RCS's pre-pass under compile);
 * ``context``: per-context state as small named records;
 * ``generations``: every rule of when a generation starts and ends;
+* ``experts``: several transformers run in turn by one pipeline (Wan 2.2's experts), in one session;
 * ``cfg``: CFG-Cache at call level, batched and split;
 * ``accounting``: FLOP measurement and the stats (``CacheStats``, ``ContextStats``);
 * ``hooks``: the hooks on diffusers' registry, attached and detached next to accelerate's;

@@ -307,6 +307,10 @@ class CacheStats:
     samples are left out of the step's decision, see ``InputError``); each context's ``nonfinite_samples`` says at
     which steps. ``flops_unknown`` says why the FLOP fields are NaN: counting was turned off
     (``enable(..., count_flops=False)``) or failed on this model (the reason); None when FLOPs were counted.
+
+    ``experts``: on a pipeline whose generation runs several transformers (Wan 2.2), each one's stats over the steps
+    it served, by attribute name (``"transformer"``, ``"transformer_2"``); the top-level fields are the total. Empty
+    for one transformer.
     """
 
     method: str
@@ -323,6 +327,7 @@ class CacheStats:
     flops_unknown: str | None = None
     peak_cache_bytes: int = 0
     peak_cache_bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    experts: dict[str, CacheStats] = field(default_factory=dict)
 
 
 def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str],

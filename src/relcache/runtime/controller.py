@@ -26,6 +26,7 @@ from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
 from .context import Context, RowGroup, hold_state
 from .distributed import check_enable_order, reducer_for
+from .experts import ExpertCalls, Experts
 from .generations import Generations
 from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .shared import SharedGroup, SharedHook
@@ -70,7 +71,7 @@ class Session:
 
     def __init__(
         self, model: nn.Module, config: CacheConfig, modules: list[CachedModule], adapter: Adapter,
-        record_errors: bool, count_flops: bool = True, sequence_group: Any = None,
+        record_errors: bool, count_flops: bool = True, sequence_group: Any = None, experts: Experts | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -85,6 +86,9 @@ class Session:
                     if config.cfg_cache else None)
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         self.hooks = Attachment(model)
+        # several transformers run in turn (Wan 2.2's experts, ``experts.py``): ``model`` is the first of them
+        self.experts = experts
+        self._expert_hooks = [Attachment(e.model) for e in experts.experts[1:]] if experts is not None else []
         self._computing: dict[int, _Computing] = {}
         self.prober = Prober()
         self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
@@ -105,24 +109,41 @@ class Session:
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
         """Register the hooks; on a pipeline, also let its scheduler and the end of its calls mark generations."""
-        self.hooks.register(self.model, StepHook(self), STEP_HOOK)
-        paths = {id(module): path for path, module in self.model.named_modules()}
+        paths: dict[int, dict[int, str]] = {}  # per transformer: id(module) -> its path there
+        for e, (root, hooks) in enumerate(self._roots()):
+            hooks.register(root, StepHook(self if self.experts is None else ExpertCalls(self, e)), STEP_HOOK)
+            paths[id(root)] = {id(module): path for path, module in root.named_modules()}
         for idx, spec in enumerate(self.cached_modules):
-            self.hooks.register(spec.module, ModuleHook(self, idx), MODULE_HOOK)
-            if id(spec.module) in paths:
-                self._paths[idx] = paths[id(spec.module)]
-        self._n_modules = len(paths)
+            root, hooks = self._root_of(idx)
+            hooks.register(spec.module, ModuleHook(self, idx), MODULE_HOOK)
+            if id(spec.module) in paths[id(root)]:
+                self._paths[idx] = paths[id(root)][id(spec.module)]
+        self._n_modules = sum(len(p) for p in paths.values())
         for group in self.shared:
             for i, module in enumerate(group.modules):
                 self.hooks.register(module, SharedHook(group, i, self), SHARED_HOOK)
-        self.hooks.done()
+        for _, hooks in self._roots():
+            hooks.done()
         if pipeline is not None:
             self.generations.watch(pipeline)
 
     def detach(self) -> None:
         """Remove every hook and patch, leaving modules exactly as they were."""
-        self.hooks.detach()
+        for _, hooks in reversed(self._roots()):
+            hooks.detach()
         self.generations.unwatch()
+
+    def _roots(self) -> list[tuple[nn.Module, Attachment]]:
+        """Each transformer the session serves (one, or the experts in order) and its hooks."""
+        if self.experts is None:
+            return [(self.model, self.hooks)]
+        return list(zip([e.model for e in self.experts.experts], [self.hooks, *self._expert_hooks], strict=True))
+
+    def _root_of(self, idx: int) -> tuple[nn.Module, Attachment]:
+        """The transformer holding cached module ``idx``, and its hooks."""
+        if self.experts is None:
+            return self.model, self.hooks
+        return self._roots()[self.experts.experts.index(self.experts.of_module(idx))]
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
     def reset_generation(self) -> None:
@@ -131,6 +152,8 @@ class Session:
             group.new_generation()
         self.contexts = {}
         self.current = None
+        if self.experts is not None:
+            self.experts.reset()
         if self.cfg is not None:
             self.cfg.reset()
         if self.reducer is not None:
@@ -177,6 +200,10 @@ class Session:
             self._storage(ctx, forward, args, kwargs)  # may raise ConfigError: nothing changed yet
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
+        if self.experts is not None:  # the running expert's caches; a switch forces the step full
+            if self.experts.call_switches() and self.cfg is not None:
+                self.cfg.reset()  # CFG-Cache's deltas are the previous expert's
+            self.experts.enter(ctx, self.config)
         gens.check_step(ctx.step)
         self.current = ctx
         if self.cfg is not None:
@@ -186,7 +213,8 @@ class Session:
                 if self.config.schedule.uses_input:
                     probe = self.prober.run(forward, args, kwargs)  # the module's rows: batch-major, maybe x frames
                     probe = take_rows(probe, next(sl for n, sl in ctx.cfg.row_groups(probe.shape[0]) if n != "uncond"))
-                return take_decision(self.config, ctx, probe, first_tensor_input(args, kwargs), self.reducer)
+                full = take_decision(self.config, ctx, probe, first_tensor_input(args, kwargs), self.reducer)
+                return full or (self.experts is not None and self.experts.force(ctx))
 
             self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
@@ -216,21 +244,23 @@ class Session:
         gone from the model is an error. When the model's modules changed at all, FLOPs are measured again."""
         moved = False
         for idx, path in self._paths.items():
+            root, hooks = self._root_of(idx)
             try:
-                now = self.model.get_submodule(path)
+                now = root.get_submodule(path)
             except AttributeError:
                 raise RuntimeError(
-                    f"the cached module {path!r} was removed from the {type(self.model).__name__} after "
+                    f"the cached module {path!r} was removed from the {type(root).__name__} after "
                     "relcache.enable; call relcache.disable and relcache.enable again"
                 ) from None
             spec = self.cached_modules[idx]
             if now is not spec.module:
-                self.hooks.move(spec.module, now, ModuleHook(self, idx), MODULE_HOOK)
+                hooks.move(spec.module, now, ModuleHook(self, idx), MODULE_HOOK)
                 self.cached_modules[idx] = replace(spec, module=now)
                 moved = True
         if moved:
-            self.hooks.done()
-        n_modules = sum(1 for _ in self.model.modules())
+            for _, hooks in self._roots():
+                hooks.done()
+        n_modules = sum(1 for root, _ in self._roots() for _ in root.modules())
         if moved or n_modules != self._n_modules:  # e.g. a LoRA on modules that are not cached: other FLOPs
             self.meter.module.clear()
             self.meter.other.clear()
@@ -255,6 +285,9 @@ class Session:
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
         decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups,
                self.reducer)
+        if self.experts is not None and self.experts.force(ctx):  # a switch: full, and the rows of a full step
+            prepare_step(self.config, self.generations.num_steps, len(self.cached_modules), ctx,
+                         [name for name, _ in groups], probe_input)
 
     def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
@@ -405,8 +438,12 @@ class Session:
         names = [m.name for m in self.cached_modules]
         per = {name: self._context_stats(ctx, names) for name, ctx in self.contexts.items()}
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
-        return with_peaks(combine(self.config.label, per, cfg_bytes, {m.name: m.kind for m in self.cached_modules},
-                                  self.meter.unknown))
+        kinds = {m.name: m.kind for m in self.cached_modules}
+        total = with_peaks(combine(self.config.label, per, cfg_bytes, kinds, self.meter.unknown))
+        if self.experts is None:
+            return total
+        return replace(total, experts=self.experts.stats(self.config.label, self.contexts, per, kinds, names,
+                                                         self.meter.unknown))
 
     def _context_stats(self, ctx: Context, names: list[str]) -> ContextStats:
         st = ctx.stats(names)
