@@ -27,7 +27,8 @@ from .cfg import CFGRunner
 from .context import Context, RowGroup
 from .distributed import check_enable_order, reducer_for
 from .generations import Generations
-from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
+from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
+from .modulation import ModulationHook, Modulations
 from .shared import SharedGroup, SharedHook
 from .steps import Prober, RowGroups, decide, prepare_step, take_decision, take_rows
 
@@ -70,7 +71,7 @@ class Session:
 
     def __init__(
         self, model: nn.Module, config: CacheConfig, modules: list[CachedModule], adapter: Adapter,
-        record_errors: bool, count_flops: bool = True, sequence_group: Any = None,
+        record_errors: bool, count_flops: bool = True, sequence_group: Any = None, batch_modulation: bool = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -84,6 +85,8 @@ class Session:
         self.cfg = (CFGRunner(config.cfg_cache, adapter, self._run, lambda: self.generations.guidance)
                     if config.cfg_cache else None)
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
+        spec = adapter.modulation(model) if batch_modulation else None
+        self.modulation = Modulations(spec) if spec is not None else None  # every step's adaLN at once
         self.hooks = Attachment(model)
         self._computing: dict[int, _Computing] = {}
         self.prober = Prober()
@@ -110,6 +113,9 @@ class Session:
         for group in self.shared:
             for i, module in enumerate(group.modules):
                 self.hooks.register(module, SharedHook(group, i, self), SHARED_HOOK)
+        if self.modulation is not None:
+            for i, module in enumerate(self.modulation.spec.projections):
+                self.hooks.register(module, ModulationHook(self.modulation, i, self), MODULATION_HOOK)
         self.hooks.done()
         if pipeline is not None:
             self.generations.watch(pipeline)
@@ -130,6 +136,8 @@ class Session:
             self.cfg.reset()
         if self.reducer is not None:
             self.reducer.reset()
+        if self.modulation is not None:  # last: may raise for the generation that ended (ModulationMismatch)
+            self.modulation.new_generation()
 
     def free_caches(self) -> None:
         for ctx in self.contexts.values():
@@ -139,6 +147,8 @@ class Session:
             self.cfg.reset()
         if self.reducer is not None:  # deferred sums hold their states
             self.reducer.reset()
+        if self.modulation is not None:  # last: may raise for the generation that ended (ModulationMismatch)
+            self.modulation.new_generation()
 
     def steps_run(self) -> tuple[int, int]:
         longest = max(self.contexts.values(), key=lambda ctx: ctx.step, default=None)
@@ -171,6 +181,8 @@ class Session:
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
         gens.check_step(ctx.step)
+        if self.modulation is not None:
+            self.modulation.start_call(name, ctx.step, gens.timesteps, args, kwargs)
         self.current = ctx
         if self.cfg is not None:
 
@@ -268,6 +280,8 @@ class Session:
         self.current = None
         for group in self.shared:
             group.end_call()
+        if self.modulation is not None:
+            self.modulation.end_call()
 
     def _run(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.meter.run_call(ctx.counters, ctx.cfg.batch_scale, forward, args, kwargs, self._snapshot)
@@ -376,6 +390,10 @@ class Session:
 
     def add_saved_flops(self, flops: float) -> None:
         self.meter.shared_saved += flops
+
+    # -- batched modulation (relcache.runtime.modulation.ModulationHost) ----------------------------------------------
+    def modulating(self) -> bool:
+        return self.current is not None and self.meter.counter is None and self.shape_probe is None
 
     # -- stats --------------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:

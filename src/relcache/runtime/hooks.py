@@ -18,6 +18,7 @@ from ..models.base import Adapter
 STEP_HOOK = "relcache_step"
 MODULE_HOOK = "relcache_module"
 SHARED_HOOK = "relcache_shared"
+MODULATION_HOOK = "relcache_modulation"
 DEFAULT_CONTEXT = "default"  # the call context when the pipeline sets none
 
 
