@@ -64,6 +64,8 @@ class ModulationTable:
         self.lazy = call_timestep.device.type != "cpu"  # accelerators: compare on the device, read at the end
         self.mismatch = torch.zeros((), dtype=torch.bool, device=call_timestep.device) if self.lazy else None
         self.index = torch.zeros((), dtype=torch.long, device=call_timestep.device)  # the step, for compiled code
+        for t in (*rows, self.index):  # refilled in place: CUDA graphs read them where they are, never copy them
+            torch._dynamo.mark_static_address(t)
         self.reset(conditioning)
 
     def reset(self, conditioning: tuple[torch.Tensor, ...]) -> None:
