@@ -90,7 +90,7 @@ def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch
     """One DDIM generation of ``images`` images with CFG batched (batch ``2 * images``), like DiTPipeline's loop."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     scheduler.set_timesteps(steps)
-    relcache.begin_generation(model, steps)
+    relcache.begin_generation(model, timesteps=scheduler.timesteps)  # announced: batch_modulation may tabulate
     g = torch.Generator().manual_seed(0)
     x = torch.randn(images, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
     labels = class_labels(images, device)
@@ -131,7 +131,7 @@ def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.
     for key, cfg in [("full", None), *configs.items()]:
         torch._dynamo.reset()
         if cfg is not None:
-            relcache.enable(model, cfg)
+            relcache.enable(model, cfg, batch_modulation=str(key[1]).endswith(" + batch modulation"))
         try:
             compiled = torch.compile(model, mode=mode)
             generate(compiled, args.steps, args.device, dtype, args.images)  # compiles every kind of step
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--compile", metavar="MODE",
                         choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
                         help="also time every method under torch.compile(model, mode=MODE), in the same run")
+    parser.add_argument("--batch-modulation", action="store_true",
+                        help="also time every method with enable(..., batch_modulation=True), in the same run")
     parser.add_argument("--out", default="runs/speed.json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -194,13 +196,15 @@ def main() -> None:
         configs = {(b, name): cfg for b in args.budgets for name, cfg in methods(b, cache_dtype).items()
                    if (not args.methods or name in args.methods)
                    and (name != "every step full" or b == args.budgets[0])}  # the same for every budget
+        if args.batch_modulation:  # each method again, every step's adaLN projections computed up front
+            configs.update({(b, f"{name} + batch modulation"): cfg for (b, name), cfg in list(configs.items())})
         times: dict[object, list[float]] = {"full": []}
         memory: dict[object, int] = {}
         nfc: dict[object, int] = {}
         for _ in range(args.repeats):
             times["full"].append(timed(model, args.steps, args.device, dtype, args.images))
             for key, cfg in configs.items():
-                relcache.enable(model, cfg)
+                relcache.enable(model, cfg, batch_modulation=key[1].endswith(" + batch modulation"))
                 try:
                     prime(model, args.steps, args.device, dtype, args.images)
                     times.setdefault(key, []).append(timed(model, args.steps, args.device, dtype, args.images))

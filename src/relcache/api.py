@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
@@ -49,7 +50,7 @@ def _session(obj: Any) -> Session | None:
 
 
 def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, record_errors: bool = False,
-           count_flops: bool = True, sequence_group: Any = None) -> None:
+           count_flops: bool = True, sequence_group: Any = None, batch_modulation: bool = False) -> None:
     """Turn caching on for a diffusers pipeline or transformer (compiled or not). On a pipeline whose generation runs
     several transformers in turn (Wan 2.2's ``transformer`` and ``transformer_2``) every one is cached, as one
     generation with one step count and one budget (docs/spec.md, "Several transformers").
@@ -62,6 +63,9 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
     ``sequence_group``: the ``torch.distributed`` process group whose processes each hold a slice of the sequence
     (e.g. xDiT's sequence-parallel group); by default diffusers' context-parallel group when ``enable_parallelism``
     was called first (docs/distributed.md). ``record_errors`` runs every step eagerly, even under ``torch.compile``.
+    ``batch_modulation=True`` computes every step's adaLN projections at a generation's first step, in one product
+    per block, when the timesteps are announced (a pipeline's scheduler, or ``begin_generation(..., timesteps=...)``):
+    exact up to rounding, and at small batch a large share of a cached step (docs/performance.md; DiT only).
 
     Example (runs offline on a tiny random DiT)::
 
@@ -91,6 +95,8 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         raise ConfigError(f"record_errors must be True or False, got {record_errors!r}")
     if not isinstance(count_flops, bool):
         raise ConfigError(f"count_flops must be True or False, got {count_flops!r}")
+    if not isinstance(batch_modulation, bool):
+        raise ConfigError(f"batch_modulation must be True or False, got {batch_modulation!r}")
     if sequence_group is not None and not isinstance(sequence_group, ProcessGroup):
         raise ConfigError(f"sequence_group must be None or a torch.distributed ProcessGroup, got {sequence_group!r}")
     model, pipeline = _resolve(obj)
@@ -99,6 +105,11 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         _attach_shared(existing, model, pipeline, config, adapter, record_errors)
         return
     chosen = find_adapter(model, adapter)
+    if batch_modulation and chosen.modulation(model) is None:
+        raise ConfigError(
+            f"batch_modulation=True: relcache knows no per-step modulation projections of {type(model).__name__} "
+            f"({type(chosen).__name__}); it is available for DiT. Enable with batch_modulation=False."
+        )
     experts = _experts(chosen, model, pipeline)
     for name, expert in experts[1:]:
         if vars(expert).get(_ATTR) is not None:
@@ -118,7 +129,8 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         spans.append(range(len(modules), len(modules) + len(own)))
         modules += own
     group = None if len(experts) == 1 else Experts([Expert(n, m, r) for (n, m), r in zip(experts, spans, strict=True)])
-    session = Session(model, config, modules, chosen, record_errors, count_flops, sequence_group, group)
+    session = Session(model, config, modules, chosen, record_errors, count_flops, sequence_group, group,
+                      batch_modulation)
     try:
         session.attach(pipeline)
     except BaseException:
@@ -196,22 +208,36 @@ def cached(obj: Any, config: CacheConfig, **kwargs: Any) -> Iterator[None]:
         disable(obj)
 
 
-def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool | None = None) -> None:
+def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool | None = None,
+                     timesteps: Any = None) -> None:
     """Mark the start of a new generation in a hand-written sampling loop (no-op when caching is off).
 
     ``num_steps`` is the number of transformer calls per context in the generation; ``RFC(target_nfc=...)``
     needs it, and a generation that runs another number of steps warns at its end. ``guidance`` says whether the
     loop's batched calls carry classifier-free guidance: False keeps CFG-Cache off even when the two halves of a
     batch are equal (two samples of one seed); True or None (default) take an even batch with equal halves for a
-    CFG batch.
+    CFG batch. ``timesteps`` (a 1-D sequence or tensor, one per step, as the transformer receives them) lets
+    ``enable(..., batch_modulation=True)`` compute every step's modulation up front; ``num_steps`` defaults to its
+    length.
     """
+    if timesteps is not None:
+        try:
+            timesteps = torch.as_tensor(timesteps)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"timesteps must be a 1-D sequence of numbers or a 1-D tensor, got {timesteps!r}") from e
+        if timesteps.ndim != 1 or not len(timesteps) or timesteps.is_complex() or timesteps.dtype == torch.bool:
+            raise ConfigError(f"timesteps must be a non-empty 1-D sequence of real numbers, got shape "
+                              f"{tuple(timesteps.shape)} of {timesteps.dtype}")
+        if num_steps is not None and checked_num_steps(num_steps) != len(timesteps):
+            raise ConfigError(f"num_steps ({num_steps}) must equal len(timesteps) ({len(timesteps)}), or be omitted")
+        num_steps = len(timesteps) if num_steps is None else num_steps
     num_steps = checked_num_steps(num_steps)
     if guidance is not None and not isinstance(guidance, bool):
         raise ConfigError(f"guidance must be True, False or None, got {guidance!r}")
     session = _session(obj)
     if session is not None:
         session.generations.loop_guidance = guidance
-        session.generations.begin(num_steps, marked=True)
+        session.generations.begin(num_steps, marked=True, timesteps=timesteps)
 
 
 def stats(obj: Any) -> CacheStats:

@@ -13,6 +13,7 @@ generation (inductor) would take minutes on this CPU without telling more.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -155,3 +156,38 @@ def test_record_errors_under_compile_runs_eagerly_and_records_the_same_errors():
     assert stats.contexts["default"].module_errors == eager_errors and any(eager_errors.values())
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_each_enabled_model_compiles_within_its_own_recompile_limit():
+    """dynamo counts graphs against its recompile limit (8) per code object. Three enabled models of one class, each
+    needing a few kinds of step, would share one limit and run the overflow eagerly; each has its own entry frame, so
+    none falls back and a second round compiles nothing."""
+    graphs, backend = _recording()
+    limit_hits: list[str] = []
+
+    class _Hits(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
+                limit_hits.append(record.getMessage())
+
+    handler = _Hits()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    models = [torch.compile(tiny_dit(seed=i), backend=backend) for i in range(3)]
+    x, y = _inputs(False)
+    try:
+        for m in models:
+            relcache.enable(m, TaylorSeer(3))
+        for m in models:
+            run_loop(m, x, y, steps=STEPS)
+        first = len(graphs)
+        for m in models:
+            run_loop(m, x, y, steps=STEPS)
+        fractions = [relcache.stats(m).flops_fraction for m in models]
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        for m in models:
+            relcache.disable(m)
+        torch._dynamo.reset()
+    assert not limit_hits, limit_hits
+    assert first > 8 and len(graphs) == first  # more graphs than one limit allows, none after the first round
+    assert all(f == pytest.approx(fractions[0]) for f in fractions)

@@ -44,6 +44,23 @@ class CachedModule:
     input_of: InputFn = first_tensor_input
 
 
+@dataclass(frozen=True)
+class Modulation:
+    """Projections whose input depends only on the step's timestep and on conditioning fixed for a generation (the
+    adaLN projections of DiT-style blocks), so that every step's can be computed at once (``runtime/modulation.py``).
+
+    ``projections``: the modules, each called with one tensor of rows ``(B, in)``. ``inputs(timesteps, args, kwargs)``:
+    for the ``T`` timesteps given as the model receives them and a call with ``args``/``kwargs``, each projection's
+    input at every step, ``(T·B, in)`` step-major, formed as the model forms it.
+    ``timestep(args, kwargs)``: the call's timestep tensor; ``conditioning(args, kwargs)``: the other tensors the
+    inputs depend on (DiT: the class labels)."""
+
+    projections: tuple[nn.Module, ...]
+    inputs: Callable[[torch.Tensor, tuple[Any, ...], dict[str, Any]], list[torch.Tensor]]
+    timestep: Callable[[tuple[Any, ...], dict[str, Any]], Any]
+    conditioning: Callable[[tuple[Any, ...], dict[str, Any]], tuple[torch.Tensor, ...]]
+
+
 class Adapter:
     """Base class: subclasses name the model classes they serve and list their cached modules."""
 
@@ -71,6 +88,11 @@ class Adapter:
         timestep-and-class embedding). relcache computes a group once per call where the copies' weights are
         equal (``relcache.shared``). The default: none."""
         return []
+
+    def modulation(self, model: nn.Module) -> Modulation | None:
+        """The projections ``relcache.enable(..., batch_modulation=True)`` computes for every step at once, or None
+        (the default: the model has none relcache knows)."""
+        return None
 
     def extra_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this transformer call is an extra call within a step that caching must leave alone (SD3's

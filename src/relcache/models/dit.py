@@ -6,9 +6,23 @@ Each ``BasicTransformerBlock`` calls ``attn1`` on the modulated norm of the resi
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import Blocks, ModelRow, TableAdapter, register_row
+from .base import Blocks, ModelRow, Modulation, TableAdapter, register_row
+
+
+def _class_labels(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``class_labels`` argument of ``DiTTransformer2DModel.forward``."""
+    return kwargs["class_labels"] if "class_labels" in kwargs else (args[2] if len(args) > 2 else None)
+
+
+def _timestep(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``timestep`` argument of ``DiTTransformer2DModel.forward``."""
+    return kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
 
 
 class DiTAdapter(TableAdapter):
@@ -24,6 +38,37 @@ class DiTAdapter(TableAdapter):
         checkpoints copy the original DiT's one embedder into each block, and the final layer calls block 0's."""
         embs = [b.norm1.emb for b in model.transformer_blocks if getattr(getattr(b, "norm1", None), "emb", None)]
         return [embs] if len(embs) > 1 else []
+
+    def modulation(self, model: nn.Module) -> Modulation | None:
+        """Every block's adaLN-zero projection (``norm1.linear``, of ``silu(norm1.emb(t, class))``) and the final
+        layer's (``proj_out_1``, of block 0's embedding): all depend only on the timestep and the class labels."""
+        blocks = list(model.transformer_blocks)
+        norms = [getattr(b, "norm1", None) for b in blocks]
+        if not blocks or not all(isinstance(getattr(n, "linear", None), nn.Linear) and getattr(n, "emb", None)
+                                 for n in norms) or not isinstance(getattr(model, "proj_out_1", None), nn.Linear):
+            return None
+        embs = [n.emb for n in norms] + [norms[0].emb]
+        dtype = norms[0].linear.weight.dtype
+
+        def inputs(timesteps: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+            labels = _class_labels(args, kwargs)
+            t = _timestep(args, kwargs)
+            batch = max(labels.shape[0] if isinstance(labels, torch.Tensor) else 1, t.reshape(-1).shape[0])
+            steps = timesteps.repeat_interleave(batch)  # (T·B,) step-major
+            rows = labels.reshape(-1).expand(batch).repeat(len(timesteps)) if labels is not None else None
+            memo: dict[int, torch.Tensor] = {}
+            out = []
+            for emb in embs:
+                if id(emb) not in memo:
+                    memo[id(emb)] = F.silu(emb(steps, rows, hidden_dtype=dtype))
+                out.append(memo[id(emb)])
+            return out
+
+        return Modulation(
+            projections=(*(n.linear for n in norms), model.proj_out_1), inputs=inputs, timestep=_timestep,
+            conditioning=lambda args, kwargs: tuple(
+                x for x in (_class_labels(args, kwargs),) if isinstance(x, torch.Tensor)),
+        )
 
 
 register_row(adapter_class=DiTAdapter)

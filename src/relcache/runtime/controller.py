@@ -28,7 +28,8 @@ from .context import Context, RowGroup, hold_state
 from .distributed import check_enable_order, reducer_for
 from .experts import ExpertCalls, Experts
 from .generations import Generations
-from .hooks import MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
+from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
+from .modulation import ModulationHook, Modulations
 from .shared import SharedGroup, SharedHook
 from .steps import Prober, RowGroups, decide, end_step, prepare_step, take_decision, take_rows
 
@@ -72,6 +73,7 @@ class Session:
     def __init__(
         self, model: nn.Module, config: CacheConfig, modules: list[CachedModule], adapter: Adapter,
         record_errors: bool, count_flops: bool = True, sequence_group: Any = None, experts: Experts | None = None,
+        batch_modulation: bool = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -85,6 +87,8 @@ class Session:
         self.cfg = (CFGRunner(config.cfg_cache, adapter, self._run, lambda: self.generations.guidance)
                     if config.cfg_cache else None)
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
+        spec = adapter.modulation(model) if batch_modulation else None
+        self.modulation = Modulations(spec) if spec is not None else None  # every step's adaLN at once
         self.hooks = Attachment(model)
         # several transformers run in turn (Wan 2.2's experts, ``experts.py``): ``model`` is the first of them
         self.experts = experts
@@ -122,6 +126,9 @@ class Session:
         for group in self.shared:
             for i, module in enumerate(group.modules):
                 self.hooks.register(module, SharedHook(group, i, self), SHARED_HOOK)
+        if self.modulation is not None:
+            for i, module in enumerate(self.modulation.spec.projections):
+                self.hooks.register(module, ModulationHook(self.modulation, i, self), MODULATION_HOOK)
         for _, hooks in self._roots():
             hooks.done()
         if pipeline is not None:
@@ -158,6 +165,8 @@ class Session:
             self.cfg.reset()
         if self.reducer is not None:
             self.reducer.reset()
+        if self.modulation is not None:  # last: may raise for the generation that ended (ModulationMismatch)
+            self.modulation.new_generation()
 
     def free_caches(self) -> None:
         for ctx in self.contexts.values():
@@ -167,6 +176,8 @@ class Session:
             self.cfg.reset()
         if self.reducer is not None:  # deferred sums hold their states
             self.reducer.reset()
+        if self.modulation is not None:  # last: may raise for the generation that ended (ModulationMismatch)
+            self.modulation.new_generation()
 
     def steps_run(self) -> tuple[int, int]:
         longest = max(self.contexts.values(), key=lambda ctx: ctx.step, default=None)
@@ -205,6 +216,8 @@ class Session:
                 self.cfg.reset()  # CFG-Cache's deltas are the previous expert's
             self.experts.enter(ctx, self.config)
         gens.check_step(ctx.step)
+        if self.modulation is not None:
+            self.modulation.start_call(name, ctx.step, gens.timesteps, args, kwargs)
         self.current = ctx
         if self.cfg is not None:
 
@@ -313,6 +326,8 @@ class Session:
         self.current = None
         for group in self.shared:
             group.end_call()
+        if self.modulation is not None:
+            self.modulation.end_call()
 
     def _run(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.meter.run_call(ctx.counters, ctx.cfg.batch_scale, forward, args, kwargs, self._snapshot)
@@ -432,6 +447,10 @@ class Session:
 
     def add_saved_flops(self, flops: float) -> None:
         self.meter.shared_saved += flops
+
+    # -- batched modulation (relcache.runtime.modulation.ModulationHost) ----------------------------------------------
+    def modulating(self) -> bool:
+        return self.current is not None and self.meter.counter is None and self.shape_probe is None
 
     # -- stats --------------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:

@@ -76,6 +76,14 @@ def steps_to_run(scheduler: Any) -> int | None:
     return max(len(timesteps) - int(begin), 0)
 
 
+def timesteps_to_run(scheduler: Any) -> torch.Tensor | None:
+    """The timesteps the scheduler will run, from its begin index on (what ``batch_modulation`` tabulates), or None."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if not isinstance(timesteps, torch.Tensor) or timesteps.ndim != 1:
+        return None
+    return timesteps[int(getattr(scheduler, "begin_index", None) or 0):]
+
+
 def _as_float(t: Any) -> float | None:
     """The timestep as a number, or None."""
     if isinstance(t, torch.Tensor):
@@ -162,6 +170,7 @@ class Generations:
         self.host = host
         self.adapter = adapter
         self.num_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None  # the current generation's announced timesteps, if known
         self.marked = False  # a generation was marked (scheduler or begin_generation): timesteps stay unread
         self.ended = False  # the last generation ended: the next step starts a new one
         self.guidance: bool | None = None  # whether this call's pipeline says it runs CFG batched (None: unsaid)
@@ -171,14 +180,16 @@ class Generations:
         self._watched: list[_Watched] = []
         self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a _Patch of ours
 
-    def begin(self, num_steps: int | None = None, *, marked: bool = False) -> None:
+    def begin(self, num_steps: int | None = None, *, marked: bool = False,
+              timesteps: torch.Tensor | None = None) -> None:
         """Start a new generation; ``marked`` when the caller announced it (scheduler or public API), not when
-        the runtime noticed it."""
+        the runtime noticed it; ``timesteps`` when it announced them too."""
         self._check_steps()
         self.ended = False
         self.marked = self.marked or marked
         if num_steps is not None:
             self.num_steps = int(num_steps)
+        self.timesteps = timesteps
         self.host.reset_generation()
         self._announced, self._checked = self.num_steps, False
 
@@ -317,7 +328,7 @@ class Generations:
         self._patch(scheduler, "set_begin_index", self._new_schedule)
 
     def _new_schedule(self, scheduler: Any) -> None:
-        self.begin(steps_to_run(scheduler), marked=True)
+        self.begin(steps_to_run(scheduler), marked=True, timesteps=timesteps_to_run(scheduler))
 
     def _patch(self, obj: Any, name: str, after: Callable[[Any], None]) -> None:
         """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``unwatch`` unlinks the wrapper."""

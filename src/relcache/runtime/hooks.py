@@ -7,6 +7,8 @@ the module's real output or its forecast. The hooks know the runtime only throug
 
 from __future__ import annotations
 
+import itertools
+import types
 from typing import Any, Protocol
 
 import torch
@@ -18,6 +20,7 @@ from ..models.base import Adapter
 STEP_HOOK = "relcache_step"
 MODULE_HOOK = "relcache_module"
 SHARED_HOOK = "relcache_shared"
+MODULATION_HOOK = "relcache_modulation"
 DEFAULT_CONTEXT = "default"  # the call context when the pipeline sets none
 
 
@@ -65,6 +68,21 @@ def _under_compile() -> bool:
     return get_eval_frame_callback() not in (None, False)
 
 
+def _enter(run: Any, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return run(forward, args, kwargs)
+
+
+_entries = itertools.count()
+
+
+def _own_entry() -> Any:
+    """A copy of ``_enter`` with a code object of its own. dynamo keeps compiled graphs, and counts them against its
+    recompile limit (8), per code object: the frame it compiles under the step hook is this entry, so each enabled
+    transformer (each Wan 2.2 expert too) gets its own graphs and limit instead of sharing one with every other."""
+    code = _enter.__code__.replace(co_name=f"relcache_step_{next(_entries)}")
+    return types.FunctionType(code, _enter.__globals__, code.co_name)
+
+
 @torch.compiler.disable
 def _eagerly(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn`` run without compiling anything it calls (a step that allocates caches)."""
@@ -87,6 +105,7 @@ class StepHook(ModelHook):
         self.host = host
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
         self.new_forward = torch._dynamo.disable(self._step, recursive=False)  # the registry calls new_forward
+        self._enter = _own_entry()  # the frame dynamo compiles: this model's own
 
     def _step(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -96,7 +115,7 @@ class StepHook(ModelHook):
             eager = self._start(forward, args, kwargs, _under_compile())
             if eager:
                 return _eagerly(self.host.run_call, forward, args, kwargs)
-            return self.host.run_call(forward, args, kwargs)
+            return self._enter(self.host.run_call, forward, args, kwargs)
         finally:
             self._end()
 

@@ -1,0 +1,197 @@
+"""Batched modulation: every step's adaLN projections of a generation computed in one product per block.
+
+A DiT-style block turns the step's conditioning (timestep, class or pooled text) into its gates, shifts and scales
+with a projection (DiT-B/2: 768 -> 4608) at every step, cached or not. At small batch each is a matrix-vector
+product that reads the whole weight: on a CPU they were 56-70 % of a cached step (docs/performance.md). Their input
+depends only on the step's timestep and on conditioning that is fixed for the generation, so when the timesteps are
+known up front (a pipeline's scheduler, or ``relcache.begin_generation(..., timesteps=...)``) the first call of a
+generation computes every step's projection in one batched product and each step reads its row.
+
+(choice) Off by default (``relcache.enable(..., batch_modulation=True)``): it is exact up to rounding (a product of
+``T·B`` rows may round differently from ``T`` products of ``B`` rows), not bit-identical. It applies only where it
+cannot change what a step computes:
+
+* only with autograd off, the projection in eval mode, not in the call whose FLOPs relcache measures (it computes
+  everything) and not in a fake-tensor run;
+* only at a call whose step is one of the announced timesteps' and whose conditioning tensors are the table's (the
+  same objects, not modified in place, or equal values) and whose rows have the table's shape: a half-batch
+  CFG-Cache call, a resized batch or a changed label computes the projection as usual;
+* the call's timestep is compared with the announced one at every step. On the CPU that is free and a mismatch
+  computes the projection as usual. On an accelerator it would be a host sync per step, so the comparison is
+  accumulated on the device and read once at the generation's end: a mismatch then raises ``ModulationMismatch``
+  there, naming the fix (announce the timesteps the loop really passes).
+
+FLOPs: the batched product executes what the steps' products would, so the counts are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from diffusers.hooks.hooks import ModelHook
+from torch import nn
+
+from ..models.base import Modulation
+
+
+class ModulationMismatch(RuntimeError):
+    """A step's timestep differed from the announced one while batched modulation served it (on an accelerator,
+    found at the generation's end)."""
+
+
+class ModulationHost(Protocol):
+    """What a projection's hook asks of the runtime."""
+
+    def modulating(self) -> bool:
+        """Whether a transformer call is running normally (not measuring FLOPs, not a fake-tensor run)."""
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, version: int) -> bool:
+    """``a`` is the table's conditioning tensor ``b`` (the same object at the same version) or equal to it."""
+    if a is b and (a.is_inference() or a._version == version):
+        return True
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+
+
+class ModulationTable:
+    """One call context's projections for every announced step of the generation."""
+
+    def __init__(self, rows: list[torch.Tensor], timesteps: torch.Tensor, conditioning: tuple[torch.Tensor, ...],
+                 call_timestep: torch.Tensor) -> None:
+        self.rows = rows  # per projection: (T, B, out)
+        self.timesteps = timesteps  # (T,) on the model's device, in the call's timestep dtype
+        self.lazy = call_timestep.device.type != "cpu"  # accelerators: compare on the device, read at the end
+        self.mismatch = torch.zeros((), dtype=torch.bool, device=call_timestep.device) if self.lazy else None
+        self.index = torch.zeros((), dtype=torch.long, device=call_timestep.device)  # the step, for compiled code
+        for t in (*rows, self.index):  # refilled in place: CUDA graphs read them where they are, never copy them
+            torch._dynamo.mark_static_address(t)
+        self.reset(conditioning)
+
+    def reset(self, conditioning: tuple[torch.Tensor, ...]) -> None:
+        """A new generation's conditioning; its comparisons start afresh."""
+        self.conditioning = conditioning
+        self.versions = [-1 if c.is_inference() else c._version for c in conditioning]
+        if self.mismatch is not None:
+            self.mismatch.zero_()
+
+    def matches(self, step: int, timestep: Any, conditioning: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the call at ``step`` with this timestep and conditioning may read the table."""
+        if not 0 <= step < self.timesteps.shape[0] or len(conditioning) != len(self.conditioning):
+            return False
+        if not all(_same(a, b, v) for a, b, v in zip(conditioning, self.conditioning, self.versions, strict=True)):
+            return False
+        t = torch.as_tensor(timestep, device=self.timesteps.device)
+        same = (t.to(self.timesteps.dtype) == self.timesteps[step]).all()
+        if self.lazy:
+            self.mismatch |= ~same
+        elif not bool(same):
+            return False
+        self.index.fill_(step)
+        return True
+
+    def check(self) -> None:
+        """At the generation's end: raise if a step served lazily (on an accelerator) had another timestep."""
+        if self.mismatch is not None and bool(self.mismatch):
+            raise ModulationMismatch(
+                "relcache: batch_modulation served a step whose timestep was not the announced one, so that "
+                "generation's output used another step's modulation. Announce the timesteps the loop passes "
+                "(relcache.begin_generation(model, num_steps, timesteps=...)) or enable without batch_modulation."
+            )
+
+
+class Modulations:
+    """The tables of one enabled model, per call context, rebuilt each generation."""
+
+    def __init__(self, spec: Modulation) -> None:
+        self.spec = spec
+        self.tables: dict[str, ModulationTable] = {}  # this generation's, per call context
+        self.spare: dict[str, ModulationTable] = {}  # the previous generation's, refilled in place when they fit
+        self.active: ModulationTable | None = None  # the table the running call reads, if any
+        self.step = 0
+        self.served = 0  # projections read from a table (counted eagerly), for tests and analyses
+
+    def start_call(self, context: str, step: int, timesteps: torch.Tensor | None, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> None:
+        """A call of ``context`` at ``step`` of a generation announcing ``timesteps`` (None: unknown) starts."""
+        self.active = None
+        if timesteps is None or torch.is_grad_enabled():
+            return
+        timestep = self.spec.timestep(args, kwargs)
+        if not isinstance(timestep, torch.Tensor):
+            return
+        conditioning = self.spec.conditioning(args, kwargs)
+        table = self.tables.get(context)
+        if table is None:
+            if step != 0 or len(timesteps) == 0:
+                return
+            table = self.tables[context] = self._build(context, timesteps, timestep, conditioning, args, kwargs)
+        if table.matches(step, timestep, conditioning):
+            self.active, self.step = table, step
+
+    @torch.no_grad()
+    def _build(self, context: str, timesteps: torch.Tensor, timestep: torch.Tensor,
+               conditioning: tuple[torch.Tensor, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+               ) -> ModulationTable:
+        """Every announced step's projections, in one product per projection. The previous generation's table of
+        this context is refilled in place where the shapes allow: compiled code then reads the same tensors (no
+        new guards) and a captured graph the same addresses."""
+        ts = timesteps.to(device=timestep.device, dtype=timestep.dtype)
+        inputs = self.spec.inputs(ts, args, kwargs)  # per projection: (T·B, in)
+        rows = [_project(proj, x, len(ts)) for proj, x in zip(self.spec.projections, inputs, strict=True)]
+        old = self.spare.pop(context, None)
+        if (old is not None and old.timesteps.shape == ts.shape and old.timesteps.dtype == ts.dtype
+                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                        for a, b in zip(old.rows, rows, strict=True))):
+            for a, b in zip(old.rows, rows, strict=True):
+                a.copy_(b)
+            old.timesteps.copy_(ts)
+            old.reset(conditioning)
+            return old
+        return ModulationTable(rows, ts, conditioning, timestep)
+
+    def end_call(self) -> None:
+        self.active = None
+
+    def new_generation(self) -> None:
+        """Check the finished generation's deferred comparisons, then drop its tables."""
+        tables, self.tables, self.active = self.tables, {}, None
+        self.spare.update(tables)
+        for table in tables.values():
+            table.check()
+
+    def row(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Projection ``index``'s output at the running step, or None when it must be computed."""
+        table = self.active
+        if table is None:
+            return None
+        rows = table.rows[index]
+        if tuple(rows.shape[1:-1]) != tuple(x.shape[:-1]) or rows.dtype != x.dtype:
+            return None
+        if torch.compiler.is_compiling():  # the step as data: one graph for every step
+            return rows.index_select(0, table.index.reshape(1))[0]
+        self.served += 1
+        return rows[self.step].clone()  # a copy: the caller may write into its output
+
+
+def _project(proj: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
+    out = proj(x)
+    return out.reshape(steps, -1, *out.shape[1:])
+
+
+class ModulationHook(ModelHook):
+    """On one projection: its row of the running step's table instead of the product, where the table applies."""
+
+    def __init__(self, tables: Modulations, index: int, host: ModulationHost) -> None:
+        super().__init__()
+        self.tables = tables
+        self.index = index
+        self.host = host
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if (len(args) != 1 or kwargs or module.training or torch.is_grad_enabled()
+                or (not torch.compiler.is_compiling() and not self.host.modulating())):
+            return forward(*args, **kwargs)
+        out = self.tables.row(self.index, args[0])
+        return forward(*args) if out is None else out

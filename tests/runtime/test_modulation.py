@@ -1,0 +1,217 @@
+"""``enable(..., batch_modulation=True)``: every step's adaLN projections computed at a generation's first call.
+
+Checked on a tiny DiT: outputs equal the per-step products up to rounding, the table serves exactly the calls it may
+(not the FLOP-measured one, not a step whose timestep or labels differ from the announced ones, not a half-batch
+call), a generation of other timesteps rebuilds it, compiled steps read it without a break or a recompilation, and
+bad arguments are refused up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import dit_pipe, tiny_dit
+from families import pixart_pipe
+from torch._dynamo.utils import counters
+
+import relcache
+from relcache import FORA, RFC, CFGCache, ConfigError, TaylorSeer
+from relcache.api import _session
+from relcache.runtime.modulation import ModulationMismatch
+
+STEPS = 8
+LAYERS = 3
+PROJECTIONS = LAYERS + 1  # every block's norm1.linear and the final layer's proj_out_1
+
+
+def _loop(model, timesteps, labels, announced=None, x=None, steps=None):
+    """A DDIM-like loop over ``timesteps``, announcing ``announced`` (default: the same) to relcache."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) if x is None else x
+    relcache.begin_generation(model, timesteps=timesteps if announced is None else announced)
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(timesteps[:steps]):
+            out = model(x, timestep=torch.full((2,), int(t)), class_labels=labels).sample
+            outs.append(out)
+            x = x - 0.05 * out + 0.01 * i
+    return outs
+
+
+def _served(model) -> int:
+    return _session(model).modulation.served
+
+
+TS = [999 - 120 * i for i in range(STEPS)]
+LABELS = torch.tensor([3, 1000])
+
+
+@pytest.mark.parametrize("config", [FORA(1, 1), RFC(threshold=0.3), TaylorSeer(3)], ids=["full", "RFC", "TaylorSeer"])
+def test_outputs_equal_the_per_step_products_up_to_rounding(config):
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, config)
+    plain = _loop(model, TS, LABELS)
+    plain_full = relcache.stats(model).full_steps
+    relcache.disable(model)
+    relcache.enable(model, config, batch_modulation=True)
+    try:
+        first = _loop(model, TS, LABELS)
+        # the first call measures FLOPs computing everything; every later projection reads the table
+        assert _served(model) == (STEPS - 1) * PROJECTIONS
+        second = _loop(model, TS, LABELS)
+        assert _served(model) == (2 * STEPS - 1) * PROJECTIONS
+        assert relcache.stats(model).full_steps == plain_full
+        third = _loop(model, TS, LABELS)
+    finally:
+        relcache.disable(model)
+    for a, b, c, d in zip(plain, first, second, third, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d, c, rtol=0, atol=0)  # the same table, refilled in place: bit-identical
+
+
+def test_the_table_holds_each_steps_projection():
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS)
+        table = _session(model).modulation.tables["default"]
+        block = model.transformer_blocks[1]
+        with torch.no_grad():
+            for i, t in enumerate(TS):
+                emb = block.norm1.emb(torch.full((2,), t), LABELS, hidden_dtype=torch.float32)
+                torch.testing.assert_close(table.rows[1][i], block.norm1.linear(torch.nn.functional.silu(emb)),
+                                           rtol=1e-5, atol=1e-6)
+    finally:
+        relcache.disable(model)
+
+
+def test_steps_that_differ_from_the_announced_ones_compute_their_projections():
+    """On the CPU each step's timestep is compared with the announced one: a step off the announcement, labels
+    changed mid-generation, or a generation without announced timesteps compute as usual."""
+    model = tiny_dit(layers=LAYERS)
+    announced = list(TS)
+    announced[3] += 1  # the loop's step 3 is not the announced step 3
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS, announced=announced)
+        assert _served(model) == (STEPS - 2) * PROJECTIONS  # not step 0 (FLOPs measured), not step 3
+        # other labels than the table's: nothing served
+        before = _served(model)
+        relcache.begin_generation(model, timesteps=TS)
+        with torch.no_grad():
+            x = torch.randn(2, 4, 8, 8)
+            model(x, timestep=torch.full((2,), TS[0]), class_labels=LABELS)
+            model(x, timestep=torch.full((2,), TS[1]), class_labels=torch.tensor([4, 1000]))
+        assert _served(model) == before + PROJECTIONS  # step 0 only
+        # without announced timesteps nothing is tabulated
+        relcache.begin_generation(model, STEPS)
+        with torch.no_grad():
+            model(x, timestep=torch.full((2,), TS[0]), class_labels=LABELS)
+            model(x, timestep=torch.full((2,), TS[1]), class_labels=LABELS)
+        assert _served(model) == before + PROJECTIONS
+    finally:
+        relcache.disable(model)
+
+
+def test_on_an_accelerator_a_mismatch_is_found_at_the_generations_end():
+    """Off the CPU the comparison stays on the device (no host sync per step) and is read once, at the end."""
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS, steps=2)
+        table = _session(model).modulation.tables["default"]
+        table.lazy, table.mismatch = True, torch.zeros((), dtype=torch.bool)  # as on a GPU
+        assert table.matches(2, torch.full((2,), TS[2] + 1), (LABELS,))  # served, to be checked later
+        with pytest.raises(ModulationMismatch, match="announced"):
+            relcache.begin_generation(model, timesteps=TS)
+    finally:
+        relcache.disable(model)
+
+
+def test_a_pipeline_announces_its_schedulers_timesteps():
+    pipe = dit_pipe()
+    pipe.scheduler.set_timesteps(STEPS)  # warm the pipeline: the same calls below
+    relcache.enable(pipe, FORA(2), batch_modulation=True)
+    try:
+        got = pipe(class_labels=[3], num_inference_steps=STEPS, guidance_scale=4.0,
+                   generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert _served(pipe.transformer) == (STEPS - 1) * PROJECTIONS
+    finally:
+        relcache.disable(pipe)
+    relcache.enable(pipe, FORA(2))
+    try:
+        ref = pipe(class_labels=[3], num_inference_steps=STEPS, guidance_scale=4.0,
+                   generator=torch.Generator().manual_seed(0), output_type="np").images
+    finally:
+        relcache.disable(pipe)
+    assert abs(got - ref).max() < 1e-4
+
+
+def test_half_batch_calls_of_cfg_cache_compute_their_projections():
+    config = dataclasses.replace(FORA(2), cfg_cache=CFGCache(interval=3))
+    model = tiny_dit(layers=LAYERS)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    relcache.enable(model, config, batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS, x=torch.cat([x, x]))
+        skipped = relcache.stats(model).uncond_skipped
+        assert skipped > 0
+        assert _served(model) == (STEPS - 1 - skipped) * PROJECTIONS
+    finally:
+        relcache.disable(model)
+
+
+def test_compiled_steps_read_the_table_without_a_break_or_a_recompilation():
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(3), batch_modulation=True)
+    eager = _loop(model, TS, LABELS)
+    relcache.disable(model)
+    compiled = torch.compile(model, backend=backend)
+    relcache.enable(compiled, FORA(3), batch_modulation=True)
+    try:
+        first = _loop(compiled, TS, LABELS)
+        after_first = len(graphs)
+        second = _loop(compiled, TS, LABELS)
+        # a generation of other timesteps refills the same table in place: nothing new to compile
+        _loop(compiled, [t - 7 for t in TS], LABELS)
+        # the compiled graphs index the table: no projection of the weights in them
+        linears = [str(n.args[1]) for g in graphs for n in g.graph.nodes
+                   if n.op == "call_function" and n.target is torch._C._nn.linear]
+        assert linears and not any("proj_out_1" in w or "norm1_modules_linear" in w for w in linears)
+    finally:
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    assert len(counters["graph_break"]) == 1 and "StepHook._step" in next(iter(counters["graph_break"]))
+    assert after_first == len(graphs) and 2 <= after_first <= 8
+    for a, b, c in zip(eager, first, second, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_refused_before_any_work():
+    model = tiny_dit(layers=LAYERS)
+    with pytest.raises(ConfigError, match="batch_modulation must be True or False"):
+        relcache.enable(model, FORA(2), batch_modulation="yes")
+    pixart = pixart_pipe()
+    with pytest.raises(ConfigError, match="batch_modulation=True.*DiT"):
+        relcache.enable(pixart, FORA(2), batch_modulation=True)
+    relcache.enable(model, FORA(2), batch_modulation=True)
+    try:
+        with pytest.raises(ConfigError, match="timesteps must be a non-empty 1-D"):
+            relcache.begin_generation(model, timesteps=[[1, 2]])
+        with pytest.raises(ConfigError, match="num_steps .* must equal len"):
+            relcache.begin_generation(model, 3, timesteps=[3, 2])
+        with pytest.raises(ConfigError, match="timesteps must be"):
+            relcache.begin_generation(model, timesteps="abc")
+    finally:
+        relcache.disable(model)
