@@ -255,7 +255,9 @@ def main() -> None:
     info = {
         "command": f"python scripts/train_reference.py --steps {step} --batch-size {args.batch_size} "
         + f"--lr {args.lr} --schedule {args.schedule} --seed {args.seed}"
+        + (f" --shift-aug {args.shift_aug}" if args.shift_aug else "")
         + ("" if args.bf16 else " --no-bf16"),
+        "shift_aug": args.shift_aug,
         "steps_done": step,
         "params": n_params,
         "train_wall_time_s": round(wall, 1),

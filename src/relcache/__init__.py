@@ -30,6 +30,7 @@ from .methods import (
     Taylor,
     TaylorSeer,
 )
+from .methods.config import RFCPlus  # issue 19: beyond the paper (methods/plus.py)
 from .models import CustomAdapter
 from .runtime import CacheStats, ContextStats
 
@@ -41,3 +42,4 @@ __all__ = [
     "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
     "UnsupportedModelError", "begin_generation", "cached", "disable", "enable", "is_enabled", "stats",
 ]
+__all__ += ["RFCPlus"]

@@ -195,3 +195,24 @@ def FasterCache(  # noqa: N802
         predictor, schedule, modules=("attn",), cfg_cache=cfg_cache if cfg else None,
         name=f"FasterCache(N={schedule.interval})",
     )
+
+
+def RFCPlus(  # noqa: N802
+    order: int = 2,
+    threshold: float | None = None,
+    target_nfc: int | None = None,
+    warmup: int = 2,
+    max_skip: int | None = None,
+) -> CacheConfig:
+    """RFC+ (ours, issue 19; not the paper's): RFC's schedule (RCS, unchanged) with ``RelationalPlus(order)``, RFE whose
+    direction is the Newton-form forecast (exact on polynomials for RCS's uneven gaps) and whose ratio ``s`` is
+    forecast from its trend (``relcache.methods.plus``; measured in docs/results.md, "RFC+").
+
+    Same arguments and budget rules as ``RFC``: give exactly one of ``threshold`` and ``target_nfc``.
+    """
+    from .plus import RelationalPlus
+
+    order = check_int("order", order, 1, MAX_ORDER)
+    schedule = InputError(threshold=threshold, target_nfc=target_nfc, order=order, warmup=warmup, max_skip=max_skip)
+    budget = f"NFC={schedule.target_nfc}" if target_nfc is not None else f"tau={schedule.threshold:g}"
+    return CacheConfig(RelationalPlus(order), schedule, name=f"RFC+({budget}, m={order})")

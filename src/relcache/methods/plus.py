@@ -1,0 +1,204 @@
+"""Beyond the paper (issue 19): pieces that extend RFC where it is weakest, at low budgets.
+
+* ``NewtonHistory``: divided differences in Newton's form, ``D_j(a) = (D_{j-1}(a) - D_{j-1}(b)) / (t_a - t_{a-j})``,
+  and the forecast ``X(a+k) = D_0 + k (D_1 + (k + G_1)(D_2 + (k + G_2)(D_3 + ...)))`` with ``G_j = t_a - t_{a-j}``:
+  exact on polynomials of its order for any gaps between full steps (RCS makes them uneven). The spec's Taylor
+  form (``DiffHistory``) divides every order by the latest gap and weights by ``k^j / j!``, which is exact only
+  at order 1.
+* ``Newton``: TaylorSeer's predictor with the Newton-form forecast.
+* ``RelationalPlus``: RFE with the Newton-form direction and, optionally, a forecast of the ratio ``s`` from its
+  own history instead of its latest value (``ratio="trend"``: its first difference, extrapolated from the middle
+  of the interval it was measured over to the middle of the forecast interval).
+* ``NewtonInputError``: RCS whose probe forecast is in Newton's form.
+
+The preset ``relcache.RFCPlus`` names the pair kept after measuring (docs/spec.md, §Beyond the paper;
+docs/results.md, "RFC+"): better than RFC on the shipped reference model (0.80-0.85x its rel L1), worse on the second
+one (1.05-1.16x), so an opt-in experiment. The paper's RFC (``Relational`` x ``InputError``) is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from .history import DiffHistory, Reducer, per_sample, sample_norm
+from .predictors import PredictorState, Relational, Taylor
+from .schedules import InputError, InputErrorState
+from .storage import CacheStorage, store
+
+#: how ``RelationalPlus`` forecasts the ratio ``s``
+RATIO_MODES = ("latest", "trend", "mean")
+
+
+class NewtonHistory(DiffHistory):
+    """Newton divided differences ``D_0 .. D_m`` of one tensor sequence, taken at full steps (uneven gaps allowed).
+
+    Same interface as ``DiffHistory`` (``update(value, gap)``, ``base``, ``direction(row)``, ``taylor(row)``);
+    ``gaps`` keeps the latest ``m`` gaps (0-d tensors, newest first) that the spans ``G_j`` are sums of.
+    """
+
+    __slots__ = ("gaps",)
+
+    def __init__(self, max_order: int, dtype: torch.dtype | CacheStorage | None = None) -> None:
+        super().__init__(max_order, dtype)
+        self.gaps: list[torch.Tensor] = []
+
+    def update(self, value: torch.Tensor, gap: torch.Tensor | None) -> None:
+        """Record ``value`` observed at a full step ``gap`` steps after the previous record (None: the first)."""
+        new = [value]
+        if gap is not None and self.diffs and self.diffs[0].shape == value.shape:
+            gaps = [gap, *self.gaps][: self.max_order]
+            span = gap
+            for j in range(1, self.max_order + 1):
+                if j - 1 >= len(self.diffs):
+                    break
+                if j > 1:
+                    span = span + gaps[j - 1]  # t_a - t_{a-j}
+                new.append((new[j - 1] - self.get(j - 1, value.dtype)) / span)
+            self.gap, self.gaps = gap, gaps
+        else:  # first record, or the shape changed: start over
+            self.gap, self.gaps = None, []
+        st = self.storage
+        self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale) for j, d in enumerate(new)]
+
+    def direction(self, row: torch.Tensor, like: torch.dtype) -> torch.Tensor | None:
+        """``u`` with ``k · u`` the Newton increment, or None while only ``D_0`` exists.
+
+        Horner form ``u = D_1 + (k + G_1)(D_2 + (k + G_2)(D_3 + ...))``, ``k = row[0]``. At order 1 ``u`` is ``D_1``
+        itself: check ``is_stored`` before writing into it.
+        """
+        m = len(self.diffs) - 1
+        if m < 1:
+            return None
+        k = row[0]
+        u = self.get(m, like)
+        for j in range(m - 1, 0, -1):  # u <- D_j + (k + G_j) · u
+            u = torch.addcmul(self.get(j, like), k + sum(self.gaps[1:j], self.gaps[0]), u)
+        return u
+
+
+def _newton_state(order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None) -> PredictorState:
+    state = PlusState(order, dtype, reducer)
+    state.out = NewtonHistory(order, dtype)
+    return state
+
+
+class PlusState(PredictorState):
+    """``PredictorState`` plus the previous ratio ``s(b)`` and the two gaps the ratios were measured over."""
+
+    __slots__ = ("ratio_prev", "ratio_gaps")
+
+    def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
+        super().__init__(order, dtype, reducer)
+        self.ratio_prev: torch.Tensor | None = None  # s(b), per sample
+        self.ratio_gaps: tuple[torch.Tensor, torch.Tensor] | None = None  # (a - b, b - c)
+
+
+@dataclass(frozen=True)
+class Newton(Taylor):
+    """TaylorSeer's predictor with the Newton-form forecast (``NewtonHistory``): exact on polynomials of degree
+    ``order`` whatever the gaps between full steps."""
+
+    def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
+                  ) -> PredictorState:
+        return _newton_state(self.order, dtype, reducer)
+
+
+@dataclass(frozen=True)
+class RelationalPlus(Relational):
+    """RFE with a Newton-form direction (``newton``) and a forecast ratio (``ratio``).
+
+    ``Ô(i) = O(a) + ŝ · ‖I(i) - I(a)‖ · u / ‖u‖``, ``u`` the Newton (or, with ``newton=False``, Taylor) direction.
+    ``ratio``: ``"latest"`` (RFE: ``ŝ = s(a)``), ``"mean"`` (``(s(a) + s(b)) / 2``) or ``"trend"``
+    (``ŝ = s(a) + (s(a) - s(b)) · (N_a + k) / (N_a + N_b)``: ``s(a)`` belongs to the middle of ``[b, a]``, ``s(b)`` to
+    that of ``[c, b]``, and the forecast to that of ``[a, i]``), with ``ŝ`` clipped to ``[s(a) / clip, s(a) · clip]``.
+    (choice) Where ``s(b)`` is missing or ``ŝ`` is not finite, ``ŝ = s(a)``; the rest of RFE's fallbacks are as in
+    ``Relational``.
+    """
+
+    order: int = 2
+    newton: bool = True
+    ratio: str = "trend"
+    clip: float = 2.0
+    uses_input: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.newton, bool):
+            raise ConfigError(f"newton must be True or False, got {self.newton!r}")
+        if self.ratio not in RATIO_MODES:
+            raise ConfigError(f"ratio must be one of {', '.join(map(repr, RATIO_MODES))}, got {self.ratio!r}")
+        if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip >= 1):
+            raise ConfigError(f"clip must be a number >= 1, got {self.clip!r}")
+
+    def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
+                  ) -> PredictorState:
+        if self.newton:
+            return _newton_state(self.order, dtype, reducer)
+        return PlusState(self.order, dtype, reducer)
+
+    def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
+        prev, prev_gap = state.ratio, state.out.gap
+        super().record(state, inp, out, gap)
+        if isinstance(state, PlusState):
+            ok = prev is not None and gap is not None and prev_gap is not None and state.out.gap is not None
+            state.ratio_prev = prev if ok else None
+            state.ratio_gaps = (gap, prev_gap) if ok else None
+
+    def forecast_ratio(self, state: PredictorState, row: torch.Tensor) -> torch.Tensor | None:
+        """``ŝ`` per sample for the step whose row is ``row`` (None while ``s(a)`` is unknown)."""
+        s = state.ratio
+        prev = getattr(state, "ratio_prev", None)
+        if s is None or prev is None or self.ratio == "latest":
+            return s
+        if self.ratio == "mean":
+            est = 0.5 * (s + prev)
+        else:
+            n_a, n_b = state.ratio_gaps
+            est = s + (s - prev) * ((n_a + row[0]) / (n_a + n_b)).to(s.dtype)
+        est = torch.where(est * 0 == 0, est, s)  # before the clip, which would turn an infinite trend finite
+        return torch.minimum(torch.maximum(est, s / self.clip), s * self.clip)
+
+    def _finish(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, u: torch.Tensor | None,
+                norms: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        hist = state.out
+        base = hist.base(inp.dtype)
+        s = self.forecast_ratio(state, row)
+        if u is None or s is None:
+            return base if u is None else torch.addcmul(base, row[0], u)
+        if norms is not None:
+            coef = s * norms[0] / norms[1]
+        else:
+            coef = s * sample_norm(inp - state.input(inp.dtype)) / sample_norm(u)
+        coef = torch.where(coef * 0 == 0, coef, row[0])  # RFE's fallback: the plain forecast base + k · u
+        if (torch.is_grad_enabled() and (u.requires_grad or coef.requires_grad or base.requires_grad)
+                or hist.is_stored(u)):
+            return torch.addcmul(base, per_sample(coef, u), u)
+        return torch.addcmul(base, per_sample(coef, u), u, out=u)
+
+
+@dataclass(frozen=True)
+class NewtonInputError(InputError):
+    """RCS (``InputError``, same arguments and budget rules) whose probe forecast is in Newton's form."""
+
+    def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> InputErrorState:
+        state = super().new_state(num_steps, reducer)
+        state.history = NewtonHistory(self.order)
+        return state
+
+    def release(self, state: InputErrorState) -> None:
+        state.history = NewtonHistory(self.order)
+
+
+def newton_forecast(values: Sequence[torch.Tensor], times: Sequence[float], t: float, order: int) -> torch.Tensor:
+    """The Newton-form forecast at time ``t`` from ``values`` observed at increasing ``times`` (for tests and
+    analyses): ``NewtonHistory`` fed in order."""
+    hist = NewtonHistory(order)
+    for j, (v, ti) in enumerate(zip(values, times, strict=True)):
+        hist.update(v, None if j == 0 else torch.tensor(float(ti - times[j - 1])))
+    k = float(t - times[-1])
+    return hist.taylor(torch.tensor([k]), values[-1].dtype)

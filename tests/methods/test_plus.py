@@ -1,0 +1,168 @@
+"""RFC+ pieces (issue 19) against hand-computed values: the Newton-form forecast, the forecast ratio, the preset."""
+
+import pytest
+import torch
+from conftest import run_loop, tiny_dit
+
+import relcache
+from relcache import RFC, ConfigError, InputError, RFCPlus
+from relcache.methods.history import DiffHistory, step_row
+from relcache.methods.plus import Newton, NewtonHistory, NewtonInputError, RelationalPlus, newton_forecast
+
+
+def _quadratic(t: float) -> torch.Tensor:
+    return torch.tensor([[3.0 - 2.0 * t + 0.5 * t * t]], dtype=torch.float64)
+
+
+def test_newton_form_is_exact_on_a_quadratic_with_uneven_gaps_where_the_spec_taylor_form_is_not():
+    # f(t) = 3 - 2t + t^2/2 at t = 0, 1, 5 (gaps 1 and 4); f(8) = 19.
+    # Newton: D1(b) = -1.5, D1(a) = (5.5 - 1.5) / 4 = 1, D2 = (1 + 1.5) / (4 + 1) = 0.5;
+    #   f(5 + 3) = 5.5 + 3 (1 + (3 + 4) 0.5) = 19.
+    # spec Taylor: D2 = (1 + 1.5) / 4 = 0.625; 5.5 + 3 + 0.625 * 9 / 2 = 11.3125.
+    ts = [0, 1, 5]
+    assert newton_forecast([_quadratic(t) for t in ts], ts, 8, 2).item() == pytest.approx(19.0, abs=1e-12)
+    hist = DiffHistory(2)
+    for j, t in enumerate(ts):
+        hist.update(_quadratic(t), None if j == 0 else torch.tensor(float(t - ts[j - 1]), dtype=torch.float64))
+    assert hist.taylor(torch.tensor(step_row(3), dtype=torch.float64), torch.float64).item() == pytest.approx(11.3125)
+    newton = NewtonHistory(2)
+    for j, t in enumerate(ts):
+        newton.update(_quadratic(t), None if j == 0 else torch.tensor(float(t - ts[j - 1]), dtype=torch.float64))
+    assert [d.item() for d in newton.diffs] == pytest.approx([5.5, 1.0, 0.5])
+
+
+def test_newton_form_is_exact_on_a_cubic_at_order_3_and_keeps_only_the_latest_gaps():
+    def cubic(t):
+        return torch.tensor([[1.0 + t - 0.3 * t**2 + 0.05 * t**3]], dtype=torch.float64)
+
+    ts = [0, 1, 5, 9, 11, 16]  # six records: the forecast uses the last four (gaps 4, 2, 5)
+    for t in (17, 20, 27):
+        assert newton_forecast([cubic(s) for s in ts], ts, t, 3).item() == pytest.approx(cubic(t).item(), rel=1e-12)
+    hist = NewtonHistory(3)
+    for j, t in enumerate(ts):
+        hist.update(cubic(t), None if j == 0 else torch.tensor(float(t - ts[j - 1]), dtype=torch.float64))
+    assert [g.item() for g in hist.gaps] == [5.0, 2.0, 4.0]
+    assert hist.diffs[3].item() == pytest.approx(0.05)  # the cubic's leading coefficient
+
+
+def test_newton_order_1_equals_the_spec_taylor_form():
+    ts = [0, 1, 5]
+    values = [_quadratic(t) for t in ts]
+    newton, taylor = NewtonHistory(1), DiffHistory(1)
+    for j, t in enumerate(ts):
+        gap = None if j == 0 else torch.tensor(float(t - ts[j - 1]), dtype=torch.float64)
+        newton.update(values[j], gap)
+        taylor.update(values[j], gap)
+    row = torch.tensor(step_row(3), dtype=torch.float64)
+    assert torch.equal(newton.taylor(row, torch.float64), taylor.taylor(row, torch.float64))
+    assert newton.taylor(row, torch.float64).item() == pytest.approx(5.5 + 3 * 1.0)
+
+
+def test_newton_predictor_matches_the_history_and_restarts_on_a_new_shape():
+    pred = Newton(2)
+    state = pred.new_state()
+    for t in (0, 1, 5):
+        pred.update(state, t, _quadratic(t), _quadratic(t))
+    assert pred.predict(state, 8, 50, _quadratic(8)).item() == pytest.approx(19.0)
+    pred.update(state, 9, torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64))
+    assert state.out.order == 0 and state.out.gaps == []
+
+
+def _fed(pred, steps, inputs, outputs):
+    state = pred.new_state()
+    for t, i, o in zip(steps, inputs, outputs, strict=True):
+        pred.update(state, t, torch.tensor([[i]], dtype=torch.float64), torch.tensor([[o]], dtype=torch.float64))
+    return state
+
+
+@pytest.mark.parametrize("ratio,clip,expected", [
+    # s(b) = (1 - 0) / (1 - 0) = 1 over [0, 2]; s(a) = (3 - 1) / (2 - 1) = 2 over [2, 6]; order 1: u = (3 - 1) / 4 > 0;
+    # at step 8 (k = 2) with input 4: |I - I(a)| = 2, so the forecast is 3 + 2 s.
+    ("latest", 2.0, 3 + 2 * 2.0),                       # RFE: s = 2
+    ("mean", 2.0, 3 + 2 * 1.5),                         # (2 + 1) / 2
+    ("trend", 2.0, 3 + 2 * 3.0),                        # 2 + (2 - 1) (4 + 2) / (4 + 2) = 3
+    ("trend", 1.2, 3 + 2 * 2.4),                        # clipped to 2 * 1.2
+])
+def test_forecast_ratio_hand_computed(ratio, clip, expected):
+    pred = RelationalPlus(1, newton=False, ratio=ratio, clip=clip)
+    state = _fed(pred, [0, 2, 6], [0.0, 1.0, 2.0], [0.0, 1.0, 3.0])
+    assert state.ratio.item() == pytest.approx(2.0) and state.ratio_prev.item() == pytest.approx(1.0)
+    assert [g.item() for g in state.ratio_gaps] == [4.0, 2.0]
+    got = pred.predict(state, 8, 50, torch.tensor([[4.0]], dtype=torch.float64))
+    assert got.item() == pytest.approx(expected)
+
+
+def test_trend_ratio_grows_with_k_and_falls_back_to_the_latest_ratio():
+    pred = RelationalPlus(1, newton=False, ratio="trend", clip=10.0)
+    state = _fed(pred, [0, 2, 6], [0.0, 1.0, 2.0], [0.0, 1.0, 3.0])
+    # k = 5: s = 2 + (5 + 4) / 6 = 3.5; |I - I(a)| = 1 -> 3 + 3.5
+    assert pred.predict(state, 11, 50, torch.tensor([[3.0]], dtype=torch.float64)).item() == pytest.approx(6.5)
+    # only two records: s(b) unknown, so the latest ratio (RFE): s(a) = 1 -> 1 + 1 * |3 - 1|
+    two = _fed(pred, [0, 2], [0.0, 1.0], [0.0, 1.0])
+    assert two.ratio_prev is None
+    assert pred.predict(two, 4, 50, torch.tensor([[3.0]], dtype=torch.float64)).item() == pytest.approx(3.0)
+    # a non-finite trend (s(b) infinite: the input did not move over [0, 2]) falls back to s(a) = 2
+    inf = _fed(pred, [0, 2, 6], [0.0, 0.0, 1.0], [0.0, 1.0, 3.0])
+    assert torch.isinf(inf.ratio_prev).all()
+    assert pred.predict(inf, 8, 50, torch.tensor([[3.0]], dtype=torch.float64)).item() == pytest.approx(3 + 2 * 2)
+
+
+def test_relational_plus_latest_ratio_taylor_direction_is_rfe_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 5, 3, generator=g) for _ in range(4)]
+    ys = [torch.randn(2, 5, 3, generator=g) for _ in range(4)]
+    rfe, plus = relcache.Relational(2), RelationalPlus(2, newton=False, ratio="latest")
+    sa, sb = rfe.new_state(), plus.new_state()
+    for t, x, y in zip([0, 1, 4, 6], xs, ys, strict=True):
+        rfe.update(sa, t, x, y)
+        plus.update(sb, t, x, y)
+    probe = torch.randn(2, 5, 3, generator=g)
+    assert torch.equal(rfe.predict(sa, 9, 50, probe), plus.predict(sb, 9, 50, probe))
+
+
+def test_newton_rcs_sees_no_error_on_a_quadratic_probe_where_rcs_does():
+    # probes q(i) = 1 + 0.1 i + 0.02 i^2: after full steps 0, 1, 2 (step 2: the order-1 forecast misses), the
+    # Newton forecast is exact, while the spec's Taylor form misses by the Newton term (-D2 N k / 2 per step)
+    probes = [torch.full((2, 4), 1.0 + 0.1 * i + 0.02 * i * i, dtype=torch.float64) for i in range(12)]
+    newton, plain = NewtonInputError(threshold=1e-9), InputError(threshold=1e-9)
+    sn, sp = newton.new_state(12), plain.new_state(12)
+    full_n = [i for i, p in enumerate(probes) if newton.decide(sn, i, p)]
+    full_p = [i for i, p in enumerate(probes) if plain.decide(sp, i, p)]
+    assert full_n == [0, 1, 2]
+    assert max(sn.errors[i] for i in range(3, 12)) < 1e-12
+    assert full_p == list(range(12))
+    assert isinstance(sn.history, NewtonHistory)
+    newton.release(sn)
+    assert isinstance(sn.history, NewtonHistory) and not sn.history.ready
+
+
+@pytest.mark.parametrize("target", [3, 5])
+def test_rfcplus_meets_the_target_nfc_on_a_tiny_dit(target):
+    model = tiny_dit()
+    x, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    full = run_loop(model, x, labels, steps=12)
+    with relcache.cached(model, RFCPlus(target_nfc=target)):
+        outs = run_loop(model, x, labels, steps=12)
+        stats = relcache.stats(model)
+    assert stats.nfc == target and stats.full_steps[:2] == [0, 1]
+    assert torch.equal(outs[0], full[0]) and all(torch.isfinite(o).all() for o in outs)
+    assert stats.method.startswith(f"RFC+(NFC={target}, m=2)")
+
+
+def test_rfcplus_takes_rfcs_arguments_and_rejects_what_rfc_rejects():
+    cfg = RFCPlus(order=3, threshold=0.2, warmup=3, max_skip=4)
+    assert type(cfg.schedule) is InputError and cfg.predictor == RelationalPlus(3, newton=True, ratio="trend", clip=2.0)
+    assert (cfg.predictor.order, cfg.schedule.order, cfg.schedule.threshold, cfg.schedule.warmup,
+            cfg.schedule.max_skip) == (3, 3, 0.2, 3, 4)
+    assert cfg.name == "RFC+(tau=0.2, m=3)"
+    for kwargs in ({}, {"threshold": 0.1, "target_nfc": 10}, {"threshold": -0.1}, {"order": 0, "threshold": 0.1},
+                   {"threshold": 0.1, "max_skip": 0}, {"target_nfc": 1}):
+        with pytest.raises(ConfigError) as plus_err:
+            RFCPlus(**kwargs)
+        with pytest.raises(ConfigError) as rfc_err:
+            RFC(**kwargs)
+        assert str(plus_err.value) == str(rfc_err.value)
+    with pytest.raises(ConfigError, match=r"ratio must be one of 'latest', 'trend', 'mean', got 'last'"):
+        RelationalPlus(2, ratio="last")
+    with pytest.raises(ConfigError, match=r"clip must be a number >= 1, got 0.5"):
+        RelationalPlus(2, clip=0.5)
