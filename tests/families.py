@@ -306,7 +306,7 @@ class LoopPipeline:
                 scope = getattr(self.transformer, "cache_context", None)  # absent without diffusers' CacheMixin
                 with scope(ctx) if scope else contextlib.nullcontext():
                     out = self.transformer(**self.inputs(latents, t.expand(latents.shape[0]), ctx), return_dict=False)
-                preds.append(self.output(out[0]))
+                preds.append(self.output(out if isinstance(out, torch.Tensor) else out[0]))  # Kandinsky 5: a tensor
             pred = preds[0] if len(preds) == 1 else preds[1] + 3.0 * (preds[0] - preds[1])  # true CFG, scale 3
             latents = self.scheduler.step(pred, t, latents).prev_sample
         self.maybe_free_model_hooks()
@@ -602,6 +602,104 @@ def qwen_image21_pipe() -> LoopPipeline:
         img_shapes=[[(1, 2, 2)]], img_mask=img_mask), (1, 4, 4), output=lambda out: out[:, -4:])
 
 
+def wan_animate_pipe() -> LoopPipeline:
+    """Wan-Animate-like: 2 latent frames + the reference frame (4 channels, 8 channels of conditioning), pose latents,
+    5 face frames (16x16 pixels, motion encoder) through 1 face adapter; 4 CLIP image tokens, 6 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, image_dim=8,
+        rope_max_seq_len=32, motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8}, motion_encoder_size=16,
+        motion_style_dim=8, motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=2)
+    text, image = randn(1, 6, 16), randn(1, 4, 8, seed=2)
+    cond, pose, face = randn(1, 8, 3, 4, 4, seed=3), randn(1, 4, 2, 4, 4, seed=4), randn(1, 3, 5, 16, 16, seed=5)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, cond], 1), timestep=t, encoder_hidden_states=text,
+        encoder_hidden_states_image=image, pose_hidden_states=pose, face_pixel_values=face), (1, 4, 3, 4, 4))
+
+
+def framepack_pipe() -> LoopPipeline:
+    """HunyuanVideo Framepack-like: 2 latent frames of 4x4 (patch 2), the clean and history latents and image tokens
+    of the previous sections."""
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True)
+    text, mask, pooled, image = randn(1, 6, 16), torch.ones(1, 6), randn(1, 8, seed=2), randn(1, 4, 16, seed=3)
+    clean, h2, h4 = randn(1, 4, 1, 4, 4, seed=4), randn(1, 4, 1, 4, 4, seed=5), randn(1, 4, 4, 4, 4, seed=6)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
+        pooled_projections=pooled, guidance=torch.full_like(t, 6000.0), image_embeds=image,
+        indices_latents=torch.arange(1, 3), latents_clean=clean, indices_latents_clean=torch.zeros(1),
+        latents_history_2x=h2, indices_latents_history_2x=torch.full((1,), 3), latents_history_4x=h4,
+        indices_latents_history_4x=torch.arange(4, 8)), (1, 4, 2, 4, 4))
+
+
+def minimax_h3_pipe() -> LoopPipeline:
+    """MiniMax-H3-like: one packed sequence of 4 text, 2 audio (fixed) and 32 video rows (the latents, 16 channels)."""
+    torch.manual_seed(0)
+    model = diffusers.MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1, ffn_dim=32,
+        in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=8, freq_dim=8, time_embed_hidden_dim=24,
+        time_embed_dim=16, rope_freq_dim=2)
+    text, audio = randn(1, 4, 8), randn(1, 2, 6, seed=2)
+    tags = torch.tensor([1] * 4 + [2] * 2 + [0] * 32)
+    pos = torch.zeros(38, 3)
+    pos[:, 0] = torch.arange(38.0)
+    pos[6:, 1], pos[6:, 2] = torch.arange(32.0) // 4 % 4, torch.arange(32.0) % 4
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, audio_hidden_states=audio, encoder_hidden_states=text, timestep=t / 1000,
+        timestep_indices=torch.zeros(38, dtype=torch.long), token_tags=tags, position_ids=pos,
+        video_indices=torch.arange(6, 38), audio_indices=torch.arange(4, 6), text_indices=torch.arange(4)),
+        (1, 32, 16))
+
+
+def ace_step_pipe() -> LoopPipeline:
+    """ACE-Step-like (audio): 8 latent frames of 8 channels, 8 frames of context latents, 10 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.AceStepTransformer1DModel(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, in_channels=24, audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=16)
+    text, context = randn(1, 10, 32), randn(1, 8, 16, seed=2)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timestep=t / 1000, timestep_r=t / 1000, encoder_hidden_states=text,
+        context_latents=context), (1, 8, 8))
+
+
+def unzero(model: torch.nn.Module, cls_suffix: str, std: float = 0.2) -> torch.nn.Module:
+    """``model`` with the linear layers inside its ``*<cls_suffix>`` modules drawn at random (seeded): diffusers
+    zero-initialises some modulation tables, whose blocks would then add nothing, so caching could not change the
+    output."""
+    gen = torch.Generator().manual_seed(7)
+    for module in model.modules():
+        if type(module).__name__.endswith(cls_suffix):
+            for lin in (m for m in module.modules() if isinstance(m, torch.nn.Linear)):
+                with torch.no_grad():
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * std)
+                    if lin.bias is not None:
+                        lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen) * std)
+    return model
+
+
+def kandinsky5_pipe() -> LoopPipeline:
+    """Kandinsky 5-like: 2 latent frames of 4x4 (4 channels, channels last), 6 text tokens through the text blocks,
+    true CFG as separate calls."""
+    torch.manual_seed(0)
+    model = diffusers.Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 2, 2))
+    unzero(model, "Modulation")  # zero-initialised: the blocks would add nothing
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    pooled = randn(1, 8, seed=3)
+    rope = [torch.arange(2), torch.arange(2), torch.arange(2)]
+    return LoopPipeline(model, lambda x, t, ctx: dict(
+        hidden_states=x, encoder_hidden_states=text[ctx], pooled_projections=pooled, timestep=t / 1000,
+        visual_rope_pos=rope, text_rope_pos=torch.arange(6)), (1, 2, 4, 4, 4), ("cond", "uncond"))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -643,4 +741,9 @@ CASES = {
     "glm_image": Case(glm_image_pipe, no_kwargs, ("cond",)),
     "helios": Case(helios_pipe, no_kwargs, ("cond",)),
     "qwen_image21": Case(qwen_image21_pipe, no_kwargs, ("cond",)),
+    "wan_animate": Case(wan_animate_pipe, no_kwargs, ("cond",)),
+    "framepack": Case(framepack_pipe, no_kwargs, ("cond",)),
+    "minimax_h3": Case(minimax_h3_pipe, no_kwargs, ("cond",)),
+    "ace_step": Case(ace_step_pipe, no_kwargs, ("cond",)),
+    "kandinsky5": Case(kandinsky5_pipe, no_kwargs, ("cond", "uncond")),
 }

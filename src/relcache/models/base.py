@@ -205,6 +205,13 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "single_stream_img_mlp": (Slot("attn", "attn"), Slot("img_mlp", "mlp")),
     # self-attention and feed-forward named ``attn`` and ``feed_forward`` (Lumina2)
     "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),
+    # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence)
+    "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
+    # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
+    "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),
+    # the same named ``self_attention``, ``cross_attention``, ``feed_forward`` (Kandinsky 5's visual blocks)
+    "self_cross_feed_forward": (Slot("self_attention", "attn"), Slot("cross_attention", "cross_attn"),
+                                Slot("feed_forward", "mlp")),
 }
 
 

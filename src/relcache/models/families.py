@@ -102,6 +102,25 @@ ROWS = (
     # Wan VACE: every VACE block runs first (on the control latents, producing the hints), then the Wan blocks
     ModelRow("Wan VACE", "WanVACEPipeline", ("WanVACETransformer3DModel",),
              (Blocks("vace_blocks", "cross_attn_ffn"), Blocks("blocks", "cross_attn_ffn"))),
+    # Wan-Animate: Wan blocks on the video+pose tokens (attn2 sees the text and the reference image's CLIP tokens);
+    # the face adapters between blocks (cross-attention to the face motion) run at every step
+    ModelRow("Wan-Animate", "WanAnimatePipeline", ("WanAnimateTransformer3DModel",),
+             (Blocks("blocks", "cross_attn_ffn"),)),
+    # HunyuanVideo Framepack: HunyuanVideo's blocks; the clean and history latents of earlier sections are extra
+    # tokens prepended to the video stream, so the modules see them
+    ModelRow("HunyuanVideo Framepack", "HunyuanVideoFramepackPipeline", ("HunyuanVideoFramepackTransformer3DModel",),
+             (Blocks("transformer_blocks", "double_stream"),
+              Blocks("single_transformer_blocks", "single_stream_joint"))),
+    # MiniMax-H3: one packed text+audio+video sequence per block, attn and ff on its modulated norm; the token
+    # refiner (text only) runs at every step
+    ModelRow("MiniMax-H3", "MiniMaxH3ModularPipeline", ("MiniMaxH3Transformer3DModel",),
+             (Blocks("transformer_blocks", "attn_ff"),)),
+    # ACE-Step (music): self-attention and MLP on the modulated norms, cross-attention to the text on a plain norm
+    ModelRow("ACE-Step", "AceStepPipeline", ("AceStepTransformer1DModel",), (Blocks("layers", "self_cross_mlp"),)),
+    # Kandinsky 5: the visual blocks only; the text blocks (text tokens, modulated by the timestep) run at every step
+    ModelRow("Kandinsky 5",
+             "Kandinsky5T2VPipeline, Kandinsky5I2VPipeline, Kandinsky5T2IPipeline, Kandinsky5I2IPipeline",
+             ("Kandinsky5Transformer3DModel",), (Blocks("visual_transformer_blocks", "self_cross_feed_forward"),)),
 )
 
 for _row in ROWS:
