@@ -279,7 +279,8 @@ class LoopPipeline:
     call in a ``cache_context`` (``contexts``: one name, or ``("cond", "uncond")`` for true CFG as separate calls)
     and ends with ``maybe_free_model_hooks``; the output is the final latents.
 
-    ``inputs(latents, t, context)`` gives the transformer's keyword arguments at timestep ``t`` (in [0, 1000]);
+    ``inputs(latents, t, context)`` gives the transformer's keyword arguments at timestep ``t`` (in [0, 1000]), and
+    under the key ``args`` any positional ones;
     ``output(out)`` turns the transformer's first output into the latents' layout (default: itself)."""
 
     def __init__(self, transformer: Any, inputs: Callable[[torch.Tensor, torch.Tensor, str], dict[str, Any]],
@@ -305,7 +306,9 @@ class LoopPipeline:
             for ctx in self.contexts:
                 scope = getattr(self.transformer, "cache_context", None)  # absent without diffusers' CacheMixin
                 with scope(ctx) if scope else contextlib.nullcontext():
-                    out = self.transformer(**self.inputs(latents, t.expand(latents.shape[0]), ctx), return_dict=False)
+                    kwargs = self.inputs(latents, t.expand(latents.shape[0]), ctx)
+                    args = kwargs.pop("args", ())  # positional inputs (Z-Image's pipeline passes them so)
+                    out = self.transformer(*args, **kwargs, return_dict=False)
                 preds.append(self.output(out if isinstance(out, torch.Tensor) else out[0]))  # Kandinsky 5: a tensor
             pred = preds[0] if len(preds) == 1 else preds[1] + 3.0 * (preds[0] - preds[1])  # true CFG, scale 3
             latents = self.scheduler.step(pred, t, latents).prev_sample
@@ -700,6 +703,52 @@ def kandinsky5_pipe() -> LoopPipeline:
         visual_rope_pos=rope, text_rope_pos=torch.arange(6)), (1, 2, 4, 4, 4), ("cond", "uncond"))
 
 
+def motif_video_pipe() -> LoopPipeline:
+    """Motif-Video-like: 2 latent frames of 4x4 (4 channels, 5 of image conditioning), 6 text tokens; text
+    cross-attention in both kinds of block; the last single block is a decoder layer (attending to the encoder
+    layers' output instead of the text)."""
+    torch.manual_seed(0)
+    model = diffusers.MotifVideoTransformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1, num_single_layers=2,
+        num_decoder_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", norm_type="layer_norm",
+        text_embed_dim=16, image_embed_dim=4, rope_theta=256.0, rope_axes_dim=(4, 4, 4),
+        enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True)
+    text, cond = randn(1, 6, 16), randn(1, 5, 2, 4, 4, seed=2)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, cond], 1), encoder_hidden_states=text, timestep=t), (1, 4, 2, 4, 4))
+
+
+def hidream_pipe() -> LoopPipeline:
+    """HiDream-I1-like: 8x8 latents (4 channels, patch 2: 16 tokens), T5 and two Llama layers' text (8 tokens each),
+    mixture-of-experts feed-forwards (2 routed experts)."""
+    torch.manual_seed(0)
+    model = diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2), max_resolution=(8, 8), llama_layers=(0, 1, 2), force_inference_output=True)
+    t5, llama, pooled = randn(1, 8, 8), randn(3, 1, 8, 4, seed=2), randn(1, 8, seed=3)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timesteps=t, encoder_hidden_states_t5=t5, encoder_hidden_states_llama3=llama,
+        pooled_embeds=pooled), (1, 4, 8, 8))
+
+
+def z_image_pipe() -> LoopPipeline:
+    """Z-Image-like: the latents as a list of one (4, 1, 8, 8) tensor (patch 2: 16 tokens) and 8 caption tokens,
+    passed positionally with ``t`` rising from 0 to 1, as Z-Image's pipeline passes them."""
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[4, 2, 2], axes_lens=[64, 16, 16])
+    with torch.no_grad():  # random adaLN tables at full scale swing every feature with t (RFC's probe moves > 30 %
+        for name, module in model.named_modules():  # per step, so RFC(threshold=0.3) computed every step): calmer
+            if name.endswith("adaLN_modulation"):
+                for p in module.parameters():
+                    p.mul_(0.3)
+    text = randn(8, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(args=(list(x.unbind(0)), 1 - t / 1000, [text])), (1, 4, 1, 8, 8),
+                        output=lambda out: torch.stack(out))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -746,4 +795,7 @@ CASES = {
     "minimax_h3": Case(minimax_h3_pipe, no_kwargs, ("cond",)),
     "ace_step": Case(ace_step_pipe, no_kwargs, ("cond",)),
     "kandinsky5": Case(kandinsky5_pipe, no_kwargs, ("cond", "uncond")),
+    "motif_video": Case(motif_video_pipe, no_kwargs, ("cond",)),
+    "hidream": Case(hidream_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "z_image": Case(z_image_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }

@@ -121,6 +121,12 @@ ROWS = (
     ModelRow("Kandinsky 5",
              "Kandinsky5T2VPipeline, Kandinsky5I2VPipeline, Kandinsky5T2IPipeline, Kandinsky5I2IPipeline",
              ("Kandinsky5Transformer3DModel",), (Blocks("visual_transformer_blocks", "self_cross_feed_forward"),)),
+    # Motif-Video: HunyuanVideo-like double- then single-stream blocks, each optionally with a text cross-attention
+    # whose input is the joint attention's image output; the last single blocks (decoder layers) attend to the
+    # encoder layers' output instead of the text and have no cross-attention
+    ModelRow("Motif-Video", "MotifVideoPipeline, MotifVideoImage2VideoPipeline", ("MotifVideoTransformer3DModel",),
+             (Blocks("transformer_blocks", "double_stream_cross"),
+              Blocks("single_transformer_blocks", "single_stream_joint_cross"))),
 )
 
 for _row in ROWS:
