@@ -749,6 +749,32 @@ def z_image_pipe() -> LoopPipeline:
                         output=lambda out: torch.stack(out))
 
 
+def nucleus_moe_pipe() -> LoopPipeline:
+    """Nucleus-MoE-Image-like: 4x4 latent tokens (16 channels, patch 2 packed), 8 text tokens; 2 layers, the second
+    a mixture of 4 experts with a shared expert (its router reads the timestep and the unmodulated norm). Width 48:
+    the dense MLP's width rounds down to a multiple of 128 (zero below 48). Capacity 4: each expert takes every token
+    (weighted by its routing score); at capacity 1 each takes its top quarter, a choice that flips between steps of
+    this random model (RFC 0.076 from full, 1.4x nearer than FORA(8, 1))."""
+    torch.manual_seed(0)
+    model = diffusers.NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=True, num_experts=4, moe_intermediate_dim=16,
+        capacity_factors=4.0, dense_moe_strategy="leave_first_block_dense")
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # the experts' weights are allocated uninitialised (torch.empty), left to a checkpoint
+        for name, module in model.named_modules():
+            if type(module).__name__ == "SwiGLUExperts":
+                for p in module.parameters(recurse=False):
+                    p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-2] ** -0.5)
+            if name.endswith("img_mod"):  # random adaLN tables at full scale swing the features with t (as Z-Image)
+                for p in module.parameters():
+                    p.mul_(0.3)
+    text, mask = randn(1, 8, 16), torch.ones(1, 8, dtype=torch.long)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t / 1000,
+        img_shapes=[(1, 4, 4)]), (1, 16, 16))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -798,4 +824,5 @@ CASES = {
     "motif_video": Case(motif_video_pipe, no_kwargs, ("cond",)),
     "hidream": Case(hidream_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "z_image": Case(z_image_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "nucleus_moe": Case(nucleus_moe_pipe, no_kwargs, ("cond",)),
 }

@@ -207,7 +207,8 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "single_stream_fused": (Slot("attn", "attn"),),
     # joint attention only (CogView4: its block calls ``ff`` twice, once per stream, so the MLP is not cacheable)
     "joint_attn": (Slot("attn1", "attn", joint=True),),
-    # single-stream block over one text+image sequence with the MLP named ``img_mlp`` (Qwen-Image 2.1)
+    # attention and an MLP named ``img_mlp`` (Qwen-Image 2.1: one text+image sequence; Nucleus-MoE-Image: the image
+    # stream, attending to the text as extra keys and values)
     "single_stream_img_mlp": (Slot("attn", "attn"), Slot("img_mlp", "mlp")),
     # self-attention and feed-forward named ``attn`` and ``feed_forward`` (Lumina2)
     "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),

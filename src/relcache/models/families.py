@@ -121,6 +121,11 @@ ROWS = (
     ModelRow("Kandinsky 5",
              "Kandinsky5T2VPipeline, Kandinsky5I2VPipeline, Kandinsky5T2IPipeline, Kandinsky5I2IPipeline",
              ("Kandinsky5Transformer3DModel",), (Blocks("visual_transformer_blocks", "self_cross_feed_forward"),)),
+    # Nucleus-MoE-Image: attn on the image stream's modulated norm (the block's projected text joins as keys and
+    # values only; the output is the image's), img_mlp (a mixture of experts with a shared expert, routed on the
+    # timestep and the unmodulated norm inside the module, or a dense MLP in the first and last layers)
+    ModelRow("Nucleus-MoE-Image", "NucleusMoEImagePipeline", ("NucleusMoEImageTransformer2DModel",),
+             (Blocks("transformer_blocks", "single_stream_img_mlp"),)),
     # Motif-Video: HunyuanVideo-like double- then single-stream blocks, each optionally with a text cross-attention
     # whose input is the joint attention's image output; the last single blocks (decoder layers) attend to the
     # encoder layers' output instead of the text and have no cross-attention
