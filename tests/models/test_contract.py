@@ -103,6 +103,10 @@ EXPECTED = {
     + blocks(2, ("single_stream_blocks", (("block.attn1", "attn"), ("block.ff_i", "mlp")))),  # MoE feed-forwards
     "z_image": blocks(2, ("layers", (("attention", "attn"), ("feed_forward", "mlp")))),  # refiners every step
     "nucleus_moe": blocks(2, ("transformer_blocks", (("attn", "attn"), ("img_mlp", "mlp")))),  # img_mlp 1: experts
+    "ltx2": blocks(2, ("transformer_blocks", (("attn1", "attn"), ("audio_attn1", "attn"), ("attn2", "cross_attn"),
+                                             ("audio_attn2", "cross_attn"), ("audio_to_video_attn", "cross_attn"),
+                                             ("video_to_audio_attn", "cross_attn"), ("ff", "mlp"),
+                                             ("audio_ff", "mlp")))),
 }
 
 #: RFC(target_nfc=4) of 8 steps: bound on the relative L1 distance of the output (decoded, in [0, 1]) from full
@@ -121,11 +125,11 @@ EXPECTED = {
 #: Kandinsky 5 0.014, Motif-Video 0.0005, HiDream 0.0026; another seed 1.1-1.5 away, FORA(8, 1) 3.9x (Framepack) to
 #: 12x (MiniMax-H3) RFC's distance; Z-Image 0.014 (its adaLN tables scaled by 0.3, families.py; another seed 1.5
 #: away, FORA(8, 1) 3.0x); Nucleus-MoE-Image 0.013 (adaLN scaled by 0.3, every expert on every token; another seed
-#: 1.4 away, FORA(8, 1) 2.3x).
+#: 1.4 away, FORA(8, 1) 2.3x); LTX-2 0.011 (another seed 1.0 away, FORA(8, 1) 3.1x).
 RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008, "hunyuan_video15": 0.006, "sana": 0.006,
                  "wan_vace": 0.007, "wan_i2v": 0.008, "helios": 0.01, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02,
                  "mochi": 0.03, "cosmos": 0.035, "ace_step": 0.009, "kandinsky5": 0.02,
-                 "z_image": 0.02, "nucleus_moe": 0.02}
+                 "z_image": 0.02, "nucleus_moe": 0.02, "ltx2": 0.015}
 RFC_TOLERANCE_DEFAULT = 0.003
 K = 4
 

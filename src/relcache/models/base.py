@@ -221,6 +221,11 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     # the same named ``self_attention``, ``cross_attention``, ``feed_forward`` (Kandinsky 5's visual blocks)
     "self_cross_feed_forward": (Slot("self_attention", "attn"), Slot("cross_attention", "cross_attn"),
                                 Slot("feed_forward", "mlp")),
+    # audio+video block (LTX-2): each stream's self-attention, then each stream's cross-attention to its text, the
+    # cross-modal attentions (video queries on audio, audio queries on video), then each stream's feed-forward
+    "audio_video": (Slot("attn1", "attn"), Slot("audio_attn1", "attn"), Slot("attn2", "cross_attn"),
+                    Slot("audio_attn2", "cross_attn"), Slot("audio_to_video_attn", "cross_attn"),
+                    Slot("video_to_audio_attn", "cross_attn"), Slot("ff", "mlp"), Slot("audio_ff", "mlp")),
     # double-stream block with an optional text cross-attention on the joint attention's image output (Motif-Video)
     "double_stream_cross": (Slot("attn", "attn", joint=True), Slot("cross_attn", "cross_attn"), Slot("ff", "mlp"),
                             Slot("ff_context", "mlp")),

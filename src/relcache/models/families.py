@@ -126,6 +126,11 @@ ROWS = (
     # timestep and the unmodulated norm inside the module, or a dense MLP in the first and last layers)
     ModelRow("Nucleus-MoE-Image", "NucleusMoEImagePipeline", ("NucleusMoEImageTransformer2DModel",),
              (Blocks("transformer_blocks", "single_stream_img_mlp"),)),
+    # LTX-2 (audio+video): every module on its stream's modulated norm (the cross-modal attentions on norms modulated
+    # per direction); each returns its query stream's output. Modality-isolation guidance's extra call (its own
+    # cache context "uncond_modality", isolate_modalities=True) skips the two cross-modal attentions
+    ModelRow("LTX-2", "LTX2Pipeline, LTX2ImageToVideoPipeline, LTX2ConditionPipeline",
+             ("LTX2VideoTransformer3DModel",), (Blocks("transformer_blocks", "audio_video"),)),
     # Motif-Video: HunyuanVideo-like double- then single-stream blocks, each optionally with a text cross-attention
     # whose input is the joint attention's image output; the last single blocks (decoder layers) attend to the
     # encoder layers' output instead of the text and have no cross-attention
