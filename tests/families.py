@@ -792,6 +792,21 @@ def ltx2_pipe() -> LoopPipeline:
         audio_num_frames=5, fps=25.0), (1, 32, 4))
 
 
+def kandinsky6_pipe() -> LoopPipeline:
+    """Kandinsky 6-like text+image to video+audio: 2 latent frames of 4x4 (4 channels, channels last), 6 audio frames
+    (fixed), 6 text tokens through each branch's text blocks, true CFG as separate calls."""
+    torch.manual_seed(0)
+    model = diffusers.Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 2, 2), visual_cond=False,
+        in_audio_dim=4, out_audio_dim=4)
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    pooled, audio = randn(1, 8, seed=3), randn(1, 6, 4, seed=4)
+    return LoopPipeline(model, lambda x, t, ctx: dict(
+        hidden_states=x, encoder_hidden_states=text[ctx], pooled_projections=pooled, timestep=t / 1000,
+        audio_hidden_states=audio), (1, 2, 4, 4, 4), ("cond", "uncond"))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -843,4 +858,5 @@ CASES = {
     "z_image": Case(z_image_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "nucleus_moe": Case(nucleus_moe_pipe, no_kwargs, ("cond",)),
     "ltx2": Case(ltx2_pipe, no_kwargs, ("cond",)),
+    "kandinsky6": Case(kandinsky6_pipe, no_kwargs, ("cond", "uncond")),
 }

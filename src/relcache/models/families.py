@@ -8,7 +8,7 @@ inputs are in base.py and docs/spec.md ("Input and output").
 
 from __future__ import annotations
 
-from .base import Blocks, ModelRow, register_row
+from .base import Blocks, ModelRow, Slot, register_row
 
 ROWS = (
     # PixArt-alpha/sigma: BasicTransformerBlock with ada_norm_single. attn1 and ff get the norm of the residual stream
@@ -131,6 +131,17 @@ ROWS = (
     # cache context "uncond_modality", isolate_modalities=True) skips the two cross-modal attentions
     ModelRow("LTX-2", "LTX2Pipeline, LTX2ImageToVideoPipeline, LTX2ConditionPipeline",
              ("LTX2VideoTransformer3DModel",), (Blocks("transformer_blocks", "audio_video"),)),
+    # Kandinsky 6 (text+image to video+audio): fused blocks holding a video and an audio decoder block; per stream
+    # self-attention then cross-attention to its text branch, then the cross-modal attentions (video queries on
+    # audio, audio queries on video), then each stream's feed-forward, all on modulated norms. The text blocks (one
+    # list per branch, modulated by the timestep) run at every step. A call without audio latents runs the video
+    # path only (the audio modules are then not called)
+    ModelRow("Kandinsky 6", "Kandinsky6TI2VAPipeline", ("Kandinsky6Transformer3DModel",),
+             (Blocks("visual_transformer_blocks", (
+                 Slot("video_dec_block.self_attention", "attn"), Slot("video_dec_block.cross_attention", "cross_attn"),
+                 Slot("audio_dec_block.self_attention", "attn"), Slot("audio_dec_block.cross_attention", "cross_attn"),
+                 Slot("va_cross_attention", "cross_attn"), Slot("av_cross_attention", "cross_attn"),
+                 Slot("video_dec_block.feed_forward", "mlp"), Slot("audio_dec_block.feed_forward", "mlp"))),)),
     # Motif-Video: HunyuanVideo-like double- then single-stream blocks, each optionally with a text cross-attention
     # whose input is the joint attention's image output; the last single blocks (decoder layers) attend to the
     # encoder layers' output instead of the text and have no cross-attention
