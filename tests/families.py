@@ -807,6 +807,21 @@ def kandinsky6_pipe() -> LoopPipeline:
         audio_hidden_states=audio), (1, 2, 4, 4, 4), ("cond", "uncond"))
 
 
+def sana_wm_refiner_pipe() -> LoopPipeline:
+    """SANA-WM's LTX-2-based refiner, video only: one block of 2 latent frames of 4x4 (4 channels) as 32 tokens, 6
+    text tokens, plain attention (no KV cache: the pipeline's capture calls are extra calls, tested apart)."""
+    torch.manual_seed(0)
+    model = diffusers.SanaWMLTX2RefinerTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=2, caption_channels=16, rope_double_precision=False)
+    text, mask = randn(1, 6, 16), torch.ones(1, 6)
+    rope = model.build_rotary_emb_for_absolute_positions(1, [0, 1], 4, 4, torch.device("cpu"), 24.0)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, timestep=t[:, None].expand(1, 32), video_rotary_emb=rope,
+        encoder_attention_mask=mask), (1, 32, 4))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -859,4 +874,5 @@ CASES = {
     "nucleus_moe": Case(nucleus_moe_pipe, no_kwargs, ("cond",)),
     "ltx2": Case(ltx2_pipe, no_kwargs, ("cond",)),
     "kandinsky6": Case(kandinsky6_pipe, no_kwargs, ("cond", "uncond")),
+    "sana_wm_refiner": Case(sana_wm_refiner_pipe, no_kwargs, ("cond",)),
 }
