@@ -822,6 +822,33 @@ def sana_wm_refiner_pipe() -> LoopPipeline:
         encoder_attention_mask=mask), (1, 32, 4))
 
 
+def sana_video_pipe() -> LoopPipeline:
+    """SANA-Video-like: 2 latent frames of 4x4 (4 channels, patch 2: 8 tokens), 6 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        mlp_ratio=2.5, attention_bias=False, sample_size=8, patch_size=(1, 2, 2), norm_elementwise_affine=False,
+        norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t),
+                        (1, 4, 2, 4, 4))
+
+
+def bria_fibo_pipe() -> LoopPipeline:
+    """Bria FIBO-like (FLUX-style layout; each block's text is the projected text-encoder layer of its own): 4x4
+    latent tokens of 4 channels, 6 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.BriaFiboTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, text_encoder_dim=8, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4])
+    text = randn(1, 6, 16)
+    layers = [text[:, :, :8]] * 3
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, img_ids=ids_2d(4, 4), txt_ids=torch.zeros(6, 3),
+        timestep=t / 1000, text_encoder_layers=layers), (1, 16, 4))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -875,4 +902,6 @@ CASES = {
     "ltx2": Case(ltx2_pipe, no_kwargs, ("cond",)),
     "kandinsky6": Case(kandinsky6_pipe, no_kwargs, ("cond", "uncond")),
     "sana_wm_refiner": Case(sana_wm_refiner_pipe, no_kwargs, ("cond",)),
+    "sana_video": Case(sana_video_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "bria_fibo": Case(bria_fibo_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }

@@ -142,6 +142,13 @@ ROWS = (
                  Slot("audio_dec_block.self_attention", "attn"), Slot("audio_dec_block.cross_attention", "cross_attn"),
                  Slot("va_cross_attention", "cross_attn"), Slot("av_cross_attention", "cross_attn"),
                  Slot("video_dec_block.feed_forward", "mlp"), Slot("audio_dec_block.feed_forward", "mlp"))),)),
+    # SANA-Video: Sana's block layout (linear self-attention, cross-attention, a convolutional MLP called on the
+    # modulated norm reshaped to the latent video grid)
+    ModelRow("SANA-Video", "SanaVideoPipeline, SanaImageToVideoPipeline", ("SanaVideoTransformer3DModel",),
+             (Blocks("transformer_blocks", "basic"),)),
+    # Bria FIBO: FLUX.1's layout; each block's text stream gets its own projected text-encoder layer added
+    ModelRow("Bria FIBO", "BriaFiboPipeline, BriaFiboEditPipeline", ("BriaFiboTransformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream"))),
     # Motif-Video: HunyuanVideo-like double- then single-stream blocks, each optionally with a text cross-attention
     # whose input is the joint attention's image output; the last single blocks (decoder layers) attend to the
     # encoder layers' output instead of the text and have no cross-attention
