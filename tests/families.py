@@ -1,5 +1,6 @@
 """Tiny offline pipelines of every supported model family: DiT (conftest's ``dit_pipe``), PixArt, SD3, FLUX,
-HunyuanVideo, Wan, CogVideoX and Latte, built from configs with random weights (nothing is downloaded).
+HunyuanVideo, Wan, CogVideoX and Latte as diffusers pipelines, every other family as its bare transformer in
+``LoopPipeline``, all built from configs with random weights (nothing is downloaded).
 
 Text encoders are tiny transformers models built from configs; their embeddings are computed here and passed to the
 pipelines as ``prompt_embeds`` so no tokenizer (which would need the hub) is involved. ``CASES`` names each family's
