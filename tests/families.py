@@ -1,5 +1,6 @@
 """Tiny offline pipelines of every supported model family: DiT (conftest's ``dit_pipe``), PixArt, SD3, FLUX,
-HunyuanVideo, Wan, CogVideoX and Latte, built from configs with random weights (nothing is downloaded).
+HunyuanVideo, Wan, CogVideoX and Latte as diffusers pipelines, every other family as its bare transformer in
+``LoopPipeline``, all built from configs with random weights (nothing is downloaded).
 
 Text encoders are tiny transformers models built from configs; their embeddings are computed here and passed to the
 pipelines as ``prompt_embeds`` so no tokenizer (which would need the hub) is involved. ``CASES`` names each family's
@@ -279,7 +280,8 @@ class LoopPipeline:
     call in a ``cache_context`` (``contexts``: one name, or ``("cond", "uncond")`` for true CFG as separate calls)
     and ends with ``maybe_free_model_hooks``; the output is the final latents.
 
-    ``inputs(latents, t, context)`` gives the transformer's keyword arguments at timestep ``t`` (in [0, 1000]);
+    ``inputs(latents, t, context)`` gives the transformer's keyword arguments at timestep ``t`` (in [0, 1000]), and
+    under the key ``args`` any positional ones;
     ``output(out)`` turns the transformer's first output into the latents' layout (default: itself)."""
 
     def __init__(self, transformer: Any, inputs: Callable[[torch.Tensor, torch.Tensor, str], dict[str, Any]],
@@ -305,8 +307,10 @@ class LoopPipeline:
             for ctx in self.contexts:
                 scope = getattr(self.transformer, "cache_context", None)  # absent without diffusers' CacheMixin
                 with scope(ctx) if scope else contextlib.nullcontext():
-                    out = self.transformer(**self.inputs(latents, t.expand(latents.shape[0]), ctx), return_dict=False)
-                preds.append(self.output(out[0]))
+                    kwargs = self.inputs(latents, t.expand(latents.shape[0]), ctx)
+                    args = kwargs.pop("args", ())  # positional inputs (Z-Image's pipeline passes them so)
+                    out = self.transformer(*args, **kwargs, return_dict=False)
+                preds.append(self.output(out if isinstance(out, torch.Tensor) else out[0]))  # Kandinsky 5: a tensor
             pred = preds[0] if len(preds) == 1 else preds[1] + 3.0 * (preds[0] - preds[1])  # true CFG, scale 3
             latents = self.scheduler.step(pred, t, latents).prev_sample
         self.maybe_free_model_hooks()
@@ -602,6 +606,250 @@ def qwen_image21_pipe() -> LoopPipeline:
         img_shapes=[[(1, 2, 2)]], img_mask=img_mask), (1, 4, 4), output=lambda out: out[:, -4:])
 
 
+def wan_animate_pipe() -> LoopPipeline:
+    """Wan-Animate-like: 2 latent frames + the reference frame (4 channels, 8 channels of conditioning), pose latents,
+    5 face frames (16x16 pixels, motion encoder) through 1 face adapter; 4 CLIP image tokens, 6 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, image_dim=8,
+        rope_max_seq_len=32, motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8}, motion_encoder_size=16,
+        motion_style_dim=8, motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=2)
+    text, image = randn(1, 6, 16), randn(1, 4, 8, seed=2)
+    cond, pose, face = randn(1, 8, 3, 4, 4, seed=3), randn(1, 4, 2, 4, 4, seed=4), randn(1, 3, 5, 16, 16, seed=5)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, cond], 1), timestep=t, encoder_hidden_states=text,
+        encoder_hidden_states_image=image, pose_hidden_states=pose, face_pixel_values=face), (1, 4, 3, 4, 4))
+
+
+def framepack_pipe() -> LoopPipeline:
+    """HunyuanVideo Framepack-like: 2 latent frames of 4x4 (patch 2), the clean and history latents and image tokens
+    of the previous sections."""
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True)
+    text, mask, pooled, image = randn(1, 6, 16), torch.ones(1, 6), randn(1, 8, seed=2), randn(1, 4, 16, seed=3)
+    clean, h2, h4 = randn(1, 4, 1, 4, 4, seed=4), randn(1, 4, 1, 4, 4, seed=5), randn(1, 4, 4, 4, 4, seed=6)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
+        pooled_projections=pooled, guidance=torch.full_like(t, 6000.0), image_embeds=image,
+        indices_latents=torch.arange(1, 3), latents_clean=clean, indices_latents_clean=torch.zeros(1),
+        latents_history_2x=h2, indices_latents_history_2x=torch.full((1,), 3), latents_history_4x=h4,
+        indices_latents_history_4x=torch.arange(4, 8)), (1, 4, 2, 4, 4))
+
+
+def minimax_h3_pipe() -> LoopPipeline:
+    """MiniMax-H3-like: one packed sequence of 4 text, 2 audio (fixed) and 32 video rows (the latents, 16 channels)."""
+    torch.manual_seed(0)
+    model = diffusers.MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1, ffn_dim=32,
+        in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=8, freq_dim=8, time_embed_hidden_dim=24,
+        time_embed_dim=16, rope_freq_dim=2)
+    text, audio = randn(1, 4, 8), randn(1, 2, 6, seed=2)
+    tags = torch.tensor([1] * 4 + [2] * 2 + [0] * 32)
+    pos = torch.zeros(38, 3)
+    pos[:, 0] = torch.arange(38.0)
+    pos[6:, 1], pos[6:, 2] = torch.arange(32.0) // 4 % 4, torch.arange(32.0) % 4
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, audio_hidden_states=audio, encoder_hidden_states=text, timestep=t / 1000,
+        timestep_indices=torch.zeros(38, dtype=torch.long), token_tags=tags, position_ids=pos,
+        video_indices=torch.arange(6, 38), audio_indices=torch.arange(4, 6), text_indices=torch.arange(4)),
+        (1, 32, 16))
+
+
+def ace_step_pipe() -> LoopPipeline:
+    """ACE-Step-like (audio): 8 latent frames of 8 channels, 8 frames of context latents, 10 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.AceStepTransformer1DModel(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, in_channels=24, audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=16)
+    text, context = randn(1, 10, 32), randn(1, 8, 16, seed=2)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timestep=t / 1000, timestep_r=t / 1000, encoder_hidden_states=text,
+        context_latents=context), (1, 8, 8))
+
+
+def unzero(model: torch.nn.Module, cls_suffix: str, std: float = 0.2) -> torch.nn.Module:
+    """``model`` with the linear layers inside its ``*<cls_suffix>`` modules drawn at random (seeded): diffusers
+    zero-initialises some modulation tables, whose blocks would then add nothing, so caching could not change the
+    output."""
+    gen = torch.Generator().manual_seed(7)
+    for module in model.modules():
+        if type(module).__name__.endswith(cls_suffix):
+            for lin in (m for m in module.modules() if isinstance(m, torch.nn.Linear)):
+                with torch.no_grad():
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * std)
+                    if lin.bias is not None:
+                        lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen) * std)
+    return model
+
+
+def kandinsky5_pipe() -> LoopPipeline:
+    """Kandinsky 5-like: 2 latent frames of 4x4 (4 channels, channels last), 6 text tokens through the text blocks,
+    true CFG as separate calls."""
+    torch.manual_seed(0)
+    model = diffusers.Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 2, 2))
+    unzero(model, "Modulation")  # zero-initialised: the blocks would add nothing
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    pooled = randn(1, 8, seed=3)
+    rope = [torch.arange(2), torch.arange(2), torch.arange(2)]
+    return LoopPipeline(model, lambda x, t, ctx: dict(
+        hidden_states=x, encoder_hidden_states=text[ctx], pooled_projections=pooled, timestep=t / 1000,
+        visual_rope_pos=rope, text_rope_pos=torch.arange(6)), (1, 2, 4, 4, 4), ("cond", "uncond"))
+
+
+def motif_video_pipe() -> LoopPipeline:
+    """Motif-Video-like: 2 latent frames of 4x4 (4 channels, 5 of image conditioning), 6 text tokens; text
+    cross-attention in both kinds of block; the last single block is a decoder layer (attending to the encoder
+    layers' output instead of the text)."""
+    torch.manual_seed(0)
+    model = diffusers.MotifVideoTransformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1, num_single_layers=2,
+        num_decoder_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", norm_type="layer_norm",
+        text_embed_dim=16, image_embed_dim=4, rope_theta=256.0, rope_axes_dim=(4, 4, 4),
+        enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True)
+    text, cond = randn(1, 6, 16), randn(1, 5, 2, 4, 4, seed=2)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, cond], 1), encoder_hidden_states=text, timestep=t), (1, 4, 2, 4, 4))
+
+
+def hidream_pipe() -> LoopPipeline:
+    """HiDream-I1-like: 8x8 latents (4 channels, patch 2: 16 tokens), T5 and two Llama layers' text (8 tokens each),
+    mixture-of-experts feed-forwards (2 routed experts)."""
+    torch.manual_seed(0)
+    model = diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2), max_resolution=(8, 8), llama_layers=(0, 1, 2), force_inference_output=True)
+    t5, llama, pooled = randn(1, 8, 8), randn(3, 1, 8, 4, seed=2), randn(1, 8, seed=3)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timesteps=t, encoder_hidden_states_t5=t5, encoder_hidden_states_llama3=llama,
+        pooled_embeds=pooled), (1, 4, 8, 8))
+
+
+def z_image_pipe() -> LoopPipeline:
+    """Z-Image-like: the latents as a list of one (4, 1, 8, 8) tensor (patch 2: 16 tokens) and 8 caption tokens,
+    passed positionally with ``t`` rising from 0 to 1, as Z-Image's pipeline passes them."""
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[4, 2, 2], axes_lens=[64, 16, 16])
+    with torch.no_grad():  # random adaLN tables at full scale swing every feature with t (RFC's probe moves > 30 %
+        for name, module in model.named_modules():  # per step, so RFC(threshold=0.3) computed every step): calmer
+            if name.endswith("adaLN_modulation"):
+                for p in module.parameters():
+                    p.mul_(0.3)
+    text = randn(8, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(args=(list(x.unbind(0)), 1 - t / 1000, [text])), (1, 4, 1, 8, 8),
+                        output=lambda out: torch.stack(out))
+
+
+def nucleus_moe_pipe() -> LoopPipeline:
+    """Nucleus-MoE-Image-like: 4x4 latent tokens (16 channels, patch 2 packed), 8 text tokens; 2 layers, the second
+    a mixture of 4 experts with a shared expert (its router reads the timestep and the unmodulated norm). Width 48:
+    the dense MLP's width rounds down to a multiple of 128 (zero below 48). Capacity 4: each expert takes every token
+    (weighted by its routing score); at capacity 1 each takes its top quarter, a choice that flips between steps of
+    this random model (RFC 0.076 from full, 1.4x nearer than FORA(8, 1))."""
+    torch.manual_seed(0)
+    model = diffusers.NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=True, num_experts=4, moe_intermediate_dim=16,
+        capacity_factors=4.0, dense_moe_strategy="leave_first_block_dense")
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # the experts' weights are allocated uninitialised (torch.empty), left to a checkpoint
+        for name, module in model.named_modules():
+            if type(module).__name__ == "SwiGLUExperts":
+                for p in module.parameters(recurse=False):
+                    p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-2] ** -0.5)
+            if name.endswith("img_mod"):  # random adaLN tables at full scale swing the features with t (as Z-Image)
+                for p in module.parameters():
+                    p.mul_(0.3)
+    text, mask = randn(1, 8, 16), torch.ones(1, 8, dtype=torch.long)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t / 1000,
+        img_shapes=[(1, 4, 4)]), (1, 16, 16))
+
+
+def ltx2_pipe() -> LoopPipeline:
+    """LTX-2-like audio+video: 2 latent frames of 4x4 (4 channels) as 32 tokens, 5 audio frames (fixed), 6 text
+    tokens for each modality."""
+    torch.manual_seed(0)
+    model = diffusers.LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+        caption_channels=16, rope_double_precision=False)
+    text, audio_text, audio = randn(1, 6, 16), randn(1, 6, 16, seed=2), randn(1, 5, 4, seed=3)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, audio_hidden_states=audio, encoder_hidden_states=text, audio_encoder_hidden_states=audio_text,
+        timestep=t, encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=2, height=4, width=4,
+        audio_num_frames=5, fps=25.0), (1, 32, 4))
+
+
+def kandinsky6_pipe() -> LoopPipeline:
+    """Kandinsky 6-like text+image to video+audio: 2 latent frames of 4x4 (4 channels, channels last), 6 audio frames
+    (fixed), 6 text tokens through each branch's text blocks, true CFG as separate calls."""
+    torch.manual_seed(0)
+    model = diffusers.Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 2, 2), visual_cond=False,
+        in_audio_dim=4, out_audio_dim=4)
+    text = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=2)}
+    pooled, audio = randn(1, 8, seed=3), randn(1, 6, 4, seed=4)
+    return LoopPipeline(model, lambda x, t, ctx: dict(
+        hidden_states=x, encoder_hidden_states=text[ctx], pooled_projections=pooled, timestep=t / 1000,
+        audio_hidden_states=audio), (1, 2, 4, 4, 4), ("cond", "uncond"))
+
+
+def sana_wm_refiner_pipe() -> LoopPipeline:
+    """SANA-WM's LTX-2-based refiner, video only: one block of 2 latent frames of 4x4 (4 channels) as 32 tokens, 6
+    text tokens, plain attention (no KV cache: the pipeline's capture calls are extra calls, tested apart)."""
+    torch.manual_seed(0)
+    model = diffusers.SanaWMLTX2RefinerTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=2, caption_channels=16, rope_double_precision=False)
+    text, mask = randn(1, 6, 16), torch.ones(1, 6)
+    rope = model.build_rotary_emb_for_absolute_positions(1, [0, 1], 4, 4, torch.device("cpu"), 24.0)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, timestep=t[:, None].expand(1, 32), video_rotary_emb=rope,
+        encoder_attention_mask=mask), (1, 32, 4))
+
+
+def sana_video_pipe() -> LoopPipeline:
+    """SANA-Video-like: 2 latent frames of 4x4 (4 channels, patch 2: 8 tokens), 6 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        mlp_ratio=2.5, attention_bias=False, sample_size=8, patch_size=(1, 2, 2), norm_elementwise_affine=False,
+        norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t),
+                        (1, 4, 2, 4, 4))
+
+
+def bria_fibo_pipe() -> LoopPipeline:
+    """Bria FIBO-like (FLUX-style layout; each block's text is the projected text-encoder layer of its own): 4x4
+    latent tokens of 4 channels, 6 text tokens."""
+    torch.manual_seed(0)
+    model = diffusers.BriaFiboTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, text_encoder_dim=8, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4])
+    text = randn(1, 6, 16)
+    layers = [text[:, :, :8]] * 3
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, img_ids=ids_2d(4, 4), txt_ids=torch.zeros(6, 3),
+        timestep=t / 1000, text_encoder_layers=layers), (1, 16, 4))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -643,4 +891,18 @@ CASES = {
     "glm_image": Case(glm_image_pipe, no_kwargs, ("cond",)),
     "helios": Case(helios_pipe, no_kwargs, ("cond",)),
     "qwen_image21": Case(qwen_image21_pipe, no_kwargs, ("cond",)),
+    "wan_animate": Case(wan_animate_pipe, no_kwargs, ("cond",)),
+    "framepack": Case(framepack_pipe, no_kwargs, ("cond",)),
+    "minimax_h3": Case(minimax_h3_pipe, no_kwargs, ("cond",)),
+    "ace_step": Case(ace_step_pipe, no_kwargs, ("cond",)),
+    "kandinsky5": Case(kandinsky5_pipe, no_kwargs, ("cond", "uncond")),
+    "motif_video": Case(motif_video_pipe, no_kwargs, ("cond",)),
+    "hidream": Case(hidream_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "z_image": Case(z_image_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "nucleus_moe": Case(nucleus_moe_pipe, no_kwargs, ("cond",)),
+    "ltx2": Case(ltx2_pipe, no_kwargs, ("cond",)),
+    "kandinsky6": Case(kandinsky6_pipe, no_kwargs, ("cond", "uncond")),
+    "sana_wm_refiner": Case(sana_wm_refiner_pipe, no_kwargs, ("cond",)),
+    "sana_video": Case(sana_video_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "bria_fibo": Case(bria_fibo_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }

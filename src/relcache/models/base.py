@@ -26,12 +26,18 @@ InputFn = Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | tuple[torch
 
 
 def first_tensor_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The module's first positional argument, or its ``hidden_states`` keyword."""
+    """The module's first positional argument, or its ``hidden_states`` keyword. Where that is a list of tensors (a
+    transformer taking one latent tensor per sample, Z-Image), its first tensor: the runtime reads the device and
+    dtype of a transformer call's input from it, and its leading dimension (then not the batch) for CFG batching."""
     if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise TypeError("cannot find the cached module's input: no positional argument and no hidden_states=")
+        found = args[0]
+    elif "hidden_states" in kwargs:
+        found = kwargs["hidden_states"]
+    else:
+        raise TypeError("cannot find the cached module's input: no positional argument and no hidden_states=")
+    while isinstance(found, (list, tuple)) and found:  # Z-Image omni: a list of lists
+        found = found[0]
+    return found
 
 
 @dataclass(frozen=True)
@@ -223,10 +229,31 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "single_stream_fused": (Slot("attn", "attn"),),
     # joint attention only (CogView4: its block calls ``ff`` twice, once per stream, so the MLP is not cacheable)
     "joint_attn": (Slot("attn1", "attn", joint=True),),
-    # single-stream block over one text+image sequence with the MLP named ``img_mlp`` (Qwen-Image 2.1)
+    # attention and an MLP named ``img_mlp`` (Qwen-Image 2.1: one text+image sequence; Nucleus-MoE-Image: the image
+    # stream, attending to the text as extra keys and values)
     "single_stream_img_mlp": (Slot("attn", "attn"), Slot("img_mlp", "mlp")),
     # self-attention and feed-forward named ``attn`` and ``feed_forward`` (Lumina2)
     "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),
+    # self-attention and feed-forward named ``attention`` and ``feed_forward`` (Z-Image)
+    "attention_feed_forward": (Slot("attention", "attn"), Slot("feed_forward", "mlp")),
+    # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence)
+    "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
+    # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
+    "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),
+    # the same named ``self_attention``, ``cross_attention``, ``feed_forward`` (Kandinsky 5's visual blocks)
+    "self_cross_feed_forward": (Slot("self_attention", "attn"), Slot("cross_attention", "cross_attn"),
+                                Slot("feed_forward", "mlp")),
+    # audio+video block (LTX-2): each stream's self-attention, then each stream's cross-attention to its text, the
+    # cross-modal attentions (video queries on audio, audio queries on video), then each stream's feed-forward
+    "audio_video": (Slot("attn1", "attn"), Slot("audio_attn1", "attn"), Slot("attn2", "cross_attn"),
+                    Slot("audio_attn2", "cross_attn"), Slot("audio_to_video_attn", "cross_attn"),
+                    Slot("video_to_audio_attn", "cross_attn"), Slot("ff", "mlp"), Slot("audio_ff", "mlp")),
+    # double-stream block with an optional text cross-attention on the joint attention's image output (Motif-Video)
+    "double_stream_cross": (Slot("attn", "attn", joint=True), Slot("cross_attn", "cross_attn"), Slot("ff", "mlp"),
+                            Slot("ff_context", "mlp")),
+    # ``single_stream_joint`` with the same optional cross-attention after the attention (Motif-Video)
+    "single_stream_joint_cross": (Slot("proj_mlp", "mlp"), Slot("attn", "attn", joint=True),
+                                  Slot("cross_attn", "cross_attn")),
 }
 
 

@@ -8,7 +8,7 @@ inputs are in base.py and docs/spec.md ("Input and output").
 
 from __future__ import annotations
 
-from .base import Blocks, ModelRow, register_row
+from .base import Blocks, ModelRow, Slot, register_row
 
 ROWS = (
     # PixArt-alpha/sigma: BasicTransformerBlock with ada_norm_single. attn1 and ff get the norm of the residual stream
@@ -104,6 +104,59 @@ ROWS = (
     ModelRow("Wan VACE", "WanVACEPipeline", ("WanVACETransformer3DModel",),
              (Blocks("vace_blocks", "cross_attn_ffn"), Blocks("blocks", "cross_attn_ffn")),
              experts=("transformer", "transformer_2")),
+    # Wan-Animate: Wan blocks on the video+pose tokens (attn2 sees the text and the reference image's CLIP tokens);
+    # the face adapters between blocks (cross-attention to the face motion) run at every step
+    ModelRow("Wan-Animate", "WanAnimatePipeline", ("WanAnimateTransformer3DModel",),
+             (Blocks("blocks", "cross_attn_ffn"),)),
+    # HunyuanVideo Framepack: HunyuanVideo's blocks; the clean and history latents of earlier sections are extra
+    # tokens prepended to the video stream, so the modules see them
+    ModelRow("HunyuanVideo Framepack", "HunyuanVideoFramepackPipeline", ("HunyuanVideoFramepackTransformer3DModel",),
+             (Blocks("transformer_blocks", "double_stream"),
+              Blocks("single_transformer_blocks", "single_stream_joint"))),
+    # MiniMax-H3: one packed text+audio+video sequence per block, attn and ff on its modulated norm; the token
+    # refiner (text only) runs at every step
+    ModelRow("MiniMax-H3", "MiniMaxH3ModularPipeline", ("MiniMaxH3Transformer3DModel",),
+             (Blocks("transformer_blocks", "attn_ff"),)),
+    # ACE-Step (music): self-attention and MLP on the modulated norms, cross-attention to the text on a plain norm
+    ModelRow("ACE-Step", "AceStepPipeline", ("AceStepTransformer1DModel",), (Blocks("layers", "self_cross_mlp"),)),
+    # Kandinsky 5: the visual blocks only; the text blocks (text tokens, modulated by the timestep) run at every step
+    ModelRow("Kandinsky 5",
+             "Kandinsky5T2VPipeline, Kandinsky5I2VPipeline, Kandinsky5T2IPipeline, Kandinsky5I2IPipeline",
+             ("Kandinsky5Transformer3DModel",), (Blocks("visual_transformer_blocks", "self_cross_feed_forward"),)),
+    # Nucleus-MoE-Image: attn on the image stream's modulated norm (the block's projected text joins as keys and
+    # values only; the output is the image's), img_mlp (a mixture of experts with a shared expert, routed on the
+    # timestep and the unmodulated norm inside the module, or a dense MLP in the first and last layers)
+    ModelRow("Nucleus-MoE-Image", "NucleusMoEImagePipeline", ("NucleusMoEImageTransformer2DModel",),
+             (Blocks("transformer_blocks", "single_stream_img_mlp"),)),
+    # LTX-2 (audio+video): every module on its stream's modulated norm (the cross-modal attentions on norms modulated
+    # per direction); each returns its query stream's output. Modality-isolation guidance's extra call (its own
+    # cache context "uncond_modality", isolate_modalities=True) skips the two cross-modal attentions
+    ModelRow("LTX-2", "LTX2Pipeline, LTX2ImageToVideoPipeline, LTX2ConditionPipeline",
+             ("LTX2VideoTransformer3DModel",), (Blocks("transformer_blocks", "audio_video"),)),
+    # Kandinsky 6 (text+image to video+audio): fused blocks holding a video and an audio decoder block; per stream
+    # self-attention then cross-attention to its text branch, then the cross-modal attentions (video queries on
+    # audio, audio queries on video), then each stream's feed-forward, all on modulated norms. The text blocks (one
+    # list per branch, modulated by the timestep) run at every step. A call without audio latents runs the video
+    # path only (the audio modules are then not called)
+    ModelRow("Kandinsky 6", "Kandinsky6TI2VAPipeline", ("Kandinsky6Transformer3DModel",),
+             (Blocks("visual_transformer_blocks", (
+                 Slot("video_dec_block.self_attention", "attn"), Slot("video_dec_block.cross_attention", "cross_attn"),
+                 Slot("audio_dec_block.self_attention", "attn"), Slot("audio_dec_block.cross_attention", "cross_attn"),
+                 Slot("va_cross_attention", "cross_attn"), Slot("av_cross_attention", "cross_attn"),
+                 Slot("video_dec_block.feed_forward", "mlp"), Slot("audio_dec_block.feed_forward", "mlp"))),)),
+    # SANA-Video: Sana's block layout (linear self-attention, cross-attention, a convolutional MLP called on the
+    # modulated norm reshaped to the latent video grid)
+    ModelRow("SANA-Video", "SanaVideoPipeline, SanaImageToVideoPipeline", ("SanaVideoTransformer3DModel",),
+             (Blocks("transformer_blocks", "basic"),)),
+    # Bria FIBO: FLUX.1's layout; each block's text stream gets its own projected text-encoder layer added
+    ModelRow("Bria FIBO", "BriaFiboPipeline, BriaFiboEditPipeline", ("BriaFiboTransformer2DModel",),
+             (Blocks("transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "single_stream"))),
+    # Motif-Video: HunyuanVideo-like double- then single-stream blocks, each optionally with a text cross-attention
+    # whose input is the joint attention's image output; the last single blocks (decoder layers) attend to the
+    # encoder layers' output instead of the text and have no cross-attention
+    ModelRow("Motif-Video", "MotifVideoPipeline, MotifVideoImage2VideoPipeline", ("MotifVideoTransformer3DModel",),
+             (Blocks("transformer_blocks", "double_stream_cross"),
+              Blocks("single_transformer_blocks", "single_stream_joint_cross"))),
 )
 
 for _row in ROWS:
