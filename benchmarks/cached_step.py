@@ -21,12 +21,12 @@ With ``--compile MODE`` the steps run under ``torch.compile(model, mode=MODE)`` 
 and the floors are left out. Each method is compiled afresh (``torch._dynamo.reset()``: dynamo's recompile limit is
 shared by every enabled model), warmed with one untimed 16-step generation (which compiles every kind of step), then
 its ``--repeats`` generations run back to back: not interleaved with the other methods, so run it on a quiet machine.
-The kernel column then counts, in one cached step profiled with torch.profiler, the kernels the step really runs: on
-the CPU each C++ kernel inductor generated (``torch._inductor.config.cpp.enable_kernel_profile``, set for the whole
-run: a no-op check per kernel when nothing profiles) plus each ATen kernel called outside them (extern calls such as
-``addmm`` and convolutions, and what runs eagerly: RCS's pre-pass and decision, relcache's per-step rows); on a GPU
-the host's kernel launches. A column gives what runs outside the forward's graphs (eager ATen kernels). With
-``--profile`` the profiler's table of the method's compiled cached steps follows, with the time outside the graphs.
+The kernel column then counts, in one cached step, the kernels the step really runs: on
+the CPU each C++ kernel inductor generated (the Python wrapper's calls of its ``kernel`` functions, seen with
+``sys.setprofile``) plus each ATen kernel torch.profiler records outside them (extern calls such as ``addmm`` and
+convolutions, and what runs eagerly: RCS's pre-pass and decision, relcache's per-step rows); on a GPU the host's
+kernel launches. A column gives what runs outside the forward's graphs (eager ATen kernels). With ``--profile`` the
+profiler's table of the method's compiled cached steps follows, with the time outside the graphs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import argparse
 import collections
 import contextlib
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -199,7 +200,6 @@ def step_ms(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype, 
 # ATen ops that run no kernel of their own (views, allocations, no-op conversions) or whose work is a child op's
 _NO_KERNEL = _VIEWS | {"empty", "empty_strided", "empty_like", "resolve_conj", "resolve_neg", "detach_", "resize_",
                        "as_strided_", "narrow", "flatten", "contiguous", "to", "linear", "conv2d", "reshape"}
-_INDUCTOR_KERNEL = ("cpp_fused", "cpp_kernel", "triton_")
 
 
 def _is_aten_kernel(event: object) -> bool:
@@ -217,12 +217,13 @@ def _in_graph(event: object) -> bool:
     return False
 
 
-def count_kernels(events: list, device: str) -> tuple[int, int]:
+def count_kernels(events: list, device: str, generated: int = 0) -> tuple[int, int]:
     """``(kernels, outside)``: the kernels a profiled step ran, and how many of them ran outside compiled graphs.
 
-    On a GPU: the host's kernel launches (``cudaLaunchKernel`` and the like). On the CPU: each C++ kernel inductor
-    generated (profiled under ``cpp.enable_kernel_profile``) and each ATen op that runs a kernel and calls no such op
-    beneath it (``aten::to`` -> ``_to_copy`` -> ``copy_`` is one kernel, ``copy_``; views and allocations are none)."""
+    On a GPU: the host's kernel launches (``cudaLaunchKernel`` and the like). On the CPU: ``generated`` (the C++
+    kernels inductor generated that the step called, ``_KernelCalls``) and each ATen op that runs a kernel and calls
+    no such op beneath it (``aten::to`` -> ``_to_copy`` -> ``copy_`` is one kernel, ``copy_``; views and allocations
+    are none)."""
     if device == "cuda":
         launches = [e for e in events if "LaunchKernel" in e.name or e.name.startswith("cudaGraphLaunch")]
         return len(launches), sum(1 for e in launches if not _in_graph(e))
@@ -230,12 +231,33 @@ def count_kernels(events: list, device: str) -> tuple[int, int]:
     covered: set[int] = set()  # events with a counted event in their subtree
     for e in sorted(events, key=lambda e: -_depth(e)):  # children first
         below = any(id(c) in covered for c in e.cpu_children)
-        if any(part in e.name for part in _INDUCTOR_KERNEL) or (_is_aten_kernel(e) and not below):
+        if _is_aten_kernel(e) and not below:
             counted.add(id(e))
         if below or id(e) in counted:
             covered.add(id(e))
     kernels = [e for e in events if id(e) in counted]
-    return len(kernels), sum(1 for e in kernels if not _in_graph(e))
+    return generated + len(kernels), sum(1 for e in kernels if not _in_graph(e))
+
+
+class _KernelCalls:
+    """Counts the calls of inductor's generated C++ kernels (Python-bound functions named ``kernel``, called from a
+    compiled graph's wrapper) while active: torch.profiler does not see them unless each is compiled with a record
+    function (``cpp.enable_kernel_profile``), which names every kernel apart and so compiles each block's anew."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _profile(self, frame: object, event: str, arg: object) -> None:
+        if event == "c_call" and getattr(arg, "__name__", None) == "kernel" and str(
+                getattr(arg, "__module__", "")).endswith(".kernel"):
+            self.calls += 1
+
+    def __enter__(self) -> _KernelCalls:
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(None)
 
 
 def _depth(event: object) -> int:
@@ -289,8 +311,9 @@ def compiled_steps(model: torch.nn.Module, name: str, mode: str, device: str, dt
             if device == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             prof = torch.profiler.profile(activities=activities)
-            step(6, prof)
-            kernels, outside = count_kernels(list(prof.events()), device)
+            with _KernelCalls() as calls:
+                step(6, prof)
+            kernels, outside = count_kernels(list(prof.events()), device, calls.calls)
             if profile:
                 print(f"\n{name}, compiled (mode={mode}), steps 4-15 profiled:")
                 with torch.profiler.profile(activities=activities) as prof:
@@ -319,7 +342,6 @@ def _print_compiled_profile(prof: object, device: str) -> None:
 
 def main_compiled(args: argparse.Namespace, dtype: torch.dtype) -> None:
     """``main`` under ``--compile``: every method's compiled steps, method after method."""
-    torch._inductor.config.cpp.enable_kernel_profile = True  # names each generated C++ kernel in the profiler
     for size in args.models:
         model = build(size, dtype, args.device)
         names = [name for name in METHODS if name in {"full step", "Reuse (FORA)", *(args.methods or METHODS)}]
