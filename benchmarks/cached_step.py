@@ -316,8 +316,8 @@ def compiled_steps(model: torch.nn.Module, name: str, mode: str, device: str, dt
             kernels, outside = count_kernels(list(prof.events()), device, calls.calls)
             if profile:
                 print(f"\n{name}, compiled (mode={mode}), steps 4-15 profiled:")
-                with torch.profiler.profile(activities=activities) as prof:
-                    generation()
+                prof = torch.profiler.profile(activities=activities)
+                generation(prof=prof)  # steps 0-3 run unprofiled
                 _print_compiled_profile(prof, device)
     finally:
         if config is not None:
