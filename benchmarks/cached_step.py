@@ -8,6 +8,7 @@ Methods are interleaved in each repeat; medians are reported.
     python benchmarks/cached_step.py --models B --repeats 5
     python benchmarks/cached_step.py --models B --repeats 1 --profile   # where a FORA cached step's time goes
     python benchmarks/cached_step.py --models XL --dtype bfloat16 --profile "Relational m=2 (RFE alone)"
+    python benchmarks/cached_step.py --models T S --repeats 3 --compile default   # compiled steps (inductor)
 
 The last column counts the kernel-launching operators of one step (views excluded), the same on any device.
 The two floor rows bound what caching can reach under the spec, which recomputes every block's gate, shift and
@@ -15,6 +16,17 @@ scale from the current timestep: the adaLN projections alone (timestep-and-class
 projection, the final layer's), and the least a reuse step must do (those, each block's two gated residual adds
 and the final layer, written by hand). Below the table, each is turned into the most of the ideal speed-up
 T / NFC that a method whose cached steps cost that much could reach.
+
+With ``--compile MODE`` the steps run under ``torch.compile(model, mode=MODE)`` (after ``relcache.enable``) instead,
+and the floors are left out. Each method is compiled afresh (``torch._dynamo.reset()``: dynamo's recompile limit is
+shared by every enabled model), warmed with one untimed 16-step generation (which compiles every kind of step), then
+its ``--repeats`` generations run back to back: not interleaved with the other methods, so run it on a quiet machine.
+The kernel column then counts, in one cached step, the kernels the step really runs: on
+the CPU each C++ kernel inductor generated (the Python wrapper's calls of its ``kernel`` functions, seen with
+``sys.setprofile``) plus each ATen kernel torch.profiler records outside them (extern calls such as ``addmm`` and
+convolutions, and what runs eagerly: RCS's pre-pass and decision, relcache's per-step rows); on a GPU the host's
+kernel launches. A column gives what runs outside the forward's graphs (eager ATen kernels). With ``--profile`` the
+profiler's table of the method's compiled cached steps follows, with the time outside the graphs.
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ import argparse
 import collections
 import contextlib
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -183,6 +197,169 @@ def step_ms(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype, 
     return elapsed
 
 
+# ATen ops that run no kernel of their own (views, allocations, no-op conversions) or whose work is a child op's
+_NO_KERNEL = _VIEWS | {"empty", "empty_strided", "empty_like", "resolve_conj", "resolve_neg", "detach_", "resize_",
+                       "as_strided_", "narrow", "flatten", "contiguous", "to", "linear", "conv2d", "reshape"}
+
+
+def _is_aten_kernel(event: object) -> bool:
+    name = event.name
+    return name.startswith("aten::") and name[6:] not in _NO_KERNEL
+
+
+def _in_graph(event: object) -> bool:
+    """Whether ``event`` ran inside a compiled graph (the call of an inductor-compiled FX graph)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if "CompiledFxGraph" in parent.name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_kernels(events: list, device: str, generated: int = 0) -> tuple[int, int]:
+    """``(kernels, outside)``: the kernels a profiled step ran, and how many of them ran outside compiled graphs.
+
+    On a GPU: the host's kernel launches (``cudaLaunchKernel`` and the like). On the CPU: ``generated`` (the C++
+    kernels inductor generated that the step called, ``_KernelCalls``) and each ATen op that runs a kernel and calls
+    no such op beneath it (``aten::to`` -> ``_to_copy`` -> ``copy_`` is one kernel, ``copy_``; views and allocations
+    are none)."""
+    if device == "cuda":
+        launches = [e for e in events if "LaunchKernel" in e.name or e.name.startswith("cudaGraphLaunch")]
+        return len(launches), sum(1 for e in launches if not _in_graph(e))
+    counted: set[int] = set()
+    covered: set[int] = set()  # events with a counted event in their subtree
+    for e in sorted(events, key=lambda e: -_depth(e)):  # children first
+        below = any(id(c) in covered for c in e.cpu_children)
+        if _is_aten_kernel(e) and not below:
+            counted.add(id(e))
+        if below or id(e) in counted:
+            covered.add(id(e))
+    kernels = [e for e in events if id(e) in counted]
+    return generated + len(kernels), sum(1 for e in kernels if not _in_graph(e))
+
+
+class _KernelCalls:
+    """Counts the calls of inductor's generated C++ kernels (Python-bound functions named ``kernel``, called from a
+    compiled graph's wrapper) while active: torch.profiler does not see them unless each is compiled with a record
+    function (``cpp.enable_kernel_profile``), which names every kernel apart and so compiles each block's anew."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _profile(self, frame: object, event: str, arg: object) -> None:
+        if event == "c_call" and getattr(arg, "__name__", None) == "kernel" and str(
+                getattr(arg, "__module__", "")).endswith(".kernel"):
+            self.calls += 1
+
+    def __enter__(self) -> _KernelCalls:
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(None)
+
+
+def _depth(event: object) -> int:
+    d, parent = 0, event.cpu_parent
+    while parent is not None:
+        d, parent = d + 1, parent.cpu_parent
+    return d
+
+
+def compiled_steps(model: torch.nn.Module, name: str, mode: str, device: str, dtype: torch.dtype, repeats: int,
+                   profile: bool = False) -> tuple[list[float], int, int]:
+    """Milliseconds per step (mean of steps 4..15, one entry per generation) of method ``name`` under
+    ``torch.compile(model, mode=mode)``, and the kernels of step 6, a cached step (all of them, and those outside the
+    compiled graphs). ``profile`` prints torch.profiler's table of steps 4..15 of one more generation."""
+    config = METHODS[name]
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+    labels = torch.tensor([207, 1000], device=device)
+    if config is not None:
+        relcache.enable(model, config)
+    try:
+        compiled = torch.compile(model, mode=mode)
+
+        def step(i: int, prof: object = None) -> None:
+            args = x + 0.01 * i, torch.full((2,), 999 - 20 * i, device=device)
+            with prof or contextlib.nullcontext():  # the model call alone, not the loop's own arithmetic
+                compiled(args[0], timestep=args[1], class_labels=labels)
+
+        def generation(stop: int = 16, prof: object = None) -> float:
+            if config is not None:
+                relcache.begin_generation(model, 16)
+            for i in range(4):
+                step(i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with prof or contextlib.nullcontext():
+                for i in range(4, stop):
+                    step(i)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            return (time.perf_counter() - start) / (stop - 4) * 1e3
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
+            generation()  # compiles every kind of step
+            times = [generation() for _ in range(repeats)]
+            generation(stop=6)
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=activities)
+            with _KernelCalls() as calls:
+                step(6, prof)
+            kernels, outside = count_kernels(list(prof.events()), device, calls.calls)
+            if profile:
+                print(f"\n{name}, compiled (mode={mode}), steps 4-15 profiled:")
+                prof = torch.profiler.profile(activities=activities)
+                generation(prof=prof)  # steps 0-3 run unprofiled
+                _print_compiled_profile(prof, device)
+    finally:
+        if config is not None:
+            relcache.disable(model)
+        torch._dynamo.reset()
+    return times, kernels, outside
+
+
+def _print_compiled_profile(prof: object, device: str) -> None:
+    """The profiler's table, and the share of the steps' time spent inside the forward's compiled graphs."""
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15))
+    events = list(prof.events())
+    steps = [e for e in events if e.cpu_parent is None and e.name.startswith("Torch-Compiled Region")]
+    graphs = [e for e in events if "CompiledFxGraph" in e.name]
+    total = sum(e.cpu_time_total for e in steps)
+    inside = sum(e.cpu_time_total for e in graphs)
+    print(f"compiled calls: {len(steps)}, {total / 1e3:.1f} ms in all; inside the graphs: {inside / 1e3:.1f} ms "
+          f"({100 * inside / max(total, 1e-9):.1f} %); outside (host work, guards, eager code): "
+          f"{(total - inside) / 1e3:.1f} ms")
+
+
+def main_compiled(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """``main`` under ``--compile``: every method's compiled steps, method after method."""
+    for size in args.models:
+        model = build(size, dtype, args.device)
+        names = [name for name in METHODS if name in {"full step", "Reuse (FORA)", *(args.methods or METHODS)}]
+        rows = {name: compiled_steps(model, name, args.compile, args.device, dtype, args.repeats,
+                                     profile=name == args.profile) for name in names}
+        full = statistics.median(rows["full step"][0])
+        fora = rows["Reuse (FORA)"][1]
+        modules = 2 * len(model.transformer_blocks)
+        print(f"\nDiT-{size}/2 {args.dtype} on {args.device}, compiled (mode={args.compile}), {args.repeats} "
+              f"generations each, not interleaved; {modules} cached modules")
+        print("| step | ms (median) | / full step | kernels | - FORA's, per cached module | outside the graphs |")
+        print("|---|---|---|---|---|---|")
+        for name, (ts, kernels, outside) in rows.items():
+            ms = statistics.median(ts)
+            print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {kernels} | {(kernels - fora) / modules:+.2f} | "
+                  f"{outside} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["B"], choices=list(SIZES))
@@ -191,8 +368,19 @@ def main() -> None:
     parser.add_argument("--profile", nargs="?", const="Reuse (FORA)", choices=list(METHODS), metavar="METHOD",
                         help="profile the steps of METHOD (default: FORA's cached steps) after the timings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", metavar="MODE",
+                        choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+                        help="time and count the steps under torch.compile(model, mode=MODE) instead (no floors)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                        help="with --compile, only these (and the full step and FORA, which the table compares with)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        main_compiled(args, dtype)
+        return
     for size in args.models:
         model = build(size, dtype, args.device)
         names = [*METHODS, *FLOORS]

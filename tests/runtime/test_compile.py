@@ -191,3 +191,53 @@ def test_each_enabled_model_compiles_within_its_own_recompile_limit():
     assert not limit_hits, limit_hits
     assert first > 8 and len(graphs) == first  # more graphs than one limit allows, none after the first round
     assert all(f == pytest.approx(fractions[0]) for f in fractions)
+
+
+# ATen ops that run no kernel: views, allocations, a ``.to`` that changes nothing, a host number made a tensor
+_NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze", "squeeze", "t", "transpose",
+              "permute", "detach", "detach_", "alias", "as_strided", "split", "chunk", "unbind", "narrow", "flatten",
+              "lift_fresh", "empty", "empty_strided", "empty_like", "to", "resolve_conj", "resolve_neg", "resize_"}
+
+
+@pytest.mark.parametrize("name", ["FORA", "TaylorSeer", "RFE alone"])
+def test_an_interval_step_runs_no_kernel_outside_its_graph(name):
+    """Under torch.compile, every step after a context's first (which allocates the caches eagerly) of an Interval
+    schedule runs all its tensor work inside the compiled graph: relcache's per-step host work (bookkeeping, the
+    decision, the rows handed to the graph) launches no kernel, which on a GPU would be a launch outside any capture.
+    Counted with torch.profiler: the ATen ops that run a kernel outside the graphs' own calls."""
+    graphs, recording_backend = _recording()
+
+    def marking_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        run = recording_backend(gm, example_inputs)
+
+        def marked(*args):
+            with torch.profiler.record_function("relcache-test-graph"):
+                return run(*args)
+
+        return marked
+
+    model = tiny_dit()
+    x, y = _inputs(False)
+    relcache.enable(model, CONFIGS[name], adapter=_NoSharing())
+    compiled = torch.compile(model, backend=marking_backend)
+    outside: list[tuple[int, str]] = []
+    try:
+        run_loop(compiled, x, y, steps=STEPS)  # compiles every kind of step
+        relcache.begin_generation(model, STEPS)
+        with torch.no_grad():
+            for i in range(STEPS):
+                t = torch.full((2,), 999 - 99 * i)
+                with torch.profiler.profile() as prof:
+                    compiled(x, timestep=t, class_labels=y)
+                for e in prof.events():
+                    in_graph, parent = False, e.cpu_parent
+                    while parent is not None and not in_graph:
+                        in_graph, parent = parent.name == "relcache-test-graph", parent.cpu_parent
+                    if i > 0 and e.name.startswith("aten::") and e.name[6:] not in _NO_KERNEL and not in_graph:
+                        outside.append((i, e.name))
+        full_steps = relcache.stats(compiled).full_steps
+    finally:
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    assert graphs and 1 < len(full_steps) < STEPS  # compiled, with full and cached steps
+    assert outside == [], outside
