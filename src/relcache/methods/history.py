@@ -165,18 +165,20 @@ class DiffHistory:
         """``D_0 = X(a)`` in dtype ``like``."""
         return self.get(0, like)
 
-    def direction(self, row: torch.Tensor, like: torch.dtype) -> torch.Tensor | None:
+    def direction(self, row: torch.Tensor, like: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """``u`` with ``k · u`` the Taylor increment ``sum_{j>=1} D_j k^j / j!``, or None while only ``D_0`` exists.
 
         Horner form, ``u = D_1 + k/2 (D_2 + k/3 (D_3 + ...))``, with the multipliers ``k/(j+1) = row[j]``: one fused
         multiply-add per order above 1. At order 1 ``u`` may be ``D_1`` itself: check ``is_stored`` before writing
-        into it.
+        into it. ``out``, a tensor of ``u``'s shape and dtype, receives ``u`` from order 2 on (a buffer the caller no
+        longer needs: no fresh allocation, which on a CPU page-faults).
         """
         if len(self.diffs) < 2:
             return None
         u = self.get(len(self.diffs) - 1, like)
         for j in range(len(self.diffs) - 2, 0, -1):  # u <- D_j + k/(j+1) · u
-            u = torch.addcmul(self.get(j, like), row[j], u)
+            u = torch.addcmul(self.get(j, like), row[j], u) if out is None else torch.addcmul(
+                self.get(j, like), row[j], u, out=out)
         return u
 
     def is_stored(self, t: torch.Tensor) -> bool:

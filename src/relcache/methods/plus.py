@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from .history import DiffHistory, Reducer, per_sample, sample_norm
+from .history import DiffHistory, Reducer
 from .predictors import PredictorState, Relational, Taylor
 from .schedules import InputError, InputErrorState
 from .storage import CacheStorage, store
@@ -65,11 +65,11 @@ class NewtonHistory(DiffHistory):
         st = self.storage
         self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale) for j, d in enumerate(new)]
 
-    def direction(self, row: torch.Tensor, like: torch.dtype) -> torch.Tensor | None:
+    def direction(self, row: torch.Tensor, like: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """``u`` with ``k · u`` the Newton increment, or None while only ``D_0`` exists.
 
         Horner form ``u = D_1 + (k + G_1)(D_2 + (k + G_2)(D_3 + ...))``, ``k = row[0]``. At order 1 ``u`` is ``D_1``
-        itself: check ``is_stored`` before writing into it.
+        itself: check ``is_stored`` before writing into it. ``out`` as ``DiffHistory.direction``'s.
         """
         m = len(self.diffs) - 1
         if m < 1:
@@ -77,7 +77,9 @@ class NewtonHistory(DiffHistory):
         k = row[0]
         u = self.get(m, like)
         for j in range(m - 1, 0, -1):  # u <- D_j + (k + G_j) · u
-            u = torch.addcmul(self.get(j, like), k + sum(self.gaps[1:j], self.gaps[0]), u)
+            mult = k + sum(self.gaps[1:j], self.gaps[0])
+            u = torch.addcmul(self.get(j, like), mult, u) if out is None else torch.addcmul(
+                self.get(j, like), mult, u, out=out)
         return u
 
 
@@ -163,22 +165,8 @@ class RelationalPlus(Relational):
         est = torch.where(est * 0 == 0, est, s)  # before the clip, which would turn an infinite trend finite
         return torch.minimum(torch.maximum(est, s / self.clip), s * self.clip)
 
-    def _finish(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, u: torch.Tensor | None,
-                norms: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        hist = state.out
-        base = hist.base(inp.dtype)
-        s = self.forecast_ratio(state, row)
-        if u is None or s is None:
-            return base if u is None else torch.addcmul(base, row[0], u)
-        if norms is not None:
-            coef = s * norms[0] / norms[1]
-        else:
-            coef = s * sample_norm(inp - state.input(inp.dtype)) / sample_norm(u)
-        coef = torch.where(coef * 0 == 0, coef, row[0])  # RFE's fallback: the plain forecast base + k · u
-        if (torch.is_grad_enabled() and (u.requires_grad or coef.requires_grad or base.requires_grad)
-                or hist.is_stored(u)):
-            return torch.addcmul(base, per_sample(coef, u), u)
-        return torch.addcmul(base, per_sample(coef, u), u, out=u)
+    def ratio_at(self, state: PredictorState, row: torch.Tensor) -> torch.Tensor | None:
+        return self.forecast_ratio(state, row)
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,18 @@ class Relational(Predictor):
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         if state.reducer is not None:
             return self.forecast_many([(state, inp, row)])[0]
-        return self._finish(state, inp, row, state.out.direction(row, inp.dtype), None)
+        hist = state.out
+        if (state.ratio is not None and state.inp is not None and len(hist.diffs) > 2
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            # Eager: the input change is needed only for its norm, so the direction is written over it afterwards
+            # (one fresh full-size tensor per forecast instead of two; on a CPU each page-faults). Same numbers.
+            change = inp - state.input(inp.dtype)
+            moved = sample_norm(change)
+            base = hist.base(inp.dtype)
+            fits = change.shape == base.shape and change.dtype == base.dtype
+            u = hist.direction(row, inp.dtype, out=change if fits else None)
+            return self._finish(state, inp, row, u, None, moved)
+        return self._finish(state, inp, row, hist.direction(row, inp.dtype), None)
 
     def forecast_many(self, items: Sequence[tuple[PredictorState, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """With a reducer (split sequence), the norms of every item, i.e. of one module call's outputs and row
@@ -205,18 +216,26 @@ class Relational(Predictor):
                 norms[j] = (moved, size)
         return [self._finish(st, inp, row, u, n) for (st, inp, row), u, n in zip(items, us, norms, strict=True)]
 
+    def ratio_at(self, state: PredictorState, row: torch.Tensor) -> torch.Tensor | None:
+        """The ratio ``s`` a forecast with ``row`` uses: the latest full step's (a subclass may forecast it)."""
+        return state.ratio
+
     def _finish(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, u: torch.Tensor | None,
-                norms: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                norms: tuple[torch.Tensor, torch.Tensor] | None, moved: torch.Tensor | None = None) -> torch.Tensor:
         """The forecast from the direction ``u`` (the increment is ``d = k · u``, so ``d / ‖d‖ = u / ‖u‖``) and, on a
-        split sequence, the whole sequence's norms of the input change and of ``u``."""
+        split sequence, the whole sequence's norms of the input change and of ``u``; ``moved``, the input change's
+        norm where the caller took it already."""
         hist = state.out
         base = hist.base(inp.dtype)
-        if u is None or state.ratio is None:
+        s = self.ratio_at(state, row)
+        if u is None or s is None:
             return base if u is None else torch.addcmul(base, row[0], u)
         if norms is not None:
-            coef = state.ratio * norms[0] / norms[1]
+            coef = s * norms[0] / norms[1]
         else:
-            coef = state.ratio * sample_norm(inp - state.input(inp.dtype)) / sample_norm(u)
+            if moved is None:
+                moved = sample_norm(inp - state.input(inp.dtype))
+            coef = s * moved / sample_norm(u)
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
         # ``coef * 0 == 0`` is ``isfinite`` in two kernels where ``isfinite`` takes four (abs, ne, eq, mul).
         coef = torch.where(coef * 0 == 0, coef, row[0])
