@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_loop, tiny_dit
@@ -122,3 +123,37 @@ def test_the_end_of_a_pipeline_call_frees_rcs_input_history_too():
         relcache.disable(pipe)
     assert st.cache_bytes == 0 and st.peak_cache_bytes > 0
     assert st.nfc == 4 and st.contexts[next(iter(st.contexts))].input_errors
+
+
+
+@pytest.mark.parametrize("storage", [None, CacheStorage(F8, "int4", F8)])
+def test_modules_reading_one_tensor_hold_one_stored_input(storage, monkeypatch):
+    """FLUX's single blocks run ``proj_mlp`` and ``attn`` on one modulated norm: RFE stores that input once. The output
+    is bit-identical to unshared storage, and the peak is lower by exactly one stored input per single block, held
+    (and counted) by ``proj_mlp``, the first to store it."""
+    from relcache.methods import storage as storage_mod
+
+    case = CASES["flux"]
+    cfg = dataclasses.replace(RFC(threshold=0.3), cache_dtype=storage)
+
+    def generate():
+        pipe = case.build()
+        relcache.enable(pipe, cfg)
+        try:
+            return generate_with_stats(pipe, case, steps=6)
+        finally:
+            relcache.disable(pipe)
+
+    shared, st = generate()
+    monkeypatch.setattr(storage_mod.SharedInputs, "find", lambda self, x, fmt, axes: None)  # never share
+    unshared, st0 = generate()
+    assert st.full_steps == st0.full_steps and st.nfc < 6
+    np.testing.assert_array_equal(shared, unshared)
+    # the attn input of each of the 2 single blocks: batch 1, 6 text + 16 image tokens, hidden 16, float32
+    one = 1 * 22 * 16 * 4 if storage is None else 1 * 22 * 16 * 1 + 22 * 4  # float8 values + a float32 scale per token
+    ctx, ctx0 = st.contexts["cond"], st0.contexts["cond"]
+    for block in ("single_transformer_blocks.0", "single_transformer_blocks.1"):
+        assert ctx0.peak_module_bytes[f"{block}.attn"] - ctx.peak_module_bytes[f"{block}.attn"] == one
+        assert ctx.peak_module_bytes[f"{block}.proj_mlp"] == ctx0.peak_module_bytes[f"{block}.proj_mlp"]
+    assert st0.peak_cache_bytes - st.peak_cache_bytes == 2 * one
+    assert st0.peak_cache_bytes_by_kind["attn"] - st.peak_cache_bytes_by_kind["attn"] == 2 * one

@@ -17,7 +17,9 @@ step is a tensor operation (no host read), so storing and reading compile into t
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -95,7 +97,7 @@ class CacheStorage:
 class Held:
     """One stored tensor: its data in the storage format and, for narrow formats, its power-of-two scale."""
 
-    __slots__ = ("data", "scale", "shape", "packed")
+    __slots__ = ("data", "scale", "shape", "packed", "__weakref__")
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor | None, shape: torch.Size, packed: bool) -> None:
         self.data = data
@@ -174,3 +176,60 @@ def stored_bytes(shape: tuple[int, ...], fmt: torch.dtype | str | None, axes: st
     for i, n in enumerate(shape):
         scales *= 1 if i in dims else n
     return data + 4 * scales
+
+
+def share_key(x: torch.Tensor) -> tuple[tuple[Any, ...], torch.Tensor] | None:
+    """What identifies the values of ``x`` within a call, and the tensor that key's identity is of: its base tensor's
+    identity, the version counter (bumped by every in-place write to the base or any view of it) and the view's
+    geometry. None for an inference tensor (it has no version counter, so an in-place write could not be seen)."""
+    if x.is_inference():
+        return None
+    base = x._base if x._base is not None else x  # noqa: SLF001 (a view's values are its base's at its geometry)
+    return (id(base), x._version, x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device), base
+
+
+class SharedInputs:
+    """RFE's stored inputs by what they were stored from: two cached modules reading the same tensor (FLUX's single
+    blocks run ``proj_mlp`` and ``attn`` on one modulated norm) hold one stored copy.
+
+    (choice) A stored input is shared only where the tensor it is stored from is provably the same: the same base
+    tensor object (still alive), the same version (no in-place write since) and the same view geometry, in the same
+    format and scale. Storing is deterministic, so a shared copy equals the copy the module would have stored: results
+    are bit-identical to unshared storage. Only weak references are held: an entry goes when its base tensor does,
+    and it is not used once its stored copy or the state that stored it is gone."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Any, ...], tuple[weakref.ref, weakref.ref, weakref.ref]] = {}
+
+    def find(self, x: torch.Tensor, fmt: torch.dtype | str | None, axes: str) -> tuple[Any, Any] | None:
+        """``(stored, owner)`` where ``x`` (in this format and scale) was stored by state ``owner``, else None."""
+        got = share_key(x)
+        if got is None:
+            return None
+        entry = self._entries.get((got[0], fmt, axes))
+        if entry is None or entry[0]() is not got[1]:
+            return None
+        stored, owner = entry[1](), entry[2]()
+        return None if stored is None or owner is None else (stored, owner)
+
+    def add(self, x: torch.Tensor, fmt: torch.dtype | str | None, axes: str, stored: Any, owner: Any) -> None:
+        """Remember that state ``owner`` holds ``stored``, stored from ``x`` in this format and scale."""
+        got = share_key(x)
+        if got is None:
+            return
+        key, base = (got[0], fmt, axes), got[1]
+        entries = self._entries
+
+        def drop(_: weakref.ref, key: tuple[Any, ...] = key) -> None:  # the base tensor is freed
+            if key in entries and entries[key][0] is ref:
+                del entries[key]
+
+        ref = weakref.ref(base, drop)
+        entries[key] = (ref, weakref.ref(stored), weakref.ref(owner))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+#: the process's shared inputs (keys are object identities: nothing to share between processes)
+SHARED_INPUTS = SharedInputs()
