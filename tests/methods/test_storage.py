@@ -46,7 +46,16 @@ def test_int4_packs_two_values_per_byte_and_rounds_to_the_scale():
     assert torch.equal(load(store(y, "int4", "token"), torch.float32), torch.tensor([[14.0, 4.0, -4.0]]))
 
 
-@pytest.mark.parametrize("fmt", [None, torch.bfloat16, torch.float16, F8, torch.float8_e5m2, "int4"])
+def test_int8_holds_a_uniform_grid_of_255_steps_per_scale():
+    # amax 254 -> scale 2 (the smallest power of two with 254 / s <= 127); 3 / 2 = 1.5 rounds (half to even) to 2 -> 4
+    x = torch.tensor([[254.0, -100.0, 3.0, 0.5], [1.0, -0.5, 0.25, 0.0]])
+    held = store(x, "int8", "token")
+    assert held.data.dtype == torch.int8 and held.data.shape == x.shape and held_bytes(held) == 8 + 2 * 4
+    assert held.scale.flatten().tolist() == [2.0, 2.0**-6]  # second token: amax 1 -> 1/64 (1/128 would put 1 at 128)
+    assert torch.equal(load(held, torch.float32), torch.tensor([[254.0, -100.0, 4.0, 0.0], [1.0, -0.5, 0.25, 0.0]]))
+
+
+@pytest.mark.parametrize("fmt", [None, torch.bfloat16, torch.float16, F8, torch.float8_e5m2, "int8", "int4"])
 @pytest.mark.parametrize("axes", ["sample", "token", "channel"])
 def test_stored_bytes_counts_what_store_holds(fmt, axes):
     for shape in [(2, 6, 8), (3, 5), (1, 2, 3, 7)]:
@@ -81,7 +90,7 @@ def test_storage_and_budget_arguments_are_checked():
     with pytest.raises(ConfigError, match="scale"):
         CacheStorage(F8, F8, F8, scale="row")
     with pytest.raises(ConfigError, match="diffs"):
-        CacheStorage(None, "int8")
+        CacheStorage(None, "int2")
     with pytest.raises(ConfigError, match="max_cache_bytes"):
         CacheConfig(Reuse(), Interval(), max_cache_bytes=-1)
     with pytest.raises(ConfigError, match="not both"):

@@ -70,19 +70,28 @@ class PredictorState:
         (the first call of each input shape is eager) takes its owner's input again, which the owner stored earlier
         in the same call (a model's dataflow does not change between calls of one shape)."""
         st = self.out.storage
-        fmt, axes = (None, "token") if st is None else (st.input, st.scale)
+        fmt, axes, offload = (None, "token", False) if st is None else (st.input, st.scale, st.offload)
         if torch.compiler.is_compiling():
             if self.owner is not None:
                 self.inp = self.owner.inp
             else:
-                self.inp = inp if st is None else store(inp, fmt, axes)
+                self.inp = inp if st is None else store(inp, fmt, axes, offload)
             return
-        got = SHARED_INPUTS.find(inp, fmt, axes)
+        got = SHARED_INPUTS.find(inp, (fmt, offload), axes)
         if got is not None and got[1] is not self:
             self.inp, self.owner = got
             return
-        self.inp, self.owner = (inp if st is None else store(inp, fmt, axes)), None
-        SHARED_INPUTS.add(inp, fmt, axes, self.inp, self)
+        self.inp, self.owner = (inp if st is None else store(inp, fmt, axes, offload)), None
+        SHARED_INPUTS.add(inp, (fmt, offload), axes, self.inp, self)
+
+    def prefetch(self) -> None:
+        """Start copying what an offloaded state holds (``CacheStorage(offload=True)``) back to its device, ahead of
+        the forecast that reads it; nothing for a state held on its device."""
+        if torch.compiler.is_compiling():
+            return
+        for t in (*self.out.diffs, self.inp):
+            if isinstance(t, Held):
+                t.prefetch()
 
 
 class Predictor(ABC):
