@@ -42,6 +42,11 @@ STORAGES: dict[str, object] = {
     "bf16 base+input, int4 diffs": CacheStorage(BF16, "int4", BF16),
     "float8 base only": CacheStorage(F8, BF16, BF16),
     "float8 input only": CacheStorage(BF16, BF16, F8),
+    "int8": CacheStorage("int8", "int8", "int8"),
+    "int8, int4 diffs": CacheStorage("int8", "int4", "int8"),
+    "int8 per-channel, int4 diffs": CacheStorage("int8", "int4", "int8", "channel"),
+    "int8 base only": CacheStorage("int8", BF16, BF16),
+    "int8 input only": CacheStorage(BF16, BF16, "int8"),
 }
 
 

@@ -43,7 +43,11 @@ STORAGES: dict[str, Any] = {
     "float8": CacheStorage(F8, F8, F8),
     "float8, int4 diffs": CacheStorage(F8, "int4", F8),
     "bf16 base+input, int4 diffs": CacheStorage(BF16, "int4", BF16),
+    "int8, int4 diffs": CacheStorage("int8", "int4", "int8"),
+    "int8 per-channel, int4 diffs": CacheStorage("int8", "int4", "int8", "channel"),
 }
+#: the storages measured on the meta device by default (``--storages``)
+META_STORAGES = ("bfloat16 (as computed)", "float8, int4 diffs")
 FLUX_WIDTH = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
                   joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                   axes_dims_rope=(16, 56, 56))
@@ -112,13 +116,12 @@ def per_block(stats: relcache.CacheStats) -> dict[str, int]:
     return out
 
 
-def wanted(method: str, storage: str, cpu: bool = False) -> bool:
+def wanted(method: str, storage: str, cpu: bool = False, storages: tuple[str, ...] = META_STORAGES) -> bool:
     """On the CPU (real computation, slow): every method as computed, and RFC in float8 with int4 differences; on
-    the meta device (each run takes minutes of Python on a shared CPU): RFC as computed and in float8 with int4
-    differences."""
+    the meta device (each run takes minutes of Python on a shared CPU): RFC in ``storages``."""
     if cpu:
         return storage == "bfloat16 (as computed)" or method.startswith("RFC") and storage == "float8, int4 diffs"
-    return method.startswith("RFC") and storage in ("bfloat16 (as computed)", "float8, int4 diffs")
+    return method.startswith("RFC") and storage in storages
 
 
 def cpu_measurement(token_counts: list[tuple[int, int]]) -> dict[str, Any]:
@@ -179,6 +182,58 @@ def forecast_timing(image: int, text: int, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) / base for k, v in times.items()}
 
 
+OFFLOAD_STORAGES: dict[str, Any] = {
+    "bfloat16 (as computed)": None,
+    "bfloat16, offloaded": CacheStorage(offload=True),
+    "int8, int4 diffs": CacheStorage("int8", "int4", "int8"),
+    "int8, int4 diffs, offloaded": CacheStorage("int8", "int4", "int8", offload=True),
+}
+
+
+def offload_timing(image: int, text: int, blocks: int, rounds: int, device: str) -> dict[str, Any]:
+    """A cached step's forecasts (RFE m=2, full histories) of ``blocks`` FLUX double + single blocks' cached modules
+    at ``image`` + ``text`` tokens on ``device``, per storage of ``OFFLOAD_STORAGES``: median seconds (synchronised)
+    and the ratio to bfloat16 caches held on the device. Offloaded states are prefetched one module ahead, as the
+    runtime does (``PredictorState.prefetch`` before each forecast). States are recorded from random tensors."""
+    g = torch.Generator().manual_seed(0)
+    d, joint = 3072, image + text
+    shapes = [((1, image, d), (1, image, d)), ((1, text, d), (1, text, d)), ((1, image, d), (1, image, d)),
+              ((1, text, d), (1, text, d)), ((1, joint, d), (1, joint, d)), ((1, joint, 4 * d), (1, joint, d))]
+    pred, row = Relational(2), torch.tensor(relcache.methods.history.step_row(2), device=device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    states: dict[str, list[tuple[Any, torch.Tensor]]] = {}
+    for sname, storage in OFFLOAD_STORAGES.items():
+        states[sname] = []
+        for _ in range(blocks):
+            for out_shape, in_shape in shapes:
+                st = pred.new_state(storage)
+                for step in range(3):
+                    pred.update(st, step, torch.randn(in_shape, generator=g).to(device, BF16),
+                                torch.randn(out_shape, generator=g).to(device, BF16))
+                states[sname].append((st, st.input(BF16) * 1.01))
+    times: dict[str, list[float]] = {k: [] for k in OFFLOAD_STORAGES}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for sname, items in states.items():  # interleaved
+                sync()
+                start = time.perf_counter()
+                for i, (st, inp) in enumerate(items):
+                    if i + 1 < len(items):
+                        items[i + 1][0].prefetch()
+                    pred.forecast(st, inp, row)
+                sync()
+                times[sname].append(time.perf_counter() - start)
+    base = statistics.median(times["bfloat16 (as computed)"])
+    device_bytes = {k: sum(st.nbytes for st, _ in v) for k, v in states.items()}
+    return {"device": device, "image_tokens": image, "text_tokens": text, "blocks": blocks, "rounds": rounds,
+            "seconds": {k: statistics.median(v) for k, v in times.items()},
+            "ratio": {k: statistics.median(v) / base for k, v in times.items()}, "state_bytes": device_bytes}
+
+
 SHAPES = {
     # name: (builder, inputs, blocks description, split-CFG contexts, model parameters' bytes in bfloat16)
     "FLUX.1-dev 1024x1024": "19 double + 38 single blocks, 4096 image + 512 text tokens, batch 1, no CFG",
@@ -212,14 +267,17 @@ def meta_models() -> dict[str, tuple[torch.nn.Module, dict[str, Any], int]]:
             "Wan 2.1 14B 720p 81 frames": (wan, wn, 2)}
 
 
-def meta_measurement() -> list[dict[str, Any]]:
+def meta_measurement(storages: tuple[str, ...] = META_STORAGES, only: str | None = None) -> list[dict[str, Any]]:
+    """RFC's bytes on the full-size models (those whose name starts with ``only``, if given) in ``storages``."""
     rows = []
     for name, (model, kwargs, contexts) in meta_models().items():
+        if only and not name.startswith(only):
+            continue
         print(name, flush=True)
         params = sum(p.numel() for p in model.parameters()) * 2
         for mname, cfg in methods(1).items():
             for sname, storage in STORAGES.items():
-                if not wanted(mname, sname):
+                if not wanted(mname, sname, storages=storages):
                     continue
                 rcs = 0
                 try:
@@ -283,6 +341,15 @@ def report(result: dict[str, Any]) -> str:
                   "relative to bfloat16 storage, interleaved medians", "", "| storage | time ratio |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in result["forecast_time_ratio"].items()]
         lines.append("")
+    off = result.get("offload")
+    if off:
+        lines += [f"## Offloaded caches: one cached step's forecasts ({off['blocks']} x (double + single block), "
+                  f"{off['image_tokens']} + {off['text_tokens']} tokens, RFE m=2, {off['device']}, median of "
+                  f"{off['rounds']} interleaved rounds)", "", "| storage | seconds | ratio to bf16 on the device | "
+                  "state bytes |", "|---|---|---|---|"]
+        lines += [f"| {k} | {off['seconds'][k]:.4f} | {off['ratio'][k]:.2f} | {off['state_bytes'][k]} |"
+                  for k in off["seconds"]]
+        lines.append("")
     meta = result.get("meta_models", [])
     if meta:
         lines += ["## Full-size models on the meta device (measured stats, no computation)", ""]
@@ -303,8 +370,15 @@ def report(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", nargs="+", default=["64+8", "144+16"], help="image+text token counts (cpu)")
-    parser.add_argument("--parts", nargs="+", default=["cpu", "timing", "meta"], choices=["cpu", "timing", "meta"])
+    parser.add_argument("--parts", nargs="+", default=["cpu", "timing", "meta"],
+                        choices=["cpu", "timing", "meta", "offload"])
+    parser.add_argument("--offload-tokens", default="4096+512", help="image+text tokens of the offload timing")
+    parser.add_argument("--offload-blocks", type=int, default=2, help="double + single block pairs (offload)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="offload timing")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--storages", nargs="+", default=list(META_STORAGES), choices=list(STORAGES),
+                        help="RFC's storages on the meta device")
+    parser.add_argument("--meta-model", choices=["FLUX", "HunyuanVideo", "Wan"], help="only this model (meta)")
     parser.add_argument("--out", default="runs/cache_memory.json")
     parser.add_argument("--report", metavar="JSON", help="only print (and write as .md) the tables of a saved run")
     args = parser.parse_args()
@@ -319,6 +393,13 @@ def main() -> None:
                                        "processor": platform.processor(), "threads": torch.get_num_threads(),
                                        "torch": torch.__version__, "command": "python benchmarks/cache_memory.py "
                                        f"--tokens {' '.join(args.tokens)} --parts {' '.join(args.parts)}"}}
+    if "offload" in args.parts:
+        result["meta"]["command"] += (f" --offload-tokens {args.offload_tokens} --offload-blocks "
+                                      f"{args.offload_blocks} --rounds {args.rounds} --device {args.device}")
+    if "meta" in args.parts:
+        quoted = " ".join(f'"{s}"' if " " in s else s for s in args.storages)
+        result["meta"]["command"] += f" --storages {quoted}" + (f" --meta-model {args.meta_model}" if args.meta_model
+                                                                   else "")
     model = None
     if "cpu" in args.parts:
         got = cpu_measurement(counts)
@@ -329,8 +410,13 @@ def main() -> None:
         print(result["forecast_time_ratio"], flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     del model
+    if "offload" in args.parts:
+        image, text = (int(v) for v in args.offload_tokens.split("+"))
+        result["offload"] = offload_timing(image, text, args.offload_blocks, args.rounds, args.device)
+        print(result["offload"], flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
     if "meta" in args.parts:
-        result["meta_models"] = meta_measurement()
+        result["meta_models"] = meta_measurement(tuple(args.storages), args.meta_model)
     Path(args.out).write_text(json.dumps(result, indent=2))
     Path(args.out).with_suffix(".md").write_text(report(result))
     print(report(result))

@@ -16,9 +16,11 @@ export PYTHONUNBUFFERED=1
 if [ $smoke = 1 ]; then
   size=(--models T); dt=(--dtype float32); speed=(--steps 20 --budgets 7 --repeats 1 --device cpu); rep=1
   flux=(--smoke --repeats 1); scale=20  # the CPU compiles slowly: every limit times 20
+  offload=(--device cpu --offload-tokens 16+8 --offload-blocks 1 --rounds 1)
 else
   size=(--models XL); dt=(--dtype bfloat16); speed=(--budgets 14 --repeats 2 --device cuda); rep=3
   flux=(--repeats 2); scale=1
+  offload=(--device cuda --offload-tokens 4096+512 --offload-blocks 2 --rounds 5)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 fi
 { python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
@@ -50,4 +52,7 @@ run speed_b16_cudagraphs 75 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]
 # 4. FLUX-shaped, compiled: RFC at NFC 8 against the compiled plain model (compiling FLUX takes most of this).
 run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --compile default \
   --out "$out/flux_compiled.json"
+# 5. Offloaded caches (CacheStorage(offload=True)): a cached step's forecasts at FLUX width with caches in pinned host
+# memory, prefetched one module ahead, against caches on the GPU (seconds and ratios).
+run cache_offload 60 python3 cache_memory.py --parts offload "${offload[@]}" --out "$out/cache_offload.json"
 echo "== done in $SECONDS s" | tee -a "$out/gpu.txt"

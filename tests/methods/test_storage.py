@@ -46,7 +46,19 @@ def test_int4_packs_two_values_per_byte_and_rounds_to_the_scale():
     assert torch.equal(load(store(y, "int4", "token"), torch.float32), torch.tensor([[14.0, 4.0, -4.0]]))
 
 
-@pytest.mark.parametrize("fmt", [None, torch.bfloat16, torch.float16, F8, torch.float8_e5m2, "int4"])
+def test_int8_holds_a_uniform_grid_per_scale():
+    # token 0: amax 254 -> scale 2 (the smallest power of two with 254 / s <= 127); 3 / 2 = 1.5 rounds (half to even)
+    # to 2 -> 4, 0.5 / 2 -> 0. Token 1: amax 1 -> 1/64 (1/128 would put 1 at 128): every value reads back exactly
+    x = torch.tensor([[254.0, -100.0, 3.0, 0.5], [1.0, -0.5, 0.25, 0.0]])
+    held = store(x, "int8", "token")
+    assert held.data.dtype == torch.int8 and held.data.shape == x.shape and held_bytes(held) == 8 + 2 * 4
+    assert held.scale.flatten().tolist() == [2.0, 2.0**-6]
+    assert held.data.tolist() == [[127, -50, 2, 0], [64, -32, 16, 0]]
+    want = torch.tensor([[254.0, -100.0, 4.0, 0.0], [1.0, -0.5, 0.25, 0.0]])
+    assert torch.equal(load(held, torch.float32), want)
+
+
+@pytest.mark.parametrize("fmt", [None, torch.bfloat16, torch.float16, F8, torch.float8_e5m2, "int8", "int4"])
 @pytest.mark.parametrize("axes", ["sample", "token", "channel"])
 def test_stored_bytes_counts_what_store_holds(fmt, axes):
     for shape in [(2, 6, 8), (3, 5), (1, 2, 3, 7)]:
@@ -81,10 +93,68 @@ def test_storage_and_budget_arguments_are_checked():
     with pytest.raises(ConfigError, match="scale"):
         CacheStorage(F8, F8, F8, scale="row")
     with pytest.raises(ConfigError, match="diffs"):
-        CacheStorage(None, "int8")
+        CacheStorage(None, "int2")
     with pytest.raises(ConfigError, match="max_cache_bytes"):
         CacheConfig(Reuse(), Interval(), max_cache_bytes=-1)
     with pytest.raises(ConfigError, match="not both"):
         CacheConfig(Reuse(), Interval(), cache_dtype=F8, max_cache_bytes=10)
     assert CacheConfig(Reuse(), Interval(), max_cache_bytes=10).max_cache_bytes == 10
     assert CacheConfig(Reuse(), Interval(), cache_dtype=CacheStorage(F8, "int4", None)).storage.diffs == "int4"
+
+
+def test_an_input_is_shared_only_while_it_is_provably_the_same_tensor():
+    """RFE's stored input is shared between states that store the same tensor object, unchanged (same version) and
+    at the same view; an in-place write, another view, an inference tensor or another format each get their own copy,
+    and the shared copy counts once (in its owner's bytes)."""
+    pred = Relational(2)
+    storage = CacheStorage(F8, "int4", F8)
+    x = torch.randn(1, 4, 8)
+    a, b, c = (pred.new_state(storage) for _ in range(3))
+    pred.update(a, 0, x, torch.randn(1, 4, 8))
+    pred.update(b, 0, x, torch.randn(1, 4, 16))
+    assert b.inp is a.inp and b.owner is a
+    one = held_bytes(a.inp)
+    assert a.nbytes == a.out.nbytes + one + held_bytes(a.ratio)  # the owner counts the input
+    assert b.nbytes == b.out.nbytes + held_bytes(b.ratio)  # the other state does not
+    x.mul_(1.0)  # an in-place write (even one that changes no value) bumps the version: no longer provably the same
+    pred.update(c, 0, x, torch.randn(1, 4, 8))
+    assert c.inp is not a.inp and c.owner is None
+    v = torch.randn(2, 4, 8)
+    d, e = pred.new_state(storage), pred.new_state(storage)
+    pred.update(d, 0, v[0:1], torch.randn(1, 4, 8))
+    pred.update(e, 0, v[0:1], torch.randn(1, 4, 8))  # another view object of the same rows: shared
+    assert e.inp is d.inp
+    pred.update(e, 1, v[1:2], torch.randn(1, 4, 8))  # other rows: not shared
+    assert e.inp is not d.inp and e.owner is None
+    f = pred.new_state(CacheStorage(F8, "int4", torch.bfloat16))
+    pred.update(f, 0, v[0:1], torch.randn(1, 4, 8))  # another input format: its own copy
+    assert f.owner is None
+    with torch.inference_mode():
+        y = torch.randn(1, 4, 8)
+    g, h = pred.new_state(storage), pred.new_state(storage)
+    pred.update(g, 0, y, torch.randn(1, 4, 8))
+    pred.update(h, 0, y, torch.randn(1, 4, 8))
+    assert h.inp is not g.inp
+
+
+def test_shared_inputs_hold_no_tensor_and_forget_freed_ones():
+    from relcache.methods.storage import SharedInputs
+
+    pool, pred = SharedInputs(), Relational(1)
+    owner = pred.new_state(F8)
+    x = torch.randn(1, 4, 8)
+    held = store(x, F8, "token")
+    pool.add(x, F8, "token", held, owner)
+    assert len(pool) == 1 and pool.find(x, F8, "token") == (held, owner)
+    assert pool.find(x, F8, "sample") is None and pool.find(x.clone(), F8, "token") is None
+    del held
+    assert pool.find(x, F8, "token") is None  # its stored copy is gone: nothing to share
+    del x
+    assert len(pool) == 0  # the base tensor is freed: its entry goes
+
+
+def test_state_bytes_of_a_shared_input_leave_the_input_out():
+    pred, storage = Relational(2), CacheStorage(F8, "int4", F8)
+    full = pred.state_bytes((2, 6, 8), (2, 6, 4), torch.float32, storage)
+    shared = pred.state_bytes((2, 6, 8), (2, 6, 4), torch.float32, storage, input_shared=True)
+    assert full - shared == 2 * 6 * 4 + 4 * 2 * 6  # float8 values and one float32 scale per token

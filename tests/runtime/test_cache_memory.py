@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_loop, tiny_dit
@@ -122,3 +123,75 @@ def test_the_end_of_a_pipeline_call_frees_rcs_input_history_too():
         relcache.disable(pipe)
     assert st.cache_bytes == 0 and st.peak_cache_bytes > 0
     assert st.nfc == 4 and st.contexts[next(iter(st.contexts))].input_errors
+
+
+
+@pytest.mark.parametrize("storage", [None, CacheStorage(F8, "int4", F8)])
+def test_modules_reading_one_tensor_hold_one_stored_input(storage, monkeypatch):
+    """FLUX's single blocks run ``proj_mlp`` and ``attn`` on one modulated norm: RFE stores that input once. The output
+    is bit-identical to unshared storage, and the peak is lower by exactly one stored input per single block, held
+    (and counted) by ``proj_mlp``, the first to store it."""
+    from relcache.methods import storage as storage_mod
+
+    case = CASES["flux"]
+    cfg = dataclasses.replace(RFC(threshold=0.3), cache_dtype=storage)
+
+    def generate():
+        pipe = case.build()
+        relcache.enable(pipe, cfg)
+        try:
+            return generate_with_stats(pipe, case, steps=6)
+        finally:
+            relcache.disable(pipe)
+
+    shared, st = generate()
+    monkeypatch.setattr(storage_mod.SharedInputs, "find", lambda self, x, fmt, axes: None)  # never share
+    unshared, st0 = generate()
+    assert st.full_steps == st0.full_steps and st.nfc < 6
+    np.testing.assert_array_equal(shared, unshared)
+    # the attn input of each of the 2 single blocks: batch 1, 6 text + 16 image tokens, hidden 16, float32
+    one = 1 * 22 * 16 * 4 if storage is None else 1 * 22 * 16 * 1 + 22 * 4  # float8 values + a float32 scale per token
+    ctx, ctx0 = st.contexts["cond"], st0.contexts["cond"]
+    for block in ("single_transformer_blocks.0", "single_transformer_blocks.1"):
+        assert ctx0.peak_module_bytes[f"{block}.attn"] - ctx.peak_module_bytes[f"{block}.attn"] == one
+        assert ctx.peak_module_bytes[f"{block}.proj_mlp"] == ctx0.peak_module_bytes[f"{block}.proj_mlp"]
+    assert st0.peak_cache_bytes - st.peak_cache_bytes == 2 * one
+    assert st0.peak_cache_bytes_by_kind["attn"] - st.peak_cache_bytes_by_kind["attn"] == 2 * one
+
+
+@pytest.mark.parametrize("storage", [CacheStorage(), CacheStorage(F8, "int4", F8)])
+def test_offloaded_caches_give_the_same_outputs_and_stats(storage, monkeypatch):
+    """``CacheStorage(offload=True)`` holds every cached tensor in host memory and copies it back when read, the next
+    cached module's copies started one module ahead (``prefetch``). On the CPU the copy back is the host tensor
+    itself: the same code path, so outputs and stats must equal those of the same storage held in place."""
+    from relcache.methods.predictors import Relational
+    from relcache.methods.storage import Held
+
+    cfg = RFC(threshold=0.3)
+    ref, st0 = _loop(dataclasses.replace(cfg, cache_dtype=storage))
+    reads = {"prefetched": 0, "direct": 0}
+    device_data, forecast, forecasting = Held._device_data, Relational.forecast, []
+
+    def counting(self):
+        if self.device is not None and forecasting:
+            reads["prefetched" if self.ready is not None else "direct"] += 1
+        return device_data(self)
+
+    def flagged(self, *args):
+        forecasting.append(1)
+        try:
+            return forecast(self, *args)
+        finally:
+            forecasting.pop()
+
+    monkeypatch.setattr(Held, "_device_data", counting)
+    monkeypatch.setattr(Relational, "forecast", flagged)
+    outs, st1 = _loop(dataclasses.replace(cfg, cache_dtype=dataclasses.replace(storage, offload=True)))
+    for a, b in zip(ref, outs, strict=True):
+        assert torch.equal(a, b)
+    assert st1.full_steps == st0.full_steps and st0.nfc < 8
+    assert (st1.peak_cache_bytes, st1.peak_cache_bytes_by_kind) == (st0.peak_cache_bytes, st0.peak_cache_bytes_by_kind)
+    assert st1.contexts["default"].cache_storage.endswith("offloaded to host memory")
+    # in a cached step, the first of the 6 cached modules reads its tensors directly, and the 5 others find them
+    # prefetched by the module before them (all 6 hold histories of the same order)
+    assert reads["direct"] > 0 and reads["prefetched"] == 5 * reads["direct"]

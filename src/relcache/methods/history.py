@@ -140,7 +140,8 @@ class DiffHistory:
         else:  # first record, or the shape changed: start over
             self.gap = None
         st = self.storage
-        self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale) for j, d in enumerate(new)]
+        self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale, st.offload)
+                                             for j, d in enumerate(new)]
 
     def get(self, j: int, like: torch.dtype) -> torch.Tensor:
         """``D_j`` in dtype ``like``."""

@@ -30,13 +30,13 @@ from .history import (
     sample_norm,
     step_row,
 )
-from .storage import CacheStorage, Held, held_bytes, load, store, stored_bytes
+from .storage import SHARED_INPUTS, CacheStorage, Held, held_bytes, load, store, stored_bytes
 
 
 class PredictorState:
     """Per-module memory of a predictor: divided differences of the output, plus what the predictor adds."""
 
-    __slots__ = ("out", "inp", "ratio", "step", "reducer")
+    __slots__ = ("out", "inp", "ratio", "step", "reducer", "owner", "__weakref__")
 
     def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
         self.out = DiffHistory(order, dtype)
@@ -44,6 +44,7 @@ class PredictorState:
         self.ratio: torch.Tensor | None = None  # s per sample, Relational only
         self.step: int | None = None  # the latest full step, kept by ``update`` (by-step-number use only)
         self.reducer = reducer  # the sequence is split over processes: norms are summed over them
+        self.owner: PredictorState | None = None  # the state whose stored input ``inp`` is, where shared
 
     @property
     def ready(self) -> bool:
@@ -52,17 +53,45 @@ class PredictorState:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor held: the output's differences, and the input and ratio where kept."""
-        return self.out.nbytes + held_bytes(self.inp) + held_bytes(self.ratio)
+        """Bytes of every tensor held: the output's differences, and the input and ratio where kept. An input shared
+        with the state that stored it is that state's bytes (counted once)."""
+        shared = self.owner is not None and self.owner.inp is self.inp
+        return self.out.nbytes + (0 if shared else held_bytes(self.inp)) + held_bytes(self.ratio)
 
     def input(self, like: torch.dtype) -> torch.Tensor:
         """The stored input ``I(a)`` in dtype ``like``."""
         return load(self.inp, like)
 
     def store_input(self, inp: torch.Tensor) -> None:
-        """Keep ``inp`` as ``I(a)``, in the input format of the state's storage."""
+        """Keep ``inp`` as ``I(a)``, in the input format of the state's storage; where another state stored this very
+        tensor (same object, version and view) in this format, hold its copy (``storage.SharedInputs``).
+
+        (choice) Compiled code cannot test tensor identity: there a state that shared its input in the eager calls
+        (the first call of each input shape is eager) takes its owner's input again, which the owner stored earlier
+        in the same call (a model's dataflow does not change between calls of one shape)."""
         st = self.out.storage
-        self.inp = inp if st is None else store(inp, st.input, st.scale)
+        fmt, axes, offload = (None, "token", False) if st is None else (st.input, st.scale, st.offload)
+        if torch.compiler.is_compiling():
+            if self.owner is not None:
+                self.inp = self.owner.inp
+            else:
+                self.inp = inp if st is None else store(inp, fmt, axes, offload)
+            return
+        got = SHARED_INPUTS.find(inp, (fmt, offload), axes)
+        if got is not None and got[1] is not self:
+            self.inp, self.owner = got
+            return
+        self.inp, self.owner = (inp if st is None else store(inp, fmt, axes, offload)), None
+        SHARED_INPUTS.add(inp, (fmt, offload), axes, self.inp, self)
+
+    def prefetch(self) -> None:
+        """Start copying what an offloaded state holds (``CacheStorage(offload=True)``) back to its device, ahead of
+        the forecast that reads it; nothing for a state held on its device."""
+        if torch.compiler.is_compiling():
+            return
+        for t in (*self.out.diffs, self.inp):
+            if isinstance(t, Held):
+                t.prefetch()
 
 
 class Predictor(ABC):
@@ -81,16 +110,18 @@ class Predictor(ABC):
         return PredictorState(self.order, dtype, reducer)
 
     def state_bytes(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...], computed: torch.dtype,
-                    storage: CacheStorage | None) -> int:
+                    storage: CacheStorage | None, input_shared: bool = False) -> int:
         """Bytes a state holds once its history is full (``order`` differences, and RFE's input and ratios), for an
         output of ``out_shape`` and an input of ``in_shape`` computed in ``computed``: what a budget is checked on,
-        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps."""
+        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps. ``input_shared``: the
+        input is a tensor another state stores (its bytes are that state's)."""
         st = storage or CacheStorage()
         total = stored_bytes(out_shape, st.base, st.scale, computed)
         total += self.order * stored_bytes(out_shape, st.diffs, st.scale, computed)
         if self.uses_input:
             ratio = 8 if computed == torch.float64 else 4  # per-sample norms, ``sample_norm``'s precision
-            total += stored_bytes(in_shape, st.input, st.scale, computed) + ratio * (out_shape[0] if out_shape else 1)
+            total += ratio * (out_shape[0] if out_shape else 1)
+            total += 0 if input_shared else stored_bytes(in_shape, st.input, st.scale, computed)
         return total
 
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:

@@ -22,24 +22,37 @@ from torch.utils._pytree import tree_map_only
 
 from ..errors import ConfigError
 from ..methods.config import STORAGE_LADDER, CacheConfig
-from ..methods.storage import CacheStorage
+from ..methods.storage import CacheStorage, share_key
 
-#: per cached module: (its inputs' shapes, its outputs' shapes, the outputs' dtype)
-ModuleShapes = dict[int, tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], torch.dtype]]
+#: per cached module, in call order: (its inputs' shapes, its outputs' shapes, the outputs' dtype, which tensor each
+#: input is: equal numbers are the same tensor, as ``storage.share_key`` tells it, which RFE stores once)
+ModuleShapes = dict[int, tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], torch.dtype, tuple[int, ...]]]
 
 
 class ShapeProbe:
-    """Collects cached modules' shapes while the forward runs on fake tensors."""
+    """Collects cached modules' shapes, and which of their inputs are the same tensor, while the forward runs on fake
+    tensors."""
 
     def __init__(self) -> None:
         self.shapes: ModuleShapes = {}
+        self._tensors: dict[tuple[Any, ...], int] = {}  # share key -> tensor number
+        self._alive: list[torch.Tensor] = []  # the keyed base tensors, kept alive so that no identity is reused
+
+    def _number(self, x: torch.Tensor) -> int:
+        got = share_key(x)
+        if got is None:  # no version counter: never shared (``SharedInputs``)
+            got = ((object(),), x)  # a key equal to no other
+        self._alive.append(got[1])
+        return self._tensors.setdefault(got[0], len(self._tensors))
 
     def run(self, idx: int, inputs: torch.Tensor | tuple[torch.Tensor, ...], original: Any, args: tuple[Any, ...],
             kwargs: dict[str, Any]) -> Any:
-        out = original(*args, **kwargs)
         ins = inputs if isinstance(inputs, tuple) else (inputs,)
+        out = original(*args, **kwargs)
+        numbers = tuple(self._number(x) for x in ins)  # after the module ran, as the runtime stores them
         outs = out if isinstance(out, tuple) else (out,)
-        self.shapes[idx] = (tuple(tuple(x.shape) for x in ins), tuple(tuple(o.shape) for o in outs), outs[0].dtype)
+        self.shapes[idx] = (tuple(tuple(x.shape) for x in ins), tuple(tuple(o.shape) for o in outs), outs[0].dtype,
+                            numbers)
         return out
 
 
@@ -59,15 +72,17 @@ def probe_shapes(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
 
 def cache_bytes(config: CacheConfig, shapes: ModuleShapes, storage: CacheStorage | None) -> int:
     """Bytes one context's caches hold with full histories under ``storage``: every cached module's predictor
-    states and, for RCS, the input history of the first cached module (stored as computed)."""
-    predictor, total = config.predictor, 0
-    for ins, outs, dtype in shapes.values():
+    states (an input that two states read is stored once) and, for RCS, the input history of the first cached module
+    (stored as computed)."""
+    predictor, total, stored = config.predictor, 0, set()
+    for ins, outs, dtype, numbers in shapes.values():
         for j, out in enumerate(outs):
-            inp = ins[j] if len(ins) == len(outs) else ins[0]
-            total += predictor.state_bytes(out, inp, dtype, storage)
+            k = j if len(ins) == len(outs) else 0
+            total += predictor.state_bytes(out, ins[k], dtype, storage, input_shared=numbers[k] in stored)
+            stored.add(numbers[k])
     history_order = getattr(config.schedule, "order", None)
     if config.schedule.uses_input and history_order is not None and shapes:
-        ins, _, dtype = shapes[min(shapes)]
+        ins, _, dtype, _ = shapes[min(shapes)]
         numel = 1
         for n in ins[0]:
             numel *= n

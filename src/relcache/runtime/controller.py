@@ -58,6 +58,8 @@ def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]
     """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
     items = []  # (state, input, row) of every output of every group, in call order
     for group in groups:
+        for st in ctx.caches.states.get((idx + 1, group.name), ()):  # offloaded caches: the next module's start
+            st.prefetch()  # copying back now (``CacheStorage(offload=True)``); nothing otherwise
         states = ctx.caches.states[(idx, group.name)]
         row = ctx.caches.rows[group.name][idx].to(group.inputs[0].device)  # a model split over devices
         items += [(st, _input_for_output(group.inputs, j, len(states)), row) for j, st in enumerate(states)]
