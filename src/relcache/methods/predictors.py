@@ -224,7 +224,7 @@ class Relational(Predictor):
             base = hist.base(inp.dtype)
             fits = change.shape == base.shape and change.dtype == base.dtype
             u = hist.direction(row, inp.dtype, out=change if fits else None)
-            return self._finish(state, inp, row, u, None, moved)
+            return self._finish(state, inp, row, u, None, moved, base)
         return self._finish(state, inp, row, hist.direction(row, inp.dtype), None)
 
     def forecast_many(self, items: Sequence[tuple[PredictorState, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -252,12 +252,13 @@ class Relational(Predictor):
         return state.ratio
 
     def _finish(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, u: torch.Tensor | None,
-                norms: tuple[torch.Tensor, torch.Tensor] | None, moved: torch.Tensor | None = None) -> torch.Tensor:
+                norms: tuple[torch.Tensor, torch.Tensor] | None, moved: torch.Tensor | None = None,
+                base: torch.Tensor | None = None) -> torch.Tensor:
         """The forecast from the direction ``u`` (the increment is ``d = k · u``, so ``d / ‖d‖ = u / ‖u‖``) and, on a
         split sequence, the whole sequence's norms of the input change and of ``u``; ``moved``, the input change's
-        norm where the caller took it already."""
+        norm and ``base`` (``O(a)``) where the caller read them already (an offloaded cache is copied back once)."""
         hist = state.out
-        base = hist.base(inp.dtype)
+        base = hist.base(inp.dtype) if base is None else base
         s = self.ratio_at(state, row)
         if u is None or s is None:
             return base if u is None else torch.addcmul(base, row[0], u)
