@@ -27,6 +27,15 @@ from relcache.evaluation.reference import load_reference_transformer
 VARIANTS = {"alone": None, "+ CFG-Cache": relcache.CFGCache()}
 
 
+def variants(windows: list[float]) -> dict[str, relcache.CFGCache | None]:
+    """"alone", the default CFG-Cache, and CFG-Cache skipping at full steps (``skip_full=True``) with each window
+    start in ``windows`` (to the last step)."""
+    out = dict(VARIANTS)
+    for w in windows:
+        out[f"+ CFG-Cache skip_full window ({w}, 1.0)"] = relcache.CFGCache(window=(w, 1.0), skip_full=True)
+    return out
+
+
 def pareto(rows: list[dict], base: str, variant: str) -> list[str]:
     """For each ``base + variant`` row: the ``base alone`` row with the nearest FLOPs not below it, and the verdict."""
     alone = sorted((r for r in rows if r["method"] == base and r["variant"] == "alone"), key=lambda r: r["flops_ratio"])
@@ -44,15 +53,20 @@ def pareto(rows: list[dict], base: str, variant: str) -> list[str]:
 
 
 def main() -> None:
-    args = reference_parser(__doc__, [14, 11, 10, 8, 7], 30, "runs/cfg_schedule.json").parse_args()
+    parser = reference_parser(__doc__, [14, 11, 10, 8, 7], 30, "runs/cfg_schedule.json")
+    parser.add_argument("--windows", nargs="*", type=float, default=[],
+                        help="also CFG-Cache with the window (w, 1.0) for each w (step fractions)")
+    parser.add_argument("--methods", nargs="+", default=["RFC", "TaylorSeer"], choices=["RFC", "TaylorSeer"])
+    args = parser.parse_args()
+    configs = variants(args.windows)
     model = load_reference_transformer()
     labels = torch.arange(args.samples) % 10
     full, _ = generate(model, labels, args.seed, None)
     rows = []
     for k in args.budgets:
         bases = (("RFC", relcache.RFC(target_nfc=k)), ("TaylorSeer", relcache.TaylorSeer(INTERVAL_FOR_NFC[k])))
-        for method, base in bases:
-            for variant, cfg in VARIANTS.items():
+        for method, base in (b for b in bases if b[0] in args.methods):
+            for variant, cfg in configs.items():
                 out, stats = generate(model, labels, args.seed, dataclasses.replace(base, cfg_cache=cfg))
                 ctx = next(iter(stats[0].contexts.values()))
                 skipped = set(ctx.uncond_skipped_steps)
@@ -64,8 +78,8 @@ def main() -> None:
                 print(f"{method} NFC {k} {variant}: FLOPs {row['flops_ratio']:.3f} rel L1 {row['rel_l1']:.4f}\n"
                       f"  full steps      {row['full_steps']}\n  uncond half ran {row['uncond_ran']}", flush=True)
     print()
-    for method in ("RFC", "TaylorSeer"):
-        for variant in list(VARIANTS)[1:]:
+    for method in args.methods:
+        for variant in list(configs)[1:]:
             print("\n".join(pareto(rows, method, variant)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "samples": args.samples,

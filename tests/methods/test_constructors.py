@@ -194,6 +194,9 @@ SPECS = {
         "late": (FRACTIONS, BAD_FRACTIONS),
         "cfg": (BOOLS, BAD_BOOLS),
         "cfg_align": (BOOLS, BAD_BOOLS),
+        "cfg_phase": (st.sampled_from(["window", "step0"]), st.sampled_from(["diffusers", "", 0, None])),
+        "cfg_refresh_full": (st.just(False), BAD_BOOLS),
+        "compound": (BOOLS, BAD_BOOLS),
     }),
 }
 PARAMETERS = [(ctor, param) for ctor, (_, _, params) in SPECS.items() for param in params]

@@ -90,18 +90,92 @@ def test_aligned_refreshes_hand_counted():
     step runs it and stores the delta."""
     # window 10..19, refresh steps 10 and 15; full steps of Interval(2, 2) in it: 11 (first delta), 13 (skips: no
     # refresh step since 11), 15 (refresh step 15), 17, 19 (skip)
-    cfg = CFGCache(interval=5, window=(0.5, 1.0))
+    cfg = CFGCache(interval=5, window=(0.5, 1.0), skip_full=True)
     assert cfg.skipped_steps(20, Interval(2, 2).full_steps(20)) == [13, 17, 19]
     # every step full: the paper's schedule
     paper = CFGCache(interval=5, window=(0.5, 1.0), align=False).skipped_steps(20)
     assert cfg.skipped_steps(20, list(range(20))) == paper
     # refresh steps 2, 5, 8 in [2, 9); full steps 0, 3, 4, 8: 3 stores, 4 skips, 8 stores (refresh step 8)
-    cfg = CFGCache(interval=3, window_steps=(2, 9))
+    cfg = CFGCache(interval=3, window_steps=(2, 9), skip_full=True)
     assert cfg.skipped_steps(10, [0, 3, 4, 8]) == [4]
     assert [cfg.refresh_due(i, 3, 10) for i in range(10)] == [False] * 5 + [True] * 4 + [False]
     assert cfg.refresh_due(2, None, 10) and not cfg.refresh_due(1, None, 10)
     with pytest.raises(ValueError, match="give full_steps"):
         cfg.skipped_steps(10)
+
+
+def test_step0_phase_hand_counted():
+    """phase="step0" (diffusers): refresh steps are the window's multiples of ``interval``; the step before the
+    window stores the delta its first steps rebuild from."""
+    cfg = CFGCache(interval=5, window=(0.34, 1.0), phase="step0", align=False)  # window ceil(17.0) = 17..49
+    assert cfg.skipped_steps(50) == [i for i in range(17, 50) if i % 5]  # diffusers' skips on 50 DDIM steps
+    assert [i for i in range(50) if cfg.stores(i, 50)] == list(range(16, 50))
+    small = CFGCache(interval=4, window_steps=(3, 10), phase="step0", align=False)
+    assert small.skipped_steps(10) == [3, 5, 6, 7, 9]  # refresh steps 4 and 8
+    assert [i for i in range(10) if small.is_refresh(i, 10)] == [4, 8]
+    assert [i for i in range(10) if small.stores(i, 10)] == [2, 3, 4, 5, 6, 7, 8, 9]
+    # the window's phase (default) counts from its start: refresh steps 3 and 7
+    assert dataclasses.replace(small, phase="window").skipped_steps(10) == [4, 5, 6, 8, 9]
+    # aligned, step0: a delta from step 2 (before the window) serves until refresh step 4
+    aligned = dataclasses.replace(small, align=True, skip_full=True)
+    assert [aligned.refresh_due(i, 2, 10) for i in range(10)] == [False] * 4 + [True] * 4 + [True, True]
+    assert [aligned.refresh_due(i, 4, 10) for i in range(10)] == [False] * 8 + [True, True]
+    assert aligned.refresh_due(3, None, 10) and not aligned.refresh_due(2, None, 10)
+    # aligned, deltas come from full steps inside the window: 3 stores, 5 (refresh 4 due), 6 skips, 9 (8 due)
+    assert aligned.skipped_steps(10, [0, 1, 2, 3, 5, 6, 9]) == [6]
+    assert dataclasses.replace(aligned, skip_full=False).skipped_steps(10, [0, 1, 2, 3, 5, 6, 9]) == []
+
+
+def test_refresh_full_needs_the_paper_schedule_and_an_interval():
+    with pytest.raises(ConfigError, match=r"refresh_full=True needs align=False"):
+        CFGCache(refresh_full=True)
+    with pytest.raises(ConfigError, match=r"refresh_full must be True \(steps that run both halves are full\)"):
+        CFGCache(refresh_full=1, align=False)
+    with pytest.raises(ConfigError, match=r"phase must be one of 'window', 'step0'"):
+        CFGCache(phase="diffusers")
+    with pytest.raises(ConfigError, match=r"needs a schedule that reads no input \(relcache.Interval\).*InputError"):
+        dataclasses.replace(RFC(target_nfc=8), cfg_cache=CFGCache(refresh_full=True, align=False))
+
+
+def test_refresh_full_forces_full_steps_hand_counted(pipe):
+    """Every step that runs both halves is full: diffusers' FasterCache computes attention there."""
+    config = FasterCache(interval=2, warmup=4, cfg_phase="step0", cfg_refresh_full=True)
+    _, st = _run(pipe, config)
+    # window ceil(0.36 * 20) = 8..19, refresh steps 10 and 15, step 7 stores the delta steps 8 and 9 use;
+    # Interval(2, 4) is full at 0-3, 5, 7, 9, ...; the steps that run both halves (0-7, 10, 15) are full too
+    skipped = [8, 9, 11, 12, 13, 14, 16, 17, 18, 19]
+    full = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 13, 15, 17, 19]
+    assert st.contexts["default"].uncond_skipped_steps == skipped and st.full_steps == full and st.nfc == 15
+    # attention FLOPs: 15 full steps, of which 9, 11, 13, 17, 19 on half the batch
+    assert st.flops_fraction == pytest.approx((15 - 5 / 2) / STEPS)
+    # without refresh_full only the skips move: Interval's own full steps
+    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_phase="step0"))
+    assert st.contexts["default"].uncond_skipped_steps == skipped
+    assert st.full_steps == [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+
+
+def test_refresh_full_stores_true_deltas(dit):
+    """A forced full step computes both halves: the rebuilt half is the conditional one plus a true difference."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 7])
+    # TaylorSeer(4): full at 0, 1, 5, 9. Window 4..9, refresh (step0) 4 and 8; steps 0-3 run both halves
+    cfg = CFGCache(interval=4, window_steps=(4, 10), phase="step0", align=False, refresh_full=True,
+                   alpha1=0.0, alpha2=0.0)
+    with relcache.cached(dit, dataclasses.replace(TaylorSeer(4), cfg_cache=cfg)):
+        outs = _cfg_loop(dit, x, y)
+        st = relcache.stats(dit)
+    assert st.contexts["default"].uncond_skipped_steps == [5, 6, 7, 9]
+    assert st.full_steps == [0, 1, 2, 3, 4, 5, 8, 9]  # 2, 3, 4 and 8 forced
+    assert st.flops_fraction == pytest.approx((8 - 2 / 2) / 10)  # 5 and 9 on half the batch
+    # the first 5 steps are all full, both halves: full computation
+    ref = _cfg_loop(dit, x, y, steps=5)
+    for a, b in zip(outs[:5], ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    c4, u4 = outs[4].chunk(2)
+    c8, u8 = outs[8].chunk(2)
+    for i, (ca, ua) in ((5, (c4, u4)), (6, (c4, u4)), (7, (c4, u4)), (9, (c8, u8))):
+        c, u = outs[i].chunk(2)
+        torch.testing.assert_close(u, c + (ua - ca), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +193,7 @@ def test_aligned_refreshes_hand_counted():
         (dict(early=1.5), r"early must be a fraction of the steps in \[0, 1\], got 1.5"),
         (dict(cond_first="yes"), r"cond_first must be True, False or None"),
         (dict(align=1), r"align must be True \(refresh at full steps\) or False \(at the refresh steps\), got 1"),
+        (dict(skip_full=1), r"skip_full must be True \(aligned: skip the unconditional half at full steps\)"),
     ],
 )
 def test_bad_settings_name_parameter_and_allowed_values(kwargs, message):
@@ -190,7 +265,7 @@ def test_fastercache_pipeline_nfc_and_flops_hand_counted(pipe):
     # attention FLOPs: a full step counts 1, a full step on half the batch (9, 11, 15, 17, 19) counts 1/2
     assert st.flops_fraction == pytest.approx((12 - 5 / 2) / STEPS)
     # every module computed: the whole transformer runs on half the batch at the 9 skipped steps
-    _, st = _run(pipe, dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache()))
+    _, st = _run(pipe, dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache(skip_full=True)))
     assert st.nfc == STEPS and st.uncond_skipped == 9
     assert st.flops_fraction == pytest.approx((STEPS - 9 / 2) / STEPS)
     assert st.model_flops_fraction == pytest.approx((STEPS - 9 / 2) / STEPS)
@@ -219,13 +294,23 @@ def test_model_flops_match_an_outer_flop_counter(dit):
     assert st.model_flops_fraction == pytest.approx(counter.get_total_flops() / plain.get_total_flops())
 
 
+def test_aligned_without_skip_full_is_the_method_alone(pipe):
+    """align with skip_full=False: both halves run at every step, sample for sample the method alone."""
+    for method in (RFC(target_nfc=8), TaylorSeer(3)):
+        alone, alone_st = _run(pipe, method)
+        out, st = _run(pipe, dataclasses.replace(method, cfg_cache=CFGCache(skip_full=False)))
+        assert (out == alone).all() and st.uncond_skipped == 0 and st.full_steps == alone_st.full_steps
+        assert st.model_flops_fraction == alone_st.model_flops_fraction
+
+
 def test_rfc_with_cfg_cache_end_to_end(pipe):
     ref, _ = _run(pipe)
-    out, st = _run(pipe, dataclasses.replace(RFC(target_nfc=8), cfg_cache=CFGCache()))
+    out, st = _run(pipe, dataclasses.replace(RFC(target_nfc=8), cfg_cache=CFGCache(skip_full=True)))
     assert st.nfc == 8 and st.full_steps == [0, 1, 4, 8, 13, 16, 18, 19]
     # RCS decides before the call (a pre-pass) where it matters: window 8..19, refresh steps 8, 13, 18; of the full
     # steps in it, 8, 13 and 18 run both halves, 16 and 19 the conditional half alone; cached steps run both
-    assert st.contexts["default"].uncond_skipped_steps == [16, 19] == CFGCache().skipped_steps(STEPS, st.full_steps)
+    aligned = CFGCache(skip_full=True)
+    assert st.contexts["default"].uncond_skipped_steps == [16, 19] == aligned.skipped_steps(STEPS, st.full_steps)
     assert out.shape == ref.shape and (out >= 0).all() and (out <= 1).all() and not (out == ref).all()
     errors = st.contexts["default"].input_errors  # RCS measured on the conditional half at every step after warm-up
     assert sorted(errors) == list(range(2, STEPS)) and all(e >= 0 for e in errors.values())
@@ -251,7 +336,8 @@ def _cfg_loop(model, x, y, order="cond_first", steps=10, g=2.0):
 def test_batched_skip_rebuilds_uncond_and_keeps_order(dit):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 7])
-    cfg = CFGCache(interval=3, window_steps=(4, 10), alpha1=0.0, alpha2=0.0)  # uncond at 4, 7; skipped 5, 6, 8, 9
+    # uncond at 4, 7; skipped 5, 6, 8, 9
+    cfg = CFGCache(interval=3, window_steps=(4, 10), alpha1=0.0, alpha2=0.0, skip_full=True)
     config = dataclasses.replace(FORA(1, 1), cfg_cache=cfg)
     with relcache.cached(dit, config):
         outs = _cfg_loop(dit, x, y)
@@ -298,7 +384,7 @@ def test_module_cache_on_half_batch_steps_stays_per_sample(dit):
     # 6 full steps, of which 7 and 9 ran on half the batch
     assert st.flops_fraction == pytest.approx((6 - 2 / 2) / 10)
     # aligned: 6 and 8 are cached (both halves forecast), 7 is full and stores the delta, 9 is full and skips
-    aligned_cfg = dataclasses.replace(cfg, align=True, alpha1=0.0, alpha2=0.0)
+    aligned_cfg = dataclasses.replace(cfg, align=True, skip_full=True, alpha1=0.0, alpha2=0.0)
     with relcache.cached(dit, dataclasses.replace(TaylorSeer(2), cfg_cache=aligned_cfg)):
         aligned = _cfg_loop(dit, x, y)
         st = relcache.stats(dit)
@@ -329,7 +415,7 @@ def test_split_cfg_skips_the_uncond_call(dit):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 7])
     ref_c, ref_u = _split_loop(dit, x, y)
-    cfg = CFGCache(interval=4, window_steps=(2, 10), alpha1=0.0, alpha2=0.0)  # uncond at 0, 1, 2, 6
+    cfg = CFGCache(interval=4, window_steps=(2, 10), alpha1=0.0, alpha2=0.0, skip_full=True)  # uncond at 0, 1, 2, 6
     calls = []
     handle = dit.transformer_blocks[0].attn1.register_forward_pre_hook(lambda *_: calls.append(1))
     with relcache.cached(dit, dataclasses.replace(FORA(1, 1), cfg_cache=cfg)):
@@ -356,7 +442,8 @@ def test_weights_fresh_or_compounded(dit, compound):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 7])
     ref_c, ref_u = _split_loop(dit, x, y)
-    cfg = CFGCache(interval=4, window_steps=(2, 10), alpha1=0.5, alpha2=0.5, early=1.0, late=0.0, compound=compound)
+    cfg = CFGCache(interval=4, window_steps=(2, 10), alpha1=0.5, alpha2=0.5, early=1.0, late=0.0, compound=compound,
+                   skip_full=True)
     with relcache.cached(dit, dataclasses.replace(FORA(1, 1), cfg_cache=cfg)):
         _, unconds = _split_loop(dit, x, y)
     for i, a in ((3, 2), (4, 2), (5, 2), (7, 6), (8, 6), (9, 6)):
@@ -382,7 +469,7 @@ def test_guidance_stopping_within_a_generation(dit):
                 outs.append(out)
         return outs
 
-    cfg = CFGCache(interval=3, window_steps=(2, 10), alpha1=0.0, alpha2=0.0)
+    cfg = CFGCache(interval=3, window_steps=(2, 10), alpha1=0.0, alpha2=0.0, skip_full=True)
     ref = loop()
     with relcache.cached(dit, dataclasses.replace(FORA(1, 1), cfg_cache=cfg)):
         outs = loop()

@@ -35,6 +35,8 @@ from ..errors import ConfigError, as_int, check_float, check_int
 
 #: the default band radius is ``min(H, W) // RADIUS_DIVISOR``
 RADIUS_DIVISOR = 5
+#: where the refresh steps are counted from: the window's first step, or step 0 (diffusers)
+PHASES = ("window", "step0")
 
 
 def _check_fraction(name: str, value: object) -> float:
@@ -69,19 +71,36 @@ class CFGCache:
     """Skip the unconditional CFG half at most steps inside a window and rebuild it from the conditional half.
 
     Schedule: inside the window the refresh steps are the window's first step and every ``interval`` steps after
-    it; outside the window both halves always run. (choice) The count starts at the window's first step (diffusers
-    counts from step 0), so the window always opens with a fresh delta.
+    it; outside the window both halves always run. (choice) The count starts at the window's first step
+    (``phase="window"``, the default), so the window always opens with a fresh delta. ``phase="step0"`` counts from
+    step 0, as diffusers does: the refresh steps are the window's steps ``i`` with ``i % interval == 0``, and the
+    window's first steps before one rebuild from the delta of the step before the window (which runs both halves
+    and stores it).
 
-    ``align`` (choice, default True): the unconditional half is skipped only at full steps of the module schedule,
-    and a delta is stored only at a full step. Each refresh step moves to the first full step at or after it (refresh
-    steps that land on one full step count once): that step runs both halves and stores the delta; any other full
-    step in the window runs the conditional half alone and rebuilds the unconditional one; a cached step runs both
-    halves, forecast by the module caches as without CFG-Cache. Until the first delta is stored the window's steps
-    run both halves. So the unconditional half's module caches are recorded at every refresh, and every stored
-    delta is a true one. A schedule that decides inside the forward (RCS) is asked at the call's start, from a
-    pre-pass of the forward up to its first cached module, wherever the answer matters. ``align=False`` is the
-    paper's schedule: the unconditional half runs at the refresh steps themselves, full or cached, and is skipped
-    at every other step of the window.
+    ``refresh_full`` (choice, default False; the ``FasterCache`` preset sets it): every step at which a CFG batch
+    runs both halves is a full step of the module schedule (the schedule's own full steps stay full). So a stored
+    delta is never taken from module forecasts, and the module caches are forecast only at steps that run the
+    conditional half alone, as in diffusers' FasterCache. Only with ``align=False`` and a schedule that reads no
+    input (``Interval``); a forced full step costs the cached modules' FLOPs of both halves.
+
+    ``align`` (choice, default True): the unconditional half is skipped only at full steps of the module schedule
+    (``skip_full=True``, the default), and a delta is stored only at a full step. Each refresh step moves to the first
+    full step at or after it (refresh steps that land on one full step count once): that step runs both halves and
+    stores the delta; any other full step in the window runs the conditional half alone and rebuilds the
+    unconditional one; a cached step runs both halves, forecast by the module caches as without CFG-Cache. Until the
+    first delta is stored the window's steps run both halves. So the unconditional half's module caches are recorded
+    at every refresh, and every stored delta is a true one. A schedule that decides inside the forward (RCS) is asked
+    at the call's start, from a pre-pass of the forward up to its first cached module, wherever the answer matters.
+    ``skip_full=False`` (ignored unless ``align``) runs both halves at every full step too: CFG-Cache then skips
+    nothing, and the combination is the method alone, sample for sample. ``align=False`` is the paper's schedule:
+    the unconditional half runs at the refresh steps themselves, full or cached, and is skipped at every other step
+    of the window.
+
+    With a module cache, a skip at a full step saves half a full step's module FLOPs, but the cached steps after it
+    forecast the unconditional half from the refresh before. On the reference model (docs/results.md) that costs
+    more error than the method's own budget would for the same saving at RFC NFC 14 and 11 and TaylorSeer N = 4
+    with the default window; in the window's last fifth (``window=(0.8, 1.0)``) it costs nothing at RFC NFC 14 and
+    TaylorSeer N = 4 but still some at RFC NFC 11 and 10. ``skip_full=False`` is the setting that never loses there.
 
     * ``window``: the window as step fractions ``(start, end)``: step ``i`` of ``T`` is inside when
       ``start · T <= i < end · T``. ``window_steps``: the same as step indices ``[start, end)`` (overrides
@@ -114,6 +133,9 @@ class CFGCache:
     compound: bool = False
     cond_first: bool | None = None
     align: bool = True
+    phase: str = "window"
+    refresh_full: bool = False
+    skip_full: bool = True
 
     def __post_init__(self) -> None:
         checked = {
@@ -131,6 +153,18 @@ class CFGCache:
         if not isinstance(self.align, bool):
             raise ConfigError(f"align must be True (refresh at full steps) or False (at the refresh steps), "
                               f"got {self.align!r}")
+        if not (isinstance(self.phase, str) and self.phase in PHASES):
+            raise ConfigError(f"phase must be one of {', '.join(map(repr, PHASES))} (count the refresh steps from "
+                              f"the window's start or from step 0), got {self.phase!r}")
+        if not isinstance(self.refresh_full, bool):
+            raise ConfigError(f"refresh_full must be True (steps that run both halves are full) or False, "
+                              f"got {self.refresh_full!r}")
+        if not isinstance(self.skip_full, bool):
+            raise ConfigError(f"skip_full must be True (aligned: skip the unconditional half at full steps) or False, "
+                              f"got {self.skip_full!r}")
+        if self.refresh_full and self.align:
+            raise ConfigError("refresh_full=True needs align=False: aligned, the cached steps run both halves, and "
+                              "refresh_full would make every step full")
         if self.cond_first is not None and not isinstance(self.cond_first, bool):
             raise ConfigError(
                 f"cond_first must be True, False or None (ask the model adapter), got {self.cond_first!r}"
@@ -158,19 +192,35 @@ class CFGCache:
         end = math.ceil(self.window[1] * num_steps - eps)
         return range(start, end)
 
+    def is_refresh(self, step: int, num_steps: int | None) -> bool:
+        """Whether step ``step`` is a refresh step: inside the window, ``interval`` apart counted from the window's
+        start (``phase="window"``) or from step 0 (``"step0"``)."""
+        window = self.window_range(num_steps)
+        origin = window.start if self.phase == "window" else 0
+        return step in window and (step - origin) % self.interval == 0
+
     def skips(self, step: int, num_steps: int | None) -> bool:
         """Whether step ``step`` is inside the window and not a refresh step (``align=False``: it skips the
         unconditional half, given a stored delta)."""
+        return step in self.window_range(num_steps) and not self.is_refresh(step, num_steps)
+
+    def stores(self, step: int, num_steps: int | None) -> bool:
+        """Whether step ``step``, if it runs both halves, stores the delta: inside the window, or (``phase="step0"``)
+        the step before it, whose delta the window's first steps rebuild from."""
         window = self.window_range(num_steps)
-        return step in window and (step - window.start) % self.interval != 0
+        return step in window or (self.phase == "step0" and step == window.start - 1)
 
     def refresh_due(self, step: int, last_refresh: int | None, num_steps: int | None) -> bool:
-        """``align``: whether step ``step`` is inside the window with a refresh step in ``(last_refresh, step]``
+        """``align`` with ``skip_full``: whether step ``step`` is inside the window with a refresh step in
+        ``(last_refresh, step]``
         (the latest delta stored at ``last_refresh``; None = none stored yet)."""
         window = self.window_range(num_steps)
         if step not in window:
             return False
-        latest = window.start + (step - window.start) // self.interval * self.interval
+        origin = window.start if self.phase == "window" else 0
+        latest = origin + (step - origin) // self.interval * self.interval
+        if latest < window.start:  # step0 phase, before the window's first refresh step: due if nothing stored
+            return last_refresh is None
         return last_refresh is None or latest > last_refresh
 
     def skipped_steps(self, num_steps: int, full_steps: list[int] | None = None) -> list[int]:
@@ -179,6 +229,8 @@ class CFGCache:
         ``align`` needs ``full_steps``, the module schedule's full steps (e.g. ``Interval.full_steps``)."""
         if not self.align:
             return [i for i in range(num_steps) if self.skips(i, num_steps)]
+        if not self.skip_full:
+            return []
         if full_steps is None:
             raise ValueError("with align=True the skipped steps depend on the module schedule: give full_steps")
         last, skipped = None, []

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, as_int, check_int
+from .cfg_cache import PHASES as CFG_PHASES
 from .cfg_cache import CFGCache, check_window
 from .predictors import MAX_ORDER, Linear, Predictor, Relational, Reuse, Taylor, WeightFn
 from .schedules import InputError, Interval, Schedule
@@ -93,6 +94,10 @@ class CacheConfig:
             raise ConfigError(f"name must be a str (a label for tables and stats) or None, got {self.name!r}")
         if self.cfg_cache is not None and not isinstance(self.cfg_cache, CFGCache):
             raise ConfigError(f"cfg_cache must be a relcache.CFGCache(...) or None, got {self.cfg_cache!r}")
+        if self.cfg_cache is not None and self.cfg_cache.refresh_full and self.schedule.uses_input:
+            raise ConfigError("cfg_cache=CFGCache(refresh_full=True) needs a schedule that reads no input "
+                              f"(relcache.Interval): it forces full steps the schedule did not choose; got "
+                              f"{type(self.schedule).__name__}")
 
     @property
     def storage(self) -> CacheStorage | None:
@@ -161,6 +166,9 @@ def FasterCache(  # noqa: N802
     late: float = 0.7,
     cfg: bool = True,
     cfg_align: bool = False,
+    cfg_phase: str = "window",
+    cfg_refresh_full: bool = False,
+    compound: bool = False,
 ) -> CacheConfig:
     """FasterCache: dynamic feature reuse of the attention modules plus CFG-Cache.
 
@@ -180,6 +188,9 @@ def FasterCache(  # noqa: N802
     the unconditional half only at full attention steps) the feed-forwards of the unconditional half run at every
     cached attention step, and on the reference model it is worse on both counts (model FLOPs 0.780 against
     0.666, rel L1 0.0262 against 0.0237; docs/results.md).
+    ``cfg_phase``, ``cfg_refresh_full`` and ``compound`` are ``CFGCache.phase``, ``refresh_full`` and ``compound``.
+    diffusers' FasterCache schedule on a 50-step DDIM sampler (timesteps 980 … 0) is ``warmup=15,
+    cfg_window=(0.34, 1.0), cfg_phase="step0", cfg_refresh_full=True`` (docs/results.md).
     """
     predictor, schedule = Linear(weight), Interval(interval, warmup)
     if not isinstance(cfg, bool):
@@ -187,10 +198,18 @@ def FasterCache(  # noqa: N802
     if not isinstance(cfg_align, bool):
         raise ConfigError(f"cfg_align must be True (skip only at full steps) or False (the paper's schedule), "
                           f"got {cfg_align!r}")
+    if not (isinstance(cfg_phase, str) and cfg_phase in CFG_PHASES):
+        raise ConfigError(f"cfg_phase must be one of {', '.join(map(repr, CFG_PHASES))}, got {cfg_phase!r}")
+    for name, value in (("cfg_refresh_full", cfg_refresh_full), ("compound", compound)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    if cfg_refresh_full and cfg_align:
+        raise ConfigError("cfg_refresh_full=True needs cfg_align=False (aligned, every step would be full)")
     # checked whether or not CFG-Cache is on, under this preset's names (CFGCache calls them interval and window)
     cfg_cache = CFGCache(interval=check_int("cfg_interval", cfg_interval, 1),
                          window=check_window("cfg_window", cfg_window),
-                         alpha1=alpha1, alpha2=alpha2, early=early, late=late, align=cfg_align)
+                         alpha1=alpha1, alpha2=alpha2, early=early, late=late, align=cfg_align,
+                         phase=cfg_phase, refresh_full=cfg_refresh_full, compound=compound)
     return CacheConfig(
         predictor, schedule, modules=("attn",), cfg_cache=cfg_cache if cfg else None,
         name=f"FasterCache(N={schedule.interval})",

@@ -195,6 +195,18 @@ def _step_full(ctx: Context) -> bool:
     return ctx.schedule.full or not ctx.schedule.decided
 
 
+def _force_full(ctx: Context, decide: Callable[[], bool] | None) -> None:
+    """``refresh_full``: make ``ctx``'s current step full (taking the schedule's decision first, so that the
+    schedule's own full steps are counted once)."""
+    progress = ctx.schedule
+    if not progress.decided and decide is not None:
+        decide()
+    progress.decided = True
+    if not progress.full:
+        progress.full = True
+        progress.full_steps.append(ctx.step)
+
+
 def _halves(batch: int, cond_first: bool) -> tuple[slice, slice]:
     """(conditional rows, unconditional rows) of a CFG batch."""
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
@@ -228,17 +240,22 @@ class CFGRunner:
             if ctx.name == "cond":
                 state.cond, state.cond_output = SplitCond(step, shape), None
                 state.cond_progress = ctx.schedule
+                if cfg.refresh_full and not (cfg.skips(step, num_steps) and state.usable(shape)):
+                    _force_full(ctx, decide)  # its "uncond" pair will run too
                 return
             paired = state.cond is not None and state.cond == (step, shape) and state.cond_output is not None
             inside = step in cfg.window_range(num_steps)
             if cfg.align:  # the "cond" call of this step has run: its decision is known
                 cond = state.cond_progress
                 cond_full = cond is not None and (cond.full or not cond.decided)
-                routing.skip_call = (paired and inside and state.usable(shape) and cond_full
+                routing.skip_call = (cfg.skip_full and paired and inside and state.usable(shape) and cond_full
                                      and not cfg.refresh_due(step, state.refreshed, num_steps))
+                routing.store = cfg.skip_full and paired and not routing.skip_call and inside
             else:
                 routing.skip_call = paired and cfg.skips(step, num_steps) and state.usable(shape)
-            routing.store = paired and not routing.skip_call and inside
+                routing.store = paired and not routing.skip_call and cfg.stores(step, num_steps)
+            if cfg.refresh_full and not routing.skip_call:
+                _force_full(ctx, decide)
         else:
             if not self._is_cfg_batch(ctx, num_steps, args, kwargs):
                 return
@@ -249,13 +266,16 @@ class CFGRunner:
                 return
             usable = state.usable((batch // 2, *shape[1:]))
             inside = step in cfg.window_range(num_steps)
-            if cfg.align:  # skip at a full step with no refresh due; a cached step forecasts both halves
-                if inside and usable and not cfg.refresh_due(step, state.refreshed, num_steps):
+            if cfg.align:  # skip_full: skip at a full step with no refresh due; a cached step forecasts both halves
+                if cfg.skip_full and inside and usable and not cfg.refresh_due(step, state.refreshed, num_steps):
                     full = ctx.schedule.full if ctx.schedule.decided or decide is None else decide()
                     routing.half_batch = full
+                routing.store = cfg.skip_full and not routing.half_batch and inside
             else:
                 routing.half_batch = cfg.skips(step, num_steps) and usable
-            routing.store = not routing.half_batch and inside
+                routing.store = not routing.half_batch and cfg.stores(step, num_steps)
+            if cfg.refresh_full and not routing.half_batch:
+                _force_full(ctx, decide)
         if routing.half_batch or routing.skip_call:
             like = first_tensor_input(args, kwargs)
             routing.weights = numbers_on(list(state.weights(cfg, step, num_steps)), like.device, row_dtype(like.dtype))
