@@ -56,6 +56,11 @@ METHODS: dict[str, CacheConfig | None] = {
     "Relational m=2 (RFE alone)": CacheConfig(Relational(2), Interval(1000, 4)),
     "Relational m=2 + RCS check (RFC)": relcache.RFC(threshold=1e30, warmup=4),
 }
+#: the same methods with ``enable(..., batch_modulation=True)``: every step's adaLN projections computed up front
+BATCHED = " + batch modulation"
+METHODS.update({name + BATCHED: METHODS[name] for name in (
+    "full step, relcache on (FORA(1, 1))", "Reuse (FORA)", "Taylor m=2 (TaylorSeer)",
+    "Relational m=2 + RCS check (RFC)")})
 
 
 # ops that launch no kernel (views and metadata); everything else counts as one launch on a GPU
@@ -80,8 +85,9 @@ class _OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _generation(model: torch.nn.Module, config: CacheConfig | None, device: str, dtype: torch.dtype,
-                ) -> Iterator[Callable[[int], None]]:
-    """``step(i)`` of a 50-step generation with ``config`` enabled (None: caching off), under no_grad."""
+                batched: bool = False) -> Iterator[Callable[[int], None]]:
+    """``step(i)`` of a 50-step generation with ``config`` enabled (None: caching off), under no_grad; ``batched``:
+    with batch modulation, the timesteps announced."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
     labels = torch.tensor([207, 1000], device=device)
@@ -90,8 +96,8 @@ def _generation(model: torch.nn.Module, config: CacheConfig | None, device: str,
         model(x + 0.01 * i, timestep=torch.full((2,), 999 - 20 * i, device=device), class_labels=labels)
 
     if config is not None:
-        relcache.enable(model, config)
-        relcache.begin_generation(model, 50)
+        relcache.enable(model, config, batch_modulation=batched)
+        relcache.begin_generation(model, timesteps=[999 - 20 * i for i in range(50)])
     try:
         with torch.no_grad():
             yield step
@@ -155,7 +161,7 @@ def _steps(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype) -
         with torch.no_grad():
             yield FLOORS[name](model, device, dtype)
     else:
-        with _generation(model, METHODS[name], device, dtype) as step:
+        with _generation(model, METHODS[name], device, dtype, name.endswith(BATCHED)) as step:
             yield step
 
 
@@ -278,7 +284,7 @@ def compiled_steps(model: torch.nn.Module, name: str, mode: str, device: str, dt
     x = torch.randn(2, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
     labels = torch.tensor([207, 1000], device=device)
     if config is not None:
-        relcache.enable(model, config)
+        relcache.enable(model, config, batch_modulation=name.endswith(BATCHED))
     try:
         compiled = torch.compile(model, mode=mode)
 
@@ -289,7 +295,7 @@ def compiled_steps(model: torch.nn.Module, name: str, mode: str, device: str, dt
 
         def generation(stop: int = 16, prof: object = None) -> float:
             if config is not None:
-                relcache.begin_generation(model, 16)
+                relcache.begin_generation(model, timesteps=[999 - 20 * i for i in range(16)])
             for i in range(4):
                 step(i)
             if device == "cuda":
