@@ -906,3 +906,11 @@ CASES = {
     "sana_video": Case(sana_video_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "bria_fibo": Case(bria_fibo_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
+
+#: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache
+#: supports): their rows stay registered (a model of a class that does not exist never matches) and go untested
+NEWER_THAN_INSTALLED = {name for name, cls in (("kandinsky6", "Kandinsky6Transformer3DModel"),
+                                               ("sana_wm_refiner", "SanaWMLTX2RefinerTransformer3DModel"))
+                        if not hasattr(diffusers, cls)}
+for _name in NEWER_THAN_INSTALLED:
+    del CASES[_name]

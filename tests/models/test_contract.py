@@ -18,13 +18,14 @@ import dataclasses
 import inspect
 from typing import Any
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from families import CASES, STEPS, Case, generate, generate_with_stats  # noqa: E402
+from families import CASES, NEWER_THAN_INSTALLED, STEPS, Case, generate, generate_with_stats  # noqa: E402
 
 import relcache  # noqa: E402
 from relcache import FORA, RFC, CFGCache, TaylorSeer  # noqa: E402
@@ -156,10 +157,11 @@ def family(request: pytest.FixtureRequest) -> tuple[str, Case, Any, np.ndarray]:
 def test_every_family_has_a_contract_case():
     """The registry's rows serve exactly the classes checked here, every supported class has a row, and an
     unsupported model's error lists them all and points to CustomAdapter."""
-    built_in = {cls for row in registered_rows() for cls in row.model_classes}
-    assert EXPECTED.keys() == CASES.keys()
+    # classes a newer diffusers than the installed one adds are served (by name), not tested here
+    built_in = {cls for row in registered_rows() for cls in row.model_classes if hasattr(diffusers, cls)}
+    assert EXPECTED.keys() - NEWER_THAN_INSTALLED == CASES.keys()
     tested = {type(case.build().transformer).__name__ for case in CASES.values()}
-    assert built_in == tested == set(supported_models())
+    assert built_in == tested == {cls for cls in supported_models() if hasattr(diffusers, cls)}
     with pytest.raises(relcache.UnsupportedModelError) as err:
         relcache.enable(torch.nn.Linear(2, 2), FORA())
     assert all(cls in str(err.value) for cls in built_in) and "docs/custom-models.md" in str(err.value)

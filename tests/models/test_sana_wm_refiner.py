@@ -11,6 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("diffusers.models.transformers.transformer_sana_wm_refiner")  # diffusers 0.42 and later
 
 from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMRefinerKVCache  # noqa: E402
 from families import randn, sana_wm_refiner_pipe  # noqa: E402

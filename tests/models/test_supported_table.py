@@ -41,11 +41,15 @@ def test_a_stale_table_is_caught(tmp_path):
 def test_every_listed_pipeline_and_class_exists_in_diffusers():
     """The table names real diffusers pipelines and transformer classes (a typo would mislead users)."""
     diffusers = __import__("diffusers")
+    from packaging.version import Version
+
     from relcache.models.base import registered_rows
 
+    # rows of families a newer diffusers than the oldest supported one added (checked on the newest)
+    newer = {"Kandinsky 6", "SANA-WM refiner"} if Version(diffusers.__version__) < Version("0.42") else set()
     for row in registered_rows():
         for name in (*row.pipeline.split(", "), *row.model_classes):
-            assert hasattr(diffusers, name), (row.family, name)
+            assert hasattr(diffusers, name) or row.family in newer, (row.family, name)
 
 
 def test_custom_models_doc_lists_every_shape_with_its_modules():
