@@ -105,12 +105,20 @@ def test_steps_that_differ_from_the_announced_ones_compute_their_projections():
             model(x, timestep=torch.full((2,), TS[0]), class_labels=LABELS)
             model(x, timestep=torch.full((2,), TS[1]), class_labels=torch.tensor([4, 1000]))
         assert _served(model) == before + PROJECTIONS  # step 0 only
+        # the table's own labels changed in place: stale, nothing served
+        labels = LABELS.clone()
+        relcache.begin_generation(model, timesteps=TS)
+        with torch.no_grad():
+            model(x, timestep=torch.full((2,), TS[0]), class_labels=labels)
+            labels[0] = 4
+            model(x, timestep=torch.full((2,), TS[1]), class_labels=labels)
+        assert _served(model) == before + 2 * PROJECTIONS  # step 0 only again
         # without announced timesteps nothing is tabulated
         relcache.begin_generation(model, STEPS)
         with torch.no_grad():
             model(x, timestep=torch.full((2,), TS[0]), class_labels=LABELS)
             model(x, timestep=torch.full((2,), TS[1]), class_labels=LABELS)
-        assert _served(model) == before + PROJECTIONS
+        assert _served(model) == before + 2 * PROJECTIONS
     finally:
         relcache.disable(model)
 

@@ -49,8 +49,8 @@ class ModulationHost(Protocol):
 
 def _same(a: torch.Tensor, b: torch.Tensor, version: int) -> bool:
     """``a`` is the table's conditioning tensor ``b`` (the same object at the same version) or equal to it."""
-    if a is b and (a.is_inference() or a._version == version):
-        return True
+    if a is b:  # the table's own tensor: changed in place since means the table is stale (it is equal to itself)
+        return a.is_inference() or a._version == version
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
