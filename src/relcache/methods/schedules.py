@@ -34,8 +34,21 @@ class Schedule(ABC):
         return None
 
     @abstractmethod
-    def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
-        """True when step ``step`` is full. ``probe`` is the first cached module's actual input."""
+    def decide(self, state: object, step: int, probe: torch.Tensor | None,
+               measured: torch.Tensor | None = None) -> bool:
+        """True when step ``step`` is full. ``probe`` is the first cached module's actual input; ``measured``, what
+        ``measure`` returned for it (taken in compiled code), when given."""
+
+    def forecast_row(self, state: object, step: int) -> list[float] | None:
+        """The host numbers ``measure`` needs at step ``step`` (a step row), or None when the decision needs no
+        measurement of the probe (warm-up, nothing recorded yet). Only schedules that use the input measure."""
+        return None
+
+    def measure(self, state: object, probe: torch.Tensor, row: torch.Tensor) -> torch.Tensor | None:
+        """What ``decide`` reads of ``probe``, as tensors only (no host read), so that compiled code can take it in
+        the graph of the step's pre-pass (runtime/steps.py, ``Prober``); ``row`` is ``forecast_row`` on the device.
+        None when the probe's shape gives nothing to measure."""
+        return None
 
     def release(self, state: object) -> None:
         """Free the tensors ``state`` holds once its generation ended (its numbers stay readable for the stats).
@@ -75,7 +88,8 @@ class Interval(Schedule):
         if not (isinstance(self.phase, str) and self.phase in PHASES):
             raise ConfigError(f"phase must be one of {', '.join(map(repr, PHASES))}, got {self.phase!r}")
 
-    def decide(self, state: object, step: int, probe: torch.Tensor | None) -> bool:
+    def decide(self, state: object, step: int, probe: torch.Tensor | None,
+               measured: torch.Tensor | None = None) -> bool:
         if step < self.warmup:
             return True
         if self.phase == "spec":
@@ -87,14 +101,14 @@ class Interval(Schedule):
         return [i for i in range(num_steps) if self.decide(None, i, None)]
 
 
-def finite_mean(errors: torch.Tensor) -> tuple[float, int]:
-    """(mean of the finite entries of the per-sample ``errors``, or NaN when none is; how many are not finite), read
-    in one host transfer. When every entry is finite the mean is ``errors.mean()`` itself (bit for bit)."""
+def finite_mean_tensor(errors: torch.Tensor) -> torch.Tensor:
+    """``[mean of the finite entries of the per-sample errors (NaN when none is), how many are not finite]`` as one
+    tensor, read by the host in one transfer. When every entry is finite the mean is ``errors.mean()`` itself (bit
+    for bit)."""
     finite = errors.isfinite()
     partial = torch.where(finite, errors, 0).sum() / finite.sum()
     mean = torch.where(finite.all(), errors.mean(), partial)
-    value, bad = torch.stack([mean, (~finite).sum().to(mean.dtype)]).tolist()
-    return value, int(bad)
+    return torch.stack([mean, (~finite).sum().to(mean.dtype)])
 
 
 @dataclass
@@ -176,28 +190,49 @@ class InputError(Schedule):
                 )
         return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps, reducer=reducer)
 
-    def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor) -> float:
-        """``e(i)``: mean over the samples whose error is finite of the per-sample relative L1 error of the input
-        forecast (NaN when none is); how many were not finite goes to ``state.nonfinite``. One host read."""
+    def _forecastable(self, state: InputErrorState, step: int, shape: torch.Size) -> bool:
+        """Whether step ``step`` is judged by its input error: after warm-up, with a recorded probe of this shape
+        ((choice) a probe of another shape, batch or resolution changed, has nothing to forecast from)."""
         hist = state.history
-        k = step - state.last_full
-        u = hist.direction(numbers_on(step_row(k), probe.device, row_dtype(probe.dtype)), probe.dtype)
-        base = hist.base(probe.dtype)
-        # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast
-        error = probe - base if u is None else torch.add(base, u, alpha=k).sub_(probe)
-        e, bad = finite_mean(sample_relative_l1(error, probe, state.reducer))
-        if bad:
-            state.nonfinite[step] = bad
-        return e
+        return step >= self.warmup and hist.ready and hist.diffs[0].shape == shape
 
-    def decide(self, state: InputErrorState, step: int, probe: torch.Tensor | None) -> bool:
+    def forecast_row(self, state: InputErrorState, step: int) -> list[float] | None:
+        if step < self.warmup or not state.history.ready:
+            return None
+        return step_row(step - state.last_full)
+
+    def measure(self, state: InputErrorState, probe: torch.Tensor, row: torch.Tensor) -> torch.Tensor | None:
+        """``[e(i), samples not finite]`` as one tensor (``finite_mean_tensor``, before the host reads it)."""
+        hist = state.history
+        if not hist.ready or hist.diffs[0].shape != probe.shape:
+            return None
+        u = hist.direction(row, probe.dtype)
+        base = hist.base(probe.dtype)
+        # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast (row[0] = k)
+        error = probe - base if u is None else torch.addcmul(base, row[0], u).sub_(probe)
+        return finite_mean_tensor(sample_relative_l1(error, probe, state.reducer))
+
+    def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor,
+                    measured: torch.Tensor | None = None) -> float:
+        """``e(i)``: mean over the samples whose error is finite of the per-sample relative L1 error of the input
+        forecast (NaN when none is); how many were not finite goes to ``state.nonfinite``. One host read (of
+        ``measured`` when given)."""
+        if measured is None:
+            row = numbers_on(self.forecast_row(state, step), probe.device, row_dtype(probe.dtype))
+            measured = self.measure(state, probe, row)
+        value, bad = measured.tolist()
+        if bad:
+            state.nonfinite[step] = int(bad)
+        return value
+
+    def decide(self, state: InputErrorState, step: int, probe: torch.Tensor | None,
+               measured: torch.Tensor | None = None) -> bool:
         if probe is None:
             raise ValueError("InputError needs the first cached module's input")
-        hist = state.history
-        if step < self.warmup or not hist.ready or hist.diffs[0].shape != probe.shape:
-            full = True  # (choice) a probe of another shape (batch or resolution changed) has nothing to forecast from
+        if not self._forecastable(state, step, probe.shape):
+            full = True
         else:
-            e = self.input_error(state, step, probe)
+            e = self.input_error(state, step, probe, measured)
             state.errors[step] = e
             k = step - state.last_full
             if math.isnan(e):  # no sample's error is finite: nothing to judge by

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..methods.config import CacheConfig
-from ..methods.history import StaticCaches, relative_l1
+from ..methods.history import StaticCaches, numbers_on, relative_l1, row_dtype
 from ..models.base import Adapter, CachedModule, first_tensor_input
 from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, Shapes, combine, signature, with_peaks
 from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
@@ -31,7 +31,7 @@ from .generations import Generations
 from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .modulation import ModulationHook, Modulations
 from .shared import SharedGroup, SharedHook
-from .steps import Prober, RowGroups, decide, end_step, prepare_step, take_decision, take_rows
+from .steps import Prober, Probing, RowGroups, decide, end_step, prepare_step, take_decision, take_rows
 
 
 def _copy_state(state: Any) -> Any:
@@ -97,6 +97,7 @@ class Session:
         self._expert_hooks = [Attachment(e.model) for e in experts.experts[1:]] if experts is not None else []
         self._computing: dict[int, _Computing] = {}
         self.prober = Prober()
+        self.probing: Probing | None = None  # a compiled RCS step's pre-pass, pending until its forward starts
         self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
         self._compiled_call = False  # the running call's forward is compiled
         self._paths: dict[int, str] = {}  # cached module index -> where it sits in the model (set by ``attach``)
@@ -248,9 +249,39 @@ class Session:
             self._decide(ctx, first_tensor_input(args, kwargs), groups)
         elif compiled and not eager:  # RCS from a pre-pass of the forward as this call runs it (half a CFG batch)
             runs = self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)
-            probe = self.prober.run(forward, *runs)
-            self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
+            if self.reducer is None:  # traced with the forward: the step's graphs take it (``measure``, ``settle``)
+                self.probing = Probing(*runs, self._forecast_row(ctx, first_tensor_input(args, kwargs)))
+            else:  # context parallelism: the measurement's collective stays eager
+                probe = self.prober.run(forward, *runs)
+                self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
         return eager
+
+    def _forecast_row(self, ctx: Context, like: torch.Tensor) -> torch.Tensor | None:
+        """The schedule's forecast row for this step's probe, on ``like``'s device (held at one address under capture),
+        or None when it measures nothing."""
+        row = self.config.schedule.forecast_row(ctx.schedule.memory, ctx.step)
+        if row is None:
+            return None
+        if ctx.static is None:
+            return numbers_on(row, like.device, row_dtype(like.dtype))
+        return ctx.static.put_numbers((ctx.name, "probe row"), [row], like.device, row_dtype(like.dtype))[0]
+
+    def measure(self, forward: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pending pre-pass of a compiled RCS step and its measurement (traced into the step's first graph)."""
+        return self.prober.measure(self.config, self.current, forward, self.probing)
+
+    @torch.compiler.disable
+    def settle(self, got: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """The decision of a compiled RCS step from its pre-pass: the step's one host read, between its graphs."""
+        probe, measured = got
+        self.probing = None
+        ctx = self.current
+        self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]), measured)
+        history = getattr(ctx.schedule.memory, "history", None)
+        if ctx.static is not None and ctx.schedule.full and history is not None:
+            # the probe is a graph's output, which the graph's next replay may overwrite, and the next pre-pass reads
+            # the history: its tensors go into buffers at stable addresses
+            ctx.static.hold_history((ctx.name, "probe"), history, probe, ctx.caches.rows[next(iter(ctx.caches.rows))])
 
     def _follow_replaced_modules(self) -> None:
         """(choice) At each context's first call of a generation: a cached module replaced in the model since
@@ -297,9 +328,10 @@ class Session:
     def _set_probe(self, probe: ShapeProbe | None) -> None:
         self.shape_probe = probe
 
-    def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups) -> None:
+    def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups,
+                measured: torch.Tensor | None = None) -> None:
         decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups,
-               self.reducer)
+               self.reducer, measured)
         if self.experts is not None and self.experts.force(ctx):  # a switch: full, and the rows of a full step
             prepare_step(self.config, self.generations.num_steps, len(self.cached_modules), ctx,
                          [name for name, _ in groups], probe_input)
@@ -315,6 +347,7 @@ class Session:
 
     def end_call(self) -> None:
         ctx = self.current
+        self.probing = None  # a call that raised before its pre-pass leaves none pending
         if ctx is not None and ctx.cfg.skip_call:
             self.meter.count_skipped_call(ctx.counters, ctx.caches.call_shapes, self._call_sig)
         elif ctx is not None and self._compiled_call and not self.meter.counted:  # (not a call dynamo ran eagerly)

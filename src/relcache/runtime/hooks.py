@@ -34,6 +34,15 @@ class StepHost(Protocol):
         """A transformer call starts in context ``name`` (diffusers' cache context step, if it gives one), its forward
         about to be compiled when ``compiled``; True when the step must run eagerly (it allocates caches)."""
 
+    #: a compiled RCS step's pre-pass, pending until ``measure`` (None for other steps)
+    probing: Any
+
+    def measure(self, forward: Any) -> Any:
+        """The pending pre-pass and the schedule's measurement of it: tensors only (traced)."""
+
+    def settle(self, measured: Any) -> None:
+        """The step's decision from ``measure``'s result, on the host (compiler-disabled)."""
+
     def run_call(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step."""
 
@@ -68,8 +77,12 @@ def _under_compile() -> bool:
     return get_eval_frame_callback() not in (None, False)
 
 
-def _enter(run: Any, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return run(forward, args, kwargs)
+def _enter(host: StepHost, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The step as dynamo compiles it: a compiled RCS step's pre-pass and measurement, then its one host read (the
+    decision, a graph break), then the forward; any other step, the forward alone."""
+    if host.probing is not None:
+        host.settle(host.measure(forward))
+    return host.run_call(forward, args, kwargs)
 
 
 _entries = itertools.count()
@@ -115,7 +128,7 @@ class StepHook(ModelHook):
             eager = self._start(forward, args, kwargs, _under_compile())
             if eager:
                 return _eagerly(self.host.run_call, forward, args, kwargs)
-            return self._enter(self.host.run_call, forward, args, kwargs)
+            return self._enter(self.host, forward, args, kwargs)
         finally:
             self._end()
 

@@ -9,6 +9,7 @@ and records read steps as data and compiled code never specialises on a step num
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,20 +29,21 @@ def take_rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
 
 @torch.compiler.disable
 def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, probe_input: torch.Tensor,
-           groups: RowGroups, reducer: SequenceReducer | None = None) -> None:
+           groups: RowGroups, reducer: SequenceReducer | None = None, measured: torch.Tensor | None = None) -> None:
     """Take ``ctx``'s decision for its current step, and prepare the step's rows. ``probe_input`` is the first cached
     module's input (RCS reads the conditional half of a CFG batch: the half that runs at every step) or, for a
     schedule that reads none, any tensor of the call (its device is where the rows go). ``reducer``: the sequence
-    is split over processes (context parallelism), and the decision makes one guarded collective (distributed.py)."""
+    is split over processes (context parallelism), and the decision makes one guarded collective (distributed.py).
+    ``measured``: the schedule's measurement of the probe, taken in compiled code (``Prober.measure``)."""
     probe = None
     if config.schedule.uses_input:
         probe = take_rows(probe_input, next(sl for name, sl in groups if name != "uncond"))
-    take_decision(config, ctx, probe, probe_input, reducer)
+    take_decision(config, ctx, probe, probe_input, reducer, measured)
     prepare_step(config, num_steps, n_modules, ctx, [name for name, _ in groups], probe_input)
 
 
 def take_decision(config: CacheConfig, ctx: Context, probe: torch.Tensor | None, like: torch.Tensor,
-                  reducer: SequenceReducer | None = None) -> bool:
+                  reducer: SequenceReducer | None = None, measured: torch.Tensor | None = None) -> bool:
     """Only the decision of ``decide`` (``probe``: the conditional rows of the first cached module's input, for RCS;
     ``like``: a tensor of the call, for the device): CFG-Cache takes it before the call's row groups are known;
     ``prepare_step`` must follow."""
@@ -49,7 +51,7 @@ def take_decision(config: CacheConfig, ctx: Context, probe: torch.Tensor | None,
     progress.decided = True
     if reducer is not None:  # context parallelism: the next collective carries the guard
         reducer.begin_step(ctx.name, ctx.step, progress.full_steps, like)
-    progress.full = config.schedule.decide(progress.memory, ctx.step, probe)
+    progress.full = config.schedule.decide(progress.memory, ctx.step, probe, measured)
     if reducer is not None:  # the guard's collective, if the decision made none
         reducer.end_decision(progress.full)
     if progress.full:
@@ -107,17 +109,25 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
 
 
 class _Probed(Exception):  # noqa: N818 (a control-flow signal, not an error)
-    """Raised by the first cached module during a pre-pass, carrying its input."""
+    """Raised by the first cached module during a pre-pass; ``args[0]`` is its input. (No ``__init__`` of its own:
+    dynamo traces raising and catching it only as a plain exception.)"""
 
-    def __init__(self, input: torch.Tensor) -> None:
-        super().__init__()
-        self.input = input
+
+@dataclass
+class Probing:
+    """A compiled RCS step's pending pre-pass: the forward's arguments as this call runs them, and the schedule's
+    forecast row on the device (None: the decision needs the probe but no measurement of it)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    row: torch.Tensor | None
 
 
 class Prober:
-    """An eager pre-pass of the forward that stops at its first cached module, for that module's input: what RCS
-    reads, settled before a compiled forward so that the step's one host read sits outside its graphs. It repeats
-    the forward's cheap prefix (embeddings, the first block's norm)."""
+    """A pre-pass of the forward that stops at its first cached module, for that module's input: what RCS reads.
+    Under ``torch.compile`` it is traced, with the schedule's measurement of that input, into the first graph of the
+    step; the step's one host read follows (its one graph break), then the forward's graphs. It repeats the forward's
+    cheap prefix (embeddings, the first block's norm)."""
 
     def __init__(self) -> None:
         self.active = False  # a pre-pass is running: the first cached module calls ``stop``
@@ -127,10 +137,19 @@ class Prober:
         try:
             forward(*args, **kwargs)
         except _Probed as probed:
-            return probed.input
+            return probed.args[0]
         finally:
             self.active = False
         raise RuntimeError("the transformer returned without calling its first cached module")
+
+    def measure(self, config: CacheConfig, ctx: Context, forward: Callable[..., Any], probing: Probing
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pre-pass and the schedule's measurement of its conditional rows, tensors only: (probe, measured)."""
+        probe = self.run(forward, probing.args, probing.kwargs)
+        if probing.row is None:
+            return probe, None
+        cond = take_rows(probe, next(sl for name, sl in ctx.cfg.row_groups(probe.shape[0]) if name != "uncond"))
+        return probe, config.schedule.measure(ctx.schedule.memory, cond, probing.row)
 
     @staticmethod
     def stop(got: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
