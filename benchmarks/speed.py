@@ -21,14 +21,15 @@ Examples::
     python benchmarks/speed.py --models S --budgets 14 --compile default   # adds torch.compile (inductor) rows
 
 With ``--compile MODE`` the same run also times, after the eager rows, the plain model and every method under
-``torch.compile(model, mode=MODE)``: each is compiled afresh (``torch._dynamo.reset()``), warmed with one untimed
-generation (which compiles every kind of step), then timed ``--repeats`` times; compiled speed-ups are against the
-compiled plain model.
+``torch.compile(model, mode=MODE)``: each method on its own copy of the model, compiled once and warmed with one
+untimed generation (which compiles every kind of step), then all timed in turn, ``--repeats`` rounds, interleaved
+like the eager rows; compiled speed-ups are against the compiled plain model.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import platform
@@ -125,23 +126,31 @@ def timed(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dt
 
 def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.CacheConfig], mode: str,
                    args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[object, list[float]], dict[object, int]]:
-    """Times of the compiled plain model (key "full") and of each config under ``torch.compile(model, mode=mode)``."""
-    times: dict[object, list[float]] = {}
-    nfc: dict[object, int] = {}
-    for key, cfg in [("full", None), *configs.items()]:
-        torch._dynamo.reset()
-        if cfg is not None:
-            relcache.enable(model, cfg, batch_modulation=str(key[1]).endswith(" + batch modulation"))
-        try:
-            compiled = torch.compile(model, mode=mode)
-            generate(compiled, args.steps, args.device, dtype, args.images)  # compiles every kind of step
-            times[key] = [timed(compiled, args.steps, args.device, dtype, args.images) for _ in range(args.repeats)]
-            if cfg is not None:
-                nfc[key] = relcache.stats(model).nfc
-        finally:
-            if cfg is not None:
-                relcache.disable(model)
+    """Times of the compiled plain model (key "full") and of each config under ``torch.compile(model, mode=mode)``,
+    interleaved: each config gets its own copy of the model (same weights), enabled and compiled once (each enabled
+    model compiles under its own entry frame, so none shares another's recompile limit) and warmed with one untimed
+    generation; then every repeat times each compiled model once, in turn, so that a change in the machine's speed
+    during the run falls on all of them alike."""
     torch._dynamo.reset()
+    compiled: dict[object, torch.nn.Module] = {}
+    copies: dict[object, DiTTransformer2DModel] = {}
+    try:
+        for key, cfg in [("full", None), *configs.items()]:
+            own = copies[key] = model if cfg is None else copy.deepcopy(model)  # same weights, its own
+            if cfg is not None:
+                relcache.enable(own, cfg, batch_modulation=str(key[1]).endswith(" + batch modulation"))
+            compiled[key] = torch.compile(own, mode=mode)
+            generate(compiled[key], args.steps, args.device, dtype, args.images)  # compiles every kind of step
+        times: dict[object, list[float]] = {key: [] for key in compiled}
+        for _ in range(args.repeats):
+            for key, fn in compiled.items():
+                times[key].append(timed(fn, args.steps, args.device, dtype, args.images))
+        nfc = {key: relcache.stats(copies[key]).nfc for key in configs}
+    finally:
+        for key, own in copies.items():
+            if key != "full":
+                relcache.disable(own)
+        torch._dynamo.reset()
     return times, nfc
 
 

@@ -47,8 +47,9 @@ class NewtonHistory(DiffHistory):
         super().__init__(max_order, dtype)
         self.gaps: list[torch.Tensor] = []
 
-    def update(self, value: torch.Tensor, gap: torch.Tensor | None) -> None:
-        """Record ``value`` observed at a full step ``gap`` steps after the previous record (None: the first)."""
+    def update(self, value: torch.Tensor, gap: torch.Tensor | None, change: torch.Tensor | None = None) -> None:
+        """Record ``value`` observed at a full step ``gap`` steps after the previous record (None: the first);
+        ``change`` as ``DiffHistory.update``'s (``D_1`` is the same first divided difference in both forms)."""
         new = [value]
         if gap is not None and self.diffs and self.diffs[0].shape == value.shape:
             gaps = [gap, *self.gaps][: self.max_order]
@@ -58,7 +59,10 @@ class NewtonHistory(DiffHistory):
                     break
                 if j > 1:
                     span = span + gaps[j - 1]  # t_a - t_{a-j}
-                new.append((new[j - 1] - self.get(j - 1, value.dtype)) / span)
+                if j == 1 and change is not None:
+                    new.append(change.div_(span))
+                else:
+                    new.append((new[j - 1] - self.get(j - 1, value.dtype)) / span)
             self.gap, self.gaps = gap, gaps
         else:  # first record, or the shape changed: start over
             self.gap, self.gaps = None, []

@@ -203,9 +203,14 @@ class Relational(Predictor):
             state.ratio = None
             state.reducer.later(parts, lambda sums: setattr(state, "ratio", roots(sums[0]) / roots(sums[1])))
         elif prev_in is not None and state.ready and prev_in.shape == inp.shape:
-            num = sample_norm(out - state.out.base(out.dtype))
+            change = out - state.out.base(out.dtype)
+            num = sample_norm(change)
             den = sample_norm(inp - state.input(inp.dtype))
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
+            if gap is not None and change.shape == out.shape and not torch.is_grad_enabled():
+                state.out.update(out, gap, change)  # D_1 = change / N, in place: one pass over the output less
+                state.store_input(inp)
+                return
         else:
             state.ratio = None
         state.out.update(out, gap)
