@@ -44,7 +44,7 @@ def test_bench_table_is_consistent():
 
 def test_default_methods_cover_the_ablations():
     labels = [m.label for m in default_methods((14, 7))]
-    assert len(labels) == 13 and labels[-1] == "FasterCache (paper defaults)"
+    assert len(labels) == 13 and labels[-1] == "FasterCache (defaults)"
     assert {"FORA N=9", "RFE alone N=4 m=2", "RCS alone NFC=7 m=2", "RFC NFC=14 m=2"} <= set(labels)
     with pytest.raises(ValueError, match="budgets must be among"):
         default_methods((13,))
@@ -59,7 +59,7 @@ def test_default_methods_over_other_step_counts_give_each_budget_one_nfc():
     assert labels == ["FORA N=4", "TaylorSeer N=4 m=2", "RFE alone N=4 m=2", "RCS alone NFC=6 m=2", "RFC NFC=6 m=2",
                       "RFC NFC=6 m=2 + CFG-Cache", "FORA N=5", "TaylorSeer N=5 m=2", "RFE alone N=5 m=2",
                       "RCS alone NFC=5 m=2", "RFC NFC=5 m=2", "RFC NFC=5 m=2 + CFG-Cache",
-                      "FasterCache (paper defaults)"]
+                      "FasterCache (defaults)"]
 
 
 def _rank(rank, world, path, queue):

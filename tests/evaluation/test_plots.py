@@ -15,7 +15,7 @@ def test_family_drops_the_budget_from_a_label():
     assert family("FORA N=4") == "FORA" and family("RCS alone NFC=7 m=2") == "RCS alone"
     assert family("diffusers MagCache NFC~14 t=0.0899 K=4") == "diffusers MagCache"
     assert family("cache-dit DBCache F1B0+TS1 NFC~8 t=0.131") == "cache-dit DBCache F1B0+TS1"
-    assert family("FasterCache (paper defaults)") == "FasterCache (paper defaults)"
+    assert family("FasterCache (defaults)") == "FasterCache (defaults)"
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():

@@ -139,7 +139,7 @@ def test_refresh_full_needs_the_paper_schedule_and_an_interval():
 
 def test_refresh_full_forces_full_steps_hand_counted(pipe):
     """Every step that runs both halves is full: diffusers' FasterCache computes attention there."""
-    config = FasterCache(interval=2, warmup=4, cfg_phase="step0", cfg_refresh_full=True)
+    config = FasterCache(interval=2, warmup=4, cfg_window=(0.36, 1.0), cfg_phase="step0", cfg_refresh_full=True)
     _, st = _run(pipe, config)
     # window ceil(0.36 * 20) = 8..19, refresh steps 10 and 15, step 7 stores the delta steps 8 and 9 use;
     # Interval(2, 4) is full at 0-3, 5, 7, 9, ...; the steps that run both halves (0-7, 10, 15) are full too
@@ -149,7 +149,8 @@ def test_refresh_full_forces_full_steps_hand_counted(pipe):
     # attention FLOPs: 15 full steps, of which 9, 11, 13, 17, 19 on half the batch
     assert st.flops_fraction == pytest.approx((15 - 5 / 2) / STEPS)
     # without refresh_full only the skips move: Interval's own full steps
-    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_phase="step0"))
+    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_window=(0.36, 1.0), cfg_phase="step0",
+                                   cfg_refresh_full=False))
     assert st.contexts["default"].uncond_skipped_steps == skipped
     assert st.full_steps == [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19]
 
@@ -214,10 +215,15 @@ def test_window_outside_the_steps_and_bad_field(pipe):
 
 def test_fastercache_preset_defaults():
     cfg = FasterCache()
-    assert cfg.predictor == Linear("rising") and cfg.schedule == Interval(2, 16) and cfg.modules == ("attn",)
-    assert cfg.cfg_cache == CFGCache(interval=5, window=(0.36, 1.0), alpha1=0.1, alpha2=0.1, early=0.9, late=0.7,
-                                     align=False)  # the paper's schedule: aligned is worse for FasterCache
-    assert FasterCache(cfg_align=True).cfg_cache.align and CFGCache().align
+    assert cfg.predictor == Linear("rising") and cfg.schedule == Interval(2, 15) and cfg.modules == ("attn",)
+    # diffusers' schedule on a 50-step DDIM sampler: refreshes counted from step 0, attention full wherever both
+    # halves run; not aligned (aligned is worse for FasterCache)
+    assert cfg.cfg_cache == CFGCache(interval=5, window=(0.34, 1.0), alpha1=0.1, alpha2=0.1, early=0.9, late=0.7,
+                                     align=False, phase="step0", refresh_full=True)
+    assert FasterCache(cfg_align=True).cfg_cache.align and not FasterCache(cfg_align=True).cfg_cache.refresh_full
+    assert CFGCache().align
+    with pytest.raises(ConfigError, match="cfg_refresh_full=True needs cfg_align=False"):
+        FasterCache(cfg_align=True, cfg_refresh_full=True)
     assert FasterCache(cfg=False).cfg_cache is None and FasterCache(cfg=False).label == "FasterCache(N=2)"
     assert cfg.label == "FasterCache(N=2) + CFG-Cache(n=5)"
     assert dataclasses.replace(RFC(target_nfc=14), cfg_cache=CFGCache()).label == "RFC(NFC=14, m=2) + CFG-Cache(n=5)"
@@ -255,8 +261,13 @@ def test_guidance_scale_one_leaves_cfg_cache_inert(pipe):
     assert (out == plain).all() and st.uncond_skipped == 0 and st.flops_fraction == plain_st.flops_fraction
 
 
+#: the CFG-Cache schedule FasterCache had by default before 2026-12-02 (window from 36 %, refreshes counted from the
+#: window's start, no forced full attention), which the hand counts below follow
+PAPER_CFG = {"cfg_window": (0.36, 1.0), "cfg_phase": "window", "cfg_refresh_full": False}
+
+
 def test_fastercache_pipeline_nfc_and_flops_hand_counted(pipe):
-    config = FasterCache(interval=2, warmup=4)
+    config = FasterCache(interval=2, warmup=4, **PAPER_CFG)
     _, st = _run(pipe, config)
     full = [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19]  # Interval(2, warmup 4)
     skipped = [9, 10, 11, 12, 14, 15, 16, 17, 19]  # window ceil(0.36 * 20) = 8..19, uncond at 8, 13, 18
@@ -273,7 +284,7 @@ def test_fastercache_pipeline_nfc_and_flops_hand_counted(pipe):
     _, st = _run(pipe, config)
     assert (12 - 5 / 2) / STEPS < st.model_flops_fraction < (STEPS - 9 / 2) / STEPS
     # aligned: refresh steps 8, 13, 18 move to the full steps 9, 13, 19; the full steps 11, 15, 17 skip
-    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_align=True))
+    _, st = _run(pipe, FasterCache(interval=2, warmup=4, cfg_align=True, cfg_window=(0.36, 1.0), cfg_phase="window"))
     assert st.contexts["default"].uncond_skipped_steps == [11, 15, 17]
     assert st.flops_fraction == pytest.approx((12 - 3 / 2) / STEPS)
 
@@ -284,7 +295,7 @@ def test_model_flops_match_an_outer_flop_counter(dit):
     y = torch.tensor([1, 7])
     with flop_counter() as plain:
         _cfg_loop(dit, x, y, steps=12)
-    with relcache.cached(dit, FasterCache(interval=2, warmup=2)):
+    with relcache.cached(dit, FasterCache(interval=2, warmup=2, **PAPER_CFG)):
         with flop_counter() as counter:
             _cfg_loop(dit, x, y, steps=12)
         st = relcache.stats(dit).contexts["default"]

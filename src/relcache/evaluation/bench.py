@@ -110,7 +110,7 @@ def default_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, order: int = 2, nu
             BenchMethod(f"RFC NFC={nfc} m={order} + CFG-Cache",
                         dataclasses.replace(RFC(order=order, target_nfc=nfc), cfg_cache=CFGCache()), budget=budget),
         ]
-    rows.append(BenchMethod("FasterCache (paper defaults)", FasterCache()))
+    rows.append(BenchMethod("FasterCache (defaults)", FasterCache()))
     return rows
 
 

@@ -158,18 +158,18 @@ def RFC(  # noqa: N802
 
 def FasterCache(  # noqa: N802
     interval: int = 2,
-    warmup: int = 16,
+    warmup: int = 15,
     weight: float | str | WeightFn = "rising",
     alpha1: float = 0.1,
     alpha2: float = 0.1,
     cfg_interval: int = 5,
-    cfg_window: tuple[float, float] = (0.36, 1.0),
+    cfg_window: tuple[float, float] = (0.34, 1.0),
     early: float = 0.9,
     late: float = 0.7,
     cfg: bool = True,
     cfg_align: bool = False,
-    cfg_phase: str = "window",
-    cfg_refresh_full: bool = False,
+    cfg_phase: str = "step0",
+    cfg_refresh_full: bool | None = None,
     compound: bool = False,
 ) -> CacheConfig:
     """FasterCache: dynamic feature reuse of the attention modules plus CFG-Cache.
@@ -180,19 +180,23 @@ def FasterCache(  # noqa: N802
     included (diffusers leaves temporal attention uncached unless asked). ``cfg=False`` leaves out CFG-Cache
     (guidance-distilled models).
 
-    Defaults are diffusers' ``FasterCacheConfig`` (diffusers 0.42), whose ranges are timesteps out of 1000:
-    ``spatial_attention_block_skip_range=2`` -> ``interval=2``; ``spatial_attention_timestep_skip_range=(-1, 681)``
-    (attention always computed while ``t >= 681``, the first 32 % of the steps) -> ``warmup=16`` at 50 steps (use
-    about ``0.32 · num_steps``); CFG-Cache: ``unconditional_batch_skip_range=5`` -> ``cfg_interval=5``,
-    ``(-1, 641)`` -> ``cfg_window=(0.36, 1.0)``, alphas ``1.1`` -> ``alpha1 = alpha2 = 0.1``, low-frequency
-    range ``(99, 901)`` -> ``early=0.9``, high-frequency range ``(-1, 301)`` -> ``late=0.7``. See ``CFGCache``.
-    ``cfg_align`` is ``CFGCache.align``, False by default here (choice): the paper's schedule. Aligned (True: skip
-    the unconditional half only at full attention steps) the feed-forwards of the unconditional half run at every
-    cached attention step, and on the reference model it is worse on both counts (model FLOPs 0.780 against
-    0.666, rel L1 0.0262 against 0.0237; docs/results.md).
-    ``cfg_phase``, ``cfg_refresh_full`` and ``compound`` are ``CFGCache.phase``, ``refresh_full`` and ``compound``.
-    diffusers' FasterCache schedule on a 50-step DDIM sampler (timesteps 980 … 0) is ``warmup=15,
-    cfg_window=(0.34, 1.0), cfg_phase="step0", cfg_refresh_full=True`` (docs/results.md).
+    Defaults are diffusers' FasterCache schedule (``FasterCacheConfig``, diffusers 0.42) as it falls on a 50-step
+    DDIM sampler (timesteps 980 ... 0), step for step: ``spatial_attention_block_skip_range=2`` -> ``interval=2``;
+    ``spatial_attention_timestep_skip_range=(-1, 681)`` (attention computed while ``t >= 681``) -> ``warmup=15``
+    (use about ``0.3 · num_steps`` for other step counts); CFG-Cache: ``unconditional_batch_skip_range=5`` ->
+    ``cfg_interval=5`` with its refresh steps counted from step 0 (``cfg_phase="step0"``), ``(-1, 641)`` ->
+    ``cfg_window=(0.34, 1.0)``, and attention computed at every step that runs both halves
+    (``cfg_refresh_full=True``: an attention skip needs the half batch); alphas ``1.1`` -> ``alpha1 = alpha2 = 0.1``,
+    low-frequency range ``(99, 901)`` -> ``early=0.9``, high-frequency range ``(-1, 301)`` -> ``late=0.7``. See
+    ``CFGCache``. (choice) The schedule is diffusers', the formulas the paper's (the rising weight): on the reference
+    model model FLOPs 0.676 and rel L1 0.0052 against diffusers' own FasterCache's 0.677 and 0.0095; the schedule
+    read from the paper before (``warmup=16, cfg_window=(0.36, 1.0), cfg_phase="window", cfg_refresh_full=False``)
+    gave 0.666 and 0.0237 (docs/results.md).
+    ``cfg_align`` is ``CFGCache.align``, False here (choice): aligned (skip the unconditional half only at full
+    attention steps) the feed-forwards of the unconditional half run at every cached attention step, worse on both
+    counts on the reference model (docs/results.md). ``cfg_phase``, ``cfg_refresh_full`` and ``compound`` are
+    ``CFGCache.phase``, ``refresh_full`` and ``compound``; ``cfg_refresh_full`` is True unless ``cfg_align`` (None:
+    the one that fits), and True with ``cfg_align=True`` is an error.
     """
     predictor, schedule = Linear(weight), Interval(interval, warmup)
     if not isinstance(cfg, bool):
@@ -202,6 +206,8 @@ def FasterCache(  # noqa: N802
                           f"got {cfg_align!r}")
     if not (isinstance(cfg_phase, str) and cfg_phase in CFG_PHASES):
         raise ConfigError(f"cfg_phase must be one of {', '.join(map(repr, CFG_PHASES))}, got {cfg_phase!r}")
+    if cfg_refresh_full is None:
+        cfg_refresh_full = not cfg_align
     for name, value in (("cfg_refresh_full", cfg_refresh_full), ("compound", compound)):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be True or False, got {value!r}")

@@ -179,6 +179,16 @@ class ExpertCalls:
         self.session.experts.running = self.index
         return self.session.start_call(name, step_index, forward, args, kwargs, compiled)
 
+    @property
+    def probing(self) -> Any:
+        return self.session.probing
+
+    def measure(self, forward: Any) -> Any:
+        return self.session.measure(forward)
+
+    def settle(self, measured: Any) -> None:
+        self.session.settle(measured)
+
     def run_call(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.session.run_call(forward, args, kwargs)
 
