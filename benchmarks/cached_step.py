@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import statistics
 import sys
 import time
@@ -56,6 +57,15 @@ METHODS: dict[str, CacheConfig | None] = {
     "Relational m=2 (RFE alone)": CacheConfig(Relational(2), Interval(1000, 4)),
     "Relational m=2 + RCS check (RFC)": relcache.RFC(threshold=1e30, warmup=4),
 }
+#: RFC with the cache storages of issue 20 (docs/performance.md, "Cache memory"): what a cached step pays to read
+#: (and a full step to write) quantized or packed caches
+STORAGES = {
+    "bfloat16 caches": relcache.CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    "int8 base and input, int4 diffs": relcache.CacheStorage("int8", "int4", "int8"),
+    "float8 base and input, int4 diffs": relcache.CacheStorage(torch.float8_e4m3fn, "int4", torch.float8_e4m3fn),
+}
+METHODS.update({f"RFC, {label}": dataclasses.replace(relcache.RFC(threshold=1e30, warmup=4), cache_dtype=storage)
+                for label, storage in STORAGES.items()})
 #: the same methods with ``enable(..., batch_modulation=True)``: every step's adaLN projections computed up front
 BATCHED = " + batch modulation"
 METHODS.update({name + BATCHED: METHODS[name] for name in (
@@ -389,7 +399,9 @@ def main() -> None:
         return
     for size in args.models:
         model = build(size, dtype, args.device)
-        names = [*METHODS, *FLOORS]
+        # --methods picks rows; the full step, FORA's and TaylorSeer's (the columns' references) always run
+        always = {"full step", "Reuse (FORA)", "Taylor m=2 (TaylorSeer)"}
+        names = [name for name in [*METHODS, *FLOORS] if not args.methods or name in always or name in args.methods]
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.repeats):
             for name in names:
@@ -403,7 +415,7 @@ def main() -> None:
         for name, ts in times.items():
             ms = statistics.median(ts)
             print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {ms - taylor:+.1f} | {ops[name]} |")
-        for name in FLOORS:
+        for name in (n for n in FLOORS if n in times):
             floor = statistics.median(times[name]) / full
             bounds = ", ".join(f"{100 * nfc / (nfc + (50 - nfc) * floor):.1f} % at NFC {nfc}" for nfc in (14, 7))
             print(f"- {name} ({100 * floor:.1f} % of a full step): at most {bounds} of the ideal speed-up")
