@@ -190,11 +190,16 @@ class InputError(Schedule):
                 )
         return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps, reducer=reducer)
 
-    def _forecastable(self, state: InputErrorState, step: int, shape: torch.Size) -> bool:
-        """Whether step ``step`` is judged by its input error: after warm-up, with a recorded probe of this shape
-        ((choice) a probe of another shape, batch or resolution changed, has nothing to forecast from)."""
+    @staticmethod
+    def _has_history_for(state: InputErrorState, shape: torch.Size) -> bool:
+        """A probe of this shape was recorded ((choice) a probe of another shape, batch or resolution changed, has
+        nothing to forecast from)."""
         hist = state.history
-        return step >= self.warmup and hist.ready and hist.diffs[0].shape == shape
+        return hist.ready and hist.diffs[0].shape == shape
+
+    def _forecastable(self, state: InputErrorState, step: int, shape: torch.Size) -> bool:
+        """Whether step ``step`` is judged by its input error: after warm-up, with a history for this shape."""
+        return step >= self.warmup and self._has_history_for(state, shape)
 
     def forecast_row(self, state: InputErrorState, step: int) -> list[float] | None:
         if step < self.warmup or not state.history.ready:
@@ -203,9 +208,9 @@ class InputError(Schedule):
 
     def measure(self, state: InputErrorState, probe: torch.Tensor, row: torch.Tensor) -> torch.Tensor | None:
         """``[e(i), samples not finite]`` as one tensor (``finite_mean_tensor``, before the host reads it)."""
-        hist = state.history
-        if not hist.ready or hist.diffs[0].shape != probe.shape:
+        if not self._has_history_for(state, probe.shape):
             return None
+        hist = state.history
         u = hist.direction(row, probe.dtype)
         base = hist.base(probe.dtype)
         # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast (row[0] = k)
