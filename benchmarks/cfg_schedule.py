@@ -24,12 +24,15 @@ import relcache
 from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import load_reference_transformer
 
-VARIANTS = {"alone": None, "+ CFG-Cache": relcache.CFGCache()}
+#: "+ CFG-Cache" is the default (``skip_full=None``: with a schedule that caches, it skips at no full step, so the
+#: combination is the method alone); "skip_full=True" skips at full steps with the default window
+VARIANTS = {"alone": None, "+ CFG-Cache": relcache.CFGCache(),
+            "+ CFG-Cache skip_full=True": relcache.CFGCache(skip_full=True)}
 
 
 def variants(windows: list[float]) -> dict[str, relcache.CFGCache | None]:
-    """"alone", the default CFG-Cache, and CFG-Cache skipping at full steps (``skip_full=True``) with each window
-    start in ``windows`` (to the last step)."""
+    """"alone", the default CFG-Cache, CFG-Cache skipping at full steps (``skip_full=True``), and that with each
+    window start in ``windows`` (to the last step)."""
     out = dict(VARIANTS)
     for w in windows:
         out[f"+ CFG-Cache skip_full window ({w}, 1.0)"] = relcache.CFGCache(window=(w, 1.0), skip_full=True)

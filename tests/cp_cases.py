@@ -58,7 +58,7 @@ def configs(tau: float) -> dict[str, CacheConfig]:
 
 def cfg_batch_configs() -> dict[str, CacheConfig]:
     """CFG-Cache on a CFG batch, with an elementwise and a relational predictor."""
-    cfg = CFGCache(interval=2, window=(0.25, 1.0))
+    cfg = CFGCache(interval=2, window=(0.25, 1.0), skip_full=True)
     return {
         "TaylorSeer+CFG-Cache": CacheConfig(Taylor(2), Interval(2, 2), cfg_cache=cfg),
         "RFC+CFG-Cache": CacheConfig(Relational(2), InputError(threshold=FLUX_TAU), cfg_cache=cfg),

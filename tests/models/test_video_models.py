@@ -70,11 +70,12 @@ def test_fastercache_counts_and_is_finite(built):
 
 def test_rfc_with_cfg_cache_counts_and_is_finite(built):
     case, pipe, ref, _ = built
-    frames, _, st = generate_with_stats(pipe, case, dataclasses.replace(RFC(target_nfc=4), cfg_cache=CFGCache()))
+    config = dataclasses.replace(RFC(target_nfc=4), cfg_cache=CFGCache(skip_full=True))
+    frames, _, st = generate_with_stats(pipe, case, config)
     assert frames.shape == ref.shape and torch.isfinite(frames).all() and not torch.equal(frames, ref)
     assert st.nfc == 4 and st.full_steps[:2] == [0, 1]
     skipped = st.contexts[case.contexts[0]].uncond_skipped_steps  # only full steps no refresh step reaches
-    assert skipped == CFGCache().skipped_steps(STEPS, st.full_steps)
+    assert skipped == CFGCache(skip_full=True).skipped_steps(STEPS, st.full_steps)
 
 
 def _low_band_per_frame(x: torch.Tensor) -> torch.Tensor:

@@ -194,7 +194,8 @@ def test_refresh_full_stores_true_deltas(dit):
         (dict(early=1.5), r"early must be a fraction of the steps in \[0, 1\], got 1.5"),
         (dict(cond_first="yes"), r"cond_first must be True, False or None"),
         (dict(align=1), r"align must be True \(refresh at full steps\) or False \(at the refresh steps\), got 1"),
-        (dict(skip_full=1), r"skip_full must be True \(aligned: skip the unconditional half at full steps\)"),
+        (dict(skip_full=1), r"skip_full must be True \(aligned: skip the unconditional half at full steps\), False "
+                            r"or None \(True only when the module schedule computes every step\), got 1"),
     ],
 )
 def test_bad_settings_name_parameter_and_allowed_values(kwargs, message):
@@ -306,12 +307,28 @@ def test_model_flops_match_an_outer_flop_counter(dit):
 
 
 def test_aligned_without_skip_full_is_the_method_alone(pipe):
-    """align with skip_full=False: both halves run at every step, sample for sample the method alone."""
+    """align with skip_full=False, and the default (None) with a schedule that caches: both halves run at every step,
+    sample for sample the method alone."""
     for method in (RFC(target_nfc=8), TaylorSeer(3)):
         alone, alone_st = _run(pipe, method)
-        out, st = _run(pipe, dataclasses.replace(method, cfg_cache=CFGCache(skip_full=False)))
-        assert (out == alone).all() and st.uncond_skipped == 0 and st.full_steps == alone_st.full_steps
-        assert st.model_flops_fraction == alone_st.model_flops_fraction
+        for cfg in (CFGCache(skip_full=False), CFGCache()):
+            out, st = _run(pipe, dataclasses.replace(method, cfg_cache=cfg))
+            assert (out == alone).all() and st.uncond_skipped == 0 and st.full_steps == alone_st.full_steps
+            assert st.model_flops_fraction == alone_st.model_flops_fraction
+
+
+def test_default_skip_full_skips_only_where_every_step_is_full(pipe):
+    """skip_full=None: CFG-Cache alone (every step full) skips at the full steps as skip_full=True does, sample for
+    sample; with a schedule that caches it skips nothing, as skip_full=False."""
+    alone = dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache())
+    out, st = _run(pipe, alone)
+    out_true, st_true = _run(pipe, dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache(skip_full=True)))
+    # window ceil(0.36 * 20) = 8..19, refresh steps 8, 13, 18: the 9 other steps of the window skip
+    assert st.contexts["default"].uncond_skipped_steps == [9, 10, 11, 12, 14, 15, 16, 17, 19]
+    assert (out == out_true).all() and st.uncond_skipped == st_true.uncond_skipped == 9
+    assert CFGCache().skipped_steps(STEPS, list(range(STEPS))) == [9, 10, 11, 12, 14, 15, 16, 17, 19]
+    assert CFGCache().skipped_steps(STEPS, [0, 1, 4, 8, 13, 16, 18, 19]) == []
+    assert CFGCache(skip_full=True).skipped_steps(STEPS, [0, 1, 4, 8, 13, 16, 18, 19]) == [16, 19]
 
 
 def test_rfc_with_cfg_cache_end_to_end(pipe):

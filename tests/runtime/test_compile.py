@@ -35,10 +35,12 @@ CONFIGS = {
     "FasterCache, no CFG-Cache": dataclasses.replace(FasterCache(warmup=2, interval=3), cfg_cache=None),
     "FasterCache on a CFG batch": FasterCache(warmup=2, interval=3, cfg_window=(0.36, 1.0), cfg_phase="window",
                                               cfg_refresh_full=False),
-    "TaylorSeer + CFG-Cache on a CFG batch": dataclasses.replace(TaylorSeer(3), cfg_cache=CFGCache(interval=4)),
+    "TaylorSeer + CFG-Cache on a CFG batch": dataclasses.replace(
+        TaylorSeer(3), cfg_cache=CFGCache(interval=4, skip_full=True)),
     "TaylorSeer + CFG-Cache(align=False) on a CFG batch": dataclasses.replace(
         TaylorSeer(3), cfg_cache=CFGCache(interval=3, align=False)),
-    "RFC + CFG-Cache on a CFG batch": dataclasses.replace(RFC(threshold=0.3), cfg_cache=CFGCache(interval=3)),
+    "RFC + CFG-Cache on a CFG batch": dataclasses.replace(
+        RFC(threshold=0.3), cfg_cache=CFGCache(interval=3, skip_full=True)),
     "RFC + CFG-Cache(align=False) on a CFG batch": dataclasses.replace(
         RFC(threshold=0.3), cfg_cache=CFGCache(interval=3, align=False)),
 }
@@ -133,7 +135,7 @@ def test_a_cached_step_compiles_whole(name, enable_first):
 def test_fastercache_over_fifty_steps_stays_within_the_recompile_limit():
     """50 steps of FasterCache on a CFG batch: 9 half-batch steps whose rebuild weights change with the phase (and
     compound): the weights are tensors, so the kinds of step stay few and nothing falls back to eager."""
-    config = dataclasses.replace(FasterCache(warmup=16), cfg_cache=CFGCache(compound=True))
+    config = dataclasses.replace(FasterCache(warmup=16), cfg_cache=CFGCache(compound=True, skip_full=True))
     r = _compiled_runs(config, True, steps=50)
     assert r["after_first"] <= 8 and r["after_second"] == r["after_first"]
     # aligned: the full attention steps 21, 25, 27, ..., 47 that no refresh step reaches skip the unconditional half

@@ -26,7 +26,7 @@ from relcache import FORA, RFC, CFGCache  # noqa: E402
 
 STEPS = 8
 #: RCS with a budget and CFG-Cache: schedule memory, module caches and CFG deltas are all live when a fault hits
-CONFIG = dataclasses.replace(RFC(target_nfc=4), cfg_cache=CFGCache(interval=2, window_steps=(2, STEPS)))
+CONFIG = dataclasses.replace(RFC(target_nfc=4), cfg_cache=CFGCache(interval=2, window_steps=(2, STEPS), skip_full=True))
 FAULTS = [RuntimeError, KeyboardInterrupt]
 
 

@@ -84,23 +84,28 @@ class CFGCache:
     input (``Interval``); a forced full step costs the cached modules' FLOPs of both halves.
 
     ``align`` (choice, default True): the unconditional half is skipped only at full steps of the module schedule
-    (``skip_full=True``, the default), and a delta is stored only at a full step. Each refresh step moves to the first
-    full step at or after it (refresh steps that land on one full step count once): that step runs both halves and
-    stores the delta; any other full step in the window runs the conditional half alone and rebuilds the
+    (where ``skip_full`` allows it, below), and a delta is stored only at a full step. Each refresh step moves to the
+    first full step at or after it (refresh steps that land on one full step count once): that step runs both halves
+    and stores the delta; any other full step in the window runs the conditional half alone and rebuilds the
     unconditional one; a cached step runs both halves, forecast by the module caches as without CFG-Cache. Until the
     first delta is stored the window's steps run both halves. So the unconditional half's module caches are recorded
     at every refresh, and every stored delta is a true one. A schedule that decides inside the forward (RCS) is asked
     at the call's start, from a pre-pass of the forward up to its first cached module, wherever the answer matters.
-    ``skip_full=False`` (ignored unless ``align``) runs both halves at every full step too: CFG-Cache then skips
-    nothing, and the combination is the method alone, sample for sample. ``align=False`` is the paper's schedule:
-    the unconditional half runs at the refresh steps themselves, full or cached, and is skipped at every other step
-    of the window.
+    ``skip_full`` (ignored unless ``align``): whether a full step of the module schedule may skip the unconditional
+    half. ``skip_full=False`` runs both halves at every full step too: CFG-Cache then skips nothing, and the
+    combination is the method alone, sample for sample. ``align=False`` is the paper's schedule: the unconditional
+    half runs at the refresh steps themselves, full or cached, and is skipped at every other step of the window.
 
     With a module cache, a skip at a full step saves half a full step's module FLOPs, but the cached steps after it
     forecast the unconditional half from the refresh before. On the reference model (docs/results.md) that costs
     more error than the method's own budget would for the same saving at RFC NFC 14 and 11 and TaylorSeer N = 4
     with the default window; in the window's last fifth (``window=(0.8, 1.0)``) it costs nothing at RFC NFC 14 and
-    TaylorSeer N = 4 but still some at RFC NFC 11 and 10. ``skip_full=False`` is the setting that never loses there.
+    TaylorSeer N = 4 but still some at RFC NFC 11 and 10. No skip at a full step measured there was cheaper than
+    the method's own budget. Hence (choice) ``skip_full=None``, the default: ``True`` when the module schedule
+    computes every step (CFG-Cache alone: the full steps are all there is to skip), ``False`` when it caches
+    modules, so that RFC or TaylorSeer + CFG-Cache never lose to the method alone at the same compute. Give
+    ``skip_full=True`` to skip at full steps anyway (a model with strong guidance may pay; not measured here).
+    ``CacheConfig`` resolves ``None`` from its schedule.
 
     * ``window``: the window as step fractions ``(start, end)``: step ``i`` of ``T`` is inside when
       ``start · T <= i < end · T``. ``window_steps``: the same as step indices ``[start, end)`` (overrides
@@ -135,7 +140,7 @@ class CFGCache:
     align: bool = True
     phase: str = "window"
     refresh_full: bool = False
-    skip_full: bool = True
+    skip_full: bool | None = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -159,9 +164,9 @@ class CFGCache:
         if not isinstance(self.refresh_full, bool):
             raise ConfigError(f"refresh_full must be True (steps that run both halves are full) or False, "
                               f"got {self.refresh_full!r}")
-        if not isinstance(self.skip_full, bool):
-            raise ConfigError(f"skip_full must be True (aligned: skip the unconditional half at full steps) or False, "
-                              f"got {self.skip_full!r}")
+        if self.skip_full is not None and not isinstance(self.skip_full, bool):
+            raise ConfigError(f"skip_full must be True (aligned: skip the unconditional half at full steps), False or "
+                              f"None (True only when the module schedule computes every step), got {self.skip_full!r}")
         if self.refresh_full and self.align:
             raise ConfigError("refresh_full=True needs align=False: aligned, the cached steps run both halves, and "
                               "refresh_full would make every step full")
@@ -226,13 +231,14 @@ class CFGCache:
     def skipped_steps(self, num_steps: int, full_steps: list[int] | None = None) -> list[int]:
         """The steps of a ``num_steps`` generation that skip the unconditional half (for planning and tests).
 
-        ``align`` needs ``full_steps``, the module schedule's full steps (e.g. ``Interval.full_steps``)."""
+        ``align`` needs ``full_steps``, the module schedule's full steps (e.g. ``Interval.full_steps``); with
+        ``skip_full=None`` they decide it too (True only when every step is full)."""
         if not self.align:
             return [i for i in range(num_steps) if self.skips(i, num_steps)]
-        if not self.skip_full:
-            return []
         if full_steps is None:
             raise ValueError("with align=True the skipped steps depend on the module schedule: give full_steps")
+        if not self.skips_full(len(set(full_steps)) >= num_steps):
+            return []
         last, skipped = None, []
         for i in sorted(set(full_steps) & set(self.window_range(num_steps))):
             if last is not None and not self.refresh_due(i, last, num_steps):
@@ -240,6 +246,11 @@ class CFGCache:
             else:
                 last = i
         return skipped
+
+    def skips_full(self, every_step_full: bool) -> bool:
+        """``skip_full`` resolved: whether an aligned CFG-Cache may skip at full steps, the module schedule computing
+        every step (``every_step_full``) or not."""
+        return every_step_full if self.skip_full is None else self.skip_full
 
     def weights(self, step: int, num_steps: int) -> tuple[float, float]:
         """``(w1, w2)`` at step ``step``: ``1 + alpha1`` in the early phase, ``1 + alpha2`` in the late phase."""

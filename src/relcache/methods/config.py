@@ -217,7 +217,9 @@ def FasterCache(  # noqa: N802
     cfg_cache = CFGCache(interval=check_int("cfg_interval", cfg_interval, 1),
                          window=check_window("cfg_window", cfg_window),
                          alpha1=alpha1, alpha2=alpha2, early=early, late=late, align=cfg_align,
-                         phase=cfg_phase, refresh_full=cfg_refresh_full, compound=compound)
+                         phase=cfg_phase, refresh_full=cfg_refresh_full, compound=compound,
+                         # aligned, skip at full attention steps: FasterCache's saving is its CFG-Cache
+                         skip_full=True if cfg_align else None)
     return CacheConfig(
         predictor, schedule, modules=("attn",), cfg_cache=cfg_cache if cfg else None,
         name=f"FasterCache(N={schedule.interval})",

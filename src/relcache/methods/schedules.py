@@ -39,6 +39,11 @@ class Schedule(ABC):
         """True when step ``step`` is full. ``probe`` is the first cached module's actual input; ``measured``, what
         ``measure`` returned for it (taken in compiled code), when given."""
 
+    @property
+    def every_step_full(self) -> bool:
+        """Whether every step is full whatever the input (nothing is ever cached): CFG-Cache alone."""
+        return False
+
     def forecast_row(self, state: object, step: int) -> list[float] | None:
         """The host numbers ``measure`` needs at step ``step`` (a step row), or None when the decision needs no
         measurement of the probe (warm-up, nothing recorded yet). Only schedules that use the input measure."""
@@ -95,6 +100,10 @@ class Interval(Schedule):
         if self.phase == "spec":
             return (step - self.warmup + 1) % self.interval == 0
         return (step - self.warmup - 1) % self.interval == 0
+
+    @property
+    def every_step_full(self) -> bool:
+        return self.interval == 1
 
     def full_steps(self, num_steps: int) -> list[int]:
         """The full steps of a ``num_steps`` generation (for planning and tests)."""

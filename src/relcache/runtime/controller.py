@@ -86,8 +86,10 @@ class Session:
         self.generations = Generations(self, adapter)
         self.contexts: dict[str, Context] = {}
         self.current: Context | None = None  # the context of the transformer call running now
-        self.cfg = (CFGRunner(config.cfg_cache, adapter, self._run, lambda: self.generations.guidance)
-                    if config.cfg_cache else None)
+        cfg = config.cfg_cache
+        if cfg is not None:  # skip_full=None: skip at full steps only where the schedule computes every step
+            cfg = replace(cfg, skip_full=cfg.skips_full(config.schedule.every_step_full))
+        self.cfg = CFGRunner(cfg, adapter, self._run, lambda: self.generations.guidance) if cfg else None
         self.shared = [SharedGroup(g) for g in adapter.shared_modules(model)]  # computed once per call
         spec = adapter.modulation(model) if batch_modulation else None
         self.modulation = Modulations(spec) if spec is not None else None  # every step's adaLN at once
