@@ -42,6 +42,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
 
 import relcache
@@ -850,6 +851,24 @@ def bria_fibo_pipe() -> LoopPipeline:
         timestep=t / 1000, text_encoder_layers=layers), (1, 16, 4))
 
 
+def hunyuan_dit_pipe() -> LoopPipeline:
+    """HunyuanDiT-like: 8x8 latents (4 channels, patch 2: 16 tokens), 4 CLIP and 4 T5 text tokens, 2D RoPE as its
+    pipeline builds it; 4 blocks, so the last one takes the long skip from the first. Learned sigma: the first 4 of
+    the 8 output channels are the prediction."""
+    torch.manual_seed(0)
+    model = diffusers.HunyuanDiT2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+        cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16, text_len=4,
+        text_len_t5=4, activation_fn="gelu-approximate")
+    clip, t5, mask = randn(1, 4, 8), randn(1, 4, 8, seed=2), torch.ones(1, 4)
+    meta, style = torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]]), torch.zeros(1, dtype=torch.long)
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timestep=t, encoder_hidden_states=clip, text_embedding_mask=mask,
+        encoder_hidden_states_t5=t5, text_embedding_mask_t5=mask, image_meta_size=meta, style=style,
+        image_rotary_emb=rope), (1, 4, 8, 8), output=lambda out: out[:, :4])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -905,6 +924,7 @@ CASES = {
     "sana_wm_refiner": Case(sana_wm_refiner_pipe, no_kwargs, ("cond",)),
     "sana_video": Case(sana_video_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "bria_fibo": Case(bria_fibo_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "hunyuan_dit": Case(hunyuan_dit_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

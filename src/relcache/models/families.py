@@ -157,6 +157,13 @@ ROWS = (
     ModelRow("Motif-Video", "MotifVideoPipeline, MotifVideoImage2VideoPipeline", ("MotifVideoTransformer3DModel",),
              (Blocks("transformer_blocks", "double_stream_cross"),
               Blocks("single_transformer_blocks", "single_stream_joint_cross"))),
+    # HunyuanDiT: BasicTransformerBlock-like blocks in a U-shape (the later half's blocks first fuse a long skip from
+    # the earlier half, skip_norm and skip_linear, which run at every step). attn1 on norm1's shifted norm of the
+    # residual stream (no scale, no gate), attn2 (cross-attention to the CLIP+T5 text) on a plain norm, ff on a plain
+    # norm; all three outputs are added ungated. The blocks offer set_chunk_feed_forward, so enabling refuses it as
+    # for every such block (HunyuanDiT's forward ignores the setting)
+    ModelRow("HunyuanDiT", "HunyuanDiTPipeline", ("HunyuanDiT2DModel",), (Blocks("blocks", "basic"),),
+             refuse_chunking=True),
 )
 
 for _row in ROWS:
