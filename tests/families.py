@@ -869,6 +869,18 @@ def hunyuan_dit_pipe() -> LoopPipeline:
         image_rotary_emb=rope), (1, 4, 8, 8), output=lambda out: out[:, :4])
 
 
+def auraflow_pipe() -> LoopPipeline:
+    """AuraFlow-like: 8x8 latents (4 channels, patch 2: 16 tokens), 6 text tokens after the 8 register tokens; one
+    MMDiT block and two single blocks."""
+    torch.manual_seed(0)
+    model = diffusers.AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2, attention_head_dim=8,
+        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16, out_channels=4, pos_embed_max_size=16)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000),
+                        (1, 4, 8, 8))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -925,6 +937,7 @@ CASES = {
     "sana_video": Case(sana_video_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "bria_fibo": Case(bria_fibo_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "hunyuan_dit": Case(hunyuan_dit_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "auraflow": Case(auraflow_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

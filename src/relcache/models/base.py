@@ -236,7 +236,8 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),
     # self-attention and feed-forward named ``attention`` and ``feed_forward`` (Z-Image)
     "attention_feed_forward": (Slot("attention", "attn"), Slot("feed_forward", "mlp")),
-    # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence)
+    # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence,
+    # AuraFlow's single blocks)
     "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
     # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
     "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),

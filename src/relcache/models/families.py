@@ -164,6 +164,12 @@ ROWS = (
     # for every such block (HunyuanDiT's forward ignores the setting)
     ModelRow("HunyuanDiT", "HunyuanDiTPipeline", ("HunyuanDiT2DModel",), (Blocks("blocks", "basic"),),
              refuse_chunking=True),
+    # AuraFlow: MMDiT blocks (joint attention over the image and text streams' modulated norms, the register tokens
+    # leading the text stream; each MLP on its stream's norm of the gated attention residual, modulated), then
+    # single blocks over the text+image sequence with the same layout on one stream (attn, ff). Outputs are taken
+    # before the gates
+    ModelRow("AuraFlow", "AuraFlowPipeline", ("AuraFlowTransformer2DModel",),
+             (Blocks("joint_transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "attn_ff"))),
 )
 
 for _row in ROWS:
