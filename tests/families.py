@@ -881,6 +881,27 @@ def auraflow_pipe() -> LoopPipeline:
                         (1, 4, 8, 8))
 
 
+def flux3_pipe(reference: bool = True) -> LoopPipeline:
+    """FLUX.3-like: 4x4 latent tokens of 4 channels, 6 text tokens; one mode block per mode and two single blocks.
+    ``reference`` (image-to-image): 4 tokens of a 2x2 reference image, whose mode blocks then run."""
+    torch.manual_seed(0)
+    model = diffusers.Flux3Transformer2DModel(
+        in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, timestep_channels=16, axes_dims_rope=(2, 2, 2, 2))
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1)).float()
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(6)).float()
+    ref_ids = torch.cartesian_prod(torch.arange(1), torch.arange(2), torch.arange(2), torch.tensor([-1])).float()
+    text, ref = randn(1, 6, 16), randn(1, 4, 4, seed=2)
+
+    def inputs(x: torch.Tensor, t: torch.Tensor, _: str) -> dict[str, Any]:
+        kw = dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids)
+        if reference:
+            kw.update(image_cond_hidden_states=ref, image_cond_ids=ref_ids)
+        return kw
+
+    return LoopPipeline(model, inputs, (1, 16, 4))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -938,6 +959,7 @@ CASES = {
     "bria_fibo": Case(bria_fibo_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "hunyuan_dit": Case(hunyuan_dit_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "auraflow": Case(auraflow_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "flux3": Case(flux3_pipe, no_kwargs, ("default",)),  # image-to-image (all modules); no CacheMixin
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

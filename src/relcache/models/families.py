@@ -170,6 +170,16 @@ ROWS = (
     # before the gates
     ModelRow("AuraFlow", "AuraFlowPipeline", ("AuraFlowTransformer2DModel",),
              (Blocks("joint_transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "attn_ff"))),
+    # FLUX.3: per-mode blocks (each token mode self-attends within itself), then joint single blocks over
+    # [text; image; reference images]; every block runs attn and ff in parallel on one modulated norm and adds their
+    # sum under one gate, so each module's output is taken before it. Cached: the image's mode blocks, the reference
+    # images' mode blocks (image-to-image only: a text-to-image call leaves them uncalled), the single blocks (their
+    # input the modulated text and content norms concatenated). The text's mode blocks run at every step: they see
+    # the text modulated by timestep 0, the same at every step, so listed first they would make RCS's probe (the
+    # first cached module's input) never move; they are small (a few text tokens, 5 of 33 layers at full size)
+    ModelRow("FLUX.3", "Flux3ModularPipeline, Flux3DistilledModularPipeline", ("Flux3Transformer2DModel",),
+             (Blocks("mode_blocks.image", "attn_ff"), Blocks("mode_blocks.image_cond", "attn_ff"),
+              Blocks("single_transformer_blocks", "attn_ff"))),
 )
 
 for _row in ROWS:
