@@ -902,6 +902,17 @@ def flux3_pipe(reference: bool = True) -> LoopPipeline:
     return LoopPipeline(model, inputs, (1, 16, 4))
 
 
+def cogview3plus_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8)
+    text, size, crop = randn(1, 6, 16), torch.tensor([[64.0, 64.0]]), torch.tensor([[0.0, 0.0]])
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t,
+                                                     original_size=size, target_size=size, crop_coords=crop),
+                        (1, 4, 8, 8))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -960,6 +971,7 @@ CASES = {
     "hunyuan_dit": Case(hunyuan_dit_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "auraflow": Case(auraflow_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "flux3": Case(flux3_pipe, no_kwargs, ("default",)),  # image-to-image (all modules); no CacheMixin
+    "cogview3plus": Case(cogview3plus_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -180,6 +180,10 @@ ROWS = (
     ModelRow("FLUX.3", "Flux3ModularPipeline, Flux3DistilledModularPipeline", ("Flux3Transformer2DModel",),
              (Blocks("mode_blocks.image", "attn_ff"), Blocks("mode_blocks.image_cond", "attn_ff"),
               Blocks("single_transformer_blocks", "attn_ff"))),
+    # CogView3Plus: CogVideoX's expert blocks (attn1 the joint attention over the image and text streams' modulated
+    # norms, returning (image_out, text_out); ff once on the concatenation [norm_text; norm_image])
+    ModelRow("CogView3Plus", "CogView3PlusPipeline", ("CogView3PlusTransformer2DModel",),
+             (Blocks("transformer_blocks", "joint_attn_ff"),)),
 )
 
 for _row in ROWS:
