@@ -913,6 +913,21 @@ def cogview3plus_pipe() -> LoopPipeline:
                         (1, 4, 8, 8))
 
 
+def krea2_pipe() -> LoopPipeline:
+    """Krea 2-like: 4x4 latent tokens of 16 channels after 4 text tokens (3 tapped text-encoder layers, the last
+    token padding), grouped-query attention (4 heads, 2 key-value heads)."""
+    torch.manual_seed(0)
+    model = diffusers.Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=3, text_num_attention_heads=2,
+        text_num_key_value_heads=1, text_intermediate_size=16, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 2, 2))
+    text, mask = randn(1, 4, 3, 16), torch.tensor([[True, True, True, False]])
+    ids = torch.cat([torch.zeros(4, 3), torch.cat([torch.zeros(16, 1), ids_2d(4, 4)[:, 1:]], 1)])
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000,
+                                                     position_ids=ids, encoder_attention_mask=mask), (1, 16, 16))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -972,6 +987,7 @@ CASES = {
     "auraflow": Case(auraflow_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "flux3": Case(flux3_pipe, no_kwargs, ("default",)),  # image-to-image (all modules); no CacheMixin
     "cogview3plus": Case(cogview3plus_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "krea2": Case(krea2_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -237,7 +237,7 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     # self-attention and feed-forward named ``attention`` and ``feed_forward`` (Z-Image)
     "attention_feed_forward": (Slot("attention", "attn"), Slot("feed_forward", "mlp")),
     # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence,
-    # AuraFlow's single blocks, FLUX.3's blocks: attn and ff in parallel on one modulated norm)
+    # AuraFlow's single blocks, Krea 2; FLUX.3's blocks: attn and ff in parallel on one modulated norm)
     "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
     # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
     "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),

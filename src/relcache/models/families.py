@@ -184,6 +184,10 @@ ROWS = (
     # norms, returning (image_out, text_out); ff once on the concatenation [norm_text; norm_image])
     ModelRow("CogView3Plus", "CogView3PlusPipeline", ("CogView3PlusTransformer2DModel",),
              (Blocks("transformer_blocks", "joint_attn_ff"),)),
+    # Krea 2: one text+image sequence per block, attn and ff each on its own modulated norm (the shared timestep
+    # table plus the block's own), outputs before the gates; the text fusion (text only, no timestep) runs every step
+    ModelRow("Krea 2", "Krea2Pipeline, Krea2ModularPipeline, Krea2TurboModularPipeline", ("Krea2Transformer2DModel",),
+             (Blocks("transformer_blocks", "attn_ff"),)),
 )
 
 for _row in ROWS:
