@@ -928,6 +928,29 @@ def krea2_pipe() -> LoopPipeline:
                                                      position_ids=ids, encoder_attention_mask=mask), (1, 16, 16))
 
 
+def ideogram4_pipe() -> LoopPipeline:
+    """Ideogram 4-like: one packed sequence of 4 text tokens then 4x4 image tokens (16 channels); ``t`` rising from
+    0 (noise) to 1 as its pipeline passes it."""
+    from diffusers.models.transformers.transformer_ideogram4 import (
+        IMAGE_POSITION_OFFSET,
+        LLM_TOKEN_INDICATOR,
+        OUTPUT_IMAGE_INDICATOR,
+    )
+
+    torch.manual_seed(0)
+    model = diffusers.Ideogram4Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=32, adaln_dim=16,
+        llm_features_dim=24, rope_theta=10_000, mrope_section=(2, 1, 1))
+    text = torch.cat([randn(1, 4, 24), torch.zeros(1, 16, 24)], 1)
+    image_pos = torch.cat([torch.zeros(16, 1), ids_2d(4, 4)[:, 1:]], 1).long() + IMAGE_POSITION_OFFSET
+    pos = torch.cat([torch.arange(4)[:, None].expand(4, 3), image_pos])[None]
+    indicator = torch.tensor([[LLM_TOKEN_INDICATOR] * 4 + [OUTPUT_IMAGE_INDICATOR] * 16])
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([torch.zeros(1, 4, 16), x], 1), timestep=1 - t / 1000, encoder_hidden_states=text,
+        position_ids=pos, segment_ids=torch.ones(1, 20, dtype=torch.long), indicator=indicator),
+        (1, 16, 16), output=lambda out: out[:, 4:])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -988,6 +1011,7 @@ CASES = {
     "flux3": Case(flux3_pipe, no_kwargs, ("default",)),  # image-to-image (all modules); no CacheMixin
     "cogview3plus": Case(cogview3plus_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "krea2": Case(krea2_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "ideogram4": Case(ideogram4_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

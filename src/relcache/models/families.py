@@ -188,6 +188,13 @@ ROWS = (
     # table plus the block's own), outputs before the gates; the text fusion (text only, no timestep) runs every step
     ModelRow("Krea 2", "Krea2Pipeline, Krea2ModularPipeline, Krea2TurboModularPipeline", ("Krea2Transformer2DModel",),
              (Blocks("transformer_blocks", "attn_ff"),)),
+    # Ideogram 4: one packed text+image sequence per block (text and image tokens share the residual stream from the
+    # start), attention and feed_forward each on its RMS norm scaled by the block's adaLN, outputs taken before their
+    # post-norms and tanh gates. Its pipeline runs a second model of this class every step, unconditional_transformer
+    # (on the image tokens alone): not listed in experts, which switch between steps (Wan 2.2), so enabling the
+    # pipeline caches the conditional transformer only
+    ModelRow("Ideogram 4", "Ideogram4Pipeline", ("Ideogram4Transformer2DModel",),
+             (Blocks("layers", "attention_feed_forward"),)),
 )
 
 for _row in ROWS:
