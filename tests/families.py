@@ -42,6 +42,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
 
 import relcache
@@ -850,6 +851,106 @@ def bria_fibo_pipe() -> LoopPipeline:
         timestep=t / 1000, text_encoder_layers=layers), (1, 16, 4))
 
 
+def hunyuan_dit_pipe() -> LoopPipeline:
+    """HunyuanDiT-like: 8x8 latents (4 channels, patch 2: 16 tokens), 4 CLIP and 4 T5 text tokens, 2D RoPE as its
+    pipeline builds it; 4 blocks, so the last one takes the long skip from the first. Learned sigma: the first 4 of
+    the 8 output channels are the prediction."""
+    torch.manual_seed(0)
+    model = diffusers.HunyuanDiT2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+        cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16, text_len=4,
+        text_len_t5=4, activation_fn="gelu-approximate")
+    clip, t5, mask = randn(1, 4, 8), randn(1, 4, 8, seed=2), torch.ones(1, 4)
+    meta, style = torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]]), torch.zeros(1, dtype=torch.long)
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, timestep=t, encoder_hidden_states=clip, text_embedding_mask=mask,
+        encoder_hidden_states_t5=t5, text_embedding_mask_t5=mask, image_meta_size=meta, style=style,
+        image_rotary_emb=rope), (1, 4, 8, 8), output=lambda out: out[:, :4])
+
+
+def auraflow_pipe() -> LoopPipeline:
+    """AuraFlow-like: 8x8 latents (4 channels, patch 2: 16 tokens), 6 text tokens after the 8 register tokens; one
+    MMDiT block and two single blocks."""
+    torch.manual_seed(0)
+    model = diffusers.AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2, attention_head_dim=8,
+        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16, out_channels=4, pos_embed_max_size=16)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000),
+                        (1, 4, 8, 8))
+
+
+def flux3_pipe(reference: bool = True) -> LoopPipeline:
+    """FLUX.3-like: 4x4 latent tokens of 4 channels, 6 text tokens; one mode block per mode and two single blocks.
+    ``reference`` (image-to-image): 4 tokens of a 2x2 reference image, whose mode blocks then run."""
+    torch.manual_seed(0)
+    model = diffusers.Flux3Transformer2DModel(
+        in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, timestep_channels=16, axes_dims_rope=(2, 2, 2, 2))
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1)).float()
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(6)).float()
+    ref_ids = torch.cartesian_prod(torch.arange(1), torch.arange(2), torch.arange(2), torch.tensor([-1])).float()
+    text, ref = randn(1, 6, 16), randn(1, 4, 4, seed=2)
+
+    def inputs(x: torch.Tensor, t: torch.Tensor, _: str) -> dict[str, Any]:
+        kw = dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids)
+        if reference:
+            kw.update(image_cond_hidden_states=ref, image_cond_ids=ref_ids)
+        return kw
+
+    return LoopPipeline(model, inputs, (1, 16, 4))
+
+
+def cogview3plus_pipe() -> LoopPipeline:
+    torch.manual_seed(0)
+    model = diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8)
+    text, size, crop = randn(1, 6, 16), torch.tensor([[64.0, 64.0]]), torch.tensor([[0.0, 0.0]])
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t,
+                                                     original_size=size, target_size=size, crop_coords=crop),
+                        (1, 4, 8, 8))
+
+
+def krea2_pipe() -> LoopPipeline:
+    """Krea 2-like: 4x4 latent tokens of 16 channels after 4 text tokens (3 tapped text-encoder layers, the last
+    token padding), grouped-query attention (4 heads, 2 key-value heads)."""
+    torch.manual_seed(0)
+    model = diffusers.Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=3, text_num_attention_heads=2,
+        text_num_key_value_heads=1, text_intermediate_size=16, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 2, 2))
+    text, mask = randn(1, 4, 3, 16), torch.tensor([[True, True, True, False]])
+    ids = torch.cat([torch.zeros(4, 3), torch.cat([torch.zeros(16, 1), ids_2d(4, 4)[:, 1:]], 1)])
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t / 1000,
+                                                     position_ids=ids, encoder_attention_mask=mask), (1, 16, 16))
+
+
+def ideogram4_pipe() -> LoopPipeline:
+    """Ideogram 4-like: one packed sequence of 4 text tokens then 4x4 image tokens (16 channels); ``t`` rising from
+    0 (noise) to 1 as its pipeline passes it."""
+    from diffusers.models.transformers.transformer_ideogram4 import (
+        IMAGE_POSITION_OFFSET,
+        LLM_TOKEN_INDICATOR,
+        OUTPUT_IMAGE_INDICATOR,
+    )
+
+    torch.manual_seed(0)
+    model = diffusers.Ideogram4Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=32, adaln_dim=16,
+        llm_features_dim=24, rope_theta=10_000, mrope_section=(2, 1, 1))
+    text = torch.cat([randn(1, 4, 24), torch.zeros(1, 16, 24)], 1)
+    image_pos = torch.cat([torch.zeros(16, 1), ids_2d(4, 4)[:, 1:]], 1).long() + IMAGE_POSITION_OFFSET
+    pos = torch.cat([torch.arange(4)[:, None].expand(4, 3), image_pos])[None]
+    indicator = torch.tensor([[LLM_TOKEN_INDICATOR] * 4 + [OUTPUT_IMAGE_INDICATOR] * 16])
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([torch.zeros(1, 4, 16), x], 1), timestep=1 - t / 1000, encoder_hidden_states=text,
+        position_ids=pos, segment_ids=torch.ones(1, 20, dtype=torch.long), indicator=indicator),
+        (1, 16, 16), output=lambda out: out[:, 4:])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -905,6 +1006,12 @@ CASES = {
     "sana_wm_refiner": Case(sana_wm_refiner_pipe, no_kwargs, ("cond",)),
     "sana_video": Case(sana_video_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "bria_fibo": Case(bria_fibo_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "hunyuan_dit": Case(hunyuan_dit_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "auraflow": Case(auraflow_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "flux3": Case(flux3_pipe, no_kwargs, ("default",)),  # image-to-image (all modules); no CacheMixin
+    "cogview3plus": Case(cogview3plus_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "krea2": Case(krea2_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "ideogram4": Case(ideogram4_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -116,6 +116,15 @@ EXPECTED = {
     "sana_wm_refiner": blocks(2, ("transformer_blocks", BASIC)),
     "sana_video": blocks(2, ("transformer_blocks", BASIC)),
     "bria_fibo": FLUX_LIKE,
+    "hunyuan_dit": blocks(4, ("blocks", BASIC)),  # the long skip into block 3 runs every step
+    "auraflow": blocks(1, ("joint_transformer_blocks", (("attn", "attn", J), ("ff", "mlp"), ("ff_context", "mlp"))))
+    + blocks(2, ("single_transformer_blocks", (("attn", "attn"), ("ff", "mlp")))),
+    "flux3": blocks(1, ("mode_blocks.image", (("attn", "attn"), ("ff", "mlp"))))  # the text's mode blocks every step
+    + blocks(1, ("mode_blocks.image_cond", (("attn", "attn"), ("ff", "mlp"))))  # the reference image's
+    + blocks(2, ("single_transformer_blocks", (("attn", "attn"), ("ff", "mlp")))),
+    "cogview3plus": blocks(2, ("transformer_blocks", (("attn1", "attn", J), ("ff", "mlp")))),  # ff: both streams
+    "krea2": blocks(2, ("transformer_blocks", (("attn", "attn"), ("ff", "mlp")))),  # text fusion every step
+    "ideogram4": blocks(2, ("layers", (("attention", "attn"), ("feed_forward", "mlp")))),  # packed text+image
 }
 
 #: RFC(target_nfc=4) of 8 steps: bound on the relative L1 distance of the output (decoded, in [0, 1]) from full
@@ -135,13 +144,15 @@ EXPECTED = {
 #: 12x (MiniMax-H3) RFC's distance; Z-Image 0.014 (its adaLN tables scaled by 0.3, families.py; another seed 1.5
 #: away, FORA(8, 1) 3.0x); Nucleus-MoE-Image 0.013 (adaLN scaled by 0.3, every expert on every token; another seed
 #: 1.4 away, FORA(8, 1) 2.3x); LTX-2 0.011 (another seed 1.0 away, FORA(8, 1) 3.1x); Kandinsky 6 0.0076 (1.3, 9.0x);
-#: SANA-WM refiner 0.0024 (1.1, 12x), SANA-Video 0.0063 (1.3, 6.2x), Bria FIBO 0.0007 (1.1, 33x).
+#: SANA-WM refiner 0.0024 (1.1, 12x), SANA-Video 0.0063 (1.3, 6.2x), Bria FIBO 0.0007 (1.1, 33x); HunyuanDiT 0.0099
+#: (1.4, 9.2x), AuraFlow 0.0003 (1.5, 3.4x), FLUX.3 0.0009 (1.2, 2.5x),
+#: CogView3Plus 0.0027 (1.4, 6.0x), Krea 2 0.0023 (1.5, 3.7x), Ideogram 4 0.0036 (1.4, 5.9x).
 RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008, "hunyuan_video15": 0.006, "sana": 0.006,
                  "wan_vace": 0.007, "wan_i2v": 0.008, "helios": 0.01, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02,
                  "mochi": 0.03, "cosmos": 0.035, "ace_step": 0.009, "kandinsky5": 0.02,
                  "z_image": 0.02, "nucleus_moe": 0.02, "ltx2": 0.015,
                  "kandinsky6": 0.012, "sana_wm_refiner": 0.004,
-                 "sana_video": 0.009}
+                 "sana_video": 0.009, "hunyuan_dit": 0.015, "cogview3plus": 0.005, "krea2": 0.004, "ideogram4": 0.006}
 RFC_TOLERANCE_DEFAULT = 0.003
 K = 4
 

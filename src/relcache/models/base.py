@@ -234,9 +234,10 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "single_stream_img_mlp": (Slot("attn", "attn"), Slot("img_mlp", "mlp")),
     # self-attention and feed-forward named ``attn`` and ``feed_forward`` (Lumina2)
     "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),
-    # self-attention and feed-forward named ``attention`` and ``feed_forward`` (Z-Image)
+    # self-attention and feed-forward named ``attention`` and ``feed_forward`` (Z-Image, Ideogram 4)
     "attention_feed_forward": (Slot("attention", "attn"), Slot("feed_forward", "mlp")),
-    # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence)
+    # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence,
+    # AuraFlow's single blocks, Krea 2; FLUX.3's blocks: attn and ff in parallel on one modulated norm)
     "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
     # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
     "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),

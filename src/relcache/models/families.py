@@ -157,6 +157,44 @@ ROWS = (
     ModelRow("Motif-Video", "MotifVideoPipeline, MotifVideoImage2VideoPipeline", ("MotifVideoTransformer3DModel",),
              (Blocks("transformer_blocks", "double_stream_cross"),
               Blocks("single_transformer_blocks", "single_stream_joint_cross"))),
+    # HunyuanDiT: BasicTransformerBlock-like blocks in a U-shape (the later half's blocks first fuse a long skip from
+    # the earlier half, skip_norm and skip_linear, which run at every step). attn1 on norm1's shifted norm of the
+    # residual stream (no scale, no gate), attn2 (cross-attention to the CLIP+T5 text) on a plain norm, ff on a plain
+    # norm; all three outputs are added ungated. The blocks offer set_chunk_feed_forward, so enabling refuses it as
+    # for every such block (HunyuanDiT's forward ignores the setting)
+    ModelRow("HunyuanDiT", "HunyuanDiTPipeline", ("HunyuanDiT2DModel",), (Blocks("blocks", "basic"),),
+             refuse_chunking=True),
+    # AuraFlow: MMDiT blocks (joint attention over the image and text streams' modulated norms, the register tokens
+    # leading the text stream; each MLP on its stream's norm of the gated attention residual, modulated), then
+    # single blocks over the text+image sequence with the same layout on one stream (attn, ff). Outputs are taken
+    # before the gates
+    ModelRow("AuraFlow", "AuraFlowPipeline", ("AuraFlowTransformer2DModel",),
+             (Blocks("joint_transformer_blocks", "double_stream"), Blocks("single_transformer_blocks", "attn_ff"))),
+    # FLUX.3: per-mode blocks (each token mode self-attends within itself), then joint single blocks over
+    # [text; image; reference images]; every block runs attn and ff in parallel on one modulated norm and adds their
+    # sum under one gate, so each module's output is taken before it. Cached: the image's mode blocks, the reference
+    # images' mode blocks (image-to-image only: a text-to-image call leaves them uncalled), the single blocks (their
+    # input the modulated text and content norms concatenated). The text's mode blocks run at every step: they see
+    # the text modulated by timestep 0, the same at every step, so listed first they would make RCS's probe (the
+    # first cached module's input) never move; they are small (a few text tokens, 5 of 33 layers at full size)
+    ModelRow("FLUX.3", "Flux3ModularPipeline, Flux3DistilledModularPipeline", ("Flux3Transformer2DModel",),
+             (Blocks("mode_blocks.image", "attn_ff"), Blocks("mode_blocks.image_cond", "attn_ff"),
+              Blocks("single_transformer_blocks", "attn_ff"))),
+    # CogView3Plus: CogVideoX's expert blocks (attn1 the joint attention over the image and text streams' modulated
+    # norms, returning (image_out, text_out); ff once on the concatenation [norm_text; norm_image])
+    ModelRow("CogView3Plus", "CogView3PlusPipeline", ("CogView3PlusTransformer2DModel",),
+             (Blocks("transformer_blocks", "joint_attn_ff"),)),
+    # Krea 2: one text+image sequence per block, attn and ff each on its own modulated norm (the shared timestep
+    # table plus the block's own), outputs before the gates; the text fusion (text only, no timestep) runs every step
+    ModelRow("Krea 2", "Krea2Pipeline, Krea2ModularPipeline, Krea2TurboModularPipeline", ("Krea2Transformer2DModel",),
+             (Blocks("transformer_blocks", "attn_ff"),)),
+    # Ideogram 4: one packed text+image sequence per block (text and image tokens share the residual stream from the
+    # start), attention and feed_forward each on its RMS norm scaled by the block's adaLN, outputs taken before their
+    # post-norms and tanh gates. Its pipeline runs a second model of this class every step, unconditional_transformer
+    # (on the image tokens alone): not listed in experts, which switch between steps (Wan 2.2), so enabling the
+    # pipeline caches the conditional transformer only
+    ModelRow("Ideogram 4", "Ideogram4Pipeline", ("Ideogram4Transformer2DModel",),
+             (Blocks("layers", "attention_feed_forward"),)),
 )
 
 for _row in ROWS:
