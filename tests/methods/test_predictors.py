@@ -212,3 +212,52 @@ def test_order_out_of_range_names_the_parameter(bad):
     with pytest.raises(ConfigError, match="weight"):
         Linear("sometimes")
     assert math.isfinite(Taylor(0).order)
+
+
+@pytest.mark.parametrize("newton", [False, True])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_direction_norm_from_the_gram_equals_the_norm_of_the_direction(order, newton):
+    """``‖u‖`` from the Gram of the differences (what a compiled RFE forecast reads) is the norm of ``direction``, per
+    sample, at any step, for the Taylor and the Newton forms and uneven gaps."""
+    from relcache.methods.plus import NewtonHistory
+
+    gen = torch.Generator().manual_seed(order)
+    hist = (NewtonHistory if newton else DiffHistory)(order, None)
+    for j, gap in enumerate([None, 2.0, 3.0, 1.0, 4.0]):
+        x = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+        hist.update(x, None if gap is None else torch.tensor(gap, dtype=torch.float64))
+        gram = hist.gram(torch.float64)
+        if j == 0:
+            assert gram is None
+            continue
+        m = min(j, order)
+        assert gram.shape == (3, m, m) and torch.equal(gram, gram.transpose(1, 2))
+        for k in (1, 2, 5):
+            row = torch.tensor(step_row(k), dtype=torch.float64)
+            want = torch.linalg.vector_norm(hist.direction(row, torch.float64).reshape(3, -1), dim=1)
+            torch.testing.assert_close(hist.direction_norm(gram, row), want, rtol=1e-12, atol=0)
+
+
+def test_relational_records_a_gram_only_when_compiled():
+    """Eager records keep no Gram (their forecasts take the norm of ``u``); a compiled record does, and its forecast
+    equals the eager one."""
+    pred = Relational(2)
+    eager = pred.new_state()
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 4, 6, generator=gen) for _ in range(4)]
+    for i, x in enumerate(xs[:3]):
+        pred.update(eager, 2 * i, x, 3 * x + x**2)
+    assert eager.gram is None
+
+    def record_then_forecast(state, inp, out, gap, new_in, row):
+        pred.record(state, inp, out, gap)
+        return pred.forecast(state, new_in, row), state.gram
+
+    compiled = pred.new_state()
+    for i, x in enumerate(xs[:2]):
+        pred.update(compiled, 2 * i, x, 3 * x + x**2)
+    fn = torch.compile(record_then_forecast, backend="aot_eager", fullgraph=True)
+    row = torch.tensor(step_row(3))
+    got, gram = fn(compiled, xs[2], 3 * xs[2] + xs[2] ** 2, torch.tensor(2.0), xs[3], row)
+    assert gram is not None and gram.shape == (2, 2, 2)
+    torch.testing.assert_close(got, pred.forecast(eager, xs[3], row), rtol=1e-5, atol=1e-6)

@@ -181,11 +181,39 @@ class DiffHistory:
         """
         if len(self.diffs) < 2:
             return None
+        mults = self.multipliers(row)
         u = self.get(len(self.diffs) - 1, like)
         for j in range(len(self.diffs) - 2, 0, -1):  # u <- D_j + k/(j+1) · u
-            u = torch.addcmul(self.get(j, like), row[j], u) if out is None else torch.addcmul(
-                self.get(j, like), row[j], u, out=out)
+            u = torch.addcmul(self.get(j, like), mults[j - 1], u) if out is None else torch.addcmul(
+                self.get(j, like), mults[j - 1], u, out=out)
         return u
+
+    def multipliers(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """The Horner multipliers of ``direction`` at the current order ``m``: ``u = D_1 + c_1 (D_2 + c_2 (...))``
+        with ``c_j = k/(j+1) = row[j]``, ``j = 1 .. m-1``."""
+        return [row[j] for j in range(1, len(self.diffs) - 1)]
+
+    def gram(self, like: torch.dtype) -> torch.Tensor | None:
+        """Per sample, the inner products ``<D_i, D_j>`` of ``D_1 .. D_m`` (``(batch, m, m)``, in ``sample_norm``'s
+        precision), or None while only ``D_0`` exists: with it ``direction_norm`` gives ``‖u‖`` at any step without
+        reading the differences again. Taken once per full step; compiled code fuses it with the record."""
+        m = len(self.diffs) - 1
+        if m < 1:
+            return None
+        flat = [self.get(j, like).reshape(self.diffs[0].shape[0], -1) for j in range(1, m + 1)]
+        dt = _norm_dtype(flat[0])
+        dots = {(i, j): (flat[i].to(dt) * flat[j].to(dt)).sum(1) for i in range(m) for j in range(i, m)}
+        return torch.stack([torch.stack([dots[min(i, j), max(i, j)] for j in range(m)], 1) for i in range(m)], 1)
+
+    def direction_norm(self, gram: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """``sample_norm(direction(row, ...))`` from ``gram`` (this history's ``gram`` at its current order), exactly in
+        exact arithmetic: ``‖u‖² = cᵀ G c`` with ``c = (1, c_1, c_1 c_2, ...)`` the products of the Horner multipliers.
+        (choice) A rounding below zero (``u`` almost cancelling) gives 0, which RFE's fallback turns into Taylor."""
+        c = [torch.ones((), dtype=gram.dtype, device=gram.device)]
+        for mult in self.multipliers(row):
+            c.append(c[-1] * mult.to(gram.dtype))
+        cv = torch.stack(c)
+        return torch.einsum("i,bij,j->b", cv, gram, cv).clamp_min(0).sqrt()
 
     def is_stored(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is one of the stored differences (so must not be written into)."""

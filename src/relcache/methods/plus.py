@@ -69,22 +69,11 @@ class NewtonHistory(DiffHistory):
         st = self.storage
         self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale) for j, d in enumerate(new)]
 
-    def direction(self, row: torch.Tensor, like: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``u`` with ``k · u`` the Newton increment, or None while only ``D_0`` exists.
-
-        Horner form ``u = D_1 + (k + G_1)(D_2 + (k + G_2)(D_3 + ...))``, ``k = row[0]``. At order 1 ``u`` is ``D_1``
-        itself: check ``is_stored`` before writing into it. ``out`` as ``DiffHistory.direction``'s.
-        """
-        m = len(self.diffs) - 1
-        if m < 1:
-            return None
+    def multipliers(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """The Horner multipliers of the Newton increment ``k · u``, ``u = D_1 + (k + G_1)(D_2 + (k + G_2)(D_3 + ...))``
+        (``direction``, ``k = row[0]``, ``G_j`` the sum of the ``j`` latest gaps), ``j = 1 .. m-1``."""
         k = row[0]
-        u = self.get(m, like)
-        for j in range(m - 1, 0, -1):  # u <- D_j + (k + G_j) · u
-            mult = k + sum(self.gaps[1:j], self.gaps[0])
-            u = torch.addcmul(self.get(j, like), mult, u) if out is None else torch.addcmul(
-                self.get(j, like), mult, u, out=out)
-        return u
+        return [k + sum(self.gaps[1:j], self.gaps[0]) for j in range(1, len(self.diffs) - 1)]
 
 
 def _newton_state(order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None) -> PredictorState:

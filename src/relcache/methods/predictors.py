@@ -36,12 +36,13 @@ from .storage import SHARED_INPUTS, CacheStorage, Held, held_bytes, load, store,
 class PredictorState:
     """Per-module memory of a predictor: divided differences of the output, plus what the predictor adds."""
 
-    __slots__ = ("out", "inp", "ratio", "step", "reducer", "owner", "__weakref__")
+    __slots__ = ("out", "inp", "ratio", "gram", "step", "reducer", "owner", "__weakref__")
 
     def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
         self.out = DiffHistory(order, dtype)
         self.inp: torch.Tensor | Held | None = None  # I(a) as stored (``storage.store``), Relational only
         self.ratio: torch.Tensor | None = None  # s per sample, Relational only
+        self.gram: torch.Tensor | None = None  # <D_i, D_j> per sample, taken by compiled records (Relational)
         self.step: int | None = None  # the latest full step, kept by ``update`` (by-step-number use only)
         self.reducer = reducer  # the sequence is split over processes: norms are summed over them
         self.owner: PredictorState | None = None  # the state whose stored input ``inp`` is, where shared
@@ -53,10 +54,11 @@ class PredictorState:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor held: the output's differences, and the input and ratio where kept. An input shared
-        with the state that stored it is that state's bytes (counted once)."""
+        """Bytes of every tensor held: the output's differences, and the input, ratio and Gram where kept. An input
+        shared with the state that stored it is that state's bytes (counted once)."""
         shared = self.owner is not None and self.owner.inp is self.inp
-        return self.out.nbytes + (0 if shared else held_bytes(self.inp)) + held_bytes(self.ratio)
+        return (self.out.nbytes + (0 if shared else held_bytes(self.inp)) + held_bytes(self.ratio)
+                + held_bytes(self.gram))
 
     def input(self, like: torch.dtype) -> torch.Tensor:
         """The stored input ``I(a)`` in dtype ``like``."""
@@ -113,8 +115,9 @@ class Predictor(ABC):
                     storage: CacheStorage | None, input_shared: bool = False) -> int:
         """Bytes a state holds once its history is full (``order`` differences, and RFE's input and ratios), for an
         output of ``out_shape`` and an input of ``in_shape`` computed in ``computed``: what a budget is checked on,
-        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps. ``input_shared``: the
-        input is a tensor another state stores (its bytes are that state's)."""
+        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps, but for the ``order²``
+        numbers per sample of RFE's Gram that compiled steps add (``Relational``; tens of bytes a module).
+        ``input_shared``: the input is a tensor another state stores (its bytes are that state's)."""
         st = storage or CacheStorage()
         total = stored_bytes(out_shape, st.base, st.scale, computed)
         total += self.order * stored_bytes(out_shape, st.diffs, st.scale, computed)
@@ -196,6 +199,14 @@ class Relational(Predictor):
             raise ConfigError("order must be an integer in 1..4 for Relational (it needs a direction), got 0")
 
     def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
+        self._record(state, inp, out, gap)
+        # Compiled: the Gram of the differences, fused with the record, so that a compiled forecast's ``‖u‖`` reads no
+        # difference (``_finish``); eager forecasts take the norm of ``u`` (the Gram's kernels would cost a launch-bound
+        # GPU more than the pass they save). None after an eager record, whose forecasts then take the norm too.
+        split = state.reducer is not None
+        state.gram = state.out.gram(out.dtype) if torch.compiler.is_compiling() and not split else None
+
+    def _record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
         prev_in = state.inp
         if prev_in is not None and state.ready and prev_in.shape == inp.shape and state.reducer is not None:
             # split sequence: the partial sums join the next collective (the next step's decision), no one of theirs
@@ -272,7 +283,9 @@ class Relational(Predictor):
         else:
             if moved is None:
                 moved = sample_norm(inp - state.input(inp.dtype))
-            coef = s * moved / sample_norm(u)
+            gram = state.gram
+            fits = gram is not None and gram.shape[-1] == hist.order and gram.shape[0] == u.shape[0]
+            coef = s * moved / (hist.direction_norm(gram, row) if fits else sample_norm(u))
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
         # ``coef * 0 == 0`` is ``isfinite`` in two kernels where ``isfinite`` takes four (abs, ne, eq, mul).
         coef = torch.where(coef * 0 == 0, coef, row[0])

@@ -139,7 +139,7 @@ class Context:
 def hold_state(static: StaticCaches, key: tuple, state: PredictorState, value: torch.Tensor, gap_like: torch.Tensor
                ) -> None:
     """Move what a record just put in ``state`` (``value`` recorded, ``gap_like`` a 0-d tensor of the rows' dtype and
-    device) into ``static``'s buffers under ``key``: the output's differences and gap, and RFE's input and ratio.
+    device) into ``static``'s buffers under ``key``: the output's differences and gap, and RFE's input, ratio and Gram.
     Values are copied unchanged, so forecasts are bit-identical to the state held out of place."""
     static.hold_history((key, "out"), state.out, value, gap_like)
     if state.inp is None:
@@ -149,3 +149,8 @@ def hold_state(static: StaticCaches, key: tuple, state: PredictorState, value: t
         static.reserve((key, "ratio"), value.new_zeros(value.shape[0], dtype=row_dtype(value.dtype)))
     if state.ratio is not None:
         state.ratio = static.put((key, "ratio"), state.ratio)
+    if not torch.compiler.is_compiling():  # the Gram of each order (compiled records take it), reserved at once
+        for m in range(1, state.out.max_order + 1):
+            static.reserve((key, "gram", m), value.new_zeros(value.shape[0], m, m, dtype=row_dtype(value.dtype)))
+    if state.gram is not None:
+        state.gram = static.put((key, "gram", state.gram.shape[-1]), state.gram)
