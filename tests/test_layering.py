@@ -66,3 +66,25 @@ def test_no_upward_import():
             if layer is not None and layer > own:
                 upward.append(f"{path.relative_to(PACKAGE)}:{line} imports {name}")
     assert not upward, "imports pointing up the layers:\n" + "\n".join(upward)
+
+
+#: inside ``cli``, lowest first: a module imports only from the rows below its own
+CLI_LAYERS = [{"options", "reference"}, {"demo", "bench", "analyze"}, {"__init__"}, {"__main__"}]
+
+
+def _cli_rank(name: str) -> int:
+    """The row of ``relcache.cli.<name>``; a name the package defines (``main``) is the package's."""
+    return next((i for i, row in enumerate(CLI_LAYERS) if name in row), 2)
+
+
+def test_cli_commands_import_only_down():
+    """The package (parser and ``main``) over the commands, each command over options.py and reference.py; no command
+    imports another, nothing below imports a command or the package."""
+    upward = []
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        own = _cli_rank(path.stem)
+        for line, name in _imports(path):
+            parts = name.split(".")
+            if parts[:2] == ["relcache", "cli"] and _cli_rank(parts[2] if len(parts) > 2 else "__init__") >= own:
+                upward.append(f"cli/{path.name}:{line} imports {name}")
+    assert not upward, "imports inside cli not pointing down:\n" + "\n".join(upward)

@@ -20,8 +20,11 @@ def no_work(monkeypatch):
     import relcache.evaluation.analyze as analyze
     import relcache.evaluation.pipelines as pipelines
 
-    for name in ("_reference", "_pipeline_sampler", "run_bench"):
-        monkeypatch.setattr(cli, name, started)
+    # each command module's own names: the ones its run function calls
+    for command, names in ((cli.demo, ("_reference", "run_bench")), (cli.bench, ("_reference", "run_bench")),
+                           (cli.analyze, ("_reference", "_pipeline_sampler"))):
+        for name in names:
+            monkeypatch.setattr(command, name, started)
     monkeypatch.setattr(analyze, "record_trace", started)
     monkeypatch.setattr(pipelines, "load_sampler", started)
 

@@ -1,0 +1,48 @@
+"""The ``relcache`` command: ``demo``, ``bench`` and ``analyze``.
+
+All three run offline on the shipped reference model by default. ``bench`` also takes a local diffusers pipeline
+directory of any supported family (``--model PATH``: DiT, PixArt, SD3, FLUX, Wan, CogVideoX, HunyuanVideo, Latte),
+``analyze`` a local ``DiTPipeline`` directory.
+
+This file assembles the parser and holds the entry point ``main``; each command is a module (``demo.py``,
+``bench.py``, ``analyze.py``: its options and what it runs), over ``options.py`` (the argparse types and the shared
+options) and ``reference.py`` (the shipped model as the commands load it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import ConfigError
+from ..evaluation.ranks import RankLostError
+from ..evaluation.runlog import command_line
+from . import analyze, bench, demo
+from .demo import save_grid
+from .options import DEMO_GRID, PromptFile
+
+__all__ = ["DEMO_GRID", "PromptFile", "build_parser", "main", "save_grid"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``relcache`` command."""
+    parser = argparse.ArgumentParser(prog="relcache", description="Feature caching for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (demo, bench, analyze):
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``relcache`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = command_line(None if argv is None else list(argv))
+    try:
+        return args.func(args)
+    except ConfigError as err:  # a bad combination of options: the command's usage and the reason, not a traceback
+        args.parser.error(str(err))
+    except RankLostError as err:  # torchrun: another rank died; one line, not a traceback of the collective
+        print(err, file=sys.stderr)
+        return 1

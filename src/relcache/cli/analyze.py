@@ -1,0 +1,75 @@
+"""``relcache analyze``: the RFC paper's Figures 1 and 2 from one traced full-computation generation, on the reference
+model or a local ``DiTPipeline`` directory."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+from ..errors import ConfigError
+from ..evaluation.bench import Sampler
+from ..models.base import find_adapter
+from .options import _add_generation_options, _dit_pipeline_dir, _index, _output_dir, _positive
+from .reference import _reference
+
+
+def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Sampler]:
+    """(transformer, sampler) of a local DiTPipeline directory (``analyze``); samples are mapped to [-1, 1]."""
+    from diffusers import DiTPipeline
+
+    from ..api import begin_generation
+
+    pipe = DiTPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(transformer: torch.nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance_scale: float = 1.5,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        # caching is enabled on the bare transformer, so the pipeline's scheduler is not watched: announce the steps
+        # (RFC(target_nfc=...) needs them; a no-op when caching is off)
+        begin_generation(transformer, num_steps)
+        out = pipe(labels.tolist(), num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                   generator=generator, output_type="pt")
+        return out.images * 2 - 1 if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images) * 2 - 1
+
+    return pipe.transformer, sample
+
+
+def run(args: argparse.Namespace) -> int:
+    """The paper's Figures 1 and 2 (PNG plus CSV) from one traced full-computation generation."""
+    from ..evaluation.analyze import analyze_trace, record_trace, save_analysis
+
+    if args.model:
+        model, sampler = _pipeline_sampler(args.model)
+    else:
+        model, sampler, _, _ = _reference()
+    count = len(find_adapter(model).cached_modules(model))  # checked before the trace, which is the long part
+    bad = [j for j in args.modules or [] if j >= count]
+    if bad:
+        raise ConfigError(f"argument --modules: must be indices in 0..{count - 1} (the model has {count} cached "
+                          f"modules), got {' '.join(map(str, bad))}")
+    labels = torch.arange(args.samples) % 10
+    generate = partial(sampler, model, labels, num_steps=args.steps, guidance_scale=args.guidance,
+                       generator=torch.Generator().manual_seed(args.seed))
+    trace = record_trace(model, generate)
+    result = analyze_trace(trace, interval=args.interval, order=args.order, modules=args.modules)
+    for path in save_analysis(result, args.out):
+        print(path)
+    print(f"input/output prediction error correlation ({result.io_module}): {result.io_correlation:.3f}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``analyze``'s options, as a subcommand of ``sub``."""
+    p = sub.add_parser("analyze", help="the RFC paper's Figures 1 and 2 as PNG and CSV",
+                       description="Traces one full-computation generation and plots step-to-step distances of "
+                       "module inputs and outputs, per-module prediction errors of FORA/TaylorSeer/RFE, the "
+                       "stability of the ratio s, and the correlation of input and output prediction errors.")
+    p.add_argument("--model", type=_dit_pipeline_dir,
+                   help="a local diffusers DiTPipeline directory (default: the shipped model)")
+    _add_generation_options(p, samples=10, samples_help="samples traced", steps_help="DDIM steps")
+    p.add_argument("--interval", type=_positive, default=4, help="full step every N (default: %(default)s)")
+    p.add_argument("--modules", type=_index, nargs="+", help="module indices for the distance plot")
+    p.add_argument("--out", type=_output_dir, default="runs/analyze", help="output directory (default: %(default)s)")
+    p.set_defaults(func=run, parser=p)

@@ -1,0 +1,166 @@
+"""``relcache bench``: the evaluation table and pictures, methods x budgets against full computation, on the
+reference model or a local pipeline directory; its option combinations checked before anything is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..evaluation.bench import default_methods, run_bench, select
+from ..evaluation.pipelines import DEFAULT_PROMPTS, FAMILY_NAMES
+from .options import (
+    _add_generation_options,
+    _budget,
+    _index,
+    _output_dir,
+    _pipeline_dir,
+    _positive,
+    _prompts_file,
+    _size,
+)
+from .reference import _reference
+
+
+def _bench_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str, Any]]:
+    """(family or None for the reference model, the conditions cycled over, the settings they add): every
+    combination of options checked before anything is loaded."""
+    from ..evaluation.pipelines import DEFAULT_PROMPTS, check_frames, inspect_dir, num_classes
+
+    family = inspect_dir(args.model)[1] if args.model else None
+    name = family.name if family else "the reference model"
+    if args.peers and family is not None and family.name != "dit":
+        raise ConfigError(f"--peers runs on the reference model and DiT pipelines, not on {family.name}")
+    if family is None:
+        for option in ("height", "width", "frames"):
+            if getattr(args, option) is not None:
+                raise ConfigError(f"--{option} is for --model pipelines; the reference model makes 16x16 digits")
+    elif args.frames is not None:
+        try:
+            check_frames(family, args.frames)
+        except ValueError as err:
+            raise ConfigError(f"argument --frames: {err}") from None
+    extra: dict[str, Any] = {"model": str(Path(args.model).resolve()) if args.model else "reference",
+                             "family": family.name if family else "reference"}
+    if family is not None and family.text:
+        if args.labels is not None:
+            raise ConfigError(f"--labels is for class-conditional models; {name} takes --prompts FILE")
+        prompts = args.prompts.prompts if args.prompts else list(DEFAULT_PROMPTS)
+        conditions = list(range(len(prompts)))
+        extra["prompts"] = {"source": args.prompts.path if args.prompts else "built-in", "count": len(prompts),
+                            "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    else:
+        if args.prompts is not None:
+            raise ConfigError(f"--prompts is for text-conditioned models; {name} takes --labels")
+        classes = num_classes(args.model) if args.model else 10
+        conditions = args.labels if args.labels is not None else list(range(classes or 1000))
+        bad = [c for c in conditions if classes is not None and not 0 <= c < classes]
+        if bad:
+            raise ConfigError(f"argument --labels: must be classes in 0..{classes - 1}, got {' '.join(map(str, bad))}")
+    extra.update(frames=args.frames, height=args.height, width=args.width)
+    return family, conditions, extra
+
+
+def _bench_guidance(args: argparse.Namespace, family: Any) -> float | None:
+    if args.guidance is not None:
+        return args.guidance
+    return 1.5 if family is None else family.default_guidance
+
+
+def run(args: argparse.Namespace) -> int:
+    """The evaluation table and pictures: methods x budgets against full computation, on the reference model or a
+    local pipeline of a supported family. Every finished generation is recorded as it ends (``--resume``)."""
+    from ..evaluation import runlog
+    from ..evaluation.bench import bench_settings
+
+    if args.peers and args.steps != 50:
+        raise ConfigError(f"--peers needs --steps 50 (the peers' thresholds are calibrated for 50 steps), "
+                          f"got --steps {args.steps}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    family, conditions, extra = _bench_inputs(args)
+    guidance = _bench_guidance(args, family)
+    if runlog.has_log(args.out) and not (args.resume or args.overwrite):
+        header = runlog.read_header(args.out) or {}
+        raise ConfigError(f"--out {args.out} holds an earlier run (started {header.get('date')}, command: "
+                          f"{header.get('command')}): pass --resume to continue it, --overwrite to start over, or "
+                          "another --out")
+    if args.resume:  # the settings known before loading anything (run_bench compares the methods too)
+        runlog.check_resumable(args.out, bench_settings(
+            num_samples=args.samples, batch_size=args.batch_size, num_classes=len(conditions), seed=args.seed,
+            num_steps=args.steps, guidance_scale=guidance, count_flops=not args.no_flops, conditions=conditions,
+            extra=extra), runlog.versions())
+    if args.model:
+        from ..evaluation.pipelines import load_sampler
+
+        model, sampler = load_sampler(args.model, family, prompts=args.prompts.prompts if args.prompts else None,
+                                      frames=args.frames, height=args.height, width=args.width)
+        evaluator = real = None
+    else:
+        model, sampler, evaluator, real = _reference()
+    methods = default_methods(args.budgets, order=args.order, num_steps=args.steps)
+    if args.peers:
+        from ..evaluation.peers import peer_methods
+
+        methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=guidance,
+                                sampler=None if args.model is None else sampler)
+    chosen = select(methods, args.only)
+    if args.only and not chosen:
+        raise ConfigError(f"--only {' '.join(args.only)} matches no method; the labels are: "
+                          + ", ".join(m.label for m in methods))
+    methods = chosen
+    if args.overwrite:
+        runlog.clear(args.out)
+    result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.batch_size,
+                       num_classes=len(conditions), conditions=conditions, seed=args.seed, num_steps=args.steps,
+                       guidance_scale=guidance, evaluator=evaluator, real_images=real, count_flops=not args.no_flops,
+                       out_dir=args.out, resume=args.resume, extra_settings=extra,
+                       command=getattr(args, "command_line", None))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0
+    paths = result.save(args.out)
+    print(result.to_markdown())
+    if result.per_frame:
+        print("\nper frame:\n" + result.per_frame_markdown())
+    print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``bench``'s options, as a subcommand of ``sub``."""
+    p = sub.add_parser("bench", help="quality against compute for every method and budget",
+                       description="Generates the same seeds with full computation and each method (FORA, "
+                       "TaylorSeer, RFE alone, RCS alone, RFC; optionally diffusers' own caches) and writes "
+                       "bench.csv, bench.json, bench.md, pareto.png and samples.png, each with the settings, "
+                       "versions, date and command line. Every finished generation is recorded in results.jsonl as it "
+                       "ends, so --resume continues an interrupted run. Runs on the shipped reference model or on a "
+                       f"local pipeline directory of a supported family ({FAMILY_NAMES}). Shards seeds across "
+                       "processes under torchrun.")
+    p.add_argument("--model", type=_pipeline_dir,
+                   help="a local diffusers pipeline directory (DiT, PixArt, SD3, FLUX, Wan, CogVideoX, HunyuanVideo, "
+                   "Latte; default: the shipped reference model)")
+    _add_generation_options(p, samples=100, samples_help="number of samples",
+                            steps_help="denoising steps; with other than 50 each budget keeps the paper's interval, "
+                            "and RFC aims at that interval's NFC over these steps", guidance=None)
+    p.add_argument("--labels", type=_index, nargs="+",
+                   help="class labels cycled over the samples, class-conditional models only (default: every class)")
+    p.add_argument("--prompts", type=_prompts_file, metavar="FILE",
+                   help="prompts cycled over the samples, one a line, text-conditioned models only (default: a "
+                   f"built-in list of {len(DEFAULT_PROMPTS)} varied prompts)")
+    p.add_argument("--frames", type=int, help="frames per video, video models only (default: the pipeline's own)")
+    p.add_argument("--height", type=_size, help="image height in pixels (default: the pipeline's own)")
+    p.add_argument("--width", type=_size, help="image width in pixels (default: the pipeline's own)")
+    p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7], help="NFC budgets of 50 steps")
+    p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
+    p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
+    p.add_argument("--only", nargs="+", help="run only methods whose label contains one of these strings")
+    p.add_argument("--out", type=_output_dir, default="runs/bench", help="output directory (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --out (refused if its settings differ)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run recorded in --out and start over")
+    p.set_defaults(func=run, parser=p)

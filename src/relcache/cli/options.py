@@ -1,0 +1,160 @@
+"""The ``relcache`` command's argparse types (each checks its value before any work and names what is wrong) and the
+options ``bench`` and ``analyze`` share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..evaluation.bench import INTERVAL_FOR_NFC
+
+#: the demo grid's file name, also used inside a directory given as ``demo --out``
+DEMO_GRID = "relcache-demo.png"
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= low``."""
+
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return n
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in its error for a non-integer
+    return parse
+
+
+_positive, _at_least_2, _index = _int_at_least(1), _int_at_least(2), _int_at_least(0)
+
+
+def _guidance(value: str) -> float:
+    x = float(value)
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1 or less: no guidance), got {value}")
+    return x
+
+
+def _dit_pipeline_dir(value: str) -> str:
+    """A local diffusers DiTPipeline directory (``analyze``): checked here, so a wrong path fails at once (and never
+    reaches the Hub, which ``from_pretrained`` would ask about a name such as ``nosuch/model``)."""
+    path = Path(value).expanduser()
+    need = "must be a local diffusers DiTPipeline directory (with a model_index.json)"
+    if not path.is_dir():
+        reason = "is not a directory" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{need}; {value} {reason}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise argparse.ArgumentTypeError(f"{need}; {value} has no model_index.json")
+    try:
+        pipeline_class = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise argparse.ArgumentTypeError(f"{need}; cannot read {index}: {err}") from None
+    if pipeline_class != "DiTPipeline":
+        raise argparse.ArgumentTypeError(f"{need}; {value} holds a {pipeline_class}")
+    return str(path)
+
+
+def _pipeline_dir(value: str) -> str:
+    """A local diffusers pipeline directory of a supported family (``bench``), recognised from its model_index.json
+    alone, before anything is loaded."""
+    from ..evaluation.pipelines import FAMILY_NAMES, inspect_dir
+
+    try:
+        inspect_dir(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be a local diffusers pipeline directory of a supported family "
+                                         f"({FAMILY_NAMES}) with a model_index.json; {err}") from None
+    return str(Path(value).expanduser())
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """``--prompts FILE``: where the prompts came from (recorded with the run) and the prompts."""
+
+    path: str
+    prompts: list[str]
+
+
+def _prompts_file(value: str) -> PromptFile:
+    from ..evaluation.pipelines import read_prompts
+
+    try:
+        return PromptFile(str(Path(value).expanduser().resolve()), read_prompts(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be a text file with one prompt a line; {err}") from None
+
+
+def _size(value: str) -> int:
+    n = int(value)
+    if n < 8 or n % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (pixels), got {value}")
+    return n
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why files cannot be written in ``directory`` (created with its parents if missing), or None if they can.
+
+    Checked before any work, so a bad output location does not lose a finished run. Nothing is created: the nearest
+    existing ancestor must be a directory a file can be created in (tried with a temporary file, which also tells
+    root the truth about read-only file systems)."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"cannot write in {existing}: {err.strerror or err}"
+    return None
+
+
+def _output_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    reason = _unwritable(path)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"cannot write the results in {value}: {reason}")
+    return path
+
+
+def _output_png(value: str) -> Path:
+    """The grid's file: ``value`` itself if it ends in .png, ``value`` + .png without a suffix, or
+    ``relcache-demo.png`` inside ``value`` when it is a directory (or ends with a slash)."""
+    path = Path(value).expanduser()
+    if value.endswith(("/", os.sep)) or path.is_dir():
+        path = path / DEMO_GRID
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"the grid is a PNG: name a .png file or a directory, got {value}")
+    reason = _unwritable(path.parent)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"cannot write the grid {path}: {reason}")
+    return path
+
+
+def _budget(value: str) -> int:
+    n = int(value)
+    if n not in INTERVAL_FOR_NFC:
+        raise argparse.ArgumentTypeError(f"must be one of {sorted(INTERVAL_FOR_NFC)} (NFC of 50 steps), got {value}")
+    return n
+
+
+def _add_generation_options(p: argparse.ArgumentParser, *, samples: int, samples_help: str, steps_help: str,
+                            guidance: float | None = 1.5) -> None:
+    """The options ``bench`` and ``analyze`` share: samples, DDIM steps, CFG scale, order and seed."""
+    p.add_argument("--samples", type=_positive, default=samples, help=f"{samples_help} (default: %(default)s)")
+    p.add_argument("--steps", type=_at_least_2, default=50, help=f"{steps_help} (default: %(default)s)")
+    p.add_argument("--guidance", type=_guidance, default=guidance,
+                   help="guidance scale, >= 0 (default: 1.5 on the reference model and DiT, else the pipeline's own)"
+                   if guidance is None else "CFG scale, >= 0 (default: %(default)s)")
+    p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
