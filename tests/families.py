@@ -951,6 +951,18 @@ def ideogram4_pipe() -> LoopPipeline:
         (1, 16, 16), output=lambda out: out[:, 4:])
 
 
+def easyanimate_pipe() -> LoopPipeline:
+    """EasyAnimate-like: 2 latent frames of 8x8 (4 channels, patch 2: 32 tokens), 6 text tokens; 2 MMDiT blocks and a
+    third without a text MLP (its ff runs once per stream)."""
+    torch.manual_seed(0)
+    model = diffusers.EasyAnimateTransformer3DModel(
+        attention_head_dim=16, num_attention_heads=2, in_channels=4, out_channels=4, patch_size=2, num_layers=3,
+        mmdit_layers=2, text_embed_dim=16, time_embed_dim=8)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t, encoder_hidden_states=text),
+                        (1, 4, 2, 8, 8))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1012,6 +1024,7 @@ CASES = {
     "cogview3plus": Case(cogview3plus_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "krea2": Case(krea2_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "ideogram4": Case(ideogram4_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "easyanimate": Case(easyanimate_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

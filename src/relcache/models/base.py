@@ -255,6 +255,8 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     # ``single_stream_joint`` with the same optional cross-attention after the attention (Motif-Video)
     "single_stream_joint_cross": (Slot("proj_mlp", "mlp"), Slot("attn", "attn", joint=True),
                                   Slot("cross_attn", "cross_attn")),
+    # joint attention named ``attn1``, then one MLP per stream named ``ff`` and ``txt_ff`` (EasyAnimate's MMDiT blocks)
+    "joint_attn_ff_txt_ff": (Slot("attn1", "attn", joint=True), Slot("ff", "mlp"), Slot("txt_ff", "mlp")),
 }
 
 
