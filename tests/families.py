@@ -963,6 +963,24 @@ def easyanimate_pipe() -> LoopPipeline:
                         (1, 4, 2, 8, 8))
 
 
+def omnigen_pipe() -> LoopPipeline:
+    """OmniGen-like (a Phi-3-style decoder over [condition tokens; time token; image tokens]): 8x8 latents (4
+    channels, patch 2: 16 tokens), 2 condition tokens, the second a 2x2 input image's patch; the timestep rising from
+    0 (noise) to 1 as its scheduler (invert_sigmas, num_train_timesteps=1) gives it. Without adaLN, RCS's probe (the
+    first layer's normed input) is near linear in the latents and moves little: with 3 condition tokens instead of 2,
+    RFC(threshold=0.3) computes no step past warm-up (the contract asks for one)."""
+    torch.manual_seed(0)
+    model = diffusers.OmniGenTransformer2DModel(
+        hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32, num_layers=2,
+        pad_token_id=0, vocab_size=64, in_channels=4, time_step_dim=8,
+        rope_scaling={"long_factor": [1.0] * 4, "short_factor": [1.0] * 4})
+    ids, image = torch.randint(1, 64, (1, 2), generator=torch.Generator().manual_seed(1)), randn(1, 4, 2, 2, seed=2)
+    seq = 2 + 1 + 16
+    cond = dict(input_ids=ids, input_img_latents=[image], input_image_sizes={0: [[1, 2]]},
+                attention_mask=torch.ones(1, seq, seq), position_ids=torch.arange(seq)[None])
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=1 - t / 1000, **cond), (1, 4, 8, 8))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1025,6 +1043,7 @@ CASES = {
     "krea2": Case(krea2_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "ideogram4": Case(ideogram4_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "easyanimate": Case(easyanimate_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "omnigen": Case(omnigen_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -239,6 +239,8 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence,
     # AuraFlow's single blocks, Krea 2; FLUX.3's blocks: attn and ff in parallel on one modulated norm)
     "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
+    # self-attention and MLP named ``self_attn`` and ``mlp`` (OmniGen's decoder layers)
+    "self_attn_mlp": (Slot("self_attn", "attn"), Slot("mlp", "mlp")),
     # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
     "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),
     # the same named ``self_attention``, ``cross_attention``, ``feed_forward`` (Kandinsky 5's visual blocks)
