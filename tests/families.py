@@ -981,6 +981,20 @@ def omnigen_pipe() -> LoopPipeline:
     return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=1 - t / 1000, **cond), (1, 4, 8, 8))
 
 
+def prx_pipe() -> LoopPipeline:
+    """PRX-like: 8x8 latents (4 channels, patch 2: 16 tokens) attending to 6 text tokens as extra keys and values,
+    the timestep in [0, 1] as its pipeline passes it. Random adaLN weights: diffusers initialises them to zero."""
+    torch.manual_seed(0)
+    model = diffusers.PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=16, hidden_size=16,
+                                            mlp_ratio=2.0, num_heads=2, depth=2, axes_dim=[4, 4])
+    with torch.no_grad():  # the blocks' adaLN starts at zero (every gate 0: the blocks would do nothing)
+        for block in model.blocks:
+            block.modulation.lin.weight.normal_(0, 0.3)
+    text, mask = randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t / 1000, encoder_hidden_states=text,
+                                                     attention_mask=mask), (1, 4, 8, 8))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1044,6 +1058,7 @@ CASES = {
     "ideogram4": Case(ideogram4_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "easyanimate": Case(easyanimate_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "omnigen": Case(omnigen_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "prx": Case(prx_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -241,6 +241,9 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
     # self-attention and MLP named ``self_attn`` and ``mlp`` (OmniGen's decoder layers)
     "self_attn_mlp": (Slot("self_attn", "attn"), Slot("mlp", "mlp")),
+    # attention, then a gated MLP written inline in the block: its two input matmuls ``gate_proj`` and ``up_proj``
+    # (each on the modulated norm; the activation, product and ``down_proj`` run every step, as FLUX's proj_mlp) (PRX)
+    "attention_gate_up": (Slot("attention", "attn"), Slot("gate_proj", "mlp"), Slot("up_proj", "mlp")),
     # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
     "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),
     # the same named ``self_attention``, ``cross_attention``, ``feed_forward`` (Kandinsky 5's visual blocks)

@@ -195,6 +195,12 @@ ROWS = (
     # pipeline caches the conditional transformer only
     ModelRow("Ideogram 4", "Ideogram4Pipeline", ("Ideogram4Transformer2DModel",),
              (Blocks("layers", "attention_feed_forward"),)),
+    # PRX: image-stream blocks; attention on the image's modulated norm (the projected text joins as extra keys and
+    # values; the output is the image's, before the gate), then a gated MLP the block computes inline,
+    # down_proj(gelu(gate_proj(x)) * up_proj(x)) on the modulated norm x: no one module returns the MLP's output, so
+    # its two input matmuls are cached (each on x, two thirds of the MLP) and the product and down_proj run every step
+    ModelRow("PRX", "PRXPipeline, PRXPixelPipeline", ("PRXTransformer2DModel",),
+             (Blocks("blocks", "attention_gate_up"),)),
 )
 
 for _row in ROWS:
