@@ -995,6 +995,22 @@ def prx_pipe() -> LoopPipeline:
                                                      attention_mask=mask), (1, 4, 8, 8))
 
 
+def consisid_pipe() -> LoopPipeline:
+    """ConsisID-like (CogVideoX with identity conditioning): 2 latent frames of 8x8 (4 channels, patch 2: 32
+    tokens) after 6 text tokens, a face embedding and one ViT layer through the local facial extractor, its perceiver
+    cross-attention after every block."""
+    torch.manual_seed(0)
+    model = diffusers.ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=6, cross_attn_interval=1, is_kps=False, is_train_face=True,
+        cross_attn_dim_head=4, cross_attn_num_heads=1, LFE_id_dim=2, LFE_vit_dim=2, LFE_depth=5, LFE_dim_head=8,
+        LFE_num_heads=2, LFE_num_id_token=1, LFE_num_querie=1, LFE_output_dim=10, LFE_ff_mult=1, LFE_num_scale=1)
+    text, face, vit = randn(1, 6, 16), randn(1, 2, seed=2), [randn(1, 2, 2, seed=3)]
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t,
+                                                     id_cond=face, id_vit_hidden=vit), (1, 2, 4, 8, 8))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1059,6 +1075,7 @@ CASES = {
     "easyanimate": Case(easyanimate_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "omnigen": Case(omnigen_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "prx": Case(prx_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "consisid": Case(consisid_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -201,6 +201,11 @@ ROWS = (
     # its two input matmuls are cached (each on x, two thirds of the MLP) and the product and down_proj run every step
     ModelRow("PRX", "PRXPipeline, PRXPixelPipeline", ("PRXTransformer2DModel",),
              (Blocks("blocks", "attention_gate_up"),)),
+    # ConsisID: CogVideoX's expert blocks (attn1 the joint attention over the video and text streams' modulated norms,
+    # ff once on [norm_text; norm_video]); the perceiver cross-attentions to the face embedding, added after every
+    # cross_attn_interval-th block, and the local facial extractor run at every step
+    ModelRow("ConsisID", "ConsisIDPipeline", ("ConsisIDTransformer3DModel",),
+             (Blocks("transformer_blocks", "joint_attn_ff"),)),
 )
 
 for _row in ROWS:
