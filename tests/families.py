@@ -1011,6 +1011,20 @@ def consisid_pipe() -> LoopPipeline:
                                                      id_cond=face, id_vit_hidden=vit), (1, 2, 4, 8, 8))
 
 
+def joyimage_edit_plus_pipe() -> LoopPipeline:
+    """JoyImage-Edit Plus-like: the target's 4x4 patches (4 channels, patch (1, 2, 2), as its pipeline patchifies
+    them) then a 2x2-patch reference image's, 6 text tokens; the output's first 16 patches are the prediction."""
+    torch.manual_seed(0)
+    model = diffusers.JoyImageEditPlusTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=16, num_layers=2,
+        rope_dim_list=[2, 2, 4])
+    text, mask, ref = randn(1, 6, 16), torch.ones(1, 6), randn(1, 4, 4, 1, 2, 2, seed=2)
+    shapes = [[(1, 4, 4), (1, 2, 2)]]
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, ref], 1), timestep=t, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+        shape_list=shapes), (1, 16, 4, 1, 2, 2), output=lambda out: out[:, :16])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1076,6 +1090,7 @@ CASES = {
     "omnigen": Case(omnigen_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "prx": Case(prx_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "consisid": Case(consisid_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "joyimage_edit_plus": Case(joyimage_edit_plus_pipe, no_kwargs, ("default",)),  # no CacheMixin
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

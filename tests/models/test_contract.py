@@ -129,6 +129,7 @@ EXPECTED = {
     + [("transformer_blocks.2.attn1", "attn", True)],  # no txt_ff: ff runs once per stream, not cached
     "omnigen": blocks(2, ("layers", (("self_attn", "attn"), ("mlp", "mlp")))),  # condition+time+image tokens
     "consisid": blocks(2, ("transformer_blocks", (("attn1", "attn", J), ("ff", "mlp")))),  # face cross-attn: every step
+    "joyimage_edit_plus": blocks(2, ("double_blocks", (("attn", "attn", J), ("img_mlp", "mlp"), ("txt_mlp", "mlp")))),
     "prx": blocks(2, ("blocks", (("attention", "attn"), ("gate_proj", "mlp"), ("up_proj", "mlp")))),  # down_proj
 }
 
@@ -153,7 +154,8 @@ EXPECTED = {
 #: (1.4, 9.2x), AuraFlow 0.0003 (1.5, 3.4x), FLUX.3 0.0009 (1.2, 2.5x),
 #: CogView3Plus 0.0027 (1.4, 6.0x), Krea 2 0.0023 (1.5, 3.7x), Ideogram 4 0.0036 (1.4, 5.9x), EasyAnimate 0.0022
 #: (1.4, 8.8x), OmniGen 0.0022 (1.4, 32x), PRX 0.0017 (1.5,
-#: 3.4x), ConsisID 0.0040 (1.3, 8.2x; CogVideoX's blocks, as CogVideoX's 0.0034 above the default).
+#: 3.4x), ConsisID 0.0040 (1.3, 8.2x; CogVideoX's blocks, as CogVideoX's 0.0034 above the default),
+#: JoyImage-Edit Plus 0.0016 (1.6, 7.1x).
 RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008, "hunyuan_video15": 0.006, "sana": 0.006,
                  "wan_vace": 0.007, "wan_i2v": 0.008, "helios": 0.01, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02,
                  "mochi": 0.03, "cosmos": 0.035, "ace_step": 0.009, "kandinsky5": 0.02,

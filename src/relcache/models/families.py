@@ -206,6 +206,11 @@ ROWS = (
     # cross_attn_interval-th block, and the local facial extractor run at every step
     ModelRow("ConsisID", "ConsisIDPipeline", ("ConsisIDTransformer3DModel",),
              (Blocks("transformer_blocks", "joint_attn_ff"),)),
+    # JoyImage-Edit Plus: Qwen-Image's double-stream layout (attn the joint attention over the image and text streams'
+    # modulated norms; img_mlp and txt_mlp on their modulated norms, outputs before the gates). The image stream is
+    # the target's patches then the reference images' (padded to the batch's longest)
+    ModelRow("JoyImage-Edit Plus", "JoyImageEditPlusPipeline", ("JoyImageEditPlusTransformer3DModel",),
+             (Blocks("double_blocks", "double_stream_img_txt"),)),
 )
 
 for _row in ROWS:
