@@ -1025,6 +1025,22 @@ def joyimage_edit_plus_pipe() -> LoopPipeline:
         shape_list=shapes), (1, 16, 4, 1, 2, 2), output=lambda out: out[:, :16])
 
 
+def transformer_2d_pipe() -> LoopPipeline:
+    """The generic Transformer2DModel in a PixArt-style patched config built directly (from_pretrained remaps DiT and
+    PixArt configs to their own classes): 8x8 latents (4 channels, patch 2: 16 tokens), 6 text tokens; learned sigma,
+    so the first 4 of the 8 output channels are the prediction."""
+    torch.manual_seed(0)
+    model = diffusers.Transformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None,
+                                                                                     "aspect_ratio": None}),
+        (1, 4, 8, 8), output=lambda out: out[:, :4])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1091,6 +1107,7 @@ CASES = {
     "prx": Case(prx_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "consisid": Case(consisid_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "joyimage_edit_plus": Case(joyimage_edit_plus_pipe, no_kwargs, ("default",)),  # no CacheMixin
+    "transformer_2d": Case(transformer_2d_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

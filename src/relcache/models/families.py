@@ -211,6 +211,13 @@ ROWS = (
     # the target's patches then the reference images' (padded to the batch's longest)
     ModelRow("JoyImage-Edit Plus", "JoyImageEditPlusPipeline", ("JoyImageEditPlusTransformer3DModel",),
              (Blocks("double_blocks", "double_stream_img_txt"),)),
+    # the generic Transformer2DModel: BasicTransformerBlocks in every mode (patched DiT- or PixArt-style configs, the
+    # VQ-Diffusion denoiser over discrete latents, the spatial transformer of UNets), attn1, attn2 and ff each on its
+    # (modulated) norm; from_pretrained remaps DiT and PixArt configs to their own classes, so this serves the
+    # models built directly and VQ-Diffusion (its discrete input checked with a tiny vectorized model in a hand-written
+    # loop, RFC and CFG-Cache included; the pipeline itself is not in the tests)
+    ModelRow("Transformer2DModel", "VQDiffusionPipeline", ("Transformer2DModel",),
+             (Blocks("transformer_blocks", "basic"),), refuse_chunking=True),
 )
 
 for _row in ROWS:
