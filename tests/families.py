@@ -951,6 +951,96 @@ def ideogram4_pipe() -> LoopPipeline:
         (1, 16, 16), output=lambda out: out[:, 4:])
 
 
+def easyanimate_pipe() -> LoopPipeline:
+    """EasyAnimate-like: 2 latent frames of 8x8 (4 channels, patch 2: 32 tokens), 6 text tokens; 2 MMDiT blocks and a
+    third without a text MLP (its ff runs once per stream)."""
+    torch.manual_seed(0)
+    model = diffusers.EasyAnimateTransformer3DModel(
+        attention_head_dim=16, num_attention_heads=2, in_channels=4, out_channels=4, patch_size=2, num_layers=3,
+        mmdit_layers=2, text_embed_dim=16, time_embed_dim=8)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t, encoder_hidden_states=text),
+                        (1, 4, 2, 8, 8))
+
+
+def omnigen_pipe() -> LoopPipeline:
+    """OmniGen-like (a Phi-3-style decoder over [condition tokens; time token; image tokens]): 8x8 latents (4
+    channels, patch 2: 16 tokens), 2 condition tokens, the second a 2x2 input image's patch; the timestep rising from
+    0 (noise) to 1 as its scheduler (invert_sigmas, num_train_timesteps=1) gives it. Without adaLN, RCS's probe (the
+    first layer's normed input) is near linear in the latents and moves little: with 3 condition tokens instead of 2,
+    RFC(threshold=0.3) computes no step past warm-up (the contract asks for one)."""
+    torch.manual_seed(0)
+    model = diffusers.OmniGenTransformer2DModel(
+        hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32, num_layers=2,
+        pad_token_id=0, vocab_size=64, in_channels=4, time_step_dim=8,
+        rope_scaling={"long_factor": [1.0] * 4, "short_factor": [1.0] * 4})
+    ids, image = torch.randint(1, 64, (1, 2), generator=torch.Generator().manual_seed(1)), randn(1, 4, 2, 2, seed=2)
+    seq = 2 + 1 + 16
+    cond = dict(input_ids=ids, input_img_latents=[image], input_image_sizes={0: [[1, 2]]},
+                attention_mask=torch.ones(1, seq, seq), position_ids=torch.arange(seq)[None])
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=1 - t / 1000, **cond), (1, 4, 8, 8))
+
+
+def prx_pipe() -> LoopPipeline:
+    """PRX-like: 8x8 latents (4 channels, patch 2: 16 tokens) attending to 6 text tokens as extra keys and values,
+    the timestep in [0, 1] as its pipeline passes it. Random adaLN weights: diffusers initialises them to zero."""
+    torch.manual_seed(0)
+    model = diffusers.PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=16, hidden_size=16,
+                                            mlp_ratio=2.0, num_heads=2, depth=2, axes_dim=[4, 4])
+    with torch.no_grad():  # the blocks' adaLN starts at zero (every gate 0: the blocks would do nothing)
+        for block in model.blocks:
+            block.modulation.lin.weight.normal_(0, 0.3)
+    text, mask = randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, timestep=t / 1000, encoder_hidden_states=text,
+                                                     attention_mask=mask), (1, 4, 8, 8))
+
+
+def consisid_pipe() -> LoopPipeline:
+    """ConsisID-like (CogVideoX with identity conditioning): 2 latent frames of 8x8 (4 channels, patch 2: 32
+    tokens) after 6 text tokens, a face embedding and one ViT layer through the local facial extractor, its perceiver
+    cross-attention after every block."""
+    torch.manual_seed(0)
+    model = diffusers.ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=6, cross_attn_interval=1, is_kps=False, is_train_face=True,
+        cross_attn_dim_head=4, cross_attn_num_heads=1, LFE_id_dim=2, LFE_vit_dim=2, LFE_depth=5, LFE_dim_head=8,
+        LFE_num_heads=2, LFE_num_id_token=1, LFE_num_querie=1, LFE_output_dim=10, LFE_ff_mult=1, LFE_num_scale=1)
+    text, face, vit = randn(1, 6, 16), randn(1, 2, seed=2), [randn(1, 2, 2, seed=3)]
+    return LoopPipeline(model, lambda x, t, _: dict(hidden_states=x, encoder_hidden_states=text, timestep=t,
+                                                     id_cond=face, id_vit_hidden=vit), (1, 2, 4, 8, 8))
+
+
+def joyimage_edit_plus_pipe() -> LoopPipeline:
+    """JoyImage-Edit Plus-like: the target's 4x4 patches (4 channels, patch (1, 2, 2), as its pipeline patchifies
+    them) then a 2x2-patch reference image's, 6 text tokens; the output's first 16 patches are the prediction."""
+    torch.manual_seed(0)
+    model = diffusers.JoyImageEditPlusTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=16, num_layers=2,
+        rope_dim_list=[2, 2, 4])
+    text, mask, ref = randn(1, 6, 16), torch.ones(1, 6), randn(1, 4, 4, 1, 2, 2, seed=2)
+    shapes = [[(1, 4, 4), (1, 2, 2)]]
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=torch.cat([x, ref], 1), timestep=t, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+        shape_list=shapes), (1, 16, 4, 1, 2, 2), output=lambda out: out[:, :16])
+
+
+def transformer_2d_pipe() -> LoopPipeline:
+    """The generic Transformer2DModel in a PixArt-style patched config built directly (from_pretrained remaps DiT and
+    PixArt configs to their own classes): 8x8 latents (4 channels, patch 2: 16 tokens), 6 text tokens; learned sigma,
+    so the first 4 of the 8 output channels are the prediction."""
+    torch.manual_seed(0)
+    model = diffusers.Transformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    text = randn(1, 6, 16)
+    return LoopPipeline(model, lambda x, t, _: dict(
+        hidden_states=x, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None,
+                                                                                     "aspect_ratio": None}),
+        (1, 4, 8, 8), output=lambda out: out[:, :4])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1012,6 +1102,12 @@ CASES = {
     "cogview3plus": Case(cogview3plus_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "krea2": Case(krea2_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "ideogram4": Case(ideogram4_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "easyanimate": Case(easyanimate_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "omnigen": Case(omnigen_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "prx": Case(prx_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "consisid": Case(consisid_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    "joyimage_edit_plus": Case(joyimage_edit_plus_pipe, no_kwargs, ("default",)),  # no CacheMixin
+    "transformer_2d": Case(transformer_2d_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -125,6 +125,13 @@ EXPECTED = {
     "cogview3plus": blocks(2, ("transformer_blocks", (("attn1", "attn", J), ("ff", "mlp")))),  # ff: both streams
     "krea2": blocks(2, ("transformer_blocks", (("attn", "attn"), ("ff", "mlp")))),  # text fusion every step
     "ideogram4": blocks(2, ("layers", (("attention", "attn"), ("feed_forward", "mlp")))),  # packed text+image
+    "easyanimate": blocks(2, ("transformer_blocks", (("attn1", "attn", J), ("ff", "mlp"), ("txt_ff", "mlp"))))
+    + [("transformer_blocks.2.attn1", "attn", True)],  # no txt_ff: ff runs once per stream, not cached
+    "omnigen": blocks(2, ("layers", (("self_attn", "attn"), ("mlp", "mlp")))),  # condition+time+image tokens
+    "consisid": blocks(2, ("transformer_blocks", (("attn1", "attn", J), ("ff", "mlp")))),  # face cross-attn: every step
+    "joyimage_edit_plus": blocks(2, ("double_blocks", (("attn", "attn", J), ("img_mlp", "mlp"), ("txt_mlp", "mlp")))),
+    "transformer_2d": blocks(2, ("transformer_blocks", BASIC)),
+    "prx": blocks(2, ("blocks", (("attention", "attn"), ("gate_proj", "mlp"), ("up_proj", "mlp")))),  # down_proj
 }
 
 #: RFC(target_nfc=4) of 8 steps: bound on the relative L1 distance of the output (decoded, in [0, 1]) from full
@@ -146,13 +153,17 @@ EXPECTED = {
 #: 1.4 away, FORA(8, 1) 2.3x); LTX-2 0.011 (another seed 1.0 away, FORA(8, 1) 3.1x); Kandinsky 6 0.0076 (1.3, 9.0x);
 #: SANA-WM refiner 0.0024 (1.1, 12x), SANA-Video 0.0063 (1.3, 6.2x), Bria FIBO 0.0007 (1.1, 33x); HunyuanDiT 0.0099
 #: (1.4, 9.2x), AuraFlow 0.0003 (1.5, 3.4x), FLUX.3 0.0009 (1.2, 2.5x),
-#: CogView3Plus 0.0027 (1.4, 6.0x), Krea 2 0.0023 (1.5, 3.7x), Ideogram 4 0.0036 (1.4, 5.9x).
+#: CogView3Plus 0.0027 (1.4, 6.0x), Krea 2 0.0023 (1.5, 3.7x), Ideogram 4 0.0036 (1.4, 5.9x), EasyAnimate 0.0022
+#: (1.4, 8.8x), OmniGen 0.0022 (1.4, 32x), PRX 0.0017 (1.5,
+#: 3.4x), ConsisID 0.0040 (1.3, 8.2x; CogVideoX's blocks, as CogVideoX's 0.0034 above the default),
+#: JoyImage-Edit Plus 0.0016 (1.6, 7.1x), Transformer2DModel (PixArt-style) 0.0046 (1.4, 3.1x).
 RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008, "hunyuan_video15": 0.006, "sana": 0.006,
                  "wan_vace": 0.007, "wan_i2v": 0.008, "helios": 0.01, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02,
                  "mochi": 0.03, "cosmos": 0.035, "ace_step": 0.009, "kandinsky5": 0.02,
                  "z_image": 0.02, "nucleus_moe": 0.02, "ltx2": 0.015,
                  "kandinsky6": 0.012, "sana_wm_refiner": 0.004,
-                 "sana_video": 0.009, "hunyuan_dit": 0.015, "cogview3plus": 0.005, "krea2": 0.004, "ideogram4": 0.006}
+                 "sana_video": 0.009, "hunyuan_dit": 0.015, "cogview3plus": 0.005, "krea2": 0.004, "ideogram4": 0.006,
+                 "consisid": 0.006, "transformer_2d": 0.007}
 RFC_TOLERANCE_DEFAULT = 0.003
 K = 4
 

@@ -239,6 +239,11 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence,
     # AuraFlow's single blocks, Krea 2; FLUX.3's blocks: attn and ff in parallel on one modulated norm)
     "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),
+    # self-attention and MLP named ``self_attn`` and ``mlp`` (OmniGen's decoder layers)
+    "self_attn_mlp": (Slot("self_attn", "attn"), Slot("mlp", "mlp")),
+    # attention, then a gated MLP written inline in the block: its two input matmuls ``gate_proj`` and ``up_proj``
+    # (each on the modulated norm; the activation, product and ``down_proj`` run every step, as FLUX's proj_mlp) (PRX)
+    "attention_gate_up": (Slot("attention", "attn"), Slot("gate_proj", "mlp"), Slot("up_proj", "mlp")),
     # self-attention, cross-attention, MLP named ``self_attn``, ``cross_attn``, ``mlp`` (ACE-Step)
     "self_cross_mlp": (Slot("self_attn", "attn"), Slot("cross_attn", "cross_attn"), Slot("mlp", "mlp")),
     # the same named ``self_attention``, ``cross_attention``, ``feed_forward`` (Kandinsky 5's visual blocks)
@@ -255,6 +260,8 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     # ``single_stream_joint`` with the same optional cross-attention after the attention (Motif-Video)
     "single_stream_joint_cross": (Slot("proj_mlp", "mlp"), Slot("attn", "attn", joint=True),
                                   Slot("cross_attn", "cross_attn")),
+    # joint attention named ``attn1``, then one MLP per stream named ``ff`` and ``txt_ff`` (EasyAnimate's MMDiT blocks)
+    "joint_attn_ff_txt_ff": (Slot("attn1", "attn", joint=True), Slot("ff", "mlp"), Slot("txt_ff", "mlp")),
 }
 
 

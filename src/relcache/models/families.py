@@ -195,6 +195,29 @@ ROWS = (
     # pipeline caches the conditional transformer only
     ModelRow("Ideogram 4", "Ideogram4Pipeline", ("Ideogram4Transformer2DModel",),
              (Blocks("layers", "attention_feed_forward"),)),
+    # PRX: image-stream blocks; attention on the image's modulated norm (the projected text joins as extra keys and
+    # values; the output is the image's, before the gate), then a gated MLP the block computes inline,
+    # down_proj(gelu(gate_proj(x)) * up_proj(x)) on the modulated norm x: no one module returns the MLP's output, so
+    # its two input matmuls are cached (each on x, two thirds of the MLP) and the product and down_proj run every step
+    ModelRow("PRX", "PRXPipeline, PRXPixelPipeline", ("PRXTransformer2DModel",),
+             (Blocks("blocks", "attention_gate_up"),)),
+    # ConsisID: CogVideoX's expert blocks (attn1 the joint attention over the video and text streams' modulated norms,
+    # ff once on [norm_text; norm_video]); the perceiver cross-attentions to the face embedding, added after every
+    # cross_attn_interval-th block, and the local facial extractor run at every step
+    ModelRow("ConsisID", "ConsisIDPipeline", ("ConsisIDTransformer3DModel",),
+             (Blocks("transformer_blocks", "joint_attn_ff"),)),
+    # JoyImage-Edit Plus: Qwen-Image's double-stream layout (attn the joint attention over the image and text streams'
+    # modulated norms; img_mlp and txt_mlp on their modulated norms, outputs before the gates). The image stream is
+    # the target's patches then the reference images' (padded to the batch's longest)
+    ModelRow("JoyImage-Edit Plus", "JoyImageEditPlusPipeline", ("JoyImageEditPlusTransformer3DModel",),
+             (Blocks("double_blocks", "double_stream_img_txt"),)),
+    # the generic Transformer2DModel: BasicTransformerBlocks in every mode (patched DiT- or PixArt-style configs, the
+    # VQ-Diffusion denoiser over discrete latents, the spatial transformer of UNets), attn1, attn2 and ff each on its
+    # (modulated) norm; from_pretrained remaps DiT and PixArt configs to their own classes, so this serves the
+    # models built directly and VQ-Diffusion (its discrete input checked with a tiny vectorized model in a hand-written
+    # loop, RFC and CFG-Cache included; the pipeline itself is not in the tests)
+    ModelRow("Transformer2DModel", "VQDiffusionPipeline", ("Transformer2DModel",),
+             (Blocks("transformer_blocks", "basic"),), refuse_chunking=True),
 )
 
 for _row in ROWS:
