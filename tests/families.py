@@ -287,10 +287,11 @@ class LoopPipeline:
 
     def __init__(self, transformer: Any, inputs: Callable[[torch.Tensor, torch.Tensor, str], dict[str, Any]],
                  shape: tuple[int, ...], contexts: tuple[str, ...] = ("cond",),
-                 output: Callable[[Any], torch.Tensor] = lambda out: out) -> None:
+                 output: Callable[[Any], torch.Tensor] = lambda out: out, name_calls: bool = True) -> None:
         self.transformer = transformer.eval()
         self.scheduler = FlowMatchEulerDiscreteScheduler()
         self.inputs, self.shape, self.contexts, self.output = inputs, shape, contexts, output
+        self.name_calls = name_calls  # False: no cache_context even where the model has it (as Lumina2, FLUX Kontext)
 
     def set_progress_bar_config(self, **_: Any) -> None:
         """Nothing to configure (no progress bar)."""
@@ -306,7 +307,7 @@ class LoopPipeline:
         for t in self.scheduler.timesteps:
             preds = []
             for ctx in self.contexts:
-                scope = getattr(self.transformer, "cache_context", None)  # absent without diffusers' CacheMixin
+                scope = getattr(self.transformer, "cache_context", None) if self.name_calls else None  # CacheMixin
                 with scope(ctx) if scope else contextlib.nullcontext():
                     kwargs = self.inputs(latents, t.expand(latents.shape[0]), ctx)
                     args = kwargs.pop("args", ())  # positional inputs (Z-Image's pipeline passes them so)

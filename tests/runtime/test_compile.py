@@ -232,8 +232,9 @@ def _ops_outside_graphs(config: CacheConfig) -> tuple[dict[int, list[str]], list
         with torch.no_grad():
             for i in range(STEPS):
                 t = torch.full((2,), 999 - 99 * i)
+                latents = x + 0  # a new tensor each step, as a sampler's (the same one would be read as a CFG call)
                 with torch.profiler.profile() as prof:
-                    compiled(x, timestep=t, class_labels=y)
+                    compiled(latents, timestep=t, class_labels=y)
                 for e in prof.events():
                     in_graph, parent = False, e.cpu_parent
                     while parent is not None and not in_graph:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import types
+import weakref
 from typing import Any, Protocol
 
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from torch import nn
 
-from ..models.base import Adapter
+from ..models.base import Adapter, first_tensor_input
 
 STEP_HOOK = "relcache_step"
 MODULE_HOOK = "relcache_module"
@@ -102,6 +103,62 @@ def _eagerly(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
+class UncontextedCalls:
+    """Names the calls a pipeline makes without ``cache_context``: ``"default"``, and ``"default.2"``,
+    ``"default.3"``, ... for the second, third, ... call of one step.
+
+    Many pipelines run true CFG as two transformer calls per step without naming them (Lumina2, Cosmos, Chroma,
+    FLUX.1 Kontext, Krea 2, Kandinsky 5 in diffusers 0.42): in one context their calls would count as two steps
+    and forecast each from the other's outputs. (choice) A call belongs to the step of the previous call when its
+    first tensor input is the very tensor the previous call got, unchanged since (same object and version counter),
+    and its timestep argument is the same (the same object, or equal values): a step's calls share the latents and
+    the timestep, while every new step passes a new or rewritten tensor, or another timestep. Values are read only
+    where the input tensor matched and the timestep is another object of a tensor (FLUX.1 Kontext divides it anew for
+    each call): one host read per extra call of a step.
+    """
+
+    def __init__(self) -> None:
+        self._prev: weakref.ref | None = None
+        self._version: int | None = None
+        self._timestep: Any = None
+        self._calls = 0  # calls of the current step so far
+
+    def forget(self) -> None:
+        """The next call starts a step (a call raised, or the generation ended)."""
+        self._prev, self._timestep, self._calls = None, None, 0
+
+    def name(self, args: tuple[Any, ...], kwargs: dict[str, Any], timestep: Any) -> str:
+        """The context of this call; ``timestep`` is the call's timestep argument (``Adapter.timestep_of``)."""
+        try:
+            x = first_tensor_input(args, kwargs)
+        except TypeError:
+            x = None
+        if not isinstance(x, torch.Tensor):
+            self._prev, self._calls = None, 1
+            return DEFAULT_CONTEXT
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor: no version counter
+            version = None
+        same = (self._prev is not None and self._prev() is x and version == self._version
+                and _same_timestep(timestep, self._timestep))
+        self._calls = self._calls + 1 if same else 1
+        self._prev, self._version, self._timestep = weakref.ref(x), version, timestep
+        return DEFAULT_CONTEXT if self._calls == 1 else f"{DEFAULT_CONTEXT}.{self._calls}"
+
+
+def _same_timestep(a: Any, b: Any) -> bool:
+    """Whether two calls' timestep arguments are the same: the same object, or equal values (a tensor's read only
+    here, where the input tensor already matched: one host read per extra call of a step)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return False
+
+
 class StepHook(ModelHook):
     """On the transformer: marks the start of a step in the current call context and runs the call.
 
@@ -119,6 +176,7 @@ class StepHook(ModelHook):
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
         self.new_forward = torch._dynamo.disable(self._step, recursive=False)  # the registry calls new_forward
         self._enter = _own_entry()  # the frame dynamo compiles: this model's own
+        self._uncontexted = UncontextedCalls()
 
     def _step(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -129,13 +187,17 @@ class StepHook(ModelHook):
             if eager:
                 return _eagerly(self.host.run_call, forward, args, kwargs)
             return self._enter(self.host, forward, args, kwargs)
+        except BaseException:
+            self._uncontexted.forget()  # a call that raised: the next one (a retry) starts its step afresh
+            raise
         finally:
             self._end()
 
     @torch.compiler.disable
     def _start(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool) -> bool:
         context = self.cache_context._context
-        name = context.name if context is not None else DEFAULT_CONTEXT
+        name = (context.name if context is not None
+                else self._uncontexted.name(args, kwargs, self.host.adapter.timestep_of(args, kwargs)))
         step_index = getattr(context, "step_index", None) if context is not None else None
         return self.host.start_call(name, step_index, forward, args, kwargs, compiled)
 
@@ -144,6 +206,7 @@ class StepHook(ModelHook):
         self.host.end_call()
 
     def reset_state(self, module: nn.Module) -> nn.Module:
+        self._uncontexted.forget()
         self.host.end_generation()
         return module
 

@@ -1,0 +1,105 @@
+"""Pipelines that run true CFG as two transformer calls per step without ``cache_context`` (Lumina2, Cosmos, Chroma,
+FLUX.1 Kontext in diffusers 0.42): the two calls of a step get contexts of their own, ``"default"`` and
+``"default.2"`` (``runtime/hooks.py``, ``UncontextedCalls``), instead of counting as two steps of one context."""
+
+from __future__ import annotations
+
+import warnings
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from families import STEPS, LoopPipeline, generate, generate_with_stats, ids_2d, no_kwargs, randn  # noqa: E402
+
+import relcache  # noqa: E402
+from relcache import FORA, RFC  # noqa: E402
+from relcache.runtime.hooks import UncontextedCalls  # noqa: E402
+
+
+class _Case:
+    kwargs = staticmethod(no_kwargs)
+
+
+def lumina2_cfg() -> LoopPipeline:
+    """Lumina2 (no CacheMixin) with the negative prompt as a second call per step on the same latents."""
+    torch.manual_seed(0)
+    model = diffusers.Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(16, 16, 16),
+        cap_feat_dim=16)
+    texts = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=5)}
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    return LoopPipeline(model, lambda x, t, ctx: dict(hidden_states=x, timestep=t / 1000,
+                                                      encoder_hidden_states=texts[ctx], encoder_attention_mask=mask),
+                        (1, 4, 8, 8), ("cond", "uncond"))
+
+
+def flux_true_cfg() -> LoopPipeline:
+    """FLUX.1 (CacheMixin) called as FLUX.1 Kontext's pipeline does with true CFG: no ``cache_context``."""
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    texts = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=5)}
+    pooled = randn(1, 16, seed=2)
+    return LoopPipeline(model, lambda x, t, ctx: dict(
+        hidden_states=x, encoder_hidden_states=texts[ctx], pooled_projections=pooled, timestep=t / 1000,
+        img_ids=ids_2d(4, 4), txt_ids=torch.zeros(6, 3), guidance=torch.full_like(t, 2.5)), (1, 16, 4),
+        ("cond", "uncond"), name_calls=False)
+
+
+@pytest.mark.parametrize("build", [lumina2_cfg, flux_true_cfg], ids=["lumina2", "flux-kontext-style"])
+def test_two_unnamed_calls_per_step_are_two_contexts(build):
+    pipe = build()
+    ref = generate(pipe, _Case)
+    relcache.enable(pipe, FORA(1, 1))
+    try:  # every step full: exactly the uncached output, and each context ran every step once
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "announced 8 steps but ran 16"
+            out, st = generate_with_stats(pipe, _Case)
+        assert np.array_equal(out, ref)
+        assert sorted(st.contexts) == ["default", "default.2"]
+        assert all(c.num_steps == STEPS and c.nfc == STEPS for c in st.contexts.values())
+    finally:
+        relcache.disable(pipe)
+    relcache.enable(pipe, RFC(target_nfc=4))
+    try:  # each call's budget realized in its own context, forecasts from its own outputs
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, st = generate_with_stats(pipe, _Case)
+        assert [st.contexts[n].nfc for n in ("default", "default.2")] == [4, 4]
+        assert np.isfinite(out).all() and not np.array_equal(out, ref)
+        assert np.abs(out - ref).mean() / np.abs(ref).mean() < 0.05
+    finally:
+        relcache.disable(pipe)
+
+
+def test_a_step_is_a_new_or_rewritten_input():
+    """Same tensor, unchanged, and the same timestep (object or value): another call of the step. A new tensor, the
+    same one written in place, or another timestep: a new step."""
+    calls = UncontextedCalls()
+    x, t = torch.zeros(2, 3), torch.ones(2)
+    assert calls.name((x,), {}, t) == "default"
+    assert calls.name((), {"hidden_states": x}, t) == "default.2"
+    assert calls.name((x,), {}, t) == "default.3"
+    x.add_(1)  # a loop that writes the latents in place: the next step
+    assert calls.name((x,), {}, t) == "default"
+    assert calls.name((x.clone(),), {}, t) == "default"
+    assert calls.name((x,), {}, t) == "default"
+    assert calls.name((x,), {}, t / 1) == "default.2"  # an equal timestep divided anew (FLUX.1 Kontext)
+    assert calls.name((x,), {}, t + 1) == "default"  # the same latents at another timestep: a hand-made loop's step
+    assert calls.name((x,), {}, 0.5) == "default"
+    assert calls.name((x,), {}, 0.5) == "default.2"
+    with torch.inference_mode():  # no version counter: identity and the timestep
+        y, s = torch.zeros(2, 3), torch.ones(2)
+    assert calls.name((y,), {}, s) == "default"
+    assert calls.name((y,), {}, s) == "default.2"
+    assert calls.name((y,), {}, s * 2) == "default"
+    assert calls.name((), {}, t) == "default"  # no tensor input found: the default context
+    calls.name((x,), {}, t)
+    calls.forget()  # a call raised: its retry starts the step again
+    assert calls.name((x,), {}, t) == "default"
