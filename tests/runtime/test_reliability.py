@@ -281,3 +281,19 @@ def test_measure_flops_counts_reports_unknown_or_propagates():
 
     with pytest.raises(ValueError, match="own error"):
         measure_flops(broken)
+
+
+def test_counting_a_no_grad_view_of_a_parameter():
+    """A module called under ``no_grad`` on a view of a parameter (requires grad, no grad_fn: Bria FIBO 2's perceiver
+    queries) is counted: torch's own module tracker, which relcache's counter leaves out, raised there."""
+    from relcache.runtime.accounting import flop_counter
+
+    lin, queries = torch.nn.Linear(4, 5, bias=False), torch.nn.Parameter(torch.randn(3, 4))
+    with torch.no_grad():
+        view = queries[:2].unsqueeze(0).expand(2, -1, -1)
+        assert view.requires_grad and view.grad_fn is None
+        with pytest.raises(AssertionError, match="gradient function"), FlopCounterMode(display=False):
+            lin(view)
+        with flop_counter() as counter:
+            lin(view)
+    assert counter.get_total_flops() == 2 * (2 * 2) * 4 * 5

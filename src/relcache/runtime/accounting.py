@@ -47,9 +47,27 @@ if _cpu_sdpa is not None:
     _EXTRA[_cpu_sdpa] = _cpu_sdpa_flops
 
 
+class _TotalOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker: every count goes to the total ("Global"), the only number
+    relcache reads. torch's tracker hooks every module call and registers backward hooks on its inputs that require
+    grad, which raises ("Expected gradient function to be set") on a view of a parameter taken under ``no_grad``
+    (requires grad, no grad_fn: Bria FIBO 2's perceiver queries, ``latent_queries[:n].expand(...)``)."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> _TotalOnly:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` that also counts CPU attention; use as a context manager."""
-    return FlopCounterMode(display=False, custom_mapping=_EXTRA)
+    """A silent ``FlopCounterMode`` that also counts CPU attention and tracks no modules (totals only); use as a
+    context manager."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA)
+    counter.mod_tracker = _TotalOnly()  # torch 2.13's attribute: entered and exited by the mode, read per count
+    return counter
 
 
 #: ``stats``' reason when ``enable(..., count_flops=False)``
