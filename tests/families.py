@@ -1042,6 +1042,32 @@ def transformer_2d_pipe() -> LoopPipeline:
         (1, 4, 8, 8), output=lambda out: out[:, :4])
 
 
+def bria_fibo2_pipe() -> LoopPipeline:
+    """Bria FIBO 2-like (Z-Image's blocks): 8x8 latents (4 channels, patch 2: 16 tokens) and a 4x4 context image to
+    edit (4 tokens), 3 layers, the second an injection block; the text as bundles of 16-wide features (the perceiver's,
+    then the injection block's), 6 tokens (8 gist tokens) for the prompt and 4 (4 gist tokens) for the negative prompt,
+    run as a second call per step on the same latents and timestep without a call context, as BriaFibo2Pipeline runs
+    CFG. Width 24: the feed-forward's width rounds down to a multiple of 64 (zero below 24). The injection blocks'
+    cross-attention gate starts at zero in diffusers (the cross-attention would do nothing): set to 1. The adaLN
+    tables scaled by 0.3 as Z-Image's (RFC(4 of 8) 0.12 from full at full scale, FORA(8, 1) only 2.2x farther)."""
+    torch.manual_seed(0)
+    model = diffusers.BriaFibo2Transformer2DModel(
+        in_channels=4, patch_size=2, dim=24, n_layers=3, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+        gist_min_text_len=4, gist_max_text_len=12, axes_dims=(4, 4, 4), axes_lens=(16, 8, 8))
+    with torch.no_grad():
+        model.layers[1].cross_attn_gate.fill_(1.0)
+        for name, module in model.named_modules():
+            if name.endswith("adaLN_modulation"):
+                for p in module.parameters():
+                    p.mul_(0.3)
+    texts = {"cond": randn(1, 2, 6, 16), "uncond": randn(1, 2, 4, 16, seed=5)}
+    context = [randn(1, 4, 4, 4, seed=2)]
+    return LoopPipeline(model, lambda x, t, ctx: dict(hidden_states=x, timestep=t / 1000,
+                                                      encoder_hidden_states=texts[ctx], context_latents=context),
+                        (1, 4, 8, 8), ("cond", "uncond"))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1109,6 +1135,8 @@ CASES = {
     "consisid": Case(consisid_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     "joyimage_edit_plus": Case(joyimage_edit_plus_pipe, no_kwargs, ("default",)),  # no CacheMixin
     "transformer_2d": Case(transformer_2d_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
+    # no CacheMixin, true CFG as two calls per step in no cache_context: relcache names them "default", "default.2"
+    "bria_fibo2": Case(bria_fibo2_pipe, no_kwargs, ("default", "default.2")),
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

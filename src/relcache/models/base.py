@@ -236,6 +236,10 @@ SHAPES: dict[str, tuple[Slot, ...]] = {
     "attn_feed_forward": (Slot("attn", "attn"), Slot("feed_forward", "mlp")),
     # self-attention and feed-forward named ``attention`` and ``feed_forward`` (Z-Image, Ideogram 4)
     "attention_feed_forward": (Slot("attention", "attn"), Slot("feed_forward", "mlp")),
+    # the same with a cross-attention to the text between them, ``cross_attention``, in some blocks only (Bria FIBO 2's
+    # injection blocks)
+    "attention_cross_feed_forward": (Slot("attention", "attn"), Slot("cross_attention", "cross_attn"),
+                                     Slot("feed_forward", "mlp")),
     # self-attention and feed-forward named ``attn`` and ``ff`` (MiniMax-H3's packed text+audio+video sequence,
     # AuraFlow's single blocks, Krea 2; FLUX.3's blocks: attn and ff in parallel on one modulated norm)
     "attn_ff": (Slot("attn", "attn"), Slot("ff", "mlp")),

@@ -211,6 +211,15 @@ ROWS = (
     # the target's patches then the reference images' (padded to the batch's longest)
     ModelRow("JoyImage-Edit Plus", "JoyImageEditPlusPipeline", ("JoyImageEditPlusTransformer3DModel",),
              (Blocks("double_blocks", "double_stream_img_txt"),)),
+    # Bria FIBO 2: Z-Image's blocks on one sequence [gist tokens; image; context images to edit] (the gist tokens the
+    # perceiver's digest of the text). attention and feed_forward each on its RMS norm scaled by the block's adaLN
+    # (per token: noisy image tokens at t, the rest at 0), outputs before their post-norms and tanh gates; the
+    # injection blocks' cross_attention (to the block's own text bundle) on a plain RMS norm of the residual stream,
+    # output before its post-norm and learned gate. The noise refiner (image and context tokens) and the perceiver run
+    # every step. The pipeline runs the negative prompt as a second call per step without a call context: relcache
+    # tells the two apart ("default", "default.2"; docs/spec.md, "Call context")
+    ModelRow("Bria FIBO 2", "BriaFibo2Pipeline", ("BriaFibo2Transformer2DModel",),
+             (Blocks("layers", "attention_cross_feed_forward"),)),
     # the generic Transformer2DModel: BasicTransformerBlocks in every mode (patched DiT- or PixArt-style configs, the
     # VQ-Diffusion denoiser over discrete latents, the spatial transformer of UNets), attn1, attn2 and ff each on its
     # (modulated) norm; from_pretrained remaps DiT and PixArt configs to their own classes, so this serves the
