@@ -1042,6 +1042,26 @@ def transformer_2d_pipe() -> LoopPipeline:
         (1, 4, 8, 8), output=lambda out: out[:, :4])
 
 
+def joyimage_edit_pipe() -> LoopPipeline:
+    """JoyImage-Edit-like: a reference image and the target as the two items of one (1, 2, 4, 1, 8, 8) tensor (4
+    channels, patch (1, 2, 2): 16 tokens each; the model puts the target's first), 6 text tokens for the prompt and 4
+    for the negative prompt. As JoyImageEditPipeline, the model input is formed once per step and both calls, the
+    negative prompt's second, get that very tensor without a call context; the output's last item is the target's."""
+    torch.manual_seed(0)
+    model = diffusers.JoyImageEditTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=16, num_attention_heads=2, text_dim=16, num_layers=2,
+        rope_dim_list=[2, 2, 4])
+    texts, ref = {"cond": randn(1, 6, 16), "uncond": randn(1, 4, 16, seed=5)}, randn(1, 1, 4, 1, 8, 8, seed=2)
+    step: dict[str, torch.Tensor] = {}
+
+    def inputs(x: torch.Tensor, t: torch.Tensor, ctx: str) -> dict[str, Any]:
+        if ctx == "cond":  # a step's first call
+            step["latents"] = torch.cat([ref, x], 1)
+        return dict(hidden_states=step["latents"], timestep=t, encoder_hidden_states=texts[ctx])
+
+    return LoopPipeline(model, inputs, (1, 1, 4, 1, 8, 8), ("cond", "uncond"), output=lambda out: out[:, -1:])
+
+
 def bria_fibo2_pipe() -> LoopPipeline:
     """Bria FIBO 2-like (Z-Image's blocks): 8x8 latents (4 channels, patch 2: 16 tokens) and a 4x4 context image to
     edit (4 tokens), 3 layers, the second an injection block; the text as bundles of 16-wide features (the perceiver's,
@@ -1137,6 +1157,7 @@ CASES = {
     "transformer_2d": Case(transformer_2d_pipe, no_kwargs, ("default",)),  # no CacheMixin: no cache_context
     # no CacheMixin, true CFG as two calls per step in no cache_context: relcache names them "default", "default.2"
     "bria_fibo2": Case(bria_fibo2_pipe, no_kwargs, ("default", "default.2")),
+    "joyimage_edit": Case(joyimage_edit_pipe, no_kwargs, ("default", "default.2")),
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -130,6 +130,7 @@ EXPECTED = {
     "omnigen": blocks(2, ("layers", (("self_attn", "attn"), ("mlp", "mlp")))),  # condition+time+image tokens
     "consisid": blocks(2, ("transformer_blocks", (("attn1", "attn", J), ("ff", "mlp")))),  # face cross-attn: every step
     "joyimage_edit_plus": blocks(2, ("double_blocks", (("attn", "attn", J), ("img_mlp", "mlp"), ("txt_mlp", "mlp")))),
+    "joyimage_edit": blocks(2, ("double_blocks", (("attn", "attn", J), ("img_mlp", "mlp"), ("txt_mlp", "mlp")))),
     "transformer_2d": blocks(2, ("transformer_blocks", BASIC)),
     "bria_fibo2": [(f"layers.{i}.{attr}", kind, False) for i in range(3) for attr, kind in  # refiner every step
                    (("attention", "attn"), ("cross_attention", "cross_attn"), ("feed_forward", "mlp"))
@@ -161,7 +162,8 @@ EXPECTED = {
 #: 3.4x), ConsisID 0.0040 (1.3, 8.2x; CogVideoX's blocks, as CogVideoX's 0.0034 above the default),
 #: JoyImage-Edit Plus 0.0016 (1.6, 7.1x), Transformer2DModel (PixArt-style) 0.0046 (1.4, 3.1x); (2026-12-02) Bria
 #: FIBO 2 0.057 (1.3, 6.4x; its pipeline's true CFG at scale 3 as two unnamed calls per step scales the two calls'
-#: errors up: the conditional call alone 0.012; adaLN scaled by 0.3 as Z-Image's).
+#: errors up: the conditional call alone 0.012; adaLN scaled by 0.3 as Z-Image's), JoyImage-Edit 0.0012 (1.5, 8.5x;
+#: true CFG as two unnamed calls per step too).
 RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008, "hunyuan_video15": 0.006, "sana": 0.006,
                  "wan_vace": 0.007, "wan_i2v": 0.008, "helios": 0.01, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02,
                  "mochi": 0.03, "cosmos": 0.035, "ace_step": 0.009, "kandinsky5": 0.02,

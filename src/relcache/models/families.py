@@ -211,6 +211,13 @@ ROWS = (
     # the target's patches then the reference images' (padded to the batch's longest)
     ModelRow("JoyImage-Edit Plus", "JoyImageEditPlusPipeline", ("JoyImageEditPlusTransformer3DModel",),
              (Blocks("double_blocks", "double_stream_img_txt"),)),
+    # JoyImage-Edit: the same double-stream layout as its Plus on double_blocks (attn the joint attention over the
+    # image and text streams' modulated norms; img_mlp and txt_mlp on their modulated norms, outputs before the gates).
+    # The image stream is the target's patches then the reference images' (the pipeline's items, target moved first).
+    # The pipeline runs the negative prompt as a second call per step on the same latents without a call context:
+    # relcache tells the two apart ("default", "default.2"; docs/spec.md, "Call context")
+    ModelRow("JoyImage-Edit", "JoyImageEditPipeline", ("JoyImageEditTransformer3DModel",),
+             (Blocks("double_blocks", "double_stream_img_txt"),)),
     # Bria FIBO 2: Z-Image's blocks on one sequence [gist tokens; image; context images to edit] (the gist tokens the
     # perceiver's digest of the text). attention and feed_forward each on its RMS norm scaled by the block's adaLN
     # (per token: noisy image tokens at t, the rest at 0), outputs before their post-norms and tanh gates; the
