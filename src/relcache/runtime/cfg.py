@@ -235,6 +235,9 @@ class CFGRunner:
         ``decide()`` takes the step's decision now (``align`` asks for it only where it matters: a step inside
         the window, with a usable delta and no refresh due); None when the step was decided already."""
         cfg, routing, state, step = self.cfg, ctx.cfg, self.state, ctx.step
+        if cfg.align and not cfg.skip_full:  # it skips and stores nothing: the method alone, without detection's reads
+            cfg.window_range(num_steps)  # a window that does not fit is still an error
+            return
         shape = tuple(first_tensor_input(args, kwargs).shape)
         if ctx.name in SPLIT_CONTEXTS:
             if ctx.name == "cond":
