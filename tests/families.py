@@ -1163,7 +1163,9 @@ CASES = {
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache
 #: supports): their rows stay registered (a model of a class that does not exist never matches) and go untested
 NEWER_THAN_INSTALLED = {name for name, cls in (("kandinsky6", "Kandinsky6Transformer3DModel"),
-                                               ("sana_wm_refiner", "SanaWMLTX2RefinerTransformer3DModel"))
+                                               ("sana_wm_refiner", "SanaWMLTX2RefinerTransformer3DModel"),
+                                               ("flux3", "Flux3Transformer2DModel"),
+                                               ("bria_fibo2", "BriaFibo2Transformer2DModel"))
                         if not hasattr(diffusers, cls)}
 for _name in NEWER_THAN_INSTALLED:
     del CASES[_name]

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+if not hasattr(__import__("diffusers"), "Flux3Transformer2DModel"):  # added after the oldest supported diffusers
+    pytest.skip("this diffusers has no Flux3Transformer2DModel", allow_module_level=True)
 
 from families import flux3_pipe  # noqa: E402
 
