@@ -1,11 +1,10 @@
-"""One session per enabled model: its contexts, the start of each step, and per cached module "forecast, or compute
-and record".
+"""One session per enabled model: its contexts, the start and end of each step and call, and its stats; what each
+cached module does at a step (forecast, or compute and record) is ``modules.py``, mixed in.
 
 The schedule decides once per step (``steps.py``: at the step's start, or at the first cached module where RCS needs
-that module's input), before any expensive module has run; every later module of the step follows the decision. A
-module runs anyway when its row group has no state recorded on inputs of this shape (its first step, or the batch
-or resolution changed). (choice) On a CFG batch, ``InputError`` (RCS) measures its input error on the conditional
-half only, the half that runs at every step.
+that module's input), before any expensive module has run; every later module of the step follows the decision.
+(choice) On a CFG batch, ``InputError`` (RCS) measures its input error on the conditional half only, the half that
+runs at every step.
 """
 
 from __future__ import annotations
@@ -13,23 +12,24 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..methods.config import CacheConfig
-from ..methods.history import StaticCaches, numbers_on, relative_l1, row_dtype
+from ..methods.history import StaticCaches, numbers_on, row_dtype
 from ..models.base import Adapter, CachedModule, first_tensor_input
-from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, Shapes, combine, signature, with_peaks
+from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, combine, signature, with_peaks
 from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
-from .context import Context, RowGroup, hold_state
+from .context import Context
 from .distributed import check_enable_order, reducer_for
 from .experts import ExpertCalls, Experts
 from .generations import Generations
 from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .modulation import ModulationHook, Modulations
+from .modules import Computing, ModuleCalls
 from .shared import SharedGroup, SharedHook
 from .steps import Prober, Probing, RowGroups, decide, end_step, prepare_step, take_decision, take_rows
 
@@ -41,35 +41,7 @@ def _copy_state(state: Any) -> Any:
     return new
 
 
-class _Computing(NamedTuple):
-    """A module the step let run: what its output must be recorded into (``Session._record``)."""
-
-    ctx: Context
-    shapes: Shapes  # the whole call's input shapes
-    groups: list[RowGroup]
-
-
-def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
-    """The input that output ``j`` relates to: its own stream's when inputs and outputs pair up."""
-    return inputs[j] if len(inputs) == n_out else inputs[0]
-
-
-def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
-    """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
-    items = []  # (state, input, row) of every output of every group, in call order
-    for group in groups:
-        for st in ctx.caches.states.get((idx + 1, group.name), ()):  # offloaded caches: the next module's start
-            st.prefetch()  # copying back now (``CacheStorage(offload=True)``); nothing otherwise
-        states = ctx.caches.states[(idx, group.name)]
-        row = ctx.caches.rows[group.name][idx].to(group.inputs[0].device)  # a model split over devices
-        items += [(st, _input_for_output(group.inputs, j, len(states)), row) for j, st in enumerate(states)]
-    outs = config.predictor.forecast_many(items)  # under context parallelism: one collective for all of them
-    n = len(outs) // len(groups)
-    per_group = [outs[g * n:(g + 1) * n] for g in range(len(groups))]
-    return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
-
-
-class Session:
+class Session(ModuleCalls):
     """Everything relcache attaches to one model: config, modules, hooks and per-context state."""
 
     def __init__(
@@ -97,7 +69,7 @@ class Session:
         # several transformers run in turn (Wan 2.2's experts, ``experts.py``): ``model`` is the first of them
         self.experts = experts
         self._expert_hooks = [Attachment(e.model) for e in experts.experts[1:]] if experts is not None else []
-        self._computing: dict[int, _Computing] = {}
+        self._computing: dict[int, Computing] = {}
         self.prober = Prober()
         self.probing: Probing | None = None  # a compiled RCS step's pre-pass, pending until its forward starts
         self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
@@ -396,84 +368,6 @@ class Session:
             self._computing.clear()
 
         return restore
-
-    # -- the cached modules (relcache.runtime.hooks.ModuleHost) --------------------------------------------------
-    def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.shape_probe is not None:  # a fake-tensor run for the cache budget: shapes only
-            return self.shape_probe.run(idx, self.cached_modules[idx].input_of(args, kwargs), original, args, kwargs)
-        if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
-            self.prober.stop(self.cached_modules[idx].input_of(args, kwargs))
-        # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
-        # step number, so each kind of step compiles once. Only an undecided step (RCS) calls out to the host.
-        forecast = self._forecast(idx, original, args, kwargs)
-        if forecast is not None:
-            return forecast
-        if torch.compiler.is_compiling():  # no FLOP counting in compiled code
-            out = original(*args, **kwargs)
-        else:
-            computing = self._computing.get(idx)
-            key = None if computing is None else (idx, computing.shapes)
-            out = self.meter.run_module(key, original, args, kwargs)
-        self._record(idx, out)
-        return out
-
-    def _forecast(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The forecast at a cached step, or None when the module must run (``_record`` then takes its output)."""
-        self._computing.pop(idx, None)
-        ctx = self.current
-        if ctx is None:  # called outside a transformer forward: behave as the plain module
-            return None
-        got = self.cached_modules[idx].input_of(args, kwargs)
-        inputs = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
-        rows = ctx.cfg.row_groups(inputs[0].shape[0])
-        if not ctx.schedule.decided:
-            self._decide(ctx, inputs[0], rows)
-        shapes = tuple(tuple(x.shape) for x in inputs)
-        ctx.caches.call_shapes[idx] = shapes
-        groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
-        if ctx.schedule.full or not all(ctx.caches.ready(idx, g.name, g.shapes) for g in groups):
-            self._computing[idx] = _Computing(ctx, shapes, groups)
-            return None
-        preds = _predict(self.config, ctx, idx, groups)
-        if not torch.compiler.is_compiling():
-            self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
-        if self.record_errors:
-            true = original(*args, **kwargs)
-            trues = true if isinstance(true, tuple) else (true,)
-            ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
-        return tuple(preds) if ctx.caches.tuple_out.get(idx, False) else preds[0]
-
-    def _record(self, idx: int, out: Any) -> None:
-        """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
-        computing = self._computing.pop(idx, None)
-        if computing is None:
-            return
-        ctx, caches = computing.ctx, computing.ctx.caches
-        outs = out if isinstance(out, tuple) else (out,)
-        caches.tuple_out[idx] = isinstance(out, tuple)
-        predictor = self.config.predictor
-        for group in computing.groups:
-            slot = (idx, group.name)
-            states = caches.states.get(slot)
-            if states is None or len(states) != len(outs):
-                reducer = {} if self.reducer is None else {"reducer": self.reducer}
-                states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
-                caches.states[slot] = states
-            gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
-            for j, (state, o) in enumerate(zip(states, outs, strict=True)):
-                inp = _input_for_output(group.inputs, j, len(outs))
-                value = take_rows(o, group.rows)
-                predictor.record(state, inp, value, gap)
-                if ctx.static is not None:  # copied into buffers at stable addresses (capture)
-                    like = caches.rows[group.name][idx, 0].to(group.inputs[0].device)
-                    hold_state(ctx.static, (ctx.name, idx, group.name, j), state, value, like)
-            caches.shapes[slot] = group.shapes
-            if not ctx.schedule.full:  # a module computed at a cached step (no state for these shapes yet)
-                caches.last_record[slot] = ctx.step
-            elif not torch.compiler.is_compiling():  # recorded: its record step is this step's (``end_step``)
-                caches.unrecorded.pop(slot, None)
-        if not torch.compiler.is_compiling():
-            self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
 
     # -- shared copies (relcache.runtime.shared.SharingHost) -----------------------------------------------------
     def sharing(self) -> bool:

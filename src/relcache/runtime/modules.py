@@ -1,0 +1,131 @@
+"""Per cached module, at each step: forecast it, or compute it and record its output (``ModuleCalls``, the half of a
+``controller.Session`` that the module hooks call; ``hooks.ModuleHost``).
+
+A module follows its step's decision (``steps.py``), taken before the first expensive module runs: RCS decides here,
+at the first cached module, when the step is still undecided. A module runs anyway when its row group has no state
+recorded on inputs of this shape (its first step, or the batch or resolution changed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ..methods.config import CacheConfig
+from ..methods.history import relative_l1
+from .accounting import Shapes
+from .context import Context, RowGroup, hold_state
+from .steps import take_rows
+
+
+class Computing(NamedTuple):
+    """A module the step let run: what its output must be recorded into (``ModuleCalls._record``)."""
+
+    ctx: Context
+    shapes: Shapes  # the whole call's input shapes
+    groups: list[RowGroup]
+
+
+def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
+    """The input that output ``j`` relates to: its own stream's when inputs and outputs pair up."""
+    return inputs[j] if len(inputs) == n_out else inputs[0]
+
+
+def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
+    """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
+    items = []  # (state, input, row) of every output of every group, in call order
+    for group in groups:
+        for st in ctx.caches.states.get((idx + 1, group.name), ()):  # offloaded caches: the next module's start
+            st.prefetch()  # copying back now (``CacheStorage(offload=True)``); nothing otherwise
+        states = ctx.caches.states[(idx, group.name)]
+        row = ctx.caches.rows[group.name][idx].to(group.inputs[0].device)  # a model split over devices
+        items += [(st, _input_for_output(group.inputs, j, len(states)), row) for j, st in enumerate(states)]
+    outs = config.predictor.forecast_many(items)  # under context parallelism: one collective for all of them
+    n = len(outs) // len(groups)
+    per_group = [outs[g * n:(g + 1) * n] for g in range(len(groups))]
+    return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
+
+
+class ModuleCalls:
+    """``module_forward`` and what it needs, mixed into ``controller.Session``: it reads the session's ``config``,
+    ``current`` context, ``cached_modules``, ``meter``, ``shape_probe``, ``prober``, ``record_errors``, ``reducer``,
+    ``_decide`` and ``_computing`` (the modules the current step lets run, keyed by index)."""
+
+    # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
+    def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.shape_probe is not None:  # a fake-tensor run for the cache budget: shapes only
+            return self.shape_probe.run(idx, self.cached_modules[idx].input_of(args, kwargs), original, args, kwargs)
+        if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
+            self.prober.stop(self.cached_modules[idx].input_of(args, kwargs))
+        # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
+        # step number, so each kind of step compiles once. Only an undecided step (RCS) calls out to the host.
+        forecast = self._forecast(idx, original, args, kwargs)
+        if forecast is not None:
+            return forecast
+        if torch.compiler.is_compiling():  # no FLOP counting in compiled code
+            out = original(*args, **kwargs)
+        else:
+            computing = self._computing.get(idx)
+            key = None if computing is None else (idx, computing.shapes)
+            out = self.meter.run_module(key, original, args, kwargs)
+        self._record(idx, out)
+        return out
+
+    def _forecast(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The forecast at a cached step, or None when the module must run (``_record`` then takes its output)."""
+        self._computing.pop(idx, None)
+        ctx = self.current
+        if ctx is None:  # called outside a transformer forward: behave as the plain module
+            return None
+        got = self.cached_modules[idx].input_of(args, kwargs)
+        inputs = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
+        rows = ctx.cfg.row_groups(inputs[0].shape[0])
+        if not ctx.schedule.decided:
+            self._decide(ctx, inputs[0], rows)
+        shapes = tuple(tuple(x.shape) for x in inputs)
+        ctx.caches.call_shapes[idx] = shapes
+        groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
+        if ctx.schedule.full or not all(ctx.caches.ready(idx, g.name, g.shapes) for g in groups):
+            self._computing[idx] = Computing(ctx, shapes, groups)
+            return None
+        preds = _predict(self.config, ctx, idx, groups)
+        if not torch.compiler.is_compiling():
+            self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
+        if self.record_errors:
+            true = original(*args, **kwargs)
+            trues = true if isinstance(true, tuple) else (true,)
+            ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
+        return tuple(preds) if ctx.caches.tuple_out.get(idx, False) else preds[0]
+
+    def _record(self, idx: int, out: Any) -> None:
+        """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
+        computing = self._computing.pop(idx, None)
+        if computing is None:
+            return
+        ctx, caches = computing.ctx, computing.ctx.caches
+        outs = out if isinstance(out, tuple) else (out,)
+        caches.tuple_out[idx] = isinstance(out, tuple)
+        predictor = self.config.predictor
+        for group in computing.groups:
+            slot = (idx, group.name)
+            states = caches.states.get(slot)
+            if states is None or len(states) != len(outs):
+                reducer = {} if self.reducer is None else {"reducer": self.reducer}
+                states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
+                caches.states[slot] = states
+            gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
+            for j, (state, o) in enumerate(zip(states, outs, strict=True)):
+                inp = _input_for_output(group.inputs, j, len(outs))
+                value = take_rows(o, group.rows)
+                predictor.record(state, inp, value, gap)
+                if ctx.static is not None:  # copied into buffers at stable addresses (capture)
+                    like = caches.rows[group.name][idx, 0].to(group.inputs[0].device)
+                    hold_state(ctx.static, (ctx.name, idx, group.name, j), state, value, like)
+            caches.shapes[slot] = group.shapes
+            if not ctx.schedule.full:  # a module computed at a cached step (no state for these shapes yet)
+                caches.last_record[slot] = ctx.step
+            elif not torch.compiler.is_compiling():  # recorded: its record step is this step's (``end_step``)
+                caches.unrecorded.pop(slot, None)
+        if not torch.compiler.is_compiling():
+            self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
