@@ -13,7 +13,16 @@ import torch
 
 pytest.importorskip("transformers")
 
-from families import STEPS, LoopPipeline, generate, generate_with_stats, ids_2d, no_kwargs, randn  # noqa: E402
+from families import (  # noqa: E402
+    STEPS,
+    LoopPipeline,
+    generate,
+    generate_with_stats,
+    ids_2d,
+    lumina2_pipe,
+    no_kwargs,
+    randn,
+)
 
 import relcache  # noqa: E402
 from relcache import FORA, RFC  # noqa: E402
@@ -26,11 +35,7 @@ class _Case:
 
 def lumina2_cfg() -> LoopPipeline:
     """Lumina2 (no CacheMixin) with the negative prompt as a second call per step on the same latents."""
-    torch.manual_seed(0)
-    model = diffusers.Lumina2Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
-        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(16, 16, 16),
-        cap_feat_dim=16)
+    model = lumina2_pipe().transformer  # the contract suite's tiny Lumina2
     texts = {"cond": randn(1, 6, 16), "uncond": randn(1, 6, 16, seed=5)}
     mask = torch.ones(1, 6, dtype=torch.bool)
     return LoopPipeline(model, lambda x, t, ctx: dict(hidden_states=x, timestep=t / 1000,

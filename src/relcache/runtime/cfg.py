@@ -236,7 +236,8 @@ class CFGRunner:
         the window, with a usable delta and no refresh due); None when the step was decided already."""
         cfg, routing, state, step = self.cfg, ctx.cfg, self.state, ctx.step
         if cfg.align and not cfg.skip_full:  # it skips and stores nothing: the method alone, without detection's reads
-            cfg.window_range(num_steps)  # a window that does not fit is still an error
+            if num_steps is not None:
+                cfg.window_range(num_steps)  # a window that does not fit is still an error
             return
         shape = tuple(first_tensor_input(args, kwargs).shape)
         if ctx.name in SPLIT_CONTEXTS:
