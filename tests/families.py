@@ -1088,6 +1088,31 @@ def bria_fibo2_pipe() -> LoopPipeline:
                         (1, 4, 8, 8), ("cond", "uncond"))
 
 
+def cosmos3_pipe() -> LoopPipeline:
+    """Cosmos 3 Omni-like: one packed sequence without a batch axis, the prompt's text tokens (5; the negative
+    prompt's 3, as the "uncond" call) then a 4x4 vision latent's tokens (4 channels, patch 1: 16 tokens), 2 layers,
+    with the per-call inputs Cosmos3OmniPipeline builds (indexes of each modality in the sequence, 3-axis position
+    ids, one timestep per noisy vision token)."""
+    torch.manual_seed(0)
+    model = diffusers.Cosmos3OmniTransformer(
+        head_dim=8, hidden_act="silu", hidden_size=16, intermediate_size=32, latent_channel=4, latent_patch_size=1,
+        num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1, patch_latent_dim=4, rms_norm_eps=1e-5,
+        rope_axes_dim=[2, 1, 1], rope_theta=1e4, vocab_size=32)
+    texts = {"cond": torch.tensor([1, 2, 3, 4, 5]), "uncond": torch.tensor([7, 8, 9])}
+
+    def inputs(x: torch.Tensor, t: torch.Tensor, ctx: str) -> dict[str, Any]:
+        ids = texts[ctx]
+        n_text, n = len(ids), x.shape[-2] * x.shape[-1]
+        vision = torch.arange(n_text, n_text + n)
+        return dict(input_ids=ids, text_indexes=torch.arange(n_text), und_len=n_text, sequence_length=n_text + n,
+                    position_ids=torch.arange(n_text + n).expand(3, -1).clone(), vision_tokens=[x],
+                    vision_token_shapes=[(1, *x.shape[-2:])], vision_sequence_indexes=vision,
+                    vision_mse_loss_indexes=vision, vision_timesteps=t[:1].expand(n).clone(),
+                    vision_noisy_frame_indexes=[torch.tensor([0])])
+
+    return LoopPipeline(model, inputs, (1, 4, 1, 4, 4), ("cond", "uncond"), output=lambda out: out[0])
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Any]
@@ -1158,6 +1183,8 @@ CASES = {
     # no CacheMixin, true CFG as two calls per step in no cache_context: relcache names them "default", "default.2"
     "bria_fibo2": Case(bria_fibo2_pipe, no_kwargs, ("default", "default.2")),
     "joyimage_edit": Case(joyimage_edit_pipe, no_kwargs, ("default", "default.2")),
+    # one packed sequence without a batch axis; CFG as "cond" and "uncond" calls
+    "cosmos3": Case(cosmos3_pipe, no_kwargs, ("cond", "uncond")),
 }
 
 #: families whose transformer class the installed diffusers lacks (added after the oldest diffusers relcache

@@ -132,6 +132,7 @@ EXPECTED = {
     "joyimage_edit_plus": blocks(2, ("double_blocks", (("attn", "attn", J), ("img_mlp", "mlp"), ("txt_mlp", "mlp")))),
     "joyimage_edit": blocks(2, ("double_blocks", (("attn", "attn", J), ("img_mlp", "mlp"), ("txt_mlp", "mlp")))),
     "transformer_2d": blocks(2, ("transformer_blocks", BASIC)),
+    "cosmos3": blocks(2, ("layers", (("self_attn", "attn", J), ("mlp", "mlp"), ("mlp_moe_gen", "mlp")))),
     "bria_fibo2": [(f"layers.{i}.{attr}", kind, False) for i in range(3) for attr, kind in  # refiner every step
                    (("attention", "attn"), ("cross_attention", "cross_attn"), ("feed_forward", "mlp"))
                    if attr != "cross_attention" or i == 1],  # layer 1 the injection block
@@ -163,14 +164,15 @@ EXPECTED = {
 #: JoyImage-Edit Plus 0.0016 (1.6, 7.1x), Transformer2DModel (PixArt-style) 0.0046 (1.4, 3.1x); (2026-12-02) Bria
 #: FIBO 2 0.057 (1.3, 6.4x; its pipeline's true CFG at scale 3 as two unnamed calls per step scales the two calls'
 #: errors up: the conditional call alone 0.012; adaLN scaled by 0.3 as Z-Image's), JoyImage-Edit 0.0012 (1.5, 8.5x;
-#: true CFG as two unnamed calls per step too).
+#: true CFG as two unnamed calls per step too), Cosmos 3 Omni 0.0067 (1.0, 9.7x; one packed sequence, "cond" and
+#: "uncond" calls).
 RFC_TOLERANCE = {"dit": 0.3, "pixart": 0.2, "latte": 0.06, "cogvideox": 0.008, "hunyuan_video15": 0.006, "sana": 0.006,
                  "wan_vace": 0.007, "wan_i2v": 0.008, "helios": 0.01, "allegro": 0.012, "lumina2": 0.02, "chroma": 0.02,
                  "mochi": 0.03, "cosmos": 0.035, "ace_step": 0.009, "kandinsky5": 0.02,
                  "z_image": 0.02, "nucleus_moe": 0.02, "ltx2": 0.015,
                  "kandinsky6": 0.012, "sana_wm_refiner": 0.004,
                  "sana_video": 0.009, "hunyuan_dit": 0.015, "cogview3plus": 0.005, "krea2": 0.004, "ideogram4": 0.006,
-                 "consisid": 0.006, "transformer_2d": 0.007, "bria_fibo2": 0.08}
+                 "consisid": 0.006, "transformer_2d": 0.007, "bria_fibo2": 0.08, "cosmos3": 0.009}
 RFC_TOLERANCE_DEFAULT = 0.003
 K = 4
 
@@ -212,7 +214,9 @@ def test_listed_modules_run_once_per_call_in_order_on_their_inputs(family):
     for spec, (_, _, joint) in zip(specs, EXPECTED[name], strict=True):
         params = list(inspect.signature(spec.module.forward).parameters)
         # a joint attention's inputs: its first parameter and its text stream's (HiDream: norm_encoder_hidden_states)
-        expected_params = (params[0], next(p for p in params if "encoder_hidden_states" in p)) if joint else params[:1]
+        # (Cosmos 3: its second parameter, the generation stream)
+        expected_params = ((params[0], next((p for p in params if "encoder_hidden_states" in p), params[1]))
+                           if joint else params[:1])
 
         def pre(module, args, kwargs, spec=spec, expected_params=expected_params):
             bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments

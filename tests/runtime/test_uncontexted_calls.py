@@ -88,23 +88,23 @@ def test_a_step_is_a_new_or_rewritten_input():
     same one written in place, or another timestep: a new step."""
     calls = UncontextedCalls()
     x, t = torch.zeros(2, 3), torch.ones(2)
-    assert calls.name((x,), {}, t) == "default"
-    assert calls.name((), {"hidden_states": x}, t) == "default.2"
-    assert calls.name((x,), {}, t) == "default.3"
+    assert calls.name(x, t) == "default"
+    assert calls.name(x, t) == "default.2"
+    assert calls.name(x, t) == "default.3"
     x.add_(1)  # a loop that writes the latents in place: the next step
-    assert calls.name((x,), {}, t) == "default"
-    assert calls.name((x.clone(),), {}, t) == "default"
-    assert calls.name((x,), {}, t) == "default"
-    assert calls.name((x,), {}, t / 1) == "default.2"  # an equal timestep divided anew (FLUX.1 Kontext)
-    assert calls.name((x,), {}, t + 1) == "default"  # the same latents at another timestep: a hand-made loop's step
-    assert calls.name((x,), {}, 0.5) == "default"
-    assert calls.name((x,), {}, 0.5) == "default.2"
+    assert calls.name(x, t) == "default"
+    assert calls.name(x.clone(), t) == "default"
+    assert calls.name(x, t) == "default"
+    assert calls.name(x, t / 1) == "default.2"  # an equal timestep divided anew (FLUX.1 Kontext)
+    assert calls.name(x, t + 1) == "default"  # the same latents at another timestep: a hand-made loop's step
+    assert calls.name(x, 0.5) == "default"
+    assert calls.name(x, 0.5) == "default.2"
     with torch.inference_mode():  # no version counter: identity and the timestep
         y, s = torch.zeros(2, 3), torch.ones(2)
-    assert calls.name((y,), {}, s) == "default"
-    assert calls.name((y,), {}, s) == "default.2"
-    assert calls.name((y,), {}, s * 2) == "default"
-    assert calls.name((), {}, t) == "default"  # no tensor input found: the default context
-    calls.name((x,), {}, t)
+    assert calls.name(y, s) == "default"
+    assert calls.name(y, s) == "default.2"
+    assert calls.name(y, s * 2) == "default"
+    assert calls.name(None, t) == "default"  # no latents found: the default context
+    calls.name(x, t)
     calls.forget()  # a call raised: its retry starts the step again
-    assert calls.name((x,), {}, t) == "default"
+    assert calls.name(x, t) == "default"

@@ -50,9 +50,10 @@ def record_trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
     handles = []
     for j, spec in enumerate(modules):
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, j: int = j, spec: Any = spec) -> None:
-            inp = spec.input_of(args, kwargs)
-            inputs[j].append((inp[0] if isinstance(inp, tuple) else inp).detach().float().cpu())
-            outputs[j].append((out[0] if isinstance(out, tuple) else out).detach().float().cpu())
+            ins, outs = spec.inputs(args, kwargs), spec.outputs(out)
+            k = spec.probe if len(ins) == len(outs) else 0  # the stream RCS reads, with the output it pairs with
+            inputs[j].append(ins[k].detach().float().cpu())
+            outputs[j].append(outs[k].detach().float().cpu())
         handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():

@@ -48,6 +48,28 @@ class CachedModule:
     module: nn.Module
     kind: str  # "attn", "cross_attn" or "mlp"
     input_of: InputFn = first_tensor_input
+    #: which of a joint module's inputs RCS reads and the call's rows are cut by (Cosmos 3: the generation stream,
+    #: second; its first, the text, is the same at every step)
+    probe: int = 0
+    #: False: the module's tensors have no batch axis (one packed sequence, ``(tokens, dim)``: Cosmos 3); the runtime
+    #: sees them with a leading axis of one, so that per-sample norms span the whole sequence
+    batched: bool = True
+
+    def inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The module's inputs as the runtime reads them: a tuple, each with its batch axis."""
+        got = self.input_of(args, kwargs)
+        ins = got if isinstance(got, tuple) else (got,)
+        return ins if self.batched else tuple(x.unsqueeze(0) for x in ins)
+
+    def outputs(self, out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The module's outputs as the runtime reads them: a tuple, each with its batch axis."""
+        outs = out if isinstance(out, tuple) else (out,)
+        return outs if self.batched else tuple(o.unsqueeze(0) for o in outs)
+
+    def returned(self, outs: Sequence[torch.Tensor], as_tuple: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Forecast ``outs`` (as ``outputs`` gives them) in the layout the module returns."""
+        got = tuple(outs) if self.batched else tuple(o.squeeze(0) for o in outs)
+        return got if as_tuple else got[0]
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,11 @@ class Adapter:
     def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The timestep the transformer was called with (used to notice a new generation), or None."""
         return kwargs.get("timestep")
+
+    def hidden_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The transformer call's latents: the runtime reads the call's device and dtype from them, tells calls apart
+        by them, and reads a CFG batch on their leading axis. The default: ``first_tensor_input``."""
+        return first_tensor_input(args, kwargs)
 
     def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:
         """Groups of copies of one module that a transformer call calls with the same arguments (DiT's per-block
@@ -198,6 +225,7 @@ class Slot:
     attr: str
     kind: str
     joint: bool = False
+    probe: int = 0  # ``CachedModule.probe``
 
 
 #: the block shapes relcache knows, each the ``Slot`` s of one block in execution order. A slot a block lacks (or
@@ -306,6 +334,8 @@ class ModelRow:
     #: (Wan 2.2: ``("transformer", "transformer_2")``, the high-noise then the low-noise expert); absent or None
     #: attributes are skipped (Wan 2.1 pipelines hold ``transformer_2=None``)
     experts: tuple[str, ...] = ("transformer",)
+    #: False: the blocks run one packed sequence without a batch axis (``CachedModule.batched``)
+    batched: bool = True
 
 
 def _resolve_blocks(model: nn.Module, attr: str) -> Sequence[nn.Module]:
@@ -331,7 +361,8 @@ def modules_of_row(model: nn.Module, row: ModelRow) -> list[CachedModule]:
                     except AttributeError:
                         continue
                     fn = joint_inputs if slot.joint else first_tensor_input
-                    out.append(CachedModule(f"{prefix}.{i}.{slot.attr}", module, slot.kind, fn))
+                    out.append(CachedModule(f"{prefix}.{i}.{slot.attr}", module, slot.kind, fn, slot.probe,
+                                            row.batched))
     return out
 
 

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map_only
 from ..errors import ConfigError
 from ..methods.config import STORAGE_LADDER, CacheConfig
 from ..methods.storage import CacheStorage, share_key
+from ..models.base import CachedModule
 
 #: per cached module, in call order: (its inputs' shapes, its outputs' shapes, the outputs' dtype, which tensor each
 #: input is: equal numbers are the same tensor, as ``storage.share_key`` tells it, which RFE stores once)
@@ -45,12 +46,11 @@ class ShapeProbe:
         self._alive.append(got[1])
         return self._tensors.setdefault(got[0], len(self._tensors))
 
-    def run(self, idx: int, inputs: torch.Tensor | tuple[torch.Tensor, ...], original: Any, args: tuple[Any, ...],
-            kwargs: dict[str, Any]) -> Any:
-        ins = inputs if isinstance(inputs, tuple) else (inputs,)
+    def run(self, idx: int, spec: CachedModule, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        ins = spec.inputs(args, kwargs)
         out = original(*args, **kwargs)
         numbers = tuple(self._number(x) for x in ins)  # after the module ran, as the runtime stores them
-        outs = out if isinstance(out, tuple) else (out,)
+        outs = spec.outputs(out)
         self.shapes[idx] = (tuple(tuple(x.shape) for x in ins), tuple(tuple(o.shape) for o in outs), outs[0].dtype,
                             numbers)
         return out

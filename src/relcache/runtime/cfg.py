@@ -36,7 +36,7 @@ import torch
 
 from ..methods.cfg_cache import CFGCache
 from ..methods.history import numbers_on, row_dtype
-from ..models.base import Adapter, SpatialGrid, first_tensor_input
+from ..models.base import Adapter, SpatialGrid
 
 if TYPE_CHECKING:
     from .context import Context
@@ -152,10 +152,8 @@ class CFGState:
         return grid[1](cfg.rebuild(grid[0](cond), *self.delta, w1, w2))
 
 
-def sample_of(out: Any) -> torch.Tensor:
-    """The sample tensor of a transformer output (a tensor, a tuple, or a diffusers output dataclass)."""
-    if isinstance(out, torch.Tensor):
-        return out
+def _first(out: Any) -> Any:
+    """A transformer output's first field (a tuple's first item, a diffusers output dataclass's first field)."""
     if isinstance(out, tuple):
         return out[0]
     if dataclasses.is_dataclass(out):
@@ -163,13 +161,27 @@ def sample_of(out: Any) -> torch.Tensor:
     raise TypeError(f"CFG-Cache cannot find the sample in a transformer output of type {type(out).__name__}")
 
 
+def sample_of(out: Any) -> torch.Tensor:
+    """The sample tensor of a transformer output (a tensor, a tuple, or a diffusers output dataclass; its first field
+    may be a list of one tensor, Cosmos 3's)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    got = _first(out)
+    if isinstance(got, list) and len(got) == 1 and isinstance(got[0], torch.Tensor):
+        return got[0]
+    if not isinstance(got, torch.Tensor):
+        raise TypeError(f"CFG-Cache cannot find the sample in a transformer output holding {type(got).__name__}")
+    return got
+
+
 def with_sample(out: Any, sample: torch.Tensor) -> Any:
     """``out`` with its sample replaced, same container type."""
     if isinstance(out, torch.Tensor):
         return sample
+    value = [sample] if isinstance(_first(out), list) else sample
     if isinstance(out, tuple):
-        return (sample, *out[1:])
-    return dataclasses.replace(out, **{dataclasses.fields(out)[0].name: sample})
+        return (value, *out[1:])
+    return dataclasses.replace(out, **{dataclasses.fields(out)[0].name: value})
 
 
 def slice_batch(
@@ -239,7 +251,7 @@ class CFGRunner:
             if num_steps is not None:
                 cfg.window_range(num_steps)  # a window that does not fit is still an error
             return
-        shape = tuple(first_tensor_input(args, kwargs).shape)
+        shape = tuple(self.adapter.hidden_of(args, kwargs).shape)
         if ctx.name in SPLIT_CONTEXTS:
             if ctx.name == "cond":
                 state.cond, state.cond_output = SplitCond(step, shape), None
@@ -281,7 +293,7 @@ class CFGRunner:
             if cfg.refresh_full and not routing.half_batch:
                 _force_full(ctx, decide)
         if routing.half_batch or routing.skip_call:
-            like = first_tensor_input(args, kwargs)
+            like = self.adapter.hidden_of(args, kwargs)
             routing.weights = numbers_on(list(state.weights(cfg, step, num_steps)), like.device, row_dtype(like.dtype))
             routing.uncond_skipped.append(step)
         if routing.half_batch or routing.skip_call or routing.store:
@@ -293,7 +305,7 @@ class CFGRunner:
         guidance=False)``), else when the batch is even and its halves' latents are equal."""
         routing = ctx.cfg
         if routing.is_cfg_batch is None:
-            hidden = first_tensor_input(args, kwargs)
+            hidden = self.adapter.hidden_of(args, kwargs)
             batch, half = hidden.shape[0], hidden.shape[0] // 2
             said = self.guidance() if self.guidance is not None else None
             routing.is_cfg_batch = (said is not False and batch % 2 == 0 and batch > 0
@@ -309,7 +321,7 @@ class CFGRunner:
         """The arguments this call's forward gets: the conditional half's at a half-batch step, else all."""
         if not ctx.cfg.half_batch:
             return args, kwargs
-        batch = first_tensor_input(args, kwargs).shape[0]
+        batch = self.adapter.hidden_of(args, kwargs).shape[0]
         return slice_batch(args, kwargs, batch, _halves(batch, ctx.cfg.cond_first)[0])
 
     def call(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -322,7 +334,7 @@ class CFGRunner:
         routing = ctx.cfg
         if not routing.is_cfg_batch or routing.row_group is not None:
             return self.run(ctx, forward, args, kwargs)
-        batch = first_tensor_input(args, kwargs).shape[0]
+        batch = self.adapter.hidden_of(args, kwargs).shape[0]
         cond_rows, uncond_rows = _halves(batch, routing.cond_first)
         if routing.half_batch:
             out = self.run(ctx, forward, *self.forward_args(ctx, args, kwargs))
@@ -332,7 +344,7 @@ class CFGRunner:
         out = self.run(ctx, forward, args, kwargs)
         if self._stores(ctx):  # only a step inside the window can use the delta
             sample = sample_of(out)
-            half_shape = (batch // 2, *first_tensor_input(args, kwargs).shape[1:])
+            half_shape = (batch // 2, *self.adapter.hidden_of(args, kwargs).shape[1:])
             self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, ctx.step, routing.grid)
         return out
 
@@ -351,6 +363,6 @@ class CFGRunner:
                                                                 routing.weights, routing.grid))
         out = self.run(ctx, forward, args, kwargs)
         if self._stores(ctx):
-            shape = tuple(first_tensor_input(args, kwargs).shape)
+            shape = tuple(self.adapter.hidden_of(args, kwargs).shape)
             state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, ctx.step, routing.grid)
         return out

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..methods.config import CacheConfig
 from ..methods.history import StaticCaches, numbers_on, row_dtype
-from ..models.base import Adapter, CachedModule, first_tensor_input
+from ..models.base import Adapter, CachedModule
 from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, combine, signature, with_peaks
 from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
@@ -203,7 +203,7 @@ class Session(ModuleCalls):
                 if self.config.schedule.uses_input:
                     probe = self.prober.run(forward, args, kwargs)  # the module's rows: batch-major, maybe x frames
                     probe = take_rows(probe, next(sl for n, sl in ctx.cfg.row_groups(probe.shape[0]) if n != "uncond"))
-                full = take_decision(self.config, ctx, probe, first_tensor_input(args, kwargs), self.reducer)
+                full = take_decision(self.config, ctx, probe, self.adapter.hidden_of(args, kwargs), self.reducer)
                 return full or (self.experts is not None and self.experts.force(ctx))
 
             self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
@@ -218,13 +218,13 @@ class Session(ModuleCalls):
         groups = [(name, None) for name in ctx.cfg.group_names()]
         if ctx.schedule.decided:  # CFG-Cache's plan took the decision: the rows for the groups it settled
             prepare_step(self.config, gens.num_steps, len(self.cached_modules), ctx, [n for n, _ in groups],
-                         first_tensor_input(args, kwargs))
+                         self.adapter.hidden_of(args, kwargs))
         elif not self.config.schedule.uses_input:  # decided before the forward
-            self._decide(ctx, first_tensor_input(args, kwargs), groups)
+            self._decide(ctx, self.adapter.hidden_of(args, kwargs), groups)
         elif compiled and not eager:  # RCS from a pre-pass of the forward as this call runs it (half a CFG batch)
             runs = self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)
             if self.reducer is None:  # traced with the forward: the step's graphs take it (``measure``, ``settle``)
-                self.probing = Probing(*runs, self._forecast_row(ctx, first_tensor_input(args, kwargs)))
+                self.probing = Probing(*runs, self._forecast_row(ctx, self.adapter.hidden_of(args, kwargs)))
             else:  # context parallelism: the measurement's collective stays eager
                 probe = self.prober.run(forward, *runs)
                 self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))

@@ -16,7 +16,7 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from torch import nn
 
-from ..models.base import Adapter, first_tensor_input
+from ..models.base import Adapter
 
 STEP_HOOK = "relcache_step"
 MODULE_HOOK = "relcache_module"
@@ -103,6 +103,14 @@ def _eagerly(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
+def _latents(adapter: Adapter, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The call's latents, or None where the adapter finds none."""
+    try:
+        return adapter.hidden_of(args, kwargs)
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
 class UncontextedCalls:
     """Names the calls a pipeline makes without ``cache_context``: ``"default"``, and ``"default.2"``,
     ``"default.3"``, ... for the second, third, ... call of one step.
@@ -129,12 +137,9 @@ class UncontextedCalls:
         """The next call starts a step (a call raised, or the generation ended)."""
         self._prev, self._timestep, self._calls = None, None, 0
 
-    def name(self, args: tuple[Any, ...], kwargs: dict[str, Any], timestep: Any) -> str:
-        """The context of this call; ``timestep`` is the call's timestep argument (``Adapter.timestep_of``)."""
-        try:
-            x = first_tensor_input(args, kwargs)
-        except TypeError:
-            x = None
+    def name(self, x: Any, timestep: Any) -> str:
+        """The context of a call with latents ``x`` (``Adapter.hidden_of``; None where it has none) and ``timestep``
+        (``Adapter.timestep_of``)."""
         if not isinstance(x, torch.Tensor):
             self._prev, self._calls = None, 1
             return DEFAULT_CONTEXT
@@ -199,7 +204,8 @@ class StepHook(ModelHook):
     def _start(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool) -> bool:
         context = self.cache_context._context
         name = (context.name if context is not None
-                else self._uncontexted.name(args, kwargs, self.host.adapter.timestep_of(args, kwargs)))
+                else self._uncontexted.name(_latents(self.host.adapter, args, kwargs),
+                                           self.host.adapter.timestep_of(args, kwargs)))
         step_index = getattr(context, "step_index", None) if context is not None else None
         return self.host.start_call(name, step_index, forward, args, kwargs, compiled)
 

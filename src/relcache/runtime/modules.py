@@ -54,10 +54,11 @@ class ModuleCalls:
 
     # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        spec = self.cached_modules[idx]
         if self.shape_probe is not None:  # a fake-tensor run for the cache budget: shapes only
-            return self.shape_probe.run(idx, self.cached_modules[idx].input_of(args, kwargs), original, args, kwargs)
+            return self.shape_probe.run(idx, spec, original, args, kwargs)
         if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
-            self.prober.stop(self.cached_modules[idx].input_of(args, kwargs))
+            self.prober.stop(spec.inputs(args, kwargs)[spec.probe])
         # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
         # step number, so each kind of step compiles once. Only an undecided step (RCS) calls out to the host.
         forecast = self._forecast(idx, original, args, kwargs)
@@ -78,11 +79,12 @@ class ModuleCalls:
         ctx = self.current
         if ctx is None:  # called outside a transformer forward: behave as the plain module
             return None
-        got = self.cached_modules[idx].input_of(args, kwargs)
-        inputs = got if isinstance(got, tuple) else (got,)  # dual-stream modules: one input per output
-        rows = ctx.cfg.row_groups(inputs[0].shape[0])
+        spec = self.cached_modules[idx]
+        inputs = spec.inputs(args, kwargs)  # dual-stream modules: one input per output
+        probe = inputs[spec.probe]
+        rows = ctx.cfg.row_groups(probe.shape[0])
         if not ctx.schedule.decided:
-            self._decide(ctx, inputs[0], rows)
+            self._decide(ctx, probe, rows)
         shapes = tuple(tuple(x.shape) for x in inputs)
         ctx.caches.call_shapes[idx] = shapes
         groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
@@ -93,10 +95,9 @@ class ModuleCalls:
         if not torch.compiler.is_compiling():
             self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
         if self.record_errors:
-            true = original(*args, **kwargs)
-            trues = true if isinstance(true, tuple) else (true,)
+            trues = spec.outputs(original(*args, **kwargs))
             ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
-        return tuple(preds) if ctx.caches.tuple_out.get(idx, False) else preds[0]
+        return spec.returned(preds, ctx.caches.tuple_out.get(idx, False))
 
     def _record(self, idx: int, out: Any) -> None:
         """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
@@ -104,7 +105,7 @@ class ModuleCalls:
         if computing is None:
             return
         ctx, caches = computing.ctx, computing.ctx.caches
-        outs = out if isinstance(out, tuple) else (out,)
+        outs = self.cached_modules[idx].outputs(out)
         caches.tuple_out[idx] = isinstance(out, tuple)
         predictor = self.config.predictor
         for group in computing.groups:

@@ -152,5 +152,6 @@ class Prober:
         return probe, config.schedule.measure(ctx.schedule.memory, cond, probing.row)
 
     @staticmethod
-    def stop(got: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
-        raise _Probed(got[0] if isinstance(got, tuple) else got)
+    def stop(probe: torch.Tensor) -> None:
+        """At the first cached module: end the pre-pass with its probe input (``CachedModule.probe``)."""
+        raise _Probed(probe)
