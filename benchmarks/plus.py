@@ -4,7 +4,8 @@ End to end: every method at target NFC K (the paper's budgets) on the same seeds
 digits-FID2FC of the final samples, realised NFC and model FLOPs fraction (equal FLOPs: same NFC, same model).
 Teacher-forced (``--teacher``): one full-computation trace of the first batch; each predictor replayed on it per
 module (``relcache.evaluation.analyze.replay``) with the full steps RFC realised on that batch at each budget
-(uneven gaps), mean relative L1 over cached steps and modules.
+(uneven gaps), mean relative L1 over cached steps and modules. The "Fit" rows are the input-fitted increment
+(``relcache.methods.plus.InputFit``, an experiment).
 
     python benchmarks/plus.py --budgets 14 11 10 8 7 --samples 30 --teacher --out runs/plus.json
     python benchmarks/plus.py --model src/relcache/evaluation/reference/weights_seed1_shift1/transformer ...
@@ -26,7 +27,7 @@ from relcache.evaluation.analyze import record_trace, replay
 from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import TRANSFORMER_DIR, load_evaluator, sample_digits
-from relcache.methods.plus import Newton, NewtonInputError, RelationalPlus
+from relcache.methods.plus import InputFit, Newton, NewtonInputError, RelationalPlus
 from relcache.methods.predictors import Taylor
 
 
@@ -51,6 +52,15 @@ def methods(nfc: int, order: int) -> dict[str, CacheConfig]:
         "RFE-Newton-trend x RCS m=1": CacheConfig(RelationalPlus(order), InputError(target_nfc=nfc, order=1)),
         "RFE-Newton-trend m=3 x RCS": CacheConfig(RelationalPlus(3), rcs),
         "RFE-Newton-trend clip 1.25 x RCS": CacheConfig(RelationalPlus(order, clip=1.25), rcs),
+        # the input-fitted increment (``InputFit``): the output moves as the input does in the span of recent moves
+        "Fit x RCS": CacheConfig(InputFit(order), rcs),
+        "Fit-scaled x RCS": CacheConfig(InputFit(order, scale=True), rcs),
+        "Fit m=3 x RCS": CacheConfig(InputFit(3), rcs),
+        "Fit m=1 x RCS": CacheConfig(InputFit(1), rcs),
+        **{f"Fit{'-scaled' if sc else ''} r={r} x RCS": CacheConfig(InputFit(order, ridge=r, scale=sc), rcs)
+           for r in (1e-6, 1e-4, 0.01, 0.1, 0.3) for sc in (False, True)},
+        "Fit-scaled m=3 x RCS": CacheConfig(InputFit(3, scale=True), rcs),
+        "Fit-blend x RCS": CacheConfig(InputFit(order, blend=True), rcs),
     }
 
 
@@ -60,6 +70,7 @@ PREDICTORS = {
     "RFE-mean": lambda m: RelationalPlus(m, newton=False, ratio="mean"),
     "RFE-Newton-trend": lambda m: RelationalPlus(m),
     "RFE m=1": lambda m: Relational(1), "RFE-trend m=1": lambda m: RelationalPlus(1, newton=False),
+    "Fit": lambda m: InputFit(m), "Fit-scaled": lambda m: InputFit(m, scale=True),
 }
 
 

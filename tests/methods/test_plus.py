@@ -5,9 +5,9 @@ import torch
 from conftest import run_loop, tiny_dit
 
 import relcache
-from relcache import RFC, ConfigError, InputError, RFCPlus
+from relcache import RFC, ConfigError, InputError, Relational, RFCPlus
 from relcache.methods.history import DiffHistory, step_row
-from relcache.methods.plus import Newton, NewtonHistory, NewtonInputError, RelationalPlus, newton_forecast
+from relcache.methods.plus import InputFit, Newton, NewtonHistory, NewtonInputError, RelationalPlus, newton_forecast
 
 
 def _quadratic(t: float) -> torch.Tensor:
@@ -166,3 +166,26 @@ def test_rfcplus_takes_rfcs_arguments_and_rejects_what_rfc_rejects():
         RelationalPlus(2, ratio="last")
     with pytest.raises(ConfigError, match=r"clip must be a number >= 1, got 0.5"):
         RelationalPlus(2, clip=0.5)
+
+
+def test_input_fit_is_exact_for_a_linear_module_whose_input_moves_in_the_span_of_recorded_moves():
+    """O = W·I: after three full steps the state holds two input moves and their outputs' moves; an input that moved
+    by 0.7 and -1.9 of them is forecast exactly (and RFE, which takes only the magnitude, is not), per sample."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 8, dtype=torch.float64)
+    steps = [torch.randn(3, 5, 8, dtype=torch.float64) for _ in range(3)]  # I at full steps 0, 2, 4
+    pred, rfe = InputFit(2, ridge=0.0), Relational(2)
+    st, st_rfe = pred.new_state(), rfe.new_state()
+    for j, x in enumerate(steps):
+        pred.update(st, 2 * j, x, x @ w.T)
+        rfe.update(st_rfe, 2 * j, x, x @ w.T)
+    x_now = steps[2] + 0.7 * (steps[2] - steps[1]) - 1.9 * (steps[1] - steps[0])
+    got = pred.predict(st, 6, None, x_now)
+    torch.testing.assert_close(got, x_now @ w.T)
+    assert (rfe.predict(st_rfe, 6, None, x_now) - x_now @ w.T).abs().max() > 0.1
+    scaled = InputFit(2, ridge=0.0, scale=True)  # the same direction, its length rescaled to RFE's s·‖v‖
+    st_s = scaled.new_state()
+    for j, x in enumerate(steps):
+        scaled.update(st_s, 2 * j, x, x @ w.T)
+    ratio = st_s.ratio * (x_now - steps[2]).flatten(1).norm(dim=1)
+    torch.testing.assert_close((scaled.predict(st_s, 6, None, x_now) - steps[2] @ w.T).flatten(1).norm(dim=1), ratio)

@@ -25,8 +25,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from .history import DiffHistory, Reducer
-from .predictors import PredictorState, Relational, Taylor
+from .history import DiffHistory, Reducer, per_sample, sample_norm
+from .predictors import Predictor, PredictorState, Relational, Taylor
 from .schedules import InputError, InputErrorState
 from .storage import CacheStorage, store
 
@@ -183,3 +183,83 @@ def newton_forecast(values: Sequence[torch.Tensor], times: Sequence[float], t: f
         hist.update(v, None if j == 0 else torch.tensor(float(ti - times[j - 1])))
     k = float(t - times[-1])
     return hist.taylor(torch.tensor([k]), values[-1].dtype)
+
+
+class FitState(PredictorState):
+    """``PredictorState`` plus the raw differences of the input and the output between the latest full steps."""
+
+    __slots__ = ("in_diffs", "out_diffs", "gaps")
+
+    def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
+        super().__init__(0, None, reducer)
+        self.in_diffs: list[torch.Tensor] = []  # I(a) - I(b), I(b) - I(c), ... newest first
+        self.out_diffs: list[torch.Tensor] = []  # the same of the output
+        self.gaps: list[torch.Tensor] = []  # a - b, b - c, ... (0-d)
+
+
+@dataclass(frozen=True)
+class InputFit(Predictor):
+    """Experiment (issue 19): the output moves as the input does, per sample, in the span of recent moves.
+
+    At a full step ``a`` the state keeps the last ``order`` input moves ``ΔI_j`` and output moves ``ΔO_j`` between
+    consecutive full steps. At a cached step the input's move ``v = I(i) - I(a)`` is fitted by least squares,
+    ``v ≈ Σ c_j ΔI_j`` (a ``order x order`` system per sample, ridge ``ridge`` times its mean diagonal), and the
+    forecast is ``O(a) + Σ c_j ΔO_j``: the module taken as locally linear, its Jacobian sampled by the recorded moves.
+    ``scale=True`` then rescales the increment to RFE's magnitude ``s · ‖v‖``. Not bound by a budget of
+    kernels: an analysis tool until it wins (``benchmarks/plus.py``)."""
+
+    order: int = 2
+    ridge: float = 1e-3
+    scale: bool = False
+    blend: bool = False
+    uses_input: ClassVar[bool] = True
+
+    def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
+                  ) -> PredictorState:
+        if reducer is not None:
+            raise ConfigError("InputFit is an experiment: no context parallelism")  # (and caches as computed)
+        return FitState(self.order, dtype, reducer)
+
+    def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
+        assert isinstance(state, FitState)
+        prev_in, prev_out = state.inp, (state.out.base(out.dtype) if state.out.ready else None)
+        if prev_in is not None and prev_out is not None and prev_in.shape == inp.shape and prev_out.shape == out.shape:
+            state.in_diffs = [inp - prev_in, *state.in_diffs][: self.order]
+            state.out_diffs = [out - prev_out, *state.out_diffs][: self.order]
+            state.gaps = [gap, *state.gaps][: self.order]
+            state.ratio = sample_norm(state.out_diffs[0]) / sample_norm(state.in_diffs[0])
+        else:
+            state.in_diffs, state.out_diffs, state.gaps, state.ratio = [], [], [], None
+        state.out.update(out, None)
+        state.inp = inp
+
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        assert isinstance(state, FitState)
+        base = state.out.base(inp.dtype)
+        if not state.in_diffs:
+            return base
+        n, m = inp.shape[0], len(state.in_diffs)
+        v = (inp - state.inp).reshape(n, -1, 1).double()
+        basis = torch.stack([d.reshape(n, -1) for d in state.in_diffs], 1).double()  # (n, m, N)
+        gram = basis @ basis.transpose(1, 2)
+        reg = self.ridge * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(m, dtype=gram.dtype)
+        coef = torch.linalg.solve(gram + reg, basis @ v)[..., 0]  # (n, m)
+        coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)).to(base.dtype)
+        inc = sum(per_sample(coef[:, j], d) * d for j, d in enumerate(state.out_diffs))
+        if self.blend and state.ratio is not None and len(state.out_diffs) >= 2:
+            # R² of the fit: the share of the input's move the recorded moves explain; the rest goes to RFE
+            fitted = (basis.transpose(1, 2) @ coef.double()[..., None])[..., 0]
+            r2 = (fitted.square().sum(1) / v[..., 0].square().sum(1)).clamp(0, 1).to(base.dtype)
+            r2 = torch.where(r2 * 0 == 0, r2, torch.zeros_like(r2))
+            d1 = state.out_diffs[0] / state.gaps[0]
+            d2 = (d1 - state.out_diffs[1] / state.gaps[1]) / state.gaps[0]
+            u = d1 + (row[0] / 2) * d2  # the spec's Taylor direction at order 2
+            rfe = per_sample(state.ratio * sample_norm(inp - state.inp) / sample_norm(u), u) * u
+            rfe = torch.where(rfe * 0 == 0, rfe, torch.zeros_like(rfe))
+            inc = per_sample(r2, inc) * inc + per_sample(1 - r2, rfe) * rfe
+        elif self.scale and state.ratio is not None:
+            want = state.ratio * sample_norm(inp - state.inp)
+            got = sample_norm(inc)
+            fac = torch.where((want / got) * 0 == 0, want / got, torch.ones_like(got))
+            inc = per_sample(fac, inc) * inc
+        return base + inc
