@@ -8,7 +8,7 @@ module (``relcache.evaluation.analyze.replay``) with the full steps RFC realised
 (``relcache.methods.plus.InputFit``, an experiment).
 
     python benchmarks/plus.py --budgets 14 11 10 8 7 --samples 30 --teacher --out runs/plus.json
-    python benchmarks/plus.py --model src/relcache/evaluation/reference/weights_seed1_shift1/transformer ...
+    python benchmarks/plus.py --model src/relcache/evaluation/reference/weights/second_seed1_shift1/transformer ...
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@
 * ``NewtonInputError``: RCS whose probe forecast is in Newton's form.
 
 The preset ``relcache.RFCPlus`` names the pair kept after measuring (docs/spec.md, §Beyond the paper;
-docs/results.md, "RFC+"): better than RFC on the shipped reference model (0.80-0.85x its rel L1), worse on the second
-one (1.05-1.16x), so an opt-in experiment. The paper's RFC (``Relational`` x ``InputError``) is unchanged.
+docs/results.md, "RFC+"): better than RFC on the shipped reference model (0.80-0.85x its rel L1); on the second one
+0.83-1.00x on rel L1 but worse on FID2FC at low budgets, so an opt-in experiment. ``InputFit`` (the output's move
+fitted from the input's) is an experiment in no preset. The paper's RFC (``Relational`` x ``InputError``) is unchanged.
 """
 
 from __future__ import annotations
