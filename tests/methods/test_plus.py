@@ -189,3 +189,8 @@ def test_input_fit_is_exact_for_a_linear_module_whose_input_moves_in_the_span_of
         scaled.update(st_s, 2 * j, x, x @ w.T)
     ratio = st_s.ratio * (x_now - steps[2]).flatten(1).norm(dim=1)
     torch.testing.assert_close((scaled.predict(st_s, 6, None, x_now) - steps[2] @ w.T).flatten(1).norm(dim=1), ratio)
+    blend = InputFit(2, ridge=0.0, blend=True)  # the fit explains all of the move (R² = 1): RFE gets no weight
+    st_b = blend.new_state()
+    for j, x in enumerate(steps):
+        blend.update(st_b, 2 * j, x, x @ w.T)
+    torch.testing.assert_close(blend.predict(st_b, 6, None, x_now), x_now @ w.T)

@@ -65,3 +65,27 @@ def test_custom_models_doc_lists_every_shape_with_its_modules():
         positions = [modules.find(f"`{s.attr}`") for s in slots]
         assert all(p >= 0 for p in positions) and positions == sorted(positions), name
         assert all(("(joint)" in modules.split(f"`{s.attr}`")[1][:9]) == s.joint for s in slots), name
+
+
+def test_every_transformer_with_cache_mixin_is_served():
+    """README ("All 34 of diffusers 0.42.1's transformer classes with CacheMixin are served"): every class diffusers
+    exports with ``CacheMixin`` is served but the two Qwen-Image ControlNets, which are not denoisers."""
+    import diffusers.models
+    from diffusers.models import CacheMixin
+
+    from relcache.models import supported_models
+
+    found = set()
+    for name in dir(diffusers.models):
+        if name.startswith("_") or name == "CacheMixin":
+            continue
+        try:
+            cls = getattr(diffusers.models, name)
+        except (ImportError, AttributeError, RuntimeError):  # an optional backend missing
+            continue
+        if isinstance(cls, type) and issubclass(cls, CacheMixin):
+            found.add(name)
+    controlnets = {"QwenImageControlNetModel", "QwenImageMultiControlNetModel"}
+    assert found - set(supported_models()) <= controlnets
+    if diffusers.__version__ == "0.42.1":
+        assert len(found - controlnets) == 34

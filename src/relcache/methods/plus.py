@@ -187,15 +187,15 @@ def newton_forecast(values: Sequence[torch.Tensor], times: Sequence[float], t: f
 
 
 class FitState(PredictorState):
-    """``PredictorState`` plus the raw differences of the input and the output between the latest full steps."""
+    """``PredictorState`` (the output's divided differences, for ``blend``'s RFE part) plus the raw differences of the
+    input and the output between the latest full steps."""
 
-    __slots__ = ("in_diffs", "out_diffs", "gaps")
+    __slots__ = ("in_diffs", "out_diffs")
 
     def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
-        super().__init__(0, None, reducer)
+        super().__init__(order, None, reducer)
         self.in_diffs: list[torch.Tensor] = []  # I(a) - I(b), I(b) - I(c), ... newest first
         self.out_diffs: list[torch.Tensor] = []  # the same of the output
-        self.gaps: list[torch.Tensor] = []  # a - b, b - c, ... (0-d)
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,8 @@ class InputFit(Predictor):
     consecutive full steps. At a cached step the input's move ``v = I(i) - I(a)`` is fitted by least squares,
     ``v ≈ Σ c_j ΔI_j`` (a ``order x order`` system per sample, ridge ``ridge`` times its mean diagonal), and the
     forecast is ``O(a) + Σ c_j ΔO_j``: the module taken as locally linear, its Jacobian sampled by the recorded moves.
-    ``scale=True`` then rescales the increment to RFE's magnitude ``s · ‖v‖``. Not bound by a budget of
+    ``scale=True`` then rescales the increment to RFE's magnitude ``s · ‖v‖``; ``blend=True`` instead mixes it with
+    RFE's forecast increment by the fit's R² (the share of ``‖v‖²`` the fit explains). Not bound by a budget of
     kernels: an analysis tool until it wins (``benchmarks/plus.py``)."""
 
     order: int = 2
@@ -227,11 +228,10 @@ class InputFit(Predictor):
         if prev_in is not None and prev_out is not None and prev_in.shape == inp.shape and prev_out.shape == out.shape:
             state.in_diffs = [inp - prev_in, *state.in_diffs][: self.order]
             state.out_diffs = [out - prev_out, *state.out_diffs][: self.order]
-            state.gaps = [gap, *state.gaps][: self.order]
             state.ratio = sample_norm(state.out_diffs[0]) / sample_norm(state.in_diffs[0])
         else:
-            state.in_diffs, state.out_diffs, state.gaps, state.ratio = [], [], [], None
-        state.out.update(out, None)
+            state.in_diffs, state.out_diffs, state.ratio = [], [], None
+        state.out.update(out, gap)
         state.inp = inp
 
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -240,26 +240,26 @@ class InputFit(Predictor):
         if not state.in_diffs:
             return base
         n, m = inp.shape[0], len(state.in_diffs)
-        v = (inp - state.inp).reshape(n, -1, 1).double()
+        move = inp - state.inp
+        v = move.reshape(n, -1, 1).double()
         basis = torch.stack([d.reshape(n, -1) for d in state.in_diffs], 1).double()  # (n, m, N)
         gram = basis @ basis.transpose(1, 2)
-        reg = self.ridge * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(m, dtype=gram.dtype)
+        eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+        reg = self.ridge * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
         coef = torch.linalg.solve(gram + reg, basis @ v)[..., 0]  # (n, m)
         coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)).to(base.dtype)
         inc = sum(per_sample(coef[:, j], d) * d for j, d in enumerate(state.out_diffs))
-        if self.blend and state.ratio is not None and len(state.out_diffs) >= 2:
+        u = state.out.direction(row, base.dtype) if self.blend and len(state.out_diffs) >= 2 else None
+        if u is not None and state.ratio is not None:
             # R² of the fit: the share of the input's move the recorded moves explain; the rest goes to RFE
             fitted = (basis.transpose(1, 2) @ coef.double()[..., None])[..., 0]
             r2 = (fitted.square().sum(1) / v[..., 0].square().sum(1)).clamp(0, 1).to(base.dtype)
             r2 = torch.where(r2 * 0 == 0, r2, torch.zeros_like(r2))
-            d1 = state.out_diffs[0] / state.gaps[0]
-            d2 = (d1 - state.out_diffs[1] / state.gaps[1]) / state.gaps[0]
-            u = d1 + (row[0] / 2) * d2  # the spec's Taylor direction at order 2
-            rfe = per_sample(state.ratio * sample_norm(inp - state.inp) / sample_norm(u), u) * u
+            rfe = per_sample(state.ratio * sample_norm(move) / sample_norm(u), u) * u  # RFE's increment
             rfe = torch.where(rfe * 0 == 0, rfe, torch.zeros_like(rfe))
             inc = per_sample(r2, inc) * inc + per_sample(1 - r2, rfe) * rfe
         elif self.scale and state.ratio is not None:
-            want = state.ratio * sample_norm(inp - state.inp)
+            want = state.ratio * sample_norm(move)
             got = sample_norm(inc)
             fac = torch.where((want / got) * 0 == 0, want / got, torch.ones_like(got))
             inc = per_sample(fac, inc) * inc

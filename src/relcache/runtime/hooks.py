@@ -119,9 +119,9 @@ class UncontextedCalls:
     FLUX.1 Kontext, Krea 2, Kandinsky 5, Bria FIBO 2, JoyImage-Edit in diffusers 0.42): in one context their calls
     would count as two steps and forecast each from the other's outputs.
 
-    (choice) A call belongs to the step of the previous call when its first tensor input is the very tensor the
-    previous call got, unchanged since (same object and version counter), and its timestep argument is the same
-    (the same object, or equal values): a step's calls share the latents and the timestep, while every new step
+    (choice) A call belongs to the step of the previous call when its latents (``Adapter.hidden_of``) are the very
+    tensor the previous call got, unchanged since (same object and version counter), and its timestep argument is the
+    same (the same object, or equal values): a step's calls share the latents and the timestep, while every new step
     passes a new or rewritten tensor, or another timestep. Values are read only where the input tensor matched and
     the timestep is another tensor object (FLUX.1 Kontext divides it anew for each call): one host read per extra
     call of a step.
