@@ -194,3 +194,57 @@ def test_input_fit_is_exact_for_a_linear_module_whose_input_moves_in_the_span_of
     for j, x in enumerate(steps):
         blend.update(st_b, 2 * j, x, x @ w.T)
     torch.testing.assert_close(blend.predict(st_b, 6, None, x_now), x_now @ w.T)
+
+
+@pytest.mark.parametrize("ratio", ["trend", "mean"])
+def test_folded_ratio_forecast_equals_the_formula_including_its_fallbacks(ratio):
+    # per sample: ordinary, a slope that the clip cuts, s(b) infinite (trend not finite: s(a)), s(a) infinite, NaN
+    pred = RelationalPlus(2, ratio=ratio, clip=1.5)
+    state = pred.new_state()
+    state.ratio = torch.tensor([2.0, 2.0, 2.0, float("inf"), float("nan")], dtype=torch.float64)
+    state.ratio_prev = torch.tensor([1.5, 0.1, float("inf"), 1.0, 1.0], dtype=torch.float64)
+    state.ratio_gaps = (torch.tensor(4.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    state.ratio_line = pred._fold(state)
+    for k in (1, 3, 7):
+        row = torch.tensor(step_row(k), dtype=torch.float64)
+        folded = pred.forecast_ratio(state, row)
+        line, state.ratio_line = state.ratio_line, None
+        formula = pred.forecast_ratio(state, row)  # the unfolded path, as under a split sequence
+        state.ratio_line = line
+        torch.testing.assert_close(folded, formula, rtol=1e-12, atol=0, equal_nan=True)
+    if ratio == "trend":  # by hand at k = 3: 2 + 0.5 (4 + 3) / 6 = 2.5833..; 2 + 1.9 * 7 / 6 clipped to 3; 2
+        got = pred.forecast_ratio(state, torch.tensor(step_row(3), dtype=torch.float64))
+        assert got[:3].tolist() == pytest.approx([2 + 0.5 * 7 / 6, 3.0, 2.0])
+
+
+def _operators(fn) -> int:
+    """Operators ``fn`` dispatches, views excluded (a kernel launch each on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = ("view", "_reshape_alias", "expand", "unsqueeze", "squeeze", "as_strided", "t", "detach", "alias")
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func._schema.name.endswith(views):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        fn()
+    return Count.n
+
+
+def test_rfcplus_forecast_launches_at_most_three_operators_more_than_rfe():
+    # Newton's Horner multiplier k + G_1, the ratio line A + B k and its clip: the trend is folded at the full step
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 16, 8, generator=g) for _ in range(4)]
+    counts = {}
+    for pred in (Relational(2), RelationalPlus(2)):
+        state = pred.new_state()
+        for t, x in zip([0, 1, 5, 11], xs, strict=True):  # uneven gaps, as RCS makes them
+            pred.update(state, t, x, x * 2 + 1)
+        row = torch.tensor(step_row(3))
+        counts[type(pred).__name__] = _operators(lambda p=pred, s=state, r=row: p.forecast(s, xs[-1] + 0.1, r))
+    assert counts["RelationalPlus"] <= counts["Relational"] + 3, counts
