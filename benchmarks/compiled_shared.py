@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import resource
 import statistics
 import time
 
 import torch
-from speed import SIZES, build, generate, methods
+from speed import INTERVAL_FOR_NFC, SIZES, build, generate, methods
 
 import relcache
 
@@ -72,17 +73,20 @@ def rounds(label: str, fns: dict[str, torch.nn.Module], n: int, steps: int) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["B"], choices=list(SIZES))
-    parser.add_argument("--budget", type=int, default=14)
+    parser.add_argument("--budget", type=int, default=14, choices=list(INTERVAL_FOR_NFC))
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations of each model per round (>= 1)")
     parser.add_argument("--others", type=int, default=len(OTHERS), choices=range(len(OTHERS) + 1),
                         help="how many more compiled models to create before the second round")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} threads, NFC {args.budget} of {args.steps}, batch modulation "
-          "on for the RFC and TaylorSeer under test")
+          f"on for the RFC and TaylorSeer under test; glibc malloc settings: {malloc or 'defaults'}")
     for size in args.models:
         print(f"\nDiT-{size}/2")
         base = build(size, torch.float32, "cpu")
@@ -91,9 +95,9 @@ def main() -> None:
                  "TaylorSeer": compiled(base, "TaylorSeer m=2", True, args.budget, args.steps)}
         rounds("1. the two alone", first, args.rounds, args.steps)
         others = [compiled(base, name, bm, args.budget, args.steps) for name, bm in OTHERS[:args.others]]
-        rounds(f"2. the same two after {len(others)} more compiled models", first, args.rounds, args.steps)
+        rounds(f"2. the same two again, after {len(others)} more compiled models", first, args.rounds, args.steps)
         last = {"RFC compiled last": compiled(base, "RFC m=2", True, args.budget, args.steps), **first}
-        rounds("3. RFC compiled again, after all the others", last, args.rounds, args.steps)
+        rounds("3. RFC compiled once more, then all three", last, args.rounds, args.steps)
         del others, first, last
         torch._dynamo.reset()
 

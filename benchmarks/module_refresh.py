@@ -5,7 +5,8 @@ module whose input moved more than ``tau`` since its latest record (relative, ``
 over the batch) is computed and recorded instead of forecast; its later forecasts count ``k`` from that step (the
 runtime keeps one latest record per module). The experiment wraps the runtime's per-module decision
 (``ModuleCalls._forecast``) for the length of the run; it reads one host number per module and step, so it is for
-quality only. The realised FLOPs fraction counts what ran.
+quality only. The realised FLOPs fraction counts what ran. (Limit: the first cached module of a step, where RCS
+takes the step's decision, is never refreshed, and its moves are not in the quantiles.)
 
     python benchmarks/module_refresh.py --runs 8:none 6:0.3 6:0.25 6:0.2 7:0.3 --samples 30
 """
@@ -87,9 +88,15 @@ def main() -> None:
     for run in args.runs:
         nfc, _, tau = run.partition(":")
         try:
-            runs.append((int(nfc), None if tau in ("", "none") else float(tau)))
+            pair = (int(nfc), None if tau in ("", "none") else float(tau))
         except ValueError:
-            parser.error(f"--runs takes NFC:tau pairs such as 6:0.25 or 8:none, got {run!r}")
+            pair = None
+        if pair is None or pair[0] < 1 or pair[1] is not None and not pair[1] >= 0:
+            parser.error(f"--runs takes NFC:tau pairs (NFC >= 1, tau >= 0 or 'none') such as 6:0.25 or 8:none, "
+                         f"got {run!r}")
+        runs.append(pair)
+    if args.samples < 1:
+        parser.error(f"--samples must be at least 1, got {args.samples}")
     torch.set_num_threads(args.threads)
     from diffusers import DiTTransformer2DModel
 

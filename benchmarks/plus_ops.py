@@ -16,8 +16,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from relcache import Relational
 from relcache.methods.plus import RelationalPlus
 
-VIEWS = ("view", "_reshape_alias", "expand", "unsqueeze", "squeeze", "as_strided", "t", "detach", "alias")
-
 
 class Count(TorchDispatchMode):
     """Records each operator called, with whether its output is a large tensor (more elements than the batch)."""
@@ -28,9 +26,8 @@ class Count(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        name = func._schema.name
-        if not name.endswith(VIEWS):
-            self.ops.append((name, isinstance(out, torch.Tensor) and out.numel() > self.batch))
+        if not func.is_view:  # a view launches no kernel
+            self.ops.append((func._schema.name, isinstance(out, torch.Tensor) and out.numel() > self.batch))
         return out
 
 

@@ -201,8 +201,9 @@ def test_folded_ratio_forecast_equals_the_formula_including_its_fallbacks(ratio)
     # per sample: ordinary, a slope that the clip cuts, s(b) infinite (trend not finite: s(a)), s(a) infinite, NaN
     pred = RelationalPlus(2, ratio=ratio, clip=1.5)
     state = pred.new_state()
-    state.ratio = torch.tensor([2.0, 2.0, 2.0, float("inf"), float("nan")], dtype=torch.float64)
-    state.ratio_prev = torch.tensor([1.5, 0.1, float("inf"), 1.0, 1.0], dtype=torch.float64)
+    # ... and a falling trend that the lower bound cuts
+    state.ratio = torch.tensor([2.0, 2.0, 2.0, float("inf"), float("nan"), 2.0], dtype=torch.float64)
+    state.ratio_prev = torch.tensor([1.5, 0.1, float("inf"), 1.0, 1.0, 3.9], dtype=torch.float64)
     state.ratio_gaps = (torch.tensor(4.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
     state.ratio_line = pred._fold(state)
     for k in (1, 3, 7):
@@ -212,23 +213,26 @@ def test_folded_ratio_forecast_equals_the_formula_including_its_fallbacks(ratio)
         formula = pred.forecast_ratio(state, row)  # the unfolded path, as under a split sequence
         state.ratio_line = line
         torch.testing.assert_close(folded, formula, rtol=1e-12, atol=0, equal_nan=True)
-    if ratio == "trend":  # by hand at k = 3: 2 + 0.5 (4 + 3) / 6 = 2.5833..; 2 + 1.9 * 7 / 6 clipped to 3; 2
+    if ratio == "trend":  # by hand at k = 3: 2 + 0.5 (4 + 3) / 6 = 2.5833..; 2 + 1.9 * 7 / 6 clipped to 3; 2;
+        # 2 - 1.9 * 7 / 6 = -0.2167 clipped to 2 / 1.5
         got = pred.forecast_ratio(state, torch.tensor(step_row(3), dtype=torch.float64))
-        assert got[:3].tolist() == pytest.approx([2 + 0.5 * 7 / 6, 3.0, 2.0])
+        assert got[[0, 1, 2, 5]].tolist() == pytest.approx([2 + 0.5 * 7 / 6, 3.0, 2.0, 2 / 1.5])
+        # gaps of zero length (no trend can be measured): s(a)
+        state.ratio_gaps = (torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+        state.ratio_line = pred._fold(state)
+        got = pred.forecast_ratio(state, torch.tensor(step_row(3), dtype=torch.float64))
+        assert got[[0, 1, 2, 5]].tolist() == [2.0, 2.0, 2.0, 2.0]
 
 
 def _operators(fn) -> int:
     """Operators ``fn`` dispatches, views excluded (a kernel launch each on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    views = ("view", "_reshape_alias", "expand", "unsqueeze", "squeeze", "as_strided", "t", "detach", "alias")
-
     class Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func._schema.name.endswith(views):
-                Count.n += 1
+            Count.n += not func.is_view
             return func(*args, **(kwargs or {}))
 
     with torch.no_grad(), Count():

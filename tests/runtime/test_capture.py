@@ -28,7 +28,7 @@ from torch._inductor.cudagraph_utils import (
 from torch.utils._ordered_set import OrderedSet
 
 import relcache
-from relcache import FORA, RFC, CacheConfig, FasterCache, Interval, Relational, TaylorSeer
+from relcache import FORA, RFC, CacheConfig, FasterCache, Interval, Relational, RFCPlus, TaylorSeer
 from relcache.api import _session
 from relcache.methods.storage import Held
 
@@ -37,6 +37,8 @@ CONFIGS = {
     "FORA": FORA(3),
     "TaylorSeer": TaylorSeer(3),
     "RFC": RFC(threshold=0.3),
+    # RFC+: Newton gaps (a list of 0-d tensors), the previous ratio, the gaps it was measured over, the folded line
+    "RFC+": RFCPlus(threshold=0.3),
     "FasterCache": dataclasses.replace(FasterCache(warmup=2, interval=3), cfg_cache=None),
     "RFE, float8 and int4 storage": CacheConfig(Relational(2), Interval(3, 2), cache_dtype=relcache.CacheStorage(
         base=torch.float8_e4m3fn, diffs="int4", input=torch.bfloat16)),
@@ -67,6 +69,13 @@ def _addresses(model: torch.nn.Module) -> dict[tuple, int]:
                 add((name, slot, j, "gap"), st.out.gap)
                 add((name, slot, j, "inp"), st.inp)
                 add((name, slot, j, "ratio"), st.ratio)
+                for k, g in enumerate(getattr(st.out, "gaps", ())):
+                    add((name, slot, j, "gaps", k), g)
+                add((name, slot, j, "ratio_prev"), getattr(st, "ratio_prev", None))
+                for k, t in enumerate(getattr(st, "ratio_gaps", None) or ()):
+                    add((name, slot, j, "ratio_gaps", k), t)
+                for k, t in enumerate(getattr(st, "ratio_line", None) or ()):
+                    add((name, slot, j, "ratio_line", k), t)
         for group, rows in ctx.caches.rows.items():
             add((name, "rows", group), rows)
     return got
@@ -151,11 +160,12 @@ def _cudagraph_backend(reports: list[dict]):
     return aot_autograd(fw_compiler=compiler, keep_inference_input_mutations=True)
 
 
-def test_compiled_steps_meet_what_cuda_graph_capture_checks():
-    """RFC (RCS decides on the host before the graph; RFE keeps an input and a ratio), compiled over two
-    generations: the graphs of the first are all there is."""
+@pytest.mark.parametrize("name", ["RFC", "RFC+"])
+def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
+    """RFC (RCS decides on the host before the graph; RFE keeps an input and a ratio) and RFC+ (also Newton gaps, the
+    previous ratio and the folded line), compiled over two generations: the graphs of the first are all there is."""
     model = tiny_dit()
-    relcache.enable(model, CONFIGS["RFC"])
+    relcache.enable(model, CONFIGS[name])
     try:
         eager = _generations(model, False, n=1)[0]
     finally:
@@ -164,7 +174,7 @@ def test_compiled_steps_meet_what_cuda_graph_capture_checks():
     counters.clear()
     reports: list[dict] = []
     compiled = torch.compile(model, backend=_cudagraph_backend(reports))
-    relcache.enable(compiled, CONFIGS["RFC"])
+    relcache.enable(compiled, CONFIGS[name])
     try:  # the runtime holds the caches of contexts whose calls run compiled in place by itself (static None)
         first, seen = _generations(compiled, None, n=1)
         graphs = len(reports)

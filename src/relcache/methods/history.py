@@ -193,6 +193,12 @@ class DiffHistory:
         with ``c_j = k/(j+1) = row[j]``, ``j = 1 .. m-1``."""
         return [row[j] for j in range(1, len(self.diffs) - 1)]
 
+    def hold_extra(self, static: StaticCaches, key: object, gap_like: torch.Tensor, reserve: bool) -> None:
+        """Move what a subclass holds besides its differences and latest gap into ``static``'s buffers under ``key``
+        (``StaticCaches.hold_history``; ``reserve``: outside compiled code, allocate them for every order now). The
+        spec's form holds nothing else."""
+        return None
+
     def gram(self, like: torch.dtype) -> torch.Tensor | None:
         """Per sample, the inner products ``<D_i, D_j>`` of ``D_1 .. D_m`` (``(batch, m, m)``, in ``sample_norm``'s
         precision), or None while only ``D_0`` exists: with it ``direction_norm`` gives ``‖u‖`` at any step without
@@ -312,7 +318,10 @@ class StaticCaches:
             for j in range(1, hist.max_order + 1):
                 self.reserve((key, j), zero if st is None else store(zero, st.diffs, st.scale))
             self.reserve((key, "gap"), gap_like.new_zeros(()))
+            hist.hold_extra(self, key, gap_like, reserve=True)
             self._reserved[key] = made_for
+        else:
+            hist.hold_extra(self, key, gap_like, reserve=False)
         hist.diffs = [self.hold((key, j), d) for j, d in enumerate(hist.diffs)]
         if hist.gap is not None:
             hist.gap = self.put((key, "gap"), hist.gap)

@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from .history import DiffHistory, Reducer, per_sample, sample_norm
+from .history import DiffHistory, Reducer, StaticCaches, per_sample, row_dtype, sample_norm
 from .predictors import Predictor, PredictorState, Relational, Taylor
 from .schedules import InputError, InputErrorState
 from .storage import CacheStorage, store
@@ -77,6 +77,18 @@ class NewtonHistory(DiffHistory):
         return [k + sum(self.gaps[1:j], self.gaps[0]) for j in range(1, len(self.diffs) - 1)]
 
 
+    def hold_extra(self, static: StaticCaches, key: object, gap_like: torch.Tensor, reserve: bool) -> None:
+        """The gaps into their own buffers: the newest is the step rows' view, which the next step overwrites in place.
+        Each record shifts the list by one (buffer ``j + 1`` takes buffer ``j``'s value), so the oldest goes first."""
+        if reserve:
+            for j in range(self.max_order):
+                static.reserve((key, "gaps", j), gap_like.new_zeros(()))
+        held: list[torch.Tensor] = list(self.gaps)
+        for j in reversed(range(len(held))):
+            held[j] = static.put((key, "gaps", j), held[j])
+        self.gaps = held
+
+
 def _newton_state(order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None) -> PredictorState:
     state = PlusState(order, dtype, reducer)
     state.out = NewtonHistory(order, dtype)
@@ -95,6 +107,24 @@ class PlusState(PredictorState):
         # ``ŝ = A + B · k`` clipped to ``[lo, hi]``, folded at the record that set ``s(a)`` (``RelationalPlus``):
         # (A, B or None for a constant, lo, hi), per sample; None where the ratio arrives later (a split sequence)
         self.ratio_line: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+
+    def hold_extra(self, static: StaticCaches, key: object, value: torch.Tensor, gap_like: torch.Tensor) -> None:
+        """``s(b)``, its two gaps and the folded line into their own buffers, before ``hold_state`` puts the ratio and
+        the gap: ``s(b)`` is the ratio's buffer and ``N_b`` the gap's until then. Reserved outside compiled code."""
+        if not torch.compiler.is_compiling():
+            like = value.new_zeros(value.shape[0], dtype=row_dtype(value.dtype))
+            static.reserve((key, "ratio_prev"), like)
+            for j in range(4):
+                static.reserve((key, "ratio_line", j), like)
+            for j in range(2):
+                static.reserve((key, "ratio_gaps", j), gap_like.new_zeros(()))
+        if self.ratio_prev is not None:
+            self.ratio_prev = static.put((key, "ratio_prev"), self.ratio_prev)
+        if self.ratio_gaps is not None:
+            self.ratio_gaps = tuple(static.put((key, "ratio_gaps", j), g) for j, g in enumerate(self.ratio_gaps))
+        if self.ratio_line is not None:
+            self.ratio_line = tuple(None if t is None else static.put((key, "ratio_line", j), t)
+                                    for j, t in enumerate(self.ratio_line))
 
 
 @dataclass(frozen=True)

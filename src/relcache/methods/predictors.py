@@ -22,6 +22,7 @@ from .history import (
     ROW_WEIGHT,
     DiffHistory,
     Reducer,
+    StaticCaches,
     numbers_on,
     per_sample,
     power_sums,
@@ -59,6 +60,12 @@ class PredictorState:
         shared = self.owner is not None and self.owner.inp is self.inp
         return (self.out.nbytes + (0 if shared else held_bytes(self.inp)) + held_bytes(self.ratio)
                 + held_bytes(self.gram))
+
+    def hold_extra(self, static: StaticCaches, key: object, value: torch.Tensor, gap_like: torch.Tensor) -> None:
+        """Move what a subclass keeps besides the output's history, input, ratio and Gram into ``static``'s buffers
+        under ``key``, just after a record of ``value`` (``runtime.context.hold_state`` calls it first, before those
+        are put). The paper's predictors keep nothing else."""
+        return None
 
     def input(self, like: torch.dtype) -> torch.Tensor:
         """The stored input ``I(a)`` in dtype ``like``."""

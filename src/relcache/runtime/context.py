@@ -140,7 +140,9 @@ def hold_state(static: StaticCaches, key: tuple, state: PredictorState, value: t
                ) -> None:
     """Move what a record just put in ``state`` (``value`` recorded, ``gap_like`` a 0-d tensor of the rows' dtype and
     device) into ``static``'s buffers under ``key``: the output's differences and gap, and RFE's input, ratio and Gram.
-    Values are copied unchanged, so forecasts are bit-identical to the state held out of place."""
+    Values are copied unchanged, so forecasts are bit-identical to the state held out of place. What a predictor
+    keeps besides (``PredictorState.hold_extra``) goes first: it may still read buffers the rest then overwrites."""
+    state.hold_extra(static, key, value, gap_like)
     static.hold_history((key, "out"), state.out, value, gap_like)
     if state.inp is None:
         return
