@@ -196,32 +196,37 @@ def test_input_fit_is_exact_for_a_linear_module_whose_input_moves_in_the_span_of
     torch.testing.assert_close(blend.predict(st_b, 6, None, x_now), x_now @ w.T)
 
 
+def _spec_ratio(s, prev, n_a, n_b, k, ratio, clip):
+    """docs/spec.md's forecast ratio as written there: the trend (or mean), ``s(a)`` where it is not finite, clipped."""
+    est = s + (s - prev) * (n_a + k) / (n_a + n_b) if ratio == "trend" else (s + prev) / 2
+    est = torch.where(torch.isfinite(est), est, s)
+    return torch.minimum(torch.maximum(est, s / clip), s * clip)
+
+
 @pytest.mark.parametrize("ratio", ["trend", "mean"])
-def test_folded_ratio_forecast_equals_the_formula_including_its_fallbacks(ratio):
-    # per sample: ordinary, a slope that the clip cuts, s(b) infinite (trend not finite: s(a)), s(a) infinite, NaN
+def test_folded_ratio_forecast_equals_the_spec_formula_including_its_fallbacks(ratio):
+    # per sample: ordinary, a slope that the clip cuts, s(b) infinite (trend not finite: s(a)), s(a) infinite, NaN,
+    # and a falling trend that the lower bound cuts
     pred = RelationalPlus(2, ratio=ratio, clip=1.5)
     state = pred.new_state()
-    # ... and a falling trend that the lower bound cuts
-    state.ratio = torch.tensor([2.0, 2.0, 2.0, float("inf"), float("nan"), 2.0], dtype=torch.float64)
-    state.ratio_prev = torch.tensor([1.5, 0.1, float("inf"), 1.0, 1.0, 3.9], dtype=torch.float64)
-    state.ratio_gaps = (torch.tensor(4.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
-    state.ratio_line = pred._fold(state)
-    for k in (1, 3, 7):
-        row = torch.tensor(step_row(k), dtype=torch.float64)
-        folded = pred.forecast_ratio(state, row)
-        line, state.ratio_line = state.ratio_line, None
-        formula = pred.forecast_ratio(state, row)  # the unfolded path, as under a split sequence
-        state.ratio_line = line
-        torch.testing.assert_close(folded, formula, rtol=1e-12, atol=0, equal_nan=True)
+    s = torch.tensor([2.0, 2.0, 2.0, float("inf"), float("nan"), 2.0], dtype=torch.float64)
+    prev = torch.tensor([1.5, 0.1, float("inf"), 1.0, 1.0, 3.9], dtype=torch.float64)
+    for n_a, n_b in ((4.0, 2.0), (0.0, 0.0)):  # zero gaps: no trend can be measured, s(a)
+        state.ratio, state.ratio_prev = s, prev
+        state.ratio_gaps = (torch.tensor(n_a, dtype=torch.float64), torch.tensor(n_b, dtype=torch.float64))
+        for k in (1, 3, 7):
+            row = torch.tensor(step_row(k), dtype=torch.float64)
+            want = _spec_ratio(s, prev, n_a, n_b, k, ratio, 1.5)
+            state.ratio_line = pred._fold(state)  # folded at the record
+            torch.testing.assert_close(pred.forecast_ratio(state, row), want, rtol=1e-12, atol=0, equal_nan=True)
+            state.ratio_line = None  # the ratio came after the record (a split sequence): folded at the forecast
+            torch.testing.assert_close(pred.forecast_ratio(state, row), want, rtol=1e-12, atol=0, equal_nan=True)
     if ratio == "trend":  # by hand at k = 3: 2 + 0.5 (4 + 3) / 6 = 2.5833..; 2 + 1.9 * 7 / 6 clipped to 3; 2;
         # 2 - 1.9 * 7 / 6 = -0.2167 clipped to 2 / 1.5
-        got = pred.forecast_ratio(state, torch.tensor(step_row(3), dtype=torch.float64))
-        assert got[[0, 1, 2, 5]].tolist() == pytest.approx([2 + 0.5 * 7 / 6, 3.0, 2.0, 2 / 1.5])
-        # gaps of zero length (no trend can be measured): s(a)
-        state.ratio_gaps = (torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+        state.ratio_gaps = (torch.tensor(4.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
         state.ratio_line = pred._fold(state)
         got = pred.forecast_ratio(state, torch.tensor(step_row(3), dtype=torch.float64))
-        assert got[[0, 1, 2, 5]].tolist() == [2.0, 2.0, 2.0, 2.0]
+        assert got[[0, 1, 2, 5]].tolist() == pytest.approx([2 + 0.5 * 7 / 6, 3.0, 2.0, 2 / 1.5])
 
 
 def _operators(fn) -> int:

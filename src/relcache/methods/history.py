@@ -312,16 +312,15 @@ class StaticCaches:
         """Move ``hist``'s differences and gap into ``key``'s buffers, just after ``hist.update(value, ...)``. Outside
         compiled code, buffers for every order up to ``max_order`` and for the gap are reserved at once."""
         made_for = (value.shape, value.dtype, value.device, gap_like.dtype)
-        if not torch.compiler.is_compiling() and self._reserved.get(key) != made_for:
+        reserve = not torch.compiler.is_compiling() and self._reserved.get(key) != made_for
+        if reserve:
             st = hist.storage
             zero = torch.zeros_like(value)
             for j in range(1, hist.max_order + 1):
                 self.reserve((key, j), zero if st is None else store(zero, st.diffs, st.scale))
             self.reserve((key, "gap"), gap_like.new_zeros(()))
-            hist.hold_extra(self, key, gap_like, reserve=True)
             self._reserved[key] = made_for
-        else:
-            hist.hold_extra(self, key, gap_like, reserve=False)
+        hist.hold_extra(self, key, gap_like, reserve)
         hist.diffs = [self.hold((key, j), d) for j, d in enumerate(hist.diffs)]
         if hist.gap is not None:
             hist.gap = self.put((key, "gap"), hist.gap)

@@ -76,7 +76,6 @@ class NewtonHistory(DiffHistory):
         k = row[0]
         return [k + sum(self.gaps[1:j], self.gaps[0]) for j in range(1, len(self.diffs) - 1)]
 
-
     def hold_extra(self, static: StaticCaches, key: object, gap_like: torch.Tensor, reserve: bool) -> None:
         """The gaps into their own buffers: the newest is the step rows' view, which the next step overwrites in place.
         Each record shifts the list by one (buffer ``j + 1`` takes buffer ``j``'s value), so the oldest goes first."""
@@ -198,24 +197,17 @@ class RelationalPlus(Relational):
         return torch.where(ok, start, s), torch.where(ok, slope, 0.0), lo, hi
 
     def forecast_ratio(self, state: PredictorState, row: torch.Tensor) -> torch.Tensor | None:
-        """``ŝ`` per sample for the step whose row is ``row`` (None while ``s(a)`` is unknown)."""
-        s = state.ratio
-        line = getattr(state, "ratio_line", None)
-        if line is not None and s is not None:
-            start, slope, lo, hi = line
-            est = start if slope is None else torch.addcmul(start, slope, row[0].to(start.dtype))
-            return torch.clamp(est, lo, hi)
-        # unfolded: the ratio arrived after the record (a split sequence's deferred collective)
-        prev = getattr(state, "ratio_prev", None)
-        if s is None or prev is None or self.ratio == "latest":
-            return s
-        if self.ratio == "mean":
-            est = 0.5 * (s + prev)
-        else:
-            n_a, n_b = state.ratio_gaps
-            est = s + (s - prev) * ((n_a + row[0]) / (n_a + n_b)).to(s.dtype)
-        est = torch.where(est * 0 == 0, est, s)  # before the clip, which would turn an infinite trend finite
-        return torch.minimum(torch.maximum(est, s / self.clip), s * self.clip)
+        """``ŝ`` per sample for the step whose row is ``row`` (None while ``s(a)`` is unknown): the line ``_fold``
+        took at the full step, or, where the ratio arrived after the record (a split sequence's deferred collective),
+        the same line taken now."""
+        line = state.ratio_line
+        if line is None and state.ratio is not None:
+            line = self._fold(state)
+        if line is None:
+            return state.ratio
+        start, slope, lo, hi = line
+        est = start if slope is None else torch.addcmul(start, slope, row[0].to(start.dtype))
+        return torch.clamp(est, lo, hi)
 
     def ratio_at(self, state: PredictorState, row: torch.Tensor) -> torch.Tensor | None:
         return self.forecast_ratio(state, row)

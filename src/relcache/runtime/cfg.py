@@ -334,7 +334,8 @@ class CFGRunner:
         routing = ctx.cfg
         if not routing.is_cfg_batch or routing.row_group is not None:
             return self.run(ctx, forward, args, kwargs)
-        batch = self.adapter.hidden_of(args, kwargs).shape[0]
+        hidden = self.adapter.hidden_of(args, kwargs)
+        batch = hidden.shape[0]
         cond_rows, uncond_rows = _halves(batch, routing.cond_first)
         if routing.half_batch:
             out = self.run(ctx, forward, *self.forward_args(ctx, args, kwargs))
@@ -344,7 +345,7 @@ class CFGRunner:
         out = self.run(ctx, forward, args, kwargs)
         if self._stores(ctx):  # only a step inside the window can use the delta
             sample = sample_of(out)
-            half_shape = (batch // 2, *self.adapter.hidden_of(args, kwargs).shape[1:])
+            half_shape = (batch // 2, *hidden.shape[1:])
             self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, ctx.step, routing.grid)
         return out
 
