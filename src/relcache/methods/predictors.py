@@ -3,8 +3,10 @@
 Each predictor is a small frozen config acting on a per-module state: ``new_state`` (empty), ``record`` (at a full
 step, with the module's actual input and output and the gap since the previous record) and ``forecast`` (at a cached
 step, with the module's actual input and the step's row of numbers, ``history.step_row``). Steps enter only as data
-(0-d tensors and rows), so the same code runs eagerly and compiled. ``update`` and ``predict`` are the same by step
-number, for analyses and tests. Formulas: ``docs/spec.md``, §Predictors.
+(0-d tensors and rows), so the same code runs eagerly and compiled; an eager caller may also pass the row's ``k`` as a
+host number, which lets a forecast launch fewer kernels (never under compile, where it would be a constant).
+``update`` and ``predict`` are the same by step number, for analyses and tests. Formulas: ``docs/spec.md``,
+§Predictors.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -103,6 +105,16 @@ class PredictorState:
                 t.prefetch()
 
 
+class Forecast(NamedTuple):
+    """One output to forecast (``Predictor.forecast_many``): its state, the module's input, the step's row on the
+    device and, for an eager call, the row's ``k`` on the host (None: read it from the row)."""
+
+    state: PredictorState
+    inp: torch.Tensor
+    row: torch.Tensor
+    k: float | None = None
+
+
 class Predictor(ABC):
     """What a cached step returns for a module, from what its full steps recorded."""
 
@@ -143,12 +155,14 @@ class Predictor(ABC):
         state.out.update(out, gap)
 
     @abstractmethod
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """The output at a cached step given the module's actual input ``inp`` and the step's ``row``."""
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
+                 ) -> torch.Tensor:
+        """The output at a cached step given the module's actual input ``inp`` and the step's ``row``; ``k``, the
+        row's first number on the host where the caller has it eagerly (the same result, maybe fewer kernels)."""
 
-    def forecast_many(self, items: Sequence[tuple[PredictorState, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """``forecast`` of each ``(state, input, row)``: every output of one module call, in order."""
-        return [self.forecast(state, inp, row) for state, inp, row in items]
+    def forecast_many(self, items: Sequence[Forecast]) -> list[torch.Tensor]:
+        """``forecast`` of each item: every output of one module call, in order."""
+        return [self.forecast(*item) for item in items]
 
     def update(self, state: PredictorState, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
         """``record`` by step number: the output (and input) of full step ``step``."""
@@ -158,8 +172,8 @@ class Predictor(ABC):
 
     def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
         """``forecast`` by step number: the output at cached step ``step`` of ``num_steps``."""
-        row = numbers_on(self.row(step - state.step, step, num_steps), inp.device, row_dtype(inp.dtype))
-        return self.forecast(state, inp, row)
+        host = self.row(step - state.step, step, num_steps)
+        return self.forecast(state, inp, numbers_on(host, inp.device, row_dtype(inp.dtype)), host[0])
 
 
 def _check_order(order: int) -> int:
@@ -170,7 +184,8 @@ def _check_order(order: int) -> int:
 class Reuse(Predictor):
     """FORA: ``Ô(i) = O(a)``, the output of the latest full step."""
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
+                 ) -> torch.Tensor:
         return state.out.base(inp.dtype)
 
 
@@ -183,7 +198,8 @@ class Taylor(Predictor):
     def __post_init__(self) -> None:
         _check_order(self.order)
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
+                 ) -> torch.Tensor:
         return state.out.taylor(row, inp.dtype)
 
 
@@ -234,9 +250,10 @@ class Relational(Predictor):
         state.out.update(out, gap)
         state.store_input(inp)
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
+                 ) -> torch.Tensor:
         if state.reducer is not None:
-            return self.forecast_many([(state, inp, row)])[0]
+            return self.forecast_many([Forecast(state, inp, row, k)])[0]
         hist = state.out
         if (state.ratio is not None and state.inp is not None and len(hist.diffs) > 2
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
@@ -247,20 +264,20 @@ class Relational(Predictor):
             base = hist.base(inp.dtype)
             fits = change.shape == base.shape and change.dtype == base.dtype
             u = hist.direction(row, inp.dtype, out=change if fits else None)
-            return self._finish(state, inp, row, u, None, moved, base)
-        return self._finish(state, inp, row, hist.direction(row, inp.dtype), None)
+            return self._finish(state, inp, row, u, None, moved, base, k)
+        return self._finish(state, inp, row, hist.direction(row, inp.dtype), None, k=k)
 
-    def forecast_many(self, items: Sequence[tuple[PredictorState, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    def forecast_many(self, items: Sequence[Forecast]) -> list[torch.Tensor]:
         """With a reducer (split sequence), the norms of every item, i.e. of one module call's outputs and row
         groups, go into one collective; without one, ``forecast`` of each."""
         reducer = items[0][0].reducer if items else None
         if reducer is None:
             return super().forecast_many(items)
-        us = [st.out.direction(row, inp.dtype) for st, inp, row in items]
+        us = [it.state.out.direction(it.row, it.inp.dtype) for it in items]
         # the input change and the direction of every item that has both (the others need no norm)
-        used = [j for j, (st, _, _) in enumerate(items) if us[j] is not None and st.inp is not None]
-        parts = [torch.stack([power_sums(inp - st.input(inp.dtype)), power_sums(us[j])])
-                 for j, (st, inp, _) in ((j, items[j]) for j in used)]
+        used = [j for j, it in enumerate(items) if us[j] is not None and it.state.inp is not None]
+        parts = [torch.stack([power_sums(it.inp - it.state.input(it.inp.dtype)), power_sums(us[j])])
+                 for j, it in ((j, items[j]) for j in used)]
         norms: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
         if parts:  # one collective; it also settles ratios deferred from the latest full step
             dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
@@ -268,7 +285,7 @@ class Relational(Predictor):
             for j, p, got in zip(used, parts, sums.split([p.numel() for p in parts]), strict=True):
                 moved, size = roots(got.reshape(p.shape).to(p.dtype)).unbind(0)
                 norms[j] = (moved, size)
-        return [self._finish(st, inp, row, u, n) for (st, inp, row), u, n in zip(items, us, norms, strict=True)]
+        return [self._finish(it.state, it.inp, it.row, u, n, k=it.k) for it, u, n in zip(items, us, norms, strict=True)]
 
     def ratio_at(self, state: PredictorState, row: torch.Tensor) -> torch.Tensor | None:
         """The ratio ``s`` a forecast with ``row`` uses: the latest full step's (a subclass may forecast it)."""
@@ -276,10 +293,11 @@ class Relational(Predictor):
 
     def _finish(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, u: torch.Tensor | None,
                 norms: tuple[torch.Tensor, torch.Tensor] | None, moved: torch.Tensor | None = None,
-                base: torch.Tensor | None = None) -> torch.Tensor:
+                base: torch.Tensor | None = None, k: float | None = None) -> torch.Tensor:
         """The forecast from the direction ``u`` (the increment is ``d = k · u``, so ``d / ‖d‖ = u / ‖u‖``) and, on a
         split sequence, the whole sequence's norms of the input change and of ``u``; ``moved``, the input change's
-        norm and ``base`` (``O(a)``) where the caller read them already (an offloaded cache is copied back once)."""
+        norm and ``base`` (``O(a)``) where the caller read them already (an offloaded cache is copied back once);
+        ``k``, the row's ``k`` on the host (eager callers)."""
         hist = state.out
         base = hist.base(inp.dtype) if base is None else base
         s = self.ratio_at(state, row)
@@ -294,8 +312,13 @@ class Relational(Predictor):
             fits = gram is not None and gram.shape[-1] == hist.order and gram.shape[0] == u.shape[0]
             coef = s * moved / (hist.direction_norm(gram, row) if fits else sample_norm(u))
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
-        # ``coef * 0 == 0`` is ``isfinite`` in two kernels where ``isfinite`` takes four (abs, ne, eq, mul).
-        coef = torch.where(coef * 0 == 0, coef, row[0])
+        # With k on the host, one kernel (``coef`` is never negative: -inf cannot occur, but is mapped too). Without
+        # it (compiled code, where inductor fuses it anyway), ``coef * 0 == 0`` is ``isfinite`` in two kernels where
+        # ``isfinite`` takes four (abs, ne, eq, mul), and a ``where``.
+        if k is None:
+            coef = torch.where(coef * 0 == 0, coef, row[0])
+        else:
+            coef = torch.nan_to_num(coef, nan=k, posinf=k, neginf=k)
         # One fused pass, written over the fresh direction: a second large allocation here made a cached step
         # several times slower on CPU, where freshly allocated large buffers page-fault.
         # Out of place where autograd records the product (it saves u; out= refuses arguments that need grad,
@@ -347,7 +370,8 @@ class Linear(Predictor):
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
         return step_row(k, self.weight_at(step, num_steps))
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
+                 ) -> torch.Tensor:
         hist = state.out
         base = hist.base(inp.dtype)
         if hist.order < 1:

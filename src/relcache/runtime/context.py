@@ -38,6 +38,8 @@ class ModuleCaches:
     errors: dict[int, dict[int, float]] = field(default_factory=dict)  # record_errors: step -> rel. L1 per module
     last_record: dict[tuple[int, str], int] = field(default_factory=dict)  # (module, group) -> its latest record step
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # this step's rows per group: (modules, row length)
+    # each module's k at this step per group, on the host: eager forecasts read it (fewer kernels), compiled never
+    host_k: dict[str, list[float]] = field(default_factory=dict)
     # at a full step, the slots that have not recorded yet and their record step before it (None: none): a call that
     # raises puts these back, so that each slot's record step stays the step its state was recorded at
     unrecorded: dict[tuple[int, str], int | None] = field(default_factory=dict)

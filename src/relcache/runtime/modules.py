@@ -14,6 +14,7 @@ import torch
 
 from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
+from ..methods.predictors import Forecast
 from .accounting import Shapes
 from .context import Context, RowGroup, hold_state
 from .steps import take_rows
@@ -34,13 +35,15 @@ def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> t
 
 def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
     """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
-    items = []  # (state, input, row) of every output of every group, in call order
+    items = []  # every output of every group, in call order
+    eager = not torch.compiler.is_compiling()  # compiled code must not read k as a Python number (a constant)
     for group in groups:
         for st in ctx.caches.states.get((idx + 1, group.name), ()):  # offloaded caches: the next module's start
             st.prefetch()  # copying back now (``CacheStorage(offload=True)``); nothing otherwise
         states = ctx.caches.states[(idx, group.name)]
         row = ctx.caches.rows[group.name][idx].to(group.inputs[0].device)  # a model split over devices
-        items += [(st, _input_for_output(group.inputs, j, len(states)), row) for j, st in enumerate(states)]
+        k = ctx.caches.host_k[group.name][idx] if eager else None
+        items += [Forecast(st, _input_for_output(group.inputs, j, len(states)), row, k) for j, st in enumerate(states)]
     outs = config.predictor.forecast_many(items)  # under context parallelism: one collective for all of them
     n = len(outs) // len(groups)
     per_group = [outs[g * n:(g + 1) * n] for g in range(len(groups))]

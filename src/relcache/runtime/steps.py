@@ -93,7 +93,7 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
     """One tensor per row group: row ``i`` is ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest
     record in that group (its gap ``N`` when it records at this step)."""
     step, last, by_k = ctx.step, ctx.caches.last_record, {}
-    ctx.caches.rows = {}
+    ctx.caches.rows, ctx.caches.host_k = {}, {}
     for name in names:
         table = []
         for i in range(n_modules):
@@ -101,6 +101,7 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
             if k not in by_k:
                 by_k[k] = config.predictor.row(k, step, num_steps)
             table.append(by_k[k])
+        ctx.caches.host_k[name] = [r[0] for r in table]
         if ctx.static is None:
             ctx.caches.rows[name] = numbers_on(table, like.device, row_dtype(like.dtype))
         else:  # written into the same tensor at every step: a static input of the step's CUDA graph
