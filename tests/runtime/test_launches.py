@@ -58,6 +58,14 @@ def test_eager_rfe_cached_step_launches_at_most_fora_plus_eight_per_module():
     assert rfe - fora == 8 * modules
 
 
+def test_eager_rcs_check_launches_seven_kernels_per_step():
+    # the probe's direction and forecast, the error in place, its L1 norm and the probe's, the clamp and the division;
+    # the mean over the finite samples is taken on the host from the per-sample errors (one transfer, no kernel)
+    rfe = _cached_step_launches(CacheConfig(Relational(2), Interval(1000, 4)))
+    rfc = _cached_step_launches(relcache.RFC(threshold=1e30, warmup=4))
+    assert rfc - rfe == 7
+
+
 def _state(pred: Relational, outs: list[torch.Tensor], ins: list[torch.Tensor]):
     state = pred.new_state()
     for t, (x, y) in enumerate(zip(ins, outs, strict=True)):

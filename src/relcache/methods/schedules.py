@@ -110,14 +110,11 @@ class Interval(Schedule):
         return [i for i in range(num_steps) if self.decide(None, i, None)]
 
 
-def finite_mean_tensor(errors: torch.Tensor) -> torch.Tensor:
-    """``[mean of the finite entries of the per-sample errors (NaN when none is), how many are not finite]`` as one
-    tensor, read by the host in one transfer. When every entry is finite the mean is ``errors.mean()`` itself (bit
-    for bit)."""
-    finite = errors.isfinite()
-    partial = torch.where(finite, errors, 0).sum() / finite.sum()
-    mean = torch.where(finite.all(), errors.mean(), partial)
-    return torch.stack([mean, (~finite).sum().to(mean.dtype)])
+def finite_mean(errors: list[float]) -> tuple[float, int]:
+    """``(mean of the finite per-sample errors, how many are not finite)``, on the host in double precision (NaN when
+    none is finite): the host reads the per-sample errors in one transfer and the device runs no kernel for this."""
+    finite = [e for e in errors if math.isfinite(e)]
+    return (math.fsum(finite) / len(finite) if finite else math.nan), len(errors) - len(finite)
 
 
 @dataclass
@@ -216,7 +213,7 @@ class InputError(Schedule):
         return step_row(step - state.last_full)
 
     def measure(self, state: InputErrorState, probe: torch.Tensor, row: torch.Tensor) -> torch.Tensor | None:
-        """``[e(i), samples not finite]`` as one tensor (``finite_mean_tensor``, before the host reads it)."""
+        """The per-sample errors ``e(i)`` is the mean of, shape ``(batch,)`` (``finite_mean`` once read on the host)."""
         if not self._has_history_for(state, probe.shape):
             return None
         hist = state.history
@@ -224,7 +221,7 @@ class InputError(Schedule):
         base = hist.base(probe.dtype)
         # Î(i) - I(i) = base + k · u - I(i), the subtraction in place on the fresh forecast (row[0] = k)
         error = probe - base if u is None else torch.addcmul(base, row[0], u).sub_(probe)
-        return finite_mean_tensor(sample_relative_l1(error, probe, state.reducer))
+        return sample_relative_l1(error, probe, state.reducer)
 
     def input_error(self, state: InputErrorState, step: int, probe: torch.Tensor,
                     measured: torch.Tensor | None = None) -> float:
@@ -234,7 +231,7 @@ class InputError(Schedule):
         if measured is None:
             row = numbers_on(self.forecast_row(state, step), probe.device, row_dtype(probe.dtype))
             measured = self.measure(state, probe, row)
-        value, bad = measured.tolist()
+        value, bad = finite_mean(measured.tolist())
         if bad:
             state.nonfinite[step] = int(bad)
         return value
