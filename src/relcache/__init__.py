@@ -27,6 +27,7 @@ from .methods import (
     Linear,
     Relational,
     Reuse,
+    Steps,
     Taylor,
     TaylorSeer,
 )
@@ -42,4 +43,4 @@ __all__ = [
     "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
     "UnsupportedModelError", "begin_generation", "cached", "disable", "enable", "is_enabled", "stats",
 ]
-__all__ += ["RFCPlus"]
+__all__ += ["RFCPlus", "Steps"]

@@ -20,6 +20,7 @@ unconditional half of classifier-free guidance, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from ..errors import ConfigError, as_int, check_int
 from .cfg_cache import PHASES as CFG_PHASES
 from .cfg_cache import CFGCache, check_window
 from .predictors import MAX_ORDER, Linear, Predictor, Relational, Reuse, Taylor, WeightFn
-from .schedules import InputError, Interval, Schedule
+from .schedules import InputError, Interval, Schedule, Steps
 from .storage import CacheStorage, check_format
 
 #: kinds of cached module an adapter can report
@@ -232,16 +233,25 @@ def RFCPlus(  # noqa: N802
     target_nfc: int | None = None,
     warmup: int = 2,
     max_skip: int | None = None,
+    full_steps: Sequence[int] | Steps | None = None,
 ) -> CacheConfig:
     """RFC+ (ours, issue 19; not the paper's): RFC's schedule (RCS, unchanged) with ``RelationalPlus(order)``, RFE whose
     direction is the Newton-form forecast (exact on polynomials for RCS's uneven gaps) and whose ratio ``s`` is
     forecast from its trend (``relcache.methods.plus``; measured in docs/results.md, "RFC+").
 
-    Same arguments and budget rules as ``RFC``: give exactly one of ``threshold`` and ``target_nfc``.
+    Same arguments and budget rules as ``RFC``: give exactly one of ``threshold`` and ``target_nfc``; or, instead of
+    RCS, ``full_steps``: full steps fixed in advance (``Steps``), e.g. calibrated for the model, sampler and budget
+    with ``relcache.evaluation.search_steps`` (``warmup`` and ``max_skip`` do not apply to them).
     """
     from .plus import RelationalPlus
 
     order = check_int("order", order, 1, MAX_ORDER)
+    if full_steps is not None:
+        if threshold is not None or target_nfc is not None or max_skip is not None:
+            raise ConfigError("full_steps fixes the schedule: give neither threshold, target_nfc nor max_skip with it, "
+                              f"got threshold={threshold!r}, target_nfc={target_nfc!r}, max_skip={max_skip!r}")
+        steps = full_steps if isinstance(full_steps, Steps) else Steps(full_steps)
+        return CacheConfig(RelationalPlus(order), steps, name=f"RFC+(steps={list(steps.steps)}, m={order})")
     schedule = InputError(threshold=threshold, target_nfc=target_nfc, order=order, warmup=warmup, max_skip=max_skip)
     budget = f"NFC={schedule.target_nfc}" if target_nfc is not None else f"tau={schedule.threshold:g}"
     return CacheConfig(RelationalPlus(order), schedule, name=f"RFC+({budget}, m={order})")

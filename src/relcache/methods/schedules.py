@@ -110,6 +110,50 @@ class Interval(Schedule):
         return [i for i in range(num_steps) if self.decide(None, i, None)]
 
 
+@dataclass(frozen=True)
+class Steps(Schedule):
+    """Full exactly at ``steps``, every other step cached: a schedule fixed in advance, e.g. one calibrated for a
+    model, sampler and budget by ``relcache.evaluation.search_steps`` (ours, issue 19; docs/results.md).
+
+    ``steps`` must start at 0 (nothing exists to forecast from before the first full step) and increase.
+    ``num_steps``, when given, is the generation length the steps were chosen for: a generation that announces
+    another length raises ``ConfigError`` at its first step instead of caching steps the list never meant.
+    """
+
+    steps: tuple[int, ...] = (0,)
+    num_steps: int | None = None
+    warmup: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            steps = tuple(self.steps)
+        except TypeError:
+            raise ConfigError(f"steps must be a sequence of step indices, got {self.steps!r}") from None
+        steps = tuple(check_int("steps", s, 0) for s in steps)
+        if not steps or steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ConfigError(f"steps must start at 0 and strictly increase, got {list(steps)}")
+        object.__setattr__(self, "steps", steps)
+        if self.num_steps is not None:
+            n = check_int("num_steps", self.num_steps, 1)
+            if steps[-1] >= n:
+                raise ConfigError(f"steps must all be < num_steps ({n}), got {steps[-1]}")
+            object.__setattr__(self, "num_steps", n)
+
+    def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
+        if self.num_steps is not None and num_steps is not None and num_steps != self.num_steps:
+            raise ConfigError(f"these steps were chosen for a {self.num_steps}-step generation, got {num_steps} "
+                              "steps: search them again for this length (relcache.evaluation.search_steps)")
+        return None
+
+    def decide(self, state: object, step: int, probe: torch.Tensor | None,
+               measured: torch.Tensor | None = None) -> bool:
+        return step in self.steps
+
+    def full_steps(self, num_steps: int) -> list[int]:
+        """The full steps of a ``num_steps`` generation (for planning and tests)."""
+        return [s for s in self.steps if s < num_steps]
+
+
 def finite_mean(errors: list[float]) -> tuple[float, int]:
     """``(mean of the finite per-sample errors, how many are not finite)``, on the host in double precision (NaN when
     none is finite): the host reads the per-sample errors in one transfer and the device runs no kernel for this."""

@@ -1,0 +1,161 @@
+"""Issue 19: how much of RFC's error at low budgets is where its full steps fall? Fixed full-step sets against RCS.
+
+Two experiments on a reference model (each batch of 10 samples seeded like ``plus.py``: batch ``b`` with seed ``b``),
+each full-step set run with RFC's predictor (``Relational``) or RFC+'s (``--predictor plus``) and a schedule that
+computes exactly the listed steps:
+
+* ``--warps``: steps 0 and 1, then ``1 + round((end - 1) (j / (K - 2))^gamma)`` for ``j = 1 .. K - 2`` (gamma < 1
+  puts more full steps late, > 1 early; ``end`` is the last full step), on batch 0, against RFC at the same ``K``;
+* ``--search``: a schedule calibrated on some seeds and used on others. RCS's own full steps on a calibration batch
+  (10 samples seeded ``--calibrate-seed``, none of the test seeds) as a start, then ``search_steps``'s coordinate
+  descent (each step after the warm-up moved by up to 3, kept while the calibration batch's rel L1 falls, with the
+  chosen predictor); the steps found (``relcache.Steps``) are then
+  run on the test samples, ``plus.py``'s 30 (batches seeded 0, 1, 2), against RFC on the same samples: rel L1 and
+  FID2FC over all of them, as in docs/results.md.
+
+    python benchmarks/schedule_search.py --warps --budgets 10 8 7
+    python benchmarks/schedule_search.py --search --budgets 14 11 10 8 7 --predictor plus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import relcache
+from relcache import CacheConfig, Relational, Steps
+from relcache.evaluation.digits import digits_fid
+from relcache.evaluation.metrics import relative_l1
+from relcache.evaluation.reference import TRANSFORMER_DIR, load_evaluator, sample_digits
+from relcache.evaluation.steps_search import search_steps
+from relcache.methods.plus import RelationalPlus
+
+STEPS = 50  # the reference sampler's steps
+
+
+def warp(nfc: int, gamma: float, end: int) -> tuple[int, ...]:
+    """Steps 0 and 1, then ``nfc - 2`` steps on ``1 + (end - 1) x^gamma``; collisions filled at the largest gap."""
+    steps = {0, 1} | {1 + round((end - 1) * (j / (nfc - 2)) ** gamma) for j in range(1, nfc - 1)}
+    out = sorted(steps)
+    while len(out) < nfc:
+        _, a, b = max((b - a, a, b) for a, b in zip(out, out[1:], strict=False))
+        out = sorted([*out, (a + b) // 2])
+    return tuple(out)
+
+
+def _generate(model: torch.nn.Module, seed: int, config: CacheConfig | None,
+              ) -> tuple[torch.Tensor, relcache.CacheStats | None]:
+    """One batch of 10 samples (digits 0-9) seeded ``seed``, with ``config`` (None: full computation)."""
+    labels = torch.arange(10) % 10
+    if config is not None:
+        relcache.enable(model, config)
+    try:
+        out = sample_digits(model, labels, generator=torch.Generator().manual_seed(seed))
+        return out, (relcache.stats(model) if config is not None else None)
+    finally:
+        if config is not None:
+            relcache.disable(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(TRANSFORMER_DIR), help="a DiTTransformer2DModel directory")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[10, 8, 7])
+    parser.add_argument("--predictor", choices=["rfe", "plus"], default="rfe")
+    parser.add_argument("--warps", action="store_true", help="fixed warped spacings on batch 0")
+    parser.add_argument("--gammas", nargs="+", type=float, default=[0.55, 0.7, 0.85, 1.0, 1.3, 1.6])
+    parser.add_argument("--ends", nargs="+", type=int, default=[45, 47, 48, 49])
+    parser.add_argument("--search", action="store_true", help="coordinate search from RCS's steps on batch 0")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calibrate-seeds", type=int, nargs="+", default=[100],
+                        help="the calibration batches' seeds (10 samples each)")
+    parser.add_argument("--radius", type=int, default=3, help="the search's largest move of one step")
+    parser.add_argument("--test", type=int, default=3, help="test batches after the search (seeds 0 .. TEST-1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON of every run")
+    args = parser.parse_args()
+    for nfc in args.budgets:
+        if not 3 <= nfc <= STEPS:
+            parser.error(f"--budgets: each must be an integer in 3..{STEPS}, got {nfc}")
+    if not (args.warps or args.search):
+        parser.error("give --warps, --search or both")
+    if args.test < 1 or any(s in range(args.test) for s in args.calibrate_seeds):
+        parser.error(f"--test must be >= 1 and --calibrate-seeds outside 0..TEST-1, got {args.test}, "
+                     f"{args.calibrate_seeds}")
+    torch.set_num_threads(args.threads)
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True,
+                                                  low_cpu_mem_usage=False).eval()
+    evaluator = load_evaluator()
+    cals, tests = args.calibrate_seeds, list(range(args.test)) if args.search else []
+    full = {b: _generate(model, b, None)[0] for b in [*cals, *tests]}
+    make = (lambda: Relational(2)) if args.predictor == "rfe" else (lambda: RelationalPlus(2))
+    runs, t0 = [], time.time()
+
+    def run(kind: str, nfc: int, seed: int, config: CacheConfig, steps: tuple[int, ...] | None = None,
+            ) -> tuple[float, torch.Tensor]:
+        out, stats = _generate(model, seed, config)
+        err = relative_l1(out, full[seed])
+        runs.append({"kind": kind, "nfc": nfc, "seed": seed, "steps": list(steps or stats.full_steps),
+                     "realised_nfc": stats.nfc, "rel_l1": err})
+        return err, out
+
+    def fixed(nfc: int, steps: tuple[int, ...], seed: int, kind: str = "fixed") -> tuple[float, torch.Tensor]:
+        return run(kind, nfc, seed, CacheConfig(make(), Steps(steps)), steps)
+
+    def calibration_error(nfc: int, steps: tuple[int, ...], kind: str) -> float:
+        """rel L1 over every calibration sample (each batch's is the mean over its samples)."""
+        return sum(fixed(nfc, steps, seed, kind)[0] for seed in cals) / len(cals)
+
+    def over_tests(outs: list[torch.Tensor]) -> tuple[float, float]:
+        """rel L1 and FID2FC over every test sample (``plus.py``'s measure)."""
+        got, ref = torch.cat(outs), torch.cat([full[b] for b in tests])
+        return relative_l1(got, ref), digits_fid(evaluator, got, ref)
+
+    summary = []
+    for nfc in args.budgets:
+        rfc_cal = sum(run("RFC", nfc, seed, relcache.RFC(target_nfc=nfc))[0] for seed in cals) / len(cals)
+        start = tuple(runs[-len(cals)]["steps"])  # RCS's steps on the first calibration batch
+        print(f"NFC {nfc}: RFC on the calibration batch, rel L1 {rfc_cal:.4f}, full steps {list(start)}", flush=True)
+        if args.warps:
+            for gamma in args.gammas:
+                for end in args.ends:
+                    steps = warp(nfc, gamma, end)
+                    e = calibration_error(nfc, steps, "warp")
+                    print(f"  gamma {gamma} end {end}: {e:.4f} ({e / rfc_cal:.2f}x RFC) {list(steps)}", flush=True)
+        if args.search:
+            found_steps, best_err, evaluated = search_steps(
+                lambda st, n=nfc: calibration_error(n, st.steps, "search"), start, STEPS, radius=args.radius,
+                rounds=args.rounds, progress=False)
+            best = list(found_steps.steps)
+            print(f"  searched ({evaluated} sets on the calibration samples): {best_err:.4f} "
+                  f"({best_err / rfc_cal:.2f}x) {best}  ({time.time() - t0:.0f} s)", flush=True)
+            rfc_outs = [run("RFC, test", nfc, b, relcache.RFC(target_nfc=nfc))[1] for b in tests]
+            rfc_steps = [r["steps"] for r in runs[-len(tests):]]
+            found = [fixed(nfc, tuple(best), b, "searched, test")[1] for b in tests]
+            (e_rfc, f_rfc), (e_found, f_found) = over_tests(rfc_outs), over_tests(found)
+            summary.append({"nfc": nfc, "steps": best, "rfc_steps": rfc_steps, "rfc": [e_rfc, f_rfc],
+                            "searched": [e_found, f_found]})
+            print(f"  test samples: RFC {e_rfc:.4f} / {f_rfc:.3f} (steps {rfc_steps}); searched steps "
+                  f"{e_found:.4f} / {f_found:.3f} ({e_found / e_rfc:.2f}x)", flush=True)
+    if summary:
+        print(f"\n| NFC | RFC rel L1 / FID2FC | searched steps, {args.predictor} | x RFC | steps |")
+        print("|---|---|---|---|---|")
+        for r in summary:
+            print(f"| {r['nfc']} | {r['rfc'][0]:.4f} / {r['rfc'][1]:.3f} | {r['searched'][0]:.4f} / "
+                  f"{r['searched'][1]:.3f} | {r['searched'][0] / r['rfc'][0]:.2f} | {r['steps']} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model,
+            "predictor": args.predictor, "calibrate_seeds": cals, "radius": args.radius, "summary": summary,
+            "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
