@@ -1,17 +1,17 @@
 """Issue 19: how much of RFC's error at low budgets is where its full steps fall? Fixed full-step sets against RCS.
 
-Two experiments on a reference model (each batch of 10 samples seeded like ``plus.py``: batch ``b`` with seed ``b``),
-each full-step set run with RFC's predictor (``Relational``) or RFC+'s (``--predictor plus``) and a schedule that
-computes exactly the listed steps:
+Two experiments on a reference model, in batches of 10 samples (digits 0-9; batch ``b`` seeded ``b``, as in
+``plus.py``), each full-step set run with RFC's predictor (``Relational``) or RFC+'s (``--predictor plus``) and
+``relcache.Steps``, which computes exactly the listed steps:
 
 * ``--warps``: steps 0 and 1, then ``1 + round((end - 1) (j / (K - 2))^gamma)`` for ``j = 1 .. K - 2`` (gamma < 1
-  puts more full steps late, > 1 early; ``end`` is the last full step), on batch 0, against RFC at the same ``K``;
-* ``--search``: a schedule calibrated on some seeds and used on others. RCS's own full steps on a calibration batch
-  (10 samples seeded ``--calibrate-seed``, none of the test seeds) as a start, then ``search_steps``'s coordinate
-  descent (each step after the warm-up moved by up to 3, kept while the calibration batch's rel L1 falls, with the
-  chosen predictor); the steps found (``relcache.Steps``) are then
-  run on the test samples, ``plus.py``'s 30 (batches seeded 0, 1, 2), against RFC on the same samples: rel L1 and
-  FID2FC over all of them, as in docs/results.md.
+  puts more full steps late, > 1 early; ``end`` is the last full step), on the calibration batches
+  (``--calibrate-seeds``), against RFC at the same ``K`` on them;
+* ``--search``: a schedule calibrated on some seeds and used on others. RCS's own full steps on the calibration
+  batches (seeded ``--calibrate-seeds``, none of them a test seed) as a start, then ``search_steps``'s coordinate
+  descent (each step after the warm-up moved by up to ``--radius``, kept while the calibration samples' rel L1
+  falls, with the chosen predictor); the steps found are then run on the test samples, ``plus.py``'s 30 (batches
+  seeded 0, 1, 2), against RFC on the same samples: rel L1 and FID2FC over all of them, as in docs/results.md.
 
     python benchmarks/schedule_search.py --warps --budgets 10 8 7
     python benchmarks/schedule_search.py --search --budgets 14 11 10 8 7 --predictor plus
@@ -66,10 +66,11 @@ def main() -> None:
     parser.add_argument("--model", default=str(TRANSFORMER_DIR), help="a DiTTransformer2DModel directory")
     parser.add_argument("--budgets", nargs="+", type=int, default=[10, 8, 7])
     parser.add_argument("--predictor", choices=["rfe", "plus"], default="rfe")
-    parser.add_argument("--warps", action="store_true", help="fixed warped spacings on batch 0")
+    parser.add_argument("--warps", action="store_true", help="fixed warped spacings on the calibration batches")
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.55, 0.7, 0.85, 1.0, 1.3, 1.6])
     parser.add_argument("--ends", nargs="+", type=int, default=[45, 47, 48, 49])
-    parser.add_argument("--search", action="store_true", help="coordinate search from RCS's steps on batch 0")
+    parser.add_argument("--search", action="store_true",
+                        help="coordinate search from RCS's steps on the calibration batches")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calibrate-seeds", type=int, nargs="+", default=[100],
                         help="the calibration batches' seeds (10 samples each)")

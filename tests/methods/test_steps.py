@@ -32,6 +32,22 @@ def test_steps_num_steps_is_checked_against_the_generation():
         sched.new_state(12)
 
 
+def test_steps_every_step_full_only_when_every_step_is_listed():
+    assert Steps((0, 1, 2), num_steps=3).every_step_full
+    assert not Steps((0, 1, 2)).every_step_full and not Steps((0, 2), num_steps=3).every_step_full
+
+
+def test_a_generation_of_another_length_is_refused_at_its_first_step():
+    model = tiny_dit()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    relcache.enable(model, relcache.RFCPlus(full_steps=Steps((0, 1, 4), num_steps=8)))
+    try:
+        with pytest.raises(ConfigError, match="8-step generation, got 10"):
+            run_loop(model, x, torch.tensor([1, 2]), steps=10)
+    finally:
+        relcache.disable(model)
+
+
 def test_a_generation_with_steps_computes_exactly_those_steps():
     model = tiny_dit()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -50,7 +66,7 @@ def test_rfcplus_full_steps_preset():
     assert cfg.schedule == Steps((0, 1, 5))
     given = Steps((0, 2), num_steps=4)
     assert relcache.RFCPlus(full_steps=given).schedule is given
-    for extra in ({"target_nfc": 3}, {"threshold": 0.1}, {"max_skip": 2}):
+    for extra in ({"target_nfc": 3}, {"threshold": 0.1}, {"max_skip": 2}, {"warmup": 3}):
         with pytest.raises(ConfigError, match="full_steps fixes the schedule"):
             relcache.RFCPlus(full_steps=[0, 1], **extra)
 

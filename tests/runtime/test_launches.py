@@ -47,7 +47,7 @@ def _cached_step_launches(config: CacheConfig) -> int:
     return count.n
 
 
-def test_eager_rfe_cached_step_launches_at_most_fora_plus_eight_per_module():
+def test_eager_rfe_cached_step_launches_fora_plus_eight_per_module():
     # order 2: the input change, its norm, the direction, its norm, s * moved, / |u|, the fallback (one
     # nan_to_num with the step's k on the host) and the forecast; Taylor's 2 are the direction and the forecast
     fora = _cached_step_launches(CacheConfig(Reuse(), Interval(1000, 4)))
@@ -105,13 +105,47 @@ def test_host_k_gives_the_same_forecast_with_two_operators_fewer(case):
         torch.testing.assert_close(host_out[0], taylor[0])
 
 
-def test_forecast_many_takes_each_items_k():
+class _Identity:
+    """A reducer over one process: sums are the partial sums (the split-sequence code path, nothing split)."""
+
+    def sum(self, partials):
+        return partials
+
+    def later(self, partials, done):
+        done(partials)
+
+
+@pytest.mark.parametrize("reducer", [None, _Identity()], ids=["local", "split sequence"])
+def test_forecast_many_gives_each_item_its_own_k(reducer):
+    # sample 0's input did not move between the two latest full steps: s = inf there, so its forecast is the Taylor
+    # fallback O(a) + k u with the item's own k (2 and 5 here); a k routed to the wrong item would show
     g = torch.Generator().manual_seed(2)
     ins = [torch.randn(2, 3, generator=g) for _ in range(3)]
     outs = [torch.randn(2, 3, generator=g) for _ in range(3)]
+    ins[2][0] = ins[1][0]
     pred = Relational(1)
-    state = _state(pred, outs, ins)
-    row = torch.tensor([2.0, 1.0, 2 / 3, 0.5, 0.0])
+    state = pred.new_state(reducer=reducer)
+    for t, (x, y) in enumerate(zip(ins, outs, strict=True)):
+        pred.update(state, 2 * t, x, y)
     new = ins[-1] + 0.5
-    a, b = pred.forecast_many([Forecast(state, new, row), Forecast(state, new, row, 2.0)])
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    rows = {k: torch.tensor([k, k / 2, k / 3, k / 4, 0.0]) for k in (2.0, 5.0)}
+    device = pred.forecast_many([(state, new, rows[2.0]), (state, new, rows[5.0])])  # plain tuples: k from the rows
+    host = pred.forecast_many([Forecast(state, new, rows[2.0], 2.0), Forecast(state, new, rows[5.0], 5.0)])
+    d1 = state.out.get(1, torch.float32)
+    for k, a, b in zip((2.0, 5.0), device, host, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(b[0], outs[-1][0] + k * d1[0])
+
+
+def test_a_predictor_written_without_k_still_works():
+    class Old(Reuse):  # forecast(state, inp, row), as before k existed
+        def forecast(self, state, inp, row):
+            return super().forecast(state, inp, row) + 1
+
+    pred = Old()
+    state = pred.new_state()
+    x = torch.ones(2, 3)
+    pred.update(state, 0, x, x)
+    row = torch.tensor([1.0, 0.5, 1 / 3, 0.25, 0.0])
+    assert torch.equal(pred.predict(state, 1, 10, x), x + 1)
+    assert torch.equal(pred.forecast_many([Forecast(state, x, row, 1.0)])[0], x + 1)

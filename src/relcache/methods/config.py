@@ -69,7 +69,8 @@ class CacheConfig:
             )
         if not isinstance(self.schedule, Schedule):
             raise ConfigError(
-                f"schedule must be relcache.Interval(...) or relcache.InputError(...); got {self.schedule!r}"
+                "schedule must be relcache.Interval(...), relcache.InputError(...) or relcache.Steps(...); "
+                f"got {self.schedule!r}"
             )
         if self.modules is not None:
             # a tuple or list of kinds, stored as a tuple in MODULE_KINDS order (hashable; equal configs compare equal)
@@ -241,15 +242,16 @@ def RFCPlus(  # noqa: N802
 
     Same arguments and budget rules as ``RFC``: give exactly one of ``threshold`` and ``target_nfc``; or, instead of
     RCS, ``full_steps``: full steps fixed in advance (``Steps``), e.g. calibrated for the model, sampler and budget
-    with ``relcache.evaluation.search_steps`` (``warmup`` and ``max_skip`` do not apply to them).
+    with ``relcache.evaluation.steps_search.search_steps`` (``warmup`` and ``max_skip`` do not apply to them).
     """
     from .plus import RelationalPlus
 
     order = check_int("order", order, 1, MAX_ORDER)
     if full_steps is not None:
-        if threshold is not None or target_nfc is not None or max_skip is not None:
-            raise ConfigError("full_steps fixes the schedule: give neither threshold, target_nfc nor max_skip with it, "
-                              f"got threshold={threshold!r}, target_nfc={target_nfc!r}, max_skip={max_skip!r}")
+        if threshold is not None or target_nfc is not None or max_skip is not None or warmup != 2:
+            raise ConfigError("full_steps fixes the schedule: give neither threshold, target_nfc, max_skip nor warmup "
+                              f"with it, got threshold={threshold!r}, target_nfc={target_nfc!r}, "
+                              f"max_skip={max_skip!r}, warmup={warmup!r}")
         steps = full_steps if isinstance(full_steps, Steps) else Steps(full_steps)
         return CacheConfig(RelationalPlus(order), steps, name=f"RFC+(steps={list(steps.steps)}, m={order})")
     schedule = InputError(threshold=threshold, target_nfc=target_nfc, order=order, warmup=warmup, max_skip=max_skip)

@@ -284,8 +284,7 @@ class InputFit(Predictor):
         state.out.update(out, gap)
         state.inp = inp
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
-                 ) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         assert isinstance(state, FitState)
         base = state.out.base(inp.dtype)
         if not state.in_diffs:

@@ -122,6 +122,8 @@ class Predictor(ABC):
     order: int = 0
     #: whether ``update``/``predict`` use the module's input
     uses_input: bool = False
+    #: whether ``forecast`` accepts the row's ``k`` as a host number (``k=``); predictors written without it still work
+    takes_host_k: ClassVar[bool] = False
 
     def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
                   ) -> PredictorState:
@@ -155,14 +157,20 @@ class Predictor(ABC):
         state.out.update(out, gap)
 
     @abstractmethod
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
-                 ) -> torch.Tensor:
-        """The output at a cached step given the module's actual input ``inp`` and the step's ``row``; ``k``, the
-        row's first number on the host where the caller has it eagerly (the same result, maybe fewer kernels)."""
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The output at a cached step given the module's actual input ``inp`` and the step's ``row``. A predictor
+        with ``takes_host_k`` also accepts ``k``: the row's first number on the host, where an eager caller has it
+        (the same result, fewer kernels)."""
 
-    def forecast_many(self, items: Sequence[Forecast]) -> list[torch.Tensor]:
-        """``forecast`` of each item: every output of one module call, in order."""
-        return [self.forecast(*item) for item in items]
+    def forecast_many(self, items: Sequence[Forecast | tuple]) -> list[torch.Tensor]:
+        """``forecast`` of each item (a ``Forecast`` or a ``(state, input, row)`` tuple): every output of one module
+        call, in order."""
+        return [self._forecast_item(Forecast(*item)) for item in items]
+
+    def _forecast_item(self, it: Forecast) -> torch.Tensor:
+        if self.takes_host_k and it.k is not None:
+            return self.forecast(it.state, it.inp, it.row, k=it.k)  # type: ignore[call-arg]
+        return self.forecast(it.state, it.inp, it.row)
 
     def update(self, state: PredictorState, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
         """``record`` by step number: the output (and input) of full step ``step``."""
@@ -173,7 +181,7 @@ class Predictor(ABC):
     def predict(self, state: PredictorState, step: int, num_steps: int | None, inp: torch.Tensor) -> torch.Tensor:
         """``forecast`` by step number: the output at cached step ``step`` of ``num_steps``."""
         host = self.row(step - state.step, step, num_steps)
-        return self.forecast(state, inp, numbers_on(host, inp.device, row_dtype(inp.dtype)), host[0])
+        return self._forecast_item(Forecast(state, inp, numbers_on(host, inp.device, row_dtype(inp.dtype)), host[0]))
 
 
 def _check_order(order: int) -> int:
@@ -184,8 +192,7 @@ def _check_order(order: int) -> int:
 class Reuse(Predictor):
     """FORA: ``Ô(i) = O(a)``, the output of the latest full step."""
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
-                 ) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return state.out.base(inp.dtype)
 
 
@@ -198,8 +205,7 @@ class Taylor(Predictor):
     def __post_init__(self) -> None:
         _check_order(self.order)
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
-                 ) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return state.out.taylor(row, inp.dtype)
 
 
@@ -215,6 +221,7 @@ class Relational(Predictor):
 
     order: int = 2
     uses_input: ClassVar[bool] = True
+    takes_host_k: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_order(self.order)
@@ -267,10 +274,11 @@ class Relational(Predictor):
             return self._finish(state, inp, row, u, None, moved, base, k)
         return self._finish(state, inp, row, hist.direction(row, inp.dtype), None, k=k)
 
-    def forecast_many(self, items: Sequence[Forecast]) -> list[torch.Tensor]:
+    def forecast_many(self, items: Sequence[Forecast | tuple]) -> list[torch.Tensor]:
         """With a reducer (split sequence), the norms of every item, i.e. of one module call's outputs and row
         groups, go into one collective; without one, ``forecast`` of each."""
-        reducer = items[0][0].reducer if items else None
+        items = [Forecast(*item) for item in items]
+        reducer = items[0].state.reducer if items else None
         if reducer is None:
             return super().forecast_many(items)
         us = [it.state.out.direction(it.row, it.inp.dtype) for it in items]
@@ -370,8 +378,7 @@ class Linear(Predictor):
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
         return step_row(k, self.weight_at(step, num_steps))
 
-    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float | None = None,
-                 ) -> torch.Tensor:
+    def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         hist = state.out
         base = hist.base(inp.dtype)
         if hist.order < 1:

@@ -113,7 +113,9 @@ class Interval(Schedule):
 @dataclass(frozen=True)
 class Steps(Schedule):
     """Full exactly at ``steps``, every other step cached: a schedule fixed in advance, e.g. one calibrated for a
-    model, sampler and budget by ``relcache.evaluation.search_steps`` (ours, issue 19; docs/results.md).
+    model, sampler and budget by ``relcache.evaluation.steps_search.search_steps`` (ours, issue 19; docs/results.md,
+    "Calibrated full steps"). Features that add full steps of their own still do (CFG-Cache's ``refresh_full``, a
+    switch of experts).
 
     ``steps`` must start at 0 (nothing exists to forecast from before the first full step) and increase.
     ``num_steps``, when given, is the generation length the steps were chosen for: a generation that announces
@@ -141,13 +143,17 @@ class Steps(Schedule):
 
     def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
         if self.num_steps is not None and num_steps is not None and num_steps != self.num_steps:
-            raise ConfigError(f"these steps were chosen for a {self.num_steps}-step generation, got {num_steps} "
-                              "steps: search them again for this length (relcache.evaluation.search_steps)")
+            raise ConfigError(f"these steps were chosen for a {self.num_steps}-step generation, got {num_steps} steps: "
+                              "search them again for this length (relcache.evaluation.steps_search.search_steps)")
         return None
 
     def decide(self, state: object, step: int, probe: torch.Tensor | None,
                measured: torch.Tensor | None = None) -> bool:
         return step in self.steps
+
+    @property
+    def every_step_full(self) -> bool:
+        return self.num_steps is not None and self.steps == tuple(range(self.num_steps))
 
     def full_steps(self, num_steps: int) -> list[int]:
         """The full steps of a ``num_steps`` generation (for planning and tests)."""

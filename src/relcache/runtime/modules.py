@@ -36,7 +36,9 @@ def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> t
 def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
     """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
     items = []  # every output of every group, in call order
-    eager = not torch.compiler.is_compiling()  # compiled code must not read k as a Python number (a constant)
+    # compiled code must not read k as a Python number (a constant in the graph), nor may a step captured by hand with
+    # static caches (a CUDA graph replays the captured kernel, k included, while its rows are updated in place)
+    eager = not torch.compiler.is_compiling() and ctx.static is None
     for group in groups:
         for st in ctx.caches.states.get((idx + 1, group.name), ()):  # offloaded caches: the next module's start
             st.prefetch()  # copying back now (``CacheStorage(offload=True)``); nothing otherwise
