@@ -186,10 +186,10 @@ def test_offloaded_caches_give_the_same_outputs_and_stats(storage, monkeypatch):
             reads["prefetched" if self.ready is not None else "direct"] += 1
         return device_data(self)
 
-    def flagged(self, *args):
+    def flagged(self, *args, **kwargs):
         forecasting.append(1)
         try:
-            return forecast(self, *args)
+            return forecast(self, *args, **kwargs)
         finally:
             forecasting.pop()
 
