@@ -10,8 +10,10 @@ Two experiments on a reference model, in batches of 10 samples (digits 0-9; batc
 * ``--search``: a schedule calibrated on some seeds and used on others. RCS's own full steps on the calibration
   batches (seeded ``--calibrate-seeds``, none of them a test seed) as a start, then ``search_steps``'s coordinate
   descent (each step after the warm-up moved by up to ``--radius``, kept while the calibration samples' rel L1
-  falls, with the chosen predictor); the steps found are then run on the test samples, ``plus.py``'s 30 (batches
-  seeded 0, 1, 2), against RFC on the same samples: rel L1 and FID2FC over all of them, as in docs/results.md.
+  falls, with the chosen predictor; ``--starts`` runs one search from each start it names, RCS's steps or warped
+  spacings, and keeps the lowest calibration error); the steps found are then run on the test samples,
+  ``plus.py``'s 30 (batches seeded 0, 1, 2), against RFC on the same samples: rel L1 and FID2FC over all of them,
+  as in docs/results.md.
 
     python benchmarks/schedule_search.py --warps --budgets 10 8 7
     python benchmarks/schedule_search.py --search --budgets 14 11 10 8 7 --predictor plus
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--calibrate-seeds", type=int, nargs="+", default=[100],
                         help="the calibration batches' seeds (10 samples each)")
     parser.add_argument("--radius", type=int, default=3, help="the search's largest move of one step")
+    parser.add_argument("--starts", nargs="+", default=["rcs"],
+                        help="where searches start: 'rcs' (RCS's steps) or GAMMA:END (a warped spacing); the "
+                             "lowest calibration error over all of them wins")
     parser.add_argument("--test", type=int, default=3, help="test batches after the search (seeds 0 .. TEST-1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="JSON of every run")
@@ -82,6 +87,12 @@ def main() -> None:
     for nfc in args.budgets:
         if not 3 <= nfc <= STEPS:
             parser.error(f"--budgets: each must be an integer in 3..{STEPS}, got {nfc}")
+    starts = []
+    for spec in args.starts:
+        try:
+            starts.append(None if spec == "rcs" else (float(spec.split(":")[0]), int(spec.split(":")[1])))
+        except (ValueError, IndexError):
+            parser.error(f"--starts: each must be 'rcs' or GAMMA:END (e.g. 0.85:47), got {spec!r}")
     if not (args.warps or args.search):
         parser.error("give --warps, --search or both")
     if args.test < 1 or any(s in range(args.test) for s in args.calibrate_seeds):
@@ -130,12 +141,17 @@ def main() -> None:
                     e = calibration_error(nfc, steps, "warp")
                     print(f"  gamma {gamma} end {end}: {e:.4f} ({e / rfc_cal:.2f}x RFC) {list(steps)}", flush=True)
         if args.search:
-            found_steps, best_err, evaluated = search_steps(
-                lambda st, n=nfc: calibration_error(n, st.steps, "search"), start, STEPS, radius=args.radius,
-                rounds=args.rounds, progress=False)
-            best = list(found_steps.steps)
-            print(f"  searched ({evaluated} sets on the calibration samples): {best_err:.4f} "
-                  f"({best_err / rfc_cal:.2f}x) {best}  ({time.time() - t0:.0f} s)", flush=True)
+            best, best_err = None, float("inf")
+            for origin in starts:
+                first = start if origin is None else warp(nfc, *origin)
+                found_steps, err, evaluated = search_steps(
+                    lambda st, n=nfc: calibration_error(n, st.steps, "search"), first, STEPS, radius=args.radius,
+                    rounds=args.rounds, progress=False)
+                label = "RCS's steps" if origin is None else f"warp {origin[0]}:{origin[1]} {list(first)}"
+                print(f"  searched from {label} ({evaluated} sets on the calibration samples): {err:.4f} "
+                      f"({err / rfc_cal:.2f}x) {list(found_steps.steps)}  ({time.time() - t0:.0f} s)", flush=True)
+                if err < best_err:
+                    best, best_err = list(found_steps.steps), err
             rfc_outs = [run("RFC, test", nfc, b, relcache.RFC(target_nfc=nfc))[1] for b in tests]
             rfc_steps = [r["steps"] for r in runs[-len(tests):]]
             found = [fixed(nfc, tuple(best), b, "searched, test")[1] for b in tests]
