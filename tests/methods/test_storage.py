@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from relcache import CacheConfig, CacheStorage, ConfigError, Interval, Linear, Relational, Reuse, Taylor
+from relcache.methods.plus import RelationalPlus
 from relcache.methods.storage import held_bytes, load, store, stored_bytes
 
 F8 = torch.float8_e4m3fn
@@ -69,7 +70,8 @@ def test_stored_bytes_counts_what_store_holds(fmt, axes):
 @pytest.mark.parametrize("storage", [None, CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16),
                                      CacheStorage(F8, "int4", F8), CacheStorage(None, F8, torch.float16, "channel")])
 def test_state_bytes_equals_a_full_state(storage):
-    for pred in (Reuse(), Taylor(2), Relational(3), Linear(0.5)):
+    plus = (RelationalPlus(2), RelationalPlus(2, ratio="mean"), RelationalPlus(3, newton=False, ratio="latest"))
+    for pred in (Reuse(), Taylor(2), Relational(3), Linear(0.5), *plus):
         state = pred.new_state(storage)
         for s in range(5):
             pred.update(state, s, torch.randn(2, 6, 4), torch.randn(2, 6, 8))

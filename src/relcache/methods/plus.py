@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from .history import DiffHistory, Reducer, StaticCaches, per_sample, row_dtype, sample_norm
 from .predictors import Predictor, PredictorState, Relational, Taylor
 from .schedules import InputError, InputErrorState
-from .storage import CacheStorage, store
+from .storage import CacheStorage, held_bytes, store
 
 #: how ``RelationalPlus`` forecasts the ratio ``s``
 RATIO_MODES = ("latest", "trend", "mean")
@@ -107,6 +107,12 @@ class PlusState(PredictorState):
         # (A, B or None for a constant, lo, hi), per sample; None where the ratio arrives later (a split sequence)
         self.ratio_line: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """``PredictorState.nbytes`` plus ``s(b)`` and the folded line, per sample (the 0-d gaps are not counted,
+        as a history's gap is not)."""
+        return super().nbytes + sum(held_bytes(t) for t in (self.ratio_prev, *(self.ratio_line or ())))
+
     def hold_extra(self, static: StaticCaches, key: object, value: torch.Tensor, gap_like: torch.Tensor) -> None:
         """``s(b)``, its two gaps and the folded line into their own buffers, before ``hold_state`` puts the ratio and
         the gap: ``s(b)`` is the ratio's buffer and ``N_b`` the gap's until then. Reserved outside compiled code."""
@@ -168,6 +174,14 @@ class RelationalPlus(Relational):
         if self.newton:
             return _newton_state(self.order, dtype, reducer)
         return PlusState(self.order, dtype, reducer)
+
+    def state_bytes(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...], computed: torch.dtype,
+                    storage: CacheStorage | None, input_shared: bool = False) -> int:
+        """``Relational.state_bytes`` plus ``s(b)`` and the folded line's per-sample numbers (``PlusState.nbytes``)."""
+        per_sample = {"latest": 1, "mean": 4, "trend": 5}[self.ratio]  # s(b); and A, (B,) lo, hi
+        ratio = 8 if computed == torch.float64 else 4
+        return (super().state_bytes(out_shape, in_shape, computed, storage, input_shared)
+                + per_sample * ratio * (out_shape[0] if out_shape else 1))
 
     def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
         prev, prev_gap = state.ratio, state.out.gap
