@@ -124,3 +124,98 @@ def test_a_marked_loop_with_rising_timesteps_is_one_generation(model):
         stats = relcache.stats(model)
     assert stats.num_steps == 10
     assert stats.full_steps == config.schedule.full_steps(10) == [0, 1, 4, 7]
+
+
+class _PackedModel(torch.nn.Module):
+    """Blocks whose feed-forward runs on every sample's tokens as one packed sequence: ``(tokens, dim)`` when
+    ``packed``, else the same tokens with a leading axis of one. ``joint(x, text)`` returns both streams updated; the
+    text stream is the same at every step."""
+
+    def __init__(self, packed: bool, dim: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.packed = packed
+        self.t_proj = torch.nn.Linear(1, dim)
+        self.text = torch.nn.Parameter(torch.randn(1, 3, dim))
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(depth):
+            block = torch.nn.Module()
+            block.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(),
+                                            torch.nn.Linear(2 * dim, dim))
+            block.joint = _Joint(dim)
+            block.mod = torch.nn.Linear(dim, dim)
+            self.blocks.append(block)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = self.t_proj(t.float()[:, None] / 1000)
+        text = self.text.expand(x.shape[0], -1, -1)
+        for block in self.blocks:
+            b, n, d = x.shape
+            h = (x + block.mod(c)[:, None]).reshape(b * n, d)
+            x = x + block.mlp(h if self.packed else h[None]).reshape(b, n, d)
+            dx, _ = block.joint(x, text)
+            x = x + dx
+        return x
+
+
+class _Joint(torch.nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed = torch.tanh(self.a(x) + self.b(text).mean(1, keepdim=True))
+        return mixed, self.b(text)
+
+
+def _packed_run(model: torch.nn.Module, steps: int = 12) -> list[torch.Tensor]:
+    relcache.begin_generation(model, steps)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            x = x - 0.1 * model(x, torch.full((2,), 999 - 80 * i))
+            outs.append(x)
+    return outs
+
+
+def _joint_inputs(args, kwargs):
+    return args[0], args[1]
+
+
+def test_packed_blocks_without_a_batch_axis():
+    """``batched=False``: a packed ``(tokens, dim)`` module is seen with a leading axis of one, so relcache runs exactly
+    as on the same tokens held as ``(1, tokens, dim)``; every step full stays uncached."""
+    torch.manual_seed(0)
+    packed, held = _PackedModel(packed=True), _PackedModel(packed=False)
+    held.load_state_dict(packed.state_dict())
+    ref = _packed_run(packed)
+    modules = {"mlp": "mlp"}
+    with relcache.cached(packed, RFC(threshold=0.0), adapter=CustomAdapter("blocks", modules, timestep=1,
+                                                                          batched=False)):
+        assert all(torch.equal(a, b) for a, b in zip(_packed_run(packed), ref, strict=True))
+    with relcache.cached(packed, RFC(target_nfc=5), adapter=CustomAdapter("blocks", modules, timestep=1,
+                                                                         batched=False)):
+        got, steps = _packed_run(packed), relcache.stats(packed).full_steps
+    with relcache.cached(held, RFC(target_nfc=5), adapter=CustomAdapter("blocks", modules, timestep=1)):
+        want, want_steps = _packed_run(held), relcache.stats(held).full_steps
+    assert steps == want_steps and len(steps) < 12
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(got, want, strict=True))
+    assert not torch.allclose(got[-1], ref[-1], rtol=0, atol=1e-6)
+
+
+def test_probe_names_the_input_rcs_reads():
+    """A joint module's second input is the text, the same at every step: RCS reading it (``probe=1``) sees no input
+    change and computes only its warm-up steps; reading the latents (``probe=0``) it computes more."""
+    torch.manual_seed(0)
+    model = _PackedModel(packed=False)
+    full = {}
+    for probe in (0, 1):
+        adapter = CustomAdapter("blocks", {"joint": "attn"}, input_of=_joint_inputs, timestep=1, probe=probe)
+        with relcache.cached(model, RFC(threshold=0.05), adapter=adapter):
+            _packed_run(model)
+            full[probe] = relcache.stats(model).full_steps
+    assert full[1] == [0, 1] and len(full[0]) > 2
+    with pytest.raises(ConfigError, match="probe must be an integer >= 0"):
+        CustomAdapter("blocks", {"joint": "attn"}, probe=-1)
+    with pytest.raises(ConfigError, match="batched must be True or False"):
+        CustomAdapter("blocks", {"joint": "attn"}, batched="no")
