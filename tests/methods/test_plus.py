@@ -5,7 +5,7 @@ import torch
 from conftest import run_loop, tiny_dit
 
 import relcache
-from relcache import RFC, ConfigError, InputError, Relational, RFCPlus
+from relcache import RFC, CacheStorage, ConfigError, InputError, Relational, RFCPlus
 from relcache.methods.history import DiffHistory, step_row
 from relcache.methods.plus import InputFit, Newton, NewtonHistory, NewtonInputError, RelationalPlus, newton_forecast
 
@@ -257,3 +257,50 @@ def test_rfcplus_forecast_launches_at_most_three_operators_more_than_rfe():
         row = torch.tensor(step_row(3))
         counts[type(pred).__name__] = _operators(lambda p=pred, s=state, r=row: p.forecast(s, xs[-1] + 0.1, r))
     assert counts["RelationalPlus"] <= counts["Relational"] + 3, counts
+
+
+def _fit_by_hand(ins, outs, now, ridge, scale):
+    """docs/spec.md's input-fitted forecast written out per sample in float64: least squares in the span of the last
+    (up to two) input moves, the same combination of output moves, rescaled to ``s · ‖v‖`` with ``scale``."""
+    d_in = [ins[-1 - j] - ins[-2 - j] for j in range(min(2, len(ins) - 1))]
+    d_out = [outs[-1 - j] - outs[-2 - j] for j in range(len(d_in))]
+    got = []
+    for b in range(now.shape[0]):
+        basis = torch.stack([d[b].flatten().double() for d in d_in])
+        gram = basis @ basis.T
+        v = (now[b] - ins[-1][b]).flatten().double()
+        c = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(len(d_in), dtype=gram.dtype),
+                               basis @ v)
+        inc = sum(c[j] * d_out[j][b].double() for j in range(len(d_in)))
+        if scale:
+            s = d_out[0][b].double().norm() / d_in[0][b].double().norm()
+            inc = inc * s * v.norm() / inc.norm()
+        got.append(outs[-1][b].double() + inc)
+    return torch.stack(got).to(now.dtype)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_input_fit_equals_the_formula_by_hand_on_a_nonlinear_module(scale):
+    """The lean forecast (Grams and the inverse taken at the full step, batched products at the cached step) equals
+    the spec's least-squares forecast computed directly, after one recorded move and after three (two kept)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 6, generator=g) / 2
+    ins = [torch.randn(2, 4, 6, generator=g) for _ in range(4)]
+    outs = [torch.tanh(x @ w.T) * 2 for x in ins]
+    now = ins[-1] + 0.3 * torch.randn(2, 4, 6, generator=g)
+    pred = InputFit(2, ridge=1e-3, scale=scale)
+    for count in (2, 4):
+        st = pred.new_state()
+        for j in range(count):
+            pred.update(st, 3 * j, ins[j], outs[j])
+        want = _fit_by_hand(ins[:count], outs[:count], now, 1e-3, scale)
+        torch.testing.assert_close(pred.predict(st, 3 * count - 1, None, now), want, rtol=1e-5, atol=1e-5)
+
+
+def test_input_fit_refuses_what_it_cannot_do():
+    with pytest.raises(ConfigError, match="give scale=True or blend=True, not both"):
+        InputFit(2, scale=True, blend=True)
+    with pytest.raises(ConfigError, match="ridge must be a number >= 0"):
+        InputFit(2, ridge=-1)
+    with pytest.raises(ConfigError, match="keeps its caches as computed"):
+        InputFit(2).new_state(CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16))

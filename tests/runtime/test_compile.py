@@ -33,6 +33,7 @@ CONFIGS = {
     "RFC threshold": RFC(threshold=0.3),
     "RFC target NFC": RFC(target_nfc=5),
     "RFC+ with calibrated steps": relcache.RFCPlus(full_steps=[0, 1, 4, 7]),
+    "RFC+ fit with calibrated steps": relcache.RFCPlus(full_steps=[0, 1, 4, 7], fit=True),
     "FasterCache, no CFG-Cache": dataclasses.replace(FasterCache(warmup=2, interval=3), cfg_cache=None),
     "FasterCache on a CFG batch": FasterCache(warmup=2, interval=3, cfg_window=(0.36, 1.0), cfg_phase="window",
                                               cfg_refresh_full=False),

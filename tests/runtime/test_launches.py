@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relcache
 from relcache.methods.config import CacheConfig
+from relcache.methods.plus import InputFit
 from relcache.methods.predictors import Forecast, Relational, Reuse, Taylor
 from relcache.methods.schedules import Interval
 
@@ -56,6 +57,17 @@ def test_eager_rfe_cached_step_launches_fora_plus_eight_per_module():
     modules = 6  # attention and feed-forward of 3 blocks
     assert taylor - fora == 2 * modules
     assert rfe - fora == 8 * modules
+
+
+def test_eager_input_fit_cached_step_launches_rfe_plus_three_per_module():
+    # the input's move, its dot products with the stored moves (one batched product), the solve (a small product),
+    # the increment's length over s from the output Gram over s² (two small products and a root), the move's norm,
+    # their quotient, its fallback and the scaled weights; the forecast itself is one batched multiply-add
+    fora = _cached_step_launches(CacheConfig(Reuse(), Interval(1000, 4)))
+    fit = _cached_step_launches(CacheConfig(InputFit(2, scale=True), Interval(1000, 4)))
+    rfe = _cached_step_launches(CacheConfig(Relational(2), Interval(1000, 4)))
+    modules = 6
+    assert fit - fora == 11 * modules and fit - rfe == 3 * modules
 
 
 def test_eager_rcs_check_launches_seven_kernels_per_step():

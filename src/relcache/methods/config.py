@@ -235,25 +235,33 @@ def RFCPlus(  # noqa: N802
     warmup: int = 2,
     max_skip: int | None = None,
     full_steps: Sequence[int] | Steps | None = None,
+    fit: bool = False,
 ) -> CacheConfig:
     """RFC+ (ours, issue 19; not the paper's): RFC's schedule (RCS, unchanged) with ``RelationalPlus(order)``, RFE whose
     direction is the Newton-form forecast (exact on polynomials for RCS's uneven gaps) and whose ratio ``s`` is
     forecast from its trend (``relcache.methods.plus``; measured in docs/results.md, "RFC+").
 
     Same arguments and budget rules as ``RFC``: give exactly one of ``threshold`` and ``target_nfc``; or, instead of
-    RCS, ``full_steps``: full steps fixed in advance (``Steps``), e.g. calibrated for the model, sampler and budget
-    with ``relcache.evaluation.steps_search.search_steps`` (``warmup`` and ``max_skip`` do not apply to them).
+    RCS, ``full_steps``: full steps fixed in advance (``Steps``), calibrated for the model, sampler and budget with
+    ``relcache calibrate`` (``warmup`` and ``max_skip`` do not apply to them). ``fit=True``: the input-fitted increment
+    (``InputFit(order, scale=True)``: the output moves as the input did, in the span of its recent moves) instead of
+    ``RelationalPlus``; with calibrated steps the pair that meets issue 19's bar on both reference models
+    (docs/results.md). (choice) It keeps its caches as computed and does not run under context parallelism.
     """
-    from .plus import RelationalPlus
+    from .plus import InputFit, RelationalPlus
 
     order = check_int("order", order, 1, MAX_ORDER)
+    if not isinstance(fit, bool):
+        raise ConfigError(f"fit must be True or False, got {fit!r}")
+    predictor = InputFit(order, scale=True) if fit else RelationalPlus(order)
+    tag = f"m={order}, fit" if fit else f"m={order}"
     if full_steps is not None:
         if threshold is not None or target_nfc is not None or max_skip is not None or warmup != 2:
             raise ConfigError("full_steps fixes the schedule: give neither threshold, target_nfc, max_skip nor warmup "
                               f"with it, got threshold={threshold!r}, target_nfc={target_nfc!r}, "
                               f"max_skip={max_skip!r}, warmup={warmup!r}")
         steps = full_steps if isinstance(full_steps, Steps) else Steps(full_steps)
-        return CacheConfig(RelationalPlus(order), steps, name=f"RFC+(steps={list(steps.steps)}, m={order})")
+        return CacheConfig(predictor, steps, name=f"RFC+(steps={list(steps.steps)}, {tag})")
     schedule = InputError(threshold=threshold, target_nfc=target_nfc, order=order, warmup=warmup, max_skip=max_skip)
     budget = f"NFC={schedule.target_nfc}" if target_nfc is not None else f"tau={schedule.threshold:g}"
-    return CacheConfig(RelationalPlus(order), schedule, name=f"RFC+({budget}, m={order})")
+    return CacheConfig(predictor, schedule, name=f"RFC+({budget}, {tag})")

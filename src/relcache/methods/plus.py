@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
-from .history import DiffHistory, Reducer, StaticCaches, per_sample, row_dtype, sample_norm
+from ..errors import ConfigError, check_int
+from .history import MAX_ORDER, DiffHistory, Reducer, StaticCaches, per_sample, row_dtype, sample_norm
 from .predictors import Predictor, PredictorState, Relational, Taylor
 from .schedules import InputError, InputErrorState
 from .storage import CacheStorage, held_bytes, store
@@ -251,28 +251,65 @@ def newton_forecast(values: Sequence[torch.Tensor], times: Sequence[float], t: f
 
 
 class FitState(PredictorState):
-    """``PredictorState`` (the output's divided differences, for ``blend``'s RFE part) plus the raw differences of the
-    input and the output between the latest full steps."""
+    """``PredictorState`` (the output ``O(a)``; its divided differences too for ``blend``'s RFE part) plus the moves of
+    the input and the output between the latest full steps: stacked per sample, with what the fit needs of them
+    taken at the full step, so that a cached step reads each move once (``InputFit``)."""
 
-    __slots__ = ("in_diffs", "out_diffs")
+    __slots__ = ("in_diffs", "out_diffs", "basis_in", "basis_out", "solve", "gram_out", "max_moves")
 
-    def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
-        super().__init__(order, None, reducer)
-        self.in_diffs: list[torch.Tensor] = []  # I(a) - I(b), I(b) - I(c), ... newest first
-        self.out_diffs: list[torch.Tensor] = []  # the same of the output
+    def __init__(self, order: int, history_order: int, reducer: Reducer | None = None) -> None:
+        super().__init__(history_order, None, reducer)
+        self.max_moves = order  # the moves kept at most
+        self.in_diffs: list[torch.Tensor] = []  # I(a) - I(b), I(b) - I(c), ... newest first (``blend`` only)
+        self.out_diffs: list[torch.Tensor] = []  # the same of the output (``blend`` only)
+        self.basis_in: torch.Tensor | None = None  # (n, j, input size): ΔI_1 .. ΔI_j, newest first
+        self.basis_out: torch.Tensor | None = None  # (n, j, output size): ΔO_1 .. ΔO_j
+        self.solve: torch.Tensor | None = None  # (n, j, j): (G_in + ridge · mean diag(G_in) · 1)^-1
+        self.gram_out: torch.Tensor | None = None  # (n, j, j): G_out / s², G_out = <ΔO_i, ΔO_j> (``scale`` only)
+
+    def _fit_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.basis_in, self.basis_out, self.solve, self.gram_out
+
+    @property
+    def nbytes(self) -> int:
+        """``PredictorState.nbytes`` plus the stacked moves and the two small matrices per sample."""
+        extra = sum(held_bytes(t) for t in (*self._fit_tensors(), *self.in_diffs, *self.out_diffs))
+        return super().nbytes + extra
+
+    def hold_extra(self, static: StaticCaches, key: object, value: torch.Tensor, gap_like: torch.Tensor) -> None:
+        """The stacked moves and matrices into their own buffers, one per count of moves ``j`` (reserved for every
+        ``j`` outside compiled code, from the recorded input's and output's shapes)."""
+        names = ("basis_in", "basis_out", "solve", "gram_out")
+        if not torch.compiler.is_compiling() and isinstance(self.inp, torch.Tensor):
+            n, size_in, size_out = value.shape[0], self.inp[0].numel(), value[0].numel()
+            for j in range(1, self.max_moves + 1):
+                rows = row_dtype(value.dtype)
+                likes = (self.inp.new_zeros(n, j, size_in), value.new_zeros(n, j, size_out),
+                         value.new_zeros(n, j, j, dtype=rows), value.new_zeros(n, j, j, dtype=rows))
+                for name, like in zip(names, likes, strict=True):
+                    static.reserve((key, "fit", name, j), like)
+        for name, t in zip(names, self._fit_tensors(), strict=True):
+            if t is not None:
+                setattr(self, name, static.put((key, "fit", name, t.shape[1]), t))
 
 
 @dataclass(frozen=True)
 class InputFit(Predictor):
-    """Experiment (issue 19): the output moves as the input does, per sample, in the span of recent moves.
+    """The output moves as the input does, per sample, in the span of recent moves (ours, issue 19).
 
     At a full step ``a`` the state keeps the last ``order`` input moves ``ΔI_j`` and output moves ``ΔO_j`` between
     consecutive full steps. At a cached step the input's move ``v = I(i) - I(a)`` is fitted by least squares,
     ``v ≈ Σ c_j ΔI_j`` (a ``order x order`` system per sample, ridge ``ridge`` times its mean diagonal), and the
     forecast is ``O(a) + Σ c_j ΔO_j``: the module taken as locally linear, its Jacobian sampled by the recorded moves.
     ``scale=True`` then rescales the increment to RFE's magnitude ``s · ‖v‖``; ``blend=True`` instead mixes it with
-    RFE's forecast increment by the fit's R² (the share of ``‖v‖²`` the fit explains). Not bound by a budget of
-    kernels: an analysis tool until it wins (``benchmarks/plus.py``)."""
+    RFE's forecast increment by the fit's R² (the share of ``‖v‖²`` the fit explains; an experiment, measured in
+    ``benchmarks/plus.py``).
+
+    The full step takes the Grams of the moves (in float64) and the inverse of the regularised input Gram, so a
+    cached step reads each stored move once: ``v``, its dot products with the input moves (one batched product),
+    ``‖v‖``, and the forecast in one batched multiply-add; ``‖Σ c_j ΔO_j‖`` comes from the output Gram, divided by
+    ``s²`` at the full step (docs/spec.md, "Input-fitted increment"). (choice) No context parallelism and no narrow
+    cache storage: the moves are kept as computed."""
 
     order: int = 2
     ridge: float = 1e-3
@@ -280,29 +317,97 @@ class InputFit(Predictor):
     blend: bool = False
     uses_input: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        check_int("order", self.order, 1, MAX_ORDER)
+        if not (isinstance(self.ridge, (int, float)) and not isinstance(self.ridge, bool) and self.ridge >= 0):
+            raise ConfigError(f"ridge must be a number >= 0, got {self.ridge!r}")
+        for name in ("scale", "blend"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.scale and self.blend:
+            raise ConfigError("give scale=True or blend=True, not both")
+
     def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
                   ) -> PredictorState:
         if reducer is not None:
-            raise ConfigError("InputFit is an experiment: no context parallelism")  # (and caches as computed)
-        return FitState(self.order, dtype, reducer)
+            raise ConfigError("InputFit does not run on a sequence split over processes (context parallelism): use "
+                              "RFC or RFCPlus's default predictor there")
+        if dtype is not None and (not isinstance(dtype, CacheStorage) or dtype != CacheStorage()):
+            raise ConfigError(f"InputFit keeps its caches as computed: give no cache storage, got {dtype!r}")
+        return FitState(self.order, self.order if self.blend else 0, reducer)
+
+    def state_bytes(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...], computed: torch.dtype,
+                    storage: CacheStorage | None, input_shared: bool = False) -> int:
+        """``O(a)``, ``I(a)``, ``order`` moves of each and the two ``order x order`` float64 matrices per sample."""
+        n = out_shape[0] if out_shape else 1
+        size = torch.empty((), dtype=computed).element_size()
+        numel_out, numel_in = _numel(out_shape), _numel(in_shape)
+        rows = 8 if computed == torch.float64 else 4
+        matrices = 2 if self.scale else 1
+        total = size * (numel_out * (1 + self.order) + numel_in * self.order) + rows * matrices * n * self.order ** 2
+        total += rows * n  # the ratio
+        if self.blend:
+            total += size * numel_out * self.order  # the output's divided differences (RFE's direction)
+            total += size * (numel_out + numel_in) * self.order  # the moves as lists
+        return total + (0 if input_shared else size * numel_in)
 
     def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
         assert isinstance(state, FitState)
         prev_in, prev_out = state.inp, (state.out.base(out.dtype) if state.out.ready else None)
         if prev_in is not None and prev_out is not None and prev_in.shape == inp.shape and prev_out.shape == out.shape:
-            state.in_diffs = [inp - prev_in, *state.in_diffs][: self.order]
-            state.out_diffs = [out - prev_out, *state.out_diffs][: self.order]
-            state.ratio = sample_norm(state.out_diffs[0]) / sample_norm(state.in_diffs[0])
+            n = inp.shape[0]
+            d_in, d_out = (inp - prev_in).reshape(n, 1, -1), (out - prev_out).reshape(n, 1, -1)
+            keep = self.order - 1
+            if state.basis_in is not None and keep and state.basis_in.shape[0] == n:
+                d_in = torch.cat([d_in, state.basis_in[:, :keep]], 1)
+                d_out = torch.cat([d_out, state.basis_out[:, :keep]], 1)
+            state.basis_in, state.basis_out = d_in, d_out
+            wide_in, wide_out = d_in.double(), d_out.double()
+            g_in = wide_in @ wide_in.transpose(1, 2)
+            g_out = wide_out @ wide_out.transpose(1, 2)
+            eye = torch.eye(g_in.shape[-1], dtype=g_in.dtype, device=g_in.device)
+            reg = self.ridge * g_in.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
+            # (choice) held in the rows' precision (float32 but for float64 models): a cached step's small products
+            # then need no casts; a non-finite inverse (moves of zero length, ridge 0) becomes zeros here, once
+            rows = row_dtype(out.dtype)
+            state.solve = torch.nan_to_num(torch.linalg.inv_ex(g_in + reg)[0], nan=0.0, posinf=0.0, neginf=0.0).to(rows)
+            ratio2 = g_out[:, 0, 0] / g_in[:, 0, 0]  # s², in float64
+            state.ratio = ratio2.sqrt().to(rows)
+            # ``scale``: G_out / s², so that a cached step's ‖Σ c_j ΔO_j‖ / s is one root (s of 0, inf or NaN gives
+            # the same fallbacks as dividing by s there would)
+            state.gram_out = (g_out / ratio2[:, None, None]).to(rows) if self.scale else None
+            if self.blend:
+                state.in_diffs = [d_in[:, j].reshape(inp.shape) for j in range(d_in.shape[1])]
+                state.out_diffs = [d_out[:, j].reshape(out.shape) for j in range(d_out.shape[1])]
         else:
             state.in_diffs, state.out_diffs, state.ratio = [], [], None
+            state.basis_in = state.basis_out = state.solve = state.gram_out = None
         state.out.update(out, gap)
         state.inp = inp
 
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         assert isinstance(state, FitState)
         base = state.out.base(inp.dtype)
-        if not state.in_diffs:
+        if state.basis_in is None:
             return base
+        if self.blend:
+            return self._blend(state, inp, row, base)
+        n = inp.shape[0]
+        move = inp - state.inp
+        dots = torch.bmm(state.basis_in, move.reshape(n, -1, 1))  # <ΔI_j, v>, (n, j, 1)
+        coef = torch.bmm(state.solve, dots.to(state.solve.dtype))
+        if self.scale and state.gram_out is not None:
+            # ‖Σ c_j ΔO_j‖² / s² = cᵀ (G_out / s²) c; the increment's length is set to s · ‖v‖ (factor 1 where that
+            # is not finite)
+            length = torch.bmm(coef.transpose(1, 2), torch.bmm(state.gram_out, coef))[:, 0, 0].sqrt()
+            fac = torch.nan_to_num(sample_norm(move) / length, nan=1.0, posinf=1.0, neginf=1.0)
+            coef = coef * fac[:, None, None]
+        weights = coef.transpose(1, 2).to(base.dtype)  # (n, 1, j)
+        out = torch.baddbmm(base.reshape(n, 1, -1), weights, state.basis_out)
+        return out.reshape(base.shape)
+
+    def _blend(self, state: FitState, inp: torch.Tensor, row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The experiment's mix of the fitted and RFE's increments by the fit's R² (computed in full, not lean)."""
         n, m = inp.shape[0], len(state.in_diffs)
         move = inp - state.inp
         v = move.reshape(n, -1, 1).double()
@@ -313,7 +418,7 @@ class InputFit(Predictor):
         coef = torch.linalg.solve(gram + reg, basis @ v)[..., 0]  # (n, m)
         coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)).to(base.dtype)
         inc = sum(per_sample(coef[:, j], d) * d for j, d in enumerate(state.out_diffs))
-        u = state.out.direction(row, base.dtype) if self.blend and len(state.out_diffs) >= 2 else None
+        u = state.out.direction(row, base.dtype) if len(state.out_diffs) >= 2 else None
         if u is not None and state.ratio is not None:
             # R² of the fit: the share of the input's move the recorded moves explain; the rest goes to RFE
             fitted = (basis.transpose(1, 2) @ coef.double()[..., None])[..., 0]
@@ -322,9 +427,11 @@ class InputFit(Predictor):
             rfe = per_sample(state.ratio * sample_norm(move) / sample_norm(u), u) * u  # RFE's increment
             rfe = torch.where(rfe * 0 == 0, rfe, torch.zeros_like(rfe))
             inc = per_sample(r2, inc) * inc + per_sample(1 - r2, rfe) * rfe
-        elif self.scale and state.ratio is not None:
-            want = state.ratio * sample_norm(move)
-            got = sample_norm(inc)
-            fac = torch.where((want / got) * 0 == 0, want / got, torch.ones_like(got))
-            inc = per_sample(fac, inc) * inc
         return base + inc
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
