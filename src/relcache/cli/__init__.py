@@ -1,12 +1,12 @@
-"""The ``relcache`` command: ``demo``, ``bench`` and ``analyze``.
+"""The ``relcache`` command: ``demo``, ``bench``, ``analyze`` and ``calibrate``.
 
-All three run offline on the shipped reference model by default. ``bench`` also takes a local diffusers pipeline
+All run offline on the shipped reference model by default. ``bench`` also takes a local diffusers pipeline
 directory of any supported family (``--model PATH``: DiT, PixArt, SD3, FLUX, Wan, CogVideoX, HunyuanVideo, Latte),
-``analyze`` a local ``DiTPipeline`` directory.
+``analyze`` a local ``DiTPipeline`` directory, ``calibrate`` the same as ``bench``.
 
 This file assembles the parser and holds the entry point ``main``; each command is a module (``demo.py``,
-``bench.py``, ``analyze.py``: its options and what it runs), over ``options.py`` (the argparse types and the shared
-options) and ``reference.py`` (the shipped model as the commands load it).
+``bench.py``, ``analyze.py``, ``calibrate.py``: its options and what it runs), over ``options.py`` (the argparse
+types and the shared options) and ``reference.py`` (the shipped model as the commands load it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from ..errors import ConfigError
 from ..evaluation.ranks import RankLostError
 from ..evaluation.runlog import command_line
-from . import analyze, bench, demo
+from . import analyze, bench, calibrate, demo
 from .demo import save_grid
 from .options import DEMO_GRID, PromptFile
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``relcache`` command."""
     parser = argparse.ArgumentParser(prog="relcache", description="Feature caching for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (demo, bench, analyze):
+    for command in (demo, bench, analyze, calibrate):
         command.add_parser(sub)
     return parser
 

@@ -4,9 +4,6 @@ reference model or a local pipeline directory; its option combinations checked b
 from __future__ import annotations
 
 import argparse
-import hashlib
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -19,56 +16,13 @@ from .options import (
     _index,
     _output_dir,
     _pipeline_dir,
+    _pipeline_guidance,
+    _pipeline_inputs,
     _positive,
     _prompts_file,
     _size,
 )
 from .reference import _reference
-
-
-def _bench_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str, Any]]:
-    """(family or None for the reference model, the conditions cycled over, the settings they add): every
-    combination of options checked before anything is loaded."""
-    from ..evaluation.pipelines import DEFAULT_PROMPTS, check_frames, inspect_dir, num_classes
-
-    family = inspect_dir(args.model)[1] if args.model else None
-    name = family.name if family else "the reference model"
-    if args.peers and family is not None and family.name != "dit":
-        raise ConfigError(f"--peers runs on the reference model and DiT pipelines, not on {family.name}")
-    if family is None:
-        for option in ("height", "width", "frames"):
-            if getattr(args, option) is not None:
-                raise ConfigError(f"--{option} is for --model pipelines; the reference model makes 16x16 digits")
-    elif args.frames is not None:
-        try:
-            check_frames(family, args.frames)
-        except ValueError as err:
-            raise ConfigError(f"argument --frames: {err}") from None
-    extra: dict[str, Any] = {"model": str(Path(args.model).resolve()) if args.model else "reference",
-                             "family": family.name if family else "reference"}
-    if family is not None and family.text:
-        if args.labels is not None:
-            raise ConfigError(f"--labels is for class-conditional models; {name} takes --prompts FILE")
-        prompts = args.prompts.prompts if args.prompts else list(DEFAULT_PROMPTS)
-        conditions = list(range(len(prompts)))
-        extra["prompts"] = {"source": args.prompts.path if args.prompts else "built-in", "count": len(prompts),
-                            "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
-    else:
-        if args.prompts is not None:
-            raise ConfigError(f"--prompts is for text-conditioned models; {name} takes --labels")
-        classes = num_classes(args.model) if args.model else 10
-        conditions = args.labels if args.labels is not None else list(range(classes or 1000))
-        bad = [c for c in conditions if classes is not None and not 0 <= c < classes]
-        if bad:
-            raise ConfigError(f"argument --labels: must be classes in 0..{classes - 1}, got {' '.join(map(str, bad))}")
-    extra.update(frames=args.frames, height=args.height, width=args.width)
-    return family, conditions, extra
-
-
-def _bench_guidance(args: argparse.Namespace, family: Any) -> float | None:
-    if args.guidance is not None:
-        return args.guidance
-    return 1.5 if family is None else family.default_guidance
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
                           f"got --steps {args.steps}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
-    family, conditions, extra = _bench_inputs(args)
-    guidance = _bench_guidance(args, family)
+    family, conditions, extra = _pipeline_inputs(args)
+    guidance = _pipeline_guidance(args, family)
     if runlog.has_log(args.out) and not (args.resume or args.overwrite):
         header = runlog.read_header(args.out) or {}
         raise ConfigError(f"--out {args.out} holds an earlier run (started {header.get('date')}, command: "

@@ -1,9 +1,10 @@
 """The ``relcache`` command's argparse types (each checks its value before any work and names what is wrong) and the
-options ``bench`` and ``analyze`` share."""
+options ``bench``, ``analyze`` and ``calibrate`` share."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -11,7 +12,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ..errors import ConfigError
 from ..evaluation.bench import INTERVAL_FOR_NFC
 
 #: the demo grid's file name, also used inside a directory given as ``demo --out``
@@ -158,3 +161,48 @@ def _add_generation_options(p: argparse.ArgumentParser, *, samples: int, samples
                    if guidance is None else "CFG scale, >= 0 (default: %(default)s)")
     p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+
+def _pipeline_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str, Any]]:
+    """(family or None for the reference model, the conditions cycled over, the settings they add) of ``bench``'s and
+    ``calibrate``'s model options: every combination checked before anything is loaded."""
+    from ..evaluation.pipelines import DEFAULT_PROMPTS, check_frames, inspect_dir, num_classes
+
+    family = inspect_dir(args.model)[1] if args.model else None
+    name = family.name if family else "the reference model"
+    if args.peers and family is not None and family.name != "dit":
+        raise ConfigError(f"--peers runs on the reference model and DiT pipelines, not on {family.name}")
+    if family is None:
+        for option in ("height", "width", "frames"):
+            if getattr(args, option) is not None:
+                raise ConfigError(f"--{option} is for --model pipelines; the reference model makes 16x16 digits")
+    elif args.frames is not None:
+        try:
+            check_frames(family, args.frames)
+        except ValueError as err:
+            raise ConfigError(f"argument --frames: {err}") from None
+    extra: dict[str, Any] = {"model": str(Path(args.model).resolve()) if args.model else "reference",
+                             "family": family.name if family else "reference"}
+    if family is not None and family.text:
+        if args.labels is not None:
+            raise ConfigError(f"--labels is for class-conditional models; {name} takes --prompts FILE")
+        prompts = args.prompts.prompts if args.prompts else list(DEFAULT_PROMPTS)
+        conditions = list(range(len(prompts)))
+        extra["prompts"] = {"source": args.prompts.path if args.prompts else "built-in", "count": len(prompts),
+                            "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    else:
+        if args.prompts is not None:
+            raise ConfigError(f"--prompts is for text-conditioned models; {name} takes --labels")
+        classes = num_classes(args.model) if args.model else 10
+        conditions = args.labels if args.labels is not None else list(range(classes or 1000))
+        bad = [c for c in conditions if classes is not None and not 0 <= c < classes]
+        if bad:
+            raise ConfigError(f"argument --labels: must be classes in 0..{classes - 1}, got {' '.join(map(str, bad))}")
+    extra.update(frames=args.frames, height=args.height, width=args.width)
+    return family, conditions, extra
+
+
+def _pipeline_guidance(args: argparse.Namespace, family: Any) -> float | None:
+    if args.guidance is not None:
+        return args.guidance
+    return 1.5 if family is None else family.default_guidance

@@ -1,0 +1,62 @@
+"""``relcache calibrate`` on the shipped model (tiny settings), ``calibrate_steps`` and ``fit_count``."""
+
+import json
+
+import pytest
+import torch
+
+import relcache
+import relcache.cli as cli
+from relcache.cli import main
+from relcache.evaluation.reference import load_reference_transformer, sample_digits
+from relcache.evaluation.steps_search import fit_count
+from relcache.methods.history import relative_l1
+
+ARGS = ["calibrate", "--nfc", "3", "--steps", "6", "--samples", "2", "--radius", "1", "--rounds", "1",
+        "--labels", "3", "7"]
+
+
+def test_fit_count_by_hand():
+    assert fit_count([0, 1, 5], 4, 10) == (0, 1, 5, 7)  # the largest gap is 5 -> 10 (the end)
+    assert fit_count([0, 1, 3, 5, 8], 4, 10) == (0, 1, 5, 8)  # 3 sits where its two gaps sum least (1 -> 5)
+    assert fit_count([0, 1, 4], 3, 10) == (0, 1, 4)
+
+
+def test_calibrates_records_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cal"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    record = json.loads((out / "calibration.json").read_text())
+    got = record["budgets"]["3"]
+    assert record["settings"]["seed"] == 100 and record["settings"]["conditions"] == [3, 7]
+    assert len(got["steps"]) == 3 and got["steps"][:2] == [0, 1]
+    assert got["rel_l1"] <= got["start_rel_l1"] and got["evaluated"] >= 2
+    assert got["use"] == f"relcache.RFCPlus(order=2, full_steps={got['steps']}, fit=True)"
+    assert "relcache.RFCPlus(order=2, full_steps=" in capsys.readouterr().out
+
+    # the recorded error is the batch's rel L1 with those steps, measured again here
+    model, labels = load_reference_transformer(), torch.tensor([3, 7])
+    ref = sample_digits(model, labels, num_steps=6, generator=torch.Generator().manual_seed(100))
+    with relcache.cached(model, relcache.RFCPlus(full_steps=got["steps"], fit=True)):
+        again = sample_digits(model, labels, num_steps=6, generator=torch.Generator().manual_seed(100))
+    assert relative_l1(again, ref) == pytest.approx(got["rel_l1"], rel=1e-6)
+
+    # an interrupted or finished run is never overwritten by accident; --resume redoes nothing that is recorded
+    with pytest.raises(SystemExit):
+        main([*ARGS, "--out", str(out)])
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(cli.calibrate, "_reference", lambda: (model, sample_digits, None, None))
+    import relcache.evaluation.steps_search as steps_search
+
+    monkeypatch.setattr(steps_search, "search_steps", lambda *a, **k: pytest.fail("recorded budget searched again"))
+    assert main([*ARGS, "--out", str(out), "--resume"]) == 0
+    with pytest.raises(SystemExit):
+        main([*ARGS, "--radius", "2", "--out", str(out), "--resume"])  # the later --radius wins
+    assert "other settings (radius)" in capsys.readouterr().err
+
+
+def test_bad_budget_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.calibrate, "_reference", lambda: pytest.fail("loaded before refusing"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "--nfc", "9", "--steps", "8", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--nfc: each must be an integer in 3..8 (--steps), got 9" in capsys.readouterr().err
