@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relcache
 from relcache import CacheConfig, Interval, Linear, Relational, Reuse, Taylor
+from relcache.methods.plus import InputFit
 
 METHODS: dict[str, CacheConfig | None] = {
     "full step": None,
@@ -56,6 +57,8 @@ METHODS: dict[str, CacheConfig | None] = {
     "Taylor m=2 (TaylorSeer)": CacheConfig(Taylor(2), Interval(1000, 4)),
     "Relational m=2 (RFE alone)": CacheConfig(Relational(2), Interval(1000, 4)),
     "Relational m=2 + RCS check (RFC)": relcache.RFC(threshold=1e30, warmup=4),
+    # RFC+ fit's predictor (issue 19), on the same schedule as RFE alone: its cached step against RFE's
+    "InputFit m=2, scaled (RFC+ fit)": CacheConfig(InputFit(2, scale=True), Interval(1000, 4)),
 }
 #: RFC with the cache storages of issue 20 (docs/performance.md, "Cache memory"): what a cached step pays to read
 #: (and a full step to write) quantized or packed caches

@@ -41,7 +41,7 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 import relcache
-from relcache import FORA, RFC, CacheConfig, InputError, Interval, Relational, Taylor, TaylorSeer
+from relcache import FORA, RFC, CacheConfig, InputError, Interval, Relational, RFCPlus, Taylor, TaylorSeer
 
 SIZES = {  # (depth, hidden, heads) of the DiT paper's configurations, patch 2; "T" is a smoke-test size
     "T": (2, 64, 2),
@@ -66,7 +66,7 @@ def build(size: str, dtype: torch.dtype, device: str) -> DiTTransformer2DModel:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def methods(budget: int, cache_dtype: torch.dtype | None) -> dict[str, relcache.CacheConfig]:
+def methods(budget: int, cache_dtype: torch.dtype | None, steps: int = 50) -> dict[str, relcache.CacheConfig]:
     n = INTERVAL_FOR_NFC[budget]
     configs = {
         "every step full": FORA(1, 1),  # caching nothing: what relcache's runtime alone costs or saves
@@ -75,6 +75,9 @@ def methods(budget: int, cache_dtype: torch.dtype | None) -> dict[str, relcache.
         "RFE alone m=2": CacheConfig(Relational(2), Interval(n, 2)),
         "RCS alone m=2": CacheConfig(Taylor(2), InputError(target_nfc=budget)),
         "RFC m=2": RFC(order=2, target_nfc=budget),
+        # issue 19's pair: calibrated steps are fixed in advance; FORA's full steps stand in for them (the same count,
+        # so the same model FLOPs and the same number of cached steps)
+        "RFC+ fit m=2 (fixed steps)": RFCPlus(order=2, fit=True, full_steps=FORA(n).schedule.full_steps(steps)),
     }
     if cache_dtype is not None:
         configs = {k: dataclasses.replace(c, cache_dtype=cache_dtype) for k, c in configs.items()}
@@ -202,7 +205,7 @@ def main() -> None:
     for size in args.models:
         model = build(size, dtype, args.device)
         generate(model, 3, args.device, dtype, args.images)  # warm-up
-        configs = {(b, name): cfg for b in args.budgets for name, cfg in methods(b, cache_dtype).items()
+        configs = {(b, name): cfg for b in args.budgets for name, cfg in methods(b, cache_dtype, args.steps).items()
                    if (not args.methods or name in args.methods)
                    and (name != "every step full" or b == args.budgets[0])}  # the same for every budget
         if args.batch_modulation:  # each method again, every step's adaLN projections computed up front

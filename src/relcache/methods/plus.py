@@ -394,17 +394,21 @@ class InputFit(Predictor):
             return self._blend(state, inp, row, base)
         n = inp.shape[0]
         move = inp - state.inp
-        dots = torch.bmm(state.basis_in, move.reshape(n, -1, 1))  # <ΔI_j, v>, (n, j, 1)
-        coef = torch.bmm(state.solve, dots.to(state.solve.dtype))
+        # rows, not columns: (1, N) x (N, j) runs as one fast matrix-vector product on a CPU, (j, N) x (N, 1) did not
+        dots = torch.bmm(move.reshape(n, 1, -1), state.basis_in.transpose(1, 2))  # <v, ΔI_j>, (n, 1, j)
+        coef = torch.bmm(dots.to(state.solve.dtype), state.solve)  # cᵀ (the inverse is symmetric)
         if self.scale and state.gram_out is not None:
             # ‖Σ c_j ΔO_j‖² / s² = cᵀ (G_out / s²) c; the increment's length is set to s · ‖v‖ (factor 1 where that
             # is not finite)
-            length = torch.bmm(coef.transpose(1, 2), torch.bmm(state.gram_out, coef))[:, 0, 0].sqrt()
+            length = torch.bmm(torch.bmm(coef, state.gram_out), coef.transpose(1, 2))[:, 0, 0].sqrt()
             fac = torch.nan_to_num(sample_norm(move) / length, nan=1.0, posinf=1.0, neginf=1.0)
             coef = coef * fac[:, None, None]
-        weights = coef.transpose(1, 2).to(base.dtype)  # (n, 1, j)
-        out = torch.baddbmm(base.reshape(n, 1, -1), weights, state.basis_out)
-        return out.reshape(base.shape)
+        weights = coef.to(base.dtype)
+        if move.shape == base.shape and move.dtype == base.dtype and not torch.is_grad_enabled():
+            # written over the input's move, read by now: a fresh large buffer page-faults on a CPU (as in RFE)
+            return torch.baddbmm(base.reshape(n, 1, -1), weights, state.basis_out, out=move.view(n, 1, -1)).view(
+                base.shape)
+        return torch.baddbmm(base.reshape(n, 1, -1), weights, state.basis_out).reshape(base.shape)  # O(a) + Σ c_j ΔO_j
 
     def _blend(self, state: FitState, inp: torch.Tensor, row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The experiment's mix of the fitted and RFE's increments by the fit's R² (computed in full, not lean)."""
