@@ -2,7 +2,8 @@
 
 Two experiments on a reference model, in batches of 10 samples (digits 0-9; batch ``b`` seeded ``b``, as in
 ``plus.py``), each full-step set run with RFC's predictor (``Relational``) or RFC+'s (``--predictor plus``) and
-``relcache.Steps``, which computes exactly the listed steps:
+``relcache.Steps``, which computes exactly the listed steps (``--predictor fit-scaled``: the ``InputFit``
+experiment, rescaled to RFE's length, as ``plus.py``'s "Fit-scaled x RCS"):
 
 * ``--warps``: steps 0 and 1, then ``1 + round((end - 1) (j / (K - 2))^gamma)`` for ``j = 1 .. K - 2`` (gamma < 1
   puts more full steps late, > 1 early; ``end`` is the last full step), on the calibration batches
@@ -17,6 +18,9 @@ Two experiments on a reference model, in batches of 10 samples (digits 0-9; batc
 
     python benchmarks/schedule_search.py --warps --budgets 10 8 7
     python benchmarks/schedule_search.py --search --budgets 14 11 10 8 7 --predictor plus
+    python benchmarks/schedule_search.py --evaluate found.json --budgets 10 8 7 --predictor fit-scaled
+
+``--evaluate`` reruns steps found earlier (the ``summary`` of a ``--search``'s ``--out``) on the test samples only.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import TRANSFORMER_DIR, load_evaluator, sample_digits
 from relcache.evaluation.steps_search import search_steps
-from relcache.methods.plus import RelationalPlus
+from relcache.methods.plus import InputFit, RelationalPlus
 
 STEPS = 50  # the reference sampler's steps
+PREDICTORS = {"rfe": lambda: Relational(2), "plus": lambda: RelationalPlus(2),
+              "fit-scaled": lambda: InputFit(2, scale=True)}  # fit-scaled: RFCPlus(fit=True)'s predictor
 
 
 def warp(nfc: int, gamma: float, end: int) -> tuple[int, ...]:
@@ -67,12 +73,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TRANSFORMER_DIR), help="a DiTTransformer2DModel directory")
     parser.add_argument("--budgets", nargs="+", type=int, default=[10, 8, 7])
-    parser.add_argument("--predictor", choices=["rfe", "plus"], default="rfe")
+    parser.add_argument("--predictor", choices=list(PREDICTORS), default="rfe",
+                        help="rfe: RFC's; plus: RFC+'s; fit-scaled: the InputFit experiment, scaled to RFE's length")
     parser.add_argument("--warps", action="store_true", help="fixed warped spacings on the calibration batches")
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.55, 0.7, 0.85, 1.0, 1.3, 1.6])
     parser.add_argument("--ends", nargs="+", type=int, default=[45, 47, 48, 49])
     parser.add_argument("--search", action="store_true",
                         help="coordinate search from RCS's steps on the calibration batches")
+    parser.add_argument("--evaluate", nargs="+", metavar="JSON",
+                        help="no search: the steps an earlier --search found (its --out files), run with --predictor "
+                             "on the test samples against RFC, for the --budgets found there")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calibrate-seeds", type=int, nargs="+", default=[100],
                         help="the calibration batches' seeds (10 samples each)")
@@ -93,8 +103,19 @@ def main() -> None:
             starts.append(None if spec == "rcs" else (float(spec.split(":")[0]), int(spec.split(":")[1])))
         except (ValueError, IndexError):
             parser.error(f"--starts: each must be 'rcs' or GAMMA:END (e.g. 0.85:47), got {spec!r}")
-    if not (args.warps or args.search):
-        parser.error("give --warps, --search or both")
+    if not (args.warps or args.search or args.evaluate):
+        parser.error("give --warps, --search (or both), or --evaluate")
+    if args.evaluate and (args.warps or args.search):
+        parser.error("--evaluate runs steps found earlier: give it without --warps and --search")
+    found_steps: dict[int, list[int]] = {}
+    for path in args.evaluate or []:
+        try:
+            found_steps.update({r["nfc"]: r["steps"] for r in json.loads(Path(path).read_text())["summary"]})
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.error(f"--evaluate: cannot read the steps in {path}: {err}")
+    missing = [n for n in args.budgets if args.evaluate and n not in found_steps]
+    if missing:
+        parser.error(f"--evaluate: no steps for --budgets {missing} in {args.evaluate}")
     if args.test < 1 or any(s in range(args.test) for s in args.calibrate_seeds):
         parser.error(f"--test must be >= 1 and --calibrate-seeds outside 0..TEST-1, got {args.test}, "
                      f"{args.calibrate_seeds}")
@@ -104,9 +125,10 @@ def main() -> None:
     model = DiTTransformer2DModel.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True,
                                                   low_cpu_mem_usage=False).eval()
     evaluator = load_evaluator()
-    cals, tests = args.calibrate_seeds, list(range(args.test)) if args.search else []
+    cals = [] if args.evaluate else args.calibrate_seeds
+    tests = list(range(args.test)) if args.search or args.evaluate else []
     full = {b: _generate(model, b, None)[0] for b in [*cals, *tests]}
-    make = (lambda: Relational(2)) if args.predictor == "rfe" else (lambda: RelationalPlus(2))
+    make = PREDICTORS[args.predictor]
     runs, t0 = [], time.time()
 
     def run(kind: str, nfc: int, seed: int, config: CacheConfig, steps: tuple[int, ...] | None = None,
@@ -131,6 +153,17 @@ def main() -> None:
 
     summary = []
     for nfc in args.budgets:
+        if args.evaluate:
+            best = found_steps[nfc]
+            rfc_outs = [run("RFC, test", nfc, b, relcache.RFC(target_nfc=nfc))[1] for b in tests]
+            rfc_steps = [r["steps"] for r in runs[-len(tests):]]
+            found = [fixed(nfc, tuple(best), b, "evaluated, test")[1] for b in tests]
+            (e_rfc, f_rfc), (e_found, f_found) = over_tests(rfc_outs), over_tests(found)
+            summary.append({"nfc": nfc, "steps": best, "rfc_steps": rfc_steps, "rfc": [e_rfc, f_rfc],
+                            "searched": [e_found, f_found]})
+            print(f"NFC {nfc}: test samples: RFC {e_rfc:.4f} / {f_rfc:.3f}; steps {best} with {args.predictor} "
+                  f"{e_found:.4f} / {f_found:.3f} ({e_found / e_rfc:.2f}x)", flush=True)
+            continue
         rfc_cal = sum(run("RFC", nfc, seed, relcache.RFC(target_nfc=nfc))[0] for seed in cals) / len(cals)
         start = tuple(runs[-len(cals)]["steps"])  # RCS's steps on the first calibration batch
         print(f"NFC {nfc}: RFC on the calibration batch, rel L1 {rfc_cal:.4f}, full steps {list(start)}", flush=True)
@@ -170,7 +203,8 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model,
-            "predictor": args.predictor, "calibrate_seeds": cals, "radius": args.radius, "summary": summary,
+            "predictor": args.predictor, "calibrate_seeds": cals, "radius": args.radius,
+            "evaluated_from": args.evaluate, "summary": summary,
             "runs": runs}, indent=2))
 
 
