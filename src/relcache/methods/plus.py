@@ -10,11 +10,14 @@
   own history instead of its latest value (``ratio="trend"``: its first difference, extrapolated from the middle
   of the interval it was measured over to the middle of the forecast interval).
 * ``NewtonInputError``: RCS whose probe forecast is in Newton's form.
+* ``InputFit``: the output's whole move from the input's, fitted per sample in the span of recent moves.
 
 The preset ``relcache.RFCPlus`` names the pair kept after measuring (docs/spec.md, §Beyond the paper;
 docs/results.md, "RFC+"): better than RFC on the shipped reference model (0.80-0.85x its rel L1); on the second one
 0.83-1.00x on rel L1 but worse on FID2FC at low budgets, so an opt-in experiment. ``InputFit`` (the output's move
-fitted from the input's) is an experiment in no preset. The paper's RFC (``Relational`` x ``InputError``) is unchanged.
+fitted from the input's) is ``RFCPlus(fit=True)``'s predictor: with full steps calibrated for the model
+(``relcache calibrate``) it is the pair that meets issue 19's bar on both reference models (docs/results.md). The
+paper's RFC (``Relational`` x ``InputError``) is unchanged.
 """
 
 from __future__ import annotations
@@ -255,7 +258,8 @@ class FitState(PredictorState):
     the input and the output between the latest full steps: stacked per sample, with what the fit needs of them
     taken at the full step, so that a cached step reads each move once (``InputFit``)."""
 
-    __slots__ = ("in_diffs", "out_diffs", "basis_in", "basis_out", "solve", "gram_out", "max_moves")
+    __slots__ = ("in_diffs", "out_diffs", "basis_in", "basis_out", "solve", "gram_out", "gram_in", "gram_full_out",
+                 "max_moves")
 
     def __init__(self, order: int, history_order: int, reducer: Reducer | None = None) -> None:
         super().__init__(history_order, None, reducer)
@@ -266,9 +270,11 @@ class FitState(PredictorState):
         self.basis_out: torch.Tensor | None = None  # (n, j, output size): ΔO_1 .. ΔO_j
         self.solve: torch.Tensor | None = None  # (n, j, j): (G_in + ridge · mean diag(G_in) · 1)^-1
         self.gram_out: torch.Tensor | None = None  # (n, j, j): G_out / s², G_out = <ΔO_i, ΔO_j> (``scale`` only)
+        self.gram_in: torch.Tensor | None = None  # (n, j, j), float64: G_in, kept for the next record's update
+        self.gram_full_out: torch.Tensor | None = None  # (n, j, j), float64: G_out, the same
 
     def _fit_tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return self.basis_in, self.basis_out, self.solve, self.gram_out
+        return self.basis_in, self.basis_out, self.solve, self.gram_out, self.gram_in, self.gram_full_out
 
     @property
     def nbytes(self) -> int:
@@ -279,13 +285,14 @@ class FitState(PredictorState):
     def hold_extra(self, static: StaticCaches, key: object, value: torch.Tensor, gap_like: torch.Tensor) -> None:
         """The stacked moves and matrices into their own buffers, one per count of moves ``j`` (reserved for every
         ``j`` outside compiled code, from the recorded input's and output's shapes)."""
-        names = ("basis_in", "basis_out", "solve", "gram_out")
+        names = ("basis_in", "basis_out", "solve", "gram_out", "gram_in", "gram_full_out")
         if not torch.compiler.is_compiling() and isinstance(self.inp, torch.Tensor):
             n, size_in, size_out = value.shape[0], self.inp[0].numel(), value[0].numel()
             for j in range(1, self.max_moves + 1):
                 rows = row_dtype(value.dtype)
+                wide = value.new_zeros(n, j, j, dtype=torch.float64)
                 likes = (self.inp.new_zeros(n, j, size_in), value.new_zeros(n, j, size_out),
-                         value.new_zeros(n, j, j, dtype=rows), value.new_zeros(n, j, j, dtype=rows))
+                         value.new_zeros(n, j, j, dtype=rows), value.new_zeros(n, j, j, dtype=rows), wide, wide)
                 for name, like in zip(names, likes, strict=True):
                     static.reserve((key, "fit", name, j), like)
         for name, t in zip(names, self._fit_tensors(), strict=True):
@@ -356,15 +363,11 @@ class InputFit(Predictor):
         prev_in, prev_out = state.inp, (state.out.base(out.dtype) if state.out.ready else None)
         if prev_in is not None and prev_out is not None and prev_in.shape == inp.shape and prev_out.shape == out.shape:
             n = inp.shape[0]
-            d_in, d_out = (inp - prev_in).reshape(n, 1, -1), (out - prev_out).reshape(n, 1, -1)
-            keep = self.order - 1
-            if state.basis_in is not None and keep and state.basis_in.shape[0] == n:
-                d_in = torch.cat([d_in, state.basis_in[:, :keep]], 1)
-                d_out = torch.cat([d_out, state.basis_out[:, :keep]], 1)
-            state.basis_in, state.basis_out = d_in, d_out
-            wide_in, wide_out = d_in.double(), d_out.double()
-            g_in = wide_in @ wide_in.transpose(1, 2)
-            g_out = wide_out @ wide_out.transpose(1, 2)
+            old = state.basis_in if state.basis_in is not None and state.basis_in.shape[0] == n else None
+            keep = 0 if old is None else min(self.order - 1, old.shape[1])
+            state.basis_in, g_in = _stack_move(inp, prev_in, state.basis_in, state.gram_in, keep)
+            state.basis_out, g_out = _stack_move(out, prev_out, state.basis_out, state.gram_full_out, keep)
+            state.gram_in, state.gram_full_out = g_in, g_out
             eye = torch.eye(g_in.shape[-1], dtype=g_in.dtype, device=g_in.device)
             reg = self.ridge * g_in.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
             # (choice) held in the rows' precision (float32 but for float64 models): a cached step's small products
@@ -377,11 +380,13 @@ class InputFit(Predictor):
             # the same fallbacks as dividing by s there would)
             state.gram_out = (g_out / ratio2[:, None, None]).to(rows) if self.scale else None
             if self.blend:
+                d_in, d_out = state.basis_in, state.basis_out
                 state.in_diffs = [d_in[:, j].reshape(inp.shape) for j in range(d_in.shape[1])]
                 state.out_diffs = [d_out[:, j].reshape(out.shape) for j in range(d_out.shape[1])]
         else:
             state.in_diffs, state.out_diffs, state.ratio = [], [], None
             state.basis_in = state.basis_out = state.solve = state.gram_out = None
+            state.gram_in = state.gram_full_out = None
         state.out.update(out, gap)
         state.inp = inp
 
@@ -432,6 +437,27 @@ class InputFit(Predictor):
             rfe = torch.where(rfe * 0 == 0, rfe, torch.zeros_like(rfe))
             inc = per_sample(r2, inc) * inc + per_sample(1 - r2, rfe) * rfe
         return base + inc
+
+
+def _stack_move(now: torch.Tensor, prev: torch.Tensor, old: torch.Tensor | None, old_gram: torch.Tensor | None,
+                keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[now - prev, old's first keep moves]`` stacked per sample as ``(n, 1 + keep, size)``, in a fresh tensor (a
+    record never writes into what it holds: ``Session._snapshot``), and its Gram in float64: the new move's products
+    with every kept move, one row-vector product, beside the old Gram's block for the kept ones."""
+    n = now.shape[0]
+    basis = now.new_empty(n, 1 + keep, now[0].numel())
+    if torch.compiler.is_compiling():  # dynamo does not trace a strided out= (a graph break); inductor fuses this
+        basis[:, 0] = now.reshape(n, -1) - prev.reshape(n, -1)
+    else:
+        torch.sub(now.reshape(n, -1), prev.reshape(n, -1), out=basis[:, 0])
+    if keep:
+        basis[:, 1:].copy_(old[:, :keep])
+    dots = torch.bmm(basis[:, :1], basis.transpose(1, 2))[:, 0].double()  # <ΔX_1, ΔX_k>, (n, 1 + keep)
+    gram = dots.new_empty(n, 1 + keep, 1 + keep)
+    gram[:, 0], gram[:, :, 0] = dots, dots
+    if keep:
+        gram[:, 1:, 1:] = old_gram[:, :keep, :keep]
+    return basis, gram
 
 
 def _numel(shape: tuple[int, ...]) -> int:
