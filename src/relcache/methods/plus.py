@@ -399,7 +399,7 @@ class InputFit(Predictor):
             return self._blend(state, inp, row, base)
         n = inp.shape[0]
         move = inp - state.inp
-        # rows, not columns: (1, N) x (N, j) runs as one fast matrix-vector product on a CPU, (j, N) x (N, 1) did not
+        # rows, not columns: (1, N) x (N, j) runs as one fast matrix-vector product on a CPU, (j, N) x (N, 1) does not
         dots = torch.bmm(move.reshape(n, 1, -1), state.basis_in.transpose(1, 2))  # <v, ΔI_j>, (n, 1, j)
         coef = torch.bmm(dots.to(state.solve.dtype), state.solve)  # cᵀ (the inverse is symmetric)
         if self.scale and state.gram_out is not None:
