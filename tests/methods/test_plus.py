@@ -304,3 +304,68 @@ def test_input_fit_refuses_what_it_cannot_do():
         InputFit(2, ridge=-1)
     with pytest.raises(ConfigError, match="keeps its caches as computed"):
         InputFit(2).new_state(CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16))
+
+
+def _fit_state(pred, ins, outs):
+    st = pred.new_state()
+    for j, (x, y) in enumerate(zip(ins, outs, strict=True)):
+        pred.update(st, 3 * j, x, y)
+    return st
+
+
+def test_input_fit_without_grad_other_dtypes_and_layouts_equals_the_formula():
+    """No autograd (the forecast is written over the input's move), a non-contiguous input, and a module that takes
+    float32 and returns bfloat16: each equals the formula by hand."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 6, generator=g) / 2
+    ins = [torch.randn(2, 4, 6, generator=g) for _ in range(4)]
+    outs = [torch.tanh(x @ w.T) * 2 for x in ins]
+    now = ins[-1] + 0.3 * torch.randn(2, 4, 6, generator=g)
+    pred = InputFit(2, scale=True)
+    want = _fit_by_hand(ins, outs, now, 1e-3, True)
+    with torch.no_grad():
+        got = pred.predict(_fit_state(pred, ins, outs), 11, None, now)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        t_ins = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in ins]  # same values, another layout
+        t_now = now.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not t_now.is_contiguous()
+        torch.testing.assert_close(pred.predict(_fit_state(pred, t_ins, outs), 11, None, t_now), want,
+                                   rtol=1e-5, atol=1e-5)
+        half = [y.bfloat16() for y in outs]
+        got = pred.predict(_fit_state(pred, ins, half), 11, None, now)
+        torch.testing.assert_close(got, _fit_by_hand(ins, [y.float() for y in half], now, 1e-3, True),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_input_fit_in_float16_does_not_overflow():
+    """Moves of about 40 per element over 20,000 elements: their squared lengths (~3e7) overflow float16's 65504, so
+    the products are summed in float32; the forecast equals the float32 one to float16's precision."""
+    g = torch.Generator().manual_seed(5)
+    ins = [40 * torch.randn(2, 100, 200, generator=g) * (j + 1) for j in range(4)]
+    outs = [torch.tanh(x / 100) * 50 for x in ins]
+    now = ins[-1] + 30 * torch.randn(2, 100, 200, generator=g)
+    pred = InputFit(2, scale=True)
+    with torch.no_grad():
+        want = pred.predict(_fit_state(pred, ins, outs), 11, None, now)
+        got = pred.predict(_fit_state(pred, [x.half() for x in ins], [y.half() for y in outs]), 11, None, now.half())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.2)
+
+
+def test_input_fit_with_an_output_that_did_not_move_forecasts_the_latest_output():
+    """s = 0 (ΔO_1 = 0): the rescaled increment has length s · ‖v‖ = 0, so the forecast is O(a), not unscaled."""
+    g = torch.Generator().manual_seed(6)
+    ins = [torch.randn(2, 3, 4, generator=g) for _ in range(3)]
+    outs = [torch.randn(2, 3, 4, generator=g)]
+    outs += [outs[0] + 1.0, outs[0] + 1.0]  # moved once, then not
+    pred = InputFit(2, scale=True)
+    with torch.no_grad():
+        got = pred.predict(_fit_state(pred, ins, outs), 8, None, ins[-1] + 0.5)
+    torch.testing.assert_close(got, outs[-1])
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_input_fit_state_bytes_equals_a_full_state(scale):
+    pred = InputFit(2, scale=scale)
+    st = _fit_state(pred, [torch.randn(2, 6, 4) for _ in range(4)], [torch.randn(2, 6, 8) for _ in range(4)])
+    assert st.nbytes == pred.state_bytes((2, 6, 8), (2, 6, 4), torch.float32, None)

@@ -215,6 +215,12 @@ def test_probe_names_the_input_rcs_reads():
             _packed_run(model)
             full[probe] = relcache.stats(model).full_steps
     assert full[1] == [0, 1] and len(full[0]) > 2
+    # per attribute: the joint module's second input, the feed-forward's only one (RCS decides at the first module)
+    adapter = CustomAdapter("blocks", {"mlp": "mlp", "joint": "attn"}, input_of={"joint": _joint_inputs},
+                            timestep=1, probe={"joint": 1})
+    with relcache.cached(model, RFC(threshold=0.05), adapter=adapter):
+        _packed_run(model)
+        assert relcache.stats(model).full_steps != [0, 1]  # RCS reads the mlp's input, first in each block: latents
     with pytest.raises(ConfigError, match="probe must be an integer >= 0"):
         CustomAdapter("blocks", {"joint": "attn"}, probe=-1)
     with pytest.raises(ConfigError, match="batched must be True or False"):

@@ -68,6 +68,8 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ConfigError(f"--resume: the run in {args.out} was made with other settings ({', '.join(diff)})")
         return record
+    if args.overwrite and path.exists():
+        path.unlink()  # as asked: the earlier calibration is gone, whatever happens next
     return {"command": getattr(args, "command_line", None), "settings": settings, "budgets": {}}
 
 

@@ -286,7 +286,12 @@ class FitState(PredictorState):
         """The stacked moves and matrices into their own buffers, one per count of moves ``j`` (reserved for every
         ``j`` outside compiled code, from the recorded input's and output's shapes)."""
         names = ("basis_in", "basis_out", "solve", "gram_out", "gram_in", "gram_full_out")
-        if not torch.compiler.is_compiling() and isinstance(self.inp, torch.Tensor):
+        made_for = (None if not isinstance(self.inp, torch.Tensor) else
+                    (self.inp.shape, self.inp.dtype, value.shape, value.dtype, value.device, self.max_moves))
+        fit_key = (key, "fit")
+        if (not torch.compiler.is_compiling() and made_for is not None
+                and static._reserved.get(fit_key) != made_for):  # once per shape, as ``hold_history``
+            static._reserved[fit_key] = made_for
             n, size_in, size_out = value.shape[0], self.inp[0].numel(), value[0].numel()
             for j in range(1, self.max_moves + 1):
                 rows = row_dtype(value.dtype)
@@ -350,8 +355,9 @@ class InputFit(Predictor):
         size = torch.empty((), dtype=computed).element_size()
         numel_out, numel_in = _numel(out_shape), _numel(in_shape)
         rows = 8 if computed == torch.float64 else 4
-        matrices = 2 if self.scale else 1
+        matrices = 2 if self.scale else 1  # the inverse and G_out / s², in the rows' dtype; the two Grams in float64
         total = size * (numel_out * (1 + self.order) + numel_in * self.order) + rows * matrices * n * self.order ** 2
+        total += 8 * 2 * n * self.order ** 2
         total += rows * n  # the ratio
         if self.blend:
             total += size * numel_out * self.order  # the output's divided differences (RFE's direction)
@@ -376,9 +382,13 @@ class InputFit(Predictor):
             state.solve = torch.nan_to_num(torch.linalg.inv_ex(g_in + reg)[0], nan=0.0, posinf=0.0, neginf=0.0).to(rows)
             ratio2 = g_out[:, 0, 0] / g_in[:, 0, 0]  # s², in float64
             state.ratio = ratio2.sqrt().to(rows)
-            # ``scale``: G_out / s², so that a cached step's ‖Σ c_j ΔO_j‖ / s is one root (s of 0, inf or NaN gives
-            # the same fallbacks as dividing by s there would)
-            state.gram_out = (g_out / ratio2[:, None, None]).to(rows) if self.scale else None
+            # ``scale``: G_out / s², so that a cached step's ‖Σ c_j ΔO_j‖ / s is one root (s infinite or NaN gives
+            # the factor 1, as dividing by s would)
+            if self.scale:  # s = 0: an infinite matrix makes the factor ‖v‖ / inf = 0, as s · ‖v‖ / ‖...‖ is
+                scaled = torch.where(ratio2[:, None, None] == 0, torch.inf, g_out / ratio2[:, None, None])
+                state.gram_out = scaled.to(rows)
+            else:
+                state.gram_out = None
             if self.blend:
                 d_in, d_out = state.basis_in, state.basis_out
                 state.in_diffs = [d_in[:, j].reshape(inp.shape) for j in range(d_in.shape[1])]
@@ -399,8 +409,11 @@ class InputFit(Predictor):
             return self._blend(state, inp, row, base)
         n = inp.shape[0]
         move = inp - state.inp
-        # rows, not columns: (1, N) x (N, j) runs as one fast matrix-vector product on a CPU, (j, N) x (N, 1) does not
-        dots = torch.bmm(move.reshape(n, 1, -1), state.basis_in.transpose(1, 2))  # <v, ΔI_j>, (n, 1, j)
+        if move.element_size() < 4:  # 16-bit: products summed in float32 (a float16 sum overflows, bfloat16 rounds)
+            dots = (state.basis_in * move.reshape(n, 1, -1)).sum(-1, dtype=torch.float32)[:, None]
+        else:  # rows, not columns: (1, N) x (N, j) runs as one fast matrix-vector product on a CPU, (j, N) x (N, 1)
+            # does not
+            dots = torch.bmm(move.reshape(n, 1, -1), state.basis_in.transpose(1, 2))  # <v, ΔI_j>, (n, 1, j)
         coef = torch.bmm(dots.to(state.solve.dtype), state.solve)  # cᵀ (the inverse is symmetric)
         if self.scale and state.gram_out is not None:
             # ‖Σ c_j ΔO_j‖² / s² = cᵀ (G_out / s²) c; the increment's length is set to s · ‖v‖ (factor 1 where that
@@ -409,11 +422,13 @@ class InputFit(Predictor):
             fac = torch.nan_to_num(sample_norm(move) / length, nan=1.0, posinf=1.0, neginf=1.0)
             coef = coef * fac[:, None, None]
         weights = coef.to(base.dtype)
-        if move.shape == base.shape and move.dtype == base.dtype and not torch.is_grad_enabled():
+        moves_out = state.basis_out.to(base.dtype)  # (a module may return another dtype than it takes)
+        if (move.shape == base.shape and move.dtype == base.dtype and move.is_contiguous()
+                and not torch.is_grad_enabled()):
             # written over the input's move, read by now: a fresh large buffer page-faults on a CPU (as in RFE)
-            return torch.baddbmm(base.reshape(n, 1, -1), weights, state.basis_out, out=move.view(n, 1, -1)).view(
+            return torch.baddbmm(base.reshape(n, 1, -1), weights, moves_out, out=move.view(n, 1, -1)).view(
                 base.shape)
-        return torch.baddbmm(base.reshape(n, 1, -1), weights, state.basis_out).reshape(base.shape)  # O(a) + Σ c_j ΔO_j
+        return torch.baddbmm(base.reshape(n, 1, -1), weights, moves_out).reshape(base.shape)  # O(a) + Σ c_j ΔO_j
 
     def _blend(self, state: FitState, inp: torch.Tensor, row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The experiment's mix of the fitted and RFE's increments by the fit's R² (computed in full, not lean)."""
@@ -452,7 +467,8 @@ def _stack_move(now: torch.Tensor, prev: torch.Tensor, old: torch.Tensor | None,
         torch.sub(now.reshape(n, -1), prev.reshape(n, -1), out=basis[:, 0])
     if keep:
         basis[:, 1:].copy_(old[:, :keep])
-    dots = torch.bmm(basis[:, :1], basis.transpose(1, 2))[:, 0].double()  # <ΔX_1, ΔX_k>, (n, 1 + keep)
+    wide = basis if basis.element_size() >= 4 else basis.float()  # 16-bit: a float16 sum overflows, bfloat16 rounds
+    dots = torch.bmm(wide[:, :1], wide.transpose(1, 2))[:, 0].double()  # <ΔX_1, ΔX_k>, (n, 1 + keep)
     gram = dots.new_empty(n, 1 + keep, 1 + keep)
     gram[:, 0], gram[:, :, 0] = dots, dots
     if keep:

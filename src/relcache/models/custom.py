@@ -90,7 +90,8 @@ class CustomAdapter(Adapter):
     transformer's forward receives the timestep, a keyword name or a positional index (used only to notice a new
     generation in a hand-written loop). ``model_classes``: class names to serve if you ``register_adapter`` it.
     ``probe``: where ``input_of`` returns several inputs (a joint module), the index of the one RCS reads and a
-    call's rows are cut by (``CachedModule.probe``). ``batched=False``: the blocks run one packed sequence without a
+    call's rows are cut by (``CachedModule.probe``): one index for every module, or a dict from attribute to index
+    (0 for the attributes it leaves out). ``batched=False``: the blocks run one packed sequence without a
     batch axis, ``(tokens, dim)``; per-sample norms then span the whole sequence (``CachedModule.batched``).
     """
 
@@ -101,7 +102,7 @@ class CustomAdapter(Adapter):
         input_of: InputFn | Mapping[str, InputFn] = first_tensor_input,
         timestep: str | int = "timestep",
         model_classes: tuple[str, ...] = (),
-        probe: int = 0,
+        probe: int | Mapping[str, int] = 0,
         batched: bool = True,
     ) -> None:
         self.blocks = _check_blocks(blocks)
@@ -109,13 +110,14 @@ class CustomAdapter(Adapter):
         self.input_of = _check_input_of(input_of)
         self.timestep = _check_timestep(timestep)
         self.model_classes = _check_model_classes(model_classes)
-        index = as_int(probe)
-        if index is None or index < 0:
-            raise ConfigError(f"CustomAdapter probe must be an integer >= 0 (which of input_of's inputs RCS reads), "
-                              f"got {probe!r}")
+        probes = probe if isinstance(probe, Mapping) else {attr: probe for attr, _ in self.modules}
+        checked = {attr: as_int(i) if isinstance(attr, str) else None for attr, i in probes.items()}
+        if not probes or any(i is None or i < 0 for i in checked.values()):
+            raise ConfigError("CustomAdapter probe must be an integer >= 0 (which of input_of's inputs RCS reads) or "
+                              f"a dict from attribute name to one, got {probe!r}")
         if not isinstance(batched, bool):
             raise ConfigError(f"CustomAdapter batched must be True or False, got {batched!r}")
-        self.probe, self.batched = index, batched
+        self.probe, self.batched = checked, batched
 
     def _blocks(self, model: nn.Module) -> tuple[str, Sequence[nn.Module]]:
         if not isinstance(self.blocks, str):
@@ -138,7 +140,8 @@ class CustomAdapter(Adapter):
                     continue
                 found[attr] = True
                 fn = self.input_of.get(attr, first_tensor_input) if per_attr else self.input_of
-                out.append(CachedModule(f"{prefix}.{i}.{attr}", module, kind, fn, self.probe, self.batched))
+                out.append(CachedModule(f"{prefix}.{i}.{attr}", module, kind, fn, self.probe.get(attr, 0),
+                                        self.batched))
         missing = [attr for attr, ok in found.items() if not ok]
         if missing:
             raise ConfigError(f"no block of {type(model).__name__}.{prefix} has the module(s) {missing}")
