@@ -409,6 +409,8 @@ class InputFit(Predictor):
             return self._blend(state, inp, row, base)
         n = inp.shape[0]
         move = inp - state.inp
+        if torch.compiler.is_compiling():
+            return self._compiled(state, move, base)
         if move.element_size() < 4:  # 16-bit: products summed in float32 (a float16 sum overflows, bfloat16 rounds)
             dots = (state.basis_in * move.reshape(n, 1, -1)).sum(-1, dtype=torch.float32)[:, None]
         else:  # rows, not columns: (1, N) x (N, j) runs as one fast matrix-vector product on a CPU, (j, N) x (N, 1)
@@ -429,6 +431,20 @@ class InputFit(Predictor):
             return torch.baddbmm(base.reshape(n, 1, -1), weights, moves_out, out=move.view(n, 1, -1)).view(
                 base.shape)
         return torch.baddbmm(base.reshape(n, 1, -1), weights, moves_out).reshape(base.shape)  # O(a) + Σ c_j ΔO_j
+
+    def _compiled(self, state: FitState, move: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``forecast``'s numbers as sums of products instead of batched matrix products: inductor fuses these with
+        the input's move, its norm and the final add (a batched product is an external kernel of its own)."""
+        n = move.shape[0]
+        wide = torch.float32 if move.element_size() < 4 else None
+        dots = (state.basis_in * move.reshape(n, 1, -1)).sum(-1, dtype=wide)  # (n, j)
+        coef = (dots.to(state.solve.dtype)[:, :, None] * state.solve).sum(1)  # cᵀ A, A symmetric
+        if self.scale and state.gram_out is not None:
+            length = ((coef[:, :, None] * state.gram_out).sum(1) * coef).sum(-1).sqrt()
+            fac = torch.nan_to_num(sample_norm(move) / length, nan=1.0, posinf=1.0, neginf=1.0)
+            coef = coef * fac[:, None]
+        inc = (coef.to(base.dtype)[:, :, None] * state.basis_out.to(base.dtype)).sum(1)  # Σ c_j ΔO_j, (n, size)
+        return base + inc.reshape(base.shape)
 
     def _blend(self, state: FitState, inp: torch.Tensor, row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The experiment's mix of the fitted and RFE's increments by the fit's R² (computed in full, not lean)."""
