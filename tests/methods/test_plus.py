@@ -1,5 +1,7 @@
 """RFC+ pieces (issue 19) against hand-computed values: the Newton-form forecast, the forecast ratio, the preset."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import run_loop, tiny_dit
@@ -304,6 +306,8 @@ def test_input_fit_refuses_what_it_cannot_do():
         InputFit(2, ridge=-1)
     with pytest.raises(ConfigError, match="keeps its caches as computed"):
         InputFit(2).new_state(CacheStorage(torch.bfloat16, torch.bfloat16, torch.bfloat16))
+    with pytest.raises(ConfigError, match="InputFit keeps its caches as computed: give no cache_dtype"):
+        dataclasses.replace(RFCPlus(full_steps=[0, 1, 5], fit=True), cache_dtype=torch.bfloat16)  # before any run
 
 
 def _fit_state(pred, ins, outs):

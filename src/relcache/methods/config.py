@@ -83,6 +83,9 @@ class CacheConfig:
             object.__setattr__(self, "modules", tuple(k for k in MODULE_KINDS if k in given))
         if not isinstance(self.cache_dtype, CacheStorage):
             check_format("cache_dtype", self.cache_dtype)
+        if self.cache_dtype is not None and getattr(self.predictor, "computed_only", False):
+            raise ConfigError(f"{type(self.predictor).__name__} keeps its caches as computed: give no cache_dtype, got "
+                              f"{self.cache_dtype!r}")
         if self.max_cache_bytes is not None:
             n = as_int(self.max_cache_bytes)
             if n is None or n < 0:

@@ -328,6 +328,7 @@ class InputFit(Predictor):
     scale: bool = False
     blend: bool = False
     uses_input: ClassVar[bool] = True
+    computed_only: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_int("order", self.order, 1, MAX_ORDER)

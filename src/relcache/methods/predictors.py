@@ -124,6 +124,8 @@ class Predictor(ABC):
     uses_input: bool = False
     #: whether ``forecast`` accepts the row's ``k`` as a host number (``k=``); predictors written without it still work
     takes_host_k: ClassVar[bool] = False
+    #: whether the predictor keeps its caches only as computed (``CacheConfig`` then refuses a ``cache_dtype``)
+    computed_only: ClassVar[bool] = False
 
     def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
                   ) -> PredictorState:
