@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relcache
 from relcache import CacheConfig, Interval, Linear, Relational, Reuse, Taylor
-from relcache.methods.plus import InputFit
+from relcache.methods.fit import InputFit
 
 METHODS: dict[str, CacheConfig | None] = {
     "full step": None,

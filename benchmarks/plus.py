@@ -27,7 +27,8 @@ from relcache.evaluation.analyze import record_trace, replay
 from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import TRANSFORMER_DIR, load_evaluator, sample_digits
-from relcache.methods.plus import InputFit, Newton, NewtonInputError, RelationalPlus
+from relcache.methods.fit import InputFit
+from relcache.methods.plus import Newton, NewtonInputError, RelationalPlus
 from relcache.methods.predictors import Taylor
 
 

@@ -38,7 +38,8 @@ from relcache.evaluation.digits import digits_fid
 from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import TRANSFORMER_DIR, load_evaluator, sample_digits
 from relcache.evaluation.steps_search import search_steps
-from relcache.methods.plus import InputFit, RelationalPlus
+from relcache.methods.fit import InputFit
+from relcache.methods.plus import RelationalPlus
 
 STEPS = 50  # the reference sampler's steps
 PREDICTORS = {"rfe": lambda: Relational(2), "plus": lambda: RelationalPlus(2),

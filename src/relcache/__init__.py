@@ -31,7 +31,7 @@ from .methods import (
     Taylor,
     TaylorSeer,
 )
-from .methods.config import RFCPlus  # issue 19: beyond the paper (methods/plus.py)
+from .methods.config import RFCPlus  # issue 19: beyond the paper (methods/plus.py, fit.py)
 from .models import CustomAdapter
 from .runtime import CacheStats, ContextStats
 

@@ -8,8 +8,9 @@ from conftest import run_loop, tiny_dit
 
 import relcache
 from relcache import RFC, CacheStorage, ConfigError, InputError, Relational, RFCPlus
+from relcache.methods.fit import InputFit
 from relcache.methods.history import DiffHistory, step_row
-from relcache.methods.plus import InputFit, Newton, NewtonHistory, NewtonInputError, RelationalPlus, newton_forecast
+from relcache.methods.plus import Newton, NewtonHistory, NewtonInputError, RelationalPlus, newton_forecast
 
 
 def _quadratic(t: float) -> torch.Tensor:

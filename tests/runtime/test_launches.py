@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relcache
 from relcache.methods.config import CacheConfig
-from relcache.methods.plus import InputFit
+from relcache.methods.fit import InputFit
 from relcache.methods.predictors import Forecast, Relational, Reuse, Taylor
 from relcache.methods.schedules import Interval
 

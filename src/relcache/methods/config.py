@@ -251,7 +251,8 @@ def RFCPlus(  # noqa: N802
     ``RelationalPlus``; with calibrated steps the pair that meets issue 19's bar on both reference models
     (docs/results.md). (choice) It keeps its caches as computed and does not run under context parallelism.
     """
-    from .plus import InputFit, RelationalPlus
+    from .fit import InputFit
+    from .plus import RelationalPlus
 
     order = check_int("order", order, 1, MAX_ORDER)
     if not isinstance(fit, bool):
