@@ -153,17 +153,22 @@ def main() -> None:
         return relative_l1(got, ref), digits_fid(evaluator, got, ref)
 
     summary = []
+
+    def on_tests(nfc: int, best: list[int], kind: str) -> None:
+        """RFC and the steps ``best`` on the test samples: printed, and a row of the summary."""
+        rfc_outs = [run("RFC, test", nfc, b, relcache.RFC(target_nfc=nfc))[1] for b in tests]
+        rfc_steps = [r["steps"] for r in runs[-len(tests):]]
+        found = [fixed(nfc, tuple(best), b, kind)[1] for b in tests]
+        (e_rfc, f_rfc), (e_found, f_found) = over_tests(rfc_outs), over_tests(found)
+        summary.append({"nfc": nfc, "steps": best, "rfc_steps": rfc_steps, "rfc": [e_rfc, f_rfc],
+                        "searched": [e_found, f_found]})
+        print(f"  test samples: RFC {e_rfc:.4f} / {f_rfc:.3f} (steps {rfc_steps}); steps {best} with "
+              f"{args.predictor} {e_found:.4f} / {f_found:.3f} ({e_found / e_rfc:.2f}x)", flush=True)
+
     for nfc in args.budgets:
         if args.evaluate:
-            best = found_steps[nfc]
-            rfc_outs = [run("RFC, test", nfc, b, relcache.RFC(target_nfc=nfc))[1] for b in tests]
-            rfc_steps = [r["steps"] for r in runs[-len(tests):]]
-            found = [fixed(nfc, tuple(best), b, "evaluated, test")[1] for b in tests]
-            (e_rfc, f_rfc), (e_found, f_found) = over_tests(rfc_outs), over_tests(found)
-            summary.append({"nfc": nfc, "steps": best, "rfc_steps": rfc_steps, "rfc": [e_rfc, f_rfc],
-                            "searched": [e_found, f_found]})
-            print(f"NFC {nfc}: test samples: RFC {e_rfc:.4f} / {f_rfc:.3f}; steps {best} with {args.predictor} "
-                  f"{e_found:.4f} / {f_found:.3f} ({e_found / e_rfc:.2f}x)", flush=True)
+            print(f"NFC {nfc}:", flush=True)
+            on_tests(nfc, found_steps[nfc], "evaluated, test")
             continue
         rfc_cal = sum(run("RFC", nfc, seed, relcache.RFC(target_nfc=nfc))[0] for seed in cals) / len(cals)
         start = tuple(runs[-len(cals)]["steps"])  # RCS's steps on the first calibration batch
@@ -186,14 +191,7 @@ def main() -> None:
                       f"({err / rfc_cal:.2f}x) {list(found_steps.steps)}  ({time.time() - t0:.0f} s)", flush=True)
                 if err < best_err:
                     best, best_err = list(found_steps.steps), err
-            rfc_outs = [run("RFC, test", nfc, b, relcache.RFC(target_nfc=nfc))[1] for b in tests]
-            rfc_steps = [r["steps"] for r in runs[-len(tests):]]
-            found = [fixed(nfc, tuple(best), b, "searched, test")[1] for b in tests]
-            (e_rfc, f_rfc), (e_found, f_found) = over_tests(rfc_outs), over_tests(found)
-            summary.append({"nfc": nfc, "steps": best, "rfc_steps": rfc_steps, "rfc": [e_rfc, f_rfc],
-                            "searched": [e_found, f_found]})
-            print(f"  test samples: RFC {e_rfc:.4f} / {f_rfc:.3f} (steps {rfc_steps}); searched steps "
-                  f"{e_found:.4f} / {f_found:.3f} ({e_found / e_rfc:.2f}x)", flush=True)
+            on_tests(nfc, best, "searched, test")
     if summary:
         print(f"\n| NFC | RFC rel L1 / FID2FC | searched steps, {args.predictor} | x RFC | steps |")
         print("|---|---|---|---|---|")

@@ -79,9 +79,9 @@ def methods(budget: int, cache_dtype: torch.dtype | None, steps: int = 50) -> di
         # so the same model FLOPs and the same number of cached steps)
         "RFC+ fit m=2 (fixed steps)": RFCPlus(order=2, fit=True, full_steps=FORA(n).schedule.full_steps(steps)),
     }
-    if cache_dtype is not None:  # (RFC+ fit keeps its caches as computed: left out)
+    if cache_dtype is not None:  # (a predictor that keeps its caches as computed, RFC+ fit's, is left out)
         configs = {k: dataclasses.replace(c, cache_dtype=cache_dtype) for k, c in configs.items()
-                   if "fit" not in k}
+                   if not c.predictor.computed_only}
     return configs
 
 

@@ -9,18 +9,16 @@ import torch
 
 from ..errors import ConfigError
 from ..evaluation.bench import default_methods, run_bench, select
-from ..evaluation.pipelines import DEFAULT_PROMPTS, FAMILY_NAMES
+from ..evaluation.pipelines import FAMILY_NAMES
 from .options import (
+    _add_condition_options,
     _add_generation_options,
     _budget,
-    _index,
     _output_dir,
     _pipeline_dir,
     _pipeline_guidance,
     _pipeline_inputs,
     _positive,
-    _prompts_file,
-    _size,
 )
 from .reference import _reference
 
@@ -100,14 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_generation_options(p, samples=100, samples_help="number of samples",
                             steps_help="denoising steps; with other than 50 each budget keeps the paper's interval, "
                             "and RFC aims at that interval's NFC over these steps", guidance=None)
-    p.add_argument("--labels", type=_index, nargs="+",
-                   help="class labels cycled over the samples, class-conditional models only (default: every class)")
-    p.add_argument("--prompts", type=_prompts_file, metavar="FILE",
-                   help="prompts cycled over the samples, one a line, text-conditioned models only (default: a "
-                   f"built-in list of {len(DEFAULT_PROMPTS)} varied prompts)")
-    p.add_argument("--frames", type=int, help="frames per video, video models only (default: the pipeline's own)")
-    p.add_argument("--height", type=_size, help="image height in pixels (default: the pipeline's own)")
-    p.add_argument("--width", type=_size, help="image width in pixels (default: the pipeline's own)")
+    _add_condition_options(p)
     p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7], help="NFC budgets of 50 steps")
     p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
     p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..evaluation.pipelines import DEFAULT_PROMPTS
 from .options import (
+    _add_condition_options,
     _add_generation_options,
     _at_least_2,
     _index,
@@ -23,8 +23,6 @@ from .options import (
     _pipeline_guidance,
     _pipeline_inputs,
     _positive,
-    _prompts_file,
-    _size,
 )
 from .reference import _reference
 
@@ -145,14 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: %(default)s)")
     p.add_argument("--radius", type=_positive, default=3, help="largest move of one step (default: %(default)s)")
     p.add_argument("--rounds", type=_index, default=3, help="rounds of moves at most (default: %(default)s)")
-    p.add_argument("--labels", type=_index, nargs="+",
-                   help="class labels cycled over the samples, class-conditional models only (default: every class)")
-    p.add_argument("--prompts", type=_prompts_file, metavar="FILE",
-                   help="prompts cycled over the samples, one a line, text-conditioned models only (default: a "
-                   f"built-in list of {len(DEFAULT_PROMPTS)} varied prompts)")
-    p.add_argument("--frames", type=int, help="frames per video, video models only (default: the pipeline's own)")
-    p.add_argument("--height", type=_size, help="image height in pixels (default: the pipeline's own)")
-    p.add_argument("--width", type=_size, help="image width in pixels (default: the pipeline's own)")
+    _add_condition_options(p)
     p.add_argument("--out", type=_output_dir, default="runs/calibrate", help="output directory (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the calibration recorded in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the calibration in --out and start over")

@@ -206,3 +206,17 @@ def _pipeline_guidance(args: argparse.Namespace, family: Any) -> float | None:
     if args.guidance is not None:
         return args.guidance
     return 1.5 if family is None else family.default_guidance
+
+
+def _add_condition_options(p: argparse.ArgumentParser) -> None:
+    """What ``bench`` and ``calibrate`` generate: class labels or prompts, frames and size (``_pipeline_inputs``)."""
+    from ..evaluation.pipelines import DEFAULT_PROMPTS
+
+    p.add_argument("--labels", type=_index, nargs="+",
+                   help="class labels cycled over the samples, class-conditional models only (default: every class)")
+    p.add_argument("--prompts", type=_prompts_file, metavar="FILE",
+                   help="prompts cycled over the samples, one a line, text-conditioned models only (default: a "
+                   f"built-in list of {len(DEFAULT_PROMPTS)} varied prompts)")
+    p.add_argument("--frames", type=int, help="frames per video, video models only (default: the pipeline's own)")
+    p.add_argument("--height", type=_size, help="image height in pixels (default: the pipeline's own)")
+    p.add_argument("--width", type=_size, help="image width in pixels (default: the pipeline's own)")
