@@ -232,6 +232,26 @@ def test_folded_ratio_forecast_equals_the_spec_formula_including_its_fallbacks(r
         assert got[[0, 1, 2, 5]].tolist() == pytest.approx([2 + 0.5 * 7 / 6, 3.0, 2.0, 2 / 1.5])
 
 
+def test_mean_ratio_fallback_survives_compile():
+    """The mean of ``s(a)`` and ``s(b)`` falls back to ``s(a)`` where it is not finite, compiled too (inductor
+    simplifies ``x * 0`` to ``0``, which would make a mask written so ``True`` everywhere)."""
+    pred = RelationalPlus(2, ratio="mean", clip=4.0)
+    state = pred.new_state()
+    state.ratio_gaps = (torch.tensor(4.0), torch.tensor(2.0))
+    row = torch.tensor(step_row(3))
+
+    def fold_and_forecast(s, prev):
+        state.ratio, state.ratio_prev = s, prev
+        state.ratio_line = pred._fold(state)
+        return pred.forecast_ratio(state, row)
+
+    s, prev = torch.tensor([2.0, 2.0, 2.0]), torch.tensor([3.0, float("inf"), float("nan")])
+    want = torch.tensor([2.5, 2.0, 2.0])
+    torch.testing.assert_close(fold_and_forecast(s, prev), want)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fold_and_forecast, fullgraph=True)(s, prev), want)
+
+
 def _operators(fn) -> int:
     """Operators ``fn`` dispatches, views excluded (a kernel launch each on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode

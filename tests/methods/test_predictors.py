@@ -178,6 +178,26 @@ def test_relational_fallbacks_per_sample():
     torch.testing.assert_close(got, torch.tensor([[2.0, 0.0], [6.0, 0.0]]))
 
 
+def test_relational_fallbacks_survive_compile():
+    """inductor simplifies ``x * 0`` to ``0``: a fallback mask written so would be ``True`` everywhere once compiled,
+    and a compiled forecast would return inf or NaN where the eager one falls back to Taylor."""
+    pred = Relational(1)
+    state = pred.new_state()
+    pred.update(state, 0, torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0],
+                                                                                            [5.0, 5.0]]))
+    # sample 1: its input did not move (s infinite); sample 2: its output did not move (s = 0 and u = 0: NaN)
+    pred.update(state, 1, torch.tensor([[3.0, 4.0], [1.0, 1.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0],
+                                                                                            [5.0, 5.0]]))
+    inp, row = torch.tensor([[6.0, 8.0], [7.0, 7.0], [2.0, 0.0]]), torch.tensor(step_row(2))
+    # sample 0: s = 1/5, ||I(i) - I(a)|| = 5, direction (1, 0) -> (1 + 1, 0); sample 1: Taylor 2 + 2 * 2 = 6;
+    # sample 2: Taylor 5 + 2 * 0 = 5
+    want = torch.tensor([[2.0, 0.0], [6.0, 0.0], [5.0, 5.0]])
+    torch.testing.assert_close(pred.forecast(state, inp, row), want)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, r: pred.forecast(state, x, r), fullgraph=True)
+    torch.testing.assert_close(compiled(inp, row), want)
+
+
 def test_relational_samples_never_share_norms():
     """Each sample (and so each CFG half) predicts exactly as it would alone in a batch of one."""
     g = torch.Generator().manual_seed(1)

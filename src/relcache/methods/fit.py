@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_int
-from .history import MAX_ORDER, Reducer, StaticCaches, per_sample, row_dtype, sample_norm
+from .history import MAX_ORDER, Reducer, StaticCaches, finite, per_sample, row_dtype, sample_norm
 from .predictors import Predictor, PredictorState
 from .storage import CacheStorage, held_bytes
 
@@ -227,9 +227,9 @@ class InputFit(Predictor):
             # R² of the fit: the share of the input's move the recorded moves explain; the rest goes to RFE
             fitted = (basis.transpose(1, 2) @ coef.double()[..., None])[..., 0]
             r2 = (fitted.square().sum(1) / v[..., 0].square().sum(1)).clamp(0, 1).to(base.dtype)
-            r2 = torch.where(r2 * 0 == 0, r2, torch.zeros_like(r2))
+            r2 = torch.where(finite(r2), r2, torch.zeros_like(r2))
             rfe = per_sample(state.ratio * sample_norm(move) / sample_norm(u), u) * u  # RFE's increment
-            rfe = torch.where(rfe * 0 == 0, rfe, torch.zeros_like(rfe))
+            rfe = torch.where(finite(rfe), rfe, torch.zeros_like(rfe))
             inc = per_sample(r2, inc) * inc + per_sample(1 - r2, rfe) * rfe
         return base + inc
 

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from .history import DiffHistory, Reducer, StaticCaches, row_dtype
+from .history import DiffHistory, Reducer, StaticCaches, finite, row_dtype
 from .predictors import PredictorState, Relational, Taylor
 from .schedules import InputError, InputErrorState
 from .storage import CacheStorage, held_bytes, store
@@ -205,7 +205,7 @@ class RelationalPlus(Relational):
         lo, hi = s / self.clip, s * self.clip
         if self.ratio == "mean":
             est = 0.5 * (s + prev)
-            return torch.where(est * 0 == 0, est, s), None, lo, hi
+            return torch.where(finite(est), est, s), None, lo, hi
         n_a, n_b = state.ratio_gaps
         slope = (s - prev) / (n_a + n_b).to(s.dtype)
         start = s + slope * n_a.to(s.dtype)

@@ -25,6 +25,7 @@ from .history import (
     DiffHistory,
     Reducer,
     StaticCaches,
+    finite,
     numbers_on,
     per_sample,
     power_sums,
@@ -323,10 +324,9 @@ class Relational(Predictor):
             coef = s * moved / (hist.direction_norm(gram, row) if fits else sample_norm(u))
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
         # With k on the host, one kernel (``coef`` is never negative: -inf cannot occur, but is mapped too). Without
-        # it (compiled code, where inductor fuses it anyway), ``coef * 0 == 0`` is ``isfinite`` in two kernels where
-        # ``isfinite`` takes four (abs, ne, eq, mul), and a ``where``.
+        # it (compiled code, or a step captured by hand), ``finite`` and a ``where``.
         if k is None:
-            coef = torch.where(coef * 0 == 0, coef, row[0])
+            coef = torch.where(finite(coef), coef, row[0])
         else:
             coef = torch.nan_to_num(coef, nan=k, posinf=k, neginf=k)
         # One fused pass, written over the fresh direction: a second large allocation here made a cached step
