@@ -40,15 +40,16 @@ run flux_eager 120 python3 flux_speed.py "${flux[@]}" --out "$out/flux_eager.jso
 # 2. DiT-XL/2: kernel launches and the cached step's cost (profiled), host syncs (CUDA only).
 run cached_step 35 python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats $rep --profile
 [ $smoke = 1 ] || run syncs 20 python3 syncs.py "${size[@]}" "${dt[@]}"
-# 3. DiT-XL/2 at batch 16 (8 images, CFG batched), eager then compiled (inductor), the methods that matter.
+# 3. DiT-XL/2 at batch 16 (8 images, CFG batched), eager then compiled (inductor), the methods that matter; compiled
+# runs also time each call of one more generation (--breakdown: first call, full calls, cached calls).
 run speed_b16 45 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA "TaylorSeer m=2" \
   "RFC m=2" --out "$out/speed_b16.json"
 run speed_b16_compiled 90 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
-  "RFC m=2" --compile default --out "$out/speed_b16_compiled.json"
+  "RFC m=2" --compile default --breakdown --out "$out/speed_b16_compiled.json"
 # 3b. The same under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs
 # and compiles as above): caches held in place at stable addresses (docs/spec.md, "Capture").
 run speed_b16_cudagraphs 75 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
-  "RFC m=2" --compile reduce-overhead --out "$out/speed_b16_cudagraphs.json"
+  "RFC m=2" --compile reduce-overhead --breakdown --out "$out/speed_b16_cudagraphs.json"
 # 4. FLUX-shaped, compiled: RFC at NFC 8 against the compiled plain model (compiling FLUX takes most of this).
 run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --compile default \
   --out "$out/flux_compiled.json"

@@ -23,7 +23,9 @@ Examples::
 With ``--compile MODE`` the same run also times, after the eager rows, the plain model and every method under
 ``torch.compile(model, mode=MODE)``: each method on its own copy of the model, compiled once and warmed with one
 untimed generation (which compiles every kind of step), then all timed in turn, ``--repeats`` rounds, interleaved
-like the eager rows; compiled speed-ups are against the compiled plain model.
+like the eager rows; compiled speed-ups are against the compiled plain model. ``--breakdown`` then times every call
+of one more generation of each: what the first call (eager: it allocates the caches), the later full calls and the
+cached calls cost against a plain compiled step, which the derived column above lumps together.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ def class_labels(images: int, device: str) -> torch.Tensor:
 
 
 def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype, images: int = 1,
-             ) -> torch.Tensor:
-    """One DDIM generation of ``images`` images with CFG batched (batch ``2 * images``), like DiTPipeline's loop."""
+             log: list[float] | None = None) -> torch.Tensor:
+    """One DDIM generation of ``images`` images with CFG batched (batch ``2 * images``), like DiTPipeline's loop.
+    ``log``: each transformer call's wall time is appended (on a GPU after a synchronisation, which costs a little)."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     scheduler.set_timesteps(steps)
     relcache.begin_generation(model, timesteps=scheduler.timesteps)  # announced: batch_modulation may tabulate
@@ -101,8 +104,13 @@ def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch
     labels = class_labels(images, device)
     with torch.no_grad():
         for t in scheduler.timesteps:
+            start = time.perf_counter()
             eps = model(torch.cat([x, x]), timestep=t.expand(2 * images).to(device),
                         class_labels=labels).sample[:, :4]
+            if log is not None:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                log.append(time.perf_counter() - start)
             cond, uncond = eps.chunk(2)
             x = scheduler.step(uncond + 1.5 * (cond - uncond), t, x).prev_sample
     if device == "cuda":
@@ -128,8 +136,30 @@ def timed(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dt
     return time.perf_counter() - start
 
 
+@dataclasses.dataclass
+class Breakdown:
+    """One more generation of a compiled model, each call timed (``--breakdown``): where its time goes."""
+
+    calls: list[float]  # seconds per transformer call
+    full_steps: list[int]  # relcache's full steps (every step for the plain model)
+
+    def ms(self, steps: list[int]) -> float:
+        return 1e3 * statistics.median([self.calls[i] for i in steps]) if steps else float("nan")
+
+    def row(self, plain_ms: float) -> dict[str, float]:
+        """The first call, the median later full call and the median cached call in ms, and what the first call and
+        the cached calls cost over the ideal (``NFC`` plain steps), in % of the plain step."""
+        full = [i for i in self.full_steps if i > 0]
+        cached = [i for i in range(len(self.calls)) if i not in set(self.full_steps)]
+        return {"first_ms": 1e3 * self.calls[0], "full_ms": self.ms(full), "cached_ms": self.ms(cached),
+                "first_over_plain_pct": 100 * (1e3 * self.calls[0] / plain_ms - 1),
+                "full_over_plain_pct": 100 * (self.ms(full) / plain_ms - 1),
+                "cached_of_plain_pct": 100 * self.ms(cached) / plain_ms}
+
+
 def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.CacheConfig], mode: str,
-                   args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[object, list[float]], dict[object, int]]:
+                   args: argparse.Namespace, dtype: torch.dtype
+                   ) -> tuple[dict[object, list[float]], dict[object, int], dict[object, Breakdown]]:
     """Times of the compiled plain model (key "full") and of each config under ``torch.compile(model, mode=mode)``,
     interleaved: each config gets its own copy of the model (same weights), enabled and compiled once (each enabled
     model compiles under its own entry frame, so none shares another's recompile limit) and warmed with one untimed
@@ -150,18 +180,25 @@ def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.
             for key, fn in compiled.items():
                 times[key].append(timed(fn, args.steps, args.device, dtype, args.images))
         nfc = {key: relcache.stats(copies[key]).nfc for key in configs}
+        breakdown: dict[object, Breakdown] = {}
+        if args.breakdown:
+            for key, fn in compiled.items():
+                calls: list[float] = []
+                generate(fn, args.steps, args.device, dtype, args.images, log=calls)
+                steps = list(range(args.steps)) if key == "full" else relcache.stats(copies[key]).full_steps
+                breakdown[key] = Breakdown(calls, steps)
     finally:
         for key, own in copies.items():
             if key != "full":
                 relcache.disable(own)
         torch._dynamo.reset()
-    return times, nfc
+    return times, nfc, breakdown
 
 
 def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object, relcache.CacheConfig],
                   args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, object]]:
     """The compiled table: every method against the compiled plain model, printed and returned as rows."""
-    times, nfc = compiled_times(model, configs, args.compile, args, dtype)
+    times, nfc, breakdown = compiled_times(model, configs, args.compile, args, dtype)
     t_full = statistics.median(times["full"])
     step = t_full / args.steps
     print(f"\nDiT-{size}/2 compiled (mode={args.compile}): full generation {t_full:.2f} s ({step * 1e3:.1f} ms/step)")
@@ -178,6 +215,18 @@ def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object,
         rows.append(row)
         print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | {row['pct_of_ideal']:.1f} | "
               f"{'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} |")
+    if breakdown:
+        plain_ms = breakdown["full"].ms(list(range(args.steps)))
+        print(f"\nOne more generation each, every call timed: plain compiled step {plain_ms:.1f} ms (median)")
+        print("| method | first call ms | later full calls ms | cached calls ms | first call over a plain step | "
+              "full calls over a plain step | cached call / plain step |")
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            b = breakdown[(row["budget"], row["method"])].row(plain_ms)
+            row["breakdown"] = b
+            print(f"| {row['method']} | {b['first_ms']:.0f} | {b['full_ms']:.1f} | {b['cached_ms']:.1f} | "
+                  f"{b['first_over_plain_pct']:+.0f} % | {b['full_over_plain_pct']:+.1f} % | "
+                  f"{b['cached_of_plain_pct']:.1f} % |")
     return rows
 
 
@@ -197,8 +246,13 @@ def main() -> None:
                         help="also time every method under torch.compile(model, mode=MODE), in the same run")
     parser.add_argument("--batch-modulation", action="store_true",
                         help="also time every method with enable(..., batch_modulation=True), in the same run")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="with --compile: one more generation of each compiled model with every call timed: the "
+                             "first call, later full calls and cached calls against a plain compiled step")
     parser.add_argument("--out", default="runs/speed.json")
     args = parser.parse_args()
+    if args.breakdown and not args.compile:
+        parser.error("--breakdown times the compiled models: it needs --compile MODE")
     dtype = getattr(torch, args.dtype)
     cache_dtype = getattr(torch, args.cache_dtype) if args.cache_dtype else None
 
