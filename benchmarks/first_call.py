@@ -18,7 +18,7 @@ import warnings
 
 import torch
 from diffusers import DDIMScheduler
-from speed import SIZES, build, class_labels, methods
+from speed import INTERVAL_FOR_NFC, SIZES, build, class_labels, methods
 
 import relcache
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="B", choices=list(SIZES))
     parser.add_argument("--method", default="RFC m=2", choices=list(methods(14, None)))
-    parser.add_argument("--budget", type=int, default=14)
+    parser.add_argument("--budget", type=int, default=14, choices=list(INTERVAL_FOR_NFC))
     parser.add_argument("--batch-modulation", action="store_true")
     parser.add_argument("--generations", type=int, default=2, help="untimed generations before the profiled one")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -71,11 +71,15 @@ def main() -> None:
             generation()
         calls = generation(profile=True)
     full = set(relcache.stats(model).full_steps)
+
+    def median_ms(picked: list[float]) -> str:
+        return f"{1e3 * statistics.median(picked):.1f} ms" if picked else "none"
+
     later_full = [c for i, c in enumerate(calls) if i in full and i > 0]
     cached = [c for i, c in enumerate(calls) if i not in full]
     print(f"DiT-{args.models}/2, {args.method}{' + batch modulation' if args.batch_modulation else ''}, compiled: "
-          f"first call {1e3 * calls[0]:.0f} ms (profiled), later full calls {1e3 * statistics.median(later_full):.1f} "
-          f"ms, cached calls {1e3 * statistics.median(cached):.1f} ms (medians)")
+          f"first call {1e3 * calls[0]:.0f} ms (profiled), later full calls {median_ms(later_full)}, cached calls "
+          f"{median_ms(cached)} (medians)")
 
 
 if __name__ == "__main__":

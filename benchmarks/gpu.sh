@@ -26,10 +26,15 @@ fi
 { python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
   date -u; } 2>&1 | tee -a "$out/gpu.txt"
 
-# run NAME SECONDS CMD...: CMD under a time limit (times $scale), its output in $out/NAME.txt
+# run NAME SECONDS CMD...: CMD under a time limit (times $scale), its output in $out/NAME.txt. The limits add up to
+# more than 6 minutes; the script's own budget (360 s times $scale) cuts the last ones short, so the whole run never
+# takes longer, and a command the budget no longer reaches is skipped (said in gpu.txt).
+budget=$((360 * scale))
 run() {
-  local name=$1 limit=$(($2 * scale)) start=$SECONDS
+  local name=$1 limit=$(($2 * scale)) start=$SECONDS left=$((budget - SECONDS))
   shift 2
+  if [ $left -le 5 ]; then echo "== $name: skipped, the ${budget} s budget is spent" | tee -a "$out/gpu.txt"; return; fi
+  [ $limit -gt $left ] && limit=$left
   echo "== $name (limit ${limit} s)"
   timeout "$limit" "$@" > >(tee "$out/$name.txt") 2>&1
   echo "== $name: exit $?, $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
@@ -44,11 +49,11 @@ run cached_step 35 python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats $rep
 # runs also time each call of one more generation (--breakdown: first call, full calls, cached calls).
 run speed_b16 45 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA "TaylorSeer m=2" \
   "RFC m=2" --out "$out/speed_b16.json"
-run speed_b16_compiled 90 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
+run speed_b16_compiled 105 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
   "RFC m=2" --compile default --breakdown --out "$out/speed_b16_compiled.json"
 # 3b. The same under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs
 # and compiles as above): caches held in place at stable addresses (docs/spec.md, "Capture").
-run speed_b16_cudagraphs 75 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
+run speed_b16_cudagraphs 90 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
   "RFC m=2" --compile reduce-overhead --breakdown --out "$out/speed_b16_cudagraphs.json"
 # 4. FLUX-shaped, compiled: RFC at NFC 8 against the compiled plain model (compiling FLUX takes most of this).
 run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --compile default \

@@ -104,6 +104,8 @@ def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch
     labels = class_labels(images, device)
     with torch.no_grad():
         for t in scheduler.timesteps:
+            if log is not None and device == "cuda":
+                torch.cuda.synchronize()  # the call alone, not the scheduler's step before it
             start = time.perf_counter()
             eps = model(torch.cat([x, x]), timestep=t.expand(2 * images).to(device),
                         class_labels=labels).sample[:, :4]
@@ -146,15 +148,17 @@ class Breakdown:
     def ms(self, steps: list[int]) -> float:
         return 1e3 * statistics.median([self.calls[i] for i in steps]) if steps else float("nan")
 
-    def row(self, plain_ms: float) -> dict[str, float]:
-        """The first call, the median later full call and the median cached call in ms, and what the first call and
-        the cached calls cost over the ideal (``NFC`` plain steps), in % of the plain step."""
+    def row(self, plain_ms: float) -> dict[str, object]:
+        """The first call, the median later full call and the median cached call in ms (NaN where there is none);
+        the first and the full calls' excess over ``plain_ms`` (a plain compiled step) and a cached call as a share
+        of it, in %; and the raw per-call times and full steps."""
         full = [i for i in self.full_steps if i > 0]
         cached = [i for i in range(len(self.calls)) if i not in set(self.full_steps)]
         return {"first_ms": 1e3 * self.calls[0], "full_ms": self.ms(full), "cached_ms": self.ms(cached),
                 "first_over_plain_pct": 100 * (1e3 * self.calls[0] / plain_ms - 1),
                 "full_over_plain_pct": 100 * (self.ms(full) / plain_ms - 1),
-                "cached_of_plain_pct": 100 * self.ms(cached) / plain_ms}
+                "cached_of_plain_pct": 100 * self.ms(cached) / plain_ms,
+                "plain_ms": plain_ms, "calls_ms": [1e3 * c for c in self.calls], "full_steps": list(self.full_steps)}
 
 
 def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.CacheConfig], mode: str,
@@ -224,9 +228,10 @@ def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object,
         for row in rows:
             b = breakdown[(row["budget"], row["method"])].row(plain_ms)
             row["breakdown"] = b
-            print(f"| {row['method']} | {b['first_ms']:.0f} | {b['full_ms']:.1f} | {b['cached_ms']:.1f} | "
-                  f"{b['first_over_plain_pct']:+.0f} % | {b['full_over_plain_pct']:+.1f} % | "
-                  f"{b['cached_of_plain_pct']:.1f} % |")
+            cached = "-" if row["nfc"] == args.steps else f"{b['cached_ms']:.1f}"
+            share = "-" if row["nfc"] == args.steps else f"{b['cached_of_plain_pct']:.1f} %"
+            print(f"| {row['method']} | {b['first_ms']:.0f} | {b['full_ms']:.1f} | {cached} | "
+                  f"{b['first_over_plain_pct']:+.0f} % | {b['full_over_plain_pct']:+.1f} % | {share} |")
     return rows
 
 

@@ -1,5 +1,7 @@
 """Tiny models built from configs (random weights): nothing is downloaded."""
 
+import shutil
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -69,3 +71,8 @@ def run_loop(model, x, labels, steps=12, begin=True, timesteps=None):
             outs.append(out)
             x = x - 0.05 * out + 0.01 * i
     return outs
+
+
+#: inductor's CPU code is C++: tests that compile with inductor (not ``aot_eager``) need a compiler
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                               reason="inductor's CPU backend needs a C++ compiler")

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import run_loop, tiny_dit
+from conftest import needs_cxx, run_loop, tiny_dit
 
 import relcache
 from relcache import RFC, CacheStorage, ConfigError, InputError, Relational, RFCPlus
@@ -232,6 +232,7 @@ def test_folded_ratio_forecast_equals_the_spec_formula_including_its_fallbacks(r
         assert got[[0, 1, 2, 5]].tolist() == pytest.approx([2 + 0.5 * 7 / 6, 3.0, 2.0, 2 / 1.5])
 
 
+@needs_cxx
 def test_mean_ratio_fallback_survives_compile():
     """The mean of ``s(a)`` and ``s(b)`` falls back to ``s(a)`` where it is not finite, compiled too (inductor
     simplifies ``x * 0`` to ``0``, which would make a mask written so ``True`` everywhere)."""
@@ -250,6 +251,31 @@ def test_mean_ratio_fallback_survives_compile():
     torch.testing.assert_close(fold_and_forecast(s, prev), want)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fold_and_forecast, fullgraph=True)(s, prev), want)
+    torch._dynamo.reset()
+
+
+@needs_cxx
+def test_blend_fallbacks_survive_compile():
+    """InputFit's blend zeroes a non-finite R² or RFE increment, compiled too: sample 1's input does not move at the
+    forecast (R² = 0 / 0), sample 2's output never moved (RFE's increment 0 / 0)."""
+    g = torch.Generator().manual_seed(3)
+    pred = InputFit(2, blend=True)
+    state = pred.new_state()
+    ins = [torch.randn(3, 4, 5, generator=g) for _ in range(3)]
+    outs = [torch.randn(3, 4, 5, generator=g) for _ in range(3)]
+    for j in range(3):
+        outs[j][2] = 1.0
+    for j in range(3):
+        pred.update(state, 2 * j, ins[j], outs[j])
+    inp = torch.randn(3, 4, 5, generator=g)
+    inp[1] = ins[2][1]
+    row = torch.tensor(step_row(2))
+    eager = pred.forecast(state, inp, row)
+    assert torch.isfinite(eager).all()
+    torch.testing.assert_close(eager[2], outs[2][2])  # nothing moved: O(a)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(lambda x, r: pred.forecast(state, x, r))(inp, row), eager)
+    torch._dynamo.reset()
 
 
 def _operators(fn) -> int:

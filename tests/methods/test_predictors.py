@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import needs_cxx
 
 from relcache import ConfigError, Linear, Relational, Reuse, Taylor
 from relcache.methods.history import DiffHistory, step_row
@@ -178,6 +179,7 @@ def test_relational_fallbacks_per_sample():
     torch.testing.assert_close(got, torch.tensor([[2.0, 0.0], [6.0, 0.0]]))
 
 
+@needs_cxx
 def test_relational_fallbacks_survive_compile():
     """inductor simplifies ``x * 0`` to ``0``: a fallback mask written so would be ``True`` everywhere once compiled,
     and a compiled forecast would return inf or NaN where the eager one falls back to Taylor."""
@@ -196,6 +198,7 @@ def test_relational_fallbacks_survive_compile():
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, r: pred.forecast(state, x, r), fullgraph=True)
     torch.testing.assert_close(compiled(inp, row), want)
+    torch._dynamo.reset()
 
 
 def test_relational_samples_never_share_norms():
