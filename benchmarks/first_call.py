@@ -12,13 +12,10 @@ generation for comparison.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
-from diffusers import DDIMScheduler
-from speed import INTERVAL_FOR_NFC, SIZES, build, class_labels, methods
+from speed import INTERVAL_FOR_NFC, SIZES, Breakdown, build, generate, methods
 
 import relcache
 
@@ -40,46 +37,18 @@ def main() -> None:
     model = build(args.models, torch.float32, "cpu")
     relcache.enable(model, methods(args.budget, None)[args.method], batch_modulation=args.batch_modulation)
     compiled = torch.compile(model)
-    labels = class_labels(1, "cpu")
-
-    def generation(profile: bool = False) -> list[float]:
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-        scheduler.set_timesteps(50)
-        relcache.begin_generation(model, timesteps=scheduler.timesteps)
-        x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-        calls = []
-        with torch.no_grad():
-            for i, t in enumerate(scheduler.timesteps):
-                prof = torch.profiler.profile() if profile and i == 0 else None
-                start = time.perf_counter()
-                if prof is not None:
-                    with prof:
-                        eps = compiled(torch.cat([x, x]), timestep=t.expand(2), class_labels=labels).sample[:, :4]
-                else:
-                    eps = compiled(torch.cat([x, x]), timestep=t.expand(2), class_labels=labels).sample[:, :4]
-                calls.append(time.perf_counter() - start)
-                if prof is not None:
-                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
-                                                    max_name_column_width=50))
-                cond, uncond = eps.chunk(2)
-                x = scheduler.step(uncond + 1.5 * (cond - uncond), t, x).prev_sample
-        return calls
-
+    prof = torch.profiler.profile()
+    calls: list[float] = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
         for _ in range(args.generations):
-            generation()
-        calls = generation(profile=True)
-    full = set(relcache.stats(model).full_steps)
-
-    def median_ms(picked: list[float]) -> str:
-        return f"{1e3 * statistics.median(picked):.1f} ms" if picked else "none"
-
-    later_full = [c for i, c in enumerate(calls) if i in full and i > 0]
-    cached = [c for i, c in enumerate(calls) if i not in full]
+            generate(compiled, 50, "cpu", torch.float32)
+        generate(compiled, 50, "cpu", torch.float32, log=calls, around=lambda i: prof if i == 0 else None)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
+    b = Breakdown(calls, relcache.stats(model).full_steps)
     print(f"DiT-{args.models}/2, {args.method}{' + batch modulation' if args.batch_modulation else ''}, compiled: "
-          f"first call {1e3 * calls[0]:.0f} ms (profiled), later full calls {median_ms(later_full)}, cached calls "
-          f"{median_ms(cached)} (medians)")
+          f"first call {b.first_ms:.0f} ms (profiled), later full calls {b.full_ms:.1f} ms, cached calls "
+          f"{b.cached_ms:.1f} ms (medians; nan: none)")
 
 
 if __name__ == "__main__":

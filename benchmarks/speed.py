@@ -31,12 +31,14 @@ cached calls cost against a plain compiled step, which the derived column above 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,9 +95,11 @@ def class_labels(images: int, device: str) -> torch.Tensor:
 
 
 def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype, images: int = 1,
-             log: list[float] | None = None) -> torch.Tensor:
+             log: list[float] | None = None,
+             around: Callable[[int], contextlib.AbstractContextManager | None] | None = None) -> torch.Tensor:
     """One DDIM generation of ``images`` images with CFG batched (batch ``2 * images``), like DiTPipeline's loop.
-    ``log``: each transformer call's wall time is appended (on a GPU after a synchronisation, which costs a little)."""
+    ``log``: each transformer call's wall time is appended (on a GPU after a synchronisation, which costs a little);
+    ``around(i)``: a context entered around call ``i`` (e.g. a profiler), or None for none."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     scheduler.set_timesteps(steps)
     relcache.begin_generation(model, timesteps=scheduler.timesteps)  # announced: batch_modulation may tabulate
@@ -103,12 +107,13 @@ def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch
     x = torch.randn(images, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
     labels = class_labels(images, device)
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             if log is not None and device == "cuda":
                 torch.cuda.synchronize()  # the call alone, not the scheduler's step before it
             start = time.perf_counter()
-            eps = model(torch.cat([x, x]), timestep=t.expand(2 * images).to(device),
-                        class_labels=labels).sample[:, :4]
+            with (around(i) if around is not None else None) or contextlib.nullcontext():
+                eps = model(torch.cat([x, x]), timestep=t.expand(2 * images).to(device),
+                            class_labels=labels).sample[:, :4]
             if log is not None:
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -146,18 +151,30 @@ class Breakdown:
     full_steps: list[int]  # relcache's full steps (every step for the plain model)
 
     def ms(self, steps: list[int]) -> float:
+        """The median of the calls ``steps`` in ms (NaN for none)."""
         return 1e3 * statistics.median([self.calls[i] for i in steps]) if steps else float("nan")
 
+    @property
+    def first_ms(self) -> float:
+        return 1e3 * self.calls[0]
+
+    @property
+    def full_ms(self) -> float:
+        """The median full call after the first."""
+        return self.ms([i for i in self.full_steps if i > 0])
+
+    @property
+    def cached_ms(self) -> float:
+        full = set(self.full_steps)
+        return self.ms([i for i in range(len(self.calls)) if i not in full])
+
     def row(self, plain_ms: float) -> dict[str, object]:
-        """The first call, the median later full call and the median cached call in ms (NaN where there is none);
-        the first and the full calls' excess over ``plain_ms`` (a plain compiled step) and a cached call as a share
-        of it, in %; and the raw per-call times and full steps."""
-        full = [i for i in self.full_steps if i > 0]
-        cached = [i for i in range(len(self.calls)) if i not in set(self.full_steps)]
-        return {"first_ms": 1e3 * self.calls[0], "full_ms": self.ms(full), "cached_ms": self.ms(cached),
-                "first_over_plain_pct": 100 * (1e3 * self.calls[0] / plain_ms - 1),
-                "full_over_plain_pct": 100 * (self.ms(full) / plain_ms - 1),
-                "cached_of_plain_pct": 100 * self.ms(cached) / plain_ms,
+        """The three calls' ms; the first and the full calls' excess over ``plain_ms`` (a plain compiled step) and
+        a cached call as a share of it, in %; and the raw per-call times and full steps."""
+        return {"first_ms": self.first_ms, "full_ms": self.full_ms, "cached_ms": self.cached_ms,
+                "first_over_plain_pct": 100 * (self.first_ms / plain_ms - 1),
+                "full_over_plain_pct": 100 * (self.full_ms / plain_ms - 1),
+                "cached_of_plain_pct": 100 * self.cached_ms / plain_ms,
                 "plain_ms": plain_ms, "calls_ms": [1e3 * c for c in self.calls], "full_steps": list(self.full_steps)}
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..evaluation.bench import INTERVAL_FOR_NFC
+from ..evaluation.pipelines import DEFAULT_PROMPTS
 
 #: the demo grid's file name, also used inside a directory given as ``demo --out``
 DEMO_GRID = "relcache-demo.png"
@@ -210,8 +211,6 @@ def _pipeline_guidance(args: argparse.Namespace, family: Any) -> float | None:
 
 def _add_condition_options(p: argparse.ArgumentParser) -> None:
     """What ``bench`` and ``calibrate`` generate: class labels or prompts, frames and size (``_pipeline_inputs``)."""
-    from ..evaluation.pipelines import DEFAULT_PROMPTS
-
     p.add_argument("--labels", type=_index, nargs="+",
                    help="class labels cycled over the samples, class-conditional models only (default: every class)")
     p.add_argument("--prompts", type=_prompts_file, metavar="FILE",
