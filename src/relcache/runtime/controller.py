@@ -86,6 +86,10 @@ class Session(ModuleCalls):
         self.static_caches: bool | None = None
         self.static = StaticCaches()
         self._completed = False  # the running call returned (``end_call``: else its unrecorded slots go back)
+        # (context, call signature) of first calls whose compiled form ran (``rehearse``), and the running call's when
+        # it may be rehearsed
+        self._rehearsed: set[tuple[str, tuple[Any, ...]]] = set()
+        self._rehearsal: tuple[str, tuple[Any, ...]] | None = None
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -209,8 +213,12 @@ class Session(ModuleCalls):
             self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
         sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
+        # a context's first call of a generation, into empty caches: compiled once an earlier one was rehearsed
+        first = (name, sig) if not ctx.signatures and not ctx.caches.states else None
         # record_errors reads each forecast's error on the host, per module: such runs stay eager (an analysis mode)
-        eager = sig not in ctx.signatures or not ctx.caches.states or self.record_errors
+        eager = self.record_errors or (
+            (sig not in ctx.signatures or not ctx.caches.states) and not (compiled and first in self._rehearsed))
+        self._rehearsal = first if compiled and eager and self._rehearsable(first) else None
         ctx.signatures.add(sig)
         self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
         if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
@@ -229,6 +237,28 @@ class Session(ModuleCalls):
                 probe = self.prober.run(forward, *runs)
                 self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
         return eager
+
+    def _rehearsable(self, first: tuple[str, tuple[Any, ...]] | None) -> bool:
+        """Whether an eager first call may run again compiled (``rehearse``): not yet rehearsed, its context the
+        generation's only one so far (forgetting the generation forgets nothing else), and none of the setups whose
+        per-generation state lives outside the context (experts, context parallelism) or that stay eager."""
+        return (first is not None and first not in self._rehearsed and not self.record_errors
+                and self.experts is None and self.reducer is None and list(self.contexts) == [first[0]])
+
+    def rehearse(self) -> bool:
+        """(choice) A context's first call of a generation records into empty caches, a kind of step of its own. It
+        runs eagerly the first time (it reserves the caches' buffers and measures FLOPs), so its graph would first be
+        compiled in the second generation, and every generation would pay an eager step. Instead, under compile, the
+        first generation's first call runs twice: eagerly, then, with the generation forgotten, compiled exactly as
+        every later generation's first call will run; the compiled output is returned. One more full step in the
+        first generation (which compiles anyway) for one eager step less in each later one."""
+        first, self._rehearsal = self._rehearsal, None
+        if first is None or not self._completed:
+            return False
+        self.end_call()
+        self._rehearsed.add(first)
+        self.reset_generation()
+        return True
 
     def _forecast_row(self, ctx: Context, like: torch.Tensor) -> torch.Tensor | None:
         """The schedule's forecast row for this step's probe, on ``like``'s device (held at one address under capture),
@@ -284,6 +314,7 @@ class Session(ModuleCalls):
         if moved or n_modules != self._n_modules:  # e.g. a LoRA on modules that are not cached: other FLOPs
             self.meter.module.clear()
             self.meter.other.clear()
+            self._rehearsed.clear()  # first calls run eagerly again, to measure
             self._n_modules = n_modules
     def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
                  ) -> None:

@@ -195,5 +195,8 @@ class ExpertCalls:
     def end_call(self) -> None:
         self.session.end_call()
 
+    def rehearse(self) -> bool:
+        return self.session.rehearse()
+
     def end_generation(self) -> None:
         self.session.end_generation()

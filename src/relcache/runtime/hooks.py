@@ -50,6 +50,11 @@ class StepHost(Protocol):
     def end_call(self) -> None:
         """The transformer call returned or raised."""
 
+    def rehearse(self) -> bool:
+        """After an eager call: True when it was a context's first call under ``torch.compile`` whose compiled form
+        has not run yet. The call is then ended and the generation so far forgotten, so that it runs again compiled
+        (``start_call`` again): every later generation's first call replays that graph instead of running eagerly."""
+
     def end_generation(self) -> None:
         """diffusers reset the stateful hooks: the pipeline call ended."""
 
@@ -190,9 +195,15 @@ class StepHook(ModelHook):
         if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
             return forward(*args, **kwargs)
         try:  # a start that raises ends the call too: nothing of it stays current
-            eager = self._start(forward, args, kwargs, _under_compile())
-            if eager:
-                return _eagerly(self.host.run_call, forward, args, kwargs)
+            compiled = _under_compile()
+            name, step_index = self._context(args, kwargs)
+            if self._start(name, step_index, forward, args, kwargs, compiled):
+                out = _eagerly(self.host.run_call, forward, args, kwargs)
+                if not self._rehearse():
+                    return out
+                # the first call again, compiled (its eager run reserved the caches and measured the FLOPs)
+                if self._start(name, step_index, forward, args, kwargs, compiled):  # pragma: no cover - a bug
+                    raise RuntimeError("relcache: a rehearsed first call was asked to run eagerly again")
             return self._enter(self.host, forward, args, kwargs)
         except BaseException:
             self._uncontexted.forget()  # a call that raised: the next one (a retry) starts its step afresh
@@ -201,13 +212,22 @@ class StepHook(ModelHook):
             self._end()
 
     @torch.compiler.disable
-    def _start(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool) -> bool:
+    def _context(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int | None]:
+        """The call's context name and step index: diffusers' cache context's, else ``UncontextedCalls``'."""
         context = self.cache_context._context
-        name = (context.name if context is not None
-                else self._uncontexted.name(_latents(self.host.adapter, args, kwargs),
-                                           self.host.adapter.timestep_of(args, kwargs)))
-        step_index = getattr(context, "step_index", None) if context is not None else None
+        if context is not None:
+            return context.name, getattr(context, "step_index", None)
+        return self._uncontexted.name(_latents(self.host.adapter, args, kwargs),
+                                      self.host.adapter.timestep_of(args, kwargs)), None
+
+    @torch.compiler.disable
+    def _start(self, name: str, step_index: int | None, forward: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any], compiled: bool) -> bool:
         return self.host.start_call(name, step_index, forward, args, kwargs, compiled)
+
+    @torch.compiler.disable
+    def _rehearse(self) -> bool:
+        return self.host.rehearse()
 
     @torch.compiler.disable
     def _end(self) -> None:
