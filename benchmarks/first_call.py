@@ -1,10 +1,11 @@
 """Where the first call of a compiled generation goes: a benchmark, not a test.
 
-A new generation's first transformer call runs eagerly (its context allocates the caches; docs/how-it-works.md,
-"Compiled steps"), so under ``torch.compile`` it costs more than a compiled step. This compiles a DiT (random
-weights, batch 2, DDIM) with one of ``speed.py``'s methods enabled, runs ``--generations`` untimed generations, then
-profiles the first call of one more and prints torch.profiler's table, with the median compiled call of that
-generation for comparison.
+A new generation's first transformer call records into empty caches and, with batch modulation, tabulates the
+generation's adaLN projections. Until 2026-12-03 it ran eagerly in every generation; now it replays a graph that the
+first generation compiled for it (``Session.rehearse``, docs/how-it-works.md, "Compiled steps"), and only the table
+stays eager. This compiles a DiT (random weights, batch 2, DDIM) with one of ``speed.py``'s methods enabled, runs
+``--generations`` untimed generations, then profiles the first call of one more and prints torch.profiler's table,
+with the median compiled call of that generation for comparison.
 
     python benchmarks/first_call.py --models B --method "RFC m=2" --batch-modulation
 """
