@@ -86,10 +86,10 @@ class Session(ModuleCalls):
         self.static_caches: bool | None = None
         self.static = StaticCaches()
         self._completed = False  # the running call returned (``end_call``: else its unrecorded slots go back)
-        # (context, call signature) of first calls whose compiled form ran (``rehearse``), and the running call's when
-        # it may be rehearsed
-        self._rehearsed: set[tuple[str, tuple[Any, ...]]] = set()
-        self._rehearsal: tuple[str, tuple[Any, ...]] | None = None
+        # the first calls whose compiled form ran (``rehearse``), and the running call's when it may be rehearsed
+        self._rehearsed: set[tuple[Any, ...]] = set()  # ``_first_call`` keys
+        self._rehearsal: tuple[Any, ...] | None = None
+        self.first_call = False  # the running call is a rehearsed first call, compiled (``hooks.StepHost``)
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -134,8 +134,11 @@ class Session(ModuleCalls):
         return self._roots()[self.experts.experts.index(self.experts.of_module(idx))]
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
-    def reset_generation(self) -> None:
-        self._last_contexts = set(self.contexts) or self._last_contexts
+    def reset_generation(self, rehearsal: bool = False) -> None:
+        """Forget the generation's state (``rehearsal``: only its first call ran, which runs again; the contexts of
+        the previous generation stay those the budget counts, and lazy modulation checks wait for the rerun)."""
+        if not rehearsal:
+            self._last_contexts = set(self.contexts) or self._last_contexts
         for group in self.shared:
             group.new_generation()
         self.contexts = {}
@@ -147,7 +150,7 @@ class Session(ModuleCalls):
         if self.reducer is not None:
             self.reducer.reset()
         if self.modulation is not None:  # last: may raise for the generation that ended (ModulationMismatch)
-            self.modulation.new_generation()
+            self.modulation.new_generation(check=not rehearsal)
 
     def free_caches(self) -> None:
         for ctx in self.contexts.values():
@@ -214,10 +217,10 @@ class Session(ModuleCalls):
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
         sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
         # a context's first call of a generation, into empty caches: compiled once an earlier one was rehearsed
-        first = (name, sig) if not ctx.signatures and not ctx.caches.states else None
+        first = self._first_call(ctx, sig, args, kwargs) if not ctx.signatures and not ctx.caches.states else None
         # record_errors reads each forecast's error on the host, per module: such runs stay eager (an analysis mode)
-        eager = self.record_errors or (
-            (sig not in ctx.signatures or not ctx.caches.states) and not (compiled and first in self._rehearsed))
+        self.first_call = compiled and not self.record_errors and first in self._rehearsed
+        eager = self.record_errors or ((sig not in ctx.signatures or not ctx.caches.states) and not self.first_call)
         self._rehearsal = first if compiled and eager and self._rehearsable(first) else None
         ctx.signatures.add(sig)
         self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
@@ -238,7 +241,18 @@ class Session(ModuleCalls):
                 self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
         return eager
 
-    def _rehearsable(self, first: tuple[str, tuple[Any, ...]] | None) -> bool:
+    def _first_call(self, ctx: Context, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> tuple[Any, ...]:
+        """What a rehearsed first call's graph and the cache buffers it writes were made for: the context, the call's
+        shapes, dtypes and devices, the model's dtype and device and the context's storage. A first call that differs
+        in any runs eagerly again (its buffers are made there, never in compiled code)."""
+        tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
+        kinds = tuple((t.dtype, t.device) for t in tensors if isinstance(t, torch.Tensor))
+        param = next(self.model.parameters(), None)
+        model = None if param is None else (param.dtype, param.device)
+        return (ctx.name, sig, kinds, model, ctx.storage)
+
+    def _rehearsable(self, first: tuple[Any, ...] | None) -> bool:
         """Whether an eager first call may run again compiled (``rehearse``): not yet rehearsed, its context the
         generation's only one so far (forgetting the generation forgets nothing else), and none of the setups whose
         per-generation state lives outside the context (experts, context parallelism) or that stay eager."""
@@ -257,7 +271,7 @@ class Session(ModuleCalls):
             return False
         self.end_call()
         self._rehearsed.add(first)
-        self.reset_generation()
+        self.reset_generation(rehearsal=True)
         return True
 
     def _forecast_row(self, ctx: Context, like: torch.Tensor) -> torch.Tensor | None:
@@ -358,7 +372,7 @@ class Session(ModuleCalls):
         elif ctx is not None and self._compiled_call and not self.meter.counted:  # (not a call dynamo ran eagerly)
             self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
                                            self._call_sig, ctx.cfg.batch_scale)
-        self._compiled_call = self.meter.counted = False
+        self._compiled_call = self.meter.counted = self.first_call = False
         if ctx is not None:
             end_step(ctx, self._completed)
             ctx.note_peak()

@@ -183,6 +183,10 @@ class ExpertCalls:
     def probing(self) -> Any:
         return self.session.probing
 
+    @property
+    def first_call(self) -> bool:
+        return self.session.first_call
+
     def measure(self, forward: Any) -> Any:
         return self.session.measure(forward)
 

@@ -37,6 +37,9 @@ class StepHost(Protocol):
 
     #: a compiled RCS step's pre-pass, pending until ``measure`` (None for other steps)
     probing: Any
+    #: the running call is a context's first of a generation, compiled (``rehearse``): it runs under an entry frame
+    #: of its own, so that its graph does not count against the other steps' recompile limit
+    first_call: bool
 
     def measure(self, forward: Any) -> Any:
         """The pending pre-pass and the schedule's measurement of it: tensors only (traced)."""
@@ -188,6 +191,7 @@ class StepHook(ModelHook):
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
         self.new_forward = torch._dynamo.disable(self._step, recursive=False)  # the registry calls new_forward
         self._enter = _own_entry()  # the frame dynamo compiles: this model's own
+        self._enter_first = _own_entry()  # the same for compiled first calls (``StepHost.first_call``)
         self._uncontexted = UncontextedCalls()
 
     def _step(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -204,7 +208,8 @@ class StepHook(ModelHook):
                 # the first call again, compiled (its eager run reserved the caches and measured the FLOPs)
                 if self._start(name, step_index, forward, args, kwargs, compiled):  # pragma: no cover - a bug
                     raise RuntimeError("relcache: a rehearsed first call was asked to run eagerly again")
-            return self._enter(self.host, forward, args, kwargs)
+            enter = self._enter_first if self.host.first_call else self._enter
+            return enter(self.host, forward, args, kwargs)
         except BaseException:
             self._uncontexted.forget()  # a call that raised: the next one (a retry) starts its step afresh
             raise
