@@ -24,8 +24,9 @@ With ``--compile MODE`` the same run also times, after the eager rows, the plain
 ``torch.compile(model, mode=MODE)``: each method on its own copy of the model, compiled once and warmed with one
 untimed generation (which compiles every kind of step), then all timed in turn, ``--repeats`` rounds, interleaved
 like the eager rows; compiled speed-ups are against the compiled plain model. ``--breakdown`` then times every call
-of one more generation of each: what the first call (eager: it allocates the caches), the later full calls and the
-cached calls cost against a plain compiled step, which the derived column above lumps together.
+of one more generation of each: what the first call (it records into empty caches and, with batch modulation,
+tabulates the generation's adaLN projections), the later full calls and the cached calls cost against a plain
+compiled step, which the derived column above lumps together.
 """
 
 from __future__ import annotations

@@ -267,7 +267,7 @@ class Session(ModuleCalls):
         every later generation's first call will run; the compiled output is returned. One more full step in the
         first generation (which compiles anyway) for one eager step less in each later one."""
         first, self._rehearsal = self._rehearsal, None
-        if first is None or not self._completed:
+        if first is None:
             return False
         self.end_call()
         self._rehearsed.add(first)
