@@ -2,7 +2,8 @@
 checked on the CPU (docs/spec.md, §Capture): counts and addresses, no timing, no GPU.
 
 * static caches (held in place) give bit-identical outputs to caches held out of place, and every cached tensor, the
-  step rows included, keeps its address from the first record on, across full and cached steps and generations;
+  step rows and CFG-Cache's deltas and weights included, keeps its address from the first record on, across full
+  and cached steps and generations;
 * compiled, each step's graph mutates only static inputs (inductor's own check, ``cudagraph_utils``), outputs
   nothing but the model's output (no cache tensor is a graph output, which a later replay would overwrite), reads no
   number on the host (no ``.item()``; the graph breaks are the step hook and, for RCS, its decision between the
@@ -28,7 +29,7 @@ from torch._inductor.cudagraph_utils import (
 from torch.utils._ordered_set import OrderedSet
 
 import relcache
-from relcache import FORA, RFC, CacheConfig, FasterCache, Interval, Relational, RFCPlus, TaylorSeer
+from relcache import FORA, RFC, CacheConfig, CFGCache, FasterCache, Interval, Relational, RFCPlus, TaylorSeer
 from relcache.api import _session
 from relcache.methods.storage import Held
 
@@ -45,10 +46,20 @@ CONFIGS = {
     "RFE, float8 and int4 storage": CacheConfig(Relational(2), Interval(3, 2), cache_dtype=relcache.CacheStorage(
         base=torch.float8_e4m3fn, diffs="int4", input=torch.bfloat16)),
 }
+# on a CFG batch, window steps 4..9: both halves run (and store the delta) at 4 and 7, the others skip the
+# unconditional half and rebuild it from the delta and the step's weights
+CFG_CONFIGS = {
+    "TaylorSeer + CFG-Cache(align=False)": dataclasses.replace(
+        TaylorSeer(3), cfg_cache=CFGCache(interval=3, align=False)),
+    "FasterCache with its CFG-Cache": FasterCache(warmup=2, interval=3, cfg_window=(0.36, 1.0), cfg_phase="window",
+                                                  cfg_refresh_full=False),
+}
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 7])
+def _inputs(cfg_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two samples, or one sample as a CFG batch (equal latents, the class and the null class)."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return (torch.cat([x[:1], x[:1]]), torch.tensor([1, 1000])) if cfg_batch else (x, torch.tensor([1, 7]))
 
 
 def _addresses(model: torch.nn.Module) -> dict[tuple, int]:
@@ -80,14 +91,19 @@ def _addresses(model: torch.nn.Module) -> dict[tuple, int]:
                     add((name, slot, j, "ratio_line", k), t)
         for group, rows in ctx.caches.rows.items():
             add((name, "rows", group), rows)
+        add((name, "cfg weights"), ctx.cfg.weights)
+    cfg = _session(model).cfg
+    for k, delta in enumerate(cfg.state.delta or () if cfg is not None else ()):
+        add(("cfg delta", k), delta)
     return got
 
 
-def _generations(model: torch.nn.Module, static: bool | None, n: int = 2) -> tuple[list[torch.Tensor], list[dict]]:
+def _generations(model: torch.nn.Module, static: bool | None, n: int = 2, cfg_batch: bool = False,
+                 ) -> tuple[list[torch.Tensor], list[dict]]:
     """``n`` generations of ``STEPS`` steps (caches held in place when ``static``; None: as the runtime chooses), and
     the cache addresses after each step."""
     _session(model).static_caches = static
-    x, y = _inputs()
+    x, y = _inputs(cfg_batch)
     outs, seen = [], []
     for _ in range(n):
         relcache.begin_generation(model, STEPS)
@@ -112,19 +128,25 @@ def _stable(seen: list[dict]) -> tuple[int, set]:
     return len(first), moved
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, *CFG_CONFIGS])
 def test_static_caches_are_bit_identical_and_keep_their_addresses(name):
     results = {}
+    cfg_batch = name in CFG_CONFIGS
     for static in (False, True):
         model = tiny_dit()
-        relcache.enable(model, CONFIGS[name])
+        relcache.enable(model, CFG_CONFIGS[name] if cfg_batch else CONFIGS[name])
         try:
-            results[static] = (*_generations(model, static), relcache.stats(model).full_steps)
+            results[static] = (*_generations(model, static, cfg_batch=cfg_batch), relcache.stats(model).full_steps,
+                               relcache.stats(model).uncond_skipped)
             buffers = {b.data_ptr() for b in _session(model).static.buffers.values()}
         finally:
             relcache.disable(model)
-    (plain, plain_seen, plain_full), (held, held_seen, held_full) = results[False], results[True]
+    plain, plain_seen, plain_full, plain_skips = results[False]
+    held, held_seen, held_full, held_skips = results[True]
     assert held_full == plain_full and 2 < len(plain_full) < STEPS
+    assert held_skips == plain_skips == (4 if cfg_batch else 0)
+    if cfg_batch:  # the deltas and the rebuild's weights are held too
+        assert {("cfg delta", 0), ("cfg delta", 1), ("default", "cfg weights")} <= set(held_seen[-1])
     for a, b in zip(plain, held, strict=True):
         assert torch.equal(a, b)
     n, moved = _stable(held_seen)
@@ -162,32 +184,40 @@ def _cudagraph_backend(reports: list[dict]):
     return aot_autograd(fw_compiler=compiler, keep_inference_input_mutations=True)
 
 
-@pytest.mark.parametrize("name", ["RFC", "RFC+", "RFC+ fit, calibrated steps"])
+@pytest.mark.parametrize("name", ["RFC", "RFC+", "RFC+ fit, calibrated steps", *CFG_CONFIGS])
 def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
     """RFC (RCS decides on the host before the graph; RFE keeps an input and a ratio), RFC+ (also Newton gaps, the
-    previous ratio and the folded line) and RFC+ fit (stacked moves, small matrices), compiled over two generations:
-    the graphs of the first are all there is."""
+    previous ratio and the folded line), RFC+ fit (stacked moves, small matrices) and CFG-Cache on a CFG batch (its
+    deltas, stored by a compiled full-batch step and read by the half-batch steps after it, and its weights),
+    compiled over two generations: the graphs of the first are all there is."""
+    cfg_batch = name in CFG_CONFIGS
+    config = CFG_CONFIGS[name] if cfg_batch else CONFIGS[name]
     model = tiny_dit()
-    relcache.enable(model, CONFIGS[name])
+    relcache.enable(model, config)
     try:
-        eager = _generations(model, False, n=1)[0]
+        eager = _generations(model, False, n=1, cfg_batch=cfg_batch)[0]
+        eager_skips = relcache.stats(model).uncond_skipped
     finally:
         relcache.disable(model)
     torch._dynamo.reset()
     counters.clear()
     reports: list[dict] = []
     compiled = torch.compile(model, backend=_cudagraph_backend(reports))
-    relcache.enable(compiled, CONFIGS[name])
+    relcache.enable(compiled, config)
     try:  # the runtime holds the caches of contexts whose calls run compiled in place by itself (static None)
-        first, seen = _generations(compiled, None, n=1)
+        first, seen = _generations(compiled, None, n=1, cfg_batch=cfg_batch)
         graphs = len(reports)
-        second, seen_second = _generations(compiled, None, n=1)
+        second, seen_second = _generations(compiled, None, n=1, cfg_batch=cfg_batch)
+        skips = relcache.stats(compiled).uncond_skipped
     finally:
         relcache.disable(compiled)
         torch._dynamo.reset()
     assert 2 <= graphs <= 12 and len(reports) == graphs  # nothing compiles in the second generation
+    assert skips == eager_skips == (4 if cfg_batch else 0)
+    if cfg_batch:  # held where the checks below can see them move
+        assert {("cfg delta", 0), ("cfg delta", 1), ("default", "cfg weights")} <= set(seen_second[-1])
     # the step hook's frame, and RCS's decision read on the host between the pre-pass's graph and the forward's
-    rcs = CONFIGS[name].schedule.uses_input
+    rcs = config.schedule.uses_input
     where = {("settle" if "Session.settle" in b else "step" if "StepHook._step" in b else b)
              for b in counters["graph_break"]}
     assert where == ({"step", "settle"} if rcs else {"step"}), counters["graph_break"]

@@ -293,15 +293,16 @@ class StaticCaches:
         scale = None if t.scale is None else self.put((key, "scale"), t.scale)
         return Held(self.put((key, "data"), t.data), scale, t.shape, t.packed)
 
-    def reserve(self, key: object, like: torch.Tensor | Held) -> None:
+    def reserve(self, key: object, like: torch.Tensor | Held, device: torch.device | None = None) -> None:
         """Allocate ``key``'s buffer for tensors like ``like`` now (outside compiled code), if it has none that fits:
-        the differences of higher order appear at later full steps, which may run compiled."""
+        the differences of higher order appear at later full steps, which may run compiled. ``device``: where the
+        buffer lives, for a ``like`` that only describes it (a meta tensor)."""
         if isinstance(like, Held):
             self._buffer((key, "data"), like.data)
             if like.scale is not None:
                 self._buffer((key, "scale"), like.scale)
         else:
-            self._buffer(key, like)
+            self._buffer_for(key, like.shape, like.dtype, like.device if device is None else torch.device(device))
 
     def put_numbers(self, key: object, values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``numbers_on`` written into ``key``'s buffer (on a GPU: from pinned memory, without a host wait)."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from ..methods.cfg_cache import CFGCache
-from ..methods.history import numbers_on, row_dtype
+from ..methods.history import StaticCaches, numbers_on, row_dtype
 from ..models.base import Adapter, SpatialGrid
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 SPLIT_CONTEXTS = ("cond", "uncond")  # CFG as separate calls, named by diffusers' cache_context
 _UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})  # position ids whose first dim is not the batch
 Rows = slice | None  # rows of a batch; None = all of them
+#: the static buffers (``StaticCaches``) of the stored (ΔLF, ΔHF), one pair per session: one delta is kept at a time
+DELTA_KEYS = (("cfg", "delta", "low"), ("cfg", "delta", "high"))
 #: runs the transformer for a context and counts its FLOPs
 RunFn = Callable[["Context", Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 
@@ -115,12 +117,17 @@ class CFGState:
         self.refreshed: int | None = None  # the step the delta was stored at
 
     def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...], step: int,
-              grid: SpatialGrid | None = None) -> None:
+              grid: SpatialGrid | None = None, static: StaticCaches | None = None) -> None:
         """Keep ``(ΔLF, ΔHF)`` of step ``step``; ``grid`` puts token outputs in image layout first
-        (``Adapter.spatial_grid``)."""
+        (``Adapter.spatial_grid``). ``static``: a compiled context's buffers, which the deltas are copied into (in a
+        graph, a write into static inputs), so that no graph outputs a tensor kept for later steps (docs/spec.md,
+        §Capture)."""
         if grid is not None:
             uncond, cond = grid[0](uncond), grid[0](cond)
-        self.delta = cfg.deltas(uncond, cond)
+        low, high = cfg.deltas(uncond, cond)
+        if static is not None:
+            low, high = static.put(DELTA_KEYS[0], low), static.put(DELTA_KEYS[1], high)
+        self.delta = (low, high)
         self.delta_shape = shape
         self.scale = (1.0, 1.0)
         self.refreshed = step
@@ -294,7 +301,9 @@ class CFGRunner:
                 _force_full(ctx, decide)
         if routing.half_batch or routing.skip_call:
             like = self.adapter.hidden_of(args, kwargs)
-            routing.weights = numbers_on(list(state.weights(cfg, step, num_steps)), like.device, row_dtype(like.dtype))
+            weights, dtype = list(state.weights(cfg, step, num_steps)), row_dtype(like.dtype)
+            routing.weights = (numbers_on(weights, like.device, dtype) if ctx.static is None else
+                               ctx.static.put_numbers((ctx.name, "cfg weights"), weights, like.device, dtype))
             routing.uncond_skipped.append(step)
         if routing.half_batch or routing.skip_call or routing.store:
             routing.grid = self.adapter.spatial_grid(args, kwargs)
@@ -343,11 +352,28 @@ class CFGRunner:
             uncond = self.state.rebuild(self.cfg, cond, routing.weights, routing.grid)
             return with_sample(out, torch.cat([cond, uncond] if routing.cond_first else [uncond, cond]))
         out = self.run(ctx, forward, args, kwargs)
+        self._reserve(ctx, lambda: sample_of(out)[cond_rows], args, kwargs)
         if self._stores(ctx):  # only a step inside the window can use the delta
             sample = sample_of(out)
             half_shape = (batch // 2, *hidden.shape[1:])
-            self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, ctx.step, routing.grid)
+            self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, ctx.step, routing.grid,
+                             ctx.static)
         return out
+
+    def _reserve(self, ctx: Context, half: Callable[[], torch.Tensor], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        """A compiled context's (``ctx.static``) delta buffers, reserved at an eager call (where buffers can be made)
+        for deltas of a half output like ``half()``: a later store, compiled, then writes into them in place. Their
+        shape comes from the band split run on the meta device (no FFT is computed)."""
+        if ctx.static is None or torch.compiler.is_compiling():
+            return
+        real = half()
+        grid = ctx.cfg.grid if ctx.cfg.grid is not None else self.adapter.spatial_grid(args, kwargs)
+        like = torch.empty_like(real, device="meta")
+        if grid is not None:
+            like = grid[0](like)
+        for key, delta in zip(DELTA_KEYS, self.cfg.deltas(like, like), strict=True):
+            ctx.static.reserve(key, delta, device=real.device)
 
     def _stores(self, ctx: Context) -> bool:
         """After a call that may store: whether it does (``align``: only a full step's outputs, true ones)."""
@@ -363,7 +389,9 @@ class CFGRunner:
             return with_sample(state.cond_output, state.rebuild(self.cfg, sample_of(state.cond_output),
                                                                 routing.weights, routing.grid))
         out = self.run(ctx, forward, args, kwargs)
+        self._reserve(ctx, lambda: sample_of(out), args, kwargs)
         if self._stores(ctx):
             shape = tuple(self.adapter.hidden_of(args, kwargs).shape)
-            state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, ctx.step, routing.grid)
+            state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, ctx.step, routing.grid,
+                        ctx.static)
         return out
