@@ -8,6 +8,9 @@ checked on the CPU (docs/spec.md, §Capture): counts and addresses, no timing, n
   nothing but the model's output (no cache tensor is a graph output, which a later replay would overwrite), reads no
   number on the host (no ``.item()``; the graph breaks are the step hook and, for RCS, its decision between the
   pre-pass's graph and the forward's), and compiles nothing in a second generation;
+* after a generation of other shapes (another batch, or no CFG batch), the first call whose graph was rehearsed for
+  the earlier shapes runs eagerly once (its buffers were made anew), so every graph still writes its caches in place
+  and the outputs equal eager relcache's;
 * a model error mid-forward at a full step leaves each module's record step at the step its state was recorded at.
 """
 
@@ -241,6 +244,74 @@ def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
     for a, b, c in zip(eager, first, second, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+SEQUENCES = {  # a config and its generations' inputs: batch 2 or 4 of different samples, or a CFG batch of one
+    "FORA, batch 2, 4, 2, 2": (FORA(3), ["two", "four", "two", "two"]),
+    "RFC, batch 2, 4, 2, 2": (RFC(threshold=0.3), ["two", "four", "two", "two"]),
+    "FasterCache, no guidance, then a CFG batch": (
+        CFG_CONFIGS["FasterCache with its CFG-Cache"], ["two", "cfg", "cfg"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SEQUENCES))
+def test_a_generation_of_other_shapes_leaves_every_later_graph_writing_in_place(name):
+    """A generation of other shapes (batch 4), or one whose batch is no CFG batch, gives the caches' buffers (and
+    their row groups) other shapes under the same keys. The next generation's first call must not replay the graph
+    the first generation rehearsed for it while the buffers do not fit (its caches would then be held out of place:
+    graph outputs, which CUDA graphs overwrite): it runs eagerly once, and makes them again; the generation after it
+    replays the graph again."""
+    config, kinds = SEQUENCES[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    inputs = {"two": (x[:2], torch.tensor([1, 7])), "four": (x, torch.tensor([1, 7, 3, 5])),
+              "cfg": (torch.cat([x[:1], x[:1]]), torch.tensor([1, 1000]))}
+
+    def generations(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """Each generation's outputs, and per generation the eager runs of the last projection and the skips."""
+        outs, eager, skips = [], [], []
+        with torch._dynamo.config.patch(recompile_limit=64), torch.no_grad():
+            for kind in kinds:
+                xi, y = inputs[kind]
+                eager_calls.clear()
+                relcache.begin_generation(model, STEPS)
+                for i in range(STEPS):
+                    out = model(xi, timestep=torch.full((xi.shape[0],), 999 - 99 * i), class_labels=y).sample
+                    outs.append(out)
+                    xi = xi - 0.05 * out + 0.01 * i
+                eager.append(len(eager_calls))
+                skips.append(relcache.stats(model).uncond_skipped)
+        return outs, eager, skips
+
+    eager_calls: list[int] = []
+    model = tiny_dit()
+    relcache.enable(model, config)
+    try:
+        expected = generations(model)[0]
+    finally:
+        relcache.disable(model)
+    model.proj_out_2.register_forward_pre_hook(
+        lambda *_: None if torch.compiler.is_compiling() else eager_calls.append(1))
+    torch._dynamo.reset()
+    reports: list[dict] = []
+    compiled = torch.compile(model, backend=_cudagraph_backend(reports), dynamic=False)
+    relcache.enable(compiled, config)
+    try:
+        got, eager_per_generation, skips = generations(compiled)
+    finally:
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # the forward's graphs, those that output the model's 4-d sample (RCS's pre-pass outputs a 3-d probe and numbers)
+    models = [r for r in reports if any(len(shape) == 4 for shape in r["output_shapes"])]
+    assert models and all(r["user_outputs"] == 1 for r in models), [r["user_outputs"] for r in models]
+    assert all(r["mutation"] is None for r in reports)
+    # first generation: the eager run of its rehearsed first call; a generation whose first call's key is new, or
+    # whose buffers were made anew since its rehearsal: one; the same shapes again: none (on a CFG batch, the first
+    # half-batch call of each generation is eager too: its shapes are new to the generation)
+    assert eager_per_generation == ([1, 1, 1, 0] if len(kinds) == 4 else [1, 2, 1]), eager_per_generation
+    assert skips == [0, 0, 0, 0] if len(kinds) == 4 else skips == [0, 4, 4]
 
 
 class _Boom(RuntimeError):

@@ -252,11 +252,14 @@ class StaticCaches:
     replay safely). The runtime runs the first call of each shape eagerly, where every buffer is reserved.
     """
 
-    __slots__ = ("buffers", "_reserved")
+    __slots__ = ("buffers", "_reserved", "epoch")
 
     def __init__(self) -> None:
         self.buffers: dict[object, torch.Tensor] = {}
         self._reserved: dict[object, tuple] = {}  # history key -> the (shape, dtype, device) its buffers were made for
+        # counts the buffers replaced (another shape, dtype or device under a key) or dropped: a graph compiled while
+        # the epoch was e writes into buffers that all still fit while it is e (``Session`` checks its first calls)
+        self.epoch = 0
 
     def _buffer(self, key: object, like: torch.Tensor) -> torch.Tensor | None:
         return self._buffer_for(key, like.shape, like.dtype, like.device)
@@ -268,6 +271,8 @@ class StaticCaches:
             return buf
         if torch.compiler.is_compiling():
             return None
+        if buf is not None:
+            self.epoch += 1
         buf = torch.empty(shape, dtype=dtype, device=device)
         # unguarded: dynamo does not recompile on the address; cudagraph trees treat it as a static input, so
         # writing into it inside a graph is allowed and replays read it without a copy
@@ -344,6 +349,7 @@ class StaticCaches:
                     self.buffers[key].copy_(saved[key])
                 else:  # allocated (or re-allocated) by the call: dropped, allocated again by the rerun
                     del self.buffers[key]
+                    self.epoch += 1
             self._reserved.clear()
 
         return restore

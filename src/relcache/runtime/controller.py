@@ -87,7 +87,9 @@ class Session(ModuleCalls):
         self.static = StaticCaches()
         self._completed = False  # the running call returned (``end_call``: else its unrecorded slots go back)
         # the first calls whose compiled form ran (``rehearse``), and the running call's when it may be rehearsed
-        self._rehearsed: set[tuple[Any, ...]] = set()  # ``_first_call`` keys
+        # ``_first_call`` keys -> the static buffers' epoch their graph is valid for (``StaticCaches.epoch``)
+        self._rehearsed: dict[tuple[Any, ...], int] = {}
+        self._settling: tuple[Any, ...] | None = None  # rehearsed in this generation: its epoch is set at the end
         self._rehearsal: tuple[Any, ...] | None = None
         self.first_call = False  # the running call is a rehearsed first call, compiled (``hooks.StepHost``)
 
@@ -139,6 +141,9 @@ class Session(ModuleCalls):
         the previous generation stay those the budget counts, and lazy modulation checks wait for the rerun)."""
         if not rehearsal:
             self._last_contexts = set(self.contexts) or self._last_contexts
+            if self._settling is not None:  # buffers this generation made anew after its first call fit it too
+                self._rehearsed[self._settling] = self.static.epoch
+                self._settling = None
         for group in self.shared:
             group.new_generation()
         self.contexts = {}
@@ -219,7 +224,7 @@ class Session(ModuleCalls):
         # a context's first call of a generation, into empty caches: compiled once an earlier one was rehearsed
         first = self._first_call(ctx, sig, args, kwargs) if not ctx.signatures and not ctx.caches.states else None
         # record_errors reads each forecast's error on the host, per module: such runs stay eager (an analysis mode)
-        self.first_call = compiled and not self.record_errors and first in self._rehearsed
+        self.first_call = compiled and not self.record_errors and self._valid_rehearsal(first)
         eager = self.record_errors or ((sig not in ctx.signatures or not ctx.caches.states) and not self.first_call)
         self._rehearsal = first if compiled and eager and self._rehearsable(first) else None
         ctx.signatures.add(sig)
@@ -244,19 +249,27 @@ class Session(ModuleCalls):
     def _first_call(self, ctx: Context, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
                     ) -> tuple[Any, ...]:
         """What a rehearsed first call's graph and the cache buffers it writes were made for: the context, the call's
-        shapes, dtypes and devices, the model's dtype and device and the context's storage. A first call that differs
-        in any runs eagerly again (its buffers are made there, never in compiled code)."""
+        shapes, dtypes and devices, the model's dtype and device, the context's storage and its row groups (a CFG
+        batch keeps a state per half). A first call that differs in any runs eagerly again (its buffers are made
+        there, never in compiled code)."""
         tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
         kinds = tuple((t.dtype, t.device) for t in tensors if isinstance(t, torch.Tensor))
         param = next(self.model.parameters(), None)
         model = None if param is None else (param.dtype, param.device)
-        return (ctx.name, sig, kinds, model, ctx.storage)
+        return (ctx.name, sig, kinds, model, ctx.storage, tuple(ctx.cfg.group_names()))
+
+    def _valid_rehearsal(self, first: tuple[Any, ...] | None) -> bool:
+        """Whether ``first`` was rehearsed and every buffer its graph writes still fits: none was made anew for other
+        shapes since (a generation of another batch or resolution replaces them under the same keys), which
+        ``StaticCaches.epoch`` counts. A stale one runs eagerly, which makes its buffers again."""
+        return first is not None and self._rehearsed.get(first) == self.static.epoch
 
     def _rehearsable(self, first: tuple[Any, ...] | None) -> bool:
         """Whether an eager first call may run again compiled (``rehearse``): not yet rehearsed, its context the
         generation's only one so far (forgetting the generation forgets nothing else), and none of the setups whose
-        per-generation state lives outside the context (experts, context parallelism) or that stay eager."""
-        return (first is not None and first not in self._rehearsed and not self.record_errors
+        per-generation state lives outside the context (experts, context parallelism) or that stay eager. A stale
+        rehearsal (its buffers made anew since) counts as none."""
+        return (first is not None and not self._valid_rehearsal(first) and not self.record_errors
                 and self.experts is None and self.reducer is None and list(self.contexts) == [first[0]])
 
     def rehearse(self) -> bool:
@@ -265,12 +278,18 @@ class Session(ModuleCalls):
         compiled in the second generation, and every generation would pay an eager step. Instead, under compile, the
         first generation's first call runs twice: eagerly, then, with the generation forgotten, compiled exactly as
         every later generation's first call will run; the compiled output is returned. One more full step in the
-        first generation (which compiles anyway) for one eager step less in each later one."""
+        first generation (which compiles anyway) for one eager step less in each later one. A first call whose
+        rehearsal went stale (``_valid_rehearsal``) is not run again: its eager run made the buffers again, and its
+        graph exists, so later generations replay it."""
         first, self._rehearsal = self._rehearsal, None
         if first is None:
             return False
+        stale = first in self._rehearsed
+        self._rehearsed[first] = self.static.epoch  # the buffers this eager run left, which the graph writes
+        self._settling = first  # and those the rest of the generation makes anew for its shapes (RCS's probe)
+        if stale:
+            return False
         self.end_call()
-        self._rehearsed.add(first)
         self.reset_generation(rehearsal=True)
         return True
 
@@ -329,6 +348,7 @@ class Session(ModuleCalls):
             self.meter.module.clear()
             self.meter.other.clear()
             self._rehearsed.clear()  # first calls run eagerly again, to measure
+            self._settling = None
             self._n_modules = n_modules
     def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
                  ) -> None:
