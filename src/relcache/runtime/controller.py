@@ -313,12 +313,16 @@ class Session(ModuleCalls):
         probe, measured = got
         self.probing = None
         ctx = self.current
-        self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]), measured)
+        groups = ctx.cfg.row_groups(probe.shape[0])
+        self._decide(ctx, probe, groups, measured)
         history = getattr(ctx.schedule.memory, "history", None)
         if ctx.static is not None and ctx.schedule.full and history is not None:
             # the probe is a graph's output, which the graph's next replay may overwrite, and the next pre-pass reads
-            # the history: its tensors go into buffers at stable addresses
-            ctx.static.hold_history((ctx.name, "probe"), history, probe, ctx.caches.rows[next(iter(ctx.caches.rows))])
+            # the history: its tensors go into buffers at stable addresses, made for the rows it keeps (a CFG batch's
+            # conditional half, as ``decide`` records): so they keep one shape whether a full step runs the whole
+            # batch or its conditional half, and are not made anew at every change
+            kept = take_rows(probe, next(sl for name, sl in groups if name != "uncond"))
+            ctx.static.hold_history((ctx.name, "probe"), history, kept, ctx.caches.rows[next(iter(ctx.caches.rows))])
 
     def _follow_replaced_modules(self) -> None:
         """(choice) At each context's first call of a generation: a cached module replaced in the model since
