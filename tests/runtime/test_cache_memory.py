@@ -111,7 +111,7 @@ def test_scaled_and_packed_storage_compile_whole():
     r = _compiled_runs(dataclasses.replace(RFC(threshold=0.3), cache_dtype=CacheStorage(F8, "int4", F8)), True)
     assert {"settle" if "Session.settle" in b else "step" if "StepHook._step" in b else b for b in r["breaks"]} == {
         "step", "settle"}, r["breaks"]  # test_compile: RCS reads its decision between two graphs
-    assert 2 <= r["after_first"] <= 12 and r["after_second"] == r["after_first"]
+    assert 2 <= r["after_first"] <= 12 and r["after_later"] == r["after_first"]
     for a, b, c in zip(r["eager"], r["first"], r["second"], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
