@@ -30,8 +30,9 @@ from .generations import Generations
 from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
 from .modulation import ModulationHook, Modulations
 from .modules import Computing, ModuleCalls
+from .rehearsal import Rehearsals, first_call_key
 from .shared import SharedGroup, SharedHook
-from .steps import Prober, Probing, RowGroups, decide, end_step, prepare_step, take_decision, take_rows
+from .steps import Prober, Probing, RowGroups, decide, end_step, prepare_step, probe_rows, take_decision
 
 
 def _copy_state(state: Any) -> Any:
@@ -86,11 +87,7 @@ class Session(ModuleCalls):
         self.static_caches: bool | None = None
         self.static = StaticCaches()
         self._completed = False  # the running call returned (``end_call``: else its unrecorded slots go back)
-        # the first calls whose compiled form ran (``rehearse``), and the running call's when it may be rehearsed
-        # ``_first_call`` keys -> the static buffers' epoch their graph is valid for (``StaticCaches.epoch``)
-        self._rehearsed: dict[tuple[Any, ...], int] = {}
-        self._settling: tuple[Any, ...] | None = None  # rehearsed in this generation: its epoch is set at the end
-        self._rehearsal: tuple[Any, ...] | None = None
+        self.rehearsals = Rehearsals()  # the first calls whose compiled form ran (``rehearse``)
         self.first_call = False  # the running call is a rehearsed first call, compiled (``hooks.StepHost``)
 
     # -- attach / detach ---------------------------------------------------------------------------------------
@@ -141,9 +138,7 @@ class Session(ModuleCalls):
         the previous generation stay those the budget counts, and lazy modulation checks wait for the rerun)."""
         if not rehearsal:
             self._last_contexts = set(self.contexts) or self._last_contexts
-            if self._settling is not None:  # buffers this generation made anew after its first call fit it too
-                self._rehearsed[self._settling] = self.static.epoch
-                self._settling = None
+            self.rehearsals.settle(self.static.epoch)  # buffers made anew after its first call fit it too
         for group in self.shared:
             group.new_generation()
         self.contexts = {}
@@ -214,7 +209,7 @@ class Session(ModuleCalls):
                 probe = None
                 if self.config.schedule.uses_input:
                     probe = self.prober.run(forward, args, kwargs)  # the module's rows: batch-major, maybe x frames
-                    probe = take_rows(probe, next(sl for n, sl in ctx.cfg.row_groups(probe.shape[0]) if n != "uncond"))
+                    probe = probe_rows(probe, ctx.cfg.row_groups(probe.shape[0]))
                 full = take_decision(self.config, ctx, probe, self.adapter.hidden_of(args, kwargs), self.reducer)
                 return full or (self.experts is not None and self.experts.force(ctx))
 
@@ -222,11 +217,12 @@ class Session(ModuleCalls):
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
         sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
         # a context's first call of a generation, into empty caches: compiled once an earlier one was rehearsed
-        first = self._first_call(ctx, sig, args, kwargs) if not ctx.signatures and not ctx.caches.states else None
+        first = (first_call_key(self.model, ctx, sig, args, kwargs) if not ctx.signatures and not ctx.caches.states
+                 else None)
         # record_errors reads each forecast's error on the host, per module: such runs stay eager (an analysis mode)
-        self.first_call = compiled and not self.record_errors and self._valid_rehearsal(first)
+        self.first_call = compiled and not self.record_errors and self.rehearsals.valid(first, self.static.epoch)
         eager = self.record_errors or ((sig not in ctx.signatures or not ctx.caches.states) and not self.first_call)
-        self._rehearsal = first if compiled and eager and self._rehearsable(first) else None
+        self.rehearsals.pending = first if compiled and eager and self._rehearsable(first) else None
         ctx.signatures.add(sig)
         self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
         if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
@@ -246,30 +242,12 @@ class Session(ModuleCalls):
                 self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
         return eager
 
-    def _first_call(self, ctx: Context, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-                    ) -> tuple[Any, ...]:
-        """What a rehearsed first call's graph and the cache buffers it writes were made for: the context, the call's
-        shapes, dtypes and devices, the model's dtype and device, the context's storage and its row groups (a CFG
-        batch keeps a state per half). A first call that differs in any runs eagerly again (its buffers are made
-        there, never in compiled code)."""
-        tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
-        kinds = tuple((t.dtype, t.device) for t in tensors if isinstance(t, torch.Tensor))
-        param = next(self.model.parameters(), None)
-        model = None if param is None else (param.dtype, param.device)
-        return (ctx.name, sig, kinds, model, ctx.storage, tuple(ctx.cfg.group_names()))
-
-    def _valid_rehearsal(self, first: tuple[Any, ...] | None) -> bool:
-        """Whether ``first`` was rehearsed and every buffer its graph writes still fits: none was made anew for other
-        shapes since (a generation of another batch or resolution replaces them under the same keys), which
-        ``StaticCaches.epoch`` counts. A stale one runs eagerly, which makes its buffers again."""
-        return first is not None and self._rehearsed.get(first) == self.static.epoch
-
     def _rehearsable(self, first: tuple[Any, ...] | None) -> bool:
         """Whether an eager first call may run again compiled (``rehearse``): not yet rehearsed, its context the
         generation's only one so far (forgetting the generation forgets nothing else), and none of the setups whose
         per-generation state lives outside the context (experts, context parallelism) or that stay eager. A stale
         rehearsal (its buffers made anew since) counts as none."""
-        return (first is not None and not self._valid_rehearsal(first) and not self.record_errors
+        return (first is not None and not self.rehearsals.valid(first, self.static.epoch) and not self.record_errors
                 and self.experts is None and self.reducer is None and list(self.contexts) == [first[0]])
 
     def rehearse(self) -> bool:
@@ -279,15 +257,10 @@ class Session(ModuleCalls):
         first generation's first call runs twice: eagerly, then, with the generation forgotten, compiled exactly as
         every later generation's first call will run; the compiled output is returned. One more full step in the
         first generation (which compiles anyway) for one eager step less in each later one. A first call whose
-        rehearsal went stale (``_valid_rehearsal``) is not run again: its eager run made the buffers again, and its
+        rehearsal went stale (``Rehearsals.valid``) is not run again: its eager run made the buffers again, and its
         graph exists, so later generations replay it."""
-        first, self._rehearsal = self._rehearsal, None
-        if first is None:
-            return False
-        stale = first in self._rehearsed
-        self._rehearsed[first] = self.static.epoch  # the buffers this eager run left, which the graph writes
-        self._settling = first  # and those the rest of the generation makes anew for its shapes (RCS's probe)
-        if stale:
+        first, self.rehearsals.pending = self.rehearsals.pending, None
+        if first is None or self.rehearsals.mark(first, self.static.epoch):
             return False
         self.end_call()
         self.reset_generation(rehearsal=True)
@@ -321,7 +294,7 @@ class Session(ModuleCalls):
             # the history: its tensors go into buffers at stable addresses, made for the rows it keeps (a CFG batch's
             # conditional half, as ``decide`` records): so they keep one shape whether a full step runs the whole
             # batch or its conditional half, and are not made anew at every change
-            kept = take_rows(probe, next(sl for name, sl in groups if name != "uncond"))
+            kept = probe_rows(probe, groups)
             ctx.static.hold_history((ctx.name, "probe"), history, kept, ctx.caches.rows[next(iter(ctx.caches.rows))])
 
     def _follow_replaced_modules(self) -> None:
@@ -351,8 +324,7 @@ class Session(ModuleCalls):
         if moved or n_modules != self._n_modules:  # e.g. a LoRA on modules that are not cached: other FLOPs
             self.meter.module.clear()
             self.meter.other.clear()
-            self._rehearsed.clear()  # first calls run eagerly again, to measure
-            self._settling = None
+            self.rehearsals.clear()  # first calls run eagerly again, to measure
             self._n_modules = n_modules
     def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
                  ) -> None:

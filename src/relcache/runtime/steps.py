@@ -27,6 +27,12 @@ def take_rows(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
     return x if rows is None else x[rows]
 
 
+def probe_rows(x: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """The rows of the first cached module's input that RCS reads and keeps: a CFG batch's conditional half (the
+    half that runs at every step), else all of them."""
+    return take_rows(x, next(sl for name, sl in groups if name != "uncond"))
+
+
 @torch.compiler.disable
 def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, probe_input: torch.Tensor,
            groups: RowGroups, reducer: SequenceReducer | None = None, measured: torch.Tensor | None = None) -> None:
@@ -37,7 +43,7 @@ def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Cont
     ``measured``: the schedule's measurement of the probe, taken in compiled code (``Prober.measure``)."""
     probe = None
     if config.schedule.uses_input:
-        probe = take_rows(probe_input, next(sl for name, sl in groups if name != "uncond"))
+        probe = probe_rows(probe_input, groups)
     take_decision(config, ctx, probe, probe_input, reducer, measured)
     prepare_step(config, num_steps, n_modules, ctx, [name for name, _ in groups], probe_input)
 
@@ -149,7 +155,7 @@ class Prober:
         probe = self.run(forward, probing.args, probing.kwargs)
         if probing.row is None:
             return probe, None
-        cond = take_rows(probe, next(sl for name, sl in ctx.cfg.row_groups(probe.shape[0]) if name != "uncond"))
+        cond = probe_rows(probe, ctx.cfg.row_groups(probe.shape[0]))
         return probe, config.schedule.measure(ctx.schedule.memory, cond, probing.row)
 
     @staticmethod
