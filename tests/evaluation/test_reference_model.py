@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import numpy as np
@@ -129,6 +130,16 @@ def test_frechet_distance_self_and_shift():
     shift = np.linspace(0.1, 0.8, 8)
     # Equal covariances: the distance is exactly the squared mean shift.
     assert frechet_distance(feats, feats + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+
+
+def test_frechet_distance_of_one_sample_is_nan():
+    """A covariance needs two samples: ``bench``/``demo --samples 1`` used to end in a scipy traceback after every
+    generation had run."""
+    rng = np.random.default_rng(3)
+    assert math.isnan(frechet_distance(rng.normal(size=(1, 4)), rng.normal(size=(5, 4))))
+    assert math.isnan(frechet_distance(rng.normal(size=(5, 4)), rng.normal(size=(1, 4))))
+    assert math.isnan(frechet_distance(rng.normal(size=1), rng.normal(size=1)))
+    assert np.isfinite(frechet_distance(rng.normal(size=(2, 4)), rng.normal(size=(2, 4))))
 
 
 def test_frechet_distance_singular_covariance_is_finite():

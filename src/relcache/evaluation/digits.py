@@ -14,6 +14,7 @@ All images use one preprocessing, shared with the DiT's training data: the 8x8 s
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -169,12 +170,15 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
 
     ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``. If the matrix square root is not
     finite or inaccurate (near-singular covariances), ``eps * I`` is added to both covariances;
-    tiny imaginary parts left by ``sqrtm`` are discarded. 1-D inputs are one scalar per sample.
+    tiny imaginary parts left by ``sqrtm`` are discarded. 1-D inputs are one scalar per sample. NaN when either set
+    has fewer than two samples (a covariance needs two).
     """
     a = np.asarray(feats_a, dtype=np.float64)
     b = np.asarray(feats_b, dtype=np.float64)
     a = a.reshape(-1, 1) if a.ndim == 1 else a  # 1-D input: one scalar feature per sample
     b = b.reshape(-1, 1) if b.ndim == 1 else b
+    if min(len(a), len(b)) < 2:
+        return math.nan
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
     sigma_b = np.atleast_2d(np.cov(b, rowvar=False))
