@@ -134,7 +134,7 @@ def test_analyze_modules_out_of_range_fails_before_tracing(capsys, monkeypatch, 
 
     traced = []
 
-    def record_trace(model, run):
+    def record_trace(model, run, **kwargs):
         traced.append(model)
         raise RuntimeError("tracing")
 
@@ -150,3 +150,72 @@ def test_analyze_modules_out_of_range_fails_before_tracing(capsys, monkeypatch, 
     with pytest.raises(RuntimeError, match="tracing"):  # indices in range go on to the trace
         main(["analyze", "--modules", "0", "15", "--samples", "1", "--out", out])
     assert len(traced) == 1
+
+
+def _dit_dir(path: Path) -> Path:
+    """A DiTPipeline directory with its transformer's config (2 blocks) and no weights: enough for every check that
+    runs before loading."""
+    from diffusers import DiTTransformer2DModel
+
+    index = {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]}
+    _pipeline_index(path, json.dumps(index))
+    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8,
+                  patch_size=2, num_embeds_ada_norm=10)
+    DiTTransformer2DModel.from_config(config).save_config(path / "transformer")
+    return path
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--only", "NoSuchMethod"], "--only NoSuchMethod matches no method; the labels are: FORA N=4,"),
+    (["bench", "--height", "16"], "--height is not taken by dit pipelines, which make images of their transformer's "
+                                  "sample size"),
+    (["bench", "--width", "16"], "--width is not taken by dit pipelines"),
+    (["analyze", "--modules", "4"], "argument --modules: must be indices in 0..3 (the model has 4 cached modules), "
+                                    "got 4"),
+])
+def test_a_local_pipelines_options_are_checked_before_it_loads(capsys, no_work, tmp_path, argv, message):
+    """``--only``, ``--height``/``--width`` on a DiT pipeline and ``analyze --modules`` used to be refused only after
+    the pipeline had loaded (minutes for a real checkpoint), ``--height`` on DiT with a TypeError traceback."""
+    path = _dit_dir(tmp_path / "dit")
+    line = _usage_error(capsys, [argv[0], "--model", str(path), *argv[1:], "--out", str(tmp_path / "out")])
+    assert message in line
+
+
+@pytest.mark.parametrize("command", ["bench", "demo", "analyze"])
+@pytest.mark.parametrize("seed", [str(2**63), "-1"])
+def test_a_seed_out_of_range_is_refused_before_any_work(capsys, no_work, command, seed):
+    """A seed past 2**63 - 1 used to pass the parser and overflow in ``torch.Generator.manual_seed`` after the model
+    loaded."""
+    line = _usage_error(capsys, [command, "--seed", seed])
+    assert line.endswith(f"argument --seed: must be an integer in 0..{2**63 - 1}, got {seed}")
+
+
+def test_demo_runs_a_repeated_budget_once(monkeypatch, tmp_path):
+    """``demo --budgets 7 7`` used to run every method twice and print each row twice."""
+    ran = []
+
+    def run_bench(model, sampler, methods, **kwargs):
+        ran.extend(m.label for m in methods)
+        raise RuntimeError("stop before sampling")
+
+    monkeypatch.setattr(cli.demo, "_reference", lambda: (None, None, None, None))
+    monkeypatch.setattr(cli.demo, "run_bench", run_bench)
+    with pytest.raises(RuntimeError, match="stop before sampling"):
+        main(["demo", "--budgets", "7", "14", "7", "--out", str(tmp_path / "grid.png")])
+    assert ran == ["FORA NFC=7", "TaylorSeer NFC=7", "RFC NFC=7", "FORA NFC=14", "TaylorSeer NFC=14", "RFC NFC=14"]
+
+
+@pytest.mark.parametrize("command,kept", [
+    ("bench", "every finished generation is kept in {out}: add --resume to the same command to continue"),
+    ("analyze", "nothing was written"),
+])
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, tmp_path, command, kept):
+    """Ctrl-C used to end ``bench`` with a traceback and no word of ``--resume``."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(getattr(cli, command), "_reference", interrupted)
+    out = tmp_path / "out"
+    assert main([command, "--samples", "2", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"relcache {command}: interrupted; {kept.format(out=out)}"

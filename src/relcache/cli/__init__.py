@@ -46,3 +46,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RankLostError as err:  # torchrun: another rank died; one line, not a traceback of the collective
         print(err, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept, and the shell's exit status for SIGINT
+        print(f"\nrelcache {args.command}: interrupted; {_KEPT[args.command].format(out=getattr(args, 'out', ''))}",
+              file=sys.stderr)
+        return 130
+
+
+#: what an interrupted command leaves behind
+_KEPT = {
+    "bench": "every finished generation is kept in {out}: add --resume to the same command to continue",
+    "calibrate": "every finished budget is kept in {out}/calibration.json: add --resume to the same command to "
+                 "continue",
+    "demo": "nothing was written",
+    "analyze": "nothing was written",
+}

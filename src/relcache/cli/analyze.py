@@ -36,23 +36,37 @@ def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Sampler]:
     return pipe.transformer, sample
 
 
+def _meta_transformer(path: str) -> torch.nn.Module:
+    """The transformer of the DiTPipeline in ``path``, built from its config on the meta device: no weights are read."""
+    from diffusers import DiTTransformer2DModel
+
+    with torch.device("meta"):
+        return DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(path, subfolder="transformer"))
+
+
+def _check_modules(modules: list[int] | None, model: torch.nn.Module) -> None:
+    """A ConfigError naming ``--modules`` when an index is past ``model``'s cached modules."""
+    count = len(find_adapter(model).cached_modules(model))
+    bad = [j for j in modules or [] if j >= count]
+    if bad:
+        raise ConfigError(f"argument --modules: must be indices in 0..{count - 1} (the model has {count} cached "
+                          f"modules), got {' '.join(map(str, bad))}")
+
+
 def run(args: argparse.Namespace) -> int:
     """The paper's Figures 1 and 2 (PNG plus CSV) from one traced full-computation generation."""
     from ..evaluation.analyze import analyze_trace, record_trace, save_analysis
 
     if args.model:
+        _check_modules(args.modules, _meta_transformer(args.model))  # before the pipeline loads
         model, sampler = _pipeline_sampler(args.model)
     else:
         model, sampler, _, _ = _reference()
-    count = len(find_adapter(model).cached_modules(model))  # checked before the trace, which is the long part
-    bad = [j for j in args.modules or [] if j >= count]
-    if bad:
-        raise ConfigError(f"argument --modules: must be indices in 0..{count - 1} (the model has {count} cached "
-                          f"modules), got {' '.join(map(str, bad))}")
+    _check_modules(args.modules, model)  # before the trace, which is the long part
     labels = torch.arange(args.samples) % 10
     generate = partial(sampler, model, labels, num_steps=args.steps, guidance_scale=args.guidance,
                        generator=torch.Generator().manual_seed(args.seed))
-    trace = record_trace(model, generate)
+    trace = record_trace(model, generate, progress=True, num_steps=args.steps)
     result = analyze_trace(trace, interval=args.interval, order=args.order, modules=args.modules)
     for path in save_analysis(result, args.out):
         print(path)

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from ..errors import ConfigError
-from ..evaluation.bench import default_methods, run_bench, select
+from ..evaluation.bench import BenchMethod, Sampler, default_methods, run_bench, select
 from ..evaluation.pipelines import FAMILY_NAMES
 from .options import (
     _add_condition_options,
@@ -21,6 +21,22 @@ from .options import (
     _positive,
 )
 from .reference import _reference
+
+
+def _methods(args: argparse.Namespace, guidance: float | None, sampler: Sampler | None) -> list[BenchMethod]:
+    """The methods ``--only`` picks (relcache's, and with ``--peers`` diffusers' and cache-dit's); a ConfigError
+    listing the labels when it picks none. ``sampler``: the pipeline's, which MagCache calibrates with (None: the
+    reference model's)."""
+    methods = default_methods(args.budgets, order=args.order, num_steps=args.steps)
+    if args.peers:
+        from ..evaluation.peers import peer_methods
+
+        methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=guidance, sampler=sampler)
+    chosen = select(methods, args.only)
+    if args.only and not chosen:
+        raise ConfigError(f"--only {' '.join(args.only)} matches no method; the labels are: "
+                          + ", ".join(m.label for m in methods))
+    return chosen
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             num_samples=args.samples, batch_size=args.batch_size, num_classes=len(conditions), seed=args.seed,
             num_steps=args.steps, guidance_scale=guidance, count_flops=not args.no_flops, conditions=conditions,
             extra=extra), runlog.versions())
+    _methods(args, guidance, None)  # --only checked before the model loads (the labels need no model)
     if args.model:
         from ..evaluation.pipelines import load_sampler
 
@@ -54,17 +71,7 @@ def run(args: argparse.Namespace) -> int:
         evaluator = real = None
     else:
         model, sampler, evaluator, real = _reference()
-    methods = default_methods(args.budgets, order=args.order, num_steps=args.steps)
-    if args.peers:
-        from ..evaluation.peers import peer_methods
-
-        methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=guidance,
-                                sampler=None if args.model is None else sampler)
-    chosen = select(methods, args.only)
-    if args.only and not chosen:
-        raise ConfigError(f"--only {' '.join(args.only)} matches no method; the labels are: "
-                          + ", ".join(m.label for m in methods))
-    methods = chosen
+    methods = _methods(args, guidance, None if args.model is None else sampler)
     if args.overwrite:
         runlog.clear(args.out)
     result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.batch_size,

@@ -10,7 +10,7 @@ import torch
 
 from ..evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, BenchResult, run_bench
 from ..methods import FORA, RFC, TaylorSeer
-from .options import DEMO_GRID, _budget, _output_png, _positive
+from .options import DEMO_GRID, _budget, _output_png, _positive, _seed
 from .reference import _reference
 
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, sampler, evaluator, real = _reference()
     methods = []
-    for nfc in args.budgets:
+    for nfc in dict.fromkeys(args.budgets):  # a repeated budget runs once
         n = INTERVAL_FOR_NFC[nfc]
         methods += [BenchMethod(f"FORA NFC={nfc}", FORA(n), budget=nfc),
                     BenchMethod(f"TaylorSeer NFC={nfc}", TaylorSeer(n, 2), budget=nfc),
@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="path of the PNG grid, or a directory to write it in (default: %(default)s)")
     p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 7],
                    help="NFC budgets of 50 steps, among 14 11 10 8 7 (default: 14 7)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--samples", type=_positive, default=20,
                    help="number of samples, classes cycling 0..9 (default: %(default)s)")
     p.set_defaults(func=run, parser=p)

@@ -38,6 +38,17 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 _positive, _at_least_2, _index = _int_at_least(1), _int_at_least(2), _int_at_least(0)
 
 
+def _seed(value: str) -> int:
+    """A seed for ``torch.Generator.manual_seed``: an integer in 0 .. 2**63 - 1 (batches are seeded ``seed + b``)."""
+    n = int(value)
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{2**63 - 1}, got {value}")
+    return n
+
+
+_seed.__name__ = "integer seed"
+
+
 def _guidance(value: str) -> float:
     x = float(value)
     if not math.isfinite(x) or x < 0:
@@ -161,7 +172,7 @@ def _add_generation_options(p: argparse.ArgumentParser, *, samples: int, samples
                    help="guidance scale, >= 0 (default: 1.5 on the reference model and DiT, else the pipeline's own)"
                    if guidance is None else "CFG scale, >= 0 (default: %(default)s)")
     p.add_argument("--order", type=int, default=2, choices=range(1, 5), help="Taylor/RFE order (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
 
 
 def _pipeline_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str, Any]]:
@@ -177,7 +188,11 @@ def _pipeline_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str
         for option in ("height", "width", "frames"):
             if getattr(args, option) is not None:
                 raise ConfigError(f"--{option} is for --model pipelines; the reference model makes 16x16 digits")
-    elif args.frames is not None:
+    else:
+        for option in ("height", "width"):
+            if getattr(args, option) is not None and not family.sized:
+                raise ConfigError(f"--{option} is not taken by {family.name} pipelines, which make images of their "
+                                  "transformer's sample size")
         try:
             check_frames(family, args.frames)
         except ValueError as err:

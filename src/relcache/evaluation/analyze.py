@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..methods import Interval, Predictor, Relational, Reuse, Taylor
 from ..methods.history import sample_norm
@@ -42,23 +43,29 @@ class Trace:
         return len(self.inputs[0])
 
 
-def record_trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
-    """Run ``run()`` (one generation with full computation) and record every cached module's I/O."""
+def record_trace(model: nn.Module, run: Callable[[], Any], progress: bool = False,
+                 num_steps: int | None = None) -> Trace:
+    """Run ``run()`` (one generation with full computation) and record every cached module's I/O; ``progress``
+    shows a bar of the steps traced (``num_steps``: its total, where known)."""
     modules = find_adapter(model).cached_modules(model)
     inputs: list[list[torch.Tensor]] = [[] for _ in modules]
     outputs: list[list[torch.Tensor]] = [[] for _ in modules]
     handles = []
+    bar = tqdm(total=num_steps, disable=not progress, desc="trace", unit="step")
     for j, spec in enumerate(modules):
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, j: int = j, spec: Any = spec) -> None:
             ins, outs = spec.inputs(args, kwargs), spec.outputs(out)
             k = spec.probe if len(ins) == len(outs) else 0  # the stream RCS reads, with the output it pairs with
             inputs[j].append(ins[k].detach().float().cpu())
             outputs[j].append(outs[k].detach().float().cpu())
+            if j == len(modules) - 1:  # the step's last cached module: one step traced
+                bar.update()
         handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             run()
     finally:
+        bar.close()
         for h in handles:
             h.remove()
     return Trace([m.name for m in modules], inputs, outputs)

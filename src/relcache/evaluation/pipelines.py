@@ -27,11 +27,12 @@ class Family:
     frames_arg: str | None = None  # the pipeline's frame-count argument
     frames_step: int = 1  # frame counts must be 1 + a multiple of this (the VAE's temporal compression)
     default_guidance: float | None = None  # what the bench uses without --guidance (None: the pipeline's own)
+    sized: bool = True  # the pipeline takes ``height``/``width`` (DiT's makes its transformer's sample size only)
 
 
 #: transformer class -> family
 FAMILIES = {
-    "DiTTransformer2DModel": Family("dit", text=False, video=False, default_guidance=1.5),
+    "DiTTransformer2DModel": Family("dit", text=False, video=False, default_guidance=1.5, sized=False),
     "PixArtTransformer2DModel": Family("pixart", text=True, video=False),
     "SD3Transformer2DModel": Family("sd3", text=True, video=False),
     "FluxTransformer2DModel": Family("flux", text=True, video=False),
