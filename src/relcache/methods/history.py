@@ -273,7 +273,10 @@ class StaticCaches:
             return None
         if buf is not None:
             self.epoch += 1
-        buf = torch.empty(shape, dtype=dtype, device=device)
+        # a normal tensor even inside ``torch.inference_mode()``: buffers outlive the generation, and a later one run
+        # outside that mode could not write into an inference tensor
+        with torch.inference_mode(False):
+            buf = torch.empty(shape, dtype=dtype, device=device)
         # unguarded: dynamo does not recompile on the address; cudagraph trees treat it as a static input, so
         # writing into it inside a graph is allowed and replays read it without a copy
         torch._dynamo.mark_static_address(buf, guard=False)
