@@ -308,6 +308,85 @@ def test_each_enabled_model_compiles_within_its_own_recompile_limit():
     assert all(f == pytest.approx(fractions[0]) for f in fractions)
 
 
+def _limit_hits() -> tuple[list[str], logging.Handler]:
+    """dynamo's log lines saying a frame reached its recompile limit, and the handler collecting them."""
+    hits: list[str] = []
+
+    class _Hits(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
+                hits.append(record.getMessage())
+
+    return hits, _Hits()
+
+
+@pytest.mark.parametrize("name", ["TaylorSeer", "RFC + CFG-Cache(align=False) on a CFG batch"])
+def test_other_batch_sizes_and_guidance_off_stay_within_the_recompile_limit(name):
+    """Batch 2, 4, 2, 4 and, on a CFG batch, guidance off and on again: every kind of call has an entry frame of its
+    own, so none passes dynamo's recompile limit. Before, one frame per model took the graphs of every shape and row
+    group: past 8 the rest ran eagerly in every later generation (6 of 10 steps of each batch-4 generation, 8 of 10 of
+    each generation without guidance). Only a switch's first call runs eagerly (its buffers are made anew)."""
+    config = CONFIGS[name]
+    cfg = config.cfg_cache is not None
+    graphs, backend = _recording()
+    hits, handler = _limit_hits()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    model = tiny_dit()
+    eager_calls = _count_eager_calls(model)
+    relcache.enable(model, config, adapter=_NoSharing())
+    compiled = torch.compile(model, backend=backend)
+    runs = [(2, True), (4, True), (2, True), (4, True)] if not cfg else [(2, True), (2, False), (2, True), (2, False)]
+    counts = []
+    try:
+        for batch, guidance in runs:
+            g = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch // 2 if cfg else batch, 4, 8, 8, generator=g)
+            x, y = (torch.cat([x, x]), torch.tensor([1, 1000])) if cfg else (x, torch.arange(batch) % 10)
+            relcache.begin_generation(compiled, STEPS, guidance=guidance)
+            eager_calls.clear()
+            before = len(graphs)
+            run_loop(compiled, x, y, steps=STEPS, begin=False)
+            counts.append((len(graphs) - before, len(eager_calls)))
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    assert not hits, hits
+    assert sum(n for n, _ in counts[:2]) > 8, counts  # more graphs than one frame's limit allows
+    assert [n for n, _ in counts[2:]] == [0, 0], counts  # later generations compile nothing ...
+    assert all(e <= 2 for _, e in counts[2:]), counts  # ... and run no step eagerly but a switch's first calls
+
+
+def test_a_generation_under_inference_mode_leaves_buffers_a_later_one_can_write():
+    """The static buffers outlive the generation: made inside ``torch.inference_mode()`` they were inference tensors,
+    and every later generation outside that mode (a pipeline's own ``no_grad``) raised "Inplace update to inference
+    tensor outside InferenceMode" until ``disable``. Outputs equal eager relcache's over the same sequence."""
+    x, y = _inputs(False)
+
+    def sequence(model: torch.nn.Module) -> list[torch.Tensor]:
+        outs = []
+        for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+            with mode():
+                outs.append(run_loop(model, x, y, steps=6)[-1].clone())
+        return outs
+
+    model = tiny_dit()
+    relcache.enable(model, RFC(target_nfc=4), adapter=_NoSharing())
+    eager = sequence(model)
+    relcache.disable(model)
+    _, backend = _recording()
+    model = tiny_dit()
+    relcache.enable(model, RFC(target_nfc=4), adapter=_NoSharing())
+    compiled = torch.compile(model, backend=backend)
+    try:
+        outs = sequence(compiled)
+    finally:
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    for got, want in zip(outs, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ATen ops that run no kernel: views, allocations, a ``.to`` that changes nothing, a host number made a tensor
 _NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze", "squeeze", "t", "transpose",
               "permute", "detach", "detach_", "alias", "as_strided", "split", "chunk", "unbind", "narrow", "flatten",
