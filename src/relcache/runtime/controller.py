@@ -10,7 +10,7 @@ runs at every step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from typing import Any
 
@@ -241,6 +241,14 @@ class Session(ModuleCalls):
                 probe = self.prober.run(forward, *runs)
                 self._decide(ctx, probe, ctx.cfg.row_groups(probe.shape[0]))
         return eager
+
+    def call_kind(self) -> Hashable:
+        """The running call's kind as the host knows it before the forward: its context, the shapes the forward gets,
+        its row groups, CFG-Cache's plan and, where already decided, whether the step is full. Each kind runs under an
+        entry frame of its own (``hooks.StepHook``), so that each has dynamo's recompile limit to itself."""
+        ctx = self.current
+        full = ctx.schedule.full if ctx.schedule.decided else None
+        return ctx.name, self._call_sig, tuple(ctx.cfg.group_names()), ctx.cfg.store, full
 
     def _rehearsable(self, first: tuple[Any, ...] | None) -> bool:
         """Whether an eager first call may run again compiled (``rehearse``): not yet rehearsed, its context the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import types
 import weakref
+from collections.abc import Hashable
 from typing import Any, Protocol
 
 import torch
@@ -40,6 +41,10 @@ class StepHost(Protocol):
     #: the running call is a context's first of a generation, compiled (``rehearse``): it runs under an entry frame
     #: of its own, so that its graph does not count against the other steps' recompile limit
     first_call: bool
+
+    def call_kind(self) -> Hashable:
+        """The kind of the running call, as far as the host knows it before the forward (its context, shapes, row
+        groups and plan): each kind runs under an entry frame of its own (``StepHook``)."""
 
     def measure(self, forward: Any) -> Any:
         """The pending pre-pass and the schedule's measurement of it: tensors only (traced)."""
@@ -190,8 +195,11 @@ class StepHook(ModelHook):
         self.host = host
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
         self.new_forward = torch._dynamo.disable(self._step, recursive=False)  # the registry calls new_forward
-        self._enter = _own_entry()  # the frame dynamo compiles: this model's own
-        self._enter_first = _own_entry()  # the same for compiled first calls (``StepHost.first_call``)
+        # the frames dynamo compiles: this model's own, one per kind of call (``StepHost.call_kind``; compiled first
+        # calls apart). dynamo counts graphs against its recompile limit (8) per frame, and the graphs of one frame
+        # are the kinds of step times the shapes and row groups seen: a second batch size, or guidance switched
+        # off, would pass 8 and run the rest eagerly in every later generation
+        self._entries: dict[tuple[bool, Hashable], Any] = {}
         self._uncontexted = UncontextedCalls()
 
     def _step(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -208,7 +216,10 @@ class StepHook(ModelHook):
                 # the first call again, compiled (its eager run reserved the caches and measured the FLOPs)
                 if self._start(name, step_index, forward, args, kwargs, compiled):  # pragma: no cover - a bug
                     raise RuntimeError("relcache: a rehearsed first call was asked to run eagerly again")
-            enter = self._enter_first if self.host.first_call else self._enter
+            kind = (self.host.first_call, self.host.call_kind())
+            enter = self._entries.get(kind)
+            if enter is None:
+                enter = self._entries[kind] = _own_entry()
             return enter(self.host, forward, args, kwargs)
         except BaseException:
             self._uncontexted.forget()  # a call that raised: the next one (a retry) starts its step afresh
