@@ -11,6 +11,7 @@ forced full), and the stats of each expert.
 from __future__ import annotations
 
 import copy
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -186,6 +187,9 @@ class ExpertCalls:
     @property
     def first_call(self) -> bool:
         return self.session.first_call
+
+    def call_kind(self) -> Hashable:
+        return self.session.call_kind()
 
     def measure(self, forward: Any) -> Any:
         return self.session.measure(forward)

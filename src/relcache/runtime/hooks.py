@@ -199,7 +199,7 @@ class StepHook(ModelHook):
         # calls apart). dynamo counts graphs against its recompile limit (8) per frame, and the graphs of one frame
         # are the kinds of step times the shapes and row groups seen: a second batch size, or guidance switched
         # off, would pass 8 and run the rest eagerly in every later generation
-        self._entries: dict[tuple[bool, Hashable], Any] = {}
+        self._entries: dict[tuple[bool, Hashable] | None, Any] = {}
         self._uncontexted = UncontextedCalls()
 
     def _step(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -216,7 +216,7 @@ class StepHook(ModelHook):
                 # the first call again, compiled (its eager run reserved the caches and measured the FLOPs)
                 if self._start(name, step_index, forward, args, kwargs, compiled):  # pragma: no cover - a bug
                     raise RuntimeError("relcache: a rehearsed first call was asked to run eagerly again")
-            kind = (self.host.first_call, self.host.call_kind())
+            kind = (self.host.first_call, self.host.call_kind()) if compiled else None  # eager: any entry will do
             enter = self._entries.get(kind)
             if enter is None:
                 enter = self._entries[kind] = _own_entry()
