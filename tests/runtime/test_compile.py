@@ -387,6 +387,38 @@ def test_a_generation_under_inference_mode_leaves_buffers_a_later_one_can_write(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@torch.compiler.disable
+def _host_side(*args: object) -> None:
+    """A user's compiler-disabled hook: a graph break inside the model's forward."""
+
+
+@pytest.mark.parametrize("name", ["FORA", "RFC target NFC"])
+def test_a_graph_break_inside_the_model_counts_each_module_once(name):
+    """After a graph break inside a block (a user's compiler-disabled hook), the rest of the forward runs eagerly
+    within a compiled call: its modules counted themselves and the call's end counted them again (FORA: FLOP
+    fraction 0.333 against eager's 0.400). The stats equal the eager run's."""
+    x, y = _inputs(False)
+
+    def stats(compile_it: bool) -> tuple[list[int], float, float, float]:
+        _, backend = _recording()
+        model = tiny_dit()
+        model.transformer_blocks[1].norm3.register_forward_pre_hook(_host_side)
+        relcache.enable(model, CONFIGS[name], adapter=_NoSharing())
+        run = torch.compile(model, backend=backend) if compile_it else model
+        try:
+            for _ in range(2):
+                run_loop(run, x, y, steps=STEPS)
+            st = relcache.stats(run)
+        finally:
+            relcache.disable(run)
+            torch._dynamo.reset()
+        return st.full_steps, st.flops_fraction, st.contexts["default"].full_flops, st.model_flops_fraction
+
+    eager, compiled = stats(False), stats(True)
+    assert compiled[0] == eager[0]
+    assert compiled[1:] == pytest.approx(eager[1:], rel=1e-9)
+
+
 # ATen ops that run no kernel: views, allocations, a ``.to`` that changes nothing, a host number made a tensor
 _NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze", "squeeze", "t", "transpose",
               "permute", "detach", "detach_", "alias", "as_strided", "split", "chunk", "unbind", "narrow", "flatten",

@@ -373,7 +373,9 @@ class Session(ModuleCalls):
         self.probing = None  # a call that raised before its pre-pass leaves none pending
         if ctx is not None and ctx.cfg.skip_call:
             self.meter.count_skipped_call(ctx.counters, ctx.caches.call_shapes, self._call_sig)
-        elif ctx is not None and self._compiled_call and not self.meter.counted:  # (not a call dynamo ran eagerly)
+        elif ctx is not None and self._compiled_call and self._completed and not self.meter.counted:
+            # a compiled call that returned (one that raised is not counted: what of it ran is unknown), and not one
+            # dynamo ran eagerly
             self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
                                            self._call_sig, ctx.cfg.batch_scale)
         self._compiled_call = self.meter.counted = self.first_call = False

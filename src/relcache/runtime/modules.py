@@ -55,7 +55,8 @@ def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]
 class ModuleCalls:
     """``module_forward`` and what it needs, mixed into ``controller.Session``: it reads the session's ``config``,
     ``current`` context, ``cached_modules``, ``meter``, ``shape_probe``, ``prober``, ``record_errors``, ``reducer``,
-    ``_decide`` and ``_computing`` (the modules the current step lets run, keyed by index)."""
+    ``_decide``, ``_computing`` (the modules the current step lets run, keyed by index) and ``_compiled_call``
+    (the call runs compiled and is counted whole at its end, ``Session.end_call``)."""
 
     # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -97,12 +98,18 @@ class ModuleCalls:
             self._computing[idx] = Computing(ctx, shapes, groups)
             return None
         preds = _predict(self.config, ctx, idx, groups)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not self._counted_at_end():
             self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
         if self.record_errors:
             trues = spec.outputs(original(*args, **kwargs))
             ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
         return spec.returned(preds, ctx.caches.tuple_out.get(idx, False))
+
+    def _counted_at_end(self) -> bool:
+        """Whether the running call is counted whole at its end (``Session.end_call``): it runs compiled, so a module
+        that runs eagerly within it (after a graph break in the model) must not count itself too. Not where dynamo
+        ran the call's forward eagerly: ``run_call`` then counts it module by module."""
+        return self._compiled_call and not self.meter.counted
 
     def _record(self, idx: int, out: Any) -> None:
         """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
@@ -133,5 +140,5 @@ class ModuleCalls:
                 caches.last_record[slot] = ctx.step
             elif not torch.compiler.is_compiling():  # recorded: its record step is this step's (``end_step``)
                 caches.unrecorded.pop(slot, None)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not self._counted_at_end():
             self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
