@@ -320,7 +320,7 @@ def _limit_hits() -> tuple[list[str], logging.Handler]:
     return hits, _Hits()
 
 
-@pytest.mark.parametrize("name", ["TaylorSeer", "RFC + CFG-Cache(align=False) on a CFG batch"])
+@pytest.mark.parametrize("name", ["TaylorSeer", "TaylorSeer + CFG-Cache(align=False) on a CFG batch"])
 def test_other_batch_sizes_and_guidance_off_stay_within_the_recompile_limit(name):
     """Batch 2, 4, 2, 4 and, on a CFG batch, guidance off and on again: every kind of call has an entry frame of its
     own, so none passes dynamo's recompile limit. Before, one frame per model took the graphs of every shape and row
@@ -365,18 +365,18 @@ def test_a_generation_under_inference_mode_leaves_buffers_a_later_one_can_write(
 
     def sequence(model: torch.nn.Module) -> list[torch.Tensor]:
         outs = []
-        for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        for mode in (torch.inference_mode, torch.no_grad):
             with mode():
-                outs.append(run_loop(model, x, y, steps=6)[-1].clone())
+                outs.append(run_loop(model, x, y, steps=5)[-1].clone())
         return outs
 
     model = tiny_dit()
-    relcache.enable(model, RFC(target_nfc=4), adapter=_NoSharing())
+    relcache.enable(model, TaylorSeer(2), adapter=_NoSharing())
     eager = sequence(model)
     relcache.disable(model)
     _, backend = _recording()
     model = tiny_dit()
-    relcache.enable(model, RFC(target_nfc=4), adapter=_NoSharing())
+    relcache.enable(model, TaylorSeer(2), adapter=_NoSharing())
     compiled = torch.compile(model, backend=backend)
     try:
         outs = sequence(compiled)
@@ -392,8 +392,7 @@ def _host_side(*args: object) -> None:
     """A user's compiler-disabled hook: a graph break inside the model's forward."""
 
 
-@pytest.mark.parametrize("name", ["FORA", "RFC target NFC"])
-def test_a_graph_break_inside_the_model_counts_each_module_once(name):
+def test_a_graph_break_inside_the_model_counts_each_module_once():
     """After a graph break inside a block (a user's compiler-disabled hook), the rest of the forward runs eagerly
     within a compiled call: its modules counted themselves and the call's end counted them again (FORA: FLOP
     fraction 0.333 against eager's 0.400). The stats equal the eager run's."""
@@ -403,11 +402,10 @@ def test_a_graph_break_inside_the_model_counts_each_module_once(name):
         _, backend = _recording()
         model = tiny_dit()
         model.transformer_blocks[1].norm3.register_forward_pre_hook(_host_side)
-        relcache.enable(model, CONFIGS[name], adapter=_NoSharing())
+        relcache.enable(model, FORA(3), adapter=_NoSharing())
         run = torch.compile(model, backend=backend) if compile_it else model
         try:
-            for _ in range(2):
-                run_loop(run, x, y, steps=STEPS)
+            run_loop(run, x, y, steps=STEPS)
             st = relcache.stats(run)
         finally:
             relcache.disable(run)
