@@ -273,19 +273,24 @@ def test_record_errors_under_compile_runs_eagerly_and_records_the_same_errors():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def _limit_hits() -> tuple[list[str], logging.Handler]:
+    """dynamo's log lines saying a frame reached its recompile limit, and the handler collecting them."""
+    hits: list[str] = []
+
+    class _Hits(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
+                hits.append(record.getMessage())
+
+    return hits, _Hits()
+
+
 def test_each_enabled_model_compiles_within_its_own_recompile_limit():
     """dynamo counts graphs against its recompile limit (8) per code object. Three enabled models of one class, each
     needing a few kinds of step, would share one limit and run the overflow eagerly; each has its own entry frame, so
     none falls back and a second round compiles nothing."""
     graphs, backend = _recording()
-    limit_hits: list[str] = []
-
-    class _Hits(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
-                limit_hits.append(record.getMessage())
-
-    handler = _Hits()
+    limit_hits, handler = _limit_hits()
     logging.getLogger("torch._dynamo").addHandler(handler)
     models = [torch.compile(tiny_dit(seed=i), backend=backend) for i in range(3)]
     x, y = _inputs(False)
@@ -306,18 +311,6 @@ def test_each_enabled_model_compiles_within_its_own_recompile_limit():
     assert not limit_hits, limit_hits
     assert first > 8 and len(graphs) == first  # more graphs than one limit allows, none after the first round
     assert all(f == pytest.approx(fractions[0]) for f in fractions)
-
-
-def _limit_hits() -> tuple[list[str], logging.Handler]:
-    """dynamo's log lines saying a frame reached its recompile limit, and the handler collecting them."""
-    hits: list[str] = []
-
-    class _Hits(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
-                hits.append(record.getMessage())
-
-    return hits, _Hits()
 
 
 @pytest.mark.parametrize("name", ["TaylorSeer", "TaylorSeer + CFG-Cache(align=False) on a CFG batch"])

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         model, sampler = _pipeline_sampler(args.model)
     else:
         model, sampler, _, _ = _reference()
-    _check_modules(args.modules, model)  # before the trace, which is the long part
+        _check_modules(args.modules, model)  # before the trace, which is the long part
     labels = torch.arange(args.samples) % 10
     generate = partial(sampler, model, labels, num_steps=args.steps, guidance_scale=args.guidance,
                        generator=torch.Generator().manual_seed(args.seed))

@@ -4,6 +4,8 @@ calls relate to a CFG batch."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -14,6 +16,13 @@ from ..methods.predictors import PredictorState
 from ..methods.storage import CacheStorage
 from .accounting import ContextStats, Counters, Shapes, fraction
 from .cfg import CFGRouting, Rows
+
+
+def _copy_state(state: PredictorState) -> PredictorState:
+    """A copy of a predictor state that a later record does not change (it replaces tensors and lists)."""
+    new = copy.copy(state)
+    new.out = copy.copy(state.out)  # the output's divided differences (a record replaces their list)
+    return new
 
 
 @dataclass
@@ -114,6 +123,31 @@ class Context:
         """Bytes held by this context's predictor states and its schedule's input history."""
         history = getattr(self.schedule.memory, "history", None)
         return self.caches.nbytes + (history.nbytes if history is not None else 0)
+
+    def snapshot(self) -> Callable[[], None]:
+        """Save what a call's modules change (predictor states, record steps, errors, counters) and return how to put
+        it back. Predictor states are copied shallowly: a record replaces their tensors, it never writes into them
+        (held in place for capture, the buffers' contents are saved too)."""
+        caches = self.caches
+        saved = {
+            "states": {slot: [_copy_state(st) for st in states] for slot, states in caches.states.items()},
+            "shapes": dict(caches.shapes), "tuple_out": dict(caches.tuple_out), "last_record": dict(caches.last_record),
+            "unrecorded": dict(caches.unrecorded),
+            "errors": {i: dict(e) for i, e in caches.errors.items()}, "call_shapes": dict(caches.call_shapes),
+        }
+        counters = copy.copy(self.counters)
+        restore_static = self.static.snapshot() if self.static is not None else None  # in-place caches: contents
+
+        def restore() -> None:
+            if restore_static is not None:
+                restore_static()
+            for name, value in saved.items():
+                held = getattr(caches, name)
+                held.clear()
+                held.update(value)
+            self.counters.__dict__.update(vars(counters))
+
+        return restore
 
     def stats(self, module_names: list[str]) -> ContextStats:
         c = self.counters

@@ -9,7 +9,6 @@ runs at every step.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Hashable
 from dataclasses import replace
 from typing import Any
@@ -33,13 +32,6 @@ from .modules import Computing, ModuleCalls
 from .rehearsal import Rehearsals, first_call_key
 from .shared import SharedGroup, SharedHook
 from .steps import Prober, Probing, RowGroups, decide, end_step, prepare_step, probe_rows, take_decision
-
-
-def _copy_state(state: Any) -> Any:
-    """A copy of a predictor state that a later record does not change (it replaces tensors and lists)."""
-    new = copy.copy(state)
-    new.out = copy.copy(state.out)  # the output's divided differences (a record replaces their list)
-    return new
 
 
 class Session(ModuleCalls):
@@ -334,6 +326,7 @@ class Session(ModuleCalls):
             self.meter.other.clear()
             self.rehearsals.clear()  # first calls run eagerly again, to measure
             self._n_modules = n_modules
+
     def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
                  ) -> None:
         """Set a new context's storage: the config's, or under ``max_cache_bytes`` the most precise that fits
@@ -393,29 +386,12 @@ class Session(ModuleCalls):
         return self.meter.run_call(ctx.counters, ctx.cfg.batch_scale, forward, args, kwargs, self._snapshot)
 
     def _snapshot(self) -> Callable[[], None]:
-        """Save what the running call's modules change (their predictor states, record steps, counters), and return
-        how to put it back: a call whose FLOP measurement failed runs again from there (``FlopMeter.run_call``).
-        Predictor states are copied shallowly: a record replaces their tensors, it never writes into them (held in
-        place for capture, the buffers' contents are saved too)."""
-        ctx = self.current
-        caches = ctx.caches
-        saved = {
-            "states": {slot: [_copy_state(st) for st in states] for slot, states in caches.states.items()},
-            "shapes": dict(caches.shapes), "tuple_out": dict(caches.tuple_out), "last_record": dict(caches.last_record),
-            "unrecorded": dict(caches.unrecorded),
-            "errors": {i: dict(e) for i, e in caches.errors.items()}, "call_shapes": dict(caches.call_shapes),
-        }
-        counters = copy.copy(ctx.counters)
-        restore_static = self.static.snapshot() if ctx.static is not None else None  # in-place caches: contents
+        """Save what the running call's modules change (``Context.snapshot``), and return how to put it back: a call
+        whose FLOP measurement failed runs again from there (``FlopMeter.run_call``)."""
+        restore_context = self.current.snapshot()
 
         def restore() -> None:
-            if restore_static is not None:
-                restore_static()
-            for name, value in saved.items():
-                held = getattr(caches, name)
-                held.clear()
-                held.update(value)
-            ctx.counters.__dict__.update(vars(counters))
+            restore_context()
             self._computing.clear()
 
         return restore
