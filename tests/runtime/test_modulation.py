@@ -87,6 +87,23 @@ def test_the_table_holds_each_steps_projection():
         relcache.disable(model)
 
 
+def test_a_model_cast_after_enable_builds_its_table_in_the_new_dtype():
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS, steps=2)
+        model.to(torch.bfloat16)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+        outs = _loop(model, TS, LABELS, x=x)  # was: "mat1 and mat2 must have the same dtype" in the table's build
+        assert _session(model).modulation.tables["default"].rows[0].dtype == torch.bfloat16
+    finally:
+        relcache.disable(model)
+    plain = _loop(model, TS, LABELS, x=x)
+    for a, b in zip(plain, outs, strict=True):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
 def test_steps_that_differ_from_the_announced_ones_compute_their_projections():
     """On the CPU each step's timestep is compared with the announced one: a step off the announcement, labels
     changed mid-generation, or a generation without announced timesteps compute as usual."""

@@ -48,7 +48,6 @@ class DiTAdapter(TableAdapter):
                                  for n in norms) or not isinstance(getattr(model, "proj_out_1", None), nn.Linear):
             return None
         embs = [n.emb for n in norms] + [norms[0].emb]
-        dtype = norms[0].linear.weight.dtype
 
         def inputs(timesteps: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
             labels = _class_labels(args, kwargs)
@@ -57,6 +56,7 @@ class DiTAdapter(TableAdapter):
             steps = timesteps.repeat_interleave(batch)  # (T·B,) step-major
             rows = labels.reshape(-1).expand(batch).repeat(len(timesteps)) if labels is not None else None
             memo: dict[int, torch.Tensor] = {}
+            dtype = norms[0].linear.weight.dtype  # read per table: the model may be cast after ``enable``
             out = []
             for emb in embs:
                 if id(emb) not in memo:
