@@ -101,6 +101,10 @@ def test_storage_and_budget_arguments_are_checked():
     with pytest.raises(ConfigError, match="not both"):
         CacheConfig(Reuse(), Interval(), cache_dtype=F8, max_cache_bytes=10)
     assert CacheConfig(Reuse(), Interval(), max_cache_bytes=10).max_cache_bytes == 10
+    # no sign (float8_e8m0fnu read [1.5, -2] back as [2, 2]) or two values a byte (float4 failed at the first record)
+    for fmt in (torch.float8_e8m0fnu, torch.float4_e2m1fn_x2):
+        with pytest.raises(ConfigError, match="cache_dtype must be None, 'int8', 'int4' or one of .*float8_e4m3fn"):
+            CacheConfig(Reuse(), Interval(), cache_dtype=fmt)
     assert CacheConfig(Reuse(), Interval(), cache_dtype=CacheStorage(F8, "int4", None)).storage.diffs == "int4"
 
 
@@ -160,3 +164,23 @@ def test_state_bytes_of_a_shared_input_leave_the_input_out():
     full = pred.state_bytes((2, 6, 8), (2, 6, 4), torch.float32, storage)
     shared = pred.state_bytes((2, 6, 8), (2, 6, 4), torch.float32, storage, input_shared=True)
     assert full - shared == 2 * 6 * 4 + 4 * 2 * 6  # float8 values and one float32 scale per token
+
+
+@pytest.mark.parametrize("fmt", [torch.float16, F8, "int8", "int4"])
+def test_small_values_read_back_into_float16_are_not_zero(fmt):
+    """A token of values near 1e-3 (or 3e-6) gets a scale below float16's smallest subnormal (2**-24) where the stored
+    format's range is wide: multiplied in float16, every value read back as 0 (found by review)."""
+    for amax in (1e-3, 3e-6):
+        x = torch.tensor([[[1.0, -0.5, 0.25, 1.0]]]) * amax
+        held = store(x, fmt, "token")
+        back = load(held, torch.float16)
+        assert torch.equal(back, load(held, torch.float32).half())  # what a plain cast of the float32 read gives
+        assert (back != 0).all() and torch.equal(back.sign(), x.sign().half())
+
+
+def test_a_format_that_is_the_computed_dtype_holds_the_tensor_as_computed():
+    """float16 storage of a float16 model: nothing to fit, so no scale (it had cost more bytes than as computed)."""
+    x = torch.randn(2, 6, 8).half() * 1e-3
+    assert store(x, torch.float16, "token") is x
+    assert stored_bytes((2, 6, 8), torch.float16, "token", torch.float16) == x.numel() * 2
+    assert stored_bytes((2, 6, 8), torch.float16, "token", torch.float32) == x.numel() * 2 + 2 * 6 * 4

@@ -36,11 +36,28 @@ INT8 = "int8"
 _INT_MAX = {INT4: 7.0, INT8: 127.0}
 
 
+#: the floating storage formats: signed, one value per element (float8_e8m0fnu holds no sign and the float4 types
+#: pack two values per byte, so neither can hold a cache)
+FLOAT_FORMATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2,
+                 torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+
+
+def _is_narrow(dtype: torch.dtype) -> bool:
+    """Whether the floating ``dtype``'s range is narrower than float32's (bfloat16 and wider share its exponent)."""
+    return torch.finfo(dtype).max < 1e30
+
+
 def _is_scaled(fmt: torch.dtype | str | None) -> bool:
     """Whether ``fmt`` needs a scale: integers, and floats whose range is narrower than float32's."""
     if fmt in _INT_MAX:
         return True
-    return isinstance(fmt, torch.dtype) and torch.finfo(fmt).max < 1e30  # bfloat16 and wider: float32's exponent
+    return isinstance(fmt, torch.dtype) and _is_narrow(fmt)
+
+
+def _scaled_for(fmt: torch.dtype | str | None, computed: torch.dtype) -> bool:
+    """Whether a tensor computed in ``computed`` is held with a scale in format ``fmt``: a format that is the computed
+    dtype itself holds it as computed (nothing to fit, no scale to keep)."""
+    return _is_scaled(fmt) and fmt != computed
 
 
 def format_bytes(fmt: torch.dtype | str | None, computed: torch.dtype) -> float:
@@ -51,12 +68,12 @@ def format_bytes(fmt: torch.dtype | str | None, computed: torch.dtype) -> float:
 
 
 def check_format(name: str, fmt: object) -> torch.dtype | str | None:
-    """``fmt`` if it is a storage format (None, a floating torch.dtype, ``"int8"``, ``"int4"``), else a ConfigError."""
-    floating = isinstance(fmt, torch.dtype) and fmt.is_floating_point
-    if fmt is None or floating or isinstance(fmt, str) and fmt in _INT_MAX:
+    """``fmt`` if it is a storage format (None, one of ``FLOAT_FORMATS``, ``"int8"``, ``"int4"``), else a
+    ConfigError."""
+    if fmt is None or fmt in FLOAT_FORMATS or isinstance(fmt, str) and fmt in _INT_MAX:
         return fmt  # type: ignore[return-value]
-    raise ConfigError(
-        f"{name} must be None, a floating torch.dtype (e.g. torch.float8_e4m3fn), 'int8' or 'int4', got {fmt!r}")
+    floats = ", ".join(str(f) for f in FLOAT_FORMATS)
+    raise ConfigError(f"{name} must be None, 'int8', 'int4' or one of {floats}, got {fmt!r}")
 
 
 def _label(fmt: torch.dtype | str | None) -> str:
@@ -152,17 +169,22 @@ class Held:
         return self.data.numel() * self.data.element_size() + scale
 
     def get(self, like: torch.dtype) -> torch.Tensor:
-        """The stored tensor in dtype ``like``."""
+        """The stored tensor in dtype ``like``. Scaled data into float16 is multiplied in float32 and then cast: a
+        small power-of-two scale is 0 in float16 (below 2**-24), which would read a whole token back as 0."""
         data = self._device_data()
+        wide = self.scale is not None and _is_narrow(like)
+        to = torch.float32 if wide else like
         if self.packed:
             lo = torch.bitwise_right_shift(torch.bitwise_left_shift(data, 4), 4)  # sign-extending shifts
             hi = torch.bitwise_right_shift(data, 4)
-            x = torch.stack([lo, hi], dim=-1).reshape(self.shape).to(like)
+            x = torch.stack([lo, hi], dim=-1).reshape(self.shape).to(to)
         else:
-            x = data.to(like)
+            x = data.to(to)
             if x is self.data:  # offloaded as computed, on the CPU: a forecast may write into what it gets
                 x = x.clone()
-        return x if self.scale is None else x * self.scale.to(like)
+        if self.scale is None:
+            return x
+        return (x * self.scale).to(like) if wide else x * self.scale.to(like)
 
 
 _SIDE_STREAMS: dict[torch.device, Any] = {}
@@ -198,7 +220,7 @@ def store(x: torch.Tensor, fmt: torch.dtype | str | None, axes: str, offload: bo
     scale shared over ``axes`` such that the largest magnitude fits; ``offload``: in host memory (``offloaded``)."""
     if offload:
         return offloaded(store(x, fmt, axes))
-    if not _is_scaled(fmt):
+    if not _scaled_for(fmt, x.dtype):
         return x if fmt is None else x.to(fmt)
     top = _INT_MAX[fmt] if fmt in _INT_MAX else torch.finfo(fmt).max
     dims = _scale_dims(x, axes)
@@ -236,7 +258,7 @@ def stored_bytes(shape: tuple[int, ...], fmt: torch.dtype | str | None, axes: st
         numel *= n
     packed = fmt == INT4 and shape and shape[-1] % 2 == 0
     data = numel // 2 if packed else numel if fmt in _INT_MAX else int(numel * format_bytes(fmt, computed))
-    if not _is_scaled(fmt) or not shape:
+    if not _scaled_for(fmt, computed) or not shape:
         return data
     dims = set(_scale_dims(torch.empty((0,) * len(shape)), axes))
     scales = 1
