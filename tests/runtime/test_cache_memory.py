@@ -104,6 +104,30 @@ def test_a_budget_nothing_fits_fails_before_any_module_runs():
     assert ran == []
 
 
+def test_a_model_cast_after_enable_keeps_within_the_budget():
+    """The storage is chosen from the bytes of the dtype the model computes in now: a shapes-only memo kept a bfloat16
+    model's choice ("as computed") after ``model.float()``, which then held twice the budget (found by review)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+    cfg = RFC(threshold=0.0)  # every step full: the histories fill up
+    model = tiny_dit().to(torch.bfloat16)
+    relcache.enable(model, cfg)
+    run_loop(model, x.bfloat16(), y, steps=8)
+    budget = relcache.stats(model).peak_cache_bytes  # what the bfloat16 model holds as computed
+    relcache.disable(model)
+    relcache.enable(model, dataclasses.replace(cfg, max_cache_bytes=budget))
+    try:
+        run_loop(model, x.bfloat16(), y, steps=8)
+        assert relcache.stats(model).contexts["default"].cache_storage == "as computed"
+        model.float()
+        run_loop(model, x, y, steps=8)
+        stats = relcache.stats(model)
+        assert stats.contexts["default"].cache_storage != "as computed"
+        assert stats.peak_cache_bytes <= budget
+    finally:
+        relcache.disable(model)
+
+
 def test_scaled_and_packed_storage_compile_whole():
     """Storing with scales and 4-bit packing adds no graph break and no recompilation (test_compile's counting)."""
     from test_compile import _compiled_runs

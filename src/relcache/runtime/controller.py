@@ -334,7 +334,11 @@ class Session(ModuleCalls):
         if self.config.max_cache_bytes is None:
             ctx.storage = self.config.storage
             return
-        sig = signature(args, kwargs)
+        # the bytes depend on the dtypes too: the arguments', and the cached modules' (the model may be cast after
+        # ``enable``; a shapes-only key kept the first dtype's bytes and went over the budget)
+        tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        sig = (signature(args, kwargs), tuple(a.dtype for a in tensors),
+               frozenset(p.dtype for spec in self.cached_modules for p in spec.module.parameters()))
         if sig not in self._probed:
             self._probed[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
         held = sum(c.planned_bytes for c in self.contexts.values())
