@@ -39,9 +39,9 @@ def test_modules_are_unbatched_and_probe_the_generation_stream(pipe):
     ins = specs[0].inputs((und, gen, None), {})
     assert [x.shape for x in ins] == [(1, 5, 16), (1, 16, 16)] and ins[1].data_ptr() == gen.data_ptr()
     outs = specs[0].outputs((und, gen))
-    back = specs[0].returned(outs, as_tuple=True)
+    back = specs[0].returned(outs, tuple)
     assert back[0].shape == und.shape and back[0].data_ptr() == und.data_ptr() and back[1].data_ptr() == gen.data_ptr()
-    assert specs[1].returned(specs[1].outputs(und), as_tuple=False).shape == (5, 16)
+    assert specs[1].returned(specs[1].outputs(und), None).shape == (5, 16)
 
 
 def test_rcs_sees_the_generation_stream_move_and_not_the_text(pipe):

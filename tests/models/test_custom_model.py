@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
-from custom_dit import ADAPTER, TinyDiT, sample
+from custom_dit import ADAPTER, TinyDiT, modulate, sample
 
 import relcache
 from relcache import FORA, RFC, ConfigError, TaylorSeer, UnsupportedModelError
@@ -225,3 +227,60 @@ def test_probe_names_the_input_rcs_reads():
         CustomAdapter("blocks", {"joint": "attn"}, probe=-1)
     with pytest.raises(ConfigError, match="batched must be True or False"):
         CustomAdapter("blocks", {"joint": "attn"}, batched="no")
+
+
+class _Pair(NamedTuple):
+    out: torch.Tensor
+    twice: torch.Tensor
+
+
+class _Returns(torch.nn.Module):
+    """Wraps an attention module to return its output in another layout (``kind``)."""
+
+    def __init__(self, inner: torch.nn.Module, kind: str) -> None:
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, x: torch.Tensor) -> Any:
+        o = self.inner(x)
+        return {"named": _Pair(o, 2 * o), "tuple": (o, 2 * o), "none": (o, None), "list": [o, 2 * o]}[self.kind]
+
+
+def _with_attn_returning(kind: str) -> TinyDiT:
+    model = TinyDiT()
+    for block in model.blocks:
+        block.attn = _Returns(block.attn, kind)
+        block.forward = types.MethodType(_block_forward, block)
+    return model.eval()
+
+
+def _block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+    r = self.attn(modulate(self.norm1(x), shift1, scale1))
+    a, b = (r.out, r.twice) if self.attn.kind == "named" else r  # read by name: it must come back as a NamedTuple
+    x = x + gate1[:, None] * (a + 0.5 * b)
+    return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+def test_a_named_tuple_output_comes_back_as_one_and_other_layouts_are_refused_by_name():
+    outs = {}
+    for kind in ("tuple", "named"):
+        torch.manual_seed(0)
+        model = _with_attn_returning(kind)
+        relcache.enable(model, FORA(3), adapter=CustomAdapter(**ADAPTER))
+        try:
+            outs[kind] = sample(model)  # a NamedTuple came back as a plain tuple: AttributeError 'out'
+            assert relcache.stats(model).nfc == 4
+        finally:
+            relcache.disable(model)
+    for a, b in zip(outs["tuple"], outs["named"], strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for kind, what in (("none", "a tuple holding Tensor, NoneType"), ("list", "list")):
+        model = _with_attn_returning(kind)
+        relcache.enable(model, FORA(3), adapter=CustomAdapter(**ADAPTER))
+        try:
+            message = re.escape(f"cached module 'blocks.0.attn' returned {what};")
+            with pytest.raises(UnsupportedModelError, match=message):
+                sample(model)
+        finally:
+            relcache.disable(model)

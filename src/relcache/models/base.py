@@ -62,14 +62,24 @@ class CachedModule:
         return ins if self.batched else tuple(x.unsqueeze(0) for x in ins)
 
     def outputs(self, out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The module's outputs as the runtime reads them: a tuple, each with its batch axis."""
+        """The module's outputs as the runtime reads them: a tuple, each with its batch axis. Anything but a tensor or
+        a tuple (a NamedTuple too) of tensors is refused, naming the module: a cached step could not rebuild it."""
         outs = out if isinstance(out, tuple) else (out,)
+        if not all(isinstance(o, torch.Tensor) for o in outs) or not outs:
+            got = type(out).__name__ if not isinstance(out, tuple) else (
+                f"a tuple holding {', '.join(type(o).__name__ for o in outs) or 'nothing'}")
+            raise UnsupportedModelError(
+                f"cached module {self.name!r} returned {got}; a cached module must return a tensor or a tuple of "
+                "tensors (wrap it to return only its tensors, or leave it out of the adapter's modules)")
         return outs if self.batched else tuple(o.unsqueeze(0) for o in outs)
 
-    def returned(self, outs: Sequence[torch.Tensor], as_tuple: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Forecast ``outs`` (as ``outputs`` gives them) in the layout the module returns."""
+    def returned(self, outs: Sequence[torch.Tensor], layout: type | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Forecast ``outs`` (as ``outputs`` gives them) in the layout the module returns: ``layout`` is the type of
+        the tuple it returned (a NamedTuple is rebuilt as one), None for a single tensor."""
         got = tuple(outs) if self.batched else tuple(o.squeeze(0) for o in outs)
-        return got if as_tuple else got[0]
+        if layout is None:
+            return got[0]
+        return got if layout is tuple else layout(*got)
 
 
 @dataclass(frozen=True)

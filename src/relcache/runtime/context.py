@@ -43,7 +43,7 @@ class ModuleCaches:
     states: dict[tuple[int, str], list[PredictorState]] = field(default_factory=dict)
     shapes: dict[tuple[int, str], Shapes] = field(default_factory=dict)
     call_shapes: dict[int, Shapes] = field(default_factory=dict)  # each module's last whole-call input shapes
-    tuple_out: dict[int, bool] = field(default_factory=dict)  # whether each module returns a tuple of tensors
+    tuple_out: dict[int, type | None] = field(default_factory=dict)  # the tuple type each returns (None: a tensor)
     errors: dict[int, dict[int, float]] = field(default_factory=dict)  # record_errors: step -> rel. L1 per module
     last_record: dict[tuple[int, str], int] = field(default_factory=dict)  # (module, group) -> its latest record step
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # this step's rows per group: (modules, row length)

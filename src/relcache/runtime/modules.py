@@ -103,7 +103,7 @@ class ModuleCalls:
         if self.record_errors:
             trues = spec.outputs(original(*args, **kwargs))
             ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
-        return spec.returned(preds, ctx.caches.tuple_out.get(idx, False))
+        return spec.returned(preds, ctx.caches.tuple_out.get(idx))
 
     def _counted_at_end(self) -> bool:
         """Whether the running call is counted whole at its end (``Session.end_call``): it runs compiled, so a module
@@ -118,7 +118,7 @@ class ModuleCalls:
             return
         ctx, caches = computing.ctx, computing.ctx.caches
         outs = self.cached_modules[idx].outputs(out)
-        caches.tuple_out[idx] = isinstance(out, tuple)
+        caches.tuple_out[idx] = type(out) if isinstance(out, tuple) else None
         predictor = self.config.predictor
         for group in computing.groups:
             slot = (idx, group.name)
