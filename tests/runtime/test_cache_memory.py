@@ -5,13 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import run_loop, tiny_dit
+from conftest import dit_pipe, run_loop, tiny_dit
 from families import CASES, generate_with_stats
 from torch._subclasses.fake_tensor import FakeTensor
 
 import relcache
-from relcache import FORA, RFC, CacheStorage, ConfigError, TaylorSeer
+from relcache import FORA, RFC, CacheStorage, CFGCache, ConfigError, TaylorSeer
 from relcache.methods.config import STORAGE_LADDER
+from relcache.methods.storage import Held
 
 F8 = torch.float8_e4m3fn
 
@@ -126,6 +127,42 @@ def test_a_model_cast_after_enable_keeps_within_the_budget():
         assert stats.peak_cache_bytes <= budget
     finally:
         relcache.disable(model)
+
+
+def _held_tensors(model) -> list[torch.Tensor]:
+    """Every tensor the session's predictor states and RCS's history hold (a scaled one's data)."""
+    session = vars(model)["_relcache"]
+    held = []
+    for ctx in session.contexts.values():
+        states = [st for group in ctx.caches.states.values() for st in group]
+        hist = getattr(ctx.schedule.memory, "history", None)
+        for t in [*(d for st in states for d in (*st.out.diffs, st.inp)), *(hist.diffs if hist else ())]:
+            if t is not None:
+                held.append(t.data if isinstance(t, Held) else t)
+    return held
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16])
+def test_a_cfg_half_is_held_in_a_storage_of_its_own(cache_dtype):
+    """CFG-Cache's half-batch rows are views of the whole batch's tensors: held as such, a state kept the whole
+    storage alive, up to 1.21x the bytes ``cache_bytes`` reported (found by review)."""
+    pipe = dit_pipe()
+    views = []
+
+    def check(module, args, out):
+        views.extend(t.shape for t in _held_tensors(pipe.transformer)
+                     if t.untyped_storage().nbytes() > t.numel() * t.element_size())
+
+    cfg = dataclasses.replace(RFC(threshold=0.3), cfg_cache=CFGCache(skip_full=True), cache_dtype=cache_dtype)
+    relcache.enable(pipe, cfg)
+    handle = pipe.transformer.register_forward_hook(check)
+    try:
+        pipe([1, 7], num_inference_steps=12, guidance_scale=4.0, generator=torch.manual_seed(0), output_type="np")
+        assert relcache.stats(pipe).uncond_skipped > 0
+    finally:
+        handle.remove()
+        relcache.disable(pipe)
+    assert views == []
 
 
 def test_scaled_and_packed_storage_compile_whole():

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from .storage import CacheStorage, Held, held_bytes, load, store
+from .storage import CacheStorage, Held, held_bytes, load, owned, store
 
 
 class Reducer(Protocol):
@@ -152,8 +152,8 @@ class DiffHistory:
         else:  # first record, or the shape changed: start over
             self.gap = None
         st = self.storage
-        self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale, st.offload)
-                                             for j, d in enumerate(new)]
+        self.diffs = [owned(value), *new[1:]] if st is None else [
+            store(d, st.diffs if j else st.base, st.scale, st.offload) for j, d in enumerate(new)]
 
     def get(self, j: int, like: torch.dtype) -> torch.Tensor:
         """``D_j`` in dtype ``like``."""

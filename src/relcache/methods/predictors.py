@@ -34,7 +34,7 @@ from .history import (
     sample_norm,
     step_row,
 )
-from .storage import SHARED_INPUTS, CacheStorage, Held, held_bytes, load, store, stored_bytes
+from .storage import SHARED_INPUTS, CacheStorage, Held, held_bytes, load, owned, store, stored_bytes
 
 
 class PredictorState:
@@ -93,7 +93,7 @@ class PredictorState:
         if got is not None and got[1] is not self:
             self.inp, self.owner = got
             return
-        self.inp, self.owner = (inp if st is None else store(inp, fmt, axes, offload)), None
+        self.inp, self.owner = (owned(inp) if st is None else store(inp, fmt, axes, offload)), None
         SHARED_INPUTS.add(inp, (fmt, offload), axes, self.inp, self)
 
     def prefetch(self) -> None:

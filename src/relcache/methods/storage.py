@@ -215,13 +215,22 @@ def _scale_dims(x: torch.Tensor, axes: str) -> tuple[int, ...]:
     return tuple(range(1, x.ndim - 1))  # channel
 
 
+def owned(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a compact copy where it is a view into a larger storage (a CFG half of a batch's output): held as
+    is, it would keep the whole storage alive, bytes that ``held_bytes`` and the budget do not see. Compiled code
+    leaves it as is: there the runtime copies caches into buffers of their own (``StaticCaches``)."""
+    if torch.compiler.is_compiling() or x._base is None:  # noqa: SLF001 (only a view can be part of a larger storage)
+        return x
+    return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
+
+
 def store(x: torch.Tensor, fmt: torch.dtype | str | None, axes: str, offload: bool = False) -> Held | torch.Tensor:
     """``x`` held in format ``fmt``: the tensor itself (None, or a plain cast for a wide dtype), else a ``Held`` with a
     scale shared over ``axes`` such that the largest magnitude fits; ``offload``: in host memory (``offloaded``)."""
     if offload:
         return offloaded(store(x, fmt, axes))
     if not _scaled_for(fmt, x.dtype):
-        return x if fmt is None else x.to(fmt)
+        return owned(x if fmt is None else x.to(fmt))
     top = _INT_MAX[fmt] if fmt in _INT_MAX else torch.finfo(fmt).max
     dims = _scale_dims(x, axes)
     amax = x.detach().abs().amax(dim=dims, keepdim=True).float() if dims else x.detach().abs().float()
