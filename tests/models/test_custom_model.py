@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import types
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from custom_dit import ADAPTER, TinyDiT, modulate, sample
 
 import relcache
-from relcache import FORA, RFC, ConfigError, TaylorSeer, UnsupportedModelError
+from relcache import FORA, RFC, CacheStorage, ConfigError, TaylorSeer, UnsupportedModelError
 from relcache.models.custom import CustomAdapter
 
 
@@ -284,3 +285,36 @@ def test_a_named_tuple_output_comes_back_as_one_and_other_layouts_are_refused_by
                 sample(model)
         finally:
             relcache.disable(model)
+
+
+def _gating_in_place(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+    a = self.attn(modulate(self.norm1(x), shift1, scale1))
+    x = x + a.mul_(gate1[:, None])  # the gate applied in place, into the cached module's output
+    return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float32])
+def test_a_model_writing_into_a_cached_output_is_refused_at_the_first_cached_step(cache_dtype):
+    """The cache holds the module's output tensor itself: written into afterwards, every cached step forecast from
+    the gated output and compounded the gate (rel. error 0.37 against 0.08 for a copy; found by review)."""
+    torch.manual_seed(0)
+    model = TinyDiT().eval()
+    for block in model.blocks:
+        block.forward = types.MethodType(_gating_in_place, block)
+    config = dataclasses.replace(FORA(4), cache_dtype=cache_dtype)
+    relcache.enable(model, config, adapter=CustomAdapter(**ADAPTER))
+    steps = []
+    try:
+        with pytest.raises(UnsupportedModelError, match=re.escape("wrote into cached module 'blocks.0.attn''s output")):
+            sample(model, after_step=lambda: steps.append(1))
+        assert len(steps) == 2  # steps 0 and 1 full (warm-up), step 2 the first cached one
+    finally:
+        relcache.disable(model)
+    # a copy (offloaded caches) is not the model's tensor: nothing to refuse
+    relcache.enable(model, dataclasses.replace(FORA(4), cache_dtype=CacheStorage(offload=True)),
+                    adapter=CustomAdapter(**ADAPTER))
+    try:
+        assert len(sample(model)) == 10
+    finally:
+        relcache.disable(model)

@@ -6,6 +6,7 @@ Symbols and formulas: ``docs/spec.md``, §Notation and §Taylor forecast. The tw
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -126,7 +127,7 @@ class DiffHistory:
     row (``step_row``) to the forecasts.
     """
 
-    __slots__ = ("max_order", "dtype", "storage", "diffs", "gap")
+    __slots__ = ("max_order", "dtype", "storage", "diffs", "gap", "seen")
 
     def __init__(self, max_order: int, dtype: torch.dtype | CacheStorage | None = None) -> None:
         self.max_order = max_order
@@ -134,6 +135,8 @@ class DiffHistory:
         self.storage = CacheStorage.of(dtype)
         self.diffs: list[torch.Tensor | Held] = []  # as stored: tensors, or ``Held`` for scaled formats
         self.gap: torch.Tensor | None = None  # N = a - b, 0-d
+        # D_0 where it is the very tensor recorded (held as computed): it, weakly, and its version then
+        self.seen: tuple[weakref.ref, int] | None = None
 
     def update(self, value: torch.Tensor, gap: torch.Tensor | None, change: torch.Tensor | None = None) -> None:
         """Record ``value`` observed at a full step ``gap`` steps after the previous record (None: the first).
@@ -154,6 +157,19 @@ class DiffHistory:
         st = self.storage
         self.diffs = [owned(value), *new[1:]] if st is None else [
             store(d, st.diffs if j else st.base, st.scale, st.offload) for j, d in enumerate(new)]
+        base = self.diffs[0]
+        aliased = base is value and not torch.compiler.is_compiling() and not value.is_inference()
+        self.seen = (weakref.ref(value), value._version) if aliased else None  # noqa: SLF001
+
+    def changed_in_place(self) -> bool:
+        """Whether ``D_0``, held as the very tensor recorded, was written in place since. relcache never writes into
+        it; a model that does (``out.mul_(gate)`` on a cached module's output) would change the cache it reads back
+        at cached steps. Eager only (compiled code cannot read versions); inference tensors have none."""
+        seen = self.seen
+        if seen is None or torch.compiler.is_compiling():
+            return False
+        base = self.diffs[0]
+        return seen[0]() is base and base._version != seen[1]  # noqa: SLF001
 
     def get(self, j: int, like: torch.dtype) -> torch.Tensor:
         """``D_j`` in dtype ``like``."""

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..errors import UnsupportedModelError
 from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
 from ..methods.predictors import Forecast
@@ -50,6 +51,18 @@ def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]
     n = len(outs) // len(groups)
     per_group = [outs[g * n:(g + 1) * n] for g in range(len(groups))]
     return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
+
+
+def _check_intact(ctx: Context, name: str, idx: int, groups: list[RowGroup]) -> None:
+    """Refuse a model that wrote into a cached module's output in place after the module returned it: the cache holds
+    that very tensor (as computed), so it changed too, and every cached step would forecast from the changed one."""
+    for group in groups:
+        for st in ctx.caches.states[(idx, group.name)]:
+            if st.out.changed_in_place():
+                raise UnsupportedModelError(
+                    f"the model wrote into cached module {name!r}'s output in place after the module returned it "
+                    "(e.g. out.mul_(gate)); relcache holds that output to forecast from, so it must not change: "
+                    "write out = out * gate instead")
 
 
 class ModuleCalls:
@@ -97,6 +110,8 @@ class ModuleCalls:
         if ctx.schedule.full or not all(ctx.caches.ready(idx, g.name, g.shapes) for g in groups):
             self._computing[idx] = Computing(ctx, shapes, groups)
             return None
+        if not torch.compiler.is_compiling():
+            _check_intact(ctx, spec.name, idx, groups)
         preds = _predict(self.config, ctx, idx, groups)
         if not torch.compiler.is_compiling() and not self._counted_at_end():
             self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
