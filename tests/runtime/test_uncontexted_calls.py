@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from conftest import tiny_dit  # noqa: E402
 from families import (  # noqa: E402
     STEPS,
     LoopPipeline,
@@ -108,3 +109,28 @@ def test_a_step_is_a_new_or_rewritten_input():
     calls.name(x, t)
     calls.forget()  # a call raised: its retry starts the step again
     assert calls.name(x, t) == "default"
+
+
+def test_the_budget_is_each_contexts_and_nfc_counts_the_steps_full_in_either():
+    """True CFG as two calls per step: each call context keeps its own budget of 5, and here they choose different
+    late steps, so ``nfc`` (steps full in either) reads 6 where the budget named 5 (found by review: the README said
+    the realized NFC equals the budget); ``nfc_per_context`` is the budget's count, and bench's NFC column."""
+    model = tiny_dit()
+    relcache.enable(model, RFC(target_nfc=5))
+    try:
+        relcache.begin_generation(model, 16)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for i in range(16):
+                t = torch.tensor([999 - 60 * i])
+                c = model(x, timestep=t, class_labels=torch.tensor([3])).sample
+                u = model(x, timestep=t, class_labels=torch.tensor([999])).sample
+                x = x - 0.05 * (u + 6.0 * (c - u))
+        st = relcache.stats(model)
+    finally:
+        relcache.disable(model)
+    per = {name: c.full_steps for name, c in st.contexts.items()}
+    assert sorted(per) == ["default", "default.2"] and all(len(steps) == 5 for steps in per.values())
+    assert per["default"] != per["default.2"]  # otherwise this case shows nothing
+    assert st.full_steps == sorted(set(per["default"]) | set(per["default.2"])) and st.nfc == len(st.full_steps) > 5
+    assert st.nfc_per_context == 5

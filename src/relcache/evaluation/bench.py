@@ -246,7 +246,7 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
         seconds = time.perf_counter() - start
         steps = sampler_kwargs.get("num_steps", 50)
         if method.config is not None:
-            nfc = float(api.stats(model).nfc)
+            nfc = float(api.stats(model).nfc_per_context)  # as the full row counts: steps per call context
         elif method.peer is not None:  # measured by the peer where it can be (e.g. block executions)
             nfc = float(method.peer.nfc(model)) if hasattr(method.peer, "nfc") else math.nan
         else:

@@ -347,6 +347,13 @@ class CacheStats:
     peak_cache_bytes_by_kind: dict[str, int] = field(default_factory=dict)
     experts: dict[str, CacheStats] = field(default_factory=dict)
 
+    @property
+    def nfc_per_context(self) -> int:
+        """The most full steps one call context ran: what a ``target_nfc`` budget names, since each context (a CFG
+        half run as a call of its own) keeps its own budget. ``nfc`` counts the step indices full in any context,
+        which exceeds the budget where the contexts choose different steps."""
+        return max((c.nfc for c in self.contexts.values()), default=self.nfc)
+
 
 def combine(method: str, per: dict[str, ContextStats], shared_bytes: int, modules: dict[str, str],
             flops_unknown: str | None = None) -> CacheStats:
