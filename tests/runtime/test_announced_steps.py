@@ -55,13 +55,16 @@ def test_a_loop_longer_than_announced_warns_once_at_the_first_step_past(dit):
             relcache.begin_generation(dit)  # a generation that ran no step: nothing to say
 
 
-def test_pipeline_calls_as_announced_do_not_warn_and_an_interrupted_one_does():
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_pipeline_calls_as_announced_do_not_warn_and_an_interrupted_one_does(family):
     """A pipeline call runs what its scheduler announced; one cut short by an exception in a step callback warns
-    when the next call starts, one stopped through ``pipe._interrupt`` does not."""
+    when the next call starts, one stopped through ``pipe._interrupt`` does not. FLUX's transformer has diffusers'
+    ``CacheMixin``, whose reset ends the generation before the pipeline's own end does: it warned there (review)."""
     pytest.importorskip("transformers")
-    from families import sd3_kwargs, sd3_pipe
+    import families
 
-    pipe = sd3_pipe()
+    pipe = getattr(families, f"{family}_pipe")()
+    kwargs = getattr(families, f"{family}_kwargs")
 
     def stop_at(step: int, interrupt: bool):
         def callback(p, i, t, kw):
@@ -76,13 +79,13 @@ def test_pipeline_calls_as_announced_do_not_warn_and_an_interrupted_one_does():
     with relcache.cached(pipe, TaylorSeer(2)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            pipe(num_inference_steps=6, output_type="latent", **sd3_kwargs())
-            pipe(num_inference_steps=6, output_type="latent", callback_on_step_end=stop_at(2, True), **sd3_kwargs())
+            pipe(num_inference_steps=6, output_type="latent", **kwargs())
+            pipe(num_inference_steps=6, output_type="latent", callback_on_step_end=stop_at(2, True), **kwargs())
             assert relcache.stats(pipe).num_steps == 3
         with pytest.raises(RuntimeError, match="stop"):
-            pipe(num_inference_steps=6, output_type="latent", callback_on_step_end=stop_at(2, False), **sd3_kwargs())
+            pipe(num_inference_steps=6, output_type="latent", callback_on_step_end=stop_at(2, False), **kwargs())
         with pytest.warns(RuntimeWarning, match=r"announced 6 steps .* but ran 3"):
-            pipe(num_inference_steps=6, output_type="latent", **sd3_kwargs())
+            pipe(num_inference_steps=6, output_type="latent", **kwargs())
         assert relcache.stats(pipe).num_steps == 6
 
 

@@ -194,7 +194,12 @@ class Generations:
         self._announced, self._checked = self.num_steps, False
 
     def end(self, pipeline: Any = None) -> None:
-        """A pipeline call ended: free the cached tensors, keep the stats readable, start anew at the next step."""
+        """A pipeline call ended: free the cached tensors, keep the stats readable, start anew at the next step.
+        ``pipeline`` None (diffusers' ``CacheMixin`` reset, from within the call's ``maybe_free_model_hooks``): the
+        pipeline driving the model is looked up on the stack, so that an interrupted call does not warn there."""
+        if pipeline is None:
+            found = calling_pipeline(self.host.model, sys._getframe(1))
+            pipeline = None if found is None else found[0]
         if not getattr(pipeline, "_interrupt", False):  # a call stopped through ``pipe._interrupt`` ran fewer steps
             self._check_steps()
         self._checked = True
