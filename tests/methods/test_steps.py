@@ -1,5 +1,7 @@
 """A schedule fixed in advance (``Steps``), its search (``search_steps``) and ``RFCPlus(full_steps=...)``."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import run_loop, tiny_dit
@@ -30,6 +32,19 @@ def test_steps_num_steps_is_checked_against_the_generation():
     assert sched.new_state(10) is None and sched.new_state(None) is None  # None: the loop did not say
     with pytest.raises(ConfigError, match="10-step generation, got 12"):
         sched.new_state(12)
+
+
+def test_steps_past_the_generations_end_warn_and_a_string_is_refused_as_such():
+    """Without ``num_steps`` a listed step past the end was dropped without a word (found by review)."""
+    sched = Steps((0, 1, 5, 30))
+    with pytest.warns(RuntimeWarning, match=r"full steps \[30\] are past the end of this 10-step generation"):
+        assert sched.new_state(10) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.new_state(31)
+        sched.new_state(None)  # the loop did not say: nothing to check
+    with pytest.raises(ConfigError, match=r"sequence of step indices \(e.g. \[0, 1, 5\]\), got '0,1'"):
+        Steps("0,1")  # read character by character, it said "got '0'"
 
 
 def test_steps_every_step_full_only_when_every_step_is_listed():

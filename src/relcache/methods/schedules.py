@@ -8,6 +8,7 @@ expensive module has run, so a full step costs nothing extra. ``Interval`` ignor
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -128,9 +129,12 @@ class Steps(Schedule):
 
     def __post_init__(self) -> None:
         try:
+            if isinstance(self.steps, str | bytes):
+                raise TypeError
             steps = tuple(self.steps)
         except TypeError:
-            raise ConfigError(f"steps must be a sequence of step indices, got {self.steps!r}") from None
+            raise ConfigError(
+                f"steps must be a sequence of step indices (e.g. [0, 1, 5]), got {self.steps!r}") from None
         steps = tuple(check_int("steps", s, 0) for s in steps)
         if not steps or steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
             raise ConfigError(f"steps must start at 0 and strictly increase, got {list(steps)}")
@@ -145,6 +149,11 @@ class Steps(Schedule):
         if self.num_steps is not None and num_steps is not None and num_steps != self.num_steps:
             raise ConfigError(f"these steps were chosen for a {self.num_steps}-step generation, got {num_steps} steps: "
                               "search them again for this length (relcache.evaluation.steps_search.search_steps)")
+        past = [s for s in self.steps if num_steps is not None and s >= num_steps]
+        if past:
+            warnings.warn(f"relcache: full steps {past} are past the end of this {num_steps}-step generation and will "
+                          "not run; give Steps the num_steps its list was chosen for to have this refused",
+                          RuntimeWarning, stacklevel=2)
         return None
 
     def decide(self, state: object, step: int, probe: torch.Tensor | None,
