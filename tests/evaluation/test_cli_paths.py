@@ -190,6 +190,17 @@ def test_a_seed_out_of_range_is_refused_before_any_work(capsys, no_work, command
     assert line.endswith(f"argument --seed: must be an integer in 0..{2**63 - 1}, got {seed}")
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "--budgets", "14.5"], "--budgets: must be one of [7, 8, 10, 11, 14] (NFC of 50 steps), got 14.5"),
+    (["demo", "--budgets", "7.0"], "--budgets: must be one of [7, 8, 10, 11, 14] (NFC of 50 steps), got 7.0"),
+    (["calibrate", "--nfc", "2"], "argument --nfc: must be an integer >= 3, got 2"),
+])
+def test_budget_options_name_their_allowed_values(capsys, no_work, argv, message):
+    """A non-integer budget said "invalid _budget value" (an internal name), and calibrate's --nfc said ">= 2" where
+    it needs 3 or more (found by review)."""
+    assert _usage_error(capsys, argv).endswith(message)
+
+
 def test_demo_runs_a_repeated_budget_once(monkeypatch, tmp_path):
     """``demo --budgets 7 7`` used to run every method twice and print each row twice."""
     ran = []

@@ -16,8 +16,8 @@ from ..errors import ConfigError
 from .options import (
     _add_condition_options,
     _add_generation_options,
-    _at_least_2,
     _index,
+    _int_at_least,
     _output_dir,
     _pipeline_dir,
     _pipeline_guidance,
@@ -133,7 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=_pipeline_dir,
                    help="a local diffusers pipeline directory of a supported family (default: the shipped reference "
                    "model)")
-    p.add_argument("--nfc", type=_at_least_2, nargs="+", required=True,
+    p.add_argument("--nfc", type=_int_at_least(3), nargs="+", required=True,
                    help="budgets: full steps per generation, each in 3..--steps")
     _add_generation_options(p, samples=10, samples_help="samples in the calibration batch",
                             steps_help="denoising steps the steps are calibrated for", guidance=None)

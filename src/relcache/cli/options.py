@@ -157,7 +157,10 @@ def _output_png(value: str) -> Path:
 
 
 def _budget(value: str) -> int:
-    n = int(value)
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
     if n not in INTERVAL_FOR_NFC:
         raise argparse.ArgumentTypeError(f"must be one of {sorted(INTERVAL_FOR_NFC)} (NFC of 50 steps), got {value}")
     return n
