@@ -76,3 +76,19 @@ def run_loop(model, x, labels, steps=12, begin=True, timesteps=None):
 #: inductor's CPU code is C++: tests that compile with inductor (not ``aot_eager``) need a compiler
 needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                                reason="inductor's CPU backend needs a C++ compiler")
+
+
+#: the files whose tests take longest (torch.compile tracing, spawned processes): run first, so that with ``-n 2`` the
+#: last tests to finish are short ones and both workers end together (sorted last, they left one worker running
+#: compile tests alone for minutes)
+HEAVY_FIRST = ("runtime/test_compile.py", "runtime/test_capture.py", "models/test_cosmos3.py",
+               "runtime/test_context_parallel.py", "evaluation/test_bench_cli.py", "runtime/test_cache_memory.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heavy files first, each file's tests in their own order (the same order in every xdist worker)."""
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, name in enumerate(HEAVY_FIRST) if path.endswith(name)), len(HEAVY_FIRST))
+
+    items.sort(key=rank)

@@ -107,7 +107,7 @@ def test_compiled_every_frame_compiles_and_matches_eager():
     model = pipe.transformer
     try:
         with relcache.cached(pipe, RFC(target_nfc=4)):
-            pipe.transformer = torch.compile(model, backend="aot_eager")
+            pipe.transformer = torch.compile(model, backend="eager")  # dynamo alone: what the limit is about
             outs = [generate(pipe, CASE) for _ in range(2)]
     finally:
         pipe.transformer = model

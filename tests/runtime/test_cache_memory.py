@@ -173,9 +173,12 @@ def test_scaled_and_packed_storage_compile_whole():
     assert {"settle" if "Session.settle" in b else "step" if "StepHook._step" in b else b for b in r["breaks"]} == {
         "step", "settle"}, r["breaks"]  # test_compile: RCS reads its decision between two graphs
     assert 2 <= r["after_first"] <= 12 and r["after_later"] == r["after_first"]
+    # compiled arithmetic rounds differently from eager (fused), and where a difference sits on an int4 rounding
+    # boundary that moves it one grid step (1/7 of its token's largest): 1.2e-3 on outputs of about 1.6 at two cached
+    # steps of the two-block model; the full steps are the same
     for a, b, c in zip(r["eager"], r["first"], r["second"], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=3e-3)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=3e-3)
     assert r["stats"].full_steps == r["eager_stats"].full_steps
 
 

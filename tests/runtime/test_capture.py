@@ -36,6 +36,9 @@ from relcache import FORA, RFC, CacheConfig, CFGCache, FasterCache, Interval, Re
 from relcache.api import _session
 from relcache.methods.storage import Held
 
+#: two blocks: dynamo's tracing time grows with the blocks (three took twice as long), and two keep a first block
+#: (RCS's probe) and a later one
+LAYERS = 2
 STEPS = 10
 CONFIGS = {
     "FORA": FORA(3),
@@ -136,7 +139,7 @@ def test_static_caches_are_bit_identical_and_keep_their_addresses(name):
     results = {}
     cfg_batch = name in CFG_CONFIGS
     for static in (False, True):
-        model = tiny_dit()
+        model = tiny_dit(layers=LAYERS)
         relcache.enable(model, CFG_CONFIGS[name] if cfg_batch else CONFIGS[name])
         try:
             results[static] = (*_generations(model, static, cfg_batch=cfg_batch), relcache.stats(model).full_steps,
@@ -195,7 +198,7 @@ def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
     compiled over two generations: the graphs of the first are all there is."""
     cfg_batch = name in CFG_CONFIGS
     config = CFG_CONFIGS[name] if cfg_batch else CONFIGS[name]
-    model = tiny_dit()
+    model = tiny_dit(layers=LAYERS)
     relcache.enable(model, config)
     try:
         eager = _generations(model, False, n=1, cfg_batch=cfg_batch)[0]
@@ -284,7 +287,7 @@ def test_a_generation_of_other_shapes_leaves_every_later_graph_writing_in_place(
         return outs, eager, skips
 
     eager_calls: list[int] = []
-    model = tiny_dit()
+    model = tiny_dit(layers=LAYERS)
     relcache.enable(model, config)
     try:
         expected = generations(model)[0]
@@ -322,7 +325,7 @@ def test_a_model_error_mid_forward_at_a_full_step_keeps_each_modules_record_step
     """Block 1's attention raises at full step 4 (FORA(3): full steps 0, 1, 4, 7): block 0's modules recorded at
     step 4, the rest still hold step 1's outputs, and their record steps must say so (the next forecast's ``k``
     counts from there)."""
-    model = tiny_dit()
+    model = tiny_dit(layers=LAYERS)
     relcache.enable(model, FORA(3))
     x, y = _inputs()
     calls = [0]
