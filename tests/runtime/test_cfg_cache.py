@@ -262,6 +262,26 @@ def test_guidance_scale_one_leaves_cfg_cache_inert(pipe):
     assert (out == plain).all() and st.uncond_skipped == 0 and st.flops_fraction == plain_st.flops_fraction
 
 
+@pytest.mark.parametrize("config", [FasterCache(warmup=3), dataclasses.replace(
+    FORA(3), cfg_cache=CFGCache(align=False, refresh_full=True))], ids=["FasterCache", "FORA + refresh_full"])
+def test_split_cfg_without_guidance_leaves_cfg_cache_inert(config):
+    """Wan at guidance 1 makes "cond" calls only: forcing each full for its "uncond" pair, which never came, made
+    every step full (NFC 10 of 10 against 6; found by review)."""
+    pytest.importorskip("transformers")
+    from families import CASES, wan_pipe
+
+    pipe = wan_pipe()
+    runs = []
+    for cfg in (config, dataclasses.replace(config, cfg_cache=None)):
+        kwargs = {**CASES["wan"].kwargs(), "guidance_scale": 1.0}
+        with relcache.cached(pipe, cfg):
+            out = pipe(**kwargs, num_inference_steps=10, generator=torch.manual_seed(0), output_type="np").frames
+            runs.append((out, relcache.stats(pipe)))
+    (out, st), (plain, plain_st) = runs
+    assert list(st.contexts) == ["cond"] and st.full_steps == plain_st.full_steps and st.nfc < 10
+    assert (out == plain).all()
+
+
 #: the CFG-Cache schedule FasterCache had by default before 2026-12-02 (window from 36 %, refreshes counted from the
 #: window's start, no forced full attention), which the hand counts below follow
 PAPER_CFG = {"cfg_window": (0.36, 1.0), "cfg_phase": "window", "cfg_refresh_full": False}
