@@ -66,11 +66,21 @@ def test_a_hand_written_loop_says_it_runs_no_guidance():
             outs = run_loop(dit, x, y, begin=False)
             return outs, relcache.stats(dit).uncond_skipped
 
+    class Sampler:  # a user's own wrapper holding the model as ``transformer``: no pipeline, and it says nothing
+        def __init__(self) -> None:
+            self.transformer = dit
+
+        def sample(self, cfg: relcache.CacheConfig, **begin) -> tuple[list[torch.Tensor], int]:
+            return loop(cfg, **begin)
+
     plain, _ = loop(FORA(1, 1))
     off, skipped_off = loop(config, guidance=False)
     _, skipped_default = loop(config)
     assert skipped_off == 0 and skipped_default > 0
     assert all(torch.equal(a, b) for a, b in zip(off, plain, strict=True))
+    # called from the wrapper's method, its "nothing said" overrode guidance=False: 6 skips (found by review)
+    wrapped, skipped_wrapped = Sampler().sample(config, guidance=False)
+    assert skipped_wrapped == 0 and all(torch.equal(a, b) for a, b in zip(wrapped, plain, strict=True))
     with pytest.raises(relcache.ConfigError, match="guidance must be True, False or None"):
         relcache.begin_generation(dit, 12, guidance="yes")
 

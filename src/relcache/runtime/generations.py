@@ -286,7 +286,8 @@ class Generations:
                 self._check_swap(watched)
             return
         pipeline, local = found
-        self.guidance = says_cfg(pipeline, local)
+        said = says_cfg(pipeline, local)  # an object that says nothing (a user's wrapper) leaves the loop's word
+        self.guidance = self.loop_guidance if said is None else said
         watched = self._watch_of(pipeline)
         if watched is None:
             self.watch(pipeline, explicit=False)
