@@ -538,3 +538,32 @@ def test_guidance_stopping_within_a_generation(dit):
         loop()
         assert relcache.stats(dit).full_steps == [0, 1, 4, 7]
     assert runs == [0, 1, 4, 7]
+
+
+def test_a_half_batch_call_cuts_hidreams_llama_embeddings_on_their_batch_axis():
+    """HiDreamImagePipeline joins the negative and positive Llama embeddings on dim 1 (layers first): a half-batch
+    call cut the latents and kept both halves of those, so the conditional half was computed with the wrong text
+    (0.06 off at the first skipped step; found by review)."""
+    pytest.importorskip("transformers")
+    from families import hidream_pipe, randn
+
+    model = hidream_pipe().transformer
+    x, t5, llama, pooled = randn(1, 4, 8, 8, seed=5), randn(2, 8, 8, seed=6), randn(3, 2, 8, 4, seed=8), randn(
+        2, 8, seed=10)
+    seen = []  # the first Llama layer the forward projects, once a step, as the forward got it
+    model.caption_projection[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    layer = model.config.llama_layers[0]
+    config = dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache(window_steps=(1, 6), interval=3))
+    with relcache.cached(model, config):
+        relcache.begin_generation(model, 6)
+        with torch.no_grad():
+            for i in range(6):
+                out = model(hidden_states=torch.cat([x, x]), timesteps=torch.full((2,), 900.0 - 100 * i),
+                            encoder_hidden_states_t5=t5, encoder_hidden_states_llama3=llama, pooled_embeds=pooled,
+                            return_dict=False)[0]
+                u, c = out.chunk(2)
+                x = x - 0.05 * (u + 3 * (c - u))
+        skipped = relcache.stats(model).contexts["default"].uncond_skipped_steps
+    assert skipped and len(seen) == 6
+    for step in skipped:  # the unconditional half first: the conditional rows are the second on dim 1
+        assert torch.equal(seen[step], llama[layer, 1:])

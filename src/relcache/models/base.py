@@ -107,6 +107,9 @@ class Adapter:
     #: whether the model's pipeline batches classifier-free guidance conditional half first (DiT) rather than
     #: unconditional half first (PixArt, Latte, CogVideoX, ...); CFG-Cache reads it when ``cond_first`` is None
     cfg_cond_first: bool = False
+    #: keyword arguments whose batch axis is not the first, by name: their axis (HiDream stacks its Llama layers
+    #: first, ``(layers, batch, tokens, dim)``). CFG-Cache cuts every other tensor argument on its first axis.
+    batch_axes: dict[str, int] = {}
 
     def matches(self, model: nn.Module) -> bool:
         """True if this adapter serves ``model``."""

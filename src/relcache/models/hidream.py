@@ -41,6 +41,9 @@ class HiDreamAdapter(TableAdapter):
          Blocks("single_stream_blocks", (Slot("block.attn1", "attn"), Slot("block.ff_i", "mlp")))),
     )
 
+    #: HiDreamImagePipeline joins the negative and positive Llama embeddings on dim 1: (layers, batch, tokens, dim)
+    batch_axes = {"encoder_hidden_states_llama3": 1}
+
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
         return [replace(m, input_of=hidream_joint_inputs) if m.name.startswith("double_stream_blocks.")
                 and m.name.endswith(".attn1") else m for m in super().cached_modules(model)]

@@ -193,19 +193,22 @@ def with_sample(out: Any, sample: torch.Tensor) -> Any:
 
 
 def slice_batch(
-    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, rows: slice
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, rows: slice, axes: dict[str, int] | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The transformer's arguments cut to ``rows`` of its ``batch``: every tensor whose first dim is the batch."""
+    """The transformer's arguments cut to ``rows`` of its ``batch``: every tensor whose first dim is the batch, and
+    each keyword argument named in ``axes`` (``Adapter.batch_axes``) on its axis there."""
 
-    def cut(v: Any) -> Any:
-        return v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+    def cut(v: Any, axis: int = 0) -> Any:
+        if isinstance(v, torch.Tensor) and v.ndim > axis and v.shape[axis] == batch:
+            return v[(slice(None),) * axis + (rows,)]
+        return v
 
     def cut_kw(k: str, v: Any) -> Any:
         if k in _UNBATCHED_KWARGS:
             return v
         if isinstance(v, dict):
             return {kk: cut(vv) for kk, vv in v.items()}
-        return cut(v)
+        return cut(v, (axes or {}).get(k, 0))
 
     return tuple(cut(a) for a in args), {k: cut_kw(k, v) for k, v in kwargs.items()}
 
@@ -336,7 +339,7 @@ class CFGRunner:
         if not ctx.cfg.half_batch:
             return args, kwargs
         batch = self.adapter.hidden_of(args, kwargs).shape[0]
-        return slice_batch(args, kwargs, batch, _halves(batch, ctx.cfg.cond_first)[0])
+        return slice_batch(args, kwargs, batch, _halves(batch, ctx.cfg.cond_first)[0], self.adapter.batch_axes)
 
     def call(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run this call as ``plan`` settled it."""
