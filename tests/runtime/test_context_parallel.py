@@ -80,6 +80,27 @@ def _checks(rank: int) -> dict[str, Any]:
     except ContextParallelMismatch as e:
         found["mismatch"] = str(e)
     relcache.disable(pipe)
+
+    # found by review, both hung until gloo's timeout: record_errors on one process only (it runs the module, and its
+    # collectives, at cached steps), and another step count per process (the budgets then decide differently)
+    for name, settings, steps in (("record_errors on one", {"record_errors": rank == 0}, 8),
+                                  ("other step counts", {}, 8 if rank == 0 else 6)):
+        pipe = _parallel(families.flux_pipe())
+        relcache.enable(pipe, relcache.RFC(target_nfc=4), **settings)
+        try:
+            pipe(**families.CASES["flux"].kwargs(), num_inference_steps=steps, output_type="latent")
+            found[name] = "no error"
+        except ContextParallelMismatch as e:
+            found[name] = str(e)
+        relcache.disable(pipe)
+    # scales over tokens would each cover a process's slice only: refused at enable
+    storage = relcache.CacheStorage("int8", "int8", "int8", scale="sample")
+    try:
+        relcache.enable(pipe, relcache.CacheConfig(relcache.Reuse(), relcache.Interval(3), cache_dtype=storage))
+        found["sample scales"] = "no error"
+        relcache.disable(pipe)
+    except relcache.ConfigError as e:
+        found["sample scales"] = str(e)
     return found
 
 
@@ -241,3 +262,8 @@ def test_disagreeing_processes_raise_instead_of_hanging(parallel: list[dict[str,
         message = p["checks"]["mismatch"]
         assert message.startswith("relcache: the processes of the context-parallel group disagree"), message
         assert "rank 0: config" in message and "rank 1: config" in message
+        assert p["checks"]["record_errors on one"].startswith("relcache: the processes of the context-parallel group")
+        assert "rank 0: config" in p["checks"]["record_errors on one"]
+        message = p["checks"]["other step counts"]
+        assert "rank 0: config" in message and "steps 8" in message and "steps 6" in message, message
+        assert p["checks"]["sample scales"].startswith("CacheStorage(scale='sample') takes its scales over tokens")

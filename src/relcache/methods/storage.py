@@ -47,7 +47,7 @@ def _is_narrow(dtype: torch.dtype) -> bool:
     return torch.finfo(dtype).max < 1e30
 
 
-def _is_scaled(fmt: torch.dtype | str | None) -> bool:
+def is_scaled(fmt: torch.dtype | str | None) -> bool:
     """Whether ``fmt`` needs a scale: integers, and floats whose range is narrower than float32's."""
     if fmt in _INT_MAX:
         return True
@@ -57,7 +57,7 @@ def _is_scaled(fmt: torch.dtype | str | None) -> bool:
 def _scaled_for(fmt: torch.dtype | str | None, computed: torch.dtype) -> bool:
     """Whether a tensor computed in ``computed`` is held with a scale in format ``fmt``: a format that is the computed
     dtype itself holds it as computed (nothing to fit, no scale to keep)."""
-    return _is_scaled(fmt) and fmt != computed
+    return is_scaled(fmt) and fmt != computed
 
 
 def format_bytes(fmt: torch.dtype | str | None, computed: torch.dtype) -> float:
@@ -116,7 +116,7 @@ class CacheStorage:
         roles = {_label(f) for f in (self.base, self.diffs, self.input)}
         text = roles.pop() if len(roles) == 1 else (
             f"base {_label(self.base)}, diffs {_label(self.diffs)}, input {_label(self.input)}")
-        scaled = any(_is_scaled(f) for f in (self.base, self.diffs, self.input))
+        scaled = any(is_scaled(f) for f in (self.base, self.diffs, self.input))
         text = f"{text} (per-{self.scale} scale)" if scaled else text
         return f"{text}, offloaded to host memory" if self.offload else text
 

@@ -23,7 +23,7 @@ from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, comb
 from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
 from .cfg import CFGRunner
 from .context import Context
-from .distributed import check_enable_order, reducer_for
+from .distributed import check_enable_order, check_split_storage, reducer_for
 from .experts import ExpertCalls, Experts
 from .generations import Generations
 from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
@@ -70,7 +70,10 @@ class Session(ModuleCalls):
         self._paths: dict[int, str] = {}  # cached module index -> where it sits in the model (set by ``attach``)
         self._n_modules = 0  # how many modules the model had when its FLOPs were last measured
         # context parallelism: token reductions summed over the processes holding the sequence's slices
-        self.reducer = reducer_for(model, sequence_group, repr(config))
+        # the settings every process must share: the config, and whether forecasts are checked against the module
+        # (``record_errors`` runs the module at cached steps: its collectives too)
+        self.reducer = reducer_for(model, sequence_group, repr((config, record_errors)))
+        check_split_storage(self.reducer, config.storage)
         self.shape_probe: ShapeProbe | None = None  # set while the forward runs on fake tensors (``budget``)
         self._probed: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
         self._last_contexts: set[str] = set()  # the call contexts of the previous generation (``budget``)
@@ -202,7 +205,8 @@ class Session(ModuleCalls):
                 if self.config.schedule.uses_input:
                     probe = self.prober.run(forward, args, kwargs)  # the module's rows: batch-major, maybe x frames
                     probe = probe_rows(probe, ctx.cfg.row_groups(probe.shape[0]))
-                full = take_decision(self.config, ctx, probe, self.adapter.hidden_of(args, kwargs), self.reducer)
+                full = take_decision(self.config, ctx, probe, self.adapter.hidden_of(args, kwargs), self.reducer,
+                                     num_steps=self.generations.num_steps)
                 return full or (self.experts is not None and self.experts.force(ctx))
 
             self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)

@@ -27,10 +27,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from ..methods.storage import CacheStorage, is_scaled
 
 #: what each process writes into the guard: configuration, context, step, full steps so far, latest full step,
 #: decision (1 full, 0 cached, -1 not taken yet), collective number in the generation, numbers summed
-GUARD_FIELDS = ("config", "context", "step", "full steps", "latest full", "decision", "collective", "numbers")
+GUARD_FIELDS = ("config", "context", "steps", "step", "full steps", "latest full", "decision", "collective",
+                "numbers")
 
 
 class ContextParallelMismatch(RuntimeError):
@@ -63,18 +65,20 @@ class SequenceReducer:
         self._collectives = 0
 
     # -- the step's decision (steps.decide) ----------------------------------------------------------------------
-    def begin_step(self, context: str, step: int, full_steps: list[int], like: torch.Tensor) -> None:
-        """A step of ``context`` is about to be decided (``like``: a tensor of the call, for the device): the next
-        collective carries the guard."""
+    def begin_step(self, context: str, step: int, full_steps: list[int], like: torch.Tensor,
+                   num_steps: int | None = None) -> None:
+        """A step of ``context`` is about to be decided (``like``: a tensor of the call, for the device; ``num_steps``:
+        the generation's announced length, -1 where unknown): the next collective carries the guard."""
         self._device = like.device
         latest = full_steps[-1] if full_steps else -1
-        self._guard = [self._config, _crc(context), float(step), float(len(full_steps)), float(latest), -1.0]
+        steps = -1.0 if num_steps is None else float(num_steps)
+        self._guard = [self._config, _crc(context), steps, float(step), float(len(full_steps)), float(latest), -1.0]
 
     def end_decision(self, full: bool) -> None:
         """The step is decided. If the decision made no collective (a schedule that reads no input, or RCS in
         warm-up), one is made now for the guard, with the decision in it, and any deferred sums."""
         if self._guard is not None:
-            self._guard[5] = float(full)
+            self._guard[6] = float(full)
             self.sum(torch.zeros(0, 0))
 
     # -- the sums (relcache.methods.history.Reducer) -----------------------------------------------------------
@@ -110,8 +114,8 @@ class SequenceReducer:
             )
             raise ContextParallelMismatch(
                 "relcache: the processes of the context-parallel group disagree on this step, so their collectives "
-                "would not match (same relcache configuration, same pipeline call and same inputs on every "
-                f"process are required): {seen}"
+                "would not match (the same relcache configuration and enable() settings, the same pipeline call "
+                f"and the same inputs on every process are required): {seen}"
             )
 
 
@@ -132,6 +136,17 @@ def reducer_for(model: nn.Module, group: Any, config_repr: str) -> SequenceReduc
     if group is None or not dist.is_available() or not dist.is_initialized():
         return None
     return SequenceReducer(group, config_repr)
+
+
+def check_split_storage(reducer: SequenceReducer | None, storage: CacheStorage | None) -> None:
+    """Refuse scaled storage whose scales span tokens (``scale="sample"`` or ``"channel"``) on a split sequence: each
+    process would scale its own slice, and the results would differ from one process (found by review)."""
+    st = storage
+    if reducer is not None and st is not None and st.scale != "token" and any(
+            is_scaled(f) for f in (st.base, st.diffs, st.input)):
+        raise ConfigError(
+            f"CacheStorage(scale={st.scale!r}) takes its scales over tokens, which context parallelism splits over "
+            "processes (each would scale its own slice): use scale='token' with context parallelism")
 
 
 def check_enable_order(model: nn.Module, reducer: SequenceReducer | None) -> None:

@@ -44,19 +44,20 @@ def decide(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Cont
     probe = None
     if config.schedule.uses_input:
         probe = probe_rows(probe_input, groups)
-    take_decision(config, ctx, probe, probe_input, reducer, measured)
+    take_decision(config, ctx, probe, probe_input, reducer, measured, num_steps)
     prepare_step(config, num_steps, n_modules, ctx, [name for name, _ in groups], probe_input)
 
 
 def take_decision(config: CacheConfig, ctx: Context, probe: torch.Tensor | None, like: torch.Tensor,
-                  reducer: SequenceReducer | None = None, measured: torch.Tensor | None = None) -> bool:
+                  reducer: SequenceReducer | None = None, measured: torch.Tensor | None = None,
+                  num_steps: int | None = None) -> bool:
     """Only the decision of ``decide`` (``probe``: the conditional rows of the first cached module's input, for RCS;
     ``like``: a tensor of the call, for the device): CFG-Cache takes it before the call's row groups are known;
     ``prepare_step`` must follow."""
     progress = ctx.schedule
     progress.decided = True
     if reducer is not None:  # context parallelism: the next collective carries the guard
-        reducer.begin_step(ctx.name, ctx.step, progress.full_steps, like)
+        reducer.begin_step(ctx.name, ctx.step, progress.full_steps, like, num_steps)
     progress.full = config.schedule.decide(progress.memory, ctx.step, probe, measured)
     if reducer is not None:  # the guard's collective, if the decision made none
         reducer.end_decision(progress.full)
