@@ -105,6 +105,20 @@ def test_a_budget_nothing_fits_fails_before_any_module_runs():
     assert ran == []
 
 
+def test_a_forward_that_reads_a_value_is_refused_a_budget_with_the_way_out():
+    """A forward that reads a tensor's value (diffusers' ulysses_anything reads the slices' sizes) cannot run on the
+    fake tensors the budget is sized from: it raised DataDependentOutputException from deep inside (review)."""
+    model = tiny_dit()
+
+    def reads(module: torch.nn.Module, args: tuple) -> None:
+        args[0].sum().item()
+
+    model.transformer_blocks[0].register_forward_pre_hook(reads)
+    with pytest.raises(ConfigError, match=r"cannot run so \(DataDependentOutputException.*give cache_dtype=\.\.\."):
+        _loop(dataclasses.replace(FORA(3), max_cache_bytes=10**9), model)
+    _loop(dataclasses.replace(FORA(3), cache_dtype=torch.bfloat16), model)  # the way out runs
+
+
 def test_a_model_cast_after_enable_keeps_within_the_budget():
     """The storage is chosen from the bytes of the dtype the model computes in now: a shapes-only memo kept a bfloat16
     model's choice ("as computed") after ``model.float()``, which then held twice the budget (found by review)."""

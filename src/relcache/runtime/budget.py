@@ -17,7 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
 from torch.utils._pytree import tree_map_only
 
 from ..errors import ConfigError
@@ -65,6 +70,12 @@ def probe_shapes(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fargs, fkwargs = tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
             forward(*fargs, **fkwargs)
+    except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as e:
+        # e.g. diffusers' ContextParallelConfig(ulysses_anything=True), which reads the slices' sizes (.item())
+        raise ConfigError(
+            "max_cache_bytes sizes the caches from one run of the forward on fake tensors (shapes only), and this "
+            f"model's forward cannot run so ({type(e).__name__}: {str(e).splitlines()[0][:160]}): give "
+            "cache_dtype=... instead of max_cache_bytes") from e
     finally:
         set_probe(None)
     return probe.shapes
