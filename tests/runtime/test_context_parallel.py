@@ -70,6 +70,16 @@ def _checks(rank: int) -> dict[str, Any]:
     except relcache.ConfigError as e:
         found["wrong order"] = str(e)
     relcache.disable(pipe)
+    # the same with a sequence group given to enable: it was accepted, and ran inside diffusers' split hook (review)
+    pipe = families.flux_pipe()
+    relcache.enable(pipe, relcache.FORA(), sequence_group=dist.group.WORLD)
+    _parallel(pipe)
+    try:
+        cp_cases.latents(pipe, families.CASES["flux"])
+        found["wrong order, group given"] = "no error"
+    except relcache.ConfigError as e:
+        found["wrong order, group given"] = str(e)
+    relcache.disable(pipe)
 
     # processes enabled with different settings: a clear error at the first step on every rank, not a hang
     pipe = _parallel(families.flux_pipe())
@@ -253,8 +263,9 @@ def test_data_parallel_sums_over_each_context_parallel_group_only(tmp_path: Path
 
 def test_wrong_enable_order_is_refused(parallel: list[dict[str, Any]]) -> None:
     for p in parallel:
-        message = p["checks"]["wrong order"]
-        assert "enable_parallelism" in message and "first, then relcache.enable" in message
+        for key in ("wrong order", "wrong order, group given"):
+            message = p["checks"][key]
+            assert "enable_parallelism" in message and "first, then relcache.enable" in message, (key, message)
 
 
 def test_disagreeing_processes_raise_instead_of_hanging(parallel: list[dict[str, Any]]) -> None:

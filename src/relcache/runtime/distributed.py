@@ -48,8 +48,9 @@ class SequenceReducer:
     (``relcache.methods.history.Reducer``). One reducer per enabled model; ``config_repr`` names the caching
     configuration in the guard, so processes enabled with different settings fail at the first step."""
 
-    def __init__(self, group: Any, config_repr: str = "") -> None:
+    def __init__(self, group: Any, config_repr: str = "", after_split: bool = False) -> None:
         self.group = group
+        self.after_split = after_split  # made once diffusers' context parallelism was on (its split hook is outside)
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._config = _crc(re.sub(r" at 0x[0-9a-fA-F]+", "", config_repr))  # a callable's address differs per process
@@ -131,11 +132,11 @@ def context_parallel_group(model: nn.Module) -> Any:
 def reducer_for(model: nn.Module, group: Any, config_repr: str) -> SequenceReducer | None:
     """The reducer for ``model``: over ``group`` when given (e.g. xDiT's sequence-parallel group), else over
     diffusers' context-parallel group, else None (one process holds whole sequences)."""
-    if group is None:
-        group = context_parallel_group(model)
+    split = context_parallel_group(model)
+    group = split if group is None else group
     if group is None or not dist.is_available() or not dist.is_initialized():
         return None
-    return SequenceReducer(group, config_repr)
+    return SequenceReducer(group, config_repr, after_split=split is not None)
 
 
 def check_split_storage(reducer: SequenceReducer | None, storage: CacheStorage | None) -> None:
@@ -151,8 +152,8 @@ def check_split_storage(reducer: SequenceReducer | None, storage: CacheStorage |
 
 def check_enable_order(model: nn.Module, reducer: SequenceReducer | None) -> None:
     """Refuse a model whose context parallelism was enabled after relcache: relcache's step hook would run inside
-    diffusers' split hook, on a slice of the call's inputs, and no reducer was set up."""
-    if reducer is None and context_parallel_group(model) is not None:
+    diffusers' split hook, on a slice of the call's inputs (also where a ``sequence_group`` was given to ``enable``)."""
+    if (reducer is None or not reducer.after_split) and context_parallel_group(model) is not None:
         raise ConfigError(
             f"relcache was enabled on this {type(model).__name__} before transformer.enable_parallelism(...): call "
             "transformer.enable_parallelism(config=ContextParallelConfig(...)) first, then relcache.enable(...) "
