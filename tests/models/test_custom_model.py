@@ -244,7 +244,8 @@ class _Returns(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         o = self.inner(x)
-        return {"named": _Pair(o, 2 * o), "tuple": (o, 2 * o), "none": (o, None), "list": [o, 2 * o]}[self.kind]
+        return {"named": _Pair(o, 2 * o), "tuple": (o, 2 * o), "structseq": torch.return_types.max((o, 2 * o)),
+                "none": (o, None), "list": [o, 2 * o]}[self.kind]
 
 
 def _with_attn_returning(kind: str) -> TinyDiT:
@@ -265,7 +266,7 @@ def _block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def test_a_named_tuple_output_comes_back_as_one_and_other_layouts_are_refused_by_name():
     outs = {}
-    for kind in ("tuple", "named"):
+    for kind in ("tuple", "named", "structseq"):  # a structseq takes one sequence, not a NamedTuple's fields
         torch.manual_seed(0)
         model = _with_attn_returning(kind)
         relcache.enable(model, FORA(3), adapter=CustomAdapter(**ADAPTER))
@@ -274,8 +275,9 @@ def test_a_named_tuple_output_comes_back_as_one_and_other_layouts_are_refused_by
             assert relcache.stats(model).nfc == 4
         finally:
             relcache.disable(model)
-    for a, b in zip(outs["tuple"], outs["named"], strict=True):
+    for a, b, c in zip(outs["tuple"], outs["named"], outs["structseq"], strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
     for kind, what in (("none", "a tuple holding Tensor, NoneType"), ("list", "list")):
         model = _with_attn_returning(kind)
         relcache.enable(model, FORA(3), adapter=CustomAdapter(**ADAPTER))
@@ -294,15 +296,16 @@ def _gating_in_place(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-@pytest.mark.parametrize("cache_dtype", [None, torch.float32])
-def test_a_model_writing_into_a_cached_output_is_refused_at_the_first_cached_step(cache_dtype):
+@pytest.mark.parametrize(("method", "cache_dtype"), [("FORA", None), ("FORA", torch.float32), ("RFC+", None)])
+def test_a_model_writing_into_a_cached_output_is_refused_at_the_first_cached_step(method, cache_dtype):
     """The cache holds the module's output tensor itself: written into afterwards, every cached step forecast from
     the gated output and compounded the gate (rel. error 0.37 against 0.08 for a copy; found by review)."""
     torch.manual_seed(0)
     model = TinyDiT().eval()
     for block in model.blocks:
         block.forward = types.MethodType(_gating_in_place, block)
-    config = dataclasses.replace(FORA(4), cache_dtype=cache_dtype)
+    base = FORA(4) if method == "FORA" else relcache.RFCPlus(full_steps=[0, 1, 5])  # RFC+: its own history form
+    config = dataclasses.replace(base, cache_dtype=cache_dtype)
     relcache.enable(model, config, adapter=CustomAdapter(**ADAPTER))
     steps = []
     try:

@@ -154,9 +154,14 @@ class DiffHistory:
             self.gap = gap
         else:  # first record, or the shape changed: start over
             self.gap = None
+        self._keep(new, value)
+
+    def _keep(self, new: list[torch.Tensor], value: torch.Tensor, offload: bool = True) -> None:
+        """Hold ``new`` (``D_0 = value`` first) in the storage's formats, and remember ``D_0``'s version where it is
+        ``value`` itself (``changed_in_place``); ``offload`` False keeps even an offloading storage's tensors here."""
         st = self.storage
         self.diffs = [owned(value), *new[1:]] if st is None else [
-            store(d, st.diffs if j else st.base, st.scale, st.offload) for j, d in enumerate(new)]
+            store(d, st.diffs if j else st.base, st.scale, st.offload and offload) for j, d in enumerate(new)]
         base = self.diffs[0]
         aliased = base is value and not torch.compiler.is_compiling() and not value.is_inference()
         self.seen = (weakref.ref(value), value._version) if aliased else None  # noqa: SLF001

@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from .history import DiffHistory, Reducer, StaticCaches, finite, row_dtype
 from .predictors import PredictorState, Relational, Taylor
 from .schedules import InputError, InputErrorState
-from .storage import CacheStorage, held_bytes, store
+from .storage import CacheStorage, held_bytes
 
 #: how ``RelationalPlus`` forecasts the ratio ``s``
 RATIO_MODES = ("latest", "trend", "mean")
@@ -69,8 +69,7 @@ class NewtonHistory(DiffHistory):
             self.gap, self.gaps = gap, gaps
         else:  # first record, or the shape changed: start over
             self.gap, self.gaps = None, []
-        st = self.storage
-        self.diffs = new if st is None else [store(d, st.diffs if j else st.base, st.scale) for j, d in enumerate(new)]
+        self._keep(new, value, offload=False)  # (as before: the Newton form is held in place even when offloading)
 
     def multipliers(self, row: torch.Tensor) -> list[torch.Tensor]:
         """The Horner multipliers of the Newton increment ``k · u``, ``u = D_1 + (k + G_1)(D_2 + (k + G_2)(D_3 + ...))``

@@ -79,7 +79,10 @@ class CachedModule:
         got = tuple(outs) if self.batched else tuple(o.squeeze(0) for o in outs)
         if layout is None:
             return got[0]
-        return got if layout is tuple else layout(*got)
+        if layout is tuple:
+            return got
+        make = getattr(layout, "_make", None)  # a NamedTuple; other tuple types (torch.return_types) take a sequence
+        return make(got) if make is not None else layout(got)
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,8 @@ class CFGState:
         self.cond_output: Any = None  # its output, set when it returns
         self.cond_progress: Any = None  # its context's ScheduleProgress: whether that step was full
         self.refreshed: int | None = None  # the step the delta was stored at
-        self.split_calls = {"cond": 0, "uncond": 0}  # the "cond" and "uncond" calls planned so far
+        self.cond_calls = 0  # the "cond" calls planned so far
+        self.uncond_step: int | None = None  # the step of the latest "uncond" call planned (skipped or not)
 
     def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...], step: int,
               grid: SpatialGrid | None = None, static: StaticCaches | None = None) -> None:
@@ -264,16 +265,17 @@ class CFGRunner:
             return
         shape = tuple(self.adapter.hidden_of(args, kwargs).shape)
         if ctx.name in SPLIT_CONTEXTS:
-            state.split_calls[ctx.name] += 1
             if ctx.name == "cond":
                 state.cond, state.cond_output = SplitCond(step, shape), None
                 state.cond_progress = ctx.schedule
-                # its "uncond" pair will run too, unless the generation has made none since its first "cond" call
-                # (guidance off: only "cond" calls, and no delta would ever make a step skippable)
-                paired = state.split_calls["uncond"] > 0 or state.split_calls["cond"] == 1
+                state.cond_calls += 1
+                # its "uncond" pair will run too, unless the previous step had none (guidance off, or stopped
+                # part-way: only "cond" calls, and no delta would ever make a step skippable)
+                paired = state.cond_calls == 1 or state.uncond_step is not None and state.uncond_step >= step - 1
                 if cfg.refresh_full and paired and not (cfg.skips(step, num_steps) and state.usable(shape)):
                     _force_full(ctx, decide)
                 return
+            state.uncond_step = step
             paired = state.cond is not None and state.cond == (step, shape) and state.cond_output is not None
             inside = step in cfg.window_range(num_steps)
             if cfg.align:  # the "cond" call of this step has run: its decision is known
