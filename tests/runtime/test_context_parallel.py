@@ -60,49 +60,39 @@ def _checks(rank: int) -> dict[str, Any]:
     found["given group used"] = vars(pipe.transformer)["_relcache"].reducer.group is cp._flattened_mesh.get_group()
     relcache.disable(pipe)
 
-    # relcache enabled before enable_parallelism: refused at the first call, naming the right order
-    pipe = families.flux_pipe()
-    relcache.enable(pipe, relcache.FORA())
-    _parallel(pipe)
-    try:
-        cp_cases.latents(pipe, families.CASES["flux"])
-        found["wrong order"] = "no error"
-    except relcache.ConfigError as e:
-        found["wrong order"] = str(e)
-    relcache.disable(pipe)
-    # the same with a sequence group given to enable: it was accepted, and ran inside diffusers' split hook (review)
-    pipe = families.flux_pipe()
-    relcache.enable(pipe, relcache.FORA(), sequence_group=dist.group.WORLD)
-    _parallel(pipe)
-    try:
-        cp_cases.latents(pipe, families.CASES["flux"])
-        found["wrong order, group given"] = "no error"
-    except relcache.ConfigError as e:
-        found["wrong order, group given"] = str(e)
-    relcache.disable(pipe)
+    def error(pipe: Any, config: relcache.CacheConfig, expected: type[Exception], parallel_after: bool = False,
+              steps: int | None = None, **settings: Any) -> str:
+        """The message ``pipe`` raises at its first call with ``config`` (and ``enable``'s ``settings``), "no error"
+        where none; ``parallel_after``: context parallelism turned on after ``enable``."""
+        relcache.enable(pipe, config, **settings)
+        if parallel_after:
+            _parallel(pipe)
+        try:
+            if steps is None:
+                cp_cases.latents(pipe, families.CASES["flux"])
+            else:
+                pipe(**families.CASES["flux"].kwargs(), num_inference_steps=steps, output_type="latent")
+            return "no error"
+        except expected as e:
+            return str(e)
+        finally:
+            relcache.disable(pipe)
 
+    # relcache enabled before enable_parallelism: refused at the first call, naming the right order; also with a
+    # sequence group given to enable, which was accepted and ran inside diffusers' split hook (review)
+    found["wrong order"] = error(families.flux_pipe(), relcache.FORA(), relcache.ConfigError, parallel_after=True)
+    found["wrong order, group given"] = error(families.flux_pipe(), relcache.FORA(), relcache.ConfigError,
+                                              parallel_after=True, sequence_group=dist.group.WORLD)
     # processes enabled with different settings: a clear error at the first step on every rank, not a hang
-    pipe = _parallel(families.flux_pipe())
-    relcache.enable(pipe, relcache.RFC(threshold=0.1 if rank == 0 else 0.2))
-    try:
-        cp_cases.latents(pipe, families.CASES["flux"])
-        found["mismatch"] = "no error"
-    except ContextParallelMismatch as e:
-        found["mismatch"] = str(e)
-    relcache.disable(pipe)
-
+    found["mismatch"] = error(_parallel(families.flux_pipe()), relcache.RFC(threshold=0.1 if rank == 0 else 0.2),
+                              ContextParallelMismatch)
     # found by review, both hung until gloo's timeout: record_errors on one process only (it runs the module, and its
     # collectives, at cached steps), and another step count per process (the budgets then decide differently)
-    for name, settings, steps in (("record_errors on one", {"record_errors": rank == 0}, 8),
-                                  ("other step counts", {}, 8 if rank == 0 else 6)):
-        pipe = _parallel(families.flux_pipe())
-        relcache.enable(pipe, relcache.RFC(target_nfc=4), **settings)
-        try:
-            pipe(**families.CASES["flux"].kwargs(), num_inference_steps=steps, output_type="latent")
-            found[name] = "no error"
-        except ContextParallelMismatch as e:
-            found[name] = str(e)
-        relcache.disable(pipe)
+    found["record_errors on one"] = error(_parallel(families.flux_pipe()), relcache.RFC(target_nfc=4),
+                                          ContextParallelMismatch, steps=8, record_errors=rank == 0)
+    found["other step counts"] = error(_parallel(families.flux_pipe()), relcache.RFC(target_nfc=4),
+                                       ContextParallelMismatch, steps=8 if rank == 0 else 6)
+    pipe = _parallel(families.flux_pipe())
     # scales over tokens would each cover a process's slice only: refused at enable
     storage = relcache.CacheStorage("int8", "int8", "int8", scale="sample")
     try:

@@ -42,16 +42,11 @@ FLOAT_FORMATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16, to
                  torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 
-def _is_narrow(dtype: torch.dtype) -> bool:
-    """Whether the floating ``dtype``'s range is narrower than float32's (bfloat16 and wider share its exponent)."""
-    return torch.finfo(dtype).max < 1e30
-
-
 def is_scaled(fmt: torch.dtype | str | None) -> bool:
     """Whether ``fmt`` needs a scale: integers, and floats whose range is narrower than float32's."""
     if fmt in _INT_MAX:
         return True
-    return isinstance(fmt, torch.dtype) and _is_narrow(fmt)
+    return isinstance(fmt, torch.dtype) and torch.finfo(fmt).max < 1e30  # bfloat16 and wider: float32's exponent
 
 
 def _scaled_for(fmt: torch.dtype | str | None, computed: torch.dtype) -> bool:
@@ -172,7 +167,7 @@ class Held:
         """The stored tensor in dtype ``like``. (choice) Multiplied by its scale in ``like``: in a float16 model a
         token whose scale is below 2**-24 (its largest value under about 1e-5 with int8, int4 or float8 storage,
         below float16's normal range) reads back as 0, an error under 1e-5; a float32 product would cost two
-        full-size float32 temporaries at every read (5.8x the read time on a CPU, measured by review)."""
+        full-size float32 temporaries at every read."""
         data = self._device_data()
         if self.packed:
             lo = torch.bitwise_right_shift(torch.bitwise_left_shift(data, 4), 4)  # sign-extending shifts
