@@ -567,3 +567,94 @@ def test_a_half_batch_call_cuts_hidreams_llama_embeddings_on_their_batch_axis():
     assert skipped and len(seen) == 6
     for step in skipped:  # the unconditional half first: the conditional rows are the second on dim 1
         assert torch.equal(seen[step], llama[layer, 1:])
+
+
+# -- arguments and outputs besides the sample -------------------------------------------------------------------------
+def _skip_every_step() -> CacheConfig:
+    """Every step full, the unconditional half skipped at every step CFG-Cache's interval allows."""
+    return dataclasses.replace(FORA(1), cfg_cache=CFGCache(skip_full=True, window=(0.0, 1.0), interval=3))
+
+
+def test_a_half_batch_step_cuts_the_batch_inside_list_arguments():
+    """SD3 ControlNet's pipeline passes ``block_controlnet_hidden_states`` as a list of (2B, N, D) residuals: a
+    half-batch step cut the latents but not the list, and SD3 broadcast the half batch against it, giving a (2B)-row
+    output twice too large and a conditional half off by 0.25, without an error. Cut, the conditional half is the
+    plain model's."""
+    from diffusers import SD3Transformer2DModel
+
+    from relcache.runtime.cfg import slice_batch
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)
+    text, pooled = torch.randn(2, 6, 16, generator=g), torch.randn(2, 16, generator=g)
+    control = [0.1 * torch.randn(1, 16, 16, generator=g).repeat(2, 1, 1) for _ in range(2)]
+
+    def loop() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                          timestep=torch.full((2,), t), block_controlnet_hidden_states=control, return_dict=False)[0]
+                    for t in (999.0, 800.0, 600.0, 400.0, 200.0, 50.0)]
+
+    plain = loop()
+    with relcache.cached(model, _skip_every_step()):
+        relcache.begin_generation(model, 6)
+        got = loop()
+        skipped = relcache.stats(model).uncond_skipped
+    assert skipped == 4  # steps 1, 2, 4 and 5 (interval 3: a full-batch step every third)
+    for a, b in zip(plain, got, strict=True):
+        assert b.shape == a.shape
+        torch.testing.assert_close(b[1], a[1], rtol=0, atol=1e-5)  # SD3 pipelines put the conditional half second
+    # lists and tuples; tensors of other first dims, and 1-d ones in a list (positions: Kandinsky 5's rope, whose 2
+    # frames matched the batch) stay whole
+    rope = [torch.arange(2), torch.arange(2)]
+    args, kwargs = slice_batch((control, (x, x[:1])), {"rope": rope, "ids": torch.zeros(3, 2)}, 2, slice(0, 1))
+    assert [t.shape[0] for t in args[0]] == [1, 1] and isinstance(args[1], tuple)
+    assert [t.shape[0] for t in args[1]] == [1, 1] and kwargs["ids"].shape == (3, 2)
+    assert kwargs["rope"][0] is rope[0] and kwargs["rope"][1] is rope[1]
+
+
+def _calls_with_audio(pipe, batched: bool) -> list[tuple[torch.Tensor, ...]]:
+    """Four steps of ``pipe``'s transformer: one CFG batch of two equal latents per step ("cond_uncond"), or split
+    "cond" and "uncond" calls."""
+    model = pipe.transformer
+    x = torch.randn(pipe.shape, generator=torch.Generator().manual_seed(0))
+    outs = []
+    with torch.no_grad():
+        for t in (999.0, 700.0, 400.0, 100.0):
+            for ctx in ("cond_uncond",) if batched else ("cond", "uncond"):
+                kwargs = pipe.inputs(x, torch.full((1,), t), ctx)
+                if batched:  # both halves of every per-sample input, as a pipeline's cat([latents] * 2)
+                    kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v
+                              for k, v in kwargs.items()}
+                with model.cache_context(ctx):
+                    outs.append(tuple(model(**kwargs, return_dict=False)))
+    return outs
+
+
+@pytest.mark.parametrize(("family", "batched"), [("ltx2", True), ("kandinsky6", False)])
+def test_a_model_with_outputs_besides_the_sample_runs_the_method_alone_with_a_warning(family, batched):
+    """LTX-2 returns (video, audio) and Kandinsky 6 its audio too: CFG-Cache rebuilt only the sample's unconditional
+    half, so LTX-2's audio came back with the conditional half's rows only (its pipeline's ``chunk(2)`` then fails)
+    and Kandinsky 6's skipped "uncond" call returned the "cond" call's audio (audio guidance silently gone). Such a
+    model now runs the method without CFG-Cache, saying so once, and its outputs are the method's alone."""
+    import families
+
+    pipe = getattr(families, f"{family}_pipe")()
+    model = pipe.transformer
+    with relcache.cached(model, dataclasses.replace(FORA(1), cfg_cache=None)):
+        relcache.begin_generation(model, 4)
+        alone = _calls_with_audio(pipe, batched)
+    with relcache.cached(model, _skip_every_step()):
+        relcache.begin_generation(model, 4)
+        with pytest.warns(UserWarning, match=r"CFG-Cache is off for this model: its output holds \['output 1'\]"):
+            got = _calls_with_audio(pipe, batched)
+        assert relcache.stats(model).uncond_skipped == 0
+    for a, b in zip(alone, got, strict=True):
+        assert len(a) == len(b) == 2
+        for ta, tb in zip(a, b, strict=True):
+            torch.testing.assert_close(tb, ta, rtol=0, atol=0)

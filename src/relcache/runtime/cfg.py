@@ -28,6 +28,7 @@ transformer calls (docs/spec.md, §CFG-Cache):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     from .context import Context
 
 SPLIT_CONTEXTS = ("cond", "uncond")  # CFG as separate calls, named by diffusers' cache_context
-_UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})  # position ids whose first dim is not the batch
+#: position ids whose first dim is not the batch
+_UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids", "visual_rope_pos", "text_rope_pos"})
 Rows = slice | None  # rows of a batch; None = all of them
 #: the static buffers (``StaticCaches``) of the stored (ΔLF, ΔHF), one pair per session: one delta is kept at a time
 DELTA_KEYS = (("cfg", "delta", "low"), ("cfg", "delta", "high"))
@@ -193,15 +195,37 @@ def with_sample(out: Any, sample: torch.Tensor) -> Any:
     return dataclasses.replace(out, **{dataclasses.fields(out)[0].name: value})
 
 
+def other_outputs(out: Any) -> list[str]:
+    """The fields of a transformer output besides its sample that hold tensors (LTX-2's audio, say): CFG-Cache
+    rebuilds the sample's unconditional half only."""
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        named = [(f"output {j}", v) for j, v in enumerate(out)]
+    elif isinstance(out, tuple):
+        named = list(zip(out._fields, out, strict=True))
+    elif dataclasses.is_dataclass(out):
+        named = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    else:
+        return []
+
+    def holds_tensor(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) or isinstance(v, (list, tuple)) and any(map(holds_tensor, v))
+
+    return [name for name, v in named[1:] if holds_tensor(v)]
+
+
 def slice_batch(
     args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, rows: slice, axes: dict[str, int] | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The transformer's arguments cut to ``rows`` of its ``batch``: every tensor whose first dim is the batch, and
-    each keyword argument named in ``axes`` (``Adapter.batch_axes``) on its axis there."""
+    """The transformer's arguments cut to ``rows`` of its ``batch``: every tensor whose first dim is the batch, also
+    the tensors of two or more dims inside a list or tuple (SD3 ControlNet's residuals, Bria FIBO's text encoder
+    layers; a 1-d one there is positions, Kandinsky 5's rope), and each keyword argument named in ``axes``
+    (``Adapter.batch_axes``) on its axis there."""
 
-    def cut(v: Any, axis: int = 0) -> Any:
-        if isinstance(v, torch.Tensor) and v.ndim > axis and v.shape[axis] == batch:
+    def cut(v: Any, axis: int = 0, least: int = 1) -> Any:
+        if isinstance(v, torch.Tensor) and v.ndim > max(axis, least - 1) and v.shape[axis] == batch:
             return v[(slice(None),) * axis + (rows,)]
+        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):  # not a NamedTuple: its type takes fields
+            return type(v)(cut(item, axis, 2) for item in v)
         return v
 
     def cut_kw(k: str, v: Any) -> Any:
@@ -247,6 +271,8 @@ class CFGRunner:
         self.run = run
         self.guidance = guidance  # whether the caller says this call runs CFG batched (None: it says nothing)
         self.state = CFGState()
+        #: the output fields besides the sample, once a call showed some: CFG-Cache is then off for good
+        self.other_outputs: list[str] = []
 
     def reset(self) -> None:
         """Forget the stored deltas (a new generation, or the end of one)."""
@@ -259,6 +285,8 @@ class CFGRunner:
         ``decide()`` takes the step's decision now (``align`` asks for it only where it matters: a step inside
         the window, with a usable delta and no refresh due); None when the step was decided already."""
         cfg, routing, state, step = self.cfg, ctx.cfg, self.state, ctx.step
+        if self.other_outputs:  # (choice) the method alone, as if no CFG-Cache were configured
+            return
         if cfg.align and not cfg.skip_full:  # it skips and stores nothing: the method alone, without detection's reads
             if num_steps is not None:
                 cfg.window_range(num_steps)  # a window that does not fit is still an error
@@ -362,6 +390,8 @@ class CFGRunner:
             uncond = self.state.rebuild(self.cfg, cond, routing.weights, routing.grid)
             return with_sample(out, torch.cat([cond, uncond] if routing.cond_first else [uncond, cond]))
         out = self.run(ctx, forward, args, kwargs)
+        if self._several_outputs(out):
+            return out
         self._reserve(ctx, lambda: sample_of(out)[cond_rows], args, kwargs)
         if self._stores(ctx):  # only a step inside the window can use the delta
             sample = sample_of(out)
@@ -385,6 +415,18 @@ class CFGRunner:
         for key, delta in zip(DELTA_KEYS, self.cfg.deltas(like, like), strict=True):
             ctx.static.reserve(key, delta, device=real.device)
 
+    def _several_outputs(self, out: Any) -> bool:
+        """Whether ``out`` has fields besides the sample. The first one seen turns CFG-Cache off for good, with a
+        warning: it rebuilds the sample's unconditional half only, so the other fields' would be missing (batched
+        CFG) or the conditional call's (split CFG). Checked at eager calls: a context's first call runs eagerly."""
+        if not self.other_outputs and not torch.compiler.is_compiling():
+            self.other_outputs = other_outputs(out)
+            if self.other_outputs:
+                warnings.warn(f"relcache: CFG-Cache is off for this model: its output holds {self.other_outputs} "
+                              "besides the sample, and CFG-Cache rebuilds only the sample's unconditional half. The "
+                              "method runs without it.", stacklevel=2)
+        return bool(self.other_outputs)
+
     def _stores(self, ctx: Context) -> bool:
         """After a call that may store: whether it does (``align``: only a full step's outputs, true ones)."""
         return ctx.cfg.store and (not self.cfg.align or _step_full(ctx))
@@ -393,7 +435,7 @@ class CFGRunner:
         routing, state = ctx.cfg, self.state
         if ctx.name == "cond":
             out = self.run(ctx, forward, args, kwargs)
-            state.cond_output = out
+            state.cond_output = None if self._several_outputs(out) else out
             return out
         if routing.skip_call:  # its FLOPs are counted at the call's end (Session.end_call)
             return with_sample(state.cond_output, state.rebuild(self.cfg, sample_of(state.cond_output),
