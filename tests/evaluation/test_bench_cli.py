@@ -101,6 +101,8 @@ def test_analyze_numbers_and_files(tmp_path):
     assert {"fig1_step_distances.png", "fig2a_module_errors.csv", "fig2b_ratio_rsd.png", "fig2c_io_errors.csv"} <= files
     with pytest.raises(ValueError, match=r"modules must be indices in 0\.\.5"):
         analyze_trace(trace, modules=[6])
+    with pytest.raises(ValueError, match=r"gives 12 full and 0 cached steps"):  # nothing cached: NaN figures
+        analyze_trace(trace, interval=1)
 
 
 def test_demo_end_to_end_at_reduced_size(tmp_path, capsys):
@@ -128,6 +130,11 @@ def test_cli_rejects_bad_budgets(capsys):
     (["analyze", "--guidance", "-1"], "--guidance: must be a finite number >= 0"),
     (["bench", "--peers", "--steps", "20"], "--peers needs --steps 50"),
     (["analyze", "--order", "0"], "--order: invalid choice: 0"),
+    (["analyze", "--interval", "1", "--steps", "6"], "--interval: --interval 1 over --steps 6 gives 6 full and 0 "
+                                                     "cached steps; the analysis needs at least 3 of each: use "
+                                                     "--interval in 3..4"),
+    (["analyze", "--steps", "3"], "gives 2 full and 1 cached steps; the analysis needs at least 3 of each: use more "
+                                  "--steps"),
     (["bench", "--only", "NoSuchMethod"], "--only NoSuchMethod matches no method; the labels are: FORA N=4,"),
 ])
 def test_cli_names_the_bad_option(capsys, argv, message):

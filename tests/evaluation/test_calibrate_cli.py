@@ -59,4 +59,27 @@ def test_bad_budget_refused_before_loading(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         main(["calibrate", "--nfc", "9", "--steps", "8", "--out", str(tmp_path)])
     assert exit_.value.code == 2
-    assert "--nfc: each must be an integer in 3..8 (--steps), got 9" in capsys.readouterr().err
+    assert "--nfc: each must be an integer in 3..7 (below --steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--nfc", "6", "--steps", "6"], "--nfc: each must be an integer in 3..5 (below --steps: at --steps every step is "
+                                     "full, with nothing to calibrate), got 6"),
+    (["--nfc", "3", "--steps", "3"],
+     "--steps: must be at least 4 for calibrate (3 full steps and one to cache), got 3"),
+])
+def test_budgets_with_nothing_to_calibrate_are_refused_naming_the_option(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(cli.calibrate, "_reference", lambda: pytest.fail("loaded before refusing"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", *argv, "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ['{"settings": ', "[1, 2]"])
+def test_resume_from_a_damaged_record_is_refused_naming_the_file(tmp_path, capsys, monkeypatch, text):
+    monkeypatch.setattr(cli.calibrate, "_reference", lambda: pytest.fail("loaded before refusing"))
+    (tmp_path / "calibration.json").write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        main([*ARGS, "--out", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--resume: {tmp_path / 'calibration.json'}" in err and "--overwrite" in err

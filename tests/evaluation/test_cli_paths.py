@@ -217,8 +217,9 @@ def test_demo_runs_a_repeated_budget_once(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("command,kept", [
-    ("bench", "every finished generation is kept in {out}: add --resume to the same command to continue"),
-    ("analyze", "nothing was written"),
+    ("bench", "every finished generation is kept in {out}: run the same command with --resume (in place of "
+              "--overwrite, if given) to continue"),
+    ("analyze", "the analysis in {out} may be incomplete: run the command again"),
 ])
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, tmp_path, command, kept):
     """Ctrl-C used to end ``bench`` with a traceback and no word of ``--resume``."""

@@ -54,9 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: what an interrupted command leaves behind
 _KEPT = {
-    "bench": "every finished generation is kept in {out}: add --resume to the same command to continue",
-    "calibrate": "every finished budget is kept in {out}/calibration.json: add --resume to the same command to "
-                 "continue",
+    "bench": "every finished generation is kept in {out}: run the same command with --resume (in place of "
+             "--overwrite, if given) to continue",
+    "calibrate": "every finished budget is kept in {out}/calibration.json: run the same command with --resume (in "
+                 "place of --overwrite, if given) to continue",
     "demo": "nothing was written",
-    "analyze": "nothing was written",
+    "analyze": "the analysis in {out} may be incomplete: run the command again",
 }

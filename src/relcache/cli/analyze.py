@@ -55,8 +55,11 @@ def _check_modules(modules: list[int] | None, model: torch.nn.Module) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The paper's Figures 1 and 2 (PNG plus CSV) from one traced full-computation generation."""
-    from ..evaluation.analyze import analyze_trace, record_trace, save_analysis
+    from ..evaluation.analyze import analyze_trace, record_trace, save_analysis, schedule_problem
 
+    problem = schedule_problem(args.interval, args.steps)
+    if problem is not None:
+        raise ConfigError(f"argument --interval: {problem}")
     if args.model:
         _check_modules(args.modules, _meta_transformer(args.model))  # before the pipeline loads
         model, sampler = _pipeline_sampler(args.model)

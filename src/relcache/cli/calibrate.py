@@ -60,7 +60,14 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
         raise ConfigError(f"--out {args.out} holds an earlier calibration ({path}): pass --resume to continue it, "
                           "--overwrite to start over, or another --out")
     if args.resume and path.exists():
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--resume: {path} cannot be read ({err}): pass --overwrite to start over, or another "
+                              "--out") from None
+        if not isinstance(record, dict) or not isinstance(record.get("budgets"), dict):
+            raise ConfigError(f"--resume: {path} is not a calibration record (no 'budgets' mapping): pass "
+                              "--overwrite to start over, or another --out")
         if record.get("settings") != settings:
             old = record.get("settings") or {}
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
@@ -75,10 +82,13 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate each ``--nfc`` budget in turn; print and record the steps and their errors."""
     from ..evaluation.steps_search import calibrate_steps
 
-    bad = [n for n in args.nfc if not 3 <= n <= args.steps]
+    if args.steps < 4:
+        raise ConfigError(f"argument --steps: must be at least 4 for calibrate (3 full steps and one to cache), got "
+                          f"{args.steps}")
+    bad = [n for n in args.nfc if not 3 <= n < args.steps]
     if bad:
-        raise ConfigError(f"argument --nfc: each must be an integer in 3..{args.steps} (--steps), got "
-                          f"{' '.join(map(str, bad))}")
+        raise ConfigError(f"argument --nfc: each must be an integer in 3..{args.steps - 1} (below --steps: at "
+                          f"--steps every step is full, with nothing to calibrate), got {' '.join(map(str, bad))}")
     family, conditions, extra = _pipeline_inputs(args)
     guidance = _pipeline_guidance(args, family)
     settings = _settings(args, conditions, extra, guidance)
@@ -134,7 +144,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a local diffusers pipeline directory of a supported family (default: the shipped reference "
                    "model)")
     p.add_argument("--nfc", type=_int_at_least(3), nargs="+", required=True,
-                   help="budgets: full steps per generation, each in 3..--steps")
+                   help="budgets: full steps per generation, each in 3..--steps minus 1")
     _add_generation_options(p, samples=10, samples_help="samples in the calibration batch",
                             steps_help="denoising steps the steps are calibrated for", guidance=None)
     p.set_defaults(seed=100, peers=False)

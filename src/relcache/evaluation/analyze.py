@@ -119,6 +119,26 @@ class Analysis:
     io_correlation: float = float("nan")
 
 
+def _measurable(interval: int, num_steps: int) -> bool:
+    """Whether full steps every ``interval`` (after the 2 warm-up steps) leave something to measure: 3 full steps
+    (two ratios for Fig. 2b's spread) and 3 cached steps (Fig. 2c's correlation)."""
+    fulls = Interval(interval, 2).full_steps(num_steps)
+    return len(fulls) >= 3 and num_steps - len(fulls) >= 3
+
+
+def schedule_problem(interval: int, num_steps: int) -> str | None:
+    """Why ``interval`` over ``num_steps`` steps leaves the analysis nothing to measure, naming the intervals that
+    would do; None when it is fine. Checked before the trace, which is the long part."""
+    if _measurable(interval, num_steps):
+        return None
+    fine = [n for n in range(1, num_steps + 1) if _measurable(n, num_steps)]
+    fulls = len(Interval(interval, 2).full_steps(num_steps))
+    allowed = (f"--interval in {fine[0]}..{fine[-1]}" if fine and fine == list(range(fine[0], fine[-1] + 1))
+               else f"--interval one of {fine}" if fine else "more --steps")
+    return (f"--interval {interval} over --steps {num_steps} gives {fulls} full and {num_steps - fulls} cached "
+            f"steps; the analysis needs at least 3 of each: use {allowed}")
+
+
 def analyze_trace(trace: Trace, interval: int = 4, order: int = 2, modules: Sequence[int] | None = None,
                   io_module: int = 0) -> Analysis:
     """All four analyses on a trace; ``modules`` picks the modules for the distance curves."""
@@ -126,6 +146,9 @@ def analyze_trace(trace: Trace, interval: int = 4, order: int = 2, modules: Sequ
     bad = [j for j in [*(modules or []), io_module] if not 0 <= j < n]
     if bad:
         raise ValueError(f"modules must be indices in 0..{n - 1} (the model has {n} cached modules), got {bad}")
+    problem = schedule_problem(interval, trace.num_steps)
+    if problem is not None:
+        raise ValueError(problem)
     fulls = Interval(interval, 2).full_steps(trace.num_steps)
     result = Analysis(names=trace.names, io_module=trace.names[io_module])
     chosen = modules if modules is not None else sorted({0, len(trace.names) // 2, len(trace.names) - 1})
