@@ -330,3 +330,16 @@ def test_is_enabled_is_false_for_what_relcache_cannot_serve_and_enable_checks_ad
     assert not relcache.is_enabled(model)
     with relcache.cached(model, FORA()):
         assert relcache.is_enabled(model)
+
+
+@pytest.mark.parametrize("full_steps,message", [
+    ([], "full_steps must start at 0 and strictly increase, got []"),
+    ([0, 3, 2], "full_steps must start at 0 and strictly increase, got [0, 3, 2]"),
+    ([-1], "full_steps must be an integer >= 0, got -1"),
+    ("0,1", "full_steps must be a sequence of step indices (e.g. [0, 1, 5]), got '0,1'"),
+])
+def test_rfc_plus_full_steps_refused_naming_full_steps(full_steps, message):
+    """The checks are Steps', whose field is ``steps``: the message named an argument RFCPlus does not have."""
+    with pytest.raises(relcache.ConfigError) as err:
+        relcache.RFCPlus(full_steps=full_steps)
+    assert str(err.value) == message

@@ -37,11 +37,12 @@ from relcache.models import find_adapter  # noqa: E402
 from relcache.models.base import first_tensor_input as first_tensor  # noqa: E402
 
 
-def wan22_pipe() -> WanPipeline:
-    """The tiny Wan pipeline with a second expert of the same config and the switch half-way (boundary_ratio)."""
+def wan22_pipe(**second: Any) -> WanPipeline:
+    """The tiny Wan pipeline with a second expert of the same config (but for ``second``) and the switch half-way
+    (boundary_ratio)."""
     one = wan_pipe()
     torch.manual_seed(1)
-    expert = WanTransformer3DModel(**WAN_TINY, cross_attn_norm=True).eval()
+    expert = WanTransformer3DModel(**{**WAN_TINY, **second}, cross_attn_norm=True).eval()
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=one.vae, scheduler=one.scheduler,
                        transformer=one.transformer, transformer_2=expert, boundary_ratio=0.5)
     pipe.set_progress_bar_config(disable=True)
@@ -358,3 +359,24 @@ def test_enabling_the_pipeline_after_its_first_expert_alone_is_refused(pipe, ses
     with pytest.raises(relcache.AlreadyEnabledError, match="transformer_2"):
         relcache.enable(pipe, config)
     assert not relcache.is_enabled(pipe.transformer_2)
+
+
+def test_a_deeper_second_expert_stays_within_max_cache_bytes():
+    """The storage was chosen once per context, from the first expert's modules: a second expert of 4 blocks held
+    26208 bytes as computed under ``max_cache_bytes=26207``. Chosen again at the switch (the first expert's caches
+    are dropped there), every generation stays within the budget, and a budget of exactly the peak keeps every cache
+    as computed."""
+    pipe = wan22_pipe(num_layers=4)
+
+    def run(config: relcache.CacheConfig) -> tuple[relcache.CacheStats, relcache.CacheStats]:
+        with relcache.cached(pipe, config):
+            first = (generate(pipe, CASES["wan"], steps=8), relcache.stats(pipe))[1]
+            generate(pipe, CASES["wan"], steps=8)
+            return first, relcache.stats(pipe)
+
+    peak = run(relcache.RFC(threshold=0.0))[0].peak_cache_bytes
+    for budget in (peak, peak - 1):
+        for got in run(dataclasses.replace(relcache.RFC(threshold=0.0), max_cache_bytes=budget)):
+            assert got.peak_cache_bytes <= budget
+            storages = {ctx.cache_storage for ctx in got.contexts.values()}
+            assert storages == {"as computed"} if budget == peak else len(storages) > 1

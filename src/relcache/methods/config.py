@@ -264,7 +264,10 @@ def RFCPlus(  # noqa: N802
             raise ConfigError("full_steps fixes the schedule: give neither threshold, target_nfc, max_skip nor warmup "
                               f"with it, got threshold={threshold!r}, target_nfc={target_nfc!r}, "
                               f"max_skip={max_skip!r}, warmup={warmup!r}")
-        steps = full_steps if isinstance(full_steps, Steps) else Steps(full_steps)
+        try:
+            steps = full_steps if isinstance(full_steps, Steps) else Steps(full_steps)
+        except ConfigError as err:  # Steps names its own field: here the argument is full_steps
+            raise ConfigError(str(err).replace("steps must", "full_steps must", 1)) from None
         return CacheConfig(predictor, steps, name=f"RFC+(steps={list(steps.steps)}, {tag})")
     schedule = InputError(threshold=threshold, target_nfc=target_nfc, order=order, warmup=warmup, max_skip=max_skip)
     budget = f"NFC={schedule.target_nfc}" if target_nfc is not None else f"tau={schedule.threshold:g}"

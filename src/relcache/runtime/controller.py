@@ -193,7 +193,10 @@ class Session(ModuleCalls):
         if self.experts is not None:  # the running expert's caches; a switch forces the step full
             if self.experts.call_switches() and self.cfg is not None:
                 self.cfg.reset()  # CFG-Cache's deltas are the previous expert's
-            self.experts.enter(ctx, self.config)
+            if self.experts.enter(ctx, self.config) and self.config.max_cache_bytes is not None:
+                # the previous expert's caches are gone: the storage is chosen again for this one's modules (a
+                # deeper, wider or float64 second expert went over the budget sized from the first)
+                self._storage(ctx, forward, args, kwargs)
         gens.check_step(ctx.step)
         if self.modulation is not None:
             self.modulation.start_call(name, ctx.step, gens.timesteps, args, kwargs)
@@ -342,10 +345,11 @@ class Session(ModuleCalls):
         # ``enable``; a shapes-only key kept the first dtype's bytes and went over the budget)
         tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         sig = (signature(args, kwargs), tuple(a.dtype for a in tensors),
-               frozenset(p.dtype for spec in self.cached_modules for p in spec.module.parameters()))
+               frozenset(p.dtype for spec in self.cached_modules for p in spec.module.parameters()),
+               None if self.experts is None else self.experts.running)
         if sig not in self._probed:
             self._probed[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
-        held = sum(c.planned_bytes for c in self.contexts.values())
+        held = sum(c.planned_bytes for name, c in self.contexts.items() if name != ctx.name)  # not its own (a switch)
         pending = len(self._last_contexts - set(self.contexts) - {ctx.name})
         ctx.storage, ctx.planned_bytes = choose_storage(self.config, self._probed[sig], held, pending)
 
