@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import operator
+import os
+import sys
+import warnings
 
 
 class ConfigError(ValueError):
@@ -21,6 +25,35 @@ class AlreadyEnabledError(RuntimeError):
 
 class NotEnabledError(RuntimeError):
     """``disable`` or ``stats`` was called on a model without caching."""
+
+
+def _package_dirs() -> tuple[str, ...]:
+    """The folders of relcache and of the libraries it is called through, and contextlib's file (``with
+    relcache.cached(...)`` ends in it): a user's frame is outside all of them."""
+    import contextlib
+
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    for name in ("torch", "diffusers", "accelerate", "transformers"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(os.path.abspath(spec.origin)))
+    return (*(d + os.sep for d in dirs), os.path.abspath(contextlib.__file__))
+
+
+_INTERNAL: tuple[str, ...] | None = None
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first caller outside relcache, torch, diffusers,
+    accelerate, transformers and contextlib. (A fixed ``stacklevel`` named a line inside the hooks, so Python's
+    once-per-line filter hid the warning from every later model and generation.)"""
+    global _INTERNAL
+    if _INTERNAL is None:
+        _INTERNAL = _package_dirs()
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)
 
 
 def as_int(value: object) -> int | None:

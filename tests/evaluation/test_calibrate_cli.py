@@ -75,7 +75,7 @@ def test_budgets_with_nothing_to_calibrate_are_refused_naming_the_option(tmp_pat
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text", ['{"settings": ', "[1, 2]"])
+@pytest.mark.parametrize("text", ['{"settings": ', "[1, 2]", '{"settings": {}, "budgets": {"3": {}}}'])
 def test_resume_from_a_damaged_record_is_refused_naming_the_file(tmp_path, capsys, monkeypatch, text):
     monkeypatch.setattr(cli.calibrate, "_reference", lambda: pytest.fail("loaded before refusing"))
     (tmp_path / "calibration.json").write_text(text)

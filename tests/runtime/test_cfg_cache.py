@@ -5,6 +5,7 @@ calls with diffusers' cache contexts, and CFG-Cache combined with module caches 
 """
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -609,13 +610,17 @@ def test_a_half_batch_step_cuts_the_batch_inside_list_arguments():
     for a, b in zip(plain, got, strict=True):
         assert b.shape == a.shape
         torch.testing.assert_close(b[1], a[1], rtol=0, atol=1e-5)  # SD3 pipelines put the conditional half second
-    # lists and tuples; tensors of other first dims, and 1-d ones in a list (positions: Kandinsky 5's rope, whose 2
-    # frames matched the batch) stay whole
-    rope = [torch.arange(2), torch.arange(2)]
-    args, kwargs = slice_batch((control, (x, x[:1])), {"rope": rope, "ids": torch.zeros(3, 2)}, 2, slice(0, 1))
+    # lists and tuples of (batch, ...) features; tensors of other first dims, 1-d and 2-d ones in a list (Kandinsky
+    # 5's positions, Allegro's per-axis (cos, sin) tables, whose 2 frames matched the batch), and lists under a rotary
+    # keyword stay whole
+    rope = [torch.arange(2), torch.zeros(2, 4)]
+    rotary = ((torch.zeros(2, 4, 3), torch.zeros(2, 4, 3)), [torch.zeros(2, 4, 3)])
+    args, kwargs = slice_batch((control, (x, x[:1])), {"pos": rope, "ids": torch.zeros(3, 2), "image_rotary_emb":
+                                                      rotary[1], "more": rotary}, 2, slice(0, 1))
     assert [t.shape[0] for t in args[0]] == [1, 1] and isinstance(args[1], tuple)
     assert [t.shape[0] for t in args[1]] == [1, 1] and kwargs["ids"].shape == (3, 2)
-    assert kwargs["rope"][0] is rope[0] and kwargs["rope"][1] is rope[1]
+    assert kwargs["pos"][0] is rope[0] and kwargs["pos"][1] is rope[1]
+    assert kwargs["image_rotary_emb"][0] is rotary[1][0] and kwargs["more"][0] is rotary[0]  # nested: whole
 
 
 def _calls_with_audio(pipe, batched: bool) -> list[tuple[torch.Tensor, ...]]:
@@ -651,10 +656,44 @@ def test_a_model_with_outputs_besides_the_sample_runs_the_method_alone_with_a_wa
         alone = _calls_with_audio(pipe, batched)
     with relcache.cached(model, _skip_every_step()):
         relcache.begin_generation(model, 4)
-        with pytest.warns(UserWarning, match=r"CFG-Cache is off for this model: its output holds \['output 1'\]"):
+        with pytest.warns(UserWarning, match=r"CFG-Cache is off for this model: its output holds \['output 1'\]") as w:
             got = _calls_with_audio(pipe, batched)
+        assert {r.filename for r in w if "CFG-Cache is off" in str(r.message)} == {__file__}  # the caller's line
         assert relcache.stats(model).uncond_skipped == 0
     for a, b in zip(alone, got, strict=True):
         assert len(a) == len(b) == 2
         for ta, tb in zip(a, b, strict=True):
             torch.testing.assert_close(tb, ta, rtol=0, atol=0)
+
+
+def test_a_compiled_model_with_outputs_besides_the_sample_runs_the_method_alone():
+    """Under torch.compile the first call runs eagerly and then again compiled (its rehearsal): CFG-Cache turned off
+    by the eager run planned no row groups for the rerun, which was then not the same kind of call, and the first call
+    raised "a rehearsed first call was asked to run eagerly again". Now that call is not rehearsed; two compiled
+    generations give the eager method's outputs. The warning names the user's line, not relcache's."""
+    import families
+
+    pipe = families.ltx2_pipe()
+    model = pipe.transformer
+    with relcache.cached(model, dataclasses.replace(FORA(1), cfg_cache=None)):
+        relcache.begin_generation(model, 4)
+        alone = _calls_with_audio(pipe, True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    pipe.transformer = compiled
+    try:
+        with relcache.cached(compiled, _skip_every_step()):
+            for _ in range(2):
+                relcache.begin_generation(compiled, 4)
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always")
+                    got = _calls_with_audio(pipe, True)
+                for a, b in zip(alone, got, strict=True):
+                    for ta, tb in zip(a, b, strict=True):
+                        torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-6)
+            assert relcache.stats(compiled).uncond_skipped == 0
+    finally:
+        pipe.transformer = model
+        torch._dynamo.reset()
+    off = [w for w in seen if "CFG-Cache is off" in str(w.message)]
+    assert not off  # once, in the first generation

@@ -65,9 +65,11 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
         except (OSError, ValueError) as err:
             raise ConfigError(f"--resume: {path} cannot be read ({err}): pass --overwrite to start over, or another "
                               "--out") from None
-        if not isinstance(record, dict) or not isinstance(record.get("budgets"), dict):
-            raise ConfigError(f"--resume: {path} is not a calibration record (no 'budgets' mapping): pass "
-                              "--overwrite to start over, or another --out")
+        entry_keys = {"steps", "rel_l1", "rfc_rel_l1", "evaluated", "use"}
+        if (not isinstance(record, dict) or not isinstance(record.get("budgets"), dict)
+                or not all(isinstance(e, dict) and entry_keys <= set(e) for e in record["budgets"].values())):
+            raise ConfigError(f"--resume: {path} is not a calibration record (a 'budgets' mapping of entries with "
+                              f"{', '.join(sorted(entry_keys))}): pass --overwrite to start over, or another --out")
         if record.get("settings") != settings:
             old = record.get("settings") or {}
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))

@@ -8,14 +8,13 @@ expensive module has run, so a full step costs nothing extra. ``Interval`` ignor
 from __future__ import annotations
 
 import math
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError, check_float, check_int
+from ..errors import ConfigError, check_float, check_int, warn
 from .history import MAX_ORDER, DiffHistory, Reducer, numbers_on, row_dtype, sample_relative_l1, step_row
 
 #: target-NFC mode: the longest gap between full steps, in multiples of the even gap the rest of the budget allows
@@ -151,9 +150,9 @@ class Steps(Schedule):
                               "search them again for this length (relcache.evaluation.steps_search.search_steps)")
         past = [s for s in self.steps if num_steps is not None and s >= num_steps]
         if past:
-            warnings.warn(f"relcache: full steps {past} are past the end of this {num_steps}-step generation and will "
+            warn(f"relcache: full steps {past} are past the end of this {num_steps}-step generation and will "
                           "not run; give Steps the num_steps its list was chosen for to have this refused",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning)
         return None
 
     def decide(self, state: object, step: int, probe: torch.Tensor | None,

@@ -28,13 +28,13 @@ transformer calls (docs/spec.md, §CFG-Cache):
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from ..errors import warn
 from ..methods.cfg_cache import CFGCache
 from ..methods.history import StaticCaches, numbers_on, row_dtype
 from ..models.base import Adapter, SpatialGrid
@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 
 SPLIT_CONTEXTS = ("cond", "uncond")  # CFG as separate calls, named by diffusers' cache_context
 #: position ids whose first dim is not the batch
-_UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids", "visual_rope_pos", "text_rope_pos"})
+_UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})
+#: list or tuple keyword arguments whose names hold one of these are rotary tables or positions, never rows
+_TABLE_WORDS = ("rope", "rotary", "freqs")
 Rows = slice | None  # rows of a batch; None = all of them
 #: the static buffers (``StaticCaches``) of the stored (ΔLF, ΔHF), one pair per session: one delta is kept at a time
 DELTA_KEYS = (("cfg", "delta", "low"), ("cfg", "delta", "high"))
@@ -217,25 +219,30 @@ def slice_batch(
     args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, rows: slice, axes: dict[str, int] | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The transformer's arguments cut to ``rows`` of its ``batch``: every tensor whose first dim is the batch, also
-    the tensors of two or more dims inside a list or tuple (SD3 ControlNet's residuals, Bria FIBO's text encoder
-    layers; a 1-d one there is positions, Kandinsky 5's rope), and each keyword argument named in ``axes``
-    (``Adapter.batch_axes``) on its axis there."""
+    the tensors of three or more dims directly inside a list or tuple (SD3 ControlNet's residuals, Bria FIBO's text
+    encoder layers: ``(batch, tokens, dim)``), and each keyword argument named in ``axes`` (``Adapter.batch_axes``)
+    on its axis there. Never cut: FLUX's ids, lists and tuples of rotary tables or positions (a keyword naming rope,
+    rotary or freqs, and in any list 1-d and 2-d tensors: Kandinsky 5's positions, Allegro's per-axis tables, whose
+    lengths can equal the batch), NamedTuples."""
 
-    def cut(v: Any, axis: int = 0, least: int = 1) -> Any:
-        if isinstance(v, torch.Tensor) and v.ndim > max(axis, least - 1) and v.shape[axis] == batch:
+    def cut(v: Any, axis: int = 0) -> Any:
+        if isinstance(v, torch.Tensor) and v.ndim > axis and v.shape[axis] == batch:
             return v[(slice(None),) * axis + (rows,)]
-        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):  # not a NamedTuple: its type takes fields
-            return type(v)(cut(item, axis, 2) for item in v)
         return v
 
+    def cut_items(v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):  # not a NamedTuple: its type takes fields
+            return type(v)(cut(t) if isinstance(t, torch.Tensor) and t.ndim >= 3 else t for t in v)
+        return cut(v)
+
     def cut_kw(k: str, v: Any) -> Any:
-        if k in _UNBATCHED_KWARGS:
+        if k in _UNBATCHED_KWARGS or isinstance(v, (list, tuple)) and any(word in k for word in _TABLE_WORDS):
             return v
         if isinstance(v, dict):
             return {kk: cut(vv) for kk, vv in v.items()}
-        return cut(v, (axes or {}).get(k, 0))
+        return cut_items(v) if k not in (axes or {}) else cut(v, axes[k])
 
-    return tuple(cut(a) for a in args), {k: cut_kw(k, v) for k, v in kwargs.items()}
+    return tuple(cut_items(a) for a in args), {k: cut_kw(k, v) for k, v in kwargs.items()}
 
 
 def _step_full(ctx: Context) -> bool:
@@ -273,6 +280,8 @@ class CFGRunner:
         self.state = CFGState()
         #: the output fields besides the sample, once a call showed some: CFG-Cache is then off for good
         self.other_outputs: list[str] = []
+        #: CFG-Cache turned itself off in the call that just ran: its plan (row groups) was not this call's kind
+        self.turned_off = False
 
     def reset(self) -> None:
         """Forget the stored deltas (a new generation, or the end of one)."""
@@ -422,9 +431,10 @@ class CFGRunner:
         if not self.other_outputs and not torch.compiler.is_compiling():
             self.other_outputs = other_outputs(out)
             if self.other_outputs:
-                warnings.warn(f"relcache: CFG-Cache is off for this model: its output holds {self.other_outputs} "
-                              "besides the sample, and CFG-Cache rebuilds only the sample's unconditional half. The "
-                              "method runs without it.", stacklevel=2)
+                warn(f"relcache: CFG-Cache is off for this model: its output holds {self.other_outputs} besides "
+                     "the sample, and CFG-Cache rebuilds only the sample's unconditional half. The method runs without "
+                     "it.")
+                self.turned_off = True
         return bool(self.other_outputs)
 
     def _stores(self, ctx: Context) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..errors import check_int
+from ..errors import check_int, warn
 from ..models.base import Adapter
 
 _CALLER_DEPTH = 48  # frames searched above the transformer call for the pipeline driving it
@@ -215,13 +214,12 @@ class Generations:
         run, full = self.host.steps_run()
         if announced is None or run == 0 or run == announced:
             return
-        warnings.warn(
+        warn(
             f"relcache: a generation announced {announced} steps (by the scheduler or begin_generation) but ran "
             f"{run} ({full} of them full); its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
             f"{announced}. Announce the number of transformer calls per context the loop makes "
             "(relcache.begin_generation(model, num_steps)), or ignore this for an interrupted generation.",
-            RuntimeWarning, stacklevel=2,
-        )
+            RuntimeWarning)
 
     def check_step(self, step: int) -> None:
         """A context starts ``step``: one past the announced count warns now (once per generation), as the schedule
@@ -229,13 +227,12 @@ class Generations:
         if self._checked or self._announced is None or step < self._announced:
             return
         self._checked = True
-        warnings.warn(
+        warn(
             f"relcache: a generation announced {self._announced} steps (by the scheduler or begin_generation) but "
             f"runs step {step + 1}; its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
             f"{self._announced}. Announce the number of transformer calls per context the loop makes "
             "(relcache.begin_generation(model, num_steps)).",
-            RuntimeWarning, stacklevel=2,
-        )
+            RuntimeWarning)
 
     def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
         """The call's timestep while no generation was marked, else None: once marked it is not read on any device
