@@ -647,8 +647,11 @@ def test_a_model_with_outputs_besides_the_sample_runs_the_method_alone_with_a_wa
     half, so LTX-2's audio came back with the conditional half's rows only (its pipeline's ``chunk(2)`` then fails)
     and Kandinsky 6's skipped "uncond" call returned the "cond" call's audio (audio guidance silently gone). Such a
     model now runs the method without CFG-Cache, saying so once, and its outputs are the method's alone."""
+    import diffusers
     import families
 
+    if family == "kandinsky6" and not hasattr(diffusers, "Kandinsky6Transformer3DModel"):
+        pytest.skip("this diffusers has no Kandinsky6Transformer3DModel")  # diffusers 0.42 and later
     pipe = getattr(families, f"{family}_pipe")()
     model = pipe.transformer
     with relcache.cached(model, dataclasses.replace(FORA(1), cfg_cache=None)):
