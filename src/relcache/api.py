@@ -238,6 +238,8 @@ def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool |
     if session is not None:
         session.generations.loop_guidance = guidance
         session.generations.begin(num_steps, marked=True, timesteps=timesteps)
+        for hook in session.step_hooks:
+            hook.forget_calls()
 
 
 def stats(obj: Any) -> CacheStats:

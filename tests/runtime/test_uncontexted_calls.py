@@ -134,3 +134,35 @@ def test_the_budget_is_each_contexts_and_nfc_counts_the_steps_full_in_either():
     assert per["default"] != per["default.2"]  # otherwise this case shows nothing
     assert st.full_steps == sorted(set(per["default"]) | set(per["default.2"])) and st.nfc == len(st.full_steps) > 5
     assert st.nfc_per_context == 5
+
+
+def test_begin_generation_starts_a_step_even_on_the_previous_calls_latents_and_timestep():
+    """A hand-written loop that begins a generation from the latents and timestep its previous generation's last call
+    got (a one-step probe, then the real run) had its first call read as that step's second call: the generation
+    split into "default.2" (step 0) and "default" (the rest), RFC's schedule shifted by one step and its NFC and
+    outputs changed. ``begin_generation`` now starts a step."""
+    model = tiny_dit()
+    x, y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7])
+    t = torch.full((2,), 999)
+
+    def loop(steps: int) -> list[torch.Tensor]:
+        relcache.begin_generation(model, steps)
+        outs, xi = [], x
+        with torch.no_grad():
+            for i in range(steps):
+                outs.append(model(xi, timestep=t if i == 0 else torch.full((2,), 999 - 90 * i), class_labels=y).sample)
+                xi = xi - 0.05 * outs[-1]
+        return outs
+
+    relcache.enable(model, RFC(threshold=0.3))
+    try:
+        reference = loop(10)
+        want = relcache.stats(model).contexts["default"].full_steps
+        loop(1)  # the probe: its one call gets x and t, as the next generation's first call will
+        got = loop(10)
+        st = relcache.stats(model)
+    finally:
+        relcache.disable(model)
+    assert list(st.contexts) == ["default"] and st.contexts["default"].full_steps == want
+    for a, b in zip(reference, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

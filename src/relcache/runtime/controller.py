@@ -84,13 +84,16 @@ class Session(ModuleCalls):
         self._completed = False  # the running call returned (``end_call``: else its unrecorded slots go back)
         self.rehearsals = Rehearsals()  # the first calls whose compiled form ran (``rehearse``)
         self.first_call = False  # the running call is a rehearsed first call, compiled (``hooks.StepHost``)
+        self.step_hooks: list[StepHook] = []  # one per transformer (``attach``)
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
         """Register the hooks; on a pipeline, also let its scheduler and the end of its calls mark generations."""
         paths: dict[int, dict[int, str]] = {}  # per transformer: id(module) -> its path there
         for e, (root, hooks) in enumerate(self._roots()):
-            hooks.register(root, StepHook(self if self.experts is None else ExpertCalls(self, e)), STEP_HOOK)
+            step_hook = StepHook(self if self.experts is None else ExpertCalls(self, e))
+            self.step_hooks.append(step_hook)
+            hooks.register(root, step_hook, STEP_HOOK)
             paths[id(root)] = {id(module): path for path, module in root.named_modules()}
         for idx, spec in enumerate(self.cached_modules):
             root, hooks = self._root_of(idx)

@@ -249,6 +249,11 @@ class StepHook(ModelHook):
     def _end(self) -> None:
         self.host.end_call()
 
+    def forget_calls(self) -> None:
+        """The next call without a cache context starts a step (``begin_generation``: a loop that begins with the
+        latents and timestep the previous generation ended on would otherwise be read as that step's second call)."""
+        self._uncontexted.forget()
+
     def reset_state(self, module: nn.Module) -> nn.Module:
         self._uncontexted.forget()
         self.host.end_generation()
