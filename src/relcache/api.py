@@ -200,12 +200,17 @@ def is_enabled(obj: Any) -> bool:
 
 @contextlib.contextmanager
 def cached(obj: Any, config: CacheConfig, **kwargs: Any) -> Iterator[None]:
-    """``with relcache.cached(pipe, config): pipe(...)`` enables caching for the block only."""
+    """``with relcache.cached(pipe, config): pipe(...)`` enables caching for the block only. (choice) Inside a block
+    that already enabled the transformer (``cached(pipe.transformer, ...)``, or another pipeline sharing it), the
+    pipeline is attached for the block and caching stays on at its end: the outer block's to turn off. A block whose
+    caching was turned off inside it (``disable``) ends without a second ``disable``."""
+    was_enabled = is_enabled(obj)
     enable(obj, config, **kwargs)
     try:
         yield
     finally:
-        disable(obj)
+        if not was_enabled and is_enabled(obj):
+            disable(obj)
 
 
 def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool | None = None,

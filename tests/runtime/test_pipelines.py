@@ -166,3 +166,22 @@ def test_sd3_skip_layer_guidance_calls_are_left_alone():
         assert stats.num_steps == 10 and stats.nfc == 5
     with relcache.cached(pipe, relcache.FORA(1, 1)):
         assert torch.equal(run(), ref)
+
+
+def test_nested_cached_blocks_leave_caching_to_the_outer_one():
+    """``cached(pipe)`` inside ``cached(pipe.transformer)`` attached the pipeline, then its exit turned caching off for
+    the transformer: the rest of the outer block ran uncached, and the outer exit raised NotEnabledError, replacing
+    any error the block raised. The inner block now leaves caching on; the outer one turns it off."""
+    pipe = dit_pipe()
+    with relcache.cached(pipe.transformer, relcache.FORA(3)):
+        with relcache.cached(pipe, relcache.FORA(3)):
+            pass
+        assert relcache.is_enabled(pipe.transformer)
+    assert not relcache.is_enabled(pipe)
+    with pytest.raises(ValueError, match="the block's own error"):
+        with relcache.cached(pipe.transformer, relcache.FORA(3)), relcache.cached(pipe, relcache.FORA(3)):
+            raise ValueError("the block's own error")
+    assert not relcache.is_enabled(pipe)
+    with relcache.cached(pipe, relcache.FORA(3)):  # turned off inside the block: it ends without a second disable
+        relcache.disable(pipe)
+    assert not relcache.is_enabled(pipe)
