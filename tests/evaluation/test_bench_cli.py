@@ -42,6 +42,23 @@ def test_bench_table_is_consistent():
     assert set(result.samples) == {FULL.label, "FORA N=2", "TaylorSeer N=4"}
 
 
+def test_a_cfg_cache_row_that_changed_nothing_says_so():
+    """RFC + CFG-Cache's default (``skip_full`` False beside RFC) skips nothing: its row repeated RFC's numbers with
+    nothing saying so, and its marker hid RFC's in the plot. A row that did skip keeps an empty note."""
+    import dataclasses
+
+    from relcache import RFC, CFGCache
+
+    rfc = RFC(target_nfc=5)
+    methods = [BenchMethod("RFC", rfc), BenchMethod("RFC + CFG-Cache", dataclasses.replace(rfc, cfg_cache=CFGCache())),
+               BenchMethod("FORA", FORA(2)), BenchMethod("FORA + CFG-Cache", dataclasses.replace(
+                   FORA(2), cfg_cache=CFGCache(skip_full=True, window=(0.0, 1.0), interval=3)))]
+    rows = {r.method: r for r in _bench(methods).rows}
+    assert rows["RFC + CFG-Cache"].note == "the samples of RFC: CFG-Cache skipped nothing"
+    assert rows["RFC + CFG-Cache"].rel_l1 == rows["RFC"].rel_l1
+    assert rows["FORA + CFG-Cache"].note == "" and rows["FORA + CFG-Cache"].rel_l1 != rows["FORA"].rel_l1
+
+
 def test_default_methods_cover_the_ablations():
     labels = [m.label for m in default_methods((14, 7))]
     assert len(labels) == 13 and labels[-1] == "FasterCache (defaults)"

@@ -232,7 +232,8 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
               sampler_kwargs: dict[str, Any], count_flops: bool) -> tuple[torch.Tensor, float, float, float]:
     """(samples, seconds, NFC, FLOPs) of one generation with ``method`` attached to ``model``."""
     if method.config is not None:
-        api.enable(model, method.config)
+        # no FLOP measurement in the timed run (its first call would be timed with it): FLOPs are counted apart
+        api.enable(model, method.config, count_flops=False)
     elif method.peer is not None:
         method.peer.attach(model)
     try:
@@ -400,6 +401,11 @@ def run_bench(
             sum(full_per[b][3] for b in order) / len(order))
     rows = [_row(m, per_method.get(m.label, {}), full, labels, evaluator, real_images, count_flops) for m in methods]
     samples = {m.label: torch.cat([per_method[m.label][b][0] for b in order]) for m in runnable}
+    for row in rows:  # a combination that changed nothing says so (it looked like a result of its own)
+        base = row.method.removesuffix(" + CFG-Cache")
+        if base != row.method and row.method in samples and base in samples and torch.equal(samples[row.method],
+                                                                                              samples[base]):
+            row.note = row.note or f"the samples of {base}: CFG-Cache skipped nothing"
     per_frame = {}
     if full[0].ndim == 5:  # video (batch, frames, channels, height, width): quality frame by frame
         per_frame = {label: frame_metrics(x, full[0]) for label, x in samples.items()}
