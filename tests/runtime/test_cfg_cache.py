@@ -700,3 +700,25 @@ def test_a_compiled_model_with_outputs_besides_the_sample_runs_the_method_alone(
         torch._dynamo.reset()
     off = [w for w in seen if "CFG-Cache is off" in str(w.message)]
     assert not off  # once, in the first generation
+
+
+def test_the_peak_counts_cfg_caches_deltas():
+    """``cache_bytes`` counts CFG-Cache's stored deltas, ``peak_cache_bytes`` did not: after a pipeline frees its
+    caches the peak, "the full figure", read less than ``cache_bytes`` had during the generation."""
+    from conftest import tiny_dit
+
+    model = tiny_dit()
+    relcache.enable(model, dataclasses.replace(TaylorSeer(3), cfg_cache=CFGCache(skip_full=True, interval=3)))
+    x, labels, seen = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([5, NULL]), []
+    try:
+        relcache.begin_generation(model, 10)
+        with torch.no_grad():
+            for i in range(10):
+                out = model(torch.cat([x, x]), timestep=torch.full((2,), 999 - 99 * i), class_labels=labels).sample
+                seen.append(relcache.stats(model).cache_bytes)
+                x = x - 0.05 * out[:1]
+        st = relcache.stats(model)
+    finally:
+        relcache.disable(model)
+    deltas = 2 * (4 * 8 * 8) * 8  # ΔLF and ΔHF: complex64 (8 bytes) spectra of one sample's 4x8x8 output
+    assert st.peak_cache_bytes == max(seen) == sum(st.peak_cache_bytes_by_kind.values()) + deltas

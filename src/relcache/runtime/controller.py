@@ -85,6 +85,7 @@ class Session(ModuleCalls):
         self.rehearsals = Rehearsals()  # the first calls whose compiled form ran (``rehearse``)
         self.first_call = False  # the running call is a rehearsed first call, compiled (``hooks.StepHost``)
         self.step_hooks: list[StepHook] = []  # one per transformer (``attach``)
+        self.cfg_peak = 0  # the most CFG-Cache held at the end of a call in this generation (``stats``' peak)
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
@@ -140,6 +141,7 @@ class Session(ModuleCalls):
         for group in self.shared:
             group.new_generation()
         self.contexts = {}
+        self.cfg_peak = 0
         self.current = None
         if self.experts is not None:
             self.experts.reset()
@@ -393,6 +395,8 @@ class Session(ModuleCalls):
         if ctx is not None:
             end_step(ctx, self._completed)
             ctx.note_peak()
+        if self.cfg is not None:  # CFG-Cache's deltas and a split "cond" output waiting for its pair
+            self.cfg_peak = max(self.cfg_peak, self.cfg.state.nbytes)
         self._completed = False
         self.current = None
         for group in self.shared:
@@ -435,6 +439,7 @@ class Session(ModuleCalls):
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
         kinds = {m.name: m.kind for m in self.cached_modules}
         total = with_peaks(combine(self.config.label, per, cfg_bytes, kinds, self.meter.unknown))
+        total = replace(total, peak_cache_bytes=total.peak_cache_bytes + self.cfg_peak)
         if self.experts is None:
             return total
         return replace(total, experts=self.experts.stats(self.config.label, self.contexts, per, kinds, names,
