@@ -20,6 +20,7 @@ from .methods.config import CacheConfig
 from .models.base import Adapter, find_adapter
 from .runtime import CacheStats, Session, checked_num_steps
 from .runtime.experts import Expert, Experts
+from .runtime.generations import patching_hosts
 
 _ATTR = "_relcache"  # the model attribute holding its Session
 
@@ -180,11 +181,24 @@ def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: Ca
 
 def disable(obj: Any) -> None:
     """Turn caching off; the model is exactly as before ``enable``. On a transformer shared by several pipelines,
-    caching is off for all of them (the cache belongs to the transformer)."""
-    model, _ = _resolve(obj)
+    caching is off for all of them (the cache belongs to the transformer). On a pipeline whose ``transformer`` was
+    replaced since ``enable``, the caching that patched the pipeline (its earlier transformer's) is turned off."""
+    model, pipeline = _resolve(obj)
     session = _session(model)
-    if session is None:
+    if session is not None:
+        _turn_off(session)
+        return
+    # (choice) a pipeline whose transformer was replaced since ``enable``: the session that patched the pipeline
+    # serves its previous transformer, which the user may no longer hold; turning that off is what was asked
+    earlier = [] if pipeline is None else [h for h in patching_hosts(pipeline) if isinstance(h, Session)]
+    if not earlier:
         raise NotEnabledError(f"relcache is not enabled on this {type(model).__name__}")
+    for stale in earlier:
+        _turn_off(stale)
+
+
+def _turn_off(session: Session) -> None:
+    """Detach ``session`` and forget it on every transformer it serves."""
     session.detach()
     for expert in [session.model] if session.experts is None else [e.model for e in session.experts.experts]:
         vars(expert).pop(_ATTR, None)

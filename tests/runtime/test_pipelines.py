@@ -185,3 +185,20 @@ def test_nested_cached_blocks_leave_caching_to_the_outer_one():
     with relcache.cached(pipe, relcache.FORA(3)):  # turned off inside the block: it ends without a second disable
         relcache.disable(pipe)
     assert not relcache.is_enabled(pipe)
+
+
+def test_disable_on_a_pipeline_whose_transformer_was_replaced_turns_off_the_earlier_one():
+    """``pipe.transformer = other`` after ``enable(pipe)`` (another checkpoint): ``disable(pipe)`` raised
+    NotEnabledError about the new transformer and left the old one's hooks and the pipeline's and scheduler's patches
+    in place. It now turns off the session that patched the pipeline; a pipeline never enabled still refuses."""
+    pipe = dit_pipe()
+    old = pipe.transformer
+    pipe_vars, scheduler_vars = set(vars(pipe)), set(vars(pipe.scheduler))
+    relcache.enable(pipe, relcache.FORA(3))
+    pipe.transformer = dit_pipe().transformer
+    relcache.disable(pipe)
+    assert not relcache.is_enabled(old) and set(vars(pipe)) == pipe_vars
+    registry = getattr(old, "_diffusers_hook", None)
+    assert set(vars(pipe.scheduler)) == scheduler_vars and (registry is None or not registry.hooks)
+    with pytest.raises(relcache.NotEnabledError, match="not enabled on this DiTTransformer2DModel"):
+        relcache.disable(pipe)

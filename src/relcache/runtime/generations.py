@@ -347,6 +347,16 @@ class Generations:
             self._patches.remove(entry)
 
 
+def patching_hosts(pipeline: Any) -> list[Any]:
+    """The hosts (sessions) whose generations patched ``pipeline``'s end of call: the ones watching it, whether or
+    not its current transformer is theirs (``pipe.transformer`` replaced since ``enable``)."""
+    hosts, cur = [], vars(pipeline).get("maybe_free_model_hooks") if hasattr(pipeline, "__dict__") else None
+    while isinstance(cur, _Patch):
+        hosts.append(getattr(cur.owner, "host", None))
+        cur = cur.next
+    return [h for h in hosts if h is not None]
+
+
 class _Patch:
     """A method wrapper set on one object (a scheduler or pipeline): calls the method, then ``after(obj)``.
 
