@@ -188,13 +188,20 @@ def disable(obj: Any) -> None:
     if session is not None:
         _turn_off(session)
         return
-    # (choice) a pipeline whose transformer was replaced since ``enable``: the session that patched the pipeline
-    # serves its previous transformer, which the user may no longer hold; turning that off is what was asked
-    earlier = [] if pipeline is None else [h for h in patching_hosts(pipeline) if isinstance(h, Session)]
+    # (choice) a pipeline whose transformer was replaced since ``enable``: the session ``enable`` attached it to
+    # serves its previous transformer, which the user may no longer hold. The pipeline is detached from it; the
+    # session is turned off too unless another pipeline was enabled on it (a session that only found this pipeline
+    # driving its transformer is not this pipeline's to turn off)
+    earlier = [] if pipeline is None else [h for h in patching_hosts(pipeline) if isinstance(h, Session)
+                                           and h.generations.watches(pipeline, explicit=True)]
     if not earlier:
         raise NotEnabledError(f"relcache is not enabled on this {type(model).__name__}")
     for stale in earlier:
-        _turn_off(stale)
+        others = [p for p in stale.generations.explicit_pipelines() if p is not pipeline]
+        if others:
+            stale.generations.unwatch_pipeline(pipeline)
+        else:
+            _turn_off(stale)
 
 
 def _turn_off(session: Session) -> None:
@@ -216,15 +223,21 @@ def is_enabled(obj: Any) -> bool:
 def cached(obj: Any, config: CacheConfig, **kwargs: Any) -> Iterator[None]:
     """``with relcache.cached(pipe, config): pipe(...)`` enables caching for the block only. (choice) Inside a block
     that already enabled the transformer (``cached(pipe.transformer, ...)``, or another pipeline sharing it), the
-    pipeline is attached for the block and caching stays on at its end: the outer block's to turn off. A block whose
+    pipeline is attached for the block and detached at its end, and caching stays on: the outer block's to turn
+    off. A block whose
     caching was turned off inside it (``disable``) ends without a second ``disable``."""
-    was_enabled = is_enabled(obj)
+    session = _session(obj) if is_enabled(obj) else None
+    _, pipeline = _resolve(obj)
+    attached_before = session is not None and pipeline is not None and session.generations.watches(pipeline,
+                                                                                                    explicit=True)
     enable(obj, config, **kwargs)
     try:
         yield
     finally:
-        if not was_enabled and is_enabled(obj):
+        if session is None and is_enabled(obj):
             disable(obj)
+        elif session is not None and pipeline is not None and not attached_before:
+            session.generations.unwatch_pipeline(pipeline)  # what this block's enable attached
 
 
 def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool | None = None,

@@ -185,6 +185,12 @@ def test_nested_cached_blocks_leave_caching_to_the_outer_one():
     with relcache.cached(pipe, relcache.FORA(3)):  # turned off inside the block: it ends without a second disable
         relcache.disable(pipe)
     assert not relcache.is_enabled(pipe)
+    pipe_vars = set(vars(pipe))
+    with relcache.cached(pipe.transformer, relcache.FORA(3)):  # inner blocks one after another: each detaches its
+        for _ in range(2):  # pipeline at its end (the second was refused as already enabled)
+            with relcache.cached(pipe, relcache.FORA(3)):
+                pipe([1], num_inference_steps=4)
+            assert set(vars(pipe)) == pipe_vars and relcache.is_enabled(pipe.transformer)
 
 
 def test_disable_on_a_pipeline_whose_transformer_was_replaced_turns_off_the_earlier_one():
@@ -202,3 +208,23 @@ def test_disable_on_a_pipeline_whose_transformer_was_replaced_turns_off_the_earl
     assert set(vars(pipe.scheduler)) == scheduler_vars and (registry is None or not registry.hooks)
     with pytest.raises(relcache.NotEnabledError, match="not enabled on this DiTTransformer2DModel"):
         relcache.disable(pipe)
+    # a pipeline only found driving an enabled transformer is not the user's to turn off through: refused
+    pipe = dit_pipe()
+    old = pipe.transformer
+    relcache.enable(old, relcache.FORA(3))
+    pipe([1], num_inference_steps=4)
+    pipe.transformer = dit_pipe().transformer
+    with pytest.raises(relcache.NotEnabledError):
+        relcache.disable(pipe)
+    assert relcache.is_enabled(old)
+    relcache.disable(old)
+    # two enabled pipelines sharing a transformer: the one whose transformer was replaced is detached, the other
+    # keeps its caching
+    a = dit_pipe()
+    b = type(a)(**a.components)
+    relcache.enable(a, relcache.FORA(3))
+    relcache.enable(b, relcache.FORA(3))
+    a.transformer = dit_pipe().transformer
+    relcache.disable(a)
+    assert relcache.is_enabled(b) and "maybe_free_model_hooks" not in vars(a)
+    relcache.disable(b)

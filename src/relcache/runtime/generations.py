@@ -304,6 +304,21 @@ class Generations:
                 self._unpatch(obj)
         self._watched = []
 
+    def unwatch_pipeline(self, pipeline: Any) -> None:
+        """Stop watching ``pipeline`` alone: its patches go, and its scheduler's unless another watched pipeline
+        shares that scheduler."""
+        found = self._watch_of(pipeline)
+        if found is None:
+            return
+        self._watched.remove(found)
+        self._unpatch(pipeline)
+        if found.scheduler is not None and all(w.scheduler is not found.scheduler for w in self._watched):
+            self._unpatch(found.scheduler)
+
+    def explicit_pipelines(self) -> list[Any]:
+        """The pipelines ``enable`` was given (held strongly)."""
+        return [w.strong for w in self._watched if w.strong is not None]
+
     def _watch_of(self, pipeline: Any) -> _Watched | None:
         return next((w for w in self._watched if w.pipeline is pipeline), None)
 
