@@ -182,7 +182,8 @@ def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: Ca
 def disable(obj: Any) -> None:
     """Turn caching off; the model is exactly as before ``enable``. On a transformer shared by several pipelines,
     caching is off for all of them (the cache belongs to the transformer). On a pipeline whose ``transformer`` was
-    replaced since ``enable``, the caching that patched the pipeline (its earlier transformer's) is turned off."""
+    replaced since ``enable``, the pipeline is detached from its earlier transformer's caching, which is turned off
+    unless another enabled pipeline shares it."""
     model, pipeline = _resolve(obj)
     session = _session(model)
     if session is not None:
@@ -224,8 +225,7 @@ def cached(obj: Any, config: CacheConfig, **kwargs: Any) -> Iterator[None]:
     """``with relcache.cached(pipe, config): pipe(...)`` enables caching for the block only. (choice) Inside a block
     that already enabled the transformer (``cached(pipe.transformer, ...)``, or another pipeline sharing it), the
     pipeline is attached for the block and detached at its end, and caching stays on: the outer block's to turn
-    off. A block whose
-    caching was turned off inside it (``disable``) ends without a second ``disable``."""
+    off. A block whose caching was turned off inside it (``disable``) ends without a second ``disable``."""
     session = _session(obj) if is_enabled(obj) else None
     _, pipeline = _resolve(obj)
     attached_before = session is not None and pipeline is not None and session.generations.watches(pipeline,

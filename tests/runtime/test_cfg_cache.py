@@ -583,7 +583,7 @@ def test_a_half_batch_step_cuts_the_batch_inside_list_arguments():
     plain model's."""
     from diffusers import SD3Transformer2DModel
 
-    from relcache.runtime.cfg import slice_batch
+    from relcache.runtime.cfg_io import slice_batch
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(
