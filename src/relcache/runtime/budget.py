@@ -13,7 +13,7 @@ gets what "cond" left). CFG-Cache's own deltas are not counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..methods.config import STORAGE_LADDER, CacheConfig
 from ..methods.storage import CacheStorage, share_key
 from ..models.base import CachedModule
+from .accounting import signature
 
 #: per cached module, in call order: (its inputs' shapes, its outputs' shapes, the outputs' dtype, which tensor each
 #: input is: equal numbers are the same tensor, as ``storage.share_key`` tells it, which RFE stores once)
@@ -121,3 +122,40 @@ def choose_storage(config: CacheConfig, shapes: ModuleShapes, held: int, pending
         f"({STORAGE_LADDER[-1].label}) needs {needs[-1]} bytes ({needs[-1] / 2**30:.2f} GiB), caches as computed "
         f"{needs[0]} bytes; raise max_cache_bytes, cache fewer modules (CacheConfig.modules), or lower the order"
     )
+
+
+class CacheBudget:
+    """A session's ``max_cache_bytes``: the storage of each new call context, from the cached modules' shapes (one
+    fake-tensor run per call signature, remembered) and what the generation's other contexts hold or will hold."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.probe: ShapeProbe | None = None  # set while the forward runs on fake tensors
+        self._shapes: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
+        self._last: set[str] = set()  # the call contexts of the previous generation
+
+    def end_generation(self, contexts: Mapping[str, Any]) -> None:
+        """Remember the contexts of the generation that ended (kept when it ran none)."""
+        self._last = set(contexts) or self._last
+
+    def choose(self, name: str, planned: Mapping[str, int], modules: list[CachedModule], expert: Hashable,
+               forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[CacheStorage | None, int]:
+        """The storage of context ``name`` and the bytes it will hold (``choose_storage``); ``planned`` holds the
+        bytes planned by the generation's running contexts (``name``'s own is not counted: an expert switch chooses
+        again), ``expert`` the running expert where several transformers run in turn."""
+        if self.config.max_cache_bytes is None:
+            return self.config.storage, 0
+        # the bytes depend on the dtypes too: the arguments', and the cached modules' (the model may be cast after
+        # ``enable``; a shapes-only key kept the first dtype's bytes and went over the budget)
+        tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        sig = (signature(args, kwargs), tuple(a.dtype for a in tensors),
+               frozenset(p.dtype for spec in modules for p in spec.module.parameters()), expert)
+        if sig not in self._shapes:
+            self._shapes[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
+        held = sum(n for other, n in planned.items() if other != name)
+        pending = len(self._last - set(planned) - {name})
+        return choose_storage(self.config, self._shapes[sig], held, pending)
+
+    def _set_probe(self, probe: ShapeProbe | None) -> None:
+        self.probe = probe

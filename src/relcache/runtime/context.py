@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from ..methods.history import StaticCaches, row_dtype
 from ..methods.predictors import PredictorState
 from ..methods.storage import CacheStorage
-from .accounting import ContextStats, Counters, Shapes, fraction
+from .accounting import UNKNOWN_FLOPS, ContextStats, Counters, Shapes, fraction
 from .cfg import CFGRouting, Rows
 
 
@@ -149,9 +149,10 @@ class Context:
 
         return restore
 
-    def stats(self, module_names: list[str]) -> ContextStats:
+    def stats(self, module_names: list[str], flops_unknown: str | None = None) -> ContextStats:
+        """The context's stats so far; ``flops_unknown``: why its FLOPs could not be counted (they read NaN)."""
         c = self.counters
-        return ContextStats(
+        st = ContextStats(
             name=self.name,
             num_steps=self.step + 1,
             full_steps=list(self.schedule.full_steps),
@@ -169,7 +170,9 @@ class Context:
             peak_cache_bytes=self.peak_bytes,
             peak_module_bytes={module_names[i]: n for i, n in sorted(self.peak_by_module.items())},
             cache_storage="as computed" if self.storage is None else self.storage.label,
+            nonfinite_samples=dict(getattr(self.schedule.memory, "nonfinite", None) or {}),
         )
+        return st if flops_unknown is None else replace(st, flops_unknown=flops_unknown, **UNKNOWN_FLOPS)
 
 
 def hold_state(static: StaticCaches, key: tuple, state: PredictorState, value: torch.Tensor, gap_like: torch.Tensor

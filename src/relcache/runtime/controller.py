@@ -19,8 +19,8 @@ from torch import nn
 from ..methods.config import CacheConfig
 from ..methods.history import StaticCaches, numbers_on, row_dtype
 from ..models.base import Adapter, CachedModule
-from .accounting import UNKNOWN_FLOPS, CacheStats, ContextStats, FlopMeter, combine, signature, with_peaks
-from .budget import ModuleShapes, ShapeProbe, choose_storage, probe_shapes
+from .accounting import CacheStats, FlopMeter, combine, signature, with_peaks
+from .budget import CacheBudget
 from .cfg import CFGRunner
 from .context import Context
 from .distributed import check_enable_order, check_split_storage, reducer_for
@@ -74,9 +74,7 @@ class Session(ModuleCalls):
         # (``record_errors`` runs the module at cached steps: its collectives too)
         self.reducer = reducer_for(model, sequence_group, repr((config, record_errors)))
         check_split_storage(self.reducer, config.storage)
-        self.shape_probe: ShapeProbe | None = None  # set while the forward runs on fake tensors (``budget``)
-        self._probed: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
-        self._last_contexts: set[str] = set()  # the call contexts of the previous generation (``budget``)
+        self.budget = CacheBudget(config)  # max_cache_bytes: each context's storage
         # (choice) caches held in place at stable addresses (CUDA graphs, docs/spec.md §Capture): None = for the
         # contexts whose calls run under torch.compile; True/False = always/never. The buffers outlive generations.
         self.static_caches: bool | None = None
@@ -136,7 +134,7 @@ class Session(ModuleCalls):
         """Forget the generation's state (``rehearsal``: only its first call ran, which runs again; the contexts of
         the previous generation stay those the budget counts, and lazy modulation checks wait for the rerun)."""
         if not rehearsal:
-            self._last_contexts = set(self.contexts) or self._last_contexts
+            self.budget.end_generation(self.contexts)
             self.rehearsals.settle(self.static.epoch)  # buffers made anew after its first call fit it too
         for group in self.shared:
             group.new_generation()
@@ -344,25 +342,11 @@ class Session(ModuleCalls):
 
     def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
                  ) -> None:
-        """Set a new context's storage: the config's, or under ``max_cache_bytes`` the most precise that fits
-        (``budget``), from the cached modules' shapes on this call (a fake-tensor run, once per call signature)."""
-        if self.config.max_cache_bytes is None:
-            ctx.storage = self.config.storage
-            return
-        # the bytes depend on the dtypes too: the arguments', and the cached modules' (the model may be cast after
-        # ``enable``; a shapes-only key kept the first dtype's bytes and went over the budget)
-        tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-        sig = (signature(args, kwargs), tuple(a.dtype for a in tensors),
-               frozenset(p.dtype for spec in self.cached_modules for p in spec.module.parameters()),
-               None if self.experts is None else self.experts.running)
-        if sig not in self._probed:
-            self._probed[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
-        held = sum(c.planned_bytes for name, c in self.contexts.items() if name != ctx.name)  # not its own (a switch)
-        pending = len(self._last_contexts - set(self.contexts) - {ctx.name})
-        ctx.storage, ctx.planned_bytes = choose_storage(self.config, self._probed[sig], held, pending)
-
-    def _set_probe(self, probe: ShapeProbe | None) -> None:
-        self.shape_probe = probe
+        """Set a new context's storage: the config's, or under ``max_cache_bytes`` the most precise that fits."""
+        planned = {name: c.planned_bytes for name, c in self.contexts.items()}
+        expert = None if self.experts is None else self.experts.running
+        ctx.storage, ctx.planned_bytes = self.budget.choose(ctx.name, planned, self.cached_modules, expert, forward,
+                                                            args, kwargs)
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups,
                 measured: torch.Tensor | None = None) -> None:
@@ -430,12 +414,12 @@ class Session(ModuleCalls):
 
     # -- batched modulation (relcache.runtime.modulation.ModulationHost) ----------------------------------------------
     def modulating(self) -> bool:
-        return self.current is not None and self.meter.counter is None and self.shape_probe is None
+        return self.current is not None and self.meter.counter is None and self.budget.probe is None
 
     # -- stats --------------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
         names = [m.name for m in self.cached_modules]
-        per = {name: self._context_stats(ctx, names) for name, ctx in self.contexts.items()}
+        per = {name: ctx.stats(names, self.meter.unknown) for name, ctx in self.contexts.items()}
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
         kinds = {m.name: m.kind for m in self.cached_modules}
         total = with_peaks(combine(self.config.label, per, cfg_bytes, kinds, self.meter.unknown))
@@ -444,10 +428,3 @@ class Session(ModuleCalls):
             return total
         return replace(total, experts=self.experts.stats(self.config.label, self.contexts, per, kinds, names,
                                                          self.meter.unknown))
-
-    def _context_stats(self, ctx: Context, names: list[str]) -> ContextStats:
-        st = ctx.stats(names)
-        nonfinite = dict(getattr(ctx.schedule.memory, "nonfinite", None) or {})
-        if self.meter.unknown is None:
-            return replace(st, nonfinite_samples=nonfinite)
-        return replace(st, nonfinite_samples=nonfinite, flops_unknown=self.meter.unknown, **UNKNOWN_FLOPS)

@@ -67,15 +67,15 @@ def _check_intact(ctx: Context, name: str, idx: int, groups: list[RowGroup]) -> 
 
 class ModuleCalls:
     """``module_forward`` and what it needs, mixed into ``controller.Session``: it reads the session's ``config``,
-    ``current`` context, ``cached_modules``, ``meter``, ``shape_probe``, ``prober``, ``record_errors``, ``reducer``,
+    ``current`` context, ``cached_modules``, ``meter``, ``budget``, ``prober``, ``record_errors``, ``reducer``,
     ``_decide``, ``_computing`` (the modules the current step lets run, keyed by index) and ``_compiled_call``
     (the call runs compiled and is counted whole at its end, ``Session.end_call``)."""
 
     # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         spec = self.cached_modules[idx]
-        if self.shape_probe is not None:  # a fake-tensor run for the cache budget: shapes only
-            return self.shape_probe.run(idx, spec, original, args, kwargs)
+        if self.budget.probe is not None:  # a fake-tensor run for the cache budget: shapes only
+            return self.budget.probe.run(idx, spec, original, args, kwargs)
         if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
             self.prober.stop(spec.inputs(args, kwargs)[spec.probe])
         # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
