@@ -92,6 +92,10 @@ def _checks(rank: int) -> dict[str, Any]:
                                           ContextParallelMismatch, steps=8, record_errors=rank == 0)
     found["other step counts"] = error(_parallel(families.flux_pipe()), relcache.RFC(target_nfc=4),
                                        ContextParallelMismatch, steps=8 if rank == 0 else 6)
+    # found by review: a step count that one process's settings refuse (target_nfc=4 > 3 steps) raised ConfigError
+    # there alone, and the other process waited in the step's collective until the timeout
+    found["one refuses"] = error(_parallel(families.flux_pipe()), relcache.RFC(target_nfc=4), ContextParallelMismatch,
+                                 steps=8 if rank == 0 else 3)
     pipe = _parallel(families.flux_pipe())
     # scales over tokens would each cover a process's slice only: refused at enable
     storage = relcache.CacheStorage("int8", "int8", "int8", scale="sample")
@@ -267,4 +271,6 @@ def test_disagreeing_processes_raise_instead_of_hanging(parallel: list[dict[str,
         assert "rank 0: config" in p["checks"]["record_errors on one"]
         message = p["checks"]["other step counts"]
         assert "rank 0: config" in message and "steps 8" in message and "steps 6" in message, message
+        message = p["checks"]["one refuses"]
+        assert "rank 0: config" in message and "steps 8" in message and "steps 3" in message, message
         assert p["checks"]["sample scales"].startswith("CacheStorage(scale='sample') takes its scales over tokens")

@@ -184,6 +184,8 @@ class Session(ModuleCalls):
             gens.begin()
             ctx = None
         if ctx is None:
+            if self.reducer is not None:  # every process agrees on the step count before checking its settings
+                self.reducer.agree(name, gens.num_steps, self.adapter.hidden_of(args, kwargs))
             self._follow_replaced_modules()
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             reducer = {} if self.reducer is None else {"reducer": self.reducer}

@@ -8,6 +8,9 @@ ranks hold other samples), so that every process computes one process's arithmet
 
 Collectives (each one ``all_reduce`` of a few numbers per sample, in float64):
 
+* one per call context per generation, at its first call, before anything that reads the step count (a
+  ``target_nfc`` budget, ``Steps``, CFG-Cache's window): the guard alone (``agree``), so that a setting only one
+  process refuses raises on every process instead of leaving the others waiting in the step's collective;
 * one per step, at the step's decision: RCS's two L1 norms, the RFE ratios recorded at the previous full step
   (deferred to it, ``later``), and a guard: every process's (configuration, context, step, full steps so far,
   decision) laid out one row per process, so a disagreement raises ``ContextParallelMismatch`` on every process,
@@ -82,6 +85,21 @@ class SequenceReducer:
             self._guard[6] = float(full)
             self.sum(torch.zeros(0, 0))
 
+    def agree(self, context: str, num_steps: int | None, like: torch.Tensor) -> None:
+        """The first call of ``context`` in a generation, before any per-process check of its settings: one
+        collective of fixed size (the guard, nothing summed; deferred sums wait for the step's own) comparing the
+        configuration, the context and the announced step count. Where they differ, a check one process alone would
+        fail (``target_nfc`` above the step count) would raise there and leave the others waiting in the step's
+        collective until its timeout (found by review): every process raises ``ContextParallelMismatch`` instead."""
+        steps = -1.0 if num_steps is None else float(num_steps)
+        self._collectives += 1
+        rows = torch.zeros(self.size, len(GUARD_FIELDS), dtype=torch.float64)
+        rows[self.rank] = torch.tensor([self._config, _crc(context), steps, -1.0, 0.0, -1.0, -1.0,
+                                        float(self._collectives), 0.0], dtype=torch.float64)
+        buffer = rows.reshape(-1).to(like.device)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        self._check(buffer.reshape(self.size, len(GUARD_FIELDS)).tolist())
+
     # -- the sums (relcache.methods.history.Reducer) -----------------------------------------------------------
     def later(self, partials: torch.Tensor, done: Callable[[torch.Tensor], None]) -> None:
         self._pending.append((partials, done))
@@ -104,7 +122,7 @@ class SequenceReducer:
             self._check(buffer[numbers:].reshape(self.size, len(GUARD_FIELDS)).tolist())
         sums = buffer[:numbers].split([f.numel() for f in flat[: len(parts)]])
         for (p, done), s in zip(pending, sums[1:], strict=True):
-            done(s.reshape(p.shape).to(p.dtype))
+            done(s.reshape(p.shape).to(p.device, p.dtype))  # a model split over devices: where its module is
         return sums[0].reshape(partials.shape).to(partials.dtype)
 
     def _check(self, rows: list[list[float]]) -> None:
