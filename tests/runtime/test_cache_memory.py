@@ -143,6 +143,33 @@ def test_a_model_cast_after_enable_keeps_within_the_budget():
         relcache.disable(model)
 
 
+def test_a_compiled_rfe_keeps_within_the_budget_its_eager_run_fills():
+    """Compiled RFE records keep the Gram of the differences (``order²`` numbers per sample and module), which the
+    budget left out: at a budget equal to the eager run's caches as computed, the compiled run chose the same storage
+    and held more than the budget (found by review). The eager run still gets exactly that budget's storage."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+    cfg = RFC(threshold=0.0)  # every step full: the histories fill up
+    model = tiny_dit(layers=1)
+    relcache.enable(model, cfg)
+    run_loop(model, x, y, steps=6)
+    budget = relcache.stats(model).peak_cache_bytes
+    relcache.disable(model)
+    found = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        relcache.enable(model, dataclasses.replace(cfg, max_cache_bytes=budget))
+        try:
+            run_loop(torch.compile(model, backend="eager") if compiled else model, x, y, steps=6)
+            stats = relcache.stats(model)
+            found[compiled] = (stats.contexts["default"].cache_storage, stats.peak_cache_bytes)
+        finally:
+            relcache.disable(model)
+            torch._dynamo.reset()
+    assert found[False] == ("as computed", budget), found
+    assert found[True][1] <= budget and found[True][0] != "as computed", found
+
+
 def _held_tensors(model) -> list[torch.Tensor]:
     """Every tensor the session's predictor states and RCS's history hold (a scaled one's data)."""
     session = vars(model)["_relcache"]

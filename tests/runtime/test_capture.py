@@ -323,6 +323,50 @@ def test_a_generation_of_other_shapes_leaves_every_later_graph_writing_in_place(
     assert skips == [0, 0, 0, 0] if len(kinds) == 4 else skips == [0, 4, 4]
 
 
+def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_in_place():
+    """Found by review: under ``max_cache_bytes`` with two calls per step, the second generation counts the first's
+    contexts and gives each another storage at the same shapes. The buffers of the higher differences were reserved
+    for a value's shape and dtype only, so they were kept for the old storage and the new differences stayed out of
+    place (graph outputs, which CUDA-graph replays overwrite) in that generation and every later one."""
+
+    def generations(model: torch.nn.Module, n: int) -> list[dict[str, str]]:
+        x, y = _inputs()
+        storages = []
+        with torch.no_grad():
+            for _ in range(n):
+                relcache.begin_generation(model, 6)
+                xi = x
+                for i in range(6):
+                    t = torch.full((2,), 999 - 150 * i)
+                    a = model(xi, timestep=t, class_labels=y).sample
+                    b = model(xi, timestep=t, class_labels=y).sample
+                    xi = xi - 0.05 * (a + b)
+                storages.append({name: ctx.cache_storage for name, ctx in relcache.stats(model).contexts.items()})
+        return storages
+
+    config = TaylorSeer(2)
+    model = tiny_dit(layers=1)
+    relcache.enable(model, config)
+    try:
+        generations(model, 1)
+        need = relcache.stats(model).contexts["default"].peak_cache_bytes
+    finally:
+        relcache.disable(model)
+    torch._dynamo.reset()
+    reports: list[dict] = []
+    compiled = torch.compile(model, backend=_cudagraph_backend(reports), dynamic=False)
+    relcache.enable(compiled, dataclasses.replace(config, max_cache_bytes=int(1.5 * need)))
+    try:
+        storages = generations(compiled, 3)
+    finally:
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    # the case itself: the first generation counts no context of a previous one, the second counts them
+    assert storages[0] != storages[1] == storages[2], storages
+    models = [r for r in reports if any(len(shape) == 4 for shape in r["output_shapes"])]
+    assert models and all(r["user_outputs"] == 1 for r in models), [r["user_outputs"] for r in models]
+
+
 class _Boom(RuntimeError):
     pass
 

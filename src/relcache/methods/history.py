@@ -348,7 +348,8 @@ class StaticCaches:
     def hold_history(self, key: object, hist: DiffHistory, value: torch.Tensor, gap_like: torch.Tensor) -> None:
         """Move ``hist``'s differences and gap into ``key``'s buffers, just after ``hist.update(value, ...)``. Outside
         compiled code, buffers for every order up to ``max_order`` and for the gap are reserved at once."""
-        made_for = (value.shape, value.dtype, value.device, gap_like.dtype)
+        # the storage too: a budget may choose another one for the same shapes in a later generation (found by review)
+        made_for = (value.shape, value.dtype, value.device, gap_like.dtype, hist.storage)
         reserve = not torch.compiler.is_compiling() and self._reserved.get(key) != made_for
         if reserve:
             st = hist.storage

@@ -139,8 +139,8 @@ class Predictor(ABC):
                     storage: CacheStorage | None, input_shared: bool = False) -> int:
         """Bytes a state holds once its history is full (``order`` differences, and RFE's input and ratios), for an
         output of ``out_shape`` and an input of ``in_shape`` computed in ``computed``: what a budget is checked on,
-        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps, but for the ``order²``
-        numbers per sample of RFE's Gram that compiled steps add (``Relational``; tens of bytes a module).
+        before any module runs. Equal to ``PredictorState.nbytes`` after enough full steps of an eager run; compiled
+        records may keep more (``compiled_bytes``).
         ``input_shared``: the input is a tensor another state stores (its bytes are that state's)."""
         st = storage or CacheStorage()
         total = stored_bytes(out_shape, st.base, st.scale, computed)
@@ -150,6 +150,10 @@ class Predictor(ABC):
             total += ratio * (out_shape[0] if out_shape else 1)
             total += 0 if input_shared else stored_bytes(in_shape, st.input, st.scale, computed)
         return total
+
+    def compiled_bytes(self, out_shape: tuple[int, ...], computed: torch.dtype) -> int:
+        """Bytes a state holds besides ``state_bytes`` when its records run compiled (RFE's Gram); 0 here."""
+        return 0
 
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
         """The numbers a forecast at step ``step``, ``k`` steps after the latest full step, needs (``step_row``)."""
@@ -230,6 +234,10 @@ class Relational(Predictor):
         _check_order(self.order)
         if self.order == 0:
             raise ConfigError("order must be an integer in 1..4 for Relational (it needs a direction), got 0")
+
+    def compiled_bytes(self, out_shape: tuple[int, ...], computed: torch.dtype) -> int:
+        """The Gram a compiled record keeps: ``order²`` numbers per sample, in ``sample_norm``'s precision."""
+        return self.order ** 2 * (out_shape[0] if out_shape else 1) * (8 if computed == torch.float64 else 4)
 
     def record(self, state: PredictorState, inp: torch.Tensor, out: torch.Tensor, gap: torch.Tensor | None) -> None:
         self._record(state, inp, out, gap)

@@ -82,15 +82,17 @@ def probe_shapes(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     return probe.shapes
 
 
-def cache_bytes(config: CacheConfig, shapes: ModuleShapes, storage: CacheStorage | None) -> int:
+def cache_bytes(config: CacheConfig, shapes: ModuleShapes, storage: CacheStorage | None,
+                compiled: bool = False) -> int:
     """Bytes one context's caches hold with full histories under ``storage``: every cached module's predictor
-    states (an input that two states read is stored once) and, for RCS, the input history of the first cached module
-    (stored as computed)."""
+    states (an input that two states read is stored once; ``compiled``: with what compiled records add) and, for RCS,
+    the input history of the first cached module (stored as computed)."""
     predictor, total, stored = config.predictor, 0, set()
     for ins, outs, dtype, numbers in shapes.values():
         for j, out in enumerate(outs):
             k = j if len(ins) == len(outs) else 0
             total += predictor.state_bytes(out, ins[k], dtype, storage, input_shared=numbers[k] in stored)
+            total += predictor.compiled_bytes(out, dtype) if compiled else 0
             stored.add(numbers[k])
     history_order = getattr(config.schedule, "order", None)
     if config.schedule.uses_input and history_order is not None and shapes:
@@ -102,16 +104,16 @@ def cache_bytes(config: CacheConfig, shapes: ModuleShapes, storage: CacheStorage
     return total
 
 
-def choose_storage(config: CacheConfig, shapes: ModuleShapes, held: int, pending: int) -> tuple[CacheStorage | None,
-                                                                                                 int]:
+def choose_storage(config: CacheConfig, shapes: ModuleShapes, held: int, pending: int, compiled: bool = False
+                   ) -> tuple[CacheStorage | None, int]:
     """The first storage of ``STORAGE_LADDER`` for a new context, and the bytes it will hold, such that ``held`` (what
     the generation's other contexts will hold) plus this context's caches, counted ``1 + pending`` times (contexts
     expected later in the generation), fit ``config.max_cache_bytes``; a ConfigError naming the smallest need when
-    none fits."""
+    none fits. ``compiled``: the context's calls run compiled (``cache_bytes``)."""
     budget = config.max_cache_bytes
     needs = []
     for storage in STORAGE_LADDER:
-        need = cache_bytes(config, shapes, storage)
+        need = cache_bytes(config, shapes, storage, compiled)
         if held + need * (1 + pending) <= budget:
             return storage, need
         needs.append(held + need * (1 + pending))
@@ -139,11 +141,12 @@ class CacheBudget:
         self._last = set(contexts) or self._last
 
     def choose(self, name: str, planned: Mapping[str, int], modules: list[CachedModule], expert: Hashable,
-               forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+               forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool = False,
                ) -> tuple[CacheStorage | None, int]:
         """The storage of context ``name`` and the bytes it will hold (``choose_storage``); ``planned`` holds the
         bytes planned by the generation's running contexts (``name``'s own is not counted: an expert switch chooses
-        again), ``expert`` the running expert where several transformers run in turn."""
+        again), ``expert`` the running expert where several transformers run in turn, ``compiled`` whether the
+        forward is compiled."""
         if self.config.max_cache_bytes is None:
             return self.config.storage, 0
         # the bytes depend on the dtypes too: the arguments', and the cached modules' (the model may be cast after
@@ -155,7 +158,7 @@ class CacheBudget:
             self._shapes[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
         held = sum(n for other, n in planned.items() if other != name)
         pending = len(self._last - set(planned) - {name})
-        return choose_storage(self.config, self._shapes[sig], held, pending)
+        return choose_storage(self.config, self._shapes[sig], held, pending, compiled)
 
     def _set_probe(self, probe: ShapeProbe | None) -> None:
         self.probe = probe

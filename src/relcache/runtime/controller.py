@@ -192,7 +192,7 @@ class Session(ModuleCalls):
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))
             if self.static_caches or self.static_caches is None and compiled:
                 ctx.static = self.static
-            self._storage(ctx, forward, args, kwargs)  # may raise ConfigError: nothing changed yet
+            self._storage(ctx, forward, args, kwargs, compiled)  # may raise ConfigError: nothing changed yet
             self.contexts[name] = ctx
         ctx.advance(step_index, timestep)
         if self.experts is not None:  # the running expert's caches; a switch forces the step full
@@ -201,7 +201,7 @@ class Session(ModuleCalls):
             if self.experts.enter(ctx, self.config) and self.config.max_cache_bytes is not None:
                 # the previous expert's caches are gone: the storage is chosen again for this one's modules (a
                 # deeper, wider or float64 second expert went over the budget sized from the first)
-                self._storage(ctx, forward, args, kwargs)
+                self._storage(ctx, forward, args, kwargs, compiled)
         gens.check_step(ctx.step)
         if self.modulation is not None:
             self.modulation.start_call(name, ctx.step, gens.timesteps, args, kwargs)
@@ -342,13 +342,13 @@ class Session(ModuleCalls):
             self.rehearsals.clear()  # first calls run eagerly again, to measure
             self._n_modules = n_modules
 
-    def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-                 ) -> None:
+    def _storage(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 compiled: bool) -> None:
         """Set a new context's storage: the config's, or under ``max_cache_bytes`` the most precise that fits."""
         planned = {name: c.planned_bytes for name, c in self.contexts.items()}
         expert = None if self.experts is None else self.experts.running
         ctx.storage, ctx.planned_bytes = self.budget.choose(ctx.name, planned, self.cached_modules, expert, forward,
-                                                            args, kwargs)
+                                                            args, kwargs, compiled and not self.record_errors)
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups,
                 measured: torch.Tensor | None = None) -> None:
