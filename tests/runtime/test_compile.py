@@ -489,3 +489,21 @@ def test_an_rcs_step_runs_its_decision_inside_the_graphs(name):
             assert set(outside[i]) <= {"copy_", "sub", "div"} and len(outside[i]) <= 12, (i, outside[i])
         else:
             assert outside[i] == ["copy_", "copy_"], (i, outside[i])
+
+
+def test_fullgraph_compile_fails_with_relcaches_reason():
+    """``fullgraph=True`` cannot hold relcache's host-side step hook; dynamo's error said "Remove the
+    torch.compiler.disable call" and nothing of why (found by review): it gives relcache's reason now."""
+    from relcache.runtime.hooks import FULLGRAPH_REASON
+
+    model = tiny_dit(layers=1)
+    relcache.enable(model, FORA())
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(torch._dynamo.exc.Unsupported) as got:
+            torch.compile(model, backend="eager", fullgraph=True)(
+                torch.randn(2, 4, 8, 8), timestep=torch.tensor([999, 999]), class_labels=torch.tensor([1, 2]))
+        assert FULLGRAPH_REASON in str(got.value)
+    finally:
+        relcache.disable(model)
+        torch._dynamo.reset()

@@ -179,6 +179,13 @@ def _same_timestep(a: Any, b: Any) -> bool:
     return False
 
 
+#: why a whole-model ``torch.compile(..., fullgraph=True)`` of a model relcache is enabled on fails at its first call
+FULLGRAPH_REASON = (
+    "relcache settles each step's schedule on the host before the transformer's forward, which is compiled as a "
+    "frame of its own: compile the model without fullgraph=True, torch.compile(model) (each kind of step then runs "
+    "as whole graphs, docs/performance.md)")
+
+
 class StepHook(ModelHook):
     """On the transformer: marks the start of a step in the current call context and runs the call.
 
@@ -194,7 +201,8 @@ class StepHook(ModelHook):
         super().__init__()
         self.host = host
         self.cache_context = StateManager(_NoState)  # diffusers' model.cache_context(...) sets it
-        self.new_forward = torch._dynamo.disable(self._step, recursive=False)  # the registry calls new_forward
+        # the registry calls new_forward; the reason is what torch.compile(..., fullgraph=True) reports
+        self.new_forward = torch._dynamo.disable(self._step, recursive=False, reason=FULLGRAPH_REASON)
         # the frames dynamo compiles: this model's own, one per kind of call (``StepHost.call_kind``; compiled first
         # calls apart). dynamo counts graphs against its recompile limit (8) per frame, and the graphs of one frame
         # are the kinds of step times the shapes and row groups seen: a second batch size, or guidance switched
