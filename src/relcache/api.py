@@ -123,8 +123,19 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         own = chosen.cached_modules(expert)
         if config.modules is not None:
             own = [m for m in own if m.kind in config.modules]
+        if not own and config.modules is None:
+            raise ConfigError(f"{type(chosen).__name__} found no module to cache in {type(expert).__name__}: check "
+                              "the adapter's blocks and module names")
         if not own:
-            raise ConfigError(f"no module of the kinds {config.modules} in {type(expert).__name__}")
+            kinds = sorted({m.kind for m in chosen.cached_modules(expert)})
+            raise ConfigError(f"no module of the kinds {config.modules} in {type(expert).__name__} (it has {kinds})")
+        seen: dict[int, str] = {}
+        for m in own:  # one module in two places would get two hooks (diffusers refuses) and one shared cache
+            if id(m.module) in seen:
+                raise ConfigError(f"{seen[id(m.module)]!r} and {m.name!r} are the same module object of "
+                                  f"{type(expert).__name__}: a cached module must sit in one place, called once per "
+                                  "transformer call (docs/custom-models.md)")
+            seen[id(m.module)] = m.name
         if len(experts) > 1:  # (choice) module names say which expert they belong to
             own = [replace(m, name=f"{name}.{m.name}") for m in own]
         spans.append(range(len(modules), len(modules) + len(own)))

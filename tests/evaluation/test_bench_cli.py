@@ -152,7 +152,9 @@ def test_cli_rejects_bad_budgets(capsys):
                                                      "--interval in 3..4"),
     (["analyze", "--steps", "3"], "gives 2 full and 1 cached steps; the analysis needs at least 3 of each: use more "
                                   "--steps"),
-    (["bench", "--only", "NoSuchMethod"], "--only NoSuchMethod matches no method; the labels are: FORA N=4,"),
+    (["bench", "--only", "NoSuchMethod"], "--only 'NoSuchMethod' matches no method; the labels are: FORA N=4,"),
+    # found by review: a label that matches nothing beside one that does was dropped silently
+    (["bench", "--only", "FORA", "NoSuchMethod"], "--only 'NoSuchMethod' matches no method; the labels are: FORA"),
 ])
 def test_cli_names_the_bad_option(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

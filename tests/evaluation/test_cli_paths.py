@@ -166,7 +166,7 @@ def _dit_dir(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["bench", "--only", "NoSuchMethod"], "--only NoSuchMethod matches no method; the labels are: FORA N=4,"),
+    (["bench", "--only", "NoSuchMethod"], "--only 'NoSuchMethod' matches no method; the labels are: FORA N=4,"),
     (["bench", "--height", "16"], "--height is not taken by dit pipelines, which make images of their transformer's "
                                   "sample size"),
     (["bench", "--width", "16"], "--width is not taken by dit pipelines"),

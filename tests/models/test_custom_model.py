@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,6 +84,70 @@ def test_errors(model):
     with pytest.raises(ConfigError, match=r"\['mlp2'\]"):
         relcache.enable(model, FORA(), adapter=CustomAdapter("blocks", {"attn": "attn", "mlp2": "mlp"}))
     assert not relcache.is_enabled(model)
+
+
+def test_adapter_mistakes_are_named(model):
+    """Found by review: each of these failed with an unrelated error (a TypeError, diffusers' "Hook with name
+    relcache_module already exists", "no module of the kinds None"), fell back to a default silently, or ran."""
+    from relcache.models.base import Slot
+
+    with pytest.raises(ConfigError, match="blocks='blocks.0' names one Block of TinyDiT, not a sequence"):
+        relcache.enable(model, FORA(), adapter=CustomAdapter("blocks.0", {"attn": "attn"}))
+    with pytest.raises(ConfigError, match=r"probe names attributes that modules does not: \['atn'\]"):
+        CustomAdapter("blocks", {"attn": "attn"}, probe={"atn": 0})
+    with pytest.raises(ConfigError, match=r"input_of names attributes that modules does not: \['mpl'\]"):
+        CustomAdapter("blocks", {"attn": "attn", "mlp": "mlp"}, input_of={"mpl": lambda a, k: a[0]})
+    with pytest.raises(ConfigError, match="Slot 'attn' kind must be one of"):
+        Slot("attn", "self-attention")
+
+    class _Nothing(CustomAdapter):
+        def cached_modules(self, model):
+            return []
+
+    with pytest.raises(ConfigError, match="_Nothing found no module to cache in TinyDiT"):
+        relcache.enable(model, FORA(), adapter=_Nothing(**ADAPTER))
+    shared = TinyDiT()
+    shared.blocks[1].mlp = shared.blocks[0].mlp
+    with pytest.raises(ConfigError, match="'blocks.0.mlp' and 'blocks.1.mlp' are the same module object"):
+        relcache.enable(shared, FORA(), adapter=CustomAdapter(**ADAPTER))
+    assert not relcache.is_enabled(model) and not relcache.is_enabled(shared)
+
+
+def _attention_twice(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+    h = modulate(self.norm1(x), shift1, scale1)
+    x = x + gate1[:, None] * self.attn(h) + gate1[:, None] * self.attn(2 * h)
+    return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+def test_a_module_called_twice_per_call_or_a_probe_past_its_inputs_is_refused_at_the_first_call(model):
+    """Found by review: a module called twice in a block got the same forecast for both (different) inputs at a
+    cached step, silently; a probe index past the module's inputs was a bare IndexError."""
+    twice = TinyDiT()
+    twice.blocks[1].forward = types.MethodType(_attention_twice, twice.blocks[1])
+    with relcache.cached(twice, FORA(2), adapter=CustomAdapter(**ADAPTER)):
+        with pytest.raises(UnsupportedModelError, match="'blocks.1.attn' was called twice in one call"):
+            sample(twice, steps=4)
+    with relcache.cached(model, RFC(threshold=0.1), adapter=CustomAdapter(**ADAPTER, probe=1)):
+        with pytest.raises(ConfigError, match="probe index 1 of cached module 'blocks.0.attn' is past its 1 input"):
+            sample(model, steps=4)
+    with relcache.cached(model, FORA(2), adapter=CustomAdapter(**ADAPTER)):  # the model itself is fine
+        sample(model, steps=4)
+
+
+def test_a_loop_whose_timestep_is_not_found_warns_that_generations_merge(model):
+    """Found by review: with ``timestep`` naming no argument and no ``begin_generation``, a second generation
+    continued the first one's caches (full steps [0, 3, 6, ...] over both), with no word."""
+    adapter = CustomAdapter("blocks", {"attn": "attn", "mlp": "mlp"})  # forward(x, t, y): no "timestep" keyword
+    with relcache.cached(model, FORA(3), adapter=adapter):
+        with pytest.warns(RuntimeWarning, match="cannot be noticed"):
+            sample(model, steps=4, begin=False)
+    with relcache.cached(model, FORA(3), adapter=CustomAdapter(**ADAPTER)), warnings.catch_warnings():
+        warnings.simplefilter("error")  # found: no warning
+        sample(model, steps=4, begin=False)
+    with relcache.cached(model, FORA(3), adapter=adapter), warnings.catch_warnings():
+        warnings.simplefilter("error")  # announced: no warning
+        sample(model, steps=4)
 
 
 def test_docs_example_runs():

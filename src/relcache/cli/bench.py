@@ -25,18 +25,18 @@ from .reference import _reference
 
 def _methods(args: argparse.Namespace, guidance: float | None, sampler: Sampler | None) -> list[BenchMethod]:
     """The methods ``--only`` picks (relcache's, and with ``--peers`` diffusers' and cache-dit's); a ConfigError
-    listing the labels when it picks none. ``sampler``: the pipeline's, which MagCache calibrates with (None: the
-    reference model's)."""
+    listing the labels when one of its substrings matches none. ``sampler``: the pipeline's, which MagCache
+    calibrates with (None: the reference model's)."""
     methods = default_methods(args.budgets, order=args.order, num_steps=args.steps)
     if args.peers:
         from ..evaluation.peers import peer_methods
 
         methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=guidance, sampler=sampler)
-    chosen = select(methods, args.only)
-    if args.only and not chosen:
-        raise ConfigError(f"--only {' '.join(args.only)} matches no method; the labels are: "
+    unmatched = [o for o in args.only or () if not select(methods, [o])]
+    if unmatched:  # one that matches nothing beside others that do would be dropped silently
+        raise ConfigError(f"--only {' '.join(map(repr, unmatched))} matches no method; the labels are: "
                           + ", ".join(m.label for m in methods))
-    return chosen
+    return select(methods, args.only)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     family, conditions, extra = _pipeline_inputs(args)
     guidance = _pipeline_guidance(args, family)
+    _methods(args, guidance, None)  # --only checked before the model loads (the labels need no model)
     if runlog.has_log(args.out) and not (args.resume or args.overwrite):
         header = runlog.read_header(args.out) or {}
         raise ConfigError(f"--out {args.out} holds an earlier run (started {header.get('date')}, command: "
@@ -62,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
             num_samples=args.samples, batch_size=args.batch_size, num_classes=len(conditions), seed=args.seed,
             num_steps=args.steps, guidance_scale=guidance, count_flops=not args.no_flops, conditions=conditions,
             extra=extra), runlog.versions())
-    _methods(args, guidance, None)  # --only checked before the model loads (the labels need no model)
     if args.model:
         from ..evaluation.pipelines import load_sampler
 

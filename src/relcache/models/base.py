@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..methods.config import MODULE_KINDS
 
 # returns the module's input, or a tuple of inputs paired element-wise with a tuple output (dual-stream)
 InputFn = Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -135,7 +136,7 @@ class Adapter:
     def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:
         """Groups of copies of one module that a transformer call calls with the same arguments (DiT's per-block
         timestep-and-class embedding). relcache computes a group once per call where the copies' weights are
-        equal (``relcache.shared``). The default: none."""
+        equal (``relcache.runtime.shared``). The default: none."""
         return []
 
     def modulation(self, model: nn.Module) -> Modulation | None:
@@ -242,6 +243,10 @@ class Slot:
     kind: str
     joint: bool = False
     probe: int = 0  # ``CachedModule.probe``
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODULE_KINDS:  # a FasterCache or modules= filter would otherwise find no module
+            raise ConfigError(f"Slot {self.attr!r} kind must be one of {MODULE_KINDS}, got {self.kind!r}")
 
 
 #: the block shapes relcache knows, each the ``Slot`` s of one block in execution order. A slot a block lacks (or

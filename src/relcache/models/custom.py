@@ -117,15 +117,26 @@ class CustomAdapter(Adapter):
                               f"a dict from attribute name to one, got {probe!r}")
         if not isinstance(batched, bool):
             raise ConfigError(f"CustomAdapter batched must be True or False, got {batched!r}")
+        attrs = [attr for attr, _ in self.modules]
+        for name, given in (("probe", probe), ("input_of", self.input_of)):
+            unknown = sorted(set(given) - set(attrs)) if isinstance(given, Mapping) else []
+            if unknown:  # a typo would silently fall back to the default
+                raise ConfigError(f"CustomAdapter {name} names attributes that modules does not: {unknown}; the "
+                                  f"attributes are {attrs}")
         self.probe, self.batched = checked, batched
 
     def _blocks(self, model: nn.Module) -> tuple[str, Sequence[nn.Module]]:
         if not isinstance(self.blocks, str):
             return "blocks", self.blocks
         try:
-            return self.blocks, model.get_submodule(self.blocks)
+            blocks = model.get_submodule(self.blocks)
         except AttributeError as err:
             raise ConfigError(f"{type(model).__name__} has no submodule {self.blocks!r} (CustomAdapter)") from err
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise ConfigError(
+                f"CustomAdapter blocks={self.blocks!r} names one {type(blocks).__name__} of {type(model).__name__}, "
+                "not a sequence of blocks: name the nn.ModuleList (or nn.Sequential) that holds them")
+        return self.blocks, blocks
 
     def cached_modules(self, model: nn.Module) -> list[CachedModule]:
         prefix, blocks = self._blocks(model)

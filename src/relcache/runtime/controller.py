@@ -63,6 +63,7 @@ class Session(ModuleCalls):
         self.experts = experts
         self._expert_hooks = [Attachment(e.model) for e in experts.experts[1:]] if experts is not None else []
         self._computing: dict[int, Computing] = {}
+        self._called: set[int] = set()  # the cached modules the running call has called (eagerly)
         self.prober = Prober()
         self.probing: Probing | None = None  # a compiled RCS step's pre-pass, pending until its forward starts
         self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
@@ -178,7 +179,7 @@ class Session(ModuleCalls):
         check_enable_order(self.model, self.reducer)
         gens = self.generations
         gens.check_caller()
-        timestep = gens.timestep_of(args, kwargs)
+        timestep = gens.timestep_of(args, kwargs, step_index)
         ctx = self.contexts.get(name)
         if gens.starts_new(None if ctx is None else (ctx.step, ctx.last_timestep), step_index, timestep):
             gens.begin()
@@ -385,6 +386,7 @@ class Session(ModuleCalls):
             self.cfg_peak = max(self.cfg_peak, self.cfg.state.nbytes)
         self._completed = False
         self.current = None
+        self._called.clear()
         for group in self.shared:
             group.end_call()
         if self.modulation is not None:
@@ -401,6 +403,7 @@ class Session(ModuleCalls):
         def restore() -> None:
             restore_context()
             self._computing.clear()
+            self._called.clear()
 
         return restore
 

@@ -176,6 +176,7 @@ class Generations:
         self.loop_guidance: bool | None = None  # the same, said by begin_generation for a hand-written loop
         self._announced: int | None = None  # the step count the current generation was planned for
         self._checked = True  # the current generation's steps were compared with its announcement
+        self._warned_timestep = False  # ``timestep_of`` warned that no new generation can be noticed
         self._watched: list[_Watched] = []
         self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a _Patch of ours
 
@@ -234,11 +235,25 @@ class Generations:
             "(relcache.begin_generation(model, num_steps)).",
             RuntimeWarning)
 
-    def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any], step_index: int | None = None
+                    ) -> float | None:
         """The call's timestep while no generation was marked, else None: once marked it is not read on any device
         (on an accelerator reading it is a host sync; a device-dependent rule would make a marked loop behave
-        differently on CPU and GPU)."""
-        return None if self.marked else _as_float(self.adapter.timestep_of(args, kwargs))
+        differently on CPU and GPU). Warns once where neither it nor a step index (``step_index``, diffusers' cache
+        context's) can tell a new generation: the next would silently continue this one's caches (found by review,
+        a CustomAdapter whose ``timestep`` named no argument)."""
+        if self.marked:
+            return None
+        timestep = _as_float(self.adapter.timestep_of(args, kwargs))
+        if timestep is None and step_index is None and not self._warned_timestep:
+            self._warned_timestep = True
+            warn(
+                f"relcache: this {type(self.host.model).__name__} call carries no timestep relcache can read (the "
+                f"adapter's timestep_of gave None) and no generation was announced, so a new generation in this loop "
+                "cannot be noticed and would continue the previous one's caches: call "
+                "relcache.begin_generation(model, num_steps) before each generation (or name where the forward gets "
+                "its timestep, CustomAdapter(timestep=...))", RuntimeWarning)
+        return timestep
 
     def starts_new(self, last: tuple[int, float | None] | None, step_index: int | None,
                    timestep: float | None) -> bool:

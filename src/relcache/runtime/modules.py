@@ -12,10 +12,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..methods.config import CacheConfig
 from ..methods.history import relative_l1
 from ..methods.predictors import Forecast
+from ..models.base import CachedModule
 from .accounting import Shapes
 from .context import Context, RowGroup, hold_state
 from .steps import take_rows
@@ -65,10 +66,25 @@ def _check_intact(ctx: Context, name: str, idx: int, groups: list[RowGroup]) -> 
                     "write out = out * gate instead")
 
 
+def _check_call(spec: CachedModule, idx: int, n_inputs: int, called: set[int]) -> None:
+    """Refuse a second call of a cached module within one transformer call (each would get the other's forecast at a
+    cached step), and a probe index past the module's inputs, naming the module."""
+    if idx in called:
+        raise UnsupportedModelError(
+            f"the cached module {spec.name!r} was called twice in one call of the transformer: each call would get "
+            "the same forecast at a cached step; a cached module must be called exactly once per transformer call "
+            "(not in a loop, not shared between blocks): cache another module (docs/custom-models.md)")
+    called.add(idx)
+    if spec.probe >= n_inputs:
+        raise ConfigError(f"the probe index {spec.probe} of cached module {spec.name!r} is past its {n_inputs} "
+                          "input(s) (the adapter's input_of): give an index below that (CustomAdapter probe=)")
+
+
 class ModuleCalls:
     """``module_forward`` and what it needs, mixed into ``controller.Session``: it reads the session's ``config``,
     ``current`` context, ``cached_modules``, ``meter``, ``budget``, ``prober``, ``record_errors``, ``reducer``,
-    ``_decide``, ``_computing`` (the modules the current step lets run, keyed by index) and ``_compiled_call``
+    ``_decide``, ``_computing`` (the modules the current step lets run, keyed by index), ``_called`` (the modules
+    the running call has called, eagerly) and ``_compiled_call``
     (the call runs compiled and is counted whole at its end, ``Session.end_call``)."""
 
     # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
@@ -100,6 +116,8 @@ class ModuleCalls:
             return None
         spec = self.cached_modules[idx]
         inputs = spec.inputs(args, kwargs)  # dual-stream modules: one input per output
+        if not torch.compiler.is_compiling():  # the rules of docs/custom-models.md, checked on the eager calls
+            _check_call(spec, idx, len(inputs), self._called)
         probe = inputs[spec.probe]
         rows = ctx.cfg.row_groups(probe.shape[0])
         if not ctx.schedule.decided:
