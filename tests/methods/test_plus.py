@@ -278,6 +278,45 @@ def test_blend_fallbacks_survive_compile():
     torch._dynamo.reset()
 
 
+def test_scaled_input_fit_forecasts_the_latest_output_where_the_output_stopped():
+    """``scale=True``: a sample whose output did not move over the last gap (s = 0) has the factor s·‖v‖/‖Σ c ΔO‖ = 0,
+    so its forecast is O(a), eagerly and compiled (``aot_eager``: the decomposed ops, no C++ needed). An infinite
+    G_out / s² made cᵀ G c NaN for coefficients of mixed sign, and the factor fell back to 1 (found by review). Sample
+    1 moves on: its forecast is the by-hand formula."""
+    def draw(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ins = [torch.randn(1, 4, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+        outs = [torch.randn(1, 4, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+        return ins, outs, torch.randn(1, 4, 3, generator=g, dtype=torch.float64)
+
+    (i0, o0, n0), (i1, o1, n1) = draw(3), draw(4)  # seed 3: fitted coefficients of mixed sign
+    o0.append(o0[1].clone())  # sample 0's output did not move over the last gap
+    o1.append(torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    ins = [torch.cat([a, b]) for a, b in zip(i0, i1, strict=True)]
+    outs = [torch.cat([a, b]) for a, b in zip(o0, o1, strict=True)]
+    pred = InputFit(2, scale=True)
+    state = pred.new_state()
+    for t in range(3):
+        pred.update(state, t, ins[t], outs[t])
+    inp = ins[2] + 0.3 * torch.cat([n0, n1])
+    row = torch.tensor(step_row(1), dtype=torch.float64)
+    eager = pred.forecast(state, inp.clone(), row)
+    assert torch.equal(eager[0], outs[2][0])
+    bi = torch.stack([(ins[2] - ins[1])[1].flatten(), (ins[1] - ins[0])[1].flatten()])
+    bo = torch.stack([(outs[2] - outs[1])[1].flatten(), (outs[1] - outs[0])[1].flatten()])
+    gram = bi @ bi.T
+    c = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(2, dtype=torch.float64),
+                           bi @ (inp - ins[2])[1].flatten())
+    inc = c @ bo
+    fac = bo[0].norm() / bi[0].norm() * (inp - ins[2])[1].norm() / inc.norm()
+    torch.testing.assert_close(eager[1], outs[2][1] + (fac * inc).reshape(4, 3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, r: pred.forecast(state, x, r), backend="aot_eager")(inp.clone(), row)
+    torch._dynamo.reset()
+    assert torch.equal(compiled[0], outs[2][0])
+    torch.testing.assert_close(compiled, eager)
+
+
 def _operators(fn) -> int:
     """Operators ``fn`` dispatches, views excluded (a kernel launch each on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -170,6 +170,37 @@ def test_a_compiled_rfe_keeps_within_the_budget_its_eager_run_fills():
     assert found[True][1] <= budget and found[True][0] != "as computed", found
 
 
+def test_a_compiled_rfe_on_a_split_sequence_is_not_charged_a_gram_it_does_not_keep(tmp_path):
+    """On a sequence split over processes compiled RFE records keep no Gram, so the budget counts none: it charged one
+    and gave the compiled run a coarser storage than its eager run at the same budget (found by review). One gloo
+    process with ``sequence_group`` is the split's code path."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+    cfg = RFC(threshold=0.0)
+    model = tiny_dit(layers=1)
+    relcache.enable(model, cfg)
+    run_loop(model, x, y, steps=6)
+    budget = relcache.stats(model).peak_cache_bytes
+    relcache.disable(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        found = {}
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            relcache.enable(model, dataclasses.replace(cfg, max_cache_bytes=budget), sequence_group=dist.group.WORLD)
+            try:
+                run_loop(torch.compile(model, backend="eager") if compiled else model, x, y, steps=6)
+                found[compiled] = relcache.stats(model).contexts["default"].cache_storage
+            finally:
+                relcache.disable(model)
+                torch._dynamo.reset()
+    finally:
+        dist.destroy_process_group()
+    assert found == {False: "as computed", True: "as computed"}, found
+
+
 def _held_tensors(model) -> list[torch.Tensor]:
     """Every tensor the session's predictor states and RCS's history hold (a scaled one's data)."""
     session = vars(model)["_relcache"]

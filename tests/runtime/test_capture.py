@@ -323,7 +323,8 @@ def test_a_generation_of_other_shapes_leaves_every_later_graph_writing_in_place(
     assert skips == [0, 0, 0, 0] if len(kinds) == 4 else skips == [0, 4, 4]
 
 
-def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_in_place():
+@pytest.mark.parametrize("factor", [1.5, 0.8])
+def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_in_place(factor):
     """Found by review: under ``max_cache_bytes`` with two calls per step, the second generation counts the first's
     contexts and gives each another storage at the same shapes. The buffers of the higher differences were reserved
     for a value's shape and dtype only, so they were kept for the old storage and the new differences stayed out of
@@ -355,9 +356,13 @@ def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_i
     torch._dynamo.reset()
     reports: list[dict] = []
     compiled = torch.compile(model, backend=_cudagraph_backend(reports), dynamic=False)
-    relcache.enable(compiled, dataclasses.replace(config, max_cache_bytes=int(1.5 * need)))
+    budget = int(factor * need)
+    relcache.enable(compiled, dataclasses.replace(config, max_cache_bytes=budget))
     try:
         storages = generations(compiled, 3)
+        # the buffers made for the first generation's storage are dropped (a scaled storage's differences are held
+        # under other keys, and the old ones outlived it: 25696 bytes against a budget of 19660, found by review)
+        assert _session(model).static.nbytes <= budget + 1024  # the step rows and gaps are not in the budget
     finally:
         relcache.disable(compiled)
         torch._dynamo.reset()

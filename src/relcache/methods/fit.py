@@ -143,14 +143,19 @@ class InputFit(Predictor):
             # (choice) held in the rows' precision (float32 but for float64 models): a cached step's small products
             # then need no casts; a non-finite inverse (moves of zero length, ridge 0) becomes zeros here, once
             rows = row_dtype(out.dtype)
-            state.solve = torch.nan_to_num(torch.linalg.inv_ex(g_in + reg)[0], nan=0.0, posinf=0.0, neginf=0.0).to(rows)
+            # (narrowed first: an inverse finite in float64 may overflow float32, found by review)
+            state.solve = torch.nan_to_num(torch.linalg.inv_ex(g_in + reg)[0].to(rows), nan=0.0, posinf=0.0,
+                                           neginf=0.0)
             ratio2 = g_out[:, 0, 0] / g_in[:, 0, 0]  # s², in float64
             state.ratio = ratio2.sqrt().to(rows)
             # ``scale``: G_out / s², so that a cached step's ‖Σ c_j ΔO_j‖ / s is one root (s infinite or NaN gives
             # the factor 1, as dividing by s would)
-            if self.scale:  # s = 0: an infinite matrix makes the factor ‖v‖ / inf = 0, as s · ‖v‖ / ‖...‖ is
-                scaled = torch.where(ratio2[:, None, None] == 0, torch.inf, g_out / ratio2[:, None, None])
-                state.gram_out = scaled.to(rows)
+            if self.scale:  # s = 0: the factor s · ‖v‖ / ‖...‖ is 0, so the forecast is O(a): the sample's inverse is
+                # zeroed (its coefficients are 0 at every cached step). (An infinite G_out / s² made cᵀ G c NaN for
+                # coefficients of mixed sign, and the NaN factor fell back to 1: found by review.)
+                still = ratio2[:, None, None] == 0
+                state.solve = torch.where(still, 0.0, state.solve)
+                state.gram_out = torch.where(still, 0.0, g_out / ratio2[:, None, None]).to(rows)
             else:
                 state.gram_out = None
             if self.blend:

@@ -352,6 +352,13 @@ class StaticCaches:
         made_for = (value.shape, value.dtype, value.device, gap_like.dtype, hist.storage)
         reserve = not torch.compiler.is_compiling() and self._reserved.get(key) != made_for
         if reserve:
+            if key in self._reserved:  # made for another value or storage: a stored difference is kept under other
+                # keys (data and scale) than one held as computed, and the old ones would outlive it (found by review)
+                kinds = [((key, j), ((key, j), "data"), ((key, j), "scale")) for j in range(1, hist.max_order + 1)]
+                old = [k for keys in kinds for k in keys if k in self.buffers]
+                for k in old:
+                    del self.buffers[k]
+                self.epoch += bool(old)
             st = hist.storage
             zero = torch.zeros_like(value)
             for j in range(1, hist.max_order + 1):

@@ -132,7 +132,8 @@ class CustomAdapter(Adapter):
             blocks = model.get_submodule(self.blocks)
         except AttributeError as err:
             raise ConfigError(f"{type(model).__name__} has no submodule {self.blocks!r} (CustomAdapter)") from err
-        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        items = list(blocks) if hasattr(type(blocks), "__iter__") else []  # a container module of its own too
+        if not items or not all(isinstance(b, nn.Module) for b in items):
             raise ConfigError(
                 f"CustomAdapter blocks={self.blocks!r} names one {type(blocks).__name__} of {type(model).__name__}, "
                 "not a sequence of blocks: name the nn.ModuleList (or nn.Sequential) that holds them")

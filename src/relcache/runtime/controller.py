@@ -348,8 +348,10 @@ class Session(ModuleCalls):
         """Set a new context's storage: the config's, or under ``max_cache_bytes`` the most precise that fits."""
         planned = {name: c.planned_bytes for name, c in self.contexts.items()}
         expert = None if self.experts is None else self.experts.running
+        # compiled records keep RFE's Gram, but not on a split sequence (``Relational.record``)
+        gram = compiled and not self.record_errors and self.reducer is None
         ctx.storage, ctx.planned_bytes = self.budget.choose(ctx.name, planned, self.cached_modules, expert, forward,
-                                                            args, kwargs, compiled and not self.record_errors)
+                                                            args, kwargs, gram)
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups,
                 measured: torch.Tensor | None = None) -> None:
