@@ -98,6 +98,10 @@ def test_a_line_cut_short_by_a_kill_is_rerun(tmp_path):
     resumed = _run(out, counting, resume=True, count_flops=False)
     assert counting.calls == 1 + (6 - 1)  # only the first generation survived whole
     assert _table(resumed) == _table(_run(tmp_path / "whole", Counting(), count_flops=False))
+    # found by review: the resume record was appended to the cut line, and a second resume found line N not JSON
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    third = Counting()
+    assert _table(_run(out, third, resume=True, count_flops=False)) == _table(resumed) and third.calls == 0
 
 
 @pytest.mark.parametrize("change,named", [

@@ -118,6 +118,24 @@ def test_search_steps_first_round_by_hand():
     assert best.steps == (0, 1, 7) and err == 0
 
 
+def test_search_steps_never_measures_a_set_twice():
+    """Moves count from the best set so far, so a later move can come back to a set measured earlier in the round:
+    (0, 1, 7, 20) was generated twice from (0, 1, 10, 20) (found by review). Each is one generation of the batch."""
+    seen: list[tuple[int, ...]] = []
+
+    def error(steps: Steps) -> float:  # the third step as early as possible
+        seen.append(steps.steps)
+        return float(steps.steps[2])
+
+    best, err, evaluated = search_steps(error, (0, 1, 10, 20), num_steps=30, radius=3, rounds=2, progress=False)
+    assert len(seen) == len(set(seen)) == evaluated
+    # the third step from 10: -3 gives 7, -2 from there 5, -1 from there 4 (each kept); +1 .. +3 from 4 give 5
+    # (measured: skipped), 6 (measured now) and 7 (skipped); then the last step moves to 17
+    assert seen[:6] == [(0, 1, 10, 20), (0, 1, 7, 20), (0, 1, 5, 20), (0, 1, 4, 20), (0, 1, 6, 20),
+                        (0, 1, 4, 17)]
+    assert best.steps == (0, 1, 2, 20) and err == 2.0
+
+
 def test_search_steps_stops_after_a_round_without_a_move_and_checks_its_arguments():
     error, seen = _distance((0, 1, 5))
     best, err, evaluated = search_steps(error, (0, 1, 5), num_steps=10, rounds=4, progress=False)

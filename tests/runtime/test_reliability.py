@@ -283,6 +283,57 @@ def test_measure_flops_counts_reports_unknown_or_propagates():
         measure_flops(broken)
 
 
+def test_measure_flops_within_a_module_counts_its_calls_only():
+    """``relcache bench --model``: the transformer's FLOPs, not the pipeline's (a VAE's or text encoder's products
+    moved the ratio towards 1, found by review). A nested call of the module is counted once; a call that raises
+    leaves no counter behind."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from relcache.runtime.accounting import measure_flops
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    a, b = torch.randn(5, 6), torch.randn(6, 7)
+
+    def pipeline() -> None:
+        a @ b  # 2 · 5 · 6 · 7 = 420, outside the module
+        lin(torch.randn(3, 8))  # 2 · 3 · 8 · 4 = 192
+        lin(torch.randn(1, 8))  # 64
+
+    assert measure_flops(pipeline) == 420 + 192 + 64
+    assert measure_flops(pipeline, within=lin) == 192 + 64
+    outer = torch.nn.Sequential(lin, torch.nn.Linear(4, 2, bias=False))
+    assert measure_flops(lambda: outer(torch.randn(3, 8)), within=outer) == 192 + 2 * 3 * 4 * 2
+
+    class Raising(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            lin(x)
+            raise ValueError("the model's own error")
+
+    raising = Raising()
+    with pytest.raises(ValueError, match="own error"):
+        measure_flops(lambda: raising(torch.randn(3, 8)), within=raising)
+    assert not _get_current_dispatch_mode_stack() and not raising._forward_hooks and not raising._forward_pre_hooks
+
+
+def test_ssim_window_shrinks_for_small_images():
+    """torchmetrics sizes its Gaussian window from sigma alone: the shrunk kernel size was ignored, and images of 5
+    pixels or fewer failed (found by review)."""
+    from relcache.evaluation.metrics import ssim
+
+    g = torch.Generator().manual_seed(0)
+    for size in (8, 5, 4, 3):
+        x = torch.rand(2, 3, size, size, generator=g) * 2 - 1
+        assert ssim(x, x) == pytest.approx(1.0)
+        assert ssim(x, x + 0.2 * torch.randn(x.shape, generator=g)) < 0.99
+    # on 8 x 8 images the window is 7, not 11: a value of its own (torchmetrics' own 11-window value differs)
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    x = torch.rand(2, 3, 8, 8, generator=g)
+    y = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    eleven = float(tm_ssim(x, y, data_range=1.0))
+    assert ssim(2 * x - 1, 2 * y - 1) != pytest.approx(eleven, abs=1e-4)
+
+
 def test_counting_a_no_grad_view_of_a_parameter():
     """A module called under ``no_grad`` on a view of a parameter (requires grad, no grad_fn: Bria FIBO 2's perceiver
     queries) is counted: torch's own module tracker, which relcache's counter leaves out, raised there."""

@@ -253,7 +253,7 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
         else:
             nfc = float(steps)
         # NaN where torch's counter cannot count the model (flex attention): the table shows n/a, the run goes on
-        flops = measure_flops(once) if count_flops else math.nan
+        flops = measure_flops(once, within=model) if count_flops else math.nan  # the transformer's alone
     finally:
         if method.config is not None:
             api.disable(model)

@@ -218,7 +218,18 @@ class RunLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         if record["kind"] == "resume" and not self.path.exists():
             record = {**read_header(self.directory), "resumed_by": record}
+        self._drop_cut_line()
         self._append(record)
+
+    def _drop_cut_line(self) -> None:
+        """Cut a last line that a kill left unfinished (no newline): appended to, it would join the next record and
+        make the log unreadable to every later ``--resume`` (found by review). Its generation is the one lost."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
 
     def append(self, label: str, budget: int | None, batch: int, gen: Generation) -> None:
         """Record one finished generation: its samples first (fsynced), then its line."""

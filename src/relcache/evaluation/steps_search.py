@@ -1,8 +1,10 @@
 """Calibrating a fixed schedule: which steps to compute fully, for one model, sampler and budget (issue 19).
 
 ``search_steps`` is a coordinate descent over full-step sets of a fixed size: starting from a given set (e.g. the
-steps RCS chose on the same samples), each step after the warm-up is moved by up to ``radius`` steps either way,
-and a move is kept when the caller's error falls; rounds repeat until none helps. The error is the caller's
+steps RCS chose on the same samples), each step after the warm-up is moved by ``-radius .. radius`` steps from
+the best set so far (after a kept move the rest count from the new place, so a step may travel further in one round),
+and a move is kept when the caller's error falls; rounds repeat until none helps. A set already measured is not
+measured again. The error is the caller's
 (typically the rel L1 of a calibration batch, generated with the candidate steps, against full computation), so
 the search knows nothing of models. The steps found go into ``relcache.Steps`` or ``relcache.RFCPlus(full_steps=)``
 for later generations; docs/results.md measures them on seeds the search never saw. ``calibrate_steps`` runs the
@@ -41,6 +43,7 @@ def search_steps(error: Callable[[Steps], float], start: Sequence[int], num_step
     rounds = check_int("rounds", rounds, 0)
     moves = [d for d in range(-radius, radius + 1) if d]
     best_err, evaluated = float(error(best)), 1
+    tried = {best.steps}  # each candidate is a generation of the caller's batch: never twice (found by review)
     if best_err != best_err:  # NaN: nothing can compare lower
         raise ConfigError("error(start) is NaN: the search needs a finite error to improve on")
     positions = range(fixed, len(best.steps))
@@ -53,6 +56,9 @@ def search_steps(error: Callable[[Steps], float], start: Sequence[int], num_step
                     cand[j] += d
                     if cand[j] <= cand[j - 1] or (j + 1 < len(cand) and cand[j] >= cand[j + 1]) or cand[j] >= n:
                         continue
+                    if tuple(cand) in tried:  # measured already, and not better than the best then or now
+                        continue
+                    tried.add(tuple(cand))
                     candidate = Steps(tuple(cand), num_steps=n)
                     err = float(error(candidate))
                     evaluated += 1

@@ -109,18 +109,62 @@ def _from_counting(err: BaseException) -> bool:
     return "no implementation found" in str(err) or "__torch_dispatch__" in str(err)
 
 
-def measure_flops(fn: Callable[[], Any]) -> float:
+def measure_flops(fn: Callable[[], Any], within: torch.nn.Module | None = None) -> float:
     """FLOPs of running ``fn`` under torch's FLOP counter, or NaN when counting fails on it (flex attention): the
-    process is left as it was; an error of ``fn``'s own propagates. For whole generations (``relcache bench``)."""
+    process is left as it was; an error of ``fn``'s own propagates. For whole generations (``relcache bench``).
+    ``within``: count only inside that module's calls (a pipeline's transformer, not its VAE or text encoders: the
+    whole pipeline's count moved the ratio towards 1, found by review)."""
     try:
-        with flop_counter() as counter:
+        if within is None:
+            with flop_counter() as counter:
+                fn()
+            return float(counter.get_total_flops())
+        with ModuleFlops(within) as counted:
             fn()
+        return float(counted.total)
     except Exception as err:
         if not _from_counting(err):
             raise
         _forget_torch_code()
         return _NAN
-    return float(counter.get_total_flops())
+
+
+class ModuleFlops:
+    """FLOPs inside the outermost calls of ``module`` only, while entered: a counter entered by a forward pre-hook and
+    left by a forward hook (which runs also when the call raises)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.total = 0
+        self._depth = 0
+        self._counter: FlopCounterMode | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ModuleFlops:
+        self._handles = [self.module.register_forward_pre_hook(self._pre),
+                         self.module.register_forward_hook(self._post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+    def _pre(self, *_: Any) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self._counter = flop_counter()
+            self._counter.__enter__()
+
+    def _post(self, *_: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._counter is not None:
+            counter, self._counter = self._counter, None
+            counter.__exit__(None, None, None)
+            self.total += counter.get_total_flops()
 
 
 def _reason(err: Exception) -> str:
