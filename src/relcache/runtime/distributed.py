@@ -92,13 +92,17 @@ class SequenceReducer:
         fail (``target_nfc`` above the step count) would raise there and leave the others waiting in the step's
         collective until its timeout (found by review): every process raises ``ContextParallelMismatch`` instead."""
         steps = -1.0 if num_steps is None else float(num_steps)
-        self._collectives += 1
-        rows = torch.zeros(self.size, len(GUARD_FIELDS), dtype=torch.float64)
-        rows[self.rank] = torch.tensor([self._config, _crc(context), steps, -1.0, 0.0, -1.0, -1.0,
-                                        float(self._collectives), 0.0], dtype=torch.float64)
-        buffer = rows.reshape(-1).to(like.device)
+        buffer = self._guard_rows([self._config, _crc(context), steps, -1.0, 0.0, -1.0, -1.0], 0).to(like.device)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         self._check(buffer.reshape(self.size, len(GUARD_FIELDS)).tolist())
+
+    def _guard_rows(self, guard: list[float], numbers: int) -> torch.Tensor:
+        """The guard's rows, flat: this process's row (``guard``, the collective's number, ``numbers`` summed) and
+        zeros in the others', which the sum fills in."""
+        self._collectives += 1
+        rows = torch.zeros(self.size, len(GUARD_FIELDS), dtype=torch.float64)
+        rows[self.rank] = torch.tensor([*guard, float(self._collectives), float(numbers)], dtype=torch.float64)
+        return rows.reshape(-1)
 
     # -- the sums (relcache.methods.history.Reducer) -----------------------------------------------------------
     def later(self, partials: torch.Tensor, done: Callable[[torch.Tensor], None]) -> None:
@@ -112,10 +116,7 @@ class SequenceReducer:
         flat = [p.reshape(-1).to(device, torch.float64) for p in parts]
         numbers = sum(f.numel() for f in flat)
         if guard is not None:
-            self._collectives += 1
-            rows = torch.zeros(self.size, len(GUARD_FIELDS), dtype=torch.float64)
-            rows[self.rank] = torch.tensor([*guard, float(self._collectives), float(numbers)], dtype=torch.float64)
-            flat.append(rows.reshape(-1).to(device))
+            flat.append(self._guard_rows(guard, numbers).to(device))
         buffer = torch.cat(flat)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         if guard is not None:
