@@ -2,9 +2,11 @@
 process: the same full steps on every rank, final latents within 1e-5 relative (docs/distributed.md); on FLUX,
 Wan, and the other families with a ``_cp_plan`` (``cp_cases.LOOP_FAMILIES``; LTX-Video fails in diffusers).
 
-The processes are forked from the test process (which has imported diffusers already: a spawned process spends
-most of a minute importing it on a busy machine); their collectives time out after 30 s, so a regression fails
-instead of hanging. All cases run in one forked job; its results come back through files.
+The processes are forked from a fork server that imported this module (diffusers with it) once: a spawned process
+spends most of a minute importing it on a busy machine, and a process forked from the test process itself inherits
+its threads' state (a child once aborted with "malloc(): unaligned tcache chunk detected" in the xdist suite). Their
+collectives time out after 30 s, so a regression fails instead of hanging. All cases run in one job; its results
+come back through files.
 """
 
 from __future__ import annotations
@@ -147,9 +149,11 @@ def _worker(rank: int, world: int, job: str, port: int, out_dir: str) -> None:
 
 
 def _launch(out_dir: Path, world: int, job: str) -> list[dict[str, Any]]:
-    """Run ``job`` on ``world`` forked processes; what each returned."""
+    """Run ``job`` on ``world`` processes forked from a clean, single-threaded server; what each returned."""
+    mp.get_context("forkserver").set_forkserver_preload([__name__])  # imported once, by the server
     try:
-        mp.start_processes(_worker, args=(world, job, _free_port(), str(out_dir)), nprocs=world, start_method="fork")
+        mp.start_processes(_worker, args=(world, job, _free_port(), str(out_dir)), nprocs=world,
+                           start_method="forkserver")
     except Exception as e:
         errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
         raise AssertionError(f"a context-parallel process failed:\n{errors}") from e
