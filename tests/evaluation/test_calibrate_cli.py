@@ -23,15 +23,27 @@ def test_fit_count_by_hand():
 
 
 def test_calibrates_records_and_resumes(tmp_path, capsys, monkeypatch):
+    import relcache.cli.calibrate as calibrate_cli
+
+    reference, calls = calibrate_cli._reference, []
+
+    def counting() -> tuple:  # the shipped model, its sampler counting the generations it runs
+        model, sampler, evaluator, real = reference()
+        return model, lambda *a, **k: calls.append(1) or sampler(*a, **k), evaluator, real
+
+    monkeypatch.setattr(calibrate_cli, "_reference", counting)
     out = tmp_path / "cal"
     assert main([*ARGS, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # the printed count is every generation run: the search's, full computation's and RFC's (it omitted those two)
+    assert f"; {len(calls)} generations: the search's {len(calls) - 2}," in printed
     record = json.loads((out / "calibration.json").read_text())
     got = record["budgets"]["3"]
     assert record["settings"]["seed"] == 100 and record["settings"]["conditions"] == [3, 7]
     assert len(got["steps"]) == 3 and got["steps"][:2] == [0, 1]
     assert got["rel_l1"] <= got["start_rel_l1"] and got["evaluated"] >= 2
     assert got["use"] == f"relcache.RFCPlus(order=2, full_steps={got['steps']}, fit=True)"
-    assert "relcache.RFCPlus(order=2, full_steps=" in capsys.readouterr().out
+    assert "relcache.RFCPlus(order=2, full_steps=" in printed
 
     # the recorded error is the batch's rel L1 with those steps, measured again here
     model, labels = load_reference_transformer(), torch.tensor([3, 7])

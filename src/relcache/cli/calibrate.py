@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
             tmp.replace(args.out / RESULT)  # whole or not at all, should the run stop here
         ratio = done["rel_l1"] / done["rfc_rel_l1"] if done["rfc_rel_l1"] > 0 else float("nan")
         print(f"NFC {nfc}: rel L1 {done['rel_l1']:.4g} on the calibration batch ({ratio:.2f}x RFC's "
-              f"{done['rfc_rel_l1']:.4g}; {done['evaluated']} generations)\n  {done['use']}", flush=True)
+              f"{done['rfc_rel_l1']:.4g}; {done['evaluated'] + 2} generations: the search's {done['evaluated']}, full "
+              f"computation's and RFC's)\n  {done['use']}", flush=True)
     print(f"written: {Path(args.out) / RESULT}")
     return 0
 

@@ -37,7 +37,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean SSIM of images (frames) in [-1, 1], with torchmetrics' Gaussian window (11 pixels, sigma 1.5); for images
     smaller than 11 pixels the window shrinks to the largest odd size that fits, its sigma in proportion. (torchmetrics
     sizes a Gaussian window from sigma alone, ``2 · int(3.5 sigma + 0.5) + 1``: the kernel size given with the
-    default sigma was ignored, and images of 5 pixels or fewer failed; found by review.)"""
+    default sigma was ignored, and images of 5 pixels or fewer failed; found by review.) torchmetrics reflect-pads the
+    images by half a window and averages the whole map, borders included (scikit-image crops them away instead)."""
     x, ref = _frames(x), _frames(ref)
     kernel = min(11, x.shape[-1] - (1 - x.shape[-1] % 2), x.shape[-2] - (1 - x.shape[-2] % 2))
     return float(structural_similarity_index_measure(_unit(x), _unit(ref), data_range=1.0, kernel_size=kernel,
