@@ -84,6 +84,22 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_table(tmp_path):
     assert third.calls == 0 and _table(again) == _table(whole)
 
 
+def test_a_speed_up_across_sessions_says_so(tmp_path):
+    """Found by review: a run interrupted inside a batch resumed with full computation timed in the first session and
+    the methods in the second, and their speed-ups divided times taken apart without a word. Such rows say so; rows
+    whose every batch was timed in full computation's session say nothing."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):  # the warm-up, full computation on batch 0, then stopped inside FORA on batch 0
+        _run(out, Counting(stop=1 + 1 + 1), count_flops=False)
+    assert [(r["method"], r["batch"]) for r in _results(out) if r["kind"] == "result"] == [("full computation", 0)]
+    resumed = _run(out, Counting(), resume=True, count_flops=False)
+    notes = {r.method: r.note for r in resumed.rows}
+    assert notes == {"full computation": "",
+                     "FORA N=3": "timed in another session than full computation on 1 of 2 batches (resumed)",
+                     "TaylorSeer N=4": "timed in another session than full computation on 1 of 2 batches (resumed)"}
+    assert all(r.note == "" for r in _run(tmp_path / "whole", Counting(), count_flops=False).rows)
+
+
 def test_a_line_cut_short_by_a_kill_is_rerun(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Interrupted):

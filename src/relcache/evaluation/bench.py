@@ -262,6 +262,16 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
     return samples, seconds, nfc, flops
 
 
+def _note_sessions(row: BenchRow, timed_in: dict[str, dict[int, str]]) -> None:
+    """A resumed run's row whose batches were timed in another session than full computation's says so: its speed-up
+    divides times taken apart (another load, maybe another machine), not interleaved ones."""
+    full, mine = timed_in.get(FULL.label, {}), timed_in.get(row.method, {})
+    apart = sum(full.get(b) != s for b, s in mine.items())
+    if row.method != FULL.label and apart:
+        said = f"timed in another session than full computation on {apart} of {len(mine)} batches (resumed)"
+        row.note = f"{row.note}; {said}" if row.note else said
+
+
 def _row(method: BenchMethod, per: dict[int, tuple[torch.Tensor, float, float, float]],
          full: tuple[torch.Tensor, float, float], labels: torch.Tensor, evaluator: nn.Module | None,
          real_images: torch.Tensor | None, count_flops: bool) -> BenchRow:
@@ -356,15 +366,18 @@ def run_bench(
            "command": command or runlog.command_line(), "machine": {**runlog.machine(), "world_size": world}}
 
     local: PerBatch = {m.label: {} for m in runnable}
+    timed_in: dict[str, dict[int, str]] = {m.label: {} for m in runnable}  # the session that timed each generation
+    session = "this session"  # the earlier ones are named by their log lines (``runlog.load_results``)
     log = None
     if out_dir is not None:
         out_dir = Path(out_dir)
         header = runlog.read_header(out_dir) if resume else None
         if header is not None:
             runlog.check_resumable(out_dir, settings, run["versions"])
-            for (label, b), gen in runlog.load_results(out_dir, set(mine)).items():
+            sessions: dict[tuple[str, int], str] = {}
+            for (label, b), gen in runlog.load_results(out_dir, set(mine), sessions).items():
                 if label in local:
-                    local[label][b] = gen
+                    local[label][b], timed_in[label][b] = gen, sessions[(label, b)]
             this = {"date": run["date"], "command": run["command"]}
             # the run record is the first session's (its versions and machine); each resumption is listed
             run = {**run, "date": header["date"], "command": header["command"],
@@ -388,12 +401,13 @@ def run_bench(
     for b, method in todo:  # interleaved: every method on a batch before the next batch
         bar.set_postfix_str(method.label)
         gen = _generate(model, method, sampler, batches[b], seed + b, kwargs, count_flops)
-        local[method.label][b] = gen
+        local[method.label][b], timed_in[method.label][b] = gen, session
         if log is not None:
             log.append(method.label, method.budget, b, gen)
         bar.update()
     bar.close()
     per_method = ranks.gather(local, world)
+    timed_in = ranks.gather(timed_in, world)
 
     full_per = per_method[FULL.label]
     order = sorted(full_per)
@@ -406,6 +420,7 @@ def run_bench(
         if base != row.method and row.method in samples and base in samples and torch.equal(samples[row.method],
                                                                                               samples[base]):
             row.note = row.note or f"the samples of {base}: CFG-Cache skipped nothing"
+        _note_sessions(row, timed_in)
     per_frame = {}
     if full[0].ndim == 5:  # video (batch, frames, channels, height, width): quality frame by frame
         per_frame = {label: frame_metrics(x, full[0]) for label, x in samples.items()}

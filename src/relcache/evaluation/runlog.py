@@ -249,13 +249,17 @@ class RunLog:
                       "samples": {"file": rel.as_posix(), "offset": offset, "shape": list(data.shape)}})
 
 
-def load_results(directory: str | Path, batches: set[int] | None = None) -> dict[tuple[str, int], Generation]:
+def load_results(directory: str | Path, batches: set[int] | None = None,
+                 sessions: dict[tuple[str, int], str] | None = None) -> dict[tuple[str, int], Generation]:
     """Every recorded generation in ``directory`` (all ranks' logs), keyed by (method label, batch); only the
-    ``batches`` given, when given. A line cut short by a kill (the last one of a log) is ignored."""
+    ``batches`` given, when given. A line cut short by a kill (the last one of a log) is ignored. ``sessions``, when
+    given, gets the session each was timed in: the log and line of the run or resume record it follows (dates, to
+    the second, can be equal)."""
     directory = Path(directory)
     out: dict[tuple[str, int], Generation] = {}
     for path in log_paths(directory):
         lines = path.read_text().splitlines()
+        session = ""
         for i, line in enumerate(lines):
             try:
                 rec = json.loads(line)
@@ -263,8 +267,12 @@ def load_results(directory: str | Path, batches: set[int] | None = None) -> dict
                 if i == len(lines) - 1:
                     continue  # the line being written when the run was killed
                 raise ResumeError(f"cannot resume: line {i + 1} of {path} is not JSON") from None
+            if rec.get("kind") in ("run", "resume"):
+                session = f"{path.name}:{i + 1}"
             if rec.get("kind") != "result" or (batches is not None and rec["batch"] not in batches):
                 continue
+            if sessions is not None:
+                sessions[(rec["method"], rec["batch"])] = session
             where = rec["samples"]
             shape = tuple(where["shape"])
             count = int(np.prod(shape))
