@@ -7,6 +7,7 @@ calls with diffusers' cache contexts, and CFG-Cache combined with module caches 
 import dataclasses
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
@@ -354,8 +355,15 @@ def test_default_skip_full_skips_only_where_every_step_is_full(pipe):
 
 def test_rfc_with_cfg_cache_end_to_end(pipe):
     ref, _ = _run(pipe)
+    alone, alone_st = _run(pipe, RFC(target_nfc=8))
     out, st = _run(pipe, dataclasses.replace(RFC(target_nfc=8), cfg_cache=CFGCache(skip_full=True)))
-    assert st.nfc == 8 and st.full_steps == [0, 1, 4, 8, 13, 16, 18, 19]
+    assert st.nfc == 8 and st.full_steps == alone_st.full_steps == [0, 1, 4, 8, 13, 16, 18, 19]
+    # two rebuilt unconditional halves (steps 16 and 19) move the samples little: 0.012 from RFC alone's, which are
+    # 0.28 from full computation's (rel L1), and closer to full computation's; the conditional output in place of
+    # the rebuild (no guidance at those steps) moved them 0.022, and away from full computation's (0.2824)
+    moved = float(np.abs(out - alone).sum() / np.abs(alone).sum())
+    assert 0 < moved < 0.02
+    assert float(np.abs(out - ref).sum() / np.abs(ref).sum()) <= float(np.abs(alone - ref).sum() / np.abs(ref).sum())
     # RCS decides before the call (a pre-pass) where it matters: window 8..19, refresh steps 8, 13, 18; of the full
     # steps in it, 8, 13 and 18 run both halves, 16 and 19 the conditional half alone; cached steps run both
     aligned = CFGCache(skip_full=True)
@@ -363,6 +371,8 @@ def test_rfc_with_cfg_cache_end_to_end(pipe):
     assert out.shape == ref.shape and (out >= 0).all() and (out <= 1).all() and not (out == ref).all()
     errors = st.contexts["default"].input_errors  # RCS measured on the conditional half at every step after warm-up
     assert sorted(errors) == list(range(2, STEPS)) and all(e >= 0 for e in errors.values())
+    # the whole batch's, alone: at step 2, before anything differs, the halves' errors are not the batch's
+    assert errors[2] != alone_st.contexts["default"].input_errors[2]
 
 
 # -- hand-written loops: the rebuilt half, the order, split CFG ----------------------------------------------------
