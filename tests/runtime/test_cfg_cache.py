@@ -679,11 +679,56 @@ def test_a_model_with_outputs_besides_the_sample_runs_the_method_alone_with_a_wa
             torch.testing.assert_close(tb, ta, rtol=0, atol=0)
 
 
+def test_outputs_besides_the_sample_keep_every_generation_alike():
+    """Found by review: the first call that showed the other outputs had run its modules with a state per CFG half, so
+    RCS measured the conditional half for the rest of that generation, and the whole batch in every later one: the
+    same seed gave other input errors (and decisions) in generation 1 than after. Every generation now runs as the
+    first one did, which is CFG-Cache that never skips on a model with the sample alone."""
+    from custom_dit import ADAPTER, TinyDiT
+
+    from relcache.models.custom import CustomAdapter
+
+    class TwoOutputs(TinyDiT):
+        def forward(self, x, t, y):
+            out = super().forward(x, t, y)
+            return out, out.mean(dim=(1, 2, 3))
+
+    def loop(model) -> list[torch.Tensor]:
+        relcache.begin_generation(model, 8)
+        x, outs = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), []
+        y = torch.tensor([3, 5, 10, 10])
+        with torch.no_grad():
+            for i in range(8):
+                out = model(torch.cat([x, x]), torch.full((4,), 999 - 120 * i), y)
+                cond, uncond = (out[0] if isinstance(out, tuple) else out).chunk(2)
+                outs.append(uncond + 4.0 * (cond - uncond))
+                x = x - 0.1 * outs[-1]
+        return outs
+
+    torch.manual_seed(0)
+    two = TwoOutputs(depth=2).eval()
+    one = TinyDiT(depth=2).eval()
+    one.load_state_dict(two.state_dict())
+    skipping = dataclasses.replace(RFC(threshold=0.2), cfg_cache=CFGCache(skip_full=True, window=(0.0, 1.0)))
+    never = dataclasses.replace(RFC(threshold=0.2), cfg_cache=CFGCache(skip_full=True, window=(0.0, 0.0)))
+    with relcache.cached(one, never, adapter=CustomAdapter(**ADAPTER)):
+        ref = loop(one)
+        ref_errors = relcache.stats(one).contexts["default"].input_errors
+    with relcache.cached(two, skipping, adapter=CustomAdapter(**ADAPTER)):
+        for generation in range(3):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "CFG-Cache is off for this model", tested above
+                got = loop(two)
+            assert relcache.stats(two).contexts["default"].input_errors == ref_errors, f"generation {generation + 1}"
+            assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
 def test_a_compiled_model_with_outputs_besides_the_sample_runs_the_method_alone():
     """Under torch.compile the first call runs eagerly and then again compiled (its rehearsal): CFG-Cache turned off
     by the eager run planned no row groups for the rerun, which was then not the same kind of call, and the first call
-    raised "a rehearsed first call was asked to run eagerly again". Now that call is not rehearsed; two compiled
-    generations give the eager method's outputs. The warning names the user's line, not relcache's."""
+    raised "a rehearsed first call was asked to run eagerly again". Now the rerun keeps the first call's row groups
+    (a state per half, as every later generation); two compiled generations give the eager method's outputs. The
+    warning names the user's line, not relcache's."""
     import families
 
     pipe = families.ltx2_pipe()

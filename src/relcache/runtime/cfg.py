@@ -196,8 +196,6 @@ class CFGRunner:
         self.state = CFGState()
         #: the output fields besides the sample, once a call showed some: CFG-Cache is then off for good
         self.other_outputs: list[str] = []
-        #: CFG-Cache turned itself off in the call that just ran: its plan (row groups) was not this call's kind
-        self.turned_off = False
 
     def reset(self) -> None:
         """Forget the stored deltas (a new generation, or the end of one)."""
@@ -210,7 +208,7 @@ class CFGRunner:
         ``decide()`` takes the step's decision now (``align`` asks for it only where it matters: a step inside
         the window, with a usable delta and no refresh due); None when the step was decided already."""
         cfg, routing, state, step = self.cfg, ctx.cfg, self.state, ctx.step
-        if self.other_outputs:  # (choice) the method alone, as if no CFG-Cache were configured
+        if self.other_outputs and ctx.name in SPLIT_CONTEXTS:  # (choice) off for good: the method alone
             return
         if cfg.align and not cfg.skip_full:  # it skips and stores nothing: the method alone, without detection's reads
             if num_steps is not None:
@@ -250,6 +248,8 @@ class CFGRunner:
                 # half the batch: guidance dropped the unconditional half, so the conditional half's states continue
                 routing.row_group = "cond" if 2 * batch == routing.rows else "all"
                 return
+            if self.other_outputs:  # (choice) off for good: the method with a state per half, as at the first call
+                return  # that found the other outputs (its modules had recorded per half), skipping nothing
             usable = state.usable((batch // 2, *shape[1:]))
             inside = step in cfg.window_range(num_steps)
             if cfg.align:  # skip_full: skip at a full step with no refresh due; a cached step forecasts both halves
@@ -350,7 +350,6 @@ class CFGRunner:
                 warn(f"relcache: CFG-Cache is off for this model: its output holds {self.other_outputs} besides "
                      "the sample, and CFG-Cache rebuilds only the sample's unconditional half. The method runs without "
                      "it.")
-                self.turned_off = True
         return bool(self.other_outputs)
 
     def _stores(self, ctx: Context) -> bool:

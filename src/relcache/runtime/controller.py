@@ -273,9 +273,6 @@ class Session(ModuleCalls):
         rehearsal went stale (``Rehearsals.valid``) is not run again: its eager run made the buffers again, and its
         graph exists, so later generations replay it."""
         first, self.rehearsals.pending = self.rehearsals.pending, None
-        if self.cfg is not None and self.cfg.turned_off:  # the call planned CFG-Cache's row groups, and a rerun would
-            self.cfg.turned_off = False  # plan none: not the same kind of call. The next first call rehearses
-            return False
         if first is None or self.rehearsals.mark(first, self.static.epoch):
             return False
         self.end_call()
