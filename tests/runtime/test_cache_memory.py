@@ -342,3 +342,73 @@ def test_offloaded_caches_give_the_same_outputs_and_stats(storage, monkeypatch):
     # in a cached step, the first of the 6 cached modules reads its tensors directly, and the 5 others find them
     # prefetched by the module before them (all 6 hold histories of the same order)
     assert reads["direct"] > 0 and reads["prefetched"] == 5 * reads["direct"]
+
+
+F64_TENSOR = 2 * 16 * 32 * 8  # one float64 (B, L, d) tensor: every cached module's input and output
+
+
+def _fit(**kw):
+    from relcache.methods.fit import InputFit
+
+    return InputFit(2, **kw)
+
+
+def _plus():
+    from relcache.methods.plus import RelationalPlus
+
+    return RelationalPlus(2)
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    # D_0..D_2 of the output, the input, and the ratio s: one float64 per sample (8 bytes, not float32's 4)
+    (lambda: relcache.Relational(2), 3 * F64_TENSOR + F64_TENSOR + 2 * 8),
+    # Relational's, plus s(b) and the trend line's A, B, lo, hi: 5 more float64 per sample
+    (_plus, 3 * F64_TENSOR + F64_TENSOR + 2 * 8 + 5 * 2 * 8),
+    # O(a), 2 output moves, 2 input moves, I(a); per sample the inverse and G_out / s² (2x2, the rows' float64), the
+    # two float64 Grams (2x2) and the ratio (float64)
+    (lambda: _fit(scale=True), 3 * F64_TENSOR + 3 * F64_TENSOR + 2 * 2 * 4 * 8 + 2 * 2 * 4 * 8 + 2 * 8),
+    # without ``scale`` the inverse alone in the rows' dtype
+    (_fit, 3 * F64_TENSOR + 3 * F64_TENSOR + 1 * 2 * 4 * 8 + 2 * 2 * 4 * 8 + 2 * 8),
+], ids=["Relational", "RelationalPlus", "InputFit scale", "InputFit"])
+def test_float64_state_bytes_count_float64_ratios_and_match_what_a_run_holds(make, expected):
+    """A float64 model's per-sample numbers (RFE's ratio, RFE+'s trend, the fit's matrices) are float64: 8 bytes each.
+    ``state_bytes`` (what a budget is sized from) gives the hand count, and every cached module of a float64 run whose
+    histories are full (every step full, order 2) holds exactly that."""
+    pred = make()
+    assert pred.state_bytes((2, 16, 32), (2, 16, 32), torch.float64, None) == expected
+    model = tiny_dit().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.tensor([1, 7])
+    relcache.enable(model, relcache.CacheConfig(pred, relcache.Interval(1, 1)))
+    try:
+        run_loop(model, x, y, steps=5)
+        st = relcache.stats(model)
+        states = [s for group in vars(model)["_relcache"].contexts["default"].caches.states.values() for s in group]
+    finally:
+        relcache.disable(model)
+    assert len(states) == 6 and all(s.ratio.dtype == torch.float64 for s in states)
+    assert [s.nbytes for s in states] == [expected] * 6
+    assert st.contexts["default"].peak_module_bytes == dict.fromkeys(st.modules, expected)
+    assert st.cache_bytes == 6 * expected
+
+
+def test_a_float64_budget_counts_the_float64_ratios():
+    """``max_cache_bytes`` on a float64 model: a budget of exactly what RFC's caches hold as computed (6 modules' RFE
+    states, float64 ratios included, plus RCS's D_0..D_2 of the probe) keeps them as computed; one byte less does
+    not fit, so the next storage is used, within the budget."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.tensor([1, 7])
+    cfg = RFC(threshold=0.0)  # every step full: the histories fill up
+    held = 6 * (4 * F64_TENSOR + 2 * 8) + 3 * F64_TENSOR
+    model = tiny_dit().double()
+    found = {}
+    for budget in (held, held - 1):
+        relcache.enable(model, dataclasses.replace(cfg, max_cache_bytes=budget))
+        try:
+            run_loop(model, x, y, steps=5)
+            st = relcache.stats(model)
+        finally:
+            relcache.disable(model)
+        found[budget] = (st.contexts["default"].cache_storage, st.peak_cache_bytes)
+    assert found[held] == ("as computed", held)
+    assert found[held - 1][0] != "as computed" and found[held - 1][1] <= held - 1

@@ -11,6 +11,7 @@ from relcache import (
     RFC,
     AlreadyEnabledError,
     CacheConfig,
+    CFGCache,
     ConfigError,
     Interval,
     Linear,
@@ -256,3 +257,51 @@ def test_module_kinds_restrict_caching():
     relcache.disable(model)
     with pytest.raises(ConfigError, match="modules must be a non-empty subset"):
         CacheConfig(Taylor(1), Interval(3), modules=("conv",))
+
+
+def test_cfg_delta_is_usable_only_for_the_shape_it_was_stored_for():
+    """``CFGState.usable``: a stored CFG-Cache delta serves only a conditional half of the shape it was taken from;
+    none stored serves nothing."""
+    from relcache.runtime.cfg import CFGState
+
+    state = CFGState()
+    assert not state.usable((1, 4, 8, 8))
+    cond, uncond = torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)
+    state.store(CFGCache(), uncond, cond, (1, 4, 8, 8), step=3)
+    assert state.usable((1, 4, 8, 8))
+    for other in ((1, 4, 12, 12), (2, 4, 8, 8), (1, 4, 8)):
+        assert not state.usable(other), other
+
+
+def test_cfg_cache_never_rebuilds_from_a_delta_of_another_resolution(dit):
+    """A CFG batch whose resolution changes within a generation (8x8 latents up to step 5, 12x12 from step 6): the
+    step after the change, where the schedule would skip, runs both halves (its output is the model's, exactly) and
+    stores a delta of the new shape; the 8x8 delta is never applied to a 12x12 half. With every module step full,
+    the paper schedule (window 1..9, refresh at 1, 4, 7) then skips at 2, 3, 5, 8, 9, and step 8 rebuilds its
+    unconditional half from step 7's delta (weights 1.1, 1.1: step 8 < 0.9 * 10 and >= 0.7 * 10)."""
+    steps = 10
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 12, 12, generator=g)
+    y = torch.tensor([3, 999])  # cond first (DiT), then the null class
+
+    def loop():
+        outs = []
+        with torch.no_grad():
+            for i in range(steps):
+                x = (small if i < 6 else large) * (1 + 0.05 * i)
+                outs.append(dit(torch.cat([x, x]), timestep=torch.full((2,), 999 - 99 * i), class_labels=y).sample)
+        return outs
+
+    ref = loop()
+    cfg_cache = CFGCache(interval=3, window_steps=(1, steps), align=False)
+    with relcache.cached(dit, CacheConfig(Reuse(), Interval(1, 1), cfg_cache=cfg_cache)):
+        relcache.begin_generation(dit, steps)
+        got = loop()
+        st = relcache.stats(dit)
+    assert st.contexts["default"].uncond_skipped_steps == [2, 3, 5, 8, 9]
+    for i in (0, 1, 4, 6, 7):  # both halves ran: the model's output
+        torch.testing.assert_close(got[i], ref[i], rtol=0, atol=0)
+    for i in (2, 3, 5, 8, 9):  # the conditional half ran
+        torch.testing.assert_close(got[i][:1], ref[i][:1], rtol=1e-5, atol=1e-6)
+    rebuilt = cfg_cache.rebuild(ref[8][:1], *cfg_cache.deltas(ref[7][1:], ref[7][:1]), 1.1, 1.1)
+    torch.testing.assert_close(got[8][1:], rebuilt, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,99 @@
+"""The generation's stats from its call contexts' (``accounting.combine``, ``CacheStats.nfc_per_context``), against
+hand-computed numbers."""
+
+import dataclasses
+import math
+
+import torch
+from conftest import tiny_dit
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+import relcache
+from relcache import FORA, CFGCache, ContextStats
+from relcache.runtime.accounting import combine
+
+MODULES = {"blocks.0.attn": "attn", "blocks.0.ff": "mlp"}
+
+
+def _two_contexts():
+    """Two contexts with unequal FLOP totals, fractions, step counts and NFC."""
+    cond = ContextStats(name="cond", num_steps=10, full_steps=[0, 1, 5], nfc=3, flops_fraction=30 / 100,
+                        executed_flops=30.0, full_flops=100.0, model_flops_fraction=50 / 200,
+                        model_executed_flops=50.0, model_full_flops=200.0, cache_bytes=100,
+                        uncond_skipped_steps=[], nonfinite_samples={4: 1})
+    uncond = ContextStats(name="uncond", num_steps=12, full_steps=[0, 2, 4, 6, 8], nfc=5,
+                          flops_fraction=90 / 150, executed_flops=90.0, full_flops=150.0,
+                          model_flops_fraction=120 / 160, model_executed_flops=120.0, model_full_flops=160.0,
+                          cache_bytes=200, uncond_skipped_steps=[3, 7], nonfinite_samples={2: 2, 9: 1})
+    return {"cond": cond, "uncond": uncond}
+
+
+def test_combine_pools_flops_over_contexts_not_their_fractions():
+    """Several contexts: the FLOP fractions are the pooled executed FLOPs over the pooled full FLOPs, i.e. each
+    context's fraction weighted by its full FLOPs: (30 + 90) / (100 + 150) = 0.48, not the mean of 0.3 and 0.6
+    (0.45), nor weighted by steps ((10 * 0.3 + 12 * 0.6) / 22 = 0.4636) or by NFC (0.4875). The same for the whole
+    model: (50 + 120) / (200 + 160) = 17/36, not (0.25 + 0.75) / 2."""
+    st = combine("m", _two_contexts(), shared_bytes=50, modules=MODULES)
+    assert st.flops_fraction == 120 / 250 == 0.48
+    assert st.model_flops_fraction == 170 / 360
+    assert st.full_steps == [0, 1, 2, 4, 5, 6, 8] and st.nfc == 7  # the union of the contexts' full steps
+    assert st.num_steps == 12  # the longest context
+    assert st.uncond_skipped == 2
+    assert st.cache_bytes == 100 + 200 + 50  # the contexts' and what they hold together
+    assert st.nonfinite_samples == 2  # the most at one step of any context
+    assert st.modules == MODULES and set(st.contexts) == {"cond", "uncond"}
+
+
+def test_combine_of_one_context_is_that_context():
+    """One context: its own numbers (plus the shared bytes), its fraction taken as it is."""
+    only = _two_contexts()["uncond"]
+    st = combine("m", {"uncond": only}, shared_bytes=7, modules=MODULES)
+    assert (st.nfc, st.num_steps, st.full_steps) == (5, 12, [0, 2, 4, 6, 8])
+    assert st.flops_fraction == 0.6 and st.model_flops_fraction == 0.75
+    assert st.cache_bytes == 207 and st.uncond_skipped == 2 and st.nonfinite_samples == 2
+
+
+def test_combine_with_nothing_counted_gives_nan_fractions():
+    """Contexts whose full FLOPs sum to zero (nothing measured) give NaN fractions, not a division error or 0."""
+    per = {name: dataclasses.replace(c, executed_flops=0.0, full_flops=0.0, model_executed_flops=0.0,
+                                     model_full_flops=0.0)
+           for name, c in _two_contexts().items()}
+    st = combine("m", per, shared_bytes=0, modules=MODULES)
+    assert math.isnan(st.flops_fraction) and math.isnan(st.model_flops_fraction)
+
+
+def test_nfc_per_context_is_the_most_full_steps_of_one_context():
+    """``nfc_per_context`` is what a per-context budget names: the largest context NFC (5 of 3 and 5), not the
+    smallest, and not ``nfc`` (7, the union of the steps); with no context, ``nfc``."""
+    st = combine("m", _two_contexts(), shared_bytes=0, modules=MODULES)
+    assert (st.nfc_per_context, st.nfc) == (5, 7)
+    assert dataclasses.replace(st, contexts={}).nfc_per_context == 7
+
+
+def test_split_cfg_stats_count_the_uncond_context_own_full_steps():
+    """Split CFG with CFG-Cache (paper schedule, refresh every 3 steps from step 1): "cond" computes every step;
+    "uncond" runs only at step 0 (before the window) and the refresh steps 1, 4, 7, its other calls rebuilt. The
+    generation's NFC per context is cond's 10, not uncond's 4; the modules' FLOP fraction is (10 + 4) / 20 calls of
+    equal FLOPs."""
+    steps = 10
+    dit = tiny_dit()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+    config = dataclasses.replace(FORA(1), cfg_cache=CFGCache(interval=3, window_steps=(1, steps), align=False))
+    with relcache.cached(dit, config):
+        relcache.begin_generation(dit, steps)
+        with torch.no_grad():
+            for i in range(steps):
+                t = torch.full((2,), 900 - 90 * i)
+                for name, labels in (("cond", y), ("uncond", torch.full_like(y, 999))):
+                    _set_cache_context(dit, CacheContext(name))
+                    dit(x + 0.1 * i, timestep=t, class_labels=labels)
+                _set_cache_context(dit, None)
+        st = relcache.stats(dit)
+    cond, uncond = st.contexts["cond"], st.contexts["uncond"]
+    assert cond.full_steps == list(range(steps)) and uncond.full_steps == [0, 1, 4, 7]
+    assert uncond.uncond_skipped_steps == [2, 3, 5, 6, 8, 9]
+    assert (st.nfc_per_context, st.nfc) == (10, 10)
+    assert cond.flops_fraction == 1.0 and uncond.flops_fraction == 0.4
+    assert st.flops_fraction == (cond.executed_flops + uncond.executed_flops) / (cond.full_flops + uncond.full_flops)
+    assert st.flops_fraction == 0.7
