@@ -1,13 +1,12 @@
 """Predictors against hand-computed values (docs/spec.md, §Predictors and §Taylor forecast)."""
 
-import math
-
 import pytest
 import torch
 from conftest import needs_cxx
 
 from relcache import ConfigError, Linear, Relational, Reuse, Taylor
 from relcache.methods.history import DiffHistory, step_row
+from relcache.methods.predictors import rising_weight
 
 
 def _feed(pred, steps, outs, ins=None):
@@ -234,7 +233,11 @@ def test_order_out_of_range_names_the_parameter(bad):
         Relational(0)
     with pytest.raises(ConfigError, match="weight"):
         Linear("sometimes")
-    assert math.isfinite(Taylor(0).order)
+    # the bounds themselves are accepted, and order 0 is reuse: the latest full output, unchanged
+    assert Taylor(0).order == 0 and Taylor(4).order == 4 and Relational(1).order == 1 and Relational(4).order == 4
+    state = _feed(Taylor(0), [0, 3], [torch.full((1, 2), 1.0), torch.full((1, 2), 7.0)])
+    assert state.out.order == 0 and torch.equal(Taylor(0).predict(state, 5, 10, torch.zeros(1, 2)),
+                                                torch.full((1, 2), 7.0))
 
 
 @pytest.mark.parametrize("newton", [False, True])
@@ -284,3 +287,58 @@ def test_relational_records_a_gram_only_when_compiled():
     got, gram = fn(compiled, xs[2], 3 * xs[2] + xs[2] ** 2, torch.tensor(2.0), xs[3], row)
     assert gram is not None and gram.shape == (2, 2, 2)
     torch.testing.assert_close(got, pred.forecast(eager, xs[3], row), rtol=1e-5, atol=1e-6)
+
+
+# Four samples of two values, full steps 0, 2, 4 (gaps 2). At step 4 samples 0-2 have an input that did not move
+# (|I(4) - I(2)| = 0): sample 0 moves at the forecast (s = inf, coef inf), sample 1 does not (s = inf, moved 0:
+# coef NaN), sample 2's output did not move either (s = 0/0 = NaN). Sample 3 is an ordinary RFE sample.
+_FB_OUTS = [torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]),
+            torch.tensor([[2.0, 0.0], [0.0, 2.0], [4.0, 0.0], [0.0, 4.0]]),
+            torch.tensor([[6.0, 0.0], [0.0, 6.0], [4.0, 0.0], [0.0, 6.0]])]
+_FB_INS = [torch.zeros(4, 2), torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]),
+           torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [3.0, 4.0]])]
+_FB_PROBE = torch.tensor([[4.0, 5.0], [1.0, 1.0], [2.0, 2.0], [9.0, 12.0]])  # the input at step 6 (k = 2)
+# Hand values at k = 2. D1(2) = ((1, 0), (0, 1), (2, 0), (0, 2)), D1(4) = ((2, 0), (0, 2), (0, 0), (0, 1)),
+# D2(4) = (D1(4) - D1(2)) / 2 = ((.5, 0), (0, .5), (-1, 0), (0, -.5)).
+# Order 1, Taylor O(4) + 2 D1(4): (10, 0), (0, 10), (4, 0). Order 2, O(4) + 2 (D1 + D2): (11, 0), (0, 11), (2, 0).
+# Sample 3: s = |(0, 2)| / |(3, 4)| = 0.4, |I(6) - I(4)| = |(6, 8)| = 10, direction (0, 1): O(4) + (0, 4) = (0, 10)
+# at either order (Taylor would give (0, 8) at order 1 and (0, 7) at order 2).
+_FB_WANT = {1: torch.tensor([[10.0, 0.0], [0.0, 10.0], [4.0, 0.0], [0.0, 10.0]]),
+            2: torch.tensor([[11.0, 0.0], [0.0, 11.0], [2.0, 0.0], [0.0, 10.0]])}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("host_k", [False, True], ids=["row_k", "host_k"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_relational_zero_input_change_falls_back_to_taylor(order, host_k, grad):
+    """den = |I(a) - I(b)| = 0 makes the ratio inf or NaN (not clamped to a finite number): the coefficient falls
+    back to k, the Taylor forecast, whether k comes as a host number (``nan_to_num``) or from the row (``where``),
+    per sample, leaving the ordinary sample's RFE forecast alone."""
+    pred = Relational(order)
+    state = pred.new_state()
+    with torch.set_grad_enabled(grad):
+        for s, x, o in zip([0, 2, 4], _FB_INS, _FB_OUTS, strict=True):
+            pred.update(state, s, x, o.clone())
+        assert torch.equal(state.ratio.isinf(), torch.tensor([True, True, False, False]))
+        assert torch.equal(state.ratio.isnan(), torch.tensor([False, False, True, False]))
+        if host_k:
+            got = pred.predict(state, 6, 10, _FB_PROBE.clone())
+        else:
+            got = pred.forecast(state, _FB_PROBE.clone(), torch.tensor(step_row(2)))
+    want = _FB_WANT[order]
+    assert torch.equal(got[:3], want[:3]), got  # small integers and halves: exact
+    torch.testing.assert_close(got[3:], want[3:], rtol=1e-6, atol=1e-6)
+
+
+def test_rising_weight_hand_values():
+    """0 at the first step, 1 at the last, linear between and clamped outside; 0.5 where the number of steps is
+    unknown (None) or leaves no line (0 or 1 step)."""
+    assert rising_weight(7, None) == 0.5 and rising_weight(0, None) == 0.5
+    assert rising_weight(0, 1) == 0.5 and rising_weight(3, 0) == 0.5
+    assert rising_weight(10, 41) == 0.25 and rising_weight(0, 41) == 0.0 and rising_weight(40, 41) == 1.0
+    assert rising_weight(-3, 41) == 0.0 and rising_weight(60, 41) == 1.0
+    # Linear("rising") without a step count: O(a) + 0.5 (O(a) - O(b)) = 3 + 0.5 * 2
+    pred = Linear("rising")
+    state = _feed(pred, [0, 4], [torch.full((1, 2), 1.0), torch.full((1, 2), 3.0)])
+    assert pred.weight_at(6, None) == 0.5
+    assert torch.equal(pred.predict(state, 6, None, torch.zeros(1, 2)), torch.full((1, 2), 4.0))

@@ -183,3 +183,27 @@ def test_a_format_that_is_the_computed_dtype_holds_the_tensor_as_computed():
     assert store(x, torch.float16, "token") is x and torch.equal(load(store(x, torch.float16, "token"), x.dtype), x)
     assert stored_bytes((2, 6, 8), torch.float16, "token", torch.float16) == x.numel() * 2
     assert stored_bytes((2, 6, 8), torch.float16, "token", torch.float32) == x.numel() * 2 + 2 * 6 * 4
+
+
+@pytest.mark.parametrize("fmt,top", [("int8", 127), ("int4", 7)])
+def test_channel_scale_is_per_sample_and_channel_across_very_different_samples(fmt, top):
+    """Per-channel scales are one per (sample, channel): a sample 2**20 times smaller than the other, and channels
+    2**7 apart, each get the power of two that fits their own largest magnitude, so every value reads back within
+    half of its own (sample, channel) scale. A scale shared across samples (or over another dim) rounds the small
+    sample's or channel's values to 0."""
+    # scale exponents p[b, c]; the largest magnitude of each (sample, channel) is top * 2**p (at token 0), so the
+    # smallest power of two s with amax / s <= top is exactly 2**p
+    p = torch.tensor([[-10.0, -17.0, -3.0, -10.0], [10.0, 3.0, 17.0, 10.0]])
+    scale = torch.exp2(p)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 5, 4, generator=g) * 1.8 - 0.9) * top * scale[:, None, :]
+    x[:, 0, :] = top * scale * torch.tensor([1.0, -1.0, 1.0, -1.0])
+    held = store(x, fmt, "channel")
+    assert held.scale.shape == (2, 1, 4) and torch.equal(held.scale.reshape(2, 4), scale)
+    err = (load(held, torch.float32) - x).abs()
+    assert (err <= scale[:, None, :] / 2).all(), (err / scale[:, None, :]).amax()
+    # and per sample ("sample" axes): one scale per sample, the largest exponent of its channels
+    held = store(x, fmt, "sample")
+    assert torch.equal(held.scale.reshape(2), torch.exp2(torch.tensor([-3.0, 17.0])))
+    err = (load(held, torch.float32) - x).abs()
+    assert (err <= held.scale / 2).all()

@@ -66,6 +66,15 @@ def test_target_nfc_rescales_tau_toward_the_budget_hand_derived(errors, expected
     assert state.tau == pytest.approx(expected_tau, rel=1e-12)
 
 
+def test_a_spent_budget_computes_nothing_more_however_large_the_error():
+    """target_nfc 4 of 12: the first gap is the even one ((12 - 1 - 1) / 2 = 5 steps: full at step 6, tau = E = 5),
+    the spike at step 7 (E = 100 > 5) spends the budget, and the errors of 100 at steps 8-11 compute nothing more:
+    no full step once the budget is spent (with ``budget < 0`` for ``<= 0`` it divided by the spent budget)."""
+    errors = {i: 1.0 for i in range(2, 7)} | {i: 100.0 for i in range(7, 12)}
+    full, state, _ = _scripted(InputError(target_nfc=4, warmup=2), errors, 12)
+    assert full == [0, 1, 6, 7] and state.used == 4
+
+
 # -- a CFG batch: the conditional rows only --------------------------------------------------------------------------
 
 STEPS = 10

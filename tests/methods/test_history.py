@@ -1,0 +1,62 @@
+"""Divided differences and per-sample norms (relcache.methods.history) against hand-computed values."""
+
+import pytest
+import torch
+
+from relcache import Relational
+from relcache.methods.history import DiffHistory, sample_relative_l1
+
+# X(0), X(2), X(6): gaps 2 and 4, two samples of two values (every number below is exact in float32)
+_STEPS = [0, 2, 6]
+_VALUES = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[5.0, 2.0], [3.0, 12.0]]),
+           torch.tensor([[13.0, 2.0], [-1.0, 12.0]])]
+# D1(2) = (X(2) - X(0)) / 2, D1(6) = (X(6) - X(2)) / 4, D2(6) = (D1(6) - D1(2)) / 4
+_D1_AT_2 = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+_D1_AT_6 = torch.tensor([[2.0, 0.0], [-1.0, 0.0]])
+_D2_AT_6 = torch.tensor([[0.0, 0.0], [-0.25, -1.0]])
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("with_change", [False, True])
+def test_diff_history_update_stores_hand_computed_differences(order, with_change):
+    """``update`` with the caller's ``change = value - D_0`` (RFE's no-grad record path: D_1 divided into it in place)
+    stores the same differences as without it, exactly: D_1 = change / N, and D_2 from that D_1 and the gap."""
+    h = DiffHistory(order)
+    for j, (s, x) in enumerate(zip(_STEPS, _VALUES, strict=True)):
+        gap = None if j == 0 else torch.tensor(float(s - _STEPS[j - 1]))
+        change = x - h.base(x.dtype) if with_change and j else None
+        h.update(x.clone(), gap, change)
+        if j == 1:
+            assert h.order == 1 and torch.equal(h.diffs[0], _VALUES[1]) and torch.equal(h.diffs[1], _D1_AT_2)
+            assert float(h.gap) == 2.0
+    want = [_VALUES[2], _D1_AT_6, _D2_AT_6][: order + 1]
+    assert h.order == order and float(h.gap) == 4.0
+    assert all(torch.equal(got, w) for got, w in zip(h.diffs, want, strict=True)), h.diffs
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_relational_no_grad_record_stores_hand_computed_differences(order):
+    """RFE records under no_grad (how the runtime runs) hand its output change to the history, which divides D_1
+    into it in place: the stored D_1 (and D_2) and the ratio must be the hand-computed ones."""
+    pred = Relational(order)
+    state = pred.new_state()
+    # inputs move by (3, 4) per sample between the last two records: |I(6) - I(2)| = 5
+    ins = [torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[4.0, 5.0], [3.0, 4.0]])]
+    with torch.no_grad():
+        for s, x, o in zip(_STEPS, ins, _VALUES, strict=True):
+            pred.update(state, s, x, o.clone())
+    want = [_VALUES[2], _D1_AT_6, _D2_AT_6][: order + 1]
+    assert all(torch.equal(got, w) for got, w in zip(state.out.diffs, want, strict=True)), state.out.diffs
+    # ratio |O(6) - O(2)| / |I(6) - I(2)|: sample 0 |(8, 0)| / 5, sample 1 |(-4, 0)| / 5
+    torch.testing.assert_close(state.ratio, torch.tensor([8.0 / 5.0, 4.0 / 5.0]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_sample_relative_l1_zero_reference_guard_is_per_sample(dtype):
+    """A sample whose reference is all zero divides by the smallest normal float32 (2**-126), never by 0: its error
+    is |error|_1 * 2**126 (0 for a zero error, not NaN); the other samples keep their own ratio."""
+    error = torch.tensor([[0.5, -0.5], [0.0, 0.0], [1.0, -2.0]], dtype=dtype)
+    ref = torch.tensor([[0.0, 0.0], [0.0, 0.0], [4.0, -2.0]], dtype=dtype)
+    got = sample_relative_l1(error, ref)
+    want = torch.tensor([2.0**126, 0.0, 0.5], dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, want), got
