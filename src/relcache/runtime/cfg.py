@@ -284,7 +284,7 @@ class CFGRunner:
                                     and torch.equal(hidden[:half], hidden[half:]))
             routing.rows = batch
             routing.cond_first = self.cfg.cond_first if self.cfg.cond_first is not None else self.adapter.cfg_cond_first
-            if routing.is_cfg_batch:
+            if routing.is_cfg_batch and not self.other_outputs:  # off for good: no window to fit (as split CFG)
                 self.cfg.window_range(num_steps)  # validate the window against the number of steps now
         return routing.is_cfg_batch
 
