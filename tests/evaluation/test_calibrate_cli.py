@@ -61,6 +61,7 @@ def test_calibrates_records_and_resumes(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(steps_search, "search_steps", lambda *a, **k: pytest.fail("recorded budget searched again"))
     assert main([*ARGS, "--out", str(out), "--resume"]) == 0
+    assert "full computation's and RFC's, recorded before)" in capsys.readouterr().out  # none of them ran now
     with pytest.raises(SystemExit):
         main([*ARGS, "--radius", "2", "--out", str(out), "--resume"])  # the later --radius wins
     assert "other settings (radius)" in capsys.readouterr().err

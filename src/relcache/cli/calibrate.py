@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     template = PREDICTORS[args.predictor]
     for nfc in args.nfc:
         done = record["budgets"].get(str(nfc))
+        recorded = done is not None  # calibrated by an earlier run (--resume): nothing runs for it now
         if done is None:
             found = calibrate_steps(model, generate, nfc, args.steps, _predictor(args.predictor, args.order),
                                     radius=args.radius, rounds=args.rounds)
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         ratio = done["rel_l1"] / done["rfc_rel_l1"] if done["rfc_rel_l1"] > 0 else float("nan")
         print(f"NFC {nfc}: rel L1 {done['rel_l1']:.4g} on the calibration batch ({ratio:.2f}x RFC's "
               f"{done['rfc_rel_l1']:.4g}; {done['evaluated'] + 2} generations: the search's {done['evaluated']}, full "
-              f"computation's and RFC's)\n  {done['use']}", flush=True)
+              f"computation's and RFC's{', recorded before' if recorded else ''})\n  {done['use']}", flush=True)
     print(f"written: {Path(args.out) / RESULT}")
     return 0
 

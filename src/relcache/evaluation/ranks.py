@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 #: one generation's (samples, seconds, NFC, FLOPs), per method label and batch index
 PerBatch = dict[str, dict[int, tuple[torch.Tensor, float, float, float]]]
+V = TypeVar("V")
 
 #: how long a rank waits for the others at a collective before it stops (seconds; RELCACHE_DIST_TIMEOUT overrides)
 DIST_TIMEOUT_S = 600.0
@@ -40,13 +41,14 @@ def start() -> tuple[int, int]:
     return 0, 1
 
 
-def gather(local: PerBatch, world: int) -> PerBatch:
-    """Every rank's batches, merged (data-parallel bench under torchrun)."""
+def gather(local: dict[str, dict[int, V]], world: int) -> dict[str, dict[int, V]]:
+    """Every rank's values per method label and batch (``PerBatch``: its generations), merged (data-parallel bench
+    under torchrun)."""
     if world == 1:
         return local
     gathered: list[Any] = [None] * world
     together("gathering the results", torch.distributed.all_gather_object, gathered, local)
-    merged: PerBatch = {label: {} for label in local}
+    merged: dict[str, dict[int, V]] = {label: {} for label in local}
     for part in gathered:
         for label, per_batch in part.items():
             merged[label].update(per_batch)
