@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     for nfc in args.nfc:
         done = record["budgets"].get(str(nfc))
         recorded = done is not None  # calibrated by an earlier run (--resume): nothing runs for it now
-        if done is None:
+        if not recorded:
             found = calibrate_steps(model, generate, nfc, args.steps, _predictor(args.predictor, args.order),
                                     radius=args.radius, rounds=args.rounds)
             steps = list(found.steps.steps)

@@ -264,10 +264,11 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
 
 def _note_sessions(row: BenchRow, timed_in: dict[str, dict[int, str]]) -> None:
     """A resumed run's row whose batches were timed in another session than full computation's says so: its speed-up
-    divides times taken apart (another load, maybe another machine), not interleaved ones."""
+    divides times taken apart (another load, maybe another machine), not interleaved ones. (The full row agrees with
+    itself: never noted.)"""
     full, mine = timed_in.get(FULL.label, {}), timed_in.get(row.method, {})
     apart = sum(full.get(b) != s for b, s in mine.items())
-    if row.method != FULL.label and apart:
+    if apart:
         said = f"timed in another session than full computation on {apart} of {len(mine)} batches (resumed)"
         row.note = f"{row.note}; {said}" if row.note else said
 
