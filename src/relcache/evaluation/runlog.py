@@ -57,6 +57,10 @@ def versions() -> dict[str, str]:
         relcache_version = "unknown (not installed)"
     out = {"relcache": relcache_version, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "python": platform.python_version(), "numpy": np.__version__}
+    try:  # the SSIM column's numbers depend on it (docs/results.md); recorded only, so older runs still resume
+        out["torchmetrics"] = importlib.metadata.version("torchmetrics")
+    except importlib.metadata.PackageNotFoundError:
+        pass
     if "transformers" in sys.modules:
         out["transformers"] = sys.modules["transformers"].__version__
     commit = _git_commit()

@@ -348,8 +348,8 @@ class CFGRunner:
             self.other_outputs = other_outputs(out)
             if self.other_outputs:
                 warn(f"relcache: CFG-Cache is off for this model: its output holds {self.other_outputs} besides "
-                     "the sample, and CFG-Cache rebuilds only the sample's unconditional half. The method runs without "
-                     "it.")
+                     "the sample, and CFG-Cache rebuilds only the sample's unconditional half. No call is skipped from "
+                     "now on: every call runs the method, each CFG half with a state of its own.")
         return bool(self.other_outputs)
 
     def _stores(self, ctx: Context) -> bool:
