@@ -57,6 +57,12 @@ def pipe() -> DiTPipeline:
     return dit_pipe()
 
 
+def dit_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded latents for ``tiny_dit`` (``batch`` of 4x8x8) and class labels."""
+    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return x, torch.tensor([1, 7, 3, 5][:batch])
+
+
 def run_loop(model, x, labels, steps=12, begin=True, timesteps=None):
     """A hand-written DDIM-like loop calling the bare transformer once per step (CFG batched by the caller)."""
     import relcache

@@ -1,28 +1,23 @@
-"""Guards found by mutation testing of runtime/budget.py, runtime/generations.py and runtime/steps.py: each test
-fails on one hand-made mutation of those files (named in its docstring) that the rest of the suite let pass."""
+"""runtime/generations.py: what a scheduler announces, when a generation starts, and which pipeline drives the
+model. Each test fails on a hand-made mutation of that file (named in its docstring) that the rest of the suite let
+pass."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import types
 import warnings
 
 import pytest
 import torch
-from conftest import dit_pipe, run_loop, tiny_dit
+from conftest import dit_inputs, dit_pipe, run_loop
 from diffusers import DDIMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from torch import nn
 
 import relcache
-from relcache import FORA, RFC, ConfigError, TaylorSeer
+from relcache import FORA, RFC, TaylorSeer
 from relcache.runtime.generations import calling_pipeline, steps_to_run, timesteps_to_run
-
-
-def _inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    return x, torch.tensor([1, 7, 3, 5][:batch])
 
 
 def _second(a: DiTPipeline, scheduler: DDIMScheduler | None = None) -> DiTPipeline:
@@ -33,55 +28,7 @@ def _second(a: DiTPipeline, scheduler: DDIMScheduler | None = None) -> DiTPipeli
     return b
 
 
-# -- budget.py ---------------------------------------------------------------------------------------------------
-def test_a_budget_nothing_fits_names_the_smallest_need_and_the_as_computed_bytes():
-    """Guards the message of ``choose_storage`` (mutant: both numbers taken from the last rung). FORA's Reuse holds
-    O(a) per module; DiT has 6 cached modules of output (2, 16, 32) float32: as computed 6 * 4096 = 24576 bytes; the
-    last rung (int8 base) 6 * (2*16*32 bytes + 2*16 float32 per-token scales) = 6 * 1152 = 6912 bytes."""
-    model = tiny_dit()
-    x, y = _inputs()
-    relcache.enable(model, dataclasses.replace(FORA(3), max_cache_bytes=1000))
-    try:
-        with pytest.raises(ConfigError) as err:
-            run_loop(model, x, y, steps=2)
-    finally:
-        relcache.disable(model)
-    assert "needs 6912 bytes (0.00 GiB), caches as computed 24576 bytes" in str(err.value)
-
-
-def test_cached_modules_cast_after_enable_are_sized_again():
-    """Guards the budget's memo key (mutant: the cached modules' parameter dtypes left out of it). The cached modules
-    alone are cast to float64 after a generation (inputs cast in, outputs cast back, so the call's arguments keep
-    their dtype): their states double, and a budget that held them as computed in float32 must now pick another
-    storage instead of the remembered "as computed", and stay within the budget."""
-    model = tiny_dit()
-    x, y = _inputs()
-    cfg = RFC(threshold=0.0)  # every step full: the histories fill up
-    relcache.enable(model, cfg)
-    run_loop(model, x, y, steps=5)
-    budget = relcache.stats(model).peak_cache_bytes
-    relcache.disable(model)
-    relcache.enable(model, dataclasses.replace(cfg, max_cache_bytes=budget))
-    try:
-        run_loop(model, x, y, steps=5)
-        assert relcache.stats(model).contexts["default"].cache_storage == "as computed"
-        for block in model.transformer_blocks:
-            for m in (block.attn1, block.ff):
-                m.double()
-                m.register_forward_pre_hook(
-                    lambda _m, a, kw: (tuple(t.double() if torch.is_tensor(t) else t for t in a),
-                                       {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}),
-                    with_kwargs=True)
-                m.register_forward_hook(lambda _m, _a, out: out.float())
-        run_loop(model, x, y, steps=5)
-        st = relcache.stats(model)
-    finally:
-        relcache.disable(model)
-    assert st.contexts["default"].cache_storage != "as computed"
-    assert st.peak_cache_bytes <= budget
-
-
-# -- generations.py: what a scheduler announces -------------------------------------------------------------------
+# -- what a scheduler announces -------------------------------------------------------------------
 def test_steps_and_timesteps_to_run_start_at_the_begin_index():
     """Guards ``steps_to_run``'s floor at 0 and ``timesteps_to_run``'s slice from the begin index (mutants: a
     negative count past the end; every timestep, begin index ignored)."""
@@ -107,14 +54,14 @@ def test_a_deep_copy_of_a_patched_scheduler_gets_the_plain_method_bound_to_the_c
         assert getattr(method, "__func__", None) is DDIMScheduler.set_timesteps
 
 
-# -- generations.py: when a generation starts -----------------------------------------------------------------------
+# -- when a generation starts -----------------------------------------------------------------------
 def test_after_a_pipeline_call_a_bare_loop_with_rising_timesteps_stays_one_generation():
     """Guards ``begin``'s ``marked = marked or ...`` (mutant: a generation the runtime notices unmarks, so the
     timestep rule comes back). After a pipeline call (its scheduler marked a generation), a bare loop whose
     timesteps rise (DDIM inversion) is one generation of 6 steps (FORA(2): full at 0, 1, 3, 5), not 6 generations
     of 1."""
     pipe = dit_pipe()
-    x, y = _inputs()
+    x, y = dit_inputs()
     with relcache.cached(pipe, FORA(2)):
         pipe([1, 7], num_inference_steps=3, output_type="latent")
         with warnings.catch_warnings():
@@ -129,7 +76,7 @@ def test_a_generation_noticed_after_a_pipeline_call_keeps_its_step_count():
     a 4-step pipeline call starts a generation (the call ended one) that announces nothing: RFC(target_nfc=2) plans
     it for the pipeline's 4 steps instead of refusing to run without a step count."""
     pipe = dit_pipe()
-    x, y = _inputs()
+    x, y = dit_inputs()
     with relcache.cached(pipe, RFC(target_nfc=2)):
         pipe([1, 7], num_inference_steps=4, output_type="latent")
         with warnings.catch_warnings():
@@ -144,7 +91,7 @@ def test_a_repeated_cache_context_step_index_starts_a_new_generation(dit):
     diffusers' cache context (what ``CacheMixin.cache_context("cond", step_index=0)`` sets; DiT has no CacheMixin):
     the second call's index does not advance past the context's 0, so it is a new generation with full steps [0]
     (the mutant continued the first: full steps [0, 0])."""
-    x, y = _inputs()
+    x, y = dit_inputs()
     with relcache.cached(dit, FORA(3)), torch.no_grad():
         for _ in range(2):
             _set_cache_context(dit, CacheContext("cond", step_index=0))
@@ -159,7 +106,7 @@ def test_a_repeated_cache_context_step_index_starts_a_new_generation(dit):
 def test_an_equal_timestep_does_not_start_a_generation(dit):
     """Guards the timestep rule's strict ``>`` (mutant: ``>=``). A bare loop, announced by nothing, whose timestep
     stays at 999 for two steps before falling is one generation of 5 steps (FORA(2): full at 0, 1, 3)."""
-    x, y = _inputs()
+    x, y = dit_inputs()
     with relcache.cached(dit, FORA(2)):
         run_loop(dit, x, y, steps=5, begin=False, timesteps=[999, 999, 800, 600, 400])
         st = relcache.stats(dit)
@@ -183,7 +130,7 @@ def test_an_nn_module_holding_the_transformer_is_not_taken_for_a_pipeline(dit):
     generation at its first call, so that the timestep rule no longer told the second loop from the first: one
     generation of 8 steps). Two 4-step loops through the wrapper are two generations of 4 steps (FORA(3): full at
     0, 1)."""
-    x, y = _inputs()
+    x, y = dit_inputs()
     wrapper = _Wrapper(dit)
     with relcache.cached(dit, FORA(3)), torch.no_grad():
         for _ in range(2):
@@ -211,7 +158,7 @@ def test_a_compiled_wrapper_held_by_a_pipeline_is_seen_driving_the_model(dit):
     assert found is not None and found[0] is pipe
 
 
-# -- generations.py: pipelines and their schedulers ---------------------------------------------------------------
+# -- pipelines and their schedulers ---------------------------------------------------------------
 def test_enable_on_a_pipeline_found_driving_the_model_holds_it_and_refuses_a_second_enable():
     """Guards ``watch(explicit=True)`` on a pipeline already watched weakly (mutant: it stayed weak). B, found
     driving A's transformer, is then given to ``enable`` (attached): a second ``enable`` of B is refused, and
@@ -253,49 +200,3 @@ def test_a_shared_scheduler_keeps_announcing_for_the_pipeline_still_using_it(how
             a([1, 2], num_inference_steps=6, output_type="latent")
         st = relcache.stats(a)
     assert st.num_steps == 6 and st.nfc == 3
-
-
-# -- steps.py ----------------------------------------------------------------------------------------------------
-def _raise_in_block(model: nn.Module, block: int, at_call: int) -> torch.utils.hooks.RemovableHandle:
-    """A pre-hook on ``block``'s attention raising at its ``at_call``-th call (0-based)."""
-    calls = [0]
-
-    def hook(*_: object) -> None:
-        calls[0] += 1
-        if calls[0] - 1 == at_call:
-            raise RuntimeError("injected")
-    return model.transformer_blocks[block].attn1.register_forward_pre_hook(hook)
-
-
-@pytest.mark.parametrize("at_step", [0, 3])
-def test_a_full_step_that_raises_gives_unrecorded_modules_their_previous_record_step(dit, at_step):
-    """Guards ``end_step`` and ``prepare_step``'s ``unrecorded`` (mutants: no restore, restore after a call that
-    returned, a slot never recorded kept instead of dropped, ``unrecorded`` not filled). TaylorSeer(2) over 6 steps
-    is full at 0, 1, 3, 5; slots are numbered in call order (block 0's attn1 and ff are 0 and 1). A call raising in
-    block 1's attention at full step ``at_step`` has recorded block 0's two modules only; the loop goes on with the
-    next step, and its rows' ``k`` counts from each module's own latest record. Raised at step 3: at step 4 (cached)
-    ``k`` is 1 for slots 0, 1 (recorded at 3) and 3 for the others (recorded at 1). Raised at step 0: at step 1
-    slots 2..5 have no record, so their ``k`` is 0 (a first record has no gap), slots 0, 1 have 1."""
-    x, y = _inputs()
-    with relcache.cached(dit, TaylorSeer(2)), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # fewer steps run than announced
-        relcache.begin_generation(dit, 6)
-        handle = _raise_in_block(dit, 1, at_step)
-        for i in range(at_step + 2):
-            t = torch.full((2,), 999 - 100 * i)
-            if i == at_step:
-                with pytest.raises(RuntimeError, match="injected"):
-                    dit(x, timestep=t, class_labels=y)
-                handle.remove()
-            else:
-                dit(x, timestep=t, class_labels=y)
-        caches = vars(dit)["_relcache"].contexts["default"].caches
-        last = {slot[0]: step for slot, step in caches.last_record.items()}
-        k = caches.host_k["all"]
-        assert relcache.stats(dit).full_steps == ([0, 1, 3] if at_step else [0, 1])
-    if at_step == 3:
-        assert k == [1.0, 1.0, 3.0, 3.0, 3.0, 3.0]
-        assert last == {0: 3, 1: 3, 2: 1, 3: 1, 4: 1, 5: 1}
-    else:
-        assert k == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-        assert last == dict.fromkeys(range(6), 1)

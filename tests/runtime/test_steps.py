@@ -1,0 +1,59 @@
+"""runtime/steps.py: a full step that raises. Each test fails on a hand-made mutation of that file (named in its
+docstring) that the rest of the suite let pass."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import dit_inputs
+from torch import nn
+
+import relcache
+from relcache import TaylorSeer
+
+
+def _raise_in_block(model: nn.Module, block: int, at_call: int) -> torch.utils.hooks.RemovableHandle:
+    """A pre-hook on ``block``'s attention raising at its ``at_call``-th call (0-based)."""
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+        if calls[0] - 1 == at_call:
+            raise RuntimeError("injected")
+    return model.transformer_blocks[block].attn1.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("at_step", [0, 3])
+def test_a_full_step_that_raises_gives_unrecorded_modules_their_previous_record_step(dit, at_step):
+    """Guards ``end_step`` and ``prepare_step``'s ``unrecorded`` (mutants: no restore, restore after a call that
+    returned, a slot never recorded kept instead of dropped, ``unrecorded`` not filled). TaylorSeer(2) over 6 steps
+    is full at 0, 1, 3, 5; slots are numbered in call order (block 0's attn1 and ff are 0 and 1). A call raising in
+    block 1's attention at full step ``at_step`` has recorded block 0's two modules only; the loop goes on with the
+    next step, and its rows' ``k`` counts from each module's own latest record. Raised at step 3: at step 4 (cached)
+    ``k`` is 1 for slots 0, 1 (recorded at 3) and 3 for the others (recorded at 1). Raised at step 0: at step 1
+    slots 2..5 have no record, so their ``k`` is 0 (a first record has no gap), slots 0, 1 have 1."""
+    x, y = dit_inputs()
+    with relcache.cached(dit, TaylorSeer(2)), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fewer steps run than announced
+        relcache.begin_generation(dit, 6)
+        handle = _raise_in_block(dit, 1, at_step)
+        for i in range(at_step + 2):
+            t = torch.full((2,), 999 - 100 * i)
+            if i == at_step:
+                with pytest.raises(RuntimeError, match="injected"):
+                    dit(x, timestep=t, class_labels=y)
+                handle.remove()
+            else:
+                dit(x, timestep=t, class_labels=y)
+        caches = vars(dit)["_relcache"].contexts["default"].caches
+        last = {slot[0]: step for slot, step in caches.last_record.items()}
+        k = caches.host_k["all"]
+        assert relcache.stats(dit).full_steps == ([0, 1, 3] if at_step else [0, 1])
+    if at_step == 3:
+        assert k == [1.0, 1.0, 3.0, 3.0, 3.0, 3.0]
+        assert last == {0: 3, 1: 3, 2: 1, 3: 1, 4: 1, 5: 1}
+    else:
+        assert k == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+        assert last == dict.fromkeys(range(6), 1)
