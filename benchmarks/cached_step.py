@@ -394,6 +394,8 @@ def main() -> None:
                         help="with --compile, only these (and the full step and FORA, which the table compares with)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    # partial generations on purpose (a primed step, the first steps of a generation): not worth a warning each
+    warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)

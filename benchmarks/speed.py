@@ -39,6 +39,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -274,6 +275,8 @@ def main() -> None:
                              "first call, later full calls and cached calls against a plain compiled step")
     parser.add_argument("--out", default="runs/speed.json")
     args = parser.parse_args()
+    # partial generations on purpose (a primed step, the first steps of a generation): not worth a warning each
+    warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
     if args.breakdown and not args.compile:
         parser.error("--breakdown times the compiled models: it needs --compile MODE")
     dtype = getattr(torch, args.dtype)
