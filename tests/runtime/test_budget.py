@@ -1,16 +1,19 @@
-"""runtime/budget.py: a memory budget's storage choice and its error, and modules cast after ``enable``. Each test
-fails on a hand-made mutation of that file (named in its docstring) that the rest of the suite let pass."""
+"""runtime/budget.py: a memory budget's storage choice and its error, modules cast after ``enable``, and a call
+context that finds too little left. Tests from a mutation review name their mutant in their docstring."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import dit_inputs, run_loop, tiny_dit
+from families import wan_kwargs, wan_pipe
 
 import relcache
 from relcache import FORA, RFC, ConfigError
+from relcache.methods.config import STORAGE_LADDER
 
 
 def test_a_budget_nothing_fits_names_the_smallest_need_and_the_as_computed_bytes():
@@ -58,3 +61,32 @@ def test_cached_modules_cast_after_enable_are_sized_again():
         relcache.disable(model)
     assert st.contexts["default"].cache_storage != "as computed"
     assert st.peak_cache_bytes <= budget
+
+
+def test_a_context_that_found_too_little_left_is_counted_from_the_next_generation():
+    """Split CFG (Wan: "cond", then "uncond"), at a budget that the last rung fits for both contexts. In a session's
+    first generation "cond" chooses without knowing of "uncond" and leaves it too little: a ConfigError that says
+    so. The next generation counts "uncond" from the start and fits; before, the failed context was never counted
+    and every generation failed alike. Later generations choose the same storage: equal outputs."""
+    cfg = RFC(target_nfc=3)
+    pipe = wan_pipe()
+
+    def run() -> tuple[np.ndarray, relcache.CacheStats]:
+        out = pipe(**wan_kwargs(), num_inference_steps=5, generator=torch.manual_seed(0), output_type="np").frames
+        return np.asarray(out), relcache.stats(pipe)
+
+    relcache.enable(pipe, dataclasses.replace(cfg, cache_dtype=STORAGE_LADDER[-1]))
+    _, smallest = run()
+    relcache.disable(pipe)
+    budget = smallest.peak_cache_bytes  # both contexts in the last rung
+    relcache.enable(pipe, dataclasses.replace(cfg, max_cache_bytes=budget))
+    try:
+        with pytest.raises(ConfigError, match=r"'uncond' started after the generation's other contexts had chosen"):
+            run()
+        second, st2 = run()
+        third, st3 = run()
+    finally:
+        relcache.disable(pipe)
+    assert {c.cache_storage for c in st2.contexts.values()} == {STORAGE_LADDER[-1].label}
+    assert set(st2.contexts) == {"cond", "uncond"} and st2.peak_cache_bytes <= budget
+    assert np.array_equal(second, third) and st3.full_steps == st2.full_steps

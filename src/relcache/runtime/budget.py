@@ -135,10 +135,14 @@ class CacheBudget:
         self.probe: ShapeProbe | None = None  # set while the forward runs on fake tensors
         self._shapes: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
         self._last: set[str] = set()  # the call contexts of the previous generation
+        self._asked: set[str] = set()  # the call contexts that asked for a storage in this generation
 
     def end_generation(self, contexts: Mapping[str, Any]) -> None:
-        """Remember the contexts of the generation that ended (kept when it ran none)."""
-        self._last = set(contexts) or self._last
+        """Remember the contexts of the generation that ended (kept when it ran none), those whose storage could not
+        be chosen included: a context that found too little left must be counted from the next generation's start
+        (before, it was never counted and failed in every generation)."""
+        self._last = (set(contexts) | self._asked) or self._last
+        self._asked = set()
 
     def choose(self, name: str, planned: Mapping[str, int], modules: list[CachedModule], expert: Hashable,
                forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool = False,
@@ -158,7 +162,16 @@ class CacheBudget:
             self._shapes[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
         held = sum(n for other, n in planned.items() if other != name)
         pending = len(self._last - set(planned) - {name})
-        return choose_storage(self.config, self._shapes[sig], held, pending, compiled)
+        newcomer = bool(held) and name not in self._last and name not in planned  # others chose without counting it
+        self._asked.add(name)
+        try:
+            return choose_storage(self.config, self._shapes[sig], held, pending, compiled)
+        except ConfigError as e:
+            if not newcomer:
+                raise
+            raise ConfigError(f"{e}. The call context {name!r} started after the generation's other contexts had "
+                              "chosen their storage without counting it (a session's first generation); the next "
+                              "generation counts it from the start, so running again may fit") from None
 
     def _set_probe(self, probe: ShapeProbe | None) -> None:
         self.probe = probe
