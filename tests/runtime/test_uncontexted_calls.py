@@ -105,6 +105,13 @@ def test_a_step_is_a_new_or_rewritten_input():
     assert calls.name(y, s) == "default"
     assert calls.name(y, s) == "default.2"
     assert calls.name(y, s * 2) == "default"
+    with torch.inference_mode():  # a static-buffer loop (CUDA graphs) refills the same tensors in place
+        assert calls.name(y, s) == "default"
+        assert calls.name(y, s) == "default.2"  # the same values: the step's second call
+        y.sub_(1)
+        s.fill_(0.5)
+        assert calls.name(y, s) == "default"  # other values in the same timestep object: the next step
+        assert calls.name(y, s) == "default.2"
     assert calls.name(None, t) == "default"  # no latents found: the default context
     calls.name(x, t)
     calls.forget()  # a call raised: its retry starts the step again
@@ -166,3 +173,28 @@ def test_begin_generation_starts_a_step_even_on_the_previous_calls_latents_and_t
     assert list(st.contexts) == ["default"] and st.contexts["default"].full_steps == want
     for a, b in zip(reference, got, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_a_static_buffer_loop_under_inference_mode_caches_as_under_no_grad():
+    """Latents and timestep updated in place, as CUDA graphs need: under ``inference_mode`` (no version counter)
+    each step was taken for another call of the first step, so every call got a context of its own and nothing was
+    cached. FORA(3) over 8 steps is full at 0, 1, 4, 7, as under ``no_grad``, with one context, equal outputs."""
+    def loop(mode: type) -> tuple[torch.Tensor, relcache.CacheStats]:
+        model = tiny_dit()
+        relcache.enable(model, FORA(3))
+        try:
+            relcache.begin_generation(model, 8)
+            with mode():
+                x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+                y, t = torch.tensor([1, 7]), torch.zeros(2, dtype=torch.long)
+                for i in range(8):
+                    t.fill_(999 - 100 * i)
+                    x.sub_(0.05 * model(x, timestep=t, class_labels=y).sample)
+                return x.clone(), relcache.stats(model)
+        finally:
+            relcache.disable(model)
+
+    ref, plain = loop(torch.no_grad)
+    got, st = loop(torch.inference_mode)
+    assert plain.full_steps == st.full_steps == [0, 1, 4, 7] and list(st.contexts) == ["default"]
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
