@@ -427,6 +427,26 @@ def test_input_fit_without_grad_other_dtypes_and_layouts_equals_the_formula():
                                    rtol=2e-2, atol=2e-2)
 
 
+def test_input_fit_records_and_forecasts_under_autograd():
+    """Inputs that need a gradient (autograd on, as in a guidance-by-gradient loop): the record's stacked move is
+    built out of place (``out=`` refuses arguments that need a gradient; it raised at the second record); values
+    equal the no-grad ones and the gradient reaches the input's weight."""
+    g = torch.Generator().manual_seed(6)
+    w_in = torch.randn(6, 6, generator=g).requires_grad_()
+    w = torch.randn(6, 6, generator=g) / 2
+    raw = [torch.randn(2, 4, 6, generator=g) for _ in range(4)]
+    now = raw[-1] + 0.3 * torch.randn(2, 4, 6, generator=g)
+    pred = InputFit(2, scale=True)
+    ins = [x @ w_in for x in raw]
+    got = pred.predict(_fit_state(pred, ins, [torch.tanh(x @ w.T) for x in ins]), 11, None, now @ w_in)
+    got.sum().backward()
+    assert w_in.grad is not None and torch.isfinite(w_in.grad).all() and w_in.grad.abs().sum() > 0
+    with torch.no_grad():
+        plain = [x @ w_in for x in raw]
+        want = pred.predict(_fit_state(pred, plain, [torch.tanh(x @ w.T) for x in plain]), 11, None, now @ w_in)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_input_fit_in_float16_does_not_overflow():
     """Moves of about 40 per element over 20,000 elements: their squared lengths (~3e7) overflow float16's 65504, so
     the products are summed in float32; the forecast equals the float32 one to float16's precision."""

@@ -246,7 +246,8 @@ def _stack_move(now: torch.Tensor, prev: torch.Tensor, old: torch.Tensor | None,
     with every kept move, one row-vector product, beside the old Gram's block for the kept ones."""
     n = now.shape[0]
     basis = now.new_empty(n, 1 + keep, now[0].numel())
-    if torch.compiler.is_compiling():  # dynamo does not trace a strided out= (a graph break); inductor fuses this
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and (now.requires_grad or prev.requires_grad):
+        # dynamo does not trace a strided out= (a graph break; inductor fuses this), and autograd refuses out=
         basis[:, 0] = now.reshape(n, -1) - prev.reshape(n, -1)
     else:
         torch.sub(now.reshape(n, -1), prev.reshape(n, -1), out=basis[:, 0])
