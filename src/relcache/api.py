@@ -136,6 +136,11 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
                                   f"{type(expert).__name__}: a cached module must sit in one place, called once per "
                                   "transformer call (docs/custom-models.md)")
             seen[id(m.module)] = m.name
+        for m in own:  # nested: the inner module's forecast would run inside the outer's, its FLOPs count twice
+            for sub in m.module.modules():
+                if sub is not m.module and id(sub) in seen:
+                    raise ConfigError(f"{seen[id(sub)]!r} sits inside {m.name!r} of {type(expert).__name__}: cached "
+                                      "modules must not nest; cache one of them (docs/custom-models.md)")
         if len(experts) > 1:  # (choice) module names say which expert they belong to
             own = [replace(m, name=f"{name}.{m.name}") for m in own]
         spans.append(range(len(modules), len(modules) + len(own)))

@@ -224,6 +224,19 @@ def test_linear_weight_schedule():
     torch.testing.assert_close(rising.predict(state, 49, 50, torch.zeros(1, 2)), torch.full((1, 2), 5.0))
 
 
+def test_linear_weight_callable_results_are_checked():
+    """A callable weight's result is checked at every call, as a constant is at construction: a NaN would have
+    turned every cached output into NaN, None raised a bare TypeError. A one-element tensor is read as a number."""
+    for bad in (float("nan"), float("inf"), None, "0.5"):
+        with pytest.raises(ConfigError, match=r"Linear's weight, called at step 3 of 10, must be a callable returning "
+                                              r"a finite number, got "):
+            Linear(lambda step, n, bad=bad: bad).weight_at(3, 10)
+    assert Linear(lambda step, n: torch.tensor(0.25)).weight_at(1, None) == 0.25
+    seen = []
+    assert Linear(lambda step, n: seen.append((step, n)) or step / 8).weight_at(2, None) == 0.25
+    assert seen == [(2, None)]  # no announced length: None, as documented
+
+
 @pytest.mark.parametrize("bad", [-1, 5, 2.5, True])
 def test_order_out_of_range_names_the_parameter(bad):
     for cls in (Taylor, Relational):

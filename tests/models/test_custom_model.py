@@ -110,6 +110,10 @@ def test_adapter_mistakes_are_named(model):
     shared.blocks[1].mlp = shared.blocks[0].mlp
     with pytest.raises(ConfigError, match="'blocks.0.mlp' and 'blocks.1.mlp' are the same module object"):
         relcache.enable(shared, FORA(), adapter=CustomAdapter(**ADAPTER))
+    nested = CustomAdapter("blocks", {"attn": "attn", "mlp": "mlp", "mlp.2": "mlp"})  # its FLOPs counted twice
+    with pytest.raises(ConfigError, match=r"'blocks.0.mlp.2' sits inside 'blocks.0.mlp' of TinyDiT: cached modules "
+                                          "must not nest"):
+        relcache.enable(model, FORA(), adapter=nested)
     assert not relcache.is_enabled(model) and not relcache.is_enabled(shared)
 
 

@@ -362,7 +362,8 @@ class Linear(Predictor):
     """FasterCache dynamic feature reuse: ``Ô(i) = O(a) + w(i) · (O(a) - O(b))``.
 
     ``weight`` is a constant (diffusers' default is 0.5) or ``"rising"`` (the paper's schedule, from about 0
-    early to about 1 late), or a callable ``(step, num_steps) -> float``.
+    early to about 1 late), or a callable ``(step, num_steps) -> float`` (``num_steps`` None where the generation's
+    length is unknown), whose every result must be a finite number.
     """
 
     weight: float | str | WeightFn = "rising"
@@ -381,8 +382,12 @@ class Linear(Predictor):
         w = self.weight
         if w == "rising":
             return rising_weight(step, num_steps)
-        if callable(w):
-            return float(w(step, num_steps))
+        if callable(w):  # checked at every call: a NaN or infinite weight would turn every cached output into NaN
+            got = w(step, num_steps)
+            if isinstance(got, torch.Tensor) and got.numel() == 1:
+                got = got.item()
+            return check_float(f"Linear's weight, called at step {step} of {num_steps},", got,
+                               allowed="a callable returning a finite number")
         return float(w)
 
     def row(self, k: int, step: int, num_steps: int | None) -> list[float]:
