@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_loop, tiny_dit
+from conftest import dit_inputs, run_loop, tiny_dit
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import FlopCounterMode
 
 import relcache
+from relcache import FORA
 from relcache.runtime import accounting
 
 STEPS = 20
@@ -348,3 +349,25 @@ def test_counting_a_no_grad_view_of_a_parameter():
         with flop_counter() as counter:
             lin(view)
     assert counter.get_total_flops() == 2 * (2 * 2) * 4 * 5
+
+
+def test_gradient_checkpointing_with_autograd_is_refused_and_without_it_runs():
+    """Checkpointed blocks run again in the backward pass, after the call, where a cached module computes what the
+    forward predicted: torch's checkpoint check failed, or (reentrant) gradients were silently wrong. A call that
+    would checkpoint (autograd on) is refused before any step starts; under no_grad, where diffusers does not
+    checkpoint, the generation is the one without checkpointing, bit for bit."""
+    x, y = dit_inputs()
+    plain = tiny_dit()
+    with relcache.cached(plain, FORA(3)):
+        ref = run_loop(plain, x, y, steps=6)
+    model = tiny_dit()
+    model.enable_gradient_checkpointing()
+    with relcache.cached(model, FORA(3)):
+        relcache.begin_generation(model, 6)
+        with pytest.raises(relcache.ConfigError, match="gradient checkpointing on while autograd records"):
+            model(x, timestep=torch.full((2,), 999), class_labels=y)
+        assert relcache.stats(model).num_steps == 0
+        got = run_loop(model, x, y, steps=6)  # no_grad
+        assert relcache.stats(model).full_steps == [0, 1, 4]
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

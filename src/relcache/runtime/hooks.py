@@ -17,6 +17,7 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.base import Adapter
 
 STEP_HOOK = "relcache_step"
@@ -186,6 +187,14 @@ def _same_timestep(a: Any, b: Any) -> bool:
     return False
 
 
+#: why a call with gradient checkpointing on is refused (diffusers checkpoints only where autograd records)
+CHECKPOINTING_REASON = (
+    "relcache cannot serve a transformer with gradient checkpointing on while autograd records: the backward pass "
+    "runs the blocks again after the call, and the cached modules would compute there what the forward predicted, "
+    "so gradients would be wrong (or torch's checkpoint check fails). Call model.disable_gradient_checkpointing(), "
+    "or run under torch.no_grad()")
+
+
 #: why a whole-model ``torch.compile(..., fullgraph=True)`` of a model relcache is enabled on fails at its first call
 FULLGRAPH_REASON = (
     "relcache settles each step's schedule on the host before the transformer's forward, which is compiled as a "
@@ -221,6 +230,8 @@ class StepHook(ModelHook):
         forward = self.fn_ref.original_forward
         if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
             return forward(*args, **kwargs)
+        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
+            raise ConfigError(CHECKPOINTING_REASON)
         try:  # a start that raises ends the call too: nothing of it stays current
             compiled = _under_compile()
             name, step_index = self._context(args, kwargs)
