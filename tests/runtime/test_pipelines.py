@@ -228,3 +228,25 @@ def test_disable_on_a_pipeline_whose_transformer_was_replaced_turns_off_the_earl
     relcache.disable(a)
     assert relcache.is_enabled(b) and "maybe_free_model_hooks" not in vars(a)
     relcache.disable(b)
+
+
+def test_a_deep_copy_of_an_enabled_model_or_pipeline_is_refused_and_after_disable_is_plain():
+    """diffusers' hooks keep the original's forward: a deep copy of an enabled transformer ran the original's weights
+    and advanced the original's generation. Refused, naming the way out; after ``disable`` the copy is a plain model
+    of its own (its halved weights change its output)."""
+    pipe = dit_pipe()
+    relcache.enable(pipe, TaylorSeer(2))
+    for what in (pipe, pipe.transformer):
+        with pytest.raises(relcache.ConfigError, match=r"copy.deepcopy of a model or pipeline with relcache enabled "
+                                                       r"is refused.*relcache.disable\(...\) before copying"):
+            copy.deepcopy(what)
+    relcache.disable(pipe)
+    twin = copy.deepcopy(pipe.transformer)
+    assert not relcache.is_enabled(twin)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 500), torch.tensor([1, 2])
+    with torch.no_grad():
+        before = pipe.transformer(x, timestep=t, class_labels=y).sample
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert not torch.equal(twin(x, timestep=t, class_labels=y).sample, before)
+        assert torch.equal(pipe.transformer(x, timestep=t, class_labels=y).sample, before)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..methods.config import CacheConfig
 from ..methods.history import StaticCaches, numbers_on, row_dtype
 from ..models.base import Adapter, CachedModule
@@ -85,6 +86,13 @@ class Session(ModuleCalls):
         self.first_call = False  # the running call is a rehearsed first call, compiled (``hooks.StepHost``)
         self.step_hooks: list[StepHook] = []  # one per transformer (``attach``)
         self.cfg_peak = 0  # the most CFG-Cache held at the end of a call in this generation (``stats``' peak)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Session:
+        """Refused: diffusers' hooks keep the original model's forward, so a deep copy of an enabled model ran the
+        original (its weights, its caches, its generation), whatever was done to the copy's weights."""
+        raise ConfigError("copy.deepcopy of a model or pipeline with relcache enabled is refused: the copy would "
+                          "keep running the original's forward and caches. relcache.disable(...) before copying, "
+                          "then enable each copy")
 
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
