@@ -42,8 +42,11 @@ def test_calibrates_records_and_resumes(tmp_path, capsys, monkeypatch):
     assert record["settings"]["seed"] == 100 and record["settings"]["conditions"] == [3, 7]
     assert len(got["steps"]) == 3 and got["steps"][:2] == [0, 1]
     assert got["rel_l1"] <= got["start_rel_l1"] and got["evaluated"] >= 2
-    assert got["use"] == f"relcache.RFCPlus(order=2, full_steps={got['steps']}, fit=True)"
-    assert "relcache.RFCPlus(order=2, full_steps=" in printed
+    assert got["use"] == f"relcache.RFCPlus(order=2, full_steps=relcache.Steps({got['steps']}, num_steps=6), fit=True)"
+    assert got["use"] in printed
+    import relcache as rc  # the printed configuration runs as written, and refuses a generation of another length
+    cfg = eval(got["use"], {"relcache": rc})  # noqa: S307 - our own output
+    assert cfg.schedule.steps == tuple(got["steps"]) and cfg.schedule.num_steps == 6
 
     # the recorded error is the batch's rel L1 with those steps, measured again here
     model, labels = load_reference_transformer(), torch.tensor([3, 7])

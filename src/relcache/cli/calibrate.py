@@ -28,9 +28,11 @@ from .reference import _reference
 
 RESULT = "calibration.json"
 #: the predictors a calibration can be made for, and the preset that uses its steps
-PREDICTORS = {"fit": "relcache.RFCPlus(order={order}, full_steps={steps}, fit=True)",
-              "plus": "relcache.RFCPlus(order={order}, full_steps={steps})",
-              "rfe": "relcache.CacheConfig(relcache.Relational({order}), relcache.Steps({steps}))"}
+#: (with ``num_steps``, so that a generation of another length is refused rather than run with steps chosen for this one)
+PREDICTORS = {"fit": "relcache.RFCPlus(order={order}, full_steps=relcache.Steps({steps}, num_steps={num_steps}), "
+                     "fit=True)",
+              "plus": "relcache.RFCPlus(order={order}, full_steps=relcache.Steps({steps}, num_steps={num_steps}))",
+              "rfe": "relcache.CacheConfig(relcache.Relational({order}), relcache.Steps({steps}, num_steps={num_steps}))"}
 
 
 def _predictor(name: str, order: int) -> Any:
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             steps = list(found.steps.steps)
             done = {"steps": steps, "rel_l1": found.error, "start_rel_l1": found.start_error,
                     "rfc_steps": list(found.rfc_steps), "rfc_rel_l1": found.rfc_error, "evaluated": found.evaluated,
-                    "use": template.format(order=args.order, steps=steps),
+                    "use": template.format(order=args.order, steps=steps, num_steps=args.steps),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             record["budgets"][str(nfc)] = done
             tmp = args.out / (RESULT + ".tmp")
