@@ -27,12 +27,13 @@ from .options import (
 from .reference import _reference
 
 RESULT = "calibration.json"
-#: the predictors a calibration can be made for, and the preset that uses its steps
-#: (with ``num_steps``, so that a generation of another length is refused rather than run with steps chosen for this one)
+#: the predictors a calibration can be made for, and the preset that uses its steps (with ``num_steps``, so that a
+#: generation of another length is refused rather than run with steps chosen for this one)
 PREDICTORS = {"fit": "relcache.RFCPlus(order={order}, full_steps=relcache.Steps({steps}, num_steps={num_steps}), "
                      "fit=True)",
               "plus": "relcache.RFCPlus(order={order}, full_steps=relcache.Steps({steps}, num_steps={num_steps}))",
-              "rfe": "relcache.CacheConfig(relcache.Relational({order}), relcache.Steps({steps}, num_steps={num_steps}))"}
+              "rfe": "relcache.CacheConfig(relcache.Relational({order}), "
+                     "relcache.Steps({steps}, num_steps={num_steps}))"}
 
 
 def _predictor(name: str, order: int) -> Any:
