@@ -1,5 +1,7 @@
 """Schedules against hand-counted full steps and hand-computed accumulated errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,6 +14,19 @@ def test_interval_nfc_matches_the_papers_table(interval, nfc):
     assert len(steps) == nfc
     assert steps[:3] == [0, 1, 1 + interval]
     assert all(b - a == interval for a, b in zip(steps[1:], steps[2:], strict=False))
+
+
+def test_a_warmup_covering_the_whole_generation_warns():
+    """FasterCache's warmup=15 (diffusers' schedule at 50 steps) on a 12-step generation computes every step: a
+    warning says so, once the step count is known; a warm-up that leaves a step to cache, or interval 1, does not."""
+    with pytest.warns(RuntimeWarning, match=r"warm-up \(warmup=15\) covers all 12 steps"):
+        Interval(2, warmup=15).new_state(12)
+    assert Interval(2, warmup=15).full_steps(12) == list(range(12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Interval(2, warmup=15).new_state(16)
+        Interval(2, warmup=15).new_state(None)
+        Interval(1, warmup=15).new_state(12)
 
 
 def test_interval_hand_counted():

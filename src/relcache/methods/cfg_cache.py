@@ -15,7 +15,8 @@ timesteps of a 1000-step training schedule; with evenly spaced timesteps, timest
 ``1 - t / 1000``:
 
 * ``unconditional_batch_skip_range=5``                    -> ``interval=5``
-* ``unconditional_batch_timestep_skip_range=(-1, 641)``   -> ``window=(0.36, 1.0)``
+* ``unconditional_batch_timestep_skip_range=(-1, 641)``   -> ``window=(0.36, 1.0)`` (``FasterCache`` uses 0.34:
+  where ``t < 641`` falls on a 50-step DDIM sampler, step 17)
 * ``alpha_low_frequency = alpha_high_frequency = 1.1``    -> ``alpha1 = alpha2 = 0.1`` (``w = 1 + alpha``)
 * ``low_frequency_weight_update_timestep_range=(99, 901)``  -> ``early=0.9`` (LF boosted while ``i < 0.9 T``)
 * ``high_frequency_weight_update_timestep_range=(-1, 301)`` -> ``late=0.7`` (HF boosted once ``i >= 0.7 T``)

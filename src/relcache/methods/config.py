@@ -15,7 +15,8 @@ FasterCache         Linear(w), attention  Interval (+ CFG-Cache)
 
 CFG-Cache (``relcache.CFGCache``) is its own piece: set ``cfg_cache`` on any config to also skip the
 unconditional half of classifier-free guidance, e.g.
-``dataclasses.replace(relcache.RFC(target_nfc=14), cfg_cache=relcache.CFGCache())``.
+``dataclasses.replace(relcache.RFC(target_nfc=14), cfg_cache=relcache.CFGCache(skip_full=True))`` (beside a method
+that caches modules, the default ``CFGCache()`` skips nothing: ``skip_full=None`` resolves to False there).
 """
 
 from __future__ import annotations

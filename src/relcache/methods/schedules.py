@@ -105,6 +105,13 @@ class Interval(Schedule):
     def every_step_full(self) -> bool:
         return self.interval == 1
 
+    def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
+        if num_steps is not None and self.interval > 1 and self.warmup >= num_steps:
+            warn(f"relcache: the warm-up (warmup={self.warmup}) covers all {num_steps} steps of this generation: every "
+                 "step is full and nothing is cached. Give a warmup below the step count (FasterCache's default, 15, "
+                 "is diffusers' schedule at 50 steps: about 0.3 x num_steps)", RuntimeWarning)
+        return None
+
     def full_steps(self, num_steps: int) -> list[int]:
         """The full steps of a ``num_steps`` generation (for planning and tests)."""
         return [i for i in range(num_steps) if self.decide(None, i, None)]

@@ -26,11 +26,11 @@ def _timestep(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 class DiTAdapter(TableAdapter):
-    """Caches every block's self-attention, cross-attention (if any) and feed-forward; computes the per-block copies
-    of the timestep-and-class embedding once per call."""
+    """Caches every block's self-attention and feed-forward (DiT's blocks have no cross-attention); computes the
+    per-block copies of the timestep-and-class embedding once per call."""
 
     # DiTPipeline batches CFG conditional half first: cat([latents] * 2) with labels cat([class_labels, class_null])
-    default_row = ModelRow("DiT", "DiTPipeline", ("DiTTransformer2DModel",), (Blocks("transformer_blocks", "basic"),),
+    default_row = ModelRow("DiT", "DiTPipeline", ("DiTTransformer2DModel",), (Blocks("transformer_blocks", "self_attn_ff"),),
                            refuse_chunking=True, cfg_cond_first=True)
 
     def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:
