@@ -30,8 +30,8 @@ class DiTAdapter(TableAdapter):
     per-block copies of the timestep-and-class embedding once per call."""
 
     # DiTPipeline batches CFG conditional half first: cat([latents] * 2) with labels cat([class_labels, class_null])
-    default_row = ModelRow("DiT", "DiTPipeline", ("DiTTransformer2DModel",), (Blocks("transformer_blocks", "self_attn_ff"),),
-                           refuse_chunking=True, cfg_cond_first=True)
+    default_row = ModelRow("DiT", "DiTPipeline", ("DiTTransformer2DModel",),
+                           (Blocks("transformer_blocks", "self_attn_ff"),), refuse_chunking=True, cfg_cond_first=True)
 
     def shared_modules(self, model: nn.Module) -> list[list[nn.Module]]:
         """Every block's adaLN-zero embedding of timestep and class (``norm1.emb``): the converted DiT
