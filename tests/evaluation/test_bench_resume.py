@@ -214,3 +214,21 @@ def test_resume_refuses_other_versions_but_not_other_machines(tmp_path):
     log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     with pytest.raises(runlog.ResumeError, match=r"version diffusers: \"0.1.0\" -> "):
         _run(out, Counting(), resume=True)
+
+
+def test_a_refused_resume_shows_what_differs():
+    """Other methods (``--only``): the labels left out and added, not two lists cut at their shared start; a long
+    setting: both values from shortly before where they differ."""
+    config = "CacheConfig(predictor=Relational(order=2), schedule=InputError(threshold=0.3, target_nfc={}, order=2))"
+    old = {"methods": [{"label": "full computation", "config": None},
+                       {"label": "RFC NFC 14", "config": config.format(14)}],
+           "schedule": config.format(14)}
+    new = {"methods": [{"label": "full computation", "config": None},
+                       {"label": "FORA NFC 14", "config": "FORA(4)"},
+                       {"label": "RFC NFC 11", "config": config.format(11)}],
+           "schedule": config.format(11)}
+    assert runlog.differences(old, new) == [
+        'methods: 2 -> 3 items; not in the new run: ["RFC NFC 14"]; new: ["FORA NFC 14", "RFC NFC 11"]',
+        'schedule: ...ld=0.3, target_nfc=14, order=2))" -> ...ld=0.3, target_nfc=11, order=2))"']  # 20 before
+    assert runlog.differences({"m": [1, 2]}, {"m": [2, 1]}) == ["m: 2 -> 2 items; the same items in another order"]
+    assert runlog.differences({"seed": 0}, {"seed": 3}) == ["seed: 0 -> 3"]

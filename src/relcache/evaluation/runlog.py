@@ -163,9 +163,29 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and _canonical(a) != _canonical(b):
+            def named(x: Any) -> Any:  # a method's record by its label
+                return x.get("label", x) if isinstance(x, dict) else x
+
+            gone = [named(x) for x in a if _canonical(x) not in {_canonical(y) for y in b}]
+            new_items = [named(x) for x in b if _canonical(x) not in {_canonical(y) for y in a}]
+            what = [f"not in the new run: {_short(gone)}"] * bool(gone)
+            what += [f"new: {_short(new_items)}"] * bool(new_items)
+            out.append(f"{prefix}{key}: {len(a)} -> {len(b)} items; "
+                       + ("; ".join(what) or "the same items in another order"))
         elif _canonical(a) != _canonical(b):
-            out.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+            out.append(f"{prefix}{key}: {' -> '.join(_from_difference(_canonical(a), _canonical(b)))}")
     return out
+
+
+def _from_difference(a: str, b: str) -> tuple[str, str]:
+    """``a`` and ``b`` shortened so that each shows where they start to differ (a long shared start cut)."""
+    same = 0
+    while same < min(len(a), len(b)) and a[same] == b[same]:
+        same += 1
+    if same > 40:
+        a, b = "..." + a[same - 20:], "..." + b[same - 20:]
+    return _cut(a), _cut(b)
 
 
 def _canonical(v: Any) -> str:
@@ -173,7 +193,10 @@ def _canonical(v: Any) -> str:
 
 
 def _short(v: Any) -> str:
-    s = _canonical(v)
+    return _cut(_canonical(v))
+
+
+def _cut(s: str) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
