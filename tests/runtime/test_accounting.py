@@ -97,3 +97,21 @@ def test_split_cfg_stats_count_the_uncond_context_own_full_steps():
     assert cond.flops_fraction == 1.0 and uncond.flops_fraction == 0.4
     assert st.flops_fraction == (cond.executed_flops + uncond.executed_flops) / (cond.full_flops + uncond.full_flops)
     assert st.flops_fraction == 0.7
+
+
+def test_printed_stats_are_a_short_summary_of_the_same_numbers():
+    """``print(stats)`` gives a few lines (the README's one-line example prints it); ``repr`` keeps every field."""
+    ctxs = {name: dataclasses.replace(c, cache_storage="bfloat16") for name, c in _two_contexts().items()}
+    st = dataclasses.replace(combine("RFC(NFC=5, m=2)", ctxs, shared_bytes=0, modules=MODULES),
+                             peak_cache_bytes=3 * 2**20)
+    assert str(st).splitlines() == [
+        "RFC(NFC=5, m=2): NFC 7 of 12 steps, full at [0, 1, 2, 4, 5, 6, 8]",
+        "  FLOPs: 48.0% of full computation in the cached modules, 47.2% in the whole transformer",  # 17/36
+        "  caches: peak 3.0 MiB, held bfloat16, 2 cached modules",
+        "  CFG-Cache: 2 unconditional halves skipped",
+        "  RCS: up to 2 samples with a non-finite input error at a step",
+        "  context 'cond': NFC 3 of 10, full at [0, 1, 5]",
+        "  context 'uncond': NFC 5 of 12, full at [0, 2, 4, 6, 8]"]
+    assert "input_errors" in repr(st)
+    off = dataclasses.replace(st, flops_unknown="FLOP counting is turned off")
+    assert str(off).splitlines()[1] == "  FLOPs: unknown (FLOP counting is turned off)"

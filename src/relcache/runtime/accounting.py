@@ -391,6 +391,28 @@ class CacheStats:
     peak_cache_bytes_by_kind: dict[str, int] = field(default_factory=dict)
     experts: dict[str, CacheStats] = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        """A few lines for ``print(stats)``: the budget, the full steps, FLOPs and memory (``repr`` holds every
+        field, per-step errors included)."""
+        lines = [f"{self.method}: NFC {self.nfc} of {self.num_steps} steps, full at {self.full_steps}"]
+        if self.flops_unknown is None:
+            lines.append(f"  FLOPs: {self.flops_fraction:.1%} of full computation in the cached modules, "
+                         f"{self.model_flops_fraction:.1%} in the whole transformer")
+        else:
+            lines.append(f"  FLOPs: unknown ({self.flops_unknown})")
+        storage = sorted({c.cache_storage for c in self.contexts.values() if c.cache_storage})
+        lines.append(f"  caches: peak {self.peak_cache_bytes / 2**20:.1f} MiB"
+                     + (f", held {', '.join(storage)}" if storage else "") + f", {len(self.modules)} cached modules")
+        if self.uncond_skipped:
+            lines.append(f"  CFG-Cache: {self.uncond_skipped} unconditional halves skipped")
+        if self.nonfinite_samples:
+            lines.append(f"  RCS: up to {self.nonfinite_samples} samples with a non-finite input error at a step")
+        if len(self.contexts) > 1:
+            lines += [f"  context {c.name!r}: NFC {c.nfc} of {c.num_steps}, full at {c.full_steps}"
+                      for c in self.contexts.values()]
+        lines += [f"  expert {name!r}: NFC {e.nfc} of {e.num_steps}" for name, e in self.experts.items()]
+        return "\n".join(lines)
+
     @property
     def nfc_per_context(self) -> int:
         """The most full steps one call context ran: what a ``target_nfc`` budget names, since each context (a CFG
