@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from ..errors import ConfigError
-from ..evaluation.bench import BenchMethod, Sampler, default_methods, run_bench, select
+from ..evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, Sampler, default_methods, run_bench, select
 from ..evaluation.pipelines import FAMILY_NAMES
 from .options import (
     _add_condition_options,
@@ -106,9 +106,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             steps_help="denoising steps; with other than 50 each budget keeps the paper's interval, "
                             "and RFC aims at that interval's NFC over these steps", guidance=None)
     _add_condition_options(p)
-    p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7], help="NFC budgets of 50 steps")
+    p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7],
+                   help=f"NFC budgets of 50 steps, of {sorted(INTERVAL_FOR_NFC)} (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
-    p.add_argument("--peers", action="store_true", help="add diffusers' own caches as peers")
+    p.add_argument("--peers", action="store_true",
+                   help="add diffusers' own caches as peers, and cache-dit's where it is installed (the reference "
+                        "model and DiT pipelines only; needs --steps 50)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
     p.add_argument("--only", nargs="+", help="run only methods whose label contains one of these strings")
     p.add_argument("--out", type=_output_dir, default="runs/bench", help="output directory (default: %(default)s)")
