@@ -33,11 +33,19 @@ def _names(message: str, param: str) -> bool:
 
 # -- CustomAdapter -------------------------------------------------------------------------------------------------
 ATTRS = st.sampled_from(["attn", "mlp", "attn.proj", "attn.qkv", "mlp.0"])
-# valid module maps for TinyDiT's blocks: attributes that exist, any kinds, as a dict or a list of pairs
+
+
+def _nested(modules: dict | list) -> bool:
+    """Whether one attribute sits inside another ("attn" and "attn.proj"): refused at enable."""
+    names = [a for a, _ in (modules.items() if isinstance(modules, dict) else modules)]
+    return any(b.startswith(a + ".") for a in names for b in names)
+
+
+# valid module maps for TinyDiT's blocks: attributes that exist and do not nest, any kinds, as a dict or a list of pairs
 VALID_MODULES = st.one_of(
     st.dictionaries(ATTRS, st.sampled_from(KINDS), min_size=1, max_size=3),
     st.lists(st.tuples(ATTRS, st.sampled_from(KINDS)), min_size=1, max_size=3, unique_by=lambda p: p[0]),
-)
+).filter(lambda m: not _nested(m))
 BAD_MODULES = st.one_of(
     st.just({}), st.just([]), st.none(), st.integers(), st.just("attn"),
     st.dictionaries(ATTRS, st.text(max_size=5).filter(lambda k: k not in KINDS), min_size=1, max_size=2),
