@@ -231,4 +231,6 @@ def test_a_refused_resume_shows_what_differs():
         'methods: 2 -> 3 items; not in the new run: ["RFC NFC 14"]; new: ["FORA NFC 14", "RFC NFC 11"]',
         'schedule: ...ld=0.3, target_nfc=14, order=2))" -> ...ld=0.3, target_nfc=11, order=2))"']  # 20 before
     assert runlog.differences({"m": [1, 2]}, {"m": [2, 1]}) == ["m: 2 -> 2 items; the same items in another order"]
+    assert runlog.differences({"c": [1, 1, 2]}, {"c": [1, 2, 2]}) == [
+        "c: 3 -> 3 items; not in the new run: [1]; new: [2]"]  # repeats count (class labels may repeat)
     assert runlog.differences({"seed": 0}, {"seed": 3}) == ["seed: 0 -> 3"]

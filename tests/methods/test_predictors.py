@@ -1,5 +1,6 @@
 """Predictors against hand-computed values (docs/spec.md, §Predictors and §Taylor forecast)."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import needs_cxx
@@ -232,6 +233,9 @@ def test_linear_weight_callable_results_are_checked():
                                               r"a finite number, got "):
             Linear(lambda step, n, bad=bad: bad).weight_at(3, 10)
     assert Linear(lambda step, n: torch.tensor(0.25)).weight_at(1, None) == 0.25
+    assert Linear(lambda step, n: np.array(0.5)).weight_at(1, None) == 0.5  # e.g. scipy's interp1d
+    with pytest.raises(ConfigError, match="Linear's weight"):
+        Linear(lambda step, n: np.array([0.5, 0.5])).weight_at(1, None)
     seen = []
     assert Linear(lambda step, n: seen.append((step, n)) or step / 8).weight_at(2, None) == 0.25
     assert seen == [(2, None)]  # no announced length: None, as documented

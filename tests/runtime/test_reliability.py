@@ -369,5 +369,9 @@ def test_gradient_checkpointing_with_autograd_is_refused_and_without_it_runs():
         assert relcache.stats(model).num_steps == 0
         got = run_loop(model, x, y, steps=6)  # no_grad
         assert relcache.stats(model).full_steps == [0, 1, 4]
+        model.requires_grad_(False)  # nothing needs a gradient: autograd records nothing, nothing to refuse
+        relcache.begin_generation(model, 6)
+        frozen = [model(x, timestep=torch.full((2,), t), class_labels=y).sample for t in (999, 800)]
+        assert not frozen[0].requires_grad
     for a, b in zip(ref, got, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -112,6 +112,8 @@ def test_a_step_is_a_new_or_rewritten_input():
         s.fill_(0.5)
         assert calls.name(y, s) == "default"  # other values in the same timestep object: the next step
         assert calls.name(y, s) == "default.2"
+        y.sub_(1)  # Heun's second call: the latents moved, the timestep's values repeat
+        assert calls.name(y, s) == "default"
     assert calls.name(None, t) == "default"  # no latents found: the default context
     calls.name(x, t)
     calls.forget()  # a call raised: its retry starts the step again

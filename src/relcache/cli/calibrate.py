@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         ratio = done["rel_l1"] / done["rfc_rel_l1"] if done["rfc_rel_l1"] > 0 else float("nan")
         print(f"NFC {nfc}: rel L1 {done['rel_l1']:.4g} on the calibration batch ({ratio:.2f}x RFC's "
               f"{done['rfc_rel_l1']:.4g}; {done['evaluated'] + 2} generations: the search's {done['evaluated']}, full "
-              f"computation's and RFC's{', recorded before' if recorded else ''})\n  {done['use']}", flush=True)
+              f"computation's and RFC's{', recorded before' if recorded else ''})\n  "
+              f"{template.format(order=args.order, steps=done['steps'], num_steps=args.steps)}", flush=True)
     print(f"written: {Path(args.out) / RESULT}")
     return 0
 
@@ -145,7 +146,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "step count: it starts from the steps RFC chooses on a calibration batch and moves each by "
                        "up to --radius while the batch's rel L1 against full computation falls (docs/spec.md, "
                        "'Calibrated full steps'). Prints the configuration to use, e.g. relcache.RFCPlus(full_steps="
-                       "[...]), and writes calibration.json after each budget (--resume continues). Calibrate on "
+                       "relcache.Steps([...], num_steps=N)), and writes calibration.json after each budget "
+                       "(--resume continues). Calibrate on "
                        "other seeds than you evaluate on.")
     p.add_argument("--model", type=_pipeline_dir,
                    help="a local diffusers pipeline directory of a supported family (default: the shipped reference "

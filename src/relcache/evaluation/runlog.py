@@ -16,6 +16,7 @@ Layout of the output directory:
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
@@ -167,8 +168,18 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
             def named(x: Any) -> Any:  # a method's record by its label
                 return x.get("label", x) if isinstance(x, dict) else x
 
-            gone = [named(x) for x in a if _canonical(x) not in {_canonical(y) for y in b}]
-            new_items = [named(x) for x in b if _canonical(x) not in {_canonical(y) for y in a}]
+            def left(xs: list, minus: list) -> list:  # xs without minus's items, each as often as minus has it
+                count = collections.Counter(_canonical(y) for y in minus)
+                out = []
+                for x in xs:
+                    key = _canonical(x)
+                    if count[key]:
+                        count[key] -= 1
+                    else:
+                        out.append(named(x))
+                return out
+
+            gone, new_items = left(a, b), left(b, a)
             what = [f"not in the new run: {_short(gone)}"] * bool(gone)
             what += [f"new: {_short(new_items)}"] * bool(new_items)
             out.append(f"{prefix}{key}: {len(a)} -> {len(b)} items; "

@@ -384,8 +384,11 @@ class Linear(Predictor):
             return rising_weight(step, num_steps)
         if callable(w):  # checked at every call: a NaN or infinite weight would turn every cached output into NaN
             got = w(step, num_steps)
-            if isinstance(got, torch.Tensor) and got.numel() == 1:
-                got = got.item()
+            if hasattr(got, "item") and not isinstance(got, (bool, int, float)):  # a one-element tensor or array
+                try:
+                    got = got.item()
+                except (ValueError, RuntimeError):  # more than one element: refused below
+                    pass
             return check_float(f"Linear's weight, called at step {step} of {num_steps},", got,
                                allowed="a callable returning a finite number")
         return float(w)

@@ -138,20 +138,23 @@ class UncontextedCalls:
     same (the same object, or equal values): a step's calls share the latents and the timestep, while every new step
     passes a new or rewritten tensor, or another timestep. Values are read only where the input tensor matched and
     the timestep is another tensor object (FLUX.1 Kontext divides it anew for each call): one host read per extra
-    call of a step. Inference tensors have no version counter: there the timestep's values are also compared when
-    it is the same object (a static-buffer loop refills it in place), one host read per call.
+    call of a step. Inference tensors have no version counter: there the latents' values are compared with a copy
+    kept from the previous call, and the timestep's too when it is the same object (a static-buffer loop refills
+    both in place): a copy of the latents and one or two host reads per call.
     """
 
     def __init__(self) -> None:
         self._prev: weakref.ref | None = None
         self._version: int | None = None
         self._timestep: Any = None
-        self._value: torch.Tensor | None = None  # the timestep's values, kept for inference tensors (no version)
+        # inference tensors (no version counter): the latents' and the timestep's values, kept to compare
+        self._latents: torch.Tensor | None = None
+        self._value: torch.Tensor | None = None
         self._calls = 0  # calls of the current step so far
 
     def forget(self) -> None:
         """The next call starts a step (a call raised, or the generation ended)."""
-        self._prev, self._timestep, self._value, self._calls = None, None, None, 0
+        self._prev, self._timestep, self._latents, self._value, self._calls = None, None, None, None, 0
 
     def name(self, x: Any, timestep: Any) -> str:
         """The context of a call with latents ``x`` (``Adapter.hidden_of``; None where it has none) and ``timestep``
@@ -165,14 +168,24 @@ class UncontextedCalls:
             version = None
         same = (self._prev is not None and self._prev() is x and version == self._version
                 and _same_timestep(timestep, self._timestep))
-        if same and version is None and timestep is self._timestep and isinstance(timestep, torch.Tensor):
+        if same and version is None:
             # inference tensors: a static-buffer loop (CUDA graphs) refills the same latents and timestep in place,
-            # and nothing but the timestep's values tells its next step from another call of the same step
-            same = self._value is not None and bool(torch.equal(timestep, self._value))
+            # and only their values tell its next step from another call of the same step (Heun repeats timesteps)
+            same = self._latents is not None and bool(torch.equal(x, self._latents))
+            if same and timestep is self._timestep and isinstance(timestep, torch.Tensor):
+                same = self._value is not None and bool(torch.equal(timestep, self._value))
         self._calls = self._calls + 1 if same else 1
         self._prev, self._version, self._timestep = weakref.ref(x), version, timestep
-        self._value = timestep.clone() if version is None and isinstance(timestep, torch.Tensor) else None
+        inference = version is None
+        self._latents = x.clone() if inference else None
+        self._value = timestep.clone() if inference and isinstance(timestep, torch.Tensor) else None
         return DEFAULT_CONTEXT if self._calls == 1 else f"{DEFAULT_CONTEXT}.{self._calls}"
+
+
+def _records(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether autograd records a call (grad mode on): some tensor argument or parameter needs a gradient."""
+    tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
 
 
 def _same_timestep(a: Any, b: Any) -> bool:
@@ -230,7 +243,8 @@ class StepHook(ModelHook):
         forward = self.fn_ref.original_forward
         if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
             return forward(*args, **kwargs)
-        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
+        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False) and _records(module, args,
+                                                                                                     kwargs):
             raise ConfigError(CHECKPOINTING_REASON)
         try:  # a start that raises ends the call too: nothing of it stays current
             compiled = _under_compile()
