@@ -139,8 +139,8 @@ class UncontextedCalls:
     passes a new or rewritten tensor, or another timestep. Values are read only where the input tensor matched and
     the timestep is another tensor object (FLUX.1 Kontext divides it anew for each call): one host read per extra
     call of a step. Inference tensors have no version counter: there the latents' values are compared with a copy
-    kept from the previous call, and the timestep's too when it is the same object (a static-buffer loop refills
-    both in place): a copy of the latents and one or two host reads per call.
+    kept from the previous call once the same tensor came twice, and the timestep's when it is the same object (a
+    static-buffer loop refills both in place): then a copy of the latents and one or two host reads per call.
     """
 
     def __init__(self) -> None:
@@ -166,19 +166,21 @@ class UncontextedCalls:
             version = x._version
         except RuntimeError:  # an inference tensor: no version counter
             version = None
-        same = (self._prev is not None and self._prev() is x and version == self._version
-                and _same_timestep(timestep, self._timestep))
+        again = self._prev is not None and self._prev() is x  # the very tensor the previous call got
+        same = again and version == self._version and _same_timestep(timestep, self._timestep)
         if same and version is None:
             # inference tensors: a static-buffer loop (CUDA graphs) refills the same latents and timestep in place,
             # and only their values tell its next step from another call of the same step (Heun repeats timesteps)
-            same = self._latents is not None and bool(torch.equal(x, self._latents))
+            if self._latents is not None:
+                same = bool(torch.equal(x, self._latents))
             if same and timestep is self._timestep and isinstance(timestep, torch.Tensor):
                 same = self._value is not None and bool(torch.equal(timestep, self._value))
         self._calls = self._calls + 1 if same else 1
         self._prev, self._version, self._timestep = weakref.ref(x), version, timestep
-        inference = version is None
-        self._latents = x.clone() if inference else None
-        self._value = timestep.clone() if inference and isinstance(timestep, torch.Tensor) else None
+        # the latents' values are kept once the same inference tensor came twice (a static buffer, or a step's second
+        # call), the timestep's always (small): a first repeat is told apart by the timestep alone
+        self._latents = x.clone() if again and version is None else None
+        self._value = timestep.clone() if version is None and isinstance(timestep, torch.Tensor) else None
         return DEFAULT_CONTEXT if self._calls == 1 else f"{DEFAULT_CONTEXT}.{self._calls}"
 
 
