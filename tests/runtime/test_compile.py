@@ -507,3 +507,67 @@ def test_fullgraph_compile_fails_with_relcaches_reason():
     finally:
         relcache.disable(model)
         torch._dynamo.reset()
+
+
+def test_batch_modulation_with_other_step_counts_stays_within_the_recompile_limit():
+    """Batch modulation's table holds a row per step and is read in the graph: each step count now gets entry frames
+    of its own (``Session.call_kind``). Before, 10, 14, 20 and 25 steps recompiled under the same frames until
+    dynamo's limit, and from then on steps of those counts ran eagerly in every generation."""
+    graphs, backend = _recording()
+    hits, handler = _limit_hits()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    model = tiny_dit(layers=ONE_BLOCK)
+    eager_calls = _count_eager_calls(model)
+    relcache.enable(model, TaylorSeer(3), batch_modulation=True)
+    compiled = torch.compile(model, backend=backend)
+    x, y = _inputs(False)
+    counts = []
+    try:
+        for steps in (10, 14, 20, 25, 14, 20, 10):
+            timesteps = [999 - i * (999 // steps) for i in range(steps)]
+            relcache.begin_generation(compiled, timesteps=timesteps)
+            eager_calls.clear()
+            before = len(graphs)
+            run_loop(compiled, x, y, steps=steps, begin=False, timesteps=timesteps)
+            counts.append((len(graphs) - before, len(eager_calls)))
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    assert not hits, hits
+    assert counts[4:] == [(0, 0)] * 3, counts  # a step count seen before: nothing compiled, nothing eager
+
+
+def test_regional_compile_compiles_the_blocks_and_counts_their_flops():
+    """``compile_repeated_blocks`` with relcache enabled first (FLOPs counted, the default). relcache measures FLOPs
+    under a dispatch mode at a new call signature's first call, where dynamo refuses to compile and marks the code it
+    met skipped for good: the blocks were never compiled in that process. They now run eagerly while a call is
+    measured, and compile afterwards. The modules inside compiled blocks count nothing themselves; the call's end
+    counts them as whole-model compile does: the same FLOP fractions as eager (they were 0.2 against 0.4)."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from families import flux_kwargs, flux_pipe
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    def generate(pipe):
+        out = pipe(**flux_kwargs(), num_inference_steps=10, generator=torch.manual_seed(0), output_type="pt").images
+        return out, relcache.stats(pipe)
+
+    torch._dynamo.reset()
+    pipe = flux_pipe()
+    relcache.enable(pipe, TaylorSeer(3))
+    try:
+        want, eager = generate(pipe)
+        relcache.disable(pipe)
+        relcache.enable(pipe, TaylorSeer(3))
+        pipe.transformer.compile_repeated_blocks(backend="aot_eager")
+        got, regional = generate(pipe)
+        compiled = {c.__name__: len(_debug_get_cache_entry_list(c.forward.__code__))
+                    for c in (FluxTransformerBlock, FluxSingleTransformerBlock)}
+    finally:
+        relcache.disable(pipe)
+        torch._dynamo.reset()
+    assert all(n > 0 for n in compiled.values()), compiled
+    assert regional.full_steps == eager.full_steps == [0, 1, 4, 7]
+    assert regional.flops_fraction == pytest.approx(eager.flops_fraction) and eager.flops_fraction == pytest.approx(0.4)
+    assert regional.model_flops_fraction == pytest.approx(eager.model_flops_fraction)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -62,10 +62,31 @@ class _TotalOnly:
         return None
 
 
+class _EagerFlopCounter(FlopCounterMode):
+    """A ``FlopCounterMode`` under which every ``torch.compile``'d function runs eagerly
+    (``torch.compiler.set_stance("force_eager")``): dynamo refuses to compile under a dispatch mode and marks the code
+    it met then as skipped for good, so a regional compile's blocks (``compile_repeated_blocks``) reached by a measured
+    call were never compiled in that process (found by review, 2026-12-04)."""
+
+    def __enter__(self) -> _EagerFlopCounter:
+        self._stance = torch.compiler.set_stance("force_eager")  # set now, restored by its __exit__
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._stance.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._stance.__exit__(None, None, None)
+
+
 def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` that also counts CPU attention and tracks no modules (totals only); use as a
-    context manager."""
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA)
+    """A silent ``FlopCounterMode`` that also counts CPU attention and tracks no modules (totals only), with every
+    compiled function run eagerly while it counts; use as a context manager."""
+    counter = _EagerFlopCounter(display=False, custom_mapping=_EXTRA)
     counter.mod_tracker = _TotalOnly()  # torch 2.13's attribute: entered and exited by the mode, read per count
     return counter
 
@@ -204,6 +225,7 @@ class FlopMeter:
         self.counter: FlopCounterMode | None = None  # around the whole transformer call, while one measures
         self.shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
         self.counted = False  # the current call ran eagerly and was counted by ``run_call``
+        self.reported: set[int] = set()  # the cached modules that counted themselves in the current call
         self.unknown: str | None = None if enabled else COUNTING_OFF  # why FLOPs are not counted
 
     def run_call(
@@ -291,13 +313,31 @@ class FlopMeter:
 
     def count_computed(self, counters: Counters, idx: int, shapes: Shapes, scale: int) -> None:
         """Module ``idx`` ran on ``shapes``."""
+        self.reported.add(idx)
         flops = self.module.get((idx, shapes), 0.0)
         counters.executed += flops
         counters.full += flops * scale
 
     def count_forecast(self, counters: Counters, idx: int, shapes: Shapes, scale: int) -> None:
         """Module ``idx`` was forecast instead of running on ``shapes``."""
+        self.reported.add(idx)
         counters.full += self.module_flops(idx, shapes) * scale
+
+    def count_unreported(self, counters: Counters, full: bool, call_shapes: dict[int, Shapes], scale: int) -> None:
+        """The cached modules of a call counted by ``run_call`` that did not count themselves: they ran inside
+        compiled code while the step itself did not (a regional compile's blocks, ``compile_repeated_blocks``), where
+        nothing counts. As in ``count_compiled_call``, each computed at a full step and forecast otherwise (before
+        2026-12-04 they were left out, and the FLOP fractions came out wrong without notice: found by review)."""
+        for idx, shapes in call_shapes.items():
+            if idx in self.reported:
+                continue
+            flops = self.module_flops(idx, shapes)
+            counters.full += flops * scale
+            counters.model_full += flops * scale
+            if full:
+                counters.executed += flops
+                counters.model_executed += flops
+        self.reported.clear()
 
     def count_compiled_call(self, counters: Counters, full: bool, call_shapes: dict[int, Shapes],
                             sig: tuple[Any, ...], scale: int) -> None:

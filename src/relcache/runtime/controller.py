@@ -257,11 +257,15 @@ class Session(ModuleCalls):
 
     def call_kind(self) -> Hashable:
         """The running call's kind as the host knows it before the forward: its context, the shapes the forward gets,
-        its row groups, CFG-Cache's plan and, where already decided, whether the step is full. Each kind runs under an
+        its row groups, CFG-Cache's plan, where already decided whether the step is full, and with batch modulation
+        the step count. Each kind runs under an
         entry frame of its own (``hooks.StepHook``), so that each has dynamo's recompile limit to itself."""
         ctx = self.current
         full = ctx.schedule.full if ctx.schedule.decided else None
-        return ctx.name, self._call_sig, tuple(ctx.cfg.group_names()), ctx.cfg.store, full
+        # batch modulation's table has a row per step, read in the graph: a new step count gets frames of its own,
+        # else each one recompiled under the same frames until dynamo's limit, past which steps ran eagerly for good
+        steps = self.generations.num_steps if self.modulation is not None else None
+        return ctx.name, self._call_sig, tuple(ctx.cfg.group_names()), ctx.cfg.store, full, steps
 
     def _rehearsable(self, first: tuple[Any, ...] | None) -> bool:
         """Whether an eager first call may run again compiled (``rehearse``): not yet rehearsed, its context the
@@ -385,6 +389,9 @@ class Session(ModuleCalls):
             # dynamo ran eagerly
             self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
                                            self._call_sig, ctx.cfg.batch_scale)
+        elif ctx is not None and self.meter.counted and self._completed and self.meter.unknown is None:
+            self.meter.count_unreported(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes, ctx.cfg.batch_scale)
+        self.meter.reported.clear()
         self._compiled_call = self.meter.counted = self.first_call = False
         if ctx is not None:
             end_step(ctx, self._completed)
