@@ -313,6 +313,15 @@ class StaticCaches:
             buf.copy_(value)
         return buf
 
+    def detach(self) -> None:
+        """Drop the autograd history the buffers took from values written under autograd (a loop without
+        ``torch.no_grad()``), in place, at their addresses: they outlive the generation, and each write chained onto
+        the last, so the graph (saved activations included) grew generation after generation, and buffers that
+        needed a gradient made the next generation recompile (found by review, 2026-12-04)."""
+        for buf in self.buffers.values():
+            if buf.grad_fn is not None or buf.requires_grad:
+                buf.detach_()
+
     def hold(self, key: object, t: torch.Tensor | Held | None) -> torch.Tensor | Held | None:
         """``put`` for a stored tensor: a ``Held`` has its data and scale put (under ``key`` with a suffix)."""
         if t is None:

@@ -145,6 +145,7 @@ class Session(ModuleCalls):
         if not rehearsal:
             self.budget.end_generation(self.contexts)
             self.rehearsals.settle(self.static.epoch)  # buffers made anew after its first call fit it too
+        self.static.detach()
         for group in self.shared:
             group.new_generation()
         self.contexts = {}
