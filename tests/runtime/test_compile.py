@@ -612,3 +612,43 @@ def test_a_compiled_loop_with_autograd_on_keeps_no_history_across_generations():
         torch._dynamo.reset()
     assert counts[0] > 0 and counts[1:] == [0, 0, 0], counts
     assert nodes[1] == nodes[2] == nodes[3], nodes
+
+
+def test_cfg_cache_reads_no_step_number_in_the_graph():
+    """CFG-Cache records the step its delta was stored at. It was set inside the (compiled) call from the context's
+    step, so the graph was guarded on the step number and other step counts recompiled on it. It is now set on the
+    host at the call's end: no recompilation names the step, and repeating step counts compiles nothing."""
+    config = dataclasses.replace(FORA(3), cfg_cache=CFGCache(interval=3, align=False))
+    graphs, backend = _recording()
+    reasons: list[str] = []
+
+    class _Reasons(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "recompil" in record.getMessage().lower():
+                reasons.append(record.getMessage())
+
+    handler = _Reasons()
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch._dynamo.guards", "torch.__recompiles")]
+    torch._logging.set_logs(recompiles=True)
+    for logger in loggers:
+        logger.addHandler(handler)
+    model = tiny_dit(layers=ONE_BLOCK)
+    relcache.enable(model, config, adapter=_NoSharing())
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x, y = torch.cat([x, x]), torch.tensor([1, 1000])
+    try:
+        for steps in (6, 8, 10):
+            run_loop(compiled, x, y, steps=steps)
+        first = len(graphs)
+        for steps in (6, 8, 10):
+            run_loop(compiled, x, y, steps=steps)
+        skipped = relcache.stats(compiled).uncond_skipped
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        torch._logging.set_logs()
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    assert not [r for r in reasons if ".step" in r], reasons  # before: "... host.current.step == 3", and others
+    assert len(graphs) == first and skipped > 0

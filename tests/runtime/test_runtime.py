@@ -267,8 +267,11 @@ def test_cfg_delta_is_usable_only_for_the_shape_it_was_stored_for():
     state = CFGState()
     assert not state.usable((1, 4, 8, 8))
     cond, uncond = torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)
-    state.store(CFGCache(), uncond, cond, (1, 4, 8, 8), step=3)
-    assert state.usable((1, 4, 8, 8))
+    state.store(CFGCache(), uncond, cond, (1, 4, 8, 8))
+    state.settle(3)
+    assert state.usable((1, 4, 8, 8)) and state.refreshed == 3 and not state.stored
+    state.settle(4)  # nothing stored since: the refresh step stays
+    assert state.refreshed == 3
     for other in ((1, 4, 12, 12), (2, 4, 8, 8), (1, 4, 8)):
         assert not state.usable(other), other
 

@@ -114,16 +114,19 @@ class CFGState:
         self.cond: SplitCond | None = None  # the latest "cond" call (step and shape), set at its start
         self.cond_output: Any = None  # its output, set when it returns
         self.cond_progress: Any = None  # its context's ScheduleProgress: whether that step was full
-        self.refreshed: int | None = None  # the step the delta was stored at
+        self.refreshed: int | None = None  # the step the delta was stored at (set on the host at the call's end)
+        # a delta was stored in the running call: a constant set in (possibly compiled) code, where reading the step
+        # would guard the graph on it (a new step count recompiled), turned into ``refreshed`` by ``settle``
+        self.stored = False
         self.cond_calls = 0  # the "cond" calls planned so far
         self.uncond_step: int | None = None  # the step of the latest "uncond" call planned (skipped or not)
 
-    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...], step: int,
+    def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...],
               grid: SpatialGrid | None = None, static: StaticCaches | None = None) -> None:
-        """Keep ``(ΔLF, ΔHF)`` of step ``step``; ``grid`` puts token outputs in image layout first
-        (``Adapter.spatial_grid``). ``static``: a compiled context's buffers, which the deltas are copied into (in a
-        graph, a write into static inputs), so that no graph outputs a tensor kept for later steps (docs/spec.md,
-        §Capture)."""
+        """Keep ``(ΔLF, ΔHF)`` of the running call's step (``settle`` records which); ``grid`` puts token outputs in
+        image layout first (``Adapter.spatial_grid``). ``static``: a compiled context's buffers, which the deltas are
+        copied into (in a graph, a write into static inputs), so that no graph outputs a tensor kept for later steps
+        (docs/spec.md, §Capture)."""
         if grid is not None:
             uncond, cond = grid[0](uncond), grid[0](cond)
         low, high = cfg.deltas(uncond, cond)
@@ -132,7 +135,12 @@ class CFGState:
         self.delta = (low, high)
         self.delta_shape = shape
         self.scale = (1.0, 1.0)
-        self.refreshed = step
+        self.stored = True
+
+    def settle(self, step: int) -> None:
+        """At a call's end, on the host: a delta stored in it was stored at ``step``."""
+        if self.stored:
+            self.refreshed, self.stored = step, False
 
     @property
     def nbytes(self) -> int:
@@ -321,8 +329,7 @@ class CFGRunner:
         if self._stores(ctx):  # only a step inside the window can use the delta
             sample = sample_of(out)
             half_shape = (batch // 2, *hidden.shape[1:])
-            self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, ctx.step, routing.grid,
-                             ctx.static)
+            self.state.store(self.cfg, sample[uncond_rows], sample[cond_rows], half_shape, routing.grid, ctx.static)
         return out
 
     def _reserve(self, ctx: Context, half: Callable[[], torch.Tensor], args: tuple[Any, ...],
@@ -369,6 +376,5 @@ class CFGRunner:
         self._reserve(ctx, lambda: sample_of(out), args, kwargs)
         if self._stores(ctx):
             shape = tuple(self.adapter.hidden_of(args, kwargs).shape)
-            state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, ctx.step, routing.grid,
-                        ctx.static)
+            state.store(self.cfg, sample_of(out), sample_of(state.cond_output), shape, routing.grid, ctx.static)
         return out

@@ -398,6 +398,8 @@ class Session(ModuleCalls):
             end_step(ctx, self._completed)
             ctx.note_peak()
         if self.cfg is not None:  # CFG-Cache's deltas and a split "cond" output waiting for its pair
+            if ctx is not None:
+                self.cfg.state.settle(ctx.step)
             self.cfg_peak = max(self.cfg_peak, self.cfg.state.nbytes)
         self._completed = False
         self.current = None
