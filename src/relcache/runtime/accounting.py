@@ -337,7 +337,6 @@ class FlopMeter:
             if full:
                 counters.executed += flops
                 counters.model_executed += flops
-        self.reported.clear()
 
     def count_compiled_call(self, counters: Counters, full: bool, call_shapes: dict[int, Shapes],
                             sig: tuple[Any, ...], scale: int) -> None:

@@ -245,8 +245,8 @@ class StepHook(ModelHook):
         forward = self.fn_ref.original_forward
         if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
             return forward(*args, **kwargs)
-        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False) and _records(module, args,
-                                                                                                     kwargs):
+        checkpointing = getattr(module, "gradient_checkpointing", False)
+        if checkpointing and torch.is_grad_enabled() and _records(module, args, kwargs):
             raise ConfigError(CHECKPOINTING_REASON)
         try:  # a start that raises ends the call too: nothing of it stays current
             compiled = _under_compile()
