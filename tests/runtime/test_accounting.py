@@ -4,6 +4,7 @@ hand-computed numbers."""
 import dataclasses
 import math
 
+import pytest
 import torch
 from conftest import tiny_dit
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
@@ -115,3 +116,34 @@ def test_printed_stats_are_a_short_summary_of_the_same_numbers():
     assert "input_errors" in repr(st)
     off = dataclasses.replace(st, flops_unknown="FLOP counting is turned off")
     assert str(off).splitlines()[1] == "  FLOPs: unknown (FLOP counting is turned off)"
+
+
+def test_out_of_memory_inside_a_measured_call_propagates_and_leaves_counting_on(monkeypatch):
+    """An out-of-memory error raised under the FLOP counter's dispatch mode is the model's, not counting's: it
+    propagates at once (before 2026-12-04 the call ran again uncounted, which on an H200 failed again while the first
+    run's traceback held its tensors, and where it fit, FLOP counting was turned off with a wrong reason)."""
+    from torch.utils import flop_counter
+
+    from relcache.runtime import accounting
+    from relcache.runtime.controller import Session
+
+    original = flop_counter._FlopCounterMode.__torch_dispatch__  # the dispatch mode torch's counter enters
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # the frame name counting errors are told by
+        if func is torch.ops.aten.gelu.default:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 54.00 MiB (simulated)")
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(flop_counter._FlopCounterMode, "__torch_dispatch__", __torch_dispatch__)
+    model = tiny_dit()
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 7])
+    relcache.enable(model, FORA(2))
+    calls = []
+    monkeypatch.setattr(accounting.FlopMeter, "_uncounted", lambda self, *a: calls.append(a))
+    relcache.begin_generation(model, 4)
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        model(x, timestep=torch.full((2,), 999), class_labels=labels)
+    assert calls == []  # not run again uncounted
+    session = relcache.api._session(model)
+    assert isinstance(session, Session) and session.meter.unknown is None  # counting stays on
+    relcache.disable(model)

@@ -120,7 +120,11 @@ def _forget_torch_code() -> None:
 def _from_counting(err: BaseException) -> bool:
     """Whether ``err`` came from FLOP counting rather than from the model: raised inside a dispatch mode (torch's
     FLOP counter or one under it) or by torch's dispatcher finding no rule for an operator under such a mode (flex
-    attention's higher-order operator). An error of the model's own propagates as it would without relcache."""
+    attention's higher-order operator). An error of the model's own propagates as it would without relcache. Running
+    out of memory is never counting's fault, even inside its mode: rerunning uncounted while the failed run's
+    traceback still holds its tensors failed again and hid the first error (FLUX.1 on an H200, 2026-12-04)."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return False
     tb = err.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code

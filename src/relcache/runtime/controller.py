@@ -121,10 +121,26 @@ class Session(ModuleCalls):
             self.generations.watch(pipeline)
 
     def detach(self) -> None:
-        """Remove every hook and patch, leaving modules exactly as they were."""
+        """Remove every hook and patch, leaving modules exactly as they were, and drop every tensor the session
+        holds. The session, its hooks and its contexts refer to each other, so without the drop its caches (6 to 23
+        GiB on FLUX.1 at 1024x1024) lived on after ``disable`` until Python's cycle collector ran: enabling method
+        after method on a GPU ran out of memory (measured on an H200, 2026-12-04)."""
         for _, hooks in reversed(self._roots()):
             hooks.detach()
         self.generations.unwatch()
+        self.contexts, self.current = {}, None
+        self._computing.clear()
+        self.static = StaticCaches()
+        for step_hook in self.step_hooks:
+            step_hook.release()
+        self.step_hooks = []
+        self.prober, self.probing = Prober(), None
+        self.modulation = None  # its tables; no hook reads it any more
+        for group in self.shared:
+            group.new_generation()
+        for part in (self.cfg, self.reducer, self.experts):
+            if part is not None:
+                part.reset()
 
     def _roots(self) -> list[tuple[nn.Module, Attachment]]:
         """Each transformer the session serves (one, or the experts in order) and its hooks."""

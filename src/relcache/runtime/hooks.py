@@ -241,6 +241,12 @@ class StepHook(ModelHook):
         self._entries: dict[tuple[bool, Hashable] | None, Any] = {}
         self._uncontexted = UncontextedCalls()
 
+    def release(self) -> None:
+        """Drop what the hook holds between calls (the last latents and timestep, the compiled entry frames): it
+        refers to itself through ``new_forward``, so once removed it lives on until the cycle collector runs."""
+        self._uncontexted.forget()
+        self._entries.clear()
+
     def _step(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         if self.host.adapter.extra_call(args, kwargs):  # the plain model: no step, no cache, no FLOPs counted
