@@ -5,9 +5,11 @@ directly on the device in bfloat16 with random weights, generates at 1024x1024 (
 tokens) with 28 Euler steps, batch 1 (FLUX.1-dev is guidance-distilled: no CFG batch). For full computation,
 FORA, TaylorSeer and RFC at about 3.5x and 7x fewer full steps, and diffusers' TaylorSeer and First-Block caches
 on the same model, it reports wall time, speed-up, % of the ideal T/NFC, NFC (counted where the last double block's
-attention really ran), peak memory and relcache's cache bytes. Methods are interleaved per repeat; medians.
+attention really ran), peak memory and relcache's cache bytes. Methods are interleaved per repeat; medians. Each method
+is enabled afresh in every round and primed with one untimed call (relcache's FLOP measurement); each generation's
+time is printed as it ends and the JSON is written after every round, so a run cut short keeps what it measured.
 
-    python benchmarks/flux_speed.py --out flux.json                         # on a GPU (estimated 1.5 min on an H200)
+    python benchmarks/flux_speed.py --out flux.json   # on a GPU: about 2 min on an H200 (about 4 s a generation)
     python benchmarks/flux_speed.py --compile default --methods "RFC 3.5x"   # compiled rows (minutes to compile)
     python benchmarks/flux_speed.py --smoke                               # rehearsal on the CPU, tiny shapes
 """
@@ -15,10 +17,12 @@ attention really ran), peak memory and relcache's cache bytes. Methods are inter
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,10 +110,39 @@ class _AttentionRuns:
         self.runs.zero_()
 
 
-def methods(steps: int) -> dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]]:
+
+def prime(model: FluxTransformer2DModel, fixed: dict[str, torch.Tensor], image_tokens: int, steps: int,
+          device: str, dtype: torch.dtype) -> None:
+    """One untimed call right after an enable: relcache measures FLOPs at the first call of each input shape, once
+    per enable, which a serving process pays once (as speed.py's ``prime``)."""
+    if relcache.is_enabled(model):
+        relcache.begin_generation(model, steps)
+    x = torch.zeros(1, image_tokens, 64, device=device, dtype=dtype)
+    with torch.no_grad(), model.cache_context("cond"):
+        model(hidden_states=x, timestep=torch.ones(1, device=device, dtype=dtype), return_dict=False, **fixed)
+
+
+def table_rows(mode: str | None, times: dict[str, list[float]], info: dict[str, dict[str, Any]], steps: int,
+               ) -> list[dict[str, Any]]:
+    """The rows of the methods timed so far (medians), against the plain model's time; none before it is timed."""
+    if not times.get("full"):
+        return []
+    t_full = statistics.median(times["full"])
+    rows = []
+    for name, ts in times.items():
+        if not ts:
+            continue
+        t, nfc = statistics.median(ts), info[name]["nfc"]
+        ideal = steps / nfc if nfc else float("nan")
+        rows.append(dict(method=name, compile=mode or "eager", time_s=t, speedup=t_full / t, ideal=ideal,
+                         pct_of_ideal=100 * (t_full / t) / ideal, steps=steps, repeats=len(ts), **info[name]))
+    return rows
+
+def methods(steps: int, count_flops: bool = True,
+            ) -> dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]]:
     """name -> (attach, detach): relcache's at NFC about T/3.5 and T/7, and diffusers' peers."""
     def rel(config: relcache.CacheConfig) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
-        return (lambda m: relcache.enable(m, config)), relcache.disable
+        return (lambda m: relcache.enable(m, config, count_flops=count_flops)), relcache.disable
 
     def peer(config: Any) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
         return (lambda m: m.enable_cache(config)), (lambda m: m.disable_cache())
@@ -137,14 +170,19 @@ def main() -> None:
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                         help="also time each method under torch.compile(mode=MODE), e.g. default reduce-overhead")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--no-count-flops", action="store_true",
+                        help="enable relcache with count_flops=False (its first call then runs without torch's FLOP "
+                             "counter; the timed generations are the same either way)")
     args = parser.parse_args()
+    # a primed call starts a generation it does not finish, on purpose: not worth a warning each
+    warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     steps = args.steps or (8 if args.smoke else 28)
     image_tokens, text_tokens = (16, 8) if args.smoke else (4096, 512)
     if steps < 4 or args.repeats < 1:
         parser.error("--steps must be >= 4 and --repeats >= 1")
-    table = methods(steps)
+    table = methods(steps, count_flops=not args.no_count_flops)
     chosen = args.methods or list(table)
     unknown = [m for m in chosen if m not in table]
     if unknown:
@@ -164,7 +202,7 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; FLUX "
           f"{model.config.num_layers}+{model.config.num_single_layers} blocks, {image_tokens}+{text_tokens} tokens, "
           f"{steps} steps, {dtype}", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mode in [None, *args.compile]:
         times: dict[str, list[float]] = {m: [] for m in chosen}
         info: dict[str, dict[str, Any]] = {}
@@ -181,23 +219,34 @@ def main() -> None:
             info[name] = dict(nfc=probe.count,
                               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
                               cache_gib=(stats.cache_bytes / 2**30) if stats else 0.0)
+            print(f"  {name}: {times[name][-1]:.2f} s, NFC {probe.count}", flush=True)
 
-        if mode is None:  # eager: one untimed generation each (FLOP measurement), then interleaved repeats
-            for name in chosen:
-                attach, detach = table[name]
-                attach(model)
-                try:
-                    generate(model, fixed, image_tokens, steps, device, dtype)
-                finally:
-                    detach(model)
+        def save(times: dict[str, list[float]] = times, info: dict[str, dict[str, Any]] = info,
+                 mode: str | None = mode, before: tuple[dict[str, Any], ...] = tuple(rows)) -> None:
+            if args.out is not None:  # after every round: an interrupted run keeps what finished
+                args.out.write_text(json.dumps([*before, *table_rows(mode, times, info, steps)], indent=1))
+
+        if mode is None:  # eager: the plain model warms the GPU with one untimed generation; then every round
+            # enables each method afresh and primes it with one untimed call (relcache measures FLOPs at an enable's
+            # first call, under torch's FLOP counter: kept out of the timing), then times one generation
+            generate(model, fixed, image_tokens, steps, device, dtype)
             for _ in range(args.repeats):
-                for name in chosen:
+                for name in list(chosen):
                     attach, detach = table[name]
                     attach(model)
                     try:
+                        prime(model, fixed, image_tokens, steps, device, dtype)
                         timed(name, model)
+                    except torch.OutOfMemoryError as err:  # reported and left out: the other methods still run
+                        print(f"{name}: out of memory, left out ({str(err)[:160]})", flush=True)
+                        chosen.remove(name)
+                        times.pop(name, None)
                     finally:
                         detach(model)
+                        gc.collect()  # what a peer's hooks keep in reference cycles (relcache's disable frees at once)
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                save()
         else:  # compiled: each method afresh (an enable makes new hooks, which compiled code guards on)
             for name in chosen:
                 torch._dynamo.reset()
@@ -210,22 +259,19 @@ def main() -> None:
                         timed(name, run)
                 finally:
                     detach(model)
+                    gc.collect()
+                save()
             torch._dynamo.reset()
-        t_full = statistics.median(times["full"])
+        done = table_rows(mode, times, info, steps)
+        rows += done
         label = "eager" if mode is None else f"compiled ({mode})"
-        print(f"\n{label}: full generation {t_full:.2f} s")
+        print(f"\n{label}: full generation {done[0]['time_s']:.2f} s" if done else f"\n{label}: nothing timed")
         print("| method | NFC | time s | speed-up | ideal | % of ideal | peak GiB |")
         print("|---|---|---|---|---|---|---|")
-        for name in chosen:
-            t, nfc = statistics.median(times[name]), info[name]["nfc"]
-            ideal = steps / nfc if nfc else float("nan")
-            row = dict(method=name, compile=mode or "eager", time_s=t, speedup=t_full / t, ideal=ideal,
-                       pct_of_ideal=100 * (t_full / t) / ideal, steps=steps, **info[name])
-            rows.append(row)
-            print(f"| {name} | {nfc} | {t:.2f} | {row['speedup']:.2f}x | {ideal:.2f}x | {row['pct_of_ideal']:.1f} | "
-                  f"{row['peak_gib']:.1f} |", flush=True)
-        if args.out is not None:  # written after each mode: an interrupted run keeps what finished
-            args.out.write_text(json.dumps(rows, indent=1))
+        for row in done:
+            print(f"| {row['method']} | {row['nfc']} | {row['time_s']:.2f} | {row['speedup']:.2f}x | "
+                  f"{row['ideal']:.2f}x | {row['pct_of_ideal']:.1f} | {row['peak_gib']:.1f} |", flush=True)
+        save()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md in one go, at most 6 minutes on one H200: FLUX.1-dev-shaped (random
-# weights, bfloat16, 1024x1024, 28 steps) against diffusers' own caches, then DiT-XL/2 (bfloat16) launches, syncs and
-# speed, eager, compiled and under CUDA graphs. Each command has its own time limit and writes its output as it goes,
-# most important first, so an over-long step costs only itself.
+# weights, bfloat16, 1024x1024, 28 steps) against diffusers' own caches, then DiT-XL/2 (bfloat16) speed, eager, compiled
+# and under CUDA graphs, host syncs and one cached step's cost and launches. Each command has its own time limit and
+# writes its output as it goes, most important first, so an over-long step costs only itself.
 # Usage: benchmarks/gpu.sh [--smoke] [OUTDIR]   (needs a CUDA GPU and relcache installed or on PYTHONPATH)
 # --smoke rehearses every command on the CPU at tiny sizes (same code paths, float32), so that the GPU run works
 # the first time; on 2 cores it takes about 15 minutes, most of it compiling.
@@ -40,21 +40,27 @@ run() {
   echo "== $name: exit $?, $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 }
 
-# 1. FLUX.1-dev-shaped, eager: relcache's FORA, TaylorSeer and RFC at NFC 8 and 4 of 28, diffusers' caches.
-run flux_eager 120 python3 flux_speed.py "${flux[@]}" --out "$out/flux_eager.json"
-# 2. DiT-XL/2: kernel launches and the cached step's cost (profiled), host syncs (CUDA only).
-run cached_step 35 python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats $rep --profile
-[ $smoke = 1 ] || run syncs 20 python3 syncs.py "${size[@]}" "${dt[@]}"
-# 3. DiT-XL/2 at batch 16 (8 images, CFG batched), eager then compiled (inductor), the methods that matter; compiled
-# runs also time each call of one more generation (--breakdown: first call, full calls, cached calls).
+# The order is by importance and the limits come from the H200 runs of 2026-12-04 (benchmarks/results/
+# gpu-h200-2026-12-04): what the 360 s budget does not reach is skipped, said in gpu.txt. Every command prints and
+# saves as it goes, so a command cut by its limit still leaves what it measured.
+# 1. FLUX.1-dev-shaped, eager: relcache's FORA, TaylorSeer and RFC at NFC 8 and 4 of 28, diffusers' caches (about
+# 4 s a generation: 21 of them).
+run flux_eager 130 python3 flux_speed.py "${flux[@]}" --out "$out/flux_eager.json"
+# 2. DiT-XL/2 at batch 16 (8 images, CFG batched), eager then compiled (inductor), the methods that matter. Compiling
+# three DiT-XL/2 models takes most of a compiled command's limit (inductor's cache on disk shortens the second).
 run speed_b16 45 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA "TaylorSeer m=2" \
   "RFC m=2" --out "$out/speed_b16.json"
 run speed_b16_compiled 105 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
-  "RFC m=2" --compile default --breakdown --out "$out/speed_b16_compiled.json"
-# 3b. The same under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs
-# and compiles as above): caches held in place at stable addresses (docs/spec.md, "Capture").
-run speed_b16_cudagraphs 90 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
+  "RFC m=2" --compile default --out "$out/speed_b16_compiled.json"
+# 2b. The same under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs
+# and compiles as above): caches held in place at stable addresses (docs/spec.md, "Capture"). --breakdown times each
+# call of one more generation (first call, full calls, cached calls): where the graphs' time goes.
+run speed_b16_cudagraphs 95 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
   "RFC m=2" --compile reduce-overhead --breakdown --out "$out/speed_b16_cudagraphs.json"
+# 3. DiT-XL/2: host syncs per generation (CUDA only), then one cached step's time and kernel launches at batch 2.
+# (No --profile here: torch.profiler with CUDA activity did not finish one DiT-XL/2 generation in 55 s there.)
+[ $smoke = 1 ] || run syncs 35 python3 syncs.py "${size[@]}" "${dt[@]}"
+run cached_step 45 python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats $rep
 # 4. FLUX-shaped, compiled: RFC at NFC 8 against the compiled plain model (compiling FLUX takes most of this).
 run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --compile default \
   --out "$out/flux_compiled.json"
