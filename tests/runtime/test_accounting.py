@@ -11,7 +11,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 import relcache
 from relcache import FORA, CFGCache, ContextStats
-from relcache.runtime.accounting import combine
+from relcache.runtime.stats import combine
 
 MODULES = {"blocks.0.attn": "attn", "blocks.0.ff": "mlp"}
 

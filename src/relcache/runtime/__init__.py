@@ -15,8 +15,9 @@ One job per file:
 * ``distributed``: under context parallelism, token reductions summed over the group, and the step's guard.
 """
 
-from .accounting import CacheStats, ContextStats, flop_counter
+from .accounting import flop_counter
 from .controller import Session
 from .generations import checked_num_steps
+from .stats import CacheStats, ContextStats
 
 __all__ = ["CacheStats", "ContextStats", "Session", "checked_num_steps", "flop_counter"]

@@ -14,8 +14,9 @@ import torch
 from ..methods.history import StaticCaches, row_dtype
 from ..methods.predictors import PredictorState
 from ..methods.storage import CacheStorage
-from .accounting import UNKNOWN_FLOPS, ContextStats, Counters, Shapes, fraction
+from .accounting import Counters, Shapes
 from .cfg import CFGRouting, Rows
+from .stats import UNKNOWN_FLOPS, ContextStats, fraction
 
 
 def _copy_state(state: PredictorState) -> PredictorState:

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..methods.config import CacheConfig
 from ..methods.history import StaticCaches, numbers_on, row_dtype
 from ..models.base import Adapter, CachedModule
-from .accounting import CacheStats, FlopMeter, combine, signature, with_peaks
+from .accounting import FlopMeter, signature
 from .budget import CacheBudget
 from .cfg import CFGRunner
 from .context import Context
@@ -32,6 +32,7 @@ from .modulation import ModulationHook, Modulations
 from .modules import Computing, ModuleCalls
 from .rehearsal import Rehearsals, first_call_key
 from .shared import SharedGroup, SharedHook
+from .stats import CacheStats, combine, with_peaks
 from .steps import Prober, Probing, RowGroups, decide, end_step, prepare_step, probe_rows, take_decision
 
 

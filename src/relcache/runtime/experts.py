@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from ..methods.config import CacheConfig
-from .accounting import CacheStats, ContextStats, Counters, combine, fraction
+from .accounting import Counters
 from .context import Context
+from .stats import CacheStats, ContextStats, combine, fraction
 
 
 class Expert(NamedTuple):
