@@ -200,3 +200,21 @@ def test_a_static_buffer_loop_under_inference_mode_caches_as_under_no_grad():
     got, st = loop(torch.inference_mode)
     assert plain.full_steps == st.full_steps == [0, 1, 4, 7] and list(st.contexts) == ["default"]
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_many_calls_on_the_same_inputs_are_warned_about_once():
+    """A fourth call of one step on the very same latents and timestep (more than the pipelines we know make) is
+    warned about, once: each such call gets a context and caches of its own (a loop timing one step grew FLUX's caches
+    by 6 GiB a call on an H200, 2026-12-04). Three calls, as a pipeline with two guidance calls makes, are not."""
+    calls = UncontextedCalls()
+    x, t = torch.zeros(2, 3), torch.ones(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [calls.name(x, t) for _ in range(3)] == ["default", "default.2", "default.3"]
+    with pytest.warns(RuntimeWarning, match="same latents tensor and timestep 4 times in a row"):
+        assert calls.name(x, t) == "default.4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calls.name(x, t) == "default.5"  # said once
+        x.add_(1)
+        assert [calls.name(x, t) for _ in range(4)][-1] == "default.4"  # nor again at a later step
