@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
+from torch._dynamo.utils import counters
 
 import relcache
 from relcache import FORA, RFC, CacheConfig, InputError, Interval, Relational, RFCPlus, Taylor, TaylorSeer
@@ -220,8 +221,12 @@ def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.
 
 def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object, relcache.CacheConfig],
                   args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, object]]:
-    """The compiled table: every method against the compiled plain model, printed and returned as rows."""
+    """The compiled table: every method against the compiled plain model, printed and returned as rows, with dynamo's
+    and inductor's counts over the whole table (graphs, graph breaks, graphs CUDA graphs skipped)."""
+    counters.clear()
     times, nfc, breakdown = compiled_times(model, configs, args.compile, args, dtype)
+    counts = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+              "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     t_full = statistics.median(times["full"])
     step = t_full / args.steps
     print(f"\nDiT-{size}/2 compiled (mode={args.compile}): full generation {t_full:.2f} s ({step * 1e3:.1f} ms/step)")
@@ -234,10 +239,12 @@ def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object,
         row = {"model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
                "compile": args.compile, "time_s": t, "full_time_s": t_full, "speedup": t_full / t,
                "ideal": args.steps / k, "pct_of_ideal": 100 * (t_full / t) / (args.steps / k),
-               "cached_step_fraction": cached_frac}
+               "cached_step_fraction": cached_frac, "compile_counts": counts}
         rows.append(row)
         print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | {row['pct_of_ideal']:.1f} | "
               f"{'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} |")
+    print(f"dynamo over this table (every model): {counts['graphs']} graphs, {counts['graph_breaks']} graph breaks; "
+          f"inductor: {counts['cudagraph_skips']} graphs not captured in CUDA graphs (TORCH_LOGS=cudagraphs says why)")
     if breakdown:
         plain_ms = breakdown["full"].ms(list(range(args.steps)))
         print(f"\nOne more generation each, every call timed: plain compiled step {plain_ms:.1f} ms (median)")
