@@ -40,10 +40,13 @@ def held_tensors(root: object, model: torch.nn.Module) -> list[weakref.ref]:
 
 
 def _generation(model: torch.nn.Module, cfg_batch: bool) -> None:
+    """12 steps with their timesteps announced (what lets batch modulation build its tables)."""
     x, labels = dit_inputs()
     if cfg_batch:  # a CFG batch: conditional half, then the null class
         x, labels = torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, 1000)])
-    run_loop(model, x, labels, steps=12)
+    timesteps = [999 - i * (999 // 12) for i in range(12)]
+    relcache.begin_generation(model, 12, timesteps=torch.tensor(timesteps))
+    run_loop(model, x, labels, steps=12, begin=False, timesteps=timesteps)
 
 
 @pytest.mark.parametrize("config, cfg_batch, modulation", [
@@ -61,6 +64,8 @@ def test_disable_frees_every_cache_tensor_without_the_cycle_collector(config, cf
     try:
         _generation(model, cfg_batch)
         assert relcache.stats(model).cache_bytes > 0
+        if modulation:  # its tables were built and read (the case checks them)
+            assert _session(model).modulation.served > 0
         held = held_tensors(_session(model), model)
         assert len(held) >= 3 * 2  # the caches of 3 blocks' attention and feed-forward at least
         relcache.disable(model)

@@ -123,12 +123,14 @@ class Session(ModuleCalls):
 
     def detach(self) -> None:
         """Remove every hook and patch, leaving modules exactly as they were, and drop every tensor the session
-        holds. The session, its hooks and its contexts refer to each other, so without the drop its caches (6 to 23
-        GiB on FLUX.1 at 1024x1024) lived on after ``disable`` until Python's cycle collector ran: enabling method
-        after method on a GPU ran out of memory (measured on an H200, 2026-12-04)."""
+        holds. The session, its hooks and its contexts refer to each other, so without the drop its caches lived on
+        after ``disable`` until Python's cycle collector ran: FORA's first FLUX.1 call at 1024x1024 holds 6 GiB, and
+        enabling method after method ran an H200 out of memory (2026-12-04). Under torch.compile dynamo's own
+        leftovers still hold the static buffers until the collector runs (``gc.collect()`` after ``disable``)."""
         for _, hooks in reversed(self._roots()):
             hooks.detach()
         self.generations.unwatch()
+        self.generations.timesteps = None  # the announced ones
         self.contexts, self.current = {}, None
         self._computing.clear()
         self.static = StaticCaches()
@@ -136,7 +138,9 @@ class Session(ModuleCalls):
             step_hook.release()
         self.step_hooks = []
         self.prober, self.probing = Prober(), None
-        self.modulation = None  # its tables; no hook reads it any more
+        if self.modulation is not None:  # the removed hooks still refer to it: its tables go now
+            self.modulation.release()
+        self.modulation = None
         for group in self.shared:
             group.new_generation()
         for part in (self.cfg, self.reducer, self.experts):

@@ -161,6 +161,11 @@ class Modulations:
         for table in tables.values() if check else ():
             table.check()
 
+    def release(self) -> None:
+        """Drop every table, unchecked (``disable``): the removed hooks still refer to this object until the cycle
+        collector runs, and its tables (every step's projections) with it."""
+        self.tables, self.spare, self.active = {}, {}, None
+
     def row(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Projection ``index``'s output at the running step, or None when it must be computed."""
         table = self.active
