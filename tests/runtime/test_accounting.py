@@ -1,5 +1,5 @@
-"""The generation's stats from its call contexts' (``accounting.combine``, ``CacheStats.nfc_per_context``), against
-hand-computed numbers."""
+"""The generation's stats from its call contexts' (``stats.combine``, ``CacheStats.nfc_per_context``), against
+hand-computed numbers; and FLOP counting's handling of an out-of-memory error (``accounting``)."""
 
 import dataclasses
 import math

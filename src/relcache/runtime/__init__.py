@@ -9,7 +9,8 @@ One job per file:
 * ``generations``: every rule of when a generation starts and ends;
 * ``experts``: several transformers run in turn by one pipeline (Wan 2.2's experts), in one session;
 * ``cfg``: CFG-Cache at call level, batched and split;
-* ``accounting``: FLOP measurement and the stats (``CacheStats``, ``ContextStats``);
+* ``accounting``: FLOP measurement;
+* ``stats``: the stats (``CacheStats``, ``ContextStats``) and how contexts combine;
 * ``hooks``: the hooks on diffusers' registry, attached and detached next to accelerate's;
 * ``shared``: copies of one module computed once per call (DiT's per-block embeddings);
 * ``distributed``: under context parallelism, token reductions summed over the group, and the step's guard.

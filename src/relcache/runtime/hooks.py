@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import types
-import warnings
 import weakref
 from collections.abc import Hashable
 from typing import Any, Protocol
@@ -18,7 +17,7 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..models.base import Adapter
 
 STEP_HOOK = "relcache_step"
@@ -127,7 +126,8 @@ def _latents(adapter: Adapter, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 
 #: this many calls of one step on the same inputs (more than the pipelines we know make: cond, uncond, one more guidance
-#: call) is warned about once: each is a context with caches of its own (+6 GiB a call on FLUX.1 at 1024x1024)
+#: call) is warned about once per enable and transformer: each is a context with caches of its own (+6 GiB a call
+#: on FLUX.1 at 1024x1024)
 MANY_CALLS = 4
 
 
@@ -157,7 +157,7 @@ class UncontextedCalls:
         self._latents: torch.Tensor | None = None
         self._value: torch.Tensor | None = None
         self._calls = 0  # calls of the current step so far
-        self._warned = False  # ``MANY_CALLS`` was reached once: said once per model
+        self._warned = False  # ``MANY_CALLS`` was reached: said once per enable and transformer
 
     def forget(self) -> None:
         """The next call starts a step (a call raised, or the generation ended)."""
@@ -190,13 +190,12 @@ class UncontextedCalls:
         self._value = timestep.clone() if version is None and isinstance(timestep, torch.Tensor) else None
         if self._calls == MANY_CALLS and not self._warned:
             self._warned = True
-            warnings.warn(
+            warn(
                 f"relcache: the transformer got the same latents tensor and timestep {MANY_CALLS} times in a row; each "
                 "such call is taken as another call of the same step (true CFG's second call is the usual one) and "
                 "gets a call context and caches of its own, so memory grows with every repeat. Name the calls with "
                 "model.cache_context(...), or pass new latents or another timestep for each step (timing one step "
-                "by calling the transformer again and again on the same inputs does this)", RuntimeWarning,
-                stacklevel=2)
+                "by calling the transformer again and again on the same inputs does this)", RuntimeWarning)
         return DEFAULT_CONTEXT if self._calls == 1 else f"{DEFAULT_CONTEXT}.{self._calls}"
 
 
