@@ -82,13 +82,17 @@ def flux_inputs(model: torch.nn.Module, image: int, text: int, device: str, dtyp
 
 def run(model: torch.nn.Module, config: relcache.CacheConfig, kwargs: dict[str, Any], steps: int,
         keep: bool = False) -> relcache.CacheStats:
-    """``steps`` calls of one generation with ``config``; ``keep`` leaves caching enabled (the caller disables)."""
+    """``steps`` calls of one generation with ``config``, each at its own timestep; ``keep`` leaves caching enabled
+    (the caller disables). (Before 2026-12-04 every call got the same latents and timestep, which relcache takes for
+    further calls of one step since e9bbc1c: three one-step contexts, so FORA and TaylorSeer reported the same
+    bytes; found by review. The results committed before e9bbc1c are unaffected.)"""
     relcache.enable(model, config)
     try:
         relcache.begin_generation(model, steps)
+        t = kwargs["timestep"]
         with torch.no_grad():
-            for _ in range(steps):
-                model(**kwargs)
+            for i in range(steps):
+                model(**(kwargs | {"timestep": t - 0.1 * i / steps}))
         return relcache.stats(model)
     finally:
         if not keep:
