@@ -9,7 +9,7 @@ attention really ran), peak memory and relcache's cache bytes. Methods are inter
 is enabled afresh in every round and primed with one untimed call (relcache's FLOP measurement); each generation's
 time is printed as it ends and the JSON is written after every round, so a run cut short keeps what it measured.
 
-    python benchmarks/flux_speed.py --out flux.json   # on a GPU: about 2 min on an H200 (about 4 s a generation)
+    python benchmarks/flux_speed.py --out flux.json   # on a GPU (an estimated 3-5 s a generation on an H200)
     python benchmarks/flux_speed.py --compile default --methods "RFC 3.5x"   # compiled rows (minutes to compile)
     python benchmarks/flux_speed.py --smoke                               # rehearsal on the CPU, tiny shapes
 """
@@ -237,15 +237,14 @@ def main() -> None:
                     try:
                         prime(model, fixed, image_tokens, steps, device, dtype)
                         timed(name, model)
-                    except torch.OutOfMemoryError as err:  # reported and left out: the other methods still run
-                        print(f"{name}: out of memory, left out ({str(err)[:160]})", flush=True)
+                    except torch.OutOfMemoryError as err:  # left out of later rounds: the other methods still run
+                        print(f"{name}: out of memory, left out of later rounds ({str(err)[:160]})", flush=True)
                         chosen.remove(name)
-                        times.pop(name, None)
                     finally:
                         detach(model)
-                        gc.collect()  # what a peer's hooks keep in reference cycles (relcache's disable frees at once)
-                        if device == "cuda":
-                            torch.cuda.empty_cache()
+                        # what a peer's hooks keep in reference cycles (relcache's disable frees at once, eagerly);
+                        # no empty_cache: the next method would pay the driver's allocations inside its timing
+                        gc.collect()
                 save()
         else:  # compiled: each method afresh (an enable makes new hooks, which compiled code guards on)
             for name in chosen:
@@ -265,7 +264,8 @@ def main() -> None:
         done = table_rows(mode, times, info, steps)
         rows += done
         label = "eager" if mode is None else f"compiled ({mode})"
-        print(f"\n{label}: full generation {done[0]['time_s']:.2f} s" if done else f"\n{label}: nothing timed")
+        print(f"\n{label}: full generation {done[0]['time_s']:.2f} s" if done and done[0]["method"] == "full"
+              else f"\n{label}: the plain model was not timed")
         print("| method | NFC | time s | speed-up | ideal | % of ideal | peak GiB |")
         print("|---|---|---|---|---|---|---|")
         for row in done:

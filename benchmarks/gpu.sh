@@ -19,7 +19,7 @@ if [ $smoke = 1 ]; then
   offload=(--device cpu --offload-tokens 16+8 --offload-blocks 1 --rounds 1)
 else
   size=(--models XL); dt=(--dtype bfloat16); speed=(--budgets 14 --repeats 2 --device cuda); rep=3
-  flux=(--repeats 2); scale=1
+  flux=(--repeats 1); scale=1
   offload=(--device cuda --offload-tokens 4096+512 --offload-blocks 2 --rounds 5)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 fi
@@ -42,21 +42,21 @@ run() {
 
 # The order is by importance and the limits come from the H200 runs of 2026-12-04 (benchmarks/results/
 # gpu-h200-2026-12-04): what the 360 s budget does not reach is skipped, said in gpu.txt. Every command prints and
-# saves as it goes, so a command cut by its limit still leaves what it measured.
-# 1. FLUX.1-dev-shaped, eager: relcache's FORA, TaylorSeer and RFC at NFC 8 and 4 of 28, diffusers' caches (about
-# 4 s a generation: 21 of them).
-run flux_eager 130 python3 flux_speed.py "${flux[@]}" --out "$out/flux_eager.json"
-# 2. DiT-XL/2 at batch 16 (8 images, CFG batched), eager then compiled (inductor), the methods that matter. Compiling
-# three DiT-XL/2 models takes most of a compiled command's limit (inductor's cache on disk shortens the second).
-run speed_b16 45 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA "TaylorSeer m=2" \
+# saves each table as soon as it is measured, so a command cut by its limit still leaves what it finished.
+# 1. FLUX.1-dev-shaped, eager: relcache's FORA, TaylorSeer and RFC at NFC 8 and 4 of 28, diffusers' caches. One
+# round: 11 generations and 10 primed calls (a FLUX generation is estimated at 3-5 s on an H200; none was timed yet).
+run flux_eager 120 python3 flux_speed.py "${flux[@]}" --out "$out/flux_eager.json"
+# 2. DiT-XL/2 at batch 16 (8 images, CFG batched), eager, then compiled (inductor) without the eager table again, then
+# under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs): caches
+# held in place at stable addresses (docs/spec.md, "Capture"). Compiling three DiT-XL/2 models takes most of a
+# compiled command's limit (inductor's cache on disk shortens the second). Each compiled table gives dynamo's graphs
+# and breaks and the graphs CUDA graphs skipped; --breakdown then times each call of one more generation.
+run speed_b16 40 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA "TaylorSeer m=2" \
   "RFC m=2" --out "$out/speed_b16.json"
-run speed_b16_compiled 105 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
-  "RFC m=2" --compile default --out "$out/speed_b16_compiled.json"
-# 2b. The same under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs
-# and compiles as above): caches held in place at stable addresses (docs/spec.md, "Capture"). --breakdown times each
-# call of one more generation (first call, full calls, cached calls): where the graphs' time goes.
-run speed_b16_cudagraphs 95 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
-  "RFC m=2" --compile reduce-overhead --breakdown --out "$out/speed_b16_cudagraphs.json"
+run speed_b16_compiled 80 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
+  "RFC m=2" --compile default --compiled-only --out "$out/speed_b16_compiled.json"
+run speed_b16_cudagraphs 90 python3 speed.py "${size[@]}" "${dt[@]}" "${speed[@]}" --images 8 --methods FORA \
+  "RFC m=2" --compile reduce-overhead --compiled-only --breakdown --out "$out/speed_b16_cudagraphs.json"
 # 3. DiT-XL/2: host syncs per generation (CUDA only), then one cached step's time and kernel launches at batch 2.
 # (No --profile here: torch.profiler with CUDA activity did not finish one DiT-XL/2 generation in 55 s there.)
 [ $smoke = 1 ] || run syncs 35 python3 syncs.py "${size[@]}" "${dt[@]}"

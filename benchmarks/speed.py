@@ -23,7 +23,8 @@ Examples::
 With ``--compile MODE`` the same run also times, after the eager rows, the plain model and every method under
 ``torch.compile(model, mode=MODE)``: each method on its own copy of the model, compiled once and warmed with one
 untimed generation (which compiles every kind of step), then all timed in turn, ``--repeats`` rounds, interleaved
-like the eager rows; compiled speed-ups are against the compiled plain model. ``--breakdown`` then times every call
+like the eager rows; compiled speed-ups are against the compiled plain model (``--compiled-only``: no eager rows
+first; the compiled table is printed and saved before the breakdown). ``--breakdown`` then times every call
 of one more generation of each: what the first call (it records into empty caches and, with batch modulation,
 tabulates the generation's adaLN projections), the later full calls and the cached calls cost against a plain
 compiled step, which the derived column above lumps together.
@@ -182,13 +183,15 @@ class Breakdown:
 
 
 def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.CacheConfig], mode: str,
-                   args: argparse.Namespace, dtype: torch.dtype
+                   args: argparse.Namespace, dtype: torch.dtype,
+                   timed_all: Callable[[dict[object, list[float]], dict[object, int]], None] = lambda t, n: None,
                    ) -> tuple[dict[object, list[float]], dict[object, int], dict[object, Breakdown]]:
     """Times of the compiled plain model (key "full") and of each config under ``torch.compile(model, mode=mode)``,
     interleaved: each config gets its own copy of the model (same weights), enabled and compiled once (each enabled
     model compiles under its own entry frame, so none shares another's recompile limit) and warmed with one untimed
     generation; then every repeat times each compiled model once, in turn, so that a change in the machine's speed
-    during the run falls on all of them alike."""
+    during the run falls on all of them alike. ``timed_all(times, nfc)`` runs once every repeat is timed, before the
+    breakdown (which a time limit may cut)."""
     torch._dynamo.reset()
     compiled: dict[object, torch.nn.Module] = {}
     copies: dict[object, DiTTransformer2DModel] = {}
@@ -204,6 +207,7 @@ def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.
             for key, fn in compiled.items():
                 times[key].append(timed(fn, args.steps, args.device, dtype, args.images))
         nfc = {key: relcache.stats(copies[key]).nfc for key in configs}
+        timed_all(times, nfc)
         breakdown: dict[object, Breakdown] = {}
         if args.breakdown:
             for key, fn in compiled.items():
@@ -220,31 +224,42 @@ def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.
 
 
 def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object, relcache.CacheConfig],
-                  args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, object]]:
+                  args: argparse.Namespace, dtype: torch.dtype,
+                  save: Callable[[list[dict[str, object]]], None] = lambda rows: None) -> list[dict[str, object]]:
     """The compiled table: every method against the compiled plain model, printed and returned as rows, with dynamo's
-    and inductor's counts over the whole table (graphs, graph breaks, graphs CUDA graphs skipped)."""
+    and inductor's counts over the whole table (graphs, graph breaks, graphs CUDA graphs skipped). The table is
+    printed and ``save``d as soon as the repeats are timed; ``--breakdown`` adds its columns after."""
     counters.clear()
-    times, nfc, breakdown = compiled_times(model, configs, args.compile, args, dtype)
-    counts = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-              "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
-    t_full = statistics.median(times["full"])
-    step = t_full / args.steps
-    print(f"\nDiT-{size}/2 compiled (mode={args.compile}): full generation {t_full:.2f} s ({step * 1e3:.1f} ms/step)")
-    print("| method | NFC | time s | speed-up | ideal | % of ideal | cached step / full step |")
-    print("|---|---|---|---|---|---|---|")
-    rows = []
-    for (budget, name) in configs:
-        t, k = statistics.median(times[(budget, name)]), nfc[(budget, name)]
-        cached_frac = (t - k * step) / (args.steps - k) / step if k < args.steps else float("nan")
-        row = {"model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
-               "compile": args.compile, "time_s": t, "full_time_s": t_full, "speedup": t_full / t,
-               "ideal": args.steps / k, "pct_of_ideal": 100 * (t_full / t) / (args.steps / k),
-               "cached_step_fraction": cached_frac, "compile_counts": counts}
-        rows.append(row)
-        print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | {row['pct_of_ideal']:.1f} | "
-              f"{'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} |")
-    print(f"dynamo over this table (every model): {counts['graphs']} graphs, {counts['graph_breaks']} graph breaks; "
-          f"inductor: {counts['cudagraph_skips']} graphs not captured in CUDA graphs (TORCH_LOGS=cudagraphs says why)")
+    rows: list[dict[str, object]] = []
+    step = float("nan")
+
+    def table(times: dict[object, list[float]], nfc: dict[object, int]) -> None:
+        nonlocal step
+        counts = {"graphs": counters["stats"]["unique_graphs"],
+                  "graph_breaks": sum(counters["graph_break"].values()),
+                  "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+        t_full = statistics.median(times["full"])
+        step = t_full / args.steps
+        print(f"\nDiT-{size}/2 compiled (mode={args.compile}): full generation {t_full:.2f} s "
+              f"({step * 1e3:.1f} ms/step)")
+        print("| method | NFC | time s | speed-up | ideal | % of ideal | cached step / full step |")
+        print("|---|---|---|---|---|---|---|")
+        for (budget, name) in configs:
+            t, k = statistics.median(times[(budget, name)]), nfc[(budget, name)]
+            cached_frac = (t - k * step) / (args.steps - k) / step if k < args.steps else float("nan")
+            row = {"model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
+                   "compile": args.compile, "time_s": t, "full_time_s": t_full, "speedup": t_full / t,
+                   "ideal": args.steps / k, "pct_of_ideal": 100 * (t_full / t) / (args.steps / k),
+                   "cached_step_fraction": cached_frac, "compile_counts": counts}
+            rows.append(row)
+            print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
+                  f"{row['pct_of_ideal']:.1f} | {'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} |")
+        print(f"dynamo over this table (every model): {counts['graphs']} graphs, {counts['graph_breaks']} graph "
+              f"breaks; inductor: {counts['cudagraph_skips']} graphs not captured in CUDA graphs "
+              "(TORCH_LOGS=cudagraphs says why)", flush=True)
+        save(rows)
+
+    _, _, breakdown = compiled_times(model, configs, args.compile, args, dtype, table)
     if breakdown:
         plain_ms = breakdown["full"].ms(list(range(args.steps)))
         print(f"\nOne more generation each, every call timed: plain compiled step {plain_ms:.1f} ms (median)")
@@ -280,16 +295,28 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="with --compile: one more generation of each compiled model with every call timed: the "
                              "first call, later full calls and cached calls against a plain compiled step")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="with --compile: time only the compiled models (no eager table first)")
     parser.add_argument("--out", default="runs/speed.json")
     args = parser.parse_args()
     # partial generations on purpose (a primed step, the first steps of a generation): not worth a warning each
     warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
-    if args.breakdown and not args.compile:
-        parser.error("--breakdown times the compiled models: it needs --compile MODE")
+    if (args.breakdown or args.compiled_only) and not args.compile:
+        parser.error("--breakdown and --compiled-only time the compiled models: they need --compile MODE")
     dtype = getattr(torch, args.dtype)
     cache_dtype = getattr(torch, args.cache_dtype) if args.cache_dtype else None
 
-    rows = []
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "gpu": gpu,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+            "dtype": args.dtype, "cache_dtype": args.cache_dtype, "steps": args.steps, "repeats": args.repeats,
+            "compile": args.compile}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
+
+    def save(more: list[dict[str, object]] = ()) -> None:  # after every table: a run cut short keeps what finished
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": [*rows, *more]}, indent=2))
+
     for size in args.models:
         model = build(size, dtype, args.device)
         generate(model, 3, args.device, dtype, args.images)  # warm-up
@@ -298,6 +325,10 @@ def main() -> None:
                    and (name != "every step full" or b == args.budgets[0])}  # the same for every budget
         if args.batch_modulation:  # each method again, every step's adaLN projections computed up front
             configs.update({(b, f"{name} + batch modulation"): cfg for (b, name), cfg in list(configs.items())})
+        if args.compiled_only:
+            rows += compiled_rows(model, size, configs, args, dtype, lambda more: save(more))
+            save()
+            continue
         times: dict[object, list[float]] = {"full": []}
         memory: dict[object, int] = {}
         nfc: dict[object, int] = {}
@@ -333,15 +364,11 @@ def main() -> None:
             print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
                   f"{row['pct_of_ideal']:.1f} | {'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} | "
                   f"{row['cache_mib']:.1f} |")
+        save()
         if args.compile:
-            rows += compiled_rows(model, size, configs, args, dtype)
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "gpu": gpu,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
-            "dtype": args.dtype, "cache_dtype": args.cache_dtype, "steps": args.steps, "repeats": args.repeats,
-            "compile": args.compile}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            rows += compiled_rows(model, size, configs, args, dtype, lambda more: save(more))
+            save()
+    save()
     print(f"\nwritten {args.out}")
 
 
