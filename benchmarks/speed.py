@@ -223,6 +223,32 @@ def compiled_times(model: DiTTransformer2DModel, configs: dict[object, relcache.
     return times, nfc, breakdown
 
 
+def timing_row(size: str, args: argparse.Namespace, budget: int, name: str, t: float, k: int, t_full: float,
+               **extra: object) -> dict[str, object]:
+    """One method's row, eager or compiled: its median time ``t`` and NFC ``k`` against the plain model's ``t_full``
+    (the cached step's share derived as the module docstring says), plus ``extra`` columns."""
+    step = t_full / args.steps
+    cached_frac = (t - k * step) / (args.steps - k) / step if k < args.steps else float("nan")
+    return {"model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
+            "time_s": t, "full_time_s": t_full, "speedup": t_full / t, "ideal": args.steps / k,
+            "pct_of_ideal": 100 * (t_full / t) / (args.steps / k), "cached_step_fraction": cached_frac, **extra}
+
+
+def row_cells(row: dict[str, object], steps: int) -> str:
+    """The printed cells every table shares: method, NFC, time, speed-up, ideal, % of ideal, cached step's share."""
+    frac = "-" if row["nfc"] == steps else f"{100 * row['cached_step_fraction']:.1f} %"
+    return (f"| {row['method']} | {row['nfc']} | {row['time_s']:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
+            f"{row['pct_of_ideal']:.1f} | {frac} |")
+
+
+def table_head(title: str, t_full: float, steps: int, extra: tuple[str, ...] = ()) -> None:
+    """Print a table's title (the plain model's generation and step time) and its header, ``extra`` columns last."""
+    print(f"\n{title}: full generation {t_full:.2f} s ({t_full / steps * 1e3:.1f} ms/step)")
+    cols = ("method", "NFC", "time s", "speed-up", "ideal", "% of ideal", "cached step / full step", *extra)
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
 def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object, relcache.CacheConfig],
                   args: argparse.Namespace, dtype: torch.dtype,
                   save: Callable[[list[dict[str, object]]], None] = lambda rows: None) -> list[dict[str, object]]:
@@ -231,29 +257,18 @@ def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object,
     printed and ``save``d as soon as the repeats are timed; ``--breakdown`` adds its columns after."""
     counters.clear()
     rows: list[dict[str, object]] = []
-    step = float("nan")
 
     def table(times: dict[object, list[float]], nfc: dict[object, int]) -> None:
-        nonlocal step
         counts = {"graphs": counters["stats"]["unique_graphs"],
                   "graph_breaks": sum(counters["graph_break"].values()),
                   "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
         t_full = statistics.median(times["full"])
-        step = t_full / args.steps
-        print(f"\nDiT-{size}/2 compiled (mode={args.compile}): full generation {t_full:.2f} s "
-              f"({step * 1e3:.1f} ms/step)")
-        print("| method | NFC | time s | speed-up | ideal | % of ideal | cached step / full step |")
-        print("|---|---|---|---|---|---|---|")
+        table_head(f"DiT-{size}/2 compiled (mode={args.compile})", t_full, args.steps)
         for (budget, name) in configs:
-            t, k = statistics.median(times[(budget, name)]), nfc[(budget, name)]
-            cached_frac = (t - k * step) / (args.steps - k) / step if k < args.steps else float("nan")
-            row = {"model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
-                   "compile": args.compile, "time_s": t, "full_time_s": t_full, "speedup": t_full / t,
-                   "ideal": args.steps / k, "pct_of_ideal": 100 * (t_full / t) / (args.steps / k),
-                   "cached_step_fraction": cached_frac, "compile_counts": counts}
+            row = timing_row(size, args, budget, name, statistics.median(times[(budget, name)]),
+                             nfc[(budget, name)], t_full, compile=args.compile, compile_counts=counts)
             rows.append(row)
-            print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
-                  f"{row['pct_of_ideal']:.1f} | {'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} |")
+            print(row_cells(row, args.steps))
         print(f"dynamo over this table (every model): {counts['graphs']} graphs, {counts['graph_breaks']} graph "
               f"breaks; inductor: {counts['cudagraph_skips']} graphs not captured in CUDA graphs "
               "(TORCH_LOGS=cudagraphs says why)", flush=True)
@@ -344,26 +359,13 @@ def main() -> None:
                 finally:
                     relcache.disable(model)
         t_full = statistics.median(times["full"])
-        step = t_full / args.steps
-        print(f"\nDiT-{size}/2 {args.dtype} on {args.device}, batch {2 * args.images}: full generation {t_full:.2f} s "
-              f"({step * 1e3:.1f} ms/step)")
-        print("| method | NFC | time s | speed-up | ideal | % of ideal | cached step / full step | cache MiB |")
-        print("|---|---|---|---|---|---|---|---|")
-        for (budget, name), _cfg in configs.items():
-            t = statistics.median(times[(budget, name)])
-            k = nfc[(budget, name)]
-            cached_frac = (t - k * step) / (args.steps - k) / step if k < args.steps else float("nan")
-            row = {
-                "model": f"DiT-{size}/2", "batch": 2 * args.images, "method": name, "budget": budget, "nfc": k,
-                "time_s": t,
-                "full_time_s": t_full, "speedup": t_full / t, "ideal": args.steps / k,
-                "pct_of_ideal": 100 * (t_full / t) / (args.steps / k), "cached_step_fraction": cached_frac,
-                "cache_mib": memory[(budget, name)] / 2**20,
-            }
+        table_head(f"DiT-{size}/2 {args.dtype} on {args.device}, batch {2 * args.images}", t_full, args.steps,
+                   ("cache MiB",))
+        for (budget, name) in configs:
+            row = timing_row(size, args, budget, name, statistics.median(times[(budget, name)]),
+                             nfc[(budget, name)], t_full, cache_mib=memory[(budget, name)] / 2**20)
             rows.append(row)
-            print(f"| {name} | {k} | {t:.2f} | {row['speedup']:.2f}x | {row['ideal']:.2f}x | "
-                  f"{row['pct_of_ideal']:.1f} | {'-' if k == args.steps else f'{100 * cached_frac:.1f} %'} | "
-                  f"{row['cache_mib']:.1f} |")
+            print(f"{row_cells(row, args.steps)} {row['cache_mib']:.1f} |")
         save()
         if args.compile:
             rows += compiled_rows(model, size, configs, args, dtype, lambda more: save(more))
