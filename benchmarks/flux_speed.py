@@ -242,7 +242,7 @@ def main() -> None:
                         chosen.remove(name)
                     finally:
                         detach(model)
-                        # what a peer's hooks keep in reference cycles (relcache's disable frees at once, eagerly);
+                        # what a peer's hooks keep in reference cycles (relcache's disable frees its own at once);
                         # no empty_cache: the next method would pay the driver's allocations inside its timing
                         gc.collect()
                 save()

@@ -74,3 +74,29 @@ def test_disable_frees_every_cache_tensor_without_the_cycle_collector(config, cf
     finally:
         if enabled:
             gc.enable()
+
+
+def test_disable_frees_a_compiled_models_caches_too():
+    """Under torch.compile the caches live in static buffers, which dynamo's tracing leftovers (reference cycles) also
+    held after ``disable`` until the cycle collector ran (found by review, 2026-12-04): ``disable`` runs it once where
+    static buffers existed. Two compiled generations, the second replaying the graphs, with the collector off."""
+    torch._dynamo.reset()
+    model = tiny_dit()
+    relcache.enable(model, FORA(3))
+    compiled = torch.compile(model, backend="aot_eager")
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        x, labels = dit_inputs()
+        for _ in range(2):
+            run_loop(compiled, x, labels, steps=12)
+        session = _session(model)
+        assert session.static.buffers  # the caches were held in static buffers
+        held = held_tensors(session, model)
+        relcache.disable(model)
+        alive = [ref() for ref in held if ref() is not None]
+        assert not alive, f"{len(alive)} of {len(held)} tensors outlived disable: {[tuple(t.shape) for t in alive]}"
+    finally:
+        if enabled:
+            gc.enable()
+        torch._dynamo.reset()

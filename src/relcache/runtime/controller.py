@@ -9,6 +9,7 @@ runs at every step.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Hashable
 from dataclasses import replace
 from typing import Any
@@ -125,8 +126,10 @@ class Session(ModuleCalls):
         """Remove every hook and patch, leaving modules exactly as they were, and drop every tensor the session
         holds. The session, its hooks and its contexts refer to each other, so without the drop its caches lived on
         after ``disable`` until Python's cycle collector ran: FORA's first FLUX.1 call at 1024x1024 holds 6 GiB, and
-        enabling method after method ran an H200 out of memory (2026-12-04). Under torch.compile dynamo's own
-        leftovers still hold the static buffers until the collector runs (``gc.collect()`` after ``disable``)."""
+        enabling method after method ran an H200 out of memory (2026-12-04). Under torch.compile, dynamo's tracing
+        leftovers (reference cycles) hold the static buffers too: where there were some, the cycle collector runs
+        here, once (found by review)."""
+        compiled = bool(self.static.buffers)  # static buffers exist where calls ran compiled
         for _, hooks in reversed(self._roots()):
             hooks.detach()
         self.generations.unwatch()
@@ -146,6 +149,8 @@ class Session(ModuleCalls):
         for part in (self.cfg, self.reducer, self.experts):
             if part is not None:
                 part.reset()
+        if compiled:
+            gc.collect()
 
     def _roots(self) -> list[tuple[nn.Module, Attachment]]:
         """Each transformer the session serves (one, or the experts in order) and its hooks."""
