@@ -5,10 +5,12 @@ model's weights) must be gone once ``disable`` returns."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import types
 import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -49,6 +51,27 @@ def _generation(model: torch.nn.Module, cfg_batch: bool) -> None:
     run_loop(model, x, labels, steps=12, begin=False, timesteps=timesteps)
 
 
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """Python's cycle collector off for the block (as it was after)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def assert_disable_frees(model: torch.nn.Module, at_least: int = 1) -> None:
+    """``disable(model)`` leaves none of the tensors its session reached alive (``at_least`` of them were found)."""
+    held = held_tensors(_session(model), model)
+    assert len(held) >= at_least
+    relcache.disable(model)
+    alive = [ref() for ref in held if ref() is not None]
+    assert not alive, f"{len(alive)} of {len(held)} tensors outlived disable: {[tuple(t.shape) for t in alive]}"
+
+
 @pytest.mark.parametrize("config, cfg_batch, modulation", [
     (FORA(3), False, False),
     (TaylorSeer(3, 2), False, False),
@@ -59,21 +82,12 @@ def _generation(model: torch.nn.Module, cfg_batch: bool) -> None:
 def test_disable_frees_every_cache_tensor_without_the_cycle_collector(config, cfg_batch, modulation):
     model = tiny_dit()
     relcache.enable(model, config, batch_modulation=modulation)
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         _generation(model, cfg_batch)
         assert relcache.stats(model).cache_bytes > 0
         if modulation:  # its tables were built and read (the case checks them)
             assert _session(model).modulation.served > 0
-        held = held_tensors(_session(model), model)
-        assert len(held) >= 3 * 2  # the caches of 3 blocks' attention and feed-forward at least
-        relcache.disable(model)
-        alive = [ref() for ref in held if ref() is not None]
-        assert not alive, f"{len(alive)} of {len(held)} tensors outlived disable: {[tuple(t.shape) for t in alive]}"
-    finally:
-        if enabled:
-            gc.enable()
+        assert_disable_frees(model, at_least=3 * 2)  # the caches of 3 blocks' attention and feed-forward at least
 
 
 def test_disable_frees_a_compiled_models_caches_too():
@@ -84,19 +98,12 @@ def test_disable_frees_a_compiled_models_caches_too():
     model = tiny_dit()
     relcache.enable(model, FORA(3))
     compiled = torch.compile(model, backend="aot_eager")
-    enabled = gc.isenabled()
-    gc.disable()
     try:
-        x, labels = dit_inputs()
-        for _ in range(2):
-            run_loop(compiled, x, labels, steps=12)
-        session = _session(model)
-        assert session.static.buffers  # the caches were held in static buffers
-        held = held_tensors(session, model)
-        relcache.disable(model)
-        alive = [ref() for ref in held if ref() is not None]
-        assert not alive, f"{len(alive)} of {len(held)} tensors outlived disable: {[tuple(t.shape) for t in alive]}"
+        with collector_off():
+            x, labels = dit_inputs()
+            for _ in range(2):
+                run_loop(compiled, x, labels, steps=12)
+            assert _session(model).static.buffers  # the caches were held in static buffers
+            assert_disable_frees(model)
     finally:
-        if enabled:
-            gc.enable()
         torch._dynamo.reset()
