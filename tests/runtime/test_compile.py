@@ -119,6 +119,17 @@ def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS) 
                 eager_in_third=len(eager_calls))
 
 
+def _generation_counts(compiled: torch.nn.Module, graphs: list, eager_calls: list[int], x: torch.Tensor,
+                       y: torch.Tensor, steps: int, **begin: object) -> tuple[int, int]:
+    """One generation after ``begin_generation(compiled, **begin)`` (its ``timesteps`` also drive the loop): how many
+    graphs it compiled, and how many calls ran eagerly."""
+    relcache.begin_generation(compiled, **begin)
+    eager_calls.clear()
+    before = len(graphs)
+    run_loop(compiled, x, y, steps=steps, begin=False, timesteps=begin.get("timesteps"))
+    return len(graphs) - before, len(eager_calls)
+
+
 def _count_eager_calls(model: torch.nn.Module) -> list[int]:
     """A list that grows by one each time the model's last projection runs eagerly (outside a compiled graph: traced
     code folds ``is_compiling`` to True and drops the append). The last, not the first block: an RCS pre-pass that
@@ -341,11 +352,8 @@ def test_other_batch_sizes_and_guidance_off_stay_within_the_recompile_limit(name
             g = torch.Generator().manual_seed(batch)
             x = torch.randn(batch // 2 if cfg else batch, 4, 8, 8, generator=g)
             x, y = (torch.cat([x, x]), torch.tensor([1, 1000])) if cfg else (x, torch.arange(batch) % 10)
-            relcache.begin_generation(compiled, STEPS, guidance=guidance)
-            eager_calls.clear()
-            before = len(graphs)
-            run_loop(compiled, x, y, steps=STEPS, begin=False)
-            counts.append((len(graphs) - before, len(eager_calls)))
+            counts.append(_generation_counts(compiled, graphs, eager_calls, x, y, STEPS, num_steps=STEPS,
+                                             guidance=guidance))
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
         relcache.disable(compiled)
@@ -525,11 +533,7 @@ def test_batch_modulation_with_other_step_counts_stays_within_the_recompile_limi
     try:
         for steps in (10, 14, 20, 25, 14, 20, 10):
             timesteps = [999 - i * (999 // steps) for i in range(steps)]
-            relcache.begin_generation(compiled, timesteps=timesteps)
-            eager_calls.clear()
-            before = len(graphs)
-            run_loop(compiled, x, y, steps=steps, begin=False, timesteps=timesteps)
-            counts.append((len(graphs) - before, len(eager_calls)))
+            counts.append(_generation_counts(compiled, graphs, eager_calls, x, y, steps, timesteps=timesteps))
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
         relcache.disable(compiled)
