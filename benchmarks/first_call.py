@@ -2,7 +2,7 @@
 
 A new generation's first transformer call records into empty caches and, with batch modulation, tabulates the
 generation's adaLN projections. Until 2026-12-03 it ran eagerly in every generation; now it replays a graph that the
-first generation compiled for it (``Session.rehearse``, docs/how-it-works.md, "Compiled steps"), and only the table
+first generation compiled for it (``StepCalls.rehearse``, docs/how-it-works.md, "Compiled steps"), and only the table
 stays eager. This compiles a DiT (random weights, batch 2, DDIM) with one of ``speed.py``'s methods enabled, runs
 ``--generations`` untimed generations, then profiles the first call of one more and prints torch.profiler's table,
 with the median compiled call of that generation for comparison.

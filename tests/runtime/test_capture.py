@@ -230,7 +230,7 @@ def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
         assert {("cfg delta", 0), ("cfg delta", 1), ("default", "cfg weights")} <= set(seen_second[-1])
     # the step hook's frame, and RCS's decision read on the host between the pre-pass's graph and the forward's
     rcs = config.schedule.uses_input
-    where = {("settle" if "Session.settle" in b else "step" if "StepHook._step" in b else b)
+    where = {("settle" if "StepCalls.settle" in b else "step" if "StepHook._step" in b else b)
              for b in counters["graph_break"]}
     assert where == ({"step", "settle"} if rcs else {"step"}), counters["graph_break"]
     model_out = tuple(eager[0].shape)

@@ -6,7 +6,7 @@ What is counted (torch._dynamo's graph-break counter and a backend that records 
 * every kind of step (full, cached, each order of the forecast while it grows) compiles once, in the first
   generation: a second generation compiles nothing;
 * a context's first call, which records into empty caches, runs eagerly only once: the first generation runs it
-  again compiled (``Session.rehearse``), and later generations replay that graph, with no step run eagerly;
+  again compiled (``StepCalls.rehearse``), and later generations replay that graph, with no step run eagerly;
 * outputs, full steps and FLOP counts equal the eager run's.
 The backend only records: dynamo's tracing, guards and recompilations are what interact with relcache, and code
 generation (inductor) would take minutes on this CPU without telling more.
@@ -152,9 +152,9 @@ CASES = [(name, True) for name in CONFIGS] + [("FORA", False), ("RFC target NFC"
 def test_a_cached_step_compiles_whole(name, enable_first):
     r = _compiled_runs(CONFIGS[name], enable_first)
     # the step hook's skipped frame, and nothing inside an Interval step breaks; an RCS step breaks once more, where
-    # the host reads its decision (``Session.settle``) between its pre-pass's graph and the forward's
+    # the host reads its decision (``StepCalls.settle``) between its pre-pass's graph and the forward's
     rcs = CONFIGS[name].schedule.uses_input
-    where = {("settle" if "Session.settle" in b else "step" if "StepHook._step" in b else b) for b in r["breaks"]}
+    where = {("settle" if "StepCalls.settle" in b else "step" if "StepHook._step" in b else b) for b in r["breaks"]}
     assert where == ({"step", "settle"} if rcs else {"step"}), r["breaks"]
     # each kind of step compiles once: a few graphs in the first generation, none in the second (RCS: also the
     # pre-pass's, one per order of its forecast, and the compiled first call's own pre-pass under its own frame)
@@ -519,7 +519,7 @@ def test_fullgraph_compile_fails_with_relcaches_reason():
 
 def test_batch_modulation_with_other_step_counts_stays_within_the_recompile_limit():
     """Batch modulation's table holds a row per step and is read in the graph: each step count now gets entry frames
-    of its own (``Session.call_kind``). Before, 10, 14, 20 and 25 steps recompiled under the same frames until
+    of its own (``StepCalls.call_kind``). Before, 10, 14, 20 and 25 steps recompiled under the same frames until
     dynamo's limit, and from then on steps of those counts ran eagerly in every generation."""
     graphs, backend = _recording()
     hits, handler = _limit_hits()

@@ -242,7 +242,7 @@ class InputFit(Predictor):
 def _stack_move(now: torch.Tensor, prev: torch.Tensor, old: torch.Tensor | None, old_gram: torch.Tensor | None,
                 keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[now - prev, old's first keep moves]`` stacked per sample as ``(n, 1 + keep, size)``, in a fresh tensor (a
-    record never writes into what it holds: ``Session._snapshot``), and its Gram in float64: the new move's products
+    record never writes into what it holds: ``StepCalls._snapshot``), and its Gram in float64: the new move's products
     with every kept move, one row-vector product, beside the old Gram's block for the kept ones."""
     n = now.shape[0]
     basis = now.new_empty(n, 1 + keep, now[0].numel())

@@ -2,8 +2,9 @@
 
 One job per file:
 
-* ``controller``: one ``Session`` per enabled model: its contexts, the start of a step, and per cached module
-  "forecast, or compute and record";
+* ``controller``: one ``Session`` per enabled model: its hooks, contexts and stats;
+* ``calls``: the start and end of each transformer call (mixed into ``Session``);
+* ``modules``: per cached module at a step, "forecast, or compute and record" (mixed into ``Session``);
 * ``steps``: the step's single decision and the rows of numbers its modules read (and RCS's pre-pass under compile);
 * ``context``: per-context state as small named records;
 * ``generations``: every rule of when a generation starts and ends;

@@ -369,7 +369,7 @@ class CFGRunner:
             out = self.run(ctx, forward, args, kwargs)
             state.cond_output = None if self._several_outputs(out) else out
             return out
-        if routing.skip_call:  # its FLOPs are counted at the call's end (Session.end_call)
+        if routing.skip_call:  # its FLOPs are counted at the call's end (StepCalls.end_call)
             return with_sample(state.cond_output, state.rebuild(self.cfg, sample_of(state.cond_output),
                                                                 routing.weights, routing.grid))
         out = self.run(ctx, forward, args, kwargs)

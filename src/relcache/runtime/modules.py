@@ -85,7 +85,7 @@ class ModuleCalls:
     ``current`` context, ``cached_modules``, ``meter``, ``budget``, ``prober``, ``record_errors``, ``reducer``,
     ``_decide``, ``_computing`` (the modules the current step lets run, keyed by index), ``_called`` (the modules
     the running call has called, eagerly) and ``_compiled_call``
-    (the call runs compiled and is counted whole at its end, ``Session.end_call``)."""
+    (the call runs compiled and is counted whole at its end, ``StepCalls.end_call``)."""
 
     # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
     def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -139,7 +139,7 @@ class ModuleCalls:
         return spec.returned(preds, ctx.caches.tuple_out.get(idx))
 
     def _counted_at_end(self) -> bool:
-        """Whether the running call is counted whole at its end (``Session.end_call``): it runs compiled, so a module
+        """Whether the running call is counted whole at its end (``StepCalls.end_call``): it runs compiled, so a module
         that runs eagerly within it (after a graph break in the model) must not count itself too. Not where dynamo
         ran the call's forward eagerly: ``run_call`` then counts it module by module."""
         return self._compiled_call and not self.meter.counted

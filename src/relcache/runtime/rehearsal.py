@@ -4,8 +4,8 @@ A context's first call of a generation records into empty caches, a kind of step
 first generation runs it twice, eagerly (the static buffers are made, FLOPs measured) and then compiled; later
 generations replay that graph (docs/spec.md, §Capture, "A rehearsed first call"). This file keeps the bookkeeping:
 what a graph was made for (``first_call_key``) and while which buffers it stays valid (``StaticCaches.epoch``). When a
-first call may be rehearsed, and the rerun itself, stay with the session (``Session._rehearsable``,
-``Session.rehearse``): they read and reset its per-generation state.
+first call may be rehearsed, and the rerun itself, stay with the session (``StepCalls._rehearsable``,
+``StepCalls.rehearse``): they read and reset its per-generation state.
 """
 
 from __future__ import annotations
