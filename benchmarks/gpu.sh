@@ -23,8 +23,14 @@ else
   offload=(--device cuda --offload-tokens 4096+512 --offload-blocks 2 --rounds 5)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 fi
-{ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-  date -u; } 2>&1 | tee -a "$out/gpu.txt"
+# Stop at once, not after every command failed the same way, when the Python here cannot run them.
+if ! python3 -c "import torch, diffusers, relcache; print('torch', torch.__version__, 'diffusers', diffusers.__version__)
+if $smoke == 0 and not torch.cuda.is_available(): raise SystemExit('no CUDA device: run with --smoke to rehearse')" \
+  2>&1 | tee -a "$out/gpu.txt"; then
+  echo "== stopped: the check above failed (torch, diffusers and relcache are needed, and CUDA without --smoke)" | tee -a "$out/gpu.txt"
+  exit 2
+fi
+date -u | tee -a "$out/gpu.txt"
 
 # run NAME SECONDS CMD...: CMD under a time limit (times $scale), its output in $out/NAME.txt. The limits add up to
 # more than 6 minutes; the script's own budget (360 s times $scale) cuts the last ones short, so the whole run never
