@@ -1,4 +1,4 @@
-"""The start and end of each transformer call (``StepCalls``, the half of a ``controller.Session`` that the model's step
+"""The start and end of each transformer call (``StepCalls``, the part of a ``controller.Session`` that the model's step
 hook calls; ``hooks.StepHost``): a step's context and decision, CFG-Cache's plan, whether the call runs eagerly, a
 compiled RCS step's pre-pass, the rehearsed first call, and what the call counted.
 
@@ -24,11 +24,12 @@ from .steps import Probing, RowGroups, decide, end_step, prepare_step, probe_row
 
 
 class StepCalls:
-    """``start_call``, ``run_call``, ``end_call`` and what they need, mixed into ``controller.Session``: they read and
-    set the session's contexts and ``current`` context, and read its ``config``, ``adapter``, ``generations``,
-    ``cfg``, ``modulation``, ``experts``, ``reducer``, ``shared``, ``meter``, ``budget``, ``static`` and
-    ``static_caches``, ``prober``, ``rehearsals`` and ``record_errors``; the session's ``_follow_replaced_modules``
-    and ``reset_generation`` run at a context's first call and at a rehearsal."""
+    """``start_call``, ``run_call``, ``end_call`` and what they need, mixed into ``controller.Session``. They read and
+    set the session's ``contexts`` and ``current`` context and its per-call fields (``_call_sig``, ``_compiled_call``,
+    ``_completed``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``, ``config``, ``adapter``,
+    ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``, ``reducer``, ``shared``, ``meter``,
+    ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and ``record_errors``. The session's
+    ``_follow_replaced_modules`` and ``reset_generation`` run at a context's first call and at a rehearsal."""
 
     def start_call(self, name: str, step_index: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any], compiled: bool) -> bool:

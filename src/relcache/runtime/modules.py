@@ -1,4 +1,4 @@
-"""Per cached module, at each step: forecast it, or compute it and record its output (``ModuleCalls``, the half of a
+"""Per cached module, at each step: forecast it, or compute it and record its output (``ModuleCalls``, the part of a
 ``controller.Session`` that the module hooks call; ``hooks.ModuleHost``).
 
 A module follows its step's decision (``steps.py``), taken before the first expensive module runs: RCS decides here,
