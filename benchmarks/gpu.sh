@@ -24,25 +24,27 @@ else
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 fi
 # Stop at once, not after every command failed the same way, when the Python here cannot run them.
-if ! python3 -c "import torch, diffusers, relcache; print('torch', torch.__version__, 'diffusers', diffusers.__version__)
-if $smoke == 0 and not torch.cuda.is_available(): raise SystemExit('no CUDA device: run with --smoke to rehearse')" \
-  2>&1 | tee -a "$out/gpu.txt"; then
-  echo "== stopped: the check above failed (torch, diffusers and relcache are needed, and CUDA without --smoke)" | tee -a "$out/gpu.txt"
+check="import torch, diffusers, relcache
+print('torch', torch.__version__, 'diffusers', diffusers.__version__)
+if $smoke == 0 and not torch.cuda.is_available(): raise SystemExit('no CUDA device: run with --smoke to rehearse')"
+if ! python3 -c "$check" 2>&1 | tee -a "$out/gpu.txt"; then
+  echo "== stopped: the check above failed (torch, diffusers and relcache are needed; CUDA unless --smoke)" \
+    | tee -a "$out/gpu.txt"
   exit 2
 fi
 date -u | tee -a "$out/gpu.txt"
 
 # run NAME SECONDS CMD...: CMD under a time limit (times $scale), its output in $out/NAME.txt. The limits add up to
-# more than 6 minutes; the script's own budget (360 s times $scale) cuts the last ones short, so the whole run never
-# takes longer, and a command the budget no longer reaches is skipped (said in gpu.txt).
-budget=$((360 * scale))
+# more than 6 minutes; the script's own budget (GPU_BUDGET, default 360 s, times $scale) cuts the last ones short, so
+# the whole run never takes longer, and a command the budget no longer reaches is skipped (said in gpu.txt).
+budget=$((${GPU_BUDGET:-360} * scale))
 run() {
   local name=$1 limit=$(($2 * scale)) start=$SECONDS left=$((budget - SECONDS))
   shift 2
   if [ $left -le 5 ]; then echo "== $name: skipped, the ${budget} s budget is spent" | tee -a "$out/gpu.txt"; return; fi
   [ $limit -gt $left ] && limit=$left
   echo "== $name (limit ${limit} s)"
-  timeout "$limit" "$@" > >(tee "$out/$name.txt") 2>&1
+  timeout -k 10 "$limit" "$@" > >(tee "$out/$name.txt") 2>&1
   echo "== $name: exit $?, $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 }
 

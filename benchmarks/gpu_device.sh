@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# gpu.sh as the lent GPU machine runs it (the device tool's `run`), in one call: that machine has torch but no diffusers
-# and reaches no package index, and at most 8 files come back from $OUT. So this script
-#   1. installs diffusers from wheels carried in .wheels/ when the machine has none (made beforehand, on a machine with
-#      PyPI:  python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#             --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .wheels diffusers==0.42.1 \
-#             importlib_metadata
-#      and pass carry [".wheels"]; .wheels/ is git-ignored), and runs relcache from src/;
-#   2. runs gpu.sh under a time limit (GPU_LIMIT seconds, default 430: gpu.sh's own budget is 360 s);
-#   3. puts gpu.txt and a tarball of every output into $OUT, also when gpu.sh was cut short.
-# Usage (device tool, repository root): bash benchmarks/gpu_device.sh [--smoke]   with timeout_s about 480.
-# On a machine with diffusers installed it only runs gpu.sh and packs its outputs; `--smoke` rehearses on the CPU.
+# gpu.sh as the lent GPU machine runs it (the device tool's `run`), in one call. That machine has torch but no
+# diffusers and reaches no package index, and at most 8 files come back from $OUT. So this script
+#   1. installs diffusers from wheels carried in .wheels/ when the machine has none, and runs relcache from src/.
+#      The wheels are made beforehand on a machine with PyPI, then carried (carry [".wheels"]; .wheels/ is
+#      git-ignored):
+#        python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#          --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .wheels diffusers==0.42.1 \
+#          importlib_metadata
+#   2. runs gpu.sh, whose own budget (GPU_BUDGET seconds, default 360; times 20 with --smoke) bounds every command;
+#   3. puts gpu.txt and a tarball of every output into $OUT (default runs/gpu-device), also when a command was cut.
+# Usage (device tool, from the repository root, timeout_s about 480): bash benchmarks/gpu_device.sh [--smoke]
+# On a machine with diffusers installed it only runs gpu.sh and packs its outputs; --smoke rehearses on the CPU.
 set -uo pipefail
+if [ $# -gt 1 ] || { [ $# -eq 1 ] && [ "$1" != "--smoke" ]; }; then
+  echo "usage: bash benchmarks/gpu_device.sh [--smoke]  (outputs go to \$OUT)" >&2
+  exit 2
+fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$root/runs/gpu-device}
 work=$(mktemp -d /tmp/gpu-run.XXXX)
+site=""
+trap 'rm -rf "$work" ${site:+"$site"}' EXIT
 mkdir -p "$out"
 if python3 -c "import diffusers" 2>/dev/null; then
   export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -21,16 +28,20 @@ else
   shopt -s nullglob
   wheels=("$root"/.wheels/*.whl)
   if [ ${#wheels[@]} -eq 0 ]; then
-    echo "gpu_device.sh: this python has no diffusers and .wheels/ holds no wheel: see this script's header" \
-      | tee "$out/gpu.txt"
+    echo "gpu_device.sh: no diffusers here and no wheel in .wheels/: see this script's header" | tee "$out/gpu.txt"
     exit 3
   fi
   site=$(mktemp -d /tmp/gpu-site.XXXX)
-  PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" \
-    || { echo "gpu_device.sh: installing ${wheels[*]} failed" | tee "$out/gpu.txt"; exit 3; }
-  export PYTHONPATH="$site:$root/src"
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$site" "${wheels[@]}" 2>&1 | tee "$work/install.txt"
+  if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+    echo "gpu_device.sh: installing ${wheels[*]} failed" | tee "$out/gpu.txt"
+    exit 3
+  fi
+  echo "gpu_device.sh: installed ${wheels[*]##*/}" | tee -a "$work/install.txt"
+  export PYTHONPATH="$site:$root/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
-timeout "${GPU_LIMIT:-430}" bash "$root/benchmarks/gpu.sh" "$@" "$work"
+bash "$root/benchmarks/gpu.sh" "$@" "$work"
 rc=$?
 echo "== gpu_device.sh: gpu.sh exit $rc" >> "$work/gpu.txt"
 cp "$work/gpu.txt" "$out/gpu.txt"
