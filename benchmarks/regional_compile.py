@@ -5,18 +5,26 @@ Counts, not timings: on a small random FLUX transformer with more single-stream 
 model, or each repeated block on its own), with a backend that only records the graphs it is given. Reported per
 method and mode: graphs compiled in the first and second compiled generation, graph breaks, the compiled variants
 each block class's ``forward`` ended with, the times dynamo hit its recompile limit (the rest of that code then runs
-eagerly: correct, not compiled), and the largest difference from the eager run.
+eagerly: correct, not compiled), and the largest difference from the eager run. The "plain" rows run the model
+without relcache, for comparison.
+
+``--user-break`` puts a graph break of the user's at the end of every single-stream block's forward (as a custom
+attention processor or an unsupported op would), for the whole-model compile: dynamo then compiles each block's
+remainder as a resume function of its own, whose compiled variants are counted per block instance.
 
     python benchmarks/regional_compile.py                    # 2 double + 10 single blocks, 10 steps
     python benchmarks/regional_compile.py --single 4 --steps 6
+    python benchmarks/regional_compile.py --user-break       # whole model only, a graph break in every single block
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,7 +36,28 @@ from torch._dynamo.utils import counters
 import relcache
 from relcache import FORA, RFC, CacheConfig, TaylorSeer
 
-METHODS: dict[str, CacheConfig] = {"FORA": FORA(3), "TaylorSeer": TaylorSeer(3), "RFC": RFC(threshold=0.3)}
+METHODS: dict[str, CacheConfig | None] = {"plain": None, "FORA": FORA(3), "TaylorSeer": TaylorSeer(3),
+                                          "RFC": RFC(threshold=0.3)}
+
+
+@contextlib.contextmanager
+def user_break(on: bool) -> Iterator[None]:
+    """With ``on``, every single-stream block's forward ends in a graph break (``torch._dynamo.graph_break``)."""
+    if not on:
+        yield
+        return
+    original = FluxSingleTransformerBlock.forward
+
+    def forward(self: FluxSingleTransformerBlock, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        torch._dynamo.graph_break()
+        return out
+
+    FluxSingleTransformerBlock.forward = forward
+    try:
+        yield
+    finally:
+        FluxSingleTransformerBlock.forward = original
 
 
 class _LimitHits(logging.Handler):
@@ -59,14 +88,16 @@ def step_inputs(i: int, steps: int) -> dict[str, Any]:
 
 
 def generation(model: torch.nn.Module, steps: int) -> list[torch.Tensor]:
-    relcache.begin_generation(model, steps)
+    if relcache.is_enabled(model):
+        relcache.begin_generation(model, steps)
     with torch.no_grad():
         return [model(**step_inputs(i, steps))[0] for i in range(steps)]
 
 
-def measure(config: CacheConfig, mode: str, single: int, steps: int) -> dict[str, Any]:
+def measure(config: CacheConfig | None, mode: str, single: int, steps: int) -> dict[str, Any]:
     model = build(single)
-    relcache.enable(model, config)
+    if config is not None:
+        relcache.enable(model, config)
     eager = generation(model, steps)
     torch._dynamo.reset()
     counters.clear()
@@ -90,7 +121,8 @@ def measure(config: CacheConfig, mode: str, single: int, steps: int) -> dict[str
         second = generation(run, steps)
     finally:
         log.removeHandler(limits)
-        relcache.disable(model)
+        if config is not None:
+            relcache.disable(model)
     variants = {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
                 for cls in (FluxTransformerBlock, FluxSingleTransformerBlock)}
     diff = max(float((a - b).abs().max()) for a, b in zip(eager, first + second, strict=False))
@@ -103,17 +135,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--single", type=int, default=10, help="single-stream blocks (default 10, above the limit)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--user-break", action="store_true",
+                        help="a graph break at the end of every single-stream block (whole-model compile only)")
     args = parser.parse_args()
     if args.single < 1 or args.steps < 4:
         parser.error("--single must be >= 1 and --steps >= 4")
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
-          f"FLUX-like, 2 double + {args.single} single blocks, {args.steps} steps, recording backend")
+          f"FLUX-like, 2 double + {args.single} single blocks, {args.steps} steps, recording backend"
+          + (", a user's graph break in every single block" if args.user_break else ""))
     print("| method | compile | graphs, 1st gen | graphs, 2nd gen | graph breaks | compiled variants per block "
           "forward | recompile-limit hits | max diff vs eager |")
     print("|---|---|---|---|---|---|---|---|")
+    modes = ("whole model",) if args.user_break else ("whole model", "regional")
     for name, config in METHODS.items():
-        for mode in ("whole model", "regional"):
-            r = measure(config, mode, args.single, args.steps)
+        for mode in modes:
+            with user_break(args.user_break):
+                r = measure(config, mode, args.single, args.steps)
             variants = ", ".join(f"{k} {v}" for k, v in r["variants"].items())
             print(f"| {name} | {mode} | {r['first']} | {r['second']} | {r['breaks']} | {variants} | "
                   f"{r['limit_hits']} | {r['diff']:.1e} |", flush=True)
