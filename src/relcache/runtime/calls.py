@@ -29,7 +29,8 @@ class StepCalls:
     ``_completed``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``, ``config``, ``adapter``,
     ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``, ``reducer``, ``shared``, ``meter``,
     ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and ``record_errors``. The session's
-    ``_follow_replaced_modules`` and ``reset_generation`` run at a context's first call and at a rehearsal."""
+    ``_follow_replaced_modules``, ``_check_compiled_blocks`` and ``reset_generation`` run at a context's first
+    call and at a rehearsal."""
 
     def start_call(self, name: str, step_index: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any], compiled: bool) -> bool:
@@ -49,6 +50,7 @@ class StepCalls:
             if self.reducer is not None:  # every process agrees on the step count before checking its settings
                 self.reducer.agree(name, gens.num_steps, self.adapter.hidden_of(args, kwargs))
             self._follow_replaced_modules()
+            self._check_compiled_blocks()
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             reducer = {} if self.reducer is None else {"reducer": self.reducer}
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))

@@ -9,9 +9,10 @@ import gc
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..methods.config import CacheConfig
 from ..methods.history import StaticCaches
 from ..models.base import Adapter, CachedModule
@@ -23,7 +24,16 @@ from .context import Context
 from .distributed import check_split_storage, reducer_for
 from .experts import ExpertCalls, Experts
 from .generations import Generations
-from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, STEP_HOOK, Attachment, ModuleHook, StepHook
+from .hooks import (
+    MODULATION_HOOK,
+    MODULE_HOOK,
+    SHARED_HOOK,
+    STEP_HOOK,
+    Attachment,
+    ModuleHook,
+    StepHook,
+    compiled_apart,
+)
 from .modulation import ModulationHook, Modulations
 from .modules import Computing, ModuleCalls
 from .rehearsal import Rehearsals
@@ -83,6 +93,7 @@ class Session(StepCalls, ModuleCalls):
         self.first_call = False  # the running call is a rehearsed first call, compiled (``hooks.StepHost``)
         self.step_hooks: list[StepHook] = []  # one per transformer (``attach``)
         self.cfg_peak = 0  # the most CFG-Cache held at the end of a call in this generation (``stats``' peak)
+        self._warned_apart = False  # ``_check_compiled_blocks`` said so, once per enable
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Session:
         """Refused: diffusers' hooks keep the original model's forward, so a deep copy of an enabled model ran the
@@ -188,6 +199,28 @@ class Session(StepCalls, ModuleCalls):
             self.meter.other.clear()
             self.rehearsals.clear()  # first calls run eagerly again, to measure
             self._n_modules = n_modules
+
+    def _check_compiled_blocks(self) -> None:
+        """(choice) Warn once per enable where blocks holding cached modules are compiled one by one (regional
+        compilation) in numbers that can pass dynamo's recompile limit: with relcache each such block compiles graphs
+        of its own (``hooks.compiled_apart``), a few per block, and past the limit of a block class the remaining
+        blocks run eagerly, without error. Not where the limit allows 8 graphs per block."""
+        if self._warned_apart:
+            return
+        limit = torch._dynamo.config.recompile_limit
+        counts: dict[str, int] = {}
+        for root, _ in self._roots():
+            for name, n in compiled_apart(root, [m.module for m in self.cached_modules]).items():
+                counts[name] = counts.get(name, 0) + n
+        over = {name: n for name, n in counts.items() if n >= 2 and limit < 8 * n}
+        if over:
+            self._warned_apart = True
+            blocks = ", ".join(f"{n} {name}" for name, n in over.items())
+            warn(f"relcache: {blocks} blocks are compiled one by one (regional compilation, e.g. "
+                 "compile_repeated_blocks). With relcache each of them compiles graphs of its own, not shared between "
+                 f"blocks, and dynamo's recompile_limit ({limit}) counts them per block class: past it the remaining "
+                 "blocks run eagerly. Compile the whole transformer instead (torch.compile(pipe.transformer)), or "
+                 "raise torch._dynamo.config.recompile_limit to 8 times the blocks of a class (docs/how-it-works.md)")
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
     def reset_generation(self, rehearsal: bool = False) -> None:

@@ -323,6 +323,27 @@ class StepHook(ModelHook):
         return module
 
 
+def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> dict[str, int]:
+    """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own: by
+    ``nn.Module.compile`` (as diffusers' ``compile_repeated_blocks`` does) or wrapped by ``torch.compile``. Dynamo
+    compiles each of them apart with relcache: it matches a hooked module's ``forward`` (a ``functools.partial`` per
+    module, diffusers' hook registry) by identity, and the module's index is a constant of its graphs."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    ids = {id(m) for m in cached}
+    counts: dict[str, int] = {}
+    for module in root.modules():
+        if module is root:
+            continue
+        wrapped = isinstance(module, OptimizedModule)
+        if not wrapped and getattr(module, "_compiled_call_impl", None) is None:
+            continue
+        if any(id(m) in ids for m in module.modules()):
+            name = type(module._orig_mod if wrapped else module).__name__
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 class ModuleHook(ModelHook):
     """On a cached module: full computation or prediction, as the runtime decides."""
 

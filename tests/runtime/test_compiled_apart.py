@@ -1,0 +1,78 @@
+"""Blocks compiled one by one (regional compilation) with relcache enabled: each compiles graphs of its own, so past
+dynamo's recompile limit per block class the rest run eagerly. relcache says so once per enable, where it can
+happen (``Session._check_compiled_blocks``, ``hooks.compiled_apart``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from families import flux_kwargs, flux_pipe
+
+import relcache
+from relcache import TaylorSeer
+from relcache.runtime.hooks import compiled_apart
+
+APART = "compiled one by one"
+
+
+def _generations(pipe, n: int) -> list[str]:
+    """Run ``n`` generations; relcache's warnings about blocks compiled apart."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(n):
+            pipe(**flux_kwargs(), num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
+    return [str(w.message) for w in caught if APART in str(w.message)]
+
+
+@pytest.fixture
+def regional():
+    """flux_pipe (1 double, 2 single blocks) with TaylorSeer, its repeated blocks compiled (graphs run eagerly)."""
+    torch._dynamo.reset()
+    pipe = flux_pipe()
+    relcache.enable(pipe, TaylorSeer(3))
+    pipe.transformer.compile_repeated_blocks(backend="eager")
+    yield pipe
+    relcache.disable(pipe)
+    torch._dynamo.reset()
+
+
+def test_regional_compilation_is_warned_once_per_enable_naming_the_blocks(regional):
+    got = _generations(regional, 2)
+    assert len(got) == 1, got  # the one double block cannot pass the limit alone: not named
+    assert got[0].startswith("relcache: 2 FluxSingleTransformerBlock blocks are compiled one by one"), got[0]
+    assert "recompile_limit (8)" in got[0]
+    relcache.disable(regional)
+    relcache.enable(regional, TaylorSeer(3))  # a new enable says it again
+    assert len(_generations(regional, 1)) == 1
+
+
+def test_no_warning_where_the_limit_allows_8_graphs_per_block(regional):
+    with torch._dynamo.config.patch(recompile_limit=16):
+        assert _generations(regional, 1) == []
+
+
+def test_no_warning_without_compilation():
+    pipe = flux_pipe()
+    relcache.enable(pipe, TaylorSeer(3))
+    try:
+        assert _generations(pipe, 1) == []
+    finally:
+        relcache.disable(pipe)
+
+
+def test_compiled_apart_counts_blocks_compiled_or_wrapped_that_hold_cached_modules():
+    """Counted: blocks compiled in place (``nn.Module.compile``) or wrapped by ``torch.compile``, by class, where they
+    hold a cached module; not the model compiled whole, nor compiled modules holding none."""
+    model = flux_pipe().transformer
+    single = model.single_transformer_blocks
+    cached = [single[0].attn, single[1].attn]
+    assert compiled_apart(model, cached) == {}
+    torch.compile(model)  # whole: a wrapper outside the model
+    assert compiled_apart(model, cached) == {}
+    single[0].compile()
+    assert compiled_apart(model, cached) == {"FluxSingleTransformerBlock": 1}
+    single[1] = torch.compile(single[1])
+    assert compiled_apart(model, cached) == {"FluxSingleTransformerBlock": 2}
+    assert compiled_apart(model, [model.transformer_blocks[0].attn]) == {}  # compiled blocks hold no cached module
