@@ -42,7 +42,8 @@ def test_regional_compilation_is_warned_once_per_enable_naming_the_blocks(region
     got = _generations(regional, 2)
     assert len(got) == 1, got  # the one double block cannot pass the limit alone: not named
     assert got[0].startswith("relcache: 2 FluxSingleTransformerBlock blocks are compiled one by one"), got[0]
-    assert "recompile_limit (8)" in got[0]
+    assert "recompile_limit (8) and accumulated_recompile_limit (256)" in got[0]
+    assert got[0].endswith("set both torch._dynamo.config limits to at least 16 (docs/how-it-works.md)"), got[0]
     relcache.disable(regional)
     relcache.enable(regional, TaylorSeer(3))  # a new enable says it again
     assert len(_generations(regional, 1)) == 1
@@ -51,6 +52,14 @@ def test_regional_compilation_is_warned_once_per_enable_naming_the_blocks(region
 def test_no_warning_where_the_limit_allows_8_graphs_per_block(regional):
     with torch._dynamo.config.patch(recompile_limit=16):
         assert _generations(regional, 1) == []
+
+
+def test_the_accumulated_limit_counts_too(regional):
+    """dynamo also caps every code object at ``accumulated_recompile_limit``: a raised ``recompile_limit`` alone is
+    not enough where that cap is below 8 per block."""
+    with torch._dynamo.config.patch(recompile_limit=16, accumulated_recompile_limit=15):
+        got = _generations(regional, 1)
+    assert len(got) == 1 and "accumulated_recompile_limit (15)" in got[0], got
 
 
 def test_no_warning_without_compilation():
@@ -64,7 +73,8 @@ def test_no_warning_without_compilation():
 
 def test_compiled_apart_counts_blocks_compiled_or_wrapped_that_hold_cached_modules():
     """Counted: blocks compiled in place (``nn.Module.compile``) or wrapped by ``torch.compile``, by class, where they
-    hold a cached module; not the model compiled whole, nor compiled modules holding none."""
+    hold a cached module, or whose ``forward`` is compiled; not the model compiled whole, nor compiled modules holding
+    none."""
     model = flux_pipe().transformer
     single = model.single_transformer_blocks
     cached = [single[0].attn, single[1].attn]
@@ -75,4 +85,7 @@ def test_compiled_apart_counts_blocks_compiled_or_wrapped_that_hold_cached_modul
     assert compiled_apart(model, cached) == {"FluxSingleTransformerBlock": 1}
     single[1] = torch.compile(single[1])
     assert compiled_apart(model, cached) == {"FluxSingleTransformerBlock": 2}
-    assert compiled_apart(model, [model.transformer_blocks[0].attn]) == {}  # compiled blocks hold no cached module
+    double = model.transformer_blocks[0]
+    double.forward = torch.compile(double.forward)  # its forward compiled, the older way
+    assert compiled_apart(model, [*cached, double.attn]) == {"FluxSingleTransformerBlock": 2, "FluxTransformerBlock": 1}
+    assert compiled_apart(model, [model.proj_out]) == {}  # no compiled block holds a cached module

@@ -26,11 +26,11 @@ from .steps import Probing, RowGroups, decide, end_step, prepare_step, probe_row
 class StepCalls:
     """``start_call``, ``run_call``, ``end_call`` and what they need, mixed into ``controller.Session``. They read and
     set the session's ``contexts`` and ``current`` context and its per-call fields (``_call_sig``, ``_compiled_call``,
-    ``_completed``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``, ``config``, ``adapter``,
-    ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``, ``reducer``, ``shared``, ``meter``,
-    ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and ``record_errors``. The session's
-    ``_follow_replaced_modules``, ``_check_compiled_blocks`` and ``reset_generation`` run at a context's first
-    call and at a rehearsal."""
+    ``_completed``, ``_called``, ``_computing``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``,
+    ``config``, ``adapter``, ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``, ``reducer``,
+    ``shared``, ``meter``, ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and
+    ``record_errors``. The session's ``_follow_replaced_modules``, ``_check_compiled_blocks`` and ``reset_generation``
+    run at a context's first call and at a rehearsal."""
 
     def start_call(self, name: str, step_index: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any], compiled: bool) -> bool:

@@ -202,12 +202,14 @@ class Session(StepCalls, ModuleCalls):
 
     def _check_compiled_blocks(self) -> None:
         """(choice) Warn once per enable where blocks holding cached modules are compiled one by one (regional
-        compilation) in numbers that can pass dynamo's recompile limit: with relcache each such block compiles graphs
-        of its own (``hooks.compiled_apart``), a few per block, and past the limit of a block class the remaining
-        blocks run eagerly, without error. Not where the limit allows 8 graphs per block."""
+        compilation) in numbers that can pass dynamo's limits: with relcache each such block compiles graphs of its
+        own (``hooks.compiled_apart``), 3 to 6 per block in ``benchmarks/regional_compile.py --recompile-limit``, and
+        dynamo counts them per block class against ``recompile_limit`` (8) and ``accumulated_recompile_limit`` (256):
+        past either the remaining blocks run eagerly, without error. Not where both allow 8 graphs per block."""
         if self._warned_apart:
             return
-        limit = torch._dynamo.config.recompile_limit
+        config = torch._dynamo.config
+        limit = min(config.recompile_limit, config.accumulated_recompile_limit)
         counts: dict[str, int] = {}
         for root, _ in self._roots():
             for name, n in compiled_apart(root, [m.module for m in self.cached_modules]).items():
@@ -216,11 +218,14 @@ class Session(StepCalls, ModuleCalls):
         if over:
             self._warned_apart = True
             blocks = ", ".join(f"{n} {name}" for name, n in over.items())
+            need = 8 * max(over.values())
             warn(f"relcache: {blocks} blocks are compiled one by one (regional compilation, e.g. "
-                 "compile_repeated_blocks). With relcache each of them compiles graphs of its own, not shared between "
-                 f"blocks, and dynamo's recompile_limit ({limit}) counts them per block class: past it the remaining "
-                 "blocks run eagerly. Compile the whole transformer instead (torch.compile(pipe.transformer)), or "
-                 "raise torch._dynamo.config.recompile_limit to 8 times the blocks of a class (docs/how-it-works.md)")
+                 "compile_repeated_blocks). With relcache each of them compiles graphs of its own (3 to 6 each), not "
+                 f"shared between blocks, and dynamo counts them per block class against recompile_limit "
+                 f"({config.recompile_limit}) and accumulated_recompile_limit ({config.accumulated_recompile_limit}): "
+                 "past either the remaining blocks run eagerly. Compile the whole transformer instead "
+                 "(torch.compile(pipe.transformer)), or set both torch._dynamo.config limits to at least "
+                 f"{need} (docs/how-it-works.md)")
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
     def reset_generation(self, rehearsal: bool = False) -> None:

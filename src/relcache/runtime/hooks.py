@@ -325,7 +325,8 @@ class StepHook(ModelHook):
 
 def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> dict[str, int]:
     """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own: by
-    ``nn.Module.compile`` (as diffusers' ``compile_repeated_blocks`` does) or wrapped by ``torch.compile``. Dynamo
+    ``nn.Module.compile`` (as diffusers' ``compile_repeated_blocks`` does), wrapped by ``torch.compile``, or with their
+    ``forward`` compiled. Dynamo
     compiles each of them apart with relcache: it matches a hooked module's ``forward`` (a ``functools.partial`` per
     module, diffusers' hook registry) by identity, and the module's index is a constant of its graphs."""
     from torch._dynamo.eval_frame import OptimizedModule
@@ -336,7 +337,9 @@ def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> dict[str, int]:
         if module is root:
             continue
         wrapped = isinstance(module, OptimizedModule)
-        if not wrapped and getattr(module, "_compiled_call_impl", None) is None:
+        forward = module.__dict__.get("forward")  # ``block.forward = torch.compile(block.forward)``
+        if (not wrapped and getattr(module, "_compiled_call_impl", None) is None
+                and getattr(forward, "_torchdynamo_orig_callable", None) is None):
             continue
         if any(id(m) in ids for m in module.modules()):
             name = type(module._orig_mod if wrapped else module).__name__
