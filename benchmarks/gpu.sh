@@ -38,14 +38,21 @@ date -u | tee -a "$out/gpu.txt"
 # more than 6 minutes; the script's own budget (GPU_BUDGET, default 360 s, times $scale) cuts the last ones short, so
 # the whole run never takes longer, and a command the budget no longer reaches is skipped (said in gpu.txt).
 budget=$((${GPU_BUDGET:-360} * scale))
+incomplete=0  # commands that failed, were cut or were skipped: the script then exits 1
 run() {
-  local name=$1 limit=$(($2 * scale)) start=$SECONDS left=$((budget - SECONDS))
+  local name=$1 limit=$(($2 * scale)) start=$SECONDS left=$((budget - SECONDS)) rc
   shift 2
-  if [ $left -le 5 ]; then echo "== $name: skipped, the ${budget} s budget is spent" | tee -a "$out/gpu.txt"; return; fi
+  if [ $left -le 5 ]; then
+    echo "== $name: skipped, the ${budget} s budget is spent" | tee -a "$out/gpu.txt"
+    incomplete=$((incomplete + 1))
+    return
+  fi
   [ $limit -gt $left ] && limit=$left
   echo "== $name (limit ${limit} s)"
   timeout -k 10 "$limit" "$@" > >(tee "$out/$name.txt") 2>&1
-  echo "== $name: exit $?, $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
+  rc=$?
+  [ $rc -ne 0 ] && incomplete=$((incomplete + 1))
+  echo "== $name: exit $rc, $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 }
 
 # The order is by importance and the limits come from the H200 runs of 2026-12-04 (benchmarks/results/
@@ -75,4 +82,5 @@ run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --c
 # 5. Offloaded caches (CacheStorage(offload=True)): a cached step's forecasts at FLUX width with caches in pinned host
 # memory, prefetched one module ahead, against caches on the GPU (seconds and ratios).
 run cache_offload 60 python3 cache_memory.py --parts offload "${offload[@]}" --out "$out/cache_offload.json"
-echo "== done in $SECONDS s" | tee -a "$out/gpu.txt"
+echo "== done in $SECONDS s; $incomplete command(s) failed, cut or skipped" | tee -a "$out/gpu.txt"
+[ $incomplete -eq 0 ]

@@ -36,6 +36,7 @@ else
     --target "$site" "${wheels[@]}" 2>&1 | tee "$work/install.txt"
   if [ "${PIPESTATUS[0]}" -ne 0 ]; then
     echo "gpu_device.sh: installing ${wheels[*]} failed" | tee "$out/gpu.txt"
+    cp "$work/install.txt" "$out/install.txt"
     exit 3
   fi
   echo "gpu_device.sh: installed ${wheels[*]##*/}" | tee -a "$work/install.txt"
