@@ -9,12 +9,16 @@ eagerly: correct, not compiled), and the largest difference from the eager run. 
 without relcache, for comparison.
 
 ``--user-break`` puts a graph break of the user's at the end of every single-stream block's forward (as a custom
-attention processor or an unsupported op would), for the whole-model compile: dynamo then compiles each block's
-remainder as a resume function of its own, whose compiled variants are counted per block instance.
+attention processor or an unsupported op would), for the whole-model compile: dynamo then compiles what follows each
+break as resume functions, and the block classes' ``forward`` code gets compiled variants of its own (counted).
 
     python benchmarks/regional_compile.py                    # 2 double + 10 single blocks, 10 steps
     python benchmarks/regional_compile.py --single 4 --steps 6
     python benchmarks/regional_compile.py --user-break       # whole model only, a graph break in every single block
+    python benchmarks/regional_compile.py --recompile-limit 64   # dynamo's limits raised: every variant compiles
+
+With ``--recompile-limit N`` dynamo's ``recompile_limit`` (and ``accumulated_recompile_limit``, where N is larger) are N
+for the run, so that no block runs eagerly and the variants column gives how many graphs each block needs.
 """
 
 from __future__ import annotations
@@ -125,6 +129,8 @@ def measure(config: CacheConfig | None, mode: str, single: int, steps: int) -> d
             relcache.disable(model)
     variants = {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
                 for cls in (FluxTransformerBlock, FluxSingleTransformerBlock)}
+    blocks = {"FluxTransformerBlock": 2, "FluxSingleTransformerBlock": single}
+    variants = {name: f"{n} ({n / blocks[name]:.1f} per block)" for name, n in variants.items()}
     diff = max(float((a - b).abs().max()) for a, b in zip(eager, first + second, strict=False))
     torch._dynamo.reset()
     return dict(first=n_first, second=len(graphs) - n_first, breaks=sum(counters["graph_break"].values()),
@@ -135,6 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--single", type=int, default=10, help="single-stream blocks (default 10, above the limit)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--recompile-limit", type=int, metavar="N",
+                        help="dynamo's recompile_limit (and accumulated_recompile_limit, if larger) for the run")
     parser.add_argument("--user-break", action="store_true",
                         help="a graph break at the end of every single-stream block (whole-model compile only)")
     args = parser.parse_args()
@@ -142,7 +150,12 @@ def main() -> None:
         parser.error("--single must be >= 1 and --steps >= 4")
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
           f"FLUX-like, 2 double + {args.single} single blocks, {args.steps} steps, recording backend"
-          + (", a user's graph break in every single block" if args.user_break else ""))
+          + (", a user's graph break in every single block" if args.user_break else "")
+          + (f", recompile_limit {args.recompile_limit}" if args.recompile_limit else ""))
+    if args.recompile_limit:
+        torch._dynamo.config.recompile_limit = args.recompile_limit
+        config = torch._dynamo.config
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, args.recompile_limit)
     print("| method | compile | graphs, 1st gen | graphs, 2nd gen | graph breaks | compiled variants per block "
           "forward | recompile-limit hits | max diff vs eager |")
     print("|---|---|---|---|---|---|---|---|")
