@@ -341,7 +341,7 @@ def main() -> None:
         if args.batch_modulation:  # each method again, every step's adaLN projections computed up front
             configs.update({(b, f"{name} + batch modulation"): cfg for (b, name), cfg in list(configs.items())})
         if args.compiled_only:
-            rows += compiled_rows(model, size, configs, args, dtype, lambda more: save(more))
+            rows += compiled_rows(model, size, configs, args, dtype, save)
             save()
             continue
         times: dict[object, list[float]] = {"full": []}
@@ -368,7 +368,7 @@ def main() -> None:
             print(f"{row_cells(row, args.steps)} {row['cache_mib']:.1f} |")
         save()
         if args.compile:
-            rows += compiled_rows(model, size, configs, args, dtype, lambda more: save(more))
+            rows += compiled_rows(model, size, configs, args, dtype, save)
             save()
     save()
     print(f"\nwritten {args.out}")

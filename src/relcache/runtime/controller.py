@@ -6,6 +6,7 @@ module does at a step (forecast, or compute and record) is ``modules.py``; both 
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -210,10 +211,8 @@ class Session(StepCalls, ModuleCalls):
             return
         config = torch._dynamo.config
         limit = min(config.recompile_limit, config.accumulated_recompile_limit)
-        counts: dict[str, int] = {}
-        for root, _ in self._roots():
-            for name, n in compiled_apart(root, [m.module for m in self.cached_modules]).items():
-                counts[name] = counts.get(name, 0) + n
+        cached = [m.module for m in self.cached_modules]
+        counts = sum((compiled_apart(root, cached) for root, _ in self._roots()), Counter())
         over = {name: n for name, n in counts.items() if n >= 2 and limit < 8 * n}
         if over:
             self._warned_apart = True

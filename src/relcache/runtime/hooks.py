@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import types
 import weakref
+from collections import Counter
 from collections.abc import Hashable
 from typing import Any, Protocol
 
@@ -323,16 +324,16 @@ class StepHook(ModelHook):
         return module
 
 
-def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> dict[str, int]:
+def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
     """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own: by
     ``nn.Module.compile`` (as diffusers' ``compile_repeated_blocks`` does), wrapped by ``torch.compile``, or with their
-    ``forward`` compiled. Dynamo
-    compiles each of them apart with relcache: it matches a hooked module's ``forward`` (a ``functools.partial`` per
-    module, diffusers' hook registry) by identity, and the module's index is a constant of its graphs."""
+    ``forward`` compiled. Dynamo compiles each of them apart with relcache: it matches a hooked module's ``forward`` (a
+    ``functools.partial`` per module, diffusers' hook registry) by identity, and the module's index is a constant of
+    its graphs."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     ids = {id(m) for m in cached}
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     for module in root.modules():
         if module is root:
             continue
@@ -342,8 +343,7 @@ def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> dict[str, int]:
                 and getattr(forward, "_torchdynamo_orig_callable", None) is None):
             continue
         if any(id(m) in ids for m in module.modules()):
-            name = type(module._orig_mod if wrapped else module).__name__
-            counts[name] = counts.get(name, 0) + 1
+            counts[type(module._orig_mod if wrapped else module).__name__] += 1
     return counts
 
 
