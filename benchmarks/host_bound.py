@@ -8,7 +8,9 @@ of interleaved repeats (the 12 steps after 4 full ones of a 16-step run):
 - the plain model with a diffusers hook on each cached module that only calls the original forward: what the hook
   registry itself costs;
 - a minimal hand-written reuse (each block's ``attn1`` and ``ff`` forward replaced by "return the last output" at
-  cached steps, nothing else), against relcache's FORA cached step: relcache's cost at a cached step.
+  cached steps, nothing else), against relcache's FORA cached step: relcache's cost at a cached step;
+- relcache's Taylor (order 2) and Relational (RFE, order 2) cached steps, on the same interval schedule: what their
+  forecasts add to FORA's, operators and Python together (RFC's cached steps forecast as RFE's do).
 The last column counts the ATen operators one such step dispatches (views included), so that what relcache adds
 shows as Python or as operators.
 
@@ -29,7 +31,7 @@ from diffusers.hooks.hooks import HookRegistry, ModelHook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import relcache
-from relcache import FORA, CacheConfig, Interval, Reuse
+from relcache import FORA, CacheConfig, Interval, Relational, Reuse, Taylor
 
 STEPS, CACHED_FROM = 16, 4
 
@@ -124,13 +126,17 @@ def main() -> None:
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     torch.set_num_threads(1)
-    every, fora = build(), build()
+    every = build()
     relcache.enable(every, FORA(1, 1))
-    relcache.enable(fora, CacheConfig(Reuse(), Interval(1000, CACHED_FROM)))
+    cached = {}
+    for name, predictor in (("FORA", Reuse()), ("Taylor", Taylor(2)), ("RFE", Relational(2))):
+        cached[name] = build()  # 4 full steps, then cached ones: Taylor's and RFE's second differences exist
+        relcache.enable(cached[name], CacheConfig(predictor, Interval(1000, CACHED_FROM)))
     mini = build()
     runs = {"plain step": (build(), None), "plain step, a pass-through hook per cached module":
             (pass_through_hooks(build()), None), "relcache, every step full": (every, None),
-            "minimal reuse, cached step": (mini, minimal_reuse(mini)), "relcache FORA, cached step": (fora, None)}
+            "minimal reuse, cached step": (mini, minimal_reuse(mini)),
+            **{f"relcache {name}, cached step": (model, None) for name, model in cached.items()}}
     for model, switch in runs.values():  # warm-up
         cached_step_ms(model, switch)
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -151,6 +157,10 @@ def main() -> None:
     print(f"relcache's cost at a full step: {full:+.3f} ms ({full / ms['plain step']:+.1%} of a plain step)")
     print(f"relcache's cost at a FORA cached step: {cached:+.3f} ms "
           f"({cached / ms['minimal reuse, cached step']:+.1%} of the minimal reuse step)")
+    for name in ("Taylor", "RFE"):
+        extra = ms[f"relcache {name}, cached step"] - ms["relcache FORA, cached step"]
+        print(f"{name}'s forecasts over FORA's reuse: {extra:+.3f} ms a cached step "
+              f"({extra / 56 * 1e3:+.1f} µs a module)")
 
 if __name__ == "__main__":
     main()

@@ -243,7 +243,9 @@ def store(x: torch.Tensor, fmt: torch.dtype | str | None, axes: str, offload: bo
 
 def load(t: Held | torch.Tensor, like: torch.dtype) -> torch.Tensor:
     """A stored tensor (``store``'s result) in dtype ``like``."""
-    return t.get(like) if isinstance(t, Held) else t.to(like)
+    if isinstance(t, Held):
+        return t.get(like)
+    return t if t.dtype == like else t.to(like)  # ``to`` would return ``t`` too, after a longer dispatch
 
 
 def held_bytes(t: Held | torch.Tensor | None) -> int:

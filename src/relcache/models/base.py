@@ -65,6 +65,8 @@ class CachedModule:
     def outputs(self, out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The module's outputs as the runtime reads them: a tuple, each with its batch axis. Anything but a tensor or
         a tuple (a NamedTuple too) of tensors is refused, naming the module: a cached step could not rebuild it."""
+        if isinstance(out, torch.Tensor):
+            return (out,) if self.batched else (out.unsqueeze(0),)
         outs = out if isinstance(out, tuple) else (out,)
         if not all(isinstance(o, torch.Tensor) for o in outs) or not outs:
             got = type(out).__name__ if not isinstance(out, tuple) else (

@@ -35,23 +35,40 @@ def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> t
     return inputs[j] if len(inputs) == n_out else inputs[0]
 
 
-def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]) -> list[torch.Tensor]:
-    """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order."""
+def _row_k(rows: torch.Tensor, idx: int, device: torch.device) -> torch.Tensor:
+    """Module ``idx``'s ``k`` in the step's ``rows`` (its gap where it records), a 0-d tensor on ``device``."""
+    k = rows[idx][0]
+    return k if k.device == device else k.to(device)  # a model split over devices
+
+
+def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup], eager: bool) -> list[torch.Tensor]:
+    """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order. ``eager``: the
+    call is neither compiled nor captured by hand, so the forecasts may read the step's ``k`` on the host."""
     items = []  # every output of every group, in call order
     # compiled code must not read k as a Python number (a constant in the graph), nor may a step captured by hand with
     # static caches (a CUDA graph replays the captured kernel, k included, while its rows are updated in place)
-    eager = not torch.compiler.is_compiling() and ctx.static is None
+    eager = eager and ctx.static is None
+    offloads = ctx.storage is not None and ctx.storage.offload
     for group in groups:
-        for st in ctx.caches.states.get((idx + 1, group.name), ()):  # offloaded caches: the next module's start
-            st.prefetch()  # copying back now (``CacheStorage(offload=True)``); nothing otherwise
+        if offloads:  # offloaded caches: the next module's start copying back now (``CacheStorage(offload=True)``)
+            for st in ctx.caches.states.get((idx + 1, group.name), ()):
+                st.prefetch()
         states = ctx.caches.states[(idx, group.name)]
-        row = ctx.caches.rows[group.name][idx].to(group.inputs[0].device)  # a model split over devices
+        row = ctx.caches.rows[group.name][idx]
+        device = group.inputs[0].device
+        if row.device != device:  # a model split over devices
+            row = row.to(device)
         k = ctx.caches.host_k[group.name][idx] if eager else None
-        items += [Forecast(st, _input_for_output(group.inputs, j, len(states)), row, k) for j, st in enumerate(states)]
+        if len(states) == 1:
+            items.append(Forecast(states[0], group.inputs[0], row, k))
+        else:
+            items += [Forecast(st, _input_for_output(group.inputs, j, len(states)), row, k)
+                      for j, st in enumerate(states)]
     outs = config.predictor.forecast_many(items)  # under context parallelism: one collective for all of them
+    if len(groups) == 1:
+        return outs
     n = len(outs) // len(groups)
-    per_group = [outs[g * n:(g + 1) * n] for g in range(len(groups))]
-    return per_group[0] if len(per_group) == 1 else [torch.cat(outs) for outs in zip(*per_group, strict=True)]
+    return [torch.cat(outs[j::n]) for j in range(n)]
 
 
 def _check_intact(ctx: Context, name: str, idx: int, groups: list[RowGroup]) -> None:
@@ -110,33 +127,40 @@ class ModuleCalls:
 
     def _forecast(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The forecast at a cached step, or None when the module must run (``_record`` then takes its output)."""
-        self._computing.pop(idx, None)
+        computing = self._computing
+        if computing:
+            computing.pop(idx, None)
         ctx = self.current
         if ctx is None:  # called outside a transformer forward: behave as the plain module
             return None
         spec = self.cached_modules[idx]
         inputs = spec.inputs(args, kwargs)  # dual-stream modules: one input per output
-        if not torch.compiler.is_compiling():  # the rules of docs/custom-models.md, checked on the eager calls
+        eager = not torch.compiler.is_compiling()
+        if eager:  # the rules of docs/custom-models.md, checked on the eager calls
             _check_call(spec, idx, len(inputs), self._called)
         probe = inputs[spec.probe]
         rows = ctx.cfg.row_groups(probe.shape[0])
         if not ctx.schedule.decided:
             self._decide(ctx, probe, rows)
-        shapes = tuple(tuple(x.shape) for x in inputs)
-        ctx.caches.call_shapes[idx] = shapes
-        groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
-        if ctx.schedule.full or not all(ctx.caches.ready(idx, g.name, g.shapes) for g in groups):
-            self._computing[idx] = Computing(ctx, shapes, groups)
+        shapes = tuple([tuple(x.shape) for x in inputs])
+        caches = ctx.caches
+        caches.call_shapes[idx] = shapes
+        if len(rows) == 1 and rows[0][1] is None:  # one group, all rows: the inputs as they are
+            groups = [RowGroup(rows[0][0], None, inputs, shapes)]
+        else:
+            groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
+        if ctx.schedule.full or not all(caches.ready(idx, g.name, g.shapes) for g in groups):
+            computing[idx] = Computing(ctx, shapes, groups)
             return None
-        if not torch.compiler.is_compiling():
+        if eager:
             _check_intact(ctx, spec.name, idx, groups)
-        preds = _predict(self.config, ctx, idx, groups)
-        if not torch.compiler.is_compiling() and not self._counted_at_end():
+        preds = _predict(self.config, ctx, idx, groups, eager)
+        if eager and not self._counted_at_end():
             self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
         if self.record_errors:
             trues = spec.outputs(original(*args, **kwargs))
-            ctx.caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
-        return spec.returned(preds, ctx.caches.tuple_out.get(idx))
+            caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
+        return spec.returned(preds, caches.tuple_out.get(idx))
 
     def _counted_at_end(self) -> bool:
         """Whether the running call is counted whole at its end (``StepCalls.end_call``): it runs compiled, so a module
@@ -150,6 +174,7 @@ class ModuleCalls:
         if computing is None:
             return
         ctx, caches = computing.ctx, computing.ctx.caches
+        eager = not torch.compiler.is_compiling()
         outs = self.cached_modules[idx].outputs(out)
         caches.tuple_out[idx] = type(out) if isinstance(out, tuple) else None
         predictor = self.config.predictor
@@ -160,18 +185,18 @@ class ModuleCalls:
                 reducer = {} if self.reducer is None else {"reducer": self.reducer}
                 states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
                 caches.states[slot] = states
-            gap = caches.rows[group.name][idx, 0].to(group.inputs[0].device) if slot in caches.last_record else None
+            k = _row_k(caches.rows[group.name], idx, group.inputs[0].device)  # the gap N where a record precedes
+            gap = k if slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
                 inp = _input_for_output(group.inputs, j, len(outs))
                 value = take_rows(o, group.rows)
                 predictor.record(state, inp, value, gap)
                 if ctx.static is not None:  # copied into buffers at stable addresses (capture)
-                    like = caches.rows[group.name][idx, 0].to(group.inputs[0].device)
-                    hold_state(ctx.static, (ctx.name, idx, group.name, j), state, value, like)
+                    hold_state(ctx.static, (ctx.name, idx, group.name, j), state, value, k)
             caches.shapes[slot] = group.shapes
             if not ctx.schedule.full:  # a module computed at a cached step (no state for these shapes yet)
                 caches.last_record[slot] = ctx.step
-            elif not torch.compiler.is_compiling():  # recorded: its record step is this step's (``end_step``)
+            elif eager:  # recorded: its record step is this step's (``end_step``)
                 caches.unrecorded.pop(slot, None)
-        if not torch.compiler.is_compiling() and not self._counted_at_end():
+        if eager and not self._counted_at_end():
             self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)

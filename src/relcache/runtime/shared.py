@@ -81,6 +81,7 @@ class SharedGroup:
         self.modules = list({id(m): m for m in modules}.values())  # one module object may stand for several copies
         self.members: frozenset[int] = frozenset()  # indexes that compute what modules[0] computes
         self._watched: list[torch.Tensor] | None = None  # every parameter and buffer of the copies, per generation
+        self._versioned: list[bool] = []  # which of them keep a version counter
         self._state: list[tuple[int, int]] | None = None  # their (version, data pointer) when members was computed
         self._verified = False  # signature compared in the current transformer call
         self._memo: tuple[Key, Any, int] | None = None  # (argument key, output, the output's version)
@@ -91,8 +92,11 @@ class SharedGroup:
         Runs once per transformer call: the module tree is walked once per generation, not here."""
         if self._watched is None:
             self._watched = [t for m in self.modules for _, t in _tensors(m)]
+            # which keep a version (not inference tensors, ``_version``): that does not change, so it is read here
+            self._versioned = [not t.is_inference() for t in self._watched]
             self._state = None
-        state = [(_version(t), t.data_ptr()) for t in self._watched]
+        state = [(t._version if v else -1, t.data_ptr())  # noqa: SLF001
+                 for t, v in zip(self._watched, self._versioned, strict=True)]
         if state != self._state:
             first = self.modules[0]
             if _offloaded(first):
