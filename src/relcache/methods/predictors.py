@@ -116,6 +116,10 @@ class Forecast(NamedTuple):
     k: float | None = None
 
 
+def _as_forecast(item: Forecast | tuple) -> Forecast:
+    return item if isinstance(item, Forecast) else Forecast(*item)
+
+
 class Predictor(ABC):
     """What a cached step returns for a module, from what its full steps recorded."""
 
@@ -172,7 +176,7 @@ class Predictor(ABC):
     def forecast_many(self, items: Sequence[Forecast | tuple]) -> list[torch.Tensor]:
         """``forecast`` of each item (a ``Forecast`` or a ``(state, input, row)`` tuple): every output of one module
         call, in order."""
-        return [self._forecast_item(Forecast(*item)) for item in items]
+        return [self._forecast_item(_as_forecast(item)) for item in items]
 
     def _forecast_item(self, it: Forecast) -> torch.Tensor:
         if self.takes_host_k and it.k is not None:
@@ -288,7 +292,7 @@ class Relational(Predictor):
     def forecast_many(self, items: Sequence[Forecast | tuple]) -> list[torch.Tensor]:
         """With a reducer (split sequence), the norms of every item, i.e. of one module call's outputs and row
         groups, go into one collective; without one, ``forecast`` of each."""
-        items = [Forecast(*item) for item in items]
+        items = [_as_forecast(item) for item in items]
         reducer = items[0].state.reducer if items else None
         if reducer is None:
             return super().forecast_many(items)
