@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relcache
 from relcache import CacheConfig, Interval, Linear, Relational, Reuse, Taylor
+from relcache.methods import fused
 from relcache.methods.fit import InputFit
 
 METHODS: dict[str, CacheConfig | None] = {
@@ -74,6 +75,10 @@ BATCHED = " + batch modulation"
 METHODS.update({name + BATCHED: METHODS[name] for name in (
     "full step, relcache on (FORA(1, 1))", "Reuse (FORA)", "Taylor m=2 (TaylorSeer)",
     "Relational m=2 + RCS check (RFC)")})
+#: RFE's forecast in two Triton kernels (``relcache.methods.fused``, opt-in; CUDA only: elsewhere the torch path runs)
+FUSED = " + fused forecast"
+METHODS.update({name + FUSED: METHODS[name] for name in (
+    "Relational m=2 (RFE alone)", "Relational m=2 + RCS check (RFC)")})
 
 
 # ops that launch no kernel (views and metadata); everything else counts as one launch on a GPU
@@ -174,8 +179,12 @@ def _steps(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype) -
         with torch.no_grad():
             yield FLOORS[name](model, device, dtype)
     else:
-        with _generation(model, METHODS[name], device, dtype, name.endswith(BATCHED)) as step:
-            yield step
+        fused.set_enabled(name.endswith(FUSED))
+        try:
+            with _generation(model, METHODS[name], device, dtype, name.endswith(BATCHED)) as step:
+                yield step
+        finally:
+            fused.set_enabled(False)
 
 
 def step_ops(model: torch.nn.Module, name: str, device: str, dtype: torch.dtype) -> int:
@@ -393,6 +402,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
                         help="with --compile, only these (and the full step and FORA, which the table compares with)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also RFE and RFC with the fused forecast (two Triton kernels per module on CUDA; their "
+                             "launch counts leave those out)")
     args = parser.parse_args()
     # partial generations on purpose (a primed step, the first steps of a generation): not worth a warning each
     warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
@@ -406,7 +418,9 @@ def main() -> None:
         model = build(size, dtype, args.device)
         # --methods picks rows; the full step, FORA's and TaylorSeer's (the columns' references) always run
         always = {"full step", "Reuse (FORA)", "Taylor m=2 (TaylorSeer)"}
-        names = [name for name in [*METHODS, *FLOORS] if not args.methods or name in always or name in args.methods]
+        picked = set(args.methods or ()) | {name + FUSED for name in args.methods or ()}  # with --fused: its variant
+        names = [name for name in [*METHODS, *FLOORS] if (not args.methods or name in always or name in picked)
+                 and (args.fused or not name.endswith(FUSED))]
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.repeats):
             for name in names:
@@ -420,6 +434,10 @@ def main() -> None:
         for name, ts in times.items():
             ms = statistics.median(ts)
             print(f"| {name} | {ms:.1f} | {100 * ms / full:.1f} % | {ms - taylor:+.1f} | {ops[name]} |")
+        if any(name.endswith(FUSED) for name in times):
+            print(f"- rows{FUSED}: on CUDA the launches leave out the forecast's 2 Triton kernels per cached module; "
+                  "under Triton's CPU interpreter (TRITON_INTERPRET=1) they run interpreted (slow; the counts include "
+                  "its host work); elsewhere they run the torch path")
         for name in (n for n in FLOORS if n in times):
             floor = statistics.median(times[name]) / full
             bounds = ", ".join(f"{100 * nfc / (nfc + (50 - nfc) * floor):.1f} % at NFC {nfc}" for nfc in (14, 7))

@@ -82,5 +82,9 @@ run flux_compiled 60 python3 flux_speed.py "${flux[@]}" --methods "RFC 3.5x" --c
 # 5. Offloaded caches (CacheStorage(offload=True)): a cached step's forecasts at FLUX width with caches in pinned host
 # memory, prefetched one module ahead, against caches on the GPU (seconds and ratios).
 run cache_offload 60 python3 cache_memory.py --parts offload "${offload[@]}" --out "$out/cache_offload.json"
+# 6. If time is left: RFE's and RFC's cached step with the fused forecast (relcache.methods.fused, two Triton kernels
+# per module instead of eight; opt-in until this measures it), beside the torch path's, at batch 2.
+run cached_step_fused 40 python3 cached_step.py "${size[@]}" "${dt[@]}" --repeats $rep --fused --methods \
+  "Relational m=2 (RFE alone)" "Relational m=2 + RCS check (RFC)"
 echo "== done in $SECONDS s; $incomplete command(s) failed, cut or skipped" | tee -a "$out/gpu.txt"
 [ $incomplete -eq 0 ]

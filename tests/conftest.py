@@ -1,10 +1,17 @@
 """Tiny models built from configs (random weights): nothing is downloaded."""
 
+import os
 import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter runs the fused RFE forecast's kernels here (tests/methods/test_fused.py). It must be
+    # chosen before triton is first imported: kernels and triton.language's own helpers are built for it then.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and contend under xdist)
 

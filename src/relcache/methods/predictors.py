@@ -19,6 +19,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from ..errors import ConfigError, check_float, check_int
+from . import fused
 from .history import (
     MAX_ORDER,
     ROW_WEIGHT,
@@ -277,6 +278,10 @@ class Relational(Predictor):
         if state.reducer is not None:
             return self.forecast_many([Forecast(state, inp, row, k)])[0]
         hist = state.out
+        if k is not None and fused.enabled() and state.inp is not None and len(hist.diffs) > 1:
+            got = self._fused(state, inp, row, k)
+            if got is not None:
+                return got
         if (state.ratio is not None and state.inp is not None and len(hist.diffs) > 2
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             # Eager: the input change is needed only for its norm, so the direction is written over it afterwards
@@ -288,6 +293,19 @@ class Relational(Predictor):
             u = hist.direction(row, inp.dtype, out=change if fits else None)
             return self._finish(state, inp, row, u, None, moved, base, k)
         return self._finish(state, inp, row, hist.direction(row, inp.dtype), None, k=k)
+
+    def _fused(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float) -> torch.Tensor | None:
+        """The forecast in two kernels (``fused.py``) where they apply, else None: an eager call with ``k`` on the
+        host, plain stored tensors and the plain divided differences (a subclass's own form takes the torch path)."""
+        hist = state.out
+        s = self.ratio_at(state, row)
+        if (s is None or type(hist) is not DiffHistory or s.dtype != torch.float32 or not s.is_contiguous()
+                or s.device != inp.device or s.shape != inp.shape[:1]):
+            return None
+        held = [*hist.diffs, state.inp]
+        if not fused.applies(inp, held) or row.dtype != torch.float32 or row.device != inp.device:
+            return None
+        return fused.forecast(inp, state.inp, hist.diffs, row, s, k)
 
     def forecast_many(self, items: Sequence[Forecast | tuple]) -> list[torch.Tensor]:
         """With a reducer (split sequence), the norms of every item, i.e. of one module call's outputs and row

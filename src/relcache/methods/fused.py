@@ -1,0 +1,94 @@
+"""RFE's eager forecast in two kernels instead of eight: opt-in, for launch-bound GPUs.
+
+An eager RFE forecast launches 8 kernels per cached module (the input change, its norm, the direction, its norm,
+two products for the coefficient, the fallback, the forecast), more than many of the modules it replaces; on a
+launch-bound GPU that makes an eager RFC cached step cost about what a full step does (docs/performance.md). Here the
+same forecast is two Triton kernels (``fused_kernels.py``): one pass that forms the direction and both squared sums
+per chunk, one that finishes the coefficient and writes ``base + coef · u``. The numbers are the torch path's up to
+the order of summation in the two norms (every intermediate is rounded to the model's dtype where torch rounds it).
+
+(choice) Off by default: its speed is not measured on a GPU yet (``benchmarks/cached_step.py --fused`` does it).
+Turn it on with ``RELCACHE_FUSED_FORECAST=1`` in the environment or ``relcache.methods.fused.set_enabled(True)``.
+It runs only where it applies: eager code (neither compiled nor recording autograd), a CUDA device (or Triton's CPU
+interpreter, ``TRITON_INTERPRET=1``: tests), Triton installed, float16, bfloat16 or float32, every operand a plain
+contiguous tensor of the input's shape (no narrow or offloaded storage) and the plain divided differences (not RFC+'s
+Newton form).
+Anything else takes the torch path. If the kernels fail to build or launch, relcache warns once and keeps to the torch
+path for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import warn
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK = 1024  # elements per vector step of a program
+# programs per sample at most: each ``_finish`` program reads all its sample's chunk sums (8 KiB at most), and a large
+# sample (FLUX.1 at 1024x1024: 12.6 million numbers) still spreads over 1024 programs
+MAX_CHUNKS = 1024
+
+_enabled = os.environ.get("RELCACHE_FUSED_FORECAST", "") == "1"
+_broken = False  # the kernels failed once: the torch path from then on
+
+
+def set_enabled(on: bool) -> None:
+    """Use the fused forecast where it applies (``on``), or never."""
+    global _enabled
+    _enabled = bool(on)
+
+
+def enabled() -> bool:
+    return _enabled and not _broken
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def applies(inp: torch.Tensor, tensors: Sequence[object]) -> bool:
+    """Whether the fused kernels can forecast for input ``inp`` from the stored ``tensors`` (they must all be plain
+    contiguous tensors of ``inp``'s shape on its device, in a dtype the kernels read)."""
+    if not enabled() or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if inp.dtype not in _DTYPES or not (inp.is_cuda or _interpreting()) or not inp.is_contiguous():
+        return False
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.shape != inp.shape or t.device != inp.device or (
+                t.dtype not in _DTYPES or not t.is_contiguous()):
+            return False
+    return inp.dim() > 0 and inp.numel() > 0
+
+
+def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tensor], row: torch.Tensor,
+             ratio: torch.Tensor, k: float) -> torch.Tensor | None:
+    """RFE's forecast ``D_0 + c · u`` with ``u`` the Taylor direction of ``diffs`` (``D_0 .. D_m``, ``m >= 1``) at
+    ``row`` and ``c = ratio · ‖inp - inp_a‖ / ‖u‖`` per sample (``k`` where not finite), in ``inp``'s dtype; None
+    where the kernels failed (the caller takes the torch path). ``applies`` must have said yes."""
+    global _broken
+    order = len(diffs) - 1
+    batch = inp.shape[0]
+    n = inp.numel() // batch
+    chunk = max(BLOCK, -(-n // MAX_CHUNKS))  # whole blocks, so that chunks never overlap
+    chunk = -(-chunk // BLOCK) * BLOCK
+    n_chunks = -(-n // chunk)
+    out = torch.empty_like(inp)
+    sums = torch.empty(batch, n_chunks, 2, dtype=torch.float32, device=inp.device)
+    ds = [diffs[min(j, order)] for j in range(1, 5)]  # unused orders: any valid pointer
+    try:
+        from . import fused_kernels as kern
+        grid = (n_chunks, batch)
+        kern._stats[grid](inp, inp_a, *ds, row, out, sums, n, chunk, n_chunks, ORDER=order, BLOCK=BLOCK)
+        sums_block = max(16, 1 << (n_chunks - 1).bit_length())
+        kern._finish[grid](diffs[0], out, sums, ratio, float(k), n, chunk, n_chunks, BLOCK=BLOCK,
+                           SUMS_BLOCK=min(sums_block, MAX_CHUNKS))
+    except Exception as err:  # noqa: BLE001 - any failure to build or launch: the torch path, said once
+        _broken = True
+        warn(f"relcache: the fused RFE forecast failed ({type(err).__name__}: {err}); using the torch path from now "
+             "on", RuntimeWarning)
+        return None
+    return out
