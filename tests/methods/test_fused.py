@@ -194,10 +194,12 @@ def _generation(config: CacheConfig, steps: int = 7) -> tuple[list[torch.Tensor]
 
 def test_an_rfe_cached_step_launches_foras_kernels_plus_two_per_module(interpreted, monkeypatch):
     launches = _Launches(monkeypatch, interpreted)
+    before = fused.launches
     _, fora = _generation(CacheConfig(Reuse(), Interval(1000, 4)))
     outs, rfe = _generation(CacheConfig(Relational(2), Interval(1000, 4)))
     modules = 6  # attention and feed-forward of 3 blocks
     assert launches.n == 3 * 2 * modules  # three cached steps, two kernels per module
+    assert fused.launches - before == launches.n  # what benchmarks/cached_step.py adds to the ATen kernels
     assert rfe == fora  # every other kernel of the forecast is gone: FORA + 2 per module (the torch path: + 8)
     fused.set_enabled(False)
     want, _ = _generation(CacheConfig(Relational(2), Interval(1000, 4)))

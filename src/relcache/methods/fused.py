@@ -34,6 +34,9 @@ MAX_CHUNKS = 1024
 
 _enabled = os.environ.get("RELCACHE_FUSED_FORECAST", "") == "1"
 _broken = False  # the kernels failed once: the torch path from then on
+#: Triton kernels launched so far in this process (2 per fused forecast): benchmarks add them to the ATen kernels
+#: they count, which leave these out
+launches = 0
 
 
 def set_enabled(on: bool) -> None:
@@ -69,7 +72,7 @@ def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tenso
     """RFE's forecast ``D_0 + c · u`` with ``u`` the Taylor direction of ``diffs`` (``D_0 .. D_m``, ``m >= 1``) at
     ``row`` and ``c = ratio · ‖inp - inp_a‖ / ‖u‖`` per sample (``k`` where not finite), in ``inp``'s dtype; None
     where the kernels failed (the caller takes the torch path). ``applies`` must have said yes."""
-    global _broken
+    global _broken, launches
     order = len(diffs) - 1
     batch = inp.shape[0]
     n = inp.numel() // batch
@@ -91,4 +94,5 @@ def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tenso
         warn(f"relcache: the fused RFE forecast failed ({type(err).__name__}: {err}); using the torch path from now "
              "on", RuntimeWarning)
         return None
+    launches += 2
     return out
