@@ -19,6 +19,8 @@ path for the rest of the process.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Sequence
 
@@ -28,9 +30,11 @@ from ..errors import warn
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 1024  # elements per vector step of a program
-# programs per sample at most: each ``_finish`` program reads all its sample's chunk sums (8 KiB at most), and a large
-# sample (FLUX.1 at 1024x1024: 12.6 million numbers) still spreads over 1024 programs
+MIN_CHUNK = 4 * BLOCK  # elements per program at least
+# programs per sample at most: each ``_finish`` program reads all its sample's chunk sums (8 KiB at most)
 MAX_CHUNKS = 1024
+PROGRAMS_PER_SM = 4  # chunks are sized for about this many programs per multiprocessor over the batch
+INTERPRETED_SMS = 132  # the multiprocessors assumed under Triton's CPU interpreter (an H100's or H200's count)
 
 _enabled = os.environ.get("RELCACHE_FUSED_FORECAST", "") == "1"
 _broken = False  # the kernels failed once: the torch path from then on
@@ -58,13 +62,30 @@ def applies(inp: torch.Tensor, tensors: Sequence[object]) -> bool:
     contiguous tensors of ``inp``'s shape on its device, in a dtype the kernels read)."""
     if not enabled() or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    if inp.dtype not in _DTYPES or not (inp.is_cuda or _interpreting()) or not inp.is_contiguous():
+    if type(inp) is not torch.Tensor or inp.dtype not in _DTYPES or not inp.is_contiguous() or not (
+            inp.is_cuda or _interpreting()):
         return False
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.shape != inp.shape or t.device != inp.device or (
+    for t in tensors:  # (subclasses, such as fake tensors, have no data a kernel could read)
+        if type(t) is not torch.Tensor or t.shape != inp.shape or t.device != inp.device or (
                 t.dtype not in _DTYPES or not t.is_contiguous()):
             return False
     return inp.dim() > 0 and inp.numel() > 0
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETED_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunks(n: int, batch: int, device: torch.device) -> tuple[int, int]:
+    """(elements per program, programs per sample): about ``PROGRAMS_PER_SM`` programs per multiprocessor over the
+    batch, each at least ``MIN_CHUNK`` elements, whole blocks, at most ``MAX_CHUNKS`` per sample."""
+    want = -(-PROGRAMS_PER_SM * _multiprocessors(device) // batch)
+    chunk = max(MIN_CHUNK, -(-n // max(1, min(want, MAX_CHUNKS))), -(-n // MAX_CHUNKS))
+    chunk = -(-chunk // BLOCK) * BLOCK
+    return chunk, -(-n // chunk)
 
 
 def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tensor], row: torch.Tensor,
@@ -76,19 +97,21 @@ def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tenso
     order = len(diffs) - 1
     batch = inp.shape[0]
     n = inp.numel() // batch
-    chunk = max(BLOCK, -(-n // MAX_CHUNKS))  # whole blocks, so that chunks never overlap
-    chunk = -(-chunk // BLOCK) * BLOCK
-    n_chunks = -(-n // chunk)
+    chunk, n_chunks = _chunks(n, batch, inp.device)
     out = torch.empty_like(inp)
     sums = torch.empty(batch, n_chunks, 2, dtype=torch.float32, device=inp.device)
     ds = [diffs[min(j, order)] for j in range(1, 5)]  # unused orders: any valid pointer
+    grid = (batch, n_chunks)
+    sums_block = min(max(16, 1 << (n_chunks - 1).bit_length()), MAX_CHUNKS)
+    # Triton launches on the current device's current stream: make that ``inp``'s (a model split over devices)
+    place = torch.cuda.device(inp.device) if inp.is_cuda else contextlib.nullcontext()
     try:
         from . import fused_kernels as kern
-        grid = (n_chunks, batch)
-        kern._stats[grid](inp, inp_a, *ds, row, out, sums, n, chunk, n_chunks, ORDER=order, BLOCK=BLOCK)
-        sums_block = max(16, 1 << (n_chunks - 1).bit_length())
-        kern._finish[grid](diffs[0], out, sums, ratio, float(k), n, chunk, n_chunks, BLOCK=BLOCK,
-                           SUMS_BLOCK=min(sums_block, MAX_CHUNKS))
+        with place:
+            kern._stats[grid](inp, inp_a, *ds, row, out, sums, n, chunk, n_chunks, ORDER=order, BLOCK=BLOCK,
+                              enable_fp_fusion=False)
+            kern._finish[grid](diffs[0], out if order > 1 else diffs[1], out, sums, ratio, float(k), n, chunk,
+                               n_chunks, BLOCK=BLOCK, SUMS_BLOCK=sums_block, enable_fp_fusion=False)
     except Exception as err:  # noqa: BLE001 - any failure to build or launch: the torch path, said once
         _broken = True
         warn(f"relcache: the fused RFE forecast failed ({type(err).__name__}: {err}); using the torch path from now "

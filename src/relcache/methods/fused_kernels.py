@@ -1,10 +1,12 @@
 """RFE's eager forecast as two Triton kernels (``fused.py`` decides when they run; imported only then).
 
 ``_stats``: per sample and chunk, the input change's and the direction's squared sums, the direction ``u`` (Horner
-form, rounded to the output dtype after each step as ``torch.addcmul`` rounds) written into the output buffer.
-``_finish``: per sample, the two sums over its chunks, the coefficient ``s · ‖ΔI‖ / ‖u‖`` (``k`` where that is not
-finite), rounded to the output dtype as the torch path rounds it, and ``out = base + coef · u`` in place. Every
-program reads its sample's chunk sums itself, so the result does not depend on the order programs run in.
+form, rounded to the output dtype after each step as ``torch.addcmul`` rounds) written into the output buffer (at
+order 1 ``u`` is ``D_1`` itself and is read from there instead). ``_finish``: per sample, the two sums over its
+chunks, the coefficient ``s · ‖ΔI‖ / ‖u‖`` (``k`` where that is not finite), rounded to the output dtype as the
+torch path rounds it, and ``out = base + coef · u``. Every program reads its sample's chunk sums itself, so the result
+does not depend on the order programs run in. Launched with ``enable_fp_fusion=False``: torch rounds each product
+before the sum, and so do these.
 """
 
 from __future__ import annotations
@@ -20,55 +22,67 @@ def _rounded(x, like):
 
 
 @triton.jit
-def _load(ptr, p, mask, like):
-    """A stored tensor's values at ``p``, as the torch path reads them: in ``like``'s dtype (``storage.load``)."""
-    return _rounded(tl.load(ptr + p, mask=mask, other=0.0).to(tl.float32), like)
+def _load(ptr, offs, mask, like):
+    """A stored tensor's values, as the torch path reads them: in ``like``'s dtype (``storage.load``)."""
+    return _rounded(tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), like)
+
+
+@triton.jit
+def _direction(d1, d2, d3, d4, c1, c2, c3, offs, mask, like, ORDER: tl.constexpr):
+    """``u = D_1 + c_1 (D_2 + c_2 (D_3 + c_3 D_4))`` to order ``ORDER``, rounded as each ``addcmul`` rounds."""
+    if ORDER == 1:
+        u = _load(d1, offs, mask, like)
+    else:
+        if ORDER == 4:
+            u = _load(d4, offs, mask, like)
+            u = _rounded(_load(d3, offs, mask, like) + c3 * u, like)
+            u = _rounded(_load(d2, offs, mask, like) + c2 * u, like)
+        elif ORDER == 3:
+            u = _load(d3, offs, mask, like)
+            u = _rounded(_load(d2, offs, mask, like) + c2 * u, like)
+        else:
+            u = _load(d2, offs, mask, like)
+        u = _rounded(_load(d1, offs, mask, like) + c1 * u, like)
+    return u
 
 
 @triton.jit
 def _stats(inp, inp_a, d1, d2, d3, d4, row, out, sums, n, chunk, n_chunks, ORDER: tl.constexpr,
            BLOCK: tl.constexpr):
-    j = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    start = b * n + j * chunk  # this program's first element, 64-bit; offsets within the chunk stay 32-bit
+    left = n - j * chunk
+    inp, inp_a, d1, d2, d3, d4, out = inp + start, inp_a + start, d1 + start, d2 + start, d3 + start, d4 + start, \
+        out + start
+    # the Horner multipliers k/2, k/3, k/4, rounded to the model's dtype as addcmul rounds its 0-d operand
+    c1 = _rounded(tl.load(row + 1).to(tl.float32), out)
+    c2 = _rounded(tl.load(row + 2).to(tl.float32), out)
+    c3 = _rounded(tl.load(row + 3).to(tl.float32), out)
     moved = tl.zeros([BLOCK], tl.float32)
     size = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, chunk, BLOCK):
-        offs = j * chunk + start + tl.arange(0, BLOCK)
-        mask = (offs < n) & (start + tl.arange(0, BLOCK) < chunk)
-        p = b * n + offs
-        x = tl.load(inp + p, mask=mask, other=0.0).to(tl.float32)
-        xa = _load(inp_a, p, mask, out)
-        change = _rounded(x - xa, out)
+    for first in range(0, chunk, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < left
+        x = tl.load(inp + offs, mask=mask, other=0.0).to(tl.float32)
+        change = _rounded(x - _load(inp_a, offs, mask, out), out)
         moved += change * change
-        # u = D_1 + row[1] (D_2 + row[2] (D_3 + row[3] D_4)), rounded as each addcmul rounds
-        if ORDER == 1:
-            u = _load(d1, p, mask, out)
-        else:
-            if ORDER == 4:
-                u = _load(d4, p, mask, out)
-                u = _rounded(_load(d3, p, mask, out) + tl.load(row + 3) * u, out)
-                u = _rounded(_load(d2, p, mask, out) + tl.load(row + 2) * u, out)
-            elif ORDER == 3:
-                u = _load(d3, p, mask, out)
-                u = _rounded(_load(d2, p, mask, out) + tl.load(row + 2) * u, out)
-            else:
-                u = _load(d2, p, mask, out)
-            u = _rounded(_load(d1, p, mask, out) + tl.load(row + 1) * u, out)
-        u = _rounded(u, out)
+        u = _direction(d1, d2, d3, d4, c1, c2, c3, offs, mask, out, ORDER)
         size += u * u
-        tl.store(out + p, u.to(out.dtype.element_ty), mask=mask)
+        if ORDER > 1:
+            tl.store(out + offs, u.to(out.dtype.element_ty), mask=mask)
     tl.store(sums + (b * n_chunks + j) * 2, tl.sum(moved, axis=0))
     tl.store(sums + (b * n_chunks + j) * 2 + 1, tl.sum(size, axis=0))
 
 
 @triton.jit
-def _finish(base, out, sums, ratio, k, n, chunk, n_chunks, BLOCK: tl.constexpr, SUMS_BLOCK: tl.constexpr):
-    j = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+def _finish(base, u_ptr, out, sums, ratio, k, n, chunk, n_chunks, BLOCK: tl.constexpr, SUMS_BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
     moved = tl.zeros([SUMS_BLOCK], tl.float32)
     size = tl.zeros([SUMS_BLOCK], tl.float32)
-    for start in range(0, n_chunks, SUMS_BLOCK):
-        q = start + tl.arange(0, SUMS_BLOCK)
+    for first in range(0, n_chunks, SUMS_BLOCK):
+        q = first + tl.arange(0, SUMS_BLOCK)
         got = q < n_chunks
         moved += tl.load(sums + (b * n_chunks + q) * 2, mask=got, other=0.0)
         size += tl.load(sums + (b * n_chunks + q) * 2 + 1, mask=got, other=0.0)
@@ -77,10 +91,12 @@ def _finish(base, out, sums, ratio, k, n, chunk, n_chunks, BLOCK: tl.constexpr, 
     coef = tl.div_rn(coef, tl.sqrt_rn(tl.sum(size, axis=0)))
     coef = tl.where(tl.abs(coef) < float("inf"), coef, k)  # not finite (0/0, x/0, inf, nan): Taylor's k
     coef = _rounded(coef, out)
-    for start in range(0, chunk, BLOCK):
-        offs = j * chunk + start + tl.arange(0, BLOCK)
-        mask = (offs < n) & (start + tl.arange(0, BLOCK) < chunk)
-        p = b * n + offs
-        u = tl.load(out + p, mask=mask, other=0.0).to(tl.float32)
-        x0 = _load(base, p, mask, out)
-        tl.store(out + p, (x0 + coef * u).to(out.dtype.element_ty), mask=mask)
+    start = b * n + j * chunk
+    left = n - j * chunk
+    base, u_ptr, out = base + start, u_ptr + start, out + start
+    for first in range(0, chunk, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < left
+        u = _load(u_ptr, offs, mask, out)
+        x0 = _load(base, offs, mask, out)
+        tl.store(out + offs, (x0 + coef * u).to(out.dtype.element_ty), mask=mask)

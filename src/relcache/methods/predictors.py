@@ -296,14 +296,16 @@ class Relational(Predictor):
 
     def _fused(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor, k: float) -> torch.Tensor | None:
         """The forecast in two kernels (``fused.py``) where they apply, else None: an eager call with ``k`` on the
-        host, plain stored tensors and the plain divided differences (a subclass's own form takes the torch path)."""
+        host, plain stored tensors and the plain divided differences (a subclass's own form takes the torch path),
+        recorded eagerly (a compiled record's Gram gives ``‖u‖`` otherwise)."""
         hist = state.out
-        s = self.ratio_at(state, row)
-        if (s is None or type(hist) is not DiffHistory or s.dtype != torch.float32 or not s.is_contiguous()
-                or s.device != inp.device or s.shape != inp.shape[:1]):
+        if (type(hist) is not DiffHistory or state.gram is not None or row.dtype != torch.float32
+                or row.device != inp.device or row.stride() != (1,)
+                or not fused.applies(inp, [*hist.diffs, state.inp])):
             return None
-        held = [*hist.diffs, state.inp]
-        if not fused.applies(inp, held) or row.dtype != torch.float32 or row.device != inp.device:
+        s = self.ratio_at(state, row)
+        if (s is None or type(s) is not torch.Tensor or s.dtype != torch.float32 or not s.is_contiguous()
+                or s.device != inp.device or s.shape != inp.shape[:1]):
             return None
         return fused.forecast(inp, state.inp, hist.diffs, row, s, k)
 
