@@ -6,10 +6,12 @@
 #      git-ignored):
 #        python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #          --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .wheels diffusers==0.42.1 \
-#          importlib_metadata
+#          importlib_metadata pytest pluggy iniconfig packaging
 #   2. runs gpu.sh, whose own budget (GPU_BUDGET seconds, default 360; times 20 with --smoke) bounds every command;
-#   3. puts gpu.txt and a tarball of every output into $OUT (default runs/gpu-device), also when a command was cut.
-# Usage (device tool, from the repository root, timeout_s about 480): bash benchmarks/gpu_device.sh [--smoke]
+#   3. runs tests/methods/test_fused.py (at most FUSED_TESTS seconds, default 100): the fused RFE forecast's Triton
+#      kernels compiled for this GPU against the torch path (CPU runs check them only under Triton's interpreter);
+#   4. puts gpu.txt and a tarball of every output into $OUT (default runs/gpu-device), also when a command was cut.
+# Usage (device tool, from the repository root, timeout_s about 520): bash benchmarks/gpu_device.sh [--smoke]
 # On a machine with diffusers installed it only runs gpu.sh and packs its outputs; --smoke rehearses on the CPU.
 set -uo pipefail
 if [ $# -gt 1 ] || { [ $# -eq 1 ] && [ "$1" != "--smoke" ]; }; then
@@ -45,6 +47,14 @@ fi
 bash "$root/benchmarks/gpu.sh" "$@" "$work"
 rc=$?
 echo "== gpu_device.sh: gpu.sh exit $rc" >> "$work/gpu.txt"
+if python3 -c "import pytest, triton" 2>/dev/null; then
+  (cd "$root" && timeout -k 10 "${FUSED_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider tests/methods/test_fused.py) \
+    > "$work/fused_tests.txt" 2>&1
+  echo "== gpu_device.sh: tests/methods/test_fused.py exit $? ($(tail -n 1 "$work/fused_tests.txt"))" \
+    | tee -a "$work/gpu.txt"
+else
+  echo "== gpu_device.sh: no pytest or triton here: tests/methods/test_fused.py not run" | tee -a "$work/gpu.txt"
+fi
 cp "$work/gpu.txt" "$out/gpu.txt"
 tar czf "$out/gpu.tgz" -C "$work" .
 echo "gpu_device.sh: gpu.sh exit $rc; outputs in $out/gpu.tgz"

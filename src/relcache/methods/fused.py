@@ -11,8 +11,8 @@ the order of summation in the two norms (every intermediate is rounded to the mo
 Turn it on with ``RELCACHE_FUSED_FORECAST=1`` in the environment or ``relcache.methods.fused.set_enabled(True)``.
 It runs only where it applies: eager code (neither compiled nor recording autograd), a CUDA device (or Triton's CPU
 interpreter, ``TRITON_INTERPRET=1``: tests), Triton installed, float16, bfloat16 or float32, every operand a plain
-contiguous tensor of the input's shape (no narrow or offloaded storage) and the plain divided differences (not RFC+'s
-Newton form).
+contiguous tensor of the input's shape (no narrow or offloaded storage), the plain divided differences (not RFC+'s
+Newton form) and a state recorded eagerly (a compiled record keeps a Gram instead).
 Anything else takes the torch path. If the kernels fail to build or launch, relcache warns once and keeps to the torch
 path for the rest of the process.
 """
