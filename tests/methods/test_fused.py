@@ -84,11 +84,14 @@ def _state(order: int, dtype: torch.dtype, shape=(2, 40, 64), same_inputs: bool 
     return predictor, state, torch.randn(*shape, generator=gen).to(DEVICE, dtype)
 
 
-def _both(predictor, state, inp, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fused, torch path) forecasts ``k`` steps after the latest record, from the same state."""
+def _both(predictor, state, inp, k: int = 2, ran: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused, torch path) forecasts ``k`` steps after the latest record, from the same state; ``ran``: the kernels
+    must have run without failing (else the "fused" one would be the torch path's too)."""
     row = numbers_on([step_row(k)], torch.device(DEVICE))[0]
+    before = fused.launches
     with torch.no_grad():
         got = predictor.forecast(state, inp, row, k=float(k))
+        assert not ran or fused.enabled() and fused.launches == before + 2
         fused.set_enabled(False)
         try:
             want = predictor.forecast(state, inp, row, k=float(k))
@@ -130,6 +133,21 @@ def test_fused_forecast_reads_stored_tensors_of_another_dtype_as_the_torch_path(
     assert state.out.diffs[1].dtype == torch.float32
     got, want = _both(predictor, state, inp, k=4)
     assert launches.n == 2
+    _assert_as_torch(got, want)
+
+
+@pytest.mark.parametrize("out_shape", [(2, 40, 256), (2, 40, 16)], ids=["wider", "narrower"])
+@pytest.mark.parametrize("chunks", [None, 3], ids=["default chunks", "3 chunks"])
+def test_fused_forecast_where_output_and_input_differ_in_shape(out_shape, chunks, interpreted, monkeypatch):
+    # FLUX's single blocks cache proj_mlp (3072 -> 12288 features): each program sums its chunk of the input and its
+    # chunk of the output, the two of their own sizes
+    if chunks:
+        monkeypatch.setattr(fused, "MIN_CHUNK", fused.BLOCK)
+        monkeypatch.setattr(fused, "MAX_CHUNKS", chunks)
+    launches = _Launches(monkeypatch, interpreted)
+    predictor, state, inp = _state(2, torch.float32, out_shape=out_shape)
+    got, want = _both(predictor, state, inp, k=4)
+    assert launches.n == 2 and got.shape == out_shape
     _assert_as_torch(got, want)
 
 
@@ -186,8 +204,6 @@ def test_fused_forecast_stays_off_where_it_does_not_apply(interpreted, monkeypat
         fused.set_enabled(False)
         predictor.forecast(state, inp, row, k=2.0)
         fused.set_enabled(True)
-        other, wide, x = _state(2, torch.float32, out_shape=(2, 40, 96))  # output and input of different shapes
-        other.forecast(wide, x, row, k=2.0)
         narrow = _state(2, torch.float32, storage=CacheStorage(INT8, INT8, INT8))  # scaled int8 caches
         narrow[0].forecast(narrow[1], narrow[2], row, k=2.0)
     assert launches.n == 0
@@ -204,11 +220,11 @@ def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over(interpreted, 
     monkeypatch.setattr(interpreted, "_stats", Broken())
     predictor, state, inp = _state(2, torch.float32)
     with pytest.warns(RuntimeWarning, match="fused RFE forecast failed.*no kernel today"):
-        got, want = _both(predictor, state, inp)
+        got, want = _both(predictor, state, inp, ran=False)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _both(predictor, state, inp)  # said once; the torch path from then on
+        _both(predictor, state, inp, ran=False)  # said once; the torch path from then on
     assert not fused.enabled()
 
 

@@ -11,8 +11,9 @@ the order of summation in the two norms (every intermediate is rounded to the mo
 Turn it on with ``RELCACHE_FUSED_FORECAST=1`` in the environment or ``relcache.methods.fused.set_enabled(True)``.
 It runs only where it applies: eager code (neither compiled nor recording autograd), a CUDA device (or Triton's CPU
 interpreter, ``TRITON_INTERPRET=1``: tests), Triton installed, float16, bfloat16 or float32, every operand a plain
-contiguous tensor of the input's shape (no narrow or offloaded storage), the plain divided differences (not RFC+'s
-Newton form) and a state recorded eagerly (a compiled record keeps a Gram instead).
+contiguous tensor (no narrow or offloaded storage), the plain divided differences (not RFC+'s Newton form) and a
+state recorded eagerly (a compiled record keeps a Gram instead). A module's output may differ in shape from its input
+(FLUX's single blocks cache ``proj_mlp``, 3072 -> 12288 features).
 Anything else takes the torch path. If the kernels fail to build or launch, relcache warns once and keeps to the torch
 path for the rest of the process.
 """
@@ -57,19 +58,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def applies(inp: torch.Tensor, tensors: Sequence[object]) -> bool:
-    """Whether the fused kernels can forecast for input ``inp`` from the stored ``tensors`` (they must all be plain
-    contiguous tensors of ``inp``'s shape on its device, in a dtype the kernels read)."""
+def applies(inp: torch.Tensor, inp_a: object, diffs: Sequence[object]) -> bool:
+    """Whether the fused kernels can forecast for input ``inp`` from the stored input ``inp_a`` and output differences
+    ``diffs``: all plain contiguous tensors on ``inp``'s device in a dtype the kernels read, ``inp_a`` of ``inp``'s
+    shape, the differences of one shape with ``inp``'s batch (a module's output may differ from its input)."""
     if not enabled() or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     if type(inp) is not torch.Tensor or inp.dtype not in _DTYPES or not inp.is_contiguous() or not (
-            inp.is_cuda or _interpreting()):
+            inp.is_cuda or _interpreting()) or inp.dim() == 0 or inp.numel() == 0:
         return False
-    for t in tensors:  # (subclasses, such as fake tensors, have no data a kernel could read)
-        if type(t) is not torch.Tensor or t.shape != inp.shape or t.device != inp.device or (
-                t.dtype not in _DTYPES or not t.is_contiguous()):
+    for t in (inp_a, *diffs):  # (subclasses, such as fake tensors, have no data a kernel could read)
+        if type(t) is not torch.Tensor or t.device != inp.device or t.dtype not in _DTYPES or not t.is_contiguous():
             return False
-    return inp.dim() > 0 and inp.numel() > 0
+    shape = diffs[0].shape
+    return (inp_a.shape == inp.shape and all(d.shape == shape for d in diffs) and len(shape) > 0
+            and shape[0] == inp.shape[0] and diffs[0].numel() > 0)
 
 
 @functools.cache
@@ -79,13 +82,17 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _chunks(n: int, batch: int, device: torch.device) -> tuple[int, int]:
     """(elements per program, programs per sample): about ``PROGRAMS_PER_SM`` programs per multiprocessor over the
     batch, each at least ``MIN_CHUNK`` elements, whole blocks, at most ``MAX_CHUNKS`` per sample."""
-    want = -(-PROGRAMS_PER_SM * _multiprocessors(device) // batch)
-    chunk = max(MIN_CHUNK, -(-n // max(1, min(want, MAX_CHUNKS))), -(-n // MAX_CHUNKS))
-    chunk = -(-chunk // BLOCK) * BLOCK
-    return chunk, -(-n // chunk)
+    want = _ceil(PROGRAMS_PER_SM * _multiprocessors(device), batch)
+    chunk = max(MIN_CHUNK, _ceil(n, max(1, min(want, MAX_CHUNKS))), _ceil(n, MAX_CHUNKS))
+    chunk = _ceil(chunk, BLOCK) * BLOCK
+    return chunk, _ceil(n, chunk)
 
 
 def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tensor], row: torch.Tensor,
@@ -96,20 +103,21 @@ def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tenso
     global _broken, launches
     order = len(diffs) - 1
     batch = inp.shape[0]
-    n = inp.numel() // batch
-    chunk, n_chunks = _chunks(n, batch, inp.device)
-    out = torch.empty_like(inp)
+    n_in, n = inp.numel() // batch, diffs[0].numel() // batch
+    chunk, n_chunks = _chunks(n, batch, inp.device)  # chunk j of the output and chunk j of the input per program
+    chunk_in = _ceil(_ceil(n_in, n_chunks), BLOCK) * BLOCK  # the input's chunk j: as many chunks, whole blocks
+    out = torch.empty(diffs[0].shape, dtype=inp.dtype, device=inp.device)
     sums = torch.empty(batch, n_chunks, 2, dtype=torch.float32, device=inp.device)
     ds = [diffs[min(j, order)] for j in range(1, 5)]  # unused orders: any valid pointer
     grid = (batch, n_chunks)
-    sums_block = min(max(16, 1 << (n_chunks - 1).bit_length()), MAX_CHUNKS)
+    sums_block = min(max(16, 1 << (n_chunks - 1).bit_length()), 1024)  # a power of two; more chunks loop
     # Triton launches on the current device's current stream: make that ``inp``'s (a model split over devices)
     place = torch.cuda.device(inp.device) if inp.is_cuda else contextlib.nullcontext()
     try:
         from . import fused_kernels as kern
         with place:
-            kern._stats[grid](inp, inp_a, *ds, row, out, sums, n, chunk, n_chunks, ORDER=order, BLOCK=BLOCK,
-                              enable_fp_fusion=False)
+            kern._stats[grid](inp, inp_a, *ds, row, out, sums, n_in, chunk_in, n, chunk, n_chunks, ORDER=order,
+                              BLOCK=BLOCK, enable_fp_fusion=False)
             kern._finish[grid](diffs[0], out if order > 1 else diffs[1], out, sums, ratio, float(k), n, chunk,
                                n_chunks, BLOCK=BLOCK, SUMS_BLOCK=sums_block, enable_fp_fusion=False)
     except Exception as err:  # noqa: BLE001 - any failure to build or launch: the torch path, said once

@@ -1,6 +1,7 @@
 """RFE's eager forecast as two Triton kernels (``fused.py`` decides when they run; imported only then).
 
-``_stats``: per sample and chunk, the input change's and the direction's squared sums, the direction ``u`` (Horner
+``_stats``: per sample and chunk (chunk ``j`` of the input and chunk ``j`` of the output, each of its own size), the
+input change's and the direction's squared sums, the direction ``u`` (Horner
 form, rounded to the output dtype after each step as ``torch.addcmul`` rounds) written into the output buffer (at
 order 1 ``u`` is ``D_1`` itself and is read from there instead). ``_finish``: per sample, the two sums over its
 chunks, the coefficient ``s · ‖ΔI‖ / ‖u‖`` (``k`` where that is not finite), rounded to the output dtype as the
@@ -47,26 +48,33 @@ def _direction(d1, d2, d3, d4, c1, c2, c3, offs, mask, like, ORDER: tl.constexpr
 
 
 @triton.jit
-def _stats(inp, inp_a, d1, d2, d3, d4, row, out, sums, n, chunk, n_chunks, ORDER: tl.constexpr,
+def _stats(inp, inp_a, d1, d2, d3, d4, row, out, sums, n_in, chunk_in, n, chunk, n_chunks, ORDER: tl.constexpr,
            BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1).to(tl.int64)
-    start = b * n + j * chunk  # this program's first element, 64-bit; offsets within the chunk stay 32-bit
-    left = n - j * chunk
-    inp, inp_a, d1, d2, d3, d4, out = inp + start, inp_a + start, d1 + start, d2 + start, d3 + start, d4 + start, \
-        out + start
-    # the Horner multipliers k/2, k/3, k/4, rounded to the model's dtype as addcmul rounds its 0-d operand
-    c1 = _rounded(tl.load(row + 1).to(tl.float32), out)
-    c2 = _rounded(tl.load(row + 2).to(tl.float32), out)
-    c3 = _rounded(tl.load(row + 3).to(tl.float32), out)
+    # the input's chunk j (its own size: a module's input and output may differ, FLUX's proj_mlp 3072 -> 12288)
+    start = b * n_in + j * chunk_in  # 64-bit bases; offsets within a chunk stay 32-bit
+    left = n_in - j * chunk_in
+    inp, inp_a = inp + start, inp_a + start
     moved = tl.zeros([BLOCK], tl.float32)
-    size = tl.zeros([BLOCK], tl.float32)
-    for first in range(0, chunk, BLOCK):
+    for first in range(0, chunk_in, BLOCK):
         offs = first + tl.arange(0, BLOCK)
         mask = offs < left
         x = tl.load(inp + offs, mask=mask, other=0.0).to(tl.float32)
         change = _rounded(x - _load(inp_a, offs, mask, out), out)
         moved += change * change
+    # the output's chunk j
+    start = b * n + j * chunk
+    left = n - j * chunk
+    d1, d2, d3, d4, out = d1 + start, d2 + start, d3 + start, d4 + start, out + start
+    # the Horner multipliers k/2, k/3, k/4, rounded to the model's dtype as addcmul rounds its 0-d operand
+    c1 = _rounded(tl.load(row + 1).to(tl.float32), out)
+    c2 = _rounded(tl.load(row + 2).to(tl.float32), out)
+    c3 = _rounded(tl.load(row + 3).to(tl.float32), out)
+    size = tl.zeros([BLOCK], tl.float32)
+    for first in range(0, chunk, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < left
         u = _direction(d1, d2, d3, d4, c1, c2, c3, offs, mask, out, ORDER)
         size += u * u
         if ORDER > 1:

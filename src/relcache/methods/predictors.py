@@ -301,7 +301,7 @@ class Relational(Predictor):
         hist = state.out
         if (type(hist) is not DiffHistory or state.gram is not None or row.dtype != torch.float32
                 or row.device != inp.device or row.stride() != (1,)
-                or not fused.applies(inp, [*hist.diffs, state.inp])):
+                or not fused.applies(inp, state.inp, hist.diffs)):
             return None
         s = self.ratio_at(state, row)
         if (s is None or type(s) is not torch.Tensor or s.dtype != torch.float32 or not s.is_contiguous()
