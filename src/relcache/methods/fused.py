@@ -11,9 +11,9 @@ the order of summation in the two norms (every intermediate is rounded to the mo
 Turn it on with ``RELCACHE_FUSED_FORECAST=1`` in the environment or ``relcache.methods.fused.set_enabled(True)``.
 It runs only where it applies: eager code (neither compiled nor recording autograd), a CUDA device (or Triton's CPU
 interpreter, ``TRITON_INTERPRET=1``: tests), Triton installed, float16, bfloat16 or float32, every operand a plain
-contiguous tensor (no narrow or offloaded storage), the plain divided differences (not RFC+'s Newton form) and a
-state recorded eagerly (a compiled record keeps a Gram instead). A module's output may differ in shape from its input
-(FLUX's single blocks cache ``proj_mlp``, 3072 -> 12288 features).
+tensor (no narrow or offloaded storage; strided ones are copied first), the plain divided differences (not RFC+'s
+Newton form) and a state recorded eagerly (a compiled record keeps a Gram instead). A module's output may differ in
+shape from its input (FLUX's single blocks cache ``proj_mlp``, 3072 -> 12288 features).
 Anything else takes the torch path. If the kernels fail to build or launch, relcache warns once and keeps to the torch
 path for the rest of the process.
 """
@@ -60,15 +60,17 @@ def _interpreting() -> bool:
 
 def applies(inp: torch.Tensor, inp_a: object, diffs: Sequence[object]) -> bool:
     """Whether the fused kernels can forecast for input ``inp`` from the stored input ``inp_a`` and output differences
-    ``diffs``: all plain contiguous tensors on ``inp``'s device in a dtype the kernels read, ``inp_a`` of ``inp``'s
-    shape, the differences of one shape with ``inp``'s batch (a module's output may differ from its input)."""
+    ``diffs``: all plain tensors on ``inp``'s device in a dtype the kernels read, ``inp_a`` of ``inp``'s shape, the
+    differences of one shape with ``inp``'s batch (a module's output may differ from its input). Strided ones are
+    copied to contiguous memory first (``forecast``: one kernel each; ACE-Step's cached modules take a transposed
+    input)."""
     if not enabled() or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    if type(inp) is not torch.Tensor or inp.dtype not in _DTYPES or not inp.is_contiguous() or not (
+    if type(inp) is not torch.Tensor or inp.dtype not in _DTYPES or not (
             inp.is_cuda or _interpreting()) or inp.dim() == 0 or inp.numel() == 0:
         return False
     for t in (inp_a, *diffs):  # (subclasses, such as fake tensors, have no data a kernel could read)
-        if type(t) is not torch.Tensor or t.device != inp.device or t.dtype not in _DTYPES or not t.is_contiguous():
+        if type(t) is not torch.Tensor or t.device != inp.device or t.dtype not in _DTYPES:
             return False
     shape = diffs[0].shape
     return (inp_a.shape == inp.shape and all(d.shape == shape for d in diffs) and len(shape) > 0
@@ -101,6 +103,8 @@ def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tenso
     ``row`` and ``c = ratio · ‖inp - inp_a‖ / ‖u‖`` per sample (``k`` where not finite), in ``inp``'s dtype; None
     where the kernels failed (the caller takes the torch path). ``applies`` must have said yes."""
     global _broken, launches
+    inp, inp_a = inp.contiguous(), inp_a.contiguous()  # the kernels read flat memory (no copy where it already is)
+    diffs = [d.contiguous() for d in diffs]
     order = len(diffs) - 1
     batch = inp.shape[0]
     n_in, n = inp.numel() // batch, diffs[0].numel() // batch
