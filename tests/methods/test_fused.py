@@ -280,3 +280,24 @@ def test_an_rfe_cached_step_launches_foras_kernels_plus_two_per_module(interpret
     for got, ref in zip(outs, want, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert not torch.equal(outs[-1], _generation(CacheConfig(Reuse(), Interval(1000, 4)))[0][-1])
+
+
+@pytest.mark.parametrize("family", ["dit", "flux", "ace_step"])
+def test_a_family_generates_the_same_with_the_fused_forecast(family, interpreted):
+    # DiT; FLUX, whose single blocks cache proj_mlp (output 4x its input); ACE-Step, whose modules take a transposed
+    # input
+    import numpy as np
+    from families import CASES, generate
+
+    case = CASES[family]
+    outs, ran = [], []
+    for on in (False, True):
+        fused.set_enabled(on)
+        pipe = case.build()
+        relcache.enable(pipe, CacheConfig(Relational(2), Interval(3, 1)))
+        before = fused.launches
+        with torch.no_grad():
+            outs.append(generate(pipe, case))
+        ran.append(fused.launches - before)
+    assert ran[0] == 0 and ran[1] > 0 and fused.enabled()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)
