@@ -406,6 +406,8 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true",
                         help="also RFE and RFC with the fused forecast (two Triton kernels per module on CUDA)")
     args = parser.parse_args()
+    if args.fused and args.compile:
+        parser.error("--fused times eager steps (compiled steps never take the fused forecast): drop --compile")
     # partial generations on purpose (a primed step, the first steps of a generation): not worth a warning each
     warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
     dtype = getattr(torch, args.dtype)

@@ -153,14 +153,15 @@ def main() -> None:
     hooks = ms["plain step, a pass-through hook per cached module"] - ms["plain step"]
     full = ms["relcache, every step full"] - ms["plain step"]
     cached = ms["relcache FORA, cached step"] - ms["minimal reuse, cached step"]
-    print(f"\ndiffusers' hook registry on the 56 modules: {hooks:+.3f} ms")
+    modules = 2 * len(mini.transformer_blocks)  # attn1 and ff of each block
+    print(f"\ndiffusers' hook registry on the {modules} modules: {hooks:+.3f} ms")
     print(f"relcache's cost at a full step: {full:+.3f} ms ({full / ms['plain step']:+.1%} of a plain step)")
     print(f"relcache's cost at a FORA cached step: {cached:+.3f} ms "
           f"({cached / ms['minimal reuse, cached step']:+.1%} of the minimal reuse step)")
     for name in ("Taylor", "RFE"):
         extra = ms[f"relcache {name}, cached step"] - ms["relcache FORA, cached step"]
         print(f"{name}'s forecasts over FORA's reuse: {extra:+.3f} ms a cached step "
-              f"({extra / 56 * 1e3:+.1f} µs a module)")
+              f"({extra / modules * 1e3:+.1f} µs a module)")
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import relcache  # noqa: E402
 from relcache.methods import fused  # noqa: E402
 from relcache.methods.config import CacheConfig  # noqa: E402
 from relcache.methods.history import numbers_on, step_row  # noqa: E402
+from relcache.methods.plus import RelationalPlus  # noqa: E402
 from relcache.methods.predictors import Relational, Reuse  # noqa: E402
 from relcache.methods.schedules import Interval  # noqa: E402
 from relcache.methods.storage import INT8, CacheStorage  # noqa: E402
@@ -68,10 +69,11 @@ class _Launches:
 
 
 def _state(order: int, dtype: torch.dtype, shape=(2, 40, 64), same_inputs: bool = False, flat: bool = False,
-           out_dtype: torch.dtype | None = None, out_shape: tuple[int, ...] | None = None, storage=None):
+           out_dtype: torch.dtype | None = None, out_shape: tuple[int, ...] | None = None, storage=None,
+           predictor: Relational | None = None):
     """An RFE state after ``order + 2`` records 3 steps apart, and the next input (2560 numbers per sample). The
     module's outputs may be of another dtype (``out_dtype``, stored as such) or shape (``out_shape``)."""
-    predictor = Relational(order)
+    predictor = predictor or Relational(order)
     state = predictor.new_state(storage)
     gen = torch.Generator().manual_seed(order)
     fixed = torch.randn(*shape, generator=gen)
@@ -92,11 +94,11 @@ def _both(predictor, state, inp, k: int = 2, ran: bool = True) -> tuple[torch.Te
     with torch.no_grad():
         got = predictor.forecast(state, inp, row, k=float(k))
         assert not ran or fused.enabled() and fused.launches == before + 2
-        fused.set_enabled(False)
+        was, fused._enabled = fused._enabled, False  # (not set_enabled(True) after: that forgets a failure)
         try:
             want = predictor.forecast(state, inp, row, k=float(k))
         finally:
-            fused.set_enabled(True)
+            fused._enabled = was
     return got, want
 
 
@@ -160,6 +162,39 @@ def test_fused_forecast_of_strided_tensors_reads_them_in_order(interpreted, monk
     got, want = _both(predictor, state, strided)
     _assert_as_torch(got, want)
     torch.testing.assert_close(got, _both(predictor, state, inp)[0], rtol=0, atol=0)  # what the flat input gives
+
+
+@pytest.mark.parametrize("ratio", ["trend", "mean"])
+def test_fused_forecast_takes_a_subclass_ratio(ratio, interpreted, monkeypatch):
+    # RFC+ with Taylor's differences (newton=False) forecasts the ratio itself (``ratio_at``): the kernels use it
+    launches = _Launches(monkeypatch, interpreted)
+    predictor, state, inp = _state(2, torch.float32, predictor=RelationalPlus(2, newton=False, ratio=ratio))
+    got, want = _both(predictor, state, inp, k=2)
+    assert launches.n == 2
+    _assert_as_torch(got, want)
+    plain = Relational(2).forecast(state, inp, numbers_on([step_row(2)], torch.device(DEVICE))[0], k=2.0)
+    assert not torch.allclose(got, plain)  # not RFE's latest ratio
+
+
+def test_the_environment_switches_it_on_and_another_device_is_told_once(interpreted, monkeypatch):
+    monkeypatch.setattr(fused, "_enabled", None)
+    for value, on in (("1", True), ("true", True), ("On", True), ("0", False), ("", False)):
+        monkeypatch.setenv(fused.ENV, value)
+        assert fused.enabled() is on
+    monkeypatch.setenv(fused.ENV, "1")
+    monkeypatch.setattr(fused, "_interpreting", lambda: False)  # as on a machine without a GPU nor the interpreter
+    monkeypatch.setattr(fused, "_told_device", False)
+    launches = _Launches(monkeypatch, interpreted)
+    predictor, state, inp = _state(2, torch.float32)
+    if inp.is_cuda:
+        pytest.skip("the inputs are on a GPU here")
+    row = numbers_on([step_row(2)], torch.device(DEVICE))[0]
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="needs a CUDA device"):
+        predictor.forecast(state, inp, row, k=2.0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor.forecast(state, inp, row, k=2.0)  # said once
+    assert launches.n == 0
 
 
 def test_fused_forecast_over_chunks_of_several_blocks(interpreted, monkeypatch):
@@ -232,6 +267,8 @@ def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over(interpreted, 
         warnings.simplefilter("error")
         _both(predictor, state, inp, ran=False)  # said once; the torch path from then on
     assert not fused.enabled()
+    fused.set_enabled(True)  # forgets the failure
+    assert fused.enabled()
 
 
 class _Ops(TorchDispatchMode):
@@ -282,10 +319,12 @@ def test_an_rfe_cached_step_launches_foras_kernels_plus_two_per_module(interpret
     assert not torch.equal(outs[-1], _generation(CacheConfig(Reuse(), Interval(1000, 4)))[0][-1])
 
 
-@pytest.mark.parametrize("family", ["dit", "flux", "ace_step"])
+@pytest.mark.skipif(ON_GPU, reason="the tiny pipelines run on the CPU: a check for Triton's interpreter")
+@pytest.mark.parametrize("family", ["dit", "flux", "sd3", "ace_step"])
 def test_a_family_generates_the_same_with_the_fused_forecast(family, interpreted):
-    # DiT; FLUX, whose single blocks cache proj_mlp (output 4x its input); ACE-Step, whose modules take a transposed
-    # input
+    # DiT; FLUX, whose single blocks cache proj_mlp (output 4x its input); SD3, whose CFG batch keeps two row groups
+    # of joint blocks with two outputs each; ACE-Step, whose modules take a transposed input
+    pytest.importorskip("transformers")  # the pipelines' tiny text encoders
     import numpy as np
     from families import CASES, generate
 

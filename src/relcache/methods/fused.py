@@ -1,21 +1,23 @@
-"""RFE's eager forecast in two kernels instead of eight: opt-in, for launch-bound GPUs.
+"""RFE's eager forecast in two kernels instead of eight or nine: opt-in, for launch-bound GPUs.
 
-An eager RFE forecast launches 8 kernels per cached module (the input change, its norm, the direction, its norm,
-two products for the coefficient, the fallback, the forecast), more than many of the modules it replaces; on a
+An eager RFE forecast of order 2 launches 8 kernels per cached module in float32 (the input change, its norm, the
+direction, its norm, a product and a quotient for the coefficient, the fallback, the forecast), 9 in float16 and
+bfloat16 (the coefficient's cast), more than many of the modules it replaces; on a
 launch-bound GPU that makes an eager RFC cached step cost about what a full step does (docs/performance.md). Here the
 same forecast is two Triton kernels (``fused_kernels.py``): one pass that forms the direction and both squared sums
 per chunk, one that finishes the coefficient and writes ``base + coef · u``. The numbers are the torch path's up to
 the order of summation in the two norms (every intermediate is rounded to the model's dtype where torch rounds it).
 
 (choice) Off by default: its speed is not measured on a GPU yet (``benchmarks/cached_step.py --fused`` does it).
-Turn it on with ``RELCACHE_FUSED_FORECAST=1`` in the environment or ``relcache.methods.fused.set_enabled(True)``.
-It runs only where it applies: eager code (neither compiled nor recording autograd), a CUDA device (or Triton's CPU
-interpreter, ``TRITON_INTERPRET=1``: tests), Triton installed, float16, bfloat16 or float32, every operand a plain
+Turn it on with ``RELCACHE_FUSED_FORECAST=1`` in the environment (read at each forecast) or
+``relcache.methods.fused.set_enabled(True)``. It runs only where it applies: eager code (neither compiled nor recording
+autograd), a CUDA device (or Triton's CPU interpreter, ``TRITON_INTERPRET=1``: tests; on another device relcache says
+so once), float16, bfloat16 or float32, order 1 to 4, every operand a plain
 tensor (no narrow or offloaded storage; strided ones are copied first), the plain divided differences (not RFC+'s
 Newton form) and a state recorded eagerly (a compiled record keeps a Gram instead). A module's output may differ in
 shape from its input (FLUX's single blocks cache ``proj_mlp``, 3072 -> 12288 features).
-Anything else takes the torch path. If the kernels fail to build or launch, relcache warns once and keeps to the torch
-path for the rest of the process.
+Anything else takes the torch path. If the kernels fail to build or launch (Triton missing included), relcache warns
+once and keeps to the torch path until ``set_enabled(True)``.
 """
 
 from __future__ import annotations
@@ -37,21 +39,29 @@ MAX_CHUNKS = 1024
 PROGRAMS_PER_SM = 4  # chunks are sized for about this many programs per multiprocessor over the batch
 INTERPRETED_SMS = 132  # the multiprocessors assumed under Triton's CPU interpreter (an H100's or H200's count)
 
-_enabled = os.environ.get("RELCACHE_FUSED_FORECAST", "") == "1"
+ENV = "RELCACHE_FUSED_FORECAST"
+_enabled: bool | None = None  # set_enabled's word; None: the environment's (read at each call)
 _broken = False  # the kernels failed once: the torch path from then on
+_told_device = False  # said once that the switch is on where no CUDA device runs the model
 #: Triton kernels launched so far in this process (2 per fused forecast): benchmarks add them to the ATen kernels
 #: they count, which leave these out
 launches = 0
 
 
-def set_enabled(on: bool) -> None:
-    """Use the fused forecast where it applies (``on``), or never."""
-    global _enabled
-    _enabled = bool(on)
+def set_enabled(on: bool | None) -> None:
+    """Use the fused forecast where it applies (``True``), never (``False``), or as ``RELCACHE_FUSED_FORECAST`` says
+    (``None``, the default). Turning it on also forgets an earlier failure of the kernels."""
+    global _enabled, _broken
+    _enabled = None if on is None else bool(on)
+    if on:
+        _broken = False
 
 
 def enabled() -> bool:
-    return _enabled and not _broken
+    """Whether the fused forecast is on: ``set_enabled``'s word, else ``RELCACHE_FUSED_FORECAST`` (1, true, yes or
+    on), and the kernels have not failed."""
+    on = _enabled if _enabled is not None else os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return on and not _broken
 
 
 def _interpreting() -> bool:
@@ -66,8 +76,10 @@ def applies(inp: torch.Tensor, inp_a: object, diffs: Sequence[object]) -> bool:
     input)."""
     if not enabled() or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    if type(inp) is not torch.Tensor or inp.dtype not in _DTYPES or not (
-            inp.is_cuda or _interpreting()) or inp.dim() == 0 or inp.numel() == 0:
+    if not (inp.is_cuda or _interpreting()):
+        _tell_device(inp.device)
+        return False
+    if type(inp) is not torch.Tensor or inp.dtype not in _DTYPES or inp.dim() == 0 or inp.numel() == 0:
         return False
     for t in (inp_a, *diffs):  # (subclasses, such as fake tensors, have no data a kernel could read)
         if type(t) is not torch.Tensor or t.device != inp.device or t.dtype not in _DTYPES:
@@ -75,6 +87,15 @@ def applies(inp: torch.Tensor, inp_a: object, diffs: Sequence[object]) -> bool:
     shape = diffs[0].shape
     return (inp_a.shape == inp.shape and all(d.shape == shape for d in diffs) and len(shape) > 0
             and shape[0] == inp.shape[0] and diffs[0].numel() > 0)
+
+
+def _tell_device(device: torch.device) -> None:
+    """Say once that the fused forecast is on but the model runs where it cannot (no CUDA device)."""
+    global _told_device
+    if not _told_device:
+        _told_device = True
+        warn(f"relcache: the fused RFE forecast is on ({ENV} or set_enabled) but the model runs on {device}; it needs "
+             "a CUDA device, so the torch path runs", RuntimeWarning)
 
 
 @functools.cache

@@ -299,8 +299,8 @@ class Relational(Predictor):
         host, plain stored tensors and the plain divided differences (a subclass's own form takes the torch path),
         recorded eagerly (a compiled record's Gram gives ``‖u‖`` otherwise)."""
         hist = state.out
-        if (type(hist) is not DiffHistory or state.gram is not None or row.dtype != torch.float32
-                or row.device != inp.device or row.stride() != (1,)
+        if (type(hist) is not DiffHistory or state.gram is not None or not 2 <= len(hist.diffs) <= 5
+                or row.dtype != torch.float32 or row.device != inp.device or row.stride() != (1,) or row.numel() < 4
                 or not fused.applies(inp, state.inp, hist.diffs)):
             return None
         s = self.ratio_at(state, row)
