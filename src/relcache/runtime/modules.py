@@ -35,10 +35,10 @@ def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> t
     return inputs[j] if len(inputs) == n_out else inputs[0]
 
 
-def _row_k(rows: torch.Tensor, idx: int, device: torch.device) -> torch.Tensor:
-    """Module ``idx``'s ``k`` in the step's ``rows`` (its gap where it records), a 0-d tensor on ``device``."""
-    k = rows[idx][0]
-    return k if k.device == device else k.to(device)  # a model split over devices
+def _row(rows: torch.Tensor, idx: int, device: torch.device) -> torch.Tensor:
+    """Module ``idx``'s row of the step's ``rows`` on ``device`` (its ``k`` first: the gap where it records)."""
+    row = rows[idx]
+    return row if row.device == device else row.to(device)  # a model split over devices
 
 
 def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup], eager: bool) -> list[torch.Tensor]:
@@ -54,16 +54,9 @@ def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]
             for st in ctx.caches.states.get((idx + 1, group.name), ()):
                 st.prefetch()
         states = ctx.caches.states[(idx, group.name)]
-        row = ctx.caches.rows[group.name][idx]
-        device = group.inputs[0].device
-        if row.device != device:  # a model split over devices
-            row = row.to(device)
+        row = _row(ctx.caches.rows[group.name], idx, group.inputs[0].device)
         k = ctx.caches.host_k[group.name][idx] if eager else None
-        if len(states) == 1:
-            items.append(Forecast(states[0], group.inputs[0], row, k))
-        else:
-            items += [Forecast(st, _input_for_output(group.inputs, j, len(states)), row, k)
-                      for j, st in enumerate(states)]
+        items += [Forecast(st, _input_for_output(group.inputs, j, len(states)), row, k) for j, st in enumerate(states)]
     outs = config.predictor.forecast_many(items)  # under context parallelism: one collective for all of them
     if len(groups) == 1:
         return outs
@@ -145,10 +138,7 @@ class ModuleCalls:
         shapes = tuple([tuple(x.shape) for x in inputs])
         caches = ctx.caches
         caches.call_shapes[idx] = shapes
-        if len(rows) == 1 and rows[0][1] is None:  # one group, all rows: the inputs as they are
-            groups = [RowGroup(rows[0][0], None, inputs, shapes)]
-        else:
-            groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
+        groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
         if ctx.schedule.full or not all(caches.ready(idx, g.name, g.shapes) for g in groups):
             computing[idx] = Computing(ctx, shapes, groups)
             return None
@@ -185,7 +175,7 @@ class ModuleCalls:
                 reducer = {} if self.reducer is None else {"reducer": self.reducer}
                 states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
                 caches.states[slot] = states
-            k = _row_k(caches.rows[group.name], idx, group.inputs[0].device)  # the gap N where a record precedes
+            k = _row(caches.rows[group.name], idx, group.inputs[0].device)[0]  # the gap N where a record precedes
             gap = k if slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
                 inp = _input_for_output(group.inputs, j, len(outs))

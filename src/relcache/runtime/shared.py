@@ -81,7 +81,6 @@ class SharedGroup:
         self.modules = list({id(m): m for m in modules}.values())  # one module object may stand for several copies
         self.members: frozenset[int] = frozenset()  # indexes that compute what modules[0] computes
         self._watched: list[torch.Tensor] | None = None  # every parameter and buffer of the copies, per generation
-        self._versioned: list[bool] = []  # which of them keep a version counter
         self._state: list[tuple[int, int]] | None = None  # their (version, data pointer) when members was computed
         self._verified = False  # signature compared in the current transformer call
         self._memo: tuple[Key, Any, int] | None = None  # (argument key, output, the output's version)
@@ -92,13 +91,9 @@ class SharedGroup:
         Runs once per transformer call: the module tree is walked once per generation, not here."""
         if self._watched is None:
             self._watched = [t for m in self.modules for _, t in _tensors(m)]
-            self._versioned = self._kinds()
             self._state = None
-        state = self._now()
+        state = [(_version(t), t.data_ptr()) for t in self._watched]
         if state != self._state:
-            # a tensor's ``.data`` may have been replaced by one of the other kind: read the kinds again
-            self._versioned = self._kinds()
-            state = self._now()
             first = self.modules[0]
             if _offloaded(first):
                 self.members = frozenset()
@@ -107,16 +102,6 @@ class SharedGroup:
                 self.members = frozenset(i for i, ok in enumerate(_read_flags(flags)) if ok)
             self._state = state
         self._verified = True
-
-    def _kinds(self) -> list[bool]:
-        """Which watched tensors keep a version (not inference tensors, ``_version``): read when the tensors are listed
-        and when their state moved, not at every call."""
-        return [not t.is_inference() for t in self._watched]
-
-    def _now(self) -> list[tuple[int, int]]:
-        """Each watched tensor's (version, or -1 for an inference tensor, and data pointer)."""
-        return [(t._version if v else -1, t.data_ptr())  # noqa: SLF001
-                for t, v in zip(self._watched, self._versioned, strict=True)]
 
     def new_generation(self) -> None:
         """List the copies' tensors and compare them again at the next call."""
