@@ -183,6 +183,34 @@ def test_a_cached_step_compiles_whole(name, enable_first):
     assert compiled.model_flops_fraction == pytest.approx(eager.model_flops_fraction)
 
 
+#: what a compiled step must not guard on: the step numbers the host keeps per context and per cached module (a guard
+#: on one recompiles whenever it moves; torch 2.11 guards ``slot in caches.last_record`` on the value stored there)
+STEP_NUMBERS = (".last_record", ".unrecorded", ".host_k", ".full_steps", ".step", ".last_timestep")
+
+
+@pytest.mark.parametrize("name", ["RFE alone", "RFC threshold", "FasterCache on a CFG batch"])
+def test_no_compiled_step_guards_on_a_step_number(name):
+    """dynamo's guards of every graph, read from its guard log: none reads a step number of relcache's."""
+    sources = []
+
+    class Sources(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sources.extend(part.split(",")[0] for part in record.getMessage().split("source=")[1:])
+
+    handler = Sources()
+    guards_log = logging.getLogger("torch._dynamo.guards.__guards")  # dynamo's guards artifact
+    torch._logging.set_logs(guards=True)
+    guards_log.addHandler(handler)
+    try:
+        _compiled_runs(CONFIGS[name], True)
+    finally:
+        guards_log.removeHandler(handler)
+        torch._logging.set_logs()
+    host = [s for s in sources if s.startswith("L['host']")]
+    assert any(".current.caches.states" in s for s in host), sources[:20]  # the log was read: the caches are guarded
+    assert not [s for s in host if any(s.endswith(n) or n + "[" in s for n in STEP_NUMBERS)], sorted(set(host))
+
+
 def test_fastercache_over_fifty_steps_stays_within_the_recompile_limit():
     """50 steps of FasterCache on a CFG batch: 9 half-batch steps whose rebuild weights change with the phase (and
     compound): the weights are tensors, so the kinds of step stay few and nothing falls back to eager."""

@@ -183,7 +183,7 @@ class DiffHistory:
     @property
     def ready(self) -> bool:
         """True once a value was recorded, i.e. a forecast is possible."""
-        return bool(self.diffs)
+        return len(self.diffs) > 0  # not bool(list): torch 2.11's dynamo cannot trace that
 
     @property
     def nbytes(self) -> int:

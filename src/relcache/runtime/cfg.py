@@ -357,7 +357,7 @@ class CFGRunner:
                 warn(f"relcache: CFG-Cache is off for this model: its output holds {self.other_outputs} besides "
                      "the sample, and CFG-Cache rebuilds only the sample's unconditional half. No call is skipped from "
                      "now on: every call runs the method, each CFG half with a state of its own.")
-        return bool(self.other_outputs)
+        return len(self.other_outputs) > 0
 
     def _stores(self, ctx: Context) -> bool:
         """After a call that may store: whether it does (``align``: only a full step's outputs, true ones)."""

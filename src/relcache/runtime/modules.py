@@ -176,7 +176,9 @@ class ModuleCalls:
                 states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
                 caches.states[slot] = states
             k = _row(caches.rows[group.name], idx, group.inputs[0].device)[0]  # the gap N where a record precedes
-            gap = k if slot in caches.last_record else None
+            # at a full step every slot has a record step (``prepare_step``): no read of the dict of step numbers,
+            # on which torch 2.11's dynamo guards by value (a recompile whenever one moves)
+            gap = k if ctx.schedule.full or slot in caches.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
                 inp = _input_for_output(group.inputs, j, len(outs))
                 value = take_rows(o, group.rows)
