@@ -20,7 +20,7 @@ from .accounting import signature
 from .context import Context
 from .distributed import check_enable_order
 from .rehearsal import first_call_key
-from .steps import Probing, RowGroups, decide, end_step, prepare_step, probe_rows, take_decision
+from .steps import Probing, RowGroups, decide, end_step, mark_records, prepare_step, probe_rows, take_decision
 
 
 class StepCalls:
@@ -239,10 +239,14 @@ class StepCalls:
     def _snapshot(self) -> Callable[[], None]:
         """Save what the running call's modules change (``Context.snapshot``), and return how to put it back: a call
         whose FLOP measurement failed runs again from there (``FlopMeter.run_call``)."""
-        restore_context = self.current.snapshot()
+        ctx = self.current
+        undecided = not ctx.schedule.decided  # RCS decides at the first cached module, inside the call
+        restore_context = ctx.snapshot()
 
         def restore() -> None:
-            restore_context()
+            restore_context()  # the record steps as before the call: before a decision taken within it, too
+            if undecided and ctx.schedule.decided:  # the decision stands (the call runs again decided)
+                mark_records(ctx, len(self.cached_modules))
             self._computing.clear()
             self._called.clear()
 

@@ -70,12 +70,18 @@ def prepare_step(config: CacheConfig, num_steps: int | None, n_modules: int, ctx
                  like: torch.Tensor) -> None:
     """The rest of ``decide`` once the decision is taken: the step's rows for the row groups ``names``."""
     _prepare_rows(config, num_steps, n_modules, ctx, names, like)
+    mark_records(ctx, n_modules)
+
+
+def mark_records(ctx: Context, n_modules: int) -> None:
+    """At a full step, every module records in the step's row groups (those ``_prepare_rows`` made rows for) at this
+    step: set here, on the host, because compiled code must not read the step number; ``end_step`` puts back the slots
+    a raising call did not record. Also run again after a call's state was put back (``Context.snapshot``) where the
+    step was decided during that call: the decision stands, and so do its record steps."""
     caches = ctx.caches
     caches.unrecorded = {}
     if ctx.schedule.full:
-        # every module records in these groups at this step: set here, on the host, because compiled code must not
-        # read the step number; ``end_step`` puts back the slots a raising call did not record
-        slots = [(i, name) for name in names for i in range(n_modules)]
+        slots = [(i, name) for name in caches.rows for i in range(n_modules)]
         caches.unrecorded = {slot: caches.last_record.get(slot) for slot in slots}
         caches.last_record.update((slot, ctx.step) for slot in slots)
 
