@@ -26,7 +26,7 @@ def main() -> None:
     from triton.compiler.compiler import ASTSource
 
     from relcache.methods import fused_kernels as kern
-    from relcache.methods.fused import BLOCK, MAX_CHUNKS
+    from relcache.methods.fused import BLOCK, SUMS_BLOCK_MAX
 
     target = GPUTarget("cuda", args.arch, 32)
     options = {"enable_fp_fusion": False}  # as ``fused.forecast`` launches them
@@ -41,7 +41,7 @@ def main() -> None:
             built += 1
         sig = dict(base=f"*{dt}", u_ptr=f"*{dt}", out=f"*{dt}", sums="*fp32", ratio="*fp32", k="fp32", n="i32",
                    chunk="i32", n_chunks="i32", BLOCK="constexpr", SUMS_BLOCK="constexpr")
-        for sums_block in (16, MAX_CHUNKS):  # the smallest and largest ``fused.forecast`` uses
+        for sums_block in (16, SUMS_BLOCK_MAX):  # the smallest and largest ``fused.forecast`` uses
             ptx = triton.compile(ASTSource(kern._finish, sig, {"BLOCK": BLOCK, "SUMS_BLOCK": sums_block}),
                                  target=target, options=options).asm["ptx"]
             if "sqrt.rn.f32" not in ptx or "div.rn.f32" not in ptx:

@@ -36,6 +36,7 @@ BLOCK = 1024  # elements per vector step of a program
 MIN_CHUNK = 4 * BLOCK  # elements per program at least
 # programs per sample at most: each ``_finish`` program reads all its sample's chunk sums (8 KiB at most)
 MAX_CHUNKS = 1024
+SUMS_BLOCK_MAX = 1024  # _finish's block over a sample's chunk sums: a power of two (more chunks loop)
 PROGRAMS_PER_SM = 4  # chunks are sized for about this many programs per multiprocessor over the batch
 INTERPRETED_SMS = 132  # the multiprocessors assumed under Triton's CPU interpreter (an H100's or H200's count)
 
@@ -135,7 +136,7 @@ def forecast(inp: torch.Tensor, inp_a: torch.Tensor, diffs: Sequence[torch.Tenso
     sums = torch.empty(batch, n_chunks, 2, dtype=torch.float32, device=inp.device)
     ds = [diffs[min(j, order)] for j in range(1, 5)]  # unused orders: any valid pointer
     grid = (batch, n_chunks)
-    sums_block = min(max(16, 1 << (n_chunks - 1).bit_length()), 1024)  # a power of two; more chunks loop
+    sums_block = min(max(16, 1 << (n_chunks - 1).bit_length()), SUMS_BLOCK_MAX)
     # Triton launches on the current device's current stream: make that ``inp``'s (a model split over devices)
     place = torch.cuda.device(inp.device) if inp.is_cuda else contextlib.nullcontext()
     try:
