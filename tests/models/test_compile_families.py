@@ -1,4 +1,4 @@
-"""The headline families' pipelines compile with relcache as the tiny DiT does (tests/runtime/test_compile.py).
+"""The first families' pipelines compile with relcache as the tiny DiT does (tests/runtime/test_compile.py).
 
 ``torch.compile(pipe.transformer)`` after ``relcache.enable(pipe, RFC(...))``, on each family's tiny pipeline
 (tests/families.py), with a backend that only records the graphs it is given:
@@ -7,9 +7,9 @@
 * the second generation compiles nothing (no guard on a step number, a family's timestep or its conditioning);
 * the compiled generations give the eager run's full steps and images.
 Every family was checked this way on 2026-12-05 (`benchmarks/compile_families.py`, docs/performance.md "Compiled
-steps across every family"): 52 of 61 hold all of this; these six are families the README names first. The other
-nine break by themselves, without relcache (a data-dependent mask or branch, MoE routing), and none of them
-recompiles after its first generation either.
+steps across every family"): 52 of 61 hold all of this; these are six of the eight families relcache started
+with. The other nine break by themselves, without relcache (a data-dependent mask or branch, MoE routing), and
+none of them recompiles after its first generation either.
 """
 
 from __future__ import annotations
