@@ -32,6 +32,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the tests' tiny models
+from conftest import recording_backend  # noqa: E402
 from families import CASES, generate  # noqa: E402
 
 import relcache  # noqa: E402
@@ -56,16 +57,11 @@ def compile_counts(name: str, method: str | None, generations: int, steps: int) 
     torch._dynamo.reset()
     counters.clear()
     graphs: list[torch.fx.GraphModule] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        graphs.append(gm)
-        return gm.forward
-
     pipe = case.build()
     if method is not None:
         relcache.enable(pipe, METHODS[method]())
     try:
-        pipe.transformer = torch.compile(pipe.transformer, backend=recording_backend)
+        pipe.transformer = torch.compile(pipe.transformer, backend=recording_backend(graphs))
         per: list[int] = []
         for _ in range(generations):
             before = len(graphs)

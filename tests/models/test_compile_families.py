@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import recording_backend
 from families import CASES, generate
 from torch._dynamo.utils import counters
 
@@ -45,12 +46,7 @@ def test_a_family_compiles_with_no_break_of_relcaches_but_its_own_two(name):
         torch._dynamo.reset()
         counters.clear()
         graphs: list[torch.fx.GraphModule] = []
-
-        def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-            graphs.append(gm)
-            return gm.forward
-
-        pipe.transformer = torch.compile(pipe.transformer, backend=recording_backend)
+        pipe.transformer = torch.compile(pipe.transformer, backend=recording_backend(graphs))
         first = generate(pipe, case, steps=STEPS)
         after_first, first_full = len(graphs), relcache.stats(pipe).full_steps
         second = generate(pipe, case, steps=STEPS)

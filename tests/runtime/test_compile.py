@@ -19,7 +19,7 @@ import logging
 
 import pytest
 import torch
-from conftest import run_loop, tiny_dit
+from conftest import recording_backend, run_loop, tiny_dit
 from torch._dynamo.utils import counters
 
 import relcache
@@ -79,16 +79,11 @@ def _recording() -> tuple[list[torch.fx.GraphModule], object]:
     torch._dynamo.reset()
     counters.clear()
     graphs: list[torch.fx.GraphModule] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        graphs.append(gm)
-        return gm.forward
-
-    return graphs, recording_backend
+    return graphs, recording_backend(graphs)
 
 
 def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS) -> dict[str, object]:
-    graphs, recording_backend = _recording()
+    graphs, backend = _recording()
     # two blocks where the schedule reads the first block's probe (RCS), one where none does
     model = tiny_dit(layers=LAYERS if config.schedule.uses_input else ONE_BLOCK)
     eager_calls = _count_eager_calls(model)
@@ -98,7 +93,7 @@ def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS) 
     eager_stats = relcache.stats(model)
     if not enable_first:  # enable on the compiled wrapper instead
         relcache.disable(model)
-    compiled = torch.compile(model, backend=recording_backend)
+    compiled = torch.compile(model, backend=backend)
     if not enable_first:
         relcache.enable(compiled, config, adapter=_NoSharing())
     try:
@@ -238,12 +233,12 @@ def test_a_first_call_of_another_dtype_runs_eagerly_again():
     """A rehearsed first call's graph and the buffers its records write into were made for one dtype: after
     ``model.double()`` the next generation's first call runs eagerly again (its buffers are made there, so every
     cache stays in place) and is rehearsed anew; the generation after replays that graph."""
-    graphs, recording_backend = _recording()
+    graphs, backend = _recording()
     model = tiny_dit(layers=ONE_BLOCK)
     eager_calls = _count_eager_calls(model)
     x, y = _inputs(False)
     relcache.enable(model, TaylorSeer(3), adapter=_NoSharing())
-    compiled = torch.compile(model, backend=recording_backend)
+    compiled = torch.compile(model, backend=backend)
     counts = []
     try:
         for dtype in (torch.float32, torch.float32, torch.float64, torch.float64):
@@ -268,13 +263,13 @@ def test_a_rehearsal_leaves_the_budget_the_previous_generations_contexts():
         torch.randn(4, 4, 8, 8, generator=g), torch.tensor([1, 7, 3, 4]))
 
     def storages(rehearse: bool) -> list[dict[str, str]]:
-        _, recording_backend = _recording()
+        _, backend = _recording()
         model = tiny_dit(layers=ONE_BLOCK)
         relcache.enable(model, dataclasses.replace(FORA(3), max_cache_bytes=24576), adapter=_NoSharing())
         session = _session(model)
         if not rehearse:
             session._rehearsable = lambda first: False
-        compiled = torch.compile(model, backend=recording_backend)
+        compiled = torch.compile(model, backend=backend)
         chosen = []
         try:
             for x, y in (small, small, large, large):
@@ -300,14 +295,14 @@ def test_a_rehearsal_leaves_the_budget_the_previous_generations_contexts():
 def test_record_errors_under_compile_runs_eagerly_and_records_the_same_errors():
     """``record_errors`` reads every forecast's error on the host: under torch.compile such steps run eagerly (no
     graph, no break inside a step) and record what the eager run records."""
-    graphs, recording_backend = _recording()
+    graphs, backend = _recording()
     model = tiny_dit(layers=LAYERS)
     x, y = _inputs(False)
     relcache.enable(model, RFC(threshold=0.3), adapter=_NoSharing(), record_errors=True)
     try:
         eager = run_loop(model, x, y, steps=STEPS)
         eager_errors = relcache.stats(model).contexts["default"].module_errors
-        compiled = run_loop(torch.compile(model, backend=recording_backend), x, y, steps=STEPS)
+        compiled = run_loop(torch.compile(model, backend=backend), x, y, steps=STEPS)
         stats = relcache.stats(model)
     finally:
         relcache.disable(model)
@@ -461,10 +456,10 @@ _NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "slice", "select", "u
 def _ops_outside_graphs(config: CacheConfig) -> tuple[dict[int, list[str]], list[int]]:
     """The ATen ops that run a kernel outside the compiled graphs' own calls, per step of a second generation (the
     first compiles every kind of step), counted with torch.profiler; and the full steps."""
-    graphs, recording_backend = _recording()
+    graphs, backend = _recording()
 
     def marking_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        run = recording_backend(gm, example_inputs)
+        run = backend(gm, example_inputs)
 
         def marked(*args):
             with torch.profiler.record_function("relcache-test-graph"):
