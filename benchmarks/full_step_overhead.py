@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from speed import SIZES, build
+from speed import SIZES, build, machine_line
 
 import relcache
 from relcache import CacheConfig, Interval, Relational, Reuse, Taylor
@@ -73,11 +72,8 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
         return times[SKIP:]
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     kind = f"compiled (mode={args.compile})" if args.compile else "eager"
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} {cpu}, "
-          f"torch {torch.__version__}, {args.threads} threads; DiT-{args.models}/2 float32 batch 2, {kind}, "
+    print(f"{machine_line(args.threads)}; DiT-{args.models}/2 float32 batch 2, {kind}, "
           f"{args.rounds} rounds of {STEPS}-step generations, calls {SKIP}..{STEPS - 1} of each timed", flush=True)
     for name in METHODS:  # compiles each kind of step, and warms the caches
         start = time.perf_counter()

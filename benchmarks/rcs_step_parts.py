@@ -24,15 +24,13 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import statistics
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from speed import build, generate
+from speed import build, generate, machine_line
 
 import relcache
 
@@ -87,10 +85,7 @@ def main() -> None:
     model = copy.deepcopy(base)
     relcache.enable(model, relcache.RFC(order=2, target_nfc=args.nfc), batch_modulation=args.batch_modulation)
     compiled = torch.compile(model, mode=args.compile)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} {cpu}, torch {torch.__version__}, "
-          f"{args.threads} threads; DiT-{args.models}/2 float32 batch 2, compiled (mode={args.compile}), RFC m=2 "
+    print(f"{machine_line(args.threads)}; DiT-{args.models}/2 float32 batch 2, compiled (mode={args.compile}), RFC m=2 "
           f"target_nfc={args.nfc} of {args.steps}{', batch modulation' if args.batch_modulation else ''}", flush=True)
     for _ in range(2):  # compiles every kind of step; the second generation runs as all later ones will
         generate(plain, args.steps, "cpu", torch.float32)

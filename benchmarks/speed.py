@@ -60,6 +60,15 @@ SIZES = {  # (depth, hidden, heads) of the DiT paper's configurations, patch 2; 
 INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}
 
 
+def machine_line(threads: int) -> str:
+    """The head of a benchmark's output: UTC time, host, CPU model, torch release and threads."""
+    info = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} {cpu}, torch {torch.__version__}, "
+            f"{threads} threads")
+
+
 def build(size: str, dtype: torch.dtype, device: str) -> DiTTransformer2DModel:
     depth, hidden, heads = SIZES[size]
     torch.manual_seed(0)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from speed import build, generate
+from speed import build, generate, machine_line
 from torch._dynamo.eval_frame import set_code_exec_strategy, skip_code
 from torch._dynamo.types import FrameAction, FrameExecStrategy
 
@@ -50,10 +49,7 @@ def main() -> None:
     modes = {"called back (dynamo's default)": lambda: set_code_exec_strategy(
                  code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT)),
              "skipped in C (relcache)": lambda: skip_code(code)}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} {cpu}, torch {torch.__version__}, "
-          f"{args.threads} threads; DiT-{args.models}/2 float32 batch 2, compiled (inductor), batch modulation, "
+    print(f"{machine_line(args.threads)}; DiT-{args.models}/2 float32 batch 2, compiled (inductor), batch modulation, "
           f"{STEPS}-step generations, medians of {args.repeats}", flush=True)
     models = {}
     for name, make in METHODS.items():
