@@ -1,6 +1,6 @@
 """Pipelines that run true CFG as two transformer calls per step without ``cache_context`` (Lumina2, Cosmos, Chroma,
 FLUX.1 Kontext in diffusers 0.42): the two calls of a step get contexts of their own, ``"default"`` and
-``"default.2"`` (``runtime/hooks.py``, ``UncontextedCalls``), instead of counting as two steps of one context."""
+``"default.2"`` (``runtime/uncontexted.py``, ``UncontextedCalls``), instead of counting as two steps of one context."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from families import (  # noqa: E402
 
 import relcache  # noqa: E402
 from relcache import FORA, RFC  # noqa: E402
-from relcache.runtime.hooks import UncontextedCalls  # noqa: E402
+from relcache.runtime.uncontexted import UncontextedCalls  # noqa: E402
 
 
 class _Case:
