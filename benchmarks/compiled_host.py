@@ -11,9 +11,10 @@ is mostly the host's. Each model (plain, FORA, TaylorSeer, RFC; batch modulation
   outputs are compared with the guarded ones').
 The difference is what guard evaluation costs per call. Calls are split into full and cached ones by relcache's own
 record of the full steps (``relcache.stats``); the tables give medians over calls of the per-call medians. The guard
-counts are the leaf guards of every cache entry of the frames dynamo compiled for each model.
+counts are the leaf guards of every cache entry of the frames dynamo compiled for each model, per kind (the JSON
+output lists every kind); ``--guards-only`` counts them without timing anything.
 
-    python benchmarks/compiled_host.py --repeats 5 --out benchmarks/results/cpu-2026-12-05e/compiled_host.json
+    python benchmarks/compiled_host.py --repeats 7 --out benchmarks/results/cpu-2026-12-05e/compiled_host.json
 """
 
 from __future__ import annotations
@@ -60,10 +61,18 @@ def generate(model: torch.nn.Module, log: list[float] | None = None) -> torch.Te
 
 
 def leaf_guards(manager: Any, kinds: Counter[str]) -> Counter[str]:
-    """``kinds`` plus the leaf guards under a guard manager (dynamo's tree of accessors), per kind, recursively."""
+    """``kinds`` plus the leaf guards under a guard manager (dynamo's tree of accessors), per kind, recursively: its
+    children, a dictionary manager's key and value managers, and the root's epilogue (Python lambda) guards."""
     kinds.update(type(g).__name__ for g in manager.get_leaf_guards())
     for child in manager.get_child_managers():
         leaf_guards(child, kinds)
+    if hasattr(manager, "get_key_value_managers"):  # a dictionary's entries (``_modules``, ``_parameters``, ...)
+        for pair in manager.get_key_value_managers().values():
+            for sub in pair:
+                if sub is not None:
+                    leaf_guards(sub, kinds)
+    if hasattr(manager, "get_epilogue_lambda_guards"):
+        kinds.update(type(g).__name__ for g in manager.get_epilogue_lambda_guards())
     return kinds
 
 
@@ -95,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--guards-only", action="store_true", help="count the guards, time nothing")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be a positive integer, got {args.repeats}")
@@ -115,7 +125,7 @@ def main() -> None:
     modes = ("guards evaluated", "guard evaluation skipped")
     logs: dict[tuple[str, str], list[list[float]]] = {}
     outputs: dict[tuple[str, str], torch.Tensor] = {}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.guards_only else args.repeats):
         for mode in modes:
             torch.compiler.set_stance("default", skip_guard_eval_unsafe=mode != modes[0])
             try:
@@ -125,13 +135,14 @@ def main() -> None:
                     logs.setdefault((name, mode), []).append(log)
             finally:
                 torch.compiler.set_stance("default")
-    rows: dict[str, dict[str, Any]] = {}
-    print("| model | kind | calls | guards evaluated, ms | guards skipped, ms | guard evaluation, ms | outputs equal |")
-    print("|---|---|---|---|---|---|---|")
-    for name, model in plain.items():
+    rows: dict[str, dict[str, Any]] = {name: {"guards_per_entry": guard_counts(frame_codes(model, name != "plain"))}
+                                        for name, model in plain.items()}
+    if not args.guards_only:
+        print("| model | kind | calls | guards evaluated, ms | guards skipped, ms | guard evaluation, ms | outputs "
+              "equal |\n|---|---|---|---|---|---|---|")
+    for name, model in ({} if args.guards_only else plain).items():
         full = set(range(STEPS)) if METHODS[name] is None else set(relcache.stats(model).full_steps)
-        same = bool(torch.equal(*(outputs[name, m] for m in modes)))
-        rows[name] = {"outputs_equal": same, "guards_per_entry": guard_counts(frame_codes(model, name != "plain"))}
+        same = rows[name]["outputs_equal"] = bool(torch.equal(*(outputs[name, m] for m in modes)))
         for kind, steps in (("full", sorted(full)), ("cached", sorted(set(range(STEPS)) - full))):
             if not steps:
                 continue
@@ -150,7 +161,8 @@ def main() -> None:
             print(f"  - {sum(kinds.values())}: " + ", ".join(f"{k} {n}" for k, n in list(kinds.items())[:5]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"torch": torch.__version__, "repeats": args.repeats, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"torch": torch.__version__, "repeats": 0 if args.guards_only else args.repeats,
+                                        "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
