@@ -23,15 +23,14 @@ import argparse
 import copy
 import json
 import statistics
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
 from host_bound import build
+from speed import generate as speed_generate
 from speed import machine_line
 
 import relcache
@@ -43,21 +42,8 @@ METHODS = {"plain": None, "FORA": lambda: relcache.FORA(4), "TaylorSeer m=2": la
 
 
 def generate(model: torch.nn.Module, log: list[float] | None = None) -> torch.Tensor:
-    """One 50-step DDIM generation of one 8x8 latent with CFG batched (batch 2); each call's wall time into ``log``."""
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    scheduler.set_timesteps(STEPS)
-    relcache.begin_generation(model, timesteps=scheduler.timesteps)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([1, 1000])
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            start = time.perf_counter()
-            eps = model(torch.cat([x, x]), timestep=t.expand(2), class_labels=labels).sample[:, :4]
-            if log is not None:
-                log.append(time.perf_counter() - start)
-            cond, uncond = eps.chunk(2)
-            x = scheduler.step(uncond + 1.5 * (cond - uncond), t, x).prev_sample
-    return x
+    """One 50-step generation (``speed.generate``) of one 8x8 latent, the size ``host_bound.build`` makes."""
+    return speed_generate(model, STEPS, "cpu", torch.float32, log=log, latent=8)
 
 
 def leaf_guards(manager: Any, kinds: Counter[str]) -> Counter[str]:
@@ -112,7 +98,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     base = build()
     print(f"{machine_line(1)}; DiT at XL/2 depth (28 blocks), hidden 16, batch 2, compiled (inductor), batch "
-          f"modulation, {STEPS}-step generations, medians of {args.repeats}", flush=True)
+          f"modulation, {STEPS}-step generations, "
+          + ("guards counted, nothing timed" if args.guards_only else f"medians of {args.repeats}"), flush=True)
     models, plain = {}, {}
     for name, make in METHODS.items():
         model = copy.deepcopy(base)

@@ -109,15 +109,17 @@ def class_labels(images: int, device: str) -> torch.Tensor:
 
 def generate(model: DiTTransformer2DModel, steps: int, device: str, dtype: torch.dtype, images: int = 1,
              log: list[float] | None = None,
-             around: Callable[[int], contextlib.AbstractContextManager | None] | None = None) -> torch.Tensor:
+             around: Callable[[int], contextlib.AbstractContextManager | None] | None = None,
+             latent: int = 32) -> torch.Tensor:
     """One DDIM generation of ``images`` images with CFG batched (batch ``2 * images``), like DiTPipeline's loop.
     ``log``: each transformer call's wall time is appended (on a GPU after a synchronisation, which costs a little);
-    ``around(i)``: a context entered around call ``i`` (e.g. a profiler), or None for none."""
+    ``around(i)``: a context entered around call ``i`` (e.g. a profiler), or None for none; ``latent``: the latents'
+    height and width (32: a 256x256 image)."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     scheduler.set_timesteps(steps)
     relcache.begin_generation(model, timesteps=scheduler.timesteps)  # announced: batch_modulation may tabulate
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(images, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(images, 4, latent, latent, generator=g).to(device=device, dtype=dtype)
     labels = class_labels(images, device)
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
