@@ -57,8 +57,10 @@ def test_outputs_equal_the_per_step_products_up_to_rounding(config):
     relcache.enable(model, config, batch_modulation=True)
     try:
         first = _loop(model, TS, LABELS)
-        # the first call measures FLOPs computing everything; every later projection reads the table
+        # the first call measures FLOPs computing everything; every later projection reads the table, and so do
+        # the embeddings that feed them: tiny_dit's copies are tied, so shared, read once per call
         assert _served(model) == (STEPS - 1) * PROJECTIONS
+        assert _session(model).modulation.sources_served == STEPS - 1
         second = _loop(model, TS, LABELS)
         assert _served(model) == (2 * STEPS - 1) * PROJECTIONS
         assert relcache.stats(model).full_steps == plain_full
@@ -69,6 +71,31 @@ def test_outputs_equal_the_per_step_products_up_to_rounding(config):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(d, c, rtol=0, atol=0)  # the same table, refilled in place: bit-identical
+
+
+def test_untied_embeddings_are_each_read_from_the_table():
+    """Each block's own embedding (random weights: not shared) is read from the table at every served call; block 0's
+    serves the final layer again, as the same call's shared output. Outputs equal the per-step computation's."""
+    model = tiny_dit(layers=LAYERS)
+    with torch.no_grad():  # every copy differs
+        for block in model.transformer_blocks:
+            block.norm1.emb.timestep_embedder.linear_1.weight.normal_()
+    runs: list[int] = []
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.register_forward_hook(lambda *_: runs.append(1))
+    with relcache.cached(model, TaylorSeer(3)):
+        plain = _loop(model, TS, LABELS)
+    runs.clear()
+    relcache.enable(model, TaylorSeer(3), batch_modulation=True)
+    try:
+        served = _loop(model, TS, LABELS)
+        assert _session(model).modulation.sources_served == (STEPS - 1) * LAYERS
+    finally:
+        relcache.disable(model)
+    # the table (every source once) and the first call (FLOPs measured: every copy, block 0's twice), nothing after
+    assert len(runs) == LAYERS + LAYERS + 1
+    for a, b in zip(plain, served, strict=True):  # rounding: normal_() weights are larger than the defaults
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_the_table_holds_each_steps_projection():
@@ -83,6 +110,9 @@ def test_the_table_holds_each_steps_projection():
                 emb = block.norm1.emb(torch.full((2,), t), LABELS, hidden_dtype=torch.float32)
                 torch.testing.assert_close(table.rows[1][i], block.norm1.linear(torch.nn.functional.silu(emb)),
                                            rtol=1e-5, atol=1e-6)
+                # after the projections' rows, each block's embedding (its source), in block order
+                torch.testing.assert_close(table.rows[PROJECTIONS + 1][i], emb, rtol=1e-5, atol=1e-6)
+        assert len(table.rows) == PROJECTIONS + LAYERS
     finally:
         relcache.disable(model)
 
@@ -213,6 +243,11 @@ def test_compiled_steps_read_the_table_without_a_break_or_a_recompilation():
         linears = [str(n.args[1]) for g in graphs for n in g.graph.nodes
                    if n.op == "call_function" and n.target is torch._C._nn.linear]
         assert linears and not any("proj_out_1" in w or "norm1_modules_linear" in w for w in linears)
+        # nor the embeddings that feed them (read from the table too): none of their weights is a graph input
+        inputs = [n.name for g in graphs for n in g.graph.nodes if n.op == "placeholder"]
+        weights = [n for n in inputs if "_parameters_" in n]
+        assert any("modules_attn1" in n for n in weights)
+        assert not [n for n in weights if "norm1_modules_emb" in n]
     finally:
         relcache.disable(compiled)
         torch._dynamo.reset()

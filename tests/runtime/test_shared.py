@@ -165,3 +165,31 @@ def test_one_module_object_for_every_copy():
         out = run_loop(model, x, labels)
     assert len(calls) == (LAYERS + 1) + 11  # all at the measured first call, then once per call
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+def test_the_first_compiled_call_takes_the_copies_hooks_off():
+    """Under torch.compile the copies are never shared, and each hook's wrapper only added dynamo guards to every
+    compiled frame: the first compiled call takes the hooks off for good. Outputs stay the eager run's."""
+    torch._dynamo.reset()
+    model = tiny_dit(layers=2)
+    x, labels = inputs()
+    relcache.enable(model, FORA(3))
+    eager = run_loop(model, x, labels, steps=6)
+    hooked = [hasattr(b.norm1.emb, "_diffusers_hook") for b in model.transformer_blocks]
+    relcache.disable(model)
+    compiled = torch.compile(model, backend="eager")
+    relcache.enable(compiled, FORA(3))
+    try:
+        assert all(hasattr(b.norm1.emb, "_diffusers_hook") for b in model.transformer_blocks)
+        out = run_loop(compiled, x, labels, steps=6)
+        assert not any(hasattr(b.norm1.emb, "_diffusers_hook") or "forward" in vars(b.norm1.emb)
+                       for b in model.transformer_blocks)
+        again = run_loop(compiled, x, labels, steps=6)
+    finally:
+        relcache.disable(compiled)
+        torch._dynamo.reset()
+    assert hooked == [True, True]
+    assert not any(hasattr(b.norm1.emb, "_diffusers_hook") for b in model.transformer_blocks)  # disable: as before
+    for a, b, c in zip(eager, out, again, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)

@@ -93,16 +93,24 @@ class Modulation:
     """Projections whose input depends only on the step's timestep and on conditioning fixed for a generation (the
     adaLN projections of DiT-style blocks), so that every step's can be computed at once (``runtime/modulation.py``).
 
-    ``projections``: the modules, each called with one tensor of rows ``(B, in)``. ``inputs(timesteps, args, kwargs)``:
-    for the ``T`` timesteps given as the model receives them and a call with ``args``/``kwargs``, each projection's
-    input at every step, ``(T·B, in)`` step-major, formed as the model forms it.
+    ``projections``: the modules, each called with one tensor of rows ``(B, in)``. ``inputs(timesteps, args, kwargs,
+    outputs)``: for the ``T`` timesteps given as the model receives them and a call with ``args``/``kwargs``, each
+    projection's input at every step, ``(T·B, in)`` step-major, formed as the model forms it (``outputs``: the
+    sources' outputs below, already computed, or None without sources).
     ``timestep(args, kwargs)``: the call's timestep tensor; ``conditioning(args, kwargs)``: the other tensors the
-    inputs depend on (DiT: the class labels)."""
+    inputs depend on (DiT: the class labels).
+
+    ``sources`` (optional): modules the model calls only on the call's timestep and conditioning, whose outputs feed
+    the projections (DiT: each block's timestep-and-class embedding); ``source_outputs(timesteps, args, kwargs)``: each
+    one's output at every step, ``(T·B, out)`` step-major. Where the table serves a call they are read from it too, so
+    that a step neither computes them nor, compiled, traces them (each is dozens of dynamo guards per call)."""
 
     projections: tuple[nn.Module, ...]
-    inputs: Callable[[torch.Tensor, tuple[Any, ...], dict[str, Any]], list[torch.Tensor]]
+    inputs: Callable[[torch.Tensor, tuple[Any, ...], dict[str, Any], list[torch.Tensor] | None], list[torch.Tensor]]
     timestep: Callable[[tuple[Any, ...], dict[str, Any]], Any]
     conditioning: Callable[[tuple[Any, ...], dict[str, Any]], tuple[torch.Tensor, ...]]
+    sources: tuple[nn.Module, ...] = ()
+    source_outputs: Callable[[torch.Tensor, tuple[Any, ...], dict[str, Any]], list[torch.Tensor]] | None = None
 
 
 class Adapter:

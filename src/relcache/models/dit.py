@@ -47,27 +47,29 @@ class DiTAdapter(TableAdapter):
         if not blocks or not all(isinstance(getattr(n, "linear", None), nn.Linear) and getattr(n, "emb", None)
                                  for n in norms) or not isinstance(getattr(model, "proj_out_1", None), nn.Linear):
             return None
-        embs = [n.emb for n in norms] + [norms[0].emb]
+        sources = list({id(n.emb): n.emb for n in norms}.values())  # distinct: the final layer calls block 0's
+        feeds = [sources.index(n.emb) for n in norms] + [sources.index(norms[0].emb)]  # each projection's source
 
-        def inputs(timesteps: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        def outputs(timesteps: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+            """Each embedding's output at every step, ``(T·B, hidden)`` step-major."""
             labels = _class_labels(args, kwargs)
             t = _timestep(args, kwargs)
             batch = max(labels.shape[0] if isinstance(labels, torch.Tensor) else 1, t.reshape(-1).shape[0])
             steps = timesteps.repeat_interleave(batch)  # (T·B,) step-major
             rows = labels.reshape(-1).expand(batch).repeat(len(timesteps)) if labels is not None else None
-            memo: dict[int, torch.Tensor] = {}
             dtype = norms[0].linear.weight.dtype  # read per table: the model may be cast after ``enable``
-            out = []
-            for emb in embs:
-                if id(emb) not in memo:
-                    memo[id(emb)] = F.silu(emb(steps, rows, hidden_dtype=dtype))
-                out.append(memo[id(emb)])
-            return out
+            return [emb(steps, rows, hidden_dtype=dtype) for emb in sources]
+
+        def inputs(timesteps: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   embs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+            acts = [F.silu(e) for e in (outputs(timesteps, args, kwargs) if embs is None else embs)]
+            return [acts[i] for i in feeds]
 
         return Modulation(
             projections=(*(n.linear for n in norms), model.proj_out_1), inputs=inputs, timestep=_timestep,
             conditioning=lambda args, kwargs: tuple(
                 x for x in (_class_labels(args, kwargs),) if isinstance(x, torch.Tensor)),
+            sources=tuple(sources), source_outputs=outputs,
         )
 
 

@@ -29,8 +29,8 @@ class StepCalls:
     ``_completed``, ``_called``, ``_computing``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``,
     ``config``, ``adapter``, ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``, ``reducer``,
     ``shared``, ``meter``, ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and
-    ``record_errors``. The session's ``_follow_replaced_modules``, ``_check_compiled_blocks`` and ``reset_generation``
-    run at a context's first call and at a rehearsal."""
+    ``record_errors``. The session's ``drop_sharing`` runs at every compiled call; its ``_follow_replaced_modules``,
+    ``_check_compiled_blocks`` and ``reset_generation`` at a context's first call and at a rehearsal."""
 
     def start_call(self, name: str, step_index: int | None, forward: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any], compiled: bool) -> bool:
@@ -39,6 +39,8 @@ class StepCalls:
         pre-pass (``steps.Prober``). True when the step must run eagerly: its context has no cache yet, the call's
         shapes are new in this generation (caches are allocated outside compiled code), or errors are recorded."""
         check_enable_order(self.model, self.reducer)
+        if compiled:
+            self.drop_sharing()
         gens = self.generations
         gens.check_caller()
         timestep = gens.timestep_of(args, kwargs, step_index)

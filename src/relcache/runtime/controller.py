@@ -29,13 +29,14 @@ from .hooks import (
     MODULATION_HOOK,
     MODULE_HOOK,
     SHARED_HOOK,
+    SOURCE_HOOK,
     STEP_HOOK,
     Attachment,
     ModuleHook,
     StepHook,
     compiled_apart,
 )
-from .modulation import ModulationHook, Modulations
+from .modulation import ModulationHook, Modulations, SourceHook
 from .modules import Computing, ModuleCalls
 from .rehearsal import Rehearsals
 from .shared import SharedGroup, SharedHook
@@ -95,6 +96,7 @@ class Session(StepCalls, ModuleCalls):
         self.step_hooks: list[StepHook] = []  # one per transformer (``attach``)
         self.cfg_peak = 0  # the most CFG-Cache held at the end of a call in this generation (``stats``' peak)
         self._warned_apart = False  # ``_check_compiled_blocks`` said so, once per enable
+        self._sharing_dropped = False  # ``drop_sharing`` ran
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Session:
         """Refused: diffusers' hooks keep the original model's forward, so a deep copy of an enabled model ran the
@@ -118,12 +120,15 @@ class Session(StepCalls, ModuleCalls):
             if id(spec.module) in paths[id(root)]:
                 self._paths[idx] = paths[id(root)][id(spec.module)]
         self._n_modules = sum(len(p) for p in paths.values())
-        for group in self.shared:
-            for i, module in enumerate(group.modules):
-                self.hooks.register(module, SharedHook(group, i, self), SHARED_HOOK)
         if self.modulation is not None:
             for i, module in enumerate(self.modulation.spec.projections):
                 self.hooks.register(module, ModulationHook(self.modulation, i, self), MODULATION_HOOK)
+            for i, module in enumerate(self.modulation.spec.sources):
+                self.hooks.register(module, SourceHook(self.modulation, i, self), SOURCE_HOOK)
+        # last, so outermost: ``drop_sharing`` takes them off cleanly (a table's source, shared, is read once)
+        for group in self.shared:
+            for i, module in enumerate(group.modules):
+                self.hooks.register(module, SharedHook(group, i, self), SHARED_HOOK)
         for _, hooks in self._roots():
             hooks.done()
         if pipeline is not None:
@@ -269,6 +274,14 @@ class Session(StepCalls, ModuleCalls):
     # -- shared copies (relcache.runtime.shared.SharingHost) -----------------------------------------------------
     def sharing(self) -> bool:
         return self.current is not None
+
+    def drop_sharing(self) -> None:
+        """(choice) At the first call whose forward is compiled, take the shared copies' hooks off for good: they never
+        share under compile, and each hook's wrapper put about 30 dynamo guards per copy into every compiled frame
+        (docs/performance.md). Later eager calls compute every copy; results are the same."""
+        if self.shared and not self._sharing_dropped:
+            self._sharing_dropped = True
+            self.hooks.remove_all(SHARED_HOOK)
 
     def flop_counter_now(self) -> Any:
         return self.meter.counter

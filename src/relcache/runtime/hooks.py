@@ -25,6 +25,7 @@ STEP_HOOK = "relcache_step"
 MODULE_HOOK = "relcache_module"
 SHARED_HOOK = "relcache_shared"
 MODULATION_HOOK = "relcache_modulation"
+SOURCE_HOOK = "relcache_modulation_source"
 
 
 class StepHost(Protocol):
@@ -339,6 +340,17 @@ class Attachment:
             self._remove(*entry)
             self._attached.remove(entry)
         self.register(new, hook, name)
+
+    def remove_all(self, name: str) -> None:
+        """Take hook ``name`` off every module it is on here, where it is the module's outermost hook (diffusers'
+        registry relinks an inner hook's neighbour wrongly for hooks with their own ``new_forward``); elsewhere it
+        stays until ``detach``."""
+        for entry in [e for e in reversed(self._attached) if e[1] == name]:
+            registry = getattr(entry[0], "_diffusers_hook", None)
+            if registry is not None and registry._hook_order[-1:] == [name]:
+                self._remove(*entry)
+                self._attached.remove(entry)
+        self.done()
 
     def detach(self) -> None:
         """Remove every hook registered here, in reverse order."""

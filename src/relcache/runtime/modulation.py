@@ -110,6 +110,7 @@ class Modulations:
         self.active: ModulationTable | None = None  # the table the running call reads, if any
         self.step = 0
         self.served = 0  # projections read from a table (counted eagerly), for tests and analyses
+        self.sources_served = 0  # source calls read from a table (counted eagerly)
 
     def start_call(self, context: str, step: int, timesteps: torch.Tensor | None, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> None:
@@ -137,8 +138,11 @@ class Modulations:
         this context is refilled in place where the shapes allow: compiled code then reads the same tensors (no
         new guards) and a captured graph the same addresses."""
         ts = timesteps.to(device=timestep.device, dtype=timestep.dtype)
-        inputs = self.spec.inputs(ts, args, kwargs)  # per projection: (T·B, in)
-        rows = [_project(proj, x, len(ts)) for proj, x in zip(self.spec.projections, inputs, strict=True)]
+        spec = self.spec
+        outs = spec.source_outputs(ts, args, kwargs) if spec.sources and spec.source_outputs is not None else None
+        inputs = spec.inputs(ts, args, kwargs, outs)  # per projection: (T·B, in)
+        rows = [_project(proj, x, len(ts)) for proj, x in zip(spec.projections, inputs, strict=True)]
+        rows += [out.reshape(len(ts), -1, *out.shape[1:]) for out in outs or ()]  # then per source: (T, B, out)
         old = self.spare.pop(context, None)
         if (old is not None and old.timesteps.shape == ts.shape and old.timesteps.dtype == ts.dtype
                 and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
@@ -174,10 +178,26 @@ class Modulations:
         rows = table.rows[index]
         if tuple(rows.shape[1:-1]) != tuple(x.shape[:-1]) or rows.dtype != x.dtype:
             return None
-        if torch.compiler.is_compiling():  # the step as data: one graph for every step
-            return rows.index_select(0, table.index.reshape(1))[0]
+        if torch.compiler.is_compiling():  # the step as data: one graph for every step (and no counter read)
+            return _at_step(rows, table)
         self.served += 1
         return rows[self.step].clone()  # a copy: the caller may write into its output
+
+    def source(self, index: int) -> torch.Tensor | None:
+        """Source ``index``'s output at the running step (``Modulation.sources``), or None when it must be computed."""
+        table = self.active
+        if table is None:
+            return None
+        rows = table.rows[len(self.spec.projections) + index]
+        if torch.compiler.is_compiling():
+            return _at_step(rows, table)
+        self.sources_served += 1
+        return rows[self.step].clone()
+
+
+def _at_step(rows: torch.Tensor, table: ModulationTable) -> torch.Tensor:
+    """The running step's row, the step read from the table's index tensor (compiled code)."""
+    return rows.index_select(0, table.index.reshape(1))[0]
 
 
 def _project(proj: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
@@ -201,3 +221,23 @@ class ModulationHook(ModelHook):
             return forward(*args, **kwargs)
         out = self.tables.row(self.index, args[0])
         return forward(*args) if out is None else out
+
+
+class SourceHook(ModelHook):
+    """On one source of the projections' inputs (``Modulation.sources``): its row of the running step's table instead
+    of its computation, where the table applies. The model calls a source only on the call's timestep and
+    conditioning (the adapter's word), so its arguments are not read."""
+
+    def __init__(self, tables: Modulations, index: int, host: ModulationHost) -> None:
+        super().__init__()
+        self.tables = tables
+        self.index = index
+        self.host = host
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if module.training or torch.is_grad_enabled() or (
+                not torch.compiler.is_compiling() and not self.host.modulating()):
+            return forward(*args, **kwargs)
+        out = self.tables.source(self.index)
+        return forward(*args, **kwargs) if out is None else out
