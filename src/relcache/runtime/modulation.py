@@ -214,30 +214,24 @@ class ModulationHook(ModelHook):
         self.index = index
         self.host = host
 
+    def _applies(self, module: nn.Module) -> bool:
+        """Whether a table may serve this call at all: autograd off, eval mode, a running call (or compiled code)."""
+        return not (module.training or torch.is_grad_enabled()) and (
+            torch.compiler.is_compiling() or self.host.modulating())
+
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        if (len(args) != 1 or kwargs or module.training or torch.is_grad_enabled()
-                or (not torch.compiler.is_compiling() and not self.host.modulating())):
+        if len(args) != 1 or kwargs or not self._applies(module):
             return forward(*args, **kwargs)
         out = self.tables.row(self.index, args[0])
         return forward(*args) if out is None else out
 
 
-class SourceHook(ModelHook):
+class SourceHook(ModulationHook):
     """On one source of the projections' inputs (``Modulation.sources``): its row of the running step's table instead
     of its computation, where the table applies. The model calls a source only on the call's timestep and
     conditioning (the adapter's word), so its arguments are not read."""
 
-    def __init__(self, tables: Modulations, index: int, host: ModulationHost) -> None:
-        super().__init__()
-        self.tables = tables
-        self.index = index
-        self.host = host
-
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        forward = self.fn_ref.original_forward
-        if module.training or torch.is_grad_enabled() or (
-                not torch.compiler.is_compiling() and not self.host.modulating()):
-            return forward(*args, **kwargs)
-        out = self.tables.source(self.index)
-        return forward(*args, **kwargs) if out is None else out
+        out = self.tables.source(self.index) if self._applies(module) else None
+        return self.fn_ref.original_forward(*args, **kwargs) if out is None else out
