@@ -3,8 +3,9 @@
 On a GPU, a cached step's kernels are few and small, so its time is set by the host: dynamo's guard checks on every
 frame it enters, inductor's wrapper code, and relcache's Python around the step. This script measures that host time
 on a model with XL/2's 28 blocks but hidden size 16 on one CPU thread (``host_bound.build``), so that a step's time
-is mostly the host's. Each model (plain, FORA, TaylorSeer, RFC; batch modulation on, 50 DDIM steps) is compiled
-(inductor) and warmed for two generations. Then, interleaved, every call of ``--repeats`` generations is timed twice:
+is mostly the host's. Each model (plain, FORA, TaylorSeer, RFC; batch modulation on unless ``--no-batch-modulation``,
+50 DDIM steps) is compiled (inductor) and warmed for two generations. Then, interleaved, every call of ``--repeats``
+generations is timed twice:
 - with dynamo's guards evaluated, as users run;
 - under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which skips guard evaluation where a frame has a
   single compiled entry that can run (unsafe in general: used here only as a measuring device, and the generations'
@@ -91,20 +92,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--guards-only", action="store_true", help="count the guards, time nothing")
+    parser.add_argument("--no-batch-modulation", dest="batch_modulation", action="store_false",
+                        help="enable relcache without batch modulation (each block computes its adaLN projection)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be a positive integer, got {args.repeats}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
     base = build()
-    print(f"{machine_line(1)}; DiT at XL/2 depth (28 blocks), hidden 16, batch 2, compiled (inductor), batch "
-          f"modulation, {STEPS}-step generations, "
+    print(f"{machine_line(1)}; DiT at XL/2 depth (28 blocks), hidden 16, batch 2, compiled (inductor), "
+          f"{'batch modulation' if args.batch_modulation else 'no batch modulation'}, {STEPS}-step generations, "
           + ("guards counted, nothing timed" if args.guards_only else f"medians of {args.repeats}"), flush=True)
     models, plain = {}, {}
     for name, make in METHODS.items():
         model = copy.deepcopy(base)
         if make is not None:
-            relcache.enable(model, make(), batch_modulation=True)
+            relcache.enable(model, make(), batch_modulation=args.batch_modulation)
         plain[name] = model
         models[name] = torch.compile(model)
         for _ in range(2):
@@ -149,7 +152,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"torch": torch.__version__, "repeats": 0 if args.guards_only else args.repeats,
-                                        "rows": rows}, indent=1))
+                                        "batch_modulation": args.batch_modulation, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
