@@ -205,17 +205,26 @@ def test_a_pipeline_announces_its_schedulers_timesteps():
 
 
 def test_half_batch_calls_of_cfg_cache_compute_their_projections():
+    """A half-batch call runs the conditional half only: neither the projections nor the embeddings that feed them
+    are read from the full-batch table (found by review: served embeddings gave such a call the whole batch)."""
     config = dataclasses.replace(FORA(2), cfg_cache=CFGCache(interval=3, skip_full=True))
+    ts = [999 - 50 * i for i in range(20)]  # several half-batch calls after the first, FLOP-measured one
     model = tiny_dit(layers=LAYERS)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with relcache.cached(model, config):
+        plain = _loop(model, ts, LABELS, x=torch.cat([x, x]))
     relcache.enable(model, config, batch_modulation=True)
     try:
-        _loop(model, TS, LABELS, x=torch.cat([x, x]))
+        outs = _loop(model, ts, LABELS, x=torch.cat([x, x]))
         skipped = relcache.stats(model).uncond_skipped
-        assert skipped > 0
-        assert _served(model) == (STEPS - 1 - skipped) * PROJECTIONS
+        assert skipped >= 2
+        assert _served(model) == (len(ts) - 1 - skipped) * PROJECTIONS
+        assert _session(model).modulation.sources_served == len(ts) - 1 - skipped  # tied copies: one a call
     finally:
         relcache.disable(model)
+    for a, b in zip(plain, outs, strict=True):
+        assert b.shape == a.shape == (2, 4, 8, 8)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_steps_read_the_table_without_a_break_or_a_recompilation():

@@ -84,6 +84,8 @@ class StepCalls:
                 return full or (self.experts is not None and self.experts.force(ctx))
 
             self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
+            if ctx.cfg.half_batch and self.modulation is not None:
+                self.modulation.end_call()  # the forward gets half the batch, not the rows the table was matched on
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
         sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
         # a context's first call of a generation, into empty caches: compiled once an earlier one was rehearsed

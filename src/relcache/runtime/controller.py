@@ -276,9 +276,11 @@ class Session(StepCalls, ModuleCalls):
         return self.current is not None
 
     def drop_sharing(self) -> None:
-        """(choice) At the first call whose forward is compiled, take the shared copies' hooks off for good: they never
-        share under compile, and each hook's wrapper put about 30 dynamo guards per copy into every compiled frame
-        (docs/performance.md). Later eager calls compute every copy; results are the same."""
+        """(choice) At the first call whose whole forward is compiled (``torch.compile`` of the transformer), take the
+        shared copies' hooks off for good: they never share under compile, and each hook's wrapper put about 20 dynamo
+        guards per copy into every compiled frame (docs/performance.md). Later eager calls compute every copy; results
+        are the same. Blocks compiled one by one (``compile_repeated_blocks``) keep the hooks: the step runs eagerly
+        there, and nothing here sees their compile."""
         if self.shared and not self._sharing_dropped:
             self._sharing_dropped = True
             self.hooks.remove_all(SHARED_HOOK)

@@ -18,7 +18,7 @@ recomputing it. This is exact, not a prediction, and it only applies where it ca
   version;
 * only with autograd off and the module in eval mode (each copy keeps its own gradients and its dropout);
 * never for modules on the meta device or with accelerate hooks (offloading), and never under torch.compile:
-  the first call whose forward is compiled takes the hooks off for good (``Session.drop_sharing``), as their
+  the first call whose whole forward is compiled takes the hooks off for good (``Session.drop_sharing``), as their
   wrappers only added dynamo guards there;
 * the call whose FLOPs relcache measures computes every copy, so that full FLOPs are those of the model as
   diffusers runs it; a shared copy's FLOPs are then left out of the executed FLOPs;
