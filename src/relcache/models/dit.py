@@ -62,7 +62,9 @@ class DiTAdapter(TableAdapter):
 
         def inputs(timesteps: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
                    embs: list[torch.Tensor] | None) -> list[torch.Tensor]:
-            acts = [F.silu(e) for e in (outputs(timesteps, args, kwargs) if embs is None else embs)]
+            """The projections' inputs from the embeddings' outputs, which the runtime computed (``sources``)."""
+            assert embs is not None, "DiT's table always has sources"
+            acts = [F.silu(e) for e in embs]
             return [acts[i] for i in feeds]
 
         return Modulation(
