@@ -224,7 +224,7 @@ class StepCalls:
         self._compiled_call = self.meter.counted = self.first_call = False
         if ctx is not None:
             end_step(ctx, self._completed)
-            ctx.note_peak()
+            ctx.note_peak(deferred=self.reducer is not None)
         if self.cfg is not None:  # CFG-Cache's deltas and a split "cond" output waiting for its pair
             if ctx is not None:
                 self.cfg.state.settle(ctx.step)
