@@ -134,6 +134,38 @@ def test_a_model_cast_after_enable_builds_its_table_in_the_new_dtype():
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
 
 
+def test_a_model_cast_in_the_middle_of_a_generation_computes_its_projections_from_then_on():
+    """The table's rows are in the dtype the model had at the generation's first call. After a cast mid-generation
+    nothing is served (was: block 0's embedding rows, float32, reached the bfloat16 attention, which refused them)."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loop(model, enabled):
+        if enabled:
+            relcache.begin_generation(model, timesteps=TS)
+        xi, outs = x, []
+        with torch.no_grad():
+            for i, t in enumerate(TS):
+                if i == 3:
+                    model.to(torch.bfloat16)
+                    xi = xi.bfloat16()
+                out = model(xi, timestep=torch.full((2,), int(t)), class_labels=LABELS).sample
+                outs.append(out)
+                xi = xi - 0.05 * out + 0.01 * i
+        return outs
+
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        outs = loop(model, True)
+        assert _served(model) == 2 * PROJECTIONS  # steps 1 and 2 (step 0's FLOPs are measured: it computes)
+    finally:
+        relcache.disable(model)
+    plain = loop(tiny_dit(layers=LAYERS), False)
+    for a, b in zip(plain, outs, strict=True):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
 def test_steps_that_differ_from_the_announced_ones_compute_their_projections():
     """On the CPU each step's timestep is compared with the announced one: a step off the announcement, labels
     changed mid-generation, or a generation without announced timesteps compute as usual."""
