@@ -210,7 +210,7 @@ def test_on_an_accelerator_a_mismatch_is_found_at_the_generations_end():
         _loop(model, TS, LABELS, steps=2)
         table = _session(model).modulation.tables["default"]
         table.lazy, table.mismatch = True, torch.zeros((), dtype=torch.bool)  # as on a GPU
-        assert table.matches(2, torch.full((2,), TS[2] + 1), (LABELS,))  # served, to be checked later
+        assert table.matches(2, torch.full((2,), TS[2] + 1), (LABELS,), torch.float32)  # served, checked later
         with pytest.raises(ModulationMismatch, match="announced"):
             relcache.begin_generation(model, timesteps=TS)
     finally:

@@ -70,7 +70,8 @@ class StepCalls:
                 self._storage(ctx, forward, args, kwargs, compiled)
         gens.check_step(ctx.step)
         if self.modulation is not None:
-            self.modulation.start_call(name, ctx.step, gens.timesteps, args, kwargs)
+            self.modulation.start_call(name, ctx.step, gens.timesteps, args, kwargs,
+                                       self.adapter.hidden_of(args, kwargs).dtype)
         self.current = ctx
         if self.cfg is not None:
 

@@ -15,8 +15,8 @@ cannot change what a step computes:
   everything) and not in a fake-tensor run;
 * only at a call whose step is one of the announced timesteps' and whose conditioning tensors are the table's (the
   same objects, not modified in place, or equal values) and whose rows have the table's shape: a half-batch
-  CFG-Cache call, a resized batch or a changed label computes the projection as usual, and so does every call after
-  the model was cast to another dtype mid-generation;
+  CFG-Cache call, a resized batch or a changed label computes the projection as usual, and so does every call whose
+  latents are of another dtype than the generation's first call's (a model cast mid-generation, with its latents);
 * the call's timestep is compared with the announced one at every step. On the CPU that is free and a mismatch
   computes the projection as usual. On an accelerator it would be a host sync per step, so the comparison is
   accumulated on the device and read once at the generation's end: a mismatch then raises ``ModulationMismatch``
@@ -55,19 +55,13 @@ def _same(a: torch.Tensor, b: torch.Tensor, version: int) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
-def _witnesses(modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
-    """Each module's first parameter: a cast of the model changes their dtypes (the objects stay)."""
-    return [p for m in modules if (p := next(m.parameters(), None)) is not None]
-
-
 class ModulationTable:
     """One call context's projections for every announced step of the generation."""
 
     def __init__(self, rows: list[torch.Tensor], timesteps: torch.Tensor, conditioning: tuple[torch.Tensor, ...],
                  call_timestep: torch.Tensor) -> None:
         self.rows = rows  # per projection: (T, B, out)
-        self.witnesses: list[torch.Tensor] = []  # the projections' and sources' parameters (``built_from``)
-        self.dtypes: list[torch.dtype] = []  # their dtypes when the rows were computed
+        self.latents_dtype: torch.dtype | None = None  # the dtype of the call's latents the rows were computed for
         self.timesteps = timesteps  # (T,) on the model's device, in the call's timestep dtype
         self.lazy = call_timestep.device.type != "cpu"  # accelerators: compare on the device, read at the end
         self.mismatch = torch.zeros((), dtype=torch.bool, device=call_timestep.device) if self.lazy else None
@@ -83,18 +77,14 @@ class ModulationTable:
         if self.mismatch is not None:
             self.mismatch.zero_()
 
-    def built_from(self, modules: tuple[nn.Module, ...]) -> None:
-        """Note the parameters the rows were computed with, and their dtypes."""
-        self.witnesses = _witnesses(modules)
-        self.dtypes = [p.dtype for p in self.witnesses]
-
-    def matches(self, step: int, timestep: Any, conditioning: tuple[torch.Tensor, ...]) -> bool:
-        """Whether the call at ``step`` with this timestep and conditioning may read the table: not where the model
-        was cast since the rows were computed (its sources' rows would then serve the old dtype; a cast between
-        generations builds the next table in the new one)."""
-        if not 0 <= step < self.timesteps.shape[0] or len(conditioning) != len(self.conditioning):
-            return False
-        if any(p.dtype != d for p, d in zip(self.witnesses, self.dtypes, strict=True)):
+    def matches(self, step: int, timestep: Any, conditioning: tuple[torch.Tensor, ...],
+                latents_dtype: torch.dtype) -> bool:
+        """Whether the call at ``step`` with this timestep, conditioning and latents' dtype may read the table: not
+        where the latents' dtype moved since the rows were computed (a model cast in the middle of a generation, with
+        its latents: the sources' rows would serve the old dtype; a cast between generations builds the next table in
+        the new one)."""
+        if (not 0 <= step < self.timesteps.shape[0] or len(conditioning) != len(self.conditioning)
+                or latents_dtype != self.latents_dtype):
             return False
         if not all(_same(a, b, v) for a, b, v in zip(conditioning, self.conditioning, self.versions, strict=True)):
             return False
@@ -130,8 +120,9 @@ class Modulations:
         self.sources_served = 0  # source calls read from a table (counted eagerly)
 
     def start_call(self, context: str, step: int, timesteps: torch.Tensor | None, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> None:
-        """A call of ``context`` at ``step`` of a generation announcing ``timesteps`` (None: unknown) starts."""
+                   kwargs: dict[str, Any], latents_dtype: torch.dtype) -> None:
+        """A call of ``context`` at ``step`` of a generation announcing ``timesteps`` (None: unknown), whose latents
+        are of ``latents_dtype``, starts."""
         self.active = None
         if timesteps is None or torch.is_grad_enabled():
             return
@@ -144,7 +135,8 @@ class Modulations:
             if step != 0 or len(timesteps) == 0:
                 return
             table = self.tables[context] = self._build(context, timesteps, timestep, conditioning, args, kwargs)
-        if table.matches(step, timestep, conditioning):
+            table.latents_dtype = latents_dtype
+        if table.matches(step, timestep, conditioning, latents_dtype):
             self.active, self.step = table, step
 
     @torch.no_grad()
@@ -168,11 +160,8 @@ class Modulations:
                 a.copy_(b)
             old.timesteps.copy_(ts)
             old.reset(conditioning)
-            table = old
-        else:
-            table = ModulationTable(rows, ts, conditioning, timestep)
-        table.built_from((*spec.projections, *spec.sources))
-        return table
+            return old
+        return ModulationTable(rows, ts, conditioning, timestep)
 
     def end_call(self) -> None:
         self.active = None
