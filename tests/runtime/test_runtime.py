@@ -308,3 +308,34 @@ def test_cfg_cache_never_rebuilds_from_a_delta_of_another_resolution(dit):
         torch.testing.assert_close(got[i][:1], ref[i][:1], rtol=1e-5, atol=1e-6)
     rebuilt = cfg_cache.rebuild(ref[8][:1], *cfg_cache.deltas(ref[7][1:], ref[7][:1]), 1.1, 1.1)
     torch.testing.assert_close(got[8][1:], rebuilt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("config", "tables"),
+                         [(TaylorSeer(3, 2), 4), (CacheConfig(Linear("rising"), Interval(3, 2)), 9)],
+                         ids=["Taylor", "Linear (rows depend on the step)"])
+def test_each_steps_rows_are_its_own_though_their_host_tensors_are_made_once(config, tables):
+    """A step's rows are built from a host tensor kept per table (building one from nested lists was most of a
+    compiled cached step's bookkeeping). Each step must still get its own numbers: ``predictor.row`` of each module's
+    ``k`` at that step (FasterCache's weight changes at every step), and the kept tensors must not be written into."""
+    from relcache.api import _session
+
+    model = tiny_dit()
+    x, y = _inputs()
+    relcache.enable(model, config)
+    steps, seen = 9, []
+    try:
+        relcache.begin_generation(model, steps)
+        with torch.no_grad():
+            for i in range(steps):
+                model(x, timestep=torch.full((2,), 999 - 100 * i), class_labels=y)
+                caches = _session(model).contexts["default"].caches
+                ks = caches.host_k["all"]
+                expected = torch.tensor([config.predictor.row(int(k), i, steps) for k in ks])
+                torch.testing.assert_close(caches.rows["all"], expected, rtol=0, atol=0)
+                assert caches.rows["all"].data_ptr() not in {t.data_ptr() for t in caches.host_rows.values()}
+                seen.append(expected)
+        made = len(caches.host_rows)
+    finally:
+        relcache.disable(model)
+    # one host tensor per distinct table, none twice: Taylor's k is 0, 1, 2 or 3 at every step (full: 0, 1, 4, 7)
+    assert made == len({tuple(t.flatten().tolist()) for t in seen}) == tables

@@ -101,14 +101,27 @@ def step_row(k: int, weight: float = 0.0) -> list[float]:
     return [k / (j + 1) for j in range(MAX_ORDER)] + [weight]
 
 
-def numbers_on(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def numbers_on(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Host numbers as a tensor on ``device`` without making the host wait for the device: on a GPU through pinned
     memory and an asynchronous copy (a copy from ordinary memory synchronises). ``dtype`` float64 for float64 work,
-    so that no multiplier is rounded to float32."""
-    t = torch.tensor(values, dtype=dtype)
+    so that no multiplier is rounded to float32. ``values`` may be a host tensor of ``dtype`` already
+    (``host_numbers``): it is then never written into, nor returned itself."""
+    if isinstance(values, torch.Tensor):
+        t = values
+        if device.type == "cpu":
+            return t.clone()
+    else:
+        t = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
     return t.to(device)
+
+
+def host_numbers(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a host tensor of ``dtype`` for ``numbers_on`` or ``StaticCaches.put_numbers`` to ``device``
+    (pinned when that is a GPU), made once and then only read."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory() if device.type == "cuda" else t
 
 
 def row_dtype(like: torch.dtype) -> torch.dtype:
@@ -342,14 +355,15 @@ class StaticCaches:
         else:
             self._buffer_for(key, like.shape, like.dtype, like.device if device is None else torch.device(device))
 
-    def put_numbers(self, key: object, values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def put_numbers(self, key: object, values: list | torch.Tensor, device: torch.device, dtype: torch.dtype
+                    ) -> torch.Tensor:
         """``numbers_on`` written into ``key``'s buffer (on a GPU: from pinned memory, without a host wait)."""
-        host = torch.tensor(values, dtype=dtype)
+        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
         buf = self._buffer_for(key, host.shape, dtype, torch.device(device))
         if buf is None:  # compiled code never prepares rows; kept for completeness
             return numbers_on(values, device, dtype)
         if device.type == "cuda":
-            buf.copy_(host.pin_memory(), non_blocking=True)
+            buf.copy_(host if host.is_pinned() else host.pin_memory(), non_blocking=True)
         else:
             buf.copy_(host)
         return buf

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import sys
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import diffusers.hooks
+import diffusers.models
 import torch
 from torch import nn
 
@@ -43,6 +47,12 @@ from ..errors import check_int, warn
 from ..models.base import Adapter
 
 _CALLER_DEPTH = 48  # frames searched above the transformer call for the pipeline driving it
+# code that never is a pipeline's method: torch, diffusers' models and hooks, relcache's runtime. Their frames lie
+# between every transformer call and its pipeline (8 of them under torch.compile), and reading a frame's locals
+# copies them all, so they are passed over unread.
+_MACHINERY = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, diffusers.hooks, diffusers.models))
+_RUNTIME = os.path.dirname(__file__) + os.sep
+_machinery_codes: dict[types.CodeType, bool] = {}  # per code object: whether its file is machinery
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # pipeline attributes that hold a denoiser relcache serves
 
 
@@ -114,13 +124,17 @@ def calling_pipeline(model: nn.Module, frame: Any = None) -> tuple[Any, dict[str
     """(the pipeline whose method is calling ``model`` now, that frame's locals), or None (a hand-written loop).
 
     The nearest frame above ``frame`` (default: the caller's) whose ``self`` holds ``model`` as its transformer,
-    searched up to ``_CALLER_DEPTH`` frames; only frames whose first argument is named ``self`` are read."""
+    searched up to ``_CALLER_DEPTH`` frames; only frames whose first argument is named ``self`` are read, and not
+    those of ``_MACHINERY``."""
     frame = sys._getframe(1) if frame is None else frame
     for _ in range(_CALLER_DEPTH):
         if frame is None:
             return None
         code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
+        machinery = _machinery_codes.get(code)
+        if machinery is None:
+            machinery = _machinery_codes[code] = code.co_filename.startswith((*_MACHINERY, _RUNTIME))
+        if not machinery and code.co_argcount and code.co_varnames[0] == "self":
             local = frame.f_locals
             if _drives(local.get("self"), model):
                 return local["self"], local

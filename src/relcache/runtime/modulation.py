@@ -55,6 +55,12 @@ def _same(a: torch.Tensor, b: torch.Tensor, version: int) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
+def _host_comparable(timestep: Any, dtype: torch.dtype) -> bool:
+    """A CPU tensor of ``dtype`` with at most one axis: its values read on the host compare as the tensors would."""
+    return (type(timestep) is torch.Tensor and timestep.dtype == dtype and timestep.device.type == "cpu"
+            and timestep.dim() <= 1)
+
+
 class ModulationTable:
     """One call context's projections for every announced step of the generation."""
 
@@ -74,6 +80,8 @@ class ModulationTable:
         """A new generation's conditioning; its comparisons start afresh."""
         self.conditioning = conditioning
         self.versions = [-1 if c.is_inference() else c._version for c in conditioning]
+        # on the CPU, the announced timesteps as host numbers too: a call's comparison then launches no operator
+        self.host_timesteps = None if self.lazy else self.timesteps.tolist()
         if self.mismatch is not None:
             self.mismatch.zero_()
 
@@ -88,12 +96,18 @@ class ModulationTable:
             return False
         if not all(_same(a, b, v) for a, b, v in zip(conditioning, self.conditioning, self.versions, strict=True)):
             return False
-        t = torch.as_tensor(timestep, device=self.timesteps.device)
-        same = (t.to(self.timesteps.dtype) == self.timesteps[step]).all()
-        if self.lazy:
-            self.mismatch |= ~same
-        elif not bool(same):
-            return False
+        if not self.lazy and self.host_timesteps is not None and _host_comparable(timestep, self.timesteps.dtype):
+            ref = self.host_timesteps[step]  # the same comparison in the same dtype, on host numbers
+            got = timestep.tolist()
+            if not (got == ref if timestep.dim() == 0 else all(v == ref for v in got)):
+                return False
+        else:
+            t = torch.as_tensor(timestep, device=self.timesteps.device)
+            same = (t.to(self.timesteps.dtype) == self.timesteps[step]).all()
+            if self.lazy:
+                self.mismatch |= ~same
+            elif not bool(same):
+                return False
         self.index.fill_(step)
         return True
 

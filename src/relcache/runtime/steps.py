@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from ..methods.config import CacheConfig
-from ..methods.history import numbers_on, row_dtype
+from ..methods.history import host_numbers, numbers_on, row_dtype
 from .context import Context
 from .distributed import SequenceReducer
+
+MAX_HOST_ROWS = 256  # host tensors of step rows kept per context (``_prepare_rows``); past it they are made anew
 
 #: a call's row groups: (name, rows of the batch or None for all)
 RowGroups = list[tuple[str, slice | None]]
@@ -105,21 +107,27 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
                   like: torch.Tensor) -> None:
     """One tensor per row group: row ``i`` is ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest
     record in that group (its gap ``N`` when it records at this step)."""
-    step, last, by_k = ctx.step, ctx.caches.last_record, {}
+    step, last, by_k, memo = ctx.step, ctx.caches.last_record, {}, ctx.caches.host_rows
     ctx.caches.rows, ctx.caches.host_k = {}, {}
+    dtype = row_dtype(like.dtype)
     for name in names:
-        table = []
-        for i in range(n_modules):
-            k = step - last.get((i, name), step)
+        ks = tuple([step - last.get((i, name), step) for i in range(n_modules)])
+        for k in ks:
             if k not in by_k:
                 by_k[k] = config.predictor.row(k, step, num_steps)
-            table.append(by_k[k])
-        ctx.caches.host_k[name] = [r[0] for r in table]
+        ctx.caches.host_k[name] = [by_k[k][0] for k in ks]
+        # the host tensor of these rows, made once per table (each k's row, in order of first use, says it whole):
+        # making one from nested lists was most of a compiled cached step's own bookkeeping
+        key = (ks, tuple([tuple(by_k[k]) for k in dict.fromkeys(ks)]), dtype, like.device.type)
+        host = memo.get(key)
+        if host is None:
+            if len(memo) >= MAX_HOST_ROWS:
+                memo.clear()
+            host = memo[key] = host_numbers([by_k[k] for k in ks], dtype, like.device)
         if ctx.static is None:
-            ctx.caches.rows[name] = numbers_on(table, like.device, row_dtype(like.dtype))
+            ctx.caches.rows[name] = numbers_on(host, like.device, dtype)
         else:  # written into the same tensor at every step: a static input of the step's CUDA graph
-            ctx.caches.rows[name] = ctx.static.put_numbers((ctx.name, "rows", name), table, like.device,
-                                                            row_dtype(like.dtype))
+            ctx.caches.rows[name] = ctx.static.put_numbers((ctx.name, "rows", name), host, like.device, dtype)
 
 
 class _Probed(Exception):  # noqa: N818 (a control-flow signal, not an error)
