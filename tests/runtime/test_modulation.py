@@ -202,6 +202,28 @@ def test_steps_that_differ_from_the_announced_ones_compute_their_projections():
         relcache.disable(model)
 
 
+def test_a_timestep_of_another_dtype_is_compared_in_the_tables():
+    """On the CPU the table compares a call's timestep on host numbers when it has the table's dtype (the first
+    call's), and as tensors otherwise: a float timestep of the announced value is served, another is not (before,
+    the float was cast to the table's int64 first, and 639.5 was served as 639)."""
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS, steps=2)  # int64 timesteps: the table's dtype
+        x = torch.randn(2, 4, 8, 8)
+        with torch.no_grad():
+            before = _served(model)
+            model(x, timestep=torch.full((2,), float(TS[2])), class_labels=LABELS)
+            assert _served(model) == before + PROJECTIONS
+            model(x, timestep=torch.full((2,), float(TS[3])), class_labels=LABELS)
+            assert _served(model) == before + 2 * PROJECTIONS
+            model(x, timestep=torch.full((2,), TS[4] + 0.5), class_labels=LABELS)  # not the announced TS[4]
+            model(x, timestep=torch.full((2,), float(TS[6])), class_labels=LABELS)  # step 5's announced is TS[5]
+            assert _served(model) == before + 2 * PROJECTIONS
+    finally:
+        relcache.disable(model)
+
+
 def test_on_an_accelerator_a_mismatch_is_found_at_the_generations_end():
     """Off the CPU the comparison stays on the device (no host sync per step) and is read once, at the end."""
     model = tiny_dit(layers=LAYERS)

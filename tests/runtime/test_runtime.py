@@ -310,9 +310,15 @@ def test_cfg_cache_never_rebuilds_from_a_delta_of_another_resolution(dit):
     torch.testing.assert_close(got[8][1:], rebuilt, rtol=1e-5, atol=1e-5)
 
 
+def _signed_zero(step: int, num_steps: int | None) -> float:
+    """0.0 at even steps, -0.0 at odd ones: equal numbers, different bits."""
+    return -0.0 if step % 2 else 0.0
+
+
 @pytest.mark.parametrize(("config", "tables"),
-                         [(TaylorSeer(3, 2), 4), (CacheConfig(Linear("rising"), Interval(3, 2)), 9)],
-                         ids=["Taylor", "Linear (rows depend on the step)"])
+                         [(TaylorSeer(3, 2), 4), (CacheConfig(Linear("rising"), Interval(3, 2)), 9),
+                          (CacheConfig(Linear(_signed_zero), Interval(3, 2)), 7)],
+                         ids=["Taylor", "Linear (rows depend on the step)", "Linear, signed zeros"])
 def test_each_steps_rows_are_its_own_though_their_host_tensors_are_made_once(config, tables):
     """A step's rows are built from a host tensor kept per table (building one from nested lists was most of a
     compiled cached step's bookkeeping). Each step must still get its own numbers: ``predictor.row`` of each module's
@@ -332,10 +338,11 @@ def test_each_steps_rows_are_its_own_though_their_host_tensors_are_made_once(con
                 ks = caches.host_k["all"]
                 expected = torch.tensor([config.predictor.row(int(k), i, steps) for k in ks])
                 torch.testing.assert_close(caches.rows["all"], expected, rtol=0, atol=0)
+                assert torch.equal(caches.rows["all"].signbit(), expected.signbit())  # -0.0 is not 0.0 here
                 assert caches.rows["all"].data_ptr() not in {t.data_ptr() for t in caches.host_rows.values()}
                 seen.append(expected)
         made = len(caches.host_rows)
     finally:
         relcache.disable(model)
     # one host tensor per distinct table, none twice: Taylor's k is 0, 1, 2 or 3 at every step (full: 0, 1, 4, 7)
-    assert made == len({tuple(t.flatten().tolist()) for t in seen}) == tables
+    assert made == len({tuple(float(v).hex() for v in t.flatten().tolist()) for t in seen}) == tables

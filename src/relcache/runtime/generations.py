@@ -32,7 +32,6 @@ import copy
 import functools
 import os
 import sys
-import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ _CALLER_DEPTH = 48  # frames searched above the transformer call for the pipelin
 # copies them all, so they are passed over unread.
 _MACHINERY = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, diffusers.hooks, diffusers.models))
 _RUNTIME = os.path.dirname(__file__) + os.sep
-_machinery_codes: dict[types.CodeType, bool] = {}  # per code object: whether its file is machinery
+_machinery_files: dict[str, bool] = {}  # per code file name: whether it is machinery
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # pipeline attributes that hold a denoiser relcache serves
 
 
@@ -131,9 +130,9 @@ def calling_pipeline(model: nn.Module, frame: Any = None) -> tuple[Any, dict[str
         if frame is None:
             return None
         code = frame.f_code
-        machinery = _machinery_codes.get(code)
+        machinery = _machinery_files.get(code.co_filename)
         if machinery is None:
-            machinery = _machinery_codes[code] = code.co_filename.startswith((*_MACHINERY, _RUNTIME))
+            machinery = _machinery_files[code.co_filename] = code.co_filename.startswith((*_MACHINERY, _RUNTIME))
         if not machinery and code.co_argcount and code.co_varnames[0] == "self":
             local = frame.f_locals
             if _drives(local.get("self"), model):

@@ -102,8 +102,8 @@ class ModulationTable:
             if not (got == ref if timestep.dim() == 0 else all(v == ref for v in got)):
                 return False
         else:
-            t = torch.as_tensor(timestep, device=self.timesteps.device)
-            same = (t.to(self.timesteps.dtype) == self.timesteps[step]).all()
+            # compared with type promotion, not after a cast to the table's dtype: 639.5 is not an announced 639
+            same = (torch.as_tensor(timestep, device=self.timesteps.device) == self.timesteps[step]).all()
             if self.lazy:
                 self.mismatch |= ~same
             elif not bool(same):

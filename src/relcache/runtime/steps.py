@@ -118,7 +118,9 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
         ctx.caches.host_k[name] = [by_k[k][0] for k in ks]
         # the host tensor of these rows, made once per table (each k's row, in order of first use, says it whole):
         # making one from nested lists was most of a compiled cached step's own bookkeeping
-        key = (ks, tuple([tuple(by_k[k]) for k in dict.fromkeys(ks)]), dtype, like.device.type)
+        # (each number by its bits: -0.0 and 0.0 compare equal, and a row of NaN would match no key)
+        key = (ks, tuple([tuple([float(v).hex() for v in by_k[k]]) for k in dict.fromkeys(ks)]), dtype,
+               like.device.type)
         host = memo.get(key)
         if host is None:
             if len(memo) >= MAX_HOST_ROWS:
