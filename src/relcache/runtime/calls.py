@@ -20,7 +20,17 @@ from .accounting import signature
 from .context import Context
 from .distributed import check_enable_order
 from .rehearsal import first_call_key
-from .steps import Probing, RowGroups, decide, end_step, mark_records, prepare_step, probe_rows, take_decision
+from .steps import (
+    Probing,
+    RowGroups,
+    decide,
+    end_step,
+    kept_rows,
+    mark_records,
+    prepare_step,
+    probe_rows,
+    take_decision,
+)
 
 
 class StepCalls:
@@ -157,9 +167,11 @@ class StepCalls:
         row = self.config.schedule.forecast_row(ctx.schedule.memory, ctx.step)
         if row is None:
             return None
+        dtype = row_dtype(like.dtype)
+        host = kept_rows(ctx, "probe row", [row], [row], dtype, like.device)
         if ctx.static is None:
-            return numbers_on(row, like.device, row_dtype(like.dtype))
-        return ctx.static.put_numbers((ctx.name, "probe row"), [row], like.device, row_dtype(like.dtype))[0]
+            return numbers_on(host, like.device, dtype)[0]
+        return ctx.static.put_numbers((ctx.name, "probe row"), host, like.device, dtype)[0]
 
     def measure(self, forward: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pending pre-pass of a compiled RCS step and its measurement (traced into the step's first graph)."""

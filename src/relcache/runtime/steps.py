@@ -8,7 +8,7 @@ and records read steps as data and compiled code never specialises on a step num
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,11 +103,27 @@ def end_step(ctx: Context, completed: bool) -> None:
     caches.unrecorded = {}
 
 
+def kept_rows(ctx: Context, tag: Hashable, distinct: list[list[float]], rows: list[list[float]], dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """``rows`` as a host tensor for ``device`` (``host_numbers``), made once per context and key and only read
+    after: building a tensor from nested lists at every call was most of a compiled cached step's own bookkeeping.
+    ``tag`` and the ``distinct`` rows must say ``rows`` whole; each number is keyed by its bits (``float.hex``), as
+    -0.0 and 0.0 compare equal and NaN equals nothing."""
+    memo = ctx.caches.host_rows
+    key = (tag, tuple([tuple([float(v).hex() for v in r]) for r in distinct]), dtype, device.type)
+    host = memo.get(key)
+    if host is None:
+        if len(memo) >= MAX_HOST_ROWS:
+            memo.clear()
+        host = memo[key] = host_numbers(rows, dtype, device)
+    return host
+
+
 def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ctx: Context, names: list[str],
                   like: torch.Tensor) -> None:
     """One tensor per row group: row ``i`` is ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest
     record in that group (its gap ``N`` when it records at this step)."""
-    step, last, by_k, memo = ctx.step, ctx.caches.last_record, {}, ctx.caches.host_rows
+    step, last, by_k = ctx.step, ctx.caches.last_record, {}
     ctx.caches.rows, ctx.caches.host_k = {}, {}
     dtype = row_dtype(like.dtype)
     for name in names:
@@ -116,16 +132,8 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
             if k not in by_k:
                 by_k[k] = config.predictor.row(k, step, num_steps)
         ctx.caches.host_k[name] = [by_k[k][0] for k in ks]
-        # the host tensor of these rows, made once per table (each k's row, in order of first use, says it whole):
-        # making one from nested lists was most of a compiled cached step's own bookkeeping
-        # (each number by its bits: -0.0 and 0.0 compare equal, and a row of NaN would match no key)
-        key = (ks, tuple([tuple([float(v).hex() for v in by_k[k]]) for k in dict.fromkeys(ks)]), dtype,
-               like.device.type)
-        host = memo.get(key)
-        if host is None:
-            if len(memo) >= MAX_HOST_ROWS:
-                memo.clear()
-            host = memo[key] = host_numbers([by_k[k] for k in ks], dtype, like.device)
+        # the table is said whole by each module's k and each k's row in order of first use
+        host = kept_rows(ctx, ks, [by_k[k] for k in dict.fromkeys(ks)], [by_k[k] for k in ks], dtype, like.device)
         if ctx.static is None:
             ctx.caches.rows[name] = numbers_on(host, like.device, dtype)
         else:  # written into the same tensor at every step: a static input of the step's CUDA graph
