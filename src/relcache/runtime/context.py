@@ -53,7 +53,7 @@ class ModuleCaches:
     # at a full step, the slots that have not recorded yet and their record step before it (None: none): a call that
     # raises puts these back, so that each slot's record step stays the step its state was recorded at
     unrecorded: dict[tuple[int, str], int | None] = field(default_factory=dict)
-    # host tensors of step rows already made, by what they hold (``steps._prepare_rows``): a step of the same gaps
+    # host tensors of step rows already made, by what they hold (``steps.kept_rows``): a step of the same gaps
     # copies one instead of building a tensor from nested lists again
     host_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)
 

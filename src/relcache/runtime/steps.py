@@ -19,7 +19,7 @@ from ..methods.history import host_numbers, numbers_on, row_dtype
 from .context import Context
 from .distributed import SequenceReducer
 
-MAX_HOST_ROWS = 256  # host tensors of step rows kept per context (``_prepare_rows``); past it they are made anew
+MAX_HOST_ROWS = 256  # host tensors of step rows kept per context (``kept_rows``); past it they are made anew
 
 #: a call's row groups: (name, rows of the batch or None for all)
 RowGroups = list[tuple[str, slice | None]]
