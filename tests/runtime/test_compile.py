@@ -204,6 +204,10 @@ def test_no_compiled_step_guards_on_a_step_number(name):
     host = [s for s in sources if s.startswith("L['host']")]
     assert any(".current.caches.states" in s for s in host), sources[:20]  # the log was read: the caches are guarded
     assert not [s for s in host if any(s.endswith(n) or n + "[" in s for n in STEP_NUMBERS)], sorted(set(host))
+    # a cached module calls its hook directly (``hooks.DirectHook``): nothing of diffusers' registry wrapper (a
+    # partial over a closure over the hook's function reference) is guarded, only the hook's bound method
+    assert any(s.endswith(".forward.__self__.idx") for s in sources), sorted(set(sources))[:40]
+    assert not [s for s in sources if ".forward.func" in s and "_modules" in s], sorted(set(sources))
 
 
 def test_fastercache_over_fifty_steps_stays_within_the_recompile_limit():

@@ -256,9 +256,8 @@ class StepHook(ModelHook):
 def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
     """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own: by
     ``nn.Module.compile`` (as diffusers' ``compile_repeated_blocks`` does), wrapped by ``torch.compile``, or with their
-    ``forward`` compiled. Dynamo compiles each of them apart with relcache: it matches a hooked module's ``forward`` (a
-    ``functools.partial`` per module, diffusers' hook registry) by identity, and the module's index is a constant of
-    its graphs."""
+    ``forward`` compiled. Dynamo compiles each of them apart with relcache: the module's index, which the hook reads,
+    is a constant of its graphs (the hook's bound method itself, ``DirectHook``, dynamo matches by its code)."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     ids = {id(m) for m in cached}
@@ -276,7 +275,40 @@ def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
     return counts
 
 
-class ModuleHook(ModelHook):
+class DirectHook(ModelHook):
+    """A hook on a submodule whose whole work is ``new_forward``: the module may call ``direct_forward`` in place of
+    the registry's wrapper (``Attachment.register``), the same call with fewer objects around it."""
+
+    module: nn.Module | None = None  # the module it is registered on
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self.module = module
+        return module
+
+    def direct_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """What the registry's wrapper runs for this hook (diffusers' default pre- and post-forward pass their
+        arguments through)."""
+        return self.new_forward(self.module, *args, **kwargs)
+
+
+def _call_directly(module: nn.Module, registry: HookRegistry, hook: ModelHook, name: str) -> None:
+    """Let ``module`` call ``hook.direct_forward`` itself instead of the wrapper diffusers' registry just installed,
+    where that is the same call: ``hook`` is a ``DirectHook``, the module's outermost hook, with diffusers' default
+    ``pre_forward`` and ``post_forward``.
+
+    The registry's wrapper is a ``functools.partial`` over a closure over the hook's function reference, which holds a
+    second partial and the pre- and post-forward methods. Under ``torch.compile`` dynamo guards each of those objects
+    at every call of the frame: about 14 guards per hooked module in a compiled cached step (113 hooked modules at
+    DiT-XL/2's depth with batch modulation; docs/performance.md, "The registry's wrapper"). Eagerly it is four Python
+    calls per module call. The registry keeps the hook as before: ``get_hook`` finds it, a hook registered later wraps
+    this method as it would have wrapped the registry's, and ``remove_hook`` puts back the forward the hook wrapped."""
+    cls = type(hook)
+    if (isinstance(hook, DirectHook) and registry._hook_order[-1:] == [name]
+            and cls.pre_forward is ModelHook.pre_forward and cls.post_forward is ModelHook.post_forward):
+        module.forward = hook.direct_forward
+
+
+class ModuleHook(DirectHook):
     """On a cached module: full computation or prediction, as the runtime decides."""
 
     def __init__(self, host: ModuleHost, idx: int) -> None:
@@ -285,6 +317,10 @@ class ModuleHook(ModelHook):
         self.idx = idx
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.direct_forward(*args, **kwargs)
+
+    def direct_forward(self, *args: Any, **kwargs: Any) -> Any:
+        # the module is not read (not even to pass it on): each object compiled code reads is guarded
         return self.host.module_forward(self.idx, self.fn_ref.original_forward, args, kwargs)
 
 
@@ -322,6 +358,8 @@ class Attachment:
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(hook, name)  # raises if the name is taken: then nothing of ours is there
             self._attached.append((module, name, existed))
+            if module is not self.model:  # the model keeps the registry's wrapper: it carries forward's signature
+                _call_directly(module, registry, hook, name)
         except BaseException:
             if not existed and hasattr(module, "_diffusers_hook") and not module._diffusers_hook.hooks:
                 del module._diffusers_hook

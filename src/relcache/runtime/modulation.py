@@ -30,10 +30,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-from diffusers.hooks.hooks import ModelHook
 from torch import nn
 
 from ..models.base import Modulation
+from .hooks import DirectHook
 
 
 class ModulationMismatch(RuntimeError):
@@ -228,7 +228,7 @@ def _project(proj: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
     return out.reshape(steps, -1, *out.shape[1:])
 
 
-class ModulationHook(ModelHook):
+class ModulationHook(DirectHook):
     """On one projection: its row of the running step's table instead of the product, where the table applies."""
 
     def __init__(self, tables: Modulations, index: int, host: ModulationHost) -> None:

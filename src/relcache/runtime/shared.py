@@ -33,8 +33,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from diffusers.hooks.hooks import ModelHook
 from torch import nn
+
+from .hooks import DirectHook
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -188,7 +189,7 @@ class SharingHost(Protocol):
         """A copy was not computed: its FLOPs were not executed."""
 
 
-class SharedHook(ModelHook):
+class SharedHook(DirectHook):
     """On one copy of a shared group: the group's memo while a transformer call is running."""
 
     def __init__(self, group: SharedGroup, index: int, host: SharingHost) -> None:

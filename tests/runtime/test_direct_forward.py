@@ -1,0 +1,80 @@
+"""A hooked submodule calls relcache's hook directly (``hooks.DirectHook``), not through diffusers' registry wrapper,
+and stays a good citizen of that registry: a hook registered after relcache's wraps it and runs, and ``disable``
+leaves that hook working on the original forward."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from conftest import run_loop, tiny_dit
+from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+import relcache
+from relcache import FORA
+from relcache.runtime.hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, SOURCE_HOOK, DirectHook
+
+
+class _Counting(ModelHook):
+    """A user's hook: counts the calls it sees, changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):  # noqa: ANN202 - diffusers' signature
+        self.calls += 1
+        return args, kwargs
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 7])
+
+
+def test_each_hooked_submodule_calls_its_hook_directly_and_the_model_keeps_the_registry_wrapper():
+    model = tiny_dit(layers=2)
+    relcache.enable(model, FORA(2), batch_modulation=True)
+    try:
+        seen = {}
+        for module in model.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None or module is model:
+                continue
+            outer = registry.hooks[registry._hook_order[-1]]
+            assert isinstance(outer, DirectHook)
+            # the outermost hook's own bound method, not a functools.partial over the registry's closure
+            assert module.forward.__func__ is type(outer).direct_forward and module.forward.__self__ is outer
+            seen.update(dict.fromkeys(registry._hook_order))
+        assert set(seen) == {MODULE_HOOK, MODULATION_HOOK, SOURCE_HOOK, SHARED_HOOK}
+        assert isinstance(model.forward, functools.partial)  # the model's forward keeps its signature (__wrapped__)
+    finally:
+        relcache.disable(model)
+    assert not any("forward" in vars(m) or hasattr(m, "_diffusers_hook") for m in model.modules())
+
+
+def test_a_hook_registered_after_relcaches_wraps_it_and_outlives_disable():
+    x, y = _inputs()
+    model = tiny_dit(layers=2)
+    relcache.enable(model, FORA(3))
+    expected = run_loop(model, x, y, steps=6)
+    full_steps = relcache.stats(model).full_steps
+    relcache.disable(model)
+    plain = run_loop(model, x, y, steps=2, begin=False)
+
+    relcache.enable(model, FORA(3))
+    attn = model.transformer_blocks[0].attn1
+    counting = _Counting()
+    HookRegistry.check_if_exists_or_initialize(attn).register_hook(counting, "user_counting")
+    got = run_loop(model, x, y, steps=6)
+    assert counting.calls == 6  # called at every step, cached ones included: it wraps relcache's hook
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+    assert relcache.stats(model).full_steps == full_steps == [0, 1, 4]  # the same schedule, wrapped or not
+    relcache.disable(model)
+
+    registry = attn._diffusers_hook
+    assert registry._hook_order == ["user_counting"]
+    after = run_loop(model, x, y, steps=2, begin=False)
+    assert counting.calls == 8  # still called, now around the original forward
+    for a, b in zip(plain, after, strict=True):
+        assert torch.equal(a, b)
