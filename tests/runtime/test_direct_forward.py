@@ -1,6 +1,7 @@
 """A hooked submodule calls relcache's hook directly (``hooks.DirectHook``), not through diffusers' registry wrapper,
-and stays a good citizen of that registry: a hook registered after relcache's wraps it and runs, and ``disable``
-leaves that hook working on the original forward."""
+and stays a good citizen of that registry and of accelerate: a hook registered after relcache's wraps it and runs,
+``disable`` leaves that hook working on the original forward, a hook under relcache's can be removed while relcache
+is enabled, and an accelerate hook under relcache's works after ``disable``."""
 
 from __future__ import annotations
 
@@ -78,3 +79,57 @@ def test_a_hook_registered_after_relcaches_wraps_it_and_outlives_disable():
     assert counting.calls == 8  # still called, now around the original forward
     for a, b in zip(plain, after, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_hook_under_relcaches_removed_while_enabled_is_gone_and_relcache_still_serves():
+    """Found by review: removing a hook registered before relcache's (group offloading does, when a LoRA loads)
+    relinked relcache's hook wrongly in diffusers' registry. The removed hook kept running (direct call), or before
+    that relcache's hook was skipped and the module computed at every step."""
+    x, y = _inputs()
+    model = tiny_dit(layers=2)
+    attn = model.transformer_blocks[0].attn1
+    counting = _Counting()
+    HookRegistry.check_if_exists_or_initialize(attn).register_hook(counting, "user_counting")
+    relcache.enable(model, FORA(3))
+    try:
+        run_loop(model, x, y, steps=6)
+        assert counting.calls == 3  # under relcache's hook: called where the module computes (steps 0, 1 and 4)
+        attn._diffusers_hook.remove_hook("user_counting", recurse=False)
+        computed = []
+        handle = attn.to_q.register_forward_pre_hook(lambda *_: computed.append(1))
+        run_loop(model, x, y, steps=6)
+        handle.remove()
+        assert counting.calls == 3  # gone
+        assert len(computed) == 3 and relcache.stats(model).full_steps == [0, 1, 4]  # still cached at 2, 3 and 5
+    finally:
+        relcache.disable(model)
+    assert "forward" not in vars(attn)
+
+
+def test_an_accelerate_hook_on_a_submodule_before_enable_is_left_working_by_disable():
+    """Found by review: an accelerate hook already on a cached module (sequential CPU offload, a device map) sits under
+    relcache's. ``disable`` took it off and put it back over the forward it had wrapped, so the next call recursed."""
+    from accelerate.hooks import ModelHook as AccelerateHook
+    from accelerate.hooks import add_hook_to_module
+
+    class _Counted(AccelerateHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):  # noqa: ANN202 - accelerate's signature
+            _Counted.calls += 1
+            return args, kwargs
+
+    x, y = _inputs()
+    model = tiny_dit(layers=2)
+    plain = run_loop(model, x, y, steps=2, begin=False)
+    attn = model.transformer_blocks[0].attn1
+    add_hook_to_module(attn, _Counted())
+    relcache.enable(model, FORA(3))
+    run_loop(model, x, y, steps=3)
+    relcache.disable(model)
+    calls = _Counted.calls
+    after = run_loop(model, x, y, steps=2, begin=False)
+    assert _Counted.calls == calls + 2  # still there, once per call
+    for a, b in zip(plain, after, strict=True):
+        assert torch.equal(a, b)
+    assert attn._hf_hook is not None and not hasattr(attn, "_diffusers_hook")

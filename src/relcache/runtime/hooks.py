@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from typing import Any, Protocol
 
 import torch
-from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook, StateManager
 from torch import nn
 
 from ..errors import ConfigError
@@ -291,6 +291,22 @@ class DirectHook(ModelHook):
         return self.new_forward(self.module, *args, **kwargs)
 
 
+class _RelinkedReference(HookFunctionReference):
+    """diffusers' function reference of a hook with its own ``new_forward``, on which a relink lands where it belongs.
+
+    When a hook registered under this one is removed, ``HookRegistry.remove_hook`` relinks the chain by setting this
+    reference's ``forward`` to what the removed hook wrapped. For a hook with its own ``new_forward`` that is the wrong
+    field: ``forward`` is the call of ``new_forward``, and the forward the hook wraps is ``original_forward``. The
+    registry's wrapper then skipped relcache's hook from that call on (the module computed at every step, uncounted),
+    and ``direct_forward`` kept calling the removed hook (found by review, 2026-12-05; group offloading removes and
+    re-applies its hooks when a LoRA is loaded). Here such a relink sets ``original_forward``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and self.__dict__.get("original_forward") is not None:
+            name = "original_forward"
+        super().__setattr__(name, value)
+
+
 def _call_directly(module: nn.Module, registry: HookRegistry, hook: ModelHook, name: str) -> None:
     """Let ``module`` call ``hook.direct_forward`` itself instead of the wrapper diffusers' registry just installed,
     where that is the same call: ``hook`` is a ``DirectHook``, the module's outermost hook, with diffusers' default
@@ -301,7 +317,10 @@ def _call_directly(module: nn.Module, registry: HookRegistry, hook: ModelHook, n
     at every call of the frame: about 14 guards per hooked module in a compiled cached step (113 hooked modules at
     DiT-XL/2's depth with batch modulation; docs/performance.md, "The registry's wrapper"). Eagerly it is four Python
     calls per module call. The registry keeps the hook as before: ``get_hook`` finds it, a hook registered later wraps
-    this method as it would have wrapped the registry's, and ``remove_hook`` puts back the forward the hook wrapped."""
+    this method as it would have wrapped the registry's, and ``remove_hook`` puts back the forward the hook wrapped.
+    (choice) The module's ``forward`` then shows the generic signature ``(*args, **kwargs)``, where the registry's
+    wrapper carried the original's (``__wrapped__``); diffusers and pipelines read the signature of the model's
+    forward, which keeps the wrapper, or of a module's class."""
     cls = type(hook)
     if (isinstance(hook, DirectHook) and registry._hook_order[-1:] == [name]
             and cls.pre_forward is ModelHook.pre_forward and cls.post_forward is ModelHook.post_forward):
@@ -347,6 +366,8 @@ class Attachment:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._attached: list[tuple[nn.Module, str, bool]] = []  # (module, hook name, registry existed before)
+        # (id(module), hook name) where an accelerate hook was on the submodule before ours: it stays under ours
+        self._accelerate_under: set[tuple[int, str]] = set()
 
     def register(self, module: nn.Module, hook: ModelHook, name: str) -> None:
         """Register ``hook`` on ``module``. On the model itself it goes under accelerate's model offload hook, which
@@ -358,6 +379,10 @@ class Attachment:
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(hook, name)  # raises if the name is taken: then nothing of ours is there
             self._attached.append((module, name, existed))
+            if hf_hook is None and getattr(module, "_hf_hook", None) is not None:
+                self._accelerate_under.add((id(module), name))
+            if type(hook.fn_ref) is HookFunctionReference and hook.fn_ref.original_forward is not None:
+                hook.fn_ref.__class__ = _RelinkedReference  # the registry's own object: it relinks that one
             if module is not self.model:  # the model keeps the registry's wrapper: it carries forward's signature
                 _call_directly(module, registry, hook, name)
         except BaseException:
@@ -399,14 +424,17 @@ class Attachment:
         if root is not None:
             root.invalidate_child_registries_cache()
 
-    @staticmethod
-    def _remove(module: nn.Module, name: str, existed: bool) -> None:
+    def _remove(self, module: nn.Module, name: str, existed: bool) -> None:
         registry = getattr(module, "_diffusers_hook", None)
         if registry is None:
             return
         # an accelerate hook added after ours (enable_model_cpu_offload) wraps our forward, and remove_hook
-        # would overwrite it: take it off first and put it back after
-        hf_hook = _without_accelerate_hook(module)
+        # would overwrite it: take it off first and put it back after. One that was on the submodule before ours
+        # (sequential offload, a device map) is under ours: remove_hook gives its forward back, and taking it off
+        # and on again wrapped its stale forward in a new one (a RecursionError at the next call, found by review)
+        under = (id(module), name) in self._accelerate_under
+        self._accelerate_under.discard((id(module), name))
+        hf_hook = None if under else _without_accelerate_hook(module)
         registry.remove_hook(name, recurse=False)
         if not registry.hooks:
             # remove_hook leaves the original bound method as an instance attribute: drop it.
