@@ -105,8 +105,9 @@ needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "
 #: the files whose tests take longest (torch.compile tracing, spawned processes): run first, so that with ``-n 2`` the
 #: last tests to finish are short ones and both workers end together (sorted last, they left one worker running
 #: compile tests alone for minutes)
-HEAVY_FIRST = ("runtime/test_compile.py", "runtime/test_capture.py", "models/test_cosmos3.py",
-               "runtime/test_context_parallel.py", "evaluation/test_bench_cli.py", "runtime/test_cache_memory.py")
+HEAVY_FIRST = ("runtime/test_compile.py", "runtime/test_capture.py", "models/test_compile_families.py",
+               "models/test_cosmos3.py", "runtime/test_context_parallel.py", "evaluation/test_bench_cli.py",
+               "runtime/test_cache_memory.py", "runtime/test_cfg_cache.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -208,9 +208,12 @@ def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
     relcache.enable(model, config)
     try:
         eager = _generations(model, False, n=1, cfg_batch=cfg_batch)[0]
-        eager_skips = relcache.stats(model).uncond_skipped
+        eager_stats = relcache.stats(model)
     finally:
         relcache.disable(model)
+    eager_calls: list[int] = []  # grows each time the last projection runs outside a graph
+    model.proj_out_2.register_forward_pre_hook(
+        lambda *_: None if torch.compiler.is_compiling() else eager_calls.append(1))
     torch._dynamo.reset()
     counters.clear()
     reports: list[dict] = []
@@ -218,14 +221,19 @@ def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
     relcache.enable(compiled, config)
     try:  # the runtime holds the caches of contexts whose calls run compiled in place by itself (static None)
         first, seen = _generations(compiled, None, n=1, cfg_batch=cfg_batch)
-        graphs = len(reports)
+        graphs, eager_in_first, first_full = len(reports), len(eager_calls), relcache.stats(compiled).full_steps
+        eager_calls.clear()
         second, seen_second = _generations(compiled, None, n=1, cfg_batch=cfg_batch)
-        skips = relcache.stats(compiled).uncond_skipped
+        stats = relcache.stats(compiled)
     finally:
         relcache.disable(compiled)
         torch._dynamo.reset()
     assert 2 <= graphs <= 12 and len(reports) == graphs  # nothing compiles in the second generation
-    assert skips == eager_skips == (4 if cfg_batch else 0)
+    assert stats.uncond_skipped == eager_stats.uncond_skipped == (4 if cfg_batch else 0)
+    assert first_full == stats.full_steps == eager_stats.full_steps
+    # the first call runs eagerly once, then again compiled (its rehearsal); on a CFG batch whose unconditional half
+    # is skipped the first half-batch call too (its shapes are new), in every generation; otherwise nothing after
+    assert (eager_in_first, len(eager_calls)) == ((2, 1) if cfg_batch else (1, 0)), (eager_in_first, eager_calls)
     if cfg_batch:  # held where the checks below can see them move
         assert {("cfg delta", 0), ("cfg delta", 1), ("default", "cfg weights")} <= set(seen_second[-1])
     # the step hook's frame, and RCS's decision read on the host between the pre-pass's graph and the forward's
