@@ -105,6 +105,13 @@ class Session(StepCalls, ModuleCalls):
                           "keep running the original's forward and caches. relcache.disable(...) before copying, "
                           "then enable each copy")
 
+    def __reduce_ex__(self, protocol: object) -> Any:
+        """Refused too (``torch.save(model)``, ``pickle``): the hooks are the live session's, and pickling failed on
+        one of its objects with a message that named neither relcache nor the way out (2026-12-06)."""
+        raise ConfigError("pickling (torch.save) a model or pipeline with relcache enabled is refused: its hooks "
+                          "hold the live session. Save its weights (model.state_dict(), save_pretrained), or call "
+                          "relcache.disable(...) first")
+
     # -- attach / detach ---------------------------------------------------------------------------------------
     def attach(self, pipeline: Any) -> None:
         """Register the hooks; on a pipeline, also let its scheduler and the end of its calls mark generations."""
