@@ -7,7 +7,7 @@
 * the second generation compiles nothing (no guard on a step number, a family's timestep or its conditioning);
 * the compiled generations give the eager run's full steps and images.
 Every family was checked this way on 2026-12-05 (`benchmarks/compile_families.py`, docs/performance.md "Compiled
-steps across every family"): 52 of 61 hold all of this; these are six of the eight families relcache started
+steps across every family"): 52 of 61 hold all of this; these are four of the eight families relcache started
 with. The other nine break by themselves, without relcache (a data-dependent mask or branch, MoE routing), and
 none of them recompiles after its first generation either.
 """
@@ -24,8 +24,10 @@ from torch._dynamo.utils import counters
 import relcache
 
 #: DiT is test_compile.py's; HunyuanVideo, the slowest to trace here (34 s), is left to the benchmark, where it
-#: compiles as Wan does (split CFG: a "cond" and an "uncond" call per step)
-HEADLINE = ["flux", "sd3", "pixart", "wan", "cogvideox", "latte"]
+#: compiles as Wan does (split CFG: a "cond" and an "uncond" call per step). PixArt and Latte too (suite time): their
+#: blocks are diffusers' ``BasicTransformerBlock``, DiT's, whose compiled steps test_compile.py checks; the benchmark
+#: checks all three as it does every family
+HEADLINE = ["flux", "sd3", "wan", "cogvideox"]
 STEPS = 8
 
 

@@ -20,7 +20,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_dit
+from conftest import recording_backend, tiny_dit
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
@@ -338,9 +338,10 @@ def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_i
     for a value's shape and dtype only, so they were kept for the old storage and the new differences stayed out of
     place (graph outputs, which CUDA-graph replays overwrite) in that generation and every later one."""
 
-    def generations(model: torch.nn.Module, n: int) -> list[dict[str, str]]:
+    def generations(model: torch.nn.Module, n: int) -> tuple[list[dict[str, str]], list[set]]:
+        """Each generation's storages, and the cached tensors it left out of the session's static buffers."""
         x, y = _inputs()
-        storages = []
+        storages, outside = [], []
         with torch.no_grad():
             for _ in range(n):
                 relcache.begin_generation(model, 6)
@@ -351,7 +352,9 @@ def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_i
                     b = model(xi, timestep=t, class_labels=y).sample
                     xi = xi - 0.05 * (a + b)
                 storages.append({name: ctx.cache_storage for name, ctx in relcache.stats(model).contexts.items()})
-        return storages
+                buffers = {b.data_ptr() for b in _session(model).static.buffers.values()}
+                outside.append({key for key, ptr in _addresses(model).items() if ptr not in buffers})
+        return storages, outside
 
     config = TaylorSeer(2)
     model = tiny_dit(layers=1)
@@ -362,12 +365,12 @@ def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_i
     finally:
         relcache.disable(model)
     torch._dynamo.reset()
-    reports: list[dict] = []
-    compiled = torch.compile(model, backend=_cudagraph_backend(reports), dynamic=False)
+    graphs: list[torch.fx.GraphModule] = []
+    compiled = torch.compile(model, backend=recording_backend(graphs), dynamic=False)
     budget = int(factor * need)
     relcache.enable(compiled, dataclasses.replace(config, max_cache_bytes=budget))
     try:
-        storages = generations(compiled, 3)
+        storages, outside = generations(compiled, 3)
         # the buffers made for the first generation's storage are dropped (a scaled storage's differences are held
         # under other keys, and the old ones outlived it: 25696 bytes against a budget of 19660, found by review)
         assert _session(model).static.nbytes <= budget + 1024  # the step rows and gaps are not in the budget
@@ -376,8 +379,9 @@ def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_i
         torch._dynamo.reset()
     # the case itself: the first generation counts no context of a previous one, the second counts them
     assert storages[0] != storages[1] == storages[2], storages
-    models = [r for r in reports if any(len(shape) == 4 for shape in r["output_shapes"])]
-    assert models and all(r["user_outputs"] == 1 for r in models), [r["user_outputs"] for r in models]
+    # every cached tensor in place (in the static buffers), where CUDA graphs need it: one held out of place is a
+    # graph output, which a replay overwrites (dynamo's graphs suffice to tell: inductor's checks are the tests above)
+    assert graphs and outside == [set(), set(), set()], outside
 
 
 class _Boom(RuntimeError):

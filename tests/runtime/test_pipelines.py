@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import dit_pipe, run_loop  # noqa: E402
+from conftest import dit_pipe, run_loop, tiny_dit  # noqa: E402
 from diffusers import (  # noqa: E402
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -274,6 +274,10 @@ def test_pickling_an_enabled_model_or_pipeline_is_refused_naming_the_way_out():
     saved.seek(0)
     loaded = torch.load(saved, weights_only=False)
     assert not relcache.is_enabled(loaded)
+    weights.seek(0)
+    fresh = tiny_dit(seed=1)  # other random weights, replaced by the saved ones
+    fresh.load_state_dict(torch.load(weights))
     with torch.no_grad():
-        assert torch.equal(loaded(x, timestep=t, class_labels=y).sample,
-                           pipe.transformer(x, timestep=t, class_labels=y).sample)
+        want = pipe.transformer(x, timestep=t, class_labels=y).sample
+        assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, want)
+        assert torch.equal(fresh(x, timestep=t, class_labels=y).sample, want)
