@@ -1,5 +1,6 @@
 """Tiny models built from configs (random weights): nothing is downloaded."""
 
+import contextlib
 import os
 import shutil
 
@@ -81,8 +82,9 @@ def dit_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([1, 7, 3, 5][:batch])
 
 
-def run_loop(model, x, labels, steps=12, begin=True, timesteps=None):
-    """A hand-written DDIM-like loop calling the bare transformer once per step (CFG batched by the caller)."""
+def run_loop(model, x, labels, steps=12, begin=True, timesteps=None, around=None):
+    """A hand-written DDIM-like loop calling the bare transformer once per step (CFG batched by the caller);
+    ``around(i)``, where given, is a context manager entered around step ``i``'s call alone."""
     import relcache
 
     if begin:
@@ -91,10 +93,26 @@ def run_loop(model, x, labels, steps=12, begin=True, timesteps=None):
     ts = timesteps if timesteps is not None else [999 - i * (999 // steps) for i in range(steps)]
     with torch.no_grad():
         for i, t in enumerate(ts):
-            out = model(x, timestep=torch.full((x.shape[0],), t), class_labels=labels).sample
+            t = torch.full((x.shape[0],), t)
+            with around(i) if around is not None else contextlib.nullcontext():
+                out = model(x, timestep=t, class_labels=labels).sample
             outs.append(out)
             x = x - 0.05 * out + 0.01 * i
     return outs
+
+
+def count_eager_calls(model: DiTTransformer2DModel) -> list[int]:
+    """A list that grows by one each time the model's last projection runs eagerly (outside a compiled graph: traced
+    code folds ``is_compiling`` to True and drops the append). The last, not the first block: an RCS pre-pass that
+    runs eagerly (CFG-Cache's plan asks for the decision) runs the first block's start."""
+    calls: list[int] = []
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        if not torch.compiler.is_compiling():
+            calls.append(1)
+
+    model.proj_out_2.register_forward_pre_hook(count)
+    return calls
 
 
 #: inductor's CPU code is C++: tests that compile with inductor (not ``aot_eager``) need a compiler

@@ -20,7 +20,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import recording_backend, tiny_dit
+from conftest import count_eager_calls, recording_backend, tiny_dit
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
@@ -211,9 +211,7 @@ def test_compiled_steps_meet_what_cuda_graph_capture_checks(name):
         eager_stats = relcache.stats(model)
     finally:
         relcache.disable(model)
-    eager_calls: list[int] = []  # grows each time the last projection runs outside a graph
-    model.proj_out_2.register_forward_pre_hook(
-        lambda *_: None if torch.compiler.is_compiling() else eager_calls.append(1))
+    eager_calls = count_eager_calls(model)
     torch._dynamo.reset()
     counters.clear()
     reports: list[dict] = []
@@ -307,8 +305,7 @@ def test_a_generation_of_other_shapes_leaves_every_later_graph_writing_in_place(
         expected = generations(model)[0]
     finally:
         relcache.disable(model)
-    model.proj_out_2.register_forward_pre_hook(
-        lambda *_: None if torch.compiler.is_compiling() else eager_calls.append(1))
+    eager_calls = count_eager_calls(model)
     torch._dynamo.reset()
     reports: list[dict] = []
     compiled = torch.compile(model, backend=_cudagraph_backend(reports), dynamic=False)

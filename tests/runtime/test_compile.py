@@ -16,14 +16,15 @@ generation (inductor) would take minutes on this CPU without telling more.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
 import torch
-from conftest import recording_backend, run_loop, tiny_dit
+from conftest import count_eager_calls, recording_backend, run_loop, tiny_dit
 from torch._dynamo.utils import counters
 
 import relcache
@@ -93,7 +94,7 @@ def _compiled_runs(config: CacheConfig, enable_first: bool, steps: int = STEPS, 
     graphs, backend = _recording()
     # two blocks where the schedule reads the first block's probe (RCS), one where none does
     model = tiny_dit(layers=LAYERS if config.schedule.uses_input else ONE_BLOCK)
-    eager_calls = _count_eager_calls(model)
+    eager_calls = count_eager_calls(model)
     x, y = _inputs(config.cfg_cache is not None)
     relcache.enable(model, config, adapter=_NoSharing())
     eager = run_loop(model, x, y, steps=steps)
@@ -149,26 +150,23 @@ def _marking(backend: Callable) -> Callable:
 
 def _profiled_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
                    ) -> tuple[list[torch.Tensor], dict[int, list[str]]]:
-    """``run_loop``'s generation (the same inputs), each call under torch.profiler: the outputs, and per step the ATen
-    ops that ran a kernel outside the compiled graphs' own calls."""
-    relcache.begin_generation(model, steps)
-    outs: list[torch.Tensor] = []
+    """``run_loop``'s generation, each call under torch.profiler: the outputs, and per step the ATen ops that ran a
+    kernel outside the compiled graphs' own calls."""
     outside: dict[int, list[str]] = {}
-    with torch.no_grad():
-        for i in range(steps):
-            t = torch.full((x.shape[0],), 999 - i * (999 // steps))
-            with torch.profiler.profile() as prof:
-                out = model(x, timestep=t, class_labels=y).sample
-            outside[i] = []
-            for e in prof.events():
-                in_graph, parent = False, e.cpu_parent
-                while parent is not None and not in_graph:
-                    in_graph, parent = parent.name == GRAPH_MARK, parent.cpu_parent
-                if e.name.startswith("aten::") and e.name[6:] not in _NO_KERNEL and not in_graph:
-                    outside[i].append(e.name[6:])
-            outs.append(out)
-            x = x - 0.05 * out + 0.01 * i
-    return outs, outside
+
+    @contextlib.contextmanager
+    def profiled(i: int) -> Iterator[None]:
+        with torch.profiler.profile() as prof:
+            yield
+        outside[i] = []
+        for e in prof.events():
+            in_graph, parent = False, e.cpu_parent
+            while parent is not None and not in_graph:
+                in_graph, parent = parent.name == GRAPH_MARK, parent.cpu_parent
+            if e.name.startswith("aten::") and e.name[6:] not in _NO_KERNEL and not in_graph:
+                outside[i].append(e.name[6:])
+
+    return run_loop(model, x, y, steps=steps, around=profiled), outside
 
 
 def _generation_counts(compiled: torch.nn.Module, graphs: list, eager_calls: list[int], x: torch.Tensor,
@@ -180,20 +178,6 @@ def _generation_counts(compiled: torch.nn.Module, graphs: list, eager_calls: lis
     before = len(graphs)
     run_loop(compiled, x, y, steps=steps, begin=False, timesteps=begin.get("timesteps"))
     return len(graphs) - before, len(eager_calls)
-
-
-def _count_eager_calls(model: torch.nn.Module) -> list[int]:
-    """A list that grows by one each time the model's last projection runs eagerly (outside a compiled graph: traced
-    code folds ``is_compiling`` to True and drops the append). The last, not the first block: an RCS pre-pass that
-    runs eagerly (CFG-Cache's plan asks for the decision) runs the first block's start."""
-    calls: list[int] = []
-
-    def count(module: torch.nn.Module, args: tuple) -> None:
-        if not torch.compiler.is_compiling():
-            calls.append(1)
-
-    model.proj_out_2.register_forward_pre_hook(count)
-    return calls
 
 
 #: what a compiled step must not guard on: the step numbers the host keeps per context and per cached module (a guard
@@ -342,7 +326,7 @@ def test_a_first_call_of_another_dtype_runs_eagerly_again():
     cache stays in place) and is rehearsed anew; the generation after replays that graph."""
     graphs, backend = _recording()
     model = tiny_dit(layers=ONE_BLOCK)
-    eager_calls = _count_eager_calls(model)
+    eager_calls = count_eager_calls(model)
     x, y = _inputs(False)
     relcache.enable(model, TaylorSeer(3), adapter=_NoSharing())
     compiled = torch.compile(model, backend=backend)
@@ -471,7 +455,7 @@ def test_other_batch_sizes_and_guidance_off_stay_within_the_recompile_limit(name
     hits, handler = _limit_hits()
     logging.getLogger("torch._dynamo").addHandler(handler)
     model = tiny_dit(layers=ONE_BLOCK)
-    eager_calls = _count_eager_calls(model)
+    eager_calls = count_eager_calls(model)
     relcache.enable(model, config, adapter=_NoSharing())
     compiled = torch.compile(model, backend=backend)
     runs = [(2, True), (4, True), (2, True), (4, True)] if not cfg else [(2, True), (2, False), (2, True), (2, False)]
@@ -614,7 +598,7 @@ def test_batch_modulation_with_other_step_counts_stays_within_the_recompile_limi
     hits, handler = _limit_hits()
     logging.getLogger("torch._dynamo").addHandler(handler)
     model = tiny_dit(layers=ONE_BLOCK)
-    eager_calls = _count_eager_calls(model)
+    eager_calls = count_eager_calls(model)
     relcache.enable(model, TaylorSeer(3), batch_modulation=True)
     compiled = torch.compile(model, backend=backend)
     x, y = _inputs(False)
