@@ -12,6 +12,11 @@ time is printed as it ends and the JSON is written after every round, so a run c
     python benchmarks/flux_speed.py --out flux.json   # on a GPU (an estimated 3-5 s a generation on an H200)
     python benchmarks/flux_speed.py --compile default --methods "RFC 3.5x"   # compiled rows (minutes to compile)
     python benchmarks/flux_speed.py --smoke                               # rehearsal on the CPU, tiny shapes
+    python benchmarks/flux_speed.py --cpu --repeats 3   # a FLUX-like model a 2-core CPU times in minutes
+
+``--cpu`` is not FLUX.1-dev's scale: 2 double and 4 single blocks, hidden 384 (6 heads of 64), 576 image and 64
+text tokens, float32, the same 28 steps and methods. It answers on a machine without a GPU what the GPU run asks:
+does RFC keep up with TaylorSeer and diffusers' own caches at the same NFC, where compute, not launches, decides.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from relcache import FORA, RFC, TaylorSeer
 
 FULL = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
             joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+CPU = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
+           joint_attention_dim=512, pooled_projection_dim=64, axes_dims_rope=(8, 28, 28))
 TINY = dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
 
@@ -164,6 +171,8 @@ def methods(steps: int, count_flops: bool = True,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in float32: rehearse the run")
+    parser.add_argument("--cpu", action="store_true",
+                        help="a FLUX-like model sized for a CPU (2+4 blocks, hidden 384, 576+64 tokens), float32")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; smoke 8)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names")
@@ -176,10 +185,12 @@ def main() -> None:
     args = parser.parse_args()
     # a primed call starts a generation it does not finish, on purpose: not worth a warning each
     warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
-    device = "cpu" if args.smoke else "cuda"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    if args.smoke and args.cpu:
+        parser.error("--smoke and --cpu are two sizes: give one")
+    device = "cpu" if args.smoke or args.cpu else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     steps = args.steps or (8 if args.smoke else 28)
-    image_tokens, text_tokens = (16, 8) if args.smoke else (4096, 512)
+    image_tokens, text_tokens = (16, 8) if args.smoke else (576, 64) if args.cpu else (4096, 512)
     if steps < 4 or args.repeats < 1:
         parser.error("--steps must be >= 4 and --repeats >= 1")
     table = methods(steps, count_flops=not args.no_count_flops)
@@ -193,9 +204,9 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.touch()
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("flux_speed.py needs a CUDA GPU (or --smoke)")
+        raise SystemExit("flux_speed.py needs a CUDA GPU (or --smoke, or --cpu)")
 
-    model = build(TINY if args.smoke else FULL, device, dtype)
+    model = build(TINY if args.smoke else CPU if args.cpu else FULL, device, dtype)
     fixed = inputs(model, image_tokens, text_tokens, device, dtype)
     probe = _AttentionRuns(model)
     print(f"{time.strftime('%Y-%m-%d %H:%M')} {platform.node()} torch {torch.__version__} "
