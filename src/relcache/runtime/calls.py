@@ -36,7 +36,7 @@ from .steps import (
 class StepCalls:
     """``start_call``, ``run_call``, ``end_call`` and what they need, mixed into ``controller.Session``. They read and
     set the session's ``contexts`` and ``current`` context and its per-call fields (``_call_sig``, ``_compiled_call``,
-    ``_completed``, ``_called``, ``_computing``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``,
+    ``_completed``, ``_called``, the slots' ``computing``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``,
     ``config``, ``adapter``, ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``, ``reducer``,
     ``shared``, ``meter``, ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and
     ``record_errors``. The session's ``drop_sharing`` runs at every compiled call; its ``_follow_replaced_modules``,
@@ -83,6 +83,7 @@ class StepCalls:
             self.modulation.start_call(name, ctx.step, gens.timesteps, args, kwargs,
                                        self.adapter.hidden_of(args, kwargs).dtype)
         self.current = ctx
+        self.bind_slots(ctx.caches)
         if self.cfg is not None:
 
             def decide_now() -> bool:  # asked by CFG-Cache's plan; RCS reads a pre-pass's probe, conditional rows
@@ -264,7 +265,7 @@ class StepCalls:
             restore_context()  # the record steps as before the call: before a decision taken within it, too
             if undecided and ctx.schedule.decided:  # the decision stands (the call runs again decided)
                 mark_records(ctx, len(self.cached_modules))
-            self._computing.clear()
+            self.clear_computing()
             self._called.clear()
 
         return restore

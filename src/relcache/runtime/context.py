@@ -5,9 +5,9 @@ calls relate to a CFG batch."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,41 +36,144 @@ class ScheduleProgress:
     full_steps: list[int] = field(default_factory=list)
 
 
-@dataclass
-class ModuleCaches:
-    """The predictors' side: per (module index, row group) the predictor states (one per output tensor) and the
-    input shapes they were recorded on."""
+_ABSENT = object()  # a module's field not set yet in its record (``_ModuleTable``)
 
-    states: dict[tuple[int, str], list[PredictorState]] = field(default_factory=dict)
-    shapes: dict[tuple[int, str], Shapes] = field(default_factory=dict)
-    call_shapes: dict[int, Shapes] = field(default_factory=dict)  # each module's last whole-call input shapes
-    tuple_out: dict[int, type | None] = field(default_factory=dict)  # the tuple type each returns (None: a tensor)
-    errors: dict[int, dict[int, float]] = field(default_factory=dict)  # record_errors: step -> rel. L1 per module
-    last_record: dict[tuple[int, str], int] = field(default_factory=dict)  # (module, group) -> its latest record step
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # this step's rows per group: (modules, row length)
-    # each module's k at this step per group, on the host: eager forecasts read it (fewer kernels), compiled never
-    host_k: dict[str, list[float]] = field(default_factory=dict)
-    # at a full step, the slots that have not recorded yet and their record step before it (None: none): a call that
-    # raises puts these back, so that each slot's record step stays the step its state was recorded at
-    unrecorded: dict[tuple[int, str], int | None] = field(default_factory=dict)
-    # host tensors of step rows already made, by what they hold (``steps.kept_rows``): a step of the same gaps
-    # copies one instead of building a tensor from nested lists again
-    host_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+class ModuleRecord:
+    """One cached module's caches in one context: what its hook's traced code reads and writes, reached through the
+    hook's ``ModuleSlot`` by attributes rather than by the module's index. Blocks compiled one by one (regional
+    compilation) then share graphs: dynamo guards attributes of objects it reaches from the block, and two blocks'
+    records differ only in their tensors (graph inputs), where an index was a constant of each block's graph."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, list[PredictorState]] = {}  # per row group: one state per output tensor
+        self.shapes: dict[str, Shapes] = {}  # per row group: the input shapes its states were recorded on
+        self.last_record: dict[str, int] = {}  # per row group: its latest record step
+        self.call_shapes: object = _ABSENT  # the module's last whole-call input shapes
+        self.tuple_out: object = _ABSENT  # the tuple type it returns (None: a tensor)
+
+
+class _GroupTable(MutableMapping):
+    """``(module index, row group) -> value`` over the records' per-group dicts ``field``: the host's view, keyed as
+    before, of what the records hold."""
+
+    def __init__(self, records: dict[int, ModuleRecord], field: str) -> None:
+        self._records = records
+        self._field = field
+
+    def _of(self, idx: int) -> dict:
+        return getattr(self._records[idx], self._field) if idx in self._records else {}
+
+    def __getitem__(self, key: tuple[int, str]) -> Any:
+        return self._of(key[0])[key[1]]
+
+    def __setitem__(self, key: tuple[int, str], value: Any) -> None:
+        record = self._records.get(key[0])
+        if record is None:
+            record = self._records[key[0]] = ModuleRecord()
+        getattr(record, self._field)[key[1]] = value
+
+    def __delitem__(self, key: tuple[int, str]) -> None:
+        del self._of(key[0])[key[1]]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and len(key) == 2 and key[1] in self._of(key[0])
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter([(idx, g) for idx, r in self._records.items() for g in getattr(r, self._field)])
+
+    def __len__(self) -> int:
+        return sum(len(getattr(r, self._field)) for r in self._records.values())
+
+    def clear(self) -> None:
+        for record in self._records.values():
+            getattr(record, self._field).clear()
+
+
+class _ModuleTable(MutableMapping):
+    """``module index -> value`` over the records' field ``field`` (absent until set)."""
+
+    def __init__(self, records: dict[int, ModuleRecord], field: str) -> None:
+        self._records = records
+        self._field = field
+
+    def __getitem__(self, idx: int) -> Any:
+        value = getattr(self._records[idx], self._field) if idx in self._records else _ABSENT
+        if value is _ABSENT:
+            raise KeyError(idx)
+        return value
+
+    def __setitem__(self, idx: int, value: Any) -> None:
+        record = self._records.get(idx)
+        if record is None:
+            record = self._records[idx] = ModuleRecord()
+        setattr(record, self._field, value)
+
+    def __delitem__(self, idx: int) -> None:
+        self[idx]  # noqa: B018 - KeyError where absent
+        setattr(self._records[idx], self._field, _ABSENT)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([idx for idx, r in self._records.items() if getattr(r, self._field) is not _ABSENT])
+
+    def __len__(self) -> int:
+        return sum(1 for r in self._records.values() if getattr(r, self._field) is not _ABSENT)
+
+    def clear(self) -> None:
+        for record in self._records.values():
+            setattr(record, self._field, _ABSENT)
+
+
+class ModuleCaches:
+    """The predictors' side: per cached module a ``ModuleRecord`` (its predictor states per row group, one per output
+    tensor, and the input shapes they were recorded on), and the host's tables keyed by (module index, row group) or
+    module index over them."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, ModuleRecord] = {}
+        self.states = _GroupTable(self.records, "states")
+        self.shapes = _GroupTable(self.records, "shapes")
+        self.last_record = _GroupTable(self.records, "last_record")  # (module, group) -> its latest record step
+        self.call_shapes = _ModuleTable(self.records, "call_shapes")  # each module's last whole-call input shapes
+        self.tuple_out = _ModuleTable(self.records, "tuple_out")  # the tuple type each returns (None: a tensor)
+        self.errors: dict[int, dict[int, float]] = {}  # record_errors: step -> rel. L1 per module
+        self.rows: dict[str, torch.Tensor] = {}  # this step's rows per group: (modules, row length)
+        # each module's k at this step per group, on the host: eager forecasts read it (fewer kernels), compiled never
+        self.host_k: dict[str, list[float]] = {}
+        # at a full step, the slots that have not recorded yet and their record step before it (None: none): a call
+        # that raises puts these back, so that each slot's record step stays the step its state was recorded at
+        self.unrecorded: dict[tuple[int, str], int | None] = {}
+        # host tensors of step rows already made, by what they hold (``steps.kept_rows``): a step of the same gaps
+        # copies one instead of building a tensor from nested lists again
+        self.host_rows: dict[tuple, torch.Tensor] = {}
+
+    def record(self, idx: int) -> ModuleRecord:
+        """Module ``idx``'s record (made empty on first use)."""
+        record = self.records.get(idx)
+        if record is None:
+            record = self.records[idx] = ModuleRecord()
+        return record
 
     @property
     def nbytes(self) -> int:
-        return sum(st.nbytes for states in self.states.values() for st in states)
+        return sum(st.nbytes for r in self.records.values() for states in r.states.values() for st in states)
 
     def nbytes_by_module(self) -> dict[int, int]:
         """Bytes held per cached module (all its row groups and outputs)."""
         held: dict[int, int] = {}
-        for (idx, _), states in self.states.items():
-            held[idx] = held.get(idx, 0) + sum(st.nbytes for st in states)
+        for idx, r in self.records.items():
+            if r.states:
+                held[idx] = sum(st.nbytes for states in r.states.values() for st in states)
         return held
 
     def ready(self, idx: int, group: str, shapes: Shapes) -> bool:
         """Whether module ``idx``'s row group has states recorded on inputs of ``shapes`` (it can be forecast)."""
         return self.states.get((idx, group)) is not None and self.shapes.get((idx, group)) == shapes
+
+
+def ready(record: ModuleRecord, group: str, shapes: Shapes) -> bool:
+    """Whether ``record``'s row group has states recorded on inputs of ``shapes`` (it can be forecast)."""
+    return record.states.get(group) is not None and record.shapes.get(group) == shapes
 
 
 class RowGroup(NamedTuple):

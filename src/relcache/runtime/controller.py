@@ -37,7 +37,7 @@ from .hooks import (
     compiled_apart,
 )
 from .modulation import ModulationHook, Modulations, SourceHook
-from .modules import Computing, ModuleCalls
+from .modules import ModuleCalls, ModuleSlot
 from .rehearsal import Rehearsals
 from .shared import SharedGroup, SharedHook
 from .stats import CacheStats, combine, with_peaks
@@ -72,7 +72,11 @@ class Session(StepCalls, ModuleCalls):
         # several transformers run in turn (Wan 2.2's experts, ``experts.py``): ``model`` is the first of them
         self.experts = experts
         self._expert_hooks = [Attachment(e.model) for e in experts.experts[1:]] if experts is not None else []
-        self._computing: dict[int, Computing] = {}
+        # each cached module as its hook reaches it (``ModuleSlot``), bound to the running context's caches
+        self.slots = [ModuleSlot(idx, spec) for idx, spec in enumerate(self.cached_modules)]
+        for slot, after in zip(self.slots, self.slots[1:]):
+            slot.next = after
+        self._bound: Any = None  # the caches the slots are bound to (``bind_slots``)
         self._called: set[int] = set()  # the cached modules the running call has called (eagerly)
         self.prober = Prober()
         self.probing: Probing | None = None  # a compiled RCS step's pre-pass, pending until its forward starts
@@ -123,7 +127,7 @@ class Session(StepCalls, ModuleCalls):
             paths[id(root)] = {id(module): path for path, module in root.named_modules()}
         for idx, spec in enumerate(self.cached_modules):
             root, hooks = self._root_of(idx)
-            hooks.register(spec.module, ModuleHook(self, idx), MODULE_HOOK)
+            hooks.register(spec.module, ModuleHook(self, self.slots[idx]), MODULE_HOOK)
             if id(spec.module) in paths[id(root)]:
                 self._paths[idx] = paths[id(root)][id(spec.module)]
         self._n_modules = sum(len(p) for p in paths.values())
@@ -154,7 +158,8 @@ class Session(StepCalls, ModuleCalls):
         self.generations.unwatch()
         self.generations.timesteps = None  # the announced ones
         self.contexts, self.current = {}, None
-        self._computing.clear()
+        self.clear_computing()
+        self.bind_slots(None)
         self.static = StaticCaches()
         for step_hook in self.step_hooks:
             step_hook.release()
@@ -200,8 +205,8 @@ class Session(StepCalls, ModuleCalls):
                 ) from None
             spec = self.cached_modules[idx]
             if now is not spec.module:
-                hooks.move(spec.module, now, ModuleHook(self, idx), MODULE_HOOK)
-                self.cached_modules[idx] = replace(spec, module=now)
+                self.cached_modules[idx] = self.slots[idx].spec = replace(spec, module=now)
+                hooks.move(spec.module, now, ModuleHook(self, self.slots[idx]), MODULE_HOOK)
                 moved = True
         if moved:
             for _, hooks in self._roots():

@@ -72,8 +72,9 @@ class StepHost(Protocol):
 class ModuleHost(Protocol):
     """What a cached module's hook asks of the runtime."""
 
-    def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Module ``idx``'s output at this step: computed (``original``) or forecast."""
+    def module_forward(self, slot: Any, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The output of ``slot``'s module (``modules.ModuleSlot``) at this step: computed (``original``) or
+        forecast."""
 
 
 class _NoState:
@@ -330,17 +331,17 @@ def _call_directly(module: nn.Module, registry: HookRegistry, hook: ModelHook, n
 class ModuleHook(DirectHook):
     """On a cached module: full computation or prediction, as the runtime decides."""
 
-    def __init__(self, host: ModuleHost, idx: int) -> None:
+    def __init__(self, host: ModuleHost, slot: Any) -> None:
         super().__init__()
         self.host = host
-        self.idx = idx
+        self.slot = slot  # the module's ``modules.ModuleSlot``: its state, reached without its index
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self.direct_forward(*args, **kwargs)
 
     def direct_forward(self, *args: Any, **kwargs: Any) -> Any:
         # the module is not read (not even to pass it on): each object compiled code reads is guarded
-        return self.host.module_forward(self.idx, self.fn_ref.original_forward, args, kwargs)
+        return self.host.module_forward(self.slot, self.fn_ref.original_forward, args, kwargs)
 
 
 def _without_accelerate_hook(module: nn.Module) -> Any:

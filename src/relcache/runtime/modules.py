@@ -18,7 +18,7 @@ from ..methods.history import relative_l1
 from ..methods.predictors import Forecast
 from ..models.base import CachedModule
 from .accounting import Shapes
-from .context import Context, RowGroup, hold_state
+from .context import Context, ModuleCaches, ModuleRecord, RowGroup, hold_state, ready
 from .steps import take_rows
 
 
@@ -30,32 +30,61 @@ class Computing(NamedTuple):
     groups: list[RowGroup]
 
 
+class ModuleSlot:
+    """A cached module as its hook reaches it: its spec and index, and the record of the running context's caches
+    for it (``ModuleRecord``, bound by ``ModuleCalls.bind_slots`` when the context changes). The hook's traced code
+    reads the module's state from here by attribute, never by the module's index: a Python int read in traced code is
+    a constant of the graph, so each block compiled on its own (regional compilation) needed graphs of its own.
+    ``position``: the index as a tensor, on the step rows' device, for traced code to pick the module's row with."""
+
+    def __init__(self, idx: int, spec: CachedModule) -> None:
+        self.idx = idx
+        self.spec = spec
+        self.record: ModuleRecord | None = None
+        self.computing: Computing | None = None  # the module is running: what its output is recorded into
+        self.position: torch.Tensor | None = None
+        self.next: ModuleSlot | None = None  # the module after it (offloaded caches prefetch its states)
+
+    def place(self, rows: torch.Tensor) -> None:
+        """Have ``position`` on ``rows``' device (eagerly: a tensor made in traced code would be a constant)."""
+        if self.position is None or self.position.device != rows.device:
+            self.position = torch.tensor([self.idx], device=rows.device)
+
+
 def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
     """The input that output ``j`` relates to: its own stream's when inputs and outputs pair up."""
     return inputs[j] if len(inputs) == n_out else inputs[0]
 
 
-def _row(rows: torch.Tensor, idx: int, device: torch.device) -> torch.Tensor:
-    """Module ``idx``'s row of the step's ``rows`` on ``device`` (its ``k`` first: the gap where it records)."""
-    row = rows[idx]
+def _row(rows: torch.Tensor, slot: ModuleSlot, device: torch.device) -> torch.Tensor:
+    """The slot's module's row of the step's ``rows`` on ``device`` (its ``k`` first: the gap where it records). In
+    traced code picked by the slot's ``position`` tensor (a graph input), so that blocks share graphs."""
+    position = slot.position
+    if torch.compiler.is_compiling() and position is not None and position.device == rows.device:
+        row = rows.index_select(0, position)[0]
+    else:
+        row = rows[slot.idx]
     return row if row.device == device else row.to(device)  # a model split over devices
 
 
-def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup], eager: bool) -> list[torch.Tensor]:
-    """Module ``idx``'s forecast outputs, each group's forecast from its own states, rows in call order. ``eager``: the
-    call is neither compiled nor captured by hand, so the forecasts may read the step's ``k`` on the host."""
+def _predict(config: CacheConfig, ctx: Context, slot: ModuleSlot, groups: list[RowGroup], eager: bool
+             ) -> list[torch.Tensor]:
+    """The slot's module's forecast outputs, each group's forecast from its own states, rows in call order. ``eager``:
+    the call is neither compiled nor captured by hand, so the forecasts may read the step's ``k`` on the host."""
     items = []  # every output of every group, in call order
     # compiled code must not read k as a Python number (a constant in the graph), nor may a step captured by hand with
     # static caches (a CUDA graph replays the captured kernel, k included, while its rows are updated in place)
     eager = eager and ctx.static is None
     offloads = ctx.storage is not None and ctx.storage.offload
+    record = slot.record
     for group in groups:
-        if offloads:  # offloaded caches: the next module's start copying back now (``CacheStorage(offload=True)``)
-            for st in ctx.caches.states.get((idx + 1, group.name), ()):
+        if offloads and slot.next is not None and slot.next.record is not None:
+            # offloaded caches: the next module's start copying back now (``CacheStorage(offload=True)``)
+            for st in slot.next.record.states.get(group.name, ()):
                 st.prefetch()
-        states = ctx.caches.states[(idx, group.name)]
-        row = _row(ctx.caches.rows[group.name], idx, group.inputs[0].device)
-        k = ctx.caches.host_k[group.name][idx] if eager else None
+        states = record.states[group.name]
+        row = _row(ctx.caches.rows[group.name], slot, group.inputs[0].device)
+        k = ctx.caches.host_k[group.name][slot.idx] if eager else None
         items += [Forecast(st, _input_for_output(group.inputs, j, len(states)), row, k) for j, st in enumerate(states)]
     outs = config.predictor.forecast_many(items)  # under context parallelism: one collective for all of them
     if len(groups) == 1:
@@ -64,11 +93,11 @@ def _predict(config: CacheConfig, ctx: Context, idx: int, groups: list[RowGroup]
     return [torch.cat(outs[j::n]) for j in range(n)]
 
 
-def _check_intact(ctx: Context, name: str, idx: int, groups: list[RowGroup]) -> None:
+def _check_intact(record: ModuleRecord, name: str, groups: list[RowGroup]) -> None:
     """Refuse a model that wrote into a cached module's output in place after the module returned it: the cache holds
     that very tensor (as computed), so it changed too, and every cached step would forecast from the changed one."""
     for group in groups:
-        for st in ctx.caches.states[(idx, group.name)]:
+        for st in record.states[group.name]:
             if st.out.changed_in_place():
                 raise UnsupportedModelError(
                     f"the model wrote into cached module {name!r}'s output in place after the module returned it "
@@ -98,59 +127,73 @@ class ModuleCalls:
     (the call runs compiled and is counted whole at its end, ``StepCalls.end_call``)."""
 
     # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
-    def module_forward(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        spec = self.cached_modules[idx]
+    def module_forward(self, slot: ModuleSlot, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        spec = slot.spec
         if self.budget.probe is not None:  # a fake-tensor run for the cache budget: shapes only
-            return self.budget.probe.run(idx, spec, original, args, kwargs)
+            return self.budget.probe.run(slot.idx, spec, original, args, kwargs)
         if self.prober.active:  # the pre-pass of a compiled RCS step stops at the first cached module
             self.prober.stop(spec.inputs(args, kwargs)[spec.probe])
         # Under torch.compile this is traced: it reads the step's decision (a bool) and its rows (tensors), never a
-        # step number, so each kind of step compiles once. Only an undecided step (RCS) calls out to the host.
-        forecast = self._forecast(idx, original, args, kwargs)
+        # step number, so each kind of step compiles once; and the module's state by the slot's attributes, never by
+        # its index, so that blocks compiled one by one share graphs. Only an undecided step (RCS) calls the host.
+        forecast = self._forecast(slot, original, args, kwargs)
         if forecast is not None:
             return forecast
         if torch.compiler.is_compiling():  # no FLOP counting in compiled code
             out = original(*args, **kwargs)
         else:
-            computing = self._computing.get(idx)
-            key = None if computing is None else (idx, computing.shapes)
+            computing = slot.computing
+            key = None if computing is None else (slot.idx, computing.shapes)
             out = self.meter.run_module(key, original, args, kwargs)
-        self._record(idx, out)
+        self._record(slot, out)
         return out
 
-    def _forecast(self, idx: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def bind_slots(self, caches: ModuleCaches | None) -> None:
+        """Point each module's slot at its record in ``caches`` (the running context's; None: at none)."""
+        if self._bound is caches:
+            return
+        self._bound = caches
+        for slot in self.slots:
+            slot.record = None if caches is None else caches.record(slot.idx)
+
+    def clear_computing(self) -> None:
+        """No module is running (a call's state was put back, or the session ends)."""
+        for slot in self.slots:
+            slot.computing = None
+
+    def _forecast(self, slot: ModuleSlot, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The forecast at a cached step, or None when the module must run (``_record`` then takes its output)."""
-        computing = self._computing
-        if computing:
-            computing.pop(idx, None)
+        slot.computing = None
         ctx = self.current
         if ctx is None:  # called outside a transformer forward: behave as the plain module
             return None
-        spec = self.cached_modules[idx]
+        spec = slot.spec
         inputs = spec.inputs(args, kwargs)  # dual-stream modules: one input per output
         eager = not torch.compiler.is_compiling()
         if eager:  # the rules of docs/custom-models.md, checked on the eager calls
-            _check_call(spec, idx, len(inputs), self._called)
+            _check_call(spec, slot.idx, len(inputs), self._called)
         probe = inputs[spec.probe]
         rows = ctx.cfg.row_groups(probe.shape[0])
         if not ctx.schedule.decided:
             self._decide(ctx, probe, rows)
+        if eager and ctx.caches.rows:
+            slot.place(next(iter(ctx.caches.rows.values())))
         shapes = tuple([tuple(x.shape) for x in inputs])
-        caches = ctx.caches
-        caches.call_shapes[idx] = shapes
+        record = slot.record
+        record.call_shapes = shapes
         groups = [RowGroup.of(name, sl, inputs, shapes) for name, sl in rows]
-        if ctx.schedule.full or not all(caches.ready(idx, g.name, g.shapes) for g in groups):
-            computing[idx] = Computing(ctx, shapes, groups)
+        if ctx.schedule.full or not all(ready(record, g.name, g.shapes) for g in groups):
+            slot.computing = Computing(ctx, shapes, groups)
             return None
         if eager:
-            _check_intact(ctx, spec.name, idx, groups)
-        preds = _predict(self.config, ctx, idx, groups, eager)
+            _check_intact(record, spec.name, groups)
+        preds = _predict(self.config, ctx, slot, groups, eager)
         if eager and not self._counted_at_end():
-            self.meter.count_forecast(ctx.counters, idx, shapes, ctx.cfg.batch_scale)
+            self.meter.count_forecast(ctx.counters, slot.idx, shapes, ctx.cfg.batch_scale)
         if self.record_errors:
             trues = spec.outputs(original(*args, **kwargs))
-            caches.errors.setdefault(idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
-        return spec.returned(preds, caches.tuple_out.get(idx))
+            ctx.caches.errors.setdefault(slot.idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
+        return spec.returned(preds, record.tuple_out)
 
     def _counted_at_end(self) -> bool:
         """Whether the running call is counted whole at its end (``StepCalls.end_call``): it runs compiled, so a module
@@ -158,37 +201,38 @@ class ModuleCalls:
         ran the call's forward eagerly: ``run_call`` then counts it module by module."""
         return self._compiled_call and not self.meter.counted
 
-    def _record(self, idx: int, out: Any) -> None:
-        """Update module ``idx``'s predictor states with the output it just computed (if ``_forecast`` let it run)."""
-        computing = self._computing.pop(idx, None)
+    def _record(self, slot: ModuleSlot, out: Any) -> None:
+        """Update the slot's predictor states with the output its module just computed (if ``_forecast`` let it run)."""
+        computing = slot.computing
         if computing is None:
             return
+        slot.computing = None
         ctx, caches = computing.ctx, computing.ctx.caches
+        record = slot.record
         eager = not torch.compiler.is_compiling()
-        outs = self.cached_modules[idx].outputs(out)
-        caches.tuple_out[idx] = type(out) if isinstance(out, tuple) else None
+        outs = slot.spec.outputs(out)
+        record.tuple_out = type(out) if isinstance(out, tuple) else None
         predictor = self.config.predictor
         for group in computing.groups:
-            slot = (idx, group.name)
-            states = caches.states.get(slot)
+            states = record.states.get(group.name)
             if states is None or len(states) != len(outs):
                 reducer = {} if self.reducer is None else {"reducer": self.reducer}
                 states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
-                caches.states[slot] = states
-            k = _row(caches.rows[group.name], idx, group.inputs[0].device)[0]  # the gap N where a record precedes
+                record.states[group.name] = states
+            k = _row(caches.rows[group.name], slot, group.inputs[0].device)[0]  # the gap N where a record precedes
             # at a full step every slot has a record step (``prepare_step``): no read of the dict of step numbers,
             # on which torch 2.11's dynamo guards by value (a recompile whenever one moves)
-            gap = k if ctx.schedule.full or slot in caches.last_record else None
+            gap = k if ctx.schedule.full or group.name in record.last_record else None
             for j, (state, o) in enumerate(zip(states, outs, strict=True)):
                 inp = _input_for_output(group.inputs, j, len(outs))
                 value = take_rows(o, group.rows)
                 predictor.record(state, inp, value, gap)
                 if ctx.static is not None:  # copied into buffers at stable addresses (capture)
-                    hold_state(ctx.static, (ctx.name, idx, group.name, j), state, value, k)
-            caches.shapes[slot] = group.shapes
+                    hold_state(ctx.static, (ctx.name, slot.idx, group.name, j), state, value, k)
+            record.shapes[group.name] = group.shapes
             if not ctx.schedule.full:  # a module computed at a cached step (no state for these shapes yet)
-                caches.last_record[slot] = ctx.step
+                record.last_record[group.name] = ctx.step
             elif eager:  # recorded: its record step is this step's (``end_step``)
-                caches.unrecorded.pop(slot, None)
+                caches.unrecorded.pop((slot.idx, group.name), None)
         if eager and not self._counted_at_end():
-            self.meter.count_computed(ctx.counters, idx, computing.shapes, ctx.cfg.batch_scale)
+            self.meter.count_computed(ctx.counters, slot.idx, computing.shapes, ctx.cfg.batch_scale)
