@@ -101,7 +101,7 @@ def test_the_generation_after_a_fault_equals_a_fresh_one(fresh, phase, fault):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a cut-short generation says so at the next start
             image, stats = _result(pipe)
-        assert session.current is None and not session._computing
+        assert session.current is None and not any(s.computing for s in session.slots)
         np.testing.assert_array_equal(image, fresh[0])
         assert stats == fresh[1]
 
