@@ -34,6 +34,7 @@ from .hooks import (
     Attachment,
     ModuleHook,
     StepHook,
+    cached_apart,
     compiled_apart,
 )
 from .modulation import ModulationHook, Modulations, SourceHook
@@ -160,6 +161,8 @@ class Session(StepCalls, ModuleCalls):
         self.contexts, self.current = {}, None
         self.clear_computing()
         self.bind_slots(None)
+        for slot in self.slots:  # their step-row positions (tensors on the model's device)
+            slot.position = None
         self.static = StaticCaches()
         for step_hook in self.step_hooks:
             step_hook.release()
@@ -224,11 +227,14 @@ class Session(StepCalls, ModuleCalls):
         own (``hooks.compiled_apart``), 3 to 6 per block in ``benchmarks/regional_compile.py --recompile-limit``, and
         dynamo counts them per block class against ``recompile_limit`` (8) and ``accumulated_recompile_limit`` (256):
         past either the remaining blocks run eagerly, without error. Not where both allow 8 graphs per block."""
+        cached = [m.module for m in self.cached_modules]
+        apart = set().union(*(cached_apart(root, cached) for root, _ in self._roots()))
+        for slot in self.slots:
+            slot.apart = id(slot.spec.module) in apart
         if self._warned_apart:
             return
         config = torch._dynamo.config
         limit = min(config.recompile_limit, config.accumulated_recompile_limit)
-        cached = [m.module for m in self.cached_modules]
         counts = sum((compiled_apart(root, cached) for root, _ in self._roots()), Counter())
         over = {name: n for name, n in counts.items() if n >= 2 and limit < 8 * n}
         if over:

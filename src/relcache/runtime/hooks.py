@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import types
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -254,15 +254,11 @@ class StepHook(ModelHook):
         return module
 
 
-def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
-    """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own: by
-    ``nn.Module.compile`` (as diffusers' ``compile_repeated_blocks`` does), wrapped by ``torch.compile``, or with their
-    ``forward`` compiled. Dynamo compiles each of them apart with relcache: the module's index, which the hook reads,
-    is a constant of its graphs (the hook's bound method itself, ``DirectHook``, dynamo matches by its code)."""
+def _blocks_apart(root: nn.Module) -> Iterator[tuple[nn.Module, str]]:
+    """``root``'s submodules compiled on their own, and their class names: by ``nn.Module.compile`` (as diffusers'
+    ``compile_repeated_blocks`` does), wrapped by ``torch.compile``, or with their ``forward`` compiled."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    ids = {id(m) for m in cached}
-    counts: Counter[str] = Counter()
     for module in root.modules():
         if module is root:
             continue
@@ -271,9 +267,27 @@ def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
         if (not wrapped and getattr(module, "_compiled_call_impl", None) is None
                 and getattr(forward, "_torchdynamo_orig_callable", None) is None):
             continue
+        yield module, type(module._orig_mod if wrapped else module).__name__
+
+
+def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
+    """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own
+    (``_blocks_apart``). Dynamo compiles each of them apart; with relcache their graphs are shared between the blocks
+    of a class (``cached_apart``), one per kind of step, where each block's needed graphs of its own while the hook
+    read the module's index (a constant of its graphs)."""
+    ids = {id(m) for m in cached}
+    counts: Counter[str] = Counter()
+    for module, name in _blocks_apart(root):
         if any(id(m) in ids for m in module.modules()):
-            counts[type(module._orig_mod if wrapped else module).__name__] += 1
+            counts[name] += 1
     return counts
+
+
+def cached_apart(root: nn.Module, cached: list[nn.Module]) -> set[int]:
+    """The ids of the ``cached`` modules that sit in a submodule of ``root`` compiled on its own (``_blocks_apart``):
+    their hooks pick their step rows by a tensor position, so that blocks share graphs (``modules.ModuleSlot``)."""
+    ids = {id(m) for m in cached}
+    return {id(m) for block, _ in _blocks_apart(root) for m in block.modules() if id(m) in ids}
 
 
 class DirectHook(ModelHook):

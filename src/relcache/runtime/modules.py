@@ -43,6 +43,10 @@ class ModuleSlot:
         self.record: ModuleRecord | None = None
         self.computing: Computing | None = None  # the module is running: what its output is recorded into
         self.position: torch.Tensor | None = None
+        # the module sits in a block compiled on its own (``hooks.cached_apart``, set at each generation's start): its
+        # traced code picks its step row by ``position``. Elsewhere by its index, a constant of the one graph that
+        # holds every module (whole-model compile), which keeps ``position`` out of that graph's inputs and guards
+        self.apart = False
         self.next: ModuleSlot | None = None  # the module after it (offloaded caches prefetch its states)
 
     def place(self, rows: torch.Tensor) -> None:
@@ -60,7 +64,7 @@ def _row(rows: torch.Tensor, slot: ModuleSlot, device: torch.device) -> torch.Te
     """The slot's module's row of the step's ``rows`` on ``device`` (its ``k`` first: the gap where it records). In
     traced code picked by the slot's ``position`` tensor (a graph input), so that blocks share graphs."""
     position = slot.position
-    if torch.compiler.is_compiling() and position is not None and position.device == rows.device:
+    if torch.compiler.is_compiling() and slot.apart and position is not None and position.device == rows.device:
         row = rows.index_select(0, position)[0]
     else:
         row = rows[slot.idx]
