@@ -1,6 +1,8 @@
-"""Blocks compiled one by one (regional compilation) with relcache enabled: each compiles graphs of its own, so past
-dynamo's recompile limit per block class the rest run eagerly. relcache says so once per enable, where it can
-happen (``Session._check_compiled_blocks``, ``hooks.compiled_apart``)."""
+"""Blocks compiled one by one (regional compilation) with relcache enabled. Each cached module's hook reaches its state
+through its slot (``modules.ModuleSlot``), never by its index, so blocks of a class share their graphs: one per kind of
+step, however many blocks. Hooks that still read a per-module index (batch modulation's) make each
+block compile graphs of its own, so past dynamo's recompile limit per block class the rest run eagerly: relcache says
+so once per enable, where it can happen (``Session._check_compiled_blocks``, ``hooks.compiled_apart``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import dit_pipe
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from families import flux_kwargs, flux_pipe
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import relcache
 from relcache import TaylorSeer
@@ -17,12 +22,12 @@ from relcache.runtime.hooks import compiled_apart
 APART = "compiled one by one"
 
 
-def _generations(pipe, n: int) -> list[str]:
+def _generations(pipe, n: int, **kwargs) -> list[str]:
     """Run ``n`` generations; relcache's warnings about blocks compiled apart."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(n):
-            pipe(**flux_kwargs(), num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
+            pipe(**kwargs, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
     return [str(w.message) for w in caught if APART in str(w.message)]
 
 
@@ -38,27 +43,49 @@ def regional():
     torch._dynamo.reset()
 
 
-def test_regional_compilation_is_warned_once_per_enable_naming_the_blocks(regional):
-    got = _generations(regional, 2)
-    assert len(got) == 1, got  # the one double block cannot pass the limit alone: not named
-    assert got[0].startswith("relcache: 2 FluxSingleTransformerBlock blocks are compiled one by one"), got[0]
+@pytest.fixture
+def regional_modulation():
+    """dit_pipe (3 blocks) with TaylorSeer and batch modulation, each block compiled on its own (graphs run eagerly):
+    the modulation hooks in the blocks read their projection's index."""
+    torch._dynamo.reset()
+    pipe = dit_pipe()
+    relcache.enable(pipe, TaylorSeer(3), batch_modulation=True)
+    for block in pipe.transformer.transformer_blocks:
+        block.compile(backend="eager")
+    yield pipe
+    relcache.disable(pipe)
+    torch._dynamo.reset()
+
+
+def test_blocks_compiled_apart_share_their_graphs_and_are_not_warned(regional):
+    """The two single blocks share their graphs: the class's code holds as many as one block needs (one per kind of
+    step), where each block compiled its own while the hooks read the module's index."""
+    assert _generations(regional, 2, **flux_kwargs()) == []
+    variants = len(_debug_get_cache_entry_list(FluxSingleTransformerBlock.forward.__code__))
+    assert 0 < variants <= 8, variants
+
+
+def test_regional_compilation_is_warned_once_per_enable_naming_the_blocks(regional_modulation):
+    got = _generations(regional_modulation, 2, class_labels=[1])
+    assert len(got) == 1, got
+    assert got[0].startswith("relcache: 3 BasicTransformerBlock blocks are compiled one by one"), got[0]
     assert "recompile_limit (8) and accumulated_recompile_limit (256)" in got[0]
-    assert got[0].endswith("set both torch._dynamo.config limits to at least 16 (docs/how-it-works.md)"), got[0]
-    relcache.disable(regional)
-    relcache.enable(regional, TaylorSeer(3))  # a new enable says it again
-    assert len(_generations(regional, 1)) == 1
+    assert got[0].endswith("set both torch._dynamo.config limits to at least 24 (docs/how-it-works.md)"), got[0]
+    relcache.disable(regional_modulation)
+    relcache.enable(regional_modulation, TaylorSeer(3), batch_modulation=True)  # a new enable says it again
+    assert len(_generations(regional_modulation, 1, class_labels=[1])) == 1
 
 
-def test_no_warning_where_the_limit_allows_8_graphs_per_block(regional):
-    with torch._dynamo.config.patch(recompile_limit=16):
-        assert _generations(regional, 1) == []
+def test_no_warning_where_the_limit_allows_8_graphs_per_block(regional_modulation):
+    with torch._dynamo.config.patch(recompile_limit=24):
+        assert _generations(regional_modulation, 1, class_labels=[1]) == []
 
 
-def test_the_accumulated_limit_counts_too(regional):
+def test_the_accumulated_limit_counts_too(regional_modulation):
     """dynamo also caps every code object at ``accumulated_recompile_limit``: a raised ``recompile_limit`` alone is
     not enough where that cap is below 8 per block."""
-    with torch._dynamo.config.patch(recompile_limit=16, accumulated_recompile_limit=15):
-        got = _generations(regional, 1)
+    with torch._dynamo.config.patch(recompile_limit=24, accumulated_recompile_limit=15):
+        got = _generations(regional_modulation, 1, class_labels=[1])
     assert len(got) == 1 and "accumulated_recompile_limit (15)" in got[0], got
 
 
@@ -66,7 +93,7 @@ def test_no_warning_without_compilation():
     pipe = flux_pipe()
     relcache.enable(pipe, TaylorSeer(3))
     try:
-        assert _generations(pipe, 1) == []
+        assert _generations(pipe, 1, **flux_kwargs()) == []
     finally:
         relcache.disable(pipe)
 

@@ -222,32 +222,37 @@ class Session(StepCalls, ModuleCalls):
             self._n_modules = n_modules
 
     def _check_compiled_blocks(self) -> None:
-        """(choice) Warn once per enable where blocks holding cached modules are compiled one by one (regional
-        compilation) in numbers that can pass dynamo's limits: with relcache each such block compiles graphs of its
-        own (``hooks.compiled_apart``), 3 to 6 per block in ``benchmarks/regional_compile.py --recompile-limit``, and
-        dynamo counts them per block class against ``recompile_limit`` (8) and ``accumulated_recompile_limit`` (256):
-        past either the remaining blocks run eagerly, without error. Not where both allow 8 graphs per block."""
+        """Mark the cached modules that sit in blocks compiled one by one (regional compilation: ``slot.apart``, so
+        their hooks pick their step rows by a tensor and blocks of a class share graphs, one per kind of step).
+
+        (choice) Warn once per enable where such blocks hold modules whose hooks still read a per-module index, a
+        constant of each block's graphs: batch modulation's projections and sources (``ModulationHook``,
+        ``SourceHook``; shared copies' hooks step aside under compile and read none). Each
+        block then compiles graphs of its own, and dynamo counts them per block class against ``recompile_limit``
+        (8) and ``accumulated_recompile_limit`` (256): past either the remaining blocks run eagerly, without error.
+        Not where both allow 8 graphs per block."""
         cached = [m.module for m in self.cached_modules]
         apart = set().union(*(cached_apart(root, cached) for root, _ in self._roots()))
         for slot in self.slots:
             slot.apart = id(slot.spec.module) in apart
-        if self._warned_apart:
+        indexed = [] if self.modulation is None else [*self.modulation.spec.projections, *self.modulation.spec.sources]
+        if self._warned_apart or not indexed:
             return
         config = torch._dynamo.config
         limit = min(config.recompile_limit, config.accumulated_recompile_limit)
-        counts = sum((compiled_apart(root, cached) for root, _ in self._roots()), Counter())
+        counts = sum((compiled_apart(root, indexed) for root, _ in self._roots()), Counter())
         over = {name: n for name, n in counts.items() if n >= 2 and limit < 8 * n}
         if over:
             self._warned_apart = True
             blocks = ", ".join(f"{n} {name}" for name, n in over.items())
             need = 8 * max(over.values())
             warn(f"relcache: {blocks} blocks are compiled one by one (regional compilation, e.g. "
-                 "compile_repeated_blocks). With relcache each of them compiles graphs of its own (3 to 6 each), not "
-                 f"shared between blocks, and dynamo counts them per block class against recompile_limit "
-                 f"({config.recompile_limit}) and accumulated_recompile_limit ({config.accumulated_recompile_limit}): "
-                 "past either the remaining blocks run eagerly. Compile the whole transformer instead "
-                 "(torch.compile(pipe.transformer)), or set both torch._dynamo.config limits to at least "
-                 f"{need} (docs/how-it-works.md)")
+                 "compile_repeated_blocks) and hold batch modulation's projections, whose hooks read each one's "
+                 "index: each block compiles graphs of its own, and dynamo counts them per block class "
+                 f"against recompile_limit ({config.recompile_limit}) and accumulated_recompile_limit "
+                 f"({config.accumulated_recompile_limit}): past either the remaining blocks run eagerly. Compile the "
+                 "whole transformer instead (torch.compile(pipe.transformer)), enable without batch_modulation, or "
+                 f"set both torch._dynamo.config limits to at least {need} (docs/how-it-works.md)")
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
     def reset_generation(self, rehearsal: bool = False) -> None:
