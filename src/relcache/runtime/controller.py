@@ -235,6 +235,8 @@ class Session(StepCalls, ModuleCalls):
         apart = set().union(*(cached_apart(root, cached) for root, _ in self._roots()))
         for slot in self.slots:
             slot.apart = id(slot.spec.module) in apart
+            if not slot.apart:
+                slot.position = None
         indexed = [] if self.modulation is None else [*self.modulation.spec.projections, *self.modulation.spec.sources]
         if self._warned_apart or not indexed:
             return

@@ -35,7 +35,8 @@ class ModuleSlot:
     for it (``ModuleRecord``, bound by ``ModuleCalls.bind_slots`` when the context changes). The hook's traced code
     reads the module's state from here by attribute, never by the module's index: a Python int read in traced code is
     a constant of the graph, so each block compiled on its own (regional compilation) needed graphs of its own.
-    ``position``: the index as a tensor, on the step rows' device, for traced code to pick the module's row with."""
+    ``position``: the index as a tensor, on the step rows' device, for traced code to pick the module's row with (only
+    where ``apart``: in a whole-model graph the index stays a constant, with no input or guard more)."""
 
     def __init__(self, idx: int, spec: CachedModule) -> None:
         self.idx = idx
@@ -43,9 +44,9 @@ class ModuleSlot:
         self.record: ModuleRecord | None = None
         self.computing: Computing | None = None  # the module is running: what its output is recorded into
         self.position: torch.Tensor | None = None
-        # the module sits in a block compiled on its own (``hooks.cached_apart``, set at each generation's start): its
-        # traced code picks its step row by ``position``. Elsewhere by its index, a constant of the one graph that
-        # holds every module (whole-model compile), which keeps ``position`` out of that graph's inputs and guards
+        # the module sits in a block compiled on its own (``hooks.cached_apart``, set at each generation's start):
+        # its eager calls place ``position``, which its traced code then picks its step row by. Elsewhere by its
+        # index, a constant of the one graph that holds every module (whole-model compile)
         self.apart = False
         self.next: ModuleSlot | None = None  # the module after it (offloaded caches prefetch its states)
 
@@ -64,7 +65,7 @@ def _row(rows: torch.Tensor, slot: ModuleSlot, device: torch.device) -> torch.Te
     """The slot's module's row of the step's ``rows`` on ``device`` (its ``k`` first: the gap where it records). In
     traced code picked by the slot's ``position`` tensor (a graph input), so that blocks share graphs."""
     position = slot.position
-    if torch.compiler.is_compiling() and slot.apart and position is not None and position.device == rows.device:
+    if torch.compiler.is_compiling() and position is not None and position.device == rows.device:
         row = rows.index_select(0, position)[0]
     else:
         row = rows[slot.idx]
@@ -180,7 +181,7 @@ class ModuleCalls:
         rows = ctx.cfg.row_groups(probe.shape[0])
         if not ctx.schedule.decided:
             self._decide(ctx, probe, rows)
-        if eager and ctx.caches.rows:
+        if eager and slot.apart and ctx.caches.rows:
             slot.place(next(iter(ctx.caches.rows.values())))
         shapes = tuple([tuple(x.shape) for x in inputs])
         record = slot.record
