@@ -58,11 +58,13 @@ def regional_modulation():
 
 
 def test_blocks_compiled_apart_share_their_graphs_and_are_not_warned(regional):
-    """The two single blocks share their graphs: the class's code holds as many as one block needs (one per kind of
-    step), where each block compiled its own while the hooks read the module's index."""
-    assert _generations(regional, 2, **flux_kwargs()) == []
+    """The two single blocks share their graphs: the class's code holds as many as the kinds of step need, with
+    dynamo's limits raised so that none is cut off (2026-12-06: 4, the kinds of step and the first single block's
+    input strides; 6 while the hooks read the module's index, a constant of each block's graphs: 3 per block)."""
+    with torch._dynamo.config.patch(recompile_limit=64):
+        assert _generations(regional, 2, **flux_kwargs()) == []
     variants = len(_debug_get_cache_entry_list(FluxSingleTransformerBlock.forward.__code__))
-    assert 0 < variants <= 8, variants
+    assert 0 < variants <= 4, variants
 
 
 def test_regional_compilation_is_warned_once_per_enable_naming_the_blocks(regional_modulation):

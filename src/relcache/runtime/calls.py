@@ -62,7 +62,7 @@ class StepCalls:
             if self.reducer is not None:  # every process agrees on the step count before checking its settings
                 self.reducer.agree(name, gens.num_steps, self.adapter.hidden_of(args, kwargs))
             self._follow_replaced_modules()
-            self._check_compiled_blocks()
+            self._check_compiled_blocks(args, kwargs)
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             reducer = {} if self.reducer is None else {"reducer": self.reducer}
             ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))

@@ -221,9 +221,11 @@ class Session(StepCalls, ModuleCalls):
             self.rehearsals.clear()  # first calls run eagerly again, to measure
             self._n_modules = n_modules
 
-    def _check_compiled_blocks(self) -> None:
+    def _check_compiled_blocks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Mark the cached modules that sit in blocks compiled one by one (regional compilation: ``slot.apart``, so
-        their hooks pick their step rows by a tensor and blocks of a class share graphs, one per kind of step).
+        their hooks pick their step rows by a tensor, placed here on the device the call's rows will be made on, and
+        blocks of a class share graphs, one per kind of step). Here, on the host: under regional compilation even a
+        call relcache runs eagerly compiles the blocks, so no module call of theirs would place it untraced.
 
         (choice) Warn once per enable where such blocks hold modules whose hooks still read a per-module index, a
         constant of each block's graphs: batch modulation's projections and sources (``ModulationHook``,
@@ -233,10 +235,10 @@ class Session(StepCalls, ModuleCalls):
         Not where both allow 8 graphs per block."""
         cached = [m.module for m in self.cached_modules]
         apart = set().union(*(cached_apart(root, cached) for root, _ in self._roots()))
+        device = self.adapter.hidden_of(args, kwargs).device if apart else None  # the step rows' (``prepare_step``)
         for slot in self.slots:
             slot.apart = id(slot.spec.module) in apart
-            if not slot.apart:
-                slot.position = None
+            slot.place(device)
         indexed = [] if self.modulation is None else [*self.modulation.spec.projections, *self.modulation.spec.sources]
         if self._warned_apart or not indexed:
             return

@@ -36,7 +36,7 @@ class ModuleSlot:
     reads the module's state from here by attribute, never by the module's index: a Python int read in traced code is
     a constant of the graph, so each block compiled on its own (regional compilation) needed graphs of its own.
     ``position``: the index as a tensor, on the step rows' device, for traced code to pick the module's row with (only
-    where ``apart``: in a whole-model graph the index stays a constant, with no input or guard more)."""
+    where ``apart``: in a whole-model graph the index stays a constant, with no input more)."""
 
     def __init__(self, idx: int, spec: CachedModule) -> None:
         self.idx = idx
@@ -44,16 +44,19 @@ class ModuleSlot:
         self.record: ModuleRecord | None = None
         self.computing: Computing | None = None  # the module is running: what its output is recorded into
         self.position: torch.Tensor | None = None
-        # the module sits in a block compiled on its own (``hooks.cached_apart``, set at each generation's start):
-        # its eager calls place ``position``, which its traced code then picks its step row by. Elsewhere by its
-        # index, a constant of the one graph that holds every module (whole-model compile)
+        # the module sits in a block compiled on its own (``hooks.cached_apart``, set with ``position`` at each
+        # generation's start): its traced code picks its step row by ``position``. Elsewhere by its index, a
+        # constant of the one graph that holds every module (whole-model compile)
         self.apart = False
         self.next: ModuleSlot | None = None  # the module after it (offloaded caches prefetch its states)
 
-    def place(self, rows: torch.Tensor) -> None:
-        """Have ``position`` on ``rows``' device (eagerly: a tensor made in traced code would be a constant)."""
-        if self.position is None or self.position.device != rows.device:
-            self.position = torch.tensor([self.idx], device=rows.device)
+    def place(self, device: torch.device | None) -> None:
+        """Have ``position`` on ``device`` where the module is ``apart``, else none (on the host: a tensor made in
+        traced code would be a constant)."""
+        if not self.apart or device is None:
+            self.position = None
+        elif self.position is None or self.position.device != device:
+            self.position = torch.tensor([self.idx], device=device)
 
 
 def _input_for_output(inputs: tuple[torch.Tensor, ...], j: int, n_out: int) -> torch.Tensor:
@@ -181,8 +184,6 @@ class ModuleCalls:
         rows = ctx.cfg.row_groups(probe.shape[0])
         if not ctx.schedule.decided:
             self._decide(ctx, probe, rows)
-        if eager and slot.apart and ctx.caches.rows:
-            slot.place(next(iter(ctx.caches.rows.values())))
         shapes = tuple([tuple(x.shape) for x in inputs])
         record = slot.record
         record.call_shapes = shapes
