@@ -36,9 +36,9 @@ from .steps import (
 class StepCalls:
     """``start_call``, ``run_call``, ``end_call`` and what they need, mixed into ``controller.Session``. They read and
     set the session's ``contexts`` and ``current`` context and its per-call fields (``_call_sig``, ``_compiled_call``,
-    ``_completed``, ``_called``, the slots' ``computing``, ``first_call``, ``probing``, ``cfg_peak``), and read its ``model``,
-    ``config``, ``adapter``, ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``, ``reducer``,
-    ``shared``, ``meter``, ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and
+    ``_completed``, ``_called``, the slots' ``computing``, ``first_call``, ``probing``, ``cfg_peak``), and read its
+    ``model``, ``config``, ``adapter``, ``cached_modules``, ``generations``, ``cfg``, ``modulation``, ``experts``,
+    ``reducer``, ``shared``, ``meter``, ``budget``, ``static`` and ``static_caches``, ``prober``, ``rehearsals`` and
     ``record_errors``. The session's ``drop_sharing`` runs at every compiled call; its ``_follow_replaced_modules``,
     ``_check_compiled_blocks`` and ``reset_generation`` at a context's first call and at a rehearsal."""
 

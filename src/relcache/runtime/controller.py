@@ -75,7 +75,7 @@ class Session(StepCalls, ModuleCalls):
         self._expert_hooks = [Attachment(e.model) for e in experts.experts[1:]] if experts is not None else []
         # each cached module as its hook reaches it (``ModuleSlot``), bound to the running context's caches
         self.slots = [ModuleSlot(idx, spec) for idx, spec in enumerate(self.cached_modules)]
-        for slot, after in zip(self.slots, self.slots[1:]):
+        for slot, after in zip(self.slots, self.slots[1:], strict=False):
             slot.next = after
         self._bound: Any = None  # the caches the slots are bound to (``bind_slots``)
         self._called: set[int] = set()  # the cached modules the running call has called (eagerly)
