@@ -107,3 +107,21 @@ def test_disable_frees_a_compiled_models_caches_too():
             assert_disable_frees(model)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_generations_end_leaves_no_module_slot_holding_its_caches():
+    """The hooks reach each module's caches through its slot (``modules.ModuleSlot``), bound to the running context's
+    records: at a generation's end its caches are freed (``free_caches``) through the records the slots still point
+    at, and a new generation's reset unbinds them."""
+    from conftest import dit_pipe
+
+    pipe = dit_pipe()
+    relcache.enable(pipe, FORA(2))
+    try:
+        pipe(class_labels=[1], num_inference_steps=4, generator=torch.manual_seed(0), output_type="np")
+        session = _session(pipe)
+        assert session.slots and all(slot.record is None or not slot.record.states for slot in session.slots)
+        session.reset_generation()
+        assert all(slot.record is None for slot in session.slots)
+    finally:
+        relcache.disable(pipe)

@@ -271,6 +271,7 @@ class Session(StepCalls, ModuleCalls):
         self.contexts = {}
         self.cfg_peak = 0
         self.current = None
+        self.bind_slots(None)  # the modules' slots let go of the ended generation's caches
         if self.experts is not None:
             self.experts.reset()
         if self.cfg is not None:
