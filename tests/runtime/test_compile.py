@@ -181,7 +181,8 @@ def _generation_counts(compiled: torch.nn.Module, graphs: list, eager_calls: lis
 
 
 #: what a compiled step must not guard on: the step numbers the host keeps per context and per cached module (a guard
-#: on one recompiles whenever it moves; torch 2.11 guards ``slot in caches.last_record`` on the value stored there)
+#: on one recompiles whenever it moves; torch 2.11 guarded ``slot in caches.last_record``, now
+#: ``group.name in record.last_record``, on the value stored there)
 STEP_NUMBERS = (".last_record", ".unrecorded", ".host_k", ".full_steps", ".step", ".last_timestep")
 T = TypeVar("T")
 #: the cases whose guards ``test_a_cached_step_compiles_whole`` reads from dynamo's guard log (the log costs time).

@@ -208,8 +208,8 @@ class Session(StepCalls, ModuleCalls):
                 ) from None
             spec = self.cached_modules[idx]
             if now is not spec.module:
-                self.cached_modules[idx] = self.slots[idx].spec = replace(spec, module=now)
                 hooks.move(spec.module, now, ModuleHook(self, self.slots[idx]), MODULE_HOOK)
+                self.cached_modules[idx] = self.slots[idx].spec = replace(spec, module=now)  # moved: then named
                 moved = True
         if moved:
             for _, hooks in self._roots():
@@ -223,9 +223,11 @@ class Session(StepCalls, ModuleCalls):
 
     def _check_compiled_blocks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Mark the cached modules that sit in blocks compiled one by one (regional compilation: ``slot.apart``, so
-        their hooks pick their step rows by a tensor, placed here on the device the call's rows will be made on, and
-        blocks of a class share graphs, one per kind of step). Here, on the host: under regional compilation even a
-        call relcache runs eagerly compiles the blocks, so no module call of theirs would place it untraced.
+        their hooks pick their step rows by a tensor, placed here on the device of the call's latents, where the step
+        rows are made unless a model split over devices makes them elsewhere (then the row is picked by the index:
+        correct, but graphs per block again), and blocks of a class share graphs, one per kind of step). Here, on the
+        host: under regional compilation even a call relcache runs eagerly compiles the blocks, so no module call of
+        theirs would place it untraced.
 
         (choice) Warn once per enable where such blocks hold modules whose hooks still read a per-module index, a
         constant of each block's graphs: batch modulation's projections and sources (``ModulationHook``,

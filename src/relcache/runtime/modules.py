@@ -33,10 +33,11 @@ class Computing(NamedTuple):
 class ModuleSlot:
     """A cached module as its hook reaches it: its spec and index, and the record of the running context's caches
     for it (``ModuleRecord``, bound by ``ModuleCalls.bind_slots`` when the context changes). The hook's traced code
-    reads the module's state from here by attribute, never by the module's index: a Python int read in traced code is
-    a constant of the graph, so each block compiled on its own (regional compilation) needed graphs of its own.
+    reads the module's state from here by attribute: a Python int read in traced code is a constant of the graph, so
+    while it read the module's index each block compiled on its own (regional compilation) needed graphs of its own.
     ``position``: the index as a tensor, on the step rows' device, for traced code to pick the module's row with (only
-    where ``apart``: in a whole-model graph the index stays a constant, with no input more)."""
+    where ``apart``: in a whole-model graph the row is picked by the index, a constant of the one graph that holds
+    every module, with no input more; static buffers for capture are still keyed by the index)."""
 
     def __init__(self, idx: int, spec: CachedModule) -> None:
         self.idx = idx
@@ -45,7 +46,8 @@ class ModuleSlot:
         self.computing: Computing | None = None  # the module is running: what its output is recorded into
         self.position: torch.Tensor | None = None
         # the module sits in a block compiled on its own (``hooks.cached_apart``, set with ``position`` at each
-        # generation's start): its traced code picks its step row by ``position``. Elsewhere by its index, a
+        # context's first call of a generation): its traced code picks its step row by ``position``. Elsewhere by its
+        # index, a
         # constant of the one graph that holds every module (whole-model compile)
         self.apart = False
         self.next: ModuleSlot | None = None  # the module after it (offloaded caches prefetch its states)
@@ -130,9 +132,10 @@ def _check_call(spec: CachedModule, idx: int, n_inputs: int, called: set[int]) -
 class ModuleCalls:
     """``module_forward`` and what it needs, mixed into ``controller.Session``: it reads the session's ``config``,
     ``current`` context, ``cached_modules``, ``meter``, ``budget``, ``prober``, ``record_errors``, ``reducer``,
-    ``_decide``, ``_computing`` (the modules the current step lets run, keyed by index), ``_called`` (the modules
-    the running call has called, eagerly) and ``_compiled_call``
-    (the call runs compiled and is counted whole at its end, ``StepCalls.end_call``)."""
+    ``_decide``, ``_called`` (the modules the running call has called, eagerly) and ``_compiled_call`` (the call runs
+    compiled and is counted whole at its end, ``StepCalls.end_call``), and owns the session's ``slots`` (one
+    ``ModuleSlot`` per cached module: its record in the running context's caches, bound by ``bind_slots``, and
+    ``computing``, what a module the current step lets run records into) and ``_bound``."""
 
     # -- relcache.runtime.hooks.ModuleHost --------------------------------------------------
     def module_forward(self, slot: ModuleSlot, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -171,7 +174,8 @@ class ModuleCalls:
 
     def _forecast(self, slot: ModuleSlot, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The forecast at a cached step, or None when the module must run (``_record`` then takes its output)."""
-        slot.computing = None
+        if slot.computing is not None:  # only then: in traced code an attribute set is a side effect dynamo replays
+            slot.computing = None
         ctx = self.current
         if ctx is None:  # called outside a transformer forward: behave as the plain module
             return None
@@ -199,7 +203,8 @@ class ModuleCalls:
         if self.record_errors:
             trues = spec.outputs(original(*args, **kwargs))
             ctx.caches.errors.setdefault(slot.idx, {})[ctx.step] = relative_l1(preds[0], trues[0], self.reducer)
-        return spec.returned(preds, record.tuple_out)
+        tuple_out = record.tuple_out  # recorded with the states; were it unset (no type), a tensor is returned
+        return spec.returned(preds, tuple_out if isinstance(tuple_out, type) else None)
 
     def _counted_at_end(self) -> bool:
         """Whether the running call is counted whole at its end (``StepCalls.end_call``): it runs compiled, so a module
