@@ -241,7 +241,8 @@ class Context:
         hold what they held at the previous call's end, already noted. Summing every state's tensors costs 40-80 µs a
         call at DiT-XL/2's depth, host time that a compiled cached step waits on. ``deferred``: states may change
         between records (a split sequence's ratios arrive with the next step's collective), so every call sums."""
-        if not (deferred or self.schedule.full or self.step in self.caches.last_record.values()):
+        if not (deferred or self.schedule.full
+                or any(self.step in r.last_record.values() for r in self.caches.records.values())):
             return
         held = self.cache_bytes
         if held > self.peak_bytes:

@@ -123,11 +123,13 @@ def _prepare_rows(config: CacheConfig, num_steps: int | None, n_modules: int, ct
                   like: torch.Tensor) -> None:
     """One tensor per row group: row ``i`` is ``step_row(k)`` for module ``i``, ``k`` steps after that module's latest
     record in that group (its gap ``N`` when it records at this step)."""
-    step, last, by_k = ctx.step, ctx.caches.last_record, {}
+    step, by_k = ctx.step, {}
     ctx.caches.rows, ctx.caches.host_k = {}, {}
     dtype = row_dtype(like.dtype)
+    # each module's record steps by group, read straight from its record (every call: host time a step waits on)
+    lasts = [getattr(ctx.caches.records.get(i), "last_record", None) or {} for i in range(n_modules)]
     for name in names:
-        ks = tuple([step - last.get((i, name), step) for i in range(n_modules)])
+        ks = tuple([step - last.get(name, step) for last in lasts])
         for k in ks:
             if k not in by_k:
                 by_k[k] = config.predictor.row(k, step, num_steps)
