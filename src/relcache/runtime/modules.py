@@ -47,8 +47,7 @@ class ModuleSlot:
         self.position: torch.Tensor | None = None
         # the module sits in a block compiled on its own (``hooks.cached_apart``, set with ``position`` at each
         # context's first call of a generation): its traced code picks its step row by ``position``. Elsewhere by its
-        # index, a
-        # constant of the one graph that holds every module (whole-model compile)
+        # index, a constant of the one graph that holds every module (whole-model compile)
         self.apart = False
         self.next: ModuleSlot | None = None  # the module after it (offloaded caches prefetch its states)
 
