@@ -6,6 +6,7 @@ so once per enable, where it can happen (``Session._check_compiled_blocks``, ``h
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -14,9 +15,10 @@ from conftest import dit_pipe
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from families import flux_kwargs, flux_pipe
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
 
 import relcache
-from relcache import TaylorSeer
+from relcache import RFC, CFGCache, TaylorSeer
 from relcache.runtime.hooks import compiled_apart
 
 APART = "compiled one by one"
@@ -118,3 +120,41 @@ def test_compiled_apart_counts_blocks_compiled_or_wrapped_that_hold_cached_modul
     double.forward = torch.compile(double.forward)  # its forward compiled, the older way
     assert compiled_apart(model, [*cached, double.attn]) == {"FluxSingleTransformerBlock": 2, "FluxTransformerBlock": 1}
     assert compiled_apart(model, [model.proj_out]) == {}  # no compiled block holds a cached module
+
+
+def test_blocks_compiled_apart_give_the_eager_run_on_a_cfg_batch_with_rfc_and_cfg_cache():
+    """RFC with CFG-Cache on DiT's CFG batch, each block compiled on its own: the same images, full steps, skipped
+    unconditional halves and FLOP fraction as eagerly, in each of three generations (the slots are bound again at
+    each), and the third compiles no graph."""
+    config = dataclasses.replace(RFC(target_nfc=4), cfg_cache=CFGCache(skip_full=True))
+
+    def run(apart: bool) -> tuple[list[torch.Tensor], relcache.CacheStats]:
+        torch._dynamo.reset()
+        pipe = dit_pipe()
+        relcache.enable(pipe, config)
+        if apart:
+            for block in pipe.transformer.transformer_blocks:
+                block.compile(backend="eager")
+        try:
+            images, graphs = [], []
+            with torch._dynamo.config.patch(recompile_limit=64):
+                for _ in range(3):
+                    images.append(pipe(class_labels=[1], num_inference_steps=6, generator=torch.manual_seed(0),
+                                       output_type="pt")[0])
+                    graphs.append(counters["stats"]["unique_graphs"])
+            # none compiled in the third (the first generation's first call, which measures FLOPs, runs the blocks
+            # eagerly: the second compiles that kind of step)
+            assert graphs[2] == graphs[1] and (graphs[0] > 0) == apart, graphs
+            return images, relcache.stats(pipe)
+        finally:
+            relcache.disable(pipe)
+            torch._dynamo.reset()
+
+    eager, eager_stats = run(False)
+    apart, apart_stats = run(True)
+    assert apart_stats.uncond_skipped == eager_stats.uncond_skipped > 0
+    assert apart_stats.full_steps == eager_stats.full_steps
+    assert apart_stats.nfc == eager_stats.nfc < 6
+    assert apart_stats.flops_fraction == pytest.approx(eager_stats.flops_fraction, rel=1e-9)
+    for got, want in zip(apart, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
