@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from relcache import Relational
-from relcache.methods.history import DiffHistory, sample_relative_l1
+from relcache.methods.history import DiffHistory, sample_relative_l1, step_row
 
 # X(0), X(2), X(6): gaps 2 and 4, two samples of two values (every number below is exact in float32)
 _STEPS = [0, 2, 6]
@@ -60,3 +60,55 @@ def test_sample_relative_l1_zero_reference_guard_is_per_sample(dtype):
     got = sample_relative_l1(error, ref)
     want = torch.tensor([2.0**126, 0.0, 0.5], dtype=dtype)
     assert got.dtype == dtype and torch.equal(got, want), got
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten overloads a block of code runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("order", "want"), [
+    (1, [[17.0, 2.0], [-3.0, 12.0]]),  # X(6) + 2 D1
+    (2, [[17.0, 2.0], [-3.5, 10.0]]),  # X(6) + 2 D1 + 2²/2 D2
+])
+def test_taylor_forecast_is_hand_computed_and_leaves_the_differences_alone(order, want):
+    """Eager, without autograd, Taylor's sum is written over its own direction (one fresh tensor per forecast): the
+    forecast two steps on is the hand-computed one, twice in a row, and no stored difference changed (at order 1 the
+    direction is the stored D_1, so the sum must not go there)."""
+    h = DiffHistory(order)
+    for j, (s, x) in enumerate(zip(_STEPS, _VALUES, strict=True)):
+        h.update(x.clone(), None if j == 0 else torch.tensor(float(s - _STEPS[j - 1])))
+    stored = [(d, d.clone(), d._version) for d in h.diffs]
+    row = torch.tensor(step_row(2))
+    with torch.no_grad():
+        first, second = h.taylor(row, torch.float32), h.taylor(row, torch.float32)
+    assert torch.equal(first, torch.tensor(want)) and torch.equal(second, torch.tensor(want)), (first, second)
+    assert not any(first is d for d in h.diffs)
+    assert all(now is d and torch.equal(d, copy) and d._version == v
+               for now, (d, copy, v) in zip(h.diffs, stored, strict=True))
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_taylor_forecast_in_place_only_where_eager_without_autograd(order):
+    """From order 2 the no-grad forecast runs every product after the first into that first fresh tensor
+    (``addcmul.out``) and gives the out-of-place form's numbers bit for bit; with autograd on, all out of place."""
+    g = torch.Generator().manual_seed(order)
+    h = DiffHistory(order)
+    for j in range(order + 1):
+        h.update(torch.randn(3, 5, 7, generator=g), None if j == 0 else torch.tensor(float(j + 1)))
+    row = torch.tensor(step_row(3))
+    with torch.enable_grad(), _Ops() as grad_ops:
+        reference = h.taylor(row, torch.float32)
+    with torch.no_grad(), _Ops() as ops:
+        got = h.taylor(row, torch.float32)
+    assert torch.equal(got, reference)
+    assert [n for n in grad_ops.names if n.startswith("aten.addcmul")] == ["aten.addcmul.default"] * order
+    assert [n for n in ops.names if n.startswith("aten.addcmul")] == ["aten.addcmul.default"] + ["aten.addcmul.out"] * (
+        order - 1)
