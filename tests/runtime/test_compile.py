@@ -216,7 +216,7 @@ def _check_guard_sources(sources: list[str]) -> None:
     host = [s for s in sources if s.startswith("L['host']") or ".forward.__self__.slot" in s]
     assert any(".slot.record.states" in s for s in host), sources[:20]  # the log was read: the caches are guarded
     assert not [s for s in host if any(s.endswith(n) or n + "[" in s for n in STEP_NUMBERS)], sorted(set(host))
-    # a cached module calls its hook directly (``hooks.DirectHook``): nothing of diffusers' registry wrapper (a
+    # a cached module calls its hook directly (``attachment.DirectHook``): nothing of diffusers' registry wrapper (a
     # partial over a closure over the hook's function reference) is guarded, only the hook's bound method
     assert any(s.endswith(".forward.__self__.slot") for s in sources), sorted(set(sources))[:40]
     assert not [s for s in sources if ".forward.func" in s and "_modules" in s], sorted(set(sources))

@@ -2,7 +2,7 @@
 through its slot (``modules.ModuleSlot``), never by its index, so blocks of a class share their graphs: one per kind of
 step, however many blocks. Hooks that still read a per-module index (batch modulation's) make each
 block compile graphs of its own, so past dynamo's recompile limit per block class the rest run eagerly: relcache says
-so once per enable, where it can happen (``Session._check_compiled_blocks``, ``hooks.compiled_apart``)."""
+so once per enable, where it can happen (``Session._check_compiled_blocks``, ``regional.compiled_apart``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 import relcache
 from relcache import RFC, CFGCache, TaylorSeer
-from relcache.runtime.hooks import compiled_apart
+from relcache.runtime.regional import compiled_apart
 
 APART = "compiled one by one"
 

@@ -1,7 +1,7 @@
-"""A hooked submodule calls relcache's hook directly (``hooks.DirectHook``), not through diffusers' registry wrapper,
-and stays a good citizen of that registry and of accelerate: a hook registered after relcache's wraps it and runs,
-``disable`` leaves that hook working on the original forward, a hook under relcache's can be removed while relcache
-is enabled, and an accelerate hook under relcache's works after ``disable``."""
+"""A hooked submodule calls relcache's hook directly (``attachment.DirectHook``), not through diffusers' registry
+wrapper, and stays a good citizen of that registry and of accelerate: a hook registered after relcache's wraps it and
+runs, ``disable`` leaves that hook working on the original forward, a hook under relcache's can be removed while
+relcache is enabled, and an accelerate hook under relcache's works after ``disable``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 import relcache
 from relcache import FORA
-from relcache.runtime.hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, SOURCE_HOOK, DirectHook
+from relcache.runtime.attachment import DirectHook
+from relcache.runtime.hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, SOURCE_HOOK
 
 
 class _Counting(ModelHook):

@@ -18,6 +18,7 @@ from ..methods.config import CacheConfig
 from ..methods.history import StaticCaches
 from ..models.base import Adapter, CachedModule
 from .accounting import FlopMeter
+from .attachment import Attachment
 from .budget import CacheBudget
 from .calls import StepCalls
 from .cfg import CFGRunner
@@ -25,20 +26,10 @@ from .context import Context
 from .distributed import check_split_storage, reducer_for
 from .experts import ExpertCalls, Experts
 from .generations import Generations
-from .hooks import (
-    MODULATION_HOOK,
-    MODULE_HOOK,
-    SHARED_HOOK,
-    SOURCE_HOOK,
-    STEP_HOOK,
-    Attachment,
-    ModuleHook,
-    StepHook,
-    cached_apart,
-    compiled_apart,
-)
+from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, SOURCE_HOOK, STEP_HOOK, ModuleHook, StepHook
 from .modulation import ModulationHook, Modulations, SourceHook
 from .modules import ModuleCalls, ModuleSlot
+from .regional import cached_apart, compiled_apart
 from .rehearsal import Rehearsals
 from .shared import SharedGroup, SharedHook
 from .stats import CacheStats, combine, with_peaks

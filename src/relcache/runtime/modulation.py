@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..models.base import Modulation
-from .hooks import DirectHook
+from .attachment import DirectHook
 
 
 class ModulationMismatch(RuntimeError):

@@ -45,7 +45,7 @@ class ModuleSlot:
         self.record: ModuleRecord | None = None
         self.computing: Computing | None = None  # the module is running: what its output is recorded into
         self.position: torch.Tensor | None = None
-        # the module sits in a block compiled on its own (``hooks.cached_apart``, set with ``position`` at each
+        # the module sits in a block compiled on its own (``regional.cached_apart``, set with ``position`` at each
         # context's first call of a generation): its traced code picks its step row by ``position``. Elsewhere by its
         # index, a constant of the one graph that holds every module (whole-model compile)
         self.apart = False

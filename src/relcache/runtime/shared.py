@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .hooks import DirectHook
+from .attachment import DirectHook
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
