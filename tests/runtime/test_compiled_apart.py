@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 import relcache
 from relcache import RFC, CFGCache, TaylorSeer
-from relcache.runtime.regional import compiled_apart
+from relcache.runtime.regional import captured_apart, compiled_apart
 
 APART = "compiled one by one"
 
@@ -158,3 +158,59 @@ def test_blocks_compiled_apart_give_the_eager_run_on_a_cfg_batch_with_rfc_and_cf
     assert apart_stats.flops_fraction == pytest.approx(eager_stats.flops_fraction, rel=1e-9)
     for got, want in zip(apart, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_captured_apart_counts_blocks_compiled_to_replay_cuda_graphs():
+    """Counted: blocks holding a cached module compiled with a mode that captures CUDA graphs (``reduce-overhead``,
+    ``max-autotune``), that option, or the ``cudagraphs`` backend, however compiled; not the default mode,
+    ``max-autotune-no-cudagraphs``, nor the eager backend. Nothing runs: compiling is lazy."""
+    model = flux_pipe().transformer
+    single = model.single_transformer_blocks
+    cached = [single[0].attn, single[1].attn, model.transformer_blocks[0].attn]
+    single[0].compile(mode="max-autotune-no-cudagraphs")
+    single[1].compile(backend="eager")
+    assert captured_apart(model, cached) == {} and compiled_apart(model, cached) == {"FluxSingleTransformerBlock": 2}
+    single[0].compile(mode="reduce-overhead")
+    single[1] = torch.compile(single[1], mode="max-autotune")
+    assert captured_apart(model, cached) == {"FluxSingleTransformerBlock": 2}
+    double = model.transformer_blocks[0]
+    double.forward = torch.compile(double.forward, options={"triton.cudagraphs": True})
+    assert captured_apart(model, cached) == {"FluxSingleTransformerBlock": 2, "FluxTransformerBlock": 1}
+    double.forward = torch.compile(type(double).forward.__get__(double), backend="cudagraphs")
+    assert captured_apart(model, cached)["FluxTransformerBlock"] == 1
+    assert captured_apart(model, [model.proj_out]) == {}
+
+
+def test_blocks_replaying_cuda_graphs_are_warned_once_per_enable_where_they_capture(monkeypatch):
+    """Blocks compiled one by one to replay CUDA graphs would overwrite the records relcache holds as their graphs'
+    outputs: warned once per enable, at the first call, where the latents' device is one inductor captures on (CUDA;
+    here the CPU stands in for it). Not on a device it does not capture on, nor for blocks compiled without."""
+    torch._dynamo.reset()
+    pipe = flux_pipe()
+    relcache.enable(pipe, TaylorSeer(3))
+    try:
+        pipe.transformer.compile_repeated_blocks(backend="cudagraphs")  # on CPU tensors its capture is skipped
+
+        def warned(n: int) -> list[str]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(n):
+                    pipe(**flux_kwargs(), num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
+            return [str(w.message) for w in caught if "replay CUDA graphs" in str(w.message)]
+
+        assert warned(1) == []  # the CPU: no capture
+        monkeypatch.setattr("relcache.runtime.controller.CUDA_GRAPH_DEVICES", frozenset({"cpu", "cuda"}))
+        relcache.disable(pipe)
+        relcache.enable(pipe, TaylorSeer(3))
+        got = warned(2)
+        assert len(got) == 1, got
+        assert got[0].startswith("relcache: 1 FluxTransformerBlock, 2 FluxSingleTransformerBlock blocks hold cached "
+                                 "modules and are compiled one by one to replay CUDA graphs"), got[0]
+        assert "torch.compile(pipe.transformer, mode=\"reduce-overhead\")" in got[0]
+        pipe.transformer.compile_repeated_blocks(backend="eager")
+        relcache.disable(pipe)
+        relcache.enable(pipe, TaylorSeer(3))
+        assert warned(1) == []
+    finally:
+        relcache.disable(pipe)
+        torch._dynamo.reset()

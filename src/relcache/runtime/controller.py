@@ -29,7 +29,7 @@ from .generations import Generations
 from .hooks import MODULATION_HOOK, MODULE_HOOK, SHARED_HOOK, SOURCE_HOOK, STEP_HOOK, ModuleHook, StepHook
 from .modulation import ModulationHook, Modulations, SourceHook
 from .modules import ModuleCalls, ModuleSlot
-from .regional import cached_apart, compiled_apart
+from .regional import CUDA_GRAPH_DEVICES, cached_apart, captured_apart, compiled_apart
 from .rehearsal import Rehearsals
 from .shared import SharedGroup, SharedHook
 from .stats import CacheStats, combine, with_peaks
@@ -92,6 +92,7 @@ class Session(StepCalls, ModuleCalls):
         self.step_hooks: list[StepHook] = []  # one per transformer (``attach``)
         self.cfg_peak = 0  # the most CFG-Cache held at the end of a call in this generation (``stats``' peak)
         self._warned_apart = False  # ``_check_compiled_blocks`` said so, once per enable
+        self._warned_captured = False  # ``_check_captured_blocks`` said so, once per enable
         self._sharing_dropped = False  # ``drop_sharing`` ran
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Session:
@@ -232,6 +233,8 @@ class Session(StepCalls, ModuleCalls):
         for slot in self.slots:
             slot.apart = id(slot.spec.module) in apart
             slot.place(device)
+        if apart and device is not None:
+            self._check_captured_blocks(device, cached)
         indexed = [] if self.modulation is None else [*self.modulation.spec.projections, *self.modulation.spec.sources]
         if self._warned_apart or not indexed:
             return
@@ -250,6 +253,28 @@ class Session(StepCalls, ModuleCalls):
                  f"({config.accumulated_recompile_limit}): past either the remaining blocks run eagerly. Compile the "
                  "whole transformer instead (torch.compile(pipe.transformer)), enable without batch_modulation, or "
                  f"set both torch._dynamo.config limits to at least {need} (docs/how-it-works.md)")
+
+    def _check_captured_blocks(self, device: torch.device, cached: list[nn.Module]) -> None:
+        """(choice) Warn once per enable where blocks holding cached modules are compiled on their own to replay CUDA
+        graphs (``compile_repeated_blocks(mode="reduce-overhead")``) and the call runs where inductor captures them.
+        Their steps are not compiled steps to relcache, so it holds the records out of place, as outputs of the
+        block's graph that its next replay overwrites: a CUDA-graph error about a tensor "overwritten by a subsequent
+        run", or caches that silently changed. A warning, not a refusal: not yet run on a GPU (docs/how-it-works.md,
+        "Compiled steps"). Not where the session's ``static_caches`` is True: it copies every record into buffers
+        held in place (with graphs per block again, ``history.StaticCaches``)."""
+        if self._warned_captured or self.static_caches is True or device.type not in CUDA_GRAPH_DEVICES:
+            return
+        counts = sum((captured_apart(root, cached) for root, _ in self._roots()), Counter())
+        if counts:
+            self._warned_captured = True
+            blocks = ", ".join(f"{n} {name}" for name, n in counts.items())
+            warn(f"relcache: {blocks} blocks hold cached modules and are compiled one by one to replay CUDA graphs "
+                 "(e.g. compile_repeated_blocks(mode=\"reduce-overhead\") or mode=\"max-autotune\"). relcache holds "
+                 "their records between steps as outputs of the blocks' graphs, which the next replay overwrites: "
+                 "expect CUDA-graph errors or wrong images. Compile the whole transformer with that mode "
+                 "(torch.compile(pipe.transformer, mode=\"reduce-overhead\"): relcache then keeps its caches in "
+                 "place), or compile the blocks without CUDA graphs (the default mode or "
+                 "mode=\"max-autotune-no-cudagraphs\")")
 
     # -- generations (relcache.runtime.generations.GenerationHost) -----------------------------------------------
     def reset_generation(self, rehearsal: bool = False) -> None:

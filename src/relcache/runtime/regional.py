@@ -1,13 +1,19 @@
 """Blocks compiled on their own (regional compilation, diffusers' ``compile_repeated_blocks``): which of a model's
-submodules are, and which cached modules sit in them. The session reads it to warn where blocks cannot share their
-graphs and to let those modules' hooks pick their step rows by a tensor position (``modules.ModuleSlot``)."""
+submodules are, which cached modules sit in them, and which of those blocks replay CUDA graphs. The session reads it
+to let those modules' hooks pick their step rows by a tensor position (``modules.ModuleSlot``) and to warn where
+blocks cannot share their graphs or would overwrite relcache's caches."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 from torch import nn
+
+#: the device types on which inductor's CUDA graphs capture a compiled block (a CPU run compiles the same mode without)
+CUDA_GRAPH_DEVICES = frozenset({"cuda"})
 
 
 def _blocks_apart(root: nn.Module) -> Iterator[tuple[nn.Module, str]]:
@@ -44,3 +50,60 @@ def cached_apart(root: nn.Module, cached: list[nn.Module]) -> set[int]:
     their hooks pick their step rows by a tensor position, so that blocks share graphs (``modules.ModuleSlot``)."""
     ids = {id(m) for m in cached}
     return {id(m) for block, _ in _blocks_apart(root) for m in block.modules() if id(m) in ids}
+
+
+def _compile_context(module: nn.Module, wrapped: bool) -> Any:
+    """The dynamo context ``module`` was compiled with (``_blocks_apart``'s three ways), or None where it cannot be
+    read: the compiled callable keeps it in its closure (private torch objects, read defensively)."""
+    if wrapped:
+        return getattr(module, "dynamo_ctx", None)
+    fn = module.__dict__.get("forward")
+    if getattr(fn, "_torchdynamo_orig_callable", None) is None:
+        fn = getattr(module, "_compiled_call_impl", None)
+    from torch._dynamo.eval_frame import _TorchDynamoContext
+
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, _TorchDynamoContext):
+            return value
+    return None
+
+
+def _replays_cuda_graphs(module: nn.Module, wrapped: bool) -> bool:
+    """Whether ``module`` was compiled to replay CUDA graphs: ``mode="reduce-overhead"`` or ``"max-autotune"`` (both
+    set inductor's ``triton.cudagraphs``), that option given directly, inductor's global setting, or the
+    ``"cudagraphs"`` backend. False where torch's private objects do not tell."""
+    try:
+        from torch._dynamo.eval_frame import innermost_backend
+
+        ctx = _compile_context(module, wrapped)
+        backend = None if ctx is None else innermost_backend(ctx.callback)
+    except (ImportError, AttributeError, AssertionError):  # pragma: no cover - other torch versions
+        return False
+    if backend is None:
+        return False
+    if getattr(backend, "compiler_name", None) == "cudagraphs":
+        return True
+    config = getattr(backend, "config", None)
+    if isinstance(config, dict) and "triton.cudagraphs" in config:
+        return bool(config["triton.cudagraphs"])
+    return type(backend).__name__ == "_TorchCompileInductorWrapper" and bool(torch._inductor.config.triton.cudagraphs)
+
+
+def captured_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
+    """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own to
+    replay CUDA graphs (``compile_repeated_blocks(mode="reduce-overhead")``). relcache holds a block's records between
+    steps out of place there (the step is not compiled, so no static caches): they are outputs of the block's graph,
+    whose next replay writes where they are."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    ids = {id(m) for m in cached}
+    counts: Counter[str] = Counter()
+    for module, name in _blocks_apart(root):
+        if any(id(m) in ids for m in module.modules()) and _replays_cuda_graphs(
+                module, isinstance(module, OptimizedModule)):
+            counts[name] += 1
+    return counts
