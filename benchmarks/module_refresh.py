@@ -28,7 +28,7 @@ from relcache.evaluation.metrics import relative_l1
 from relcache.evaluation.reference import TRANSFORMER_DIR, load_evaluator
 from relcache.methods.history import sample_norm
 from relcache.runtime import modules
-from relcache.runtime.context import RowGroup
+from relcache.runtime.context import RowGroup, ready
 
 
 class Refresh:
@@ -44,28 +44,29 @@ class Refresh:
     def __enter__(self) -> Refresh:
         refresh, original = self, self._original
 
-        def forecast(calls: Any, idx: int, module: Any, args: tuple, kwargs: dict) -> Any:
+        def forecast(calls: Any, slot: modules.ModuleSlot, original_forward: Any, args: tuple, kwargs: dict) -> Any:
             ctx = calls.current
             if ctx is None or not ctx.schedule.decided or ctx.schedule.full:
-                return original(calls, idx, module, args, kwargs)
-            spec = calls.cached_modules[idx]
+                return original(calls, slot, original_forward, args, kwargs)
+            spec = slot.spec
             inputs = spec.inputs(args, kwargs)
             shapes = tuple(tuple(x.shape) for x in inputs)
             groups = [RowGroup.of(name, rows, inputs, shapes)
                       for name, rows in ctx.cfg.row_groups(inputs[spec.probe].shape[0])]
-            if all(ctx.caches.ready(idx, g.name, g.shapes) for g in groups):
-                state = ctx.caches.states[(idx, groups[0].name)][0]
+            record = slot.record
+            if all(ready(record, g.name, g.shapes) for g in groups):
+                state = record.states[groups[0].name][0]
                 if state.inp is not None:
                     x = groups[0].inputs[0]
                     before = state.input(x.dtype)
                     move = float((sample_norm(x - before) / sample_norm(before)).max())
                     refresh.moves.append(move)
                     if refresh.tau is not None and move > refresh.tau:
-                        ctx.caches.call_shapes[idx] = shapes
-                        calls._computing[idx] = modules.Computing(ctx, shapes, groups)
+                        record.call_shapes = shapes
+                        slot.computing = modules.Computing(ctx, shapes, groups)
                         refresh.refreshes += 1
                         return None  # computed; ``_record`` records it at this step
-            return original(calls, idx, module, args, kwargs)
+            return original(calls, slot, original_forward, args, kwargs)
 
         modules.ModuleCalls._forecast = forecast
         return self
