@@ -217,7 +217,14 @@ class FlopMeter:
 
     def __init__(self, enabled: bool = True) -> None:
         self.module: dict[tuple[int, Shapes], float] = {}  # (module index, input shapes) -> FLOPs
-        self.other: dict[tuple[Any, ...], float] = {}  # call signature -> FLOPs outside the cached modules
+        self.other: dict[tuple[Any, ...], float] = {}  # (model, call signature) -> FLOPs outside the cached modules
+        # which of the session's transformers runs the call (Wan 2.2's experts: their index; else None): two experts
+        # called on the same shapes each have their FLOPs outside the cached modules, and each expert's first call
+        # of a shape is the one that measures its modules where they cannot measure themselves (in blocks compiled
+        # one by one). Keyed by shapes alone, the second expert's modules were never measured there (its FLOP
+        # fraction NaN), and RFC's decision in a compiled block then entered the counter from traced code (an
+        # AssertionError); found by a test, 2026-12-06.
+        self.model: int | None = None
         self.counter: FlopCounterMode | None = None  # around the whole transformer call, while one measures
         self.shared_saved = 0.0  # FLOPs of shared copies not computed in the current call
         self.counted = False  # the current call ran eagerly and was counted by ``run_call``
@@ -236,7 +243,7 @@ class FlopMeter:
         self.counted = True
         if self.unknown is not None:
             return forward(*args, **kwargs)
-        sig = signature(args, kwargs)
+        sig = (self.model, signature(args, kwargs))
         executed, full = counters.executed, counters.full
         self.shared_saved = 0.0
         if sig in self.other:
@@ -337,7 +344,8 @@ class FlopMeter:
     def count_compiled_call(self, counters: Counters, full: bool, call_shapes: dict[int, Shapes],
                             sig: tuple[Any, ...], scale: int) -> None:
         """A call whose forward ran compiled (no FLOP counting inside graphs): every cached module computed (a full
-        step) or forecast, and the rest of the transformer as measured at this signature's eager call."""
+        step) or forecast, and the rest of the transformer as measured at this ``sig``'s eager call (``sig``: the
+        call's ``(model, signature)``, as ``run_call`` keys it)."""
         modules = sum(self.module_flops(i, sh) for i, sh in call_shapes.items())
         other = self.other.get(sig, 0.0)
         counters.full += modules * scale

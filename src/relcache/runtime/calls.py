@@ -99,7 +99,9 @@ class StepCalls:
             if ctx.cfg.half_batch and self.modulation is not None:
                 self.modulation.end_call()  # the forward gets half the batch, not the rows the table was matched on
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once
-        sig = self._call_sig = signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg else (args, kwargs)))
+        self.meter.model = None if self.experts is None else self.experts.running
+        sig = self._call_sig = (self.meter.model, signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg
+                                                               else (args, kwargs))))
         # a context's first call of a generation, into empty caches: compiled once an earlier one was rehearsed
         first = (first_call_key(self.model, ctx, sig, args, kwargs) if not ctx.signatures and not ctx.caches.states
                  else None)

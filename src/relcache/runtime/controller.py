@@ -72,7 +72,7 @@ class Session(StepCalls, ModuleCalls):
         self._called: set[int] = set()  # the cached modules the running call has called (eagerly)
         self.prober = Prober()
         self.probing: Probing | None = None  # a compiled RCS step's pre-pass, pending until its forward starts
-        self._call_sig: tuple[Any, ...] = ()  # the shapes of the running call's tensor arguments
+        self._call_sig: tuple[Any, ...] = ()  # (the running expert, the shapes of the running call's tensor arguments)
         self._compiled_call = False  # the running call's forward is compiled
         self._paths: dict[int, str] = {}  # cached module index -> where it sits in the model (set by ``attach``)
         self._n_modules = 0  # how many modules the model had when its FLOPs were last measured
