@@ -326,12 +326,13 @@ class FlopMeter:
         self.reported.add(idx)
         counters.full += self.module_flops(idx, shapes) * scale
 
-    def count_unreported(self, counters: Counters, full: bool, call_shapes: dict[int, Shapes], scale: int) -> None:
+    def count_unreported(self, counters: Counters, full: bool, call_shapes: list[tuple[int, Shapes]], scale: int
+                         ) -> None:
         """The cached modules of a call counted by ``run_call`` that did not count themselves: they ran inside
         compiled code while the step itself did not (a regional compile's blocks, ``compile_repeated_blocks``), where
         nothing counts. As in ``count_compiled_call``, each computed at a full step and forecast otherwise (before
         2026-12-04 they were left out, and the FLOP fractions came out wrong without notice: found by review)."""
-        for idx, shapes in call_shapes.items():
+        for idx, shapes in call_shapes:
             if idx in self.reported:
                 continue
             flops = self.module_flops(idx, shapes)
@@ -341,12 +342,12 @@ class FlopMeter:
                 counters.executed += flops
                 counters.model_executed += flops
 
-    def count_compiled_call(self, counters: Counters, full: bool, call_shapes: dict[int, Shapes],
+    def count_compiled_call(self, counters: Counters, full: bool, call_shapes: list[tuple[int, Shapes]],
                             sig: tuple[Any, ...], scale: int) -> None:
         """A call whose forward ran compiled (no FLOP counting inside graphs): every cached module computed (a full
         step) or forecast, and the rest of the transformer as measured at this ``sig``'s eager call (``sig``: the
         call's ``(model, signature)``, as ``run_call`` keys it)."""
-        modules = sum(self.module_flops(i, sh) for i, sh in call_shapes.items())
+        modules = sum(self.module_flops(i, sh) for i, sh in call_shapes)
         other = self.other.get(sig, 0.0)
         counters.full += modules * scale
         counters.model_full += (other + modules) * scale
@@ -354,8 +355,9 @@ class FlopMeter:
         if full:
             counters.executed += modules
 
-    def count_skipped_call(self, counters: Counters, call_shapes: dict[int, Shapes], sig: tuple[Any, ...]) -> None:
+    def count_skipped_call(self, counters: Counters, call_shapes: list[tuple[int, Shapes]], sig: tuple[Any, ...]
+                           ) -> None:
         """A whole transformer call was skipped (split CFG's "uncond" call rebuilt by CFG-Cache)."""
-        modules = sum(self.module_flops(i, sh) for i, sh in call_shapes.items())
+        modules = sum(self.module_flops(i, sh) for i, sh in call_shapes)
         counters.full += modules
         counters.model_full += self.other.get(sig, 0.0) + modules

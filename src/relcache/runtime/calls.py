@@ -103,11 +103,11 @@ class StepCalls:
         sig = self._call_sig = (self.meter.model, signature(*(self.cfg.forward_args(ctx, args, kwargs) if self.cfg
                                                                else (args, kwargs))))
         # a context's first call of a generation, into empty caches: compiled once an earlier one was rehearsed
-        first = (first_call_key(self.model, ctx, sig, args, kwargs) if not ctx.signatures and not ctx.caches.states
-                 else None)
+        empty = not ctx.caches.holds_states()
+        first = first_call_key(self.model, ctx, sig, args, kwargs) if not ctx.signatures and empty else None
         # record_errors reads each forecast's error on the host, per module: such runs stay eager (an analysis mode)
         self.first_call = compiled and not self.record_errors and self.rehearsals.valid(first, self.static.epoch)
-        eager = self.record_errors or ((sig not in ctx.signatures or not ctx.caches.states) and not self.first_call)
+        eager = self.record_errors or ((sig not in ctx.signatures or empty) and not self.first_call)
         self.rehearsals.pending = first if compiled and eager and self._rehearsable(first) else None
         ctx.signatures.add(sig)
         self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
@@ -228,14 +228,15 @@ class StepCalls:
         ctx = self.current
         self.probing = None  # a call that raised before its pre-pass leaves none pending
         if ctx is not None and ctx.cfg.skip_call:
-            self.meter.count_skipped_call(ctx.counters, ctx.caches.call_shapes, self._call_sig)
+            self.meter.count_skipped_call(ctx.counters, ctx.caches.called_shapes(), self._call_sig)
         elif ctx is not None and self._compiled_call and self._completed and not self.meter.counted:
             # a compiled call that returned (one that raised is not counted: what of it ran is unknown), and not one
             # dynamo ran eagerly
-            self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes,
+            self.meter.count_compiled_call(ctx.counters, ctx.schedule.full, ctx.caches.called_shapes(),
                                            self._call_sig, ctx.cfg.batch_scale)
         elif ctx is not None and self.meter.counted and self._completed and self.meter.unknown is None:
-            self.meter.count_unreported(ctx.counters, ctx.schedule.full, ctx.caches.call_shapes, ctx.cfg.batch_scale)
+            self.meter.count_unreported(ctx.counters, ctx.schedule.full, ctx.caches.called_shapes(),
+                                        ctx.cfg.batch_scale)
         self.meter.reported.clear()
         self._compiled_call = self.meter.counted = self.first_call = False
         if ctx is not None:

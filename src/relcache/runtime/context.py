@@ -36,7 +36,7 @@ class ScheduleProgress:
     full_steps: list[int] = field(default_factory=list)
 
 
-_ABSENT = object()  # a module's field not set yet in its record (``_ModuleTable``)
+_ABSENT = object()  # a module's ``call_shapes`` or ``tuple_out`` not set yet in its record
 
 
 class ModuleRecord:
@@ -51,6 +51,32 @@ class ModuleRecord:
         self.last_record: dict[str, int] = {}  # per row group: its latest record step
         self.call_shapes: object = _ABSENT  # the module's last whole-call input shapes
         self.tuple_out: object = _ABSENT  # the tuple type it returns (None: a tensor)
+
+    def clear(self) -> None:
+        """Forget everything, in place (the hooks' slots hold this record)."""
+        self.states.clear()
+        self.shapes.clear()
+        self.last_record.clear()
+        self.call_shapes = self.tuple_out = _ABSENT
+
+    def saved(self) -> ModuleRecord:
+        """A copy that later records do not change (``put_back`` restores it): the dicts copied, the predictor
+        states shallowly (``_copy_state``)."""
+        copied = ModuleRecord()
+        copied.states = {group: [_copy_state(st) for st in states] for group, states in self.states.items()}
+        copied.shapes = dict(self.shapes)
+        copied.last_record = dict(self.last_record)
+        copied.call_shapes, copied.tuple_out = self.call_shapes, self.tuple_out
+        return copied
+
+    def put_back(self, saved: ModuleRecord | None) -> None:
+        """Hold again what ``saved`` (a copy from ``saved()``; None: nothing) holds, in place."""
+        self.clear()
+        if saved is not None:
+            self.states.update(saved.states)
+            self.shapes.update(saved.shapes)
+            self.last_record.update(saved.last_record)
+            self.call_shapes, self.tuple_out = saved.call_shapes, saved.tuple_out
 
 
 class _GroupTable(MutableMapping):
@@ -153,8 +179,8 @@ class _ModuleTable(MutableMapping):
 
 class ModuleCaches:
     """The predictors' side: per cached module a ``ModuleRecord`` (its predictor states per row group, one per output
-    tensor, and the input shapes they were recorded on), and the host's tables keyed by (module index, row group) or
-    module index over them."""
+    tensor, the input shapes they were recorded on, its record steps), in the order modules were first touched.
+    Records are never removed: the hooks' slots hold them (``ModuleCalls.bind_slots``)."""
 
     def __init__(self) -> None:
         self.records: dict[int, ModuleRecord] = {}
@@ -167,8 +193,9 @@ class ModuleCaches:
         self.rows: dict[str, torch.Tensor] = {}  # this step's rows per group: (modules, row length)
         # each module's k at this step per group, on the host: eager forecasts read it (fewer kernels), compiled never
         self.host_k: dict[str, list[float]] = {}
-        # at a full step, the slots that have not recorded yet and their record step before it (None: none): a call
-        # that raises puts these back, so that each slot's record step stays the step its state was recorded at
+        # at a full step, the (module, group) slots that have not recorded yet and their record step before it (None:
+        # none): a call that raises puts these back, so that each slot's record step stays the step its state was
+        # recorded at
         self.unrecorded: dict[tuple[int, str], int | None] = {}
         # host tensors of step rows already made, by what they hold (``steps.kept_rows``): a step of the same gaps
         # copies one instead of building a tensor from nested lists again
@@ -180,6 +207,20 @@ class ModuleCaches:
         if record is None:
             record = self.records[idx] = ModuleRecord()
         return record
+
+    def holds_states(self) -> bool:
+        """Whether any module has predictor states (stops at the first that has)."""
+        return any(r.states for r in self.records.values())
+
+    def clear_states(self) -> None:
+        """Drop every module's predictor states (the rest of each record stays)."""
+        for record in self.records.values():
+            record.states.clear()
+
+    def called_shapes(self) -> list[tuple[int, Shapes]]:
+        """(module index, its last whole-call input shapes) of each module called so far, in the records' order: what
+        the FLOP meter counts a call by where its modules did not count themselves (``StepCalls.end_call``)."""
+        return [(idx, r.call_shapes) for idx, r in self.records.items() if r.call_shapes is not _ABSENT]
 
     @property
     def nbytes(self) -> int:
@@ -267,22 +308,21 @@ class Context:
         it back. Predictor states are copied shallowly: a record replaces their tensors, it never writes into them
         (held in place for capture, the buffers' contents are saved too)."""
         caches = self.caches
-        saved = {
-            "states": {slot: [_copy_state(st) for st in states] for slot, states in caches.states.items()},
-            "shapes": dict(caches.shapes), "tuple_out": dict(caches.tuple_out), "last_record": dict(caches.last_record),
-            "unrecorded": dict(caches.unrecorded),
-            "errors": {i: dict(e) for i, e in caches.errors.items()}, "call_shapes": dict(caches.call_shapes),
-        }
+        records = {idx: record.saved() for idx, record in caches.records.items()}
+        unrecorded = dict(caches.unrecorded)
+        errors = {i: dict(e) for i, e in caches.errors.items()}
         counters = copy.copy(self.counters)
         restore_static = self.static.snapshot() if self.static is not None else None  # in-place caches: contents
 
         def restore() -> None:
             if restore_static is not None:
                 restore_static()
-            for name, value in saved.items():
-                held = getattr(caches, name)
-                held.clear()
-                held.update(value)
+            for idx, record in caches.records.items():  # a record made during the call is emptied (slots hold it)
+                record.put_back(records.get(idx))
+            for name, held in (("unrecorded", unrecorded), ("errors", errors)):
+                table = getattr(caches, name)
+                table.clear()
+                table.update(held)
             self.counters.__dict__.update(vars(counters))
 
         return restore

@@ -301,7 +301,7 @@ class Session(StepCalls, ModuleCalls):
 
     def free_caches(self) -> None:
         for ctx in self.contexts.values():
-            ctx.caches.states.clear()
+            ctx.caches.clear_states()
             self.config.schedule.release(ctx.schedule.memory)
         if self.cfg is not None:
             self.cfg.reset()

@@ -92,14 +92,11 @@ class Experts:
         step (a full step notes one for every module, the running expert's too): the running expert starts as a
         context does at its first step."""
         mine = self.experts[self.running].span
-        caches = ctx.caches
-        caches.last_record.clear()
-        for table in (caches.states, caches.shapes):
-            for slot in [s for s in table if s[0] not in mine]:
-                del table[slot]
-        for table in (caches.call_shapes, caches.tuple_out):
-            for idx in [i for i in table if i not in mine]:
-                del table[idx]
+        for idx, record in ctx.caches.records.items():
+            if idx in mine:
+                record.last_record.clear()
+            else:
+                record.clear()
 
     def force(self, ctx: Context) -> bool:
         """Make ``ctx``'s decided step full where a switch asks for it; True when that changed the decision (the

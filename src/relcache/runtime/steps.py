@@ -81,11 +81,13 @@ def mark_records(ctx: Context, n_modules: int) -> None:
     a raising call did not record. Also run again after a call's state was put back (``Context.snapshot``) where the
     step was decided during that call: the decision stands, and so do its record steps."""
     caches = ctx.caches
-    caches.unrecorded = {}
-    if ctx.schedule.full:
-        slots = [(i, name) for name in caches.rows for i in range(n_modules)]
-        caches.unrecorded = {slot: caches.last_record.get(slot) for slot in slots}
-        caches.last_record.update((slot, ctx.step) for slot in slots)
+    unrecorded = caches.unrecorded = {}
+    if ctx.schedule.full and caches.rows:
+        step, lasts = ctx.step, [caches.record(i).last_record for i in range(n_modules)]
+        for name in caches.rows:
+            for i, last in enumerate(lasts):
+                unrecorded[(i, name)] = last.get(name)
+                last[name] = step
 
 
 def end_step(ctx: Context, completed: bool) -> None:
@@ -95,11 +97,12 @@ def end_step(ctx: Context, completed: bool) -> None:
     applied none of its records, so all of them go back.)"""
     caches = ctx.caches
     if not completed:
-        for slot, step in caches.unrecorded.items():
+        for (idx, name), step in caches.unrecorded.items():
+            last = caches.record(idx).last_record
             if step is None:
-                caches.last_record.pop(slot, None)
+                last.pop(name, None)
             else:
-                caches.last_record[slot] = step
+                last[name] = step
     caches.unrecorded = {}
 
 
