@@ -104,7 +104,8 @@ def first_input_bytes(model: torch.nn.Module) -> int:
     RCS's input history (RCS keeps ``order + 1`` of them)."""
     session = relcache.api._session(model)  # noqa: SLF001 (a benchmark reading the runtime)
     ctx = next(iter(session.contexts.values()))
-    state = ctx.caches.states[min(ctx.caches.states)][0]
+    record = ctx.caches.records[min(idx for idx, r in ctx.caches.records.items() if r.states)]
+    state = record.states[min(record.states)][0]
     shape = state.inp.shape
     return int(torch.Size(shape).numel()) * model.dtype.itemsize
 

@@ -67,10 +67,11 @@ def test_rfe_ratio_is_one_number_per_sequence(pipe):
 
     def look(*_: object) -> None:
         for ctx in _session(model).contexts.values():
-            for (idx, group), states in ctx.caches.states.items():
-                for j, st in enumerate(states):
-                    if st.ratio is not None:
-                        shapes[(idx, group, j)] = tuple(st.ratio.shape)
+            for idx, record in ctx.caches.records.items():
+                for group, states in record.states.items():
+                    for j, st in enumerate(states):
+                        if st.ratio is not None:
+                            shapes[(idx, group, j)] = tuple(st.ratio.shape)
 
     with relcache.cached(pipe, RFC(target_nfc=4)):
         handle = model.layers[-1].mlp_moe_gen.register_forward_pre_hook(look)

@@ -196,7 +196,7 @@ def test_each_expert_forecasts_from_its_own_history_only(pipe, session_of):
     names = [m.name for m in session.cached_modules]
 
     def note(*_: Any) -> None:
-        held.append({name: {names[idx].split(".")[0] for idx, _ in c.caches.states}
+        held.append({name: {names[idx].split(".")[0] for idx, r in c.caches.records.items() if r.states}
                      for name, c in session.contexts.items()})
 
     handles += [m.register_forward_hook(note) for m in (pipe.transformer, pipe.transformer_2)]

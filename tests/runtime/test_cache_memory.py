@@ -237,7 +237,7 @@ def _held_tensors(model) -> list[torch.Tensor]:
     session = vars(model)["_relcache"]
     held = []
     for ctx in session.contexts.values():
-        states = [st for group in ctx.caches.states.values() for st in group]
+        states = [st for record in ctx.caches.records.values() for group in record.states.values() for st in group]
         hist = getattr(ctx.schedule.memory, "history", None)
         for t in [*(d for st in states for d in (*st.out.diffs, st.inp)), *(hist.diffs if hist else ())]:
             if t is not None:
@@ -414,7 +414,8 @@ def test_float64_state_bytes_count_float64_ratios_and_match_what_a_run_holds(mak
     try:
         run_loop(model, x, y, steps=5)
         st = relcache.stats(model)
-        states = [s for group in vars(model)["_relcache"].contexts["default"].caches.states.values() for s in group]
+        records = vars(model)["_relcache"].contexts["default"].caches.records.values()
+        states = [s for record in records for group in record.states.values() for s in group]
     finally:
         relcache.disable(model)
     assert len(states) == 6 and all(s.ratio.dtype == torch.float64 for s in states)

@@ -87,20 +87,22 @@ def _addresses(model: torch.nn.Module) -> dict[tuple, int]:
             got[key] = t.data_ptr()
 
     for name, ctx in _session(model).contexts.items():
-        for slot, states in ctx.caches.states.items():
-            for j, st in enumerate(states):
-                for k, d in enumerate(st.out.diffs):
-                    add((name, slot, j, k), d)
-                add((name, slot, j, "gap"), st.out.gap)
-                add((name, slot, j, "inp"), st.inp)
-                add((name, slot, j, "ratio"), st.ratio)
-                for k, g in enumerate(getattr(st.out, "gaps", ())):
-                    add((name, slot, j, "gaps", k), g)
-                add((name, slot, j, "ratio_prev"), getattr(st, "ratio_prev", None))
-                for k, t in enumerate(getattr(st, "ratio_gaps", None) or ()):
-                    add((name, slot, j, "ratio_gaps", k), t)
-                for k, t in enumerate(getattr(st, "ratio_line", None) or ()):
-                    add((name, slot, j, "ratio_line", k), t)
+        for idx, record in ctx.caches.records.items():
+            for group, states in record.states.items():
+                slot = (idx, group)
+                for j, st in enumerate(states):
+                    for k, d in enumerate(st.out.diffs):
+                        add((name, slot, j, k), d)
+                    add((name, slot, j, "gap"), st.out.gap)
+                    add((name, slot, j, "inp"), st.inp)
+                    add((name, slot, j, "ratio"), st.ratio)
+                    for k, g in enumerate(getattr(st.out, "gaps", ())):
+                        add((name, slot, j, "gaps", k), g)
+                    add((name, slot, j, "ratio_prev"), getattr(st, "ratio_prev", None))
+                    for k, t in enumerate(getattr(st, "ratio_gaps", None) or ()):
+                        add((name, slot, j, "ratio_gaps", k), t)
+                    for k, t in enumerate(getattr(st, "ratio_line", None) or ()):
+                        add((name, slot, j, "ratio_line", k), t)
         for group, rows in ctx.caches.rows.items():
             add((name, "rows", group), rows)
         add((name, "cfg weights"), ctx.cfg.weights)
@@ -411,7 +413,7 @@ def test_a_model_error_mid_forward_at_a_full_step_keeps_each_modules_record_step
         ctx = _session(model).contexts["default"]
         assert ctx.step == 4 and ctx.schedule.full
         names = [m.name for m in _session(model).cached_modules]
-        record = {names[i]: s for (i, _), s in ctx.caches.last_record.items()}
+        record = {names[i]: s for i, r in ctx.caches.records.items() for s in r.last_record.values()}
     finally:
         handle.remove()
         relcache.disable(model)

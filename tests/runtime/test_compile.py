@@ -317,8 +317,8 @@ def _held_in_buffers(model: torch.nn.Module) -> tuple[int, int]:
     out of place."""
     session = _session(model)
     buffers = {id(b) for b in session.static.buffers.values()}
-    held = [id(d) in buffers for ctx in session.contexts.values() for states in ctx.caches.states.values()
-            for st in states for d in st.out.diffs]
+    held = [id(d) in buffers for ctx in session.contexts.values() for record in ctx.caches.records.values()
+            for states in record.states.values() for st in states for d in st.out.diffs]
     return sum(held), len(held) - sum(held)
 
 
