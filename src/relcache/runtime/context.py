@@ -5,9 +5,9 @@ calls relate to a CFG batch."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -79,104 +79,6 @@ class ModuleRecord:
             self.call_shapes, self.tuple_out = saved.call_shapes, saved.tuple_out
 
 
-class _GroupTable(MutableMapping):
-    """``(module index, row group) -> value`` over the records' per-group dicts ``field``: the host's view, keyed as
-    before, of what the records hold."""
-
-    def __init__(self, records: dict[int, ModuleRecord], field: str) -> None:
-        self._records = records
-        self._field = field
-
-    def _of(self, idx: int) -> dict:
-        return getattr(self._records[idx], self._field) if idx in self._records else {}
-
-    def __getitem__(self, key: tuple[int, str]) -> Any:
-        return self._of(key[0])[key[1]]
-
-    def __setitem__(self, key: tuple[int, str], value: Any) -> None:
-        record = self._records.get(key[0])
-        if record is None:
-            record = self._records[key[0]] = ModuleRecord()
-        getattr(record, self._field)[key[1]] = value
-
-    def __delitem__(self, key: tuple[int, str]) -> None:
-        del self._of(key[0])[key[1]]
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, tuple) and len(key) == 2 and key[1] in self._of(key[0])
-
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        return iter([(idx, g) for idx, r in self._records.items() for g in getattr(r, self._field)])
-
-    def __len__(self) -> int:
-        return sum(len(getattr(r, self._field)) for r in self._records.values())
-
-    def __bool__(self) -> bool:  # stops at the first record holding one (``len`` would count them all)
-        return any(getattr(r, self._field) for r in self._records.values())
-
-    # Read at every call (``_prepare_rows``, ``note_peak``): straight over the records, not through the Mapping
-    # mixins' one ``__getitem__`` per key (their form added about 80 µs a call at DiT-XL/2's depth, 2026-12-06).
-    def get(self, key: tuple[int, str], default: Any = None) -> Any:
-        record = self._records.get(key[0]) if type(key) is tuple and len(key) == 2 else None
-        return default if record is None else getattr(record, self._field).get(key[1], default)
-
-    def update(self, pairs: Any = (), /) -> None:  # a full step's record steps (``mark_records``): into the records
-        records, field = self._records, self._field
-        for (idx, group), value in (pairs.items() if isinstance(pairs, Mapping) else pairs):
-            record = records.get(idx)
-            if record is None:
-                record = records[idx] = ModuleRecord()
-            getattr(record, field)[group] = value
-
-    def items(self) -> list[tuple[tuple[int, str], Any]]:
-        return [((idx, g), v) for idx, r in self._records.items() for g, v in getattr(r, self._field).items()]
-
-    def values(self) -> list[Any]:
-        return [v for r in self._records.values() for v in getattr(r, self._field).values()]
-
-    def clear(self) -> None:
-        for record in self._records.values():
-            getattr(record, self._field).clear()
-
-
-class _ModuleTable(MutableMapping):
-    """``module index -> value`` over the records' field ``field`` (absent until set)."""
-
-    def __init__(self, records: dict[int, ModuleRecord], field: str) -> None:
-        self._records = records
-        self._field = field
-
-    def __getitem__(self, idx: int) -> Any:
-        value = getattr(self._records[idx], self._field) if idx in self._records else _ABSENT
-        if value is _ABSENT:
-            raise KeyError(idx)
-        return value
-
-    def __setitem__(self, idx: int, value: Any) -> None:
-        record = self._records.get(idx)
-        if record is None:
-            record = self._records[idx] = ModuleRecord()
-        setattr(record, self._field, value)
-
-    def __delitem__(self, idx: int) -> None:
-        self[idx]  # noqa: B018 - KeyError where absent
-        setattr(self._records[idx], self._field, _ABSENT)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter([idx for idx, r in self._records.items() if getattr(r, self._field) is not _ABSENT])
-
-    def __len__(self) -> int:
-        return sum(1 for r in self._records.values() if getattr(r, self._field) is not _ABSENT)
-
-    def items(self) -> list[tuple[int, Any]]:  # read at every call (accounting)
-        got = [(idx, getattr(r, self._field)) for idx, r in self._records.items()]
-        return [(idx, v) for idx, v in got if v is not _ABSENT]
-
-    def clear(self) -> None:
-        for record in self._records.values():
-            setattr(record, self._field, _ABSENT)
-
-
 class ModuleCaches:
     """The predictors' side: per cached module a ``ModuleRecord`` (its predictor states per row group, one per output
     tensor, the input shapes they were recorded on, its record steps), in the order modules were first touched.
@@ -184,11 +86,6 @@ class ModuleCaches:
 
     def __init__(self) -> None:
         self.records: dict[int, ModuleRecord] = {}
-        self.states = _GroupTable(self.records, "states")
-        self.shapes = _GroupTable(self.records, "shapes")
-        self.last_record = _GroupTable(self.records, "last_record")  # (module, group) -> its latest record step
-        self.call_shapes = _ModuleTable(self.records, "call_shapes")  # each module's last whole-call input shapes
-        self.tuple_out = _ModuleTable(self.records, "tuple_out")  # the tuple type each returns (None: a tensor)
         self.errors: dict[int, dict[int, float]] = {}  # record_errors: step -> rel. L1 per module
         self.rows: dict[str, torch.Tensor] = {}  # this step's rows per group: (modules, row length)
         # each module's k at this step per group, on the host: eager forecasts read it (fewer kernels), compiled never
