@@ -120,6 +120,39 @@ def test_a_step_is_a_new_or_rewritten_input():
     assert calls.name(x, t) == "default"
 
 
+def test_meta_tensors_have_no_values_to_compare_so_each_call_is_a_step():
+    """A shape-only run on the meta device (``benchmarks/cache_memory.py --parts meta`` sizes full-size models so)
+    raised ``NotImplementedError`` (``aten::equal`` on meta tensors) where values would tell a repeat: under
+    ``inference_mode`` on the same latents, and with an equal timestep in another tensor. Now each such call is a
+    step of its own; the very same objects, unchanged, still make a repeat outside ``inference_mode``."""
+    calls = UncontextedCalls()
+    with torch.inference_mode():
+        x, t = torch.empty(2, 3, device="meta"), torch.empty(2, device="meta")
+        assert [calls.name(x, t) for _ in range(3)] == ["default"] * 3
+    y = torch.empty(2, 3, device="meta")
+    assert calls.name(y, torch.empty(2, device="meta")) == "default"
+    assert calls.name(y, torch.empty(2, device="meta")) == "default"  # an equal-looking timestep: not comparable
+    s = torch.empty(2, device="meta")
+    assert calls.name(y, s) == "default"
+    assert calls.name(y, s) == "default.2"  # the same objects, unchanged
+
+
+def test_a_meta_model_under_inference_mode_counts_every_call_as_a_step():
+    with torch.device("meta"):
+        model = tiny_dit()
+    relcache.enable(model, FORA(2))
+    try:
+        relcache.begin_generation(model, 4)
+        with torch.inference_mode():
+            x, t = torch.empty(2, 4, 8, 8, device="meta"), torch.full((2,), 999.0, device="meta")
+            for _ in range(4):
+                model(x, timestep=t, class_labels=torch.tensor([1, 2], device="meta"))
+        st = relcache.stats(model)
+        assert (st.num_steps, st.full_steps) == (4, list(FORA(2).schedule.full_steps(4)))  # every call a step
+    finally:
+        relcache.disable(model)
+
+
 def test_the_budget_is_each_contexts_and_nfc_counts_the_steps_full_in_either():
     """True CFG as two calls per step: each call context keeps its own budget of 5, and here they choose different
     late steps, so ``nfc`` (steps full in either) reads 6 where the budget named 5 (found by review: the README said

@@ -62,7 +62,10 @@ class UncontextedCalls:
             version = None
         again = self._prev is not None and self._prev() is x  # the very tensor the previous call got
         same = again and version == self._version and _same_timestep(timestep, self._timestep)
-        if same and version is None:
+        if same and version is None and x.is_meta:
+            # meta tensors (a shape-only run, e.g. sizing caches) have no values to compare: each call is a step
+            same = False
+        elif same and version is None:
             # inference tensors: a static-buffer loop (CUDA graphs) refills the same latents and timestep in place,
             # and only their values tell its next step from another call of the same step (Heun repeats timesteps)
             if self._latents is not None:
@@ -92,7 +95,7 @@ def _same_timestep(a: Any, b: Any) -> bool:
     if a is b:
         return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+        return a.shape == b.shape and a.device == b.device and not a.is_meta and bool(torch.equal(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
     return False
