@@ -25,17 +25,26 @@ def _raise_in_block(model: nn.Module, block: int, at_call: int) -> torch.utils.h
     return model.transformer_blocks[block].attn1.register_forward_pre_hook(hook)
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["eager", "blocks-compiled-apart"])
 @pytest.mark.parametrize("at_step", [0, 3])
-def test_a_full_step_that_raises_gives_unrecorded_modules_their_previous_record_step(dit, at_step):
+def test_a_full_step_that_raises_gives_unrecorded_modules_their_previous_record_step(dit, at_step, apart):
     """Guards ``end_step`` and ``prepare_step``'s ``unrecorded`` (mutants: no restore, restore after a call that
     returned, a slot never recorded kept instead of dropped, ``unrecorded`` not filled). TaylorSeer(2) over 6 steps
     is full at 0, 1, 3, 5; slots are numbered in call order (block 0's attn1 and ff are 0 and 1). A call raising in
     block 1's attention at full step ``at_step`` has recorded block 0's two modules only; the loop goes on with the
     next step, and its rows' ``k`` counts from each module's own latest record. Raised at step 3: at step 4 (cached)
     ``k`` is 1 for slots 0, 1 (recorded at 3) and 3 for the others (recorded at 1). Raised at step 0: at step 1
-    slots 2..5 have no record, so their ``k`` is 0 (a first record has no gap), slots 0, 1 have 1."""
+    slots 2..5 have no record, so their ``k`` is 0 (a first record has no gap), slots 0, 1 have 1.
+    ``apart``: each block compiled on its own (graphs run eagerly): block 0's graph has returned, and applied its
+    records, when block 1 raises; before 2026-12-06 those modules' record steps were put back too (found by review:
+    ``end_step`` took every compiled record as not applied)."""
     x, y = dit_inputs()
-    with relcache.cached(dit, TaylorSeer(2)), torch.no_grad(), warnings.catch_warnings():
+    torch._dynamo.reset()
+    if apart:
+        for block in dit.transformer_blocks:
+            block.compile(backend="eager")
+    with (relcache.cached(dit, TaylorSeer(2)), torch.no_grad(), warnings.catch_warnings(),
+          torch._dynamo.config.patch(recompile_limit=64)):
         warnings.simplefilter("ignore", RuntimeWarning)  # fewer steps run than announced
         relcache.begin_generation(dit, 6)
         handle = _raise_in_block(dit, 1, at_step)
@@ -51,6 +60,7 @@ def test_a_full_step_that_raises_gives_unrecorded_modules_their_previous_record_
         last = {idx: step for idx, record in caches.records.items() for step in record.last_record.values()}
         k = caches.host_k["all"]
         assert relcache.stats(dit).full_steps == ([0, 1, 3] if at_step else [0, 1])
+    torch._dynamo.reset()
     if at_step == 3:
         assert k == [1.0, 1.0, 3.0, 3.0, 3.0, 3.0]
         assert last == {0: 3, 1: 3, 2: 1, 3: 1, 4: 1, 5: 1}

@@ -51,6 +51,7 @@ class ModuleRecord:
         self.last_record: dict[str, int] = {}  # per row group: its latest record step
         self.call_shapes: object = _ABSENT  # the module's last whole-call input shapes
         self.tuple_out: object = _ABSENT  # the tuple type it returns (None: a tensor)
+        self.recorded = False  # recorded since the running full step's start (``steps.mark_records``, ``end_step``)
 
     def clear(self) -> None:
         """Forget everything, in place (the hooks' slots hold this record)."""
@@ -58,6 +59,7 @@ class ModuleRecord:
         self.shapes.clear()
         self.last_record.clear()
         self.call_shapes = self.tuple_out = _ABSENT
+        self.recorded = False
 
     def saved(self) -> ModuleRecord:
         """A copy that later records do not change (``put_back`` restores it): the dicts copied, the predictor

@@ -244,5 +244,8 @@ class ModuleCalls:
                 record.last_record[group.name] = ctx.step
             elif eager:  # recorded: its record step is this step's (``end_step``)
                 caches.unrecorded.pop((slot.idx, group.name), None)
+        # a write, never read in traced code (no guard): where blocks compile one by one, each block's graph applies
+        # its records when it returns, and a later block that raises must not put this module's record steps back
+        record.recorded = True
         if eager and not self._counted_at_end():
             self.meter.count_computed(ctx.counters, slot.idx, computing.shapes, ctx.cfg.batch_scale)

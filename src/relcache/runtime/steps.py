@@ -83,7 +83,10 @@ def mark_records(ctx: Context, n_modules: int) -> None:
     caches = ctx.caches
     unrecorded = caches.unrecorded = {}
     if ctx.schedule.full and caches.rows:
-        step, lasts = ctx.step, [caches.record(i).last_record for i in range(n_modules)]
+        records = [caches.record(i) for i in range(n_modules)]
+        for record in records:
+            record.recorded = False
+        step, lasts = ctx.step, [record.last_record for record in records]
         for name in caches.rows:
             for i, last in enumerate(lasts):
                 unrecorded[(i, name)] = last.get(name)
@@ -93,12 +96,17 @@ def mark_records(ctx: Context, n_modules: int) -> None:
 def end_step(ctx: Context, completed: bool) -> None:
     """The call of ``ctx``'s step returned (``completed``) or raised. After a full-step call that raised, each slot
     that had not recorded gets its previous record step back: its state is still the one recorded then, and the next
-    forecast's ``k`` must count from there. (Eager calls tell which slots recorded; a compiled call that raised
-    applied none of its records, so all of them go back.)"""
+    forecast's ``k`` must count from there. A slot recorded where its module's record says so (``recorded``, set
+    by every record, eager or compiled): an eager call also drops it from ``unrecorded`` as it records; a compiled
+    graph that raised applied none of its records, but where blocks compile one by one (or a graph break splits
+    the forward) the graphs that returned before it applied theirs (found by review, 2026-12-06)."""
     caches = ctx.caches
     if not completed:
         for (idx, name), step in caches.unrecorded.items():
-            last = caches.record(idx).last_record
+            record = caches.record(idx)
+            if record.recorded:
+                continue
+            last = record.last_record
             if step is None:
                 last.pop(name, None)
             else:
