@@ -6,7 +6,7 @@ blocks cannot share their graphs or would overwrite relcache's caches."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,9 +16,10 @@ from torch import nn
 CUDA_GRAPH_DEVICES = frozenset({"cuda"})
 
 
-def _blocks_apart(root: nn.Module) -> Iterator[tuple[nn.Module, str]]:
-    """``root``'s submodules compiled on their own, and their class names: by ``nn.Module.compile`` (as diffusers'
-    ``compile_repeated_blocks`` does), wrapped by ``torch.compile``, or with their ``forward`` compiled."""
+def _blocks_apart(root: nn.Module) -> Iterator[tuple[nn.Module, str, bool]]:
+    """``root``'s submodules compiled on their own, their class names and whether ``torch.compile`` wrapped them: by
+    ``nn.Module.compile`` (as diffusers' ``compile_repeated_blocks`` does), wrapped, or with their ``forward``
+    compiled."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     for module in root.modules():
@@ -29,18 +30,20 @@ def _blocks_apart(root: nn.Module) -> Iterator[tuple[nn.Module, str]]:
         if (not wrapped and getattr(module, "_compiled_call_impl", None) is None
                 and getattr(forward, "_torchdynamo_orig_callable", None) is None):
             continue
-        yield module, type(module._orig_mod if wrapped else module).__name__
+        yield module, type(module._orig_mod if wrapped else module).__name__, wrapped
 
 
-def compiled_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
+def compiled_apart(root: nn.Module, cached: list[nn.Module],
+                   only: Callable[[nn.Module, bool], bool] | None = None) -> Counter[str]:
     """Per class name, how many of ``root``'s submodules that hold a cached module are compiled on their own
-    (``_blocks_apart``). Dynamo compiles each of them apart; with relcache their graphs are shared between the blocks
-    of a class (``cached_apart``), one per kind of step, where each block's needed graphs of its own while the hook
-    read the module's index (a constant of its graphs)."""
+    (``_blocks_apart``; ``only``: those of them it accepts, given the block and whether it is wrapped). Dynamo compiles
+    each of them apart; with relcache their graphs are shared between the blocks of a class (``cached_apart``), one per
+    kind of step, where each block's needed graphs of its own while the hook read the module's index (a constant of its
+    graphs)."""
     ids = {id(m) for m in cached}
     counts: Counter[str] = Counter()
-    for module, name in _blocks_apart(root):
-        if any(id(m) in ids for m in module.modules()):
+    for module, name, wrapped in _blocks_apart(root):
+        if any(id(m) in ids for m in module.modules()) and (only is None or only(module, wrapped)):
             counts[name] += 1
     return counts
 
@@ -49,7 +52,7 @@ def cached_apart(root: nn.Module, cached: list[nn.Module]) -> set[int]:
     """The ids of the ``cached`` modules that sit in a submodule of ``root`` compiled on its own (``_blocks_apart``):
     their hooks pick their step rows by a tensor position, so that blocks share graphs (``modules.ModuleSlot``)."""
     ids = {id(m) for m in cached}
-    return {id(m) for block, _ in _blocks_apart(root) for m in block.modules() if id(m) in ids}
+    return {id(m) for block, _, _ in _blocks_apart(root) for m in block.modules() if id(m) in ids}
 
 
 def _compile_context(module: nn.Module, wrapped: bool) -> Any:
@@ -98,12 +101,4 @@ def captured_apart(root: nn.Module, cached: list[nn.Module]) -> Counter[str]:
     replay CUDA graphs (``compile_repeated_blocks(mode="reduce-overhead")``). relcache holds a block's records between
     steps out of place there (the step is not compiled, so no static caches): they are outputs of the block's graph,
     whose next replay writes where they are."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    ids = {id(m) for m in cached}
-    counts: Counter[str] = Counter()
-    for module, name in _blocks_apart(root):
-        if any(id(m) in ids for m in module.modules()) and _replays_cuda_graphs(
-                module, isinstance(module, OptimizedModule)):
-            counts[name] += 1
-    return counts
+    return compiled_apart(root, cached, _replays_cuda_graphs)
