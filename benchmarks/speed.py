@@ -8,7 +8,9 @@ repeat, and reports:
 * the cost of one cached step as a fraction of a full step, derived from the same run:
   ``(t_method - NFC * t_full_step) / (T - NFC) / t_full_step``;
 * the memory held by the caches at the end of a generation (``relcache.stats(...).cache_bytes``: every tensor
-  the predictors and the RCS schedule keep).
+  the predictors and the RCS schedule keep);
+* under each table, every method's time over TaylorSeer's round by round (median and range over the rounds): on a
+  machine whose speed drifts, a steadier comparison than two medians. Each row's per-round times are saved too.
 
 Each method is enabled, primed with one untimed step (relcache's one-off FLOP measurement), then timed.
 The "every step full" row runs relcache with nothing cached: what its runtime alone costs or saves.
@@ -245,6 +247,28 @@ def timing_row(size: str, args: argparse.Namespace, budget: int, name: str, t: f
             "pct_of_ideal": 100 * (t_full / t) / (args.steps / k), "cached_step_fraction": cached_frac, **extra}
 
 
+PAIRED_WITH = "TaylorSeer m=2"  # the method each row is also compared with round by round (the speed issue's 3 %)
+
+
+def paired_lines(rows: list[dict[str, object]], versus: str = PAIRED_WITH) -> list[str]:
+    """For each row with per-round times, its time over ``versus``'s in the same round (same budget, same batch
+    modulation), as the median and range over the rounds. Rounds are timed one right after the other, so a drift
+    of the machine's speed cancels out of each ratio; the medians of the table's columns do not pair rounds."""
+    lines = []
+    for row in rows:
+        name = str(row["method"])
+        suffix = " + batch modulation" if name.endswith(" + batch modulation") else ""
+        ref = next((r for r in rows if r["method"] == versus + suffix and r["budget"] == row["budget"]), None)
+        if ref is None or ref is row or not row.get("times_s") or len(row["times_s"]) != len(ref.get("times_s", ())):
+            continue
+        ratios = sorted(a / b for a, b in zip(row["times_s"], ref["times_s"], strict=True))
+        row[f"over_{versus}_per_round"] = ratios
+        lines.append(f"{name} over {versus}{suffix}, NFC {row['nfc']}, per round: median "
+                     f"{100 * (statistics.median(ratios) - 1):+.1f} %, range {100 * (ratios[0] - 1):+.1f} % to "
+                     f"{100 * (ratios[-1] - 1):+.1f} % ({len(ratios)} rounds)")
+    return lines
+
+
 def row_cells(row: dict[str, object], steps: int) -> str:
     """The printed cells every table shares: method, NFC, time, speed-up, ideal, % of ideal, cached step's share."""
     frac = "-" if row["nfc"] == steps else f"{100 * row['cached_step_fraction']:.1f} %"
@@ -277,9 +301,12 @@ def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object,
         table_head(f"DiT-{size}/2 compiled (mode={args.compile})", t_full, args.steps)
         for (budget, name) in configs:
             row = timing_row(size, args, budget, name, statistics.median(times[(budget, name)]),
-                             nfc[(budget, name)], t_full, compile=args.compile, compile_counts=counts)
+                             nfc[(budget, name)], t_full, compile=args.compile, compile_counts=counts,
+                             times_s=times[(budget, name)])
             rows.append(row)
             print(row_cells(row, args.steps))
+        for line in paired_lines(rows):
+            print(line)
         print(f"dynamo over this table (every model): {counts['graphs']} graphs, {counts['graph_breaks']} graph "
               f"breaks; inductor: {counts['cudagraph_skips']} graphs not captured in CUDA graphs "
               "(TORCH_LOGS=cudagraphs says why)", flush=True)
@@ -374,9 +401,12 @@ def main() -> None:
                    ("cache MiB",))
         for (budget, name) in configs:
             row = timing_row(size, args, budget, name, statistics.median(times[(budget, name)]),
-                             nfc[(budget, name)], t_full, cache_mib=memory[(budget, name)] / 2**20)
+                             nfc[(budget, name)], t_full, cache_mib=memory[(budget, name)] / 2**20,
+                             times_s=times[(budget, name)])
             rows.append(row)
             print(f"{row_cells(row, args.steps)} {row['cache_mib']:.1f} |")
+        for line in paired_lines(rows[-len(configs):]):
+            print(line)
         save()
         if args.compile:
             rows += compiled_rows(model, size, configs, args, dtype, save)
