@@ -137,6 +137,28 @@ def test_executed_flops_leave_out_the_shared_copies(config):
         assert st.model_executed_flops == plain.get_total_flops() - 11 * LAYERS * one.get_total_flops()
 
 
+def test_a_later_generation_executes_and_reports_the_copies_the_measuring_call_ran():
+    """The first generation's measuring call computes (and counts) every copy; an identical later generation has no
+    measuring call, so it executes LAYERS copies less, and reports exactly that: stats follow what ran."""
+    model = tiny_dit(layers=LAYERS)
+    x, labels = inputs()
+    with flop_counter() as plain:
+        run_loop(model, x, labels)
+    with flop_counter() as one:
+        model.transformer_blocks[0].norm1.emb(torch.full((2,), 999), labels, hidden_dtype=torch.float32)
+    with relcache.cached(model, FORA(1, 1)):
+        executed = []
+        for _ in range(3):
+            with flop_counter() as counter:
+                run_loop(model, x, labels)
+            st = relcache.stats(model).contexts["default"]
+            assert st.model_executed_flops == counter.get_total_flops()
+            assert st.model_full_flops == plain.get_total_flops()
+            executed.append(st.model_executed_flops)
+    assert executed[0] - executed[1] == LAYERS * one.get_total_flops() > 0
+    assert executed[1] == executed[2] == plain.get_total_flops() - 12 * LAYERS * one.get_total_flops()
+
+
 def test_shared_under_inference_mode(tied):
     """Inference tensors keep no version counter: the copies are matched by identity, and shared all the same."""
     model, x, labels, calls = tied

@@ -108,7 +108,8 @@ class Interval(Schedule):
     def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
         if num_steps is not None and self.interval > 1 and self.warmup >= num_steps:
             warn(f"relcache: the warm-up (warmup={self.warmup}) covers all {num_steps} steps of this generation: every "
-                 "step is full and nothing is cached. Give a warmup below the step count (FasterCache's default, 15, "
+                 "step computes the cached modules in full and no module output is forecast (a CFG-Cache, where one "
+                 "is on, keeps its own schedule). Give a warmup below the step count (FasterCache's default, 15, "
                  "is diffusers' schedule at 50 steps: about 0.3 x num_steps)", RuntimeWarning)
         return None
 

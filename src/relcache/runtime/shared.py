@@ -21,7 +21,9 @@ recomputing it. This is exact, not a prediction, and it only applies where it ca
   the first call whose whole forward is compiled takes the hooks off for good (``Session.drop_sharing``), as their
   wrappers only added dynamo guards there;
 * the call whose FLOPs relcache measures computes every copy, so that full FLOPs are those of the model as
-  diffusers runs it; a shared copy's FLOPs are then left out of the executed FLOPs;
+  diffusers runs it, and counts them as executed, since they ran; in later calls a copy not computed is left out of
+  the executed FLOPs. So a generation whose calls include a shape's measuring call (the first generation of each
+  input shape after ``enable``) executes, and reports, a little more than a later identical one;
 * arguments are compared by identity and version (the same tensor, not modified in place; under
   ``torch.inference_mode`` by identity alone, as inference tensors keep no version), and the memo is
   dropped at the end of every transformer call.
