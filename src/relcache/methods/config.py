@@ -154,8 +154,8 @@ def RFC(  # noqa: N802
 
     Give exactly one of ``threshold`` (the paper's hand-tuned ``tau``) and ``target_nfc`` (a budget of full
     computations per generation, found automatically). ``max_skip`` forces a full step after that many cached steps
-    in a row, while the budget has a full step left to give: with ``target_nfc`` the budget wins (docs/spec.md,
-    "Target NFC").
+    in a row; with ``target_nfc`` only while the budget has a full step left to give (docs/spec.md, "RCS",
+    rule 4).
     """
     # checked here for RFC's own range: Relational needs a direction, so order 0 (allowed in InputError) is not RFC
     order = check_int("order", order, 1, MAX_ORDER)
