@@ -32,6 +32,11 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
 
 
+def _coefficient(s: torch.Tensor, moved: torch.Tensor, u: torch.Tensor, k: float) -> torch.Tensor:
+    """RFE's per-sample coefficient ``s · ‖ΔI‖ / ‖u‖``, ``k`` where not finite (as ``Relational._finish``)."""
+    return torch.nan_to_num(s * moved / _norm(u), nan=k, posinf=k, neginf=k)
+
+
 def _per_sample(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.view((like.shape[0],) + (1,) * (like.dim() - 1))
 
@@ -42,7 +47,7 @@ def torch_path(inp: torch.Tensor, a: torch.Tensor | None, d0: torch.Tensor, d1: 
     change = inp - a
     moved = _norm(change)
     u = torch.addcmul(d1, row[1], d2, out=change)
-    coef = torch.nan_to_num(s * moved / _norm(u), nan=k, posinf=k, neginf=k)
+    coef = _coefficient(s, moved, u, k)
     return torch.addcmul(d0, _per_sample(coef, u), u, out=u)
 
 
@@ -58,7 +63,7 @@ def functional(inp: torch.Tensor, a: torch.Tensor | None, d0: torch.Tensor, d1: 
     """The forecast without ``out=`` (what a compiled function traces)."""
     moved = _norm(inp - a)
     u = torch.addcmul(d1, row[1], d2)
-    coef = torch.nan_to_num(s * moved / _norm(u), nan=k, posinf=k, neginf=k)
+    coef = _coefficient(s, moved, u, k)
     return torch.addcmul(d0, _per_sample(coef, u), u)
 
 
@@ -68,7 +73,7 @@ def with_cdist(inp: torch.Tensor, a: torch.Tensor | None, d0: torch.Tensor, d1: 
     b = inp.shape[0]
     moved = torch.cdist(inp.reshape(b, 1, -1), a.reshape(b, 1, -1)).reshape(b)
     u = torch.addcmul(d1, row[1], d2)
-    coef = torch.nan_to_num(s * moved / _norm(u), nan=k, posinf=k, neginf=k)
+    coef = _coefficient(s, moved, u, k)
     return torch.addcmul(d0, _per_sample(coef, u), u, out=u)
 
 
