@@ -122,7 +122,9 @@ needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "
 
 #: the files whose tests take longest (torch.compile tracing, spawned processes): run first, so that with ``-n 2`` the
 #: last tests to finish are short ones and both workers end together (sorted last, they left one worker running
-#: compile tests alone for minutes)
+#: compile tests alone for minutes). This needs ``--dist worksteal`` (pyproject's addopts): under xdist's default
+#: ``load`` schedule the first round-robin batch queued 203 of these on one worker, which ran them alone for 400 s
+#: after the other had finished every other test (2026-12-06: 626-650 s in all, against 524 s with worksteal)
 HEAVY_FIRST = ("runtime/test_compile.py", "runtime/test_capture.py", "models/test_compile_families.py",
                "models/test_cosmos3.py", "runtime/test_context_parallel.py", "evaluation/test_bench_cli.py",
                "runtime/test_cache_memory.py", "runtime/test_cfg_cache.py")
