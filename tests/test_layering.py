@@ -1,7 +1,7 @@
 """The package's layers import only downwards: errors <- methods <- models <- runtime <- api <- evaluation <- cli.
 
 Every import in ``src/relcache`` (module level or inside a function, absolute or relative) is resolved to the
-layer it names; an import of a higher layer, or of the top-level ``relcache`` package (which imports everything),
+layer it names; an import of a higher layer, or of the top-level ``relcache`` package (whose names import every layer),
 from inside a layer fails the test.
 """
 

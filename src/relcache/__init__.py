@@ -12,28 +12,64 @@ FORA, TaylorSeer, RFC and FasterCache are presets naming such pairs; ``CFGCache`
 unconditional half of classifier-free guidance to any of them.
 """
 
-from . import models  # noqa: F401  (registers the model adapters)
-from .api import begin_generation, cached, disable, enable, is_enabled, stats
-from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
-from .methods import (
-    FORA,
-    RFC,
-    CacheConfig,
-    CacheStorage,
-    CFGCache,
-    FasterCache,
-    InputError,
-    Interval,
-    Linear,
-    Relational,
-    Reuse,
-    Steps,
-    Taylor,
-    TaylorSeer,
-)
-from .methods.config import RFCPlus  # issue 19: beyond the paper (methods/plus.py, fit.py)
-from .models import CustomAdapter
-from .runtime import CacheStats, ContextStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the module that defines it. Imported on first use (PEP 562), so that ``import relcache`` and the
+#: ``relcache`` command's ``--help`` and option errors do not wait seconds for torch and diffusers; any of these
+#: names (``relcache.enable`` first of all) imports ``relcache.models``, which registers the model adapters.
+_LAZY = {
+    **dict.fromkeys(("begin_generation", "cached", "disable", "enable", "is_enabled", "stats"), ".api"),
+    **dict.fromkeys(("AlreadyEnabledError", "ConfigError", "NotEnabledError", "UnsupportedModelError"), ".errors"),
+    **dict.fromkeys(("FORA", "RFC", "CacheConfig", "CacheStorage", "CFGCache", "FasterCache", "InputError",
+                     "Interval", "Linear", "Relational", "Reuse", "Steps", "Taylor", "TaylorSeer"), ".methods"),
+    "RFCPlus": ".methods.config",  # issue 19: beyond the paper (methods/plus.py, fit.py)
+    "CustomAdapter": ".models",
+    **dict.fromkeys(("CacheStats", "ContextStats"), ".runtime"),
+}
+_SUBPACKAGES = ("api", "cli", "errors", "evaluation", "methods", "models", "runtime")
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported at once
+    from .api import begin_generation, cached, disable, enable, is_enabled, stats
+    from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
+    from .methods import (
+        FORA,
+        RFC,
+        CacheConfig,
+        CacheStorage,
+        CFGCache,
+        FasterCache,
+        InputError,
+        Interval,
+        Linear,
+        Relational,
+        Reuse,
+        Steps,
+        Taylor,
+        TaylorSeer,
+    )
+    from .methods.config import RFCPlus
+    from .models import CustomAdapter
+    from .runtime import CacheStats, ContextStats
+
+
+def __getattr__(name: str) -> Any:
+    """A public name or a subpackage, imported when first read and kept in the package's namespace."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))
+
 
 __version__ = "0.1.0"
 

@@ -18,13 +18,15 @@ def no_work(monkeypatch):
         raise AssertionError("the command started working before refusing a bad option")
 
     import relcache.evaluation.analyze as analyze
+    import relcache.evaluation.bench as bench
     import relcache.evaluation.pipelines as pipelines
 
-    # each command module's own names: the ones its run function calls
-    for command, names in ((cli.demo, ("_reference", "run_bench")), (cli.bench, ("_reference", "run_bench")),
+    # each command module's own names, and what its run function imports when it runs
+    for command, names in ((cli.demo, ("_reference",)), (cli.bench, ("_reference",)),
                            (cli.analyze, ("_reference", "_pipeline_sampler"))):
         for name in names:
             monkeypatch.setattr(command, name, started)
+    monkeypatch.setattr(bench, "run_bench", started)
     monkeypatch.setattr(analyze, "record_trace", started)
     monkeypatch.setattr(pipelines, "load_sampler", started)
 
@@ -210,7 +212,7 @@ def test_demo_runs_a_repeated_budget_once(monkeypatch, tmp_path):
         raise RuntimeError("stop before sampling")
 
     monkeypatch.setattr(cli.demo, "_reference", lambda: (None, None, None, None))
-    monkeypatch.setattr(cli.demo, "run_bench", run_bench)
+    monkeypatch.setattr("relcache.evaluation.bench.run_bench", run_bench)  # demo's run imports it when it runs
     with pytest.raises(RuntimeError, match="stop before sampling"):
         main(["demo", "--budgets", "7", "14", "7", "--out", str(tmp_path / "grid.png")])
     assert ran == ["FORA NFC=7", "TaylorSeer NFC=7", "RFC NFC=7", "FORA NFC=14", "TaylorSeer NFC=14", "RFC NFC=14"]
@@ -231,3 +233,54 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch,
     assert main([command, "--samples", "2", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == f"relcache {command}: interrupted; {kept.format(out=out)}"
+
+
+#: run in a fresh interpreter (this one has torch already): the modules that must not have been imported
+_HEAVY = ("torch", "diffusers", "numpy", "matplotlib")
+
+
+def _fresh(body: str) -> tuple[list[str], str]:
+    """(which of ``_HEAVY`` are imported, stderr) once ``body`` has run in a new interpreter, which must exit 0."""
+    import subprocess
+    import sys
+
+    script = f"import sys\n{body}\nprint('imported:', *(m for m in {_HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1].split()[1:], done.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "--budgets", "5"],
+                                  ["calibrate", "--nfc", "1"], ["analyze", "--samples", "0"]])
+def test_help_and_a_bad_option_answer_without_importing_torch(argv):
+    """``relcache --help`` and an option error used to take about 7 s: building the parser imported torch and
+    diffusers (peft with it). The parser and its type checks now import neither, nor numpy or matplotlib."""
+    body = f"from relcache.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
+    imported, err = _fresh(body + f"assert code == {0 if argv[-1] == '--help' else 2}, code")
+    assert imported == [], (imported, err)
+    if argv[-1] != "--help":
+        assert err.startswith("usage: relcache ") and "error: argument" in err, err
+
+
+def test_import_relcache_imports_its_names_on_first_use():
+    """``import relcache`` imports no torch. Reading ``relcache.enable`` imports the runtime and registers the model
+    adapters; an unknown name is an AttributeError; ``dir`` and ``import *`` give every public name."""
+    assert _fresh("import relcache")[0] == []
+    body = """import relcache
+assert relcache.enable is relcache.api.enable and relcache.RFC is relcache.methods.config.RFC
+from diffusers import DiTTransformer2DModel
+from relcache.models.base import find_adapter
+m = DiTTransformer2DModel(num_layers=1, num_attention_heads=2, attention_head_dim=8, in_channels=4, sample_size=8,
+                          out_channels=4, num_embeds_ada_norm=10)
+assert type(find_adapter(m)).__name__ == "DiTAdapter", find_adapter(m)
+assert set(relcache.__all__) <= set(dir(relcache))
+try:
+    relcache.nosuch
+except AttributeError as e:
+    assert "nosuch" in str(e)
+else:
+    raise SystemExit("no AttributeError")
+from relcache import *
+assert FasterCache is relcache.FasterCache and CustomAdapter is relcache.models.CustomAdapter
+"""
+    assert "torch" in _fresh(body)[0]

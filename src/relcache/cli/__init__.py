@@ -7,6 +7,9 @@ directory of any supported family (``--model PATH``: DiT, PixArt, SD3, FLUX, Wan
 This file assembles the parser and holds the entry point ``main``; each command is a module (``demo.py``,
 ``bench.py``, ``analyze.py``, ``calibrate.py``: its options and what it runs), over ``options.py`` (the argparse
 types and the shared options) and ``reference.py`` (the shipped model as the commands load it).
+
+Building the parser imports neither torch nor diffusers (each command imports them when it runs), so ``--help`` and
+a bad option answer at once; ``tests/evaluation/test_cli_paths.py`` checks it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ConfigError
-from ..evaluation.ranks import RankLostError
-from ..evaluation.runlog import command_line
 from . import analyze, bench, calibrate, demo
 from .demo import save_grid
 from .options import DEMO_GRID, PromptFile
@@ -38,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relcache`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..evaluation.ranks import RankLostError  # torch: imported once the options are known to be good
+    from ..evaluation.runlog import command_line
+
     args.command_line = command_line(None if argv is None else list(argv))
     try:
         return args.func(args)

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..evaluation.bench import Sampler
-from ..models.base import find_adapter
 from .options import _add_generation_options, _dit_pipeline_dir, _index, _output_dir, _positive
 from .reference import _reference
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..evaluation.bench import Sampler
 
 
 def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Sampler]:
     """(transformer, sampler) of a local DiTPipeline directory (``analyze``); samples are mapped to [-1, 1]."""
+    import torch
     from diffusers import DiTPipeline
 
     from ..api import begin_generation
@@ -38,6 +41,7 @@ def _pipeline_sampler(path: str) -> tuple[torch.nn.Module, Sampler]:
 
 def _meta_transformer(path: str) -> torch.nn.Module:
     """The transformer of the DiTPipeline in ``path``, built from its config on the meta device: no weights are read."""
+    import torch
     from diffusers import DiTTransformer2DModel
 
     with torch.device("meta"):
@@ -46,6 +50,8 @@ def _meta_transformer(path: str) -> torch.nn.Module:
 
 def _check_modules(modules: list[int] | None, model: torch.nn.Module) -> None:
     """A ConfigError naming ``--modules`` when an index is past ``model``'s cached modules."""
+    from ..models.base import find_adapter
+
     count = len(find_adapter(model).cached_modules(model))
     bad = [j for j in modules or [] if j >= count]
     if bad:
@@ -55,6 +61,8 @@ def _check_modules(modules: list[int] | None, model: torch.nn.Module) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The paper's Figures 1 and 2 (PNG plus CSV) from one traced full-computation generation."""
+    import torch
+
     from ..evaluation.analyze import analyze_trace, record_trace, save_analysis, schedule_problem
 
     problem = schedule_problem(args.interval, args.steps)

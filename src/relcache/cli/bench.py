@@ -4,11 +4,10 @@ reference model or a local pipeline directory; its option combinations checked b
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, Sampler, default_methods, run_bench, select
+from ..evaluation.budgets import INTERVAL_FOR_NFC
 from ..evaluation.pipelines import FAMILY_NAMES
 from .options import (
     _add_condition_options,
@@ -22,11 +21,16 @@ from .options import (
 )
 from .reference import _reference
 
+if TYPE_CHECKING:
+    from ..evaluation.bench import BenchMethod, Sampler
+
 
 def _methods(args: argparse.Namespace, guidance: float | None, sampler: Sampler | None) -> list[BenchMethod]:
     """The methods ``--only`` picks (relcache's, and with ``--peers`` diffusers' and cache-dit's); a ConfigError
     listing the labels when one of its substrings matches none. ``sampler``: the pipeline's, which MagCache
     calibrates with (None: the reference model's)."""
+    from ..evaluation.bench import default_methods, select
+
     methods = default_methods(args.budgets, order=args.order, num_steps=args.steps)
     if args.peers:
         from ..evaluation.peers import peer_methods
@@ -42,8 +46,10 @@ def _methods(args: argparse.Namespace, guidance: float | None, sampler: Sampler 
 def run(args: argparse.Namespace) -> int:
     """The evaluation table and pictures: methods x budgets against full computation, on the reference model or a
     local pipeline of a supported family. Every finished generation is recorded as it ends (``--resume``)."""
+    import torch
+
     from ..evaluation import runlog
-    from ..evaluation.bench import bench_settings
+    from ..evaluation.bench import bench_settings, run_bench
 
     if args.peers and args.steps != 50:
         raise ConfigError(f"--peers needs --steps 50 (the peers' thresholds are calibrated for 50 steps), "

@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError
 from .options import (
     _add_condition_options,
@@ -85,6 +83,8 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate each ``--nfc`` budget in turn; print and record the steps and their errors."""
+    import torch
+
     from ..evaluation.steps_search import calibrate_steps
 
     if args.steps < 4:

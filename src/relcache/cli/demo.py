@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..evaluation.bench import INTERVAL_FOR_NFC, BenchMethod, BenchResult, run_bench
-from ..methods import FORA, RFC, TaylorSeer
+from ..evaluation.budgets import INTERVAL_FOR_NFC
 from .options import DEMO_GRID, _budget, _output_png, _positive, _seed
 from .reference import _reference
+
+if TYPE_CHECKING:
+    from ..evaluation.bench import BenchResult
 
 
 def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
     """A PNG with one labelled row of samples per method, written at ``path`` exactly (no suffix is added)."""
     import matplotlib
+    import torch
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -42,6 +44,11 @@ def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Full computation, FORA, TaylorSeer and RFC at each budget on the reference model: grid and table."""
+    import torch
+
+    from ..evaluation.bench import BenchMethod, run_bench
+    from ..methods import FORA, RFC, TaylorSeer
+
     torch.manual_seed(args.seed)
     model, sampler, evaluator, real = _reference()
     methods = []

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..evaluation.bench import INTERVAL_FOR_NFC
+from ..evaluation.budgets import INTERVAL_FOR_NFC
 from ..evaluation.pipelines import DEFAULT_PROMPTS
 
 #: the demo grid's file name, also used inside a directory given as ``demo --out``

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..evaluation.bench import Sampler
+if TYPE_CHECKING:
+    import torch
+
+    from ..evaluation.bench import Sampler
 
 
 def _reference() -> tuple[torch.nn.Module, Sampler, torch.nn.Module, torch.Tensor]:

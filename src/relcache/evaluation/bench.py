@@ -32,12 +32,9 @@ from ..methods.predictors import Relational, Taylor
 from ..methods.schedules import InputError, Interval
 from ..runtime.accounting import measure_flops
 from . import ranks
+from .budgets import DEFAULT_BUDGETS, INTERVAL_FOR_NFC
 from .metrics import frame_metrics, psnr, relative_l1, ssim
 from .ranks import PerBatch
-
-#: NFC of 50 DDIM steps with warm-up 2 -> the interval that gives it (the paper's table)
-INTERVAL_FOR_NFC = {14: 4, 11: 5, 10: 6, 8: 7, 7: 9}
-DEFAULT_BUDGETS = (14, 11, 10, 8, 7)
 
 Sampler = Callable[..., torch.Tensor]
 

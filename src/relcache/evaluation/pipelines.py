@@ -12,9 +12,10 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def load_sampler(path: str | Path, family: Family, *, prompts: Sequence[str] | N
     The sampler has the bench's signature ``(transformer, labels, num_steps, guidance_scale, generator)``: ``labels``
     are class labels, or for text families indices into ``prompts``. ``guidance_scale`` None keeps the pipeline's
     default. Caching is enabled on the bare transformer, so the sampler announces each generation's steps."""
+    import torch
     from diffusers import DiffusionPipeline
 
     from ..api import begin_generation
