@@ -284,3 +284,14 @@ from relcache import *
 assert FasterCache is relcache.FasterCache and CustomAdapter is relcache.models.CustomAdapter
 """
     assert "torch" in _fresh(body)[0]
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "analyze", "calibrate"])
+def test_an_unknown_option_shows_the_commands_usage(capsys, no_work, command):
+    """``relcache demo --bogus`` used to print the top-level usage (argparse's default for a subcommand's unknown
+    option): it now shows the command's own usage and names the option."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--bogus", "1", *(["--nfc", "8"] if command == "calibrate" else [])])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"usage: relcache {command} "), err
+    assert err.strip().splitlines()[-1] == f"relcache {command}: error: unrecognized arguments: --bogus 1"

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relcache`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # refused by the command's parser, so the usage shown is the command's own
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from ..evaluation.ranks import RankLostError  # torch: imported once the options are known to be good
     from ..evaluation.runlog import command_line
 
