@@ -295,3 +295,12 @@ def test_an_unknown_option_shows_the_commands_usage(capsys, no_work, command):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(f"usage: relcache {command} "), err
     assert err.strip().splitlines()[-1] == f"relcache {command}: error: unrecognized arguments: --bogus 1"
+
+
+def test_an_unknown_option_before_the_command_shows_the_top_level_usage(capsys, no_work):
+    """``relcache --bogus demo``: the option was given to ``relcache`` itself, whose usage is the one to show."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--bogus", "demo"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: relcache [-h]"), err
+    assert err.strip().splitlines()[-1] == "relcache: error: unrecognized arguments: --bogus"

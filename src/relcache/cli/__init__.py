@@ -38,13 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relcache`` console script."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # refused by the command's parser, so the usage shown is the command's own
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # refused by the parser they were given to: the command's, whose usage lists its options
+        before = argv[:argv.index(args.command)] if args.command in argv else []
+        (parser if any(u in before for u in unknown) else args.parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     from ..evaluation.ranks import RankLostError  # torch: imported once the options are known to be good
     from ..evaluation.runlog import command_line
 
-    args.command_line = command_line(None if argv is None else list(argv))
+    args.command_line = command_line(argv)
     try:
         return args.func(args)
     except ConfigError as err:  # a bad combination of options: the command's usage and the reason, not a traceback
