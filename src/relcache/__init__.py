@@ -12,10 +12,9 @@ FORA, TaylorSeer, RFC and FasterCache are presets naming such pairs; ``CFGCache`
 unconditional half of classifier-free guidance to any of them.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 #: public name -> the module that defines it. Imported on first use (PEP 562), so that ``import relcache`` and the
 #: ``relcache`` command's ``--help`` and option errors do not wait seconds for torch and diffusers; any of these
@@ -31,7 +30,7 @@ _LAZY = {
 }
 _SUBPACKAGES = ("api", "cli", "errors", "evaluation", "methods", "models", "runtime")
 
-if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported at once
+if _TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported at once
     from .api import begin_generation, cached, disable, enable, is_enabled, stats
     from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
     from .methods import (
@@ -55,12 +54,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported a
     from .runtime import CacheStats, ContextStats
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     """A public name or a subpackage, imported when first read and kept in the package's namespace."""
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(_importlib.import_module(_LAZY[name], __name__), name)
     elif name in _SUBPACKAGES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = _importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
