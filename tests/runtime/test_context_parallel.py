@@ -7,6 +7,11 @@ spends most of a minute importing it on a busy machine, and a process forked fro
 its threads' state (a child once aborted with "malloc(): unaligned tcache chunk detected" in the xdist suite). Their
 collectives time out after 30 s, so a regression fails instead of hanging. All cases run in one job; its results
 come back through files.
+
+The processes meet through a file in the job's own directory, not a TCP port: a port found free and then closed
+could be taken before the job's store bound it (by the other xdist worker's job, whose processes would then join
+this one's; a gloo connection "closed by peer" failed CI once, 2026-12-06, and the earlier native aborts may be the
+same race). The gloo connections themselves bind ports the kernel picks, which no other job can hold.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
-import socket
 import traceback
 import warnings
 from pathlib import Path
@@ -32,12 +36,6 @@ from relcache.runtime.distributed import ContextParallelMismatch, SequenceReduce
 
 WORLD = 2
 TIMEOUT = datetime.timedelta(seconds=30)  # a hang fails in 30 s; a busy 2-core machine needs some slack
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _parallel(pipe: Any) -> Any:
@@ -136,17 +134,17 @@ def _rank_only(rank: int) -> dict[str, Any]:
     return {"rank": rank}
 
 
-def _worker(rank: int, world: int, job: str, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, job: str, out_dir: str) -> None:
     # a native abort (no Python exception) leaves every thread's Python stack here: where it happened
     fault = open(Path(out_dir) / f"rank{rank}.fault", "w")  # noqa: SIM115 - open for the process's whole life
     faulthandler.enable(fault, all_threads=True)
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         # diffusers' parallel config computes rank % torch.accelerator.device_count(), which divides by zero on a
         # CPU-only machine: a limitation of diffusers, not of relcache
         torch.accelerator.device_count = lambda: 1
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+        dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'store'}", rank=rank, world_size=world,
+                                timeout=TIMEOUT)
         try:
             if job == "abort_once" and rank == 1 and Path(out_dir).name != "rerun":
                 os.abort()  # the harness's own test: a native abort in the first run only
@@ -172,7 +170,7 @@ def _launch(out_dir: Path, world: int, job: str, retries: int = 1) -> list[dict[
     mp.get_context("forkserver").set_forkserver_preload([__name__])  # imported once, by the server
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        mp.start_processes(_worker, args=(world, job, _free_port(), str(out_dir)), nprocs=world,
+        mp.start_processes(_worker, args=(world, job, str(out_dir)), nprocs=world,
                            start_method="forkserver")
     except Exception as e:
         errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
