@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
+from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
 from .methods.config import CacheConfig
-from .models.base import Adapter, find_adapter
+from .models.base import Adapter, find_adapter, supported_models
 from .runtime import CacheStats, Session, checked_num_steps
 from .runtime.experts import Expert, Experts
 from .runtime.generations import patching_hosts
@@ -40,8 +40,12 @@ def _resolve(obj: Any) -> tuple[nn.Module, Any]:
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
         return _unwrap(transformer), obj
-    raise TypeError(
-        f"expected a diffusers pipeline with a .transformer or a transformer nn.Module, got {type(obj).__name__}"
+    unet = " (a UNet pipeline: relcache caches the blocks of diffusion transformers)" if isinstance(
+        getattr(obj, "unet", None), nn.Module) else ""
+    raise UnsupportedModelError(  # a TypeError, as before it named the models served
+        f"expected a diffusers pipeline with a .transformer, or a transformer nn.Module, got {type(obj).__name__}"
+        f"{unet}. Supported models: {', '.join(supported_models())}. For your own DiT, pass "
+        "adapter=relcache.CustomAdapter(...) (see docs/custom-models.md)."
     )
 
 
@@ -109,7 +113,8 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
     if batch_modulation and chosen.modulation(model) is None:
         raise ConfigError(
             f"batch_modulation=True: relcache knows no per-step modulation projections of {type(model).__name__} "
-            f"({type(chosen).__name__}); it is available for DiT. Enable with batch_modulation=False."
+            f"({type(chosen).__name__}); it is available for diffusers' DiTTransformer2DModel. Enable with "
+            "batch_modulation=False."
         )
     experts = _experts(chosen, model, pipeline)
     for name, expert in experts[1:]:

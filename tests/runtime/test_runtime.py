@@ -218,8 +218,14 @@ def test_bad_input_errors_and_model_left_usable(dit):
         relcache.enable(torch.nn.Linear(2, 2), FORA())
     with pytest.raises(ConfigError, match="config must be a relcache.CacheConfig"):
         relcache.enable(dit, "fora")
-    with pytest.raises(TypeError, match="pipeline"):
-        relcache.enable(object(), FORA())
+    with pytest.raises(UnsupportedModelError, match=r"got object\. Supported models: .*DiTTransformer2DModel"):
+        relcache.enable(object(), FORA())  # an UnsupportedModelError is a TypeError, as this was before
+
+    class UNetPipeline:  # SD 1.5, SDXL, DDPM: no .transformer; the error used to list nothing and name no way on
+        unet = torch.nn.Linear(2, 2)
+
+    with pytest.raises(UnsupportedModelError, match=r"UNet pipeline.*Supported models: .*relcache\.CustomAdapter"):
+        relcache.enable(UNetPipeline(), FORA())
     relcache.enable(dit, RFC(target_nfc=10))
     with pytest.raises(ConfigError, match="target_nfc must be <= the number of steps"):
         run_loop(dit, x, y, steps=6)

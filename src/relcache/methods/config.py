@@ -44,7 +44,7 @@ class CacheConfig:
     ``modules`` restricts caching to some kinds of module (``"attn"``, ``"cross_attn"``, ``"mlp"``; None = all).
     ``cache_dtype`` stores cached tensors in lower precision to save memory: one format for every cached tensor
     (``torch.bfloat16``; ``torch.float16`` or ``torch.float8_e4m3fn``, stored with a power-of-two scale per token
-    so that nothing overflows; ``"int4"``), or a ``relcache.CacheStorage`` giving outputs, differences and RFE's
+    so that nothing overflows; ``"int8"`` or ``"int4"``), or a ``relcache.CacheStorage`` giving outputs, differences and RFE's
     input each their own format and the scale's granularity.
     ``max_cache_bytes`` instead lets relcache pick the storage: at the first call of each generation, before any
     module runs, the bytes each storage of ``STORAGE_LADDER`` would hold are computed from the modules' shapes, and
@@ -83,7 +83,7 @@ class CacheConfig:
                 )
             object.__setattr__(self, "modules", tuple(k for k in MODULE_KINDS if k in given))
         if not isinstance(self.cache_dtype, CacheStorage):
-            check_format("cache_dtype", self.cache_dtype)
+            check_format("cache_dtype", self.cache_dtype, or_storage=True)
         if self.cache_dtype is not None and getattr(self.predictor, "computed_only", False):
             raise ConfigError(f"{type(self.predictor).__name__} keeps its caches as computed: give no cache_dtype, got "
                               f"{self.cache_dtype!r}")

@@ -62,13 +62,14 @@ def format_bytes(fmt: torch.dtype | str | None, computed: torch.dtype) -> float:
     return 0.5 if fmt == INT4 else 1 if fmt == INT8 else fmt.itemsize
 
 
-def check_format(name: str, fmt: object) -> torch.dtype | str | None:
+def check_format(name: str, fmt: object, *, or_storage: bool = False) -> torch.dtype | str | None:
     """``fmt`` if it is a storage format (None, one of ``FLOAT_FORMATS``, ``"int8"``, ``"int4"``), else a
-    ConfigError."""
+    ConfigError; ``or_storage``: the parameter also takes a ``CacheStorage``, and the error says so."""
     if fmt is None or fmt in FLOAT_FORMATS or isinstance(fmt, str) and fmt in _INT_MAX:
         return fmt  # type: ignore[return-value]
     floats = ", ".join(str(f) for f in FLOAT_FORMATS)
-    raise ConfigError(f"{name} must be None, 'int8', 'int4' or one of {floats}, got {fmt!r}")
+    storage = ", or a relcache.CacheStorage" if or_storage else ""
+    raise ConfigError(f"{name} must be None, 'int8', 'int4' or one of {floats}{storage}, got {fmt!r}")
 
 
 def _label(fmt: torch.dtype | str | None) -> str:
