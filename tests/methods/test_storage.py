@@ -103,7 +103,8 @@ def test_storage_and_budget_arguments_are_checked():
     assert CacheConfig(Reuse(), Interval(), max_cache_bytes=10).max_cache_bytes == 10
     # no sign (float8_e8m0fnu read [1.5, -2] back as [2, 2]) or two values a byte (float4 failed at the first record)
     for fmt in (torch.float8_e8m0fnu, torch.float4_e2m1fn_x2):
-        with pytest.raises(ConfigError, match="cache_dtype must be None, 'int8', 'int4' or one of .*float8_e4m3fn.*, or a relcache.CacheStorage, got"):
+        with pytest.raises(ConfigError, match="cache_dtype must be None, 'int8', 'int4' or one of .*float8_e4m3fn.*"
+                           ", or a relcache.CacheStorage, got"):
             CacheConfig(Reuse(), Interval(), cache_dtype=fmt)
     assert CacheConfig(Reuse(), Interval(), cache_dtype=CacheStorage(F8, "int4", None)).storage.diffs == "int4"
 

@@ -44,8 +44,8 @@ class CacheConfig:
     ``modules`` restricts caching to some kinds of module (``"attn"``, ``"cross_attn"``, ``"mlp"``; None = all).
     ``cache_dtype`` stores cached tensors in lower precision to save memory: one format for every cached tensor
     (``torch.bfloat16``; ``torch.float16`` or ``torch.float8_e4m3fn``, stored with a power-of-two scale per token
-    so that nothing overflows; ``"int8"`` or ``"int4"``), or a ``relcache.CacheStorage`` giving outputs, differences and RFE's
-    input each their own format and the scale's granularity.
+    so that nothing overflows; ``"int8"`` or ``"int4"``), or a ``relcache.CacheStorage`` giving outputs,
+    differences and RFE's input each their own format and the scale's granularity.
     ``max_cache_bytes`` instead lets relcache pick the storage: at the first call of each generation, before any
     module runs, the bytes each storage of ``STORAGE_LADDER`` would hold are computed from the modules' shapes, and
     the first (most precise) that fits is used; a ``ConfigError`` says so when even the last does not fit.

@@ -61,10 +61,11 @@ class CacheStats:
     are never cached, embeddings and final layer included); a step that ran half the batch counts half.
     ``uncond_skipped`` counts the unconditional halves CFG-Cache skipped, over all contexts.
     ``cache_bytes`` is the memory the caches hold when the stats are read (predictor states, RCS input history and
-    CFG-Cache deltas, over all contexts): 0 after a pipeline call, which frees them. ``modules`` maps each cached module's name to its kind
-    (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order. ``peak_cache_bytes`` is the most the caches
-    held at the end of a call (a generation's caches are freed at its end, so ``cache_bytes`` then reads 0), the sum
-    of the contexts' peaks; ``peak_cache_bytes_by_kind`` splits the predictor states' part of it by module kind.
+    CFG-Cache deltas, over all contexts): 0 after a pipeline call, which frees them. ``modules`` maps each cached
+    module's name to its kind (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order.
+    ``peak_cache_bytes`` is the most the caches held at the end of a call (a generation's caches are freed at its
+    end, so ``cache_bytes`` then reads 0), the sum of the contexts' peaks; ``peak_cache_bytes_by_kind`` splits the
+    predictor states' part of it by module kind.
 
     ``nonfinite_samples`` is the most samples whose RCS input error was NaN or infinite at one step (0: none; those
     samples are left out of the step's decision, see ``InputError``); each context's ``nonfinite_samples`` says at
