@@ -88,3 +88,14 @@ def test_cli_commands_import_only_down():
             if parts[:2] == ["relcache", "cli"] and _cli_rank(parts[2] if len(parts) > 2 else "__init__") >= own:
                 upward.append(f"cli/{path.name}:{line} imports {name}")
     assert not upward, "imports inside cli not pointing down:\n" + "\n".join(upward)
+
+
+def test_the_type_checkers_imports_are_the_lazy_table():
+    """``relcache/__init__.py`` imports its public names on first use from ``_LAZY`` and shows type checkers the same
+    names under ``TYPE_CHECKING``: each name from the same module in both, and the literal ``__all__`` lists them."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "_TYPE_CHECKING")
+    shown = {alias.name: "." + (node.module or "") for node in block.body if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    assert shown == relcache._LAZY
+    assert sorted(relcache.__all__) == sorted(relcache._LAZY)

@@ -30,7 +30,7 @@ _LAZY = {
 }
 _SUBPACKAGES = ("api", "cli", "errors", "evaluation", "methods", "models", "runtime")
 
-if _TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported at once
+if _TYPE_CHECKING:  # what type checkers and IDEs see: the same names from the same modules, imported at once
     from .api import begin_generation, cached, disable, enable, is_enabled, stats
     from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
     from .methods import (
@@ -72,10 +72,11 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
+# literal, for linters and type checkers; tests/test_layering.py checks that it, ``_LAZY`` and the TYPE_CHECKING
+# imports name the same names
 __all__ = [
     "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "CacheStorage", "CFGCache", "ConfigError",
-    "ContextStats", "CustomAdapter",
-    "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "Relational", "Reuse", "Taylor", "TaylorSeer",
-    "UnsupportedModelError", "begin_generation", "cached", "disable", "enable", "is_enabled", "stats",
+    "ContextStats", "CustomAdapter", "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "RFCPlus",
+    "Relational", "Reuse", "Steps", "Taylor", "TaylorSeer", "UnsupportedModelError", "begin_generation", "cached",
+    "disable", "enable", "is_enabled", "stats",
 ]
-__all__ += ["RFCPlus", "Steps"]

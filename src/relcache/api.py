@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
+from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
 from .methods.config import CacheConfig
-from .models.base import Adapter, find_adapter, supported_models
+from .models.base import Adapter, find_adapter, unsupported
 from .runtime import CacheStats, Session, checked_num_steps
 from .runtime.experts import Expert, Experts
 from .runtime.generations import patching_hosts
@@ -42,11 +42,9 @@ def _resolve(obj: Any) -> tuple[nn.Module, Any]:
         return _unwrap(transformer), obj
     unet = " (a UNet pipeline: relcache caches the blocks of diffusion transformers)" if isinstance(
         getattr(obj, "unet", None), nn.Module) else ""
-    raise UnsupportedModelError(  # a TypeError, as before it named the models served
+    raise unsupported(  # an UnsupportedModelError: a TypeError, as before it named the models served
         f"expected a diffusers pipeline with a .transformer, or a transformer nn.Module, got {type(obj).__name__}"
-        f"{unet}. Supported models: {', '.join(supported_models())}. For your own DiT, pass "
-        "adapter=relcache.CustomAdapter(...) (see docs/custom-models.md)."
-    )
+        f"{unet}")
 
 
 def _session(obj: Any) -> Session | None:

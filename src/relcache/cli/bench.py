@@ -7,7 +7,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..evaluation.budgets import INTERVAL_FOR_NFC
+from ..evaluation.budgets import DEFAULT_BUDGETS, INTERVAL_FOR_NFC
 from ..evaluation.pipelines import FAMILY_NAMES
 from .options import (
     _add_condition_options,
@@ -112,7 +112,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             steps_help="denoising steps; with other than 50 each budget keeps the paper's interval, "
                             "and RFC aims at that interval's NFC over these steps", guidance=None)
     _add_condition_options(p)
-    p.add_argument("--budgets", type=_budget, nargs="+", default=[14, 11, 10, 8, 7],
+    p.add_argument("--budgets", type=_budget, nargs="+", default=list(DEFAULT_BUDGETS),
                    help=f"NFC budgets of 50 steps, of {sorted(INTERVAL_FOR_NFC)} (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
     p.add_argument("--peers", action="store_true",

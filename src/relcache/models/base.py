@@ -190,6 +190,14 @@ def supported_models() -> list[str]:
     return sorted({name for a in _ADAPTERS for name in a.model_classes})
 
 
+def unsupported(reason: str) -> UnsupportedModelError:
+    """The error for an object no adapter serves: ``reason``, then the supported models and the way to add one."""
+    return UnsupportedModelError(
+        f"{reason}. Supported models: {', '.join(supported_models())}. For your own DiT, pass "
+        "adapter=relcache.CustomAdapter(...) (see docs/custom-models.md)."
+    )
+
+
 def find_adapter(model: nn.Module, adapter: Adapter | None = None) -> Adapter:
     """The adapter for ``model`` (or ``adapter`` if given), else an error listing what is supported."""
     if adapter is not None:
@@ -197,10 +205,7 @@ def find_adapter(model: nn.Module, adapter: Adapter | None = None) -> Adapter:
     for candidate in _ADAPTERS:
         if candidate.matches(model):
             return candidate
-    raise UnsupportedModelError(
-        f"relcache has no adapter for {type(model).__name__}. Supported models: {', '.join(supported_models())}. "
-        "For your own DiT, pass adapter=relcache.models.CustomAdapter(...) (see docs/custom-models.md)."
-    )
+    raise unsupported(f"relcache has no adapter for {type(model).__name__}")
 
 
 # -- what adapters share: block tables, input functions, module lists ----------------------------------------------
