@@ -195,11 +195,16 @@ def test_a_seed_out_of_range_is_refused_before_any_work(capsys, no_work, command
 @pytest.mark.parametrize(("argv", "message"), [
     (["bench", "--budgets", "14.5"], "--budgets: must be one of [7, 8, 10, 11, 14] (NFC of 50 steps), got 14.5"),
     (["demo", "--budgets", "7.0"], "--budgets: must be one of [7, 8, 10, 11, 14] (NFC of 50 steps), got 7.0"),
-    (["calibrate", "--nfc", "2"], "argument --nfc: must be an integer >= 3, got 2"),
+    (["calibrate", "--nfc", "2"], "argument --nfc: each must be an integer in 3..49 (below --steps: at --steps "
+     "every step is full, with nothing to calibrate), got 2"),
+    (["calibrate", "--nfc", "2", "60", "--steps", "50"], "argument --nfc: each must be an integer in 3..49 (below "
+     "--steps: at --steps every step is full, with nothing to calibrate), got 2 60"),
+    (["calibrate", "--nfc", "3.5"], "argument --nfc: invalid integer value: '3.5'"),
 ])
 def test_budget_options_name_their_allowed_values(capsys, no_work, argv, message):
     """A non-integer budget said "invalid _budget value" (an internal name), and calibrate's --nfc said ">= 2" where
-    it needs 3 or more (found by review)."""
+    it needs 3 or more (found by review). --nfc's range depends on --steps, so it is checked once, after parsing:
+    a budget below 3 and one at or above --steps get the same words."""
     assert _usage_error(capsys, argv).endswith(message)
 
 
@@ -251,7 +256,8 @@ def _fresh(body: str) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "--budgets", "5"],
-                                  ["calibrate", "--nfc", "1"], ["analyze", "--samples", "0"]])
+                                  ["calibrate", "--nfc", "1"], ["calibrate", "--nfc", "3", "--steps", "3"],
+                                  ["analyze", "--samples", "0"]])
 def test_help_and_a_bad_option_answer_without_importing_torch(argv):
     """``relcache --help`` and an option error used to take about 7 s: building the parser imported torch and
     diffusers (peft with it). The parser and its type checks now import neither, nor numpy or matplotlib."""

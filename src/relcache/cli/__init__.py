@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = argv[:argv.index(args.command)] if args.command in argv else []
         (parser if any(u in before for u in unknown) else args.parser).error(
             f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "check", None) is not None:  # a command's checks across options, before torch is imported
+        try:
+            args.check(args)
+        except ConfigError as err:
+            args.parser.error(str(err))
     from ..evaluation.ranks import RankLostError  # torch: imported once the options are known to be good
     from ..evaluation.runlog import command_line
 

@@ -15,7 +15,7 @@ from .options import (
     _add_condition_options,
     _add_generation_options,
     _index,
-    _int_at_least,
+    _integer,
     _output_dir,
     _pipeline_dir,
     _pipeline_guidance,
@@ -81,12 +81,8 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
     return {"command": getattr(args, "command_line", None), "settings": settings, "budgets": {}}
 
 
-def run(args: argparse.Namespace) -> int:
-    """Calibrate each ``--nfc`` budget in turn; print and record the steps and their errors."""
-    import torch
-
-    from ..evaluation.steps_search import calibrate_steps
-
+def _check(args: argparse.Namespace) -> None:
+    """The options whose range depends on another one, checked before torch is imported (``cli.main``)."""
     if args.steps < 4:
         raise ConfigError(f"argument --steps: must be at least 4 for calibrate (3 full steps and one to cache), got "
                           f"{args.steps}")
@@ -94,6 +90,14 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"argument --nfc: each must be an integer in 3..{args.steps - 1} (below --steps: at "
                           f"--steps every step is full, with nothing to calibrate), got {' '.join(map(str, bad))}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate each ``--nfc`` budget in turn; print and record the steps and their errors."""
+    import torch
+
+    from ..evaluation.steps_search import calibrate_steps
+
     family, conditions, extra = _pipeline_inputs(args)
     guidance = _pipeline_guidance(args, family)
     settings = _settings(args, conditions, extra, guidance)
@@ -152,11 +156,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=_pipeline_dir,
                    help="a local diffusers pipeline directory of a supported family (default: the shipped reference "
                    "model)")
-    p.add_argument("--nfc", type=_int_at_least(3), nargs="+", required=True,
+    p.add_argument("--nfc", type=_integer, nargs="+", required=True,
                    help="budgets: full steps per generation, each in 3..--steps minus 1")
     _add_generation_options(p, samples=10, samples_help="samples in the calibration batch",
                             steps_help="denoising steps the steps are calibrated for", guidance=None)
-    p.set_defaults(seed=100, peers=False)
+    p.set_defaults(seed=100, peers=False, check=_check)
     p.add_argument("--predictor", choices=list(PREDICTORS), default="fit",
                    help="fit: RFCPlus(fit=True)'s, the input-fitted increment; plus: RFCPlus's default; rfe: RFC's "
                    "(default: %(default)s)")

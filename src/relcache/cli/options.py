@@ -38,6 +38,14 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 _positive, _at_least_2, _index = _int_at_least(1), _int_at_least(2), _int_at_least(0)
 
 
+def _integer(value: str) -> int:
+    """An argparse type: any integer, for options whose range depends on another option (checked after parsing)."""
+    return int(value)
+
+
+_integer.__name__ = "integer"
+
+
 def _seed(value: str) -> int:
     """A seed for ``torch.Generator.manual_seed``: an integer in 0 .. 2**63 - 1 (batches are seeded ``seed + b``)."""
     n = int(value)
