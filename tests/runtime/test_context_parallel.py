@@ -10,8 +10,10 @@ come back through files.
 
 The processes meet through a file in the job's own directory, not a TCP port: a port found free and then closed
 could be taken before the job's store bound it (by the other xdist worker's job, whose processes would then join
-this one's; a gloo connection "closed by peer" failed CI once, 2026-12-06, and the earlier native aborts may be the
-same race). The gloo connections themselves bind ports the kernel picks, which no other job can hold.
+this one's). The gloo connections themselves bind ports the kernel picks, which no other job can hold. The gloo
+"Connection closed by peer" that failed CI once (2026-12-06) was not that race: it came back with the file store
+(suite under torch 2.14.1), in the harness's own jobs, which end right after init. One process left while the other
+was still in gloo's handshake; every process now waits at a barrier after init (``_worker``).
 """
 
 from __future__ import annotations
@@ -145,6 +147,10 @@ def _worker(rank: int, world: int, job: str, out_dir: str) -> None:
         torch.accelerator.device_count = lambda: 1
         dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'store'}", rank=rank, world_size=world,
                                 timeout=TIMEOUT)
+        # torch's init returns on one process before the other has finished gloo's handshake (no barrier in init
+        # since torch 2.2): a process whose job ends at once (the harness's own jobs) could exit first, and the
+        # other's init then failed with "Connection closed by peer" (once in 25 runs under load, 2026-12-06)
+        dist.barrier()
         try:
             if job == "abort_once" and rank == 1 and Path(out_dir).name != "rerun":
                 os.abort()  # the harness's own test: a native abort in the first run only
