@@ -43,6 +43,15 @@ def _methods(args: argparse.Namespace, guidance: float | None, sampler: Sampler 
     return select(methods, args.only)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """The options that rule each other out, checked before torch is imported (``cli.main``)."""
+    if args.peers and args.steps != 50:
+        raise ConfigError(f"--peers needs --steps 50 (the peers' thresholds are calibrated for 50 steps), "
+                          f"got --steps {args.steps}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+
+
 def run(args: argparse.Namespace) -> int:
     """The evaluation table and pictures: methods x budgets against full computation, on the reference model or a
     local pipeline of a supported family. Every finished generation is recorded as it ends (``--resume``)."""
@@ -51,11 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import runlog
     from ..evaluation.bench import bench_settings, run_bench
 
-    if args.peers and args.steps != 50:
-        raise ConfigError(f"--peers needs --steps 50 (the peers' thresholds are calibrated for 50 steps), "
-                          f"got --steps {args.steps}")
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     family, conditions, extra = _pipeline_inputs(args)
     guidance = _pipeline_guidance(args, family)
     _methods(args, guidance, None)  # --only checked before the model loads (the labels need no model)
@@ -124,4 +128,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run recorded in --out (refused if its settings differ)")
     p.add_argument("--overwrite", action="store_true", help="delete the run recorded in --out and start over")
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(func=run, parser=p, check=_check)

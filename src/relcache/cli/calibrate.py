@@ -55,8 +55,6 @@ def _settings(args: argparse.Namespace, conditions: list[int], extra: dict[str, 
 def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     """The record to add to: the earlier run's with ``--resume`` (refused if its settings differ), else a new one."""
     path = args.out / RESULT
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     if path.exists() and not (args.resume or args.overwrite):
         raise ConfigError(f"--out {args.out} holds an earlier calibration ({path}): pass --resume to continue it, "
                           "--overwrite to start over, or another --out")
@@ -82,7 +80,8 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
 
 
 def _check(args: argparse.Namespace) -> None:
-    """The options whose range depends on another one, checked before torch is imported (``cli.main``)."""
+    """The options whose range depends on another one, or that rule each other out, checked before torch is
+    imported (``cli.main``)."""
     if args.steps < 4:
         raise ConfigError(f"argument --steps: must be at least 4 for calibrate (3 full steps and one to cache), got "
                           f"{args.steps}")
@@ -90,6 +89,8 @@ def _check(args: argparse.Namespace) -> None:
     if bad:
         raise ConfigError(f"argument --nfc: each must be an integer in 3..{args.steps - 1} (below --steps: at "
                           f"--steps every step is full, with nothing to calibrate), got {' '.join(map(str, bad))}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
 
 def run(args: argparse.Namespace) -> int:
