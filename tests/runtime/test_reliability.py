@@ -164,7 +164,8 @@ def flex():
 
 def test_flex_attention_on_flux_runs_and_leaves_the_process_usable(flex):
     """With flex attention (diffusers' "flex" backend), torch's FlopCounterMode raises inside flex's compiled eager
-    path and left dynamo unable to run flex again: every later flex call in the process failed, relcache or not."""
+    path (torch 2.13 and 2.14; 2.15 counts it) and left dynamo unable to run flex again: every later flex call in the
+    process failed, relcache or not."""
     from families import flux_kwargs, flux_pipe
 
     def gen(p):
@@ -176,8 +177,11 @@ def test_flex_attention_on_flux_runs_and_leaves_the_process_usable(flex):
     with relcache.cached(pipe, relcache.FORA(1, 1)):  # every step full: the output is the plain model's
         out = gen(pipe)
         st = relcache.stats(pipe)
-    assert np.array_equal(out, plain) and st.flops_unknown is not None and "TypeError" in st.flops_unknown
-    assert math.isnan(st.flops_fraction) and not _get_current_dispatch_mode_stack()
+    assert np.array_equal(out, plain) and not _get_current_dispatch_mode_stack()
+    if torch.__version__ >= "2.15":  # its counter counts flex attention (suite under 2.15.0, 2026-12-06)
+        assert st.flops_unknown is None and st.flops_fraction == 1.0
+    else:
+        assert st.flops_unknown is not None and "TypeError" in st.flops_unknown and math.isnan(st.flops_fraction)
     other = flux_pipe()  # never enabled
     other.transformer.set_attention_backend("flex")
     assert np.array_equal(gen(other), plain)
