@@ -11,9 +11,9 @@ come back through files.
 The processes meet through a file in the job's own directory, not a TCP port: a port found free and then closed
 could be taken before the job's store bound it (by the other xdist worker's job, whose processes would then join
 this one's). The gloo connections themselves bind ports the kernel picks, which no other job can hold. The gloo
-"Connection closed by peer" that failed CI once (2026-12-06) was not that race: it came back with the file store
-(suite under torch 2.14.1), in the harness's own jobs, which end right after init. One process left while the other
-was still in gloo's handshake; every process now waits at a barrier after init (``_worker``).
+"Connection closed by peer" that failed CI once (2026-12-06) came back with the file store (suite under torch
+2.14.1), in the harness's own jobs, which end right after init: torch's init has no barrier, so one process could
+leave while the other was still in gloo's handshake. Every process now waits at a barrier after init (``_worker``).
 """
 
 from __future__ import annotations
