@@ -149,7 +149,7 @@ def _worker(rank: int, world: int, job: str, out_dir: str) -> None:
                                 timeout=TIMEOUT)
         # torch's init returns on one process before the other has finished gloo's handshake (no barrier in init
         # since torch 2.2): a process whose job ends at once (the harness's own jobs) could exit first, and the
-        # other's init then failed with "Connection closed by peer" (once in 25 runs under load, 2026-12-06)
+        # other's init then failed with "Connection closed by peer" (twice in suite runs on 2026-12-06)
         dist.barrier()
         try:
             if job == "abort_once" and rank == 1 and Path(out_dir).name != "rerun":

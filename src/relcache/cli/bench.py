@@ -13,6 +13,7 @@ from .options import (
     _add_condition_options,
     _add_generation_options,
     _budget,
+    _check_resume,
     _output_dir,
     _pipeline_dir,
     _pipeline_guidance,
@@ -48,8 +49,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.peers and args.steps != 50:
         raise ConfigError(f"--peers needs --steps 50 (the peers' thresholds are calibrated for 50 steps), "
                           f"got --steps {args.steps}")
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    _check_resume(args)
 
 
 def run(args: argparse.Namespace) -> int:

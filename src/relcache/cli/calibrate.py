@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from .options import (
     _add_condition_options,
     _add_generation_options,
+    _check_resume,
     _index,
     _integer,
     _output_dir,
@@ -89,8 +90,7 @@ def _check(args: argparse.Namespace) -> None:
     if bad:
         raise ConfigError(f"argument --nfc: each must be an integer in 3..{args.steps - 1} (below --steps: at "
                           f"--steps every step is full, with nothing to calibrate), got {' '.join(map(str, bad))}")
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    _check_resume(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,6 +46,12 @@ def _integer(value: str) -> int:
 _integer.__name__ = "integer"
 
 
+def _check_resume(args: argparse.Namespace) -> None:
+    """``--resume`` and ``--overwrite`` rule each other out (bench, calibrate)."""
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+
+
 def _seed(value: str) -> int:
     """A seed for ``torch.Generator.manual_seed``: an integer in 0 .. 2**63 - 1 (batches are seeded ``seed + b``)."""
     n = int(value)
