@@ -24,12 +24,13 @@ from conftest import count_eager_calls, recording_backend, tiny_dit
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
-from torch._inductor.cudagraph_utils import (
-    check_for_mutation_ignore_cuda_graph_managed_tensor,
-    get_input_storage_mutation_info,
-    get_input_storage_mutation_reason,
-)
+from torch._inductor.cudagraph_utils import check_for_mutation_ignore_cuda_graph_managed_tensor
 from torch.utils._ordered_set import OrderedSet
+
+try:  # from torch 2.13 on, cudagraph trees also refuse a graph that rebinds an input's storage (``set_``)
+    from torch._inductor.cudagraph_utils import get_input_storage_mutation_info, get_input_storage_mutation_reason
+except ImportError:  # torch 2.12's trees make no such check: there is nothing of it to meet
+    get_input_storage_mutation_info = get_input_storage_mutation_reason = None
 
 import relcache
 from relcache import FORA, RFC, CacheConfig, CFGCache, FasterCache, Interval, Relational, RFCPlus, TaylorSeer
@@ -186,7 +187,8 @@ def _cudagraph_backend(reports: list[dict]):
             reports.append(dict(
                 mutated=len(mutated), mutation=reason(static),
                 mutation_if_not_static=reason([i for i in static if i not in mutated]),
-                storage=get_input_storage_mutation_reason(get_input_storage_mutation_info(gm)),
+                storage=(None if get_input_storage_mutation_info is None
+                         else get_input_storage_mutation_reason(get_input_storage_mutation_info(gm))),
                 user_outputs=len(meta.output_info),
                 tensor_inputs=all(isinstance(t, torch.Tensor | torch.SymInt) for t in example_inputs),
                 host_reads=[n.target for n in gm.graph.nodes if "local_scalar_dense" in str(n.target)],
