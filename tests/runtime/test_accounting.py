@@ -147,3 +147,50 @@ def test_out_of_memory_inside_a_measured_call_propagates_and_leaves_counting_on(
     session = relcache.api._session(model)
     assert isinstance(session, Session) and session.meter.unknown is None  # counting stays on
     relcache.disable(model)
+
+
+# grouped-query attention: b 2, 4 query heads, 8 queries, 6 keys, head size 16. Each of QK^T and AV is a product of
+# (8 x 16) by (16 x 6) per query head and sample, 2 * 8 * 16 * 6 FLOPs: 2 * 2 * 4 * (2 * 8 * 16 * 6) in all
+GQA_FLOPS = 2 * 2 * 4 * (2 * 8 * 16 * 6)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_grouped_query_attention_counts_every_query_head(kv_heads):
+    """Cosmos 3's and ACE-Step's attention shares each key/value head between a group of query heads: counted as
+    the kernel computes it, each query head against its group's key/value head, as torch counts it from 2.12 on."""
+    from relcache.runtime.accounting import flop_counter
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, 16, generator=g)
+    k, v = torch.randn(2, 2, kv_heads, 6, 16, generator=g).unbind(0)
+    with torch.no_grad(), flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads < 4)
+    assert counter.get_total_flops() == GQA_FLOPS
+
+
+def test_grouped_queries_are_counted_where_torchs_formula_refuses_them(monkeypatch):
+    """torch 2.11's SDPA formula refuses grouped-query shapes (FLOPs unknown for Cosmos 3 and ACE-Step there):
+    with a formula as strict, relcache finds it refuses, adds its entries for the GPU kernels too, and counts the
+    shapes through it with the key/value heads widened to the query's."""
+    from relcache.runtime import accounting
+
+    def strict(query_shape, key_shape, value_shape):  # torch 2.11's check, then its count
+        if query_shape[1] != key_shape[1] or key_shape != value_shape:
+            raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+        b, h, s_q, d = query_shape
+        return 2 * (2 * b * h * s_q * key_shape[2] * d)
+
+    monkeypatch.setattr(accounting, "sdpa_flop_count", strict)
+    assert not accounting._torch_counts_grouped_queries()
+    extra = accounting._extra_formulas()
+    assert torch.ops.aten._scaled_dot_product_efficient_attention in extra
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in extra
+    for kv_heads in (4, 2, 1):
+        kv = (2, kv_heads, 6, 16)
+        assert accounting._grouped_sdpa_flops((2, 4, 8, 16), kv, kv) == GQA_FLOPS
+    with pytest.raises(AssertionError):  # heads that do not group (3 of 4) stay refused, as torch refuses them
+        accounting._grouped_sdpa_flops((2, 4, 8, 16), (2, 3, 6, 16), (2, 3, 6, 16))
+    monkeypatch.undo()
+    counts = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 12)  # torch's own formula, from 2.12 on
+    assert accounting._torch_counts_grouped_queries() == counts
+    assert (torch.ops.aten._scaled_dot_product_efficient_attention in accounting._extra_formulas()) == (not counts)

@@ -35,16 +35,40 @@ Shapes = tuple[tuple[int, ...], ...]
 _NAN = float("nan")
 
 
-def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+def _grouped_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """torch's own SDPA formula, with grouped-query attention (fewer key/value heads than query heads, each shared
+    by a group of query heads: Cosmos 3, ACE-Step) counted as the kernels compute it, every query head against its
+    group's key/value head. torch counts it so itself from 2.12 on; 2.11's formula refuses such shapes."""
+    heads = query_shape[-3]
+    if len(key_shape) == 4 and key_shape[-3] != heads and key_shape[-3] > 0 and heads % key_shape[-3] == 0:
+        key_shape = (*key_shape[:-3], heads, *key_shape[-2:])
+        value_shape = (*value_shape[:-3], heads, *value_shape[-2:])
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# On CPU, scaled_dot_product_attention lowers to aten._scaled_dot_product_flash_attention_for_cpu, which torch's
-# FLOP registry lacks (attention's QK^T and AV would count as zero): counted with torch's own SDPA formula.
-_EXTRA: dict[Any, Any] = {}
-_cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if _cpu_sdpa is not None:
-    _EXTRA[_cpu_sdpa] = _cpu_sdpa_flops
+def _torch_counts_grouped_queries() -> bool:
+    """Whether torch's SDPA formula counts grouped-query shapes (torch 2.12 on)."""
+    try:
+        sdpa_flop_count((1, 2, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1))
+    except AssertionError:
+        return False
+    return True
+
+
+def _extra_formulas() -> dict[Any, Any]:
+    """The entries relcache adds to torch's FLOP registry. On CPU, scaled_dot_product_attention lowers to
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, which the registry lacks (attention's QK^T and AV would
+    count as zero): counted with torch's own SDPA formula. Where that formula refuses grouped-query attention
+    (torch 2.11), the GPU kernels' SDPA entries count through ``_grouped_sdpa_flops`` too."""
+    names = ["_scaled_dot_product_flash_attention_for_cpu"]
+    if not _torch_counts_grouped_queries():
+        names += ["_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                  "_scaled_dot_product_cudnn_attention"]
+    ops = [getattr(torch.ops.aten, name, None) for name in names]
+    return {op: _grouped_sdpa_flops for op in ops if op is not None}
+
+
+_EXTRA = _extra_formulas()
 
 
 class _TotalOnly:
