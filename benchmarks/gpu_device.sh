@@ -11,9 +11,10 @@
 #   3. runs tests/methods/test_fused.py (at most FUSED_TESTS seconds, default 100): the fused RFE forecast's Triton
 #      kernels compiled for this GPU against the torch path (CPU runs check them only under Triton's interpreter);
 #   4. puts gpu.txt and a tarball of every output into $OUT (default runs/gpu-device), also when a command was cut.
-# Before a session, on a CPU: the device's torch is 2.11 (Triton 3.6), not the 2.13 the tests run. Run the suite
-# under torch==2.11.0 and `python scripts/fused_build.py` under Triton 3.6 (docs/performance.md, "relcache under
-# the GPU machine's torch 2.11"): on 2026-12-05 that found a graph break at every compiled record.
+# Before a session, on a CPU: the device's torch is 2.11 (Triton 3.6), not the 2.13 CI runs. Run
+# `bash scripts/suite_under_torch.sh 2.11.0 OUT` and `python scripts/fused_build.py` under Triton 3.6
+# (docs/performance.md, "The suite under torch 2.11 and 2.12"): on 2026-12-05 that found a graph break at every
+# compiled record.
 # Usage (device tool, from the repository root, timeout_s about 520): bash benchmarks/gpu_device.sh [--smoke]
 # On a machine with diffusers installed it only runs gpu.sh and packs its outputs; --smoke rehearses on the CPU.
 set -uo pipefail

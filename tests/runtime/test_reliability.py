@@ -164,7 +164,7 @@ def flex():
 
 def test_flex_attention_on_flux_runs_and_leaves_the_process_usable(flex):
     """With flex attention (diffusers' "flex" backend), torch's FlopCounterMode raises inside flex's compiled eager
-    path (torch 2.13 and 2.14; 2.15 counts it) and left dynamo unable to run flex again: every later flex call in the
+    path (torch 2.11 to 2.14; 2.15 counts it) and left dynamo unable to run flex again: every later flex call in the
     process failed, relcache or not."""
     from families import flux_kwargs, flux_pipe
 

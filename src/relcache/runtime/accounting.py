@@ -12,7 +12,7 @@ A step adds what ran to the ``executed`` counters and what full computation woul
 counters; a step that runs half of a CFG batch counts against the full batch (``scale`` 2).
 
 (choice) Counting never breaks a generation. ``torch.utils.flop_counter`` is a dispatch mode, and some operators do
-not run under it (flex attention, in torch 2.13 and 2.14: a ``TypeError`` from its compiled eager path, which also
+not run under it (flex attention, in torch 2.11 to 2.14: a ``TypeError`` from its compiled eager path, which also
 leaves dynamo's caches for torch's own functions unusable). When a measured call raises, the meter forgets what dynamo
 compiled of torch's own code, undoes what the call recorded (``run_call``'s ``snapshot``) and runs it again without
 counting: if that succeeds, counting was at fault and stops for the session, and the stats give every FLOP field
