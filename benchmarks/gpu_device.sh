@@ -13,8 +13,8 @@
 #   4. puts gpu.txt and a tarball of every output into $OUT (default runs/gpu-device), also when a command was cut.
 # Before a session, on a CPU: the device's torch is 2.11 (Triton 3.6), not the 2.13 CI runs. Run
 # `bash scripts/suite_under_torch.sh 2.11.0 OUT` and `python scripts/fused_build.py` under Triton 3.6
-# (docs/performance.md, "The suite under torch 2.11 and 2.12"): on 2026-12-05 that found a graph break at every
-# compiled record.
+# (docs/performance.md, "The suite under torch 2.11 and 2.12"). On 2026-12-05 the same suite in a venv made by hand
+# found a graph break at every compiled record ("relcache under the GPU machine's torch 2.11").
 # Usage (device tool, from the repository root, timeout_s about 520): bash benchmarks/gpu_device.sh [--smoke]
 # On a machine with diffusers installed it only runs gpu.sh and packs its outputs; --smoke rehearses on the CPU.
 set -uo pipefail

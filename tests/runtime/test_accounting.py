@@ -149,8 +149,8 @@ def test_out_of_memory_inside_a_measured_call_propagates_and_leaves_counting_on(
     relcache.disable(model)
 
 
-# grouped-query attention: b 2, 4 query heads, 8 queries, 6 keys, head size 16. Each of QK^T and AV is a product of
-# (8 x 16) by (16 x 6) per query head and sample, 2 * 8 * 16 * 6 FLOPs: 2 * 2 * 4 * (2 * 8 * 16 * 6) in all
+# grouped-query attention: b 2, 4 query heads, 8 queries, 6 keys, head size 16. Per query head and sample, QK^T is
+# (8 x 16) by (16 x 6) and AV (8 x 6) by (6 x 16), 2 * 8 * 16 * 6 FLOPs each: 2 * 2 * 4 * (2 * 8 * 16 * 6) in all
 GQA_FLOPS = 2 * 2 * 4 * (2 * 8 * 16 * 6)
 
 
