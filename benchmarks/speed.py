@@ -262,7 +262,7 @@ def paired_lines(rows: list[dict[str, object]], versus: str = PAIRED_WITH) -> li
         if ref is None or ref is row or not row.get("times_s") or len(row["times_s"]) != len(ref.get("times_s", ())):
             continue
         ratios = sorted(a / b for a, b in zip(row["times_s"], ref["times_s"], strict=True))
-        row[f"over_{versus}_per_round"] = ratios
+        row[f"over_{versus}{suffix}_per_round"] = ratios  # the key names the row it was timed against
         lines.append(f"{name} over {versus}{suffix}, NFC {row['nfc']}, per round: median "
                      f"{100 * (statistics.median(ratios) - 1):+.1f} %, range {100 * (ratios[0] - 1):+.1f} % to "
                      f"{100 * (ratios[-1] - 1):+.1f} % ({len(ratios)} rounds)")
