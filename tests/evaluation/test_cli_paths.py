@@ -20,15 +20,17 @@ def no_work(monkeypatch):
     import relcache.evaluation.analyze as analyze
     import relcache.evaluation.bench as bench
     import relcache.evaluation.pipelines as pipelines
+    import relcache.evaluation.steps_search as steps_search
 
     # each command module's own names, and what its run function imports when it runs
     for command, names in ((cli.demo, ("_reference",)), (cli.bench, ("_reference",)),
-                           (cli.analyze, ("_reference", "_pipeline_sampler"))):
+                           (cli.analyze, ("_reference", "_pipeline_sampler")), (cli.calibrate, ("_reference",))):
         for name in names:
             monkeypatch.setattr(command, name, started)
     monkeypatch.setattr(bench, "run_bench", started)
     monkeypatch.setattr(analyze, "record_trace", started)
     monkeypatch.setattr(pipelines, "load_sampler", started)
+    monkeypatch.setattr(steps_search, "calibrate_steps", started)
 
 
 def _usage_error(capsys, argv) -> str:
