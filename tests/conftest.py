@@ -17,6 +17,16 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and contend under xdist)
 
 
+def release(version: str) -> tuple[int, int]:
+    """A package's ``major.minor`` as numbers (``"2.15.0a0+git"`` gives ``(2, 15)``): tests whose expectation
+    depends on the torch or Triton release compare these, not strings ("2.9" > "2.15")."""
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+TORCH_RELEASE = release(torch.__version__)
+
+
 def recording_backend(graphs: list[torch.fx.GraphModule]):  # noqa: ANN201 (dynamo's backend signature)
     """A dynamo backend that only appends each graph it is given to ``graphs`` and runs it as traced: what the compile
     tests count (tracing, guards, recompilations) without code generation, which would take minutes here."""

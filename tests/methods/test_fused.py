@@ -11,13 +11,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dit
+from conftest import release, tiny_dit
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 triton = pytest.importorskip("triton")
 #: torch 2.11 pins Triton 3.6, whose interpreter cannot run these kernels under numpy 2
-OLD_INTERPRETER = (tuple(int(n) for n in triton.__version__.split(".")[:2]) < (3, 7)
-                   and int(np.__version__.split(".")[0]) >= 2)
+OLD_INTERPRETER = release(triton.__version__) < (3, 7) and release(np.__version__) >= (2, 0)
 
 import relcache  # noqa: E402
 from relcache.methods import fused  # noqa: E402

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_dit
+from conftest import TORCH_RELEASE, tiny_dit
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 import relcache
@@ -191,6 +191,6 @@ def test_grouped_queries_are_counted_where_torchs_formula_refuses_them(monkeypat
     with pytest.raises(AssertionError):  # heads that do not group (3 of 4) stay refused, as torch refuses them
         accounting._grouped_sdpa_flops((2, 4, 8, 16), (2, 3, 6, 16), (2, 3, 6, 16))
     monkeypatch.undo()
-    counts = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 12)  # torch's own formula, from 2.12 on
+    counts = TORCH_RELEASE >= (2, 12)  # torch's own formula counts grouped queries from 2.12 on
     assert accounting._torch_counts_grouped_queries() == counts
     assert (torch.ops.aten._scaled_dot_product_efficient_attention in accounting._extra_formulas()) == (not counts)
