@@ -305,7 +305,9 @@ def test_a_generation_of_other_shapes_leaves_every_later_graph_writing_in_place(
         return outs, eager, skips
 
     eager_calls: list[int] = []
-    model = tiny_dit(layers=_layers(config))
+    # one block for RFC too (RCS's pre-pass still reads its probe there): the buffers remade are the same kinds, and
+    # the second shape's ten graphs trace in about half the time of two blocks' (suite time)
+    model = tiny_dit(layers=1)
     relcache.enable(model, config)
     try:
         expected = generations(model)[0]
