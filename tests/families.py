@@ -1088,15 +1088,15 @@ def bria_fibo2_pipe() -> LoopPipeline:
                         (1, 4, 8, 8), ("cond", "uncond"))
 
 
-def cosmos3_pipe() -> LoopPipeline:
+def cosmos3_pipe(layers: int = 2) -> LoopPipeline:
     """Cosmos 3 Omni-like: one packed sequence without a batch axis, the prompt's text tokens (5; the negative
-    prompt's 3, as the "uncond" call) then a 4x4 vision latent's tokens (4 channels, patch 1: 16 tokens), 2 layers,
+    prompt's 3, as the "uncond" call) then a 4x4 vision latent's tokens (4 channels, patch 1: 16 tokens), ``layers``,
     with the per-call inputs Cosmos3OmniPipeline builds (indexes of each modality in the sequence, 3-axis position
     ids, one timestep per noisy vision token)."""
     torch.manual_seed(0)
     model = diffusers.Cosmos3OmniTransformer(
         head_dim=8, hidden_act="silu", hidden_size=16, intermediate_size=32, latent_channel=4, latent_patch_size=1,
-        num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1, patch_latent_dim=4, rms_norm_eps=1e-5,
+        num_attention_heads=2, num_hidden_layers=layers, num_key_value_heads=1, patch_latent_dim=4, rms_norm_eps=1e-5,
         rope_axes_dim=[2, 1, 1], rope_theta=1e4, vocab_size=32)
     texts = {"cond": torch.tensor([1, 2, 3, 4, 5]), "uncond": torch.tensor([7, 8, 9])}
 
