@@ -186,10 +186,10 @@ WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
                 text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
 
 
-def wan_pipe() -> WanPipeline:
+def wan_pipe(layers: int = 2) -> WanPipeline:
     """Wan 2.1-like with CFG as separate "cond"/"uncond" calls; 1 frame of 32x32 -> 4x4 latents -> 4 tokens."""
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(**WAN_TINY, cross_attn_norm=True).eval()
+    transformer = WanTransformer3DModel(**{**WAN_TINY, "num_layers": layers}, cross_attn_norm=True).eval()
     vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     return quiet(WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(),

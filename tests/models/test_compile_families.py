@@ -39,7 +39,9 @@ def _where(breaks: dict[str, int]) -> set[str]:
 @pytest.mark.parametrize("name", HEADLINE)
 def test_a_family_compiles_with_no_break_of_relcaches_but_its_own_two(name):
     case = CASES[name]
-    pipe = case.build()
+    # Wan's two blocks are alike (SD3's and CogVideoX's are not; FLUX.1 has one double block): one block traced in
+    # 24 s here, two in 31 (suite time)
+    pipe = case.build(layers=1) if name == "wan" else case.build()
     config = relcache.RFC(threshold=0.3)
     relcache.enable(pipe, config)
     try:
