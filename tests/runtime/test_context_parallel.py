@@ -38,6 +38,7 @@ from relcache.runtime.distributed import ContextParallelMismatch, SequenceReduce
 
 WORLD = 2
 TIMEOUT = datetime.timedelta(seconds=30)  # a hang fails in 30 s; a busy 2-core machine needs some slack
+_IMPORTED_BY = os.getpid()  # a process forked from the fork server that imported this module sees the server's pid
 
 
 def _parallel(pipe: Any) -> Any:
@@ -115,7 +116,8 @@ def _checks(rank: int) -> dict[str, Any]:
 def _all_cases(rank: int) -> dict[str, Any]:
     loops = {name: _parallel(pipe) for name, pipe in cp_cases.loop_pipes().items()}
     results = cp_cases.run_all(_parallel(families.flux_pipe()), _parallel(families.wan_pipe()), loops)
-    return {"results": results, "checks": _checks(rank), "ltx": cp_cases.ltx_plain_error()}
+    return {"results": results, "checks": _checks(rank), "ltx": cp_cases.ltx_plain_error(),
+            "imported by the server": _IMPORTED_BY != os.getpid()}
 
 
 def _data_parallel(rank: int) -> dict[str, Any]:
@@ -166,6 +168,29 @@ def _worker(rank: int, world: int, job: str, out_dir: str) -> None:
         raise
 
 
+def _fork_server() -> None:
+    """Start the fork server (once per process) with this module imported.
+
+    The server swallows an ImportError of a module it preloads, and Python (3.11 to 3.13 at least) starts it without
+    the parent's ``sys.path``: this module, found through the test directories pytest puts there, failed to import in
+    it, so every process imported diffusers by itself (about 6 s a launch here, each job's first process and the
+    harness test's three jobs). The server starts with those directories on ``PYTHONPATH``; the parent's is restored
+    after the start."""
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload([__name__])
+    here = Path(__file__).resolve().parent
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), *([previous] if previous else [])])
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
 def _launch(out_dir: Path, world: int, job: str, retries: int = 1) -> list[dict[str, Any]]:
     """Run ``job`` on ``world`` processes forked from a clean, single-threaded server; what each returned.
 
@@ -173,7 +198,7 @@ def _launch(out_dir: Path, world: int, job: str, retries: int = 1) -> list[dict[
     2026-12-06, "malloc(): unaligned tcache chunk detected" in one process, as once before under xdist) runs the
     job again, ``retries`` times, with a warning that carries each process's Python stacks at the abort. Any Python
     exception, or an abort in the rerun too, fails at once, with the stacks."""
-    mp.get_context("forkserver").set_forkserver_preload([__name__])  # imported once, by the server
+    _fork_server()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         mp.start_processes(_worker, args=(world, job, str(out_dir)), nprocs=world,
@@ -242,6 +267,11 @@ def test_caching_changed_something(single: dict[str, Any]) -> None:
 
 def test_reduces_over_the_context_parallel_group(parallel: list[dict[str, Any]]) -> None:
     assert all(p["checks"]["group is the CP mesh's"] and p["checks"]["given group used"] for p in parallel)
+
+
+def test_the_processes_are_forked_from_a_server_that_imported_this_module(parallel: list[dict[str, Any]]) -> None:
+    """Each process found this module imported (by the fork server) instead of importing diffusers itself."""
+    assert [p["imported by the server"] for p in parallel] == [True] * WORLD
 
 
 def test_sequence_group_must_be_a_process_group() -> None:
