@@ -778,14 +778,14 @@ def nucleus_moe_pipe() -> LoopPipeline:
         img_shapes=[(1, 4, 4)]), (1, 16, 16))
 
 
-def ltx2_pipe() -> LoopPipeline:
+def ltx2_pipe(layers: int = 2) -> LoopPipeline:
     """LTX-2-like audio+video: 2 latent frames of 4x4 (4 channels) as 32 tokens, 5 audio frames (fixed), 6 text
-    tokens for each modality."""
+    tokens for each modality; ``layers`` blocks."""
     torch.manual_seed(0)
     model = diffusers.LTX2VideoTransformer3DModel(
         in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
         cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
-        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=layers, qk_norm="rms_norm_across_heads",
         caption_channels=16, rope_double_precision=False)
     text, audio_text, audio = randn(1, 6, 16), randn(1, 6, 16, seed=2), randn(1, 5, 4, seed=3)
     mask = torch.ones(1, 6, dtype=torch.bool)
