@@ -349,10 +349,10 @@ def test_a_budget_that_chooses_another_storage_keeps_every_later_graph_writing_i
         storages, outside = [], []
         with torch.no_grad():
             for _ in range(n):
-                relcache.begin_generation(model, 6)
+                relcache.begin_generation(model, 4)
                 xi = x
-                for i in range(6):
-                    t = torch.full((2,), 999 - 150 * i)
+                for i in range(4):
+                    t = torch.full((2,), 999 - 250 * i)
                     a = model(xi, timestep=t, class_labels=y).sample
                     b = model(xi, timestep=t, class_labels=y).sample
                     xi = xi - 0.05 * (a + b)
