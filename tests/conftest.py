@@ -3,6 +3,7 @@
 import contextlib
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,37 @@ def count_eager_calls(model: DiTTransformer2DModel) -> list[int]:
     return calls
 
 
+#: the test files whose tests run their own functions in other processes (gloo groups): the fork server imports each
+FORKED = ("runtime/test_context_parallel.py", "evaluation/test_bench_cli.py")
+
+
+def start_fork_server() -> None:
+    """Start this process's fork server (once) with the ``FORKED`` modules imported: processes forked from it start
+    in a moment, where each spawned one imported diffusers (about 6 s, most of a minute on a busy machine), and none
+    inherits the test process's threads (a child forked from it once aborted in malloc under xdist).
+
+    (choice) The server swallows an ImportError of a module it preloads, and Python (3.11 to 3.13 at least) starts it
+    without the parent's ``sys.path``: the test modules, found through the directories pytest puts there, failed to
+    import in it, silently. It starts with those directories on ``PYTHONPATH``; the parent's is restored after. (Its
+    children get the parent's ``sys.path`` from multiprocessing itself.)"""
+    from multiprocessing import forkserver
+
+    import torch.multiprocessing as mp
+
+    tests = Path(__file__).resolve().parent
+    paths = [str(tests), *{str((tests / f).parent) for f in FORKED}]
+    mp.get_context("forkserver").set_forkserver_preload([Path(f).stem for f in FORKED])
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([previous] if previous else [])])
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
 #: inductor's CPU code is C++: tests that compile with inductor (not ``aot_eager``) need a compiler
 needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                                reason="inductor's CPU backend needs a C++ compiler")
@@ -135,8 +167,11 @@ needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "
 #: compile tests alone for minutes). This needs ``--dist worksteal`` (pyproject's addopts): under xdist's default
 #: ``load`` schedule the first round-robin batch queued 203 of these on one worker, which ran them alone for 400 s
 #: after the other had finished every other test (2026-12-06: 626-650 s in all, against 524 s with worksteal)
-HEAVY_FIRST = ("runtime/test_compile.py", "runtime/test_capture.py", "models/test_compile_families.py",
-               "models/test_cosmos3.py", "runtime/test_context_parallel.py", "evaluation/test_bench_cli.py",
+#: The context-parallel file comes first: a worker runs its module fixtures (the parallel job and its one-process
+#: reference, about 20 s) once where it runs every test of the file; split between the workers (work stolen from
+#: the end of a queue), each ran them (2026-12-07: three setups, 68 s)
+HEAVY_FIRST = ("runtime/test_context_parallel.py", "runtime/test_compile.py", "runtime/test_capture.py",
+               "models/test_compile_families.py", "models/test_cosmos3.py", "evaluation/test_bench_cli.py",
                "runtime/test_cache_memory.py", "runtime/test_cfg_cache.py")
 
 

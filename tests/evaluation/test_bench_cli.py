@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_dit
+from conftest import start_fork_server, tiny_dit
 
 from relcache.cli import main
 from relcache.evaluation.analyze import analyze_trace, record_trace, save_analysis
@@ -91,7 +91,8 @@ def _rank(rank, world, path, queue):
 
 def test_two_processes_give_the_single_process_table(tmp_path):
     single = _deterministic(_bench([BenchMethod("FORA N=3", FORA(3))]).rows)
-    ctx = mp.get_context("spawn")
+    start_fork_server()  # forked from a server that imported this module: no import of diffusers per process
+    ctx = mp.get_context("forkserver")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, 2, tmp_path / "store", queue)) for r in range(2)]
     for p in procs:
@@ -193,7 +194,8 @@ def _gather_or_die(rank, world, path, queue):
 
 
 def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path):
-    ctx = mp.get_context("spawn")
+    start_fork_server()  # forked from a server that imported this module: no import of diffusers per process
+    ctx = mp.get_context("forkserver")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_gather_or_die, args=(r, 2, tmp_path / "store", queue)) for r in range(2)]
     for p in procs:

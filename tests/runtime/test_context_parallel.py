@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import start_fork_server
 
 import relcache
 from relcache.runtime.distributed import ContextParallelMismatch, SequenceReducer
@@ -168,29 +169,6 @@ def _worker(rank: int, world: int, job: str, out_dir: str) -> None:
         raise
 
 
-def _fork_server() -> None:
-    """Start the fork server (once per process) with this module imported.
-
-    The server swallows an ImportError of a module it preloads, and Python (3.11 to 3.13 at least) starts it without
-    the parent's ``sys.path``: this module, found through the test directories pytest puts there, failed to import in
-    it, so every process imported diffusers by itself (about 6 s a launch here, each job's first process and the
-    harness test's three jobs). The server starts with those directories on ``PYTHONPATH``; the parent's is restored
-    after the start."""
-    from multiprocessing import forkserver
-
-    mp.get_context("forkserver").set_forkserver_preload([__name__])
-    here = Path(__file__).resolve().parent
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), *([previous] if previous else [])])
-    try:
-        forkserver.ensure_running()
-    finally:
-        if previous is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = previous
-
-
 def _launch(out_dir: Path, world: int, job: str, retries: int = 1) -> list[dict[str, Any]]:
     """Run ``job`` on ``world`` processes forked from a clean, single-threaded server; what each returned.
 
@@ -198,7 +176,7 @@ def _launch(out_dir: Path, world: int, job: str, retries: int = 1) -> list[dict[
     2026-12-06, "malloc(): unaligned tcache chunk detected" in one process, as once before under xdist) runs the
     job again, ``retries`` times, with a warning that carries each process's Python stacks at the abort. Any Python
     exception, or an abort in the rerun too, fails at once, with the stacks."""
-    _fork_server()
+    start_fork_server()  # this module imported once, by the server (conftest.py)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         mp.start_processes(_worker, args=(world, job, str(out_dir)), nprocs=world,
