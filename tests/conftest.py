@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 if not torch.cuda.is_available():
     # Triton's CPU interpreter runs the fused RFE forecast's kernels here (tests/methods/test_fused.py). It must be
@@ -21,8 +22,8 @@ torch.set_num_threads(1)  # tiny models: threads only add overhead (and contend 
 def release(version: str) -> tuple[int, int]:
     """A package's ``major.minor`` as numbers (``"2.15.0a0+git"`` gives ``(2, 15)``): tests whose expectation
     depends on the torch or Triton release compare these, not strings ("2.9" > "2.15")."""
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
+    major, minor = Version(version).release[:2]
+    return major, minor
 
 
 TORCH_RELEASE = release(torch.__version__)
