@@ -136,16 +136,18 @@ def start_fork_server() -> None:
     in a moment, where each spawned one imported diffusers (about 6 s, most of a minute on a busy machine), and none
     inherits the test process's threads (a child forked from it once aborted in malloc under xdist).
 
-    (choice) The server swallows an ImportError of a module it preloads, and Python (3.11 to 3.13 at least) starts it
-    without the parent's ``sys.path``: the test modules, found through the directories pytest puts there, failed to
-    import in it, silently. It starts with those directories on ``PYTHONPATH``; the parent's is restored after. (Its
-    children get the parent's ``sys.path`` from multiprocessing itself.)"""
+    (choice) The server swallows an ImportError of a module it preloads, and CPython started it without the parent's
+    ``sys.path`` (this machine's 3.11.7, and 3.12.1 and 3.13.0 likewise; fixed later, gh-117378): the test modules,
+    found through the directories pytest puts there, failed to import in it, silently. It starts with those
+    directories on ``PYTHONPATH``; the test process's own is restored after. The server, and every process forked
+    from it, keeps the environment it started with (those directories included): a variable set later reaches no
+    child. (The children get the parent's ``sys.path`` from multiprocessing itself.)"""
     from multiprocessing import forkserver
 
     import torch.multiprocessing as mp
 
     tests = Path(__file__).resolve().parent
-    paths = [str(tests), *{str((tests / f).parent) for f in FORKED}]
+    paths = list(dict.fromkeys([str(tests), *(str((tests / f).parent) for f in FORKED)]))
     mp.get_context("forkserver").set_forkserver_preload([Path(f).stem for f in FORKED])
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([previous] if previous else [])])

@@ -221,13 +221,13 @@ def latte_kwargs() -> dict[str, Any]:
                 height=16, width=16, video_length=4)
 
 
-def cogvideox_pipe() -> CogVideoXPipeline:
-    """CogVideoX-like, 2 expert blocks, CFG batched unconditional half first; 5 frames of 8x8 -> 2 latent frames of
-    4x4 -> 8 video + 6 text tokens."""
+def cogvideox_pipe(layers: int = 2) -> CogVideoXPipeline:
+    """CogVideoX-like, ``layers`` expert blocks (2), CFG batched unconditional half first; 5 frames of 8x8 -> 2 latent
+    frames of 4x4 -> 8 video + 6 text tokens."""
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=16,
-        num_layers=2, sample_width=4, sample_height=4, sample_frames=5, patch_size=2, temporal_compression_ratio=4,
+        num_layers=layers, sample_width=4, sample_height=4, sample_frames=5, patch_size=2, temporal_compression_ratio=4,
         max_text_seq_length=6,
     ).eval()
     vae = AutoencoderKLCogVideoX(
@@ -1090,9 +1090,9 @@ def bria_fibo2_pipe() -> LoopPipeline:
 
 def cosmos3_pipe(layers: int = 2) -> LoopPipeline:
     """Cosmos 3 Omni-like: one packed sequence without a batch axis, the prompt's text tokens (5; the negative
-    prompt's 3, as the "uncond" call) then a 4x4 vision latent's tokens (4 channels, patch 1: 16 tokens), ``layers``,
-    with the per-call inputs Cosmos3OmniPipeline builds (indexes of each modality in the sequence, 3-axis position
-    ids, one timestep per noisy vision token)."""
+    prompt's 3, as the "uncond" call) then a 4x4 vision latent's tokens (4 channels, patch 1: 16 tokens), ``layers``
+    layers, with the per-call inputs Cosmos3OmniPipeline builds (indexes of each modality in the sequence, 3-axis
+    position ids, one timestep per noisy vision token)."""
     torch.manual_seed(0)
     model = diffusers.Cosmos3OmniTransformer(
         head_dim=8, hidden_act="silu", hidden_size=16, intermediate_size=32, latent_channel=4, latent_patch_size=1,
@@ -1115,7 +1115,7 @@ def cosmos3_pipe(layers: int = 2) -> LoopPipeline:
 
 @dataclass(frozen=True)
 class Case:
-    build: Callable[[], Any]
+    build: Callable[..., Any]  # some take ``layers`` (the compile tests trace fewer blocks)
     kwargs: Callable[[], dict[str, Any]]
     contexts: tuple[str, ...]  # the call contexts the pipeline's transformer calls run in
 

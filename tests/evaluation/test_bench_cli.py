@@ -79,13 +79,16 @@ def test_default_methods_over_other_step_counts_give_each_budget_one_nfc():
                       "FasterCache (defaults)"]
 
 
+_IMPORTED_BY = os.getpid()  # a process forked from the fork server that imported this module sees the server's pid
+
+
 def _rank(rank, world, path, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{path}")
     result = _bench([BenchMethod("FORA N=3", FORA(3))], count_flops=True)
     if rank == 0:
-        queue.put(_deterministic(result.rows))
+        queue.put((_deterministic(result.rows), _IMPORTED_BY != os.getpid()))
     torch.distributed.destroy_process_group()
 
 
@@ -97,10 +100,11 @@ def test_two_processes_give_the_single_process_table(tmp_path):
     procs = [ctx.Process(target=_rank, args=(r, 2, tmp_path / "store", queue)) for r in range(2)]
     for p in procs:
         p.start()
-    table = queue.get(timeout=120)
+    table, imported_by_the_server = queue.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
     assert table == single
+    assert imported_by_the_server  # the process found this module imported (conftest.start_fork_server)
 
 
 def test_analyze_numbers_and_files(tmp_path):

@@ -40,7 +40,7 @@ from relcache.api import _session
 from relcache.methods.storage import Held
 
 #: two blocks: dynamo's tracing time grows with the blocks (three took twice as long), and two keep a first block
-#: (RCS's probe) and a later one
+#: (RCS's probe) and a later one (the other-shapes test runs RFC on one: what it checks is the buffers remade)
 LAYERS = 2
 STEPS = 10
 

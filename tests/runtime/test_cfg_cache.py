@@ -736,7 +736,7 @@ def test_a_compiled_model_with_outputs_besides_the_sample_runs_the_method_alone(
     raised "a rehearsed first call was asked to run eagerly again". Now the rerun keeps the first call's row groups
     (a state per half, as every later generation); two compiled generations give the eager method's outputs. The
     warning names the user's line, not relcache's. One block: the rehearsal's row groups are the model's, not a
-    block's, and two blocks traced in twice the time (suite time)."""
+    block's, and two blocks traced in about 1.5 times as long (suite time)."""
     import families
 
     pipe = families.ltx2_pipe(layers=1)
