@@ -137,9 +137,10 @@ def start_fork_server() -> None:
     inherits the test process's threads (a child forked from it once aborted in malloc under xdist).
 
     (choice) The server swallows an ImportError of a module it preloads, and CPython started it without the parent's
-    ``sys.path`` (this machine's 3.11.7, and 3.12.1 and 3.13.0 likewise; fixed later, gh-117378): the test modules,
-    found through the directories pytest puts there, failed to import in it, silently. It starts with those
-    directories on ``PYTHONPATH``; the test process's own is restored after. The server, and every process forked
+    ``sys.path`` (this machine's 3.11.7, and 3.12.1 and 3.13.0 likewise; CPython issue gh-117378, fixed in November
+    2024 with backports to 3.12 and 3.13, names this same workaround): the test modules, found through the
+    directories pytest puts there, failed to import in it, silently. It starts with those directories on
+    ``PYTHONPATH``; the test process's own is restored after. The server, and every process forked
     from it, keeps the environment it started with (those directories included): a variable set later reaches no
     child. (The children get the parent's ``sys.path`` from multiprocessing itself.)"""
     from multiprocessing import forkserver
@@ -170,9 +171,9 @@ needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "
 #: compile tests alone for minutes). This needs ``--dist worksteal`` (pyproject's addopts): under xdist's default
 #: ``load`` schedule the first round-robin batch queued 203 of these on one worker, which ran them alone for 400 s
 #: after the other had finished every other test (2026-12-06: 626-650 s in all, against 524 s with worksteal)
-#: The context-parallel file comes first: a worker runs its module fixtures (the parallel job and its one-process
-#: reference, about 20 s) once where it runs every test of the file; split between the workers (work stolen from
-#: the end of a queue), each ran them (2026-12-07: three setups, 68 s)
+#: The context-parallel file comes first, so that one worker runs every test of it and sets up its module fixtures
+#: (the parallel job and its one-process reference, about 20 s) once. Split between the workers (work is stolen from
+#: the end of a queue), each worker set up the fixtures its tests reached (2026-12-07: three setups, 68 s in all)
 HEAVY_FIRST = ("runtime/test_context_parallel.py", "runtime/test_compile.py", "runtime/test_capture.py",
                "models/test_compile_families.py", "models/test_cosmos3.py", "evaluation/test_bench_cli.py",
                "runtime/test_cache_memory.py", "runtime/test_cfg_cache.py")
