@@ -25,18 +25,12 @@ STEPS = 8
 FLUX_TAU, WAN_TAU = 0.3, 0.3
 #: the other families with a ``_cp_plan`` (diffusers 0.42.1) relcache supports, by their tests/families.py name:
 #: (RCS threshold, the methods run; None: all). Every token count (image and text) of their tiny instances splits
-#: evenly over 2 processes. Helios (40 blocks, ``helios_pipe``) passed with three methods but is not run in the
-#: suite: its in-block functional collectives segfaulted in a forked worker in 1 of 4 CI runs (torch's functional
-#: collectives after ``fork`` under pytest-xdist); run ``run_all`` with it by hand (docs/distributed.md).
+#: evenly over 2 processes. Helios has 40 blocks (``helios_pipe``), so it runs three methods only.
 #: LTX-Video as its pipeline calls it (with an encoder attention mask) fails under context parallelism in diffusers
 #: itself (``ltx_plain_error``); "ltx-nomask" is its transformer without the mask, which diffusers runs.
 LOOP_FAMILIES: dict[str, tuple[float, tuple[str, ...] | None]] = {
     "flux2": (0.3, None), "qwen_image": (0.3, None), "chronoedit": (0.3, None),
-    "ltx-nomask": (0.3, None),
-}
-#: by hand only (see above): ``LOOP_FAMILIES | BY_HAND``
-BY_HAND: dict[str, tuple[float, tuple[str, ...] | None]] = {
-    "helios": (0.3, ("RFC-threshold", "RFC-target_nfc", "TaylorSeer")),
+    "ltx-nomask": (0.3, None), "helios": (0.3, ("RFC-threshold", "RFC-target_nfc", "TaylorSeer")),
 }
 
 
