@@ -71,19 +71,34 @@ def test_after_a_pipeline_call_a_bare_loop_with_rising_timesteps_stays_one_gener
     assert st.num_steps == 6 and st.full_steps == [0, 1, 3, 5]
 
 
-def test_a_generation_noticed_after_a_pipeline_call_keeps_its_step_count():
-    """Guards ``begin`` keeping ``num_steps`` when none is announced (mutant: set to None). A bare loop right after
-    a 4-step pipeline call starts a generation (the call ended one) that announces nothing: RFC(target_nfc=2) plans
-    it for the pipeline's 4 steps instead of refusing to run without a step count."""
+def test_a_generation_noticed_after_a_pipeline_call_has_no_step_count():
+    """Guards ``begin`` forgetting ``num_steps`` when none is announced (mutant: keep the previous count). A bare loop
+    right after a 4-step pipeline call starts a generation (the call ended one) that announces nothing: RFC's
+    target NFC refuses it as on a fresh enable, where the previous count planned a 6-step loop's budget for 4 steps
+    and cached its last two (found by review). Interval schedules need no count, and run."""
     pipe = dit_pipe()
     x, y = dit_inputs()
     with relcache.cached(pipe, RFC(target_nfc=2)):
         pipe([1, 7], num_inference_steps=4, output_type="latent")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # 4 steps as the pipeline announced: nothing to warn
-            run_loop(pipe.transformer, x, y, steps=4, begin=False)
+        with pytest.raises(relcache.ConfigError, match="target_nfc needs the number of steps"):
+            run_loop(pipe.transformer, x, y, steps=6, begin=False)
+    with relcache.cached(pipe, FORA(2, warmup=1)):
+        pipe([1, 7], num_inference_steps=4, output_type="latent")
+        run_loop(pipe.transformer, x, y, steps=6, begin=False)
         st = relcache.stats(pipe)
-    assert st.num_steps == 4 and st.nfc == 2
+    assert st.num_steps == 6 and st.full_steps == [0, 2, 4]
+
+
+def test_begin_generation_without_a_count_forgets_the_previous_one():
+    """Guards the same for ``begin_generation(m)`` without ``num_steps`` after one with it."""
+    pipe = dit_pipe()
+    x, y = dit_inputs()
+    with relcache.cached(pipe, RFC(target_nfc=2)):
+        relcache.begin_generation(pipe.transformer, 4)
+        run_loop(pipe.transformer, x, y, steps=4, begin=False)
+        relcache.begin_generation(pipe.transformer)
+        with pytest.raises(relcache.ConfigError, match="target_nfc needs the number of steps"):
+            run_loop(pipe.transformer, x, y, steps=6, begin=False)
 
 
 def test_a_repeated_cache_context_step_index_starts_a_new_generation(dit):

@@ -196,12 +196,13 @@ class Generations:
     def begin(self, num_steps: int | None = None, *, marked: bool = False,
               timesteps: torch.Tensor | None = None) -> None:
         """Start a new generation; ``marked`` when the caller announced it (scheduler or public API), not when
-        the runtime noticed it; ``timesteps`` when it announced them too."""
+        the runtime noticed it; ``timesteps`` when it announced them too. Without ``num_steps`` the step count is
+        unknown, not the previous generation's (found by review: a hand-written loop after a pipeline call planned
+        its ``target_nfc`` budget for the pipeline's step count)."""
         self._check_steps()
         self.ended = False
         self.marked = self.marked or marked
-        if num_steps is not None:
-            self.num_steps = int(num_steps)
+        self.num_steps = None if num_steps is None else int(num_steps)
         self.timesteps = timesteps
         self.host.reset_generation()
         self._announced, self._checked = self.num_steps, False
