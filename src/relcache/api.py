@@ -288,7 +288,7 @@ def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool |
     session = _session(obj)
     if session is not None:
         session.generations.loop_guidance = guidance
-        session.generations.begin(num_steps, marked=True, timesteps=timesteps)
+        session.generations.begin(num_steps, marked=True, timesteps=timesteps, by_loop=True)
         for hook in session.step_hooks:
             hook.forget_calls()
 

@@ -101,6 +101,32 @@ def test_begin_generation_without_a_count_forgets_the_previous_one():
             run_loop(pipe.transformer, x, y, steps=6, begin=False)
 
 
+class _Sampler:
+    """A user's hand-written sampler: it holds the model as ``transformer`` and a scheduler read only for its noise
+    levels (1000 timesteps), so relcache finds it driving the model like a pipeline."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer, self.scheduler = transformer, DDIMScheduler()
+
+    def __call__(self, steps: int) -> None:
+        x, y = dit_inputs()
+        run_loop(self.transformer, x, y, steps=steps)  # announces ``steps`` first, as the README says
+
+
+def test_begin_generation_wins_over_the_scheduler_of_a_sampler_found_driving_the_model(dit):
+    """Guards ``check_caller`` keeping an unspent ``begin_generation`` announcement (mutant: the scheduler's count
+    always). The first call of a sampler class found on the stack started a generation of its scheduler's 1000
+    timesteps, so RFC(target_nfc=4) computed its 2 warm-up steps of 6 (found by review); the second call already
+    kept the announcement."""
+    sampler = _Sampler(dit)
+    with relcache.cached(dit, RFC(target_nfc=4)), warnings.catch_warnings():
+        warnings.simplefilter("error")  # 6 steps as announced: nothing to warn
+        for _ in range(2):
+            sampler(6)
+            st = relcache.stats(dit)
+            assert st.num_steps == 6 and st.nfc == 4
+
+
 def test_a_repeated_cache_context_step_index_starts_a_new_generation(dit):
     """Guards ``starts_new``'s ``step_index <= step`` (mutant: ``<``). A one-step loop run twice under
     diffusers' cache context (what ``CacheMixin.cache_context("cond", step_index=0)`` sets; DiT has no CacheMixin):

@@ -188,21 +188,24 @@ class Generations:
         self.guidance: bool | None = None  # whether this call's pipeline says it runs CFG batched (None: unsaid)
         self.loop_guidance: bool | None = None  # the same, said by begin_generation for a hand-written loop
         self._announced: int | None = None  # the step count the current generation was planned for
+        self._by_loop = False  # the current generation was announced by begin_generation (a hand-written loop)
         self._checked = True  # the current generation's steps were compared with its announcement
         self._warned_timestep = False  # ``timestep_of`` warned that no new generation can be noticed
         self._watched: list[_Watched] = []
         self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a _Patch of ours
 
     def begin(self, num_steps: int | None = None, *, marked: bool = False,
-              timesteps: torch.Tensor | None = None) -> None:
+              timesteps: torch.Tensor | None = None, by_loop: bool = False) -> None:
         """Start a new generation; ``marked`` when the caller announced it (scheduler or public API), not when
-        the runtime noticed it; ``timesteps`` when it announced them too. Without ``num_steps`` the step count is
+        the runtime noticed it; ``timesteps`` when it announced them too; ``by_loop`` when ``begin_generation``
+        did. Without ``num_steps`` the step count is
         unknown, not the previous generation's (found by review: a hand-written loop after a pipeline call planned
         its ``target_nfc`` budget for the pipeline's step count)."""
         self._check_steps()
         self.ended = False
         self.marked = self.marked or marked
         self.num_steps = None if num_steps is None else int(num_steps)
+        self._by_loop = by_loop
         self.timesteps = timesteps
         self.host.reset_generation()
         self._announced, self._checked = self.num_steps, False
@@ -304,7 +307,10 @@ class Generations:
         """At each transformer call: find the pipeline driving it; one not watched yet is watched from now on, and
         this call starts its generation (its scheduler set its timesteps unpatched). A scheduler swapped into a
         watched pipeline since (``pipe.scheduler = ...from_config(...)``) did the same, so this call starts its
-        generation too. Also reads whether the pipeline says it runs CFG (``guidance``)."""
+        generation too. Not where ``begin_generation`` announced one that has run no step: an object holding the
+        model and a scheduler may be the user's own sampler, whose scheduler gives only noise levels (found by
+        review: a class's ``begin_generation(m, 10)`` became a generation of its scheduler's 1000 timesteps). Also
+        reads whether the pipeline says it runs CFG (``guidance``)."""
         found = calling_pipeline(self.host.model, sys._getframe(1))
         if found is None:  # a hand-written loop, or a call from outside a pipeline method
             self.guidance = self.loop_guidance
@@ -317,7 +323,8 @@ class Generations:
         watched = self._watch_of(pipeline)
         if watched is None:
             self.watch(pipeline, explicit=False)
-            self._new_schedule(getattr(pipeline, "scheduler", None))
+            if not (self._by_loop and self.host.steps_run() == (0, 0)):  # begin_generation's word, unspent, wins
+                self._new_schedule(getattr(pipeline, "scheduler", None))
         else:
             self._check_swap(watched)
 
