@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 from conftest import run_loop, tiny_dit
 from diffusers.hooks.hooks import HookRegistry, ModelHook
@@ -27,6 +28,18 @@ class _Counting(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):  # noqa: ANN202 - diffusers' signature
         self.calls += 1
         return args, kwargs
+
+
+class _CountingForward(ModelHook):
+    """A user's hook with its own ``new_forward``: counts the calls it sees, calls the forward it wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):  # noqa: ANN202 - diffusers' signature
+        self.calls += 1
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +67,11 @@ def test_each_hooked_submodule_calls_its_hook_directly_and_the_model_keeps_the_r
     assert not any("forward" in vars(m) or hasattr(m, "_diffusers_hook") for m in model.modules())
 
 
-def test_a_hook_registered_after_relcaches_wraps_it_and_outlives_disable():
+@pytest.mark.parametrize("hook", [_Counting, _CountingForward])
+def test_a_hook_registered_after_relcaches_wraps_it_and_outlives_disable(hook: type[ModelHook]):
+    """With its own ``new_forward`` too: ``disable`` removing relcache's hook under it made diffusers' registry relink
+    the user's hook by the wrong field (``forward``, not ``original_forward``), and the user's hook stopped running
+    while the registry still listed it (found by a careful-user review)."""
     x, y = _inputs()
     model = tiny_dit(layers=2)
     relcache.enable(model, FORA(3))
@@ -65,7 +82,7 @@ def test_a_hook_registered_after_relcaches_wraps_it_and_outlives_disable():
 
     relcache.enable(model, FORA(3))
     attn = model.transformer_blocks[0].attn1
-    counting = _Counting()
+    counting = hook()
     HookRegistry.check_if_exists_or_initialize(attn).register_hook(counting, "user_counting")
     got = run_loop(model, x, y, steps=6)
     assert counting.calls == 6  # called at every step, cached ones included: it wraps relcache's hook

@@ -42,6 +42,18 @@ class _RelinkedReference(HookFunctionReference):
         super().__setattr__(name, value)
 
 
+def _mend_next_reference(registry: HookRegistry, name: str) -> None:
+    """Before hook ``name`` is removed: the hook registered next over it, where it has its own ``new_forward`` (a
+    user's or another library's), gets the relink on the right field too (``_RelinkedReference``). Otherwise it stopped
+    running at ``disable``, though the registry still listed it (found by a careful-user review, 2026-12-07)."""
+    order = registry._hook_order
+    index = order.index(name) if name in order else len(order)
+    if index + 1 < len(order):
+        ref = registry._fn_refs[index + 1]
+        if type(ref) is HookFunctionReference and ref.original_forward is not None:
+            ref.__class__ = _RelinkedReference
+
+
 def _call_directly(module: nn.Module, registry: HookRegistry, hook: ModelHook, name: str) -> None:
     """Let ``module`` call ``hook.direct_forward`` itself instead of the wrapper diffusers' registry just installed,
     where that is the same call: ``hook`` is a ``DirectHook``, the module's outermost hook, with diffusers' default
@@ -154,6 +166,7 @@ class Attachment:
         under = (id(module), name) in self._accelerate_under
         self._accelerate_under.discard((id(module), name))
         hf_hook = None if under else _without_accelerate_hook(module)
+        _mend_next_reference(registry, name)
         registry.remove_hook(name, recurse=False)
         if not registry.hooks:
             # remove_hook leaves the original bound method as an instance attribute: drop it.
