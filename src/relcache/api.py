@@ -19,6 +19,7 @@ from .errors import AlreadyEnabledError, ConfigError, NotEnabledError
 from .methods.config import CacheConfig
 from .models.base import Adapter, find_adapter, unsupported
 from .runtime import CacheStats, Session, checked_num_steps
+from .runtime.attachment import refuse_diffusers_cache
 from .runtime.experts import Expert, Experts
 from .runtime.generations import patching_hosts
 
@@ -115,6 +116,7 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
             "batch_modulation=False."
         )
     experts = _experts(chosen, model, pipeline)
+    refuse_diffusers_cache(experts)
     for name, expert in experts[1:]:
         if vars(expert).get(_ATTR) is not None:
             raise AlreadyEnabledError(

@@ -352,3 +352,34 @@ def test_each_steps_rows_are_its_own_though_their_host_tensors_are_made_once(con
         relcache.disable(model)
     # one host tensor per distinct table, none twice: Taylor's k is 0, 1, 2 or 3 at every step (full: 0, 1, 4, 7)
     assert made == len({tuple(float(v).hex() for v in t.flatten().tolist()) for t in seen}) == tables
+
+
+def test_a_diffusers_cache_on_the_transformer_is_refused_either_way():
+    """Found by a careful-user review: relcache enabled over diffusers' FirstBlockCache, or that cache turned on after
+    ``enable``, ran both caches (an output neither method gives) with stats that did not count the other's skips."""
+    from diffusers import FirstBlockCacheConfig
+    from families import flux_kwargs, flux_pipe
+
+    pipe = flux_pipe()
+    transformer = pipe.transformer
+
+    def generate() -> None:
+        pipe(**flux_kwargs(), num_inference_steps=3, output_type="latent")
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    with pytest.raises(AlreadyEnabledError, match=r"cache \(FirstBlockCacheConfig\) is enabled on the transformer "
+                                                  r"\(FluxTransformer2DModel\): .*transformer\.disable_cache"):
+        relcache.enable(pipe, FORA(2))
+    transformer.disable_cache()
+    relcache.enable(pipe, FORA(2))  # nothing was left attached by the refusal
+    try:
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))  # diffusers does not know of relcache
+        with pytest.raises(AlreadyEnabledError,
+                           match=r"was enabled on the transformer \(FluxTransformer2DModel\) after relcache\.enable"):
+            generate()
+        transformer.disable_cache()
+        generate()
+        st = relcache.stats(pipe)
+        assert st.num_steps == 3 and st.full_steps == [0, 1]  # step 2 cached, by relcache alone
+    finally:
+        relcache.disable(pipe)

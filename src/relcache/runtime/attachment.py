@@ -9,6 +9,8 @@ from typing import Any
 from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook
 from torch import nn
 
+from ..errors import AlreadyEnabledError
+
 
 class DirectHook(ModelHook):
     """A hook on a submodule whose whole work is ``new_forward``: the module may call ``direct_forward`` in place of
@@ -24,6 +26,21 @@ class DirectHook(ModelHook):
         """What the registry's wrapper runs for this hook (diffusers' default pre- and post-forward pass their
         arguments through)."""
         return self.new_forward(self.module, *args, **kwargs)
+
+
+def refuse_diffusers_cache(models: list[tuple[str, nn.Module]], after: bool = False) -> None:
+    """Raise ``AlreadyEnabledError`` where one of ``models`` (attribute name, transformer) has a diffusers cache on
+    (``CacheMixin.enable_cache``; ``after``: turned on after ``enable``). Two caches would each skip work the other
+    plans for, giving an output neither method gives, and relcache's stats would not count what the other skipped;
+    diffusers refuses a second cache of its own the same way (found by a careful-user review, 2026-12-07)."""
+    for name, model in models:
+        if getattr(model, "is_cache_enabled", False):
+            what = type(getattr(model, "_cache_config", None)).__name__
+            was = "was enabled" if after else "is enabled"
+            raise AlreadyEnabledError(
+                f"diffusers' cache ({what}) {was} on the {name} ({type(model).__name__})"
+                f"{' after relcache.enable' if after else ''}: two caches would skip each other's work. Use one: "
+                f"{name}.disable_cache(), or relcache.disable(...)")
 
 
 class _RelinkedReference(HookFunctionReference):

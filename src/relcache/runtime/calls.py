@@ -17,6 +17,7 @@ import torch
 
 from ..methods.history import numbers_on, row_dtype
 from .accounting import signature
+from .attachment import refuse_diffusers_cache
 from .context import Context
 from .distributed import check_enable_order
 from .rehearsal import first_call_key
@@ -59,6 +60,8 @@ class StepCalls:
             gens.begin()
             ctx = None
         if ctx is None:
+            refuse_diffusers_cache([("transformer", self.model)] if self.experts is None else
+                                   [(e.name, e.model) for e in self.experts.experts], after=True)
             if self.reducer is not None:  # every process agrees on the step count before checking its settings
                 self.reducer.agree(name, gens.num_steps, self.adapter.hidden_of(args, kwargs))
             self._follow_replaced_modules()
