@@ -21,7 +21,8 @@ from typing import Any as _Any
 #: names (``relcache.enable`` first of all) imports ``relcache.models``, which registers the model adapters.
 _LAZY = {
     **dict.fromkeys(("begin_generation", "cached", "disable", "enable", "is_enabled", "stats"), ".api"),
-    **dict.fromkeys(("AlreadyEnabledError", "ConfigError", "NotEnabledError", "UnsupportedModelError"), ".errors"),
+    **dict.fromkeys(("AlreadyEnabledError", "ConcurrentUseError", "ConfigError", "NotEnabledError",
+                     "UnsupportedModelError"), ".errors"),
     **dict.fromkeys(("FORA", "RFC", "CacheConfig", "CacheStorage", "CFGCache", "FasterCache", "InputError",
                      "Interval", "Linear", "Relational", "Reuse", "Steps", "Taylor", "TaylorSeer"), ".methods"),
     "RFCPlus": ".methods.config",  # issue 19: beyond the paper (methods/plus.py, fit.py)
@@ -32,7 +33,7 @@ _SUBPACKAGES = ("api", "cli", "errors", "evaluation", "methods", "models", "runt
 
 if _TYPE_CHECKING:  # what type checkers and IDEs see: the same names from the same modules, imported at once
     from .api import begin_generation, cached, disable, enable, is_enabled, stats
-    from .errors import AlreadyEnabledError, ConfigError, NotEnabledError, UnsupportedModelError
+    from .errors import AlreadyEnabledError, ConcurrentUseError, ConfigError, NotEnabledError, UnsupportedModelError
     from .methods import (
         FORA,
         RFC,
@@ -75,7 +76,8 @@ __version__ = "0.1.0"
 # literal, for linters and type checkers; tests/test_layering.py checks that it, ``_LAZY`` and the TYPE_CHECKING
 # imports name the same names
 __all__ = [
-    "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "CacheStorage", "CFGCache", "ConfigError",
+    "FORA", "RFC", "AlreadyEnabledError", "CacheConfig", "CacheStats", "CacheStorage", "CFGCache",
+    "ConcurrentUseError", "ConfigError",
     "ContextStats", "CustomAdapter", "FasterCache", "InputError", "Interval", "Linear", "NotEnabledError", "RFCPlus",
     "Relational", "Reuse", "Steps", "Taylor", "TaylorSeer", "UnsupportedModelError", "begin_generation", "cached",
     "disable", "enable", "is_enabled", "stats",

@@ -27,6 +27,11 @@ class NotEnabledError(RuntimeError):
     """``disable`` or ``stats`` was called on a model without caching."""
 
 
+class ConcurrentUseError(RuntimeError):
+    """An enabled transformer was called from a thread other than the one running its generation: relcache keeps one
+    generation per enabled transformer, so two threads' generations would mix their caches and steps."""
+
+
 def _package_dirs() -> tuple[str, ...]:
     """The folders of relcache and of the libraries it is called through, and contextlib's file (``with
     relcache.cached(...)`` ends in it): a user's frame is outside all of them."""
