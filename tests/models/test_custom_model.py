@@ -139,6 +139,18 @@ def test_a_module_called_twice_per_call_or_a_probe_past_its_inputs_is_refused_at
         sample(model, steps=4)
 
 
+@pytest.mark.parametrize(("input_of", "got"), [(lambda a, k: None, "NoneType"), (lambda a, k: [a[0]], "list"),
+                                               (lambda a, k: (), "an empty tuple")])
+def test_an_input_of_that_gives_no_tensor_is_refused_naming_the_module(model, input_of, got):
+    """Found by review: ``input_of`` returning None or a list failed with a bare AttributeError ('shape')."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the refused generation's step count
+        with relcache.cached(model, FORA(2), adapter=CustomAdapter(**ADAPTER | {"input_of": input_of})):
+            with pytest.raises(ConfigError, match=rf"input of cached module 'blocks.0.attn' must be a tensor or a "
+                                                  rf"tuple of tensors, got {got}: check the adapter's input_of"):
+                sample(model, steps=4)
+
+
 def test_a_loop_whose_timestep_is_not_found_warns_that_generations_merge(model):
     """Found by review: with ``timestep`` naming no argument and no ``begin_generation``, a second generation
     continued the first one's caches (full steps [0, 3, 6, ...] over both), with no word."""

@@ -114,17 +114,22 @@ def _check_intact(record: ModuleRecord, name: str, groups: list[RowGroup]) -> No
                     "write out = out * gate instead")
 
 
-def _check_call(spec: CachedModule, idx: int, n_inputs: int, called: set[int]) -> None:
+def _check_call(spec: CachedModule, idx: int, inputs: tuple[Any, ...], called: set[int]) -> None:
     """Refuse a second call of a cached module within one transformer call (each would get the other's forecast at a
-    cached step), and a probe index past the module's inputs, naming the module."""
+    cached step), an input that is not a tensor, and a probe index past the module's inputs, naming the module."""
+    for x in inputs or (None,):  # found by review: a bare AttributeError ('shape') named neither
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"the input of cached module {spec.name!r} must be a tensor or a tuple of tensors, got "
+                              f"{type(x).__name__ if inputs else 'an empty tuple'}: check the adapter's input_of "
+                              "(CustomAdapter input_of=, docs/custom-models.md)")
     if idx in called:
         raise UnsupportedModelError(
             f"the cached module {spec.name!r} was called twice in one call of the transformer: each call would get "
             "the same forecast at a cached step; a cached module must be called exactly once per transformer call "
             "(not in a loop, not shared between blocks): cache another module (docs/custom-models.md)")
     called.add(idx)
-    if spec.probe >= n_inputs:
-        raise ConfigError(f"the probe index {spec.probe} of cached module {spec.name!r} is past its {n_inputs} "
+    if spec.probe >= len(inputs):
+        raise ConfigError(f"the probe index {spec.probe} of cached module {spec.name!r} is past its {len(inputs)} "
                           "input(s) (the adapter's input_of): give an index below that (CustomAdapter probe=)")
 
 
@@ -182,7 +187,7 @@ class ModuleCalls:
         inputs = spec.inputs(args, kwargs)  # dual-stream modules: one input per output
         eager = not torch.compiler.is_compiling()
         if eager:  # the rules of docs/custom-models.md, checked on the eager calls
-            _check_call(spec, slot.idx, len(inputs), self._called)
+            _check_call(spec, slot.idx, inputs, self._called)
         probe = inputs[spec.probe]
         rows = ctx.cfg.row_groups(probe.shape[0])
         if not ctx.schedule.decided:
