@@ -1,5 +1,7 @@
 """relcache.enable/disable/stats on diffusers' DiT, through DiTPipeline and through hand-written loops."""
 
+import math
+
 import pytest
 import torch
 from conftest import run_loop, tiny_dit
@@ -383,3 +385,16 @@ def test_a_diffusers_cache_on_the_transformer_is_refused_either_way():
         assert st.num_steps == 3 and st.full_steps == [0, 1]  # step 2 cached, by relcache alone
     finally:
         relcache.disable(pipe)
+
+
+def test_stats_before_any_step_say_why_the_flops_are_unknown(dit):
+    """Found by review: right after ``enable`` every FLOP field is NaN while ``flops_unknown`` was None, which the
+    spec reserves for counted FLOPs."""
+    x, y = _inputs()
+    with relcache.cached(dit, FORA(2)):
+        st = relcache.stats(dit)
+        assert math.isnan(st.flops_fraction) and st.flops_unknown == "no step has run yet"
+        assert "FLOPs: unknown (no step has run yet)" in str(st)
+        run_loop(dit, x, y, steps=4)
+        st = relcache.stats(dit)
+        assert st.flops_unknown is None and 0 < st.flops_fraction < 1
