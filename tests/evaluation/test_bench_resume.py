@@ -120,6 +120,16 @@ def test_a_line_cut_short_by_a_kill_is_rerun(tmp_path):
     assert _table(_run(out, third, resume=True, count_flops=False)) == _table(resumed) and third.calls == 0
 
 
+def test_a_run_whose_first_generation_fails_leaves_no_run_to_overwrite(tmp_path):
+    """Found by review: the run's record was written before the warm-up generation, so a size the pipeline refused
+    left an "earlier run" that the corrected command had to overwrite (and could not resume: its settings differ)."""
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "out", Counting(stop=1))  # the warm-up, the first sampler call
+    assert not runlog.has_log(tmp_path / "out")
+    _run(tmp_path / "out", Counting())  # the corrected command, as it is: no --overwrite needed
+    assert [r["kind"] for r in _results(tmp_path / "out")] == ["run"] + ["result"] * 6
+
+
 @pytest.mark.parametrize("change,named", [
     ({"seed": 1}, "seed: 0 -> 1"),
     ({"num_samples": 6}, "num_samples: 4 -> 6"),

@@ -384,16 +384,19 @@ def run_bench(
             this = {**this, "versions": runlog.versions(), "machine": {**runlog.machine(), "world_size": world}}
         elif runlog.has_log(out_dir):
             raise runlog.ResumeError(f"{out_dir} holds an earlier run's {runlog.LOG}: resume it, or clear it first")
-        if world > 1:  # every rank has looked at the directory before any writes to it
-            ranks.together("waiting for every rank to read the output directory", torch.distributed.barrier)
-        log = runlog.RunLog(out_dir, rank, [m.label for m in runnable])
-        log.start(run if header is None else {"kind": "resume", **this})
     todo = [(b, m) for b in mine for m in runnable if b not in local[m.label]]
 
     if todo:
         # one untimed warm-up generation, on the real batch shape, so first-call costs (kernel selection and memory
-        # for those shapes) do not land on the first method, full computation, and inflate every speed-up
+        # for those shapes) do not land on the first method, full computation, and inflate every speed-up. Before
+        # the log is written: a run whose first generation fails (a size the pipeline refuses) leaves no earlier run
+        # that the corrected command must overwrite (found by review)
         sampler(model, batches[todo[0][0]], generator=torch.Generator().manual_seed(seed), **{**kwargs, "num_steps": 2})
+    if out_dir is not None:
+        if world > 1:  # every rank has looked at the directory before any writes to it
+            ranks.together("waiting for every rank to read the output directory", torch.distributed.barrier)
+        log = runlog.RunLog(out_dir, rank, [m.label for m in runnable])
+        log.start(run if header is None else {"kind": "resume", **this})
     bar = tqdm(total=len(mine) * len(runnable), initial=len(mine) * len(runnable) - len(todo), desc="bench",
                disable=not progress or rank != 0)
     for b, method in todo:  # interleaved: every method on a batch before the next batch
