@@ -3,6 +3,8 @@ no traceback, nothing run and nothing written. (Tests run as root, where chmod s
 here is a path under a regular file.)"""
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -240,6 +242,20 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch,
     assert main([command, "--samples", "2", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == f"relcache {command}: interrupted; {kept.format(out=out)}"
+
+
+def test_ctrl_c_while_torch_is_imported_ends_with_the_same_line(capsys, monkeypatch, tmp_path):
+    """Found by review: Ctrl-C in the first second or so of a command (its import of torch, after the options are
+    checked) ended with a traceback. Here the import is interrupted by a module whose names raise it."""
+    class Interrupting(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "relcache.evaluation.ranks", Interrupting("relcache.evaluation.ranks"))
+    out = tmp_path / "grid.png"
+    assert main(["demo", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == "relcache demo: interrupted; nothing was written"
+    assert not out.exists()
 
 
 #: run in a fresh interpreter (this one has torch already): the modules that must not have been imported

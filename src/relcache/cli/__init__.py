@@ -49,9 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.check(args)
         except ConfigError as err:
             args.parser.error(str(err))
-    from ..evaluation.ranks import RankLostError  # torch: imported once the options are known to be good
-    from ..evaluation.runlog import command_line
-
+    try:  # torch: imported once the options are known to be good (a second or more: Ctrl-C may land in it)
+        from ..evaluation.ranks import RankLostError
+        from ..evaluation.runlog import command_line
+    except KeyboardInterrupt:
+        return _interrupted(args)
     args.command_line = command_line(argv)
     try:
         return args.func(args)
@@ -60,10 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RankLostError as err:  # torchrun: another rank died; one line, not a traceback of the collective
         print(err, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept, and the shell's exit status for SIGINT
-        print(f"\nrelcache {args.command}: interrupted; {_KEPT[args.command].format(out=getattr(args, 'out', ''))}",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:
+        return _interrupted(args)
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    """Ctrl-C: one line saying what was kept, and the shell's exit status for SIGINT (not a traceback, found by
+    review: also while torch is imported)."""
+    print(f"\nrelcache {args.command}: interrupted; {_KEPT[args.command].format(out=getattr(args, 'out', ''))}",
+          file=sys.stderr)
+    return 130
 
 
 #: what an interrupted command leaves behind
