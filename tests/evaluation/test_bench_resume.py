@@ -3,6 +3,7 @@ to the table of an uninterrupted run, rerunning only the generation in flight.""
 
 import json
 import math
+import re
 import shlex
 
 import pytest
@@ -118,6 +119,29 @@ def test_a_line_cut_short_by_a_kill_is_rerun(tmp_path):
     assert all(json.loads(line) for line in log.read_text().splitlines())
     third = Counting()
     assert _table(_run(out, third, resume=True, count_flops=False)) == _table(resumed) and third.calls == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "short", "not JSON"])
+def test_a_damaged_record_is_refused_naming_the_file_and_the_way_on(tmp_path, damage):
+    """Found by review: a samples file removed since the run was a traceback (FileNotFoundError); and no message
+    said how to go on."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        _run(out, Counting(stop=1 + 2 * 2 + 1), count_flops=False)  # two generations recorded
+    log = out / runlog.LOG
+    lines = log.read_text().splitlines()
+    samples = out / json.loads(lines[1])["samples"]["file"]
+    if damage == "missing":
+        samples.unlink()
+    elif damage == "short":
+        samples.write_bytes(samples.read_bytes()[:8])
+    else:
+        log.write_text("\n".join([lines[0], "{cut", *lines[1:]]) + "\n")
+    said = {"missing": f"{samples}, which {log} names, is missing", "short": "is shorter than",
+            "not JSON": f"line 2 of {log} is not JSON"}[damage]
+    with pytest.raises(runlog.ResumeError, match=re.escape(said) + r".*\(run the command with --overwrite instead "
+                                                 r"of --resume to start again\)"):
+        _run(out, Counting(), resume=True, count_flops=False)
 
 
 def test_a_run_whose_first_generation_fails_leaves_no_run_to_overwrite(tmp_path):

@@ -287,6 +287,9 @@ class RunLog:
                       "samples": {"file": rel.as_posix(), "offset": offset, "shape": list(data.shape)}})
 
 
+#: the way on from a damaged record
+_START_AGAIN = " (run the command with --overwrite instead of --resume to start again)"
+
 def load_results(directory: str | Path, batches: set[int] | None = None,
                  sessions: dict[tuple[str, int], str] | None = None) -> dict[tuple[str, int], Generation]:
     """Every recorded generation in ``directory`` (all ranks' logs), keyed by (method label, batch); only the
@@ -304,7 +307,7 @@ def load_results(directory: str | Path, batches: set[int] | None = None,
             except ValueError:
                 if i == len(lines) - 1:
                     continue  # the line being written when the run was killed
-                raise ResumeError(f"cannot resume: line {i + 1} of {path} is not JSON") from None
+                raise ResumeError(f"cannot resume: line {i + 1} of {path} is not JSON{_START_AGAIN}") from None
             if rec.get("kind") in ("run", "resume"):
                 session = f"{path.name}:{i + 1}"
             if rec.get("kind") != "result" or (batches is not None and rec["batch"] not in batches):
@@ -314,9 +317,12 @@ def load_results(directory: str | Path, batches: set[int] | None = None,
             where = rec["samples"]
             shape = tuple(where["shape"])
             count = int(np.prod(shape))
-            data = np.fromfile(directory / where["file"], dtype=np.float32, count=count, offset=where["offset"])
+            samples = directory / where["file"]
+            if not samples.is_file():  # found by review: a traceback (FileNotFoundError)
+                raise ResumeError(f"cannot resume: {samples}, which {path} names, is missing{_START_AGAIN}")
+            data = np.fromfile(samples, dtype=np.float32, count=count, offset=where["offset"])
             if data.size != count:
-                raise ResumeError(f"cannot resume: {where['file']} is shorter than {path} says")
+                raise ResumeError(f"cannot resume: {where['file']} is shorter than {path} says{_START_AGAIN}")
             out[(rec["method"], rec["batch"])] = (torch.from_numpy(data.reshape(shape).copy()), float(rec["seconds"]),
                                                   float(rec["nfc"]), float(rec["flops"]))
     return out
