@@ -289,8 +289,8 @@ def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool |
         raise ConfigError(f"guidance must be True, False or None, got {guidance!r}")
     session = _session(obj)
     if session is not None:
+        session.generations.begin(num_steps, marked=True, timesteps=timesteps, by_loop=True)  # may be refused
         session.generations.loop_guidance = guidance
-        session.generations.begin(num_steps, marked=True, timesteps=timesteps, by_loop=True)
         for hook in session.step_hooks:
             hook.forget_calls()
 

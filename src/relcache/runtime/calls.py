@@ -49,18 +49,16 @@ class StepCalls:
         needs no input decides here, before the forward; so does RCS when the forward will be compiled, from a
         pre-pass (``steps.Prober``). True when the step must run eagerly: its context has no cache yet, the call's
         shapes are new in this generation (caches are allocated outside compiled code), or errors are recorded."""
-        gens = self.generations
-        gens.enter_call()  # refused while another thread is in a call
         check_enable_order(self.model, self.reducer)
         if compiled:
             self.drop_sharing()
+        gens = self.generations
         gens.check_caller()
         timestep = gens.timestep_of(args, kwargs, step_index)
         ctx = self.contexts.get(name)
         if gens.starts_new(None if ctx is None else (ctx.step, ctx.last_timestep), step_index, timestep):
             gens.begin()
             ctx = None
-        gens.check_owner()  # refused where another thread runs the generation
         if ctx is None:
             refuse_diffusers_cache([("transformer", self.model)] if self.experts is None else
                                    [(e.name, e.model) for e in self.experts.experts], after=True)
@@ -230,8 +228,6 @@ class StepCalls:
         return out
 
     def end_call(self) -> None:
-        if not self.generations.leave_call():  # refused at its start: another thread's call is running
-            return
         ctx = self.current
         self.probing = None  # a call that raised before its pre-pass leaves none pending
         if ctx is not None and ctx.cfg.skip_call:

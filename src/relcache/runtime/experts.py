@@ -172,6 +172,7 @@ class ExpertCalls:
         self.session = session
         self.index = index
         self.adapter = session.adapter
+        self.generations = session.generations
 
     def start_call(self, name: str, step_index: int | None, forward: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any], compiled: bool) -> bool:

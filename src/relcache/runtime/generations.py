@@ -190,8 +190,9 @@ class Generations:
         self.loop_guidance: bool | None = None  # the same, said by begin_generation for a hand-written loop
         self._announced: int | None = None  # the step count the current generation was planned for
         self._by_loop = False  # the current generation was announced by begin_generation (a hand-written loop)
-        self.owner: int | None = None  # the thread running the current generation (``check_owner``)
-        self.calling: int | None = None  # the thread inside a transformer call now, if any (``enter_call``)
+        self.calling: int | None = None  # the thread inside a transformer call now, if any (``admit``)
+        self._depth = 0  # its calls in progress (a call within a call)
+        self._lock = threading.RLock()  # admission and ``begin`` are atomic against other threads
         self._checked = True  # the current generation's steps were compared with its announcement
         self._warned_timestep = False  # ``timestep_of`` warned that no new generation can be noticed
         self._watched: list[_Watched] = []
@@ -204,54 +205,45 @@ class Generations:
         did. Without ``num_steps`` the step count is
         unknown, not the previous generation's (found by review: a hand-written loop after a pipeline call planned
         its ``target_nfc`` budget for the pipeline's step count)."""
-        self._refuse_if_calling()  # before anything is reset: the running call's state stays whole
-        self._check_steps()
-        self.ended = False
-        self.marked = self.marked or marked
-        self.num_steps = None if num_steps is None else int(num_steps)
-        self._by_loop = by_loop
-        self.owner = threading.get_ident()
-        self.timesteps = timesteps
-        self.host.reset_generation()
-        self._announced, self._checked = self.num_steps, False
+        with self._lock:
+            self._refuse_if_calling()  # before anything is reset: the running call's state stays whole
+            self._check_steps()
+            self.ended = False
+            self.marked = self.marked or marked
+            self.num_steps = None if num_steps is None else int(num_steps)
+            self._by_loop = by_loop
+            self.timesteps = timesteps
+            self.host.reset_generation()
+            self._announced, self._checked = self.num_steps, False
 
-    # -- one thread at a time (choice) -------------------------------------------------------------------------
-    # relcache keeps one generation per enabled transformer (its step counter, caches and schedule), so two threads'
-    # generations mixed them: errors that named other causes, and wrong or NaN images without an error (found by a
-    # careful-user review, 2026-12-07). A thread pool running one generation at a time, each in any thread, is
-    # served: a generation belongs to the thread that started it.
-    def enter_call(self) -> None:
-        """A transformer call starts: refused while another thread is inside one, before any state is touched."""
-        self._refuse_if_calling()
-        self.calling = threading.get_ident()
+    # -- one call at a time (choice) ---------------------------------------------------------------------------
+    # relcache keeps one generation per enabled transformer (its step counter, caches and schedule), so two threads
+    # calling it at once mixed them: errors that named other causes, and wrong or NaN images without an error (found
+    # by a careful-user review, 2026-12-07). A call, or a generation's start, while another thread is inside a call
+    # is refused before it touches anything. Threads taking turns between calls are not told apart from one loop
+    # whose steps run in different threads (a thread pool, a streaming generator), which is served.
+    def admit(self) -> None:
+        """A transformer call starts (before it reads or writes any state): refused while another thread is inside
+        one."""
+        with self._lock:
+            self._refuse_if_calling()
+            self.calling = threading.get_ident()
+            self._depth += 1
 
-    def leave_call(self) -> bool:
-        """A transformer call ends: False where another thread is inside one (this call was refused at its start,
-        and must leave that call's state alone)."""
-        me = threading.get_ident()
-        if self.calling is not None and self.calling != me:
-            return False
-        self.calling = None
-        return True
-
-    def check_owner(self) -> None:
-        """After a call's generation is settled: refused where another thread runs it (this call started none)."""
-        me = threading.get_ident()
-        if self.owner is None:
-            self.owner = me
-        elif self.owner != me:
-            self._refuse()
+    def release(self) -> None:
+        """An admitted transformer call ended."""
+        with self._lock:
+            self._depth -= 1
+            if not self._depth:
+                self.calling = None
 
     def _refuse_if_calling(self) -> None:
         if self.calling is not None and self.calling != threading.get_ident():
-            self._refuse()
-
-    def _refuse(self) -> None:
-        raise ConcurrentUseError(
-            f"relcache: this {type(self.host.model).__name__} was used from two threads in one generation: relcache "
-            "keeps one generation at a time per enabled transformer, so their caches and steps would mix. Run the "
-            "generations one after another (e.g. a lock around each pipeline call), or give each thread its own "
-            "transformer (relcache.disable, copy.deepcopy, relcache.enable on each)")
+            raise ConcurrentUseError(
+                f"relcache: this {type(self.host.model).__name__} is running a call in another thread: relcache "
+                "keeps one generation at a time per enabled transformer, so two at once would mix their caches and "
+                "steps. Run the generations one after another (e.g. a lock around each pipeline call), or give each "
+                "thread its own transformer (relcache.disable, copy.deepcopy, relcache.enable on each)")
 
     def end(self, pipeline: Any = None) -> None:
         """A pipeline call ended: free the cached tensors, keep the stats readable, start anew at the next step.

@@ -32,6 +32,8 @@ class StepHost(Protocol):
     """What the transformer's hook asks of the runtime."""
 
     adapter: Adapter
+    #: the generation lifecycle; its ``admit`` and ``release`` bracket every call (one thread at a time)
+    generations: Any
 
     def start_call(self, name: str, step_index: int | None, forward: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any], compiled: bool) -> bool:
@@ -200,6 +202,7 @@ class StepHook(ModelHook):
         checkpointing = getattr(module, "gradient_checkpointing", False)
         if checkpointing and torch.is_grad_enabled() and _records(module, args, kwargs):
             raise ConfigError(CHECKPOINTING_REASON)
+        self._admit()  # refused while another thread is in a call, before anything is read or written
         try:  # a start that raises ends the call too: nothing of it stays current
             compiled = _under_compile()
             name, step_index = self._context(args, kwargs)
@@ -219,7 +222,18 @@ class StepHook(ModelHook):
             self._uncontexted.forget()  # a call that raised: the next one (a retry) starts its step afresh
             raise
         finally:
-            self._end()
+            try:
+                self._end()
+            finally:
+                self._release()
+
+    @torch.compiler.disable
+    def _admit(self) -> None:
+        self.host.generations.admit()
+
+    @torch.compiler.disable
+    def _release(self) -> None:
+        self.host.generations.release()
 
     @torch.compiler.disable
     def _context(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int | None]:
