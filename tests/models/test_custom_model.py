@@ -139,13 +139,16 @@ def test_a_module_called_twice_per_call_or_a_probe_past_its_inputs_is_refused_at
         sample(model, steps=4)
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize(("input_of", "got"), [(lambda a, k: None, "NoneType"), (lambda a, k: [a[0]], "list"),
                                                (lambda a, k: (), "an empty tuple")])
-def test_an_input_of_that_gives_no_tensor_is_refused_naming_the_module(model, input_of, got):
-    """Found by review: ``input_of`` returning None or a list failed with a bare AttributeError ('shape')."""
+def test_an_input_of_that_gives_no_tensor_is_refused_naming_the_module(model, input_of, got, batched):
+    """Found by review: ``input_of`` returning None or a list failed with a bare AttributeError ('shape', or with
+    ``batched=False`` 'unsqueeze')."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the refused generation's step count
-        with relcache.cached(model, FORA(2), adapter=CustomAdapter(**ADAPTER | {"input_of": input_of})):
+        adapter = CustomAdapter(**ADAPTER | {"input_of": input_of, "batched": batched})
+        with relcache.cached(model, FORA(2), adapter=adapter):
             with pytest.raises(ConfigError, match=rf"input of cached module 'blocks.0.attn' must be a tensor or a "
                                                   rf"tuple of tensors, got {got}: check the adapter's input_of"):
                 sample(model, steps=4)

@@ -60,6 +60,11 @@ class CachedModule:
         """The module's inputs as the runtime reads them: a tuple, each with its batch axis."""
         got = self.input_of(args, kwargs)
         ins = got if isinstance(got, tuple) else (got,)
+        for x in ins or (None,):  # found by review: a bare AttributeError ('shape', 'unsqueeze') named neither
+            if not isinstance(x, torch.Tensor):
+                raise ConfigError(f"the input of cached module {self.name!r} must be a tensor or a tuple of tensors, "
+                                  f"got {type(x).__name__ if ins else 'an empty tuple'}: check the adapter's input_of "
+                                  "(CustomAdapter input_of=, docs/custom-models.md)")
         return ins if self.batched else tuple(x.unsqueeze(0) for x in ins)
 
     def outputs(self, out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
