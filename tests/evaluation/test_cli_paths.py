@@ -134,6 +134,29 @@ def test_model_accepts_a_pipeline_directory(tmp_path):
     assert build_parser().parse_args(["analyze", "--model", str(path)]).model == str(path)
 
 
+def test_analyze_labels_stay_within_the_models_classes(monkeypatch, tmp_path):
+    """Found by review: ``analyze --model`` cycled labels 0..9 whatever the model's classes, so a DiT of 5 classes
+    got labels past its last (an IndexError) or its null class."""
+    from conftest import dit_pipe, tiny_dit
+    from diffusers import DiTPipeline
+
+    import relcache.evaluation.analyze as analyze
+
+    plain = dit_pipe()
+    DiTPipeline(transformer=tiny_dit(num_classes=5), vae=plain.vae, scheduler=plain.scheduler).save_pretrained(
+        tmp_path / "dit5")
+    labels = []
+
+    def record_trace(model, run, **kwargs):
+        labels.append(run.args[1].tolist())
+        raise RuntimeError("tracing")
+
+    monkeypatch.setattr(analyze, "record_trace", record_trace)
+    with pytest.raises(RuntimeError, match="tracing"):
+        main(["analyze", "--model", str(tmp_path / "dit5"), "--samples", "7", "--out", str(tmp_path / "a")])
+    assert labels == [[0, 1, 2, 3, 4, 0, 1]]
+
+
 def test_analyze_modules_out_of_range_fails_before_tracing(capsys, monkeypatch, tmp_path):
     """``analyze --modules 999`` used to fail only after tracing a whole generation."""
     import relcache.evaluation.analyze as analyze

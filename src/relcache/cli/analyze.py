@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, sampler, _, _ = _reference()
         _check_modules(args.modules, model)  # before the trace, which is the long part
-    labels = torch.arange(args.samples) % 10
+    # classes cycle within the model's own (a DiT's num_embeds_ada_norm; the shipped model's 10 digits): a DiT of
+    # fewer than 10 classes was given labels past its last, or its null class (found by review)
+    classes = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None) if args.model else None
+    labels = torch.arange(args.samples) % min(10, classes or 10)
     generate = partial(sampler, model, labels, num_steps=args.steps, guidance_scale=args.guidance,
                        generator=torch.Generator().manual_seed(args.seed))
     trace = record_trace(model, generate, progress=True, num_steps=args.steps)
