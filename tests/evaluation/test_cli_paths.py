@@ -316,6 +316,18 @@ def test_help_and_a_bad_option_answer_without_importing_torch(argv, error):
         assert err.startswith("usage: relcache ") and error in err, err
 
 
+def test_python_dash_m_relcache_is_the_command():
+    """``python -m relcache`` (a venv whose scripts folder is not on PATH) runs the command: it had answered that
+    relcache cannot be executed directly (found by a careful-user review)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "relcache", "bench", "--budgets", "5"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("usage: relcache bench"), done.stderr
+    assert "error: argument --budgets" in done.stderr
+
+
 def test_import_relcache_imports_its_names_on_first_use():
     """``import relcache`` imports no torch. Reading ``relcache.enable`` imports the runtime and registers the model
     adapters; an unknown name is an AttributeError; ``dir`` and ``import *`` give every public name."""
