@@ -9,6 +9,7 @@ caches only, and the switch step is full.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -349,6 +350,10 @@ def test_an_expert_that_serves_no_step_reports_none():
         relcache.disable(pipe)
     assert st.full_steps == [0, 3, 6]
     assert st.experts["transformer"].full_steps == [0, 3, 6] and st.experts["transformer_2"].num_steps == 0
+    # its FLOP fields are NaN, and say why; the expert that ran counted its own
+    idle, ran = st.experts["transformer_2"], st.experts["transformer"]
+    assert math.isnan(idle.flops_fraction) and idle.flops_unknown == "this expert ran no step"
+    assert ran.flops_unknown is None and 0 < ran.flops_fraction < 1
 
 
 def test_enabling_the_pipeline_after_its_first_expert_alone_is_refused(pipe, session_of):
