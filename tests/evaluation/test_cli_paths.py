@@ -210,6 +210,36 @@ def test_a_local_pipelines_options_are_checked_before_it_loads(capsys, no_work, 
     assert message in line
 
 
+@pytest.mark.parametrize(("transformer", "patch", "good", "bad", "message"), [
+    ("SD3Transformer2DModel", 2, 1024, 1000, "multiple of 16 for this sd3 pipeline (the VAE's scale 8 x the "
+     "transformer's patch 2), got 1000"),
+    # FLUX's patch_size is 1, but it packs 2x2 latents: its pipeline would have resized the image without a word
+    ("FluxTransformer2DModel", 1, 1040, 1000, "multiple of 16 for this flux pipeline (the VAE's scale 8 x the "
+     "transformer's patch 2), got 1000"),
+    ("CogVideoXTransformer3DModel", 2, 480, 472, "multiple of 16 for this cogvideox pipeline (the VAE's scale 8 x "
+     "the transformer's patch 2), got 472"),
+    ("WanTransformer3DModel", [1, 2, 2], 480, 472, "multiple of 16 for this wan pipeline (its pipeline checks it), "
+     "got 472"),
+    ("PixArtTransformer2DModel", 2, 1000, None, None),  # its pipeline bins the size itself
+])
+@pytest.mark.parametrize("option", ["--height", "--width"])
+def test_a_size_the_pipeline_would_refuse_is_refused_before_it_loads(capsys, no_work, tmp_path, transformer, patch,
+                                                                     good, bad, message, option):
+    """Found by review: ``--height``/``--width`` were checked as multiples of 8 only, so an SD3, Wan or HunyuanVideo
+    size its pipeline refuses (16), or a CogVideoX one it breaks on, failed only after the pipeline had loaded. The
+    multiple comes from the directory's configs: a VAE of 4 blocks scales by 8."""
+    index = {"_class_name": "P", "transformer": ["diffusers", transformer]}
+    path = _pipeline_index(tmp_path / "pipe", json.dumps(index))
+    for part, config in (("vae", {"block_out_channels": [8, 8, 8, 8]}), ("transformer", {"patch_size": patch})):
+        (path / part).mkdir()
+        (path / part / "config.json").write_text(json.dumps(config))
+    argv = ["bench", "--model", str(path), "--out", str(tmp_path / "out"), option]
+    if bad is not None:
+        assert _usage_error(capsys, [*argv, str(bad)]).endswith(f"argument {option}: must be a {message}")
+    with pytest.raises(AssertionError, match="started working"):  # accepted: the work begins
+        main([*argv, str(good)])
+
+
 @pytest.mark.parametrize("command", ["bench", "demo", "analyze"])
 @pytest.mark.parametrize("seed", [str(2**63), "-1"])
 def test_a_seed_out_of_range_is_refused_before_any_work(capsys, no_work, command, seed):

@@ -195,7 +195,7 @@ def _add_generation_options(p: argparse.ArgumentParser, *, samples: int, samples
 def _pipeline_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str, Any]]:
     """(family or None for the reference model, the conditions cycled over, the settings they add) of ``bench``'s and
     ``calibrate``'s model options: every combination checked before anything is loaded."""
-    from ..evaluation.pipelines import DEFAULT_PROMPTS, check_frames, inspect_dir, num_classes
+    from ..evaluation.pipelines import DEFAULT_PROMPTS, check_frames, inspect_dir, num_classes, size_multiple
 
     family = inspect_dir(args.model)[1] if args.model else None
     name = family.name if family else "the reference model"
@@ -210,6 +210,11 @@ def _pipeline_inputs(args: argparse.Namespace) -> tuple[Any, list[int], dict[str
             if getattr(args, option) is not None and not family.sized:
                 raise ConfigError(f"--{option} is not taken by {family.name} pipelines, which make images of their "
                                   "transformer's sample size")
+            multiple, why = size_multiple(args.model, family)
+            value = getattr(args, option)
+            if value is not None and value % multiple:  # found by review: refused only once the pipeline had loaded
+                raise ConfigError(f"argument --{option}: must be a multiple of {multiple} for this {family.name} "
+                                  f"pipeline ({why}), got {value}")
         try:
             check_frames(family, args.frames)
         except ValueError as err:

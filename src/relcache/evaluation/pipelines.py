@@ -116,6 +116,34 @@ def num_classes(path: str | Path) -> int | None:
         return None
 
 
+#: families whose pipelines check ``height``/``width`` against a fixed multiple of pixels
+_FIXED_MULTIPLE = {"wan": 16, "hunyuan_video": 16}
+#: families whose latents must divide by the transformer's patch: pixels are a multiple of the VAE's scale times the
+#: patch (FLUX packs 2x2 latents whatever its ``patch_size``; its pipeline would resize the image without a word)
+_PATCHED = {"sd3": None, "flux": 2, "cogvideox": None, "latte": None}
+
+
+def size_multiple(path: str | Path, family: Family) -> tuple[int, str]:
+    """(the multiple of pixels ``family``'s pipeline in ``path`` needs of a height or width, why): read from the
+    directory's VAE and transformer configs (nothing is loaded), so a size it would refuse, or break on, after
+    loading is refused before. 8 where the pipeline needs no more (PixArt bins sizes itself)."""
+    if family.name in _FIXED_MULTIPLE:
+        return _FIXED_MULTIPLE[family.name], "its pipeline checks it"
+    if family.name not in _PATCHED:
+        return 8, "the VAE's scale"
+    configs = []
+    for part in ("vae", "transformer"):
+        try:
+            configs.append(json.loads((Path(path) / part / "config.json").read_text()))
+        except (OSError, ValueError):
+            return 8, "the VAE's scale"  # unreadable: the pipeline's own check decides
+    vae, transformer = configs
+    scale = 2 ** (len(vae.get("block_out_channels") or [0] * 4) - 1)
+    patch = _PATCHED[family.name] or transformer.get("patch_size") or 1
+    patch = patch if isinstance(patch, int) else 1
+    return max(scale * patch, 1), f"the VAE's scale {scale} x the transformer's patch {patch}"
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a file, one a line (blank lines skipped); ``ValueError`` if it is missing or has none."""
     path = Path(path).expanduser()
