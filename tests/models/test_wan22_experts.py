@@ -352,7 +352,7 @@ def test_an_expert_that_serves_no_step_reports_none():
     assert st.experts["transformer"].full_steps == [0, 3, 6] and st.experts["transformer_2"].num_steps == 0
     # its FLOP fields are NaN, and say why; the expert that ran counted its own
     idle, ran = st.experts["transformer_2"], st.experts["transformer"]
-    assert math.isnan(idle.flops_fraction) and idle.flops_unknown == "this expert ran no step"
+    assert math.isnan(idle.flops_fraction) and idle.flops_unknown == "this expert completed no step"
     assert ran.flops_unknown is None and 0 < ran.flops_fraction < 1
 
 

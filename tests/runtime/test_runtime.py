@@ -388,8 +388,8 @@ def test_a_diffusers_cache_on_the_transformer_is_refused_either_way():
 
 
 def test_stats_before_any_step_say_why_the_flops_are_unknown(dit):
-    """Found by review: right after ``enable`` every FLOP field is NaN while ``flops_unknown`` was None, which the
-    spec reserves for counted FLOPs."""
+    """Found by review: right after ``enable``, and after a generation's first call raised, every FLOP field is NaN
+    while ``flops_unknown`` was None, which the spec reserves for counted FLOPs."""
     x, y = _inputs()
     with relcache.cached(dit, FORA(2)):
         st = relcache.stats(dit)
@@ -398,3 +398,8 @@ def test_stats_before_any_step_say_why_the_flops_are_unknown(dit):
         run_loop(dit, x, y, steps=4)
         st = relcache.stats(dit)
         assert st.flops_unknown is None and 0 < st.flops_fraction < 1
+        relcache.begin_generation(dit, 4)
+        with pytest.raises(RuntimeError), torch.no_grad():  # a first call that raises: nothing was counted
+            dit(x, timestep=torch.full((2,), 999), class_labels=torch.tensor([1, 2, 3]))
+        st = relcache.stats(dit)
+        assert math.isnan(st.flops_fraction) and st.flops_unknown == "no step has completed yet"

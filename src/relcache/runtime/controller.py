@@ -347,8 +347,11 @@ class Session(StepCalls, ModuleCalls):
         per = {name: ctx.stats(names, self.meter.unknown) for name, ctx in self.contexts.items()}
         cfg_bytes = self.cfg.state.nbytes if self.cfg is not None else 0
         kinds = {m.name: m.kind for m in self.cached_modules}
-        # before any step every FLOP field is NaN (nothing counted): said, not None (found by review)
-        unknown = self.meter.unknown if per or self.meter.unknown else "no step has run yet"
+        # before any step, or after a first call that raised, every FLOP field is NaN (nothing counted): said, not
+        # None (found by review)
+        counted = any(c.full_flops > 0 for c in per.values())
+        unknown = self.meter.unknown or (None if counted else "no step has completed yet" if per else
+                                         "no step has run yet")
         total = with_peaks(combine(self.config.label, per, cfg_bytes, kinds, unknown))
         total = replace(total, peak_cache_bytes=total.peak_cache_bytes + self.cfg_peak)
         if self.experts is None:

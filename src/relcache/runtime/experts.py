@@ -126,8 +126,10 @@ class Experts:
                     per[name] = _restrict(totals[name], steps, counters, own,
                                           self._segments[name][-1].expert == e, unknown)
             kinds = {n: k for n, k in modules.items() if n in own}
-            # an expert that served no step counted no FLOPs: its NaN fields say so (found by review)
-            out[expert.name] = combine(method, per, 0, kinds, unknown or (None if per else "this expert ran no step"))
+            # an expert that completed no step counted no FLOPs: its NaN fields say so (found by review)
+            counted = any(p.full_flops > 0 for p in per.values())
+            out[expert.name] = combine(method, per, 0, kinds,
+                                       unknown or (None if counted else "this expert completed no step"))
         return out
 
     def _served(self, ctx: Context, e: int) -> tuple[set[int], Counters]:
