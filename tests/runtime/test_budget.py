@@ -28,7 +28,7 @@ def test_a_budget_nothing_fits_names_the_smallest_need_and_the_as_computed_bytes
             run_loop(model, x, y, steps=2)
     finally:
         relcache.disable(model)
-    assert "needs 6912 bytes (0.00 GiB), caches as computed 24576 bytes" in str(err.value)
+    assert "needs 6912 bytes (6.75 KiB), caches as computed 24576 bytes" in str(err.value)
 
 
 def test_cached_modules_cast_after_enable_are_sized_again():

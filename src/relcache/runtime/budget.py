@@ -121,9 +121,17 @@ def choose_storage(config: CacheConfig, shapes: ModuleShapes, held: int, pending
     others += f", counting {pending} more call context(s) like this one" if pending else ""
     raise ConfigError(
         f"max_cache_bytes={budget} is too small for {config.label} at these shapes{others}: the smallest storage "
-        f"({STORAGE_LADDER[-1].label}) needs {needs[-1]} bytes ({needs[-1] / 2**30:.2f} GiB), caches as computed "
+        f"({STORAGE_LADDER[-1].label}) needs {needs[-1]} bytes ({_readable(needs[-1])}), caches as computed "
         f"{needs[0]} bytes; raise max_cache_bytes, cache fewer modules (CacheConfig.modules), or lower the order"
     )
+
+
+def _readable(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at 1 or more (GiB, MiB or KiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.2f} KiB"
 
 
 class CacheBudget:
