@@ -127,6 +127,27 @@ def test_begin_generation_wins_over_the_scheduler_of_a_sampler_found_driving_the
             assert st.num_steps == 6 and st.nfc == 4
 
 
+def test_begin_generation_wins_over_a_watched_scheduler_set_by_the_loop_but_not_over_a_pipeline_call():
+    """Guards ``_new_schedule`` keeping an unspent ``begin_generation`` count against the enabled pipeline's own
+    scheduler set by a hand-written loop (mutants: the scheduler's count always; never, where the pipeline's call
+    then ran a 3-step generation under the loop's plan of 6). The loop sets 50 timesteps to run 6 of them
+    (img2img-like): RFC(target_nfc=4) had planned for 50 and computed 2 of the 6 steps fully, with no warning until
+    the next start (found by review)."""
+    pipe = dit_pipe()
+    x, y = dit_inputs()
+    with relcache.cached(pipe, RFC(target_nfc=4)), warnings.catch_warnings():
+        warnings.simplefilter("error")  # each generation runs the steps it announced: nothing to warn
+        relcache.begin_generation(pipe.transformer, 6)
+        pipe.scheduler.set_timesteps(50)
+        run_loop(pipe.transformer, x, y, steps=6, begin=False)
+        st = relcache.stats(pipe)
+        assert (st.num_steps, st.nfc) == (6, 4)
+        relcache.begin_generation(pipe.transformer, 6)  # then a pipeline call: its scheduler's 5 steps
+        pipe([1, 7], num_inference_steps=5, output_type="latent")
+        st = relcache.stats(pipe)
+        assert (st.num_steps, st.nfc) == (5, 4)
+
+
 def test_a_repeated_cache_context_step_index_starts_a_new_generation(dit):
     """Guards ``starts_new``'s ``step_index <= step`` (mutant: ``<``). A one-step loop run twice under
     diffusers' cache context (what ``CacheMixin.cache_context("cond", step_index=0)`` sets; DiT has no CacheMixin):

@@ -417,6 +417,14 @@ class Generations:
         self._patch(scheduler, "set_begin_index", self._new_schedule)
 
     def _new_schedule(self, scheduler: Any) -> None:
+        """A watched scheduler set its timesteps: a generation of the steps it will run starts. Not where
+        ``begin_generation`` announced a count no step has spent yet and no watched pipeline is calling: a
+        hand-written loop (img2img-like, or reading noise levels) that sets 50 timesteps to run 20 of them planned its
+        ``target_nfc`` budget for 50 without a word (found by review). A watched pipeline's call starts its own."""
+        if self._by_loop and self._announced is not None and self.host.steps_run() == (0, 0):
+            found = calling_pipeline(self.host.model, sys._getframe(1))
+            if found is None or self._watch_of(found[0]) is None:
+                return
         self.begin(steps_to_run(scheduler), marked=True, timesteps=timesteps_to_run(scheduler))
 
     def _patch(self, obj: Any, name: str, after: Callable[[Any], None]) -> None:
