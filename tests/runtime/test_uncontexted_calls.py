@@ -251,3 +251,33 @@ def test_many_calls_on_the_same_inputs_are_warned_about_once():
         assert calls.name(x, t) == "default.5"  # said once
         x.add_(1)
         assert [calls.name(x, t) for _ in range(4)][-1] == "default.4"  # nor again at a later step
+
+
+def test_a_context_the_pipeline_stops_part_way_is_warned_of_once():
+    """Found by review: diffusers' Lumina2Pipeline with ``cfg_trunc_ratio`` stops its unconditional call after the
+    first steps, so that context ("default.2") ran 5 of 20 steps, 2 of them full under RFC(target_nfc=6), without a
+    word, while the budget is said to hold in each context. It is said once per ``enable``, naming the context."""
+    from families import _vae2d
+
+    model = lumina2_pipe().transformer
+    pipe = diffusers.Lumina2Pipeline(transformer=model, vae=_vae2d(4, shift_factor=0.1), text_encoder=None,
+                                     tokenizer=None, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    kwargs = dict(prompt_embeds=randn(1, 6, 16), prompt_attention_mask=mask, negative_prompt_embeds=randn(1, 6, 16,
+                  seed=2), negative_prompt_attention_mask=mask, height=16, width=16, num_inference_steps=20,
+                  guidance_scale=4.0, output_type="latent")
+    with relcache.cached(pipe, RFC(target_nfc=6)):
+        with pytest.warns(RuntimeWarning, match=r"of this generation's 20 steps, call context 'default.2' ran 5 "
+                                                r"\(2 of them full\).*cfg_trunc_ratio") as got:
+            pipe(**kwargs, cfg_trunc_ratio=0.25, generator=torch.manual_seed(0))
+        assert len([w for w in got if "call context" in str(w.message)]) == 1
+        st = relcache.stats(pipe)
+        assert (st.contexts["default"].nfc, st.contexts["default.2"].num_steps) == (6, 5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per enable; and not where both contexts run every step
+            pipe(**kwargs, cfg_trunc_ratio=0.25, generator=torch.manual_seed(0))
+    with relcache.cached(pipe, RFC(target_nfc=6)), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe(**kwargs, generator=torch.manual_seed(0))
+        assert [c.nfc for c in relcache.stats(pipe).contexts.values()] == [6, 6]

@@ -314,6 +314,15 @@ class Session(StepCalls, ModuleCalls):
         longest = max(self.contexts.values(), key=lambda ctx: ctx.step, default=None)
         return (0, 0) if longest is None else (longest.step + 1, len(longest.schedule.full_steps))
 
+    def short_contexts(self) -> list[tuple[str, int, int]]:
+        """(name, steps run, full steps) of each call context that ran fewer steps than the generation's longest,
+        under a ``target_nfc`` budget: planned for every step, it spent fewer than K in the calls it made."""
+        if getattr(self.config.schedule, "target_nfc", None) is None:
+            return []
+        run = max((ctx.step for ctx in self.contexts.values()), default=-1)
+        return [(ctx.name, ctx.step + 1, len(ctx.schedule.full_steps)) for ctx in self.contexts.values()
+                if ctx.step < run]
+
     def end_generation(self) -> None:
         self.generations.end()
 

@@ -70,6 +70,10 @@ class GenerationHost(Protocol):
     def steps_run(self) -> tuple[int, int]:
         """(steps run, full steps) of the generation so far, in its context with the most steps; (0, 0) if none."""
 
+    def short_contexts(self) -> list[tuple[str, int, int]]:
+        """(name, steps run, full steps) of the call contexts that ran fewer steps than the longest, where that
+        matters to the schedule (a ``target_nfc`` budget)."""
+
 
 def checked_num_steps(num_steps: Any) -> int | None:
     """``num_steps`` as an int >= 1 (numpy and 0-d integer tensors too), or None; floats and bools are refused."""
@@ -195,6 +199,7 @@ class Generations:
         self._lock = threading.RLock()  # admission and ``begin`` are atomic against other threads
         self._checked = True  # the current generation's steps were compared with its announcement
         self._warned_timestep = False  # ``timestep_of`` warned that no new generation can be noticed
+        self._warned_short = False  # ``_check_steps`` warned of a call context that ran fewer steps (once)
         self._watched: list[_Watched] = []
         self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a _Patch of ours
 
@@ -265,6 +270,8 @@ class Generations:
         self._checked = True
         announced = self._announced
         run, full = self.host.steps_run()
+        if announced is not None and run == announced:
+            self._check_contexts(run)
         if announced is None or run == 0 or run == announced:
             return
         warn(
@@ -273,6 +280,21 @@ class Generations:
             f"{announced}. Announce the number of transformer calls per context the loop makes "
             "(relcache.begin_generation(model, num_steps)), or ignore this for an interrupted generation.",
             RuntimeWarning)
+
+    def _check_contexts(self, run: int) -> None:
+        """A generation that ran its announced steps, in which a call context ran fewer (a pipeline that stops its
+        unconditional calls part-way, as Lumina2's ``cfg_trunc_ratio``, or starts them late): warn once per
+        ``enable``, as its ``target_nfc`` budget, planned for every step, gave it fewer full steps (found by review:
+        the budget is said to hold in each context)."""
+        short = [] if self._warned_short else self.host.short_contexts()
+        if not short:
+            return
+        self._warned_short = True
+        said = ", ".join(f"{name!r} ran {steps} ({full} of them full)" for name, steps, full in short)
+        warn(f"relcache: of this generation's {run} steps, call context {said}: the pipeline stopped or started its "
+             f"calls part-way (e.g. Lumina2's cfg_trunc_ratio), and the context's target_nfc budget, planned for all "
+             f"{run} steps, gave it fewer full steps than the others; relcache.stats(...).contexts shows each. Said "
+             "once per enable.", RuntimeWarning)
 
     def check_step(self, step: int) -> None:
         """A context starts ``step``: one past the announced count warns now (once per generation), as the schedule
