@@ -132,8 +132,38 @@ def test_target_nfc_gap_cap_on_exactly_predictable_inputs():
 
 def test_target_nfc_with_max_skip_still_capped():
     probes = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(50)]
-    full, _ = _run(InputError(target_nfc=7, max_skip=2), probes)
+    with pytest.warns(RuntimeWarning, match="target_nfc=7 cannot keep max_skip=2 over 50 steps"):
+        full, _ = _run(InputError(target_nfc=7, max_skip=2), probes)
     assert len(full) == 7
+
+
+def _longest_cached_run(full: list[int], steps: int) -> int:
+    return max(b - a - 1 for a, b in zip([-1, *full], [*full, steps], strict=True))
+
+
+def test_a_budget_that_cannot_keep_max_skip_warns_and_one_that_warns_breaks_it():
+    """Found by review: RFC(target_nfc=5, max_skip=2) over 20 steps cached 9 steps in a row at the end without a word
+    (the budget comes first, as the spec chooses). Keeping max_skip needs warmup + (T - warmup) // (max_skip + 1)
+    full steps (hand count here: 2 + 18 // 3 = 8); fewer warns at the plan, and every plan that warns does break
+    max_skip (swept over small generations)."""
+    probes = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(20)]
+    with pytest.warns(RuntimeWarning, match=r"target_nfc=5 cannot keep max_skip=2 over 20 steps \(keeping it needs "
+                                            r"at least 8 full steps with warmup=2\)"):
+        full, _ = _run(InputError(target_nfc=5, max_skip=2), probes)
+    assert len(full) == 5 and _longest_cached_run(full, 20) > 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full, _ = _run(InputError(target_nfc=8, max_skip=2), probes)
+    assert len(full) == 8 and _longest_cached_run(full, 20) <= 2
+    for steps in range(3, 16):
+        for warmup in (1, 2):
+            for max_skip in (1, 2, 3):
+                for nfc in range(warmup, steps + 1):
+                    with warnings.catch_warnings(record=True) as got:
+                        warnings.simplefilter("always")
+                        full, _ = _run(InputError(target_nfc=nfc, max_skip=max_skip, warmup=warmup), probes[:steps])
+                    if any("cannot keep" in str(w.message) for w in got):
+                        assert _longest_cached_run(full, steps) > max_skip, (steps, warmup, max_skip, nfc)
 
 
 def test_schedule_bad_input_names_parameter_and_allowed_values():

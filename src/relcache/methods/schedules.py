@@ -260,7 +260,21 @@ class InputError(Schedule):
                 raise ConfigError(
                     f"target_nfc must be <= the number of steps ({num_steps}), got {self.target_nfc}"
                 )
+            self._check_max_skip(num_steps)
         return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps, reducer=reducer)
+
+    def _check_max_skip(self, num_steps: int) -> None:
+        """Warn where the budget cannot keep ``max_skip`` over ``num_steps``: it yields to the budget (the promise made
+        to the user), so past the last full step more steps are cached in a row than ``max_skip`` (found by review: the
+        spec's choice held without a word)."""
+        if self.max_skip is None or self.target_nfc is None:
+            return
+        need = min(num_steps, self.warmup + (num_steps - self.warmup) // (self.max_skip + 1))
+        if self.target_nfc < need:
+            warn(f"relcache: target_nfc={self.target_nfc} cannot keep max_skip={self.max_skip} over {num_steps} steps "
+                 f"(keeping it needs at least {need} full steps with warmup={self.warmup}): the budget comes first, so "
+                 f"more than {self.max_skip} steps will be cached in a row once it is spent. Raise target_nfc, or "
+                 "leave max_skip out", RuntimeWarning)
 
     @staticmethod
     def _has_history_for(state: InputErrorState, shape: torch.Size) -> bool:
