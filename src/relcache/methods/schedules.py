@@ -258,7 +258,9 @@ class InputError(Schedule):
                 )
             if self.target_nfc > num_steps:
                 raise ConfigError(
-                    f"target_nfc must be <= the number of steps ({num_steps}), got {self.target_nfc}"
+                    f"target_nfc must be <= the number of steps ({num_steps}), got {self.target_nfc}: the steps are "
+                    "the transformer calls per context the generation runs (an img2img strength runs fewer than "
+                    "num_inference_steps; Heun-like schedulers about twice as many)"
                 )
             self._check_max_skip(num_steps)
         return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps, reducer=reducer)
