@@ -289,6 +289,9 @@ def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool |
         raise ConfigError(f"guidance must be True, False or None, got {guidance!r}")
     session = _session(obj)
     if session is not None:
+        # a count no plan can take (a target_nfc above it) is refused now, not at the loop's first call (found by
+        # review)
+        session.config.schedule.check_num_steps(num_steps)
         session.generations.begin(num_steps, marked=True, timesteps=timesteps, by_loop=True)  # may be refused
         session.generations.loop_guidance = guidance
         for hook in session.step_hooks:

@@ -229,8 +229,12 @@ def test_bad_input_errors_and_model_left_usable(dit):
     with pytest.raises(UnsupportedModelError, match=r"UNet pipeline.*Supported models: .*relcache\.CustomAdapter"):
         relcache.enable(UNetPipeline(), FORA())
     relcache.enable(dit, RFC(target_nfc=10))
-    with pytest.raises(ConfigError, match="target_nfc must be <= the number of steps"):
+    calls = []
+    handle = dit.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ConfigError, match=r"target_nfc must be <= the number of steps \(6\), got 10"):
         run_loop(dit, x, y, steps=6)
+    assert calls == []  # refused by begin_generation, before the loop's first call
+    handle.remove()
     for bad in (0, 2.5, True, "12", torch.tensor(2.0)):
         with pytest.raises(ConfigError, match=r"num_steps must be an integer >= 1, got "):
             relcache.begin_generation(dit, bad)

@@ -33,6 +33,11 @@ class Schedule(ABC):
         the schedule reduces over tokens across the slices of a split sequence (the runtime passes it only then)."""
         return None
 
+    def check_num_steps(self, num_steps: int | None) -> None:
+        """ConfigError where no generation of ``num_steps`` can be planned (``new_state`` calls it; so does
+        ``begin_generation``, before the loop's first call). Any count, here."""
+        return None
+
     @abstractmethod
     def decide(self, state: object, step: int, probe: torch.Tensor | None,
                measured: torch.Tensor | None = None) -> bool:
@@ -152,10 +157,13 @@ class Steps(Schedule):
                 raise ConfigError(f"steps must all be < num_steps ({n}), got {steps[-1]}")
             object.__setattr__(self, "num_steps", n)
 
-    def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
+    def check_num_steps(self, num_steps: int | None) -> None:
         if self.num_steps is not None and num_steps is not None and num_steps != self.num_steps:
             raise ConfigError(f"these steps were chosen for a {self.num_steps}-step generation, got {num_steps} steps: "
                               "search them again for this length (relcache.evaluation.steps_search.search_steps)")
+
+    def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
+        self.check_num_steps(num_steps)
         past = [s for s in self.steps if num_steps is not None and s >= num_steps]
         if past:
             warn(f"relcache: full steps {past} are past the end of this {num_steps}-step generation and will "
@@ -249,6 +257,14 @@ class InputError(Schedule):
     def release(self, state: InputErrorState) -> None:
         state.history = DiffHistory(self.order)  # the probe's history: tensors of the probe's size
 
+    def check_num_steps(self, num_steps: int | None) -> None:
+        if self.target_nfc is not None and num_steps is not None and self.target_nfc > num_steps:
+            raise ConfigError(
+                f"target_nfc must be <= the number of steps ({num_steps}), got {self.target_nfc}: the steps are "
+                "the transformer calls per context the generation runs (an img2img strength runs fewer than "
+                "num_inference_steps; Heun-like schedulers about twice as many)"
+            )
+
     def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> InputErrorState:
         if self.target_nfc is not None:
             if num_steps is None:
@@ -256,12 +272,7 @@ class InputError(Schedule):
                     "target_nfc needs the number of steps: enable caching on the pipeline (not the bare "
                     "transformer), or call relcache.begin_generation(model, num_steps) before the loop"
                 )
-            if self.target_nfc > num_steps:
-                raise ConfigError(
-                    f"target_nfc must be <= the number of steps ({num_steps}), got {self.target_nfc}: the steps are "
-                    "the transformer calls per context the generation runs (an img2img strength runs fewer than "
-                    "num_inference_steps; Heun-like schedulers about twice as many)"
-                )
+            self.check_num_steps(num_steps)
             self._check_max_skip(num_steps)
         return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps, reducer=reducer)
 
