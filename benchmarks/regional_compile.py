@@ -16,6 +16,9 @@ break as resume functions, and the block classes' ``forward`` code gets compiled
     python benchmarks/regional_compile.py --single 4 --steps 6
     python benchmarks/regional_compile.py --user-break       # whole model only, a graph break in every single block
     python benchmarks/regional_compile.py --recompile-limit 64   # dynamo's limits raised: every variant compiles
+    python benchmarks/regional_compile.py --recompile-limit 64 --regional --steps 30 --orders 1 2 3 4
+                                                             # graphs per block class by forecast order
+    python benchmarks/regional_compile.py --recompile-limit 64 --regional --steps 30 --orders 1 2 3 4 --pipeline
 
 With ``--recompile-limit N`` dynamo's ``recompile_limit`` (and ``accumulated_recompile_limit``, where N is larger) are N
 for the run, so that no block runs eagerly and the variants column gives how many graphs each block needs.
@@ -32,13 +35,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 import relcache
-from relcache import FORA, RFC, CacheConfig, TaylorSeer
+from relcache import FORA, RFC, CacheConfig, FasterCache, TaylorSeer
 
 METHODS: dict[str, CacheConfig | None] = {"plain": None, "FORA": FORA(3), "TaylorSeer": TaylorSeer(3),
                                           "RFC": RFC(threshold=0.3)}
@@ -98,11 +101,47 @@ def generation(model: torch.nn.Module, steps: int) -> list[torch.Tensor]:
         return [model(**step_inputs(i, steps))[0] for i in range(steps)]
 
 
-def measure(config: CacheConfig | None, mode: str, single: int, steps: int) -> dict[str, Any]:
+def pipeline(model: FluxTransformer2DModel) -> FluxPipeline:
+    """A FluxPipeline around ``model`` (prompt embeddings given, no text encoders; a 2-block VAE: 16x16 images are
+    4x4 packed latents, the 16 tokens of ``step_inputs``), whose calls add what a hand-written loop lacks: the
+    pipeline's own tensor layouts. ``measure`` enables relcache afresh after the eager run, so that the compiled
+    generations are the session's first and second, as a user's are."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 4), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=2, sample_size=16).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_generation(pipe: FluxPipeline, steps: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    out = pipe(prompt_embeds=torch.randn(1, 6, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+               height=16, width=16, num_inference_steps=steps, max_sequence_length=6, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    return [out]
+
+
+def measure(config: CacheConfig | None, mode: str, single: int, steps: int, in_pipeline: bool = False
+            ) -> dict[str, Any]:
     model = build(single)
+    pipe = pipeline(model) if in_pipeline else None
+    target = model if pipe is None else pipe
     if config is not None:
-        relcache.enable(model, config)
-    eager = generation(model, steps)
+        relcache.enable(target, config)
+
+    def generation_of(run: torch.nn.Module) -> list[torch.Tensor]:
+        if pipe is None:
+            return generation(run, steps)
+        pipe.transformer = run
+        return pipeline_generation(pipe, steps)
+
+    eager = generation_of(model)
+    if pipe is not None and config is not None:  # compiled from a fresh enable, as a user's first generation is
+        relcache.disable(target)
+        relcache.enable(target, config)
     torch._dynamo.reset()
     counters.clear()
     graphs: list[torch.fx.GraphModule] = []
@@ -120,13 +159,15 @@ def measure(config: CacheConfig | None, mode: str, single: int, steps: int) -> d
             run = model
         else:
             run = torch.compile(model, backend=backend)
-        first = generation(run, steps)
+        first = generation_of(run)
         n_first = len(graphs)
-        second = generation(run, steps)
+        second = generation_of(run)
     finally:
         log.removeHandler(limits)
+        if pipe is not None:
+            pipe.transformer = model
         if config is not None:
-            relcache.disable(model)
+            relcache.disable(target)
     variants = {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
                 for cls in (FluxTransformerBlock, FluxSingleTransformerBlock)}
     blocks = {"FluxTransformerBlock": 2, "FluxSingleTransformerBlock": single}
@@ -145,13 +186,20 @@ def main() -> None:
                         help="dynamo's recompile_limit (and accumulated_recompile_limit, if larger) for the run")
     parser.add_argument("--user-break", action="store_true",
                         help="a graph break at the end of every single-stream block (whole-model compile only)")
+    parser.add_argument("--regional", action="store_true", help="regional compilation only (no whole-model rows)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="each generation a FluxPipeline call around the model, not a hand-written loop")
+    parser.add_argument("--orders", type=int, nargs="+", choices=range(1, 5), metavar="M",
+                        help="instead of the default methods: FORA, FasterCache, then TaylorSeer N=3 and "
+                        "RFC(target_nfc=steps // 3) at each forecast order M (1..4)")
     args = parser.parse_args()
     if args.single < 1 or args.steps < 4:
         parser.error("--single must be >= 1 and --steps >= 4")
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
           f"FLUX-like, 2 double + {args.single} single blocks, {args.steps} steps, recording backend"
           + (", a user's graph break in every single block" if args.user_break else "")
-          + (f", recompile_limit {args.recompile_limit}" if args.recompile_limit else ""))
+          + (f", recompile_limit {args.recompile_limit}" if args.recompile_limit else "")
+          + (", FluxPipeline calls" if args.pipeline else ""))
     if args.recompile_limit:
         torch._dynamo.config.recompile_limit = args.recompile_limit
         config = torch._dynamo.config
@@ -159,11 +207,17 @@ def main() -> None:
     print("| method | compile | graphs, 1st gen | graphs, 2nd gen | graph breaks | compiled variants per block "
           "forward | recompile-limit hits | max diff vs eager |")
     print("|---|---|---|---|---|---|---|---|")
-    modes = ("whole model",) if args.user_break else ("whole model", "regional")
-    for name, config in METHODS.items():
+    modes = ("whole model",) if args.user_break else ("regional",) if args.regional else ("whole model", "regional")
+    methods = METHODS
+    if args.orders:
+        methods = {"FORA": FORA(3), "FasterCache": FasterCache()}
+        for m in args.orders:
+            methods[f"TaylorSeer m={m}"] = TaylorSeer(3, order=m)
+            methods[f"RFC m={m}"] = RFC(target_nfc=max(2, args.steps // 3), order=m)
+    for name, config in methods.items():
         for mode in modes:
             with user_break(args.user_break):
-                r = measure(config, mode, args.single, args.steps)
+                r = measure(config, mode, args.single, args.steps, args.pipeline)
             variants = ", ".join(f"{k} {v}" for k, v in r["variants"].items())
             print(f"| {name} | {mode} | {r['first']} | {r['second']} | {r['breaks']} | {variants} | "
                   f"{r['limit_hits']} | {r['diff']:.1e} |", flush=True)

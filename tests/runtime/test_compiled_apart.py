@@ -69,6 +69,37 @@ def test_blocks_compiled_apart_share_their_graphs_and_are_not_warned(regional):
     assert 0 < variants <= 4, variants
 
 
+@pytest.mark.parametrize(("config", "need"), [(RFC(target_nfc=2), 10), (TaylorSeer(3, order=4), 11),
+                                            (RFC(target_nfc=2, order=1), None), (TaylorSeer(3), None)])
+def test_a_predictor_needing_more_graphs_than_the_limit_is_warned_once(config, need):
+    """Found by review: RFC with regional compilation needs about 10 graphs per block class on a FLUX pipeline (one per
+    kind of step and history length; benchmarks/regional_compile.py --pipeline) against dynamo's 8, and the second
+    generation ran 69 of 84 block calls eagerly without a word from relcache. Warned once per enable where the
+    predictor's count passes the limit; not where it fits (TaylorSeer at order 2 and RFC at order 1: 7), nor with
+    the limit raised."""
+    torch._dynamo.reset()
+    pipe = flux_pipe()
+    relcache.enable(pipe, config)
+    pipe.transformer.compile_repeated_blocks(backend="eager")
+    try:
+        got = _generations(pipe, 2, **flux_kwargs())
+        if need is None:
+            assert got == []
+            return
+        assert len(got) == 1, got
+        assert got[0].startswith("relcache: blocks holding cached modules are compiled one by one"), got[0]
+        assert f"each block class compiles about {need} graphs" in got[0]
+        assert "recompile_limit (8) or accumulated_recompile_limit (256)" in got[0]
+        assert f"to at least {2 * need} " in got[0]
+        relcache.disable(pipe)
+        with torch._dynamo.config.patch(recompile_limit=need):  # a limit that allows them: nothing to say
+            relcache.enable(pipe, config)
+            assert _generations(pipe, 1, **flux_kwargs()) == []
+    finally:
+        relcache.disable(pipe)
+        torch._dynamo.reset()
+
+
 def test_regional_compilation_is_warned_once_per_enable_naming_the_blocks(regional_modulation):
     got = _generations(regional_modulation, 2, class_labels=[1])
     assert len(got) == 1, got

@@ -133,6 +133,13 @@ class Predictor(ABC):
     #: whether the predictor keeps its caches only as computed (``CacheConfig`` then refuses a ``cache_dtype``)
     computed_only: ClassVar[bool] = False
 
+    def regional_graphs(self) -> int | None:
+        """About how many graphs one block class holding modules cached by this predictor compiles under regional
+        compilation (``compile_repeated_blocks``) in the first two generations, one per kind of step and history
+        length: what ``torch._dynamo.config.recompile_limit`` must allow. Measured on a FLUX-like pipeline
+        (``benchmarks/regional_compile.py --pipeline --orders 1 2 3 4``, 2026-12-07); None where unmeasured."""
+        return None
+
     def new_state(self, dtype: torch.dtype | CacheStorage | None = None, reducer: Reducer | None = None,
                   ) -> PredictorState:
         """An empty per-module state; ``dtype`` optionally stores the cache in lower precision (a dtype for every
@@ -207,6 +214,9 @@ class Reuse(Predictor):
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return state.out.base(inp.dtype)
 
+    def regional_graphs(self) -> int | None:
+        return 4
+
 
 @dataclass(frozen=True)
 class Taylor(Predictor):
@@ -219,6 +229,9 @@ class Taylor(Predictor):
 
     def forecast(self, state: PredictorState, inp: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return state.out.taylor(row, inp.dtype)
+
+    def regional_graphs(self) -> int | None:
+        return 3 + 2 * self.order
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,9 @@ class Relational(Predictor):
         _check_order(self.order)
         if self.order == 0:
             raise ConfigError("order must be an integer in 1..4 for Relational (it needs a direction), got 0")
+
+    def regional_graphs(self) -> int | None:
+        return 4 + 3 * self.order
 
     def compiled_bytes(self, out_shape: tuple[int, ...], computed: torch.dtype) -> int:
         """The Gram a compiled record keeps: ``order²`` numbers per sample, in ``sample_norm``'s precision."""
@@ -400,6 +416,9 @@ class Linear(Predictor):
         # a constant: a finite real number (a NaN or infinite weight turns every cached output into NaN)
         allowed = "a finite number, 'rising' or a callable (step, num_steps) -> float"
         object.__setattr__(self, "weight", check_float("weight", w, allowed=allowed))
+
+    def regional_graphs(self) -> int | None:
+        return 5
 
     def weight_at(self, step: int, num_steps: int | None) -> float:
         """``w(i)`` for step ``step`` of ``num_steps``."""

@@ -236,10 +236,14 @@ class Session(StepCalls, ModuleCalls):
         if apart and device is not None:
             self._check_captured_blocks(device, cached)
         indexed = [] if self.modulation is None else [*self.modulation.spec.projections, *self.modulation.spec.sources]
-        if self._warned_apart or not indexed:
+        if self._warned_apart:
             return
         config = torch._dynamo.config
         limit = min(config.recompile_limit, config.accumulated_recompile_limit)
+        if not indexed:
+            if apart:
+                self._check_regional_graphs(limit)
+            return
         counts = sum((compiled_apart(root, indexed) for root, _ in self._roots()), Counter())
         over = {name: n for name, n in counts.items() if n >= 2 and limit < 8 * n}
         if over:
@@ -253,6 +257,26 @@ class Session(StepCalls, ModuleCalls):
                  f"({config.accumulated_recompile_limit}): past either the remaining blocks run eagerly. Compile the "
                  "whole transformer instead (torch.compile(pipe.transformer)), enable without batch_modulation, or "
                  f"set both torch._dynamo.config limits to at least {need} (docs/how-it-works.md)")
+
+    def _check_regional_graphs(self, limit: int) -> None:
+        """(choice) Warn once per enable where the blocks compiled one by one share graphs, but the predictor needs
+        more per block class (one per kind of step and history length, ``Predictor.regional_graphs``) than dynamo's
+        limits allow: past them the class's remaining calls run eagerly, without error, in every later generation
+        (found by review: RFC on a FLUX pipeline needs 10 at order 2 against the default 8, and the second generation
+        ran 69 of 84 block calls eagerly)."""
+        need = self.config.predictor.regional_graphs()
+        if need is None or limit >= need:
+            return
+        self._warned_apart = True
+        config = torch._dynamo.config
+        warn(f"relcache: blocks holding cached modules are compiled one by one (regional compilation, e.g. "
+             f"compile_repeated_blocks), and with {self.config.label} each block class compiles about {need} graphs "
+             f"(one per kind of step and forecast order, measured on a FLUX-like pipeline): more than dynamo's "
+             f"recompile_limit ({config.recompile_limit}) or accumulated_recompile_limit "
+             f"({config.accumulated_recompile_limit}) allow, so past them that class's calls run eagerly in every "
+             f"later generation. Set both torch._dynamo.config limits to at least {2 * need} (the measured count "
+             "doubled: other models add layouts), or compile the whole transformer (torch.compile(pipe.transformer), "
+             "the tested path; docs/how-it-works.md)", RuntimeWarning)
 
     def _check_captured_blocks(self, device: torch.device, cached: list[nn.Module]) -> None:
         """(choice) Warn once per enable where blocks holding cached modules are compiled on their own to replay CUDA
