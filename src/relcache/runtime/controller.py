@@ -271,7 +271,8 @@ class Session(StepCalls, ModuleCalls):
         config = torch._dynamo.config
         warn(f"relcache: blocks holding cached modules are compiled one by one (regional compilation, e.g. "
              f"compile_repeated_blocks), and with {self.config.label} each block class compiles about {need} graphs "
-             f"(one per kind of step and forecast order, measured on a FLUX-like pipeline): more than dynamo's "
+             f"(one per kind of step and forecast order, measured on a FLUX-like pipeline, once a generation has run "
+             f"enough full steps to fill the forecast history): more than dynamo's "
              f"recompile_limit ({config.recompile_limit}) or accumulated_recompile_limit "
              f"({config.accumulated_recompile_limit}) allow, so past them that class's calls run eagerly in every "
              f"later generation. Set both torch._dynamo.config limits to at least {2 * need} (the measured count "
