@@ -188,6 +188,10 @@ def _gather_or_die(rank, world, path, queue):
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{path}",
                                          timeout=datetime.timedelta(seconds=20))
+    # torch's init returns on one process before the other has finished gloo's handshake: rank 1 leaving at once
+    # failed rank 0's init with "Connection closed by peer", before any gather (a fresh-clone CI run, 2026-12-07;
+    # test_context_parallel.py's workers wait the same way)
+    torch.distributed.barrier()
     if rank == 1:
         os._exit(3)  # a rank killed mid-run (no clean shutdown)
     try:
