@@ -21,7 +21,7 @@ from .models.base import Adapter, find_adapter, unsupported
 from .runtime import CacheStats, Session, checked_num_steps
 from .runtime.attachment import refuse_diffusers_cache
 from .runtime.experts import Expert, Experts
-from .runtime.generations import patching_hosts
+from .runtime.patches import patching_hosts
 
 _ATTR = "_relcache"  # the model attribute holding its Session
 

@@ -88,7 +88,7 @@ def test_a_hand_written_loop_says_it_runs_no_guidance():
 def test_what_a_pipeline_says():
     """The rule, case by case: a call's ``do_classifier_free_guidance`` local, then ``do_true_cfg`` (CFG as split
     calls: a batched call is no CFG pair), then the pipeline's property, then ``guidance_scale > 1``."""
-    from relcache.runtime.generations import says_cfg
+    from relcache.runtime.callers import says_cfg
 
     class Plain:
         pass

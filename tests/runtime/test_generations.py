@@ -17,7 +17,8 @@ from torch import nn
 
 import relcache
 from relcache import FORA, RFC, TaylorSeer
-from relcache.runtime.generations import calling_pipeline, steps_to_run, timesteps_to_run
+from relcache.runtime.callers import calling_pipeline
+from relcache.runtime.generations import steps_to_run, timesteps_to_run
 
 
 def _second(a: DiTPipeline, scheduler: DDIMScheduler | None = None) -> DiTPipeline:
@@ -44,7 +45,7 @@ def test_steps_and_timesteps_to_run_start_at_the_begin_index():
 
 
 def test_a_deep_copy_of_a_patched_scheduler_gets_the_plain_method_bound_to_the_copy():
-    """Guards ``_Patch.__deepcopy__`` (mutant: removed, so the copy kept a wrapper holding a deep copy of the
+    """Guards ``MethodPatch.__deepcopy__`` (mutant: removed, so the copy kept a wrapper holding a deep copy of the
     runtime, the model included)."""
     pipe = dit_pipe()
     with relcache.cached(pipe, TaylorSeer(2)):

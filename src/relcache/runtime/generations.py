@@ -28,9 +28,6 @@ A generation is one sampling run: its steps share caches, a step count and a bud
 
 from __future__ import annotations
 
-import copy
-import functools
-import os
 import sys
 import threading
 import weakref
@@ -38,22 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import diffusers.hooks
-import diffusers.models
 import torch
 from torch import nn
 
 from ..errors import ConcurrentUseError, check_int, warn
 from ..models.base import Adapter
-
-_CALLER_DEPTH = 48  # frames searched above the transformer call for the pipeline driving it
-# code that never is a pipeline's method: torch, diffusers' models and hooks, relcache's runtime. Their frames lie
-# between every transformer call and its pipeline (8 of them under torch.compile), and reading a frame's locals
-# copies them all, so they are passed over unread.
-_MACHINERY = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, diffusers.hooks, diffusers.models))
-_RUNTIME = os.path.dirname(__file__) + os.sep
-_machinery_files: dict[str, bool] = {}  # per code file name: whether it is machinery
-_TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # pipeline attributes that hold a denoiser relcache serves
+from .callers import calling_pipeline, says_cfg
+from .patches import MethodPatch
 
 
 class GenerationHost(Protocol):
@@ -106,67 +94,6 @@ def _as_float(t: Any) -> float | None:
     return None
 
 
-def _unwrap(module: Any) -> Any:
-    """The module a ``torch.compile`` wrapper runs."""
-    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
-        module = module._orig_mod
-    return module
-
-
-def _drives(obj: Any, model: nn.Module) -> bool:
-    """Whether ``obj`` (a frame's ``self``) is a pipeline holding ``model`` as its denoiser; read from its instance
-    dict, so no property of an arbitrary object runs."""
-    if isinstance(obj, nn.Module):
-        return False
-    attrs = getattr(obj, "__dict__", None)
-    if not isinstance(attrs, dict):
-        return False
-    return any(_unwrap(attrs.get(name)) is model for name in _TRANSFORMER_ATTRS if attrs.get(name) is not None)
-
-
-def calling_pipeline(model: nn.Module, frame: Any = None) -> tuple[Any, dict[str, Any]] | None:
-    """(the pipeline whose method is calling ``model`` now, that frame's locals), or None (a hand-written loop).
-
-    The nearest frame above ``frame`` (default: the caller's) whose ``self`` holds ``model`` as its transformer,
-    searched up to ``_CALLER_DEPTH`` frames; only frames whose first argument is named ``self`` are read, and not
-    those of ``_MACHINERY``."""
-    frame = sys._getframe(1) if frame is None else frame
-    for _ in range(_CALLER_DEPTH):
-        if frame is None:
-            return None
-        code = frame.f_code
-        machinery = _machinery_files.get(code.co_filename)
-        if machinery is None:
-            machinery = _machinery_files[code.co_filename] = code.co_filename.startswith((*_MACHINERY, _RUNTIME))
-        if not machinery and code.co_argcount and code.co_varnames[0] == "self":
-            local = frame.f_locals
-            if _drives(local.get("self"), model):
-                return local["self"], local
-        frame = frame.f_back
-    return None
-
-
-def says_cfg(pipeline: Any, local: dict[str, Any]) -> bool | None:
-    """Whether the calling pipeline says its batched calls carry classifier-free guidance: its
-    ``do_classifier_free_guidance`` (a local of the call, else the pipeline's attribute), ``False`` when it runs
-    CFG as separate calls (FLUX, HunyuanVideo: ``do_true_cfg``; their ``guidance_scale`` is embedded guidance),
-    else its ``guidance_scale > 1`` (DiT). None when it says nothing."""
-    said = local.get("do_classifier_free_guidance")
-    if isinstance(said, bool):
-        return said
-    if "do_true_cfg" in local:
-        return False
-    if isinstance(getattr(type(pipeline), "do_classifier_free_guidance", None), property):
-        try:
-            return bool(pipeline.do_classifier_free_guidance)
-        except Exception:  # noqa: BLE001 - a property reading state the call has not set: no answer
-            pass
-    scale = local.get("guidance_scale")
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return scale > 1
-    return None
-
-
 @dataclass
 class _Watched:
     """One watched pipeline: held strongly when ``enable`` was given it, weakly when found driving the model."""
@@ -201,7 +128,7 @@ class Generations:
         self._warned_timestep = False  # ``timestep_of`` warned that no new generation can be noticed
         self._warned_short = False  # ``_check_steps`` warned of a call context that ran fewer steps (once)
         self._watched: list[_Watched] = []
-        self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a _Patch of ours
+        self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a MethodPatch of ours
 
     def begin(self, num_steps: int | None = None, *, marked: bool = False,
               timesteps: torch.Tensor | None = None, by_loop: bool = False) -> None:
@@ -453,59 +380,11 @@ class Generations:
         """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``unwatch`` unlinks the wrapper."""
         if not callable(getattr(obj, name, None)):
             return
-        setattr(obj, name, _Patch(obj, name, after, self))
+        setattr(obj, name, MethodPatch(obj, name, after, self))
         self._patches.append((weakref.ref(obj), name))
 
     def _unpatch(self, obj: Any) -> None:
         """Unlink our wrappers of ``obj``'s methods, wherever they sit in a chain of wrappers."""
         for entry in [e for e in self._patches if e[0]() is obj]:
-            _Patch.unlink(obj, entry[1], self)
+            MethodPatch.unlink(obj, entry[1], self)
             self._patches.remove(entry)
-
-
-def patching_hosts(pipeline: Any) -> list[Any]:
-    """The hosts (sessions) whose generations patched ``pipeline``'s end of call: the ones watching it, whether or
-    not its current transformer is theirs (``pipe.transformer`` replaced since ``enable``)."""
-    hosts, cur = [], vars(pipeline).get("maybe_free_model_hooks") if hasattr(pipeline, "__dict__") else None
-    while isinstance(cur, _Patch):
-        hosts.append(getattr(cur.owner, "host", None))
-        cur = cur.next
-    return [h for h in hosts if h is not None]
-
-
-class _Patch:
-    """A method wrapper set on one object (a scheduler or pipeline): calls the method, then ``after(obj)``.
-
-    Wrappers of several enabled models sharing one object chain, and each unlinks itself wherever it sits
-    (``unlink``), so any order of ``disable`` restores the object. A deep copy of the object (some pipelines copy
-    their scheduler) gets the unwrapped method, bound to the copy, not a wrapper acting on the original.
-    """
-
-    def __init__(self, obj: Any, name: str, after: Callable[[Any], None], owner: object) -> None:
-        self.obj, self.after, self.owner = obj, after, owner
-        self.had_attr = name in vars(obj)  # whether ``next`` is an instance attribute (else the class's method)
-        self.next = getattr(obj, name)
-        functools.update_wrapper(self, self.next, updated=())  # name and docstring; not another _Patch's fields
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        result = self.next(*args, **kwargs)
-        self.after(self.obj)
-        return result
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return copy.deepcopy(self.next, memo)
-
-    @staticmethod
-    def unlink(obj: Any, name: str, owner: object) -> None:
-        """Remove ``owner``'s wrapper from ``obj.name``'s chain; the method is as before once no wrapper is left."""
-        prev, cur = None, vars(obj).get(name)
-        while isinstance(cur, _Patch):
-            if cur.owner is owner:
-                if prev is not None:
-                    prev.next, prev.had_attr = cur.next, cur.had_attr
-                elif cur.had_attr:
-                    setattr(obj, name, cur.next)
-                else:
-                    vars(obj).pop(name, None)
-                return
-            prev, cur = cur, cur.next

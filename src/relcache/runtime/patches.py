@@ -1,0 +1,57 @@
+"""Method wrappers that relcache sets on a watched pipeline or scheduler (``generations.Generations`` starts and ends
+generations through them), and the sessions a pipeline's wrappers belong to."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+
+def patching_hosts(pipeline: Any) -> list[Any]:
+    """The hosts (sessions) whose generations patched ``pipeline``'s end of call: the ones watching it, whether or
+    not its current transformer is theirs (``pipe.transformer`` replaced since ``enable``)."""
+    hosts, cur = [], vars(pipeline).get("maybe_free_model_hooks") if hasattr(pipeline, "__dict__") else None
+    while isinstance(cur, MethodPatch):
+        hosts.append(getattr(cur.owner, "host", None))
+        cur = cur.next
+    return [h for h in hosts if h is not None]
+
+
+class MethodPatch:
+    """A method wrapper set on one object (a scheduler or pipeline): calls the method, then ``after(obj)``.
+
+    Wrappers of several enabled models sharing one object chain, and each unlinks itself wherever it sits
+    (``unlink``), so any order of ``disable`` restores the object. A deep copy of the object (some pipelines copy
+    their scheduler) gets the unwrapped method, bound to the copy, not a wrapper acting on the original.
+    """
+
+    def __init__(self, obj: Any, name: str, after: Callable[[Any], None], owner: object) -> None:
+        self.obj, self.after, self.owner = obj, after, owner
+        self.had_attr = name in vars(obj)  # whether ``next`` is an instance attribute (else the class's method)
+        self.next = getattr(obj, name)
+        functools.update_wrapper(self, self.next, updated=())  # name and docstring; not another MethodPatch's fields
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.next(*args, **kwargs)
+        self.after(self.obj)
+        return result
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self.next, memo)
+
+    @staticmethod
+    def unlink(obj: Any, name: str, owner: object) -> None:
+        """Remove ``owner``'s wrapper from ``obj.name``'s chain; the method is as before once no wrapper is left."""
+        prev, cur = None, vars(obj).get(name)
+        while isinstance(cur, MethodPatch):
+            if cur.owner is owner:
+                if prev is not None:
+                    prev.next, prev.had_attr = cur.next, cur.had_attr
+                elif cur.had_attr:
+                    setattr(obj, name, cur.next)
+                else:
+                    vars(obj).pop(name, None)
+                return
+            prev, cur = cur, cur.next
