@@ -263,7 +263,7 @@ class Session(StepCalls, ModuleCalls):
         more per block class (one per kind of step and history length, ``Predictor.regional_graphs``) than dynamo's
         limits allow: past them the class's remaining calls run eagerly, without error, in every later generation
         (found by review: RFC on a FLUX pipeline needs 10 at order 2 against the default 8, and the second generation
-        ran 69 of 84 block calls eagerly)."""
+        ran most block calls eagerly)."""
         need = self.config.predictor.regional_graphs()
         if need is None or limit >= need:
             return
