@@ -129,10 +129,12 @@ def test_analyze_numbers_and_files(tmp_path):
 
 def test_demo_end_to_end_at_reduced_size(tmp_path, capsys):
     """``--out DIR/`` writes the grid inside DIR and prints the file it wrote (``demo_out/`` used to write
-    ``demo_out.png`` and print ``demo_out``)."""
+    ``demo_out.png`` and print ``demo_out``). Its progress bar is labelled ``demo`` (it said ``bench``)."""
     out = tmp_path / "demo_out" / "relcache-demo.png"
     assert main(["demo", "--samples", "2", "--budgets", "7", "--out", f"{tmp_path / 'demo_out'}/"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "demo: 100%" in captured.err and "bench:" not in captured.err
     assert out.exists() and out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"image grid: {out}  " in printed
     assert "| RFC NFC=7 | 7 |" in printed and "| full computation | 50 |" in printed

@@ -73,3 +73,14 @@ def test_both_pictures_are_written_with_the_run_record(tmp_path):
         assert image.size[0] > 300 and image.size[1] > 200
     video = BenchResult(rows[:2], {}, {r.method: torch.rand(1, 5, 3, 8, 8) for r in rows[:2]}, run=run)
     assert Image.open(save_samples(video, tmp_path / "video.png")).size[0] > 300  # a strip of 5 frames per row
+
+
+def test_the_markdown_table_says_n_a_without_a_unit_where_a_row_has_no_time():
+    """A row that did not run (its time NaN) reads "n/a" in the speed-up column, not "n/ax"; a timed row keeps its
+    "x" (found by review: the table printed "n/ax")."""
+    nan = math.nan
+    rows = [BenchRow("full computation", None, 50, nan, 1.0, 2.0, 1.0, 0.0, nan, 1.0, nan, nan, nan),
+            BenchRow("RFC NFC=14", 14, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, note="unavailable")]
+    lines = BenchResult(rows, {}).to_markdown().splitlines()
+    assert lines[2].split(" | ")[4] == "1.00x"
+    assert lines[3].split(" | ")[4] == "n/a"

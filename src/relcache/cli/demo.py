@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                     BenchMethod(f"RFC NFC={nfc}", RFC(order=2, target_nfc=nfc), budget=nfc)]
     start = time.perf_counter()
     result = run_bench(model, sampler, methods, num_samples=args.samples, batch_size=args.samples, seed=args.seed,
-                       num_steps=50, guidance_scale=1.5, evaluator=evaluator, real_images=real, count_flops=False)
+                       num_steps=50, guidance_scale=1.5, evaluator=evaluator, real_images=real, count_flops=False,
+                       progress_label="demo")
     grid = save_grid(result, args.out)
     print(f"\nrelcache demo: reference DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params), "
           f"DDIM 50 steps, CFG 1.5, {args.samples} samples, seed {args.seed}\n")

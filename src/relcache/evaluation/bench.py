@@ -156,7 +156,7 @@ class BenchResult:
         for r in self.rows:
             lines.append(
                 f"| {r.method} | {_fmt(r.nfc, 2)} | {_fmt(r.flops_ratio, 3)} | {_fmt(r.time_s, 3)} | "
-                f"{_fmt(r.speedup, 2)}x | {_fmt(r.rel_l1, 4)} | {_fmt(r.psnr, 2)} | {_fmt(r.ssim, 4)} | "
+                f"{_fmt(r.speedup, 2, 'x')} | {_fmt(r.rel_l1, 4)} | {_fmt(r.psnr, 2)} | {_fmt(r.ssim, 4)} | "
                 f"{_fmt(r.fid2fc, 3)} | {_fmt(r.fid, 3)} | {_fmt(100 * r.accuracy, 1)} | {r.note} |"
             )
         return "\n".join(lines)
@@ -221,8 +221,9 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _fmt(v: float, digits: int) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def _fmt(v: float, digits: int, unit: str = "") -> str:
+    """``v`` to ``digits`` places with ``unit`` after it; "n/a" alone (no unit) where there is no number."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}{unit}"
 
 
 def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: torch.Tensor, seed: int,
@@ -336,6 +337,7 @@ def run_bench(
     extra_settings: dict[str, Any] | None = None,
     command: str | None = None,
     conditions: Sequence[int] | None = None,
+    progress_label: str = "bench",
 ) -> BenchResult:
     """Generate ``num_samples`` (classes cycling, batches of ``batch_size`` seeded ``seed + b``) with full
     computation and every method, and measure each against full computation and the data.
@@ -345,7 +347,8 @@ def run_bench(
     uninterrupted run's (wall times included, as they were measured). A recorded run with other settings or
     versions is refused (``ResumeError``) before any generation. ``extra_settings`` (the model, the prompts...)
     and ``command`` are recorded with the settings. Sample ``i`` is conditioned on ``conditions[i % len(conditions)]``
-    (class labels, or indices of prompts for a text sampler), by default on class ``i % num_classes``."""
+    (class labels, or indices of prompts for a text sampler), by default on class ``i % num_classes``.
+    ``progress_label`` names the progress bar (the command running it: ``bench``, ``demo``)."""
     from . import runlog
 
     rank, world = ranks.start()
@@ -397,7 +400,7 @@ def run_bench(
             ranks.together("waiting for every rank to read the output directory", torch.distributed.barrier)
         log = runlog.RunLog(out_dir, rank, [m.label for m in runnable])
         log.start(run if header is None else {"kind": "resume", **this})
-    bar = tqdm(total=len(mine) * len(runnable), initial=len(mine) * len(runnable) - len(todo), desc="bench",
+    bar = tqdm(total=len(mine) * len(runnable), initial=len(mine) * len(runnable) - len(todo), desc=progress_label,
                disable=not progress or rank != 0)
     for b, method in todo:  # interleaved: every method on a batch before the next batch
         bar.set_postfix_str(method.label)
