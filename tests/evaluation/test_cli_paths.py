@@ -280,21 +280,37 @@ def test_demo_runs_a_repeated_budget_once(monkeypatch, tmp_path):
     assert ran == ["FORA NFC=7", "TaylorSeer NFC=7", "RFC NFC=7", "FORA NFC=14", "TaylorSeer NFC=14", "RFC NFC=14"]
 
 
-@pytest.mark.parametrize("command,kept", [
-    ("bench", "every finished generation is kept in {out}: run the same command with --resume (in place of "
-              "--overwrite, if given) to continue"),
-    ("analyze", "the analysis in {out} may be incomplete: run the command again"),
+@pytest.mark.parametrize("command,written,kept", [
+    ("bench", "results.jsonl", "every finished generation is kept in {out}: run the same command with --resume (in "
+                               "place of --overwrite, if given) to continue"),
+    ("calibrate", "calibration.json", "every finished budget is kept in {out}/calibration.json: run the same command "
+                                      "with --resume (in place of --overwrite, if given) to continue"),
+    ("analyze", "summary.json", "the analysis in {out} may be incomplete: run the command again"),
 ])
-def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, tmp_path, command, kept):
-    """Ctrl-C used to end ``bench`` with a traceback and no word of ``--resume``."""
+@pytest.mark.parametrize("started", [False, True], ids=["before-any-file", "after-a-file"])
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, tmp_path, command, written, kept,
+                                                           started):
+    """Ctrl-C used to end ``bench`` with a traceback and no word of ``--resume``. Stopped before its first file (while
+    loading the model) a command says nothing was written: it used to name a file that was not there (found by
+    review). The file a resumable command looks for is the one it writes (``runlog.LOG``, ``calibrate.RESULT``)."""
+    from relcache.cli.calibrate import RESULT
+    from relcache.evaluation.runlog import LOG
+
+    assert {"bench": LOG, "calibrate": RESULT}.get(command, written) == written
+    out = tmp_path / "out"
+
     def interrupted(*args, **kwargs):
+        if started:  # what the command had written by then
+            out.mkdir(exist_ok=True)
+            (out / written).write_text("{}")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(getattr(cli, command), "_reference", interrupted)
-    out = tmp_path / "out"
-    assert main([command, "--samples", "2", "--out", str(out)]) == 130
+    extra = ["--nfc", "7"] if command == "calibrate" else ["--samples", "2"]
+    assert main([command, *extra, "--out", str(out)]) == 130
     err = capsys.readouterr().err
-    assert err.strip() == f"relcache {command}: interrupted; {kept.format(out=out)}"
+    said = kept.format(out=out) if started else f"nothing was written in {out} yet"
+    assert err.strip() == f"relcache {command}: interrupted; {said}"
 
 
 def test_ctrl_c_while_torch_is_imported_ends_with_the_same_line(capsys, monkeypatch, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import ConfigError
 from . import analyze, bench, calibrate, demo
@@ -69,12 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _interrupted(args: argparse.Namespace) -> int:
     """Ctrl-C: one line saying what was kept, and the shell's exit status for SIGINT (not a traceback, found by
     review: also while torch is imported)."""
-    print(f"\nrelcache {args.command}: interrupted; {_KEPT[args.command].format(out=getattr(args, 'out', ''))}",
-          file=sys.stderr)
+    print(f"\nrelcache {args.command}: interrupted; {_kept(args)}", file=sys.stderr)
     return 130
 
 
-#: what an interrupted command leaves behind
+#: what an interrupted command leaves behind, once it has written its first file (``_WRITES``)
 _KEPT = {
     "bench": "every finished generation is kept in {out}: run the same command with --resume (in place of "
              "--overwrite, if given) to continue",
@@ -83,3 +83,17 @@ _KEPT = {
     "demo": "nothing was written",
     "analyze": "the analysis in {out} may be incomplete: run the command again",
 }
+#: the file in ``--out`` whose presence says a command has written something ("" for any file)
+_WRITES = {"bench": "results.jsonl", "calibrate": "calibration.json", "analyze": ""}
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command kept: nothing, where it was stopped before its first file (loading the model,
+    its warm-up), so the line names no file that is not there (found by review)."""
+    out = getattr(args, "out", "")
+    if args.command in _WRITES:
+        name, folder = _WRITES[args.command], Path(out)
+        wrote = (folder / name).is_file() if name else folder.is_dir() and any(folder.iterdir())
+        if not wrote:
+            return f"nothing was written in {out} yet"
+    return _KEPT[args.command].format(out=out)
