@@ -51,11 +51,15 @@ def configs(tau: float) -> dict[str, CacheConfig]:
 
 
 def cfg_batch_configs() -> dict[str, CacheConfig]:
-    """CFG-Cache on a CFG batch, with an elementwise and a relational predictor."""
-    cfg = CFGCache(interval=2, window=(0.25, 1.0), skip_full=True)
+    """CFG-Cache on a CFG batch, with an elementwise and a relational predictor, each skipping unconditional halves
+    in ``flux_cfg_loop`` (one process: TaylorSeer at step 5, RFC at 3 steps). With ``interval=2`` and ``align``
+    both skipped nothing there (every full step in the window was a refresh), so context parallelism's skips went
+    untested (found by review); ``test_context_parallel`` checks that each skips."""
+    aligned = CFGCache(interval=3, window=(0.25, 1.0), skip_full=True)
+    paper = CFGCache(interval=2, window=(0.25, 1.0), align=False)  # RFC here has one full step in the window
     return {
-        "TaylorSeer+CFG-Cache": CacheConfig(Taylor(2), Interval(2, 2), cfg_cache=cfg),
-        "RFC+CFG-Cache": CacheConfig(Relational(2), InputError(threshold=FLUX_TAU), cfg_cache=cfg),
+        "TaylorSeer+CFG-Cache": CacheConfig(Taylor(2), Interval(2, 2), cfg_cache=aligned),
+        "RFC+CFG-Cache": CacheConfig(Relational(2), InputError(threshold=FLUX_TAU), cfg_cache=paper),
     }
 
 
@@ -64,9 +68,10 @@ def latents(pipe: Any, case: families.Case, seed: int = 0) -> torch.Tensor:
     return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).float()
 
 
-def flux_cfg_loop(transformer: Any) -> torch.Tensor:
-    """Euler steps of FLUX's transformer on a CFG batch: equal latents, negative then positive prompt. (Under context
-    parallelism diffusers' split hook on the transformer accepts only tensor outputs: ``return_dict=False``.)"""
+def flux_cfg_loop(transformer: Any, steps: int = STEPS) -> torch.Tensor:
+    """``steps`` Euler steps of FLUX's transformer on a CFG batch: equal latents, negative then positive prompt.
+    (Under context parallelism diffusers' split hook on the transformer accepts only tensor outputs:
+    ``return_dict=False``.)"""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, 8, generator=gen)
     emb, neg = families.t5_embeds(16)
@@ -74,15 +79,15 @@ def flux_cfg_loop(transformer: Any) -> torch.Tensor:
     rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
     img_ids = torch.stack([torch.zeros(16), rows.reshape(-1), cols.reshape(-1)], dim=1)
     txt_ids = torch.zeros(emb.shape[1], 3)
-    relcache.begin_generation(transformer, STEPS)
+    relcache.begin_generation(transformer, steps)
     with torch.no_grad():
-        for i in range(STEPS):
-            t = torch.full((2,), 1.0 - i / STEPS)
+        for i in range(steps):
+            t = torch.full((2,), 1.0 - i / steps)
             out = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.cat([neg, emb]),
                               pooled_projections=torch.cat([npool, pool]), timestep=t, img_ids=img_ids,
                               txt_ids=txt_ids, guidance=torch.full((2,), 3.5), return_dict=False)[0]
             uncond, cond = out.chunk(2)
-            x = x - (uncond + 4.0 * (cond - uncond)) / STEPS
+            x = x - (uncond + 4.0 * (cond - uncond)) / steps
     return x
 
 
@@ -141,14 +146,14 @@ def cases() -> list[tuple[str, str, CacheConfig]]:
 
 
 def run_all(flux_pipe: Any, wan_pipe: Any, loops: dict[str, Any] | None = None, only: list[str] | None = None,
-            ) -> dict[str, tuple[torch.Tensor, dict[str, list[int]], dict[str, dict[int, float]]]]:
-    """``family/method`` -> (final latents, full steps per context, input errors per context) of every case of the
-    families given, plus ``family/plain`` without caching."""
+            ) -> dict[str, tuple[torch.Tensor, dict[str, list[int]], dict[str, dict[int, float]], int]]:
+    """``family/method`` -> (final latents, full steps per context, input errors per context, skips) of every case of
+    the families given, plus ``family/plain`` without caching."""
     results = {}
     families_runs = runs(flux_pipe, wan_pipe, loops)
     for family, (_, run) in families_runs.items():
         if only is None or f"{family}/plain" in only:
-            results[f"{family}/plain"] = (run(), {}, {})
+            results[f"{family}/plain"] = (run(), {}, {}, 0)
     for family, name, config in cases():
         key = f"{family}/{name}"
         if family in families_runs and (only is None or key in only):
@@ -173,9 +178,10 @@ def ltx_plain_error() -> str | None:
 
 
 def run_one(target: Any, run: Run, config: CacheConfig,
-            ) -> tuple[torch.Tensor, dict[str, list[int]], dict[str, dict[int, float]]]:
-    """(final latents, full steps per context, input errors per context) of ``run`` with ``config`` on ``target``;
-    the stats as they stand after the last transformer call (the pipeline frees the caches at its end)."""
+            ) -> tuple[torch.Tensor, dict[str, list[int]], dict[str, dict[int, float]], int]:
+    """(final latents, full steps per context, input errors per context, unconditional halves or calls skipped) of
+    ``run`` with ``config`` on ``target``; the stats as they stand after the last transformer call (the pipeline frees
+    the caches at its end)."""
     relcache.enable(target, config)
     try:
         seen: list[relcache.CacheStats] = []
@@ -189,4 +195,4 @@ def run_one(target: Any, run: Run, config: CacheConfig,
         relcache.disable(target)
     stats = seen[-1]
     return (out, {n: c.full_steps for n, c in stats.contexts.items()},
-            {n: c.input_errors for n, c in stats.contexts.items()})
+            {n: c.input_errors for n, c in stats.contexts.items()}, stats.uncond_skipped)

@@ -18,6 +18,7 @@ leave while the other was still in gloo's handshake. Every process now waits at 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import faulthandler
 import os
@@ -92,6 +93,9 @@ def _checks(rank: int) -> dict[str, Any]:
     # processes enabled with different settings: a clear error at the first step on every rank, not a hang
     found["mismatch"] = error(_parallel(families.flux_pipe()), relcache.RFC(threshold=0.1 if rank == 0 else 0.2),
                               ContextParallelMismatch)
+    # found by review: a label alone (``name``, which changes no step) raised ContextParallelMismatch
+    found["name only"] = error(_parallel(families.flux_pipe()), dataclasses.replace(relcache.FORA(), name=f"r{rank}"),
+                               ContextParallelMismatch)
     # found by review, both hung until gloo's timeout: record_errors on one process only (it runs the module, and its
     # collectives, at cached steps), and another step count per process (the budgets then decide differently)
     found["record_errors on one"] = error(_parallel(families.flux_pipe()), relcache.RFC(target_nfc=4),
@@ -102,6 +106,16 @@ def _checks(rank: int) -> dict[str, Any]:
     # there alone, and the other process waited in the step's collective until the timeout
     found["one refuses"] = error(_parallel(families.flux_pipe()), relcache.RFC(target_nfc=4), ContextParallelMismatch,
                                  steps=8 if rank == 0 else 3)
+    # the same in a hand-written loop: begin_generation refused the count at once, on that process alone (review)
+    transformer = _parallel(families.flux_pipe()).transformer
+    relcache.enable(transformer, relcache.RFC(target_nfc=4))
+    try:
+        cp_cases.flux_cfg_loop(transformer, steps=8 if rank == 0 else 3)
+        found["one refuses, own loop"] = "no error"
+    except ContextParallelMismatch as e:
+        found["one refuses, own loop"] = str(e)
+    finally:
+        relcache.disable(transformer)
     pipe = _parallel(families.flux_pipe())
     # scales over tokens would each cover a process's slice only: refused at enable
     storage = relcache.CacheStorage("int8", "int8", "int8", scale="sample")
@@ -212,17 +226,28 @@ CASES = [f"{family}/{name}" for family, name, _ in cp_cases.cases()]
 
 @pytest.mark.parametrize("key", CASES)
 def test_method_equals_one_process(parallel: list[dict[str, Any]], single: dict[str, Any], key: str) -> None:
-    ref, ref_full, ref_errors = single[key]
+    ref, ref_full, ref_errors, ref_skipped = single[key]
     family = key.split("/")[0]
     for rank, got in enumerate(parallel):
-        out, full, errors = got["results"][key]
+        out, full, errors, skipped = got["results"][key]
         assert full == ref_full, f"rank {rank}: full steps {full}, one process {ref_full}"
+        assert skipped == ref_skipped, f"rank {rank}: {skipped} unconditional skips, one process {ref_skipped}"
         assert _rel(out, ref) <= 1e-5, f"rank {rank}: {_rel(out, ref):.3g} relative to one process"
         for name, per_step in ref_errors.items():  # RCS's e(i): the whole sequence's, not a slice's
             assert errors[name].keys() == per_step.keys()
             assert all(abs(errors[name][s] - e) <= 1e-5 * e for s, e in per_step.items())
     # the plain model itself agrees: the tolerance above is not hiding a context-parallel difference
     assert _rel(parallel[0]["results"][f"{family}/plain"][0], single[f"{family}/plain"][0]) <= 1e-6
+
+
+def test_every_cfg_cache_case_skips(single: dict[str, Any]) -> None:
+    """The CFG-Cache cases of the runs with guidance (Wan's split calls, FLUX's CFG batch) skip unconditional calls
+    or halves, so that their skips are compared under context parallelism (the CFG-batch ones skipped none until
+    2026-12-07: found by review)."""
+    keys = [key for key in CASES if key.split("/")[0] in ("wan", "flux-cfg-batch") and (
+        "CFG-Cache" in key or "FasterCache" in key)]
+    assert len(keys) == 3
+    assert keys and all(single[key][3] > 0 for key in keys), {key: single[key][3] for key in keys}
 
 
 def test_ltx_video(parallel: list[dict[str, Any]]) -> None:
@@ -237,7 +262,7 @@ def test_ltx_video(parallel: list[dict[str, Any]]) -> None:
 def test_caching_changed_something(single: dict[str, Any]) -> None:
     """The cases are not vacuous: every method cached some step and moved the result off the plain model's."""
     for key in CASES:
-        out, full, _ = single[key]
+        out, full, _, _ = single[key]
         plain = single[f"{key.split('/')[0]}/plain"][0]
         assert any(len(steps) < cp_cases.STEPS for steps in full.values()), key
         assert _rel(out, plain) > 1e-4, key
@@ -309,11 +334,17 @@ def test_disagreeing_processes_raise_instead_of_hanging(parallel: list[dict[str,
         message = p["checks"]["mismatch"]
         assert message.startswith("relcache: the processes of the context-parallel group disagree"), message
         assert "rank 0: config" in message and "rank 1: config" in message
+        # what differs, and this process's own configuration (the guard sends checksums)
+        assert "They differ in config." in message, message
+        assert "had its configuration and enable() settings (CacheConfig(predictor=Relational(order=2), " in message
+        assert p["checks"]["name only"] == "no error"
         assert p["checks"]["record_errors on one"].startswith("relcache: the processes of the context-parallel group")
         assert "rank 0: config" in p["checks"]["record_errors on one"]
         message = p["checks"]["other step counts"]
         assert "rank 0: config" in message and "steps 8" in message and "steps 6" in message, message
         message = p["checks"]["one refuses"]
+        assert "rank 0: config" in message and "steps 8" in message and "steps 3" in message, message
+        message = p["checks"]["one refuses, own loop"]
         assert "rank 0: config" in message and "steps 8" in message and "steps 3" in message, message
         assert p["checks"]["sample scales"].startswith("CacheStorage(scale='sample') takes its scales over tokens")
 

@@ -78,8 +78,9 @@ class Session(StepCalls, ModuleCalls):
         self._n_modules = 0  # how many modules the model had when its FLOPs were last measured
         # context parallelism: token reductions summed over the processes holding the sequence's slices
         # the settings every process must share: the config, and whether forecasts are checked against the module
-        # (``record_errors`` runs the module at cached steps: its collectives too)
-        self.reducer = reducer_for(model, sequence_group, repr((config, record_errors)))
+        # (``record_errors`` runs the module at cached steps: its collectives too); not the label ``name``, which
+        # changes no step (found by review: a per-rank label raised ContextParallelMismatch)
+        self.reducer = reducer_for(model, sequence_group, repr((replace(config, name=None), record_errors)))
         check_split_storage(self.reducer, config.storage)
         self.budget = CacheBudget(config)  # max_cache_bytes: each context's storage
         # (choice) caches held in place at stable addresses (CUDA graphs, docs/spec.md §Capture): None = for the

@@ -56,7 +56,9 @@ class SequenceReducer:
         self.after_split = after_split  # made once diffusers' context parallelism was on (its split hook is outside)
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._config = _crc(re.sub(r" at 0x[0-9a-fA-F]+", "", config_repr))  # a callable's address differs per process
+        self._config_repr = re.sub(r" at 0x[0-9a-fA-F]+", "", config_repr)  # a callable's address differs per process
+        self._config = _crc(self._config_repr)
+        self._context = ""  # the context of the step being guarded, for the mismatch's message
         self._pending: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
         self._guard: list[float] | None = None  # the step's guard, sent with the step's first collective
         self._collectives = 0  # in this generation
@@ -73,7 +75,7 @@ class SequenceReducer:
                    num_steps: int | None = None) -> None:
         """A step of ``context`` is about to be decided (``like``: a tensor of the call, for the device; ``num_steps``:
         the generation's announced length, -1 where unknown): the next collective carries the guard."""
-        self._device = like.device
+        self._device, self._context = like.device, context
         latest = full_steps[-1] if full_steps else -1
         steps = -1.0 if num_steps is None else float(num_steps)
         self._guard = [self._config, _crc(context), steps, float(step), float(len(full_steps)), float(latest), -1.0]
@@ -92,6 +94,7 @@ class SequenceReducer:
         fail (``target_nfc`` above the step count) would raise there and leave the others waiting in the step's
         collective until its timeout (found by review): every process raises ``ContextParallelMismatch`` instead."""
         steps = -1.0 if num_steps is None else float(num_steps)
+        self._context = context
         buffer = self._guard_rows([self._config, _crc(context), steps, -1.0, 0.0, -1.0, -1.0], 0).to(like.device)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         self._check(buffer.reshape(self.size, len(GUARD_FIELDS)).tolist())
@@ -127,16 +130,27 @@ class SequenceReducer:
         return sums[0].reshape(partials.shape).to(partials.dtype)
 
     def _check(self, rows: list[list[float]]) -> None:
-        if any(row != rows[0] for row in rows):
-            seen = "; ".join(
-                f"rank {r}: " + ", ".join(f"{name} {v:.0f}" for name, v in zip(GUARD_FIELDS, row, strict=True))
-                for r, row in enumerate(rows)
-            )
-            raise ContextParallelMismatch(
-                "relcache: the processes of the context-parallel group disagree on this step, so their collectives "
-                "would not match (the same relcache configuration and enable() settings, the same pipeline call "
-                f"and the same inputs on every process are required): {seen}"
-            )
+        """Raise on every process where the rows differ, saying which fields differ and, for the configuration and
+        the context (sent as checksums), what this process had (found by review: checksums alone said nothing)."""
+        if all(row == rows[0] for row in rows):
+            return
+        differ = [name for i, name in enumerate(GUARD_FIELDS) if len({row[i] for row in rows}) > 1]
+        seen = "; ".join(
+            f"rank {r}: " + ", ".join(f"{name} {v:.0f}" for name, v in zip(GUARD_FIELDS, row, strict=True))
+            for r, row in enumerate(rows)
+        )
+        mine = []
+        if "config" in differ:
+            mine.append(f"its configuration and enable() settings {self._config_repr}")
+        if "context" in differ:
+            mine.append(f"call context {self._context!r}")
+        said = f" This process (rank {self.rank}) had " + " and ".join(mine) + "." if mine else ""
+        raise ContextParallelMismatch(
+            "relcache: the processes of the context-parallel group disagree on this step, so their collectives "
+            "would not match (the same relcache configuration and enable() settings, the same pipeline call "
+            f"and the same inputs on every process are required). They differ in {', '.join(differ)}.{said} "
+            f"Each rank's guard (config and context as checksums): {seen}"
+        )
 
 
 def context_parallel_group(model: nn.Module) -> Any:
