@@ -134,6 +134,14 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
         if not own:
             kinds = sorted({m.kind for m in chosen.cached_modules(expert)})
             raise ConfigError(f"no module of the kinds {config.modules} in {type(expert).__name__} (it has {kinds})")
+        inside = {id(sub) for sub in expert.modules()}
+        for m in own:  # found by review: another model's modules were accepted, cached nothing, and stats said saved
+            if id(m.module) not in inside:
+                raise ConfigError(
+                    f"cached module {m.name!r} ({type(m.module).__name__}) is not a submodule of the "
+                    f"{type(expert).__name__} being enabled, so it would never run under relcache: the adapter's "
+                    "blocks belong to another model (a CustomAdapter given another instance's list of blocks, e.g. "
+                    "before a deepcopy); give the blocks by name (blocks='blocks')")
         seen: dict[int, str] = {}
         for m in own:  # one module in two places would get two hooks (diffusers refuses) and one shared cache
             if id(m.module) in seen:
@@ -290,8 +298,10 @@ def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool |
     session = _session(obj)
     if session is not None:
         # a count no plan can take (a target_nfc above it) is refused now, not at the loop's first call (found by
-        # review)
-        session.config.schedule.check_num_steps(num_steps)
+        # review); under context parallelism at the first call, after every process has agreed on the count, so that
+        # one process refusing alone does not leave the others waiting in the step's collective (found by review)
+        if session.reducer is None:
+            session.config.schedule.check_num_steps(num_steps)
         session.generations.begin(num_steps, marked=True, timesteps=timesteps, by_loop=True)  # may be refused
         session.generations.loop_guidance = guidance
         for hook in session.step_hooks:

@@ -405,3 +405,65 @@ def test_a_model_writing_into_a_cached_output_is_refused_at_the_first_cached_ste
         assert len(sample(model)) == 10
     finally:
         relcache.disable(model)
+
+
+def test_an_adapter_holding_another_models_blocks_is_refused_at_enable(model):
+    """Found by review: an adapter given one instance's list of blocks, enabled on a copy (an EMA copy made after
+    it), was accepted, cached nothing, and ``stats`` reported cached steps."""
+    import copy
+
+    adapter = CustomAdapter(model.blocks, {"attn": "attn", "mlp": "mlp"}, timestep=1)
+    ema = copy.deepcopy(model)
+    with pytest.raises(ConfigError, match=r"cached module 'blocks.0.attn' \(SelfAttention\) is not a submodule of the "
+                                          r"TinyDiT being enabled"):
+        relcache.enable(ema, FORA(2), adapter=adapter)
+    assert not relcache.is_enabled(ema) and not relcache.is_enabled(model)
+    with relcache.cached(model, FORA(2), adapter=adapter):  # on the model it was made from, it runs
+        sample(model, steps=4)
+
+
+class _KeywordAttention(torch.nn.Module):
+    """Calls its attention by a keyword other than ``hidden_states``."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x=x)
+
+
+class _ByKeyword(torch.nn.Module):
+    def __init__(self, attn: torch.nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+def test_an_input_the_runtime_cannot_find_or_of_another_batch_is_refused_naming_the_module(model):
+    """Found by review: a module called by a keyword other than ``hidden_states`` failed with a bare TypeError naming
+    neither module nor ``input_of``; an ``input_of`` giving a tensor of another batch ran two full steps, then failed
+    in a broadcast error at the first cached step. Both now raise ``ConfigError`` at the first call, naming them."""
+    keyword = TinyDiT()
+    for block in keyword.blocks:
+        block.attn = _KeywordAttention(_ByKeyword(block.attn))
+    adapter = CustomAdapter("blocks", {"attn.inner": "attn", "mlp": "mlp"}, timestep=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the refused generation's step count
+        with relcache.cached(keyword, FORA(2), adapter=adapter):
+            with pytest.raises(ConfigError, match=r"cannot find the input of cached module 'blocks.0.attn.inner': no "
+                                                  r"positional argument and no hidden_states= \(keywords: \['x'\]\); "
+                                                  r"give the adapter an input_of"):
+                sample(keyword, steps=4)
+        with relcache.cached(keyword, FORA(2), adapter=CustomAdapter(
+                "blocks", {"attn.inner": "attn", "mlp": "mlp"}, timestep=1,
+                input_of={"attn.inner": lambda a, k: k["x"], "mlp": lambda a, k: a[0]})):
+            sample(keyword, steps=4)  # with input_of, it runs
+        other = CustomAdapter(**ADAPTER | {"input_of": lambda a, k: torch.zeros(3)})
+        for config in (FORA(2), RFC(threshold=0.1)):
+            with relcache.cached(model, config, adapter=other):
+                with pytest.raises(ConfigError, match=r"input 0 of cached module 'blocks.0.attn' has shape \(3,\), but "
+                                                      r"its output's leading axis \(the batch\) is 4"):
+                    sample(model, steps=4)

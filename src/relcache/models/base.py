@@ -26,6 +26,10 @@ from ..methods.config import MODULE_KINDS
 InputFn = Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
+class NoInputFound(TypeError):
+    """``first_tensor_input`` found no input (``CachedModule.inputs`` names the module)."""
+
+
 def first_tensor_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """The module's first positional argument, or its ``hidden_states`` keyword. Where that is a list of tensors (a
     transformer taking one latent tensor per sample, Z-Image), its first tensor: the runtime reads the device and
@@ -35,7 +39,7 @@ def first_tensor_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.T
     elif "hidden_states" in kwargs:
         found = kwargs["hidden_states"]
     else:
-        raise TypeError("cannot find the cached module's input: no positional argument and no hidden_states=")
+        raise NoInputFound(f"no positional argument and no hidden_states= (keywords: {sorted(kwargs)})")
     while isinstance(found, (list, tuple)) and found:  # Z-Image omni: a list of lists
         found = found[0]
     return found
@@ -58,7 +62,11 @@ class CachedModule:
 
     def inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """The module's inputs as the runtime reads them: a tuple, each with its batch axis."""
-        got = self.input_of(args, kwargs)
+        try:
+            got = self.input_of(args, kwargs)
+        except NoInputFound as err:  # found by review: a bare TypeError that named neither module nor remedy
+            raise ConfigError(f"cannot find the input of cached module {self.name!r}: {err}; give the adapter an "
+                              "input_of that returns it (CustomAdapter input_of=, docs/custom-models.md)") from None
         ins = got if isinstance(got, tuple) else (got,)
         for x in ins or (None,):  # found by review: a bare AttributeError ('shape', 'unsqueeze') named neither
             if not isinstance(x, torch.Tensor):

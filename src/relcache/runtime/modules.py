@@ -128,6 +128,19 @@ def _check_call(spec: CachedModule, idx: int, inputs: tuple[Any, ...], called: s
                           "input(s) (the adapter's input_of): give an index below that (CustomAdapter probe=)")
 
 
+def _check_batch(spec: CachedModule, shapes: tuple[tuple[int, ...], ...], outs: tuple[torch.Tensor, ...]) -> None:
+    """Refuse inputs whose leading axis is not the outputs' batch (the rows cut for CFG, and RFE's per-sample norms,
+    take it for one), naming the module: found by review, an ``input_of`` giving another tensor failed at the first
+    cached step in a broadcast error that named nothing."""
+    batch = tuple(outs[0].shape[:1])
+    for i, shape in enumerate(shapes):
+        if tuple(shape[:1]) != batch:
+            raise ConfigError(
+                f"input {i} of cached module {spec.name!r} has shape {tuple(shape)}, but its output's leading axis "
+                f"(the batch) is {batch[0] if batch else 'missing'}: the adapter's input_of must give the tensor(s) "
+                "the module reads, batch first (CustomAdapter input_of=, docs/custom-models.md)")
+
+
 class ModuleCalls:
     """``module_forward`` and what it needs, mixed into ``controller.Session``: it reads the session's ``config``,
     ``current`` context, ``cached_modules``, ``meter``, ``budget``, ``prober``, ``record_errors``, ``reducer``,
@@ -226,6 +239,8 @@ class ModuleCalls:
         for group in computing.groups:
             states = record.states.get(group.name)
             if states is None or len(states) != len(outs):
+                if eager:  # a first record of these shapes
+                    _check_batch(slot.spec, computing.shapes, outs)
                 reducer = {} if self.reducer is None else {"reducer": self.reducer}
                 states = [predictor.new_state(ctx.storage, **reducer) for _ in outs]
                 record.states[group.name] = states
