@@ -284,6 +284,34 @@ def test_split_cfg_without_guidance_leaves_cfg_cache_inert(config):
     assert (out == plain).all()
 
 
+def test_split_cfg_aligned_stores_deltas_only_where_both_calls_ran_full(monkeypatch):
+    """Aligned CFG-Cache promises true deltas: under split CFG with RCS, "cond" and "uncond" decide apart, and a delta
+    was stored at an "uncond" full step whose "cond" call was a forecast (steps 14, 16, 19, 25, 29 of Wan's 30 at
+    RFC NFC 12; found by review). Every stored delta now pairs two full calls."""
+    pytest.importorskip("transformers")
+    from families import wan_kwargs, wan_pipe
+
+    from relcache.runtime import cfg as cfg_runtime
+
+    stored = []
+    store = cfg_runtime.CFGState.store
+
+    def logged(self, *args, **kwargs):
+        stored.append((self.cond.step, bool(self.cond_progress.full)))
+        return store(self, *args, **kwargs)
+
+    monkeypatch.setattr(cfg_runtime.CFGState, "store", logged)
+    pipe = wan_pipe()
+    config = dataclasses.replace(RFC(target_nfc=12), cfg_cache=CFGCache(skip_full=True))
+    with relcache.cached(pipe, config):
+        pipe(num_inference_steps=30, generator=torch.Generator().manual_seed(0), output_type="latent", **wan_kwargs())
+        contexts = relcache.stats(pipe).contexts
+    full = {name: set(c.full_steps) for name, c in contexts.items()}
+    assert full["cond"] != full["uncond"]  # the two contexts decide apart here, or the case is vacuous
+    assert stored and all(cond_full for _, cond_full in stored), stored
+    assert all(step in full["cond"] and step in full["uncond"] for step, _ in stored)
+
+
 #: the CFG-Cache schedule FasterCache had by default before 2026-12-02 (window from 36 %, refreshes counted from the
 #: window's start, no forced full attention), which the hand counts below follow
 PAPER_CFG = {"cfg_window": (0.36, 1.0), "cfg_phase": "window", "cfg_refresh_full": False}

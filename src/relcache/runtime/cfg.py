@@ -242,7 +242,10 @@ class CFGRunner:
                 cond_full = cond is not None and (cond.full or not cond.decided)
                 routing.skip_call = (cfg.skip_full and paired and inside and state.usable(shape) and cond_full
                                      and not cfg.refresh_due(step, state.refreshed, num_steps))
-                routing.store = cfg.skip_full and paired and not routing.skip_call and inside
+                # a true delta needs both calls full: the "uncond" context's own full step (``_stores``) and the
+                # "cond" call's (found by review: with RCS deciding each context apart, deltas were taken from a
+                # forecast "cond" output)
+                routing.store = cfg.skip_full and paired and not routing.skip_call and inside and cond_full
             else:
                 routing.skip_call = paired and cfg.skips(step, num_steps) and state.usable(shape)
                 routing.store = paired and not routing.skip_call and cfg.stores(step, num_steps)
