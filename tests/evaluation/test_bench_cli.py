@@ -13,7 +13,7 @@ from relcache.cli import main
 from relcache.evaluation.analyze import analyze_trace, record_trace, save_analysis
 from relcache.evaluation.bench import FULL, BenchMethod, default_methods, interval_for, run_bench
 from relcache.evaluation.reference import sample_digits
-from relcache.methods import FORA, TaylorSeer
+from relcache.methods import FORA, FasterCache, TaylorSeer
 
 STEPS = 10
 
@@ -76,7 +76,10 @@ def test_default_methods_over_other_step_counts_give_each_budget_one_nfc():
     assert labels == ["FORA N=4", "TaylorSeer N=4 m=2", "RFE alone N=4 m=2", "RCS alone NFC=6 m=2", "RFC NFC=6 m=2",
                       "RFC NFC=6 m=2 + CFG-Cache", "FORA N=5", "TaylorSeer N=5 m=2", "RFE alone N=5 m=2",
                       "RCS alone NFC=5 m=2", "RFC NFC=5 m=2", "RFC NFC=5 m=2 + CFG-Cache",
-                      "FasterCache (defaults)"]
+                      "FasterCache (warmup 6 of 20 steps)"]
+    # FasterCache's warm-up scales with the steps (found by review: 15 full steps of warm-up of 20, NFC 18)
+    assert default_methods((14,), num_steps=20)[-1].config.schedule.warmup == 6
+    assert default_methods((14,))[-1].config == FasterCache()
 
 
 _IMPORTED_BY = os.getpid()  # a process forked from the fork server that imported this module sees the server's pid

@@ -112,3 +112,25 @@ def test_taylor_forecast_in_place_only_where_eager_without_autograd(order):
     assert [n for n in grad_ops.names if n.startswith("aten.addcmul")] == ["aten.addcmul.default"] * order
     assert [n for n in ops.names if n.startswith("aten.addcmul")] == ["aten.addcmul.default"] + ["aten.addcmul.out"] * (
         order - 1)
+
+
+def test_static_buffers_of_another_storage_are_dropped_with_the_base():
+    """A budget may choose another storage for the same shapes in a later generation: the buffers held for the old
+    one go, the base (order 0) too (found by review: the float base stayed beside the int8 one, compiled runs then
+    held more than ``max_cache_bytes``). Only the new storage's keys remain, of the new storage's sizes."""
+    from relcache.methods.history import DiffHistory, StaticCaches
+    from relcache.methods.storage import CacheStorage
+
+    static, gap = StaticCaches(), torch.ones(())
+    value = torch.randn(2, 8, 16)
+    for storage in (None, CacheStorage("int8", "int8", "int8"), None):
+        hist = DiffHistory(2, storage)
+        for step in range(3):
+            hist.update(value + step, None if step == 0 else gap)
+            static.hold_history("m", hist, value, gap)
+        scaled = storage is not None
+        for j in range(3):
+            assert (("m", j) in static.buffers) is not scaled, (storage, j)
+            assert ((("m", j), "data") in static.buffers) is scaled, (storage, j)
+        held = [k for k in static.buffers if k != ("m", "gap")]
+        assert len(held) == (6 if scaled else 3), held

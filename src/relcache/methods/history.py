@@ -394,7 +394,9 @@ class StaticCaches:
         if reserve:
             if key in self._reserved:  # made for another value or storage: a stored difference is kept under other
                 # keys (data and scale) than one held as computed, and the old ones would outlive it (found by review)
-                kinds = [((key, j), ((key, j), "data"), ((key, j), "scale")) for j in range(1, hist.max_order + 1)]
+                # every order, the base (order 0) too: it is put at its first hold, not reserved here (found by
+                # review: a budget's switch to int8 kept the float base beside the new one, over max_cache_bytes)
+                kinds = [((key, j), ((key, j), "data"), ((key, j), "scale")) for j in range(hist.max_order + 1)]
                 old = [k for keys in kinds for k in keys if k in self.buffers]
                 for k in old:
                     del self.buffers[k]
