@@ -312,6 +312,31 @@ def test_split_cfg_aligned_stores_deltas_only_where_both_calls_ran_full(monkeypa
     assert all(step in full["cond"] and step in full["uncond"] for step, _ in stored)
 
 
+def test_split_cfg_skips_spend_the_uncond_budget_instead_of_moving_it():
+    """Under split CFG an RFC budget holds per context; a skipped "uncond" call is neither full nor cached, and
+    spends one of that context's full steps, so it runs ``K - skipped`` full steps. It used to spend them later, at
+    steps where "cond" was cached: 12 full "uncond" steps at K = 12 beside its skips, and model FLOPs no lower than
+    without CFG-Cache (found by review)."""
+    pytest.importorskip("transformers")
+    from families import wan_kwargs, wan_pipe
+
+    pipe = wan_pipe()
+    for k in (12, 16):
+        fractions = []
+        for cfg in (CFGCache(skip_full=True), None):
+            with relcache.cached(pipe, dataclasses.replace(RFC(target_nfc=k), cfg_cache=cfg)):
+                pipe(num_inference_steps=30, generator=torch.Generator().manual_seed(0), output_type="latent",
+                     **wan_kwargs())
+                st = relcache.stats(pipe)
+            cond, uncond = st.contexts["cond"], st.contexts["uncond"]
+            fractions.append(st.flops_fraction)
+            assert len(cond.full_steps) == k
+            assert len(uncond.full_steps) + len(uncond.uncond_skipped_steps) == k
+            assert not set(uncond.full_steps) & set(uncond.uncond_skipped_steps)
+            assert (len(uncond.uncond_skipped_steps) > 0) is (cfg is not None)
+        assert fractions[0] < fractions[1] - 0.05, fractions
+
+
 #: the CFG-Cache schedule FasterCache had by default before 2026-12-02 (window from 36 %, refreshes counted from the
 #: window's start, no forced full attention), which the hand counts below follow
 PAPER_CFG = {"cfg_window": (0.36, 1.0), "cfg_phase": "window", "cfg_refresh_full": False}

@@ -44,6 +44,11 @@ class Schedule(ABC):
         """True when step ``step`` is full. ``probe`` is the first cached module's actual input; ``measured``, what
         ``measure`` returned for it (taken in compiled code), when given."""
 
+    def skipped(self, state: object, step: int) -> None:
+        """Step ``step`` of this context was answered without running it (a split "uncond" call that CFG-Cache
+        rebuilt from the "cond" call): neither full nor cached. Nothing to do for a schedule without a budget."""
+        return None
+
     @property
     def every_step_full(self) -> bool:
         """Whether every step is full whatever the input (nothing is ever cached): CFG-Cache alone."""
@@ -352,6 +357,15 @@ class InputError(Schedule):
         if full:
             self._record_full(state, step, probe)
         return full
+
+    def skipped(self, state: InputErrorState, step: int) -> None:
+        """A skipped step spends one of the budget's full steps, as the step the skip stands in for (a CFG batch's
+        half-batch step is one of its full steps): the context then runs fewer full steps than ``target_nfc``
+        instead of spending them later (found by review: split CFG with ``skip_full=True`` moved the "uncond"
+        context's budget to later steps, where "cond" was cached, and saved almost nothing). The probe's history
+        and the gap since the last full step are left as they are: nothing was computed."""
+        if self.target_nfc is not None:
+            state.used += 1
 
     def _budget_left(self, state: InputErrorState, step: int) -> tuple[int, int]:
         """(full steps left in the budget, steps left including this one)."""

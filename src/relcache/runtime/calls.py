@@ -115,6 +115,7 @@ class StepCalls:
         ctx.signatures.add(sig)
         self._compiled_call = compiled and not eager  # counted at its end: graphs count nothing
         if ctx.cfg.skip_call:  # a split "uncond" call rebuilt from "cond": no module runs, nothing to decide
+            self.config.schedule.skipped(ctx.schedule.memory, ctx.step)  # a budget counts it spent
             return eager
         groups = [(name, None) for name in ctx.cfg.group_names()]
         if ctx.schedule.decided:  # CFG-Cache's plan took the decision: the rows for the groups it settled
