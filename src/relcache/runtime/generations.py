@@ -129,6 +129,7 @@ class Generations:
         self._warned_short = False  # ``_check_steps`` warned of a call context that ran fewer steps (once)
         self._watched: list[_Watched] = []
         self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a MethodPatch of ours
+        self._from_pipeline = False  # the running call was made by a watched pipeline's method (``check_caller``)
 
     def begin(self, num_steps: int | None = None, *, marked: bool = False,
               timesteps: torch.Tensor | None = None, by_loop: bool = False) -> None:
@@ -189,6 +190,17 @@ class Generations:
         self._checked = True
         self.host.free_caches()
         self.ended = True
+
+    def call_raised(self) -> None:
+        """A transformer call raised. Made by a pipeline's method, the exception ends that pipeline call, whose end
+        (``maybe_free_model_hooks``) then never runs: the generation ends now, its caches freed, its stats kept
+        (found by review: an out-of-memory error left the caches held until the next generation or ``disable``,
+        just where a user retries). A hand-written loop may go on with its next step: its caches stay."""
+        if self._from_pipeline and not self.ended:
+            self._from_pipeline = False
+            self._checked = True  # no warning of steps not run: the exception says why
+            self.host.free_caches()
+            self.ended = True
 
     def _check_steps(self) -> None:
         """Warn once per generation when it ran another number of steps than announced (and ran any)."""
@@ -296,6 +308,7 @@ class Generations:
         review: a class's ``begin_generation(m, 10)`` became a generation of its scheduler's 1000 timesteps). Also
         reads whether the pipeline says it runs CFG (``guidance``)."""
         found = calling_pipeline(self.host.model, sys._getframe(1))
+        self._from_pipeline = found is not None
         if found is None:  # a hand-written loop, or a call from outside a pipeline method
             self.guidance = self.loop_guidance
             for watched in list(self._watched):

@@ -203,6 +203,7 @@ class StepHook(ModelHook):
         if checkpointing and torch.is_grad_enabled() and _records(module, args, kwargs):
             raise ConfigError(CHECKPOINTING_REASON)
         self._admit()  # refused while another thread is in a call, before anything is read or written
+        raised = False
         try:  # a start that raises ends the call too: nothing of it stays current
             compiled = _under_compile()
             name, step_index = self._context(args, kwargs)
@@ -220,12 +221,19 @@ class StepHook(ModelHook):
             return enter(self.host, forward, args, kwargs)
         except BaseException:
             self._uncontexted.forget()  # a call that raised: the next one (a retry) starts its step afresh
+            raised = True
             raise
         finally:
             try:
                 self._end()
+                if raised:  # after the call's end: a pipeline's call ends with it, and frees its caches
+                    self._raised()
             finally:
                 self._release()
+
+    @torch.compiler.disable
+    def _raised(self) -> None:
+        self.host.generations.call_raised()
 
     @torch.compiler.disable
     def _admit(self) -> None:
