@@ -426,3 +426,23 @@ def test_a_model_error_mid_forward_at_a_full_step_keeps_each_modules_record_step
     ran = {n for n in names if n.startswith("transformer_blocks.0.")}  # block 0 ran before the error
     assert ran and all(record[n] == 4 for n in ran), record
     assert all(record[n] == 1 for n in names if n not in ran), record
+
+
+def test_stats_report_the_buffers_held_between_generations():
+    """The stable-address buffers outlive a generation's end, which frees only the predictor states: ``stats``
+    reports their bytes in ``buffer_bytes`` (found by review: after a compiled pipeline call ``cache_bytes`` read 0
+    while the buffers held a generation's caches, and no field said so). Without them it reads 0; ``disable`` frees
+    them."""
+    for static in (False, True):
+        model = tiny_dit(layers=LAYERS)
+        relcache.enable(model, CONFIGS[next(iter(CONFIGS))])
+        session = _session(model)
+        _generations(model, static, n=1)
+        session.free_caches()  # a generation's end, as a pipeline call's
+        st = relcache.stats(model)
+        held = sum(b.numel() * b.element_size() for b in session.static.buffers.values())
+        assert st.cache_bytes == 0 and st.buffer_bytes == held
+        assert (held > 0) is static
+        assert ("MiB in compiled steps' buffers" in str(st)) is static
+        relcache.disable(model)
+        assert not session.static.buffers

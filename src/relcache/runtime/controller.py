@@ -388,7 +388,7 @@ class Session(StepCalls, ModuleCalls):
         unknown = self.meter.unknown or (None if counted else "no step has completed yet" if per else
                                          "no step has run yet")
         total = with_peaks(combine(self.config.label, per, cfg_bytes, kinds, unknown))
-        total = replace(total, peak_cache_bytes=total.peak_cache_bytes + self.cfg_peak)
+        total = replace(total, peak_cache_bytes=total.peak_cache_bytes + self.cfg_peak, buffer_bytes=self.static.nbytes)
         if self.experts is None:
             return total
         return replace(total, experts=self.experts.stats(self.config.label, self.contexts, per, kinds, names,

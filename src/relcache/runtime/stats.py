@@ -65,7 +65,10 @@ class CacheStats:
     module's name to its kind (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order.
     ``peak_cache_bytes`` is the most the caches held at the end of a call (a generation's caches are freed at its
     end, so ``cache_bytes`` then reads 0), the sum of the contexts' peaks; ``peak_cache_bytes_by_kind`` splits the
-    predictor states' part of it by module kind.
+    predictor states' part of it by module kind. ``buffer_bytes`` is what the buffers at stable addresses hold that
+    relcache keeps for compiled or captured steps (docs/spec.md, §Capture): they outlive the pipeline call, which
+    frees only the predictor states, so after a compiled call ``cache_bytes`` reads 0 while they still hold about a
+    generation's caches; ``disable`` frees them (found by review: nothing reported them).
 
     ``nonfinite_samples`` is the most samples whose RCS input error was NaN or infinite at one step (0: none; those
     samples are left out of the step's decision, see ``InputError``); each context's ``nonfinite_samples`` says at
@@ -92,6 +95,7 @@ class CacheStats:
     peak_cache_bytes: int = 0
     peak_cache_bytes_by_kind: dict[str, int] = field(default_factory=dict)
     experts: dict[str, CacheStats] = field(default_factory=dict)
+    buffer_bytes: int = 0
 
     def __str__(self) -> str:
         """A few lines for ``print(stats)``: the budget, the full steps, FLOPs and memory (``repr`` holds every
@@ -104,7 +108,9 @@ class CacheStats:
             lines.append(f"  FLOPs: unknown ({self.flops_unknown})")
         storage = sorted({c.cache_storage for c in self.contexts.values() if c.cache_storage})
         lines.append(f"  caches: peak {self.peak_cache_bytes / 2**20:.1f} MiB"
-                     + (f", held {', '.join(storage)}" if storage else "") + f", {len(self.modules)} cached modules")
+                     + (f", held {', '.join(storage)}" if storage else "") + f", {len(self.modules)} cached modules"
+                     + (f"; {self.buffer_bytes / 2**20:.1f} MiB in compiled steps' buffers" if self.buffer_bytes
+                        else ""))
         if self.uncond_skipped:
             lines.append(f"  CFG-Cache: {self.uncond_skipped} unconditional halves skipped")
         if self.nonfinite_samples:
