@@ -467,3 +467,27 @@ def test_an_input_the_runtime_cannot_find_or_of_another_batch_is_refused_naming_
                 with pytest.raises(ConfigError, match=r"input 0 of cached module 'blocks.0.attn' has shape \(3,\), but "
                                                       r"its output's leading axis \(the batch\) is 4"):
                     sample(model, steps=4)
+
+
+def test_a_split_cfg_loop_with_new_tensors_is_told_how_to_name_its_calls(model):
+    """A hand-written loop running CFG as two calls per step, each given a new latents tensor, is taken for twice the
+    steps of one context; the warning advised announcing more steps, which kept the two calls' caches mixed (found by
+    review). It now says how to tell the calls apart; with the same tensor the two are contexts of their own."""
+    def split_loop(clone: bool, steps: int = 6) -> None:
+        relcache.begin_generation(model, steps)
+        x, y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7])
+        with torch.no_grad():
+            for i in range(steps):
+                t = torch.full((2,), 999.0 - 150 * i)
+                cond = model(x, t, y)
+                uncond = model(x.clone() if clone else x, t, torch.full_like(y, 10))
+                x = x - 0.1 * (uncond + 4.0 * (cond - uncond))
+
+    with relcache.cached(model, RFC(target_nfc=4), adapter=CustomAdapter(**ADAPTER)):
+        with pytest.warns(RuntimeWarning, match=r"announced 6 steps .* but runs step 7(.|\n)*more than once per step "
+                                                r"\(CFG as two calls\) with a different latents tensor"):
+            split_loop(clone=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            split_loop(clone=False)
+        assert {name: c.nfc for name, c in relcache.stats(model).contexts.items()} == {"default": 4, "default.2": 4}

@@ -63,6 +63,15 @@ class GenerationHost(Protocol):
         matters to the schedule (a ``target_nfc`` budget)."""
 
 
+#: said where a loop may call the transformer twice per step with different latents (found by review: split CFG in a
+#: hand-written loop, each call's input a new tensor, was taken for twice the steps in one context, and announcing
+#: twice the steps, as the warning advised, kept the two calls' caches mixed)
+_SPLIT_HINT = (" If the loop calls the transformer more than once per step (CFG as two calls) with a different "
+               "latents tensor each time, each call is taken for a step of one context and their caches mix: give "
+               "the calls the same tensor, or name them with diffusers' model.cache_context(\"cond\") and "
+               "(\"uncond\") (docs/spec.md, \"Call context\"); do not announce more steps.")
+
+
 def checked_num_steps(num_steps: Any) -> int | None:
     """``num_steps`` as an int >= 1 (numpy and 0-d integer tensors too), or None; floats and bools are refused."""
     return None if num_steps is None else check_int("num_steps", num_steps, 1)
@@ -217,7 +226,8 @@ class Generations:
             f"relcache: a generation announced {announced} steps (by the scheduler or begin_generation) but ran "
             f"{run} ({full} of them full); its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
             f"{announced}. Announce the number of transformer calls per context the loop makes "
-            "(relcache.begin_generation(model, num_steps)), or ignore this for an interrupted generation.",
+            "(relcache.begin_generation(model, num_steps)), or ignore this for an interrupted generation."
+            + (_SPLIT_HINT if run % announced == 0 else ""),
             RuntimeWarning)
 
     def _check_contexts(self, run: int) -> None:
@@ -245,7 +255,7 @@ class Generations:
             f"relcache: a generation announced {self._announced} steps (by the scheduler or begin_generation) but "
             f"runs step {step + 1}; its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
             f"{self._announced}. Announce the number of transformer calls per context the loop makes "
-            "(relcache.begin_generation(model, num_steps)).",
+            f"(relcache.begin_generation(model, num_steps)).{_SPLIT_HINT}",
             RuntimeWarning)
 
     def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any], step_index: int | None = None
