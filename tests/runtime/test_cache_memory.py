@@ -444,3 +444,22 @@ def test_a_float64_budget_counts_the_float64_ratios():
         found[budget] = (st.contexts["default"].cache_storage, st.peak_cache_bytes)
     assert found[held] == ("as computed", held)
     assert found[held - 1][0] != "as computed" and found[held - 1][1] <= held - 1
+
+
+def test_a_predictor_that_keeps_its_caches_as_computed_is_refused_for_that_need():
+    """``RFCPlus(fit=True)`` (InputFit) has no smaller storage: a budget below its need named the int8 storage, which
+    it cannot use, and gave the as-computed bytes as that storage's (found by review). It now says the caches are kept
+    as computed, with their need; a budget above it runs as computed."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 7])
+    config = relcache.RFCPlus(threshold=0.3, fit=True)
+    model = tiny_dit()
+    with relcache.cached(model, config):
+        run_loop(model, x, y)
+        need = relcache.stats(model).peak_cache_bytes
+    with relcache.cached(model, dataclasses.replace(config, max_cache_bytes=need)):
+        run_loop(model, x, y)
+        assert relcache.stats(model).contexts["default"].cache_storage == "as computed"
+    with relcache.cached(model, dataclasses.replace(config, max_cache_bytes=need - 1)):
+        with pytest.raises(ConfigError, match=rf"InputFit keeps its caches as computed, which needs {need} bytes"):
+            run_loop(model, x, y)

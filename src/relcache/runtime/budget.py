@@ -111,14 +111,20 @@ def choose_storage(config: CacheConfig, shapes: ModuleShapes, held: int, pending
     expected later in the generation), fit ``config.max_cache_bytes``; a ConfigError naming the smallest need when
     none fits. ``compiled``: the context's calls run compiled (``cache_bytes``)."""
     budget = config.max_cache_bytes
+    as_computed = getattr(config.predictor, "computed_only", False)  # no other storage to fall back on
     needs = []
-    for storage in STORAGE_LADDER:
+    for storage in STORAGE_LADDER[:1] if as_computed else STORAGE_LADDER:
         need = cache_bytes(config, shapes, storage, compiled)
         if held + need * (1 + pending) <= budget:
             return storage, need
         needs.append(held + need * (1 + pending))
     others = f" with {held} bytes held by the generation's other call contexts" if held else ""
     others += f", counting {pending} more call context(s) like this one" if pending else ""
+    if as_computed:  # found by review: the refusal named an int8 storage this predictor cannot use
+        raise ConfigError(
+            f"max_cache_bytes={budget} is too small for {config.label} at these shapes{others}: "
+            f"{type(config.predictor).__name__} keeps its caches as computed, which needs {needs[0]} bytes "
+            f"({_readable(needs[0])}); raise max_cache_bytes or cache fewer modules (CacheConfig.modules)")
     raise ConfigError(
         f"max_cache_bytes={budget} is too small for {config.label} at these shapes{others}: the smallest storage "
         f"({STORAGE_LADDER[-1].label}) needs {needs[-1]} bytes ({_readable(needs[-1])}), caches as computed "
