@@ -838,3 +838,31 @@ def test_the_peak_counts_cfg_caches_deltas():
         relcache.disable(model)
     deltas = 2 * (4 * 8 * 8) * 8  # ΔLF and ΔHF: complex64 (8 bytes) spectra of one sample's 4x8x8 output
     assert st.peak_cache_bytes == max(seen) == sum(st.peak_cache_bytes_by_kind.values()) + deltas
+
+
+@pytest.mark.parametrize("uncond_first", [False, True])
+def test_a_loop_calling_uncond_before_cond_is_warned(uncond_first):
+    """CFG-Cache answers a step's "uncond" call from the "cond" call made before it: a loop calling "uncond" first
+    skips nothing, and FasterCache (refresh_full) then makes every step full, silently until found by review. Said
+    once; the loop in the other order is not warned and skips."""
+    from conftest import tiny_dit
+
+    dit = tiny_dit()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    order = ("uncond", "cond") if uncond_first else ("cond", "uncond")
+    with relcache.cached(dit, FasterCache(warmup=2)), warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        relcache.begin_generation(dit, 12)
+        for i in range(12):
+            for name in order:
+                _set_cache_context(dit, CacheContext(name))
+                label = torch.tensor([3 if name == "cond" else 1000])
+                dit(x, timestep=torch.full((1,), 900 - 70 * i), class_labels=label)
+            _set_cache_context(dit, None)
+        st = relcache.stats(dit)
+    said = [str(w.message) for w in seen if 'context "uncond" before "cond"' in str(w.message)]
+    assert len(said) == (1 if uncond_first else 0)
+    if uncond_first:
+        assert "makes every step full" in said[0] and st.uncond_skipped == 0 and st.nfc == 12
+    else:
+        assert st.uncond_skipped > 0 and st.nfc < 12

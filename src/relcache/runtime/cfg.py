@@ -120,6 +120,7 @@ class CFGState:
         self.stored = False
         self.cond_calls = 0  # the "cond" calls planned so far
         self.uncond_step: int | None = None  # the step of the latest "uncond" call planned (skipped or not)
+        self.uncond_first = 0  # steps whose "uncond" call came before their "cond" call
 
     def store(self, cfg: CFGCache, uncond: torch.Tensor, cond: torch.Tensor, shape: tuple[int, ...],
               grid: SpatialGrid | None = None, static: StaticCaches | None = None) -> None:
@@ -204,6 +205,7 @@ class CFGRunner:
         self.state = CFGState()
         #: the output fields besides the sample, once a call showed some: CFG-Cache is then off for good
         self.other_outputs: list[str] = []
+        self._warned_order = False  # a loop calling "uncond" before "cond" was warned of (once per enable)
 
     def reset(self) -> None:
         """Forget the stored deltas (a new generation, or the end of one)."""
@@ -236,6 +238,8 @@ class CFGRunner:
                 return
             state.uncond_step = step
             paired = state.cond is not None and state.cond == (step, shape) and state.cond_output is not None
+            if not paired and state.cond is not None and state.cond.step == step - 1:
+                self._check_order(state)
             inside = step in cfg.window_range(num_steps)
             if cfg.align:  # the "cond" call of this step has run: its decision is known
                 cond = state.cond_progress
@@ -361,6 +365,20 @@ class CFGRunner:
                      "the sample, and CFG-Cache rebuilds only the sample's unconditional half. No call is skipped from "
                      "now on: every call runs the method, each CFG half with a state of its own.")
         return len(self.other_outputs) > 0
+
+    def _check_order(self, state: CFGState) -> None:
+        """A step's "uncond" call came before its "cond" call: CFG-Cache pairs "uncond" with the "cond" call made
+        before it in the step, so it skips nothing. Said once per enable, at the second such step (found by review:
+        FasterCache, whose refresh_full forces every step that runs both calls full, silently became full
+        computation)."""
+        state.uncond_first += 1
+        if state.uncond_first < 2 or self._warned_order:
+            return
+        self._warned_order = True
+        forced = ", and its refresh_full (FasterCache's) makes every step full" if self.cfg.refresh_full else ""
+        warn('relcache: this loop calls the transformer in context "uncond" before "cond" at each step, so CFG-Cache, '
+             f'which answers a step\'s "uncond" call from the "cond" call made before it, skips nothing{forced}: '
+             'call "cond" first, then "uncond". Said once per enable.', RuntimeWarning)
 
     def _stores(self, ctx: Context) -> bool:
         """After a call that may store: whether it does (``align``: only a full step's outputs, true ones)."""
