@@ -106,7 +106,7 @@ def enable(obj: Any, config: CacheConfig, *, adapter: Adapter | None = None, rec
     model, pipeline = _resolve(obj)
     existing = _session(model)
     if existing is not None:
-        _attach_shared(existing, model, pipeline, config, adapter, record_errors)
+        _attach_shared(existing, model, pipeline, config, adapter, record_errors, count_flops, batch_modulation)
         return
     chosen = find_adapter(model, adapter)
     if batch_modulation and chosen.modulation(model) is None:
@@ -184,7 +184,7 @@ def _experts(adapter: Adapter, model: nn.Module, pipeline: Any) -> list[tuple[st
 
 
 def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: CacheConfig, adapter: Adapter | None,
-                   record_errors: bool) -> None:
+                   record_errors: bool, count_flops: bool = True, batch_modulation: bool = False) -> None:
     """``enable`` on a pipeline whose transformer is already enabled through another pipeline: (choice) with the
     same settings the pipeline is attached (its scheduler and the end of its calls mark its generations); with other
     settings, or a second ``enable`` of the same object, it is refused, because one transformer has one cache."""
@@ -198,12 +198,15 @@ def _attach_shared(session: Session, model: nn.Module, pipeline: Any, config: Ca
             "its transformer alone, without transformer_2); call relcache.disable first, then enable the pipeline"
         )
     same_adapter = adapter is None or type(adapter) is type(session.adapter)
-    if config != session.config or record_errors != session.record_errors or not same_adapter:
+    # found by review: another count_flops or batch_modulation was accepted and ignored (the session's own served)
+    if (config != session.config or record_errors != session.record_errors or not same_adapter
+            or count_flops != session.count_flops or batch_modulation != session.batch_modulation):
         raise AlreadyEnabledError(
-            f"this pipeline's {name} is shared with another pipeline and already enabled with "
-            f"{session.config.label} (record_errors={session.record_errors}, adapter "
-            f"{type(session.adapter).__name__}); a shared transformer has one cache config: enable this pipeline "
-            "with the same settings to attach it, or call relcache.disable first"
+            f"this pipeline's {name} is already enabled (by another pipeline sharing it, or on its own) with "
+            f"{session.config.label} (record_errors={session.record_errors}, count_flops={session.count_flops}, "
+            f"batch_modulation={session.batch_modulation}, adapter {type(session.adapter).__name__}); a shared "
+            "transformer has one cache config: enable this pipeline with the same settings to attach it, or call "
+            "relcache.disable first"
         )
     session.generations.watch(pipeline)
 
@@ -235,10 +238,13 @@ def disable(obj: Any) -> None:
 
 
 def _turn_off(session: Session) -> None:
-    """Detach ``session`` and forget it on every transformer it serves."""
-    session.detach()
-    for expert in [session.model] if session.experts is None else [e.model for e in session.experts.experts]:
-        vars(expert).pop(_ATTR, None)
+    """Detach ``session`` and forget it on every transformer it serves (also where the detach ends by raising: a
+    batch-modulation mismatch is found only there, ``ModulationMismatch``)."""
+    try:
+        session.detach()
+    finally:
+        for expert in [session.model] if session.experts is None else [e.model for e in session.experts.experts]:
+            vars(expert).pop(_ATTR, None)
 
 
 def is_enabled(obj: Any) -> bool:
@@ -283,7 +289,12 @@ def begin_generation(obj: Any, num_steps: int | None = None, *, guidance: bool |
     """
     if timesteps is not None:
         try:
-            timesteps = torch.as_tensor(timesteps)
+            try:
+                timesteps = torch.as_tensor(timesteps)
+            except ValueError:  # a numpy view with negative strides (np.flip, [::-1]), which torch refuses (review)
+                if not callable(getattr(timesteps, "copy", None)):
+                    raise
+                timesteps = torch.as_tensor(timesteps.copy())
         except (TypeError, ValueError, RuntimeError) as e:
             raise ConfigError(f"timesteps must be a 1-D sequence of numbers or a 1-D tensor, got {timesteps!r}") from e
         if timesteps.ndim != 1 or not len(timesteps) or timesteps.is_complex() or timesteps.dtype == torch.bool:

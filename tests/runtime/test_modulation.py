@@ -239,6 +239,48 @@ def test_on_an_accelerator_a_mismatch_is_found_at_the_generations_end():
         relcache.disable(model)
 
 
+def test_on_an_accelerator_a_loop_ended_by_disable_is_checked_too():
+    """``disable`` ends a hand-written loop's generation: a mismatch found lazily (on an accelerator) raises there, and
+    the model is disabled all the same (found by review: such a loop, ended by ``disable`` or by leaving
+    ``cached()``, was never checked, and its wrong images came without an error)."""
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    _loop(model, TS, LABELS, steps=2)
+    table = _session(model).modulation.tables["default"]
+    table.lazy, table.mismatch = True, torch.zeros((), dtype=torch.bool)  # as on a GPU
+    assert table.matches(2, torch.full((2,), TS[2] + 1), (LABELS,), torch.float32)  # served, checked later
+    with pytest.raises(ModulationMismatch, match="announced"):
+        relcache.disable(model)
+    assert not relcache.is_enabled(model)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["cpu", "accelerator"])
+def test_inference_conditioning_changed_in_place_is_not_served(lazy):
+    """An inference tensor has no version counter: labels created under ``torch.inference_mode`` and changed in place
+    mid-generation kept the old labels' rows (found by review). They are compared by value now: on the CPU the call
+    computes its projections, on an accelerator the generation's end raises."""
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        with torch.inference_mode():
+            labels = LABELS.clone()
+            x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            relcache.begin_generation(model, timesteps=TS)
+            model(x, timestep=torch.full((2,), TS[0]), class_labels=labels)
+            table = _session(model).modulation.tables["default"]
+            if lazy:
+                table.lazy, table.mismatch = True, torch.zeros((), dtype=torch.bool)  # as on a GPU
+            assert table.matches(1, torch.full((2,), TS[1]), (labels,), torch.float32)
+            labels[0] = 5
+            assert table.matches(2, torch.full((2,), TS[2]), (labels,), torch.float32) is lazy
+            if lazy:
+                with pytest.raises(ModulationMismatch, match="changed in place"):
+                    table.check()
+                table.mismatch.zero_()  # said: the disable below ends the generation without raising again
+    finally:
+        relcache.disable(model)
+
+
 def test_a_pipeline_announces_its_schedulers_timesteps():
     pipe = dit_pipe()
     pipe.scheduler.set_timesteps(STEPS)  # warm the pipeline: the same calls below
@@ -336,5 +378,63 @@ def test_bad_arguments_are_refused_before_any_work():
             relcache.begin_generation(model, 3, timesteps=[3, 2])
         with pytest.raises(ConfigError, match="timesteps must be"):
             relcache.begin_generation(model, timesteps="abc")
+    finally:
+        relcache.disable(model)
+
+
+def test_a_model_in_training_mode_builds_no_table_and_the_tables_are_reported():
+    """A model left in training mode (built from a config, no ``.eval()``): building the table ran the label dropout
+    over every row, drawing from the random generator, so the outputs differed from the run without the option
+    (found by review). No table is built then. In eval mode the tables are counted in ``stats().buffer_bytes``
+    (T x batch x width per projection; they were reported nowhere)."""
+    outs, tables = [], []
+    for bm in (False, True):
+        model = tiny_dit(layers=LAYERS).train()
+        relcache.enable(model, FORA(1, 1), batch_modulation=bm)
+        torch.manual_seed(123)
+        outs.append(_loop(model, TS, LABELS))
+        tables.append(dict(_session(model).modulation.tables) if bm else {})
+        relcache.disable(model)
+    assert tables[1] == {} and all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS)
+        table = _session(model).modulation.tables["default"]
+        want = sum(t.numel() * t.element_size() for t in (*table.rows, table.timesteps))
+        assert table.rows[0].shape[:2] == (STEPS, 2)
+        assert relcache.stats(model).buffer_bytes == want
+    finally:
+        relcache.disable(model)
+
+
+def test_a_second_enable_with_another_batch_modulation_is_refused():
+    """A pipeline sharing an enabled transformer, enabled with another ``batch_modulation`` (or ``count_flops``), was
+    accepted and ran with the first enable's (found by review)."""
+    from diffusers import DiTPipeline
+
+    pipe = dit_pipe()
+    other = DiTPipeline(**pipe.components)
+    relcache.enable(pipe, FORA(2))
+    try:
+        with pytest.raises(relcache.AlreadyEnabledError, match="batch_modulation=False"):
+            relcache.enable(other, FORA(2), batch_modulation=True)
+        with pytest.raises(relcache.AlreadyEnabledError, match="count_flops=True"):
+            relcache.enable(other, FORA(2), count_flops=False)
+        relcache.enable(other, FORA(2))  # the same settings attach it
+    finally:
+        relcache.disable(pipe)
+
+
+def test_numpy_timesteps_with_negative_strides_are_taken():
+    """``np.arange(...)[::-1]`` and ``np.flip`` (how DDIM-like schedules are written) were refused as "not a 1-D
+    sequence of numbers": torch takes no negative strides (found by review). They are copied now."""
+    import numpy as np
+
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        _loop(model, TS, LABELS, announced=np.array(TS[::-1])[::-1])
+        assert _served(model) == (STEPS - 1) * PROJECTIONS
     finally:
         relcache.disable(model)

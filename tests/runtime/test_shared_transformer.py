@@ -116,9 +116,10 @@ def test_enable_on_a_pipeline_sharing_an_enabled_transformer():
     a = dit_pipe()
     b = _second(a)
     relcache.enable(a, FORA(4))
-    with pytest.raises(relcache.AlreadyEnabledError, match="shared with another pipeline.*same settings"):
+    with pytest.raises(relcache.AlreadyEnabledError,
+                       match="already enabled .by another pipeline sharing it, or on its own.*same settings"):
         relcache.enable(b, FORA(3))
-    with pytest.raises(relcache.AlreadyEnabledError, match="shared with another pipeline"):
+    with pytest.raises(relcache.AlreadyEnabledError, match="by another pipeline sharing it, or on its own"):
         relcache.enable(b, FORA(4), record_errors=True)
     with pytest.raises(relcache.AlreadyEnabledError, match="already enabled on this DiTTransformer2DModel"):
         relcache.enable(a, FORA(4))

@@ -49,6 +49,7 @@ class Session(StepCalls, ModuleCalls):
         self.cached_modules = list(modules)  # a replaced module is followed (``_follow_replaced_modules``)
         self.adapter = adapter
         self.record_errors = record_errors
+        self.count_flops, self.batch_modulation = count_flops, batch_modulation  # as given (a second enable compares)
         self.meter = FlopMeter(count_flops)
         self.generations = Generations(self, adapter)
         self.contexts: dict[str, Context] = {}
@@ -161,8 +162,8 @@ class Session(StepCalls, ModuleCalls):
             step_hook.release()
         self.step_hooks = []
         self.prober, self.probing = Prober(), None
-        if self.modulation is not None:  # the removed hooks still refer to it: its tables go now
-            self.modulation.release()
+        # the removed hooks still refer to it: its tables go now, the running generation's checked last
+        unchecked = self.modulation.release() if self.modulation is not None else []
         self.modulation = None
         for group in self.shared:
             group.new_generation()
@@ -171,6 +172,8 @@ class Session(StepCalls, ModuleCalls):
                 part.reset()
         if compiled:
             gc.collect()
+        for table in unchecked:  # disable ends the generation: a lazily found mismatch raises (ModulationMismatch)
+            table.check()
 
     def _roots(self) -> list[tuple[nn.Module, Attachment]]:
         """Each transformer the session serves (one, or the experts in order) and its hooks."""
@@ -388,7 +391,8 @@ class Session(StepCalls, ModuleCalls):
         unknown = self.meter.unknown or (None if counted else "no step has completed yet" if per else
                                          "no step has run yet")
         total = with_peaks(combine(self.config.label, per, cfg_bytes, kinds, unknown))
-        total = replace(total, peak_cache_bytes=total.peak_cache_bytes + self.cfg_peak, buffer_bytes=self.static.nbytes)
+        held = self.static.nbytes + (self.modulation.nbytes if self.modulation is not None else 0)
+        total = replace(total, peak_cache_bytes=total.peak_cache_bytes + self.cfg_peak, buffer_bytes=held)
         if self.experts is None:
             return total
         return replace(total, experts=self.experts.stats(self.config.label, self.contexts, per, kinds, names,

@@ -11,8 +11,8 @@ generation computes every step's projection in one batched product and each step
 ``T·B`` rows may round differently from ``T`` products of ``B`` rows), not bit-identical. It applies only where it
 cannot change what a step computes:
 
-* only with autograd off, the projection in eval mode, not in the call whose FLOPs relcache measures (it computes
-  everything) and not in a fake-tensor run;
+* only with autograd off, the projections and their sources in eval mode, not in the call whose FLOPs relcache
+  measures (it computes everything) and not in a fake-tensor run;
 * only at a call whose step is one of the announced timesteps' and whose conditioning tensors are the table's (the
   same objects, not modified in place, or equal values) and whose rows have the table's shape: a half-batch
   CFG-Cache call, a resized batch or a changed label computes the projection as usual, and so does every call whose
@@ -51,7 +51,7 @@ class ModulationHost(Protocol):
 def _same(a: torch.Tensor, b: torch.Tensor, version: int) -> bool:
     """``a`` is the table's conditioning tensor ``b`` (the same object at the same version) or equal to it."""
     if a is b:  # the table's own tensor: changed in place since means the table is stale (it is equal to itself)
-        return a.is_inference() or a._version == version
+        return a._version == version  # (an inference tensor has none: ``ModulationTable.matches`` compares values)
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
@@ -80,10 +80,19 @@ class ModulationTable:
         """A new generation's conditioning; its comparisons start afresh."""
         self.conditioning = conditioning
         self.versions = [-1 if c.is_inference() else c._version for c in conditioning]
+        # an inference tensor has no version counter: a copy, to compare by value (found by review: labels changed in
+        # place under torch.inference_mode kept the old labels' rows)
+        self.copies = [c.clone() if c.is_inference() else None for c in conditioning]
         # on the CPU, the announced timesteps as host numbers too: a call's comparison then launches no operator
         self.host_timesteps = None if self.lazy else self.timesteps.tolist()
         if self.mismatch is not None:
             self.mismatch.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the table's rows, timesteps and conditioning copies."""
+        held = [*self.rows, self.timesteps, *(c for c in self.copies if c is not None)]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def matches(self, step: int, timestep: Any, conditioning: tuple[torch.Tensor, ...],
                 latents_dtype: torch.dtype) -> bool:
@@ -94,8 +103,14 @@ class ModulationTable:
         if (not 0 <= step < self.timesteps.shape[0] or len(conditioning) != len(self.conditioning)
                 or latents_dtype != self.latents_dtype):
             return False
-        if not all(_same(a, b, v) for a, b, v in zip(conditioning, self.conditioning, self.versions, strict=True)):
-            return False
+        for a, b, v, kept in zip(conditioning, self.conditioning, self.versions, self.copies, strict=True):
+            if a is b and kept is not None:  # the table's own inference tensor: its values against the copy
+                if self.lazy:  # as the timestep on an accelerator: no host wait, found at the generation's end
+                    self.mismatch |= (a != kept).any()
+                elif not torch.equal(a, kept):
+                    return False
+            elif not _same(a, b, v):
+                return False
         if not self.lazy and self.host_timesteps is not None and _host_comparable(timestep, self.timesteps.dtype):
             ref = self.host_timesteps[step]  # the same comparison in the same dtype, on host numbers
             got = timestep.tolist()
@@ -115,9 +130,11 @@ class ModulationTable:
         """At the generation's end: raise if a step served lazily (on an accelerator) had another timestep."""
         if self.mismatch is not None and bool(self.mismatch):
             raise ModulationMismatch(
-                "relcache: batch_modulation served a step whose timestep was not the announced one, so that "
+                "relcache: batch_modulation served a step whose timestep was not the announced one, or whose "
+                "conditioning (an inference tensor) was changed in place since the generation's first call, so that "
                 "generation's output used another step's modulation. Announce the timesteps the loop passes "
-                "(relcache.begin_generation(model, num_steps, timesteps=...)) or enable without batch_modulation."
+                "(relcache.begin_generation(model, num_steps, timesteps=...)), pass changed conditioning as a new "
+                "tensor, or enable without batch_modulation."
             )
 
 
@@ -138,7 +155,7 @@ class Modulations:
         """A call of ``context`` at ``step`` of a generation announcing ``timesteps`` (None: unknown), whose latents
         are of ``latents_dtype``, starts."""
         self.active = None
-        if timesteps is None or torch.is_grad_enabled():
+        if timesteps is None or torch.is_grad_enabled() or self._training():
             return
         timestep = self.spec.timestep(args, kwargs)
         if not isinstance(timestep, torch.Tensor):
@@ -180,6 +197,12 @@ class Modulations:
     def end_call(self) -> None:
         self.active = None
 
+    def _training(self) -> bool:
+        """Whether a projection or source is in training mode: its dropout (DiT's label dropout) would draw from the
+        random generator for every row of a table, and the steps' own calls would draw other numbers (found by
+        review: a model left in training mode gave other outputs with the option on)."""
+        return any(m.training for m in (*self.spec.projections, *self.spec.sources))
+
     def new_generation(self, check: bool = True) -> None:
         """Check the finished generation's deferred comparisons (unless not ``check``: a rehearsed first call, whose
         rerun compares its step again), then drop its tables."""
@@ -188,10 +211,19 @@ class Modulations:
         for table in tables.values() if check else ():
             table.check()
 
-    def release(self) -> None:
-        """Drop every table, unchecked (``disable``): the removed hooks still refer to this object until the cycle
-        collector runs, and its tables (every step's projections) with it."""
+    def release(self) -> list[ModulationTable]:
+        """Drop every table (``disable``): the removed hooks still refer to this object until the cycle collector
+        runs, and its tables (every step's projections) with it. Returns the running generation's, for the caller to
+        check once it is done (``disable`` ends that generation: a hand-written loop's mismatch on an accelerator
+        was never reported when the loop ended with ``disable``; found by review)."""
+        running = list(self.tables.values())
         self.tables, self.spare, self.active = {}, {}, None
+        return running
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tables held (this generation's and the spare ones kept to be refilled in place)."""
+        return sum(t.nbytes for t in (*self.tables.values(), *self.spare.values()))
 
     def row(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Projection ``index``'s output at the running step, or None when it must be computed."""

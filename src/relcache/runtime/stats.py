@@ -65,10 +65,11 @@ class CacheStats:
     module's name to its kind (``"attn"``, ``"cross_attn"`` or ``"mlp"``), in execution order.
     ``peak_cache_bytes`` is the most the caches held at the end of a call (a generation's caches are freed at its
     end, so ``cache_bytes`` then reads 0), the sum of the contexts' peaks; ``peak_cache_bytes_by_kind`` splits the
-    predictor states' part of it by module kind. ``buffer_bytes`` is what the buffers at stable addresses hold that
-    relcache keeps for compiled or captured steps (docs/spec.md, §Capture): they outlive the pipeline call, which
-    frees only the predictor states, so after a compiled call ``cache_bytes`` reads 0 while they still hold about a
-    generation's caches; ``disable`` frees them (found by review: nothing reported them).
+    predictor states' part of it by module kind. ``buffer_bytes`` is what relcache keeps between generations beside
+    them: the buffers at stable addresses of compiled or captured steps (docs/spec.md, §Capture), which hold about a
+    generation's caches after a compiled call, where ``cache_bytes`` reads 0, and batch modulation's tables (every
+    step's adaLN projections, kept to be refilled in place); ``disable`` frees them (found by review: nothing
+    reported them).
 
     ``nonfinite_samples`` is the most samples whose RCS input error was NaN or infinite at one step (0: none; those
     samples are left out of the step's decision, see ``InputError``); each context's ``nonfinite_samples`` says at
@@ -109,7 +110,7 @@ class CacheStats:
         storage = sorted({c.cache_storage for c in self.contexts.values() if c.cache_storage})
         lines.append(f"  caches: peak {self.peak_cache_bytes / 2**20:.1f} MiB"
                      + (f", held {', '.join(storage)}" if storage else "") + f", {len(self.modules)} cached modules"
-                     + (f"; {self.buffer_bytes / 2**20:.1f} MiB in compiled steps' buffers" if self.buffer_bytes
+                     + (f"; {self.buffer_bytes / 2**20:.1f} MiB kept between generations" if self.buffer_bytes
                         else ""))
         if self.uncond_skipped:
             lines.append(f"  CFG-Cache: {self.uncond_skipped} unconditional halves skipped")
