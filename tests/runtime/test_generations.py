@@ -55,6 +55,27 @@ def test_a_deep_copy_of_a_patched_scheduler_gets_the_plain_method_bound_to_the_c
         assert getattr(method, "__func__", None) is DDIMScheduler.set_timesteps
 
 
+@pytest.mark.parametrize("how", ["copy", "pickle"])
+def test_a_shallow_copy_of_a_patched_scheduler_is_a_plain_scheduler_of_its_own(how):
+    """A shallow copy (or a pickled one) of a watched scheduler shared relcache's wrapper, which acts on the original:
+    the copy's ``set_timesteps`` set the original's timesteps and left the copy's alone, also after ``disable``
+    (found by review). The copy now gets the class's method; the original stays watched, and plain after
+    ``disable`` (no wrapper, no ``__getstate__`` of relcache's left in its ``__dict__``)."""
+    import pickle
+
+    pipe = dit_pipe()
+    before = dict(vars(pipe.scheduler))
+    with relcache.cached(pipe, TaylorSeer(2)):
+        twin = copy.copy(pipe.scheduler) if how == "copy" else pickle.loads(pickle.dumps(pipe.scheduler))
+        assert "set_timesteps" not in vars(twin) and "__getstate__" not in vars(twin)
+        pipe.scheduler.set_timesteps(3)
+        twin.set_timesteps(9)
+        assert len(pipe.scheduler.timesteps) == 3 and len(twin.timesteps) == 9
+        assert "set_timesteps" in vars(pipe.scheduler)  # still watched
+    assert vars(pipe.scheduler).keys() == before.keys() | {"timesteps", "num_inference_steps"}
+    assert "__getstate__" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)
+
+
 # -- when a generation starts -----------------------------------------------------------------------
 def test_after_a_pipeline_call_a_bare_loop_with_rising_timesteps_stays_one_generation():
     """Guards ``begin``'s ``marked = marked or ...`` (mutant: a generation the runtime notices unmarks, so the

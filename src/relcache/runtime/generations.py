@@ -403,7 +403,7 @@ class Generations:
         """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``unwatch`` unlinks the wrapper."""
         if not callable(getattr(obj, name, None)):
             return
-        setattr(obj, name, MethodPatch(obj, name, after, self))
+        MethodPatch.set_on(obj, name, after, self)
         self._patches.append((weakref.ref(obj), name))
 
     def _unpatch(self, obj: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,13 @@ class MethodPatch:
         return copy.deepcopy(self.next, memo)
 
     @staticmethod
+    def set_on(obj: Any, name: str, after: Callable[[Any], None], owner: object) -> None:
+        """Wrap ``obj.name`` with ``owner``'s wrapper, and keep copies of ``obj`` plain (``_StateWithoutPatches``)."""
+        setattr(obj, name, MethodPatch(obj, name, after, owner))
+        if not isinstance(vars(obj).get("__getstate__"), _StateWithoutPatches):
+            vars(obj)["__getstate__"] = _StateWithoutPatches(obj, vars(obj).get("__getstate__"))
+
+    @staticmethod
     def unlink(obj: Any, name: str, owner: object) -> None:
         """Remove ``owner``'s wrapper from ``obj.name``'s chain; the method is as before once no wrapper is left."""
         prev, cur = None, vars(obj).get(name)
@@ -53,5 +61,28 @@ class MethodPatch:
                     setattr(obj, name, cur.next)
                 else:
                     vars(obj).pop(name, None)
-                return
+                break
             prev, cur = cur, cur.next
+        state = vars(obj).get("__getstate__")
+        if isinstance(state, _StateWithoutPatches) and not any(isinstance(v, MethodPatch) for v in vars(obj).values()):
+            if state.had is None:
+                del vars(obj)["__getstate__"]
+            else:
+                vars(obj)["__getstate__"] = state.had
+
+
+class _StateWithoutPatches:
+    """``obj.__getstate__`` while a wrapper of ours sits on ``obj``: ``copy.copy``, ``copy.deepcopy`` and ``pickle``
+    read an object's state through it, so a copy gets the plain methods, not wrappers acting on the original (found
+    by review: a shallow copy of a watched scheduler set the original's timesteps, even after ``disable``)."""
+
+    def __init__(self, obj: Any, had: Any) -> None:
+        self._obj = weakref.ref(obj)
+        self.had = had  # an instance attribute of that name that was there before (rare)
+
+    def __call__(self) -> Any:
+        obj = self._obj()
+        state = self.had() if self.had is not None else type(obj).__getstate__(obj)
+        if not isinstance(state, dict):
+            return state
+        return {k: v for k, v in state.items() if not isinstance(v, (MethodPatch, _StateWithoutPatches))}
