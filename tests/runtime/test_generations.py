@@ -284,3 +284,23 @@ def test_a_shared_scheduler_keeps_announcing_for_the_pipeline_still_using_it(how
             a([1, 2], num_inference_steps=6, output_type="latent")
         st = relcache.stats(a)
     assert st.num_steps == 6 and st.nfc == 3
+
+
+@pytest.mark.parametrize("config", [relcache.RFC(target_nfc=4), relcache.FasterCache(warmup=2)],
+                         ids=["target_nfc", "CFG-Cache"])
+def test_a_warm_up_call_outside_the_enabled_pipeline_is_refused_with_advice_that_fits(config):
+    """A direct ``pipe.transformer(...)`` call (a warm-up) on a pipeline enabled with a schedule that needs the step
+    count was refused with "enable caching on the pipeline", which the user had done (found by review). The refusal
+    now says the call came from outside the pipeline's calls; a call from a hand-written loop on a bare transformer
+    keeps the plain advice."""
+    pipe = dit_pipe()
+    x, y = dit_inputs()[0][:1].repeat(2, 1, 1, 1), torch.tensor([3, 1000])  # a CFG batch, as the pipeline's
+    with relcache.cached(pipe, config), torch.no_grad():
+        with pytest.raises(relcache.ConfigError, match="needs the number of steps.*came from outside the enabled "
+                                                       "pipeline's calls .a warm-up call of pipe.transformer"):
+            pipe.transformer(x, timestep=torch.full((2,), 999), class_labels=y)
+        pipe([1, 7], num_inference_steps=6, output_type="latent")  # the pipeline itself runs
+    with relcache.cached(pipe.transformer, config), torch.no_grad():
+        with pytest.raises(relcache.ConfigError, match="needs the number of steps") as raised:
+            pipe.transformer(x, timestep=torch.full((2,), 999), class_labels=y)
+        assert "came from outside" not in str(raised.value)

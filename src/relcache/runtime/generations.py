@@ -200,6 +200,16 @@ class Generations:
         self.host.free_caches()
         self.ended = True
 
+    def outside_note(self) -> str:
+        """For a refusal of a call without a step count: where the call came from outside the calls of the pipeline
+        ``enable`` was given (a warm-up call of ``pipe.transformer``), what to do instead (found by review: the
+        refusal advised enabling on the pipeline, which the user had done, or ``begin_generation``, whose count then
+        did not match the next pipeline call's)."""
+        if self.num_steps is not None or self._from_pipeline or not self.explicit_pipelines():
+            return ""
+        return (". This call came from outside the enabled pipeline's calls (a warm-up call of pipe.transformer?): "
+                "warm up before relcache.enable, or through the pipeline itself")
+
     def call_raised(self) -> None:
         """A transformer call raised. Made by a pipeline's method, the exception ends that pipeline call, whose end
         (``maybe_free_model_hooks``) then never runs: the generation ends now, its caches freed, its stats kept
