@@ -85,6 +85,10 @@ def test_bad_input_is_refused_before_loading(tmp_path, capsys, no_load, flux_dir
     (tmp_path / "wan").mkdir()
     (tmp_path / "wan" / "model_index.json").write_text(json.dumps(
         {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}))
+    (tmp_path / "wan22").mkdir()  # two experts: the CLI would cache the first only (found by review)
+    (tmp_path / "wan22" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+         "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
@@ -93,6 +97,8 @@ def test_bad_input_is_refused_before_loading(tmp_path, capsys, no_load, flux_dir
     cases = [
         (["--model", str(tmp_path / "unet")], "holds a StableDiffusionPipeline with no transformer; supported "
          "families: dit, pixart, sd3, flux, wan, cogvideox, hunyuan_video, latte"),
+        (["--model", str(tmp_path / "wan22")], "holds a WanPipeline with two transformers (transformer and "
+         "transformer_2, experts as in Wan 2.2): the command caches the bare transformer"),
         (["--model", str(flux_dir), "--prompts", str(tmp_path / "none.txt")],
          "argument --prompts: must be a text file with one prompt a line; "),
         (["--model", str(flux_dir), "--prompts", str(tmp_path / "empty.txt")], "holds no prompt (one a line)"),

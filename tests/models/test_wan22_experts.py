@@ -385,3 +385,27 @@ def test_a_deeper_second_expert_stays_within_max_cache_bytes():
             assert got.peak_cache_bytes <= budget
             storages = {ctx.cache_storage for ctx in got.contexts.values()}
             assert storages == {"as computed"} if budget == peak else len(storages) > 1
+
+
+def test_one_expert_enabled_alone_counts_its_first_step_full():
+    """``transformer_2`` enabled on its own first runs at the pipeline's step 4 of 8, after FORA's warm-up: nothing
+    recorded yet, so every module computed there, yet the step was counted cached (found by review: full steps
+    [6] and NFC 1 while the modules ran at 4 and 6). It is counted full now, and each context's full steps are the
+    steps its modules ran."""
+    pipe = wan22_pipe()
+    ran: list[int] = []
+    step = [0]
+    inner = pipe.transformer_2.blocks[0].ffn.net[0]  # inside the cached module: runs only where it computes
+    inner.register_forward_hook(lambda *_: ran.append(step[0]))
+
+    def count(_pipe, i, _t, kwargs):
+        step[0] = i + 1
+        return kwargs
+
+    with relcache.cached(pipe.transformer_2, relcache.FORA(interval=3, warmup=1)), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # it runs 4 of the 8 steps the scheduler announced
+        pipe(**CASES["wan"].kwargs(), num_inference_steps=8, generator=torch.manual_seed(0), output_type="latent",
+             callback_on_step_end=count)
+        st = relcache.stats(pipe.transformer_2)
+    assert sorted(set(ran)) == [4, 6]
+    assert all(c.full_steps == [4, 6] for c in st.contexts.values()) and st.nfc == 2

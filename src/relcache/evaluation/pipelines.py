@@ -104,6 +104,14 @@ def inspect_dir(path: str | Path) -> tuple[str, Family]:
     if transformer_class not in FAMILIES:
         what = f"a {transformer_class} transformer" if transformer_class else "no transformer"
         raise ValueError(f"{path} holds a {pipeline_class} with {what}; supported families: {FAMILY_NAMES}")
+    second = data.get("transformer_2")
+    if isinstance(second, list) and len(second) == 2 and second[1] is not None:
+        # found by review: the CLI caches the bare transformer, so transformer_2 ran uncached and the table's NFC
+        # counted the first expert's steps only
+        raise ValueError(f"{path} holds a {pipeline_class} with two transformers (transformer and transformer_2, "
+                         "experts as in Wan 2.2): the command caches the bare transformer, so the second would run "
+                         "uncached and the table would count half the generation; cache both in Python with "
+                         "relcache.enable(pipe, ...) (docs/spec.md, \"Several transformers\")")
     return pipeline_class, FAMILIES[transformer_class]
 
 

@@ -222,7 +222,14 @@ class StepCalls:
                 measured: torch.Tensor | None = None) -> None:
         decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups,
                self.reducer, measured)
-        if self.experts is not None and self.experts.force(ctx):  # a switch: full, and the rows of a full step
+        forced = self.experts is not None and self.experts.force(ctx)  # a switch: full
+        if not ctx.schedule.full and not ctx.caches.holds_states():
+            # nothing recorded yet in this context (its first call comes after the schedule's warm-up: one expert of
+            # Wan 2.2 enabled alone, a context whose calls start late): every module computes, so the step is full,
+            # and counted so (found by review: such a step was missing from full_steps and NFC)
+            ctx.schedule.full, forced = True, True
+            ctx.schedule.full_steps.append(ctx.step)
+        if forced:  # the rows of a full step
             prepare_step(self.config, self.generations.num_steps, len(self.cached_modules), ctx,
                          [name for name, _ in groups], probe_input)
 
