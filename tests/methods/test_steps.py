@@ -146,3 +146,11 @@ def test_search_steps_stops_after_a_round_without_a_move_and_checks_its_argument
         search_steps(error, (0, 1, 5), num_steps=5, progress=False)
     with pytest.raises(ConfigError, match="NaN"):
         search_steps(lambda s: float("nan"), (0, 1, 5), num_steps=10, progress=False)
+
+
+def test_a_list_chosen_for_another_length_is_refused_pointing_to_the_command():
+    """The refusal pointed to ``steps_search.search_steps``, a function that needs an error function of one's own,
+    where the list came from ``relcache calibrate`` (found by review): it names the command with the length."""
+    with pytest.raises(ConfigError, match=r"chosen for a 10-step generation, got 12 steps: calibrate them again for "
+                                          r"this length \(relcache calibrate --steps 12"):
+        Steps((0, 1, 4, 7), num_steps=10).check_num_steps(12)

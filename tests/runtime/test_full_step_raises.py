@@ -131,3 +131,26 @@ def test_a_pipeline_call_ended_by_its_callback_is_not_warned_of_in_the_next_call
             warnings.simplefilter("error")
             run()
         assert relcache.stats(pipe).nfc == 4 and relcache.stats(pipe).num_steps == 8
+
+
+def test_a_loop_stopped_by_a_raising_call_is_not_warned_of_and_one_that_stops_short_is(dit):
+    """Ctrl-C in a transformer call of a hand-written loop (``relcache calibrate``'s sampler) printed "announced 6
+    steps but ran 3 ... Announce the number of transformer calls" before the command's own "interrupted" line (found
+    by review): the exception says why the loop stopped. A loop that stops short without one is still warned of."""
+    x, y = dit_inputs()
+    for raising in (True, False):
+        with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+            warnings.simplefilter("always")
+            with relcache.cached(dit, TaylorSeer(2)):
+                relcache.begin_generation(dit, 6)
+                handle = _raise_in_block(dit, 1, 2) if raising else None
+                try:
+                    for i in range(3 if raising else 2):
+                        dit(x, timestep=torch.full((2,), 999 - 100 * i), class_labels=y)
+                except RuntimeError:
+                    pass
+                finally:
+                    if handle is not None:
+                        handle.remove()
+        said = [str(w.message) for w in seen if "announced 6 steps" in str(w.message)]
+        assert len(said) == (0 if raising else 1), said

@@ -165,7 +165,8 @@ class Steps(Schedule):
     def check_num_steps(self, num_steps: int | None) -> None:
         if self.num_steps is not None and num_steps is not None and num_steps != self.num_steps:
             raise ConfigError(f"these steps were chosen for a {self.num_steps}-step generation, got {num_steps} steps: "
-                              "search them again for this length (relcache.evaluation.steps_search.search_steps)")
+                              f"calibrate them again for this length (relcache calibrate --steps {num_steps}, or "
+                              "relcache.evaluation.steps_search.search_steps in Python)")
 
     def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
         self.check_num_steps(num_steps)

@@ -140,6 +140,7 @@ class Generations:
         self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a MethodPatch of ours
         self._from_pipeline = False  # the running call was made by a watched pipeline's method (``check_caller``)
         self._in_pipeline_call = False  # the current generation was started by a watched pipeline's call
+        self._raised = False  # a transformer call of the current generation raised (``call_raised``)
 
     def begin(self, num_steps: int | None = None, *, marked: bool = False,
               timesteps: torch.Tensor | None = None, by_loop: bool = False) -> None:
@@ -158,6 +159,7 @@ class Generations:
             self._check_steps()
             self.ended = False
             self._in_pipeline_call = False  # ``_new_schedule`` sets it for a pipeline's call
+            self._raised = False  # a transformer call of this generation raised
             self.marked = self.marked or marked
             self.num_steps = None if num_steps is None else int(num_steps)
             self._by_loop = by_loop
@@ -222,6 +224,7 @@ class Generations:
         (``maybe_free_model_hooks``) then never runs: the generation ends now, its caches freed, its stats kept
         (found by review: an out-of-memory error left the caches held until the next generation or ``disable``,
         just where a user retries). A hand-written loop may go on with its next step: its caches stay."""
+        self._raised = True  # a short run after it is the exception's doing: not warned of (``_check_steps``)
         if self._from_pipeline and not self.ended:
             self._from_pipeline = False
             self._checked = True  # no warning of steps not run: the exception says why
@@ -237,7 +240,9 @@ class Generations:
         run, full = self.host.steps_run()
         if announced is not None and run == announced:
             self._check_contexts(run)
-        if announced is None or run == 0 or run == announced:
+        if announced is None or run == 0 or run == announced or (self._raised and run < announced):
+            # (a call that raised stopped the loop, Ctrl-C say: the exception said why; found by review, the warning
+            # came first and advised announcing the step count)
             return
         warn(
             f"relcache: a generation announced {announced} steps (by the scheduler or begin_generation) but ran "
