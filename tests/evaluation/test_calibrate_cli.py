@@ -99,3 +99,25 @@ def test_resume_from_a_damaged_record_is_refused_naming_the_file(tmp_path, capsy
         main([*ARGS, "--out", str(tmp_path), "--resume"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"--resume: {tmp_path / 'calibration.json'}" in err and "--overwrite" in err
+
+
+def test_resume_refuses_a_recorded_budget_that_is_not_a_valid_list(tmp_path):
+    """A hand-edited record (NFC 5's steps ending at 9 of 8 steps) was resumed and its ``use`` line printed, which
+    raises when run (found by review). Each recorded budget must be NFC increasing steps from 0 below ``--steps``."""
+    import argparse
+    import json
+    import re
+
+    from relcache.cli.calibrate import _start
+
+    args = argparse.Namespace(out=tmp_path, resume=True, overwrite=False, steps=8)
+    entry = {"rel_l1": 0.1, "rfc_rel_l1": 0.2, "evaluated": 3, "use": "..."}
+    for steps, good in (([0, 1, 3, 4, 6], True), ([0, 1, 3, 4, 9], False), ([0, 1, 3, 4], False),
+                        ([0, 3, 1, 4, 6], False)):
+        record = {"settings": {"s": 1}, "budgets": {"5": {**entry, "steps": steps}}}
+        (tmp_path / "calibration.json").write_text(json.dumps(record))
+        if good:
+            assert _start(args, {"s": 1}) == record
+        else:
+            with pytest.raises(relcache.ConfigError, match=f"holds for NFC 5 the steps {re.escape(str(steps))}"):
+                _start(args, {"s": 1})

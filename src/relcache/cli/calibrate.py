@@ -74,6 +74,15 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
             old = record.get("settings") or {}
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ConfigError(f"--resume: the run in {args.out} was made with other settings ({', '.join(diff)})")
+        for nfc, entry in record["budgets"].items():  # found by review: an edited entry was printed as usable
+            steps = entry["steps"]
+            fits = (isinstance(steps, list) and all(type(i) is int for i in steps) and steps and steps[0] == 0
+                    and all(b > a for a, b in zip(steps, steps[1:], strict=False)) and steps[-1] < args.steps
+                    and str(len(steps)) == nfc)
+            if not fits:
+                raise ConfigError(f"--resume: {path} holds for NFC {nfc} the steps {steps!r}, not {nfc} increasing "
+                                  f"steps from 0 below --steps {args.steps}: pass --overwrite to start over, or "
+                                  "another --out")
         return record
     if args.overwrite and path.exists():
         path.unlink()  # as asked: the earlier calibration is gone, whatever happens next
