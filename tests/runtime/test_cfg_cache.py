@@ -866,3 +866,37 @@ def test_a_loop_calling_uncond_before_cond_is_warned(uncond_first):
         assert "makes every step full" in said[0] and st.uncond_skipped == 0 and st.nfc == 12
     else:
         assert st.uncond_skipped > 0 and st.nfc < 12
+
+
+def test_guidance_that_starts_part_way_is_said_to_leave_cfg_cache_off():
+    """CFG-Cache is decided at a context's first call: a loop whose guidance starts at step 3 (batch 1, then a CFG
+    batch of 2) ran the rest without CFG-Cache, without a word (found by review). Said once now; a loop with guidance
+    from the start is not warned and skips."""
+    from conftest import tiny_dit
+
+    def loop(dit, start):
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        relcache.begin_generation(dit, 12)
+        with torch.no_grad():
+            for i in range(12):
+                on = i >= start
+                t = torch.full((2 if on else 1,), 900 - 70 * i)
+                if on:
+                    out = dit(torch.cat([x, x]), timestep=t, class_labels=torch.tensor([3, 1000])).sample
+                    cond, uncond = out.chunk(2)
+                    eps = uncond + 2.0 * (cond - uncond)
+                else:
+                    eps = dit(x, timestep=t, class_labels=torch.tensor([3])).sample
+                x = x - 0.05 * eps
+
+    config = dataclasses.replace(FORA(1, 1), cfg_cache=CFGCache(interval=3, window_steps=(2, 12), skip_full=True))
+    for start in (3, 0):
+        dit = tiny_dit()
+        with relcache.cached(dit, config), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loop(dit, start)
+            loop(dit, start)
+            skipped = relcache.stats(dit).uncond_skipped
+        said = [str(w.message) for w in seen if "starts part-way" in str(w.message)]
+        assert len(said) == (1 if start else 0), said
+        assert (skipped > 0) is (start == 0)

@@ -206,6 +206,7 @@ class CFGRunner:
         #: the output fields besides the sample, once a call showed some: CFG-Cache is then off for good
         self.other_outputs: list[str] = []
         self._warned_order = False  # a loop calling "uncond" before "cond" was warned of (once per enable)
+        self._warned_late = False  # guidance starting part-way (CFG-Cache then off) was warned of (once per enable)
 
     def reset(self) -> None:
         """Forget the stored deltas (a new generation, or the end of one)."""
@@ -301,6 +302,14 @@ class CFGRunner:
             routing.cond_first = self.cfg.cond_first if self.cfg.cond_first is not None else self.adapter.cfg_cond_first
             if routing.is_cfg_batch and not self.other_outputs:  # off for good: no window to fit (as split CFG)
                 self.cfg.window_range(num_steps)  # validate the window against the number of steps now
+        elif not routing.is_cfg_batch and not self._warned_late:
+            batch = self.adapter.hidden_of(args, kwargs).shape[0]
+            if batch == 2 * routing.rows:  # the batch doubled: guidance turned on part-way (a shape, no tensor read)
+                self._warned_late = True
+                warn(f"relcache: this generation's first call was not a CFG batch ({routing.rows} rows) and a later "
+                     f"one has twice the rows ({batch}): guidance that starts part-way leaves CFG-Cache off for the "
+                     "whole generation (it is decided at a context's first call; docs/spec.md, §CFG-Cache). Said "
+                     "once per enable.", RuntimeWarning)
         return routing.is_cfg_batch
 
     def forward_args(self, ctx: Context, args: tuple[Any, ...], kwargs: dict[str, Any],
