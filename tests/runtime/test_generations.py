@@ -45,14 +45,21 @@ def test_steps_and_timesteps_to_run_start_at_the_begin_index():
 
 
 def test_a_deep_copy_of_a_patched_scheduler_gets_the_plain_method_bound_to_the_copy():
-    """Guards ``MethodPatch.__deepcopy__`` (mutant: removed, so the copy kept a wrapper holding a deep copy of the
-    runtime, the model included)."""
+    """A deep copy of the scheduler leaves the wrapper out (the scheduler's ``__getstate__`` while watched); one of
+    its ``__dict__`` alone (diffusers' panorama pipeline saves scheduler states so) goes through
+    ``MethodPatch.__deepcopy__`` (mutant: removed, so the copy kept a wrapper holding a deep copy of the runtime,
+    the model included)."""
+    from relcache.runtime.patches import MethodPatch
+
     pipe = dit_pipe()
     with relcache.cached(pipe, TaylorSeer(2)):
         twin = copy.deepcopy(pipe.scheduler)
         method = twin.set_timesteps
         assert getattr(method, "__self__", None) is twin
         assert getattr(method, "__func__", None) is DDIMScheduler.set_timesteps
+        state = copy.deepcopy({"set_timesteps": vars(pipe.scheduler)["set_timesteps"]})["set_timesteps"]
+        assert not isinstance(state, MethodPatch)
+        assert getattr(state, "__func__", None) is DDIMScheduler.set_timesteps
 
 
 @pytest.mark.parametrize("how", ["copy", "pickle"])

@@ -74,11 +74,14 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
             old = record.get("settings") or {}
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ConfigError(f"--resume: the run in {args.out} was made with other settings ({', '.join(diff)})")
+        from ..methods.schedules import Steps
+
         for nfc, entry in record["budgets"].items():  # found by review: an edited entry was printed as usable
             steps = entry["steps"]
-            fits = (isinstance(steps, list) and all(type(i) is int for i in steps) and steps and steps[0] == 0
-                    and all(b > a for a, b in zip(steps, steps[1:], strict=False)) and steps[-1] < args.steps
-                    and str(len(steps)) == nfc)
+            try:  # the schedule's own check: step indices from 0, increasing, below the length
+                fits = isinstance(steps, list) and len(Steps(steps, num_steps=args.steps).steps) == int(nfc)
+            except (ConfigError, ValueError):
+                fits = False
             if not fits:
                 raise ConfigError(f"--resume: {path} holds for NFC {nfc} the steps {steps!r}, not {nfc} increasing "
                                   f"steps from 0 below --steps {args.steps}: pass --overwrite to start over, or "

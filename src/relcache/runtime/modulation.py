@@ -201,7 +201,7 @@ class Modulations:
         """Whether a projection or source is in training mode: its dropout (DiT's label dropout) would draw from the
         random generator for every row of a table, and the steps' own calls would draw other numbers (found by
         review: a model left in training mode gave other outputs with the option on)."""
-        return any(m.training for m in (*self.spec.projections, *self.spec.sources))
+        return any(m.training for m in self.spec.projections) or any(m.training for m in self.spec.sources)
 
     def new_generation(self, check: bool = True) -> None:
         """Check the finished generation's deferred comparisons (unless not ``check``: a rehearsed first call, whose
