@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
 from ..methods.history import numbers_on, row_dtype
 from .accounting import signature
 from .attachment import refuse_diffusers_cache
@@ -69,10 +68,8 @@ class StepCalls:
             self._check_compiled_blocks(args, kwargs)
             # may raise ConfigError (e.g. target_nfc > steps): nothing changed yet
             reducer = {} if self.reducer is None else {"reducer": self.reducer}
-            try:
+            with gens.noting_outside():
                 ctx = Context(name, self.config.schedule.new_state(gens.num_steps, **reducer))
-            except ConfigError as err:
-                raise ConfigError(f"{err}{gens.outside_note()}") from None
             if self.static_caches or self.static_caches is None and compiled:
                 ctx.static = self.static
             self._storage(ctx, forward, args, kwargs, compiled)  # may raise ConfigError: nothing changed yet
@@ -102,10 +99,8 @@ class StepCalls:
                                      num_steps=self.generations.num_steps)
                 return full or (self.experts is not None and self.experts.force(ctx))
 
-            try:
+            with gens.noting_outside():
                 self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
-            except ConfigError as err:
-                raise ConfigError(f"{err}{gens.outside_note()}") from None
             if ctx.cfg.half_batch and self.modulation is not None:
                 self.modulation.end_call()  # the forward gets half the batch, not the rows the table was matched on
         # the shapes the forward gets (half a CFG batch at a half-batch step): new ones run eagerly, once

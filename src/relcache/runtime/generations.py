@@ -28,17 +28,18 @@ A generation is one sampling run: its steps share caches, a step count and a bud
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..errors import ConcurrentUseError, check_int, warn
+from ..errors import ConcurrentUseError, ConfigError, check_int, warn
 from ..models.base import Adapter
 from .callers import calling_pipeline, says_cfg
 from .patches import MethodPatch
@@ -218,6 +219,14 @@ class Generations:
             return ""
         return (". This call came from outside the enabled pipeline's calls (a warm-up call of pipe.transformer?): "
                 "warm up before relcache.enable, or through the pipeline itself")
+
+    @contextlib.contextmanager
+    def noting_outside(self) -> Iterator[None]:
+        """A ``ConfigError`` raised inside gets ``outside_note`` appended: a refusal at a context's first call."""
+        try:
+            yield
+        except ConfigError as err:
+            raise ConfigError(f"{err}{self.outside_note()}") from None
 
     def call_raised(self) -> None:
         """A transformer call raised. Made by a pipeline's method, the exception ends that pipeline call, whose end
