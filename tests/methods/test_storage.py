@@ -96,8 +96,9 @@ def test_storage_and_budget_arguments_are_checked():
         CacheStorage(F8, F8, F8, scale="row")
     with pytest.raises(ConfigError, match="diffs"):
         CacheStorage(None, "int2")
-    with pytest.raises(ConfigError, match="max_cache_bytes"):
-        CacheConfig(Reuse(), Interval(), max_cache_bytes=-1)
+    for bad in (-1, 0, 1.5, "8"):  # 0 fits no method: refused here, not at the first call
+        with pytest.raises(ConfigError, match=r"max_cache_bytes must be an integer >= 1 \(bytes\) or None, got"):
+            CacheConfig(Reuse(), Interval(), max_cache_bytes=bad)
     with pytest.raises(ConfigError, match="not both"):
         CacheConfig(Reuse(), Interval(), cache_dtype=F8, max_cache_bytes=10)
     assert CacheConfig(Reuse(), Interval(), max_cache_bytes=10).max_cache_bytes == 10

@@ -89,9 +89,9 @@ class CacheConfig:
                               f"{self.cache_dtype!r}")
         if self.max_cache_bytes is not None:
             n = as_int(self.max_cache_bytes)
-            if n is None or n < 0:
+            if n is None or n < 1:  # 0 fits no method: every one keeps a cache
                 raise ConfigError(
-                    f"max_cache_bytes must be an integer >= 0 (bytes) or None, got {self.max_cache_bytes!r}")
+                    f"max_cache_bytes must be an integer >= 1 (bytes) or None, got {self.max_cache_bytes!r}")
             if self.cache_dtype is not None:
                 raise ConfigError("give cache_dtype or max_cache_bytes, not both: max_cache_bytes picks the storage; "
                                   f"got cache_dtype={self.cache_dtype!r}")
