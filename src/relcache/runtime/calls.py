@@ -95,9 +95,10 @@ class StepCalls:
                 if self.config.schedule.uses_input:
                     probe = self.prober.run(forward, args, kwargs)  # the module's rows: batch-major, maybe x frames
                     probe = probe_rows(probe, ctx.cfg.row_groups(probe.shape[0]))
-                full = take_decision(self.config, ctx, probe, self.adapter.hidden_of(args, kwargs), self.reducer,
-                                     num_steps=self.generations.num_steps)
-                return full or (self.experts is not None and self.experts.force(ctx))
+                take_decision(self.config, ctx, probe, self.adapter.hidden_of(args, kwargs), self.reducer,
+                              num_steps=self.generations.num_steps)
+                self._force_full(ctx)
+                return ctx.schedule.full
 
             with gens.noting_outside():
                 self.cfg.plan(ctx, gens.num_steps, args, kwargs, decide_now)
@@ -217,16 +218,21 @@ class StepCalls:
                 measured: torch.Tensor | None = None) -> None:
         decide(self.config, self.generations.num_steps, len(self.cached_modules), ctx, probe_input, groups,
                self.reducer, measured)
-        forced = self.experts is not None and self.experts.force(ctx)  # a switch: full
-        if not ctx.schedule.full and not ctx.caches.holds_states():
-            # nothing recorded yet in this context (its first call comes after the schedule's warm-up: one expert of
-            # Wan 2.2 enabled alone, a context whose calls start late): every module computes, so the step is full,
-            # and counted so (found by review: such a step was missing from full_steps and NFC)
-            ctx.schedule.full, forced = True, True
-            ctx.schedule.full_steps.append(ctx.step)
-        if forced:  # the rows of a full step
+        if self._force_full(ctx):  # the rows of a full step
             prepare_step(self.config, self.generations.num_steps, len(self.cached_modules), ctx,
                          [name for name, _ in groups], probe_input)
+
+    def _force_full(self, ctx: Context) -> bool:
+        """The rules that overrule a schedule's cached decision, in one place for both paths a step is decided on
+        (``_decide``, and CFG-Cache's plan): an expert switch, and a context with nothing recorded yet (its first
+        call comes after the schedule's warm-up: one expert of Wan 2.2 enabled alone, a context whose calls start
+        late), where every module computes anyway, so the step is full and counted so (found by review: such a step
+        was missing from full_steps and NFC). True when the decision changed."""
+        forced = self.experts is not None and self.experts.force(ctx)
+        if not ctx.schedule.full and not ctx.caches.holds_states():
+            ctx.schedule.full, forced = True, True
+            ctx.schedule.full_steps.append(ctx.step)
+        return forced
 
     def run_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the transformer for the current step, skipping the unconditional CFG half where CFG-Cache says."""
