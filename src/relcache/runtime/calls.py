@@ -265,6 +265,8 @@ class StepCalls:
             if ctx is not None:
                 self.cfg.state.settle(ctx.step)
             self.cfg_peak = max(self.cfg_peak, self.cfg.state.nbytes)
+        if ctx is not None and self._completed and self.generations.last_step_of_pipeline(ctx.step):
+            self._free_finished(ctx)
         self._completed = False
         self.current = None
         self._called.clear()
@@ -272,6 +274,16 @@ class StepCalls:
             group.end_call()
         if self.modulation is not None:
             self.modulation.end_call()
+
+    def _free_finished(self, ctx: Context) -> None:
+        """``ctx``'s call of a pipeline call's last step returned: no later call of the generation reads its caches,
+        which go now rather than at the call's end, after the VAE's decode (whose memory peak they added to);
+        CFG-Cache's deltas go once every context has run its last step (a split "uncond" call still reads "cond"'s
+        output). The stats keep the generation's numbers and peaks."""
+        ctx.caches.clear_states()
+        self.config.schedule.release(ctx.schedule.memory)
+        if self.cfg is not None and all(self.generations.last_step_of_pipeline(c.step) for c in self.contexts.values()):
+            self.cfg.reset()
 
     def _run(self, ctx: Context, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.meter.run_call(ctx.counters, ctx.cfg.batch_scale, forward, args, kwargs, self._snapshot)

@@ -210,6 +210,12 @@ class Generations:
         self.host.free_caches()
         self.ended = True
 
+    def last_step_of_pipeline(self, step: int) -> bool:
+        """Whether a context's call of ``step`` was the last of a pipeline call's generation: its caches can go now,
+        before the rest of the call (the VAE's decode, whose memory peak they would add to); a
+        hand-written loop keeps them (it may go on past its announced count)."""
+        return self._in_pipeline_call and not self.ended and self.num_steps is not None and step == self.num_steps - 1
+
     def outside_note(self) -> str:
         """For a refusal of a call without a step count: where the call came from outside the calls of the pipeline
         ``enable`` was given (a warm-up call of ``pipe.transformer``), what to do instead (found by review: the
