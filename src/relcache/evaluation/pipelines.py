@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -179,6 +181,27 @@ def check_frames(family: Family, frames: int | None) -> None:
         raise ValueError(f"{family.name} needs a frame count that is {rule}, got {frames}")
 
 
+def check_one_call_per_step(scheduler: Any, num_steps: int) -> None:
+    """``ConfigError`` where ``scheduler`` makes another number of transformer calls than ``num_steps`` (Heun, KDPM2,
+    PNDM's Runge-Kutta steps: about two per step). The commands count budgets, intervals and calibrated steps in
+    steps of one call, and announce ``num_steps``: such a scheduler ran twice the calls, the later ones all cached,
+    and ``calibrate`` printed steps that the pipeline then refused (found by review). A scheduler whose step count
+    cannot be read without the pipeline (FLUX's dynamic shift needs ``mu``) is let through."""
+    import copy
+
+    trial = copy.deepcopy(scheduler)
+    try:
+        trial.set_timesteps(num_steps)
+    except Exception:  # noqa: BLE001 -- the pipeline passes what this scheduler needs: nothing to compare here
+        return
+    calls = len(trial.timesteps)
+    if calls != num_steps:
+        raise ConfigError(
+            f"the pipeline's scheduler ({type(scheduler).__name__}) makes {calls} transformer calls for {num_steps} "
+            "steps: the bench and calibrate count budgets in steps of one call. Save the pipeline with a "
+            "scheduler of one call a step (DDIM, Euler, DPM-Solver++, UniPC, flow-matching Euler) for these commands")
+
+
 def load_sampler(path: str | Path, family: Family, *, prompts: Sequence[str] | None = None,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
                  device: str | torch.device | None = None) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
@@ -210,6 +233,7 @@ def load_sampler(path: str | Path, family: Family, *, prompts: Sequence[str] | N
 
     def sample(transformer: torch.nn.Module, labels: torch.Tensor, num_steps: int = 50,
                guidance_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        check_one_call_per_step(pipe.scheduler, num_steps)
         begin_generation(transformer, num_steps)
         kwargs = dict(fixed)
         if family.text:
