@@ -319,3 +319,17 @@ def test_caches_are_freed_after_the_last_step_before_the_vae_decodes(case, confi
     with relcache.cached(model, config), torch.no_grad():
         run_loop(model, torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), steps=8)
         assert relcache.stats(model).cache_bytes > 0
+
+
+def test_a_pipeline_that_runs_fewer_timesteps_than_announced_gets_advice_that_applies_to_it():
+    """A pipeline that slices its scheduler's timesteps itself (a video-to-video strength without set_begin_index)
+    ran fewer steps than announced, and the warning advised ``relcache.begin_generation``, which changes nothing
+    inside a pipeline call (its set_timesteps announces again; found by review). The advice now names what does."""
+    pipe = dit_pipe()
+    bar = pipe.progress_bar
+    pipe.progress_bar = lambda iterable=None, total=None: bar(list(iterable)[2:])  # steps 2.. of the 8 announced
+    with relcache.cached(pipe, TaylorSeer(interval=2)), torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="announced 8 steps .* but ran 6 .*This pipeline runs fewer of its "
+                                                "scheduler's timesteps .*relcache.FORA, relcache.TaylorSeer") as got:
+            pipe([1, 7], num_inference_steps=8, output_type="latent")
+    assert not any("begin_generation(model, num_steps)" in str(w.message) for w in got)

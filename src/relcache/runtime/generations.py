@@ -72,6 +72,14 @@ _SPLIT_HINT = (" If the loop calls the transformer more than once per step (CFG 
                "the calls the same tensor, or name them with diffusers' model.cache_context(\"cond\") and "
                "(\"uncond\") (docs/spec.md, \"Call context\"); do not announce more steps.")
 
+#: the advice of a pipeline call that ran fewer steps than its scheduler announced: begin_generation, the loop's
+#: way, changes nothing there (the pipeline's set_timesteps announces again; found by review)
+_PIPELINE_HINT = ("This pipeline runs fewer of its scheduler's timesteps than set_timesteps announced, without saying "
+                  "so (set_begin_index): it slices them itself (a video-to-video strength) or skips the last (Sana "
+                  "Sprint); relcache.begin_generation does not help inside a pipeline call. Use a schedule that needs "
+                  "no step count there (relcache.FORA, relcache.TaylorSeer, relcache.RFC(threshold=...)), or ignore "
+                  "this for an interrupted generation.")
+
 
 def checked_num_steps(num_steps: Any) -> int | None:
     """``num_steps`` as an int >= 1 (numpy and 0-d integer tensors too), or None; floats and bools are refused."""
@@ -259,13 +267,14 @@ class Generations:
             # (a call that raised stopped the loop, Ctrl-C say: the exception said why; found by review, the warning
             # came first and advised announcing the step count)
             return
+        advice = (_PIPELINE_HINT if self._in_pipeline_call else
+                  "Announce the number of transformer calls per context the loop makes (relcache.begin_generation("
+                  "model, num_steps)), or ignore this for an interrupted generation."
+                  + (_SPLIT_HINT if run % announced == 0 else ""))
         warn(
             f"relcache: a generation announced {announced} steps (by the scheduler or begin_generation) but ran "
             f"{run} ({full} of them full); its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
-            f"{announced}. Announce the number of transformer calls per context the loop makes "
-            "(relcache.begin_generation(model, num_steps)), or ignore this for an interrupted generation."
-            + (_SPLIT_HINT if run % announced == 0 else ""),
-            RuntimeWarning)
+            f"{announced}. {advice}", RuntimeWarning)
 
     def _check_contexts(self, run: int) -> None:
         """A generation that ran its announced steps, in which a call context ran fewer (a pipeline that stops its
