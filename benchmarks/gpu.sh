@@ -58,10 +58,13 @@ run() {
 # The order is by importance and the limits come from the H200 runs of 2026-12-04 (benchmarks/results/
 # gpu-h200-2026-12-04): what the 360 s budget does not reach is skipped, said in gpu.txt. Every command prints and
 # saves each table as soon as it is measured, so a command cut by its limit still leaves what it finished.
-# 1. FLUX.1-dev-shaped, eager: relcache's FORA, TaylorSeer and RFC at NFC 8 and 4 of 28, diffusers' caches. One
-# round: 11 generations and 10 primed calls (a FLUX generation is estimated at 3-5 s on an H200; none was timed yet).
+# 1. FLUX.1-dev-shaped, eager: relcache's FORA, TaylorSeer and RFC at NFC 8 and 4 of 28 (every method of a row at one
+# NFC), diffusers' TaylorSeer on relcache's modules at that NFC beside relcache's TaylorSeer on diffusers' steps, and
+# diffusers' First-Block caches. One round: 14 generations (one a warm-up) and 13 primed calls (a FLUX generation is
+# estimated at 3-5 s on an H200; none was timed yet). --smoke has one row (NFC 2 of 8): 9 generations.
 run flux_eager 120 python3 flux_speed.py "${flux[@]}" --out "$out/flux_eager.json"
-# 2. DiT-XL/2 at batch 16 (8 images, CFG batched), eager, then compiled (inductor) without the eager table again, then
+# 2. DiT-XL/2 at batch 16 (8 images, CFG batched; --smoke: --steps 20, where speed.py runs every method of budget 7 at
+# its interval's NFC, 4 of 20), eager, then compiled (inductor) without the eager table again, then
 # under CUDA graphs (torch.compile mode "reduce-overhead"; on the CPU, --smoke, inductor skips the graphs): caches
 # held in place at stable addresses (docs/spec.md, "Capture"). Compiling three DiT-XL/2 models takes most of a
 # compiled command's limit (inductor's cache on disk shortens the second). Each compiled table gives dynamo's graphs

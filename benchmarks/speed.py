@@ -52,6 +52,7 @@ from torch._dynamo.utils import counters
 
 import relcache
 from relcache import FORA, RFC, CacheConfig, InputError, Interval, Relational, RFCPlus, Taylor, TaylorSeer
+from relcache.evaluation.bench import interval_for
 
 SIZES = {  # (depth, hidden, heads) of the DiT paper's configurations, patch 2; "T" is a smoke-test size
     "T": (2, 64, 2),
@@ -86,14 +87,18 @@ def build(size: str, dtype: torch.dtype, device: str) -> DiTTransformer2DModel:
 
 
 def methods(budget: int, cache_dtype: torch.dtype | None, steps: int = 50) -> dict[str, relcache.CacheConfig]:
-    n = INTERVAL_FOR_NFC[budget]
+    """Every method of ``budget`` (NFC of 50 steps, naming its interval) at one NFC over ``steps``: the interval
+    methods keep the budget's interval and the target-NFC methods aim at that interval's NFC over ``steps``
+    (``relcache.evaluation.bench.interval_for``, as ``relcache bench`` does), so a budget's paired lines compare
+    methods that spend the same number of full steps."""
+    n, nfc = interval_for(budget, steps)
     configs = {
         "every step full": FORA(1, 1),  # caching nothing: what relcache's runtime alone costs or saves
         "FORA": FORA(n),
         "TaylorSeer m=2": TaylorSeer(n, 2),
         "RFE alone m=2": CacheConfig(Relational(2), Interval(n, 2)),
-        "RCS alone m=2": CacheConfig(Taylor(2), InputError(target_nfc=budget)),
-        "RFC m=2": RFC(order=2, target_nfc=budget),
+        "RCS alone m=2": CacheConfig(Taylor(2), InputError(target_nfc=nfc)),
+        "RFC m=2": RFC(order=2, target_nfc=nfc),
         # issue 19's pair: calibrated steps are fixed in advance; FORA's full steps stand in for them (the same count,
         # so the same model FLOPs and the same number of cached steps)
         "RFC+ fit m=2 (fixed steps)": RFCPlus(order=2, fit=True, full_steps=FORA(n).schedule.full_steps(steps)),
@@ -332,7 +337,10 @@ def compiled_rows(model: DiTTransformer2DModel, size: str, configs: dict[object,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["S", "B"], choices=list(SIZES))
-    parser.add_argument("--budgets", nargs="+", type=int, default=[14, 7], choices=list(INTERVAL_FOR_NFC))
+    parser.add_argument("--budgets", nargs="+", type=int, default=[14, 7], choices=list(INTERVAL_FOR_NFC),
+                        help="NFC of 50 steps, naming the interval (14: 4, 11: 5, 10: 6, 8: 7, 7: 9); over other "
+                             "--steps every method of a budget runs that interval's NFC (printed), and a budget "
+                             "whose NFC an earlier one took is left out")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the median is reported")
     parser.add_argument("--methods", nargs="+", help="subset of method names")
@@ -356,6 +364,15 @@ def main() -> None:
     warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
     if (args.breakdown or args.compiled_only) and not args.compile:
         parser.error("--breakdown and --compiled-only time the compiled models: they need --compile MODE")
+    budgets: list[int] = []  # every method of a budget at one NFC over --steps (interval_for)
+    for b in args.budgets:
+        n, k = interval_for(b, args.steps)
+        if k in [interval_for(c, args.steps)[1] for c in budgets]:
+            print(f"budget {b}: NFC {k} over {args.steps} steps, which an earlier budget already runs: left out")
+            continue
+        budgets.append(b)
+        print(f"budget {b}: every method at NFC {k} of {args.steps} steps (interval {n}; RCS and RFC target_nfc {k})")
+    args.budgets = budgets
     dtype = getattr(torch, args.dtype)
     cache_dtype = getattr(torch, args.cache_dtype) if args.cache_dtype else None
 
