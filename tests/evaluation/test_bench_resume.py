@@ -268,3 +268,156 @@ def test_a_refused_resume_shows_what_differs():
     assert runlog.differences({"c": [1, 1, 2]}, {"c": [1, 2, 2]}) == [
         "c: 3 -> 3 items; not in the new run: [1]; new: [2]"]  # repeats count (class labels may repeat)
     assert runlog.differences({"seed": 0}, {"seed": 3}) == ["seed: 0 -> 3"]
+
+
+def _interrupted(out, **kw):
+    """A run stopped after two generations (full computation and FORA on batch 0) without FLOP counts."""
+    with pytest.raises(Interrupted):
+        _run(out, Counting(stop=1 + 2 + 1), count_flops=False, **kw)
+    return out / runlog.LOG
+
+
+@pytest.mark.parametrize("recorded,refused", [
+    ("deadbee", True), ("abc1234+", True), ("abc1234", False), (None, False)])
+def test_resume_refuses_a_run_recorded_by_another_commit(tmp_path, monkeypatch, recorded, refused):
+    """Found by review: only the version strings were compared, so a run recorded at commit deadbee resumed at
+    another commit and its table went out under deadbee's name. Compared where both runs know it, with its "+"
+    (uncommitted changes) marker; a run recorded without one (an installed package, an older log) still resumes."""
+    monkeypatch.setattr(runlog, "_git_commit", lambda: "abc1234")
+    log = _interrupted(tmp_path / "run")
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["versions"]["relcache commit"] == "abc1234"
+    if recorded is None:
+        del header["versions"]["relcache commit"]
+    else:
+        header["versions"]["relcache commit"] = recorded
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    counting = Counting()
+    if refused:
+        with pytest.raises(runlog.ResumeError, match=re.escape(f"relcache commit: {recorded} -> abc1234 (the run was "
+                                                               "recorded by other code") + ".*--overwrite"):
+            _run(tmp_path / "run", counting, resume=True, count_flops=False)
+        assert counting.calls == 0
+    else:
+        _run(tmp_path / "run", counting, resume=True, count_flops=False)
+        assert counting.calls == 1 + 6 - 2
+
+
+def _set(i, *keys, value=KeyError):
+    """An edit of line ``i``: its ``keys`` (a path) set to ``value``, or removed."""
+    def edit(lines):
+        rec = json.loads(lines[i])
+        inner = rec
+        for k in keys[:-1]:
+            inner = inner[k]
+        if value is KeyError:
+            del inner[keys[-1]]
+        else:
+            inner[keys[-1]] = value
+        return [*lines[:i], json.dumps(rec), *lines[i + 1:]]
+    return edit
+
+
+DAMAGE = {  # what the reviewer's corrupt.py tried: edit of the log's lines -> the line named
+    "first line a list": (lambda lines: ["[]", *lines[1:]], "the first line of {log} is not a run record"),
+    "empty": (lambda lines: [], "{log} is empty"),
+    "run record without settings": (_set(0, "settings"), "line 1 of {log}"),
+    "no samples": (_set(2, "samples"), "line 3 of {log}"),
+    "no batch": (_set(2, "batch"), "line 3 of {log}"),
+    "seconds a string": (_set(2, "seconds", value="abc"), "line 3 of {log}"),
+    "seconds null": (_set(2, "seconds", value=None), "line 3 of {log}"),
+    "batch a string": (_set(2, "batch", value="0"), "line 3 of {log}"),
+    "batch past the last": (_set(2, "batch", value=7), "line 3 of {log}"),
+    "a list line": (lambda lines: [*lines[:2], "[1, 2]", *lines[2:]], "line 3 of {log}"),
+    "unknown kind": (lambda lines: [*lines[:2], '{"kind": "foo"}', *lines[2:]], "line 3 of {log}"),
+    "shape of another batch": (_set(2, "samples", "shape", value=[1, 4, 8, 8]), "line 3 of {log}"),
+    "shape of another model": (_set(2, "samples", "shape", value=[2, 4, 4, 4]), "line 3 of {log}"),
+    "negative offset": (_set(2, "samples", "offset", value=-5), "line 3 of {log}"),
+    "absolute file": (_set(2, "samples", "file", value="/etc/passwd"), "line 3 of {log}"),
+    "offset past the end": (_set(2, "samples", "offset", value=10**6), "(line 3)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_hand_edited_log_is_refused_naming_the_line(tmp_path, damage):
+    """Found by review: KeyError, TypeError, ValueError, OSError and AttributeError tracebacks, most after the model
+    had loaded. Every line is checked, and the first wrong one named with the way on, before any generation."""
+    log = _interrupted(tmp_path / "run")
+    edit, said = DAMAGE[damage]
+    lines = edit(log.read_text().splitlines())
+    log.write_text("".join(line + "\n" for line in lines))
+    counting = Counting()
+    with pytest.raises(runlog.ResumeError, match=re.escape(said.format(log=log)) + ".*--overwrite"):
+        _run(tmp_path / "run", counting, resume=True, count_flops=False)
+    assert counting.calls == 0
+    with pytest.raises(runlog.ResumeError, match=re.escape(said.format(log=log))):
+        runlog.check_log(tmp_path / "run")
+
+
+def test_only_the_run_logs_are_read_and_overwritten(tmp_path):
+    """Found by review: any results*.jsonl was read as a rank's log (a results.backup.jsonl overrode the real one),
+    and --overwrite deleted a user's results_notes.jsonl."""
+    out = tmp_path / "run"
+    log = _interrupted(out)
+    lines = log.read_text().splitlines()
+    (out / "results.backup.jsonl").write_text("\n".join([*lines, _set(2, "seconds", value=99.0)(lines)[2]]) + "\n")
+    (out / "results_notes.jsonl").write_text("my notes\n")
+    (out / "results.rank02.jsonl").write_text("not a rank's name\n")
+    for name in ("results.rank10.jsonl", "results.rank2.jsonl"):
+        (out / name).write_text(lines[0] + "\n")
+    assert [p.name for p in runlog.log_paths(out)] == ["results.jsonl", "results.rank2.jsonl", "results.rank10.jsonl"]
+    (out / "results.rank10.jsonl").unlink()
+    (out / "results.rank2.jsonl").unlink()
+    seconds = {k: v[1] for k, v in runlog.load_results(out).items()}
+    assert seconds[("FORA N=3", 0)] == json.loads(lines[2])["seconds"] != 99.0
+    runlog.clear(out)
+    assert sorted(p.name for p in out.iterdir()) == ["results.backup.jsonl", "results.rank02.jsonl",
+                                                     "results_notes.jsonl"]
+
+
+def test_the_log_is_standard_json_and_older_logs_with_nan_still_resume(tmp_path):
+    """Unmeasured FLOPs were written as a bare NaN, which is not JSON (strict readers refuse it): now null. A log
+    written before, with NaN, still resumes, NaN read as NaN."""
+    log = _interrupted(tmp_path / "run")
+
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+
+    records = [json.loads(line, parse_constant=strict) for line in log.read_text().splitlines()]
+    assert [r["flops"] for r in records[1:]] == [None, None]
+    assert all(math.isnan(g[3]) for g in runlog.load_results(tmp_path / "run").values())
+    log.write_text(log.read_text().replace('"flops": null', '"flops": NaN'))  # as an older version wrote it
+    resumed = _run(tmp_path / "run", Counting(), resume=True, count_flops=False)
+    assert _table(resumed) == _table(_run(tmp_path / "whole", Counting(), count_flops=False))
+
+
+def test_cli_refuses_a_damaged_log_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Found by review: a damaged line was a traceback after the model had loaded; an empty results.jsonl without
+    --resume was refused with "cannot resume" (not asked for) and no way on."""
+    from relcache.evaluation import pipelines
+
+    model, out = _dit_dir(tmp_path), tmp_path / "bench"
+    argv = ["bench", "--model", model, "--samples", "2", "--batch-size", "2", "--steps", "4", "--budgets", "7",
+            "--no-flops", "--only", "RFC NFC", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipelines, "load_sampler", loaded)
+    log = out / runlog.LOG
+    lines = log.read_text().splitlines()
+    log.write_text("".join(line + "\n" for line in _set(1, "seconds", value=None)(lines)))
+    with pytest.raises(SystemExit):
+        main([*argv, "--resume"])
+    err = capsys.readouterr().err
+    assert f"line 2 of {log} is not a result the run wrote: its seconds is not a number" in err
+    assert "--overwrite" in err and "Traceback" not in err
+    log.write_text("")
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit):
+            main([*argv, *extra])
+        err = capsys.readouterr().err
+        assert "--overwrite" in err and ("empty" in err) and "Traceback" not in err

@@ -112,3 +112,48 @@ def test_fastercache_needs_batched_cfg() -> None:
             _generate(model, guidance_scale=1.0)
     finally:
         peer.detach(model)
+
+
+THRESHOLD_PEERS = ("diffusers FBCache", "diffusers MagCache", "cache-dit DBCache")
+
+
+@pytest.mark.parametrize("settings,named", [
+    ({"reference_model": False}, "another model"),
+    ({"guidance_scale": 4.0}, "guidance scale 4.0"),
+    ({"batch_size": 2}, "batch size 2"),
+])
+def test_threshold_peers_do_not_run_where_their_thresholds_were_not_calibrated(settings, named) -> None:
+    """Found by review: on a user's DiT (--model) the rows labelled "NFC~14" used the reference model's thresholds
+    and realized NFC 50; so did other guidance and batch sizes, unchecked. Their rows are unavailable, saying why and
+    how to calibrate; TaylorSeer (a fixed schedule) and FasterCache still run."""
+    rows = peers.peer_methods([14, 7], **settings)
+    for row in rows:
+        if row.label.startswith(THRESHOLD_PEERS):
+            assert row.peer is None and "calibrated on the shipped reference model" in row.unavailable
+            assert named in row.unavailable and "calibrate_thresholds" in row.unavailable
+            assert "t=" not in row.label  # no threshold is used
+        else:
+            assert row.peer is not None, row.label
+    assert len(rows) == 2 * 4 + 1 and {r.budget for r in rows} == {14, 7, None}
+    calibrated = peers.peer_methods([14], batch_size=10, guidance_scale=1.5, reference_model=True)
+    assert all(r.peer is not None for r in calibrated if r.label.startswith(THRESHOLD_PEERS[:2]))
+
+
+def test_cli_peers_on_another_model_say_why_the_threshold_peers_are_left_out(tmp_path, capsys) -> None:
+    import json
+
+    from conftest import dit_pipe
+
+    from relcache.cli import main
+
+    dit_pipe().save_pretrained(tmp_path / "dit")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tmp_path / "dit"), "--peers", "--samples", "2", "--batch-size", "2",
+                 "--budgets", "7", "--no-flops", "--only", "FBCache", "MagCache", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: diffusers' FBCache and MagCache and cache-dit's DBCache are left out" in err
+    assert "not for another model, batch size 2" in err and "calibrate_thresholds" in err
+    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert set(rows) == {"full computation", "diffusers FBCache NFC~7", "diffusers MagCache K=9 NFC~7"}
+    assert all("calibrated on the shipped reference model" in r["note"]
+               for m, r in rows.items() if m != "full computation")

@@ -4,6 +4,7 @@ reference model or a local pipeline directory; its option combinations checked b
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -36,7 +37,8 @@ def _methods(args: argparse.Namespace, guidance: float | None, sampler: Sampler 
     if args.peers:
         from ..evaluation.peers import peer_methods
 
-        methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=guidance, sampler=sampler)
+        methods += peer_methods(args.budgets, num_steps=args.steps, guidance_scale=guidance, sampler=sampler,
+                                batch_size=min(args.batch_size, args.samples), reference_model=args.model is None)
     unmatched = [o for o in args.only or () if not select(methods, [o])]
     if unmatched:  # one that matches nothing beside others that do would be dropped silently
         raise ConfigError(f"--only {' '.join(map(repr, unmatched))} matches no method; the labels are: "
@@ -63,8 +65,25 @@ def run(args: argparse.Namespace) -> int:
     family, conditions, extra = _pipeline_inputs(args)
     guidance = _pipeline_guidance(args, family)
     _methods(args, guidance, None)  # --only checked before the model loads (the labels need no model)
+    if args.peers:
+        from ..evaluation.peers.rows import calibration_differences
+
+        differ = calibration_differences(reference_model=args.model is None, num_steps=args.steps,
+                                         guidance_scale=guidance, batch_size=min(args.batch_size, args.samples))
+        if differ:  # their rows stay in the table, unavailable, saying why (peer_methods)
+            print("note: diffusers' FBCache and MagCache and cache-dit's DBCache are left out (their rows say so): "
+                  "their thresholds, which set each row's NFC, were calibrated on the shipped reference model for 50 "
+                  f"steps, guidance 1.5 and batches of 10, not for {', '.join(differ)}, where they realize other "
+                  "NFCs. To compare them, calibrate thresholds for your model and settings with "
+                  "relcache.evaluation.peers.calibrate_thresholds and run them with "
+                  "relcache.evaluation.bench.run_bench. TaylorSeer (a fixed step schedule) and FasterCache run.",
+                  file=sys.stderr)
     if runlog.has_log(args.out) and not (args.resume or args.overwrite):
-        header = runlog.read_header(args.out) or {}
+        try:
+            header = runlog.read_header(args.out) or {}
+        except runlog.ResumeError:  # found by review: "cannot resume" (not asked for) and no way on
+            raise ConfigError(f"--out {args.out} holds a {runlog.LOG} that is no readable run record (empty or "
+                              "damaged): pass --overwrite to delete it and start over, or another --out") from None
         raise ConfigError(f"--out {args.out} holds an earlier run (started {header.get('date')}, command: "
                           f"{header.get('command')}): pass --resume to continue it, --overwrite to start over, or "
                           "another --out")
@@ -73,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             num_samples=args.samples, batch_size=args.batch_size, num_classes=len(conditions), seed=args.seed,
             num_steps=args.steps, guidance_scale=guidance, count_flops=not args.no_flops, conditions=conditions,
             extra=extra), runlog.versions())
+        runlog.check_log(args.out)  # every line of the log (found by review: tracebacks after the model loaded)
     if args.model:
         from ..evaluation.pipelines import load_sampler
 
@@ -121,7 +141,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive, default=10, help="samples per generation (default: %(default)s)")
     p.add_argument("--peers", action="store_true",
                    help="add diffusers' own caches as peers, and cache-dit's where it is installed (the reference "
-                        "model and DiT pipelines only; needs --steps 50)")
+                        "model and DiT pipelines only; needs --steps 50). The threshold-based ones (FBCache, MagCache, "
+                        "DBCache) run only on the reference model with --guidance 1.5 and --batch-size 10, which their "
+                        "thresholds were calibrated for; elsewhere their rows say so")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass (faster)")
     p.add_argument("--only", nargs="+", help="run only methods whose label contains one of these strings")
     p.add_argument("--out", type=_output_dir, default="runs/bench", help="output directory (default: %(default)s)")

@@ -19,8 +19,10 @@ from __future__ import annotations
 import collections
 import datetime
 import json
+import math
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,16 @@ class ResumeError(ConfigError):
 
 #: the versions ``--resume`` requires to be the ones recorded (the others are recorded only)
 COMPARED_VERSIONS = ("relcache", "torch", "diffusers")
+
+#: the source commit ``--resume`` requires to be the recorded one where both runs know it (``_git_commit``: a run
+#: from an installed package, or recorded before the commit was, has none; its version is still compared). Found by
+#: review: the version string alone let a run recorded by other code (another commit of the same version) resume,
+#: and the table mixed both codes' samples under the first commit's name. The commit is compared with its "+"
+#: (uncommitted changes) marker: a clean checkout never resumes a run of a modified one or the reverse. Two modified
+#: checkouts of the same commit do resume each other: what changed is not fingerprinted (a hash of the diff would
+#: refuse a resume after any edit of the package, a comment or a test's tweak included, which is the normal state of
+#: a developer's checkout), so the marker says "changes, not known which" and the run record keeps it for the reader.
+COMPARED_COMMIT = "relcache commit"
 
 
 def versions() -> dict[str, str]:
@@ -119,9 +131,17 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(["relcache", *(sys.argv[1:] if argv is None else argv)])
 
 
+#: the names of the logs a run writes: rank 0's ``results.jsonl`` and rank r's ``results.rank<r>.jsonl`` (r > 0)
+_LOG_NAME = re.compile(r"results(?:\.rank([1-9][0-9]*))?\.jsonl")
+
+
 def log_paths(directory: Path) -> list[Path]:
-    """Every rank's log in ``directory``, rank 0's first."""
-    return sorted(directory.glob("results*.jsonl"), key=lambda p: (p.name != LOG, p.name))
+    """Every rank's log in ``directory``, rank 0's first, by rank. Only the names a run writes (found by review: any
+    ``results*.jsonl``, a user's ``results.backup.jsonl`` included, was read as a rank's log and deleted by
+    ``--overwrite``)."""
+    found = [(int(m.group(1) or 0), p) for p in directory.glob("results*.jsonl")
+             if (m := _LOG_NAME.fullmatch(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found, key=lambda rp: rp[0])]
 
 
 def has_log(directory: str | Path) -> bool:
@@ -135,12 +155,24 @@ def read_header(directory: str | Path) -> dict[str, Any] | None:
         return None
     with path.open() as f:
         first = f.readline()
+    return _check_header(path, first)
+
+
+def _check_header(path: Path, line: str) -> dict[str, Any]:
+    """The run record on the first line of the log ``path``; a ResumeError naming the file when it is none (found by
+    review: an empty log, or a first line ``[]``, was a traceback)."""
     try:
-        header = json.loads(first)
+        header = json.loads(line)
     except ValueError:
-        raise ResumeError(f"cannot resume: the first line of {path} is not a run record") from None
-    if header.get("kind") != "run":
-        raise ResumeError(f"cannot resume: the first line of {path} is not a run record")
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != "run":
+        what = f"{path} is empty" if not line.strip() else f"the first line of {path} is not a run record"
+        raise ResumeError(f"cannot resume: {what}{_START_AGAIN}")
+    wrong = [k for k, t in (("settings", dict), ("versions", dict), ("date", str), ("command", str))
+             if not isinstance(header.get(k), t)]
+    if wrong:
+        raise ResumeError(f"cannot resume: the run record on line 1 of {path} lacks or garbles "
+                          f"{', '.join(wrong)}{_START_AGAIN}")
     return header
 
 
@@ -153,7 +185,8 @@ def read_resumes(directory: str | Path) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            out.append({"date": rec.get("date"), "command": rec.get("command")})
+            if isinstance(rec, dict):
+                out.append({"date": rec.get("date"), "command": rec.get("command")})
     return out
 
 
@@ -225,6 +258,10 @@ def check_resumable(directory: str | Path, settings: dict[str, Any], vers: dict[
         old = header.get("versions", {})
         diff += [f"version {d}" for d in differences({k: old.get(k, "(absent)") for k in COMPARED_VERSIONS},
                                                      {k: vers.get(k, "(absent)") for k in COMPARED_VERSIONS})]
+        was, now_ = old.get(COMPARED_COMMIT), vers.get(COMPARED_COMMIT)
+        if was and now_ and was != now_:  # where both are known (see COMPARED_COMMIT)
+            diff.append(f"{COMPARED_COMMIT}: {was} -> {now_} (the run was recorded by other code; "
+                        "a \"+\" marks a checkout with uncommitted changes)")
     if diff:
         raise ResumeError(
             f"cannot resume the run in {directory} (started {header.get('date')}, command: {header.get('command')}): "
@@ -283,49 +320,148 @@ class RunLog:
             f.flush()
             os.fsync(f.fileno())
         self._append({"kind": "result", "method": label, "budget": budget, "batch": batch, "seconds": seconds,
-                      "nfc": nfc, "flops": flops,
+                      "nfc": _json_number(nfc), "flops": _json_number(flops),
                       "samples": {"file": rel.as_posix(), "offset": offset, "shape": list(data.shape)}})
 
 
 #: the way on from a damaged record
 _START_AGAIN = " (run the command with --overwrite instead of --resume to start again)"
 
-def load_results(directory: str | Path, batches: set[int] | None = None,
-                 sessions: dict[tuple[str, int], str] | None = None) -> dict[tuple[str, int], Generation]:
-    """Every recorded generation in ``directory`` (all ranks' logs), keyed by (method label, batch); only the
-    ``batches`` given, when given. A line cut short by a kill (the last one of a log) is ignored. ``sessions``, when
-    given, gets the session each was timed in: the log and line of the run or resume record it follows (dates, to
-    the second, can be equal)."""
-    directory = Path(directory)
-    out: dict[tuple[str, int], Generation] = {}
+def _number(v: Any, nan: bool) -> bool:
+    """``v`` is a JSON number (not a bool); NaN (written as ``NaN`` or ``null``) allowed when ``nan``."""
+    if v is None:
+        return nan
+    return isinstance(v, int | float) and not isinstance(v, bool) and (nan or math.isfinite(v))
+
+
+def _index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_result(rec: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """What is wrong with a ``"kind": "result"`` record (None: nothing): every field ``load_results`` and the table
+    use, with its type, so a hand-edited or damaged line is refused before the model loads, not a traceback after."""
+    if not isinstance(rec.get("method"), str):
+        return "its method is not a string"
+    if rec.get("budget") is not None and not _index(rec.get("budget")):
+        return "its budget is neither null nor an integer"
+    if not _index(rec.get("batch")):
+        return "its batch is not an integer >= 0"
+    if not _number(rec.get("seconds"), nan=False) or rec["seconds"] < 0:
+        return "its seconds is not a number >= 0"
+    for key in ("nfc", "flops"):  # NaN where not measured (a peer without a count, --no-flops)
+        if key not in rec or not _number(rec[key], nan=True):
+            return f"its {key} is not a number (or NaN)"
+    where = rec.get("samples")
+    if not isinstance(where, dict):
+        return "it names no samples"
+    file = where.get("file")
+    if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+        return "its samples file is not a path inside the run's directory"
+    if not _index(where.get("offset")):
+        return "its samples offset is not an integer >= 0"
+    shape = where.get("shape")
+    if not isinstance(shape, list) or not shape or not all(_index(n) and n > 0 for n in shape):
+        return "its samples shape is not a list of positive integers"
+    n, size = settings.get("num_samples"), settings.get("batch_size")
+    if _index(n) and _index(size) and size > 0:  # the batch's samples, as the run's settings make them
+        batches = -(-n // size)
+        if rec["batch"] >= batches:
+            return f"its batch {rec['batch']} is past the run's last ({batches - 1})"
+        if shape[0] != (want := min(size, n - rec["batch"] * size)):
+            return f"its samples shape {shape} does not hold batch {rec['batch']}'s {want} samples"
+    return None
+
+
+def _records(directory: Path, batches: set[int] | None = None
+             ) -> list[tuple[Path, int, str, dict[str, Any]]]:
+    """(log, line number, session, record) of every recorded generation in ``directory`` (all ranks' logs; only the
+    ``batches`` given, when given), each line of every log checked first: a ResumeError naming the file and line of
+    the first that is not a record the run wrote, or whose samples are missing or short. A last line that is not
+    JSON (cut short by a kill) is ignored. The session is the log and line of the run or resume record it follows."""
+    out = []
+    first: tuple[tuple[int, ...], str] | None = None  # every batch's samples have one shape but for the batch size
     for path in log_paths(directory):
-        lines = path.read_text().splitlines()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ResumeError(f"cannot resume: {path} cannot be read ({e}){_START_AGAIN}") from None
+        lines = text.splitlines()
+        header = _check_header(path, lines[0] if lines else "")
+        settings = header["settings"]
         session = ""
         for i, line in enumerate(lines):
+            where = f"line {i + 1} of {path}"
             try:
                 rec = json.loads(line)
             except ValueError:
-                if i == len(lines) - 1:
+                if i == len(lines) - 1 and i > 0:
                     continue  # the line being written when the run was killed
-                raise ResumeError(f"cannot resume: line {i + 1} of {path} is not JSON{_START_AGAIN}") from None
-            if rec.get("kind") in ("run", "resume"):
+                raise ResumeError(f"cannot resume: {where} is not JSON{_START_AGAIN}") from None
+            kind = rec.get("kind") if isinstance(rec, dict) else None
+            if kind not in ("run", "resume", "result"):
+                raise ResumeError(f"cannot resume: {where} is not a run, resume or result record{_START_AGAIN}")
+            if kind != "result":
                 session = f"{path.name}:{i + 1}"
-            if rec.get("kind") != "result" or (batches is not None and rec["batch"] not in batches):
                 continue
-            if sessions is not None:
-                sessions[(rec["method"], rec["batch"])] = session
-            where = rec["samples"]
-            shape = tuple(where["shape"])
-            count = int(np.prod(shape))
-            samples = directory / where["file"]
+            wrong = _check_result(rec, settings)
+            if wrong is not None:
+                raise ResumeError(f"cannot resume: {where} is not a result the run wrote: {wrong}{_START_AGAIN}")
+            shape = tuple(rec["samples"]["shape"])
+            first = first or (shape, where)
+            if shape[1:] != first[0][1:]:
+                raise ResumeError(f"cannot resume: the samples shape {list(shape)} on {where} differs from "
+                                  f"{list(first[0])} on {first[1]}{_START_AGAIN}")
+            samples = directory / rec["samples"]["file"]
             if not samples.is_file():  # found by review: a traceback (FileNotFoundError)
                 raise ResumeError(f"cannot resume: {samples}, which {path} names, is missing{_START_AGAIN}")
-            data = np.fromfile(samples, dtype=np.float32, count=count, offset=where["offset"])
-            if data.size != count:
-                raise ResumeError(f"cannot resume: {where['file']} is shorter than {path} says{_START_AGAIN}")
-            out[(rec["method"], rec["batch"])] = (torch.from_numpy(data.reshape(shape).copy()), float(rec["seconds"]),
-                                                  float(rec["nfc"]), float(rec["flops"]))
+            end = rec["samples"]["offset"] + 4 * math.prod(shape)
+            if samples.stat().st_size < end:
+                raise ResumeError(f"cannot resume: {rec['samples']['file']} is shorter than {path} says "
+                                  f"(line {i + 1}){_START_AGAIN}")
+            if batches is None or rec["batch"] in batches:
+                out.append((path, i + 1, session, rec))
     return out
+
+
+def check_log(directory: str | Path) -> None:
+    """Refuse (``ResumeError``, naming the file and line) a log in ``directory`` that ``load_results`` could not
+    read, without reading the samples: for the command line, before the model loads."""
+    _records(Path(directory))
+
+
+def load_results(directory: str | Path, batches: set[int] | None = None,
+                 sessions: dict[tuple[str, int], str] | None = None) -> dict[tuple[str, int], Generation]:
+    """Every recorded generation in ``directory`` (all ranks' logs), keyed by (method label, batch); only the
+    ``batches`` given, when given. A line cut short by a kill (the last one of a log) is ignored; any other line that
+    is not a record the run wrote is refused (``ResumeError``, see ``_records``). ``sessions``, when given, gets the
+    session each was timed in: the log and line of the run or resume record it follows (dates, to the second, can be
+    equal). NaN (or null) NFC and FLOPs read as NaN."""
+    directory = Path(directory)
+    out: dict[tuple[str, int], Generation] = {}
+    for _, _, session, rec in _records(directory, batches):
+        key = (rec["method"], rec["batch"])
+        if sessions is not None:
+            sessions[key] = session
+        where = rec["samples"]
+        shape = tuple(where["shape"])
+        count = math.prod(shape)
+        data = np.fromfile(directory / where["file"], dtype=np.float32, count=count, offset=where["offset"])
+        if data.size != count:  # changed since _records looked
+            raise ResumeError(f"cannot resume: {where['file']} is shorter than the log says{_START_AGAIN}")
+        out[key] = (torch.from_numpy(data.reshape(shape).copy()), float(rec["seconds"]),
+                    _float(rec["nfc"]), _float(rec["flops"]))
+    return out
+
+
+def _json_number(v: float) -> float | None:
+    """``v``, or None for NaN: a log of standard JSON (``json.dumps`` writes NaN bare, which other readers refuse);
+    ``load_results`` reads both None and the NaN of older logs as NaN."""
+    return None if math.isnan(v) else float(v)
+
+
+def _float(v: float | None) -> float:
+    return math.nan if v is None else float(v)
 
 
 #: what a finished run writes beside its log

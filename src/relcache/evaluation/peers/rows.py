@@ -15,7 +15,8 @@ from ..bench import DEFAULT_BUDGETS, INTERVAL_FOR_NFC, BenchMethod, Sampler
 from .cache_dit import CacheDiTPeer, cache_dit_unavailable
 from .diffusers import DiffusersFasterCache, DiffusersMagCache, diffusers_first_block_cache, diffusers_taylorseer
 
-__all__ = ["MAG_MAX_SKIP", "REFERENCE_THRESHOLDS", "TAYLORSEER_SCHEDULE", "peer_methods"]
+__all__ = ["CALIBRATED_FOR", "MAG_MAX_SKIP", "REFERENCE_THRESHOLDS", "TAYLORSEER_SCHEDULE", "calibration_differences",
+           "peer_methods", "thresholds_unfit"]
 
 #: budget (NFC of 50 steps) -> (cache_interval, disable_cache_before_step) of diffusers' TaylorSeer. Its
 #: schedule computes steps 0..w-1, predicts step w, then computes w+1, w+1+N, ...: NFC = w + (48-w)//N + 1.
@@ -36,14 +37,47 @@ REFERENCE_THRESHOLDS: dict[str, dict[int, float]] = {
     "cache_dit": {14: 0.0616, 11: 0.0949, 10: 0.1, 8: 0.131, 7: 0.154},
 }
 
+#: the settings ``REFERENCE_THRESHOLDS`` were calibrated for, on the shipped reference model
+CALIBRATED_FOR = {"num_steps": 50, "guidance_scale": 1.5, "batch_size": 10}
 
-def peer_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, *, num_steps: int = 50, guidance_scale: float = 1.5,
-                 sampler: Sampler | None = None) -> list[BenchMethod]:
+
+def calibration_differences(*, reference_model: bool = True, num_steps: int = 50, guidance_scale: float | None = 1.5,
+                            batch_size: int = 10) -> list[str]:
+    """How a bench's model and settings differ from what ``REFERENCE_THRESHOLDS`` were calibrated for."""
+    differ = [] if reference_model else ["another model"]
+    return differ + [f"{value} steps" if name == "num_steps" else f"{name.replace('_', ' ')} {value}"
+                     for name, value in (("num_steps", num_steps), ("guidance_scale", guidance_scale),
+                                         ("batch_size", batch_size)) if value != CALIBRATED_FOR[name]]
+
+
+def thresholds_unfit(*, reference_model: bool = True, num_steps: int = 50, guidance_scale: float | None = 1.5,
+                     batch_size: int = 10) -> str | None:
+    """Why ``REFERENCE_THRESHOLDS`` do not apply to a bench with these settings (None: they do).
+
+    A threshold only means an NFC for the model and settings it was calibrated on: the residual differences it is
+    compared with are another model's, scale with the guidance, and are means over the batch. Found by review: on a
+    user's DiT (``--model``) the rows labelled "NFC~14" realized NFC 50 (FBCache) and 16 (MagCache)."""
+    differ = calibration_differences(reference_model=reference_model, num_steps=num_steps,
+                                     guidance_scale=guidance_scale, batch_size=batch_size)
+    if not differ:
+        return None
+    return ("not run: its threshold was calibrated on the shipped reference model (50 steps, guidance 1.5, batches "
+            f"of 10), not for {', '.join(differ)}; calibrate one with relcache.evaluation.peers.calibrate_thresholds")
+
+
+def peer_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, *, num_steps: int = 50, guidance_scale: float | None = 1.5,
+                 sampler: Sampler | None = None, batch_size: int = 10, reference_model: bool = True
+                 ) -> list[BenchMethod]:
     """Bench rows of the peers at each budget (NFC of 50 steps), plus FasterCache once (it has no budget).
 
-    ``num_steps``/``guidance_scale``/``sampler`` are the bench's (MagCache indexes its ratios by step and
-    calibrates them with ``sampler``, default ``sample_digits``).
+    ``num_steps``/``guidance_scale``/``sampler``/``batch_size`` are the bench's (MagCache indexes its ratios by step
+    and calibrates them with ``sampler``, default ``sample_digits``); ``reference_model``: whether it runs on the
+    shipped reference model. Where ``REFERENCE_THRESHOLDS`` do not apply (``thresholds_unfit``) the threshold-based
+    peers' rows are unavailable, the reason their note; TaylorSeer (a fixed schedule) and FasterCache (its defaults)
+    still run.
     """
+    unfit = thresholds_unfit(reference_model=reference_model, num_steps=num_steps, guidance_scale=guidance_scale,
+                             batch_size=batch_size)
     no_cache_dit = cache_dit_unavailable()
     rows = []
     for nfc in budgets:
@@ -55,6 +89,10 @@ def peer_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, *, num_steps: int = 5
         dbc = REFERENCE_THRESHOLDS["cache_dit"][nfc]
         label = f"diffusers TaylorSeer N={interval} w={warmup} m=2"
         rows.append(BenchMethod(label, peer=diffusers_taylorseer(label, interval, warmup, order=2), budget=nfc))
+        if unfit is not None:  # no threshold is used: none in the labels
+            rows += [BenchMethod(f"{name} NFC~{nfc}", unavailable=unfit, budget=nfc) for name in
+                     ("diffusers FBCache", f"diffusers MagCache K={MAG_MAX_SKIP[nfc]}", "cache-dit DBCache F1B0+TS1")]
+            continue
         label = f"diffusers FBCache NFC~{nfc} t={fbc:g}"
         rows.append(BenchMethod(label, peer=diffusers_first_block_cache(label, fbc), budget=nfc))
         label = f"diffusers MagCache NFC~{nfc} t={mag:g} K={MAG_MAX_SKIP[nfc]}"
