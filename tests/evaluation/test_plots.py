@@ -1,6 +1,7 @@
 """The bench's pictures: method families, the Pareto front, labels that never overlap, and both PNGs written with
 the run record."""
 
+import dataclasses
 import itertools
 import math
 
@@ -84,3 +85,73 @@ def test_the_markdown_table_says_n_a_without_a_unit_where_a_row_has_no_time():
     lines = BenchResult(rows, {}).to_markdown().splitlines()
     assert lines[2].split(" | ")[4] == "1.00x"
     assert lines[3].split(" | ")[4] == "n/a"
+
+
+def _kept_figures(monkeypatch):
+    """The figures the plots save, kept open (``plt.close`` records them instead)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    return kept
+
+
+def test_markers_at_the_same_cost_and_error_all_show(monkeypatch, tmp_path):
+    """Found by review: "RFC + CFG-Cache" (the default CFGCache() skips nothing beside RFC) has RFC's FLOPs and error,
+    and its markers hid RFC's in the FLOPs panel. A marker drawn on an earlier one is smaller, so both show; the
+    legend's markers keep one size."""
+    rows = _rows(n_budgets=3)
+    rows += [dataclasses.replace(r, method=r.method + " + CFG-Cache", time_s=r.time_s * 1.1) for r in rows
+             if r.method.startswith("RFC ")]
+    figs = _kept_figures(monkeypatch)
+    save_pareto(BenchResult(rows, {}), tmp_path / "pareto.png")
+    fig = figs[0]
+    flops = fig.axes[1]
+    drawn = [(c.get_label(), c.get_offsets().tolist(), list(c.get_sizes())) for c in flops.collections]
+    # every marker of every family: not covered by a marker drawn later at its place of its size or more
+    for i, (label, offsets, sizes) in enumerate(drawn):
+        sizes = sizes * len(offsets) if len(sizes) == 1 else sizes
+        for xy, s in zip(offsets, sizes, strict=True):
+            later = [(o, ss if len(ss) > 1 else ss * len(o)) for _, o, ss in drawn[i + 1:]]
+            covered = any(xy == p and t >= s for o, ss in later for p, t in zip(o, ss, strict=True))
+            assert not covered, (label, xy)
+    assert {"RFC", "RFC + CFG-Cache"} <= {label for label, _, _ in drawn}
+    legend = fig.legends[0]
+    assert {tuple(h.get_sizes()) for h in legend.legend_handles if hasattr(h, "get_sizes")} == {(36.0,)}
+    import matplotlib.pyplot as plt
+
+    monkeypatch.undo()
+    plt.close(fig)
+
+
+def test_the_run_record_footer_is_wrapped_to_the_figure(monkeypatch, tmp_path):
+    """Found by review: the footer was one line, cut off at the edge of a samples.png of few samples (4 samples: it
+    ended "...diffusers 0"; 1 sample: mid-command). Now it is wrapped inside the figure, whole, below the images."""
+    rows = _rows(n_budgets=1)
+    command = "relcache bench --samples 1 --batch-size 1 --steps 20 --budgets 14 7 --out runs/a/rather/long/path"
+    run = {"command": command, "date": "2026-12-01T00:00:00+00:00", "settings": {"seed": 0},
+           "versions": {"relcache": "0.1.0", "torch": "2.13.0+cpu", "diffusers": "0.42.1"}}
+    figs = _kept_figures(monkeypatch)
+    for n in (1, 4):
+        samples = {r.method: torch.rand(n, 3, 8, 8) * 2 - 1 for r in rows}
+        save_samples(BenchResult(rows, {}, samples, run=run), tmp_path / f"samples{n}.png")
+    save_pareto(BenchResult(rows, {}, run=run), tmp_path / "pareto.png")
+    for fig in figs:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        footer = [t for t in fig.texts if t.get_text().startswith("relcache bench --")]
+        assert len(footer) == 1
+        assert " ".join(footer[0].get_text().split()).endswith("diffusers 0.42.1")
+        assert command in " ".join(footer[0].get_text().split())
+        box = footer[0].get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and 0 <= box.y0
+        for ax in fig.axes:  # above the footer, labels included
+            assert ax.get_tightbbox(renderer).y0 >= box.y1 - 1
+    import matplotlib.pyplot as plt
+
+    monkeypatch.undo()
+    for fig in figs:
+        plt.close(fig)

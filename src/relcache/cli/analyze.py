@@ -59,30 +59,93 @@ def _check_modules(modules: list[int] | None, model: torch.nn.Module) -> None:
                           f"modules), got {' '.join(map(str, bad))}")
 
 
+def _trace_limit() -> tuple[int, int] | None:
+    """(bytes the trace may take, bytes available), None where the available memory is unknown."""
+    from ..evaluation.analyze import MEMORY_SHARE, available_memory
+
+    free = available_memory()
+    return (int(MEMORY_SHARE * free), free) if free is not None else None
+
+
+def _too_large(need: int, limit: tuple[int, int], args: argparse.Namespace) -> str:
+    """Why a trace of ``need`` bytes is refused, and the --samples and --steps that would fit."""
+    from ..evaluation.analyze import MEMORY_SHARE, gib
+
+    per_sample = need / args.samples
+    fit = int(limit[0] // per_sample)
+    steps = int(limit[0] // (per_sample / args.steps))
+    hint = (f"--samples {fit} or fewer fit at --steps {args.steps}" if fit >= 1 else
+            f"even --samples 1 needs {gib(per_sample)}; at most --steps {steps} fit with --samples 1" if steps >= 2
+            else f"even --samples 1 --steps 2 needs {gib(2 * per_sample / args.steps)}")
+    return (f"--samples {args.samples} --steps {args.steps}: the trace (every cached module's input and output at "
+            f"every step, float32) would take {gib(need)} of memory, over the {gib(limit[0])} it may take "
+            f"({MEMORY_SHARE:.0%} of the {gib(limit[1])} available): lower --samples or --steps ({hint})")
+
+
+def _check_trace_size(model: torch.nn.Module, args: argparse.Namespace, limit: tuple[int, int] | None) -> int | None:
+    """The trace's bytes, estimated on the meta device from ``model``'s config (None where that fails: then
+    ``record_trace`` checks after the first step); a ConfigError naming --samples and --steps where they exceed
+    ``limit``."""
+    from ..evaluation.analyze import trace_bytes
+
+    rows = args.samples * (2 if args.guidance > 1 else 1)  # the DiT samplers double the batch for guidance
+    try:
+        need = trace_bytes(model, rows, args.steps)
+    except Exception:  # noqa: BLE001 - a model the meta run does not take: the check after the first step is left
+        return None
+    if limit is not None and need > limit[0]:
+        raise ConfigError(_too_large(need, limit, args))
+    return need
+
+
+def _run_record(args: argparse.Namespace, trace: int | None) -> dict:
+    """What ``analyze`` ran: command, date, settings (everything the figures depend on), versions, machine."""
+    from ..evaluation import runlog
+    from ..evaluation.analyze import gib
+
+    settings = {"model": args.model or "shipped reference model", "samples": args.samples, "steps": args.steps,
+                "interval": args.interval, "order": args.order, "guidance": args.guidance, "seed": args.seed,
+                "modules": args.modules if args.modules is not None else "default"}
+    if trace is not None:
+        settings["trace"] = gib(trace)
+    return {"command": getattr(args, "command_line", None), "date": runlog.now(), "settings": settings,
+            "versions": runlog.versions(), "machine": runlog.machine()}
+
+
 def run(args: argparse.Namespace) -> int:
     """The paper's Figures 1 and 2 (PNG plus CSV) from one traced full-computation generation."""
     import torch
 
-    from ..evaluation.analyze import analyze_trace, record_trace, save_analysis, schedule_problem
+    from ..evaluation.analyze import TraceTooLarge, analyze_trace, record_trace, save_analysis, schedule_problem
 
     problem = schedule_problem(args.interval, args.steps)
     if problem is not None:
         raise ConfigError(f"argument --interval: {problem}")
+    # the trace is held in memory: a size the machine cannot hold is refused before the long part (found by review:
+    # DiT-XL-2-256 at the defaults needs 123 GiB, and was killed for memory after a long run with nothing saved)
+    limit = _trace_limit()
     if args.model:
-        _check_modules(args.modules, _meta_transformer(args.model))  # before the pipeline loads
+        meta = _meta_transformer(args.model)
+        _check_modules(args.modules, meta)  # before the pipeline loads
+        need = _check_trace_size(meta, args, limit)
         model, sampler = _pipeline_sampler(args.model)
     else:
         model, sampler, _, _ = _reference()
         _check_modules(args.modules, model)  # before the trace, which is the long part
+        need = _check_trace_size(model, args, limit)
     # classes cycle within the model's own (a DiT's num_embeds_ada_norm; the shipped model's 10 digits): a DiT of
     # fewer than 10 classes was given labels past its last, or its null class (found by review)
     classes = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None) if args.model else None
     labels = torch.arange(args.samples) % min(10, classes or 10)
     generate = partial(sampler, model, labels, num_steps=args.steps, guidance_scale=args.guidance,
                        generator=torch.Generator().manual_seed(args.seed))
-    trace = record_trace(model, generate, progress=True, num_steps=args.steps)
+    try:
+        trace = record_trace(model, generate, progress=True, num_steps=args.steps,
+                             max_bytes=limit[0] if limit is not None else None)
+    except TraceTooLarge as err:  # the estimate could not be made beforehand: stopped after the first step
+        raise ConfigError(_too_large(err.estimate, limit, args)) from None
     result = analyze_trace(trace, interval=args.interval, order=args.order, modules=args.modules)
-    for path in save_analysis(result, args.out):
+    for path in save_analysis(result, args.out, run=_run_record(args, need)):
         print(path)
     print(f"input/output prediction error correlation ({result.io_module}): {result.io_correlation:.3f}")
     return 0

@@ -10,13 +10,15 @@ without overlapping another label or marker (``place_labels``); the legend names
 ``samples.png``: one row per method, full computation first, the same seeds side by side (a strip of frames of the
 first sample for video), each row labelled with the method, its NFC, time and rel L1.
 
-Every picture carries the run record (command, date, versions) in its PNG metadata and as a footer line.
+Every picture carries the run record (command, date, versions) in its PNG metadata and as a footer, wrapped to the
+figure's width (``footer_lines``) with the figure grown to hold it (``add_footer``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,13 +63,54 @@ def _metadata(result: BenchResult) -> dict[str, str]:
     return {"Title": "relcache bench", "Description": "\n".join(result.run_summary()), "Software": "relcache"}
 
 
-def _footer(fig: Any, result: BenchResult) -> None:
+FOOTER_FONTSIZE = 6.5
+_FOOTER_SPACING = 1.3  # line spacing of a footer's lines, in font sizes
+
+
+def _footer_text(result: BenchResult) -> str:
     run = result.run
-    if run:
-        v = run.get("versions", {})
-        text = (f"{run.get('command')}   |   {run.get('date')} UTC   |   relcache {v.get('relcache')}, "
-                f"torch {v.get('torch')}, diffusers {v.get('diffusers')}")
-        fig.text(0.01, 0.005, text, fontsize=6.5, color="0.35", ha="left", va="bottom")
+    if not run:
+        return ""
+    v = run.get("versions", {})
+    return (f"{run.get('command')}   |   {run.get('date')} UTC   |   relcache {v.get('relcache')}, "
+            f"torch {v.get('torch')}, diffusers {v.get('diffusers')}")
+
+
+def footer_lines(fig: Any, text: str, fontsize: float = FOOTER_FONTSIZE) -> list[str]:
+    """``text`` wrapped to ``fig``'s width (less 1 % each side), as measured by its renderer: a record of one line
+    was cut off at the edge of a narrow figure (found by review: a samples.png of 1 sample ended mid-command)."""
+    if not text:
+        return []
+    renderer = fig.canvas.get_renderer()
+    room = 0.98 * fig.bbox.width
+    chars = max(10, int(fig.get_figwidth() * 72 / (0.5 * fontsize)))  # a first guess, a little wide
+    while True:
+        lines = [line for part in text.splitlines()
+                 for line in textwrap.wrap(part, chars, break_on_hyphens=False) or [""]]
+        probe = fig.text(0, 0, "\n".join(lines), fontsize=fontsize, linespacing=_FOOTER_SPACING)
+        width = probe.get_window_extent(renderer).width
+        probe.remove()
+        if width <= room or chars <= 10:
+            return lines
+        chars = max(10, int(chars * min(0.95, room / width)))
+
+
+def footer_height(lines: Sequence[str], fontsize: float = FOOTER_FONTSIZE) -> float:
+    """Inches the footer of ``lines`` takes at the figure's bottom (with a little space above it)."""
+    return (len(lines) * _FOOTER_SPACING * fontsize + 6) / 72 if lines else 0.0
+
+
+def add_footer(fig: Any, text: str, fontsize: float = FOOTER_FONTSIZE) -> float:
+    """Wrap ``text`` to ``fig``'s width, grow the figure by the footer's height and draw it at the bottom; returns
+    the fraction of the (new) height the footer takes, the bottom of the rect to lay the rest out in."""
+    lines = footer_lines(fig, text, fontsize)
+    if not lines:
+        return 0.0
+    height = footer_height(lines, fontsize)
+    fig.set_figheight(fig.get_figheight() + height)
+    fig.text(0.01, 0.004, "\n".join(lines), fontsize=fontsize, color="0.35", ha="left", va="bottom",
+             linespacing=_FOOTER_SPACING)
+    return height / fig.get_figheight()
 
 
 def place_labels(ax: Any, xy: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 7.0) -> list[Any]:
@@ -110,6 +153,27 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+#: a marker's area in points², as ``scatter`` takes it
+_SIZE = 36.0
+
+
+def _near(pts: Sequence[tuple[Any, float, float]]) -> Any:
+    """A test of whether two points of a log-log panel holding ``pts`` fall within about a marker's width of each
+    other (1.5 % of the panel's span in each axis)."""
+    def span(values: list[float]) -> float:
+        logs = [math.log10(v) for v in values if v > 0]
+        return max(max(logs) - min(logs), 0.3) if logs else 1.0
+
+    tx, ty = 0.015 * span([x for _, x, _ in pts]), 0.015 * span([y for _, _, y in pts])
+
+    def near(p: tuple[float, float], q: tuple[float, float]) -> bool:
+        if min(*p, *q) <= 0:  # off a log axis: only the same point
+            return p == q
+        return abs(math.log10(p[0] / q[0])) <= tx and abs(math.log10(p[1] / q[1])) <= ty
+
+    return near
+
+
 def _finite(*values: float) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
 
@@ -144,11 +208,20 @@ def save_pareto(result: BenchResult, path: str | Path) -> Path:
     xlabels = ["time per generation (s)", "model FLOPs / full computation's" if flops_counted else "NFC / full NFC"]
     for panel, ax in enumerate(axes):
         pts = [(r, cost(r, panel), max(r.rel_l1, floor)) for r in others if _finite(cost(r, panel))]
+        near = _near(pts)
+        order = {fam: i for i, fam in enumerate(families)}  # the order the families are drawn in, the last on top
         for fam in families:
             mine = [(x, y) for r, x, y in pts if family(r.method) == fam]
             if mine:
                 color, marker = style[fam]
-                ax.scatter(*zip(*mine, strict=True), color=color, marker=marker, s=36, label=fam, zorder=3,
+                # markers at one place (the same cost and error: "RFC + CFG-Cache" beside "RFC", whose default
+                # CFGCache() skips nothing) are stacked largest first, so each shows (found by review: the RFC markers
+                # were hidden in the FLOPs panel): larger by the markers drawn on it, smaller by those under it
+                stack = [[order[family(r.method)] for r, x, y in pts if family(r.method) != fam and near(p, (x, y))]
+                         for p in mine]
+                sizes = [_SIZE * 2.0 ** sum(i > order[fam] for i in s) * 0.75 ** sum(i < order[fam] for i in s)
+                         for s in stack]
+                ax.scatter(*zip(*mine, strict=True), color=color, marker=marker, s=sizes, label=fam, zorder=3,
                            edgecolors="white", linewidths=0.5)
         full_x = (full.time_s if panel == 0 else 1.0) if full is not None else None
         if full_x is not None and _finite(full_x):
@@ -176,15 +249,19 @@ def save_pareto(result: BenchResult, path: str | Path) -> Path:
             ax.set_xlim(min(xs) / 1.25, max(xs) * 1.35)
             ax.set_ylim(min(ys) / 1.6, max(ys) * 1.8)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("relcache bench: error against cost, one marker per method and budget (labels: NFC)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.03, 0.83, 0.96))
+    legend = fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    for handle in legend.legend_handles:  # a family's first marker may be a small one drawn on another's
+        if hasattr(handle, "set_sizes"):
+            handle.set_sizes([_SIZE])
+    fig.suptitle("relcache bench: error against cost, one marker per method and budget (labels: NFC; markers "
+                 "stacked large to small: the same cost and error)", fontsize=11)
+    bottom = add_footer(fig, _footer_text(result))
+    fig.tight_layout(rect=(0, max(bottom, 0.01), 0.83, 0.96))
     for panel, ax in enumerate(axes):
         pts = [(cost(r, panel), max(r.rel_l1, floor), r) for r in others if _finite(cost(r, panel))]
         pts.sort(key=lambda p: p[1])  # the most accurate first: they get the free places
         pts = [p for p in pts if _finite(p[2].nfc)]  # a peer whose NFC is not measured gets no label
         place_labels(ax, [(x, y) for x, y, _ in pts], [f"{r.nfc:.0f}" for _, _, r in pts])
-    _footer(fig, result)
     path = Path(path)
     fig.savefig(path, dpi=120, format="png", metadata=_metadata(result))
     plt.close(fig)
@@ -240,8 +317,8 @@ def save_samples(result: BenchResult, path: str | Path, columns: int = 10) -> Pa
         nfc = f"{r.nfc:.0f}" if _finite(r.nfc) else "n/a"
         ax.set_ylabel(f"{label}\nNFC {nfc} · {time} · rel L1 {r.rel_l1:.4f}", rotation=0, ha="right",
                       va="center", fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    _footer(fig, result)
+    bottom = add_footer(fig, _footer_text(result))
+    fig.tight_layout(rect=(0, max(bottom, 0.01), 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110, format="png", metadata=_metadata(result))
     plt.close(fig)
