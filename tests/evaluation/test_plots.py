@@ -155,3 +155,22 @@ def test_the_run_record_footer_is_wrapped_to_the_figure(monkeypatch, tmp_path):
     monkeypatch.undo()
     for fig in figs:
         plt.close(fig)
+
+
+def test_bench_json_is_standard_json_with_null_for_numbers_not_measured(tmp_path):
+    """bench.json held bare NaN (no FLOP count, an unavailable peer), which strict JSON parsers refuse (found by
+    review): such numbers are null now, the measured ones as they were."""
+    import json
+
+    from relcache.evaluation.bench import BenchResult
+
+    frames = {"rel_l1": [0.01, 0.02], "psnr": [math.nan, 30.0], "ssim": [0.9, 0.8]}
+    BenchResult(_rows(1), {"steps": 50}, per_frame={"RFC NFC=14": frames}).save(tmp_path, pictures=False)
+
+    def refuse(constant):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    saved = json.loads((tmp_path / "bench.json").read_text(), parse_constant=refuse)
+    full = saved["rows"][0]
+    assert full["fid2fc"] is None and full["speedup"] == 1.0
+    assert saved["per_frame"]["RFC NFC=14"]["psnr"] == [None, 30.0]

@@ -205,8 +205,11 @@ class BenchResult:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        paths["json"].write_text(json.dumps({"run": self.run, "settings": self.settings, "rows": rows,
-                                             "per_frame": self.per_frame}, indent=2, default=str))
+        # standard JSON: a number not measured (NaN: no FLOP count, a peer that did not run) is null (found by
+        # review: bare NaN, which strict parsers refuse)
+        paths["json"].write_text(json.dumps(_nan_to_null({"run": self.run, "settings": self.settings, "rows": rows,
+                                                          "per_frame": self.per_frame}),
+                                            indent=2, default=str, allow_nan=False))
         md = ["# relcache bench", "", *(f"- {line}" for line in summary), "", self.to_markdown()]
         if self.per_frame:
             md += ["", "## Per frame (against full computation)", "", self.per_frame_markdown()]
@@ -218,6 +221,17 @@ class BenchResult:
             if self.samples:
                 paths["samples"] = save_samples(self, out / "samples.png")
         return paths
+
+
+def _nan_to_null(value: Any) -> Any:
+    """``value`` with every float NaN (or infinity) inside dicts and lists made None (``null`` in JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(v) for v in value]
+    return value
 
 
 def _short(v: Any) -> str:
