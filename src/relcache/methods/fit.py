@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, check_int
-from .history import MAX_ORDER, Reducer, StaticCaches, finite, per_sample, row_dtype, sample_norm
+from .history import MAX_ORDER, Reducer, StaticCaches, finite, narrowed, per_sample, row_dtype, sample_norm
 from .predictors import Predictor, PredictorState
 from .storage import CacheStorage, held_bytes
 
@@ -180,7 +180,10 @@ class InputFit(Predictor):
         move = inp - state.inp
         if torch.compiler.is_compiling():
             return self._compiled(state, move, base)
-        if move.element_size() < 4:  # 16-bit: products summed in float32 (a float16 sum overflows, bfloat16 rounds)
+        if move.dtype == torch.float16:  # products too in float32: a float16 product of moves past 256 overflows
+            # (found by review); the product of two float16 numbers is exact in float32
+            dots = (state.basis_in * move.reshape(n, 1, -1).float()).sum(-1)[:, None]
+        elif move.element_size() < 4:  # bfloat16: products summed in float32 (bfloat16 rounds the sum)
             dots = (state.basis_in * move.reshape(n, 1, -1)).sum(-1, dtype=torch.float32)[:, None]
         else:  # rows, not columns: (1, N) x (N, j) runs as one fast matrix-vector product on a CPU, (j, N) x (N, 1)
             # does not
@@ -192,7 +195,7 @@ class InputFit(Predictor):
             length = torch.bmm(torch.bmm(coef, state.gram_out), coef.transpose(1, 2))[:, 0, 0].sqrt()
             fac = torch.nan_to_num(sample_norm(move) / length, nan=1.0, posinf=1.0, neginf=1.0)
             coef = coef * fac[:, None, None]
-        weights = coef.to(base.dtype)
+        weights = narrowed(coef, base.dtype)
         moves_out = state.basis_out.to(base.dtype)  # (a module may return another dtype than it takes)
         if (move.shape == base.shape and move.dtype == base.dtype and move.is_contiguous()
                 and not torch.is_grad_enabled()):
@@ -205,14 +208,17 @@ class InputFit(Predictor):
         """``forecast``'s numbers as sums of products instead of batched matrix products: inductor fuses these with
         the input's move, its norm and the final add (a batched product is an external kernel of its own)."""
         n = move.shape[0]
-        wide = torch.float32 if move.element_size() < 4 else None
-        dots = (state.basis_in * move.reshape(n, 1, -1)).sum(-1, dtype=wide)  # (n, j)
+        if move.dtype == torch.float16:  # products in float32 too (as eager): a float16 product overflows
+            dots = (state.basis_in.float() * move.reshape(n, 1, -1).float()).sum(-1)  # (n, j)
+        else:
+            wide = torch.float32 if move.element_size() < 4 else None
+            dots = (state.basis_in * move.reshape(n, 1, -1)).sum(-1, dtype=wide)  # (n, j)
         coef = (dots.to(state.solve.dtype)[:, :, None] * state.solve).sum(1)  # cᵀ A, A symmetric
         if self.scale and state.gram_out is not None:
             length = ((coef[:, :, None] * state.gram_out).sum(1) * coef).sum(-1).sqrt()
             fac = torch.nan_to_num(sample_norm(move) / length, nan=1.0, posinf=1.0, neginf=1.0)
             coef = coef * fac[:, None]
-        inc = (coef.to(base.dtype)[:, :, None] * state.basis_out.to(base.dtype)).sum(1)  # Σ c_j ΔO_j, (n, size)
+        inc = (narrowed(coef, base.dtype)[:, :, None] * state.basis_out.to(base.dtype)).sum(1)  # Σ c_j ΔO_j, (n, size)
         return base + inc.reshape(base.shape)
 
     def _blend(self, state: FitState, inp: torch.Tensor, row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -224,8 +230,10 @@ class InputFit(Predictor):
         gram = basis @ basis.transpose(1, 2)
         eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
         reg = self.ridge * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
-        coef = torch.linalg.solve(gram + reg, basis @ v)[..., 0]  # (n, m)
-        coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)).to(base.dtype)
+        # a singular system (a sample whose recorded moves are all zero: ridge scales with the Gram's diagonal) gives
+        # non-finite coefficients, zeroed as the lean path zeroes its inverse; ``solve`` raised there (found by review)
+        coef = torch.linalg.solve_ex(gram + reg, basis @ v)[0][..., 0]  # (n, m)
+        coef = narrowed(torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)), base.dtype)
         inc = sum(per_sample(coef[:, j], d) * d for j, d in enumerate(state.out_diffs))
         u = state.out.direction(row, base.dtype) if len(state.out_diffs) >= 2 else None
         if u is not None and state.ratio is not None:

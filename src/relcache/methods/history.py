@@ -82,9 +82,22 @@ def _eager_no_grad() -> bool:
     return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
 
 
+def narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` cast to ``dtype``; into float16 from a wider dtype, clamped to float16's finite range first (a
+    coefficient past 65504 was inf, and inf times a zero element NaN: found by review). NaN stays NaN. Other casts
+    are plain: bfloat16 and float32 have float32's range, and only float64 work holds float64 numbers."""
+    if dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-_HALF_MAX, _HALF_MAX)
+    return x.to(dtype)
+
+
+_HALF_MAX = torch.finfo(torch.float16).max
+
+
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a ``(batch,)`` vector so it broadcasts over ``like`` sample by sample."""
-    return v.reshape(v.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)
+    """Reshape a ``(batch,)`` vector so it broadcasts over ``like`` sample by sample, in ``like``'s dtype
+    (``narrowed``: finite in float16 where ``v`` is finite)."""
+    return narrowed(v.reshape(v.shape[0], *([1] * (like.ndim - 1))), like.dtype)
 
 
 def finite(x: torch.Tensor) -> torch.Tensor:

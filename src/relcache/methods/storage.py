@@ -20,6 +20,7 @@ multiply. Every step is a tensor operation (no host read), so storing and readin
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -165,10 +166,10 @@ class Held:
         return self.data.numel() * self.data.element_size() + scale
 
     def get(self, like: torch.dtype) -> torch.Tensor:
-        """The stored tensor in dtype ``like``. (choice) Multiplied by its scale in ``like``: in a float16 model a
-        token whose scale is below 2**-24 (its largest value under about 1e-5 with int8, int4 or float8 storage,
-        below float16's normal range) reads back as 0, an error under 1e-5; a float32 product would cost two
-        full-size float32 temporaries at every read."""
+        """The stored tensor in dtype ``like``. (choice) Multiplied by its scale in ``like``: a float32 product would
+        cost two full-size float32 temporaries at every read. For a float16 model ``store`` keeps every scale at least
+        2**-24 (not 0 in float16) and every stored value's product with its scale within 65504, so the product is
+        finite and exact."""
         data = self._device_data()
         if self.packed:
             lo = torch.bitwise_right_shift(torch.bitwise_left_shift(data, 4), 4)  # sign-extending shifts
@@ -228,10 +229,17 @@ def store(x: torch.Tensor, fmt: torch.dtype | str | None, axes: str, offload: bo
     top = _INT_MAX[fmt] if fmt in _INT_MAX else torch.finfo(fmt).max
     dims = _scale_dims(x, axes)
     amax = x.detach().abs().amax(dim=dims, keepdim=True).float() if dims else x.detach().abs().float()
+    # a float16 model: every scale at least float16's smallest value 2**-24, so that it is not 0 in float16 where it is
+    # read (``Held.get``); below that, float16 values are multiples of 2**-24 and x / 2**-24 fits every format's range
+    narrow = x.dtype == torch.float16
+    floor = top * 2.0 ** -24 if narrow else torch.finfo(torch.float32).tiny
     # the smallest power of two s with amax / s <= top (amax 0: s = the smallest normal float32, harmless). (int8 with
     # s = amax / 127 exactly, using the whole grid, measured no better on the reference model: docs/performance.md)
-    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny) / top)))
-    y = x.float() / scale
+    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(floor) / top)))
+    # a float16 model: a value near float16's top could round up to a stored value whose product with s is past 65504
+    # (inf where ``Held.get`` multiplies in float16, found by review); clipped first to ``_top_clip``, every product
+    # is finite (one kernel, a clamp with two numbers)
+    y = (x.float().clamp_(-_TOP_CLIP[fmt], _TOP_CLIP[fmt]) if narrow else x.float()) / scale
     if fmt not in _INT_MAX:
         return Held(y.to(fmt), scale, x.shape, False)
     q = torch.round(y).clamp_(-top, top).to(torch.int8)
@@ -240,6 +248,43 @@ def store(x: torch.Tensor, fmt: torch.dtype | str | None, axes: str, offload: bo
     pairs = q.reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
     packed = torch.bitwise_or(torch.bitwise_and(pairs[..., 0], 15), torch.bitwise_left_shift(pairs[..., 1], 4))
     return Held(packed, scale, x.shape, True)
+
+
+#: the mantissa bits of the float8 formats (``finfo(...).eps`` of the fnuz forms does not say)
+_MANTISSA_BITS = {torch.float8_e4m3fn: 3, torch.float8_e4m3fnuz: 3, torch.float8_e5m2: 2, torch.float8_e5m2fnuz: 2}
+_HALF_MAX = torch.finfo(torch.float16).max  # 65504 = (2**11 - 1) * 2**5
+
+
+def _grid_below(bound: float, bits: int, strict: bool = False) -> float:
+    """The largest number with ``bits`` mantissa bits (no exponent limit) at most ``bound`` (below it: ``strict``)."""
+    _, e = math.frexp(bound)  # bound = m * 2**e, 0.5 <= m < 1
+    unit = 2.0 ** (e - 1 - bits)  # the grid of such numbers in [2**(e-1), 2**e)
+    steps = math.ceil(bound / unit) - 1 if strict else math.floor(bound / unit)
+    return steps * unit
+
+
+def _top_clip(fmt: torch.dtype | str) -> float:
+    """The magnitude a float16 value is clipped to before it is stored in the scaled format ``fmt`` (docs/spec.md,
+    §Cache storage), so that no stored value times its scale ``s`` (a power of two) passes 65504.
+
+    A float format rounds ``x / s`` to its mantissa: the same rounding at every power-of-two ``s``, so a value at most
+    the largest number of that mantissa below 65504 (61440 for e4m3, 57344 for e5m2) reads back at most that. An
+    integer format rounds ``x / s`` to an integer: only the largest scale a float16 token can get,
+    ``s = 2**ceil(log2(65504 / top))``, has grid points past 65504, the first of them ``(k + 1) · s`` with
+    ``k = floor(65504 / s)``; a value below the midpoint ``(k + 1/2) · s`` rounds to ``k · s`` at most (57312 for
+    int4, 64992 for int8: the largest float16 below 57344 and 65024). At the next smaller scale ``s / 2`` that clip
+    is above ``(top - 1/2) · s / 2``, so it rounds to the same ``top`` as the values it replaces
+    (``tests/methods/test_half_overflow.py`` checks every float16 value at every scale)."""
+    if fmt not in _INT_MAX:
+        return _grid_below(_HALF_MAX, _MANTISSA_BITS[fmt])
+    top = _INT_MAX[fmt]
+    s = 2.0 ** math.ceil(math.log2(_HALF_MAX / top))
+    mid = (math.floor(_HALF_MAX / s) + 0.5) * s
+    return _HALF_MAX if mid > _HALF_MAX else _grid_below(mid, 10, strict=True)
+
+
+#: ``_top_clip`` of every scaled format a float16 model can store in (taken once: compiled code reads a constant)
+_TOP_CLIP = {fmt: _top_clip(fmt) for fmt in (INT4, INT8, *_MANTISSA_BITS)}
 
 
 def load(t: Held | torch.Tensor, like: torch.dtype) -> torch.Tensor:
