@@ -1,11 +1,13 @@
 """Schedules against hand-counted full steps and hand-computed accumulated errors."""
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from relcache import RFC, ConfigError, InputError, Interval
+from relcache.methods.schedules import GAP_CAP
 
 
 @pytest.mark.parametrize("interval,nfc", [(4, 14), (5, 11), (6, 10), (7, 8), (9, 7)])
@@ -185,3 +187,32 @@ def test_schedule_bad_input_names_parameter_and_allowed_values():
         RFC(target_nfc=1)
     with pytest.raises(ConfigError, match="begin_generation"):
         InputError(target_nfc=10).new_state(None)
+
+
+@dataclass(frozen=True)
+class _ScriptedErrors(InputError):
+    """RCS with the input errors ``e(i)`` given per step (the decision rules alone, without a forecast)."""
+
+    errs: tuple[float, ...] = ()
+
+    def input_error(self, state, step, probe, measured=None):
+        return self.errs[step]
+
+
+def test_target_nfc_does_not_spend_its_budget_before_the_end():
+    """tau's rescaling compounds: after long early gaps (large early errors) it shrank below one step's error, so
+    every step was full until the budget was gone and the last steps were all forecast (found by review: on the
+    reference model, K = 20 of 50 spent its budget by step 43, with 4x K = 18's error; here K = 22 by step 44,
+    full at every step from 33 to 42). No gap is now shorter than 1 / GAP_CAP even gaps either."""
+    errs = tuple(0.06 if i < 4 else 0.007 for i in range(50))
+    schedule = _ScriptedErrors(target_nfc=22, errs=errs)
+    full, _ = _run(schedule, [torch.zeros(1, 4)] * 50)
+    # from step 33 (12 used, 10 left): even gap (49 - 33) / 10 = 1.6, so no gap below 1.07: 35; then 14 / 9 -> 37;
+    # 12 / 8 = 1.5 -> gap 1 allowed: 38; 11 / 7 -> 40; 9 / 6 -> 41; 8 / 5 -> 43; 6 / 4 -> 44; 5 / 3 -> 46; 3 / 2 ->
+    # 47; 2 / 1 -> 49 (also the last step, full once the steps left equal the budget left)
+    assert full == [0, 1, 4, 8, 12, 16, 20, 23, 26, 29, 31, 33, 35, 37, 38, 40, 41, 43, 44, 46, 47, 49]
+    used = 2
+    for a, b in zip(full[2:], full[3:], strict=False):  # every gap after the first past warm-up
+        used += 1
+        need = (50 - a - 1) / (22 - used)
+        assert b - a >= need / GAP_CAP - 1e-9, (a, b, need)
