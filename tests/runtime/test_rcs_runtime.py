@@ -41,13 +41,13 @@ SHRINK = {**EVEN, 6: 1.0, 7: 1.0, 8: 1.6, 9: 0.8, 10: 0.5, 11: 0.5}
 SHRINK_FULL = [0, 1, 5, 8, 11]
 SHRINK_TAU = 4 * math.sqrt(3 / 4) * math.sqrt(3 / 3.5)
 SPIKE = {**EVEN, 6: 5.0, 7: 1.0, 8: 1.0, 9: 1.0, 10: 1.0, 11: 1.0}
-# step 6: E = 5 > 3.4641 -> full (k = 1). After it: used 4, budget 1, need (12 - 6 - 1) / 1 = 5, realised
-# (6 - 2 + 1) / 2 = 2.5 -> tau = 4 sqrt(3/4) sqrt(2) = 4 sqrt(1.5) = 4.899, grown: the budget was spent early.
-# steps 7..10: E = 1, 2, 3, 4 < 4.899 (cap 1.5 * 5 = 7.5 steps); step 11 full by the hard rule.
-# (no rescale: tau stays 3.4641 and E = 4 at step 10 fires, leaving no budget for step 11; inverted: tau 4.6188 then
-# 4.6188 sqrt(2.5/5) = 3.266 also fires at step 10)
-SPIKE_FULL = [0, 1, 5, 6, 11]
-SPIKE_TAU = 4 * math.sqrt(1.5)
+# step 6: E = 5 > 3.4641 but k = 1 is below the shortest gap, 3 / 1.5 = 2 (the even gap over GAP_CAP); step 7:
+# E = 6, k = 2 -> full. After it: used 4, budget 1, need (12 - 7 - 1) / 1 = 4, realised (7 - 2 + 1) / 2 = 3 ->
+# tau = 4 sqrt(3/4) sqrt(4/3) = 4, grown: the budget was spent early. Steps 8..10: E = 1, 2, 3 < 4 (and k < 4 / 1.5
+# before step 10); step 11 full by the hard rule. (No rescale: tau stays 3.4641, the same full steps; inverted:
+# 4.6188 sqrt(3/4) = 4 at step 7, then 4 sqrt(3/4) = 3.4641.)
+SPIKE_FULL = [0, 1, 5, 7, 11]
+SPIKE_TAU = 4.0
 
 
 @pytest.mark.parametrize(("errors", "expected_full", "expected_tau"),
@@ -68,11 +68,12 @@ def test_target_nfc_rescales_tau_toward_the_budget_hand_derived(errors, expected
 
 def test_a_spent_budget_computes_nothing_more_however_large_the_error():
     """target_nfc 4 of 12: the first gap is the even one ((12 - 1 - 1) / 2 = 5 steps: full at step 6, tau = E = 5),
-    the spike at step 7 (E = 100 > 5) spends the budget, and the errors of 100 at steps 8-11 compute nothing more:
-    no full step once the budget is spent (with ``budget < 0`` for ``<= 0`` it divided by the spent budget)."""
+    the spike from step 7 (E = 100 > 5) spends the budget once the gap reaches the shortest allowed, (12 - 6 - 1) / 1
+    / 1.5 = 3.33 steps (step 10), and the error of 100 at step 11 computes nothing more: no full step once the budget
+    is spent (with ``budget < 0`` for ``<= 0`` it divided by the spent budget)."""
     errors = {i: 1.0 for i in range(2, 7)} | {i: 100.0 for i in range(7, 12)}
     full, state, _ = _scripted(InputError(target_nfc=4, warmup=2), errors, 12)
-    assert full == [0, 1, 6, 7] and state.used == 4
+    assert full == [0, 1, 6, 10] and state.used == 4
 
 
 # -- a CFG batch: the conditional rows only --------------------------------------------------------------------------
