@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from .storage import CacheStorage, Held, held_bytes, load, owned, store
+from .storage import HALF_MAX, CacheStorage, Held, held_bytes, load, owned, store
 
 
 class Reducer(Protocol):
@@ -87,11 +87,8 @@ def narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     coefficient past 65504 was inf, and inf times a zero element NaN: found by review). NaN stays NaN. Other casts
     are plain: bfloat16 and float32 have float32's range, and only float64 work holds float64 numbers."""
     if dtype == torch.float16 and x.dtype != torch.float16:
-        x = x.clamp(-_HALF_MAX, _HALF_MAX)
+        x = x.clamp(-HALF_MAX, HALF_MAX)
     return x.to(dtype)
-
-
-_HALF_MAX = torch.finfo(torch.float16).max
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

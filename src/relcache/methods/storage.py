@@ -252,7 +252,7 @@ def store(x: torch.Tensor, fmt: torch.dtype | str | None, axes: str, offload: bo
 
 #: the mantissa bits of the float8 formats (``finfo(...).eps`` of the fnuz forms does not say)
 _MANTISSA_BITS = {torch.float8_e4m3fn: 3, torch.float8_e4m3fnuz: 3, torch.float8_e5m2: 2, torch.float8_e5m2fnuz: 2}
-_HALF_MAX = torch.finfo(torch.float16).max  # 65504 = (2**11 - 1) * 2**5
+HALF_MAX = torch.finfo(torch.float16).max  # 65504 = (2**11 - 1) * 2**5
 
 
 def _grid_below(bound: float, bits: int, strict: bool = False) -> float:
@@ -276,11 +276,11 @@ def _top_clip(fmt: torch.dtype | str) -> float:
     is above ``(top - 1/2) · s / 2``, so it rounds to the same ``top`` as the values it replaces
     (``tests/methods/test_half_overflow.py`` checks every float16 value at every scale)."""
     if fmt not in _INT_MAX:
-        return _grid_below(_HALF_MAX, _MANTISSA_BITS[fmt])
+        return _grid_below(HALF_MAX, _MANTISSA_BITS[fmt])
     top = _INT_MAX[fmt]
-    s = 2.0 ** math.ceil(math.log2(_HALF_MAX / top))
-    mid = (math.floor(_HALF_MAX / s) + 0.5) * s
-    return _HALF_MAX if mid > _HALF_MAX else _grid_below(mid, 10, strict=True)
+    s = 2.0 ** math.ceil(math.log2(HALF_MAX / top))
+    mid = (math.floor(HALF_MAX / s) + 0.5) * s
+    return HALF_MAX if mid > HALF_MAX else _grid_below(mid, 10, strict=True)
 
 
 #: ``_top_clip`` of every scaled format a float16 model can store in (taken once: compiled code reads a constant)
