@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_dit
 
 from relcache.cli import main
-from relcache.evaluation import runlog
+from relcache.evaluation import provenance, runlog
 from relcache.evaluation.bench import BenchMethod, run_bench
 from relcache.evaluation.reference import sample_digits
 from relcache.methods import FORA, TaylorSeer
@@ -283,7 +283,7 @@ def test_resume_refuses_a_run_recorded_by_another_commit(tmp_path, monkeypatch, 
     """Found by review: only the version strings were compared, so a run recorded at commit deadbee resumed at
     another commit and its table went out under deadbee's name. Compared where both runs know it, with its "+"
     (uncommitted changes) marker; a run recorded without one (an installed package, an older log) still resumes."""
-    monkeypatch.setattr(runlog, "_git_commit", lambda: "abc1234")
+    monkeypatch.setattr(provenance, "_git_commit", lambda: "abc1234")
     log = _interrupted(tmp_path / "run")
     lines = log.read_text().splitlines()
     header = json.loads(lines[0])

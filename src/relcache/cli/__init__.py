@@ -51,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as err:
             args.parser.error(str(err))
     try:  # torch: imported once the options are known to be good (a second or more: Ctrl-C may land in it)
+        from ..evaluation.provenance import command_line
         from ..evaluation.ranks import RankLostError
-        from ..evaluation.runlog import command_line
     except KeyboardInterrupt:
         return _interrupted(args)
     args.command_line = command_line(argv)

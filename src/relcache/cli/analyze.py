@@ -100,7 +100,7 @@ def _check_trace_size(model: torch.nn.Module, args: argparse.Namespace, limit: t
 
 def _run_record(args: argparse.Namespace, trace: int | None) -> dict:
     """What ``analyze`` ran: command, date, settings (everything the figures depend on), versions, machine."""
-    from ..evaluation import runlog
+    from ..evaluation import provenance
     from ..evaluation.analyze import gib
 
     settings = {"model": args.model or "shipped reference model", "samples": args.samples, "steps": args.steps,
@@ -108,8 +108,8 @@ def _run_record(args: argparse.Namespace, trace: int | None) -> dict:
                 "modules": args.modules if args.modules is not None else "default"}
     if trace is not None:
         settings["trace"] = gib(trace)
-    return {"command": getattr(args, "command_line", None), "date": runlog.now(), "settings": settings,
-            "versions": runlog.versions(), "machine": runlog.machine()}
+    return {"command": getattr(args, "command_line", None), "date": provenance.now(), "settings": settings,
+            "versions": provenance.versions(), "machine": provenance.machine()}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     local pipeline of a supported family. Every finished generation is recorded as it ends (``--resume``)."""
     import torch
 
-    from ..evaluation import runlog
+    from ..evaluation import provenance, runlog
     from ..evaluation.bench import bench_settings, run_bench
 
     family, conditions, extra = _pipeline_inputs(args)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         runlog.check_resumable(args.out, bench_settings(
             num_samples=args.samples, batch_size=args.batch_size, num_classes=len(conditions), seed=args.seed,
             num_steps=args.steps, guidance_scale=guidance, count_flops=not args.no_flops, conditions=conditions,
-            extra=extra), runlog.versions())
+            extra=extra), provenance.versions())
         runlog.check_log(args.out)  # every line of the log (found by review: tracebacks after the model loaded)
     if args.model:
         from ..evaluation.pipelines import load_sampler

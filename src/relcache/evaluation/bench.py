@@ -367,7 +367,7 @@ def run_bench(
     and ``command`` are recorded with the settings. Sample ``i`` is conditioned on ``conditions[i % len(conditions)]``
     (class labels, or indices of prompts for a text sampler), by default on class ``i % num_classes``.
     ``progress_label`` names the progress bar (the command running it: ``bench``, ``demo``)."""
-    from . import runlog
+    from . import provenance, runlog
 
     rank, world = ranks.start()
     methods = [FULL, *[m for m in methods if not m.is_full]]
@@ -381,8 +381,8 @@ def run_bench(
                                  num_steps=num_steps, guidance_scale=guidance_scale, count_flops=count_flops,
                                  conditions=conditions, extra=extra_settings),
                 "methods": method_settings(methods)}
-    run = {"kind": "run", "settings": settings, "versions": runlog.versions(), "date": runlog.now(),
-           "command": command or runlog.command_line(), "machine": {**runlog.machine(), "world_size": world}}
+    run = {"kind": "run", "settings": settings, "versions": provenance.versions(), "date": provenance.now(),
+           "command": command or provenance.command_line(), "machine": {**provenance.machine(), "world_size": world}}
 
     local: PerBatch = {m.label: {} for m in runnable}
     timed_in: dict[str, dict[int, str]] = {m.label: {} for m in runnable}  # the session that timed each generation
@@ -402,7 +402,7 @@ def run_bench(
             run = {**run, "date": header["date"], "command": header["command"],
                    "versions": header.get("versions", run["versions"]), "machine": header.get("machine", {}),
                    "resumed": [*runlog.read_resumes(out_dir), this]}
-            this = {**this, "versions": runlog.versions(), "machine": {**runlog.machine(), "world_size": world}}
+            this = {**this, "versions": provenance.versions(), "machine": {**provenance.machine(), "world_size": world}}
         elif runlog.has_log(out_dir):
             raise runlog.ResumeError(f"{out_dir} holds an earlier run's {runlog.LOG}: resume it, or clear it first")
     todo = [(b, m) for b in mine for m in runnable if b not in local[m.label]]
