@@ -209,3 +209,61 @@ def test_channel_scale_is_per_sample_and_channel_across_very_different_samples(f
     assert torch.equal(held.scale.reshape(2), torch.exp2(torch.tensor([-3.0, 17.0])))
     err = (load(held, torch.float32) - x).abs()
     assert (err <= held.scale / 2).all()
+
+
+class _Norms(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the vector norms the operations inside it run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten.linalg_vector_norm.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_state_sharing_an_input_takes_its_owners_input_change_norm():
+    """Where two states read one tensor (FLUX's single blocks), the second takes the norm of ``I(i) - I(a)`` its
+    owner measured, at records (the ratio's denominator) and forecasts alike: one norm fewer each, forecasts
+    bit-identical to unshared states, and never across an in-place write, another tensor or another stored input."""
+    pred = Relational(2)
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 4, 8) for _ in range(4)]
+    outs = [(torch.randn(2, 4, 8), torch.randn(2, 4, 16)) for _ in range(3)]
+
+    def run(share: bool, poke: bool = False) -> tuple[list[torch.Tensor], int]:
+        a, b = pred.new_state(None), pred.new_state(None)
+        got, count = [], _Norms()
+        with count:
+            for step, (x, (oa, ob)) in enumerate(zip(xs[:3], outs, strict=True)):
+                x = x.clone()
+                pred.update(a, 2 * step, x, oa)
+                pred.update(b, 2 * step, x if share else x.clone(), ob)
+            x = xs[3].clone()
+            got.append(pred.predict(a, 5, 10, x))
+            if poke:
+                x.add_(1.0)  # an in-place write between the two forecasts: the owner's norm no longer applies
+            got.append(pred.predict(b, 5, 10, x if share else x.clone()))
+        assert (b.owner is a) == share
+        return got, count.n
+
+    shared, n_shared = run(True)
+    alone, n_alone = run(False)
+    for s, u in zip(shared, alone, strict=True):
+        assert torch.equal(s, u)
+    # per state: the ratio's two norms at the 2nd and 3rd records, the input change's and the direction's at the
+    # forecast; the sharing state measures no input change (two records, one forecast)
+    assert n_alone == 2 * (2 * 2 + 2) and n_shared == n_alone - 3
+    poked, n_poked = run(True, poke=True)
+    poked_alone, _ = run(False, poke=True)
+    assert n_poked == n_shared + 1  # the written tensor is measured again
+    assert torch.equal(poked[1], poked_alone[1]) and not torch.equal(poked[1], shared[1])
+    # the owner records once more alone: its norms are then against a newer stored input than the other state's
+    a, b, c = (pred.new_state(None) for _ in range(3))
+    for step, (x, (oa, ob)) in enumerate(zip(xs[:2], outs[:2], strict=True)):
+        for state, o in ((a, oa), (b, ob), (c, ob)):
+            pred.update(state, 2 * step, x, o)
+    pred.update(a, 4, xs[2], outs[2][0])
+    pred.predict(a, 5, 10, xs[3])
+    assert b.owner is a and torch.equal(pred.predict(b, 5, 10, xs[3]), pred.predict(c, 5, 10, xs[3].clone()))

@@ -308,25 +308,40 @@ def test_the_end_of_a_pipeline_call_frees_rcs_input_history_too():
 def test_modules_reading_one_tensor_hold_one_stored_input(storage, monkeypatch):
     """FLUX's single blocks run ``proj_mlp`` and ``attn`` on one modulated norm: RFE stores that input once. The output
     is bit-identical to unshared storage, and the peak is lower by exactly one stored input per single block, held
-    (and counted) by ``proj_mlp``, the first to store it."""
+    (and counted) by ``proj_mlp``, the first to store it. ``attn`` also takes ``proj_mlp``'s norm of the input's
+    change: one norm fewer per single block at each record from the second on and each forecast after it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from relcache.methods import storage as storage_mod
 
     case = CASES["flux"]
     cfg = dataclasses.replace(RFC(threshold=0.3), cache_dtype=storage)
 
+    class Norms(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.linalg_vector_norm.default
+            return func(*args, **(kwargs or {}))
+
     def generate():
         pipe = case.build()
         relcache.enable(pipe, cfg)
         try:
-            return generate_with_stats(pipe, case, steps=6)
+            with Norms() as norms:
+                got = generate_with_stats(pipe, case, steps=6)
+            return *got, norms.n
         finally:
             relcache.disable(pipe)
 
-    shared, st = generate()
+    shared, st, n = generate()
     monkeypatch.setattr(storage_mod.SharedInputs, "find", lambda self, x, fmt, axes: None)  # never share
-    unshared, st0 = generate()
+    unshared, st0, n0 = generate()
     assert st.full_steps == st0.full_steps and st.nfc < 6
     np.testing.assert_array_equal(shared, unshared)
+    second = st.full_steps[1]
+    forecasts = sum(step not in st.full_steps for step in range(second, 6))
+    assert forecasts > 0 and n0 - n == 2 * (len(st.full_steps) - 1 + forecasts)
     # the attn input of each of the 2 single blocks: batch 1, 6 text + 16 image tokens, hidden 16, float32
     one = 1 * 22 * 16 * 4 if storage is None else 1 * 22 * 16 * 1 + 22 * 4  # float8 values + a float32 scale per token
     ctx, ctx0 = st.contexts["cond"], st0.contexts["cond"]

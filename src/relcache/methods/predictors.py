@@ -11,6 +11,7 @@ host number, which lets a forecast launch fewer kernels (never under compile, wh
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,13 +36,13 @@ from .history import (
     sample_norm,
     step_row,
 )
-from .storage import SHARED_INPUTS, CacheStorage, Held, held_bytes, load, owned, store, stored_bytes
+from .storage import SHARED_INPUTS, CacheStorage, Held, held_bytes, load, owned, share_key, store, stored_bytes
 
 
 class PredictorState:
     """Per-module memory of a predictor: divided differences of the output, plus what the predictor adds."""
 
-    __slots__ = ("out", "inp", "ratio", "gram", "step", "reducer", "owner", "__weakref__")
+    __slots__ = ("out", "inp", "ratio", "gram", "step", "reducer", "owner", "led", "moved", "__weakref__")
 
     def __init__(self, order: int, dtype: torch.dtype | CacheStorage | None, reducer: Reducer | None = None) -> None:
         self.out = DiffHistory(order, dtype)
@@ -51,6 +52,8 @@ class PredictorState:
         self.step: int | None = None  # the latest full step, kept by ``update`` (by-step-number use only)
         self.reducer = reducer  # the sequence is split over processes: norms are summed over them
         self.owner: PredictorState | None = None  # the state whose stored input ``inp`` is, where shared
+        self.led = False  # another state shares this one's stored input: keep ``moved`` for it
+        self.moved: tuple | None = None  # the latest input-change norm this state measured, for its followers
 
     @property
     def ready(self) -> bool:
@@ -93,9 +96,41 @@ class PredictorState:
         got = SHARED_INPUTS.find(inp, (fmt, offload), axes)
         if got is not None and got[1] is not self:
             self.inp, self.owner = got
+            self.owner.led = True
             return
         self.inp, self.owner = (owned(inp) if st is None else store(inp, fmt, axes, offload)), None
         SHARED_INPUTS.add(inp, (fmt, offload), axes, self.inp, self)
+
+    def input_moved(self, inp: torch.Tensor) -> torch.Tensor:
+        """``‖inp - I(a)‖`` per sample: the one the state whose stored input this one shares measured where it applies
+        (``shared_moved``), else measured here (and kept for followers)."""
+        norm = self.shared_moved(inp)
+        if norm is None:
+            norm = sample_norm(inp - self.input(inp.dtype))
+            self.keep_moved(inp, norm)
+        return norm
+
+    def shared_moved(self, inp: torch.Tensor) -> torch.Tensor | None:
+        """``‖inp - I(a)‖`` per sample where the state whose stored input this one shares measured this very tensor
+        (``storage.share_key``: same object, version and view) against that same stored input, else None: two passes
+        over the input less, bit-identical (FLUX's single blocks run ``attn`` and ``proj_mlp`` on one modulated norm).
+
+        (choice) Eager calls only: compiled code cannot test tensor identity (the compiler may merge the two
+        computations itself)."""
+        if torch.compiler.is_compiling() or self.owner is None or self.owner.moved is None:
+            return None
+        key = share_key(inp)
+        got_key, base, stored, norm = self.owner.moved
+        if key is None or got_key != key[0] or base() is not key[1] or stored() is not self.inp:
+            return None
+        return norm
+
+    def keep_moved(self, inp: torch.Tensor, norm: torch.Tensor) -> None:
+        """Keep ``norm`` (``‖inp - I(a)‖``, just measured) for the states that share this one's stored input."""
+        if torch.compiler.is_compiling() or not self.led or self.inp is None:
+            return
+        key = share_key(inp)
+        self.moved = None if key is None else (key[0], weakref.ref(key[1]), weakref.ref(self.inp), norm)
 
     def prefetch(self) -> None:
         """Start copying what an offloaded state holds (``CacheStorage(offload=True)``) back to its device, ahead of
@@ -278,7 +313,7 @@ class Relational(Predictor):
         elif prev_in is not None and state.ready and prev_in.shape == inp.shape:
             change = out - state.out.base(out.dtype)
             num = sample_norm(change)
-            den = sample_norm(inp - state.input(inp.dtype))
+            den = state.input_moved(inp)
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
             if gap is not None and change.shape == out.shape and not torch.is_grad_enabled():
                 state.out.update(out, gap, change)  # D_1 = change / N, in place: one pass over the output less
@@ -302,10 +337,14 @@ class Relational(Predictor):
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             # Eager: the input change is needed only for its norm, so the direction is written over it afterwards
             # (one fresh full-size tensor per forecast instead of two; on a CPU each page-faults). Same numbers.
-            change = inp - state.input(inp.dtype)
-            moved = sample_norm(change)
+            moved = state.shared_moved(inp)
+            change = None
+            if moved is None:
+                change = inp - state.input(inp.dtype)
+                moved = sample_norm(change)
+                state.keep_moved(inp, moved)
             base = hist.base(inp.dtype)
-            fits = change.shape == base.shape and change.dtype == base.dtype
+            fits = change is not None and change.shape == base.shape and change.dtype == base.dtype
             u = hist.direction(row, inp.dtype, out=change if fits else None)
             return self._finish(state, inp, row, u, None, moved, base, k)
         return self._finish(state, inp, row, hist.direction(row, inp.dtype), None, k=k)
@@ -366,7 +405,7 @@ class Relational(Predictor):
             coef = s * norms[0] / norms[1]
         else:
             if moved is None:
-                moved = sample_norm(inp - state.input(inp.dtype))
+                moved = state.input_moved(inp)
             gram = state.gram
             fits = gram is not None and gram.shape[-1] == hist.order and gram.shape[0] == u.shape[0]
             coef = s * moved / (hist.direction_norm(gram, row) if fits else sample_norm(u))
