@@ -29,6 +29,15 @@ def test_a_warmup_covering_the_whole_generation_warns():
         Interval(2, warmup=15).new_state(16)
         Interval(2, warmup=15).new_state(None)
         Interval(1, warmup=15).new_state(12)
+    # RCS with a threshold too (its warm-up steps are full whatever the error); target_nfc at the step count
+    # asks for every step full by its number, and a budget past it is refused already
+    with pytest.warns(RuntimeWarning, match=r"warm-up \(warmup=2\) covers all 2 steps"):
+        InputError(threshold=0.1).new_state(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        InputError(threshold=0.1).new_state(3)
+        InputError(threshold=0.1).new_state(None)
+        InputError(target_nfc=2).new_state(2)
 
 
 def test_interval_hand_counted():

@@ -71,6 +71,15 @@ class Schedule(ABC):
         return None
 
 
+def _warn_if_warmup_covers(warmup: int, num_steps: int | None) -> None:
+    """Warn where a schedule's warm-up covers every step of a generation: nothing will be forecast."""
+    if num_steps is not None and warmup >= num_steps:
+        warn(f"relcache: the warm-up (warmup={warmup}) covers all {num_steps} steps of this generation: every "
+             "step computes the cached modules in full and no module output is forecast (a CFG-Cache, where one "
+             "is on, keeps its own schedule). Give a warmup below the step count (FasterCache's default, 15, "
+             "is diffusers' schedule at 50 steps: about 0.3 x num_steps)", RuntimeWarning)
+
+
 def _check_warmup(warmup: int) -> int:
     # The first step must be full: nothing exists to predict from before it.
     return check_int("warmup", warmup, 1)
@@ -116,11 +125,8 @@ class Interval(Schedule):
         return self.interval == 1
 
     def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
-        if num_steps is not None and self.interval > 1 and self.warmup >= num_steps:
-            warn(f"relcache: the warm-up (warmup={self.warmup}) covers all {num_steps} steps of this generation: every "
-                 "step computes the cached modules in full and no module output is forecast (a CFG-Cache, where one "
-                 "is on, keeps its own schedule). Give a warmup below the step count (FasterCache's default, 15, "
-                 "is diffusers' schedule at 50 steps: about 0.3 x num_steps)", RuntimeWarning)
+        if self.interval > 1:
+            _warn_if_warmup_covers(self.warmup, num_steps)
         return None
 
     def full_steps(self, num_steps: int) -> list[int]:
@@ -281,6 +287,8 @@ class InputError(Schedule):
                 )
             self.check_num_steps(num_steps)
             self._check_max_skip(num_steps)
+        else:  # a budget equal to the step count asks for every step full: that is said by the number itself
+            _warn_if_warmup_covers(self.warmup, num_steps)
         return InputErrorState(history=DiffHistory(self.order), num_steps=num_steps, reducer=reducer)
 
     def _check_max_skip(self, num_steps: int) -> None:
