@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,8 +25,11 @@ from relcache import RFC, TaylorSeer
 IMAGE, TEXT, STEPS = 576, 64, 28
 
 
-def profile_method(model: Any, fixed: dict[str, torch.Tensor], name: str, config: relcache.CacheConfig) -> None:
-    """One primed generation, then one with each cached call from step 6 on profiled; print the table."""
+def profile_calls(model: Any, fixed: dict[str, torch.Tensor], config: relcache.CacheConfig,
+                  select: Callable[[int, set[int]], bool]) -> tuple[list[float], dict[str, list[float]], set[int]]:
+    """Enable ``config``, prime it and run one generation, then profile each call ``i`` of a second one for which
+    ``select(i, full steps of the first)`` holds. Returns the profiled calls' wall times, each operator's
+    ``[self µs, count]`` summed over them, and the full steps."""
     relcache.enable(model, config)
     prime(model, fixed, IMAGE, STEPS, "cpu", torch.float32)
     generate(model, fixed, IMAGE, STEPS, "cpu", torch.float32)
@@ -35,7 +39,7 @@ def profile_method(model: Any, fixed: dict[str, torch.Tensor], name: str, config
     def profiled(*args: Any, **kwargs: Any) -> Any:
         i = call[0]
         call[0] += 1
-        if i in full or not 6 <= i < STEPS - 1:
+        if not select(i, full):
             return forward(*args, **kwargs)
         with profile() as prof:
             start = time.perf_counter()
@@ -53,13 +57,24 @@ def profile_method(model: Any, fixed: dict[str, torch.Tensor], name: str, config
     finally:
         del model.forward
         relcache.disable(model)
+    return walls, ops, full
+
+
+def print_table(title: str, walls: list[float], ops: dict[str, list[float]], top: int = 12) -> None:
+    """The profiled calls' median wall time, self time, and the ``top`` operators' self time per call."""
     n = len(walls)
     self_ms = sum(t for t, _ in ops.values()) / n / 1e3
-    print(f"\n{name}: full steps {sorted(full)}; {n} cached calls profiled, median "
-          f"{1e3 * statistics.median(walls):.1f} ms; self time per call {self_ms:.1f} ms")
+    print(f"\n{title}; {n} calls profiled, median {1e3 * statistics.median(walls):.1f} ms; self time per call "
+          f"{self_ms:.1f} ms")
     print("| operator | ms per call | calls per call |\n|---|---|---|")
-    for key, (t, c) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:12]:
+    for key, (t, c) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"| {key} | {t / n / 1e3:.2f} | {c / n:.0f} |")
+
+
+def profile_method(model: Any, fixed: dict[str, torch.Tensor], name: str, config: relcache.CacheConfig) -> None:
+    """One primed generation, then one with each cached call from step 6 on profiled; print the table."""
+    walls, ops, full = profile_calls(model, fixed, config, lambda i, full: i not in full and 6 <= i < STEPS - 1)
+    print_table(f"{name}: full steps {sorted(full)}; cached calls", walls, ops)
 
 
 def main() -> None:

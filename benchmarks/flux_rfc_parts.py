@@ -19,8 +19,8 @@ import warnings
 from typing import Any
 
 import torch
+from flux_cpu_profile import print_table, profile_calls
 from flux_speed import CPU, build, generate, inputs, prime
-from torch.profiler import profile
 
 import relcache
 from relcache import RFC, CacheConfig, Interval, Relational, Steps, Taylor
@@ -38,43 +38,6 @@ def run(model: Any, fixed: dict[str, torch.Tensor], config: CacheConfig) -> tupl
         return time.perf_counter() - start, list(relcache.stats(model).full_steps)
     finally:
         relcache.disable(model)
-
-
-def profile_calls(model: Any, fixed: dict[str, torch.Tensor], name: str, config: CacheConfig, full: list[int],
-                  which: str) -> None:
-    """Profile one generation's full calls (from the third full step) or cached calls (from step 6); print a table."""
-    relcache.enable(model, config)
-    prime(model, fixed, IMAGE, STEPS, "cpu", torch.float32)
-    generate(model, fixed, IMAGE, STEPS, "cpu", torch.float32)
-    forward, call, walls, ops = model.forward, [0], [], {}
-
-    def profiled(*args: Any, **kwargs: Any) -> Any:
-        i = call[0]
-        call[0] += 1
-        if not (i in full[2:] if which == "full" else i not in full and i >= 6):
-            return forward(*args, **kwargs)
-        with profile() as prof:
-            start = time.perf_counter()
-            out = forward(*args, **kwargs)
-            walls.append(time.perf_counter() - start)
-        for e in prof.key_averages():
-            got = ops.setdefault(e.key, [0.0, 0])
-            got[0] += e.self_cpu_time_total
-            got[1] += e.count
-        return out
-
-    model.forward = profiled
-    try:
-        generate(model, fixed, IMAGE, STEPS, "cpu", torch.float32)
-    finally:
-        del model.forward
-        relcache.disable(model)
-    n = len(walls)
-    print(f"\n{name}, {which} calls: {n} profiled, median {1e3 * statistics.median(walls):.1f} ms; self time per call "
-          f"{sum(t for t, _ in ops.values()) / n / 1e3:.1f} ms")
-    print("| operator | ms per call | calls per call |\n|---|---|---|")
-    for key, (t, c) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:12]:
-        print(f"| {key} | {t / n / 1e3:.2f} | {c / n:.0f} |")
 
 
 def main() -> None:
@@ -113,7 +76,10 @@ def main() -> None:
     if args.profile:
         for which in ("full", "cached"):
             for name, pred in (("TaylorSeer", Taylor(2)), ("RFE alone", Relational(2))):
-                profile_calls(model, fixed, name, CacheConfig(pred, Steps(tuple(steps))), steps, which)
+                select = (lambda i, full: i in sorted(full)[2:]) if which == "full" else (
+                    lambda i, full: i not in full and i >= 6)
+                walls, ops, _ = profile_calls(model, fixed, CacheConfig(pred, Steps(tuple(steps))), select)
+                print_table(f"{name}, {which} calls", walls, ops)
 
 
 if __name__ == "__main__":
