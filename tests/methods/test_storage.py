@@ -267,3 +267,7 @@ def test_a_state_sharing_an_input_takes_its_owners_input_change_norm():
     pred.update(a, 4, xs[2], outs[2][0])
     pred.predict(a, 5, 10, xs[3])
     assert b.owner is a and torch.equal(pred.predict(b, 5, 10, xs[3]), pred.predict(c, 5, 10, xs[3].clone()))
+    # a norm autograd recorded is not kept: it would hold its graph (and the input) past the step
+    x = xs[3].clone().requires_grad_()
+    pred.predict(a, 5, 10, x)
+    assert a.led and a.moved is None

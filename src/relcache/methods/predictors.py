@@ -126,8 +126,12 @@ class PredictorState:
         return norm
 
     def keep_moved(self, inp: torch.Tensor, norm: torch.Tensor) -> None:
-        """Keep ``norm`` (``‖inp - I(a)‖``, just measured) for the states that share this one's stored input."""
-        if torch.compiler.is_compiling() or not self.led or self.inp is None:
+        """Keep ``norm`` (``‖inp - I(a)‖``, just measured) for the states that share this one's stored input; not one
+        autograd recorded (it would hold its graph, and the input, past the step)."""
+        if torch.compiler.is_compiling() or not self.led:
+            return
+        if self.inp is None or norm.requires_grad:
+            self.moved = None
             return
         key = share_key(inp)
         self.moved = None if key is None else (key[0], weakref.ref(key[1]), weakref.ref(self.inp), norm)
