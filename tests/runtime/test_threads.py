@@ -118,3 +118,65 @@ def test_a_generation_whose_steps_run_in_different_threads_is_served(model):
         outs.append(out["result"])
         latents = latents - 0.05 * out["result"] + 0.01 * i
     assert _equal(outs, ref) and relcache.stats(model).full_steps == full
+
+
+def test_a_pipeline_call_paused_between_steps_refuses_another_threads_generation():
+    """Two pipelines share one enabled transformer. While pipeline A's call is between two steps (its scheduler's
+    step, a callback streaming a preview), pipeline B's call in another thread is refused at its start, and A's image
+    is that of A alone (found by a careful-user review: B restarted A's generation and freed its caches, and A's
+    image came out wrong without a word). Once A's call has left the pipeline (here: raised from its scheduler's
+    step, so its end never came), B is served. Mutants: no refusal between a pipeline call's steps; a refusal that
+    does not look whether the owning thread is still inside its pipeline call."""
+    import numpy as np
+    from conftest import dit_pipe
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    pipe_a = dit_pipe()
+    pipe_b = DiTPipeline(transformer=pipe_a.transformer, vae=pipe_a.vae,
+                         scheduler=DDIMScheduler.from_config(pipe_a.scheduler.config))
+    pipe_b.set_progress_bar_config(disable=True)
+    relcache.enable(pipe_a, relcache.RFC(target_nfc=4))
+
+    def call(pipe: Any, label: int) -> np.ndarray:
+        return pipe(class_labels=[label], num_inference_steps=10, generator=torch.Generator().manual_seed(label),
+                    output_type="np").images
+
+    step, steps, at_5 = pipe_a.scheduler.step, [0], [None]
+
+    def step_then(*args: Any, **kwargs: Any) -> Any:  # A's scheduler step, then what the test does after step 5
+        got = step(*args, **kwargs)
+        steps[0] += 1
+        if steps[0] == 5 and at_5[0] is not None:
+            at_5[0]()
+        return got
+
+    pipe_a.scheduler.step = step_then
+    try:
+        ref_a, ref_b = call(pipe_a, 1), call(pipe_b, 2)
+        paused, resume = threading.Event(), threading.Event()
+
+        def pause() -> None:
+            paused.set()
+            resume.wait(60)
+
+        steps[0], at_5[0] = 0, pause
+        thread, out = _in_thread(lambda: call(pipe_a, 1))
+        try:
+            assert paused.wait(60)
+            with pytest.raises(ConcurrentUseError, match="in the middle of a pipeline call's generation"):
+                call(pipe_b, 2)
+        finally:
+            resume.set()
+            thread.join()
+        assert "error" not in out and np.array_equal(out["result"], ref_a)
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        steps[0], at_5[0] = 0, interrupt
+        thread, out = _in_thread(lambda: call(pipe_a, 1))
+        thread.join()
+        assert isinstance(out.get("error"), KeyboardInterrupt)
+        assert np.array_equal(call(pipe_b, 2), ref_b)
+    finally:
+        relcache.disable(pipe_a)

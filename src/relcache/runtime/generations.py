@@ -149,6 +149,7 @@ class Generations:
         self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a MethodPatch of ours
         self._from_pipeline = False  # the running call was made by a watched pipeline's method (``check_caller``)
         self._in_pipeline_call = False  # the current generation was started by a watched pipeline's call
+        self._pipeline_thread: int | None = None  # the thread of that call (``_refuse_if_calling``)
         self._raised = False  # a transformer call of the current generation raised (``call_raised``)
 
     def begin(self, num_steps: int | None = None, *, marked: bool = False,
@@ -198,12 +199,31 @@ class Generations:
                 self.calling = None
 
     def _refuse_if_calling(self) -> None:
-        if self.calling is not None and self.calling != threading.get_ident():
-            raise ConcurrentUseError(
-                f"relcache: this {type(self.host.model).__name__} is running a call in another thread: relcache "
-                "keeps one generation at a time per enabled transformer, so two at once would mix their caches and "
-                "steps. Run the generations one after another (e.g. a lock around each pipeline call), or give each "
-                "thread its own transformer (relcache.disable, copy.deepcopy, relcache.enable on each)")
+        """Refuse a call or a generation's start while another thread is inside a transformer call, or inside the
+        pipeline call whose generation has not ended (between its steps: a callback streaming a preview, the
+        scheduler's step). The second came from a careful-user review (2026-12-07): a pipeline sharing the
+        transformer, called in another thread between two steps, restarted the running generation and freed its
+        caches, and the first call's image came out wrong without a word."""
+        me = threading.get_ident()
+        if self.calling is not None and self.calling != me:
+            where = "running a call"
+        elif (self._in_pipeline_call and not self.ended and self._pipeline_thread not in (None, me)
+              and self._inside_pipeline(self._pipeline_thread)):
+            where = "in the middle of a pipeline call's generation"
+        else:
+            return
+        raise ConcurrentUseError(
+            f"relcache: this {type(self.host.model).__name__} is {where} in another thread: relcache keeps one "
+            "generation at a time per enabled transformer, so two at once would mix their caches and steps. Run the "
+            "generations one after another (e.g. a lock around each pipeline call), or give each thread its own "
+            "transformer (relcache.disable, copy.deepcopy, relcache.enable on each)")
+
+    def _inside_pipeline(self, thread: int) -> bool:
+        """Whether thread ``thread`` is inside a method of a pipeline driving the model now (read from its stack: a
+        call that raised outside the transformer, in its callback or the VAE, never reached its end, and its thread
+        has left it)."""
+        frame = sys._current_frames().get(thread)
+        return frame is not None and calling_pipeline(self.host.model, frame) is not None
 
     def end(self, pipeline: Any = None) -> None:
         """A pipeline call ended: free the cached tensors, keep the stats readable, start anew at the next step.
@@ -445,6 +465,7 @@ class Generations:
             return
         self.begin(steps_to_run(scheduler), marked=True, timesteps=timesteps_to_run(scheduler))
         self._in_pipeline_call = by_pipeline
+        self._pipeline_thread = threading.get_ident() if by_pipeline else None
 
     def _patch(self, obj: Any, name: str, after: Callable[[Any], None]) -> None:
         """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``unwatch`` unlinks the wrapper."""
