@@ -90,3 +90,36 @@ def test_a_context_that_found_too_little_left_is_counted_from_the_next_generatio
     assert {c.cache_storage for c in st2.contexts.values()} == {STORAGE_LADDER[-1].label}
     assert set(st2.contexts) == {"cond", "uncond"} and st2.peak_cache_bytes <= budget
     assert np.array_equal(second, third) and st3.full_steps == st2.full_steps
+
+
+def test_a_server_mixing_guided_and_unguided_requests_gets_the_same_storage_per_request():
+    """Split CFG (Wan) under ``max_cache_bytes``, guided and unguided requests in turn, as a server gets them: each
+    kind expects the contexts the latest request of its kind ran, so identical requests choose the same storage and
+    give equal outputs whatever came before. Found by review: a guided request after an unguided one was planned as
+    if "uncond" did not exist (a ConfigError at a tight budget, another storage and image at a looser one), and an
+    unguided request after a guided one counted an "uncond" that never came. Mutant: one set of expected contexts for
+    every kind (the latest generation's)."""
+    pipe = wan_pipe()
+
+    def run(guidance: float) -> tuple[np.ndarray, dict[str, str]]:
+        out = pipe(**{**wan_kwargs(), "guidance_scale": guidance}, num_inference_steps=5,
+                   generator=torch.manual_seed(0), output_type="np").frames
+        return np.asarray(out), {n: c.cache_storage for n, c in relcache.stats(pipe).contexts.items()}
+
+    relcache.enable(pipe, RFC(target_nfc=3))
+    run(5.0)
+    one = relcache.stats(pipe).contexts["cond"].peak_cache_bytes  # one context's caches as computed
+    relcache.disable(pipe)
+    relcache.enable(pipe, dataclasses.replace(RFC(target_nfc=3), max_cache_bytes=int(one * 1.9)))
+    try:
+        got = {5.0: [], 1.0: []}
+        for guidance in (5.0, 1.0, 5.0, 1.0, 5.0, 5.0, 1.0):
+            got[guidance].append(run(guidance))
+    finally:
+        relcache.disable(pipe)
+    # from each kind's second request on (the first knows only the other kind's contexts)
+    for guidance, runs in got.items():
+        (out, storage), *rest = runs[1:]
+        for o, s in rest:
+            assert s == storage and np.array_equal(o, out), guidance
+    assert set(got[5.0][1][1]) == {"cond", "uncond"} and got[1.0][1][1] == {"cond": "as computed"}

@@ -149,24 +149,35 @@ class CacheBudget:
         self.probe: ShapeProbe | None = None  # set while the forward runs on fake tensors
         self._shapes: dict[tuple[Any, ...], ModuleShapes] = {}  # call signature -> cached modules' shapes
         self._last: set[str] = set()  # the call contexts of the previous generation
+        self._by_kind: dict[Hashable, set[str]] = {}  # those of the latest generation of each kind (``choose``)
+        self._kind: Hashable = None  # the kind of the generation running, said at its first choice
         self._asked: set[str] = set()  # the call contexts that asked for a storage in this generation
 
     def end_generation(self, contexts: Mapping[str, Any]) -> None:
         """Remember the contexts of the generation that ended (kept when it ran none), those whose storage could not
         be chosen included: a context that found too little left must be counted from the next generation's start
         (before, it was never counted and failed in every generation)."""
-        self._last = (set(contexts) | self._asked) or self._last
+        ran = set(contexts) | self._asked
+        if ran:
+            self._last = self._by_kind[self._kind] = ran
         self._asked = set()
 
     def choose(self, name: str, planned: Mapping[str, int], modules: list[CachedModule], expert: Hashable,
                forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool = False,
-               ) -> tuple[CacheStorage | None, int]:
+               kind: Hashable = None) -> tuple[CacheStorage | None, int]:
         """The storage of context ``name`` and the bytes it will hold (``choose_storage``); ``planned`` holds the
         bytes planned by the generation's running contexts (``name``'s own is not counted: an expert switch chooses
         again), ``expert`` the running expert where several transformers run in turn, ``compiled`` whether the
-        forward is compiled."""
+        forward is compiled, ``kind`` what the calling pipeline says of its guidance (``Generations.call_kind``).
+
+        (choice) The contexts still to come are those the latest generation of the same kind ran (else the latest
+        generation's): a server mixing guided and unguided requests of a split-CFG pipeline (Wan: "cond" and
+        "uncond" calls) gave identical requests different storages, hence images, or failed them, by the previous
+        request's kind (found by review)."""
         if self.config.max_cache_bytes is None:
             return self.config.storage, 0
+        if not self._asked:  # the generation's first context: its kind
+            self._kind = kind
         # the bytes depend on the dtypes too: the arguments', and the cached modules' (the model may be cast after
         # ``enable``; a shapes-only key kept the first dtype's bytes and went over the budget)
         tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
@@ -175,8 +186,9 @@ class CacheBudget:
         if sig not in self._shapes:
             self._shapes[sig] = probe_shapes(forward, args, kwargs, self._set_probe)
         held = sum(n for other, n in planned.items() if other != name)
-        pending = len(self._last - set(planned) - {name})
-        newcomer = bool(held) and name not in self._last and name not in planned  # others chose without counting it
+        last = self._by_kind.get(self._kind, self._last)
+        pending = len(last - set(planned) - {name})
+        newcomer = bool(held) and name not in last and name not in planned  # others chose without counting it
         self._asked.add(name)
         try:
             return choose_storage(self.config, self._shapes[sig], held, pending, compiled)

@@ -212,7 +212,7 @@ class StepCalls:
         # compiled records keep RFE's Gram, but not on a split sequence (``Relational.record``)
         gram = compiled and not self.record_errors and self.reducer is None
         ctx.storage, ctx.planned_bytes = self.budget.choose(ctx.name, planned, self.cached_modules, expert, forward,
-                                                            args, kwargs, gram)
+                                                            args, kwargs, gram, self.generations.call_kind)
 
     def _decide(self, ctx: Context, probe_input: torch.Tensor, groups: RowGroups,
                 measured: torch.Tensor | None = None) -> None:

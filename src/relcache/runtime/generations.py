@@ -137,6 +137,9 @@ class Generations:
         self.ended = False  # the last generation ended: the next step starts a new one
         self.guidance: bool | None = None  # whether this call's pipeline says it runs CFG batched (None: unsaid)
         self.loop_guidance: bool | None = None  # the same, said by begin_generation for a hand-written loop
+        # what this call's pipeline says of its guidance, (CFG, true CFG as separate calls), None where unsaid: the
+        # cache budget expects the call contexts the last generation of the same kind ran
+        self.call_kind: tuple[bool | None, bool | None] = (None, None)
         self._announced: int | None = None  # the step count the current generation was planned for
         self._by_loop = False  # the current generation was announced by begin_generation (a hand-written loop)
         self.calling: int | None = None  # the thread inside a transformer call now, if any (``admit``)
@@ -387,12 +390,15 @@ class Generations:
         self._from_pipeline = found is not None
         if found is None:  # a hand-written loop, or a call from outside a pipeline method
             self.guidance = self.loop_guidance
+            self.call_kind = (self.loop_guidance, None)
             for watched in list(self._watched):
                 self._check_swap(watched)
             return
         pipeline, local = found
         said = says_cfg(pipeline, local)  # an object that says nothing (a user's wrapper) leaves the loop's word
         self.guidance = self.loop_guidance if said is None else said
+        true_cfg = local.get("do_true_cfg")
+        self.call_kind = (self.guidance, true_cfg if isinstance(true_cfg, bool) else None)
         watched = self._watch_of(pipeline)
         if watched is None:
             self.watch(pipeline, explicit=False)
