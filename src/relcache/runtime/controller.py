@@ -377,7 +377,10 @@ class Session(StepCalls, ModuleCalls):
 
     # -- batched modulation (relcache.runtime.modulation.ModulationHost) ----------------------------------------------
     def modulating(self) -> bool:
-        return self.current is not None and self.meter.counter is None and self.budget.probe is None
+        return self.current is not None and self.budget.probe is None
+
+    def measuring(self) -> bool:
+        return self.meter.counter is not None
 
     # -- stats --------------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:

@@ -45,7 +45,10 @@ class ModulationHost(Protocol):
     """What a projection's hook asks of the runtime."""
 
     def modulating(self) -> bool:
-        """Whether a transformer call is running normally (not measuring FLOPs, not a fake-tensor run)."""
+        """Whether a transformer call is running on real tensors (not a fake-tensor run)."""
+
+    def measuring(self) -> bool:
+        """Whether the running call measures FLOPs (each projection then also runs, to be counted)."""
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, version: int) -> bool:
@@ -225,8 +228,9 @@ class Modulations:
         """Bytes of the tables held (this generation's and the spare ones kept to be refilled in place)."""
         return sum(t.nbytes for t in (*self.tables.values(), *self.spare.values()))
 
-    def row(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Projection ``index``'s output at the running step, or None when it must be computed."""
+    def row(self, index: int, x: torch.Tensor, saved: bool = True) -> torch.Tensor | None:
+        """Projection ``index``'s output at the running step, or None when it must be computed; ``saved``: the
+        product is not computed (``served`` counts it)."""
         table = self.active
         if table is None:
             return None
@@ -235,18 +239,19 @@ class Modulations:
             return None
         if torch.compiler.is_compiling():  # the step as data: one graph for every step (and no counter read)
             return _at_step(rows, table)
-        self.served += 1
+        self.served += saved
         return rows[self.step].clone()  # a copy: the caller may write into its output
 
-    def source(self, index: int) -> torch.Tensor | None:
-        """Source ``index``'s output at the running step (``Modulation.sources``), or None when it must be computed."""
+    def source(self, index: int, saved: bool = True) -> torch.Tensor | None:
+        """Source ``index``'s output at the running step (``Modulation.sources``), or None when it must be computed;
+        ``saved`` as for ``row``."""
         table = self.active
         if table is None:
             return None
         rows = table.rows[len(self.spec.projections) + index]
         if torch.compiler.is_compiling():
             return _at_step(rows, table)
-        self.sources_served += 1
+        self.sources_served += saved
         return rows[self.step].clone()
 
 
@@ -278,8 +283,16 @@ class ModulationHook(DirectHook):
         forward = self.fn_ref.original_forward
         if len(args) != 1 or kwargs or not self._applies(module):
             return forward(*args, **kwargs)
-        out = self.tables.row(self.index, args[0])
-        return forward(*args) if out is None else out
+        measuring = self.host.measuring()
+        out = self.tables.row(self.index, args[0], saved=not measuring)
+        if out is None:
+            return forward(*args)
+        if measuring:
+            # counted as a plain step computes it, but the table's row is what the call gets: the first generation
+            # of a shape (whose first call measures) then gives what later ones give, bit for bit (found by review:
+            # it differed by rounding)
+            forward(*args)
+        return out
 
 
 class SourceHook(ModulationHook):
@@ -288,5 +301,10 @@ class SourceHook(ModulationHook):
     conditioning (the adapter's word), so its arguments are not read."""
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        out = self.tables.source(self.index) if self._applies(module) else None
-        return self.fn_ref.original_forward(*args, **kwargs) if out is None else out
+        measuring = self.host.measuring()
+        out = self.tables.source(self.index, saved=not measuring) if self._applies(module) else None
+        if out is None or measuring:  # counted as a plain step computes it (``ModulationHook``)
+            got = self.fn_ref.original_forward(*args, **kwargs)
+            if out is None:
+                return got
+        return out
