@@ -172,7 +172,10 @@ class Steps(Schedule):
         if self.num_steps is not None and num_steps is not None and num_steps != self.num_steps:
             raise ConfigError(f"these steps were chosen for a {self.num_steps}-step generation, got {num_steps} steps: "
                               f"calibrate them again for this length (relcache calibrate --steps {num_steps}, or "
-                              "relcache.evaluation.steps_search.search_steps in Python)")
+                              "relcache.evaluation.steps_search.search_steps in Python). The steps are the transformer "
+                              "calls per context that run: an img2img strength runs fewer than num_inference_steps, "
+                              "from a later timestep, which a text-to-image calibration of as many steps does not "
+                              "match: use search_steps with an error function that runs the img2img pipeline")
 
     def new_state(self, num_steps: int | None, reducer: Reducer | None = None) -> None:
         self.check_num_steps(num_steps)
