@@ -18,7 +18,7 @@ from torch import nn
 import relcache
 from relcache import FORA, RFC, TaylorSeer
 from relcache.runtime.callers import calling_pipeline
-from relcache.runtime.generations import steps_to_run, timesteps_to_run
+from relcache.runtime.watching import steps_to_run, timesteps_to_run
 
 
 def _second(a: DiTPipeline, scheduler: DDIMScheduler | None = None) -> DiTPipeline:

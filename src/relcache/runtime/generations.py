@@ -31,9 +31,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -42,7 +40,7 @@ from torch import nn
 from ..errors import ConcurrentUseError, ConfigError, check_int, warn
 from ..models.base import Adapter
 from .callers import calling_pipeline, says_cfg
-from .patches import MethodPatch
+from .watching import PipelineWatch, steps_to_run, timesteps_to_run
 
 
 class GenerationHost(Protocol):
@@ -86,23 +84,6 @@ def checked_num_steps(num_steps: Any) -> int | None:
     return None if num_steps is None else check_int("num_steps", num_steps, 1)
 
 
-def steps_to_run(scheduler: Any) -> int | None:
-    """Transformer calls per context the scheduler's timesteps will take: those from its begin index on."""
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None:
-        return None
-    begin = getattr(scheduler, "begin_index", None) or 0
-    return max(len(timesteps) - int(begin), 0)
-
-
-def timesteps_to_run(scheduler: Any) -> torch.Tensor | None:
-    """The timesteps the scheduler will run, from its begin index on (what ``batch_modulation`` tabulates), or None."""
-    timesteps = getattr(scheduler, "timesteps", None)
-    if not isinstance(timesteps, torch.Tensor) or timesteps.ndim != 1:
-        return None
-    return timesteps[int(getattr(scheduler, "begin_index", None) or 0):]
-
-
 def _as_float(t: Any) -> float | None:
     """The timestep as a number, or None."""
     if isinstance(t, torch.Tensor):
@@ -112,21 +93,9 @@ def _as_float(t: Any) -> float | None:
     return None
 
 
-@dataclass
-class _Watched:
-    """One watched pipeline: held strongly when ``enable`` was given it, weakly when found driving the model."""
-
-    ref: weakref.ref
-    strong: Any  # the pipeline itself when enabled explicitly, else None
-    scheduler: Any  # the scheduler whose methods are patched for it
-
-    @property
-    def pipeline(self) -> Any:
-        return self.ref()
-
-
 class Generations:
-    """The generation lifecycle of one enabled model: marks, ends, the step count, and the pipeline patches."""
+    """The generation lifecycle of one enabled model: marks, ends, the step count; the pipelines driving it are
+    kept, and their methods patched, by ``watching.PipelineWatch``."""
 
     def __init__(self, host: GenerationHost, adapter: Adapter) -> None:
         self.host = host
@@ -148,8 +117,7 @@ class Generations:
         self._checked = True  # the current generation's steps were compared with its announcement
         self._warned_timestep = False  # ``timestep_of`` warned that no new generation can be noticed
         self._warned_short = False  # ``_check_steps`` warned of a call context that ran fewer steps (once)
-        self._watched: list[_Watched] = []
-        self._patches: list[tuple[weakref.ref, str]] = []  # (object, method name) wrapped by a MethodPatch of ours
+        self.pipelines = PipelineWatch(host, self._new_schedule, self.end)  # the pipelines driving the model
         self._from_pipeline = False  # the running call was made by a watched pipeline's method (``check_caller``)
         self._in_pipeline_call = False  # the current generation was started by a watched pipeline's call
         self._pipeline_thread: int | None = None  # the thread of that call (``_refuse_if_calling``)
@@ -363,20 +331,11 @@ class Generations:
     def watch(self, pipeline: Any, *, explicit: bool = True) -> None:
         """Patch ``pipeline`` so that its scheduler starts generations and the end of its call ends them;
         ``explicit`` (``enable`` was given it) holds it strongly, else weakly (found driving the model)."""
-        self._watched = [w for w in self._watched if w.pipeline is not None]
-        self._patches = [e for e in self._patches if e[0]() is not None]
-        found = self._watch_of(pipeline)
-        if found is not None:
-            found.strong = found.strong if found.strong is not None or not explicit else pipeline
-            return
-        self._watched.append(_Watched(weakref.ref(pipeline), pipeline if explicit else None, None))
-        self._patch(pipeline, "maybe_free_model_hooks", self.end)
-        self._patch_scheduler(self._watched[-1], getattr(pipeline, "scheduler", None))
+        self.pipelines.watch(pipeline, explicit=explicit)
 
     def watches(self, pipeline: Any, *, explicit: bool = False) -> bool:
         """Whether ``pipeline`` is watched (``explicit``: because ``enable`` was given it)."""
-        found = self._watch_of(pipeline)
-        return found is not None and (not explicit or found.strong is not None)
+        return self.pipelines.watches(pipeline, explicit=explicit)
 
     def check_caller(self) -> None:
         """At each transformer call: find the pipeline driving it; one not watched yet is watched from now on, and
@@ -391,74 +350,34 @@ class Generations:
         if found is None:  # a hand-written loop, or a call from outside a pipeline method
             self.guidance = self.loop_guidance
             self.call_kind = (self.loop_guidance, None)
-            for watched in list(self._watched):
-                self._check_swap(watched)
+            self.pipelines.check_swaps()
             return
         pipeline, local = found
         said = says_cfg(pipeline, local)  # an object that says nothing (a user's wrapper) leaves the loop's word
         self.guidance = self.loop_guidance if said is None else said
         true_cfg = local.get("do_true_cfg")
         self.call_kind = (self.guidance, true_cfg if isinstance(true_cfg, bool) else None)
-        watched = self._watch_of(pipeline)
+        watched = self.pipelines.find(pipeline)
         if watched is None:
-            self.watch(pipeline, explicit=False)
+            self.pipelines.watch(pipeline, explicit=False)
             if not (self._by_loop and self.host.steps_run() == (0, 0)):  # begin_generation's word, unspent, wins
                 self._new_schedule(getattr(pipeline, "scheduler", None))
         else:
-            self._check_swap(watched)
+            self.pipelines.check_swap(watched)
 
     def unwatch(self) -> None:
         """Remove every patch, leaving the pipelines and their schedulers as they were; the generation running
         now ends."""
         self._check_steps()
-        while self._patches:
-            obj = self._patches[0][0]()
-            if obj is None:
-                self._patches.pop(0)
-            else:
-                self._unpatch(obj)
-        self._watched = []
+        self.pipelines.unwatch_all()
 
     def unwatch_pipeline(self, pipeline: Any) -> None:
-        """Stop watching ``pipeline`` alone: its patches go, and its scheduler's unless another watched pipeline
-        shares that scheduler."""
-        found = self._watch_of(pipeline)
-        if found is None:
-            return
-        self._watched.remove(found)
-        self._unpatch(pipeline)
-        if found.scheduler is not None and all(w.scheduler is not found.scheduler for w in self._watched):
-            self._unpatch(found.scheduler)
+        """Stop watching ``pipeline`` alone (its scheduler's patches go unless another watched pipeline shares it)."""
+        self.pipelines.unwatch(pipeline)
 
     def explicit_pipelines(self) -> list[Any]:
         """The pipelines ``enable`` was given (held strongly)."""
-        return [w.strong for w in self._watched if w.strong is not None]
-
-    def _watch_of(self, pipeline: Any) -> _Watched | None:
-        return next((w for w in self._watched if w.pipeline is pipeline), None)
-
-    def _check_swap(self, watched: _Watched) -> None:
-        pipeline = watched.pipeline
-        if pipeline is None:
-            return
-        scheduler = getattr(pipeline, "scheduler", None)
-        if scheduler is not watched.scheduler:
-            old, watched.scheduler = watched.scheduler, None
-            if old is not None and not any(w.scheduler is old for w in self._watched):
-                self._unpatch(old)
-            self._patch_scheduler(watched, scheduler)
-            self._new_schedule(scheduler)
-
-    def _patch_scheduler(self, watched: _Watched, scheduler: Any) -> None:
-        """``set_timesteps`` (every pipeline calls it first) and ``set_begin_index`` (img2img pipelines skip the
-        first timesteps with it, after ``set_timesteps``) start a generation of the steps that will run. A scheduler
-        shared by two watched pipelines is patched once."""
-        shared = scheduler is not None and any(w.scheduler is scheduler for w in self._watched)
-        watched.scheduler = scheduler
-        if scheduler is None or shared:
-            return
-        self._patch(scheduler, "set_timesteps", self._new_schedule)
-        self._patch(scheduler, "set_begin_index", self._new_schedule)
+        return self.pipelines.explicit()
 
     def _new_schedule(self, scheduler: Any) -> None:
         """A watched scheduler set its timesteps: a generation of the steps it will run starts. Not where
@@ -466,22 +385,9 @@ class Generations:
         hand-written loop (img2img-like, or reading noise levels) that sets 50 timesteps to run 20 of them planned its
         ``target_nfc`` budget for 50 without a word (found by review). A watched pipeline's call starts its own."""
         found = calling_pipeline(self.host.model, sys._getframe(1))
-        by_pipeline = found is not None and self._watch_of(found[0]) is not None
+        by_pipeline = found is not None and self.pipelines.find(found[0]) is not None
         if self._by_loop and self._announced is not None and self.host.steps_run() == (0, 0) and not by_pipeline:
             return
         self.begin(steps_to_run(scheduler), marked=True, timesteps=timesteps_to_run(scheduler))
         self._in_pipeline_call = by_pipeline
         self._pipeline_thread = threading.get_ident() if by_pipeline else None
-
-    def _patch(self, obj: Any, name: str, after: Callable[[Any], None]) -> None:
-        """Wrap ``obj.name`` (a method) so that ``after(obj)`` runs after it; ``unwatch`` unlinks the wrapper."""
-        if not callable(getattr(obj, name, None)):
-            return
-        MethodPatch.set_on(obj, name, after, self)
-        self._patches.append((weakref.ref(obj), name))
-
-    def _unpatch(self, obj: Any) -> None:
-        """Unlink our wrappers of ``obj``'s methods, wherever they sit in a chain of wrappers."""
-        for entry in [e for e in self._patches if e[0]() is obj]:
-            MethodPatch.unlink(obj, entry[1], self)
-            self._patches.remove(entry)

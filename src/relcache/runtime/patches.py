@@ -1,5 +1,6 @@
-"""Method wrappers that relcache sets on a watched pipeline or scheduler (``generations.Generations`` starts and ends
-generations through them), and the sessions a pipeline's wrappers belong to."""
+"""Method wrappers that relcache sets on a watched pipeline or scheduler (``watching.PipelineWatch`` sets them;
+``generations.Generations`` starts and ends generations through them), and the sessions a pipeline's wrappers
+belong to."""
 
 from __future__ import annotations
 
