@@ -196,8 +196,9 @@ class CacheBudget:
             if not newcomer:
                 raise
             raise ConfigError(f"{e}. The call context {name!r} started after the generation's other contexts had "
-                              "chosen their storage without counting it (it did not run in the previous generation); "
-                              "the next generation counts it from the start, so running again may fit") from None
+                              "chosen their storage without counting it (it did not run in the latest generation "
+                              "of this kind, guidance on or off); the next such generation counts it from the start, "
+                              "so running again may fit") from None
 
     def _set_probe(self, probe: ShapeProbe | None) -> None:
         self.probe = probe
