@@ -12,7 +12,8 @@ import torch
 
 from ..errors import ConfigError, check_int
 from .history import MAX_ORDER, Reducer, StaticCaches, finite, narrowed, per_sample, row_dtype, sample_norm
-from .predictors import Predictor, PredictorState
+from .predictors import Predictor
+from .state import PredictorState
 from .storage import CacheStorage, held_bytes
 
 

@@ -29,8 +29,9 @@ import torch
 
 from ..errors import ConfigError
 from .history import DiffHistory, Reducer, StaticCaches, finite, row_dtype
-from .predictors import PredictorState, Relational, Taylor
+from .predictors import Relational, Taylor
 from .schedules import InputError, InputErrorState
+from .state import PredictorState
 from .storage import CacheStorage, held_bytes
 
 #: how ``RelationalPlus`` forecasts the ratio ``s``

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ..methods.history import StaticCaches, row_dtype
-from ..methods.predictors import PredictorState
+from ..methods.state import PredictorState
 from ..methods.storage import CacheStorage
 from .accounting import Counters, Shapes
 from .cfg import CFGRouting, Rows
