@@ -283,7 +283,7 @@ class ModulationHook(DirectHook):
         forward = self.fn_ref.original_forward
         if len(args) != 1 or kwargs or not self._applies(module):
             return forward(*args, **kwargs)
-        measuring = self.host.measuring()
+        measuring = not torch.compiler.is_compiling() and self.host.measuring()  # compiled: no guard on the meter
         out = self.tables.row(self.index, args[0], saved=not measuring)
         if out is None:
             return forward(*args)
@@ -301,7 +301,7 @@ class SourceHook(ModulationHook):
     conditioning (the adapter's word), so its arguments are not read."""
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        measuring = self.host.measuring()
+        measuring = not torch.compiler.is_compiling() and self.host.measuring()
         out = self.tables.source(self.index, saved=not measuring) if self._applies(module) else None
         if out is None or measuring:  # counted as a plain step computes it (``ModulationHook``)
             got = self.fn_ref.original_forward(*args, **kwargs)
