@@ -134,3 +134,25 @@ def test_static_buffers_of_another_storage_are_dropped_with_the_base():
             assert ((("m", j), "data") in static.buffers) is scaled, (storage, j)
         held = [k for k in static.buffers if k != ("m", "gap")]
         assert len(held) == (6 if scaled else 3), held
+
+
+def test_taylor_order_4_forecast_is_hand_computed():
+    """X(t) = t^4 at full steps 0..4 (gap 1). Backward differences at a = 4: D0 = 256, D1 = 256 - 81 = 175,
+    D2 = 175 - 65 = 110, D3 = 110 - 50 = 60, D4 = 60 - 36 = 24 (= 4!). Forecast at k = 2:
+    256 + 175·2 + 110·2²/2 + 60·2³/6 + 24·2⁴/24 = 256 + 350 + 220 + 80 + 16 = 922."""
+    h = DiffHistory(4)
+    for t in range(5):
+        h.update(torch.tensor([[float(t) ** 4]], dtype=torch.float64),
+                 None if t == 0 else torch.tensor(1.0, dtype=torch.float64))
+    assert [d.item() for d in h.diffs] == [256.0, 175.0, 110.0, 60.0, 24.0]
+    row = torch.tensor(step_row(2), dtype=torch.float64)
+    assert h.taylor(row, torch.float64).item() == pytest.approx(922.0, abs=1e-9)
+    # and through the predictor, by step number
+    from relcache import Taylor
+
+    pred = Taylor(4)
+    state = pred.new_state()
+    for t in range(5):
+        x = torch.tensor([[float(t) ** 4]], dtype=torch.float64)
+        pred.update(state, t, x, x)
+    assert pred.predict(state, 6, 10, torch.zeros(1, 1, dtype=torch.float64)).item() == pytest.approx(922.0, abs=1e-9)

@@ -359,3 +359,17 @@ def test_rising_weight_hand_values():
     state = _feed(pred, [0, 4], [torch.full((1, 2), 1.0), torch.full((1, 2), 3.0)])
     assert pred.weight_at(6, None) == 0.5
     assert torch.equal(pred.predict(state, 6, None, torch.zeros(1, 2)), torch.full((1, 2), 4.0))
+
+
+def test_relational_without_a_ratio_forecasts_taylor():
+    """docs/spec.md: where s could not be formed (the input's shape changed between the two full steps) the forecast
+    is Taylor's. O(0) = (1, 1), O(2) = (3, 5): D1 = (1, 2); at k = 1, (3, 5) + (1, 2) = (4, 7) (reuse would give
+    (3, 5))."""
+    pred = Relational(1)
+    state = pred.new_state()
+    pred.update(state, 0, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]))
+    pred.update(state, 2, torch.ones(1, 3), torch.tensor([[3.0, 5.0]]))  # the input's shape changed
+    assert state.ratio is None and state.out.order == 1
+    assert torch.equal(pred.predict(state, 3, 10, torch.full((1, 3), 2.0)), torch.tensor([[4.0, 7.0]]))
+    assert torch.equal(pred.forecast(state, torch.full((1, 3), 2.0), torch.tensor(step_row(1))),
+                       torch.tensor([[4.0, 7.0]]))

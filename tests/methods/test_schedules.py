@@ -225,3 +225,43 @@ def test_target_nfc_does_not_spend_its_budget_before_the_end():
         used += 1
         need = (50 - a - 1) / (22 - used)
         assert b - a >= need / GAP_CAP - 1e-9, (a, b, need)
+
+
+def test_rcs_fires_only_when_the_error_exceeds_tau_strictly():
+    """Order 0, probes 1, 2, 4 (times ones): e(1) = |2 - 1| / 2 = 0.5 = tau exactly -> not full (E > tau is strict);
+    e(2) = |4 - 1| / 4 = 0.75 -> E = 1.25 > 0.5 -> full. With E >= tau step 1 would be full too."""
+    probes = [torch.full((1, 4), v) for v in (1.0, 2.0, 4.0)]
+    assert _run(InputError(threshold=0.5, order=0, warmup=1), probes)[0] == [0, 2]
+    # threshold 0 on exactly predictable inputs (E stays 0): never full after warm-up
+    linear = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(8)]
+    assert _run(InputError(threshold=0.0, order=1, warmup=2), linear)[0] == [0, 1]
+
+
+def test_target_nfc_gap_cap_reached_exactly_is_full():
+    """10 linear probes (E = 0, so tau = 0 and only the cap and the hard rules fire), target 6. After 0, 1: even gap
+    (10 - 1 - 1) / 4 = 2 -> full at k = 2 (step 3), tau = 0. Then (10 - 3 - 1) / 3 = 2, cap 1.5 · 2 = 3 reached at
+    k = 3 exactly: step 6 full (a gap of 4 would pass the cap). Then 2 full steps left for steps 8, 9: both full
+    once the steps left equal the budget left."""
+    probes = [torch.full((1, 4), 1.0 + 0.5 * i) for i in range(10)]
+    assert _run(InputError(target_nfc=6), probes)[0] == [0, 1, 3, 6, 8, 9]
+
+
+def test_rcs_error_is_the_mean_of_the_finite_samples_and_all_nan_is_full():
+    """Sample 1 NaN at step 1: e(1) is sample 0's error alone, |2 - 1| / 2 = 0.5 (not (0.5 + 0) / 2 or / 2 samples),
+    and nonfinite counts 1. Every sample NaN at step 2: nothing to judge by, so full even under threshold 10;
+    with target_nfc only while the budget lasts."""
+    from relcache.methods.schedules import finite_mean
+
+    assert finite_mean([0.5, float("nan"), 0.25]) == (0.375, 1)
+    got = finite_mean([float("nan"), float("inf")])
+    assert got[1] == 2 and got[0] != got[0]
+    sched = InputError(threshold=10.0, order=0, warmup=1)
+    state = sched.new_state(3)
+    one = torch.tensor([[2.0, 2.0], [float("nan"), float("nan")]])
+    full = [sched.decide(state, 0, torch.ones(2, 2)), sched.decide(state, 1, one),
+            sched.decide(state, 2, torch.full((2, 2), float("nan")))]
+    assert full == [True, False, True]
+    assert state.errors[1] == 0.5 and state.nonfinite == {1: 1, 2: 2}
+    budget = InputError(target_nfc=2, order=0, warmup=1)
+    nan = torch.full((1, 2), float("nan"))
+    assert _run(budget, [torch.ones(1, 2), nan, nan, nan])[0] == [0, 1]
