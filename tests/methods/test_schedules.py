@@ -265,3 +265,20 @@ def test_rcs_error_is_the_mean_of_the_finite_samples_and_all_nan_is_full():
     budget = InputError(target_nfc=2, order=0, warmup=1)
     nan = torch.full((1, 2), float("nan"))
     assert _run(budget, [torch.ones(1, 2), nan, nan, nan])[0] == [0, 1]
+
+
+def test_gap_floor_none_removes_the_lower_bound(monkeypatch):
+    """``GAP_FLOOR = None`` (what ``benchmarks/gap_floor.py`` measures against) brings back the schedule the bound
+    fixed: the scripted errors of the test above spend K = 22 on consecutive steps and nothing after step 44."""
+    from relcache.methods import schedules
+
+    errs = tuple(0.06 if i < 4 else 0.007 for i in range(50))
+    monkeypatch.setattr(schedules, "GAP_FLOOR", None)
+    full, _ = _run(_ScriptedErrors(target_nfc=22, errs=errs), [torch.zeros(1, 4)] * 50)
+    assert len(full) == 22 and full[-1] <= 44
+    assert any(b - a == 1 for a, b in zip(full[2:], full[3:], strict=False))
+    # a floor of 2 allows gaps of 1 while the even gap is at most 2, which 1.5 refuses: from step 33 (12 used, even
+    # gap 16 / 10 = 1.6) one step apart until step 38 (17 used, 11 / 5 = 2.2 > 2), then two apart, ending at 48
+    monkeypatch.setattr(schedules, "GAP_FLOOR", 2.0)
+    full, _ = _run(_ScriptedErrors(target_nfc=22, errs=errs), [torch.zeros(1, 4)] * 50)
+    assert full[11:] == [33, 34, 35, 36, 37, 38, 40, 42, 44, 46, 48]

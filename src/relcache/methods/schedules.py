@@ -19,6 +19,8 @@ from .history import MAX_ORDER, DiffHistory, Reducer, numbers_on, row_dtype, sam
 
 #: target-NFC mode: the longest gap between full steps, in multiples of the even gap the rest of the budget allows
 GAP_CAP = 1.5
+#: target-NFC mode: the shortest gap, as that even gap divided by this (None: no lower bound)
+GAP_FLOOR: float | None = 1.5
 
 
 class Schedule(ABC):
@@ -236,7 +238,7 @@ class InputError(Schedule):
     generation: the first gap after warm-up is spaced evenly over the remaining budget and ``tau`` is set to
     the error accumulated over it; after each later full step ``tau`` is scaled by the square root of the
     ratio between the mean gap the rest of the budget needs and the mean gap realised so far, and (choice) no
-    gap may exceed ``GAP_CAP`` (1.5) times that even gap, or fall short of it divided by ``GAP_CAP``. Two hard
+    gap may exceed ``GAP_CAP`` (1.5) times that even gap, or fall short of it divided by ``GAP_FLOOR`` (1.5). Two hard
     rules keep the count: no full step once
     ``target_nfc`` are spent, and every step is full once the steps left equal the budget left. The realized
     NFC is exactly ``target_nfc`` unless ``max_skip`` asks for more (the budget cap wins). ``max_skip``
@@ -401,11 +403,11 @@ class InputError(Schedule):
         # past what the budget allows means it no longer fits; without the bound the spending piles up at the end
         if k + 1e-9 >= GAP_CAP * need:
             return True
-        # (choice) and none shorter than 1 / GAP_CAP even gaps: tau's rescaling compounds, and where the early gaps
+        # (choice) and none shorter than 1 / GAP_FLOOR even gaps: tau's rescaling compounds, and where the early gaps
         # ran long it shrank tau below one step's error, so every step was full until the budget was gone and the
         # last steps were all forecast (found by review: on the reference model K = 20 spent its budget by step 43
         # of 50, with 4x K = 18's error)
-        return state.accumulated > state.tau and k + 1e-9 >= need / GAP_CAP
+        return state.accumulated > state.tau and (GAP_FLOOR is None or k + 1e-9 >= need / GAP_FLOOR)
 
     def _record_full(self, state: InputErrorState, step: int, probe: torch.Tensor) -> None:
         state.accumulated = 0.0
