@@ -118,6 +118,20 @@ def test_relational_ratio_is_hand_computed():
     torch.testing.assert_close(got, torch.tensor([[1.0, 3.0 + 4.0]]))
 
 
+def test_relational_ratio_is_hand_computed_off_axis_from_a_nonzero_input():
+    """I(b) = (1, 1), I(a) = (4, 5): the input change (3, 4) has L2 norm 5 (L1 7, and ||I(a)|| = sqrt 41);
+    O(b) = (2, 0), O(a) = (8, 8): the output change (6, 8) has norm 10, so s = 2. At I(i) = (9, 17) the input moved by
+    (5, 12), norm 13, so the forecast is O(a) + 2 * 13 * (0.6, 0.8) = (23.6, 28.8). An L1 norm, or ||I(a)|| for the
+    input change, gives other numbers."""
+    pred = Relational(1)
+    state = pred.new_state()
+    pred.update(state, 0, torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]]))
+    pred.update(state, 2, torch.tensor([[4.0, 5.0]]), torch.tensor([[8.0, 8.0]]))
+    assert float(state.ratio) == pytest.approx(2.0)
+    got = pred.predict(state, 3, 10, torch.tensor([[9.0, 17.0]]))
+    torch.testing.assert_close(got, torch.tensor([[23.6, 28.8]]))
+
+
 @pytest.mark.parametrize("predictor", [Taylor(1), Taylor(2), Taylor(3), Relational(1), Relational(2), Relational(3),
                                        Linear(0.5)], ids=lambda p: f"{type(p).__name__}{p.order}")
 def test_predictions_leave_the_cache_intact_and_support_autograd(predictor):
