@@ -147,8 +147,10 @@ class CFGState:
     def nbytes(self) -> int:
         """Bytes of the stored deltas and of a split-CFG conditional output waiting for its pair."""
         held = list(self.delta or ())
-        if isinstance(self.cond_output, torch.Tensor):
-            held.append(self.cond_output)
+        if self.cond_output is not None:
+            # its sample, whatever the container: a diffusers output dataclass or a tuple counted nothing before
+            # (found by review; an output of several tensors is not kept, ``_several_outputs``)
+            held.append(sample_of(self.cond_output))
         return sum(t.numel() * t.element_size() for t in held)
 
     def usable(self, shape: tuple[int, ...]) -> bool:
