@@ -14,6 +14,20 @@ from relcache import FORA, CFGCache, CustomAdapter, FasterCache
 from relcache.api import _session
 
 
+def _split_cfg_steps(dit, x, steps, order, after_step=None):
+    """A generation of ``steps`` steps calling ``dit`` once per named context in ``order`` at each step (split CFG
+    named with diffusers' cache context; class 3 for "cond", the null class for "uncond"), timesteps 900, 830, ..."""
+    relcache.begin_generation(dit, steps)
+    for i in range(steps):
+        for name in order:
+            _set_cache_context(dit, CacheContext(name))
+            label = torch.tensor([3 if name == "cond" else 1000])
+            dit(x, timestep=torch.full((1,), 900 - 70 * i), class_labels=label)
+        _set_cache_context(dit, None)
+        if after_step is not None:
+            after_step()
+
+
 def test_a_context_starting_late_counts_its_first_step_as_full():
     """Guards ``StepCalls._force_full``'s ``full_steps.append`` (mutant: the step made full but not counted).
 
@@ -57,13 +71,7 @@ def test_split_cfg_refresh_full_forces_the_cond_call_of_every_step_that_runs_unc
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     config = FasterCache(interval=4, warmup=2, cfg_interval=3, cfg_window=(0.25, 1.0))
     with relcache.cached(dit, config), torch.no_grad():
-        relcache.begin_generation(dit, 12)
-        for i in range(12):
-            for name in ("cond", "uncond"):
-                _set_cache_context(dit, CacheContext(name))
-                label = torch.tensor([3 if name == "cond" else 1000])
-                dit(x, timestep=torch.full((1,), 900 - 70 * i), class_labels=label)
-            _set_cache_context(dit, None)
+        _split_cfg_steps(dit, x, 12, ("cond", "uncond"))
         st = relcache.stats(dit)
     cond, uncond = st.contexts["cond"], st.contexts["uncond"]
     assert cond.full_steps == [0, 1, 2, 3, 5, 6, 9]
@@ -83,14 +91,8 @@ def test_uncond_before_cond_is_warned_at_the_second_such_step_not_the_first():
     said_after = []
     with relcache.cached(dit, FasterCache(warmup=2)), warnings.catch_warnings(record=True) as seen, torch.no_grad():
         warnings.simplefilter("always")
-        relcache.begin_generation(dit, 4)
-        for i in range(4):
-            for name in ("uncond", "cond"):
-                _set_cache_context(dit, CacheContext(name))
-                label = torch.tensor([3 if name == "cond" else 1000])
-                dit(x, timestep=torch.full((1,), 900 - 70 * i), class_labels=label)
-            _set_cache_context(dit, None)
-            said_after.append(sum('context "uncond" before "cond"' in str(w.message) for w in seen))
+        _split_cfg_steps(dit, x, 4, ("uncond", "cond"), after_step=lambda: said_after.append(
+            sum('context "uncond" before "cond"' in str(w.message) for w in seen)))
     assert said_after == [0, 0, 1, 1]
 
 
