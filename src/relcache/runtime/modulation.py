@@ -301,10 +301,13 @@ class SourceHook(ModulationHook):
     conditioning (the adapter's word), so its arguments are not read."""
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if not self._applies(module):
+            return forward(*args, **kwargs)
         measuring = not torch.compiler.is_compiling() and self.host.measuring()
-        out = self.tables.source(self.index, saved=not measuring) if self._applies(module) else None
-        if out is None or measuring:  # counted as a plain step computes it (``ModulationHook``)
-            got = self.fn_ref.original_forward(*args, **kwargs)
-            if out is None:
-                return got
+        out = self.tables.source(self.index, saved=not measuring)
+        if out is None:
+            return forward(*args, **kwargs)
+        if measuring:  # counted as a plain step computes it, the table's row returned (``ModulationHook``)
+            forward(*args, **kwargs)
         return out
