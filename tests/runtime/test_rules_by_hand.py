@@ -97,12 +97,12 @@ def test_uncond_before_cond_is_warned_at_the_second_such_step_not_the_first():
 
 
 def test_a_short_loop_is_warned_without_the_split_cfg_hint():
-    """Guards ``Generations._check_steps``' ``_SPLIT_HINT if run % announced == 0`` (mutant: ``!= 0``).
+    """Guards ``Generations._check_steps``' advice for a loop that ran fewer steps than announced.
 
     A hand-written loop announces 8 steps and runs 4 (FORA(4, 2): full at 0 and 1, so "2 of them full"); the next
-    ``begin_generation`` warns that it ran fewer. 4 is not a multiple of 8, so the hint about a loop calling the
-    transformer twice per step (which makes a loop run *more* calls than announced) must not be given: it would
-    advise naming cache contexts to a loop that simply stopped early. The mutant gave it."""
+    ``begin_generation`` warns that it ran fewer. The hint about a loop calling the transformer twice per step (which
+    makes a loop run *more* calls than announced, warned by ``check_step``) must not be given: it would advise naming
+    cache contexts to a loop that simply stopped early."""
     dit = tiny_dit()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with relcache.cached(dit, FORA(4, 2)), torch.no_grad():

@@ -260,8 +260,9 @@ class Generations:
             return
         advice = (_PIPELINE_HINT if self._in_pipeline_call else
                   "Announce the number of transformer calls per context the loop makes (relcache.begin_generation("
-                  "model, num_steps)), or ignore this for an interrupted generation."
-                  + (_SPLIT_HINT if run % announced == 0 else ""))
+                  "model, num_steps)), or ignore this for an interrupted generation.")
+        # (only fewer steps than announced reach here: one past the count was warned by ``check_step``, with the
+        # split-CFG hint, as a loop calling twice per step runs more calls, not fewer)
         warn(
             f"relcache: a generation announced {announced} steps (by the scheduler or begin_generation) but ran "
             f"{run} ({full} of them full); its schedule (a target_nfc budget, CFG-Cache's window) was planned for "
