@@ -241,6 +241,24 @@ def test_fused_fallbacks_equal_the_torch_path(case, interpreted, monkeypatch):
         torch.testing.assert_close(got, base, rtol=0, atol=0)
 
 
+def test_a_float16_coefficient_past_its_range_is_clamped_as_the_torch_path_clamps(interpreted, monkeypatch):
+    """A float16 forecast whose coefficient ``s · ‖ΔI‖ / ‖u‖`` passes 65504 (a ratio of about 1e6, an input that
+    barely moved between the full steps): the torch path clamps it to float16's largest finite value
+    (``history.narrowed``), so where the direction is zero the forecast is the base. Rounded to float16 unclamped,
+    the coefficient was inf and inf · 0 NaN there (the kernel's own rounding, found by review)."""
+    launches = _Launches(monkeypatch, interpreted)
+    predictor, state, inp = _state(2, torch.float16)
+    state.ratio = state.ratio * 1e6
+    for d in state.out.diffs[1:]:
+        d[..., :8] = 0  # u = D_1 + (k/2) D_2 is zero on these elements
+    got, want = _both(predictor, state, inp)
+    assert launches.n == 2
+    base = state.out.base(torch.float16)
+    assert not want.isnan().any() and torch.equal(want[..., :8], base[..., :8])
+    assert not got.isnan().any() and torch.equal(got[..., :8], base[..., :8])
+    assert torch.equal(got.isinf(), want.isinf())
+
+
 def test_fused_forecast_stays_off_where_it_does_not_apply(interpreted, monkeypatch):
     launches = _Launches(monkeypatch, interpreted)
     predictor, state, inp = _state(2, torch.float32)

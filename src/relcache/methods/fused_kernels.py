@@ -1,13 +1,13 @@
 """RFE's eager forecast as two Triton kernels (``fused.py`` decides when they run; imported only then).
 
 ``_stats``: per sample and chunk (chunk ``j`` of the input and chunk ``j`` of the output, each of its own size), the
-input change's and the direction's squared sums, the direction ``u`` (Horner
-form, rounded to the output dtype after each step as ``torch.addcmul`` rounds) written into the output buffer (at
-order 1 ``u`` is ``D_1`` itself and is read from there instead). ``_finish``: per sample, the two sums over its
-chunks, the coefficient ``s · ‖ΔI‖ / ‖u‖`` (``k`` where that is not finite), rounded to the output dtype as the
-torch path rounds it, and ``out = base + coef · u``. Every program reads its sample's chunk sums itself, so the result
-does not depend on the order programs run in. Launched with ``enable_fp_fusion=False``: torch rounds each product
-before the sum, and so do these.
+input change's and the direction's squared sums, the direction ``u`` (Horner form, rounded to the output dtype after
+each step as ``torch.addcmul`` rounds) written into the output buffer (at order 1 ``u`` is ``D_1`` itself and is read
+from there instead). ``_finish``: per sample, the two sums over its chunks, the coefficient ``s · ‖ΔI‖ / ‖u‖``
+(``k`` where that is not finite), clamped to float16's range and rounded to the output dtype as the torch path clamps
+and rounds it, and ``out = base + coef · u``. Every program reads its sample's chunk sums itself, so the result does
+not depend on the order programs run in. Launched with ``enable_fp_fusion=False``: torch rounds each product before
+the sum, and so do these.
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def _finish(base, u_ptr, out, sums, ratio, k, n, chunk, n_chunks, BLOCK: tl.cons
     coef = tl.load(ratio + b).to(tl.float32) * tl.sqrt_rn(tl.sum(moved, axis=0))
     coef = tl.div_rn(coef, tl.sqrt_rn(tl.sum(size, axis=0)))
     coef = tl.where(tl.abs(coef) < float("inf"), coef, k)  # not finite (0/0, x/0, inf, nan): Taylor's k
+    if out.dtype.element_ty == tl.float16:  # clamped into float16's range first, as ``history.narrowed``: an inf
+        coef = tl.minimum(coef, 65504.0)  # coefficient made inf · 0 NaN where u is zero (it is never negative)
     coef = _rounded(coef, out)
     start = b * n + j * chunk
     left = n - j * chunk
