@@ -259,6 +259,19 @@ def test_a_float16_coefficient_past_its_range_is_clamped_as_the_torch_path_clamp
     assert torch.equal(got.isinf(), want.isinf())
 
 
+def test_a_direction_holding_an_infinity_falls_back_to_taylor_as_the_torch_path_does(interpreted, monkeypatch):
+    """float16 differences holding an inf (an overflow recorded at a full step): ``‖u‖ = inf`` made the coefficient
+    0 (finite), the forecast the base and NaN at the element; both paths take Taylor's ``k`` there instead."""
+    launches = _Launches(monkeypatch, interpreted)
+    predictor, state, inp = _state(2, torch.float16)
+    state.out.diffs[2][1, 0, 0] = float("inf")
+    got, want = _both(predictor, state, inp)
+    assert launches.n == 2
+    assert not want.isnan().any() and not got.isnan().any()
+    assert torch.equal(got.isinf(), want.isinf()) and want[1].isinf().any() and not want[0].isinf().any()
+    _assert_as_torch(got.nan_to_num(posinf=0.0), want.nan_to_num(posinf=0.0))
+
+
 def test_fused_forecast_stays_off_where_it_does_not_apply(interpreted, monkeypatch):
     launches = _Launches(monkeypatch, interpreted)
     predictor, state, inp = _state(2, torch.float32)

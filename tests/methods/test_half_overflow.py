@@ -197,3 +197,31 @@ def test_every_large_float16_value_at_every_scale_reads_back_finite_and_as_befor
         if not kept.all():  # the grid's largest point within 65504 (the mantissa's, for a float format)
             ceiling = before[kept].max()
             assert (got.double()[~kept] == ceiling).all()
+
+
+@pytest.mark.parametrize("host_k", [True, False], ids=["k on the host", "k on the device"])
+def test_rfe_direction_holding_a_recorded_overflow_falls_back_to_taylor(host_k):
+    """An RFE forecast whose direction ``u`` holds an infinite element (a float16 output that overflowed at a full
+    step, carried in ``D_2`` through the next records) with a finite ratio: ``‖u‖ = inf`` made ``c = s ‖ΔI‖ / ‖u‖``
+    0, a finite coefficient, so the forecast was ``O(a)`` for the whole sample and NaN (``0 · inf``) at the element.
+    The spec's fallback for any non-finite value applies instead: Taylor's ``O(a) + k u`` (inf at that element,
+    which a float16 model's clip turns into 65504; NaN it cannot)."""
+    pred = Relational(2)
+    st = pred.new_state()
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(1, 4, 8, generator=g).half() for _ in range(4)]
+    outs[1][0, 0, 0], outs[2][0, 0, 0], outs[3][0, 0, 0] = 60000, -60000, 0  # D_1 = -120000: inf in float16
+    with torch.no_grad():
+        for j, y in enumerate(outs):
+            pred.update(st, j, torch.randn(1, 4, 8, generator=g).half(), y)
+        d = [st.out.get(j, torch.float16) for j in range(3)]
+        assert torch.isinf(d[2][0, 0, 0]) and torch.isfinite(d[1]).all() and torch.isfinite(st.ratio).all()
+        now = torch.randn(1, 4, 8, generator=g).half()
+        if host_k:
+            got = pred.predict(st, 5, None, now)
+        else:
+            got = pred.forecast(st, now, torch.tensor([2.0, 1.0, 2 / 3, 0.5, 0.0]), None)
+    k = torch.tensor(2.0, dtype=torch.float16)
+    taylor = torch.addcmul(d[0], k, torch.addcmul(d[1], k / 2, d[2]))
+    assert not got.isnan().any()
+    assert torch.equal(got, taylor)

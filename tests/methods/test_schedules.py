@@ -253,8 +253,9 @@ def test_rcs_error_is_the_mean_of_the_finite_samples_and_all_nan_is_full():
     from relcache.methods.schedules import finite_mean
 
     assert finite_mean([0.5, float("nan"), 0.25]) == (0.375, 1)
-    got = finite_mean([float("nan"), float("inf")])
+    got = finite_mean([float("nan"), float("-inf")])
     assert got[1] == 2 and got[0] != got[0]
+    assert finite_mean([0.5, float("nan"), float("inf")]) == (float("inf"), 2)
     sched = InputError(threshold=10.0, order=0, warmup=1)
     state = sched.new_state(3)
     one = torch.tensor([[2.0, 2.0], [float("nan"), float("nan")]])
@@ -282,3 +283,27 @@ def test_gap_floor_none_removes_the_lower_bound(monkeypatch):
     monkeypatch.setattr(schedules, "GAP_FLOOR", 2.0)
     full, _ = _run(_ScriptedErrors(target_nfc=22, errs=errs), [torch.zeros(1, 4)] * 50)
     assert full[11:] == [33, 34, 35, 36, 37, 38, 40, 42, 44, 46, 48]
+
+
+def test_rcs_sample_whose_forecast_overflows_makes_the_step_full():
+    """float16 probes, sample 1 near the top: 30000 then 45000 at steps 0 and 1, so its order-1 forecast at step 3
+    is 45000 + 2 · 15000 = 75000, inf in float16, and its error +inf (the probe itself is finite). Sample 0 moves by
+    0.001 a step (error about 0.001). Left out of the mean, the inf sample let steps 2-5 stay cached under threshold
+    0.5; it now makes its step full (and is counted as not finite). With target_nfc, calibrating tau, the step is
+    full while the budget lasts and tau is not set to inf."""
+    def probe(s: int) -> torch.Tensor:
+        return torch.stack([torch.full((4, 4), 1.0 + 0.001 * s),
+                            torch.full((4, 4), 30000.0 + 15000.0 * min(s, 1))]).half()
+
+    sched = InputError(threshold=0.5, order=1)
+    state = sched.new_state(6)
+    full = [s for s in range(6) if sched.decide(state, s, probe(s))]
+    # step 2 (k = 1) forecasts 45000 + 15000 = 60000 for sample 1: finite, error 1/3 < 0.5, cached; step 3 (k = 2)
+    # is the overflow: full; then k = 1 from step 3 forecasts 45000 again: cached
+    assert full == [0, 1, 3]
+    assert state.errors[3] == float("inf") and state.nonfinite == {3: 1}
+    budget = InputError(target_nfc=4, order=1)
+    state = budget.new_state(6)
+    full = [s for s in range(6) if budget.decide(state, s, probe(s))]
+    assert 3 in full and len(full) == 4
+    assert state.tau is None or state.tau < float("inf")

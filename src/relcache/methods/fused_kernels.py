@@ -4,10 +4,10 @@
 input change's and the direction's squared sums, the direction ``u`` (Horner form, rounded to the output dtype after
 each step as ``torch.addcmul`` rounds) written into the output buffer (at order 1 ``u`` is ``D_1`` itself and is read
 from there instead). ``_finish``: per sample, the two sums over its chunks, the coefficient ``s · ‖ΔI‖ / ‖u‖``
-(``k`` where that is not finite), clamped to float16's range and rounded to the output dtype as the torch path clamps
-and rounds it, and ``out = base + coef · u``. Every program reads its sample's chunk sums itself, so the result does
-not depend on the order programs run in. Launched with ``enable_fp_fusion=False``: torch rounds each product before
-the sum, and so do these.
+(``k`` where that or ``‖u‖`` is not finite), clamped to float16's range and rounded to the output dtype as the
+torch path clamps and rounds it, and ``out = base + coef · u``. Every program reads its sample's chunk sums itself,
+so the result does not depend on the order programs run in. Launched with ``enable_fp_fusion=False``: torch rounds
+each product before the sum, and so do these.
 """
 
 from __future__ import annotations
@@ -95,9 +95,10 @@ def _finish(base, u_ptr, out, sums, ratio, k, n, chunk, n_chunks, BLOCK: tl.cons
         moved += tl.load(sums + (b * n_chunks + q) * 2, mask=got, other=0.0)
         size += tl.load(sums + (b * n_chunks + q) * 2 + 1, mask=got, other=0.0)
     # IEEE square roots and division, as torch takes them (``tl.sqrt`` may be an approximation)
-    coef = tl.load(ratio + b).to(tl.float32) * tl.sqrt_rn(tl.sum(moved, axis=0))
-    coef = tl.div_rn(coef, tl.sqrt_rn(tl.sum(size, axis=0)))
-    coef = tl.where(tl.abs(coef) < float("inf"), coef, k)  # not finite (0/0, x/0, inf, nan): Taylor's k
+    size = tl.sqrt_rn(tl.sum(size, axis=0))
+    coef = tl.div_rn(tl.load(ratio + b).to(tl.float32) * tl.sqrt_rn(tl.sum(moved, axis=0)), size)
+    # not finite (0/0, x/0, inf, nan), or ‖u‖ infinite (a recorded float16 overflow; c was 0): Taylor's k
+    coef = tl.where((tl.abs(coef) < float("inf")) & (size < float("inf")), coef, k)
     if out.dtype.element_ty == tl.float16:  # clamped into float16's range first, as ``history.narrowed``: an inf
         coef = tl.minimum(coef, 65504.0)  # coefficient made inf · 0 NaN where u is zero (it is never negative)
     coef = _rounded(coef, out)

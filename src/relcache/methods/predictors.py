@@ -38,6 +38,22 @@ from .state import PredictorState
 from .storage import CacheStorage, stored_bytes
 
 
+def beyond_rounding(moved: torch.Tensor, size: torch.Tensor, eps: float) -> torch.Tensor:
+    """``moved`` (``‖I(a) - I(b)‖`` per sample) where it exceeds one unit of rounding of the input's size
+    (``eps · ‖I(a)‖``, ``eps`` the input dtype's), else 0, so that RFE's ratio ``s`` there is not finite and its
+    forecast falls back to Taylor's, as for an input that did not move at all. An input constant up to a few units in
+    the last place (nondeterministic kernels, a batch of another size) gave ``s`` of 1e7 and forecasts of that many
+    times the true increment once the input really moved (found by review, 2026-12-07)."""
+    return torch.where(moved > size * eps, moved, 0)
+
+
+def no_infinite_size(size: torch.Tensor) -> torch.Tensor:
+    """``‖u‖`` with an infinite norm read as 0: a direction holding an infinite element (a float16 overflow recorded)
+    gives no relational magnitude, so ``c = s · ‖ΔI‖ / ‖u‖`` is not finite and falls back to Taylor's ``k``; it was
+    0, a forecast of ``O(a)`` with NaN where ``u`` was infinite (found by review, 2026-12-07). NaN stays NaN."""
+    return torch.nan_to_num(size, nan=float("nan"), posinf=0.0)
+
+
 class Forecast(NamedTuple):
     """One output to forecast (``Predictor.forecast_many``): its state, the module's input, the step's row on the
     device and, for an eager call, the row's ``k`` on the host (None: read it from the row)."""
@@ -203,13 +219,16 @@ class Relational(Predictor):
         prev_in = state.inp
         if prev_in is not None and state.ready and prev_in.shape == inp.shape and state.reducer is not None:
             # split sequence: the partial sums join the next collective (the next step's decision), no one of theirs
-            parts = torch.stack([power_sums(out - state.out.base(out.dtype)), power_sums(inp - state.input(inp.dtype))])
+            parts = torch.stack([power_sums(out - state.out.base(out.dtype)), power_sums(inp - state.input(inp.dtype)),
+                                 power_sums(inp)])
             state.ratio = None
-            state.reducer.later(parts, lambda sums: setattr(state, "ratio", roots(sums[0]) / roots(sums[1])))
+            eps = torch.finfo(inp.dtype).eps
+            state.reducer.later(parts, lambda sums: setattr(
+                state, "ratio", roots(sums[0]) / beyond_rounding(roots(sums[1]), roots(sums[2]), eps)))
         elif prev_in is not None and state.ready and prev_in.shape == inp.shape:
             change = out - state.out.base(out.dtype)
             num = sample_norm(change)
-            den = state.input_moved(inp)
+            den = beyond_rounding(state.input_moved(inp), sample_norm(inp), torch.finfo(inp.dtype).eps)
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
             if gap is not None and change.shape == out.shape and not torch.is_grad_enabled():
                 state.out.update(out, gap, change)  # D_1 = change / N, in place: one pass over the output less
@@ -298,13 +317,16 @@ class Relational(Predictor):
         if u is None or s is None:
             return base if u is None else torch.addcmul(base, row[0], u)
         if norms is not None:
-            coef = s * norms[0] / norms[1]
+            coef = s * norms[0] / no_infinite_size(norms[1])
         else:
             if moved is None:
                 moved = state.input_moved(inp)
             gram = state.gram
             fits = gram is not None and gram.shape[-1] == hist.order and gram.shape[0] == u.shape[0]
-            coef = s * moved / (hist.direction_norm(gram, row) if fits else sample_norm(u))
+            size = hist.direction_norm(gram, row) if fits else sample_norm(u)
+            if u.dtype == torch.float16 or torch.compiler.is_compiling():  # (eagerly one kernel: float16 alone
+                size = no_infinite_size(size)  # overflows its differences; compiled it fuses)
+            coef = s * moved / size
         # Fallback folded into the coefficient: k gives the Taylor forecast base + k · u. No host sync.
         # With k on the host, one kernel (``coef`` is never negative: -inf cannot occur, but is mapped too). Without
         # it (compiled code, or a step captured by hand), ``finite`` and a ``where``.

@@ -203,8 +203,14 @@ class Steps(Schedule):
 
 def finite_mean(errors: list[float]) -> tuple[float, int]:
     """``(mean of the finite per-sample errors, how many are not finite)``, on the host in double precision (NaN when
-    none is finite): the host reads the per-sample errors in one transfer and the device runs no kernel for this."""
+    none is finite): the host reads the per-sample errors in one transfer and the device runs no kernel for this.
+
+    A sample whose error is +inf makes the mean +inf: its probe was finite (an infinite probe gives inf / inf, NaN)
+    and its forecast overflowed, or met a zero probe with a real error, the worst forecast there is; left out, the
+    step was decided by the other samples and stayed cached (a float16 probe near 65504; found by review)."""
     finite = [e for e in errors if math.isfinite(e)]
+    if math.inf in errors:
+        return math.inf, len(errors) - len(finite)
     return (math.fsum(finite) / len(finite) if finite else math.nan), len(errors) - len(finite)
 
 
@@ -359,7 +365,8 @@ class InputError(Schedule):
             e = self.input_error(state, step, probe, measured)
             state.errors[step] = e
             k = step - state.last_full
-            if math.isnan(e):  # no sample's error is finite: nothing to judge by
+            if not math.isfinite(e):  # NaN: no sample's error is finite, nothing to judge by; inf: a sample's
+                # forecast failed outright (``finite_mean``). Either way full, not added to E (nor to a calibrating tau)
                 full = self.target_nfc is None or self._budget_left(state, step)[0] > 0
             elif self.target_nfc is None:
                 state.accumulated += e
