@@ -443,3 +443,31 @@ def test_numpy_timesteps_with_negative_strides_are_taken():
         assert _served(model) == (STEPS - 1) * PROJECTIONS
     finally:
         relcache.disable(model)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_the_callers_timesteps_are_never_written(kind):
+    """A loop announcing its own timesteps tensor (or numpy array, which ``torch.as_tensor`` shares), then another
+    schedule of the same length: the table, refilled in place for the second generation, held the caller's first
+    tensor itself and overwrote it with the second schedule's values, so the caller's next loop over it sampled the
+    other schedule and the table served nothing (found by review). The caller's values stay; the third generation
+    is served again, its outputs equal to the first's."""
+    import numpy as np
+
+    first = [999 - 120 * i for i in range(STEPS)]
+    second = [950 - 110 * i for i in range(STEPS)]
+    make = torch.tensor if kind == "tensor" else np.array
+    a, b = make(first), make(second)
+    model = tiny_dit(layers=LAYERS)
+    relcache.enable(model, FORA(1, 1), batch_modulation=True)
+    try:
+        outs_a = _loop(model, a, LABELS)
+        _loop(model, b, LABELS)
+        assert list(a.tolist()) == first and list(b.tolist()) == second
+        served = _served(model)
+        again = _loop(model, a, LABELS)
+        assert _served(model) - served == PROJECTIONS * STEPS  # (only a shape's first call measures FLOPs)
+        for x, y in zip(outs_a, again, strict=True):
+            assert torch.equal(x, y)
+    finally:
+        relcache.disable(model)

@@ -180,7 +180,9 @@ class Modulations:
         """Every announced step's projections, in one product per projection. The previous generation's table of
         this context is refilled in place where the shapes allow: compiled code then reads the same tensors (no
         new guards) and a captured graph the same addresses."""
-        ts = timesteps.to(device=timestep.device, dtype=timestep.dtype)
+        # a copy always: the table is refilled in place by the next generation, and the tensor given may be the
+        # caller's own (begin_generation's, or a numpy array's memory): it was overwritten (found by review)
+        ts = timesteps.to(device=timestep.device, dtype=timestep.dtype, copy=True)
         spec = self.spec
         outs = spec.source_outputs(ts, args, kwargs) if spec.sources and spec.source_outputs is not None else None
         inputs = spec.inputs(ts, args, kwargs, outs)  # per projection: (T·B, in)
