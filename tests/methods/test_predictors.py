@@ -388,35 +388,3 @@ def test_relational_without_a_ratio_forecasts_taylor():
     assert torch.equal(pred.forecast(state, torch.full((1, 3), 2.0), torch.tensor(step_row(1))),
                        torch.tensor([[4.0, 7.0]]))
 
-
-class _OneProcess:
-    """A reducer over one process: the split-sequence code path with nothing split (sums are the partial sums)."""
-
-    def sum(self, partials):
-        return partials
-
-    def later(self, partials, done):
-        done(partials)
-
-
-@pytest.mark.parametrize("reducer", [None, _OneProcess()], ids=["local", "split sequence"])
-def test_rfe_ratio_from_an_input_moved_by_one_ulp_falls_back_to_taylor(reducer):
-    """RFE's ratio ``s = ‖ΔO‖ / ‖ΔI‖`` where the input moved less than one unit of rounding of its size
-    (``eps · ‖I‖``): sample 0's input changed in one element by one ulp between the two full steps, while its output
-    moved; ``s`` was 4 / 1.2e-7 and the forecast, once the input really moved, 3e7 times too far. Such a sample takes
-    Taylor's forecast, as an input that did not move at all does. Sample 1 moved by 1e-3 per element (8e-3 against
-    a tolerance of 9.5e-7) and keeps the relational forecast. By hand, order 1, ``k = 2``, ``‖I‖ = 8``:
-    sample 0: ``O(1) + 2 (O(1) - O(0)) = 1.5``; sample 1: ``s = 4 / 0.008 = 500``, ``c = 500 · 0.8 / 4 = 100``,
-    ``0.5 + 100 · 0.5 = 50.5``."""
-    pred = Relational(1)
-    st = pred.new_state(reducer=reducer)
-    x0 = torch.ones(2, 64)
-    x1 = x0.clone()
-    x1[0, 0] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
-    x1[1] += 1e-3
-    with torch.no_grad():
-        pred.update(st, 0, x0, torch.zeros(2, 64))
-        pred.update(st, 1, x1, torch.full((2, 64), 0.5))
-        got = pred.predict(st, 3, None, x1 + 0.1)
-    torch.testing.assert_close(got[0], torch.full((64,), 1.5), rtol=0, atol=0)
-    torch.testing.assert_close(got[1], torch.full((64,), 50.5), rtol=1e-4, atol=0)

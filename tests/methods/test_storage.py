@@ -252,10 +252,9 @@ def test_a_state_sharing_an_input_takes_its_owners_input_change_norm():
     alone, n_alone = run(False)
     for s, u in zip(shared, alone, strict=True):
         assert torch.equal(s, u)
-    # per state: the ratio's three norms at the 2nd and 3rd records (the output change, the input change and the
-    # input's size, ``beyond_rounding``), the input change's and the direction's at the forecast; the sharing state
-    # measures no input change (two records, one forecast)
-    assert n_alone == 2 * (2 * 3 + 2) and n_shared == n_alone - 3
+    # per state: the ratio's two norms at the 2nd and 3rd records, the input change's and the direction's at the
+    # forecast; the sharing state measures no input change (two records, one forecast)
+    assert n_alone == 2 * (2 * 2 + 2) and n_shared == n_alone - 3
     poked, n_poked = run(True, poke=True)
     poked_alone, _ = run(False, poke=True)
     assert n_poked == n_shared + 1  # the written tensor is measured again

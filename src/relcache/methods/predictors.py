@@ -38,15 +38,6 @@ from .state import PredictorState
 from .storage import CacheStorage, stored_bytes
 
 
-def beyond_rounding(moved: torch.Tensor, size: torch.Tensor, eps: float) -> torch.Tensor:
-    """``moved`` (``‖I(a) - I(b)‖`` per sample) where it exceeds one unit of rounding of the input's size
-    (``eps · ‖I(a)‖``, ``eps`` the input dtype's), else 0, so that RFE's ratio ``s`` there is not finite and its
-    forecast falls back to Taylor's, as for an input that did not move at all. An input constant up to a few units in
-    the last place (nondeterministic kernels, a batch of another size) gave ``s`` of 1e7 and forecasts of that many
-    times the true increment once the input really moved (found by review, 2026-12-07)."""
-    return torch.where(moved > size * eps, moved, 0)
-
-
 def no_infinite_size(size: torch.Tensor) -> torch.Tensor:
     """``‖u‖`` with an infinite norm read as 0: a direction holding an infinite element (a float16 overflow recorded)
     gives no relational magnitude, so ``c = s · ‖ΔI‖ / ‖u‖`` is not finite and falls back to Taylor's ``k``; it was
@@ -219,16 +210,13 @@ class Relational(Predictor):
         prev_in = state.inp
         if prev_in is not None and state.ready and prev_in.shape == inp.shape and state.reducer is not None:
             # split sequence: the partial sums join the next collective (the next step's decision), no one of theirs
-            parts = torch.stack([power_sums(out - state.out.base(out.dtype)), power_sums(inp - state.input(inp.dtype)),
-                                 power_sums(inp)])
+            parts = torch.stack([power_sums(out - state.out.base(out.dtype)), power_sums(inp - state.input(inp.dtype))])
             state.ratio = None
-            eps = torch.finfo(inp.dtype).eps
-            state.reducer.later(parts, lambda sums: setattr(
-                state, "ratio", roots(sums[0]) / beyond_rounding(roots(sums[1]), roots(sums[2]), eps)))
+            state.reducer.later(parts, lambda sums: setattr(state, "ratio", roots(sums[0]) / roots(sums[1])))
         elif prev_in is not None and state.ready and prev_in.shape == inp.shape:
             change = out - state.out.base(out.dtype)
             num = sample_norm(change)
-            den = beyond_rounding(state.input_moved(inp), sample_norm(inp), torch.finfo(inp.dtype).eps)
+            den = state.input_moved(inp)
             state.ratio = num / den  # inf/nan where den == 0: handled as a fallback in predict
             if gap is not None and change.shape == out.shape and not torch.is_grad_enabled():
                 state.out.update(out, gap, change)  # D_1 = change / N, in place: one pass over the output less
