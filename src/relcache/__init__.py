@@ -7,7 +7,7 @@ One line turns it on::
     image = pipe(...)
     print(relcache.stats(pipe))
 
-A method is a predictor (Reuse, Taylor, Relational, Linear) times a schedule (Interval, InputError);
+A method is a predictor (Reuse, Taylor, Relational, Linear) times a schedule (Interval, Steps, InputError);
 FORA, TaylorSeer, RFC and FasterCache are presets naming such pairs; ``CFGCache`` adds skipping of the
 unconditional half of classifier-free guidance to any of them.
 """

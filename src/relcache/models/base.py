@@ -47,7 +47,8 @@ def first_tensor_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.T
 
 @dataclass(frozen=True)
 class CachedModule:
-    """One module whose output is cached. Listed in execution order; the first is RCS's probe."""
+    """One module whose output is cached. Listed in execution order (the stats list them so); RCS's probe is the
+    cached module a step's forward calls first, whatever the listed order."""
 
     name: str
     module: nn.Module
