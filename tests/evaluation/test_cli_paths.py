@@ -416,3 +416,73 @@ def test_an_unknown_option_before_the_command_shows_the_top_level_usage(capsys, 
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("usage: relcache [-h]"), err
     assert err.strip().splitlines()[-1] == "relcache: error: unrecognized arguments: --bogus"
+
+
+@pytest.mark.parametrize("argv", [["bench", "--samples", "2", "--no-flops"], ["calibrate", "--nfc", "5"],
+                                  ["analyze", "--samples", "1"]])
+def test_an_out_another_command_is_writing_into_is_refused_before_any_work(capsys, no_work, tmp_path, argv):
+    """Two runs into one ``--out`` were both accepted, and their records mixed: a later ``bench --resume`` read one
+    run's samples as the other's, and two ``calibrate`` runs each said they wrote the file only one kept (found by
+    review). A command holds its ``--out`` (an exclusive flock on the directory) while it runs; here the test holds
+    it, as a running command would."""
+    fcntl = pytest.importorskip("fcntl")
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = _usage_error(capsys, [*argv, "--out", str(out)])
+    finally:
+        os.close(fd)
+    assert line == (f"relcache {argv[0]}: error: --out {out} is in use by another relcache command still writing into "
+                    "it: wait for it to end, or choose another --out")
+
+
+def test_the_claim_on_out_is_released_and_an_empty_directory_it_made_removed(tmp_path, monkeypatch):
+    """Held for the command only: the same directory can be claimed again after it (a second command in sequence,
+    or ``--resume``), a directory the claim made is removed when the command wrote nothing into it (a run refused
+    after loading its model left an empty ``--out``), and kept when it did; under torchrun only the first rank
+    holds it (the ranks share the directory)."""
+    fcntl = pytest.importorskip("fcntl")
+    import os
+
+    from relcache.cli.options import claimed
+
+    made, kept = tmp_path / "a" / "b", tmp_path / "kept"
+    with claimed(made):
+        assert made.is_dir()
+    assert not made.exists() and (tmp_path / "a").is_dir()
+    with claimed(kept):
+        (kept / "x").write_text("1")
+    with claimed(kept):  # released: claimed again
+        fd = os.open(kept, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    assert (kept / "x").is_file()
+    monkeypatch.setenv("RANK", "1")
+    with claimed(kept):
+        fd = os.open(kept, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not held by a later rank
+        os.close(fd)
+
+
+@pytest.mark.parametrize("command", ["bench", "analyze", "calibrate"])
+def test_steps_past_the_schedulers_training_steps_are_refused_by_the_parser(capsys, no_work, command):
+    """``--steps 1001`` loaded the model, then failed in diffusers' ``set_timesteps`` with a traceback, and ``bench``
+    left a run record the corrected command had to ``--overwrite`` (found by review)."""
+    line = _usage_error(capsys, [command, "--steps", "1001"])
+    assert line.endswith("argument --steps: must be an integer in 2..1000 (the schedulers' training steps), got 1001")
+
+
+def test_a_budget_that_adds_no_rows_is_named():
+    """Over 10 steps budgets 11 and 10 (intervals 5 and 6) both give NFC 3: the second added no rows, silently
+    (found by review); ``repeated_budgets`` names it, and a budget given twice, for the command's note."""
+    from relcache.evaluation.bench import default_methods, repeated_budgets
+
+    assert repeated_budgets([14, 11, 10, 14], 10) == [(10, 3, 11), (14, 4, 14)]
+    assert repeated_budgets([14, 11, 10, 8, 7], 50) == []
+    labels = [m.label for m in default_methods([14, 11, 10, 14], num_steps=10)]
+    assert [lb for lb in labels if lb.startswith("FORA")] == ["FORA N=4", "FORA N=5"]

@@ -15,6 +15,7 @@ a bad option answer at once; ``tests/evaluation/test_cli_paths.py`` checks it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import analyze, bench, calibrate, demo
 from .demo import save_grid
-from .options import DEMO_GRID, PromptFile
+from .options import DEMO_GRID, PromptFile, claimed
 
 __all__ = ["DEMO_GRID", "PromptFile", "build_parser", "main", "save_grid"]
 
@@ -57,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _interrupted(args)
     args.command_line = command_line(argv)
     try:
-        return args.func(args)
+        out = getattr(args, "out", None) if args.command in _WRITES else None
+        with claimed(Path(out)) if out is not None else contextlib.nullcontext():
+            return args.func(args)
     except ConfigError as err:  # a bad combination of options: the command's usage and the reason, not a traceback
         args.parser.error(str(err))
     except RankLostError as err:  # torchrun: another rank died; one line, not a traceback of the collective

@@ -60,11 +60,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import provenance, runlog
-    from ..evaluation.bench import bench_settings, run_bench
+    from ..evaluation.bench import bench_settings, repeated_budgets, run_bench
 
     family, conditions, extra = _pipeline_inputs(args)
     guidance = _pipeline_guidance(args, family)
     _methods(args, guidance, None)  # --only checked before the model loads (the labels need no model)
+    for budget, nfc, earlier in repeated_budgets(args.budgets, args.steps):
+        print(f"note: --budgets {budget} adds no rows: " + ("it is given twice" if budget == earlier else
+              f"over {args.steps} steps its interval gives NFC {nfc}, as budget {earlier}'s does"), file=sys.stderr)
     if args.peers:
         from ..evaluation.peers.rows import calibration_differences
 

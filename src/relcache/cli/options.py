@@ -4,12 +4,13 @@ options ``bench``, ``analyze`` and ``calibrate`` share."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,56 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-_positive, _at_least_2, _index = _int_at_least(1), _int_at_least(2), _int_at_least(0)
+_positive, _index = _int_at_least(1), _int_at_least(0)
+
+#: the most sampling steps a command takes: the schedulers' training steps (the reference DDIM's 1000), past which
+#: diffusers refuses ``set_timesteps`` only after the model has loaded (found by review)
+MAX_STEPS = 1000
+
+
+def _steps(value: str) -> int:
+    """An argparse type: a number of sampling steps, an integer in 2 .. ``MAX_STEPS``."""
+    n = int(value)
+    if not 2 <= n <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be an integer in 2..{MAX_STEPS} (the schedulers' training steps), "
+                                         f"got {value}")
+    return n
+
+
+_steps.__name__ = f"integer in 2..{MAX_STEPS}"
+
+
+@contextlib.contextmanager
+def claimed(directory: Path) -> Iterator[None]:
+    """Hold ``directory`` (created if missing) for one command: a second ``relcache`` command writing into it while
+    this one runs is refused (``ConfigError``) before it loads anything. Two runs into one ``--out`` were both
+    accepted and mixed their records, and a later ``--resume`` read one run's samples as the other's (found by
+    review). An exclusive ``flock`` on the directory itself, released when the command ends (or its process dies);
+    under torchrun the first rank alone holds it (the ranks share the directory). A directory made here and left
+    empty is removed again. (Where ``fcntl`` is missing, Windows, nothing is held.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    made = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--out {directory} is in use by another relcache command still writing into it: "
+                              "wait for it to end, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)  # (the lock goes with it)
+        if made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if empty
 
 
 def _integer(value: str) -> int:
@@ -184,7 +234,7 @@ def _add_generation_options(p: argparse.ArgumentParser, *, samples: int, samples
                             guidance: float | None = 1.5) -> None:
     """The options ``bench`` and ``analyze`` share: samples, DDIM steps, CFG scale, order and seed."""
     p.add_argument("--samples", type=_positive, default=samples, help=f"{samples_help} (default: %(default)s)")
-    p.add_argument("--steps", type=_at_least_2, default=50, help=f"{steps_help} (default: %(default)s)")
+    p.add_argument("--steps", type=_steps, default=50, help=f"{steps_help}, 2..{MAX_STEPS} (default: %(default)s)")
     p.add_argument("--guidance", type=_guidance, default=guidance,
                    help="guidance scale, >= 0 (default: 1.5 on the reference model and DiT, else the pipeline's own)"
                    if guidance is None else "CFG scale, >= 0 (default: %(default)s)")

@@ -78,6 +78,21 @@ def interval_for(budget: int, num_steps: int = 50) -> tuple[int, int]:
     return n, len(Interval(n, 2).full_steps(num_steps))
 
 
+def repeated_budgets(budgets: Sequence[int], num_steps: int = 50) -> list[tuple[int, int, int]]:
+    """``(budget, K, earlier)`` for each budget whose NFC ``K`` over ``num_steps`` an earlier one, ``earlier``,
+    already gives: it adds no rows (``default_methods``), which the command says (found by review: dropped
+    silently)."""
+    seen: dict[int, int] = {}
+    out = []
+    for budget in budgets:
+        nfc = interval_for(budget, num_steps)[1]
+        if nfc in seen:
+            out.append((budget, nfc, seen[nfc]))
+        else:
+            seen[nfc] = budget
+    return out
+
+
 def default_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, order: int = 2, num_steps: int = 50,
                     ) -> list[BenchMethod]:
     """FORA, TaylorSeer, RFE alone, RCS alone, RFC and RFC + CFG-Cache at each budget, and FasterCache once (its
@@ -94,7 +109,7 @@ def default_methods(budgets: Sequence[int] = DEFAULT_BUDGETS, order: int = 2, nu
     taken: set[int] = set()
     for budget in budgets:
         n, nfc = interval_for(budget, num_steps)
-        if nfc in taken:
+        if nfc in taken:  # (``repeated_budgets`` names these)
             continue
         taken.add(nfc)
         rows += [
