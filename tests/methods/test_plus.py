@@ -479,3 +479,51 @@ def test_input_fit_state_bytes_equals_a_full_state(scale):
     pred = InputFit(2, scale=scale)
     st = _fit_state(pred, [torch.randn(2, 6, 4) for _ in range(4)], [torch.randn(2, 6, 8) for _ in range(4)])
     assert st.nbytes == pred.state_bytes((2, 6, 8), (2, 6, 4), torch.float32, None)
+
+
+def test_trend_ratio_after_a_record_without_a_gap_falls_back_to_the_latest_ratio():
+    """A record with no gap (``gap=None``, as at a first record) starts the history over, so the ratio measured at the
+    record after it has no gap ``N_b`` to date its predecessor by: ``s(b)`` counts as missing and ``ŝ = s(a)``.
+    Inputs 0, 1, 2 and outputs 0, 1, 3; the second record has no gap, the third a gap of 4: s(a) = (3 - 1) / (2 - 1)
+    = 2. At k = 2 with input 4: ‖I - I(a)‖ = 2, order 1 direction (3 - 1) / 4 > 0, so the forecast is 3 + 2 · 2 = 7."""
+    pred = RelationalPlus(1, newton=False, ratio="trend")
+    state = pred.new_state()
+
+    def one(v):
+        return torch.tensor([[float(v)]], dtype=torch.float64)
+
+    pred.record(state, one(0), one(0), None)
+    pred.record(state, one(1), one(1), None)
+    pred.record(state, one(2), one(3), torch.tensor(4.0, dtype=torch.float64))
+    state.step = 6
+    assert state.ratio.item() == pytest.approx(2.0)
+    assert state.ratio_prev is None and state.ratio_gaps is None and state.ratio_line is None
+    assert pred.predict(state, 8, 50, one(4)).item() == pytest.approx(7.0)
+
+
+def test_scaled_input_fit_whose_newest_moves_are_zero_keeps_the_unscaled_increment():
+    """scale=True with ΔI_1 = ΔO_1 = 0: s(a) = ‖ΔO_1‖ / ‖ΔI_1‖ = 0 / 0 is NaN, so the factor
+    s(a) · ‖v‖ / ‖Σ c_j ΔO_j‖ is not finite and is 1 (docs/spec.md): the forecast is the fitted increment, not O(a).
+    Inputs 0, 1, 1 and outputs 0, 2, 2 at steps 0, 1, 2: ΔI = (0, 1), ΔO = (0, 2). At input 3, v = 2; G_I = [[0, 0],
+    [0, 1]], ridge 1e-3 · mean diag 0.5 = 5e-4, so c_2 = 2 / 1.0005 and c_1 = 0: Ô = 2 + 2 · 2 / 1.0005 = 5.998..."""
+    pred = InputFit(2, scale=True)
+    state = pred.new_state()
+    for t, (i, o) in enumerate(((0.0, 0.0), (1.0, 2.0), (1.0, 2.0))):
+        pred.update(state, t, torch.tensor([[i]], dtype=torch.float64), torch.tensor([[o]], dtype=torch.float64))
+    with torch.no_grad():
+        got = pred.predict(state, 3, None, torch.tensor([[3.0]], dtype=torch.float64))
+    assert got.item() == pytest.approx(2 + 4 / 1.0005, rel=1e-9)
+
+
+def test_input_fit_in_bfloat16_sums_the_dot_products_in_float32():
+    """bfloat16 with one move of 257 ones, and the input moved by the same: d = <v, ΔI_1> = 257, which bfloat16 (8
+    mantissa bits) would round to 256. Summed in float32 (docs/spec.md), c = 257 / 257 = 1 (ridge 0) and the forecast
+    is O(a) + ΔO_1 = 0 + 8 = 8; with d rounded it would be 8 · 256 / 257 = 7.969 (7.96875 in bfloat16)."""
+    pred = InputFit(1, ridge=0.0)
+    state = pred.new_state()
+    ones = torch.ones(1, 257, dtype=torch.bfloat16)
+    pred.update(state, 0, 0 * ones, -8 * ones)
+    pred.update(state, 1, ones, 0 * ones)
+    with torch.no_grad():
+        got = pred.predict(state, 2, None, 2 * ones)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, 8 * ones)

@@ -903,3 +903,28 @@ def test_guidance_that_starts_part_way_is_said_to_leave_cfg_cache_off():
         said = [str(w.message) for w in seen if "starts part-way" in str(w.message)]
         assert len(said) == (1 if start else 0), said
         assert (skipped > 0) is (start == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rebuild_of_a_half_precision_output_is_in_its_dtype(dtype):
+    """The band split runs in float32 and the rebuild is cast back to the output's dtype (docs/spec.md, §CFG-Cache),
+    so that a batched skip's ``cat`` of the two halves and a split "uncond" call keep the model's dtype. cond = 1, the
+    difference -0.5 (low band) + 0.25 · checkerboard (high band), w1 = 1.1, w2 = 1.3: 1 - 0.55 ± 0.325 = 0.775 and
+    0.125; 0.775 is 0.7734375 in bfloat16 (step 2^-8) and 0.774902... in float16 (step 2^-11)."""
+    checker = (torch.arange(8).view(-1, 1) + torch.arange(8)).remainder(2).float().mul(2).sub(1)
+    cond = torch.ones(1, 2, 8, 8, dtype=dtype)
+    other = (cond.float() - 0.5 + 0.25 * checker).to(dtype)
+    cfg = CFGCache()
+    got = cfg.rebuild(cond, *cfg.deltas(other, cond), 1.1, 1.3)
+    assert got.dtype == dtype
+    want = (1 - 0.5 * 1.1 + 0.25 * 1.3 * checker).expand(1, 2, 8, 8).to(dtype)
+    assert torch.equal(got, want)
+
+
+def test_default_radius_of_a_non_square_output_is_a_fifth_of_its_shorter_side():
+    """r = min(H, W) // 5 (docs/spec.md, §CFG-Cache). 10 x 20: r = 10 // 5 = 2, the same 13 bins around (5, 10) as the
+    10 x 10 disk above (the longer side would give r = 4: 49 bins); 20 x 10 the same, transposed."""
+    mask = CFGCache().low_mask(10, 20)
+    assert mask.shape == (10, 20) and int(mask.sum()) == 13
+    assert mask[5, 10] and mask[3, 10] and mask[5, 12] and mask[6, 11] and not mask[5, 13] and not mask[2, 10]
+    assert torch.equal(CFGCache().low_mask(20, 10), mask.T)
