@@ -172,3 +172,25 @@ def test_fig2c_steps_are_whole_numbers(tmp_path, tiny_reference, figures):
             lo, hi = ax.get_xlim()
             ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
             assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_save_stopped_part_way_leaves_no_earlier_run_record(tmp_path, monkeypatch):
+    """An earlier analysis in ``--out``: its ``run.json`` goes as the new save starts, and the new one is written
+    last, so a save stopped part-way leaves figures of two runs with no record claiming them (it left the earlier
+    run's, found by review); each file is written whole (``runlog.whole``: replaced in one step)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / analyze.RUN_RECORD).write_text(json.dumps({"command": "the earlier run"}))
+    (out / "fig1_step_distances.png").write_bytes(b"earlier")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze, "_per_module", stop)
+    monkeypatch.setattr(analyze, "_step_distances", lambda w, result: w.table("fig1_step_distances.csv", ["a"],
+                                                                             [[1]]))
+    with pytest.raises(KeyboardInterrupt):
+        analyze.save_analysis(None, out, run={"command": "the new run"})
+    assert not (out / analyze.RUN_RECORD).exists()
+    assert (out / "fig1_step_distances.csv").read_text() == "a\n1\n"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

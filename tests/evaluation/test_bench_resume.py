@@ -421,3 +421,20 @@ def test_cli_refuses_a_damaged_log_before_the_model_loads(tmp_path, capsys, monk
             main([*argv, *extra])
         err = capsys.readouterr().err
         assert "--overwrite" in err and ("empty" in err) and "Traceback" not in err
+
+
+def test_an_output_is_replaced_whole_or_not_at_all(tmp_path):
+    """``runlog.whole``: the new content replaces the file in one step. A write stopped part-way leaves the earlier
+    file as it was and no temporary file; bench wrote in place, so a stop (or an earlier file it could not open for
+    writing) left half its outputs (found by review)."""
+    from relcache.evaluation.runlog import whole
+
+    path = tmp_path / "bench.md"
+    path.write_text("earlier")
+    with pytest.raises(KeyboardInterrupt), whole(path) as tmp:
+        tmp.write_text("half of the new")
+        raise KeyboardInterrupt
+    assert path.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["bench.md"]
+    with whole(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["bench.md"]

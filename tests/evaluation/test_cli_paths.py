@@ -285,7 +285,9 @@ def test_demo_runs_a_repeated_budget_once(monkeypatch, tmp_path):
                                "place of --overwrite, if given) to continue"),
     ("calibrate", "calibration.json", "every finished budget is kept in {out}/calibration.json: run the same command "
                                       "with --resume (in place of --overwrite, if given) to continue"),
-    ("analyze", "summary.json", "the analysis in {out} may be incomplete: run the command again"),
+    ("analyze", "summary.json", "the analysis in {out} may be incomplete (it has no run.json): run the command "
+                                "again"),
+    ("analyze", "run.json", "the earlier analysis in {out} is as it was (its run.json describes it)"),
 ])
 @pytest.mark.parametrize("started", [False, True], ids=["before-any-file", "after-a-file"])
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, tmp_path, command, written, kept,

@@ -84,7 +84,7 @@ _KEPT = {
     "calibrate": "every finished budget is kept in {out}/calibration.json: run the same command with --resume (in "
                  "place of --overwrite, if given) to continue",
     "demo": "nothing was written",
-    "analyze": "the analysis in {out} may be incomplete: run the command again",
+    "analyze": "the analysis in {out} may be incomplete (it has no run.json): run the command again",
 }
 #: the file in ``--out`` whose presence says a command has written something ("" for any file)
 _WRITES = {"bench": "results.jsonl", "calibrate": "calibration.json", "analyze": ""}
@@ -94,6 +94,8 @@ def _kept(args: argparse.Namespace) -> str:
     """What an interrupted command kept: nothing, where it was stopped before its first file (loading the model,
     its warm-up), so the line names no file that is not there (found by review)."""
     out = getattr(args, "out", "")
+    if args.command == "analyze" and (Path(out) / "run.json").is_file():  # removed as the save starts (analyze.py)
+        return f"the earlier analysis in {out} is as it was (its run.json describes it)"
     if args.command in _WRITES:
         name, folder = _WRITES[args.command], Path(out)
         wrote = (folder / name).is_file() if name else folder.is_dir() and any(folder.iterdir())

@@ -20,6 +20,8 @@ def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
     import matplotlib
     import torch
 
+    from ..evaluation.runlog import whole
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -37,7 +39,8 @@ def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, format="png")
+    with whole(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

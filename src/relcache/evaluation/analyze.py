@@ -35,6 +35,7 @@ from ..methods import Interval, Predictor, Relational, Reuse, Taylor
 from ..methods.history import sample_norm
 from ..models.base import find_adapter
 from .metrics import relative_l1
+from .runlog import whole
 
 
 @dataclass
@@ -294,12 +295,13 @@ class _Writer:
         metadata = {"Title": "relcache analyze", "Software": "relcache"}
         if self.description:
             metadata["Description"] = self.description
-        fig.savefig(self.out / name, dpi=120, format="png", metadata=metadata)
+        with whole(self.out / name) as tmp:
+            fig.savefig(tmp, dpi=120, format="png", metadata=metadata)
         self.plt.close(fig)
         self.written.append(self.out / name)
 
     def table(self, name: str, header: list[str], rows: list[list[Any]]) -> None:
-        with (self.out / name).open("w", newline="") as f:
+        with whole(self.out / name) as tmp, tmp.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(rows)
@@ -401,10 +403,15 @@ def run_footer(run: dict[str, Any]) -> str:
 def save_analysis(result: Analysis, out_dir: str | Path, run: dict[str, Any] | None = None) -> list[Path]:
     """Write one PNG per analysis and the CSVs behind them, and with ``run`` (the run record: ``command``, ``date``,
     ``settings``, ``versions``, ...) ``run.json``: the record, the replayed schedule and the files written; the
-    record is also each figure's footer and PNG metadata."""
+    record is also each figure's footer and PNG metadata.
+
+    An earlier ``run.json`` in ``out_dir`` goes first and the new one is written last, so a directory holding one
+    describes every file in it: a save stopped part-way leaves none (found by review: the figures of two runs under
+    the earlier run's record)."""
     run = run or {}
     footer = run_footer(run)
     w = _Writer(out_dir, footer=footer, description=footer.replace("   |   ", "\n"))
+    (w.out / RUN_RECORD).unlink(missing_ok=True)
     _step_distances(w, result)
     _per_module(w, result)
     _io_errors(w, result)
@@ -413,6 +420,7 @@ def save_analysis(result: Analysis, out_dir: str | Path, run: dict[str, Any] | N
         record = {**run, "analysis": {"interval": result.interval, "order": result.order,
                                       "io_module": result.io_module, "io_correlation": result.io_correlation},
                   "files": [p.name for p in w.written]}
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        with whole(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
         w.written.append(path)
     return w.written

@@ -210,25 +210,29 @@ class BenchResult:
     def save(self, out_dir: str | Path, pictures: bool = True) -> dict[str, Path]:
         """Write ``bench.csv``, ``bench.json`` and ``bench.md`` into ``out_dir``, each opening with the run record, and
         with ``pictures`` ``pareto.png`` and ``samples.png`` (``evaluation.plots``)."""
+        from . import runlog
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         rows = [dataclasses.asdict(r) for r in self.rows]
         paths = {"csv": out / "bench.csv", "json": out / "bench.json", "md": out / "bench.md"}
         summary = self.run_summary()
-        with paths["csv"].open("w", newline="") as f:
+        with runlog.whole(paths["csv"]) as tmp, tmp.open("w", newline="") as f:
             f.writelines(f"# {line}\n" for line in summary)
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         # standard JSON: a number not measured (NaN: no FLOP count, a peer that did not run) is null (found by
         # review: bare NaN, which strict parsers refuse)
-        paths["json"].write_text(json.dumps(_nan_to_null({"run": self.run, "settings": self.settings, "rows": rows,
-                                                          "per_frame": self.per_frame}),
-                                            indent=2, default=str, allow_nan=False))
+        with runlog.whole(paths["json"]) as tmp:
+            tmp.write_text(json.dumps(_nan_to_null({"run": self.run, "settings": self.settings, "rows": rows,
+                                                    "per_frame": self.per_frame}),
+                                      indent=2, default=str, allow_nan=False))
         md = ["# relcache bench", "", *(f"- {line}" for line in summary), "", self.to_markdown()]
         if self.per_frame:
             md += ["", "## Per frame (against full computation)", "", self.per_frame_markdown()]
-        paths["md"].write_text("\n".join(md) + "\n")
+        with runlog.whole(paths["md"]) as tmp:
+            tmp.write_text("\n".join(md) + "\n")
         if pictures:
             from .plots import save_pareto, save_samples
 

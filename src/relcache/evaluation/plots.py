@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .runlog import whole
+
 if TYPE_CHECKING:
     from .bench import BenchResult, BenchRow
 
@@ -263,7 +265,8 @@ def save_pareto(result: BenchResult, path: str | Path) -> Path:
         pts = [p for p in pts if _finite(p[2].nfc)]  # a peer whose NFC is not measured gets no label
         place_labels(ax, [(x, y) for x, y, _ in pts], [f"{r.nfc:.0f}" for _, _, r in pts])
     path = Path(path)
-    fig.savefig(path, dpi=120, format="png", metadata=_metadata(result))
+    with whole(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", metadata=_metadata(result))
     plt.close(fig)
     return path
 
@@ -320,6 +323,7 @@ def save_samples(result: BenchResult, path: str | Path, columns: int = 10) -> Pa
     bottom = add_footer(fig, _footer_text(result))
     fig.tight_layout(rect=(0, max(bottom, 0.01), 1, 1))
     path = Path(path)
-    fig.savefig(path, dpi=110, format="png", metadata=_metadata(result))
+    with whole(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", metadata=_metadata(result))
     plt.close(fig)
     return path

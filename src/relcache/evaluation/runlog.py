@@ -17,10 +17,12 @@ Layout of the output directory:
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -401,3 +403,20 @@ def clear(directory: str | Path) -> None:
         path.unlink(missing_ok=True)
     if (directory / SAMPLES).is_dir():
         shutil.rmtree(directory / SAMPLES)
+
+
+@contextlib.contextmanager
+def whole(path: str | Path) -> Iterator[Path]:
+    """A path to write ``path``'s new content to, which then replaces ``path`` in one step (``os.replace``): an
+    interrupted write leaves the earlier file whole, and an earlier file that cannot be opened for writing
+    (read-only, another user's) in a directory that can be written is replaced all the same. Found by review:
+    ``bench`` wrote its outputs in place, and such a file stopped it with a traceback after all the work, half its
+    outputs written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
