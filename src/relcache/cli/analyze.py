@@ -161,6 +161,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a local diffusers DiTPipeline directory (default: the shipped model)")
     _add_generation_options(p, samples=10, samples_help="samples traced", steps_help="DDIM steps")
     p.add_argument("--interval", type=_positive, default=4, help="full step every N (default: %(default)s)")
-    p.add_argument("--modules", type=_index, nargs="+", help="module indices for the distance plot")
+    p.add_argument("--modules", type=_index, nargs="+",
+                   help="module indices for the distance plot (default: the first, middle and last cached module)")
     p.add_argument("--out", type=_output_dir, default="runs/analyze", help="output directory (default: %(default)s)")
     p.set_defaults(func=run, parser=p)
