@@ -166,3 +166,21 @@ def test_analyze_trace_errors_and_correlation_by_hand():
     assert result.module_errors["TaylorSeer m=1"] == pytest.approx([0.5])
     assert result.module_errors["FORA"] == pytest.approx([(0.375 + 0.8125 + 7 / 12) / 3])
     assert result.ratio_rsd == pytest.approx([0.0], abs=1e-9)
+
+
+def test_a_speed_up_past_the_ideal_is_noted_as_timing_noise():
+    """Full computation at NFC 50, a row at NFC 10: ideal 5x; ``PAST_IDEAL`` 1.2 lets it reach 6x unnoted. 6.5x gets
+    the note (appended to one it had), 5.9x none; the full row never."""
+    import dataclasses
+
+    from relcache.evaluation.bench import FULL, PAST_IDEAL, BenchRow, _note_past_ideal
+
+    assert PAST_IDEAL == 1.2
+    nan = float("nan")
+    row = BenchRow("FORA N=5", 10, 10.0, nan, nan, 1.0, 6.5, nan, nan, nan, nan, nan, nan, note="resumed")
+    slower = dataclasses.replace(row, speedup=5.9, note="")
+    full = dataclasses.replace(row, method=FULL.label, nfc=50.0, speedup=1.0, note="")
+    for r in (row, slower, full):
+        _note_past_ideal(r, 50.0)
+    assert row.note == "resumed; faster than its NFC allows (5.00x): timing noise, a busy machine; time it again"
+    assert slower.note == "" and full.note == ""
