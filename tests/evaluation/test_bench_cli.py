@@ -151,7 +151,7 @@ def test_cli_rejects_bad_budgets(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--order", "0"], "--order: invalid choice: 0 (choose from 1, 2, 3, 4)"),
-    (["bench", "--steps", "1"], "--steps: must be an integer >= 2, got 1"),
+    (["bench", "--steps", "1"], "--steps: must be an integer in 2..1000 (the schedulers' training steps), got 1"),
     (["bench", "--guidance", "nan"], "--guidance: must be a finite number >= 0 (1 or less: no guidance), got nan"),
     (["bench", "--guidance", "-0.5"], "--guidance: must be a finite number >= 0 (1 or less: no guidance), got -0.5"),
     (["analyze", "--guidance", "-1"], "--guidance: must be a finite number >= 0"),
