@@ -488,3 +488,14 @@ def test_a_budget_that_adds_no_rows_is_named():
     assert repeated_budgets([14, 11, 10, 8, 7], 50) == []
     labels = [m.label for m in default_methods([14, 11, 10, 14], num_steps=10)]
     assert [lb for lb in labels if lb.startswith("FORA")] == ["FORA N=4", "FORA N=5"]
+
+
+@pytest.mark.parametrize("argv,what", [(["bench", "--samples", "2", "--no-flops"], "run"),
+                                       (["calibrate", "--nfc", "5"], "calibration")])
+def test_resume_with_nothing_to_continue_says_so_before_starting(capsys, no_work, tmp_path, argv, what):
+    """``--resume`` on a directory holding no run (a mistyped ``--out``) started a new run without a word (found by
+    review); it still starts one, saying so first."""
+    out = tmp_path / "typo"
+    with pytest.raises(AssertionError, match="started working"):
+        main([*argv, "--resume", "--out", str(out)])
+    assert f"note: --resume: {out} holds no {what} to continue; starting a new one" in capsys.readouterr().err

@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} holds an earlier run (started {header.get('date')}, command: "
                           f"{header.get('command')}): pass --resume to continue it, --overwrite to start over, or "
                           "another --out")
+    if args.resume and not runlog.has_log(args.out):  # found by review: a mistyped --out started over without a word
+        print(f"note: --resume: {args.out} holds no run to continue; starting a new one", file=sys.stderr)
     if args.resume:  # the settings known before loading anything (run_bench compares the methods too)
         runlog.check_resumable(args.out, bench_settings(
             num_samples=args.samples, batch_size=args.batch_size, num_classes=len(conditions), seed=args.seed,

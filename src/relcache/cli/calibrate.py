@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def _start(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
     if path.exists() and not (args.resume or args.overwrite):
         raise ConfigError(f"--out {args.out} holds an earlier calibration ({path}): pass --resume to continue it, "
                           "--overwrite to start over, or another --out")
+    if args.resume and not path.exists():  # found by review: a mistyped --out started over without a word
+        print(f"note: --resume: {args.out} holds no calibration to continue; starting a new one", file=sys.stderr)
     if args.resume and path.exists():
         try:
             record = json.loads(path.read_text())
