@@ -438,3 +438,21 @@ def test_an_output_is_replaced_whole_or_not_at_all(tmp_path):
     with whole(path) as tmp:
         tmp.write_text("new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["bench.md"]
+
+
+def test_a_log_holding_a_second_run_of_other_settings_is_refused(tmp_path):
+    """Two commands into one ``--out`` (before the command held it) appended a second run record to the log, and
+    ``--resume`` read that run's generations as the first's, reporting wrong numbers without a word (found by
+    review). A later run record whose settings differ from line 1's is refused, naming the line and the setting; one
+    with the same settings (a rank new to the run copies the header) is not."""
+    log = _interrupted(tmp_path / "run")
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+    same = json.dumps({**header, "resumed_by": {"kind": "resume"}})
+    other = json.dumps({**header, "settings": {**header["settings"], "seed": 1}})
+    log.write_text("\n".join([*lines, same, *lines[1:]]) + "\n")
+    runlog.check_log(tmp_path / "run")
+    log.write_text("\n".join([*lines, other, *lines[1:]]) + "\n")
+    with pytest.raises(runlog.ResumeError, match=rf"line {len(lines) + 1} of .* starts another run than line 1 "
+                                                 r"\(other settings: seed: 0 -> 1\)"):
+        runlog.check_log(tmp_path / "run")
