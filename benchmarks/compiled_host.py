@@ -15,7 +15,7 @@ record of the full steps (``relcache.stats``); the tables give medians over call
 counts are the leaf guards of every cache entry of the frames dynamo compiled for each model, per kind (the JSON
 output lists every kind); ``--guards-only`` counts them without timing anything.
 
-    python benchmarks/compiled_host.py --repeats 7 --out benchmarks/results/cpu-2026-12-05e/compiled_host.json
+    python benchmarks/compiled_host.py --repeats 7 --out OUT.json   (cpu-2026-12-05e/compiled_host_run*.json)
 """
 
 from __future__ import annotations

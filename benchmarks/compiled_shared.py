@@ -26,7 +26,7 @@ import statistics
 import time
 
 import torch
-from speed import INTERVAL_FOR_NFC, SIZES, build, generate, methods
+from speed import INTERVAL_FOR_NFC, SIZES, build, generate, interval_for, methods
 
 import relcache
 
@@ -37,7 +37,7 @@ def compiled(base: torch.nn.Module, name: str, batch_modulation: bool, budget: i
     """A compiled copy of ``base`` with ``name`` enabled (none for "plain"), warmed by one generation."""
     model = copy.deepcopy(base)
     if name != "plain":
-        relcache.enable(model, methods(budget, None)[name], batch_modulation=batch_modulation)
+        relcache.enable(model, methods(budget, None, steps)[name], batch_modulation=batch_modulation)
     fn = torch.compile(model)
     start = time.perf_counter()
     generate(fn, steps, "cpu", torch.float32)
@@ -85,7 +85,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {args.threads} threads, NFC {args.budget} of {args.steps}, batch modulation "
+          f"torch {torch.__version__}, {args.threads} threads, budget {args.budget}: NFC "
+          f"{interval_for(args.budget, args.steps)[1]} of {args.steps}, batch modulation "
           f"on for the RFC and TaylorSeer under test; glibc malloc settings: {malloc or 'defaults'}")
     for size in args.models:
         print(f"\nDiT-{size}/2")

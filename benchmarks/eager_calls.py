@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from speed import SIZES, build, generate, machine_line, methods, prime
+from speed import SIZES, build, generate, interval_for, machine_line, methods, prime
 
 import relcache
 
@@ -87,7 +87,8 @@ def main() -> None:
                 finally:
                     relcache.disable(model)
         step = statistics.median(plain)
-        print(f"\nDiT-{size}/2, NFC {args.budget} of {args.steps}, {args.repeats} rounds; plain step median "
+        print(f"\nDiT-{size}/2, budget {args.budget}: NFC {interval_for(args.budget, args.steps)[1]} of {args.steps}, "
+              f"{args.repeats} rounds; plain step median "
               f"{step * 1e3:.1f} ms")
         print("| method | full calls | full call ms | / plain step | cached call ms | / plain step | "
               "generation s (median) |")

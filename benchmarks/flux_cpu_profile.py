@@ -9,6 +9,7 @@ of those calls and each operator's self time per call. Companion of ``cached_ste
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 import warnings
@@ -78,6 +79,7 @@ def profile_method(model: Any, fixed: dict[str, torch.Tensor], name: str, config
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     warnings.filterwarnings("ignore", "relcache: a generation announced", RuntimeWarning)
     model = build(CPU, "cpu", torch.float32)
     fixed = inputs(model, IMAGE, TEXT, "cpu", torch.float32)

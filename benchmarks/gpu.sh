@@ -5,7 +5,8 @@
 # writes its output as it goes, most important first, so an over-long step costs only itself.
 # Usage: benchmarks/gpu.sh [--smoke] [OUTDIR]   (needs a CUDA GPU and relcache installed or on PYTHONPATH)
 # --smoke rehearses every command on the CPU at tiny sizes (same code paths, float32), so that the GPU run works
-# the first time; on 2 cores it takes about 15 minutes, most of it compiling.
+# the first time, but syncs.py (it counts CUDA host syncs: a GPU only); on 2 cores it takes about 15 minutes, most of
+# it compiling.
 set -uo pipefail
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi

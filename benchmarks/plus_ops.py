@@ -8,6 +8,7 @@ A count, the same on any device; the large-tensor operators are listed apart fro
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ class Count(TorchDispatchMode):
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, 64, 128, generator=g) for _ in range(4)]
     for pred in (Relational(2), RelationalPlus(2)):
