@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate each ``--nfc`` budget in turn; print and record the steps and their errors."""
     import torch
 
+    from ..evaluation.runlog import whole
     from ..evaluation.steps_search import calibrate_steps
 
     family, conditions, extra = _pipeline_inputs(args)
@@ -147,9 +148,8 @@ def run(args: argparse.Namespace) -> int:
                     "use": template.format(order=args.order, steps=steps, num_steps=args.steps),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             record["budgets"][str(nfc)] = done
-            tmp = args.out / (RESULT + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2))
-            tmp.replace(args.out / RESULT)  # whole or not at all, should the run stop here
+            with whole(args.out / RESULT) as tmp:  # whole or not at all, should the run stop here
+                tmp.write_text(json.dumps(record, indent=2))
         ratio = done["rel_l1"] / done["rfc_rel_l1"] if done["rfc_rel_l1"] > 0 else float("nan")
         print(f"NFC {nfc}: rel L1 {done['rel_l1']:.4g} on the calibration batch ({ratio:.2f}x RFC's "
               f"{done['rfc_rel_l1']:.4g}; {done['evaluated'] + 2} generations: the search's {done['evaluated']}, full "

@@ -297,6 +297,11 @@ def _generate(model: nn.Module, method: BenchMethod, sampler: Sampler, labels: t
     return samples, seconds, nfc, flops
 
 
+def _add_note(row: BenchRow, said: str) -> None:
+    """Append ``said`` to ``row``'s note."""
+    row.note = f"{row.note}; {said}" if row.note else said
+
+
 def _note_sessions(row: BenchRow, timed_in: dict[str, dict[int, str]]) -> None:
     """A resumed run's row whose batches were timed in another session than full computation's says so: its speed-up
     divides times taken apart (another load, maybe another machine), not interleaved ones. (The full row agrees with
@@ -304,8 +309,7 @@ def _note_sessions(row: BenchRow, timed_in: dict[str, dict[int, str]]) -> None:
     full, mine = timed_in.get(FULL.label, {}), timed_in.get(row.method, {})
     apart = sum(full.get(b) != s for b, s in mine.items())
     if apart:
-        said = f"timed in another session than full computation on {apart} of {len(mine)} batches (resumed)"
-        row.note = f"{row.note}; {said}" if row.note else said
+        _add_note(row, f"timed in another session than full computation on {apart} of {len(mine)} batches (resumed)")
 
 
 #: how far past its ideal (full computation's NFC over its own) a row's speed-up may go before it is noted as noise
@@ -318,8 +322,7 @@ def _note_past_ideal(row: BenchRow, full_nfc: float) -> None:
     Found by review: under load bench printed 50x at an ideal of 6.7x without a word."""
     ideal = full_nfc / row.nfc if row.nfc > 0 else math.nan
     if row.method != FULL.label and row.speedup > PAST_IDEAL * ideal:
-        said = f"faster than its NFC allows ({ideal:.2f}x): timing noise, a busy machine; time it again"
-        row.note = f"{row.note}; {said}" if row.note else said
+        _add_note(row, f"faster than its NFC allows ({ideal:.2f}x): timing noise, a busy machine; time it again")
 
 
 def _row(method: BenchMethod, per: dict[int, tuple[torch.Tensor, float, float, float]],

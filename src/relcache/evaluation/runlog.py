@@ -327,11 +327,11 @@ def _records(directory: Path, batches: set[int] | None = None
             kind = rec.get("kind") if isinstance(rec, dict) else None
             if kind not in ("run", "resume", "result"):
                 raise ResumeError(f"cannot resume: {where} is not a run, resume or result record{_START_AGAIN}")
-            if kind == "run" and i > 0 and differences(settings, rec.get("settings") or {}):
+            if kind == "run" and i > 0 and (other := differences(settings, rec.get("settings") or {})):
                 # a second run appended to this log (two commands into one --out, before they were refused): its
                 # results would be read as this run's (found by review: wrong numbers, no word)
                 raise ResumeError(f"cannot resume: {where} starts another run than line 1 (other settings: "
-                                  f"{', '.join(differences(settings, rec.get('settings') or {}))}){_START_AGAIN}")
+                                  f"{', '.join(other)}){_START_AGAIN}")
             if kind != "result":
                 session = f"{path.name}:{i + 1}"
                 continue
