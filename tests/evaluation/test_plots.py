@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from relcache.evaluation.bench import BenchResult, BenchRow
 from relcache.evaluation.plots import family, pareto_front, place_labels, save_pareto, save_samples
+from relcache.evaluation.table import BenchResult, BenchRow
 
 
 def test_family_drops_the_budget_from_a_label():
@@ -162,7 +162,7 @@ def test_bench_json_is_standard_json_with_null_for_numbers_not_measured(tmp_path
     review): such numbers are null now, the measured ones as they were."""
     import json
 
-    from relcache.evaluation.bench import BenchResult
+    from relcache.evaluation.table import BenchResult
 
     frames = {"rel_l1": [0.01, 0.02], "psnr": [math.nan, 30.0], "ssim": [0.9, 0.8]}
     BenchResult(_rows(1), {"steps": 50}, per_frame={"RFC NFC=14": frames}).save(tmp_path, pictures=False)

@@ -173,7 +173,8 @@ def test_a_speed_up_past_the_ideal_is_noted_as_timing_noise():
     the note (appended to one it had), 5.9x none; the full row never."""
     import dataclasses
 
-    from relcache.evaluation.bench import FULL, PAST_IDEAL, BenchRow, _note_past_ideal
+    from relcache.evaluation.bench import FULL, PAST_IDEAL, _note_past_ideal
+    from relcache.evaluation.table import BenchRow
 
     assert PAST_IDEAL == 1.2
     nan = float("nan")

@@ -12,7 +12,7 @@ from .options import DEMO_GRID, _budget, _output_png, _positive, _seed
 from .reference import _reference
 
 if TYPE_CHECKING:
-    from ..evaluation.bench import BenchResult
+    from ..evaluation.table import BenchResult
 
 
 def save_grid(result: BenchResult, path: str | Path, per_row: int = 10) -> Path:
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     """Full computation, FORA, TaylorSeer and RFC at each budget on the reference model: grid and table."""
     import torch
 
-    from ..evaluation.bench import BenchMethod, _fmt, run_bench
+    from ..evaluation.bench import BenchMethod, run_bench
+    from ..evaluation.table import fmt
     from ..methods import FORA, RFC, TaylorSeer
 
     torch.manual_seed(args.seed)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in result.rows:
         print(f"| {r.method} | {r.nfc:.0f} | {r.time_s:.2f} | {r.speedup:.2f}x | {50 / r.nfc:.2f}x | {r.rel_l1:.4f} | "
-              f"{_fmt(r.fid2fc, 3)} | {100 * r.accuracy:.1f} |")
+              f"{fmt(r.fid2fc, 3)} | {100 * r.accuracy:.1f} |")
     print("\ntime: one generation per method, so on a busy machine a speed-up can stray far, even past the ideal;"
           "\ndocs/performance.md has repeated measurements. The quality columns are the same on every run.")
     print(f"\nimage grid: {grid}   (total {time.perf_counter() - start:.0f} s)")

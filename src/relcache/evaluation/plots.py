@@ -28,7 +28,7 @@ import torch
 from .runlog import whole
 
 if TYPE_CHECKING:
-    from .bench import BenchResult, BenchRow
+    from .table import BenchResult, BenchRow
 
 FULL_LABEL = "full computation"
 _MARKERS = "osD^vP*Xhp<>8"
