@@ -315,6 +315,43 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch,
     assert err.strip() == f"relcache {command}: interrupted; {said}"
 
 
+@pytest.mark.parametrize("command,raised,said", [
+    ("demo", RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                          "you tried to allocate 8000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "can't allocate memory: you tried to allocate 8000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    ("bench", "device", "CUDA out of memory. Tried to allocate 20.00 GiB."),
+])
+def test_out_of_memory_ends_a_command_with_one_line_naming_its_size_options(capsys, monkeypatch, tmp_path, command,
+                                                                           raised, said):
+    """Found by review: ``--samples 1000000000`` ended in the CPU allocator's traceback (no bound on it is known before
+    the model loads). Now one line names the options that size what the command holds, and what it kept."""
+    import torch
+
+    if raised == "device":
+        raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has a total capacity")
+
+    def allocate(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(getattr(cli, command), "_reference", allocate)
+    out = tmp_path / ("grid.png" if command == "demo" else "out")
+    assert main([command, "--samples", "2", "--out", str(out)]) == 1
+    sizes = {"demo": "--samples", "bench": "--batch-size (one generation's samples) or --samples (all are kept)"}
+    kept = "nothing was written" if command == "demo" else f"nothing was written in {out} yet"
+    line = f"relcache {command}: out of memory ({said}): lower {sizes[command]}; {kept}"
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_a_runtime_error_other_than_memory_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only an allocation refused by torch is turned into one line: any other error is raised as it was."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(cli.demo, "_reference", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["demo", "--samples", "2", "--out", str(tmp_path / "grid.png")])
+
+
 def test_ctrl_c_while_torch_is_imported_ends_with_the_same_line(capsys, monkeypatch, tmp_path):
     """Found by review: Ctrl-C in the first second or so of a command (its import of torch, after the options are
     checked) ended with a traceback. Here the import is interrupted by a module whose names raise it."""

@@ -68,6 +68,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return _interrupted(args)
+    except RuntimeError as err:  # torch.OutOfMemoryError (a device) is one too
+        if not _out_of_memory(err):
+            raise
+        print(f"relcache {args.command}: out of memory ({_first_line(err)}): lower {_SIZES[args.command]}; "
+              f"{_kept(args)}", file=sys.stderr)
+        return 1
+
+
+#: the options that size what a command holds at once, named when it runs out of memory
+_SIZES = {"demo": "--samples", "bench": "--batch-size (one generation's samples) or --samples (all are kept)",
+          "calibrate": "--samples", "analyze": "--samples or --steps"}
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocation refused by torch: a device's ``OutOfMemoryError`` or the CPU allocator's
+    error (a plain RuntimeError). Found by review: ``--samples 1000000000`` ended in the allocator's traceback."""
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's message without torch's location prefix, first line only, at most 200 characters."""
+    text = str(err).split("\n", 1)[0]
+    text = text.split("DefaultCPUAllocator: ", 1)[-1]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _interrupted(args: argparse.Namespace) -> int:
