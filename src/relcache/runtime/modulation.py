@@ -58,6 +58,12 @@ def _same(a: torch.Tensor, b: torch.Tensor, version: int) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
+def _autocast(device: torch.device) -> tuple[bool, torch.dtype | None]:
+    """Whether autocast is on for ``device``'s type, and its dtype: rows computed under it are not a plain call's."""
+    on = torch.is_autocast_enabled(device.type)
+    return on, torch.get_autocast_dtype(device.type) if on else None
+
+
 def _host_comparable(timestep: Any, dtype: torch.dtype) -> bool:
     """A CPU tensor of ``dtype`` with at most one axis: its values read on the host compare as the tensors would."""
     return (type(timestep) is torch.Tensor and timestep.dtype == dtype and timestep.device.type == "cpu"
@@ -71,6 +77,7 @@ class ModulationTable:
                  call_timestep: torch.Tensor) -> None:
         self.rows = rows  # per projection: (T, B, out)
         self.latents_dtype: torch.dtype | None = None  # the dtype of the call's latents the rows were computed for
+        self.autocast: tuple[bool, torch.dtype | None] = (False, None)  # autocast's state where they were computed
         self.timesteps = timesteps  # (T,) on the model's device, in the call's timestep dtype
         self.lazy = call_timestep.device.type != "cpu"  # accelerators: compare on the device, read at the end
         self.mismatch = torch.zeros((), dtype=torch.bool, device=call_timestep.device) if self.lazy else None
@@ -102,9 +109,11 @@ class ModulationTable:
         """Whether the call at ``step`` with this timestep, conditioning and latents' dtype may read the table: not
         where the latents' dtype moved since the rows were computed (a model cast in the middle of a generation, with
         its latents: the sources' rows would serve the old dtype; a cast between generations builds the next table in
-        the new one)."""
+        the new one), nor where autocast was turned on or off or changed its dtype since (found by review: the rows
+        of a first call under bfloat16 autocast served later plain calls their bfloat16-rounded embeddings, whose
+        dtype is float32 either way)."""
         if (not 0 <= step < self.timesteps.shape[0] or len(conditioning) != len(self.conditioning)
-                or latents_dtype != self.latents_dtype):
+                or latents_dtype != self.latents_dtype or _autocast(self.timesteps.device) != self.autocast):
             return False
         for a, b, v, kept in zip(conditioning, self.conditioning, self.versions, self.copies, strict=True):
             if a is b and kept is not None:  # the table's own inference tensor: its values against the copy
@@ -169,7 +178,7 @@ class Modulations:
             if step != 0 or len(timesteps) == 0:
                 return
             table = self.tables[context] = self._build(context, timesteps, timestep, conditioning, args, kwargs)
-            table.latents_dtype = latents_dtype
+            table.latents_dtype, table.autocast = latents_dtype, _autocast(timestep.device)
         if table.matches(step, timestep, conditioning, latents_dtype):
             self.active, self.step = table, step
 
