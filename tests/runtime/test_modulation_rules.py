@@ -146,7 +146,8 @@ def test_rows_computed_under_autocast_serve_only_calls_under_the_same_autocast()
     """A first call under ``torch.autocast`` (bfloat16) builds bfloat16 projection rows and embeddings computed with
     bfloat16 products (float32 tensors). The next call outside autocast is served neither: its output equals the
     plain model's exactly (found by review: the embeddings were served, 8e-4 off). A generation wholly under the same
-    autocast reads its embeddings from the table at every step."""
+    autocast reads its embeddings and projections from the table at every step, and its outputs are the same
+    generation's without the option up to bfloat16 rounding."""
     ts = TS[:3]
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     plain = tiny_dit(layers=LAYERS)
@@ -166,11 +167,12 @@ def test_rows_computed_under_autocast_serve_only_calls_under_the_same_autocast()
         assert out.dtype == torch.float32 and torch.equal(out, ref)
         relcache.begin_generation(model, timesteps=ts)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for t in ts:
-                model(x, timestep=torch.full((2,), t), class_labels=LABELS)
-        # every step's embeddings (one source here) from the table; the projections are computed (their rows are
-        # autocast's bfloat16, their input float32: ``Modulations.row`` serves only rows of the input's dtype)
-        assert (tables.served, tables.sources_served) == (0, len(ts))
+            outs = [model(x, timestep=torch.full((2,), t), class_labels=LABELS).sample for t in ts]
+            refs = [plain(x, timestep=torch.full((2,), t), class_labels=LABELS).sample for t in ts]
+        # every step's embeddings (one source here) and projections from the table, bfloat16 as the call's own
+        assert (tables.served, tables.sources_served) == (len(ts) * PROJECTIONS, len(ts))
+        for out, ref in zip(outs, refs, strict=True):
+            assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref.float(), rtol=0, atol=2e-2)
     finally:
         relcache.disable(model)
 

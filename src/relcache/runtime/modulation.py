@@ -64,6 +64,10 @@ def _autocast(device: torch.device) -> tuple[bool, torch.dtype | None]:
     return on, torch.get_autocast_dtype(device.type) if on else None
 
 
+#: the input dtypes autocast casts to its own for a product (float64 stays as it is)
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _host_comparable(timestep: Any, dtype: torch.dtype) -> bool:
     """A CPU tensor of ``dtype`` with at most one axis: its values read on the host compare as the tensors would."""
     return (type(timestep) is torch.Tensor and timestep.dtype == dtype and timestep.device.type == "cpu"
@@ -246,7 +250,10 @@ class Modulations:
         if table is None:
             return None
         rows = table.rows[index]
-        if tuple(rows.shape[1:-1]) != tuple(x.shape[:-1]) or rows.dtype != x.dtype:
+        # the dtype the call's own product would have: autocast's, under the autocast the table was built in
+        # (``matches``), else its input's (rows of another are never served)
+        want = table.autocast[1] if table.autocast[0] and x.dtype in _AUTOCAST_CASTS else x.dtype
+        if tuple(rows.shape[1:-1]) != tuple(x.shape[:-1]) or rows.dtype != want:
             return None
         if torch.compiler.is_compiling():  # the step as data: one graph for every step (and no counter read)
             return _at_step(rows, table)
