@@ -1,39 +1,17 @@
 """More rules of ``batch_modulation`` (``relcache.runtime.modulation``), each against a hand-counted number of served
-projections or the plain model's outputs: a batch of per-sample timesteps compared as tensors, a loop running past
-its announced steps, a later generation refilling the previous table in place, and the tables kept between
-generations counted in ``buffer_bytes``."""
+projections or the plain model's outputs (the loop and the model of test_modulation.py): a batch of per-sample
+timesteps compared as tensors, a loop running past its announced steps, a later generation refilling the previous
+table in place, the tables kept between generations counted in ``buffer_bytes``, and autocast"""
 
 from __future__ import annotations
 
 import torch
 from conftest import tiny_dit
+from test_modulation import LABELS, LAYERS, PROJECTIONS, STEPS, TS, _loop, _served
 
 import relcache
 from relcache import FORA
 from relcache.api import _session
-
-STEPS = 8
-LAYERS = 3
-PROJECTIONS = LAYERS + 1  # every block's norm1.linear and the final layer's proj_out_1
-TS = [999 - 120 * i for i in range(STEPS)]
-LABELS = torch.tensor([3, 1000])
-
-
-def _served(model) -> int:
-    return _session(model).modulation.served
-
-
-def _loop(model, timesteps, labels, steps=None, announce=True):
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    if announce:
-        relcache.begin_generation(model, timesteps=timesteps)
-    outs = []
-    with torch.no_grad():
-        for i, t in enumerate(timesteps[:steps]):
-            out = model(x, timestep=torch.full((2,), int(t)), class_labels=labels).sample
-            outs.append(out)
-            x = x - 0.05 * out + 0.01 * i
-    return outs
 
 
 def test_float_timesteps_that_differ_per_sample_are_not_served():
