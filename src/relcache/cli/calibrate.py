@@ -150,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
             record["budgets"][str(nfc)] = done
             with whole(args.out / RESULT) as tmp:  # whole or not at all, should the run stop here
                 tmp.write_text(json.dumps(record, indent=2))
-        ratio = done["rel_l1"] / done["rfc_rel_l1"] if done["rfc_rel_l1"] > 0 else float("nan")
-        print(f"NFC {nfc}: rel L1 {done['rel_l1']:.4g} on the calibration batch ({ratio:.2f}x RFC's "
+        # against RFC's error; RFC exact (0, nothing cached in effect) has no ratio to give (it printed "nanx")
+        ratio = f"{done['rel_l1'] / done['rfc_rel_l1']:.2f}x" if done["rfc_rel_l1"] > 0 else "against"
+        print(f"NFC {nfc}: rel L1 {done['rel_l1']:.4g} on the calibration batch ({ratio} RFC's "
               f"{done['rfc_rel_l1']:.4g}; {done['evaluated'] + 2} generations: the search's {done['evaluated']}, full "
               f"computation's and RFC's{', recorded before' if recorded else ''})\n  "
               f"{template.format(order=args.order, steps=done['steps'], num_steps=args.steps)}", flush=True)
